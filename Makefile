@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Offline data beside the project root (read-only); override with `make test PEFT_LAB_DATA=/path`.
-PEFT_LAB_DATA ?= $(abspath ../shared/data)
+# Offline data beside the project root (read-only), when present; override with `make run PEFT_LAB_DATA=/path`.
+# Empty means "download from the Hugging Face hub".
+PEFT_LAB_DATA ?= $(wildcard $(abspath ../shared/data))
 # Keep caches and config inside the repo so nothing is written to the user's home.
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib

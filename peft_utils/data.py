@@ -1,0 +1,290 @@
+"""SST-2 loading, subsetting, tokenisation and batching: the same data pipeline for every fine-tuning method.
+
+Every method (full, LoRA, DoRA, QLoRA) must see exactly the same rows in the same order for a given seed,
+otherwise accuracy differences could come from the data rather than the method. Hence: a strict TSV parser
+(a silently mis-parsed row would change the data set), seeded subsetting, and a seeded ``torch.Generator``
+behind every shuffle.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
+HEADER = ("sentence", "label")
+LABELS = {"0": 0, "1": 1}
+# Bucketing sorts by length inside windows of this many batches: wide enough to group similar lengths
+# (fewer pad tokens), narrow enough that the batch order stays well mixed across the epoch.
+BUCKET_WINDOW_BATCHES = 50
+OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+class EncodedRow(TypedDict):
+    """One tokenised example: unpadded token ids (padding is per batch, in :func:`collate`) and its label."""
+
+    input_ids: list[int]
+    label: int
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_sst2(data_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """Return ``{"train": ..., "dev": ...}`` frames with columns ``sentence`` (str) and ``label`` (int 0/1).
+
+    Local files win over the network so tests and notebooks run offline and always on the same bytes:
+    ``data_dir`` first (the ``sst2`` folder or its parent), then ``SST2_DIR`` / ``PEFT_LAB_DATA``, and only
+    then the Hugging Face hub (``glue``/``sst2``; its ``validation`` split becomes ``dev``).
+    """
+    folder = _local_sst2_dir(data_dir)
+    if folder is None:
+        return _load_from_hub()
+    return {split: read_sst2_tsv(folder / name) for split, name in SPLIT_FILES.items()}
+
+
+def _local_sst2_dir(data_dir: str | Path | None) -> Path | None:
+    """The SST-2 folder named by the argument or the environment, checked; ``None`` when nothing names one.
+
+    ``SST2_DIR`` is checked before ``PEFT_LAB_DATA`` because it is the more specific setting (the Makefile
+    always exports ``PEFT_LAB_DATA``). A folder that is named but wrong is an error, not a reason to fall
+    back to the hub: a typo must not silently switch the data source.
+    """
+    if data_dir is not None:
+        return _checked_sst2_dir(Path(data_dir), "data_dir")
+    if os.environ.get("SST2_DIR"):
+        return _checked_sst2_dir(Path(os.environ["SST2_DIR"]), "SST2_DIR")
+    if os.environ.get("PEFT_LAB_DATA"):
+        return _checked_sst2_dir(Path(os.environ["PEFT_LAB_DATA"]) / "sst2", "PEFT_LAB_DATA")
+    return None
+
+
+def _checked_sst2_dir(path: Path, source: str) -> Path:
+    """Accept the ``sst2`` folder itself or a parent holding ``sst2/``; fail naming the path otherwise."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"SST-2 folder {path} (from {source}) does not exist")
+    if not (path / SPLIT_FILES["train"]).exists() and (path / "sst2").is_dir():
+        path = path / "sst2"
+    missing = [name for name in SPLIT_FILES.values() if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"SST-2 folder {path} (from {source}) lacks {', '.join(missing)}")
+    return path
+
+
+def _hub_offline() -> bool:
+    """True when the user asked the Hugging Face libraries not to touch the network."""
+    return any(os.environ.get(name, "").strip().lower() in _TRUTHY for name in OFFLINE_ENV_VARS)
+
+
+def _no_data_error(reason: str) -> FileNotFoundError:
+    """The error says how to fix it, because the usual cause is simply not having pointed at the local copy."""
+    return FileNotFoundError(
+        f"SST-2 not available: {reason}. Point at a local copy instead: pass load_sst2(data_dir=...) or set "
+        "PEFT_LAB_DATA to a folder containing sst2/, or SST2_DIR to the sst2 folder itself. That folder must "
+        "hold the GLUE files train.tsv and dev.tsv (tab-separated, header 'sentence<TAB>label')."
+    )
+
+
+def _load_from_hub() -> dict[str, pd.DataFrame]:
+    """Download GLUE SST-2 with ``datasets``; offline or unreachable becomes a FileNotFoundError with a fix."""
+    if _hub_offline():
+        raise _no_data_error("no local folder given and Hugging Face offline mode is on")
+    from datasets import load_dataset
+
+    try:
+        splits = load_dataset("glue", "sst2")
+    except ConnectionError as error:
+        raise _no_data_error(f"no local folder given and the Hugging Face hub is unreachable ({error})") from error
+    return {split: _hub_frame(splits[hub_name]) for split, hub_name in (("train", "train"), ("dev", "validation"))}
+
+
+def _hub_frame(split) -> pd.DataFrame:
+    """Same columns, dtypes and stripping as the TSV path, so both sources give identical frames."""
+    frame = split.to_pandas()
+    return pd.DataFrame({
+        "sentence": frame["sentence"].str.rstrip(),
+        "label": frame["label"].astype("int64"),
+    })
+
+
+# ------------------------------------------------------------------------------------------- TSV parsing
+
+
+def read_sst2_tsv(path: str | Path) -> pd.DataFrame:
+    """Parse one GLUE SST-2 TSV (``sentence<TAB>label``) strictly.
+
+    Quoting is off (sentences contain quotes and backticks) and every row is checked, because lenient
+    parsers silently merge, drop or coerce malformed rows. Errors are ``ValueError`` naming the file and
+    the 1-based line number.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last row
+    if not lines:
+        raise ValueError(f"{path}: line 1: empty file, expected the header 'sentence<TAB>label'")
+    _check_header(path, lines[0])
+    if len(lines) == 1:
+        raise ValueError(f"{path}: line 1: header only, no data rows")
+    sentences, labels = zip(*(_parse_row(path, number, line) for number, line in enumerate(lines[1:], start=2)))
+    return pd.DataFrame({"sentence": list(sentences), "label": np.array(labels, dtype=np.int64)})
+
+
+def _check_header(path: Path, line: str) -> None:
+    columns = tuple(line.split("\t"))
+    if columns == HEADER:
+        return
+    missing = [name for name in HEADER if name not in columns]
+    problem = f"missing column(s) {', '.join(missing)}" if missing else "wrong column order or extra columns"
+    raise ValueError(f"{path}: line 1: header must be exactly 'sentence<TAB>label', got {line!r} ({problem})")
+
+
+def _parse_row(path: Path, number: int, line: str) -> tuple[str, int]:
+    fields = line.split("\t")
+    if len(fields) != 2:
+        raise ValueError(f"{path}: line {number}: expected 2 tab-separated fields, got {len(fields)}: {line!r}")
+    sentence, label = fields[0].rstrip(), fields[1]
+    if label not in LABELS:
+        raise ValueError(f"{path}: line {number}: label must be 0 or 1, got {label!r}")
+    if not sentence:
+        raise ValueError(f"{path}: line {number}: empty sentence")
+    return sentence, LABELS[label]
+
+
+# ------------------------------------------------------------------------------------------- subsetting
+
+
+def subset(frame: pd.DataFrame, size: int | None, seed: int, balanced: bool = False) -> pd.DataFrame:
+    """A seeded sample of ``size`` rows (``None``: all rows), kept in the original row order.
+
+    Seeded so every method trains on the same rows; ``balanced`` takes ``size // n_classes`` rows per label
+    so small runs are not skewed by SST-2's 56/44 class split (``size=None``: as many as the rarest class).
+    The index is reset, so positions and index agree downstream.
+    """
+    if size is not None and size <= 0:
+        raise ValueError(f"subset size must be positive or None, got {size}")
+    if balanced:
+        positions = _balanced_positions(frame["label"].to_numpy(), size, seed)
+    elif size is None or size >= len(frame):
+        positions = np.arange(len(frame))
+    else:
+        positions = np.random.default_rng(seed).choice(len(frame), size=size, replace=False)
+    return frame.iloc[np.sort(positions)].reset_index(drop=True)
+
+
+def _balanced_positions(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    classes, counts = np.unique(labels, return_counts=True)
+    if size is None:
+        per_class = int(counts.min())
+    elif size % len(classes):
+        raise ValueError(f"balanced subset of {size} rows is impossible with {len(classes)} classes (not divisible)")
+    else:
+        per_class = size // len(classes)
+    if per_class > counts.min():
+        raise ValueError(
+            f"balanced subset needs {per_class} rows per class, but the rarest class has {counts.min()}"
+        )
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in classes])
+
+
+# ---------------------------------------------------------------------------------- tokenising, batching
+
+
+def encode(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[EncodedRow]:
+    """Tokenise every sentence once, truncated to ``max_length`` and unpadded.
+
+    Padding is left to :func:`collate` so each batch is padded only to its own longest row.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    ids = tokenizer(frame["sentence"].tolist(), truncation=True, max_length=max_length)["input_ids"]
+    return [{"input_ids": list(row), "label": int(label)} for row, label in zip(ids, frame["label"].tolist())]
+
+
+def collate(batch: Sequence[EncodedRow], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest row; returns long tensors ``input_ids``, ``attention_mask``, ``labels``.
+
+    Right padding matters for GPT-2: its classifier reads the last non-pad token (see ``configure_padding``).
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None: run models.configure_padding(tokenizer) first")
+    width = max(len(row["input_ids"]) for row in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        length = len(row["input_ids"])
+        input_ids[i, :length] = torch.tensor(row["input_ids"], dtype=torch.long)
+        attention_mask[i, :length] = 1
+    labels = torch.tensor([row["label"] for row in batch], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class LengthBucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar length (fewer pad tokens) in a seeded random order.
+
+    Each epoch: shuffle the rows (if ``shuffle``), sort each window of ``BUCKET_WINDOW_BATCHES`` batches by
+    length, cut it into batches, then shuffle the batch order. The generator is advanced every epoch, like
+    ``DataLoader(shuffle=True, generator=...)``: epochs differ, yet the whole sequence repeats for a seed.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, generator: torch.Generator):
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = len(self.lengths)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        window = self.batch_size * BUCKET_WINDOW_BATCHES
+        batches = []
+        for chunk in order.split(window):
+            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
+            batches.extend(batch.tolist() for batch in chunk.split(self.batch_size))
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+        return iter(batches)
+
+
+def make_loader(
+    encoded: Sequence[EncodedRow],
+    batch_size: int,
+    pad_token_id: int,
+    shuffle: bool,
+    seed: int,
+    bucket_by_length: bool = False,
+) -> DataLoader:
+    """A single-process ``DataLoader`` whose order depends only on ``seed`` (a private ``torch.Generator``).
+
+    A private generator, not the global RNG, so model initialisation or dropout cannot shift the data order.
+    ``bucket_by_length`` groups similar lengths to cut padding (see :class:`LengthBucketBatchSampler`).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    collate_fn = partial(collate, pad_token_id=pad_token_id)
+    if bucket_by_length:
+        lengths = [len(row["input_ids"]) for row in encoded]
+        sampler = LengthBucketBatchSampler(lengths, batch_size, shuffle, generator)
+        return DataLoader(encoded, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0)
+    return DataLoader(
+        encoded, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn, num_workers=0
+    )
