@@ -6,8 +6,7 @@ PY := $(VENV)/bin/python
 # Offline data beside the project root (read-only), when present; override with `make run PEFT_LAB_DATA=/path`.
 # Empty means "download from the Hugging Face hub".
 PEFT_LAB_DATA ?= $(wildcard $(abspath ../shared/data))
-# Keep caches and config inside the repo so nothing is written to the user's home.
-export HF_HOME := $(CURDIR)/.cache/huggingface
+# Keep tool caches and config inside the repo so nothing is written to the user's home.
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter/config
 export JUPYTER_DATA_DIR := $(CURDIR)/.cache/jupyter/data
@@ -30,6 +29,9 @@ $(VENV)/.installed: requirements.txt requirements-models.txt
 run: $(VENV)/.installed
 	$(PY) -m papermill peft.ipynb peft.out.ipynb -p profile $(PROFILE) -p data_dir "$(PEFT_LAB_DATA)" --cwd .
 
+# Tests are hermetic: offline, and every cache inside the repo.
+test: export HF_HOME := $(CURDIR)/.cache/huggingface
+test: export HF_HUB_OFFLINE := 1
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 

@@ -1,0 +1,1127 @@
+"""Figures for the method comparison, drawn only from the saved run records (``peft_utils.results``).
+
+Why a separate module that reads files instead of plotting inside the training loop: every figure must be
+reproducible from ``results/`` alone (``python -m peft_utils.plots results/ imgs/``), so a crashed notebook,
+an extra seed or a tweak to a figure never requires re-training.
+
+Design choices that hold for every figure:
+
+- One fixed colour per method (:data:`METHOD_COLORS`), so "LoRA is orange" holds across all PNGs.
+- Figures are built on bare :class:`matplotlib.figure.Figure` objects with the Agg canvas, never through
+  ``pyplot``: importing this module must not switch the backend of a notebook that imports it, and figures
+  are not kept alive in pyplot's global registry.
+- Every figure carries a footnote with the model, device and compute dtype read from the runs; when those
+  differ between methods the footnote says so, because a speed or memory comparison across dtypes is not
+  like-for-like.
+- Comparison figures use every complete run whose group is not ``"sweep"``; several seeds of one method are
+  aggregated (mean, with their spread as the uncertainty).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import textwrap
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator, PercentFormatter
+
+from peft_utils.results import Results, load_results
+
+__all__ = [
+    "METHOD_ORDER",
+    "METHOD_LABELS",
+    "METHOD_COLORS",
+    "METHOD_MARKERS",
+    "DPI",
+    "wilson_interval",
+    "ema_smooth",
+    "format_bytes",
+    "format_count",
+    "format_seconds",
+    "method_color",
+    "method_label",
+    "plot_loss",
+    "plot_accuracy",
+    "plot_accuracy_curve",
+    "plot_time",
+    "plot_model_size",
+    "plot_memory",
+    "plot_trainable_params",
+    "plot_sweep",
+    "plot_summary",
+    "plot_all",
+    "main",
+]
+
+METHOD_ORDER: tuple[str, ...] = ("full", "lora", "dora", "qlora", "qdora")
+METHOD_LABELS: dict[str, str] = {
+    "full": "Full FT",
+    "lora": "LoRA",
+    "dora": "DoRA",
+    "qlora": "QLoRA",
+    "qdora": "QDoRA",
+}
+# Okabe-Ito palette: distinguishable with the common colour-vision deficiencies and in greyscale print.
+METHOD_COLORS: dict[str, str] = {
+    "full": "#0072B2",  # blue
+    "lora": "#E69F00",  # orange
+    "dora": "#009E73",  # green
+    "qlora": "#CC79A7",  # purple-pink
+    "qdora": "#D55E00",  # vermillion
+}
+# Markers as a second cue where lines can coincide (and for greyscale print).
+METHOD_MARKERS: dict[str, str] = {"full": "o", "lora": "s", "dora": "D", "qlora": "^", "qdora": "v"}
+_EXTRA_COLORS = ("#56B4E9", "#8C6D31", "#7F7F7F", "#000000")  # for methods added later
+_REFERENCE_GREY = "#8A8A8A"
+DPI = 150
+_CHANCE_ACCURACY = 0.5  # SST-2 is binary and roughly balanced
+
+# Two-sided 97.5% Student-t quantiles for 1..30 degrees of freedom: a 95% interval of a mean over a few seeds
+# (scipy is not a dependency of this project, and these values never change).
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small public helpers
+# --------------------------------------------------------------------------------------------------------------
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (by default) Wilson score interval for a proportion measured on ``n`` examples.
+
+    Why Wilson and not ``p ± z·sqrt(p(1-p)/n)``: the normal approximation collapses to zero width at p=1 and
+    can leave [0, 1] near the edges, which a good classifier on a small dev set (SST-2 dev has 872
+    sentences) easily reaches. Wilson stays inside [0, 1] and has close to nominal coverage.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+    z2 = z * z
+    denominator = 1.0 + z2 / n
+    center = (accuracy + z2 / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int | None = None) -> np.ndarray:
+    """Bias-corrected exponential moving average of a per-step loss.
+
+    Why: per-batch loss is noisy (one batch of 16-32 sentences), and the trend is what tells methods apart.
+    ``adjust=True`` weights make the first points an average of what has been seen so far instead of being
+    pulled towards zero, so the smoothed curve starts where the raw one starts. The default span is ~5% of
+    the points (at least 2, at most 200), so short test runs and long runs are smoothed comparably.
+    """
+    series = pd.Series(np.asarray(values, dtype=float))
+    if span is None:
+        span = int(min(200, max(2, round(len(series) / 20))))
+    return series.ewm(span=span, adjust=True, ignore_na=True).mean().to_numpy()
+
+
+def format_bytes(n_bytes: float) -> str:
+    """Human-readable size in decimal units (1 MB = 10^6 bytes), e.g. ``"497.8 MB"``."""
+    if n_bytes is None or not np.isfinite(n_bytes):
+        return "n/a"
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n_bytes) >= factor:
+            value = n_bytes / factor
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def format_count(n: float) -> str:
+    """Parameter counts as ``124.4M`` / ``294.9K``: exact digits are noise at this scale."""
+    if n is None or not np.isfinite(n):
+        return "n/a"
+    for unit, factor in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= factor:
+            value = n / factor
+            return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_seconds(seconds: float) -> str:
+    """Durations as seconds, minutes or hours, whichever keeps the number short."""
+    if seconds is None or not np.isfinite(seconds):
+        return "n/a"
+    if seconds < 100:
+        return f"{seconds:.1f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _tick_formatter(fmt) -> FuncFormatter:
+    """Tick labels from a value formatter, without a trailing ".0" ("1 GB", not "1.0 GB") and "0" at zero."""
+    def tick(value: float, _pos: object) -> str:
+        return "0" if value == 0 else fmt(value).replace(".0 ", " ").replace(".0", "")
+    return FuncFormatter(tick)
+
+
+def _share(part: float, total: float) -> str:
+    """A share with as many decimals as it needs: 100%, 12.5%, 0.24%."""
+    ratio = part / total
+    return f"{ratio:.0%}" if ratio >= 0.1 else f"{ratio:.1%}" if ratio >= 0.01 else f"{ratio:.2%}"
+
+
+def method_label(method: str) -> str:
+    """Display name of a method (``"qlora"`` -> ``"QLoRA"``); unknown methods are shown as given."""
+    return METHOD_LABELS.get(method, str(method))
+
+
+def method_color(method: str) -> str:
+    """The fixed colour of a method; methods outside :data:`METHOD_COLORS` get a stable colour by name."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA_COLORS[sum(map(ord, str(method))) % len(_EXTRA_COLORS)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Table helpers (robust to missing columns)
+# --------------------------------------------------------------------------------------------------------------
+def _col(frame: pd.DataFrame, name: str) -> pd.Series:
+    """Column ``name`` or an all-NaN column: optional fields may be absent from older or partial records."""
+    if name in frame.columns:
+        return frame[name]
+    return pd.Series(np.nan, index=frame.index, dtype=float)
+
+
+def _num(frame: pd.DataFrame, name: str) -> pd.Series:
+    return pd.to_numeric(_col(frame, name), errors="coerce")
+
+
+def _ordered_methods(methods: Iterable[object]) -> list[str]:
+    """Known methods in :data:`METHOD_ORDER`, then any others alphabetically."""
+    present = {str(m) for m in methods if m is not None and not (isinstance(m, float) and math.isnan(m))}
+    known = [m for m in METHOD_ORDER if m in present]
+    return known + sorted(present - set(known))
+
+
+def _comparison_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that belong to the method comparison: everything not in the rank/alpha sweep."""
+    if runs.empty:
+        return runs
+    group = _col(runs, "group")
+    return runs[group.astype(object).ne("sweep") | group.isna()]
+
+
+def _sweep_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    if runs.empty or "group" not in runs.columns:
+        return runs.iloc[0:0]
+    return runs[runs["group"] == "sweep"]
+
+
+def _filter_rows(frame: pd.DataFrame, run_ids: Iterable[str]) -> pd.DataFrame:
+    if frame.empty or "run_id" not in frame.columns:
+        return frame.iloc[0:0]
+    return frame[frame["run_id"].isin(set(run_ids))]
+
+
+def _clean_dtype(value: object) -> str:
+    text = str(value)
+    return text.removeprefix("torch.")
+
+
+def _accuracy_interval(acc: pd.Series, n: pd.Series) -> tuple[float, float, float, str]:
+    """Mean accuracy of one method and its 95% interval.
+
+    One run: Wilson interval from its dev-set size (sampling noise of the dev set). Several runs (seeds):
+    Student-t interval of the mean over seeds, which captures run-to-run variance as well; with two seeds it
+    is wide, and that is the honest answer.
+    """
+    acc = acc.dropna().astype(float)
+    if acc.empty:
+        return math.nan, math.nan, math.nan, "none"
+    mean = float(acc.mean())
+    if len(acc) >= 2:
+        dof = len(acc) - 1
+        t = _T975[dof - 1] if dof <= len(_T975) else 1.96
+        half = t * float(acc.std(ddof=1)) / math.sqrt(len(acc))
+        return mean, max(0.0, mean - half), min(1.0, mean + half), f"t over {len(acc)} seeds"
+    n_eval = pd.to_numeric(n, errors="coerce").dropna()
+    if n_eval.empty or n_eval.iloc[0] <= 0 or not 0 <= mean <= 1:
+        return mean, math.nan, math.nan, "none"
+    low, high = wilson_interval(mean, int(n_eval.iloc[0]))
+    return mean, low, high, "Wilson"
+
+
+def _method_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per method (several seeds aggregated): the numbers every comparison figure draws from.
+
+    Means over seeds for times and accuracy; the maximum for peak memory (the budget one must provision);
+    the first run's value for sizes and parameter counts, which do not depend on the seed.
+    """
+    rows = []
+    for method in _ordered_methods(_col(runs, "method")):
+        sub = runs[runs["method"] == method]
+        acc, low, high, kind = _accuracy_interval(_num(sub, "final_accuracy"), _num(sub, "n_eval"))
+
+        def first(name: str, sub: pd.DataFrame = sub) -> float:
+            values = _num(sub, name).dropna()
+            return float(values.iloc[0]) if len(values) else math.nan
+
+        def text(name: str, sub: pd.DataFrame = sub) -> str:
+            values = _col(sub, name).dropna()
+            return str(values.iloc[0]) if len(values) else ""
+
+        kinds = sorted({str(k) for k in _col(sub, "memory_kind").dropna()})
+        rows.append(
+            {
+                "method": method,
+                "n_runs": len(sub),
+                "accuracy": acc,
+                "acc_low": low,
+                "acc_high": high,
+                "interval": kind,
+                "n_eval": first("n_eval"),
+                "train_time_s": _num(sub, "train_time_s").mean(),
+                "samples_per_s": _num(sub, "samples_per_s").mean(),
+                "peak_memory_bytes": _num(sub, "peak_memory_bytes").max(),
+                "memory_kind": "+".join(kinds),
+                "trainable_params": first("trainable_params"),
+                "total_params": first("total_params"),
+                "disk_bytes": first("size.disk_bytes"),
+                "disk_kind": text("size.disk_kind"),
+                "total_bytes": first("size.total_bytes"),
+                "fp32_bytes": first("size.fp32_bytes"),
+                "quantized_bytes": first("size.quantized_bytes"),
+                "quant_state_bytes": first("size.quant_state_bytes"),
+                "frozen_bytes": first("size.frozen_bytes"),
+                "trainable_bytes": first("size.trainable_bytes"),
+            }
+        )
+    return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Figure plumbing
+# --------------------------------------------------------------------------------------------------------------
+def _new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas, outside pyplot (see the module docstring for why)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _unique_text(values: Iterable[object]) -> list[str]:
+    return sorted({str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
+
+
+def _provenance(runs: pd.DataFrame) -> list[str]:
+    """Footnote lines: what was trained, where and in which dtype; loud when methods differ.
+
+    Why on every figure: PNGs travel alone (slides, README). A time or memory bar means little without the
+    model and hardware behind it, and a dtype difference between methods changes both.
+    """
+    if runs.empty:
+        return []
+    parts = []
+    for field, name in (("model", "model"), ("device", "device")):
+        values = _unique_text(_col(runs, field))
+        if len(values) == 1:
+            parts.append(f"{name}: {values[0]}")
+        elif values:
+            parts.append(f"{name}s differ: {', '.join(values)}")
+    dtypes = {m: _unique_text(_clean_dtype(v) for v in _col(runs[runs["method"] == m], "compute_dtype").dropna())
+              for m in _ordered_methods(_col(runs, "method"))}
+    all_dtypes = _unique_text(d for ds in dtypes.values() for d in ds)
+    dtype_warning = None
+    if len(all_dtypes) == 1:
+        parts.append(f"compute dtype: {all_dtypes[0]}")
+    elif all_dtypes:
+        by_dtype: dict[str, list[str]] = {}
+        for method, ds in dtypes.items():
+            by_dtype.setdefault("/".join(ds) or "unknown", []).append(method_label(method))
+        listing = "; ".join(f"{', '.join(ms)} = {d}" for d, ms in by_dtype.items())
+        dtype_warning = (f"NOTE: compute dtype differs across methods ({listing}), so time and memory are not "
+                         "like-for-like.")
+    train = _num(runs, "train_size").dropna()
+    evals = _num(runs, "n_eval").dropna()
+    if evals.empty:
+        evals = _num(runs, "eval_size").dropna()
+    data = []
+    for name, values in (("train", train), ("dev", evals)):
+        if not values.empty:
+            low, high = int(values.min()), int(values.max())
+            data.append(f"{name} {high:,}" if low == high else f"{name} {low:,}-{high:,}")
+    if data:
+        parts.append("SST-2 " + " / ".join(data) + " sentences")
+    epochs = _unique_text(_col(runs, "epochs").dropna())
+    if epochs:
+        parts.append(f"epochs: {', '.join(epochs)}")
+    seeds = _num(runs, "seed").dropna()
+    if seeds.nunique() > 1:
+        parts.append(f"seeds: {', '.join(str(int(s)) for s in sorted(seeds.unique()))}")
+    quantized = [method_label(m) for m in dtypes if m in ("qlora", "qdora")]
+    if quantized:
+        parts.append(f"{'/'.join(quantized)}: frozen base stored in 4-bit")
+    lines = [" · ".join(parts)] if parts else []
+    if dtype_warning:
+        lines.append(dtype_warning)
+    return lines
+
+
+def _finish(fig: Figure, path: Path, runs: pd.DataFrame, notes: Sequence[str] = ()) -> Path:
+    """Add the provenance footnote below the axes and save at :data:`DPI`.
+
+    The footnote is placed under the figure and ``bbox_inches="tight"`` grows the saved image to include it,
+    so it can never overlap tick labels whatever the layout engine decided.
+    """
+    width_in = fig.get_figwidth()
+    chars = max(60, int(width_in * 15))
+    lines = [wrapped for line in [*notes, *_provenance(runs)] if line
+             for wrapped in textwrap.wrap(line, chars, break_on_hyphens=False)]
+    if lines:
+        fig.text(0.005, -0.01, "\n".join(lines), ha="left", va="top", fontsize=8, color="#444444",
+                 linespacing=1.4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
+    return path
+
+
+def _style_axes(ax, grid_axis: str = "y") -> None:
+    ax.spines[["top", "right"]].set_visible(False)
+    if grid_axis:
+        ax.grid(axis=grid_axis, color="#DDDDDD", linewidth=0.8)
+        ax.set_axisbelow(True)
+
+
+def _bar_labels(ax, bars, labels: Sequence[str], **kwargs: object) -> None:
+    ax.bar_label(bars, labels=list(labels), padding=3, fontsize=kwargs.pop("fontsize", 9), **kwargs)
+
+
+def _method_ticks(ax, methods: Sequence[str], axis: str = "x") -> None:
+    labels = [method_label(m) for m in methods]
+    if axis == "x":
+        ax.set_xticks(range(len(methods)), labels)
+    else:
+        ax.set_yticks(range(len(methods)), labels)
+
+
+def _out(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------------------
+def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
+    """``loss.png``: training loss vs optimiser step, one EMA-smoothed line per method over the faint raw loss.
+
+    Why both: the smoothed line shows convergence speed and the final level; the raw loss behind it keeps the
+    noise visible, so a reader does not mistake a smoothing artefact for a real difference. With several
+    seeds the per-step loss is averaged over seeds first.
+    """
+    runs = _comparison_runs(results.runs)
+    steps = _filter_rows(results.steps, _col(runs, "run_id"))
+    if steps.empty or "loss" not in steps.columns or "step" not in steps.columns:
+        return None
+    steps = steps.assign(loss=pd.to_numeric(steps["loss"], errors="coerce"),
+                         step=pd.to_numeric(steps["step"], errors="coerce")).dropna(subset=["loss", "step"])
+    if steps.empty:
+        return None
+    fig = _new_figure(9, 5.2)
+    ax = fig.add_subplot()
+    spans = []
+    for method in _ordered_methods(steps["method"]):
+        curve = steps[steps["method"] == method].groupby("step")["loss"].mean().sort_index()
+        color = method_color(method)
+        ax.plot(curve.index, curve.to_numpy(), color=color, alpha=0.22, linewidth=0.8, zorder=1)
+        span = int(min(200, max(2, round(len(curve) / 20))))
+        spans.append(span)
+        ax.plot(curve.index, ema_smooth(curve.to_numpy(), span), color=color, linewidth=2.2, zorder=2,
+                label=method_label(method))
+    # Clip the y range to the bulk of the raw loss so one early spike does not flatten every curve.
+    low, high = np.nanpercentile(steps["loss"], [0.5, 99.5])
+    margin = 0.08 * max(high - low, 1e-3)
+    ax.set_ylim(max(0.0, low - margin), high + margin)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss (cross-entropy)")
+    ax.set_title("Training loss per method", fontsize=13, loc="left")
+    _style_axes(ax, "both")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], color="#999999", alpha=0.4, linewidth=0.8))
+    labels.append("raw per-step loss")
+    fig.legend(handles, labels, loc="outside right upper", frameon=False)
+    span_note = f"{min(spans)}" if min(spans) == max(spans) else f"{min(spans)}-{max(spans)}"
+    notes = [f"Bold lines: exponential moving average (span {span_note} steps) of the raw loss drawn faintly behind."]
+    return _finish(fig, _out(out_dir, "loss.png"), runs, notes)
+
+
+def plot_accuracy(results: Results, out_dir: str | Path) -> Path | None:
+    """``accuracy.png``: final dev accuracy per method, value on each bar, 95% interval as an error bar.
+
+    Why the interval: on 872 dev sentences one sentence is 0.11 points, and methods often land within a
+    point of each other; the error bar shows which gaps are beyond dev-set noise (Wilson interval, or the
+    spread over seeds when a method has several). The y axis is zoomed to the data, because the differences
+    of interest are a point or two; its starting value is written in the axis label so truncated bars are not
+    mistaken for ratios, and the chance level (50%) is drawn when it is in range.
+    """
+    runs = _comparison_runs(results.runs)
+    table = _method_table(runs)
+    if table.empty or table["accuracy"].isna().all():
+        return None
+    table = table[table["accuracy"].notna()]
+    methods = list(table.index)
+    acc = table["accuracy"].to_numpy() * 100
+    has_err = table["acc_low"].notna().to_numpy()
+    low = np.where(has_err, table["acc_low"].to_numpy() * 100, acc)
+    high = np.where(has_err, table["acc_high"].to_numpy() * 100, acc)
+    fig = _new_figure(max(6.0, 1.35 * len(methods) + 2.5), 5.0)
+    ax = fig.add_subplot()
+    x = np.arange(len(methods))
+    floor = max(0.0, 5 * math.floor((low.min() - 2) / 5))
+    top = min(100.0, 5 * math.ceil((high.max() + 2) / 5))
+    bars = ax.bar(x, acc - floor, bottom=floor, width=0.62, color=[method_color(m) for m in methods],
+                  edgecolor="white", zorder=2)
+    if has_err.any():
+        ax.errorbar(x[has_err], acc[has_err], yerr=[acc[has_err] - low[has_err], high[has_err] - acc[has_err]],
+                    fmt="none", ecolor="#222222", elinewidth=1.2, capsize=5, zorder=3)
+    ax.set_ylim(floor, top + 0.02 * (top - floor))
+    # The number goes inside the bar, just under the error bar's lower end; above the bar it would collide
+    # with the error bar. Bars too short to hold it get it above the upper end of the error bar instead.
+    pad = 0.02 * (top - floor)
+    for i, bar in enumerate(bars):
+        seeds = int(table["n_runs"].iloc[i])
+        text = f"{acc[i]:.1f}%" + (f"\n({seeds} seeds)" if seeds > 1 else "")
+        inside = (low[i] - floor) / (top - floor) > (0.16 if seeds > 1 else 0.1)
+        ax.text(bar.get_x() + bar.get_width() / 2, low[i] - pad if inside else high[i] + pad, text,
+                ha="center", va="top" if inside else "bottom", fontsize=10, fontweight="bold",
+                color="white" if inside else "#222222", zorder=4)
+    chance = _CHANCE_ACCURACY * 100
+    show_chance = floor < chance < top
+    if show_chance:
+        ax.axhline(chance, color="#555555", linestyle="--", linewidth=1, zorder=1.5)
+    _method_ticks(ax, methods)
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    ax.set_ylabel(f"dev accuracy (axis starts at {floor:.0f}%)" if floor > 0 else "dev accuracy")
+    ax.set_title("SST-2 dev accuracy per method", fontsize=13, loc="left")
+    _style_axes(ax)
+    kinds = set(table["interval"])
+    explain = []
+    if "Wilson" in kinds:
+        explain.append("95% Wilson score interval from the dev-set size (single run)")
+    if any(k.startswith("t over") for k in kinds):
+        explain.append("95% Student-t interval of the mean over seeds (several runs)")
+    notes = ["Error bars: " + "; ".join(explain) + "."] if explain else []
+    if show_chance:
+        notes.append("Dashed line: chance level (50%).")
+    return _finish(fig, _out(out_dir, "accuracy.png"), runs, notes)
+
+
+def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
+    """``accuracy_curve.png``: dev accuracy at every evaluation, per method.
+
+    Why: the final number hides whether a method had already converged or was still climbing (so more epochs
+    would change the ranking) or peaked early and started to overfit. The x axis is the epoch when every
+    evaluation records one (comparable across batch sizes), otherwise the optimiser step.
+    """
+    runs = _comparison_runs(results.runs)
+    evals = _filter_rows(results.evals, _col(runs, "run_id"))
+    if evals.empty or "accuracy" not in evals.columns:
+        return None
+    evals = evals.assign(accuracy=pd.to_numeric(evals["accuracy"], errors="coerce")).dropna(subset=["accuracy"])
+    epoch = _num(evals, "epoch")
+    step = _num(evals, "step")
+    if epoch.notna().all() and len(evals):
+        xcol, xlabel = epoch, "epoch"
+    elif step.notna().all() and len(evals):
+        xcol, xlabel = step, "optimiser step"
+    else:
+        return None
+    evals = evals.assign(_x=xcol)
+    fig = _new_figure(9, 5.2)
+    ax = fig.add_subplot()
+    several_seeds = False
+    for method in _ordered_methods(evals["method"]):
+        sub = evals[evals["method"] == method]
+        stats = sub.groupby("_x")["accuracy"].agg(["mean", "min", "max", "count"]).sort_index()
+        color = method_color(method)
+        ax.plot(stats.index, stats["mean"] * 100, color=color, linewidth=2,
+                marker=METHOD_MARKERS.get(method, "o"), markersize=6, label=method_label(method))
+        if sub["run_id"].nunique() > 1:
+            several_seeds = True
+            ax.fill_between(stats.index, stats["min"] * 100, stats["max"] * 100, color=color, alpha=0.15,
+                            linewidth=0)
+    # Zoomed to the data (differences of interest are small); chance level drawn only when in range.
+    ymin = max(0.0, 2 * math.floor((float(evals["accuracy"].min()) * 100 - 1) / 2))
+    ymax = min(100.0, 2 * math.ceil((float(evals["accuracy"].max()) * 100 + 1) / 2))
+    ax.set_ylim(ymin, ymax)
+    show_chance = ymin < _CHANCE_ACCURACY * 100 < ymax
+    if show_chance:
+        ax.axhline(_CHANCE_ACCURACY * 100, color="#555555", linestyle="--", linewidth=1)
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    if xlabel == "epoch" and np.allclose(evals["_x"], np.round(evals["_x"])):
+        ax.set_xticks(sorted(evals["_x"].unique()))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("dev accuracy" + (f" (axis starts at {ymin:.0f}%)" if ymin > 0 else ""))
+    ax.set_title("Dev accuracy during training", fontsize=13, loc="left")
+    _style_axes(ax, "both")
+    fig.legend(loc="outside right upper", frameon=False)
+    notes = ["Dashed line: chance level (50%)."] if show_chance else []
+    if several_seeds:
+        notes.append("Lines: mean over seeds; shaded: min-max range over seeds.")
+    return _finish(fig, _out(out_dir, "accuracy_curve.png"), runs, notes)
+
+
+def plot_time(results: Results, out_dir: str | Path) -> Path | None:
+    """``time.png``: training time relative to full fine-tuning (left) and in absolute seconds (right).
+
+    Why both: the relative view answers "how much faster is the PEFT method", which is what transfers to
+    other hardware; the absolute one keeps the scale honest (a 50% saving of 20 seconds matters less than one
+    of 2 hours). If full fine-tuning was not run, the slowest method is the 100% reference and the title says
+    so.
+    """
+    runs = _comparison_runs(results.runs)
+    table = _method_table(runs)
+    if table.empty or table["train_time_s"].isna().all():
+        return None
+    table = table[table["train_time_s"].notna()]
+    methods = list(table.index)
+    seconds = table["train_time_s"].to_numpy()
+    if "full" in table.index:
+        reference, ref_text = float(table.loc["full", "train_time_s"]), "full fine-tuning = 100%"
+    else:
+        slowest = table["train_time_s"].idxmax()
+        reference = float(table.loc[slowest, "train_time_s"])
+        ref_text = f"slowest method, {method_label(slowest)} = 100%;\nfull fine-tuning not in this run set"
+    relative = seconds / reference * 100
+    colors = [method_color(m) for m in methods]
+    fig = _new_figure(max(9.0, 2.2 * len(methods) + 3), 4.8)
+    left, right = fig.subplots(1, 2)
+    x = np.arange(len(methods))
+    bars = left.bar(x, relative, width=0.62, color=colors, zorder=2)
+    _bar_labels(left, bars, [f"{r:.0f}%" for r in relative])
+    left.axhline(100, color="#555555", linestyle="--", linewidth=1, zorder=1)
+    left.set_ylim(0, max(relative.max(), 100) * 1.15)
+    left.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    left.set_ylabel("training time (% of reference)")
+    left.set_title(f"Relative training time\n({ref_text})", fontsize=10, loc="left")
+    bars = right.bar(x, seconds, width=0.62, color=colors, zorder=2)
+    throughput = table["samples_per_s"].to_numpy()
+    labels = [format_seconds(s) + (f"\n{t:,.0f} samples/s" if np.isfinite(t) else "")
+              for s, t in zip(seconds, throughput)]
+    _bar_labels(right, bars, labels, fontsize=8.5)
+    right.set_ylim(0, seconds.max() * 1.25)
+    right.set_ylabel("training time (s)")
+    right.set_title("Absolute training time\n(all epochs, evaluation excluded)", fontsize=10, loc="left")
+    for ax in (left, right):
+        _method_ticks(ax, methods)
+        _style_axes(ax)
+    fig.suptitle("Training time per method", fontsize=13, x=0.01, ha="left")
+    notes = ["Mean over seeds where a method has several runs."] if (table["n_runs"] > 1).any() else []
+    return _finish(fig, _out(out_dir, "time.png"), runs, notes)
+
+
+def plot_model_size(results: Results, out_dir: str | Path) -> Path | None:
+    """``model_size.png``: what each method costs to store, next to the base model in fp32 and in 4-bit.
+
+    Left (log scale, because sizes span three orders of magnitude): the fp32 base model, the 4-bit base
+    (when a QLoRA/QDoRA run exists) and the artifact each method must ship (a full checkpoint, an adapter, or
+    a 4-bit base plus adapter). Right (linear): the in-memory footprint of the model during training, split
+    into 4-bit weights, quantisation state, frozen weights and trainable weights, which is where the savings
+    of LoRA (few trainable weights) and of 4-bit (small frozen weights) come from.
+    """
+    runs = _comparison_runs(results.runs)
+    table = _method_table(runs)
+    if table.empty or (table["disk_bytes"].isna().all() and table["fp32_bytes"].isna().all()):
+        return None
+    rows: list[tuple[str, float, str, str]] = []  # label, bytes, colour, hatch
+    if "full" in table.index and np.isfinite(table.loc["full", "fp32_bytes"]):
+        fp32 = table.loc["full", "fp32_bytes"]
+    else:  # an adapter run's fp32 size includes its adapter: take the trainable weights out (4 bytes each)
+        fp32 = (table["fp32_bytes"] - 4 * table["trainable_params"].fillna(0)).min()
+    if np.isfinite(fp32):
+        rows.append(("Base model in fp32", float(fp32), _REFERENCE_GREY, ""))
+    quantized = [m for m in table.index if m in ("qlora", "qdora") or table.loc[m, "quantized_bytes"] > 0]
+    if quantized:
+        q = table.loc[quantized[0]]
+        base4 = np.nansum([q["quantized_bytes"], q["quant_state_bytes"], q["frozen_bytes"]])
+        if not base4 > 0 and np.isfinite(q["total_bytes"]):
+            base4 = q["total_bytes"] - np.nan_to_num(q["trainable_bytes"])
+        if base4 > 0:
+            rows.append(("Base model with 4-bit weights", float(base4), _REFERENCE_GREY, "//"))
+    for method in table.index:
+        value = table.loc[method, "disk_bytes"]
+        if np.isfinite(value):
+            kind = table.loc[method, "disk_kind"] or "saved file"
+            rows.append((f"{method_label(method)}: {kind}", float(value), method_color(method), ""))
+    parts = ["quantized_bytes", "quant_state_bytes", "frozen_bytes", "trainable_bytes"]
+    has_parts = table[parts].notna().any(axis=1) & (table[parts].fillna(0).sum(axis=1) > 0)
+    fig = _new_figure(13 if has_parts.any() else 8.5, max(3.6, 0.55 * max(len(rows), has_parts.sum()) + 1.8))
+    axes = fig.subplots(1, 2, width_ratios=[1.15, 1]) if has_parts.any() else [fig.add_subplot()]
+    ax = axes[0]
+    y = np.arange(len(rows))[::-1]
+    values = np.array([r[1] for r in rows])
+    bars = ax.barh(y, values, color=[r[2] for r in rows], hatch=[r[3] for r in rows], edgecolor="white",
+                   height=0.62, zorder=2)
+    ax.set_xscale("log")
+    ax.set_xlim(values.min() / 3, values.max() * 12)  # room on the right for the labels
+    ax.set_yticks(y, [r[0] for r in rows])
+    _bar_labels(ax, bars, [format_bytes(v) for v in values])
+    ax.xaxis.set_major_formatter(_tick_formatter(format_bytes))
+    ax.set_xlabel("size (log scale; 1 MB = 10^6 bytes)")
+    ax.set_title("Storage: base model vs what each method ships", fontsize=10, loc="left")
+    _style_axes(ax, "x")
+    if has_parts.any():
+        ax2 = axes[1]
+        methods = [m for m in table.index if has_parts[m]]
+        part_style = {
+            "quantized_bytes": ("4-bit weights", "#BDBDBD", "//"),
+            "quant_state_bytes": ("quantisation state", "#7A7A7A", ""),
+            "frozen_bytes": ("frozen weights", "#D9D9D9", ""),
+        }
+        ym = np.arange(len(methods))[::-1]
+        left_edge = np.zeros(len(methods))
+        for part, (name, colour, hatch) in part_style.items():
+            vals = table.loc[methods, part].fillna(0).to_numpy()
+            if vals.sum() > 0:
+                ax2.barh(ym, vals, left=left_edge, color=colour, hatch=hatch, edgecolor="white", height=0.62,
+                         label=name, zorder=2)
+                left_edge += vals
+        trainable = table.loc[methods, "trainable_bytes"].fillna(0).to_numpy()
+        ax2.barh(ym, trainable, left=left_edge, color=[method_color(m) for m in methods], edgecolor="white",
+                 height=0.62, zorder=2)
+        left_edge += trainable
+        for yi, total, tb in zip(ym, left_edge, trainable):
+            share = f" ({_share(tb, total)} trainable)" if total > 0 else ""
+            ax2.text(total, yi, f" {format_bytes(total)}{share}", va="center", fontsize=8.5)
+        ax2.set_xlim(0, left_edge.max() * 1.65)  # room on the right for the labels
+        ax2.set_yticks(ym, [method_label(m) for m in methods])
+        # Ticks in one unit named on the axis: "0 100 MB 200 MB ..." on every tick is unreadable.
+        unit, factor = ("GB", 1e9) if left_edge.max() >= 2e9 else ("MB", 1e6)
+        ax2.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / factor:g}"))
+        ax2.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        ax2.set_xlabel(f"size in memory ({unit}, linear scale)")
+        ax2.set_title("Model in memory during training", fontsize=10, loc="left")
+        handles, labels = ax2.get_legend_handles_labels()
+        handles.append(Patch(facecolor="#FFFFFF", edgecolor="#333333"))
+        labels.append("trainable weights (method colour)")
+        ax2.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8,
+                   frameon=False)
+        _style_axes(ax2, "x")
+    fig.suptitle("Model size", fontsize=13, x=0.01, ha="left")
+    notes = ["Sizes exclude optimiser state and activations (see memory.png for the measured peak)."]
+    return _finish(fig, _out(out_dir, "model_size.png"), runs, notes)
+
+
+_MEMORY_KIND_TEXT = {
+    "cuda": "peak GPU memory allocated (torch.cuda)",
+    "rss": "peak process RSS (CPU run)",
+}
+
+
+def plot_memory(results: Results, out_dir: str | Path) -> Path | None:
+    """``memory.png``: peak memory per method during training.
+
+    Why the kind on the axis: on a GPU the number is the tensor memory PyTorch allocated (weights, gradients,
+    optimiser state, activations); on a CPU-only run it is the whole process RSS, which also counts Python,
+    libraries and the data set. The two are not comparable, so mixed kinds are hatched and called out.
+    """
+    runs = _comparison_runs(results.runs)
+    table = _method_table(runs)
+    if table.empty or table["peak_memory_bytes"].isna().all():
+        return None
+    table = table[table["peak_memory_bytes"].notna()]
+    methods = list(table.index)
+    values = table["peak_memory_bytes"].to_numpy()
+    kinds = [k or "unknown" for k in table["memory_kind"]]
+    distinct = sorted(set(kinds))
+    fig = _new_figure(max(6.5, 1.35 * len(methods) + 2.5), 4.8)
+    ax = fig.add_subplot()
+    x = np.arange(len(methods))
+    mixed = len(distinct) > 1
+    hatches = ["xx" if (mixed and k != "cuda") else "" for k in kinds]
+    bars = ax.bar(x, values, width=0.62, color=[method_color(m) for m in methods], hatch=hatches,
+                  edgecolor="white", zorder=2)
+    _bar_labels(ax, bars, [format_bytes(v) for v in values])
+    ax.set_ylim(0, values.max() * 1.15)
+    ax.yaxis.set_major_formatter(_tick_formatter(format_bytes))
+    if mixed:
+        ax.set_ylabel("peak memory (mixed kinds, see note)")
+    else:
+        ax.set_ylabel(_MEMORY_KIND_TEXT.get(distinct[0], f"peak memory ({distinct[0]})"))
+    _method_ticks(ax, methods)
+    ax.set_title("Peak memory during training", fontsize=13, loc="left")
+    _style_axes(ax)
+    notes = []
+    if mixed:
+        listing = "; ".join(f"{method_label(m)}: {_MEMORY_KIND_TEXT.get(k, k)}" for m, k in zip(methods, kinds))
+        notes.append(f"NOTE: memory kinds differ (hatched bars are not GPU allocations): {listing}.")
+    elif distinct[0] == "rss":
+        notes.append("Process RSS includes the Python runtime, libraries and data, not only the model.")
+    if (table["n_runs"] > 1).any():
+        notes.append("Maximum over seeds where a method has several runs.")
+    return _finish(fig, _out(out_dir, "memory.png"), runs, notes)
+
+
+def plot_trainable_params(results: Results, out_dir: str | Path) -> Path | None:
+    """``trainable_params.png``: trainable parameters per method on a log scale, with the share of the model.
+
+    Why log scale: full fine-tuning trains ~100% and LoRA well under 1%; on a linear axis the PEFT bars are
+    invisible. The percentage on each bar is the number people quote.
+    """
+    runs = _comparison_runs(results.runs)
+    table = _method_table(runs)
+    if table.empty or not (table["trainable_params"] > 0).any():
+        return None
+    table = table[table["trainable_params"] > 0]
+    methods = list(table.index)
+    values = table["trainable_params"].to_numpy(dtype=float)
+    totals = table["total_params"].to_numpy(dtype=float)
+    fig = _new_figure(max(6.5, 1.35 * len(methods) + 2.5), 4.8)
+    ax = fig.add_subplot()
+    x = np.arange(len(methods))
+    bars = ax.bar(x, values, width=0.62, color=[method_color(m) for m in methods], zorder=2)
+    labels = [format_count(v) + (f"\n({_share(v, t)} of {format_count(t)})" if np.isfinite(t) and t > 0 else "")
+              for v, t in zip(values, totals)]
+    _bar_labels(ax, bars, labels, fontsize=8.5)
+    ax.set_yscale("log")
+    ax.set_ylim(values.min() / 3, values.max() * 6)
+    ax.yaxis.set_major_formatter(_tick_formatter(format_count))
+    ax.set_ylabel("trainable parameters (log scale)")
+    _method_ticks(ax, methods)
+    ax.set_title("Trainable parameters per method", fontsize=13, loc="left")
+    _style_axes(ax)
+    return _finish(fig, _out(out_dir, "trainable_params.png"), runs)
+
+
+def _ratio_label(ratio: float) -> str:
+    text = f"{ratio:g}" if ratio >= 1 or ratio == 0 else f"{ratio:.3g}"
+    return f"α/r = {text}"
+
+
+def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
+    """``sweep.png``: the LoRA rank/alpha sweep, or ``None`` when no run has group ``"sweep"``.
+
+    Left: dev accuracy vs rank, one line per alpha/rank ratio. The ratio, not alpha, is the line key because
+    LoRA scales its update by alpha/r: runs with equal ratio share the effective learning rate of the update,
+    so the line isolates the effect of capacity (rank). Right: trainable parameters vs rank, which grow
+    linearly with r; together they show where extra rank stops paying off. Full fine-tuning (from the
+    comparison group) is drawn as a dashed reference when present.
+    """
+    sweep = _sweep_runs(results.runs)
+    if sweep.empty:
+        return None
+    sweep = sweep.assign(rank=_num(sweep, "rank"), alpha=_num(sweep, "alpha"),
+                         final_accuracy=_num(sweep, "final_accuracy"),
+                         trainable_params=_num(sweep, "trainable_params"), n_eval=_num(sweep, "n_eval"))
+    sweep = sweep[sweep["rank"] > 0]
+    if sweep.empty:
+        return None
+    sweep = sweep.assign(ratio=(sweep["alpha"] / sweep["rank"]).round(4))
+    ranks = sorted(sweep["rank"].unique())
+    ratios = sorted(sweep["ratio"].dropna().unique())
+    comparison = _method_table(_comparison_runs(results.runs))
+    fig = _new_figure(12, 4.8)
+    left, right = fig.subplots(1, 2)
+    markers = "osD^vP*X"
+    # Shades of the LoRA colour: every sweep run is LoRA, the shade tells the alpha/r ratio apart.
+    shades = [_blend(METHOD_COLORS["lora"], "#000000", f) for f in np.linspace(0.0, 0.55, max(len(ratios), 1))]
+    several_seeds = False
+    for i, ratio in enumerate(ratios):
+        sub = sweep[sweep["ratio"] == ratio]
+        xs, ys, lows, highs = [], [], [], []
+        for rank in sorted(sub["rank"].unique()):
+            at = sub[sub["rank"] == rank]
+            several_seeds |= len(at) > 1
+            mean, low, high, _ = _accuracy_interval(at["final_accuracy"], at["n_eval"])
+            if np.isfinite(mean):
+                xs.append(rank), ys.append(mean * 100), lows.append(low * 100), highs.append(high * 100)
+        if not xs:
+            continue
+        xs_a, ys_a, lo_a, hi_a = map(np.asarray, (xs, ys, lows, highs))
+        # Dodge the lines sideways (in log2 space) so overlapping error bars of different ratios stay legible.
+        xs_a = xs_a * 2 ** (0.06 * (i - (len(ratios) - 1) / 2))
+        yerr = None if np.isnan(lo_a).all() else [ys_a - lo_a, hi_a - ys_a]
+        left.errorbar(xs_a, ys_a, yerr=yerr, color=shades[i], marker=markers[i % len(markers)], markersize=6,
+                      linewidth=2, capsize=4, label=_ratio_label(ratio))
+    if "full" in comparison.index and np.isfinite(comparison.loc["full", "accuracy"]):
+        left.axhline(comparison.loc["full", "accuracy"] * 100, color=METHOD_COLORS["full"], linestyle="--",
+                     linewidth=1.3, label="full fine-tuning")
+    left.set_xscale("log", base=2)
+    left.set_xticks(ranks, [f"{r:g}" for r in ranks])
+    left.xaxis.set_minor_locator(NullLocator())
+    left.yaxis.set_major_formatter(PercentFormatter(decimals=1))
+    left.set_xlabel("LoRA rank r (log scale)")
+    left.set_ylabel("dev accuracy")
+    left.set_title("Accuracy vs rank (95% intervals)", fontsize=10, loc="left")
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=min(4, len(ratios) + 1), fontsize=8.5,
+                frameon=False)
+    params = sweep.groupby("rank")["trainable_params"].first().dropna()
+    if not params.empty:
+        right.plot(params.index, params.to_numpy(), color=METHOD_COLORS["lora"], marker="o", linewidth=2,
+                   label="LoRA")
+        for rank, value in params.items():
+            right.annotate(format_count(value), (rank, value), textcoords="offset points", xytext=(0, 8),
+                           ha="center", fontsize=8.5)
+        top = params.max()
+        if "full" in comparison.index and np.isfinite(comparison.loc["full", "trainable_params"]):
+            full_params = comparison.loc["full", "trainable_params"]
+            right.axhline(full_params, color=METHOD_COLORS["full"], linestyle="--", linewidth=1.3,
+                          label=f"full fine-tuning ({format_count(full_params)})")
+            top = max(top, full_params)
+        right.set_yscale("log")
+        right.set_ylim(params.min() / 3, top * 4)
+        right.yaxis.set_major_formatter(_tick_formatter(format_count))
+        right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8.5, frameon=False)
+    right.set_xscale("log", base=2)
+    right.set_xticks(ranks, [f"{r:g}" for r in ranks])
+    right.xaxis.set_minor_locator(NullLocator())
+    right.set_xlabel("LoRA rank r (log scale)")
+    right.set_ylabel("trainable parameters (log scale)")
+    right.set_title("Trainable parameters vs rank (independent of α)", fontsize=10, loc="left")
+    for ax in (left, right):
+        _style_axes(ax, "both")
+    fig.suptitle("LoRA rank / alpha sweep", fontsize=13, x=0.01, ha="left")
+    notes = ["Error bars: 95% interval (Wilson from the dev-set size; Student-t over seeds where a point has "
+             "several runs)." if several_seeds else "Error bars: 95% Wilson interval from the dev-set size."]
+    return _finish(fig, _out(out_dir, "sweep.png"), sweep, notes)
+
+
+def _blend(color_a: str, color_b: str, fraction: float) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    a, b = np.array(to_rgb(color_a)), np.array(to_rgb(color_b))
+    return tuple((1 - fraction) * a + fraction * b)
+
+
+def _overlap(a, b) -> float:
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return width * height if width > 0 and height > 0 else 0.0
+
+
+def _place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.ndarray, texts: Sequence[str],
+                  lows: np.ndarray, highs: np.ndarray) -> None:
+    """Label scatter points without covering markers, error bars or each other.
+
+    Why not fixed offsets: methods often sit close together (LoRA and DoRA differ by a few percent in time
+    and a fraction of a point in accuracy), and fixed offsets then print labels on top of one another. Each
+    label tries a ring of positions around its marker and keeps the first that overlaps nothing already
+    drawn (or, failing that, the least overlapping one). Labels are kept out of the layout engine so placing
+    them does not move the axes they were placed in.
+    """
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()  # run the layout: data -> pixel transforms are final from here on
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    pt = fig.dpi / 72.0
+    obstacles = []
+    for x, y, r, lo, hi in zip(xs, ys, radii_pt, lows, highs):
+        cx, cy = to_px((x, y))
+        obstacles.append(Bbox.from_extents(cx - r * pt, cy - r * pt, cx + r * pt, cy + r * pt))
+        if np.isfinite(lo) and np.isfinite(hi):
+            (_, y0), (_, y1) = to_px((x, lo)), to_px((x, hi))
+            obstacles.append(Bbox.from_extents(cx - 6 * pt, y0, cx + 6 * pt, y1))  # error bar with caps
+    axes_box = ax.get_window_extent(renderer)
+    for i in np.argsort(-radii_pt):  # big markers first: they have the fewest free spots
+        r = radii_pt[i] + 4
+        d = r * 0.72
+        candidates = [(r, 0, "left", "center"), (-r, 0, "right", "center"), (d, d, "left", "bottom"),
+                      (d, -d, "left", "top"), (-d, d, "right", "bottom"), (-d, -d, "right", "top"),
+                      (0, r, "center", "bottom"), (0, -r, "center", "top"), (r + 25, 12, "left", "bottom"),
+                      (-r - 25, 12, "right", "bottom"), (r + 25, -12, "left", "top"), (-r - 25, -12, "right", "top")]
+        best, best_cost = None, math.inf
+        for dx, dy, ha, va in candidates:
+            label = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", ha=ha,
+                                va=va, fontsize=9, color="#222222", zorder=5,
+                                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none",
+                                      "alpha": 0.8})
+            label.set_in_layout(False)
+            box = label.get_window_extent(renderer).expanded(1.05, 1.15)
+            cost = sum(_overlap(box, o) for o in obstacles)
+            outside = box.width * box.height - _overlap(box, axes_box)
+            cost += 10 * outside
+            if cost < best_cost:
+                if best is not None:
+                    best[0].remove()
+                best, best_cost = (label, box), cost
+            else:
+                label.remove()
+            if cost == 0:
+                break
+        obstacles.append(best[1])
+
+
+def plot_summary(results: Results, out_dir: str | Path) -> Path | None:
+    """``summary.png``: the trade-off on one page: accuracy vs training time, marker area ~ shipped size.
+
+    Why: no single method wins on every axis; the reader's question is "what do I pay for each point of
+    accuracy". Up and to the left is better, and a small marker is cheap to store. The table under the plot
+    gives the exact numbers behind the markers (plus peak memory and trainable parameters), so the figure
+    stands alone on a slide.
+    """
+    runs = _comparison_runs(results.runs)
+    table = _method_table(runs)
+    if table.empty:
+        return None
+    plotted = table[table["accuracy"].notna() & table["train_time_s"].notna()]
+    if plotted.empty:
+        return None
+    fig = _new_figure(11, 5.2 + 0.22 * (len(table) + 1))
+    ax, tab = fig.subplots(2, 1, height_ratios=[4.6, 0.22 * (len(table) + 1)])
+    disk = plotted["disk_bytes"].to_numpy(dtype=float)
+    finite = np.isfinite(disk) & (disk > 0)
+
+    def area(b: np.ndarray) -> np.ndarray:
+        # Log-scaled area: shipped sizes span ~3 decades, a linear area would make adapters invisible dots.
+        if not finite.any():
+            return np.full(len(b), 250.0)
+        lo, hi = np.log10(disk[finite].min()), np.log10(disk[finite].max())
+        scaled = (np.log10(np.where(np.isfinite(b) & (b > 0), b, 10 ** lo)) - lo) / max(hi - lo, 1e-9)
+        return 120 + 1400 * scaled
+
+    sizes = area(disk)
+    times = plotted["train_time_s"].to_numpy(dtype=float)
+    accs = plotted["accuracy"].to_numpy(dtype=float) * 100
+    lows = plotted["acc_low"].to_numpy(dtype=float) * 100
+    highs = plotted["acc_high"].to_numpy(dtype=float) * 100
+    for i, method in enumerate(plotted.index):
+        color = method_color(method)
+        if np.isfinite(lows[i]):
+            ax.errorbar(times[i], accs[i], yerr=[[accs[i] - lows[i]], [highs[i] - accs[i]]], color=color,
+                        elinewidth=1.0, capsize=4, zorder=2, alpha=0.6)
+        ax.scatter(times[i], accs[i], s=sizes[i], color=color, alpha=0.75, edgecolor="white", linewidth=1.5,
+                   zorder=3)
+    span = times.max() / max(times.min(), 1e-9)
+    if span > 8:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_seconds(v)))
+        ax.set_xlim(times.min() / 1.8, times.max() * 2.2)
+        ax.set_xlabel("training time (log scale)")
+    else:
+        pad = (times.max() - times.min()) or times.max() * 0.5
+        ax.set_xlim(max(0, times.min() - 0.35 * pad), times.max() + 0.6 * pad)
+        ax.set_xlabel("training time (s)")
+    ylo = np.nanmin(np.where(np.isfinite(lows), lows, accs))
+    yhi = np.nanmax(np.where(np.isfinite(highs), highs, accs))
+    ypad = max(1.0, 0.35 * (yhi - ylo))
+    ax.set_ylim(ylo - ypad, min(100.5, yhi + ypad))
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=1))
+    ax.set_ylabel("dev accuracy")
+    ax.set_title("Accuracy vs cost (up and left is better; marker area grows with shipped size)", fontsize=11,
+                 loc="left")
+    _style_axes(ax, "both")
+    if finite.sum() >= 2:
+        refs = sorted({float(disk[finite].min()), float(disk[finite].max())})
+        handles = [ax.scatter([], [], s=area(np.array([r]))[0], color="#BBBBBB", edgecolor="white") for r in refs]
+        ax.legend(handles, [format_bytes(r) for r in refs], title="shipped size\n(marker area,\nlog-scaled)",
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False, labelspacing=2.2, borderpad=1.0, handletextpad=1.6, fontsize=8.5, title_fontsize=8.5)
+    label_texts = [f"{method_label(m)}" + (f" · {format_bytes(disk[i])}" if finite[i] else "")
+                   for i, m in enumerate(plotted.index)]
+    _place_labels(fig, ax, times, accs, np.sqrt(sizes) / 2, label_texts, lows, highs)
+    # The table: exact numbers behind the markers.
+    tab.axis("off")
+    reference = table.loc["full", "train_time_s"] if "full" in table.index else table["train_time_s"].max()
+    columns = ["Method", "Dev accuracy (95% CI)", "Train time", "Rel. time", "Peak memory", "Trainable params",
+               "Shipped artifact"]
+    cells = []
+    for method, row in table.iterrows():
+        ci = (f" [{row['acc_low'] * 100:.1f}, {row['acc_high'] * 100:.1f}]" if np.isfinite(row["acc_low"]) else "")
+        accuracy = f"{row['accuracy'] * 100:.1f}%{ci}" if np.isfinite(row["accuracy"]) else "n/a"
+        rel = f"{row['train_time_s'] / reference:.0%}" if np.isfinite(row["train_time_s"]) and reference else "n/a"
+        trainable = format_count(row["trainable_params"])
+        if np.isfinite(row["trainable_params"]) and np.isfinite(row["total_params"]) and row["total_params"] > 0:
+            trainable += f" ({_share(row['trainable_params'], row['total_params'])})"
+        memory = format_bytes(row["peak_memory_bytes"])
+        if row["memory_kind"]:
+            memory += f" ({'GPU' if row['memory_kind'] == 'cuda' else row['memory_kind'].upper()})"
+        shipped = format_bytes(row["disk_bytes"]) + (f" ({row['disk_kind']})" if row["disk_kind"] else "")
+        cells.append([method_label(method), accuracy, format_seconds(row["train_time_s"]), rel, memory, trainable,
+                      shipped])
+    widths = np.array([0.08, 0.19, 0.09, 0.08, 0.13, 0.16, 0.27])
+    table_artist = tab.table(cellText=cells, colLabels=columns, colWidths=list(widths / widths.sum()),
+                             loc="upper center", cellLoc="center")
+    table_artist.auto_set_font_size(False)
+    table_artist.set_fontsize(8.5)
+    table_artist.scale(1, 1.45)
+    for (r, c), cell in table_artist.get_celld().items():
+        cell.set_edgecolor("#DDDDDD")
+        if r == 0:
+            cell.set_facecolor("#F0F0F0")
+            cell.set_text_props(fontweight="bold")
+        elif c == 0:
+            cell.set_facecolor(method_color(table.index[r - 1]))
+            cell.set_text_props(color="white", fontweight="bold")
+    if "full" not in table.index:
+        rel_note = "Rel. time: relative to the slowest method (full fine-tuning not in this run set)."
+    else:
+        rel_note = "Rel. time: relative to full fine-tuning."
+    fig.suptitle("Method comparison: accuracy, time and size", fontsize=13, x=0.01, ha="left")
+    return _finish(fig, _out(out_dir, "summary.png"), runs, [rel_note])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------------------
+FIGURES = (
+    plot_loss,
+    plot_accuracy,
+    plot_accuracy_curve,
+    plot_time,
+    plot_model_size,
+    plot_memory,
+    plot_trainable_params,
+    plot_sweep,
+    plot_summary,
+)
+
+
+def plot_all(results_dir: str | Path, imgs_dir: str | Path) -> list[Path]:
+    """Load every complete run in ``results_dir`` and write each figure that applies to ``imgs_dir``.
+
+    Figures whose inputs are absent (no sweep group, no memory numbers, ...) are skipped rather than drawn
+    empty. Raises ``FileNotFoundError`` when ``results_dir`` does not exist and ``ValueError`` when it holds no
+    complete run, because an empty figure set would otherwise look like a success.
+    """
+    results_dir = Path(results_dir)
+    results = load_results(results_dir)
+    if results.runs.empty:
+        raise ValueError(f"no complete run in {results_dir} (a run is complete once its summary is written); "
+                         "run the comparison first")
+    imgs_dir = Path(imgs_dir)
+    imgs_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for figure in FIGURES:
+        path = figure(results, imgs_dir)
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m peft_utils.plots RESULTS_DIR IMGS_DIR`` regenerates every figure from saved runs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m peft_utils.plots",
+        description="Regenerate every comparison figure from saved run records (no training).",
+    )
+    parser.add_argument("results_dir", type=Path, help="folder of <run_id>.jsonl run records, e.g. results/")
+    parser.add_argument("imgs_dir", type=Path, help="folder to write the PNG figures into, e.g. imgs/")
+    args = parser.parse_args(argv)
+    if not args.results_dir.is_dir():
+        parser.error(f"results folder {args.results_dir} does not exist; run the comparison first")
+    try:
+        paths = plot_all(args.results_dir, args.imgs_dir)
+    except ValueError as error:
+        parser.error(str(error))
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Figures from saved run records: every PNG is written, readable and skipped when it does not apply.
+
+The run files here are synthetic test fixtures written with the real ``RunRecorder`` (made-up numbers with
+realistic magnitudes for GPT-2 124M on SST-2), so the plots are exercised through the on-disk format.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / ".cache" / "matplotlib"))
+
+from matplotlib.image import imread  # noqa: E402
+
+from peft_utils import plots  # noqa: E402
+from peft_utils.results import RunRecorder, load_results  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPARISON_PNGS = {
+    "loss.png", "accuracy.png", "accuracy_curve.png", "time.png", "model_size.png", "memory.png",
+    "trainable_params.png", "summary.png",
+}
+
+# Fixture numbers per method: (final accuracy, train seconds, peak memory, trainable params, compute dtype).
+FAKE_METHODS = {
+    "full": (0.912, 610.0, 3.4e9, 124_441_344, "float32"),
+    "lora": (0.901, 380.0, 1.7e9, 297_984, "bfloat16"),
+    "dora": (0.905, 470.0, 1.9e9, 387_840, "bfloat16"),
+    "qlora": (0.896, 560.0, 1.1e9, 297_984, "bfloat16"),
+    "qdora": (0.899, 720.0, 1.2e9, 387_840, "bfloat16"),
+}
+TOTAL_PARAMS = 124_441_344
+
+
+def _size_report(method: str, trainable: int) -> dict[str, object]:
+    """A size report shaped like the training loop's: parts sum to the total."""
+    if method == "full":
+        parts = {"quantized_bytes": 0, "quant_state_bytes": 0, "frozen_bytes": 0, "trainable_bytes": trainable * 4}
+        disk, kind = trainable * 4, "full checkpoint"
+    elif method in ("qlora", "qdora"):
+        parts = {"quantized_bytes": 42_467_328, "quant_state_bytes": 2_654_208, "frozen_bytes": 79_054_848,
+                 "trainable_bytes": trainable * 4}
+        disk, kind = 42_467_328 + 2_654_208 + 79_054_848 + trainable * 2, "4-bit base + adapter"
+    else:
+        parts = {"quantized_bytes": 0, "quant_state_bytes": 0, "frozen_bytes": TOTAL_PARAMS * 2,
+                 "trainable_bytes": trainable * 4}
+        disk, kind = trainable * 4 + 4096, "adapter"
+    adapter = 0 if method == "full" else trainable
+    return {**parts, "total_bytes": sum(parts.values()), "fp32_bytes": (TOTAL_PARAMS + adapter) * 4,
+            "disk_bytes": disk, "disk_kind": kind}
+
+
+def _write_run(results_dir: Path, run_id: str, *, method: str, group: str, accuracy: float, seconds: float,
+               memory: float, trainable: int, dtype: str, rank: int = 8, alpha: int = 16, seed: int = 0,
+               n_steps: int = 40, n_evals: int = 3, rng: np.random.Generator, memory_kind: str = "cuda",
+               complete: bool = True) -> None:
+    n_eval = 872
+    with RunRecorder(results_dir, run_id) as rec:
+        rec.log("config", run_id=run_id, group=group, method=method, model="gpt2 (124M)", rank=rank,
+                alpha=alpha, seed=seed, epochs=n_evals, lr=2e-4, batch_size=32, train_size=4000,
+                eval_size=n_eval, device="cuda (NVIDIA H100)", compute_dtype=dtype,
+                trainable_params=trainable, total_params=TOTAL_PARAMS, size=_size_report(method, trainable))
+        for step in range(1, n_steps + 1):
+            loss = 0.25 + 0.45 * math.exp(-step / (n_steps / 4)) + rng.normal(0, 0.06)
+            rec.log("step", step=step, epoch=step / (n_steps / n_evals), loss=loss, lr=2e-4,
+                    elapsed_s=seconds * step / n_steps)
+        for epoch in range(1, n_evals + 1):
+            acc = accuracy - 0.03 * (n_evals - epoch) / n_evals
+            rec.log("eval", step=epoch * n_steps // n_evals, epoch=epoch, accuracy=acc, loss=0.3, n=n_eval,
+                    eval_time_s=2.0)
+        if complete:
+            rec.log("summary", train_time_s=seconds, eval_time_s=6.0, samples_per_s=4000 * n_evals / seconds,
+                    tokens_per_s=4000 * n_evals * 40 / seconds, peak_memory_bytes=memory,
+                    memory_kind=memory_kind, final_accuracy=accuracy, final_eval_loss=0.3, n_eval=n_eval,
+                    steps=n_steps)
+
+
+def write_fake_results(results_dir: Path, methods: tuple[str, ...] = tuple(FAKE_METHODS), sweep: bool = True,
+                       lora_seeds: int = 2, n_steps: int = 40) -> Path:
+    """Synthetic fixture run set: the comparison methods (LoRA with several seeds) and a small sweep."""
+    rng = np.random.default_rng(0)
+    for method in methods:
+        accuracy, seconds, memory, trainable, dtype = FAKE_METHODS[method]
+        for seed in range(lora_seeds if method == "lora" else 1):
+            _write_run(results_dir, f"cmp-{method}-s{seed}", method=method, group="comparison",
+                       accuracy=accuracy - 0.004 * seed, seconds=seconds * (1 + 0.02 * seed), memory=memory,
+                       trainable=trainable, dtype=dtype, seed=seed, n_steps=n_steps, rng=rng)
+    if sweep:
+        for rank in (4, 8, 16):
+            for ratio in (1, 2):
+                trainable = 1_536 + rank * 36_864
+                _write_run(results_dir, f"sweep-r{rank}-a{rank * ratio}", method="lora", group="sweep",
+                           accuracy=0.88 + 0.004 * math.log2(rank) + 0.003 * ratio, seconds=300 + 5 * rank,
+                           memory=1.6e9, trainable=trainable, dtype="bfloat16", rank=rank, alpha=rank * ratio,
+                           n_steps=10, n_evals=1, rng=rng)
+    # An interrupted run (no summary) must be ignored by the figures.
+    _write_run(results_dir, "cmp-crashed", method="lora", group="comparison", accuracy=0.1, seconds=1.0,
+               memory=1.0, trainable=1, dtype="bfloat16", n_steps=5, rng=rng, complete=False)
+    return results_dir
+
+
+def _assert_png(path: Path, min_pixels: int = 400) -> None:
+    assert path.is_file(), path
+    image = imread(path)
+    height, width = image.shape[:2]
+    assert height >= min_pixels and width >= min_pixels, (path.name, image.shape)
+    # A real figure has many distinct colours, not a blank canvas.
+    assert np.unique(image.reshape(-1, image.shape[-1])[:: 97], axis=0).shape[0] > 20, path.name
+
+
+@pytest.fixture(scope="module")
+def full_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("plots")
+    results_dir = write_fake_results(root / "results")
+    return root / "imgs", plots.plot_all(results_dir, root / "imgs")
+
+
+def test_plot_all_writes_every_figure(full_set: tuple[Path, list[Path]]) -> None:
+    imgs_dir, paths = full_set
+    assert {p.name for p in paths} == COMPARISON_PNGS | {"sweep.png"}
+    assert all(p.parent == imgs_dir for p in paths)
+    for path in paths:
+        _assert_png(path)
+
+
+def test_no_sweep_and_missing_methods(tmp_path: Path) -> None:
+    """Without a sweep group and without full fine-tuning, the sweep is skipped and the rest still drawn."""
+    results_dir = write_fake_results(tmp_path / "results", methods=("lora", "qlora"), sweep=False, lora_seeds=1,
+                                     n_steps=12)
+    paths = plots.plot_all(results_dir, tmp_path / "imgs")
+    assert {p.name for p in paths} == COMPARISON_PNGS
+    assert not (tmp_path / "imgs" / "sweep.png").exists()
+    results = load_results(results_dir)
+    assert plots.plot_sweep(results, tmp_path / "imgs") is None
+
+
+def test_robust_to_missing_optional_columns(tmp_path: Path) -> None:
+    """A minimal record (no sizes, memory or evals) still gives the figures that apply, and no crash."""
+    with RunRecorder(tmp_path / "results", "bare") as rec:
+        rec.log("config", run_id="bare", group="comparison", method="lora")
+        rec.log("step", step=1, epoch=0.5, loss=0.7, lr=1e-4, elapsed_s=1.0)
+        rec.log("step", step=2, epoch=1.0, loss=0.6, lr=1e-4, elapsed_s=2.0)
+        rec.log("summary", train_time_s=2.0, final_accuracy=0.8, n_eval=100)
+    names = {p.name for p in plots.plot_all(tmp_path / "results", tmp_path / "imgs")}
+    assert {"loss.png", "accuracy.png", "time.png", "summary.png"} <= names
+    assert not {"memory.png", "model_size.png", "trainable_params.png", "sweep.png"} & names
+
+
+def test_cli_regenerates_figures(tmp_path: Path) -> None:
+    results_dir = write_fake_results(tmp_path / "results", methods=("full", "lora"), sweep=False, lora_seeds=1,
+                                     n_steps=12)
+    # Same matplotlib config/cache folder as this process (set above, or by the Makefile): never the user's
+    # home, and the subprocess does not rebuild the font cache (seconds on a busy CI machine).
+    env = {**os.environ, "MPLCONFIGDIR": os.environ["MPLCONFIGDIR"]}
+    done = subprocess.run([sys.executable, "-m", "peft_utils.plots", str(results_dir), str(tmp_path / "imgs")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert {Path(line).name for line in done.stdout.split()} == COMPARISON_PNGS
+    for name in COMPARISON_PNGS:
+        _assert_png(tmp_path / "imgs" / name)
+
+
+def test_cli_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        plots.plot_all(missing, tmp_path / "imgs")
+    with pytest.raises(SystemExit) as exit_info:
+        plots.main([str(missing), str(tmp_path / "imgs")])
+    assert exit_info.value.code == 2
+
+
+def test_no_complete_run_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    _write_run(tmp_path / "results", "crashed", method="lora", group="comparison", accuracy=0.5, seconds=1.0,
+               memory=1.0, trainable=1, dtype="bfloat16", n_steps=3, rng=rng, complete=False)
+    with pytest.raises(ValueError, match="no complete run"):
+        plots.plot_all(tmp_path / "results", tmp_path / "imgs")
+    with pytest.raises(SystemExit):
+        plots.main([str(tmp_path / "results"), str(tmp_path / "imgs")])
+    assert "no complete run" in capsys.readouterr().err
+
+
+def test_wilson_interval_matches_hand_formula() -> None:
+    p, n, z = 0.9, 872, 1.96
+    # Wilson score interval written out: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n).
+    center = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    low, high = plots.wilson_interval(p, n)
+    assert low == pytest.approx(center - half, abs=1e-12)
+    assert high == pytest.approx(center + half, abs=1e-12)
+    assert (low, high) == pytest.approx((0.87830, 0.91819), abs=5e-5)  # worked by hand
+    assert low < p < high
+    # Stays inside [0, 1] where the normal approximation would have zero width.
+    low1, high1 = plots.wilson_interval(1.0, 100)
+    assert 0.95 < low1 < 1.0 and high1 == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        plots.wilson_interval(0.5, 0)
+
+
+def test_helpers() -> None:
+    assert plots.format_bytes(497_765_376) == "498 MB"
+    assert plots.format_bytes(1_196_032) == "1.2 MB"
+    assert plots.format_bytes(3.4e9) == "3.4 GB"
+    assert plots.format_count(124_441_344) == "124M"
+    assert plots.format_count(297_984) == "298K"
+    assert plots.format_count(1_234_567) == "1.2M"
+    smoothed = plots.ema_smooth([1.0, 1.0, 1.0, 0.0], span=3)
+    assert smoothed[0] == 1.0 and 0.0 < smoothed[-1] < 1.0  # bias-corrected: starts at the first value
+    assert set(plots.METHOD_ORDER) <= set(plots.METHOD_COLORS)
+    assert len(set(plots.METHOD_COLORS.values())) == len(plots.METHOD_COLORS)
+
+
+def test_sweep_only_run_set(tmp_path: Path) -> None:
+    """A folder holding only the sweep gives the sweep figure and no empty comparison figures."""
+    write_fake_results(tmp_path / "results", methods=(), sweep=True)
+    paths = plots.plot_all(tmp_path / "results", tmp_path / "imgs")
+    assert [p.name for p in paths] == ["sweep.png"]
+    _assert_png(paths[0])
+
+
+def test_footnote_says_when_compute_dtypes_differ(tmp_path: Path) -> None:
+    results_dir = write_fake_results(tmp_path / "results", methods=("full", "lora"), sweep=False, lora_seeds=1,
+                                     n_steps=5)
+    runs = load_results(results_dir).runs
+    text = " ".join(plots._provenance(runs))
+    assert "gpt2" in text and "cuda" in text
+    assert "differs" in text and "float32" in text and "bfloat16" in text
+    same = " ".join(plots._provenance(runs[runs["method"] == "lora"]))
+    assert "compute dtype: bfloat16" in same and "differs" not in same
