@@ -30,6 +30,22 @@ def is_linear4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_state")
 
 
+def pin_4bit_layout(base: nn.Module) -> None:
+    """Keep a bnb ``Linear4bit`` in its standard packed layout, with a differentiable forward in its compute dtype.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks the weight *in place* at the first eval-mode forward without
+    gradients (an inference-only layout: nested absmax expanded to bf16, bf16 matmul). Afterwards
+    ``dequantize_4bit`` returns wrong values, evaluation no longer computes what training does, and a later
+    training forward fails. Turning that switch off keeps training, evaluation and DoRA's norm on the same weights.
+    """
+    if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "this 4-bit layer was already repacked by bitsandbytes for CPU bf16 inference (an eval-mode forward ran "
+            "before adapters were added); load it with peft_utils.quant.load_quantized, which keeps the standard layout"
+        )
+    base.support_avx512bf16_for_cpu = False
+
+
 def is_supported_base(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear4bit(module)
 
@@ -51,6 +67,7 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     if is_linear4bit(base):
         import bitsandbytes.functional as bnbf
 
+        pin_4bit_layout(base)  # a CPU-repacked weight would dequantise to wrong values
         return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
     if is_conv1d(base):
         return base.weight.T
@@ -61,8 +78,22 @@ def _base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """W0 x without the bias, through the base layer's own kernel (the 4-bit matmul stays 4-bit)."""
     if not is_linear4bit(base):
         x = x.to(base.weight.dtype)
+        # One GEMM and no bias, rather than base(x) - b (an extra pass): Conv1D stores W0ᵀ (in, out).
+        return x @ base.weight if is_conv1d(base) else F.linear(x, base.weight)
     out = base(x)
     return out - base.bias if base.bias is not None else out
+
+
+def _plus_low_rank(out: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``out + scaling · down upᵀ`` for down (..., r) and up (out, r), as one GEMM accumulating into ``out``.
+
+    addmm computes C + α·(A @ B): the scaling rides on α and the sum on the accumulator, so no full-size
+    (..., out) temporary is made for the update or its scaled copy (nor for their gradients).
+    """
+    if out.dtype != down.dtype and not torch.is_autocast_enabled(out.device.type):
+        return out + (F.linear(down, up) * scaling).to(out.dtype)  # e.g. a bf16 base without autocast
+    fused = torch.addmm(out.reshape(-1, out.shape[-1]), down.reshape(-1, down.shape[-1]), up.T, alpha=scaling)
+    return fused.view(*out.shape[:-1], fused.shape[-1])
 
 
 class LoRALayer(nn.Module):
@@ -84,6 +115,8 @@ class LoRALayer(nn.Module):
             raise ValueError(f"alpha must be positive, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if is_linear4bit(base):
+            pin_4bit_layout(base)
         in_features, out_features = base_features(base)
         device = base.weight.device
         self.base = base
@@ -112,7 +145,9 @@ class LoRALayer(nn.Module):
         result = self.base(x)  # (..., out), bias included
         if self.merged:
             return result
-        return result + self.lora_path(self.dropout(x)).to(result.dtype)
+        # y = base(x) + s · B (A dropout(x))
+        down = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        return _plus_low_rank(result, down, self.lora_B, self.scaling)
 
     def _check_mergeable(self) -> None:
         if is_linear4bit(self.base):
@@ -154,7 +189,8 @@ class DoRALayer(LoRALayer):
     gradient is kept (the exact derivative of the formula above).
 
     With dropout, as in peft: y = base(x) + (m/n - 1) ⊙ W0 drop(x) + (m/n) ⊙ s·BA drop(x), which equals the
-    formula above when dropout is off (or in eval mode); then the base GEMM is reused instead of recomputed.
+    formula above when dropout is off (or in eval mode); then the formula itself runs, with one base GEMM (W0 x,
+    no bias) and the low-rank term accumulated into it, so a single (..., out) tensor is kept for backward.
     """
 
     def __init__(
@@ -195,15 +231,20 @@ class DoRALayer(LoRALayer):
             return self._row_norm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)  # (..., out) = W0 x + b
         if self.merged:
-            return result
+            return self.base(x)
         scale = self.magnitude / self.weight_norm()  # (out,)  m / ||W0 + s·BA||
-        dropped = self.dropout(x)
+        bias = self.base.bias
         if isinstance(self.dropout, nn.Identity) or not self.training:
-            base_term = result - self.base.bias if self.base.bias is not None else result
-        else:
-            base_term = _base_linear(self.base, dropped)  # W0 drop(x): the dropped input needs its own GEMM
+            # The paper's equation: y = m / ||W0 + s·BA|| ⊙ (W0 x + s·B A x) + b, with a single base GEMM.
+            down = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., r) = A x
+            directed = _plus_low_rank(_base_linear(self.base, x), down, self.lora_B, self.scaling)  # (W0 + s·BA) x
+            y = directed * scale
+            return (y + bias if bias is not None else y).to(directed.dtype)
+        # With dropout (peft's convention): y = base(x) + (m/n - 1) ⊙ W0 drop(x) + (m/n) ⊙ s·BA drop(x).
+        result = self.base(x)
+        dropped = self.dropout(x)
+        base_term = _base_linear(self.base, dropped)  # W0 drop(x): the dropped input needs its own GEMM
         update = (scale - 1) * base_term + scale * self.lora_path(dropped)
         return result + update.to(result.dtype)
 
