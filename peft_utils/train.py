@@ -1,0 +1,449 @@
+"""One fine-tuning run: the same loop for every method, so that only the trainable parameters differ.
+
+Full fine-tuning, LoRA, DoRA and QLoRA all go through :func:`train`: the same optimiser (AdamW with decoupled
+weight decay), the same warm-up/decay schedule, clipping, accumulation, data order and evaluation. A method's
+accuracy, time or memory can then be attributed to the method, not to a different loop.
+
+What is measured, and how:
+
+- ``train_time_s``: wall time of the optimisation only; evaluation pauses the clock (its own ``eval_time_s``).
+  On CUDA the device is synchronised before each reading, otherwise queued kernels would be missed.
+- ``tokens_per_s`` counts non-pad tokens, so it does not reward padding.
+- ``peak_memory_bytes``: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only: weights, optimiser state,
+  activations). On CPU the peak resident set size (RSS) of the process, which *includes the Python process
+  baseline* (interpreter, torch, tokenizer, data: a few hundred MB), so CPU numbers are only comparable with
+  each other. On Linux the kernel's high-water mark is reset at the start of each run (``/proc/self/clear_refs``),
+  so every run of a comparison reports its own peak; elsewhere RSS is sampled after every optimiser step.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import encode, make_loader
+from .inject import count_parameters
+from .results import RunRecorder
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run; every field is written to the run's ``config`` event.
+
+    ``batch_size`` is the micro-batch; the optimiser sees ``batch_size * grad_accum_steps`` rows per step.
+    ``eval_every``: also evaluate every that many optimiser steps (``None``: only at the end of each epoch).
+    ``device``: ``"auto"`` picks CUDA when available. ``log_every``: steps averaged into one ``step`` event.
+    ``eval_batch_size``: ``None`` uses ``2 * batch_size`` (no activations are kept for backward in evaluation).
+    """
+
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+    max_length: int = 128
+    eval_every: int | None = None
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    log_every: int = 10
+    bucket_by_length: bool = False
+    eval_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum_steps": self.grad_accum_steps,
+                    "max_length": self.max_length, "log_every": self.log_every}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.eval_every is not None and self.eval_every <= 0:
+            raise ValueError(f"TrainConfig.eval_every must be a positive integer or None, got {self.eval_every!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+
+
+@dataclass
+class RunResult:
+    """What one run produced, in memory (the same numbers are streamed to the recorder as they happen).
+
+    ``losses``: the training loss of every optimiser step (not only the logged ones), for exact comparisons.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): adapter init, new heads and dropout then repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; an explicit CUDA request without a GPU is an error.
+
+    A CUDA device always gets its index (``cuda:0``), so it compares equal to the device of a model that
+    ``from_pretrained(device_map=...)`` already placed there (4-bit models must not be moved again).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use device='auto' or 'cpu'")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 autocast on GPUs that support it (same exponent range as fp32: no loss scaling needed);
+    float32 elsewhere, because CPU bf16 matmuls are slow and fp16 would need a gradient scaler."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakMemory:
+    """Peak memory of one run: CUDA allocator peak on GPU, resident set size on CPU (see the module docstring)."""
+
+    _CLEAR_REFS = Path("/proc/self/clear_refs")
+    _STATUS = Path("/proc/self/status")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda" if device.type == "cuda" else "rss"
+        self._process = psutil.Process()
+        self._sampled = 0
+        self._kernel_peak = False
+
+    def start(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # "5" resets the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)
+            self._CLEAR_REFS.write_text("5")
+            self._kernel_peak = True
+        except OSError:
+            self._kernel_peak = False
+        self.sample()
+
+    def sample(self) -> None:
+        """Fallback for systems without a resettable kernel peak: remember the largest RSS seen."""
+        if self.kind == "rss" and not self._kernel_peak:
+            self._sampled = max(self._sampled, self._process.memory_info().rss)
+
+    def peak_bytes(self) -> int:
+        if self.kind == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self._kernel_peak:
+            for line in self._STATUS.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+        return self._sampled
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+
+
+def _no_decay(parameter: nn.Parameter) -> bool:
+    """Biases, LayerNorm gains and DoRA magnitudes are vectors: decaying them towards 0 only hurts
+    (a magnitude of 0 switches an output off), so decay applies to matrices only."""
+    return parameter.ndim < 2
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay) over the trainable parameters, with no decay on vectors."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters: nothing to train")
+    groups = [
+        {"params": [p for p in trainable if not _no_decay(p)], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if _no_decay(p)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up from 0 to the peak learning rate, then linear decay to 0 at ``total_steps``.
+
+    Warm-up keeps the first Adam steps (whose second-moment estimates are still noisy) small.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _accumulation_groups(loader: DataLoader, size: int) -> Iterator[list[Batch]]:
+    """Micro-batches grouped per optimiser step; the last group of an epoch may be shorter."""
+    group: list[Batch] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _loader(frame: pd.DataFrame, tokenizer, config: TrainConfig, batch_size: int, shuffle: bool) -> DataLoader:
+    """Tokenised once, padded per batch; the order depends only on ``config.seed``."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token: run models.configure_padding(tokenizer, model) first")
+    rows = encode(frame, tokenizer, config.max_length)
+    return make_loader(rows, batch_size, tokenizer.pad_token_id, shuffle=shuffle, seed=config.seed,
+                       bucket_by_length=config.bucket_by_length)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward instead of storing them: less memory for ~30% more compute.
+
+    Non-reentrant checkpointing, because with a frozen embedding (adapter methods) the reentrant variant sees
+    inputs that do not require grad and silently drops the adapters' gradients.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str,
+             dtype: torch.dtype | None = None) -> tuple[float, float, int]:
+    """Accuracy, mean cross-entropy and row count over ``loader``, in eval mode (no dropout).
+
+    The caller's train/eval mode is restored afterwards, so this can be called in the middle of training.
+    """
+    device = torch.device(device)
+    dtype = dtype or compute_dtype(device)
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    try:
+        for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+            batch = _to_device(batch, device)
+            with _autocast(device, dtype):
+                logits = _logits(model, batch)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
+            n += len(batch["labels"])
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluation loader is empty")
+    return correct / n, loss_sum / n, n
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class _Clock:
+    """Training wall time with pauses (for evaluation), synchronised with the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.total = 0.0
+        self._since: float | None = None
+
+    def resume(self) -> None:
+        _sync(self.device)
+        self._since = time.perf_counter()
+
+    def pause(self) -> float:
+        _sync(self.device)
+        self.total += time.perf_counter() - self._since
+        self._since = None
+        return self.total
+
+    def elapsed(self) -> float:
+        """Training time so far; the running interval is read without synchronising (for progress only)."""
+        return self.total + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    train_frame: pd.DataFrame,
+    eval_frame: pd.DataFrame,
+    config: TrainConfig,
+    recorder: RunRecorder | None = None,
+    run_info: dict[str, Any] | None = None,
+) -> RunResult:
+    """Fine-tune ``model`` on ``train_frame`` and evaluate on ``eval_frame``; returns a :class:`RunResult`.
+
+    Only parameters with ``requires_grad`` are optimised, so the method (full, LoRA, ...) is decided entirely by
+    how the model was built. With a ``recorder``, a ``config`` event (``run_info`` plus this run's settings,
+    sizes, device and parameter counts) is written first, then ``step``/``eval`` events as they happen and a
+    ``summary`` at the end — which marks the run complete.
+    """
+    device = resolve_device(config.device)
+    dtype = compute_dtype(device)
+    if next(model.parameters()).device != device:
+        model.to(device)
+    if config.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    train_loader = _loader(train_frame, tokenizer, config, config.batch_size, shuffle=True)
+    eval_loader = _loader(eval_frame, tokenizer, config, config.eval_batch_size or 2 * config.batch_size,
+                          shuffle=False)
+    train_rows, eval_rows = train_loader.dataset, eval_loader.dataset
+    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
+    total_steps = steps_per_epoch * config.epochs
+
+    if recorder is not None:
+        counts = count_parameters(model)
+        # run_info first: the settings actually used (device resolved, sizes after encoding) win on a clash.
+        recorder.log("config", **{
+            **(run_info or {}), **asdict(config), "device": str(device),
+            "compute_dtype": str(dtype).removeprefix("torch."), "train_size": len(train_rows),
+            "eval_size": len(eval_rows), "total_steps": total_steps,
+            "trainable_params": counts.trainable, "total_params": counts.total,
+        })
+
+    set_seed(config.seed)  # dropout masks: the same for every method and every repeat
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    memory, clock, result = _PeakMemory(device), _Clock(device), RunResult()
+    bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)  # closed in `finally`, even on a crash
+    samples = tokens = step = 0
+    eval_time = 0.0
+    window: list[float] = []
+
+    def run_eval(epoch: float) -> None:
+        nonlocal eval_time
+        clock.pause()
+        start = time.perf_counter()
+        # A private RNG state: evaluating (how often, or at all) must not shift the training's dropout masks.
+        with torch.random.fork_rng(devices=[]):
+            accuracy, loss, n = evaluate(model, eval_loader, device, dtype)
+        seconds = time.perf_counter() - start
+        eval_time += seconds
+        record = {"step": step, "epoch": epoch, "accuracy": accuracy, "loss": loss, "n": n, "eval_time_s": seconds}
+        result.evals.append(record)
+        if recorder is not None:
+            recorder.log("eval", **record)
+        bar.write(f"step {step}: dev accuracy {accuracy:.4f}, loss {loss:.4f}")
+        clock.resume()
+
+    model.train()
+    memory.start()
+    clock.resume()
+    try:
+        for epoch in range(config.epochs):
+            for group in _accumulation_groups(train_loader, config.grad_accum_steps):
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                loss = _optimizer_step(model, group, optimizer, scheduler, config.max_grad_norm, device, dtype)
+                step += 1
+                samples += sum(len(b["labels"]) for b in group)
+                tokens += sum(int(b["attention_mask"].sum()) for b in group)
+                memory.sample()
+                result.losses.append(loss)
+                window.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if step % config.log_every == 0 or step == total_steps:
+                    if recorder is not None:  # the mean loss since the last step event: less noise in the curves
+                        recorder.log("step", step=step, epoch=step / steps_per_epoch,
+                                     loss=sum(window) / len(window), lr=lr, elapsed_s=clock.elapsed())
+                    window = []
+                if config.eval_every and step % config.eval_every == 0 and step % steps_per_epoch:
+                    run_eval(step / steps_per_epoch)
+            run_eval(float(epoch + 1))
+        train_time = clock.pause()
+    finally:
+        bar.close()
+
+    final = result.evals[-1]
+    result.summary = {
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+        "samples_per_s": samples / train_time if train_time > 0 else None,
+        "tokens_per_s": tokens / train_time if train_time > 0 else None,
+        "peak_memory_bytes": memory.peak_bytes(),
+        "memory_kind": memory.kind,
+        "final_accuracy": final["accuracy"],
+        "final_eval_loss": final["loss"],
+        "n_eval": final["n"],
+        "steps": step,
+    }
+    if recorder is not None:
+        recorder.log("summary", **result.summary)
+    return result
+
+
+def _optimizer_step(model: nn.Module, group: Sequence[Batch], optimizer: torch.optim.Optimizer, scheduler,
+                    max_grad_norm: float | None, device: torch.device, dtype: torch.dtype) -> float:
+    """Forward/backward over the micro-batches of one step, then clip, step and advance the schedule.
+
+    Each micro-batch's mean loss is weighted by its share of the step's rows, so the accumulated gradient is
+    that of the mean loss over all rows, even when the last micro-batch is smaller. Returns that mean loss.
+    """
+    rows = sum(len(b["labels"]) for b in group)
+    step_loss = 0.0
+    for batch in group:
+        batch = _to_device(batch, device)
+        with _autocast(device, dtype):
+            logits = _logits(model, batch)
+        loss = F.cross_entropy(logits.float(), batch["labels"])  # float32 loss, whatever the autocast dtype
+        weight = len(batch["labels"]) / rows
+        (loss * weight).backward()
+        step_loss += loss.item() * weight
+    if max_grad_norm is not None:
+        trainable = [p for group_ in optimizer.param_groups for p in group_["params"]]
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+__all__ = ["TrainConfig", "RunResult", "set_seed", "resolve_device", "compute_dtype", "make_optimizer",
+           "linear_schedule", "evaluate", "train"]

@@ -1,0 +1,179 @@
+"""The training loop: it learns, it repeats exactly for a seed, it records what the plots read, and the GPT-2
+classifier is read at the last real token. Tiny random GPT-2 models with the real tokenizer keep this fast."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from peft_utils.data import collate, encode
+from peft_utils.experiment import build_model
+from peft_utils.models import load_tokenizer, random_gpt2, save_random_gpt2
+from peft_utils.results import RunRecorder, read_events
+from peft_utils.train import TrainConfig, evaluate, linear_schedule, make_optimizer, set_seed, train
+
+POSITIVE = ("great", "good", "superb", "lovely", "brilliant", "wonderful")
+NEGATIVE = ("bad", "awful", "dreadful", "boring", "terrible", "poor")
+
+
+def _rule_frame(repeats: int) -> pd.DataFrame:
+    """An easy, learnable rule: the label is the sentiment of the last word (even a random GPT-2 separates it)."""
+    rows = [(f"the film was {word}", 1) for word in POSITIVE] + [(f"the film was {word}", 0) for word in NEGATIVE]
+    return pd.DataFrame(rows * repeats, columns=["sentence", "label"])
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir):
+    return save_random_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), gpt2_tokenizer_dir)
+
+
+def _config(**overrides) -> TrainConfig:
+    settings = dict(epochs=1, batch_size=8, lr=1e-2, warmup_ratio=0.0, max_length=16, log_every=1, device="cpu")
+    return TrainConfig(**{**settings, **overrides})
+
+
+def _run(model_dir, method: str, seed: int, config: TrainConfig, repeats: int = 4, dropout: float = 0.0,
+         model_dropout: bool = True):
+    set_seed(seed)
+    model, tokenizer = build_model(method, model_dir, rank=4, alpha=8, dropout=dropout)
+    if not model_dropout:  # GPT-2's own dropout masks depend on the batch shape
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    return train(model, tokenizer, _rule_frame(repeats), _rule_frame(1), config)
+
+
+@pytest.mark.parametrize("method,lr", [("full", 1e-3), ("lora", 1e-2), ("dora", 1e-2), ("qlora", 1e-2)])
+def test_loss_decreases(tiny_gpt2_dir, method, lr):
+    result = _run(tiny_gpt2_dir, method, seed=0, config=_config(epochs=5, lr=lr))
+    losses = result.losses
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, f"{method}: loss did not fall clearly ({first:.3f} -> {last:.3f})"
+    assert result.summary["final_accuracy"] == 1.0
+
+
+def test_same_seed_repeats_exactly_and_other_seed_differs(tiny_gpt2_dir):
+    config = _config(epochs=1)
+    first = _run(tiny_gpt2_dir, "dora", seed=0, config=config, dropout=0.1).losses
+    again = _run(tiny_gpt2_dir, "dora", seed=0, config=config, dropout=0.1).losses
+    other = _run(tiny_gpt2_dir, "dora", seed=1, config=TrainConfig(**{**vars(config), "seed": 1}), dropout=0.1)
+    assert first == again
+    assert first != other.losses
+
+
+def test_evaluating_more_often_does_not_change_training(tiny_gpt2_dir):
+    plain = _run(tiny_gpt2_dir, "lora", 0, _config(epochs=2, bucket_by_length=True), dropout=0.1).losses
+    evaluated = _run(tiny_gpt2_dir, "lora", 0, _config(epochs=2, bucket_by_length=True, eval_every=1), dropout=0.1)
+    assert evaluated.losses == plain and len(evaluated.evals) == 12
+
+
+def test_accumulation_matches_a_larger_batch(tiny_gpt2_dir):
+    """2 x 4 rows accumulated must give the step a batch of 8 gives (same rows: the same seeded permutation)."""
+    big = _run(tiny_gpt2_dir, "lora", 0, _config(batch_size=8), repeats=2, model_dropout=False).losses
+    accumulated = _run(tiny_gpt2_dir, "lora", 0, _config(batch_size=4, grad_accum_steps=2), repeats=2,
+                       model_dropout=False).losses
+    assert len(big) == len(accumulated) == 3
+    assert accumulated == pytest.approx(big, abs=1e-5)
+
+
+def test_records_every_event_field(tiny_gpt2_dir, tmp_path):
+    config = _config(epochs=2, eval_every=2, log_every=2)
+    set_seed(0)
+    model, tokenizer = build_model("lora", tiny_gpt2_dir, rank=2, alpha=4)
+    with RunRecorder(tmp_path, "run") as recorder:
+        result = train(model, tokenizer, _rule_frame(2), _rule_frame(1), config, recorder, {"run_id": "run", "method": "lora"})
+    events = read_events(tmp_path / "run.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "config" and kinds[-1] == "summary"
+    config_event = events[0]
+    for key in ("run_id", "method", "lr", "epochs", "batch_size", "max_length", "seed", "train_size", "eval_size",
+                "device", "compute_dtype", "trainable_params", "total_params"):
+        assert key in config_event, key
+    assert config_event["device"] == "cpu" and config_event["compute_dtype"] == "float32"
+    assert (config_event["train_size"], config_event["eval_size"]) == (24, 12)
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [2, 4, 6]  # 3 steps per epoch, logged every 2 steps and at the end
+    assert all(set(e) >= {"step", "epoch", "loss", "lr", "elapsed_s"} for e in steps)
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [(e["step"], e["epoch"]) for e in evals] == [(2, 2 / 3), (3, 1.0), (4, 4 / 3), (6, 2.0)]
+    assert all(set(e) >= {"step", "epoch", "accuracy", "loss", "n", "eval_time_s"} for e in evals)
+    summary = events[-1]
+    assert set(summary) >= {"train_time_s", "eval_time_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes",
+                            "memory_kind", "final_accuracy", "final_eval_loss", "n_eval", "steps"}
+    assert summary["memory_kind"] == "rss" and summary["peak_memory_bytes"] > 0
+    assert summary["steps"] == 6 and summary["n_eval"] == 12
+    assert summary["final_accuracy"] == evals[-1]["accuracy"] == result.summary["final_accuracy"]
+    json.dumps(summary)  # plain JSON values only
+
+
+def test_evaluate_uses_eval_mode_and_restores_it(gpt2_tokenizer_dir):
+    model = random_gpt2("tiny", seed=0, resid_pdrop=0.5)
+    tokenizer = load_tokenizer(gpt2_tokenizer_dir)
+    rows = encode(_rule_frame(1), tokenizer, 16)
+    loader = [collate(rows[:6], tokenizer.pad_token_id), collate(rows[6:], tokenizer.pad_token_id)]
+    model.train()
+    first = evaluate(model, loader, "cpu")
+    assert model.training  # the caller's mode is restored
+    assert evaluate(model, loader, "cpu") == first  # no dropout in evaluation: the same numbers again
+    assert first[2] == 12 and 0.0 <= first[0] <= 1.0
+
+
+def test_gpt2_classifier_reads_the_last_real_token(gpt2_tokenizer_dir):
+    """A padded row must score exactly like the same sentence alone; this rests on ``config.pad_token_id``."""
+    model = random_gpt2("tiny", seed=0)
+    tokenizer = load_tokenizer(gpt2_tokenizer_dir)
+    frame = pd.DataFrame({"sentence": ["a fine film", "a much longer sentence that forces padding of the first"],
+                          "label": [1, 0]})
+    short, long = encode(frame, tokenizer, 32)
+    batch = collate([short, long], tokenizer.pad_token_id)
+    alone = collate([short], tokenizer.pad_token_id)
+    assert (batch["input_ids"][0] == tokenizer.pad_token_id).any()  # the short row really is padded
+    inputs = ("input_ids", "attention_mask")
+    with torch.no_grad():
+        in_batch = model(**{k: batch[k] for k in inputs}).logits[0]
+        reference = model(**{k: alone[k] for k in inputs}).logits[0]
+        torch.testing.assert_close(in_batch, reference, atol=1e-5, rtol=1e-5)
+
+        # Without a pad id the model cannot find the last real token: a padded row is read at its last (pad)
+        # position and scores differently, and a batch of several rows is refused outright.
+        model.config.pad_token_id = None
+        padded_alone = model(**{k: batch[k][:1] for k in inputs}).logits[0]
+        assert not torch.allclose(padded_alone, reference, atol=1e-3)
+        with pytest.raises(ValueError, match="padding token"):
+            model(**{k: batch[k] for k in inputs})
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    parameter = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = linear_schedule(optimizer, warmup_steps=3, total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[3:] == sorted(rates[3:], reverse=True) and 0 < rates[-1] < 0.2
+    assert scheduler.get_last_lr()[0] == 0.0
+
+
+def test_no_weight_decay_on_vectors(tiny_gpt2_dir):
+    model, _ = build_model("dora", tiny_gpt2_dir, rank=2, alpha=4)
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decayed["params"])  # lora_A, lora_B, score head
+    magnitudes = [layer.magnitude for layer in model.modules() if hasattr(layer, "magnitude")]
+    assert magnitudes and all(any(m is p for p in plain["params"]) for m in magnitudes)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer(model.requires_grad_(False), lr=1e-3, weight_decay=0.1)
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainConfig(warmup_ratio=1.5)
