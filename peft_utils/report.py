@@ -1,0 +1,50 @@
+"""Small display helpers for the notebook: they format, they never compute results.
+
+Kept here so that the notebook holds no logic, only calls.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import pandas as pd
+
+from .quant import nf4_bits_per_weight
+
+
+def show_source(*functions: Callable) -> None:
+    """Print the source of library functions, so the notebook shows the code that actually runs."""
+    for function in functions:
+        print(inspect.getsource(function))
+
+
+def describe_settings(settings: dict[str, Any]) -> str:
+    """The resolved run settings as a Markdown table (profile defaults with the notebook's overrides applied)."""
+    rows = "\n".join(f"| `{key}` | `{value!r}` |" for key, value in settings.items())
+    return f"| setting | value |\n|---|---|\n{rows}"
+
+
+def describe_quantization() -> str:
+    """Bits per weight of the 4-bit formats, from the same function the size report uses."""
+    single, double = nf4_bits_per_weight(double_quant=False), nf4_bits_per_weight(double_quant=True)
+    return (
+        "| storage | bits per weight | vs fp32 |\n|---|---:|---:|\n"
+        f"| fp32 | 32 | 1.00x |\n| bf16 | 16 | 2.00x |\n"
+        f"| NF4, blocksize 64 | {single:.3f} | {32 / single:.2f}x |\n"
+        f"| NF4 + double quantisation | {double:.3f} | {32 / double:.2f}x |"
+    )
+
+
+def format_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """The columns a reader compares, with readable units (accuracy %, seconds, MB)."""
+    if table.empty:
+        return table
+    out = pd.DataFrame({"run": table["run_id"], "method": table["method"]})
+    out["dev accuracy %"] = (100 * table["final_accuracy"]).round(2)
+    out["train time s"] = table["train_time_s"].round(1)
+    out["peak memory MB"] = (table["peak_memory_bytes"] / 1e6).round(0)
+    out["memory kind"] = table["memory_kind"]
+    out["trainable params"] = table["trainable_params"]
+    if "size.disk_bytes" in table:
+        out["shipped MB"] = (table["size.disk_bytes"] / 1e6).round(2)
+    return out
