@@ -1,20 +1,34 @@
-"""peft-lab helpers: hand-written LoRA / DoRA / QLoRA, SST-2 data, training, results and plots."""
-from .adapters import DoRALayer, LoRALayer
-from .inject import (
-    TARGET_PRESETS,
-    AdapterConfig,
-    ParameterCount,
-    apply_adapters,
-    count_parameters,
-    load_adapters,
-    merge_adapters,
-    save_adapters,
-    unmerge_adapters,
-)
-from .models import load_model, load_tokenizer, random_gpt2, resolve_model_source
+"""peft-lab helpers: hand-written LoRA / DoRA / QLoRA, SST-2 data, training, results and plots.
 
-__all__ = [
-    "LoRALayer", "DoRALayer", "TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters",
-    "count_parameters", "load_adapters", "merge_adapters", "save_adapters", "unmerge_adapters",
-    "load_model", "load_tokenizer", "random_gpt2", "resolve_model_source",
-]
+Names are imported lazily (PEP 562), so `python -m peft_utils.plots` does not pay for importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "adapters": ("LoRALayer", "DoRALayer"),
+    "inject": ("TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters", "count_parameters",
+               "load_adapters", "merge_adapters", "save_adapters", "unmerge_adapters"),
+    "models": ("load_model", "load_tokenizer", "random_gpt2", "resolve_model_source"),
+    "quant": ("load_quantized", "prepare_for_kbit_training", "model_size", "nf4_bits_per_weight",
+              "format_size_report"),
+    "data": ("load_sst2", "subset", "encode", "make_loader"),
+    "train": ("TrainConfig", "RunResult", "train", "evaluate", "set_seed"),
+    "experiment": ("METHODS", "PROFILES", "profile_settings", "run_comparison", "run_sweep", "summary_table"),
+    "results": ("RunRecorder", "load_results"),
+    "plots": ("plot_all",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'peft_utils' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
