@@ -14,6 +14,8 @@ export JUPYTER_RUNTIME_DIR := $(CURDIR)/.cache/jupyter/runtime
 export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export PEFT_LAB_DATA
 export TOKENIZERS_PARALLELISM := false
+# Idle OpenMP threads sleep instead of spinning: on small shared machines spinning made runs 8-10x slower.
+export OMP_WAIT_POLICY ?= PASSIVE
 PROFILE ?= auto
 
 .PHONY: run test bench clean

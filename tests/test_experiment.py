@@ -43,8 +43,10 @@ def smoke_results(tmp_path_factory, sst2_dir, gpt2_tokenizer_dir):
 
 def test_records_hold_every_field_the_plots_read(smoke_results):
     results, table = smoke_results
-    assert list(table["run_id"]) == ["comparison-full-s0-random-gpt2-tiny", "comparison-qdora-r4-a8-s0-random-gpt2-tiny",
-                                     "sweep-lora-r2-a2-s0-random-gpt2-tiny"]
+    assert list(table["run_id"]) == [
+        "comparison-full-s0-random-gpt2-tiny", "comparison-qdora-r4-a8-s0-random-gpt2-tiny",
+        "sweep-lora-r2-a2-s0-random-gpt2-tiny",
+    ]
     runs = load_results(results).runs.set_index("run_id")
     for field in CONFIG_FIELDS[1:] + SUMMARY_FIELDS + tuple(f"size.{k}" for k in SIZE_KEYS):
         assert field in runs.columns, field
@@ -77,15 +79,15 @@ def test_finished_record_with_other_settings_is_refused(smoke_results, sst2_dir)
 
 
 def test_resume_after_a_crash_continues_with_the_next_method(tmp_path, sst2_dir, gpt2_tokenizer_dir, monkeypatch):
-    real_train, calls = experiment.train, []
+    real_train, calls, crash = experiment.train, [], {"lora"}
 
-    def crash_on_lora(model, tokenizer, *args, run_info, **kwargs):
+    def train_or_crash(*args, run_info, **kwargs):
         calls.append(run_info["method"])
-        if run_info["method"] == "lora":
+        if run_info["method"] in crash:
             raise RuntimeError("simulated crash")
-        return real_train(model, tokenizer, *args, run_info=run_info, **kwargs)
+        return real_train(*args, run_info=run_info, **kwargs)
 
-    monkeypatch.setattr(experiment, "train", crash_on_lora)
+    monkeypatch.setattr(experiment, "train", train_or_crash)
     settings = dict(data_dir=sst2_dir, results_dir=tmp_path, profile="smoke", **TINY)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_comparison(["full", "lora"], **settings)
@@ -94,7 +96,7 @@ def test_resume_after_a_crash_continues_with_the_next_method(tmp_path, sst2_dir,
     full_file = (tmp_path / f"{full_id}.jsonl").read_bytes()
 
     calls.clear()
-    monkeypatch.setattr(experiment, "train", lambda *a, **k: (calls.append(k["run_info"]["method"]), real_train(*a, **k))[1])
+    crash.clear()
     table = run_comparison(["full", "lora"], **settings)
     assert calls == ["lora"]  # the finished method is not trained again
     assert (tmp_path / f"{full_id}.jsonl").read_bytes() == full_file

@@ -84,7 +84,8 @@ def test_records_every_event_field(tiny_gpt2_dir, tmp_path):
     set_seed(0)
     model, tokenizer = build_model("lora", tiny_gpt2_dir, rank=2, alpha=4)
     with RunRecorder(tmp_path, "run") as recorder:
-        result = train(model, tokenizer, _rule_frame(2), _rule_frame(1), config, recorder, {"run_id": "run", "method": "lora"})
+        info = {"run_id": "run", "method": "lora"}
+        result = train(model, tokenizer, _rule_frame(2), _rule_frame(1), config, recorder, info)
     events = read_events(tmp_path / "run.jsonl")
     kinds = [e["event"] for e in events]
     assert kinds[0] == "config" and kinds[-1] == "summary"
