@@ -284,7 +284,10 @@ def make_loader(
     if bucket_by_length:
         lengths = [len(row["input_ids"]) for row in encoded]
         sampler = LengthBucketBatchSampler(lengths, batch_size, shuffle, generator)
-        return DataLoader(encoded, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0)
+        # generator= too: without it each iteration draws its base seed from the global RNG (shifting dropout).
+        return DataLoader(
+            encoded, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0, generator=generator
+        )
     return DataLoader(
         encoded, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn, num_workers=0
     )
