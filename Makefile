@@ -17,6 +17,8 @@ export TOKENIZERS_PARALLELISM := false
 # Idle OpenMP threads sleep instead of spinning: on small shared machines spinning made runs 8-10x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 PROFILE ?= auto
+# A smoke run's figures are meaningless: keep them away from the committed imgs/.
+IMGS ?= $(if $(filter smoke,$(PROFILE)),results/smoke/imgs,imgs)
 
 .PHONY: run test bench clean
 
@@ -29,7 +31,7 @@ $(VENV)/.installed: requirements.txt requirements-models.txt
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) -m papermill peft.ipynb peft.out.ipynb -p profile $(PROFILE) -p data_dir "$(PEFT_LAB_DATA)" --cwd .
+	$(PY) -m papermill peft.ipynb peft.out.ipynb -p profile $(PROFILE) -p data_dir "$(PEFT_LAB_DATA)" -p imgs_dir $(IMGS) --cwd .
 
 # Tests are hermetic: offline, and every cache inside the repo.
 test: export HF_HOME := $(CURDIR)/.cache/huggingface
