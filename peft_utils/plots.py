@@ -130,24 +130,25 @@ def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int | Non
 
 def format_bytes(n_bytes: float) -> str:
     """Human-readable size in decimal units (1 MB = 10^6 bytes), e.g. ``"497.8 MB"``."""
-    if n_bytes is None or not np.isfinite(n_bytes):
-        return "n/a"
-    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n_bytes) >= factor:
-            value = n_bytes / factor
-            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
-    return f"{n_bytes:.0f} B"
+    return _scaled(n_bytes, (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)), " ")
 
 
 def format_count(n: float) -> str:
     """Parameter counts as ``124.4M`` / ``294.9K``: exact digits are noise at this scale."""
-    if n is None or not np.isfinite(n):
+    return _scaled(n, (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)), "")
+
+
+def _scaled(value: float, units: tuple[tuple[str, float], ...], separator: str) -> str:
+    """``value`` in the largest unit it reaches: one decimal below 100, none above (units are plain scaled)."""
+    if value is None or not np.isfinite(value):
         return "n/a"
-    for unit, factor in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= factor:
-            value = n / factor
-            return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
-    return f"{n:.0f}"
+    for unit, factor in units:
+        if abs(value) >= factor or factor == 1:
+            scaled = value / factor
+            if factor == 1:
+                return f"{scaled:.0f}{separator}{unit}".rstrip()
+            return f"{scaled:.1f}{separator}{unit}" if scaled < 100 else f"{scaled:.0f}{separator}{unit}"
+    return f"{value:.0f}"
 
 
 def format_seconds(seconds: float) -> str:
