@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import numbers
 import os
 import re
 import sys
@@ -89,6 +90,18 @@ _RUN_KEYS = {"model", "methods", "train_size", "eval_size", "lr", "rank", "alpha
              "sweep_ranks", "sweep_alpha_ratios"}
 
 
+_SIZE_KEYS = ("train_size", "eval_size")
+
+
+def _row_count(key: str, value: Any) -> int | None:
+    """A subset size override: a positive int, or ``"all"`` -> ``None`` (every row of the split)."""
+    if value == "all":
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{key} must be a positive number of rows or 'all', got {value!r}")
+    return int(value)
+
+
 def resolve_profile(profile: str = "auto") -> str:
     """``"auto"`` -> ``"full"`` with a CUDA GPU, else ``"cpu"``; any other name is checked and returned."""
     if profile == "auto":
@@ -102,6 +115,8 @@ def profile_settings(profile: str = "auto", **overrides: Any) -> dict[str, Any]:
     """The profile's settings with ``overrides`` applied (``None`` values are ignored, to ease CLI use).
 
     ``lr`` may be one float for every method or a ``{method: lr}`` dict (merged into the profile's).
+    ``train_size`` / ``eval_size`` take a positive row count or ``"all"``: since ``None`` already means
+    "keep the profile's value", "every row" needs a spelling of its own (stored as ``None`` in the settings).
     """
     name = resolve_profile(profile)
     unknown = sorted(set(overrides) - _TRAIN_KEYS - _RUN_KEYS)
@@ -113,6 +128,8 @@ def profile_settings(profile: str = "auto", **overrides: Any) -> dict[str, Any]:
             continue
         if key == "lr" and isinstance(value, dict) and isinstance(settings["lr"], dict):
             value = {**settings["lr"], **value}
+        if key in _SIZE_KEYS:
+            value = _row_count(key, value)
         settings[key] = value
     return settings
 
@@ -251,8 +268,8 @@ def _method_lr(lr: float | dict[str, float], method: str) -> float:
 def _frames(settings: dict[str, Any], splits: dict[str, pd.DataFrame], seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train rows (balanced subset, picked by the run seed) and eval rows (a fixed subset, or all of dev)."""
     train_size, eval_size = settings["train_size"], settings["eval_size"]
-    train_frame = subset(splits["train"], train_size, seed, balanced=True) if train_size else splits["train"]
-    eval_frame = subset(splits["dev"], eval_size, EVAL_SUBSET_SEED) if eval_size else splits["dev"]
+    train_frame = splits["train"] if train_size is None else subset(splits["train"], train_size, seed, balanced=True)
+    eval_frame = splits["dev"] if eval_size is None else subset(splits["dev"], eval_size, EVAL_SUBSET_SEED)
     return train_frame, eval_frame
 
 
@@ -395,6 +412,16 @@ def run_sweep(
 # --------------------------------------------------------------------------------------------- command line
 
 
+def _size_arg(text: str) -> int | str:
+    """``--train-size`` / ``--eval-size``: a row count, or ``all``."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows or 'all', got {text!r}") from None
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m peft_utils.experiment", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="auto", help="auto | " + " | ".join(PROFILES))
@@ -405,19 +432,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--sweep", action="store_true", help="also run the profile's LoRA rank/alpha sweep")
     parser.add_argument("--sweep-only", action="store_true", help="run only the LoRA rank/alpha sweep")
-    parser.add_argument("--train-size", type=int)
-    parser.add_argument("--eval-size", type=int)
+    parser.add_argument("--train-size", type=_size_arg, help="train rows, or 'all' (67,349)")
+    parser.add_argument("--eval-size", type=_size_arg, help="dev rows, or 'all' (872)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--lr", type=float, help="one learning rate for every method")
+    parser.add_argument("--eval-every", type=int, help="also evaluate every N optimizer steps (default: the profile's)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     overrides = {"train_size": args.train_size, "eval_size": args.eval_size, "epochs": args.epochs,
-                 "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr}
+                 "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
+                 "eval_every": args.eval_every}
     common = {"model": args.model, "data_dir": args.data_dir, "results_dir": args.results, "profile": args.profile,
               "seeds": args.seeds, **overrides}
     if args.sweep_only:

@@ -159,6 +159,27 @@ def test_profiles_and_settings(monkeypatch):
         profile_settings("cpu", learning_rate=1e-3)
 
 
+def test_all_rows_has_its_own_spelling():
+    """None keeps the profile's subset size, so "every train row" is asked for with "all" (CLI and API)."""
+    assert PROFILES["cpu"]["train_size"] is not None
+    settings = profile_settings("cpu", train_size="all", eval_size=100)
+    assert settings["train_size"] is None and settings["eval_size"] == 100
+    for bad in (0, -5, 2.5, "most", True):
+        with pytest.raises(ValueError, match="train_size must be a positive number of rows or 'all'"):
+            profile_settings("cpu", train_size=bad)
+    args = experiment._parse_args(["--train-size", "all", "--eval-size", "64"])
+    assert (args.train_size, args.eval_size) == ("all", 64)
+    with pytest.raises(SystemExit):
+        experiment._parse_args(["--train-size", "many"])
+
+    splits = {"train": pd.DataFrame({"sentence": [f"s{i}" for i in range(10)], "label": [0] * 6 + [1] * 4}),
+              "dev": pd.DataFrame({"sentence": ["a", "b", "c"], "label": [0, 1, 1]})}
+    train_frame, eval_frame = experiment._frames(settings | {"eval_size": None}, splits, seed=0)
+    assert len(train_frame) == 10 and len(eval_frame) == 3  # every row, class imbalance and all
+    train_frame, _ = experiment._frames(settings | {"train_size": 4}, splits, seed=0)
+    assert train_frame["label"].tolist().count(0) == 2  # a size still means a balanced subset
+
+
 def test_command_line_reports_the_table(smoke_results, sst2_dir, capsys):
     results, table = smoke_results
     assert experiment.main(["--profile", "smoke", "--methods", "full", "qdora", "--results", str(results),
