@@ -162,6 +162,26 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
+# Durations a reader recognises at a glance, for log-scale time axes (seconds).
+_CLOCK_TICKS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 4 * 3600, 8 * 3600, 86400)
+
+
+def _duration_ticks(lo: float, hi: float, max_ticks: int = 7) -> list[float]:
+    """The clock-friendly durations inside [lo, hi], thinned evenly to at most ``max_ticks``."""
+    ticks = [t for t in _CLOCK_TICKS if lo <= t <= hi] or [float(np.sqrt(lo * hi))]
+    step = math.ceil(len(ticks) / max_ticks)
+    return ticks[::step]
+
+
+def _duration_label(seconds: float) -> str:
+    """A tick label for a round duration: "30 s", "2 min", "1 h" (no decimals to trim)."""
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"
+
+
 def _tick_formatter(fmt) -> FuncFormatter:
     """Tick labels from a value formatter, without a trailing ".0" ("1 GB", not "1.0 GB") and "0" at zero."""
     def tick(value: float, _pos: object) -> str:
@@ -1000,8 +1020,13 @@ def plot_summary(results: Results, out_dir: str | Path) -> Path | None:
     span = times.max() / max(times.min(), 1e-9)
     if span > 8:
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_seconds(v)))
-        ax.set_xlim(times.min() / 1.8, times.max() * 2.2)
+        lo, hi = times.min() / 1.8, times.max() * 2.2
+        ax.set_xlim(lo, hi)
+        # Clock-friendly ticks (30 s, 1 min, 10 min, 1 h) in one style: log-scale defaults would give
+        # "8.3 min"-style decades beside matplotlib's own "3x10^1" minor labels.
+        ax.set_xticks(_duration_ticks(lo, hi), minor=False)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _duration_label(v)))
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("training time (log scale)")
     else:
         pad = (times.max() - times.min()) or times.max() * 0.5

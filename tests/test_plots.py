@@ -233,3 +233,12 @@ def test_footnote_says_when_compute_dtypes_differ(tmp_path: Path) -> None:
     assert "differs" in text and "float32" in text and "bfloat16" in text
     same = " ".join(plots._provenance(runs[runs["method"] == "lora"]))
     assert "compute dtype: bfloat16" in same and "differs" not in same
+
+
+def test_log_time_axis_uses_clock_ticks() -> None:
+    """A time axis spanning decades is labelled in round durations, one style ("30 s", "10 min", "2 h")."""
+    ticks = plots._duration_ticks(15.0, 9_000.0)
+    assert ticks == [20, 60, 300, 1200, 3600] and len(ticks) <= 7
+    assert [plots._duration_label(t) for t in (20, 30, 60, 300, 1200, 3600, 7200)] == [
+        "20 s", "30 s", "1 min", "5 min", "20 min", "1 h", "2 h"]
+    assert plots._duration_ticks(100.0, 110.0) == [pytest.approx(math.sqrt(100.0 * 110.0))]  # never tickless
