@@ -276,6 +276,12 @@ def _accuracy_interval(acc: pd.Series, n: pd.Series) -> tuple[float, float, floa
     return mean, low, high, "Wilson"
 
 
+def _methods_with(runs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The ``_method_table`` rows that have ``column``: a figure draws only methods whose number was recorded."""
+    table = _method_table(runs)
+    return table if table.empty else table[table[column].notna()]
+
+
 def _method_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per method (several seeds aggregated): the numbers every comparison figure draws from.
 
@@ -490,10 +496,9 @@ def plot_accuracy(results: Results, out_dir: str | Path) -> Path | None:
     mistaken for ratios, and the chance level (50%) is drawn when it is in range.
     """
     runs = _comparison_runs(results.runs)
-    table = _method_table(runs)
-    if table.empty or table["accuracy"].isna().all():
+    table = _methods_with(runs, "accuracy")
+    if table.empty:
         return None
-    table = table[table["accuracy"].notna()]
     methods = list(table.index)
     acc = table["accuracy"].to_numpy() * 100
     has_err = table["acc_low"].notna().to_numpy()
@@ -605,10 +610,9 @@ def plot_time(results: Results, out_dir: str | Path) -> Path | None:
     so.
     """
     runs = _comparison_runs(results.runs)
-    table = _method_table(runs)
-    if table.empty or table["train_time_s"].isna().all():
+    table = _methods_with(runs, "train_time_s")
+    if table.empty:
         return None
-    table = table[table["train_time_s"].notna()]
     methods = list(table.index)
     seconds = table["train_time_s"].to_numpy()
     if "full" in table.index:
@@ -751,10 +755,9 @@ def plot_memory(results: Results, out_dir: str | Path) -> Path | None:
     libraries and the data set. The two are not comparable, so mixed kinds are hatched and called out.
     """
     runs = _comparison_runs(results.runs)
-    table = _method_table(runs)
-    if table.empty or table["peak_memory_bytes"].isna().all():
+    table = _methods_with(runs, "peak_memory_bytes")
+    if table.empty:
         return None
-    table = table[table["peak_memory_bytes"].notna()]
     methods = list(table.index)
     values = table["peak_memory_bytes"].to_numpy()
     kinds = [k or "unknown" for k in table["memory_kind"]]
