@@ -128,23 +128,29 @@ def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int | Non
     return series.ewm(span=span, adjust=True, ignore_na=True).mean().to_numpy()
 
 
-def format_bytes(n_bytes: float) -> str:
-    """Human-readable size in decimal units (1 MB = 10^6 bytes), e.g. ``"497.8 MB"``."""
-    return _scaled(n_bytes, (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)), " ")
+def format_bytes(n_bytes: float, tick: bool = False) -> str:
+    """Human-readable size in decimal units (1 MB = 10^6 bytes), e.g. ``"497.8 MB"`` (``tick``: see ``_scaled``)."""
+    return _scaled(n_bytes, (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)), " ", tick)
 
 
-def format_count(n: float) -> str:
+def format_count(n: float, tick: bool = False) -> str:
     """Parameter counts as ``124.4M`` / ``294.9K``: exact digits are noise at this scale."""
-    return _scaled(n, (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)), "")
+    return _scaled(n, (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)), "", tick)
 
 
-def _scaled(value: float, units: tuple[tuple[str, float], ...], separator: str) -> str:
-    """``value`` in the largest unit it reaches: one decimal below 100, none above (units are plain scaled)."""
+def _scaled(value: float, units: tuple[tuple[str, float], ...], separator: str, tick: bool = False) -> str:
+    """``value`` in the largest unit it reaches: one decimal below 100, none above (units are plain scaled).
+
+    ``tick=True`` is for axis ticks, which sit at round values: every significant digit is kept and none padded
+    ("1.75 GB", "1 GB"), because rounding a 1.75 GB tick to "1.8 GB" misplaces the bars read against it.
+    """
     if value is None or not np.isfinite(value):
         return "n/a"
     for unit, factor in units:
         if abs(value) >= factor or factor == 1:
             scaled = value / factor
+            if tick:
+                return f"{scaled:.4g}{separator}{unit}".rstrip()
             if factor == 1:
                 return f"{scaled:.0f}{separator}{unit}".rstrip()
             return f"{scaled:.1f}{separator}{unit}" if scaled < 100 else f"{scaled:.0f}{separator}{unit}"
@@ -183,9 +189,9 @@ def _duration_label(seconds: float) -> str:
 
 
 def _tick_formatter(fmt) -> FuncFormatter:
-    """Tick labels from a value formatter, without a trailing ".0" ("1 GB", not "1.0 GB") and "0" at zero."""
+    """Tick labels from ``format_bytes`` / ``format_count`` in their exact tick mode, and "0" at zero."""
     def tick(value: float, _pos: object) -> str:
-        return "0" if value == 0 else fmt(value).replace(".0 ", " ").replace(".0", "")
+        return "0" if value == 0 else fmt(value, tick=True)
     return FuncFormatter(tick)
 
 

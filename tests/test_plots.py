@@ -210,6 +210,10 @@ def test_helpers() -> None:
     assert plots.format_count(124_441_344) == "124M"
     assert plots.format_count(297_984) == "298K"
     assert plots.format_count(1_234_567) == "1.2M"
+    # Tick labels keep every digit of a round tick value and pad none.
+    assert [plots.format_bytes(v, tick=True) for v in (1.75e9, 1e9, 7.5e8, 2e6)] == [
+        "1.75 GB", "1 GB", "750 MB", "2 MB"]
+    assert [plots._tick_formatter(plots.format_count)(v, None) for v in (0, 1e5, 2.5e6)] == ["0", "100K", "2.5M"]
     smoothed = plots.ema_smooth([1.0, 1.0, 1.0, 0.0], span=3)
     assert smoothed[0] == 1.0 and 0.0 < smoothed[-1] < 1.0  # bias-corrected: starts at the first value
     assert set(plots.METHOD_ORDER) <= set(plots.METHOD_COLORS)
