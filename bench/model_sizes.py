@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -25,9 +24,11 @@ if __package__ in (None, ""):  # `python bench/model_sizes.py` works as well as 
 
 import torch
 
+from peft_utils.data import find_gpt2_tokenizer
 from peft_utils.inject import apply_adapters, save_adapters
 from peft_utils.models import GPT2_SHAPES, load_model, save_random_gpt2
-from peft_utils.quant import load_quantized, model_size, nf4_bits_per_weight
+from peft_utils.quant import load_quantized
+from peft_utils.sizes import model_size, nf4_bits_per_weight
 
 REPO = Path(__file__).resolve().parents[1]
 # Reported by the seed article for GPT-2 Large (its "GB"; 2.88 matches GiB: 774M params x 4 B = 3.10e9 B).
@@ -36,10 +37,6 @@ ARTICLE_FP32_GB, ARTICLE_4BIT_GB = 2.88, 0.46
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def default_tokenizer_dir() -> Path:
-    return Path(os.environ.get("PEFT_LAB_DATA", REPO.parent / "shared" / "data")) / "gpt2-tokenizer"
 
 
 def measure(size: str, tokenizer_dir: Path, rank: int) -> dict:
@@ -130,13 +127,15 @@ def table(sizes: dict, size: str, rank: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="large", choices=sorted(GPT2_SHAPES))
-    parser.add_argument("--tokenizer-dir", type=Path, default=default_tokenizer_dir())
+    parser.add_argument("--tokenizer-dir", type=Path, default=None, help="default: the shared data folder's gpt2-tokenizer/")
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args(argv)
-    if not (args.tokenizer_dir / "vocab.json").is_file():
-        parser.error(f"GPT-2 tokenizer not found at {args.tokenizer_dir} (set PEFT_LAB_DATA or --tokenizer-dir)")
+    try:
+        tokenizer_dir = args.tokenizer_dir or find_gpt2_tokenizer(REPO.parent / "shared" / "data")
+    except FileNotFoundError as error:
+        parser.error(f"{error} (or pass --tokenizer-dir)")
     torch.manual_seed(0)
-    print(table(measure(args.size, args.tokenizer_dir, args.rank), args.size, args.rank))
+    print(table(measure(args.size, tokenizer_dir, args.rank), args.size, args.rank))
     return 0
 
 

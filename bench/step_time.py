@@ -103,13 +103,14 @@ def base_model(spec: Spec) -> nn.Module:
 
 def quantized_model(spec: Spec, workdir: Path) -> nn.Module:
     """The same base loaded in 4-bit NF4 through ``peft_utils.quant.load_quantized`` (both QLoRA sides use it)."""
+    from peft_utils.data import find_gpt2_tokenizer
     from peft_utils.models import save_random_gpt2
     from peft_utils.quant import load_quantized
 
     if spec.family == "gpt2":
         source = workdir / f"gpt2-{spec.model}"
         if not source.exists():
-            save_random_gpt2(source, tokenizer_dir(), spec.model)
+            save_random_gpt2(source, find_gpt2_tokenizer(REPO.parent / "shared" / "data"), spec.model)
     else:
         source = "minilm"
     device = torch.device(spec.device)
@@ -117,10 +118,6 @@ def quantized_model(spec: Spec, workdir: Path) -> nn.Module:
         device = torch.device("cuda", torch.cuda.current_device())
     model, _ = load_quantized(str(source), compute_dtype=spec.compute_dtype, device_map={"": str(device)})
     return model
-
-
-def tokenizer_dir() -> Path:
-    return Path(os.environ.get("PEFT_LAB_DATA", REPO.parent / "shared" / "data")) / "gpt2-tokenizer"
 
 
 def non_embedding_parameters(spec: Spec) -> int:

@@ -9,15 +9,17 @@ from typing import Any
 
 _EXPORTS = {
     "adapters": ("LoRALayer", "DoRALayer"),
+    "config": ("ExperimentConfig", "TrainConfig", "AdapterSettings", "PARAMETERS", "PROFILES", "make_config"),
+    "methods": ("METHODS", "get_method"),
     "inject": ("TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters", "count_parameters",
                "load_adapters", "merge_adapters", "save_adapters", "unmerge_adapters"),
     "models": ("load_model", "load_tokenizer", "random_gpt2", "resolve_model_source"),
-    "quant": ("load_quantized", "prepare_for_kbit_training", "model_size", "nf4_bits_per_weight",
-              "format_size_report"),
+    "quant": ("load_quantized", "prepare_for_kbit_training"),
+    "sizes": ("model_size", "nf4_bits_per_weight", "format_size_report"),
     "data": ("load_sst2", "subset", "encode", "make_loader"),
-    "train": ("TrainConfig", "RunResult", "train", "evaluate", "set_seed"),
-    "experiment": ("METHODS", "PROFILES", "profile_settings", "run_comparison", "run_sweep", "summary_table"),
-    "results": ("RunRecorder", "load_results"),
+    "train": ("RunResult", "train", "evaluate", "set_seed"),
+    "experiment": ("plan_experiment", "execute", "run_comparison", "run_sweep"),
+    "store": ("RunStore", "RunRecorder"),
     "plots": ("plot_all",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

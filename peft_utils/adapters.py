@@ -46,6 +46,23 @@ def pin_4bit_layout(base: nn.Module) -> None:
     base.support_avx512bf16_for_cpu = False
 
 
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A bitsandbytes packed 4-bit weight: its storage is not its shape (see ``logical_numel``)."""
+    return getattr(tensor, "quant_state", None) is not None
+
+
+def logical_numel(tensor: torch.Tensor) -> int:
+    """Element count of the weight a tensor encodes: a packed 4-bit weight counts as the matrix it stands for."""
+    return int(torch.Size(tensor.quant_state.shape).numel()) if is_quantized(tensor) else tensor.numel()
+
+
+def check_rank(rank: object) -> int:
+    """The adapter rank: a positive int (``True`` or ``2.5`` would silently become another rank)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    return rank
+
+
 def is_supported_base(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear4bit(module)
 
@@ -109,8 +126,7 @@ class LoRALayer(nn.Module):
         super().__init__()
         if not is_supported_base(base):
             raise TypeError(f"cannot wrap {type(base).__name__}: expected nn.Linear, Conv1D or bnb Linear4bit")
-        if not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        check_rank(rank)
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:

@@ -291,3 +291,20 @@ def make_loader(
     return DataLoader(
         encoded, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn, num_workers=0
     )
+
+
+def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
+    """``gpt2-tokenizer/`` of the shared data folder: in ``data_dir``, its parent, or ``$PEFT_LAB_DATA``.
+
+    ``data_dir`` may name the data folder or its ``sst2/`` child, as :func:`load_sst2` accepts both.
+    """
+    roots = [Path(data_dir), Path(data_dir).parent] if data_dir is not None else []
+    if os.environ.get("PEFT_LAB_DATA"):
+        roots.append(Path(os.environ["PEFT_LAB_DATA"]))
+    for root in roots:
+        if (root / "gpt2-tokenizer" / "vocab.json").is_file():
+            return root / "gpt2-tokenizer"
+    raise FileNotFoundError(
+        f"no gpt2-tokenizer/ folder in {[str(r) for r in roots] or 'any known place'}: a random GPT-2 needs the real "
+        "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
+    )

@@ -1,16 +1,15 @@
-"""The comparison itself: build each method's model from the same base, train it, record it; resume after a crash.
+"""The comparison itself: plan every run, check the plan, then build each method's model, train it and record it.
 
-Three profiles fix every setting, so a result can be reproduced from its profile name:
+An experiment is an :class:`~peft_utils.config.ExperimentConfig` (a profile plus the user's parameters). Running
+it has two phases, so that a mistake costs a one-line error and not a finished full fine-tuning run:
 
-- ``full``: GPT-2 Large on all of SST-2, on a GPU (the real comparison).
-- ``cpu``: the pretrained all-MiniLM-L6-v2 on a balanced SST-2 subset, evaluated on the whole dev set, sized so
-  that four methods and a small LoRA sweep finish in about ten minutes on two CPU cores.
-- ``smoke``: a tiny random GPT-2 (real tokenizer) on a few dozen rows: checks the plumbing in seconds.
-
-Every run streams to ``<results_dir>/<run_id>.jsonl`` (see :mod:`peft_utils.results`). A run whose file already
-holds a ``summary`` is skipped, so re-running a comparison after a crash continues where it stopped. The
-``run_id`` is built from group, method, rank, alpha, seed and model; a finished record under the same id but with
-other settings is refused rather than silently reused.
+1. **plan** (:func:`plan_experiment`): the runs (methods x seeds, and the LoRA sweep grid), their data rows, and
+   checks that need the data or the model — sizes that fit the splits, targets that match a layer of the model,
+   bitsandbytes for 4-bit methods, and the results folder (a run whose settings differ from a finished run of its
+   series is refused, see :class:`~peft_utils.store.RunStore`).
+2. **execute** (:func:`execute`): every run not already complete is built from the same base weights, trained with
+   the same seed, data and schedule, and streamed to ``<results_dir>/<run_id>.jsonl``; a re-run resumes at the first
+   unfinished run.
 
 On a CPU shared with other processes, set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python: OpenMP threads
 that spin while waiting for a busy core made the ``cpu`` profile up to 10x slower in our measurements.
@@ -19,140 +18,43 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import numbers
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from .config import (
+    PROFILE_NAMES,
+    AdapterSettings,
+    ExperimentConfig,
+    add_cli_arguments,
+    cli_parameters,
+    compute_dtype_for,
+    make_config,
+)
 from .data import load_sst2, subset
-from .inject import apply_adapters, save_adapters
-from .models import GPT2_SHAPES, load_model, save_random_gpt2
-from .quant import load_quantized, model_size, prepare_for_kbit_training
-from .results import RunRecorder, is_complete, load_results, read_events
-from .train import TrainConfig, compute_dtype, resolve_device, set_seed, train
+from .inject import apply_adapters, select_targets
+from .methods import get_method
+from .models import load_model, materialize_model, resolve_model_source
+from .quant import load_quantized, prepare_for_kbit_training, require_bitsandbytes
+from .sizes import size_report
+from .store import SWEEP_GROUP, RunStore
+from .train import resolve_device, set_seed, train
 
-METHODS = ("full", "lora", "dora", "qlora", "qdora")
-# Which adapter each method injects, and whether its frozen base is 4-bit.
-ADAPTER_OF = {"lora": "lora", "dora": "dora", "qlora": "lora", "qdora": "dora"}
-QUANTIZED = ("qlora", "qdora")
-# "random-gpt2-<size>" names a randomly initialised GPT-2 written on first use (size: models.GPT2_SHAPES).
-RANDOM_GPT2_PREFIX = "random-gpt2-"
+COMPARISON_GROUP = "comparison"
 EVAL_SUBSET_SEED = 0  # an eval subset must not change with the run seed: every run is scored on the same rows
-
-# Learning rates: ~2e-5 is the usual full fine-tuning rate for GPT-2/BERT-size models; adapters move far fewer
-# weights from a zero update and take ~10x more (2e-4: LoRA and QLoRA papers; DoRA uses LoRA's settings).
-_GPU_LR = {"full": 2e-5, "lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "qdora": 2e-4}
-# MiniLM is small and the CPU runs are short (250 steps): both rates are raised. Measured on this profile:
-# full 1e-4 -> 83.4% dev accuracy; LoRA 5e-4 / 1e-3 / 2e-3 -> 78.3% / 80.6% / 83.0%.
-_CPU_LR = {"full": 1e-4, "lora": 2e-3, "dora": 2e-3, "qlora": 2e-3, "qdora": 2e-3}
-
-PROFILES: dict[str, dict[str, Any]] = {
-    "full": {
-        "model": "openai-community/gpt2-large", "device": "cuda", "methods": METHODS,
-        "train_size": None, "eval_size": None, "epochs": 1, "batch_size": 16, "max_length": 128,
-        "lr": _GPU_LR, "rank": 8, "alpha": 16, "dropout": 0.05, "targets": None,
-        "weight_decay": 0.01, "warmup_ratio": 0.06, "max_grad_norm": 1.0, "grad_accum_steps": 1,
-        "eval_every": 1000, "log_every": 10, "bucket_by_length": True, "gradient_checkpointing": False,
-        # Ratios 1 and 4 (not 2): no sweep point repeats the comparison's LoRA run (r=8, alpha=16).
-        "sweep_ranks": (2, 8, 32), "sweep_alpha_ratios": (1, 4),
-    },
-    # Measured on 2 shared CPU cores, 4 methods + the 3-run sweep: 7.5-8.3 min under load from other jobs
-    # (about 4.5 min idle); dev accuracy 82-83% (sweep r=2: 80%). See the module docstring for OMP_WAIT_POLICY.
-    "cpu": {
-        "model": "minilm", "device": "cpu", "methods": ("full", "lora", "dora", "qlora"),
-        "train_size": 4000, "eval_size": None, "epochs": 1, "batch_size": 16, "max_length": 64,
-        "lr": _CPU_LR, "rank": 8, "alpha": 16, "dropout": 0.05, "targets": None,
-        "weight_decay": 0.01, "warmup_ratio": 0.06, "max_grad_norm": 1.0, "grad_accum_steps": 1,
-        "eval_every": 125, "log_every": 5, "bucket_by_length": True, "gradient_checkpointing": False,
-        # alpha = r: no point repeats the comparison's LoRA run (r=8, alpha=16).
-        "sweep_ranks": (2, 8, 32), "sweep_alpha_ratios": (1,),
-    },
-    "smoke": {
-        "model": "random-gpt2-tiny", "device": "auto", "methods": METHODS,
-        "train_size": 32, "eval_size": 32, "epochs": 1, "batch_size": 8, "max_length": 32,
-        "lr": 1e-3, "rank": 4, "alpha": 8, "dropout": 0.0, "targets": None,
-        "weight_decay": 0.01, "warmup_ratio": 0.0, "max_grad_norm": 1.0, "grad_accum_steps": 1,
-        "eval_every": None, "log_every": 1, "bucket_by_length": False, "gradient_checkpointing": False,
-        "sweep_ranks": (2, 4), "sweep_alpha_ratios": (1, 2),
-    },
-}
-_TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"lr", "seed"}
-_RUN_KEYS = {"model", "methods", "train_size", "eval_size", "lr", "rank", "alpha", "dropout", "targets",
-             "sweep_ranks", "sweep_alpha_ratios"}
-
-
-_SIZE_KEYS = ("train_size", "eval_size")
-
-
-def _row_count(key: str, value: Any) -> int | None:
-    """A subset size override: a positive int, or ``"all"`` -> ``None`` (every row of the split)."""
-    if value == "all":
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{key} must be a positive number of rows or 'all', got {value!r}")
-    return int(value)
-
-
-def resolve_profile(profile: str = "auto") -> str:
-    """``"auto"`` -> ``"full"`` with a CUDA GPU, else ``"cpu"``; any other name is checked and returned."""
-    if profile == "auto":
-        return "full" if torch.cuda.is_available() else "cpu"
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose 'auto' or one of {tuple(PROFILES)}")
-    return profile
-
-
-def profile_settings(profile: str = "auto", **overrides: Any) -> dict[str, Any]:
-    """The profile's settings with ``overrides`` applied (``None`` values are ignored, to ease CLI use).
-
-    ``lr`` may be one float for every method or a ``{method: lr}`` dict (merged into the profile's).
-    ``train_size`` / ``eval_size`` take a positive row count or ``"all"``: since ``None`` already means
-    "keep the profile's value", "every row" needs a spelling of its own (stored as ``None`` in the settings).
-    """
-    name = resolve_profile(profile)
-    unknown = sorted(set(overrides) - _TRAIN_KEYS - _RUN_KEYS)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(_TRAIN_KEYS | _RUN_KEYS)}")
-    settings = {**PROFILES[name], "profile": name}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key == "lr" and isinstance(value, dict) and isinstance(settings["lr"], dict):
-            value = {**settings["lr"], **value}
-        if key in _SIZE_KEYS:
-            value = _row_count(key, value)
-        settings[key] = value
-    return settings
 
 
 # --------------------------------------------------------------------------------------------- models
 
 
-def check_method(method: str) -> str:
-    """``method`` itself, or a ValueError naming every known method (typos fail before any training)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    return method
-
-
-def build_model(
-    method: str,
-    model_source: str | Path,
-    rank: int | None = 8,
-    alpha: float | None = 16,
-    dropout: float = 0.0,
-    targets: str | Sequence[str] | None = None,
-    dtype: torch.dtype = torch.float32,
-):
+def build_model(method: str, model_source: str | Path, adapter: AdapterSettings = AdapterSettings(),
+                dtype: torch.dtype = torch.float32):
     """A fresh ``(model, tokenizer)`` for ``method``, from the pretrained base every method shares.
 
     - ``full``: the base in float32 (the optimiser's master weights), every parameter trainable.
@@ -161,20 +63,20 @@ def build_model(
     - ``qlora`` / ``qdora``: the base's linear layers in NF4 (double quantisation), computing in ``dtype``,
       then the same LoRA / DoRA adapters on top of the 4-bit layers.
 
-    ``targets``: layers to adapt (``None``: the model's default, see ``inject.default_targets``).
-    ``rank``, ``alpha``, ``dropout`` and ``targets`` are ignored by ``full``.
+    ``adapter`` (rank, alpha, dropout, targets) is ignored by ``full``.
     """
-    check_method(method)
-    if method == "full":
+    kind = get_method(method)
+    if kind.adapter is None:
         model, tokenizer = load_model(model_source)
         model.requires_grad_(True)
         return model, tokenizer
-    if method in QUANTIZED:
+    if kind.quantized:
         model, tokenizer = load_quantized(model_source, compute_dtype=dtype)
         prepare_for_kbit_training(model)
     else:
         model, tokenizer = load_model(model_source, dtype=dtype)
-    apply_adapters(model, ADAPTER_OF[method], targets, rank, alpha, dropout)
+    apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
+                   dropout=adapter.dropout)
     _upcast_trainable(model)
     return model, tokenizer
 
@@ -186,57 +88,17 @@ def _upcast_trainable(model: torch.nn.Module) -> None:
             parameter.data = parameter.data.float()
 
 
-def size_report(model: torch.nn.Module, method: str) -> dict[str, Any]:
-    """``quant.model_size`` with, for adapter methods, the real bytes ``save_adapters`` writes."""
-    if method == "full":
-        return model_size(model, method)
-    with tempfile.TemporaryDirectory() as folder:
-        return model_size(model, method, adapter_bytes=save_adapters(model, folder))
-
-
-def materialize_model(model: str, results_dir: str | Path, data_dir: str | Path | None) -> str:
-    """The path or hub id to load ``model`` from; ``random-gpt2-<size>`` is written once under ``results_dir``.
-
-    The random GPT-2 gets the real GPT-2 tokenizer from the data folder (``gpt2-tokenizer/``), so tokenisation,
-    padding and the last-token classifier behave exactly as with the pretrained model.
-    """
-    if not model.startswith(RANDOM_GPT2_PREFIX):
-        return model
-    size = model.removeprefix(RANDOM_GPT2_PREFIX)
-    if size not in GPT2_SHAPES:
-        raise ValueError(f"unknown random GPT-2 size in {model!r}; choose one of {sorted(GPT2_SHAPES)}")
-    folder = Path(results_dir) / "_models" / model
-    if not (folder / "config.json").is_file():
-        save_random_gpt2(folder, tokenizer_dir(data_dir), size)
-    return str(folder)
-
-
-def tokenizer_dir(data_dir: str | Path | None) -> Path:
-    """``gpt2-tokenizer/`` beside the SST-2 folder: in ``data_dir``, its parent, or ``$PEFT_LAB_DATA``."""
-    roots = [Path(data_dir), Path(data_dir).parent] if data_dir is not None else []
-    if os.environ.get("PEFT_LAB_DATA"):
-        roots.append(Path(os.environ["PEFT_LAB_DATA"]))
-    for root in roots:
-        if (root / "gpt2-tokenizer" / "vocab.json").is_file():
-            return root / "gpt2-tokenizer"
-    raise FileNotFoundError(
-        f"no gpt2-tokenizer/ folder in {[str(r) for r in roots] or 'any known place'}: a random GPT-2 needs the real "
-        "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
-    )
-
-
-# --------------------------------------------------------------------------------------------- runs
+# --------------------------------------------------------------------------------------------- the plan
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One planned run. ``rank``/``alpha`` are ``None`` for full fine-tuning (it has no adapter)."""
+    """One planned run. ``adapter`` is ``None`` for full fine-tuning (it has none)."""
 
     group: str
     method: str
-    rank: int | None
-    alpha: float | None
     seed: int
+    adapter: AdapterSettings | None
 
 
 def model_slug(model: str | Path) -> str:
@@ -246,56 +108,106 @@ def model_slug(model: str | Path) -> str:
 
 def run_id(spec: RunSpec, model: str | Path) -> str:
     """``<group>-<method>[-r<rank>-a<alpha>]-s<seed>-<model>``, e.g. ``comparison-lora-r8-a16-s0-minilm``."""
-    adapter = f"-r{spec.rank}-a{spec.alpha:g}" if spec.rank is not None else ""
+    adapter = f"-r{spec.adapter.rank}-a{spec.adapter.alpha:g}" if spec.adapter is not None else ""
     return f"{spec.group}-{spec.method}{adapter}-s{spec.seed}-{model_slug(model)}"
 
 
-def _spec(group: str, method: str, rank: int, alpha: float, seed: int) -> RunSpec:
-    check_method(method)
-    if method == "full":
-        return RunSpec(group, method, None, None, seed)
-    return RunSpec(group, method, int(rank), float(alpha), seed)
+def comparison_specs(config: ExperimentConfig) -> list[RunSpec]:
+    """Every method for every seed, all with the configuration's adapter settings."""
+    return [RunSpec(COMPARISON_GROUP, m, s, config.adapter if get_method(m).adapter else None)
+            for s in config.seeds for m in config.methods]
 
 
-def _method_lr(lr: float | dict[str, float], method: str) -> float:
-    if isinstance(lr, dict):
-        if method not in lr:
-            raise ValueError(f"no learning rate for method {method!r} in {lr}")
-        return float(lr[method])
-    return float(lr)
+def sweep_specs(config: ExperimentConfig) -> list[RunSpec]:
+    """LoRA over ranks x alpha/rank ratios: a fixed ratio keeps the update's scale, so a line shows capacity alone."""
+    return [RunSpec(SWEEP_GROUP, "lora", s, replace(config.adapter, rank=r, alpha=ratio * r))
+            for s in config.seeds for ratio in config.sweep.alpha_ratios for r in config.sweep.ranks]
 
 
-def _frames(settings: dict[str, Any], splits: dict[str, pd.DataFrame], seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train rows (balanced subset, picked by the run seed) and eval rows (a fixed subset, or all of dev)."""
-    train_size, eval_size = settings["train_size"], settings["eval_size"]
-    train_frame = splits["train"] if train_size is None else subset(splits["train"], train_size, seed, balanced=True)
+@dataclass(frozen=True)
+class PlannedRun:
+    spec: RunSpec
+    run_id: str
+    record: dict[str, Any]  # every setting that changes the result, as the run's config event records it
+    train_frame: pd.DataFrame
+    eval_frame: pd.DataFrame
+    complete: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: ExperimentConfig
+    model_source: str  # where the model loads from (the cache folder of a random GPT-2, a hub id, a folder)
+    runs: list[PlannedRun]
+
+
+def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame]) -> dict:
+    train_settings = {k: v for k, v in asdict(config.train).items() if k != "device"}  # "auto" is recorded resolved
+    adapter = spec.adapter
+    return {
+        "group": spec.group, "method": spec.method, "model": config.model,
+        "rank": adapter.rank if adapter else None, "alpha": adapter.alpha if adapter else None,
+        "dropout": adapter.dropout if adapter else None, "targets": adapter.targets if adapter else None,
+        "train_size": len(frames[0]), "eval_size": len(frames[1]), "lr": config.method_lr(spec.method),
+        "seed": spec.seed, **train_settings,
+    }
+
+
+def _frames(config: ExperimentConfig, splits: dict[str, pd.DataFrame], seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train rows (a balanced subset drawn with the run seed) and eval rows (a fixed subset, or all of dev)."""
+    train_size, eval_size = config.data.train_size, config.data.eval_size
+    for name, size, split in (("train_size", train_size, "train"), ("eval_size", eval_size, "dev")):
+        if size is not None and size > len(splits[split]):
+            raise ValueError(f"{name}={size} is more than the {len(splits[split]):,} rows of the {split} split; "
+                             f"ask for at most {len(splits[split]):,} or 'all'")
+    try:
+        train_frame = splits["train"] if train_size is None else subset(splits["train"], train_size, seed, balanced=True)
+    except ValueError as error:
+        raise ValueError(f"train_size={train_size}: {error}") from None
     eval_frame = splits["dev"] if eval_size is None else subset(splits["dev"], eval_size, EVAL_SUBSET_SEED)
     return train_frame, eval_frame
 
 
-def _planned_record(spec: RunSpec, settings: dict[str, Any], config: TrainConfig,
-                    frames: tuple[pd.DataFrame, pd.DataFrame]) -> dict[str, Any]:
-    """The settings a finished record must match to be reused (as they appear in its ``config`` event)."""
-    train_config = {k: v for k, v in vars(config).items() if k != "device"}  # "auto" is recorded resolved
-    adapter = spec.rank is not None  # full fine-tuning has no adapter dropout or targets
-    planned = {
-        "group": spec.group, "method": spec.method, "model": str(settings["model"]), "rank": spec.rank,
-        "alpha": spec.alpha, "dropout": settings["dropout"] if adapter else None,
-        "targets": settings["targets"] if adapter else None, "train_size": len(frames[0]),
-        "eval_size": len(frames[1]), **train_config,
-    }
-    return json.loads(json.dumps(planned))  # tuples -> lists, as read back from JSON
+def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]) -> None:
+    """Before anything trains: bitsandbytes for 4-bit methods; adapter targets that match a layer of the model."""
+    kinds = [get_method(s.method) for s in specs]
+    if any(k.quantized for k in kinds):
+        require_bitsandbytes()
+    if any(k.adapter for k in kinds):
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        model_config = AutoConfig.from_pretrained(resolve_model_source(source), num_labels=2)
+        with torch.device("meta"):  # the layer names only: no weights are read or allocated
+            skeleton = AutoModelForSequenceClassification.from_config(model_config)
+        try:
+            select_targets(skeleton, config.adapter.targets)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"targets={config.adapter.targets!r} for {config.model}: {error}") from None
 
 
-def _check_recorded(path: Path, planned: dict[str, Any]) -> None:
-    config = next((e for e in read_events(path) if e.get("event") == "config"), {})
-    differ = {k: (config.get(k), v) for k, v in planned.items() if config.get(k) != v}
-    if differ:
-        details = ", ".join(f"{k}: recorded {old!r}, now {new!r}" for k, (old, new) in sorted(differ.items()))
-        raise ValueError(
-            f"{path} is a finished run with other settings ({details}); use another results_dir or group, "
-            "or delete that file to run it again"
-        )
+def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bool | None = None) -> Plan:
+    """Every run of the experiment with its data, checked against the data, the model and the results folder.
+
+    ``sweep``: ``None`` follows ``config.sweep.enabled``. Nothing is trained here; every error is raised here.
+    """
+    sweep = config.sweep.enabled if sweep is None else sweep
+    specs = (comparison_specs(config) if comparison else []) + (sweep_specs(config) if sweep else [])
+    if not specs:
+        raise ValueError("nothing to run: neither the comparison nor the sweep was asked for")
+    splits = load_sst2(config.data.data_dir)
+    frames = {seed: _frames(config, splits, seed) for seed in config.seeds}
+    source = materialize_model(config.model, config.data.data_dir)
+    _check_model(config, source, specs)
+    store = RunStore(config.results_dir)
+    runs = []
+    for spec in specs:
+        rid = run_id(spec, config.model)
+        record = _planned_record(config, spec, frames[spec.seed])
+        runs.append(PlannedRun(spec, rid, record, *frames[spec.seed], complete=store.check(rid, record)))
+    return Plan(config, source, runs)
+
+
+# --------------------------------------------------------------------------------------------- execution
 
 
 def _free_memory() -> None:
@@ -305,157 +217,73 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _execute(spec: RunSpec, settings: dict[str, Any], splits: dict[str, pd.DataFrame],
-             data_dir: str | Path | None, results_dir: Path) -> str:
-    """Train and record one run unless an identical one is already complete; returns its run_id."""
-    rid = run_id(spec, settings["model"])
-    config = TrainConfig(**{k: settings[k] for k in _TRAIN_KEYS if k in settings},
-                         lr=_method_lr(settings["lr"], spec.method), seed=spec.seed)
-    frames = _frames(settings, splits, spec.seed)
-    planned = _planned_record(spec, settings, config, frames)
-    if is_complete(results_dir, rid):
-        _check_recorded(results_dir / f"{rid}.jsonl", planned)
-        print(f"[{rid}] already complete in {results_dir}: skipped")
-        return rid
-    dtype = compute_dtype(resolve_device(config.device))
-    source = materialize_model(str(settings["model"]), results_dir, data_dir)
-    print(f"[{rid}] training ({settings['profile']} profile)")
-    set_seed(spec.seed)  # adapter and head initialisation
-    model, tokenizer = build_model(spec.method, source, spec.rank, spec.alpha, settings["dropout"],
-                                   settings["targets"], dtype)
+def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore) -> None:
+    config = plan.config
+    dtype = compute_dtype_for(resolve_device(config.train.device))
+    set_seed(run.spec.seed)  # adapter and head initialisation
+    model, tokenizer = build_model(run.spec.method, plan.model_source, run.spec.adapter or config.adapter, dtype)
     try:
-        run_info = {**planned, "run_id": rid, "profile": settings["profile"], "size": size_report(model, spec.method)}
-        with RunRecorder(results_dir, rid) as recorder:
-            train(model, tokenizer, *frames, config, recorder=recorder, run_info=run_info)
+        run_info = {**run.record, "run_id": run.run_id, "profile": config.profile,
+                    "size": size_report(model, run.spec.method)}
+        with store.recorder(run.run_id) as recorder:
+            train(model, tokenizer, run.train_frame, run.eval_frame, config.train, lr=run.record["lr"],
+                  seed=run.spec.seed, recorder=recorder, run_info=run_info)
     finally:
         del model, tokenizer
         _free_memory()
-    return rid
 
 
-def _run_specs(specs: Sequence[RunSpec], settings: dict[str, Any], data_dir: str | Path | None,
-               results_dir: str | Path) -> pd.DataFrame:
-    results_dir = Path(results_dir)
-    splits = load_sst2(data_dir)
-    ids = [_execute(spec, settings, splits, data_dir, results_dir) for spec in specs]
-    return summary_table(results_dir, ids)
+def execute(plan: Plan) -> pd.DataFrame:
+    """Train every run of ``plan`` not already complete, in order; one summary row per run."""
+    store = RunStore(plan.config.results_dir)
+    for index, run in enumerate(plan.runs, start=1):
+        position = f"run {index}/{len(plan.runs)}"
+        if run.complete:
+            print(f"[{position}] {run.run_id}: already complete in {store.folder}, skipped")
+            continue
+        print(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
+        _train_and_record(plan, run, store)
+    return store.summary([run.run_id for run in plan.runs])
 
 
-SUMMARY_COLUMNS = ("run_id", "group", "method", "rank", "alpha", "seed", "final_accuracy", "final_eval_loss",
-                   "train_time_s", "samples_per_s", "peak_memory_bytes", "memory_kind", "trainable_params",
-                   "total_params", "size.disk_bytes")
+def run_comparison(config: ExperimentConfig) -> pd.DataFrame:
+    """Train the configuration's methods for every seed (resuming), one summary row per run."""
+    return execute(plan_experiment(config, comparison=True, sweep=False))
 
 
-def summary_table(results_dir: str | Path, run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per complete run (all recorded fields, the main ones first), in ``run_ids`` order if given."""
-    runs = load_results(results_dir).runs
-    if runs.empty:
-        return runs
-    if run_ids is not None:
-        runs = runs.set_index("run_id").loc[list(run_ids)].reset_index()
-    first = [c for c in SUMMARY_COLUMNS if c in runs.columns]
-    return runs[first + [c for c in runs.columns if c not in first]].reset_index(drop=True)
-
-
-def run_comparison(
-    methods: Sequence[str] | None = None,
-    model: str | None = None,
-    data_dir: str | Path | None = None,
-    results_dir: str | Path = "results",
-    profile: str = "auto",
-    group: str = "comparison",
-    seeds: Sequence[int] = (0,),
-    sweep: bool = False,
-    **overrides: Any,
-) -> pd.DataFrame:
-    """Train ``methods`` (default: the profile's) one after another and return one summary row per run.
-
-    Every method starts from the same base weights with the same seed, data and schedule. Runs already complete
-    in ``results_dir`` are skipped (resume). ``model`` and ``overrides`` (any profile key: ``epochs``,
-    ``train_size``, ``lr``, ``rank``...) replace the profile's values. ``sweep=True`` also runs the profile's
-    LoRA rank/alpha grid (see :func:`run_sweep`).
-    """
-    settings = profile_settings(profile, model=model, **overrides)
-    methods = tuple(methods or settings["methods"])
-    specs = [_spec(group, m, settings["rank"], settings["alpha"], s) for s in seeds for m in methods]
-    if sweep:
-        specs += _sweep_specs(settings["sweep_ranks"], settings["sweep_alpha_ratios"], seeds)
-    return _run_specs(specs, settings, data_dir, results_dir)
-
-
-def _sweep_specs(ranks: Sequence[int], alpha_ratios: Sequence[float], seeds: Sequence[int]) -> list[RunSpec]:
-    if not ranks or not alpha_ratios:
-        raise ValueError("a sweep needs at least one rank and one alpha/rank ratio")
-    return [_spec("sweep", "lora", r, ratio * r, s) for s in seeds for ratio in alpha_ratios for r in ranks]
-
-
-def run_sweep(
-    ranks: Sequence[int] | None = None,
-    alpha_ratios: Sequence[float] | None = None,
-    model: str | None = None,
-    data_dir: str | Path | None = None,
-    results_dir: str | Path = "results",
-    profile: str = "auto",
-    seeds: Sequence[int] = (0,),
-    **overrides: Any,
-) -> pd.DataFrame:
-    """LoRA over a grid of ranks x alpha/rank ratios (group ``"sweep"``; default grid: the profile's).
-
-    The grid is in alpha/rank ratios because LoRA scales its update by alpha/r: a fixed ratio keeps the update's
-    scale, so a line over ranks shows the effect of capacity alone.
-    """
-    settings = profile_settings(profile, model=model, **overrides)
-    specs = _sweep_specs(ranks or settings["sweep_ranks"], alpha_ratios or settings["sweep_alpha_ratios"], seeds)
-    return _run_specs(specs, settings, data_dir, results_dir)
+def run_sweep(config: ExperimentConfig) -> pd.DataFrame:
+    """Train LoRA over the configuration's rank x alpha/rank grid (group ``"sweep"``), one summary row per run."""
+    return execute(plan_experiment(config, comparison=False, sweep=True))
 
 
 # --------------------------------------------------------------------------------------------- command line
 
 
-def _size_arg(text: str) -> int | str:
-    """``--train-size`` / ``--eval-size``: a row count, or ``all``."""
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of rows or 'all', got {text!r}") from None
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m peft_utils.experiment", description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", default="auto", help="auto | " + " | ".join(PROFILES))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: the profile's methods")
-    parser.add_argument("--model", help="hub id, local folder, 'minilm' or 'random-gpt2-<size>'")
-    parser.add_argument("--data-dir", help="folder with sst2/ (and gpt2-tokenizer/), or the sst2 folder itself")
-    parser.add_argument("--results", default="results", help="folder for the run records (default: results)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--sweep", action="store_true", help="also run the profile's LoRA rank/alpha sweep")
-    parser.add_argument("--sweep-only", action="store_true", help="run only the LoRA rank/alpha sweep")
-    parser.add_argument("--train-size", type=_size_arg, help="train rows, or 'all' (67,349)")
-    parser.add_argument("--eval-size", type=_size_arg, help="dev rows, or 'all' (872)")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--max-length", type=int)
-    parser.add_argument("--lr", type=float, help="one learning rate for every method")
-    parser.add_argument("--eval-every", type=int, help="also evaluate every N optimizer steps (default: the profile's)")
+    parser.add_argument("--profile", default="auto", choices=("auto", *PROFILE_NAMES),
+                        help="a profile fixes every setting; the flags below override it")
+    parser.add_argument("--sweep-only", action="store_true", help="run only the LoRA rank x alpha grid")
+    add_cli_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    overrides = {"train_size": args.train_size, "eval_size": args.eval_size, "epochs": args.epochs,
-                 "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
-                 "eval_every": args.eval_every}
-    common = {"model": args.model, "data_dir": args.data_dir, "results_dir": args.results, "profile": args.profile,
-              "seeds": args.seeds, **overrides}
-    if args.sweep_only:
-        table = run_sweep(**common)
-    else:
-        table = run_comparison(args.methods, sweep=args.sweep, **common)
+    try:  # a mistake in the user's input is one line, never a traceback
+        config = make_config(args.profile, **cli_parameters(args))
+        plan = plan_experiment(config, comparison=not args.sweep_only, sweep=True if args.sweep_only else None)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    table = execute(plan)
     columns = [c for c in ("run_id", "final_accuracy", "train_time_s", "peak_memory_bytes", "trainable_params",
                            "size.disk_bytes") if c in table.columns]
     print(table[columns].to_string(index=False))
+    from .plots import plot_all  # matplotlib only once there is something to draw
+
+    plot_all(config.results_dir, config.figures_dir)
+    print(f"figures: {config.figures_dir}")
     return 0
 
 

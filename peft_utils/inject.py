@@ -14,9 +14,9 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .adapters import DoRALayer, LoRALayer, is_supported_base
+from .adapters import DoRALayer, LoRALayer, check_rank, is_supported_base, logical_numel
+from .methods import ADAPTER_KINDS
 
-ADAPTER_METHODS = ("lora", "dora")
 
 # Module-name suffixes. GPT-2's c_proj exists in both attention and MLP, so "gpt2-all" covers both.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -84,6 +84,21 @@ def _candidate_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def select_targets(model: nn.Module, targets: str | Sequence[str] | None) -> list[tuple[str, nn.Module]]:
+    """The layers ``targets`` names (``None``: the model's default), each one a layer an adapter can wrap.
+
+    Works on a weightless (meta-device) copy too, so a typo is caught before any weights are loaded.
+    """
+    matches = _target_matcher(targets if targets is not None else default_targets(model))
+    chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
+    if not chosen:
+        raise ValueError(f"no module matched targets {targets!r}; candidate layers: {', '.join(_candidate_names(model))}")
+    unsupported = [f"{name} ({type(module).__name__})" for name, module in chosen if not is_supported_base(module)]
+    if unsupported:
+        raise TypeError(f"targets must be nn.Linear, Conv1D or Linear4bit layers; not: {', '.join(unsupported)}")
+    return chosen
+
+
 def _adapter_layers(model: nn.Module) -> Iterable[tuple[str, LoRALayer]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer))
 
@@ -105,20 +120,12 @@ def apply_adapters(
     ``score`` or ``classifier``, whichever exists — a new head is random and must learn).
     Returns the model, with its ``AdapterConfig`` at ``model.adapter_config``.
     """
-    if method not in ADAPTER_METHODS:
-        raise ValueError(f"unknown adapter method {method!r}; choose one of {ADAPTER_METHODS}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if method not in ADAPTER_KINDS:
+        raise ValueError(f"unknown adapter method {method!r}; choose one of {ADAPTER_KINDS}")
+    check_rank(rank)
     if any(True for _ in _adapter_layers(model)):
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
-    matches = _target_matcher(targets if targets is not None else default_targets(model))
-    chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
-    if not chosen:
-        raise ValueError(f"no module matched targets {targets!r}; candidate layers: {', '.join(_candidate_names(model))}")
-    unsupported = [f"{name} ({type(module).__name__})" for name, module in chosen if not is_supported_base(module)]
-    if unsupported:
-        raise TypeError(f"targets must be nn.Linear, Conv1D or Linear4bit layers; not: {', '.join(unsupported)}")
-
+    chosen = select_targets(model, targets)
     model.requires_grad_(False)
     for name, module in chosen:
         if method == "lora":
@@ -147,17 +154,11 @@ def _keep_trainable(model: nn.Module, keep: Sequence[str] | None) -> list[str]:
     return kept
 
 
-def _numel(parameter: torch.Tensor) -> int:
-    """Logical element count; a 4-bit packed weight reports its packed size, its quant state the real shape."""
-    quant_state = getattr(parameter, "quant_state", None)
-    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else parameter.numel()
-
-
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Trainable / total parameters (4-bit weights counted as the weights they encode, like peft)."""
     trainable = total = 0
     for parameter in model.parameters():
-        n = _numel(parameter)
+        n = logical_numel(parameter)
         total += n
         trainable += n if parameter.requires_grad else 0
     return ParameterCount(trainable, total)
@@ -253,6 +254,6 @@ def _tensor_by_name(model: nn.Module, name: str) -> torch.Tensor:
 
 
 __all__ = [
-    "ADAPTER_METHODS", "TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters", "count_parameters",
+    "TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters", "select_targets", "count_parameters",
     "merge_adapters", "unmerge_adapters", "adapter_state_dict", "save_adapters", "load_adapters",
 ]

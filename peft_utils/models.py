@@ -5,12 +5,18 @@ from the same base model configured the same way.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+# "random-gpt2-<size>" names a randomly initialised GPT-2 (real tokenizer) written to the model cache on first use.
+RANDOM_GPT2_PREFIX = "random-gpt2-"
+# A cached model folder is usable only when all of these exist (a kill mid-write must not leave a half folder).
+_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 # GPT-2 family shapes (n_layer, n_embd, n_head). "tiny" is for tests; the others match the released checkpoints.
 GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -110,3 +116,47 @@ def save_random_gpt2(folder: str | Path, tokenizer_dir: str | Path, size: str = 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward instead of storing them: less memory for ~30% more compute.
+
+    Non-reentrant checkpointing, because with a frozen embedding (adapter methods) the reentrant variant sees
+    inputs that do not require grad and silently drops the adapters' gradients. The KV cache is switched off: it is
+    useless in training and conflicts with checkpointing.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def model_cache_dir() -> Path:
+    """Where generated test models live: ``$PEFT_LAB_CACHE``, else ``~/.cache/peft-lab`` (never inside results/)."""
+    return Path(os.environ.get("PEFT_LAB_CACHE") or Path.home() / ".cache" / "peft-lab") / "models"
+
+
+def materialize_model(model: str, data_dir: str | Path | None = None) -> str:
+    """The path or hub id to load ``model`` from; ``random-gpt2-<size>`` is written once to the model cache.
+
+    The random GPT-2 gets the real GPT-2 tokenizer from the data folder (``gpt2-tokenizer/``), so tokenisation,
+    padding and the last-token classifier behave exactly as with the pretrained model. It is written to a temporary
+    folder and renamed into place, and a cached folder is used only when weights and tokenizer are both there.
+    """
+    if not model.startswith(RANDOM_GPT2_PREFIX):
+        return model
+    size = model.removeprefix(RANDOM_GPT2_PREFIX)
+    if size not in GPT2_SHAPES:
+        raise ValueError(f"unknown random GPT-2 size in {model!r}; choose one of {sorted(GPT2_SHAPES)}")
+    folder = model_cache_dir() / model
+    if not all((folder / name).is_file() for name in _MODEL_FILES):
+        from .data import find_gpt2_tokenizer
+
+        tokenizer_dir = find_gpt2_tokenizer(data_dir)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_random_gpt2(staging, tokenizer_dir, size)
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder left by an earlier kill
+        os.replace(staging, folder)
+    return str(folder)

@@ -33,7 +33,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator, PercentFormatter
 
-from peft_utils.results import Results, load_results
+from peft_utils.store import Results, RunStore
 
 __all__ = [
     "METHOD_ORDER",
@@ -1124,7 +1124,7 @@ def plot_all(results_dir: str | Path, imgs_dir: str | Path) -> list[Path]:
     complete run, because an empty figure set would otherwise look like a success.
     """
     results_dir = Path(results_dir)
-    results = load_results(results_dir)
+    results = RunStore(results_dir).load()
     if results.runs.empty:
         raise ValueError(f"no complete run in {results_dir} (a run is complete once its summary is written); "
                          "run the comparison first")

@@ -5,11 +5,12 @@ Kept here so that the notebook holds no logic, only calls.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 
-from .quant import nf4_bits_per_weight
+from .config import ExperimentConfig, config_record
+from .sizes import nf4_bits_per_weight
 
 
 def show_source(*functions: Callable) -> None:
@@ -18,9 +19,9 @@ def show_source(*functions: Callable) -> None:
         print(inspect.getsource(function))
 
 
-def describe_settings(settings: dict[str, Any]) -> str:
-    """The resolved run settings as a Markdown table (profile defaults with the notebook's overrides applied)."""
-    rows = "\n".join(f"| `{key}` | `{value!r}` |" for key, value in settings.items())
+def describe_config(config: ExperimentConfig) -> str:
+    """The resolved settings as a Markdown table (the profile's values with the notebook's parameters applied)."""
+    rows = "\n".join(f"| `{key}` | `{value!r}` |" for key, value in config_record(config).items())
     return f"| setting | value |\n|---|---|\n{rows}"
 
 

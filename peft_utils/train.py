@@ -34,51 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .config import TrainConfig, compute_dtype_for
 from .data import encode, make_loader
 from .inject import count_parameters
-from .results import RunRecorder
+from .models import enable_gradient_checkpointing
+from .store import RunRecorder
 
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one run; every field is written to the run's ``config`` event.
-
-    ``batch_size`` is the micro-batch; the optimiser sees ``batch_size * grad_accum_steps`` rows per step.
-    ``eval_every``: also evaluate every that many optimiser steps (``None``: only at the end of each epoch).
-    ``device``: ``"auto"`` picks CUDA when available. ``log_every``: steps averaged into one ``step`` event.
-    ``eval_batch_size``: ``None`` uses ``2 * batch_size`` (no activations are kept for backward in evaluation).
-    """
-
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float | None = 1.0
-    grad_accum_steps: int = 1
-    max_length: int = 128
-    eval_every: int | None = None
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    device: str = "auto"
-    log_every: int = 10
-    bucket_by_length: bool = False
-    eval_batch_size: int | None = None
-
-    def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum_steps": self.grad_accum_steps,
-                    "max_length": self.max_length, "log_every": self.log_every}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if self.eval_every is not None and self.eval_every <= 0:
-            raise ValueError(f"TrainConfig.eval_every must be a positive integer or None, got {self.eval_every!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
 
 
 @dataclass
@@ -118,14 +80,6 @@ def resolve_device(device: str = "auto") -> torch.device:
         if resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 autocast on GPUs that support it (same exponent range as fp32: no loss scaling needed);
-    float32 elsewhere, because CPU bf16 matmuls are slow and fp16 would need a gradient scaler."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -223,12 +177,13 @@ def _accumulation_groups(loader: DataLoader, size: int) -> Iterator[list[Batch]]
         yield group
 
 
-def _loader(frame: pd.DataFrame, tokenizer, config: TrainConfig, batch_size: int, shuffle: bool) -> DataLoader:
-    """Tokenised once, padded per batch; the order depends only on ``config.seed``."""
+def _loader(frame: pd.DataFrame, tokenizer, config: TrainConfig, seed: int, batch_size: int,
+            shuffle: bool) -> DataLoader:
+    """Tokenised once, padded per batch; the order depends only on ``seed``."""
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token: run models.configure_padding(tokenizer, model) first")
     rows = encode(frame, tokenizer, config.max_length)
-    return make_loader(rows, batch_size, tokenizer.pad_token_id, shuffle=shuffle, seed=config.seed,
+    return make_loader(rows, batch_size, tokenizer.pad_token_id, shuffle=shuffle, seed=seed,
                        bucket_by_length=config.bucket_by_length)
 
 
@@ -238,18 +193,6 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute activations in backward instead of storing them: less memory for ~30% more compute.
-
-    Non-reentrant checkpointing, because with a frozen embedding (adapter methods) the reentrant variant sees
-    inputs that do not require grad and silently drops the adapters' gradients.
-    """
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -263,7 +206,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str,
     The caller's train/eval mode is restored afterwards, so this can be called in the middle of training.
     """
     device = torch.device(device)
-    dtype = dtype or compute_dtype(device)
+    dtype = dtype or compute_dtype_for(device)
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
@@ -315,10 +258,15 @@ def train(
     train_frame: pd.DataFrame,
     eval_frame: pd.DataFrame,
     config: TrainConfig,
+    *,
+    lr: float,
+    seed: int,
     recorder: RunRecorder | None = None,
     run_info: dict[str, Any] | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` on ``train_frame`` and evaluate on ``eval_frame``; returns a :class:`RunResult`.
+
+    ``lr`` is the peak learning rate; ``seed`` fixes the data order and dropout masks (the same for every method).
 
     Only parameters with ``requires_grad`` are optimised, so the method (full, LoRA, ...) is decided entirely by
     how the model was built. With a ``recorder``, a ``config`` event (``run_info`` plus this run's settings,
@@ -326,13 +274,13 @@ def train(
     ``summary`` at the end — which marks the run complete.
     """
     device = resolve_device(config.device)
-    dtype = compute_dtype(device)
+    dtype = compute_dtype_for(device)
     if next(model.parameters()).device != device:
         model.to(device)
     if config.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-    train_loader = _loader(train_frame, tokenizer, config, config.batch_size, shuffle=True)
-    eval_loader = _loader(eval_frame, tokenizer, config, config.eval_batch_size or 2 * config.batch_size,
+        enable_gradient_checkpointing(model)
+    train_loader = _loader(train_frame, tokenizer, config, seed, config.batch_size, shuffle=True)
+    eval_loader = _loader(eval_frame, tokenizer, config, seed, config.eval_batch_size or 2 * config.batch_size,
                           shuffle=False)
     train_rows, eval_rows = train_loader.dataset, eval_loader.dataset
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
@@ -342,14 +290,14 @@ def train(
         counts = count_parameters(model)
         # run_info first: the settings actually used (device resolved, sizes after encoding) win on a clash.
         recorder.log("config", **{
-            **(run_info or {}), **asdict(config), "device": str(device),
+            **(run_info or {}), **asdict(config), "lr": lr, "seed": seed, "device": str(device),
             "compute_dtype": str(dtype).removeprefix("torch."), "train_size": len(train_rows),
             "eval_size": len(eval_rows), "total_steps": total_steps,
             "trainable_params": counts.trainable, "total_params": counts.total,
         })
 
-    set_seed(config.seed)  # dropout masks: the same for every method and every repeat
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    set_seed(seed)  # dropout masks: the same for every method and every repeat
+    optimizer = make_optimizer(model, lr, config.weight_decay)
     scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     memory, clock, result = _PeakMemory(device), _Clock(device), RunResult()
     bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)  # closed in `finally`, even on a crash
@@ -445,5 +393,5 @@ def _optimizer_step(model: nn.Module, group: Sequence[Batch], optimizer: torch.o
     return step_loss
 
 
-__all__ = ["TrainConfig", "RunResult", "set_seed", "resolve_device", "compute_dtype", "make_optimizer",
+__all__ = ["RunResult", "set_seed", "resolve_device", "make_optimizer",
            "linear_schedule", "evaluate", "train"]

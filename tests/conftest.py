@@ -16,6 +16,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Generated test models (random GPT-2) are cached inside the repo, never in the user's home.
+os.environ.setdefault("PEFT_LAB_CACHE", str(REPO_ROOT / ".cache" / "peft-lab"))
 
 
 def _shared_data_dir() -> Path:

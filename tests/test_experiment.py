@@ -1,26 +1,25 @@
 """Comparisons end to end on the smoke profile (tiny random GPT-2, real tokenizer, real SST-2 rows): method
-building, run ids, complete records for the plots, resume after a crash, and refusing mismatched records."""
+building, run ids, complete records for the plots, resume after a crash, and every check that runs before training."""
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from peft_utils import experiment
-from peft_utils.experiment import (
-    METHODS,
-    PROFILES,
-    RunSpec,
-    build_model,
-    profile_settings,
-    resolve_profile,
-    run_comparison,
-    run_id,
-    run_sweep,
-)
+from peft_utils.config import PROFILES, AdapterSettings, make_config
+from peft_utils.experiment import RunSpec, build_model, plan_experiment, run_comparison, run_id, run_sweep
 from peft_utils.inject import count_parameters
-from peft_utils.quant import SIZE_KEYS
-from peft_utils.results import is_complete, load_results, read_events
+from peft_utils.methods import METHOD_NAMES
+from peft_utils.models import materialize_model, model_cache_dir
+from peft_utils.sizes import SIZE_KEYS
+from peft_utils.store import IDENTITY_KEYS, RunStore, read_events
 
 # The smallest useful smoke comparison: 16 rows, 2 steps, evaluated on 16 dev rows.
 TINY = {"train_size": 16, "eval_size": 16, "max_length": 24}
@@ -32,12 +31,16 @@ SUMMARY_FIELDS = ("train_time_s", "eval_time_s", "samples_per_s", "tokens_per_s"
                   "memory_kind", "final_accuracy", "final_eval_loss", "n_eval", "steps")
 
 
+def smoke(results, data_dir, **parameters):
+    return make_config("smoke", data_dir=str(data_dir), results_dir=str(results), **{**TINY, **parameters})
+
+
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory, sst2_dir, gpt2_tokenizer_dir):
     """Full fine-tuning, QDoRA and a one-point LoRA sweep, recorded once for the tests below."""
     results = tmp_path_factory.mktemp("results")
-    table = run_comparison(["full", "qdora"], data_dir=sst2_dir.parent, results_dir=results, profile="smoke",
-                           sweep=True, sweep_ranks=(2,), sweep_alpha_ratios=(1,), **TINY)
+    config = smoke(results, sst2_dir.parent, methods=["full", "qdora"], sweep_ranks=[2], sweep_alpha_ratios=[1])
+    table = experiment.execute(plan_experiment(config, comparison=True, sweep=True))
     return results, table
 
 
@@ -47,35 +50,65 @@ def test_records_hold_every_field_the_plots_read(smoke_results):
         "comparison-full-s0-random-gpt2-tiny", "comparison-qdora-r4-a8-s0-random-gpt2-tiny",
         "sweep-lora-r2-a2-s0-random-gpt2-tiny",
     ]
-    runs = load_results(results).runs.set_index("run_id")
+    loaded = RunStore(results).load()
+    runs = loaded.runs.set_index("run_id")
     for field in CONFIG_FIELDS[1:] + SUMMARY_FIELDS + tuple(f"size.{k}" for k in SIZE_KEYS):
         assert field in runs.columns, field
     full, qdora, sweep = (runs.loc[r] for r in table["run_id"])
     assert (full["group"], qdora["group"], sweep["group"]) == ("comparison", "comparison", "sweep")
     assert pd.isna(full["rank"]) and pd.isna(full["alpha"])  # no adapter
     assert (qdora["rank"], qdora["alpha"], sweep["rank"], sweep["alpha"]) == (4, 8, 2, 2)
-    assert full["lr"] == PROFILES["smoke"]["lr"] and full["model"] == "random-gpt2-tiny"
+    assert full["lr"] == PROFILES["smoke"].lr["full"] and full["model"] == "random-gpt2-tiny"
     assert (full["train_size"], full["eval_size"], full["n_eval"], full["steps"]) == (16, 16, 16, 2)
     assert full["trainable_params"] == full["total_params"]
     assert 0 < qdora["trainable_params"] < qdora["total_params"]
     assert full["size.disk_kind"] == "full checkpoint" and qdora["size.disk_kind"] == "4-bit base + adapter"
     assert qdora["size.quantized_bytes"] > 0 and full["size.quantized_bytes"] == 0
     assert sweep["size.disk_bytes"] < 10_000  # the adapter only, as written by save_adapters
-    steps, evals = load_results(results).steps, load_results(results).evals
-    assert set(steps["run_id"]) == set(evals["run_id"]) == set(table["run_id"])
+    assert set(loaded.steps["run_id"]) == set(loaded.evals["run_id"]) == set(table["run_id"])
+
+
+def test_the_record_holds_every_identity_setting(smoke_results):
+    results, table = smoke_results
+    config = next(e for e in read_events(results / f"{table['run_id'][1]}.jsonl") if e["event"] == "config")
+    assert set(IDENTITY_KEYS) <= set(config)
 
 
 def test_rerun_skips_complete_runs(smoke_results, sst2_dir, monkeypatch):
     results, table = smoke_results
     monkeypatch.setattr(experiment, "train", _fail)
-    again = run_comparison(["full", "qdora"], data_dir=sst2_dir, results_dir=results, profile="smoke", **TINY)
+    again = run_comparison(smoke(results, sst2_dir, methods=["full", "qdora"]))
     assert list(again["run_id"]) == list(table["run_id"][:2])
 
 
-def test_finished_record_with_other_settings_is_refused(smoke_results, sst2_dir):
+def test_finished_record_with_other_settings_is_refused_before_training(smoke_results, sst2_dir, monkeypatch):
     results, _ = smoke_results
-    with pytest.raises(ValueError, match="other settings.*epochs"):
-        run_comparison(["full"], data_dir=sst2_dir, results_dir=results, profile="smoke", epochs=2, **TINY)
+    monkeypatch.setattr(experiment, "train", _fail)
+    with pytest.raises(ValueError, match=r"finished 'full' run with other settings \(epochs 1 -> 2\)"):
+        run_comparison(smoke(results, sst2_dir, methods=["full"], epochs=2))
+
+
+def test_another_rank_in_the_same_folder_is_refused_naming_the_keys(smoke_results, sst2_dir, monkeypatch):
+    """The README's `-p rank 16` re-run into the same folder: refused, never plotted as a second seed."""
+    results, _ = smoke_results
+    monkeypatch.setattr(experiment, "train", _fail)
+    with pytest.raises(ValueError, match=r"'qdora' run with other settings \(alpha 8.0 -> 6.0, rank 4 -> 3\)"):
+        plan_experiment(smoke(results, sst2_dir, methods=["full", "qdora"], rank=3, alpha=6), sweep=False)
+    # a second seed of the same settings is a repeat, and is planned
+    plan = plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[0, 1]), sweep=False)
+    assert [run.complete for run in plan.runs] == [True, False]
+
+
+def test_a_folder_mixing_two_settings_is_refused_when_loaded(smoke_results, tmp_path):
+    results, table = smoke_results
+    mixed = tmp_path / "mixed"
+    shutil.copytree(results, mixed)
+    source = (mixed / f"{table['run_id'][1]}.jsonl").read_text()
+    copy = source.replace('"seed": 0', '"seed": 1').replace('"lr": 0.001', '"lr": 0.002')
+    (mixed / "comparison-qdora-r4-a8-s1-random-gpt2-tiny.jsonl").write_text(
+        copy.replace("-s0-random", "-s1-random"))
+    with pytest.raises(ValueError, match=r"mixes two different 'qdora' runs.*lr 0.001 vs 0.002"):
+        RunStore(mixed).load()
 
 
 def test_resume_after_a_crash_continues_with_the_next_method(tmp_path, sst2_dir, gpt2_tokenizer_dir, monkeypatch):
@@ -88,35 +121,37 @@ def test_resume_after_a_crash_continues_with_the_next_method(tmp_path, sst2_dir,
         return real_train(*args, run_info=run_info, **kwargs)
 
     monkeypatch.setattr(experiment, "train", train_or_crash)
-    settings = dict(data_dir=sst2_dir, results_dir=tmp_path, profile="smoke", **TINY)
+    config = smoke(tmp_path, sst2_dir, methods=["full", "lora"])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_comparison(["full", "lora"], **settings)
+        run_comparison(config)
     full_id, lora_id = "comparison-full-s0-random-gpt2-tiny", "comparison-lora-r4-a8-s0-random-gpt2-tiny"
-    assert is_complete(tmp_path, full_id) and not is_complete(tmp_path, lora_id)
-    full_file = (tmp_path / f"{full_id}.jsonl").read_bytes()
+    store = RunStore(tmp_path)
+    assert store.is_complete(full_id) and not store.is_complete(lora_id)
+    full_file = store.path(full_id).read_bytes()
 
     calls.clear()
     crash.clear()
-    table = run_comparison(["full", "lora"], **settings)
+    table = run_comparison(config)
     assert calls == ["lora"]  # the finished method is not trained again
-    assert (tmp_path / f"{full_id}.jsonl").read_bytes() == full_file
+    assert store.path(full_id).read_bytes() == full_file
     assert list(table["run_id"]) == [full_id, lora_id]
-    assert [e["event"] for e in read_events(tmp_path / f"{lora_id}.jsonl")].count("config") == 1
+    assert [e["event"] for e in store.events(lora_id)].count("config") == 1
 
 
 def test_sweep_grid_uses_alpha_ratios(tmp_path, monkeypatch):
     planned = []
-    monkeypatch.setattr(experiment, "_run_specs", lambda specs, *a: planned.extend(specs))
-    run_sweep(ranks=(2, 8), alpha_ratios=(1, 2), profile="smoke", results_dir=tmp_path, seeds=(0, 1))
-    assert {(s.rank, s.alpha, s.seed) for s in planned} == {
+    monkeypatch.setattr(experiment, "execute", lambda plan: planned.extend(run.spec for run in plan.runs))
+    monkeypatch.setattr(experiment, "load_sst2", lambda data_dir: _splits(40, 10))
+    run_sweep(make_config("smoke", sweep_ranks=[2, 8], sweep_alpha_ratios=[1, 2], results_dir=str(tmp_path),
+                          seeds=[0, 1], train_size=8, eval_size=4))
+    assert {(s.adapter.rank, s.adapter.alpha, s.seed) for s in planned} == {
         (r, ratio * r, seed) for r in (2, 8) for ratio in (1, 2) for seed in (0, 1)}
     assert {s.group for s in planned} == {"sweep"} and {s.method for s in planned} == {"lora"}
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_build_model_trains_the_right_parameters(smoke_results, method):
-    results, _ = smoke_results
-    model, tokenizer = build_model(method, results / "_models" / "random-gpt2-tiny", rank=2, alpha=4)
+    model, tokenizer = build_model(method, model_cache_dir() / "random-gpt2-tiny", AdapterSettings(rank=2, alpha=4))
     counts = count_parameters(model)
     assert tokenizer.pad_token_id == model.config.pad_token_id is not None
     if method == "full":
@@ -130,64 +165,120 @@ def test_build_model_trains_the_right_parameters(smoke_results, method):
     assert has_magnitude == method.endswith("dora")
 
 
-def test_unknown_method_lists_the_methods(tmp_path):
+def test_unknown_method_lists_the_methods():
     with pytest.raises(ValueError, match="unknown method 'adalora'.*full.*qdora"):
         build_model("adalora", "unused")
-    with pytest.raises(ValueError, match="unknown method"):
-        run_comparison(["lora", "adalora"], results_dir=tmp_path, profile="smoke")
+    with pytest.raises(ValueError, match="unknown method 'adalora'"):
+        make_config("smoke", methods=["lora", "adalora"])
 
 
 def test_run_ids_are_deterministic_and_readable():
-    assert run_id(RunSpec("comparison", "lora", 8, 16.0, 0), "minilm") == "comparison-lora-r8-a16-s0-minilm"
-    assert run_id(RunSpec("comparison", "full", None, None, 1), "openai-community/gpt2-large") == (
+    lora = AdapterSettings(rank=8, alpha=16.0)
+    assert run_id(RunSpec("comparison", "lora", 0, lora), "minilm") == "comparison-lora-r8-a16-s0-minilm"
+    assert run_id(RunSpec("comparison", "full", 1, None), "openai-community/gpt2-large") == (
         "comparison-full-s1-gpt2-large")
-    assert run_id(RunSpec("sweep", "lora", 4, 2.0, 0), "/x/My Model") == "sweep-lora-r4-a2-s0-my-model"
+    assert run_id(RunSpec("sweep", "lora", 0, AdapterSettings(rank=4, alpha=2.0)), "/x/My Model") == (
+        "sweep-lora-r4-a2-s0-my-model")
 
 
-def test_profiles_and_settings(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_profile("auto") == "cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_profile("auto") == "full"
-    with pytest.raises(ValueError, match="unknown profile"):
-        resolve_profile("huge")
-    assert PROFILES["cpu"]["model"] == "minilm" and PROFILES["cpu"]["eval_size"] is None
-    settings = profile_settings("cpu", lr={"lora": 5e-4}, epochs=None, train_size=100)
-    assert settings["lr"]["lora"] == 5e-4 and settings["lr"]["full"] == PROFILES["cpu"]["lr"]["full"]
-    assert settings["epochs"] == PROFILES["cpu"]["epochs"] and settings["train_size"] == 100
-    with pytest.raises(ValueError, match="unknown setting"):
-        profile_settings("cpu", learning_rate=1e-3)
+# ------------------------------------------------------------------------------------------ checked up front
 
 
-def test_all_rows_has_its_own_spelling():
-    """None keeps the profile's subset size, so "every train row" is asked for with "all" (CLI and API)."""
-    assert PROFILES["cpu"]["train_size"] is not None
-    settings = profile_settings("cpu", train_size="all", eval_size=100)
-    assert settings["train_size"] is None and settings["eval_size"] == 100
-    for bad in (0, -5, 2.5, "most", True):
-        with pytest.raises(ValueError, match="train_size must be a positive number of rows or 'all'"):
-            profile_settings("cpu", train_size=bad)
-    args = experiment._parse_args(["--train-size", "all", "--eval-size", "64"])
-    assert (args.train_size, args.eval_size) == ("all", 64)
-    with pytest.raises(SystemExit):
-        experiment._parse_args(["--train-size", "many"])
-
-    splits = {"train": pd.DataFrame({"sentence": [f"s{i}" for i in range(10)], "label": [0] * 6 + [1] * 4}),
-              "dev": pd.DataFrame({"sentence": ["a", "b", "c"], "label": [0, 1, 1]})}
-    train_frame, eval_frame = experiment._frames(settings | {"eval_size": None}, splits, seed=0)
-    assert len(train_frame) == 10 and len(eval_frame) == 3  # every row, class imbalance and all
-    train_frame, _ = experiment._frames(settings | {"train_size": 4}, splits, seed=0)
-    assert train_frame["label"].tolist().count(0) == 2  # a size still means a balanced subset
+def _splits(train_rows: int, dev_rows: int) -> dict[str, pd.DataFrame]:
+    def frame(n):
+        return pd.DataFrame({"sentence": [f"s{i}" for i in range(n)], "label": [i % 2 for i in range(n)]})
+    return {"train": frame(train_rows), "dev": frame(dev_rows)}
 
 
-def test_command_line_reports_the_table(smoke_results, sst2_dir, capsys):
+def test_sizes_must_fit_the_data_instead_of_being_clamped(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "load_sst2", lambda data_dir: _splits(40, 10))
+    with pytest.raises(ValueError, match=r"eval_size=11 is more than the 10 rows of the dev split"):
+        plan_experiment(make_config("smoke", eval_size=11, results_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"train_size=41 is more than the 40 rows"):
+        plan_experiment(make_config("smoke", train_size=41, eval_size=10, results_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"train_size=7: .*not divisible"):
+        plan_experiment(make_config("smoke", train_size=7, eval_size=10, results_dir=str(tmp_path)))
+
+
+def test_targets_that_match_no_layer_fail_before_full_fine_tuning_trains(tmp_path, sst2_dir, monkeypatch):
+    monkeypatch.setattr(experiment, "train", _fail)
+    with pytest.raises(ValueError, match=r"targets='q_proj' for random-gpt2-tiny: no module matched.*c_attn"):
+        run_comparison(smoke(tmp_path, sst2_dir, methods=["full", "lora"], targets="q_proj"))
+    assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_missing_bitsandbytes_fails_before_training(tmp_path, sst2_dir, monkeypatch):
+    monkeypatch.setattr(experiment, "train", _fail)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # "not installed"
+    with pytest.raises(ImportError, match="4-bit models need bitsandbytes"):
+        run_comparison(smoke(tmp_path, sst2_dir, methods=["full", "qlora"]))
+
+
+def test_a_half_written_model_cache_is_rebuilt(sst2_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_LAB_CACHE", str(tmp_path))
+    folder = model_cache_dir() / "random-gpt2-tiny"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # killed after the first file
+    assert materialize_model("random-gpt2-tiny", sst2_dir.parent) == str(folder)
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+    assert not [p for p in folder.parent.iterdir() if p.name.endswith(".partial")]
+
+
+def test_the_model_cache_is_outside_the_results(smoke_results):
+    results, _ = smoke_results
+    assert not (results / "_models").exists()
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def _cli(*args: str, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MPLCONFIGDIR": str(REPO_ROOT / ".cache" / "matplotlib")}
+    return subprocess.run([sys.executable, "-m", "peft_utils.experiment", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rank", "0"], "error: rank must be a positive integer, got 0"),
+    (["--lr", "lroa=5e-4"], "error: lr names unknown method(s) 'lroa'"),
+    (["--dropout", "1"], "error: dropout must be a number in [0, 1), got 1.0"),
+    (["--seeds", "1", "1"], "error: seeds lists 1 more than once"),
+    (["--eval-size", "900"], "error: eval_size=900 is more than the 872 rows of the dev split"),
+])
+def test_command_line_errors_are_one_line(args, message, tmp_path, sst2_dir, capsys, monkeypatch):
+    monkeypatch.setattr(experiment, "train", _fail)
+    code = experiment.main(["--profile", "smoke", "--results-dir", str(tmp_path), "--data-dir", str(sst2_dir), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1
+
+
+def test_command_line_type_errors_come_from_argparse(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main(["--rank", "2.5"])
+    assert exit_.value.code == 2 and "argument --rank: invalid int value: '2.5'" in capsys.readouterr().err
+
+
+def test_command_line_records_rank_and_alpha(tmp_path, sst2_dir):
+    completed = _cli("--profile", "smoke", "--methods", "lora", "--rank", "3", "--alpha", "6", "--no-sweep",
+                     "--results-dir", str(tmp_path), "--data-dir", str(sst2_dir), "--train-size", "16",
+                     "--eval-size", "16", "--max-length", "24", "--lr", "lora=5e-3")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    runs = RunStore(tmp_path).load().runs
+    assert list(runs["run_id"]) == ["comparison-lora-r3-a6-s0-random-gpt2-tiny"]
+    assert (runs["rank"][0], runs["alpha"][0], runs["lr"][0]) == (3, 6.0, 5e-3)
+    assert (tmp_path / "imgs" / "summary.png").is_file()
+
+
+def test_command_line_resumes_and_reports_the_table(smoke_results, sst2_dir, capsys, monkeypatch):
     results, table = smoke_results
-    assert experiment.main(["--profile", "smoke", "--methods", "full", "qdora", "--results", str(results),
-                            "--data-dir", str(sst2_dir),
-                            "--train-size", "16", "--eval-size", "16", "--max-length", "24"]) == 0
+    monkeypatch.setattr(experiment, "train", _fail)
+    assert experiment.main(["--profile", "smoke", "--methods", "full", "qdora", "--no-sweep", "--results-dir",
+                            str(results), "--data-dir", str(sst2_dir), "--train-size", "16", "--eval-size", "16",
+                            "--max-length", "24", "--imgs-dir", str(results / "figures")]) == 0
     out = capsys.readouterr().out
     assert all(rid in out for rid in table["run_id"][:2]) and "skipped" in out
+    assert (results / "figures" / "summary.png").is_file()
 
 
 def _fail(*args, **kwargs):
-    raise AssertionError("a complete run was trained again")
+    raise AssertionError("a run was trained although it should not have been")

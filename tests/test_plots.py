@@ -19,7 +19,7 @@ os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / 
 from matplotlib.image import imread  # noqa: E402
 
 from peft_utils import plots  # noqa: E402
-from peft_utils.results import RunRecorder, load_results  # noqa: E402
+from peft_utils.store import RunRecorder, RunStore  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPARISON_PNGS = {
@@ -136,7 +136,7 @@ def test_no_sweep_and_missing_methods(tmp_path: Path) -> None:
     paths = plots.plot_all(results_dir, tmp_path / "imgs")
     assert {p.name for p in paths} == COMPARISON_PNGS
     assert not (tmp_path / "imgs" / "sweep.png").exists()
-    results = load_results(results_dir)
+    results = RunStore(results_dir).load()
     assert plots.plot_sweep(results, tmp_path / "imgs") is None
 
 
@@ -231,7 +231,7 @@ def test_sweep_only_run_set(tmp_path: Path) -> None:
 def test_footnote_says_when_compute_dtypes_differ(tmp_path: Path) -> None:
     results_dir = write_fake_results(tmp_path / "results", methods=("full", "lora"), sweep=False, lora_seeds=1,
                                      n_steps=5)
-    runs = load_results(results_dir).runs
+    runs = RunStore(results_dir).load().runs
     text = " ".join(plots._provenance(runs))
     assert "gpt2" in text and "cuda" in text
     assert "differs" in text and "float32" in text and "bfloat16" in text

@@ -12,15 +12,8 @@ from torch import nn
 from peft_utils import DoRALayer, LoRALayer, apply_adapters, save_adapters
 from peft_utils.adapters import base_weight
 from peft_utils.models import load_model, save_random_gpt2
-from peft_utils.quant import (
-    SIZE_KEYS,
-    format_size_report,
-    load_quantized,
-    model_size,
-    nf4_bits_per_weight,
-    prepare_for_kbit_training,
-    require_bitsandbytes,
-)
+from peft_utils.quant import load_quantized, prepare_for_kbit_training, require_bitsandbytes
+from peft_utils.sizes import SIZE_KEYS, format_size_report, model_size, nf4_bits_per_weight
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbf = pytest.importorskip("bitsandbytes.functional")

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from peft_utils.data import collate, encode
+from peft_utils.config import AdapterSettings, TrainConfig
 from peft_utils.experiment import build_model
 from peft_utils.models import load_tokenizer, random_gpt2, save_random_gpt2
-from peft_utils.results import RunRecorder, read_events
-from peft_utils.train import TrainConfig, evaluate, linear_schedule, make_optimizer, set_seed, train
+from peft_utils.store import RunRecorder, read_events
+from peft_utils.train import evaluate, linear_schedule, make_optimizer, set_seed, train
 
 POSITIVE = ("great", "good", "superb", "lovely", "brilliant", "wonderful")
 NEGATIVE = ("bad", "awful", "dreadful", "boring", "terrible", "poor")
@@ -30,24 +31,24 @@ def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir):
 
 
 def _config(**overrides) -> TrainConfig:
-    settings = dict(epochs=1, batch_size=8, lr=1e-2, warmup_ratio=0.0, max_length=16, log_every=1, device="cpu")
+    settings = dict(epochs=1, batch_size=8, warmup_ratio=0.0, max_length=16, log_every=1, device="cpu")
     return TrainConfig(**{**settings, **overrides})
 
 
 def _run(model_dir, method: str, seed: int, config: TrainConfig, repeats: int = 4, dropout: float = 0.0,
-         model_dropout: bool = True):
+         model_dropout: bool = True, lr: float = 1e-2):
     set_seed(seed)
-    model, tokenizer = build_model(method, model_dir, rank=4, alpha=8, dropout=dropout)
+    model, tokenizer = build_model(method, model_dir, AdapterSettings(rank=4, alpha=8, dropout=dropout))
     if not model_dropout:  # GPT-2's own dropout masks depend on the batch shape
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    return train(model, tokenizer, _rule_frame(repeats), _rule_frame(1), config)
+    return train(model, tokenizer, _rule_frame(repeats), _rule_frame(1), config, lr=lr, seed=seed)
 
 
 @pytest.mark.parametrize("method,lr", [("full", 1e-3), ("lora", 1e-2), ("dora", 1e-2), ("qlora", 1e-2)])
 def test_loss_decreases(tiny_gpt2_dir, method, lr):
-    result = _run(tiny_gpt2_dir, method, seed=0, config=_config(epochs=5, lr=lr))
+    result = _run(tiny_gpt2_dir, method, seed=0, config=_config(epochs=5), lr=lr)
     losses = result.losses
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -59,7 +60,7 @@ def test_same_seed_repeats_exactly_and_other_seed_differs(tiny_gpt2_dir):
     config = _config(epochs=1)
     first = _run(tiny_gpt2_dir, "dora", seed=0, config=config, dropout=0.1).losses
     again = _run(tiny_gpt2_dir, "dora", seed=0, config=config, dropout=0.1).losses
-    other = _run(tiny_gpt2_dir, "dora", seed=1, config=TrainConfig(**{**vars(config), "seed": 1}), dropout=0.1)
+    other = _run(tiny_gpt2_dir, "dora", seed=1, config=config, dropout=0.1)
     assert first == again
     assert first != other.losses
 
@@ -82,10 +83,11 @@ def test_accumulation_matches_a_larger_batch(tiny_gpt2_dir):
 def test_records_every_event_field(tiny_gpt2_dir, tmp_path):
     config = _config(epochs=2, eval_every=2, log_every=2)
     set_seed(0)
-    model, tokenizer = build_model("lora", tiny_gpt2_dir, rank=2, alpha=4)
+    model, tokenizer = build_model("lora", tiny_gpt2_dir, AdapterSettings(rank=2, alpha=4))
     with RunRecorder(tmp_path, "run") as recorder:
         info = {"run_id": "run", "method": "lora"}
-        result = train(model, tokenizer, _rule_frame(2), _rule_frame(1), config, recorder, info)
+        result = train(model, tokenizer, _rule_frame(2), _rule_frame(1), config, lr=1e-2, seed=0, recorder=recorder,
+                       run_info=info)
     events = read_events(tmp_path / "run.jsonl")
     kinds = [e["event"] for e in events]
     assert kinds[0] == "config" and kinds[-1] == "summary"
@@ -162,7 +164,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 def test_no_weight_decay_on_vectors(tiny_gpt2_dir):
-    model, _ = build_model("dora", tiny_gpt2_dir, rank=2, alpha=4)
+    model, _ = build_model("dora", tiny_gpt2_dir, AdapterSettings(rank=2, alpha=4))
     optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.1)
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0

@@ -1,0 +1,517 @@
+"""One typed configuration from the notebook's parameters cell to the run record.
+
+An experiment is an :class:`ExperimentConfig`: the model, the methods and seeds, per-method learning rates, and four
+parts — :class:`DataConfig`, :class:`AdapterSettings`, :class:`TrainConfig`, :class:`SweepConfig`. The profiles
+(``full``, ``cpu``, ``smoke``) are instances of it. Users change it through flat *parameters* (``rank=16``,
+``lr={"lora": 5e-4}``, ``train_size="all"``): :data:`PARAMETERS` lists each one once, with its help text, its
+command-line spelling and the check that validates it, and from that one table come
+
+- :func:`make_config` (the notebook and the Python API),
+- every ``python -m peft_utils.experiment`` flag (:func:`add_cli_arguments`),
+- the notebook's parameters cell (:func:`notebook_parameters_cell`; a test keeps ``peft.ipynb`` equal to it),
+
+so the three cannot drift apart. Every value is checked when the configuration is made, before anything loads or
+trains: a typo costs a one-line error, not a finished full fine-tuning run followed by a crash.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .methods import METHOD_NAMES, get_method
+
+ALL_ROWS = "all"  # spelling of "every row of the split" (None already means "keep the profile's value")
+PROFILE_NAMES = ("full", "cpu", "smoke")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ------------------------------------------------------------------------------------------------ checks
+# Each check takes the parameter's name (for the message) and a user value, and returns the normalised value.
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """A positive int; ``True`` and ``2.5`` are refused (``int()`` would silently turn them into 1 and 2)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _optional_positive_int(name: str, value: Any) -> int | None:
+    return None if value is None else check_positive_int(name, value)
+
+
+def _number(name: str, value: Any, what: str, ok: Callable[[float], bool]) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
+def check_positive_number(name: str, value: Any) -> float:
+    return _number(name, value, "a positive number", lambda v: v > 0)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A probability-like setting in [0, 1): dropout, warm-up share."""
+    return _number(name, value, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _non_negative_number(name: str, value: Any) -> float:
+    return _number(name, value, "a number >= 0", lambda v: v >= 0)
+
+
+def _optional_positive_number(name: str, value: Any) -> float | None:
+    return None if value is None else check_positive_number(name, value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _optional_path(name: str, value: Any) -> str | None:
+    """A folder, or ``None``; ``""`` counts as not set (papermill and Make pass empty strings for "unset")."""
+    return None if value in (None, "") else _text(name, value)
+
+
+def _as_list(name: str, value: Any) -> list[Any]:
+    """One value, or a list/tuple of them; an empty list is an error (it would silently mean "run nothing")."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ValueError(f"{name} is empty: give at least one value")
+    return items
+
+
+def _unique(name: str, items: Sequence[Any]) -> tuple[Any, ...]:
+    repeated = sorted({repr(i) for i in items if items.count(i) > 1})
+    if repeated:
+        raise ValueError(f"{name} lists {', '.join(repeated)} more than once")
+    return tuple(items)
+
+
+def check_methods(name: str, value: Any) -> tuple[str, ...]:
+    """A method name (one method) or a list of them; unknown names and repeats are errors."""
+    return _unique(name, [get_method(m).name for m in _as_list(name, value)])
+
+
+def _seeds(name: str, value: Any) -> tuple[int, ...]:
+    seeds = [value] if not isinstance(value, (list, tuple)) else list(value)
+    if not seeds:
+        raise ValueError(f"{name} is empty: give at least one seed")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"{name} must be non-negative integers, got {seed!r}")
+    return _unique(name, [int(s) for s in seeds])
+
+
+def check_rows(name: str, value: Any) -> int | None:
+    """A row count, or ``"all"`` -> ``None`` (every row of the split)."""
+    if value == ALL_ROWS:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of rows or 'all', got {value!r}")
+    return int(value)
+
+
+def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
+    """``None`` (the model's default), one string (a preset or a regex) or a list of module-name suffixes."""
+    if value is None or isinstance(value, str) and value:
+        return value
+    items = _as_list(name, value)
+    if not all(isinstance(i, str) and i for i in items):
+        raise ValueError(f"{name} must be a preset, a regex or a list of module names, got {value!r}")
+    return tuple(items)
+
+
+def _ranks(name: str, value: Any) -> tuple[int, ...]:
+    return _unique(name, [check_positive_int(name, r) for r in _as_list(name, value)])
+
+
+def _ratios(name: str, value: Any) -> tuple[float, ...]:
+    return _unique(name, [check_positive_number(name, r) for r in _as_list(name, value)])
+
+
+def _device(name: str, value: Any) -> str:
+    text = _text(name, value)
+    if text not in DEVICES and not text.startswith("cuda:"):
+        raise ValueError(f"{name} must be one of {DEVICES} or 'cuda:<index>', got {value!r}")
+    return text
+
+
+def check_lr(name: str, value: Any) -> float | dict[str, float]:
+    """One learning rate for every method, or ``{method: rate}``; keys must be known methods (typos are errors)."""
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError(f"{name} is an empty dict: give a rate for at least one method")
+        unknown = [m for m in value if m not in METHOD_NAMES]
+        if unknown:
+            raise ValueError(f"{name} names unknown method(s) {', '.join(map(repr, unknown))}; choose from {METHOD_NAMES}")
+        return {m: check_positive_number(f"{name}[{m!r}]", r) for m, r in value.items()}
+    return check_positive_number(name, value)
+
+
+# ------------------------------------------------------------------------------------------------ the parts
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which rows: ``train_size`` / ``eval_size`` ``None`` = every row of the split.
+
+    A train size draws a class-balanced subset seeded by the run seed; an eval size a fixed subset of dev, the same
+    for every run, so that every run is scored on the same sentences.
+    """
+
+    data_dir: str | None = None
+    train_size: int | None = None
+    eval_size: int | None = None
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The adapter every LoRA-family method injects: ``y = W0 x + (alpha / rank) · B A dropout(x)``."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop's settings, the same for every method (learning rate and seed are per run).
+
+    ``batch_size`` is the micro-batch; the optimiser sees ``batch_size * grad_accum_steps`` rows per step.
+    ``eval_every``: also evaluate every that many optimiser steps (``None``: only at the end of each epoch).
+    ``device``: ``"auto"`` picks CUDA when available. ``log_every``: steps averaged into one ``step`` event.
+    ``eval_batch_size``: ``None`` uses ``2 * batch_size`` (no activations are kept for backward in evaluation).
+    """
+
+    epochs: int = 1
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+    max_length: int = 128
+    eval_every: int | None = None
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    log_every: int = 10
+    bucket_by_length: bool = False
+    eval_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            parameter = PARAMETER_BY_FIELD.get(("train", item.name))
+            if parameter is not None:
+                parameter.check(f"TrainConfig.{item.name}", getattr(self, item.name))
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The LoRA rank x alpha grid, in alpha/rank ratios: at a fixed ratio the update keeps its scale."""
+
+    enabled: bool = False
+    ranks: tuple[int, ...] = (2, 8, 32)
+    alpha_ratios: tuple[float, ...] = (1.0,)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that decides an experiment's results, validated (see :func:`make_config`)."""
+
+    profile: str
+    model: str
+    methods: tuple[str, ...]
+    lr: dict[str, float]
+    seeds: tuple[int, ...] = (0,)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    results_dir: str = "results"
+    imgs_dir: str | None = None
+
+    @property
+    def figures_dir(self) -> str:
+        """Where figures go: ``imgs_dir``, else ``<results_dir>/imgs`` (never the committed ``imgs/`` by accident)."""
+        return self.imgs_dir or str(Path(self.results_dir) / "imgs")
+
+    def method_lr(self, method: str) -> float:
+        return self.lr[method]
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One user-facing setting: where it lives in :class:`ExperimentConfig`, its help, its check, its CLI form."""
+
+    name: str
+    part: str  # "" for a top-level field, else the attribute of the part ("data", "adapter", "train", "sweep")
+    field: str
+    help: str
+    check: Callable[[str, Any], Any]
+    cli: dict[str, Any] = field(default_factory=dict)  # argparse keywords (type, nargs, action)
+    notebook: bool = True  # in the notebook's parameters cell (the rest: CLI and API only)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _lr_tokens(tokens: Sequence[str]) -> float | dict[str, float]:
+    """``--lr 2e-4`` (every method) or ``--lr lora=5e-4 full=2e-5``."""
+    if len(tokens) == 1 and "=" not in tokens[0]:
+        return _float_token(tokens[0])
+    rates = {}
+    for token in tokens:
+        method, sep, rate = token.partition("=")
+        if not sep:
+            raise ValueError(f"--lr takes one rate or method=rate pairs, got {' '.join(tokens)!r}")
+        rates[method] = _float_token(rate)
+    return rates
+
+
+def _float_token(token: str) -> float:
+    try:
+        return float(token)
+    except ValueError:
+        raise ValueError(f"expected a number, got {token!r}") from None
+
+
+def _rows_token(token: str) -> int | str:
+    if token == ALL_ROWS:
+        return token
+    try:
+        return int(token)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of rows or 'all', got {token!r}") from None
+
+
+def _targets_tokens(tokens: Sequence[str]) -> str | tuple[str, ...]:
+    """One token: a preset or regex, as in the notebook; several: module-name suffixes."""
+    return tokens[0] if len(tokens) == 1 else tuple(tokens)
+
+
+_BOOL = {"action": argparse.BooleanOptionalAction}
+_LIST = {"nargs": "+"}
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("model", "", "model", "hub id, local folder, 'minilm' or 'random-gpt2-<size>'", _text),
+    Parameter("methods", "", "methods", "methods to compare, e.g. ['full', 'lora', 'dora', 'qlora', 'qdora']",
+              check_methods, {"nargs": "+", "choices": METHOD_NAMES}),
+    Parameter("rank", "adapter", "rank", "LoRA/DoRA rank r", check_positive_int, {"type": int}),
+    Parameter("alpha", "adapter", "alpha", "scaling numerator: the update is (alpha / r) * B A",
+              check_positive_number, {"type": float}),
+    Parameter("dropout", "adapter", "dropout", "dropout on the adapter input, in [0, 1)", check_fraction,
+              {"type": float}),
+    Parameter("targets", "adapter", "targets",
+              "layers to adapt: module-name suffixes, a preset ('gpt2-attn', 'gpt2-all', 'bert-qv', 'bert-all') or a regex",
+              _targets, {"nargs": "+", "type": str, "post": _targets_tokens}),
+    Parameter("epochs", "train", "epochs", "passes over the train rows", check_positive_int, {"type": int}),
+    Parameter("batch_size", "train", "batch_size", "rows per micro-batch", check_positive_int, {"type": int}),
+    Parameter("lr", "", "lr", "one learning rate, or per method: {'full': 2e-5, 'lora': 2e-4} (CLI: lora=2e-4)",
+              check_lr, {"nargs": "+", "type": str, "post": _lr_tokens}),
+    Parameter("max_length", "train", "max_length", "tokens per sentence (longer ones are truncated)",
+              check_positive_int, {"type": int}),
+    Parameter("train_size", "data", "train_size", "SST-2 train rows (a balanced subset), or 'all' (67,349)",
+              check_rows, {"type": _rows_token}),
+    Parameter("eval_size", "data", "eval_size", "dev rows, or 'all' (872)", check_rows, {"type": _rows_token}),
+    Parameter("seeds", "", "seeds", "one run per seed and method: [0, 1, 2] gives error bars", _seeds,
+              {"nargs": "+", "type": int}),
+    Parameter("sweep", "sweep", "enabled", "also run the LoRA rank x alpha grid", _flag, _BOOL),
+    Parameter("sweep_ranks", "sweep", "ranks", "the grid's ranks, e.g. [2, 4, 8, 16]", _ranks,
+              {"nargs": "+", "type": int}),
+    Parameter("sweep_alpha_ratios", "sweep", "alpha_ratios", "the grid's alpha / r values, e.g. [1, 2]", _ratios,
+              {"nargs": "+", "type": float}),
+    Parameter("data_dir", "data", "data_dir",
+              "folder holding sst2/ and gpt2-tokenizer/ (or sst2/ itself); None: $PEFT_LAB_DATA, else the hub",
+              _optional_path),
+    Parameter("results_dir", "", "results_dir", "run records go here; None: results/<profile>", _optional_path),
+    Parameter("imgs_dir", "", "imgs_dir", "figures go here; None: <results_dir>/imgs", _optional_path),
+    Parameter("weight_decay", "train", "weight_decay", "AdamW decoupled weight decay (matrices only)",
+              _non_negative_number, {"type": float}, notebook=False),
+    Parameter("warmup_ratio", "train", "warmup_ratio", "share of steps with a linear warm-up", check_fraction,
+              {"type": float}, notebook=False),
+    Parameter("max_grad_norm", "train", "max_grad_norm", "gradient clipping norm (None: no clipping)",
+              _optional_positive_number, {"type": float}, notebook=False),
+    Parameter("grad_accum_steps", "train", "grad_accum_steps", "micro-batches per optimiser step",
+              check_positive_int, {"type": int}, notebook=False),
+    Parameter("eval_every", "train", "eval_every", "also evaluate every N optimiser steps",
+              _optional_positive_int, {"type": int}, notebook=False),
+    Parameter("gradient_checkpointing", "train", "gradient_checkpointing",
+              "recompute activations in backward (less memory, more time)", _flag, _BOOL, notebook=False),
+    Parameter("device", "train", "device", "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'", _device,
+              notebook=False),
+    Parameter("log_every", "train", "log_every", "optimiser steps averaged into one logged loss",
+              check_positive_int, {"type": int}, notebook=False),
+    Parameter("bucket_by_length", "train", "bucket_by_length", "batch sentences of similar length (less padding)",
+              _flag, _BOOL, notebook=False),
+    Parameter("eval_batch_size", "train", "eval_batch_size", "rows per evaluation batch (None: 2 x batch_size)",
+              _optional_positive_int, {"type": int}, notebook=False),
+)
+PARAMETER_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMETERS)
+NOTEBOOK_PARAMETER_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMETERS if p.notebook)
+PARAMETER_BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}
+PARAMETER_BY_FIELD: dict[tuple[str, str], Parameter] = {(p.part, p.field): p for p in PARAMETERS}
+
+
+# ------------------------------------------------------------------------------------------------ profiles
+
+# Learning rates: ~2e-5 is the usual full fine-tuning rate for GPT-2/BERT-size models; adapters move far fewer
+# weights from a zero update and take ~10x more (2e-4: LoRA and QLoRA papers; DoRA uses LoRA's settings).
+_GPU_LR = {"full": 2e-5, "lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "qdora": 2e-4}
+# MiniLM is small and the CPU runs are short (250 steps): both rates are raised. Measured on this profile:
+# full 1e-4 -> 83.4% dev accuracy; LoRA 5e-4 / 1e-3 / 2e-3 -> 78.3% / 80.6% / 83.0%.
+_CPU_LR = {"full": 1e-4, "lora": 2e-3, "dora": 2e-3, "qlora": 2e-3, "qdora": 2e-3}
+
+PROFILES: dict[str, ExperimentConfig] = {
+    # GPT-2 Large on all of SST-2, on a GPU: the real comparison.
+    "full": ExperimentConfig(
+        profile="full", model="openai-community/gpt2-large", methods=METHOD_NAMES, lr=_GPU_LR,
+        adapter=AdapterSettings(rank=8, alpha=16.0, dropout=0.05),
+        train=TrainConfig(batch_size=16, max_length=128, eval_every=1000, device="cuda", log_every=10,
+                          bucket_by_length=True),
+        # Ratios 1 and 4 (not 2): no sweep point repeats the comparison's LoRA run (r=8, alpha=16).
+        sweep=SweepConfig(enabled=True, ranks=(2, 8, 32), alpha_ratios=(1.0, 4.0)),
+        results_dir="results/full",
+    ),
+    # The pretrained all-MiniLM-L6-v2 on a balanced 4,000-row subset, scored on the whole dev set. Measured on 2
+    # shared CPU cores, 4 methods + the 3-run sweep: about 4.5 min idle, 7.5-8.3 min under load from other jobs.
+    "cpu": ExperimentConfig(
+        profile="cpu", model="minilm", methods=("full", "lora", "dora", "qlora"), lr=_CPU_LR,
+        data=DataConfig(train_size=4000),
+        adapter=AdapterSettings(rank=8, alpha=16.0, dropout=0.05),
+        train=TrainConfig(batch_size=16, max_length=64, eval_every=125, device="cpu", log_every=5,
+                          bucket_by_length=True),
+        # alpha = r: no point repeats the comparison's LoRA run (r=8, alpha=16).
+        sweep=SweepConfig(enabled=True, ranks=(2, 8, 32), alpha_ratios=(1.0,)),
+        results_dir="results/cpu",
+    ),
+    # A tiny random GPT-2 (real tokenizer) on a few dozen rows: checks the plumbing in seconds.
+    "smoke": ExperimentConfig(
+        profile="smoke", model="random-gpt2-tiny", methods=METHOD_NAMES, lr=dict.fromkeys(METHOD_NAMES, 1e-3),
+        data=DataConfig(train_size=32, eval_size=32),
+        adapter=AdapterSettings(rank=4, alpha=8.0, dropout=0.0),
+        train=TrainConfig(batch_size=8, max_length=32, warmup_ratio=0.0, log_every=1),
+        sweep=SweepConfig(enabled=True, ranks=(2, 4), alpha_ratios=(1.0, 2.0)),
+        results_dir="results/smoke",
+    ),
+}
+
+
+def resolve_profile(profile: str = "auto") -> str:
+    """``"auto"`` -> ``"full"`` with a CUDA GPU, else ``"cpu"``; any other name is checked and returned."""
+    if profile == "auto":
+        import torch
+
+        return "full" if torch.cuda.is_available() else "cpu"
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose 'auto' or one of {tuple(PROFILES)}")
+    return profile
+
+
+def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
+    """The profile's configuration with ``parameters`` applied and every value checked.
+
+    ``None`` keeps the profile's value (the notebook's and the CLI's "not set"); ``train_size="all"`` asks for
+    every row. A dict ``lr`` is merged into the profile's per-method rates; a float replaces them all.
+    Unknown parameter names are errors, as are values of the wrong type or range (see :data:`PARAMETERS`).
+    """
+    base = PROFILES[resolve_profile(profile)]
+    unknown = sorted(set(parameters) - set(PARAMETER_NAMES))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMETER_NAMES)}")
+    top: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {"data": {}, "adapter": {}, "train": {}, "sweep": {}}
+    for name, value in parameters.items():
+        if value is None:
+            continue
+        parameter = PARAMETER_BY_NAME[name]
+        value = parameter.check(name, value)
+        if name in ("data_dir", "results_dir", "imgs_dir") and value is None:
+            continue  # "" means unset, like None
+        (parts[parameter.part] if parameter.part else top)[parameter.field] = value
+    if "lr" in top:
+        top["lr"] = {**base.lr, **top["lr"]} if isinstance(top["lr"], dict) else dict.fromkeys(METHOD_NAMES, top["lr"])
+    config = replace(base, **top, **{part: replace(getattr(base, part), **values) for part, values in parts.items()})
+    missing = [m for m in config.methods if m not in config.lr]
+    if missing:
+        raise ValueError(f"lr has no rate for method(s) {', '.join(missing)}")
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ CLI / notebook
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per parameter (``--rank``, ``--lr lora=5e-4``, ``--train-size all``, ``--no-sweep``...)."""
+    for parameter in PARAMETERS:
+        options = {k: v for k, v in parameter.cli.items() if k != "post"}
+        parser.add_argument(parameter.flag, dest=parameter.name, default=None, help=parameter.help, **options)
+
+
+def cli_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The parameters given on the command line (``None``: not given), converted as the notebook would pass them."""
+    given = {}
+    for parameter in PARAMETERS:
+        value = getattr(args, parameter.name)
+        post = parameter.cli.get("post")
+        given[parameter.name] = post(value) if post is not None and value is not None else value
+    return given
+
+
+def notebook_parameters_cell() -> str:
+    """The source of ``peft.ipynb``'s papermill parameters cell: every notebook parameter, ``None`` = profile's."""
+    width = max(len(p.name) for p in PARAMETERS if p.notebook) + len(" = None")
+    profile = 'profile = "auto"'
+    lines = ["# Parameters (papermill). None = the profile's value; every one is also a CLI flag of",
+             "# `python -m peft_utils.experiment` (see `--help`), checked before anything trains.",
+             f'{profile:<{width}}  # "auto" (GPU: "full", else "cpu") | "full" | "cpu" | "smoke"']
+    for parameter in PARAMETERS:
+        if parameter.notebook:
+            lines.append(f"{parameter.name + ' = None':<{width}}  # {parameter.help}")
+    return "\n".join(lines)
+
+
+def config_record(config: ExperimentConfig) -> dict[str, Any]:
+    """The experiment-wide settings as flat parameter names (for display and for run records)."""
+    record: dict[str, Any] = {"profile": config.profile}
+    for parameter in PARAMETERS:
+        holder = getattr(config, parameter.part) if parameter.part else config
+        record[parameter.name] = getattr(holder, parameter.field)
+    return record
+
+
+def compute_dtype_for(device: Any):
+    """The autocast dtype: bfloat16 on GPUs that support it (fp32's exponent range: no loss scaling needed);
+    float32 elsewhere, because CPU bf16 matmuls are slow and fp16 would need a gradient scaler."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+__all__ = [
+    "ALL_ROWS", "DataConfig", "AdapterSettings", "TrainConfig", "SweepConfig", "ExperimentConfig", "Parameter",
+    "PARAMETERS", "PARAMETER_NAMES", "NOTEBOOK_PARAMETER_NAMES", "PROFILES", "resolve_profile", "make_config", "add_cli_arguments",
+    "cli_parameters", "notebook_parameters_cell", "config_record", "compute_dtype_for", "check_positive_int",
+    "check_positive_number", "check_fraction", "check_rows", "check_methods", "check_lr",
+]

@@ -1,0 +1,48 @@
+"""The fine-tuning methods this project compares: the one place their names and their make-up are listed.
+
+A method is fully described by two facts: which adapter it injects (none for full fine-tuning) and whether its
+frozen base is stored in 4-bit. Everything else — what trains, what is shipped, how it is drawn — follows from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    """``adapter``: ``"lora"``, ``"dora"`` or ``None`` (full fine-tuning); ``quantized``: NF4 frozen base."""
+
+    name: str
+    label: str
+    adapter: str | None
+    quantized: bool
+
+    @property
+    def shipped(self) -> str:
+        """What a user must store to use the result (the size column's meaning)."""
+        if self.adapter is None:
+            return "full checkpoint"
+        return "4-bit base + adapter" if self.quantized else "adapter"
+
+
+METHODS: dict[str, Method] = {
+    m.name: m for m in (
+        Method("full", "Full FT", None, False),
+        Method("lora", "LoRA", "lora", False),
+        Method("dora", "DoRA", "dora", False),
+        Method("qlora", "QLoRA", "lora", True),
+        Method("qdora", "QDoRA", "dora", True),
+    )
+}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+ADAPTER_KINDS: tuple[str, ...] = ("lora", "dora")
+
+
+def get_method(name: object) -> Method:
+    """The method called ``name``, or a ValueError naming every known method (typos fail before any training)."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {METHOD_NAMES}")
+    return METHODS[name]
+
+
+__all__ = ["Method", "METHODS", "METHOD_NAMES", "ADAPTER_KINDS", "get_method"]

@@ -1,0 +1,174 @@
+"""Where a model's bytes are and what each method must ship: one size accounting for every method.
+
+In memory, a model is packed 4-bit weights + their quantisation state + other frozen tensors + trainable tensors.
+What a user ships differs by method (:attr:`methods.Method.shipped`): a full checkpoint, an adapter, or a 4-bit base
+plus an adapter. ``nf4_bits_per_weight`` is the analytic storage cost of blockwise 4-bit quantisation, against
+which the measured 4-bit share is checked.
+"""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from torch import nn
+
+from .adapters import is_quantized, logical_numel
+from .methods import get_method
+
+SIZE_KEYS = (
+    "quantized_bytes", "quant_state_bytes", "frozen_bytes", "trainable_bytes", "total_bytes", "fp32_bytes",
+    "disk_bytes", "disk_kind", "nf4_bound_bytes",
+)
+
+
+def nf4_bits_per_weight(blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256) -> float:
+    """Storage bits per weight of blockwise 4-bit quantisation.
+
+    4 bits of code, plus one absmax per block of ``blocksize``: a float32 (32/64 = 0.5 bit) without double
+    quantisation; with it, an 8-bit absmax plus one float32 per ``nested_blocksize`` absmaxes:
+    4 + 8/64 + 32/(64·256) ≈ 4.127 bits. Lookup tables (16 + 256 floats per layer) are not included.
+    """
+    for name, value in (("blocksize", blocksize), ("nested_blocksize", nested_blocksize)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if double_quant:
+        return 4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)
+    return 4 + 32 / blocksize
+
+
+def _quant_state_tensors(state) -> list[torch.Tensor]:
+    tensors = [getattr(state, "absmax", None), getattr(state, "code", None), getattr(state, "offset", None)]
+    nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None
+    if nested is not None:
+        tensors += [getattr(nested, "absmax", None), getattr(nested, "code", None)]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _persistent_buffers(model: nn.Module):
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield f"{module_name}.{name}" if module_name else name, buffer
+
+
+def _adapter_tensor_bytes(model: nn.Module) -> int:
+    from .inject import adapter_state_dict
+
+    try:
+        state = adapter_state_dict(model)
+    except ValueError as error:
+        raise ValueError(f"an adapter method's size needs a model with adapters: {error}") from error
+    return sum(_nbytes(t) for t in state.values())
+
+
+def model_size(model: nn.Module, method: str, adapter_bytes: int | None = None) -> dict:
+    """Where a model's bytes are, and what ``method`` must ship. Keys: see ``SIZE_KEYS``.
+
+    In memory: ``quantized_bytes`` (packed 4-bit weights) + ``quant_state_bytes`` (absmax, nested absmax, offset
+    and lookup tables) + ``frozen_bytes`` (other frozen parameters and all buffers) + ``trainable_bytes`` =
+    ``total_bytes``. ``fp32_bytes``: the same model with every parameter and floating buffer in float32, 4-bit
+    weights counted as the weights they encode. ``nf4_bound_bytes``: the analytic size of the quantised share,
+    n_weights × ``nf4_bits_per_weight`` / 8 (per layer, with its own blocksize and double quantisation).
+    ``disk_bytes``: "full checkpoint" (every parameter at its dtype) for full fine-tuning; "adapter"
+    (``adapter_bytes``, e.g. what ``save_adapters`` returned, else the adapter tensors' bytes) for LoRA / DoRA;
+    "4-bit base + adapter" (packed weights + quant state + other frozen parameters and persistent buffers + adapter)
+    for QLoRA / QDoRA.
+    """
+    shipped = get_method(method)
+    quantized = quant_state = frozen = trainable = fp32 = 0
+    bound = 0.0
+    seen_state: set[tuple[int, int]] = set()
+    for parameter in model.parameters():
+        fp32 += 4 * logical_numel(parameter)
+        if is_quantized(parameter):
+            quantized += _nbytes(parameter)
+            state = parameter.quant_state
+            for tensor in _quant_state_tensors(state):
+                key = (tensor.data_ptr(), _nbytes(tensor))
+                if key not in seen_state:  # a table shared between layers is stored once
+                    seen_state.add(key)
+                    quant_state += _nbytes(tensor)
+            nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None
+            bits = nf4_bits_per_weight(state.blocksize, nested is not None, nested.blocksize if nested else 256)
+            bound += logical_numel(parameter) * bits / 8
+        elif parameter.requires_grad:
+            trainable += _nbytes(parameter)
+        else:
+            frozen += _nbytes(parameter)
+    for buffer in model.buffers():
+        frozen += _nbytes(buffer)
+        fp32 += 4 * buffer.numel() if buffer.is_floating_point() else _nbytes(buffer)
+    total = quantized + quant_state + frozen + trainable
+
+    if shipped.adapter is None:
+        disk = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + quantized + quant_state
+    else:
+        adapter = int(adapter_bytes) if adapter_bytes is not None else _adapter_tensor_bytes(model)
+        if not shipped.quantized:
+            disk = adapter
+        else:
+            if not quantized:
+                raise ValueError(f"method {method!r} needs a 4-bit model, but no parameter of this one is quantized")
+            frozen_params = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p) and not p.requires_grad)
+            disk = quantized + quant_state + frozen_params + sum(_nbytes(b) for _, b in _persistent_buffers(model)) + adapter
+    return {
+        "quantized_bytes": quantized,
+        "quant_state_bytes": quant_state,
+        "frozen_bytes": frozen,
+        "trainable_bytes": trainable,
+        "total_bytes": total,
+        "fp32_bytes": fp32,
+        "disk_bytes": int(disk),
+        "disk_kind": shipped.shipped,
+        "nf4_bound_bytes": int(round(bound)),
+    }
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_size_report(report: dict) -> str:
+    """A few aligned lines for printing a ``model_size`` report."""
+    missing = [k for k in SIZE_KEYS if k not in report]
+    if missing:
+        raise ValueError(f"not a model_size report: missing {missing}")
+    rows = [
+        ("4-bit packed weights", report["quantized_bytes"]),
+        ("quant state (absmax, tables)", report["quant_state_bytes"]),
+        ("other frozen (params + buffers)", report["frozen_bytes"]),
+        ("trainable", report["trainable_bytes"]),
+        ("total in memory", report["total_bytes"]),
+        ("same model in fp32", report["fp32_bytes"]),
+    ]
+    lines = [f"{label:<34}{_human(value):>12}  ({value:,} B)" for label, value in rows]
+    if report["total_bytes"]:
+        lines.append(f"{'fp32 / in-memory':<34}{report['fp32_bytes'] / report['total_bytes']:>11.2f}x")
+    if report["quantized_bytes"]:
+        measured = report["quantized_bytes"] + report["quant_state_bytes"]
+        lines.append(
+            f"{'4-bit share: measured / bound':<34}{_human(measured):>12}  vs {_human(report['nf4_bound_bytes'])} "
+            f"analytic ({measured / max(report['nf4_bound_bytes'], 1):.4f}x)"
+        )
+    lines.append(f"{'to ship: ' + report['disk_kind']:<34}{_human(report['disk_bytes']):>12}  ({report['disk_bytes']:,} B)")
+    return "\n".join(lines)
+
+
+def size_report(model: nn.Module, method: str) -> dict:
+    """``model_size`` with, for adapter methods, the real bytes ``save_adapters`` writes."""
+    from .inject import save_adapters
+
+    if get_method(method).adapter is None:
+        return model_size(model, method)
+    with tempfile.TemporaryDirectory() as folder:
+        return model_size(model, method, adapter_bytes=save_adapters(model, folder))
+
+
+__all__ = ["SIZE_KEYS", "nf4_bits_per_weight", "model_size", "size_report", "format_size_report"]

@@ -1,0 +1,108 @@
+"""The typed configuration: every value checked when it is made, one table behind the notebook, the CLI and the
+records, and the profiles as instances of it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO_ROOT
+from peft_utils import experiment
+from peft_utils.config import (
+    PARAMETER_NAMES,
+    PARAMETERS,
+    PROFILES,
+    ExperimentConfig,
+    TrainConfig,
+    config_record,
+    make_config,
+    notebook_parameters_cell,
+    resolve_profile,
+)
+
+# What used to pass silently (and train something else), each with the message it must now give.
+SILENT_BEFORE = [
+    ({"rank": 2.5}, "rank must be a positive integer, got 2.5"),
+    ({"rank": True}, "rank must be a positive integer, got True"),
+    ({"sweep_ranks": [2.5]}, "sweep_ranks must be a positive integer, got 2.5"),
+    ({"lr": {"lroa": 5e-4}}, "lr names unknown method(s) 'lroa'"),
+    ({"methods": []}, "methods is empty"),
+    ({"seeds": [0, 0]}, "seeds lists 0 more than once"),
+    ({"seeds": [-1]}, "seeds must be non-negative integers, got -1"),
+    ({"seeds": [1.5]}, "seeds must be non-negative integers, got 1.5"),
+    ({"alpha": 0}, "alpha must be a positive number, got 0"),
+    ({"alpha": True}, "alpha must be a positive number, got True"),
+    ({"dropout": 1.0}, "dropout must be a number in [0, 1), got 1.0"),
+    ({"lr": -1e-3}, "lr must be a positive number"),
+    ({"lr": {"lora": 0}}, "lr['lora'] must be a positive number"),
+    ({"train_size": 2.5}, "train_size must be a positive number of rows or 'all', got 2.5"),
+    ({"eval_size": 0}, "eval_size must be a positive number of rows or 'all', got 0"),
+    ({"epochs": 1.0}, "epochs must be a positive integer, got 1.0"),
+    ({"sweep_alpha_ratios": []}, "sweep_alpha_ratios is empty"),
+    ({"targets": []}, "targets is empty"),
+    ({"device": "tpu"}, "device must be one of"),
+    ({"learning_rate": 1e-3}, "unknown parameter(s) learning_rate"),
+]
+
+
+@pytest.mark.parametrize("parameters,message", SILENT_BEFORE)
+def test_bad_values_fail_naming_the_setting(parameters, message):
+    with pytest.raises(ValueError) as error:
+        make_config("cpu", **parameters)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_single_method_string_means_that_method():
+    assert make_config("cpu", methods="lora").methods == ("lora",)
+    assert make_config("cpu", methods=["dora", "lora"]).methods == ("dora", "lora")
+
+
+def test_none_keeps_the_profile_and_all_means_every_row():
+    config = make_config("cpu", rank=None, train_size="all", eval_size=100, lr={"lora": 5e-4})
+    assert config.adapter.rank == PROFILES["cpu"].adapter.rank
+    assert config.data.train_size is None and config.data.eval_size == 100
+    assert config.lr["lora"] == 5e-4 and config.lr["full"] == PROFILES["cpu"].lr["full"]
+    assert set(make_config("cpu", lr=3e-4).lr.values()) == {3e-4}
+
+
+def test_profiles_are_validated_instances_with_their_own_results_folder(monkeypatch):
+    for name, profile in PROFILES.items():
+        assert isinstance(profile, ExperimentConfig) and profile.profile == name
+        assert make_config(name) == profile
+        assert profile.results_dir == f"results/{name}" and profile.figures_dir == f"results/{name}/imgs"
+        assert set(profile.methods) <= set(profile.lr)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_profile("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_profile("auto") == "full"
+    with pytest.raises(ValueError, match="unknown profile 'huge'"):
+        resolve_profile("huge")
+
+
+def test_train_config_checks_its_own_fields():
+    with pytest.raises(ValueError, match="TrainConfig.batch_size must be a positive integer"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="TrainConfig.warmup_ratio must be a number in"):
+        TrainConfig(warmup_ratio=1.5)
+
+
+def test_the_notebook_parameters_cell_is_generated_from_the_config():
+    notebook = json.loads((REPO_ROOT / "peft.ipynb").read_text())
+    cell = next(c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    assert "".join(cell["source"]) == notebook_parameters_cell()
+
+
+def test_every_parameter_is_a_command_line_flag_and_a_record_field():
+    args = experiment._parse_args(["--rank", "3", "--lr", "lora=5e-4", "full=2e-5", "--train-size", "all",
+                                   "--targets", "query", "value", "--no-sweep", "--seeds", "0", "1"])
+    assert set(PARAMETER_NAMES) <= set(vars(args))
+    from peft_utils.config import cli_parameters
+
+    given = cli_parameters(args)
+    assert given["lr"] == {"lora": 5e-4, "full": 2e-5} and given["targets"] == ("query", "value")
+    config = make_config("cpu", **given)
+    assert (config.adapter.rank, config.data.train_size, config.sweep.enabled, config.seeds) == (3, None, False, (0, 1))
+    assert set(config_record(config)) == {"profile", *PARAMETER_NAMES}
+    assert len({p.flag for p in PARAMETERS}) == len(PARAMETERS)
