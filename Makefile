@@ -13,6 +13,8 @@ export JUPYTER_DATA_DIR := $(CURDIR)/.cache/jupyter/data
 export JUPYTER_RUNTIME_DIR := $(CURDIR)/.cache/jupyter/runtime
 export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export PEFT_LAB_DATA
+# Generated test models (the smoke profile's random GPT-2) are cached here, not in the user's home.
+export PEFT_LAB_CACHE ?= $(CURDIR)/.cache/peft-lab
 export TOKENIZERS_PARALLELISM := false
 # Idle OpenMP threads sleep instead of spinning: on small shared machines spinning made runs 8-10x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
