@@ -153,7 +153,7 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
     }
 
 
-def _frames(config: ExperimentConfig, splits: dict[str, pd.DataFrame], seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _train_and_eval_rows(config: ExperimentConfig, splits: dict[str, pd.DataFrame], seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train rows (a balanced subset drawn with the run seed) and eval rows (a fixed subset, or all of dev)."""
     train_size, eval_size = config.data.train_size, config.data.eval_size
     for name, size, split in (("train_size", train_size, "train"), ("eval_size", eval_size, "dev")):
@@ -195,7 +195,7 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     if not specs:
         raise ValueError("nothing to run: neither the comparison nor the sweep was asked for")
     splits = load_sst2(config.data.data_dir)
-    frames = {seed: _frames(config, splits, seed) for seed in config.seeds}
+    frames = {seed: _train_and_eval_rows(config, splits, seed) for seed in config.seeds}
     source = materialize_model(config.model, config.data.data_dir)
     _check_model(config, source, specs)
     store = RunStore(config.results_dir)
