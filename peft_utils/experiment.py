@@ -153,7 +153,8 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
     }
 
 
-def _train_and_eval_rows(config: ExperimentConfig, splits: dict[str, pd.DataFrame], seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _train_and_eval_rows(config: ExperimentConfig, splits: dict[str, pd.DataFrame],
+                         seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train rows (a balanced subset drawn with the run seed) and eval rows (a fixed subset, or all of dev)."""
     train_size, eval_size = config.data.train_size, config.data.eval_size
     for name, size, split in (("train_size", train_size, "train"), ("eval_size", eval_size, "dev")):
