@@ -158,7 +158,8 @@ def check_lr(name: str, value: Any) -> float | dict[str, float]:
             raise ValueError(f"{name} is an empty dict: give a rate for at least one method")
         unknown = [m for m in value if m not in METHOD_NAMES]
         if unknown:
-            raise ValueError(f"{name} names unknown method(s) {', '.join(map(repr, unknown))}; choose from {METHOD_NAMES}")
+            names = ", ".join(map(repr, unknown))
+            raise ValueError(f"{name} names unknown method(s) {names}; choose from {METHOD_NAMES}")
         return {m: check_positive_number(f"{name}[{m!r}]", r) for m, r in value.items()}
     return check_positive_number(name, value)
 
@@ -321,7 +322,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("dropout", "adapter", "dropout", "dropout on the adapter input, in [0, 1)", check_fraction,
               {"type": float}),
     Parameter("targets", "adapter", "targets",
-              "layers to adapt: module-name suffixes, a preset ('gpt2-attn', 'gpt2-all', 'bert-qv', 'bert-all') or a regex",
+              "layers to adapt: module-name suffixes, a preset ('gpt2-attn', 'bert-qv', ...) or a regex",
               _targets, {"nargs": "+", "type": str, "post": _targets_tokens}),
     Parameter("epochs", "train", "epochs", "passes over the train rows", check_positive_int, {"type": int}),
     Parameter("batch_size", "train", "batch_size", "rows per micro-batch", check_positive_int, {"type": int}),
@@ -511,7 +512,8 @@ def compute_dtype_for(device: Any):
 
 __all__ = [
     "ALL_ROWS", "DataConfig", "AdapterSettings", "TrainConfig", "SweepConfig", "ExperimentConfig", "Parameter",
-    "PARAMETERS", "PARAMETER_NAMES", "NOTEBOOK_PARAMETER_NAMES", "PROFILES", "resolve_profile", "make_config", "add_cli_arguments",
+    "PARAMETERS", "PARAMETER_NAMES", "NOTEBOOK_PARAMETER_NAMES", "PROFILES", "resolve_profile", "make_config",
+    "add_cli_arguments",
     "cli_parameters", "notebook_parameters_cell", "config_record", "compute_dtype_for", "check_positive_int",
     "check_positive_number", "check_fraction", "check_rows", "check_methods", "check_lr",
 ]
