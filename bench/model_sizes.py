@@ -25,7 +25,8 @@ if __package__ in (None, ""):  # `python bench/model_sizes.py` works as well as 
 
 import torch
 
-from peft_utils.inject import apply_adapters, save_adapters
+from peft_utils.checkpoints import save_adapters
+from peft_utils.inject import apply_adapters
 from peft_utils.models import GPT2_SHAPES, load_model, save_random_gpt2
 from peft_utils.quant import load_quantized, model_size, nf4_bits_per_weight
 

@@ -10,7 +10,8 @@ from typing import Any
 _EXPORTS = {
     "adapters": ("LoRALayer", "DoRALayer"),
     "inject": ("TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters", "count_parameters",
-               "load_adapters", "merge_adapters", "save_adapters", "unmerge_adapters"),
+               "merge_adapters", "unmerge_adapters"),
+    "checkpoints": ("export_merged", "load_adapters", "save_adapters", "save_trained"),
     "models": ("load_model", "load_tokenizer", "random_gpt2", "resolve_model_source"),
     "quant": ("load_quantized", "prepare_for_kbit_training", "model_size", "nf4_bits_per_weight",
               "format_size_report"),

@@ -34,7 +34,8 @@ import pandas as pd
 import torch
 
 from .data import load_sst2, subset
-from .inject import apply_adapters, save_adapters
+from .checkpoints import save_adapters
+from .inject import apply_adapters
 from .models import GPT2_SHAPES, load_model, save_random_gpt2
 from .quant import load_quantized, model_size, prepare_for_kbit_training
 from .results import RunRecorder, is_complete, load_results, read_events

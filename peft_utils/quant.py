@@ -248,7 +248,7 @@ def _persistent_buffers(model: nn.Module):
 
 
 def _adapter_tensor_bytes(model: nn.Module) -> int:
-    from .inject import adapter_state_dict
+    from .checkpoints import adapter_state_dict
 
     try:
         state = adapter_state_dict(model)
