@@ -89,6 +89,7 @@ def test_ours_saved_loads_in_peft_with_the_same_logits(tmp_path, kind, variant):
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
     assert config["fan_in_fan_out"] == (kind == "gpt2")
+    assert not torch.allclose(model(input_ids=ids).logits, MODELS[kind][0]()(input_ids=ids).logits), "adapter inert"
     reference = peft.PeftModel.from_pretrained(MODELS[kind][0](), tmp_path).eval()
     assert_same_logits(reference(input_ids=ids).logits, model(input_ids=ids).logits)
     assert torch.equal(load_adapters(MODELS[kind][0](), tmp_path).eval()(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -101,6 +102,7 @@ def test_peft_saved_loads_in_ours_with_the_same_logits(tmp_path, kind, variant):
     reference.save_pretrained(tmp_path)
     model = load_adapters(MODELS[kind][0](), tmp_path).eval()
     ids, _ = make_inputs(MODELS[kind][3])
+    assert not torch.allclose(reference(input_ids=ids).logits, MODELS[kind][0]()(input_ids=ids).logits), "inert"
     assert_same_logits(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     assert model.adapter_config.method == VARIANTS[variant]["method"]
 
