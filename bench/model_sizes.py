@@ -24,8 +24,9 @@ if __package__ in (None, ""):  # `python bench/model_sizes.py` works as well as 
 
 import torch
 
+from peft_utils.checkpoints import save_adapters
 from peft_utils.data import find_gpt2_tokenizer
-from peft_utils.inject import apply_adapters, save_adapters
+from peft_utils.inject import apply_adapters
 from peft_utils.models import GPT2_SHAPES, load_model, save_random_gpt2
 from peft_utils.quant import load_quantized
 from peft_utils.sizes import model_size, nf4_bits_per_weight
@@ -68,8 +69,8 @@ def measure(size: str, tokenizer_dir: Path, rank: int) -> dict:
                                            for p in model.parameters() if getattr(p, "quant_state", None) is not None)
                 model = apply_adapters(model, "lora", ["c_attn"], rank=rank, alpha=2 * rank)
                 sizes["adapter_file"] = save_adapters(model, Path(tmp) / "adapter")
-                sizes["qlora"] = model_size(model, "qlora", adapter_bytes=sizes["adapter_file"])
-                sizes["lora"] = model_size(model, "lora", adapter_bytes=sizes["adapter_file"])
+                sizes["qlora"] = model_size(model, "qlora", saved_bytes=sizes["adapter_file"])
+                sizes["lora"] = model_size(model, "lora", saved_bytes=sizes["adapter_file"])
                 sizes["adapter_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 # What a 16-bit load of the un-quantised share (torch_dtype=bf16, the usual QLoRA recipe) holds:
                 # measured on the same model after casting its embeddings, norms, biases and head to bf16.

@@ -136,6 +136,13 @@ def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
     return tuple(items)
 
 
+def _sentences(name: str, value: Any) -> tuple[str, ...]:
+    items = _as_list(name, value)
+    if not all(isinstance(i, str) and i.strip() for i in items):
+        raise ValueError(f"{name} must be non-empty strings, got {value!r}")
+    return tuple(items)
+
+
 def _ranks(name: str, value: Any) -> tuple[int, ...]:
     return _unique(name, [check_positive_int(name, r) for r in _as_list(name, value)])
 
@@ -245,6 +252,10 @@ class ExperimentConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     results_dir: str = "results"
     imgs_dir: str | None = None
+    sentences: tuple[str, ...] = (
+        "A gripping, beautifully acted film.", "The plot is thin and the jokes fall flat.",
+        "Not the best film of the year, but far from the worst.",
+    )
 
     @property
     def figures_dir(self) -> str:
@@ -345,6 +356,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               _optional_path),
     Parameter("results_dir", "", "results_dir", "run records go here; None: results/<profile>", _optional_path),
     Parameter("imgs_dir", "", "imgs_dir", "figures go here; None: <results_dir>/imgs", _optional_path),
+    Parameter("sentences", "", "sentences", "your own sentences, classified by every method's saved result",
+              _sentences, {"nargs": "+"}),
     Parameter("weight_decay", "train", "weight_decay", "AdamW decoupled weight decay (matrices only)",
               _non_negative_number, {"type": float}, notebook=False),
     Parameter("warmup_ratio", "train", "warmup_ratio", "share of steps with a linear warm-up", check_fraction,

@@ -37,12 +37,13 @@ from .config import (
     compute_dtype_for,
     make_config,
 )
+from .checkpoints import save_trained
 from .data import load_sst2, subset
 from .inject import apply_adapters, select_targets
 from .methods import get_method
 from .models import load_model, materialize_model, resolve_model_source
 from .quant import load_quantized, prepare_for_kbit_training, require_bitsandbytes
-from .sizes import size_report
+from .sizes import model_size
 from .store import SWEEP_GROUP, RunStore
 from .train import resolve_device, set_seed, train
 
@@ -223,12 +224,16 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore) -> None:
     dtype = compute_dtype_for(resolve_device(config.train.device))
     set_seed(run.spec.seed)  # adapter and head initialisation
     model, tokenizer = build_model(run.spec.method, plan.model_source, run.spec.adapter or config.adapter, dtype)
+    def keep_what_was_trained(trained: torch.nn.Module) -> dict[str, Any]:
+        """Saved before the summary event, so every complete run has its result on disk; sizes from those files."""
+        saved = save_trained(trained, tokenizer, store.saved_dir(run.run_id), run.spec.method)
+        return {"saved_to": store.saved_dir(run.run_id).name, "size": model_size(trained, run.spec.method, saved)}
+
     try:
-        run_info = {**run.record, "run_id": run.run_id, "profile": config.profile,
-                    "size": size_report(model, run.spec.method)}
+        run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
         with store.recorder(run.run_id) as recorder:
             train(model, tokenizer, run.train_frame, run.eval_frame, config.train, lr=run.record["lr"],
-                  seed=run.spec.seed, recorder=recorder, run_info=run_info)
+                  seed=run.spec.seed, recorder=recorder, run_info=run_info, on_finish=keep_what_was_trained)
     finally:
         del model, tokenizer
         _free_memory()
@@ -285,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     plot_all(config.results_dir, config.figures_dir)
     print(f"figures: {config.figures_dir}")
+    if args.sentences:  # only when asked: it loads every run's saved result again
+        from .inference import predict_runs
+
+        print(predict_runs(config.results_dir, list(table["run_id"]), config.sentences).to_string(index=False))
     return 0
 
 

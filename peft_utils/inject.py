@@ -1,14 +1,12 @@
-"""Put adapters into a model: find target layers, wrap them, freeze the rest; count, merge, save and load.
+"""Put adapters into a model: find target layers, wrap them, freeze the rest; count, merge and unmerge them.
 
 Targets are matched on module names, so one walker serves GPT-2 (``Conv1D``), BERT-like models
-(``nn.Linear``) and 4-bit models (bitsandbytes ``Linear4bit``).
+(``nn.Linear``) and 4-bit models (bitsandbytes ``Linear4bit``). Saving and loading live in :mod:`.checkpoints`.
 """
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -28,10 +26,6 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 # Classification heads that must keep training when the backbone is frozen (GPT-2: score, BERT: classifier).
 DEFAULT_KEEP_TRAINABLE = ("score", "classifier")
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-
-
 @dataclass
 class AdapterConfig:
     """What was injected, stored on the model and next to saved weights so loading can rebuild it."""
@@ -44,6 +38,9 @@ class AdapterConfig:
     detach_norm: bool = True
     target_modules: list[str] = field(default_factory=list)
     keep_trainable: list[str] = field(default_factory=list)
+    # The targets as asked (a regex, or name suffixes; presets expanded), i.e. peft's ``target_modules``: unlike the
+    # exact names above they also match the layers of a deeper model, which is how loading catches a depth mismatch.
+    target_patterns: str | list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -76,6 +73,13 @@ def _target_matcher(targets: str | Sequence[str]):
     if not suffixes:
         raise ValueError("targets is empty: name at least one module (e.g. 'c_attn') or a preset")
     return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _as_patterns(targets: str | Sequence[str]) -> str | list[str]:
+    """Targets in peft's terms: a regex string (full match) or a list of name suffixes, presets expanded."""
+    if isinstance(targets, str):
+        return list(TARGET_PRESETS[targets]) if targets in TARGET_PRESETS else targets
+    return list(targets)
 
 
 def _candidate_names(model: nn.Module) -> list[str]:
@@ -125,7 +129,8 @@ def apply_adapters(
     check_rank(rank)
     if any(True for _ in _adapter_layers(model)):
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
-    chosen = select_targets(model, targets)
+    requested = targets if targets is not None else default_targets(model)
+    chosen = select_targets(model, requested)
     model.requires_grad_(False)
     for name, module in chosen:
         if method == "lora":
@@ -137,7 +142,7 @@ def apply_adapters(
 
     kept = _keep_trainable(model, keep_trainable)
     model.adapter_config = AdapterConfig(
-        method, rank, alpha, dropout, use_rslora, detach_norm, [n for n, _ in chosen], kept
+        method, rank, alpha, dropout, use_rslora, detach_norm, [n for n, _ in chosen], kept, _as_patterns(requested)
     )
     return model
 
@@ -178,82 +183,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changed: adapter tensors and the kept-trainable modules' parameters."""
-    config = _config_of(model)
-    state = {}
-    for name, layer in _adapter_layers(model):
-        state[f"{name}.lora_A"] = layer.lora_A
-        state[f"{name}.lora_B"] = layer.lora_B
-        if isinstance(layer, DoRALayer):
-            state[f"{name}.magnitude"] = layer.magnitude
-    for module_name in config.keep_trainable:
-        for param_name, parameter in model.get_submodule(module_name).named_parameters():
-            state[f"{module_name}.{param_name}"] = parameter
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def _config_of(model: nn.Module) -> AdapterConfig:
-    config = getattr(model, "adapter_config", None)
-    if not isinstance(config, AdapterConfig):
-        raise ValueError("model has no adapters: call apply_adapters first")
-    return config
-
-
-def save_adapters(model: nn.Module, folder: str | Path) -> int:
-    """Write adapter weights (safetensors) and their config (JSON) to ``folder``; returns the bytes written.
-
-    Refuses a merged model: its adapters are folded into weights that are not saved here.
-    """
-    from safetensors.torch import save_file
-
-    if any(layer.merged for _, layer in _adapter_layers(model)):
-        raise ValueError("unmerge the adapters before saving them")
-    config = _config_of(model)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
-    return sum((folder / f).stat().st_size for f in (WEIGHTS_FILE, CONFIG_FILE))
-
-
-def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Inject adapters as described by ``folder``'s config into a fresh ``model`` and load their weights."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: expected a folder written by save_adapters")
-    config = AdapterConfig(**json.loads(config_path.read_text(encoding="utf-8")))
-    apply_adapters(
-        model, config.method, config.target_modules, config.rank, config.alpha, config.dropout,
-        config.keep_trainable, config.use_rslora, config.detach_norm,
-    )
-    # Exact names, so a layer whose name merely ends like a target is not wrapped too.
-    if model.adapter_config.target_modules != config.target_modules:
-        raise ValueError("the model's layers differ from those the adapters were saved for")
-    saved = load_file(str(weights_path))
-    expected = adapter_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"adapter file does not fit this model: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            target = _tensor_by_name(model, name)
-            if target.shape != tensor.shape:
-                raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
-            target.copy_(tensor)
-    return model
-
-
-def _tensor_by_name(model: nn.Module, name: str) -> torch.Tensor:
-    module_name, _, attribute = name.rpartition(".")
-    return getattr(model.get_submodule(module_name), attribute)
-
-
 __all__ = [
     "TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters", "select_targets", "count_parameters",
-    "merge_adapters", "unmerge_adapters", "adapter_state_dict", "save_adapters", "load_adapters",
+    "merge_adapters", "unmerge_adapters",
 ]

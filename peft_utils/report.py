@@ -49,3 +49,13 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
     if "size.disk_bytes" in table:
         out["shipped MB"] = (table["size.disk_bytes"] / 1e6).round(2)
     return out
+
+
+def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """``inference.predict_runs`` output with runs named by method (and seed when there are several), in %."""
+    several_seeds = table["seed"].nunique() > 1
+    names = {row.run_id: f"{row.method} s{row.seed}" if several_seeds else row.method for row in table.itertuples()}
+    out = predictions.rename(columns=names)
+    runs = [names[r] for r in table["run_id"] if r in names]
+    out[runs] = (100 * out[runs]).round(1)
+    return out.rename(columns={name: f"{name}: P(positive) %" for name in runs})

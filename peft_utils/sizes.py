@@ -7,8 +7,6 @@ which the measured 4-bit share is checked.
 """
 from __future__ import annotations
 
-import tempfile
-
 import torch
 from torch import nn
 
@@ -56,7 +54,7 @@ def _persistent_buffers(model: nn.Module):
 
 
 def _adapter_tensor_bytes(model: nn.Module) -> int:
-    from .inject import adapter_state_dict
+    from .checkpoints import adapter_state_dict
 
     try:
         state = adapter_state_dict(model)
@@ -65,7 +63,7 @@ def _adapter_tensor_bytes(model: nn.Module) -> int:
     return sum(_nbytes(t) for t in state.values())
 
 
-def model_size(model: nn.Module, method: str, adapter_bytes: int | None = None) -> dict:
+def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) -> dict:
     """Where a model's bytes are, and what ``method`` must ship. Keys: see ``SIZE_KEYS``.
 
     In memory: ``quantized_bytes`` (packed 4-bit weights) + ``quant_state_bytes`` (absmax, nested absmax, offset
@@ -73,10 +71,10 @@ def model_size(model: nn.Module, method: str, adapter_bytes: int | None = None) 
     ``total_bytes``. ``fp32_bytes``: the same model with every parameter and floating buffer in float32, 4-bit
     weights counted as the weights they encode. ``nf4_bound_bytes``: the analytic size of the quantised share,
     n_weights × ``nf4_bits_per_weight`` / 8 (per layer, with its own blocksize and double quantisation).
-    ``disk_bytes``: "full checkpoint" (every parameter at its dtype) for full fine-tuning; "adapter"
-    (``adapter_bytes``, e.g. what ``save_adapters`` returned, else the adapter tensors' bytes) for LoRA / DoRA;
-    "4-bit base + adapter" (packed weights + quant state + other frozen parameters and persistent buffers + adapter)
-    for QLoRA / QDoRA.
+    ``disk_bytes``: what the method ships. ``saved_bytes`` is what ``checkpoints.save_trained`` wrote for the run
+    (the full checkpoint, or the adapter files); without it the tensors' own bytes stand in. "full checkpoint" for
+    full fine-tuning; "adapter" for LoRA / DoRA; "4-bit base + adapter" (packed weights + quant state + other frozen
+    parameters and persistent buffers + the adapter) for QLoRA / QDoRA.
     """
     shipped = get_method(method)
     quantized = quant_state = frozen = trainable = fp32 = 0
@@ -105,9 +103,10 @@ def model_size(model: nn.Module, method: str, adapter_bytes: int | None = None) 
     total = quantized + quant_state + frozen + trainable
 
     if shipped.adapter is None:
-        disk = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + quantized + quant_state
+        in_memory = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + quantized + quant_state
+        disk = int(saved_bytes) if saved_bytes is not None else in_memory
     else:
-        adapter = int(adapter_bytes) if adapter_bytes is not None else _adapter_tensor_bytes(model)
+        adapter = int(saved_bytes) if saved_bytes is not None else _adapter_tensor_bytes(model)
         if not shipped.quantized:
             disk = adapter
         else:
@@ -161,14 +160,4 @@ def format_size_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def size_report(model: nn.Module, method: str) -> dict:
-    """``model_size`` with, for adapter methods, the real bytes ``save_adapters`` writes."""
-    from .inject import save_adapters
-
-    if get_method(method).adapter is None:
-        return model_size(model, method)
-    with tempfile.TemporaryDirectory() as folder:
-        return model_size(model, method, adapter_bytes=save_adapters(model, folder))
-
-
-__all__ = ["SIZE_KEYS", "nf4_bits_per_weight", "model_size", "size_report", "format_size_report"]
+__all__ = ["SIZE_KEYS", "nf4_bits_per_weight", "model_size", "format_size_report"]

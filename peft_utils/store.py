@@ -140,6 +140,10 @@ class RunStore:
     def path(self, run_id: str) -> Path:
         return self.folder / f"{run_id}.jsonl"
 
+    def saved_dir(self, run_id: str) -> Path:
+        """Where a run keeps what it trained (its peft adapter, or the full checkpoint), beside its record."""
+        return self.folder / run_id
+
     def events(self, run_id: str) -> list[dict[str, Any]]:
         return read_events(self.path(run_id))
 

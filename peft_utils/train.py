@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,7 @@ def train(
     seed: int,
     recorder: RunRecorder | None = None,
     run_info: dict[str, Any] | None = None,
+    on_finish: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` on ``train_frame`` and evaluate on ``eval_frame``; returns a :class:`RunResult`.
 
@@ -271,7 +272,9 @@ def train(
     Only parameters with ``requires_grad`` are optimised, so the method (full, LoRA, ...) is decided entirely by
     how the model was built. With a ``recorder``, a ``config`` event (``run_info`` plus this run's settings,
     sizes, device and parameter counts) is written first, then ``step``/``eval`` events as they happen and a
-    ``summary`` at the end — which marks the run complete.
+    ``summary`` at the end — which marks the run complete. ``on_finish(model)`` runs after the last evaluation and
+    before the summary (e.g. to save what was trained, so a complete record always has its saved result); the
+    fields it returns join the summary.
     """
     device = resolve_device(config.device)
     dtype = compute_dtype_for(device)
@@ -362,6 +365,8 @@ def train(
         "n_eval": final["n"],
         "steps": step,
     }
+    if on_finish is not None:
+        result.summary.update(on_finish(model))
     if recorder is not None:
         recorder.log("summary", **result.summary)
     return result

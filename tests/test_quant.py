@@ -320,7 +320,7 @@ def test_size_report_adds_up_and_matches_the_nf4_bound(tiny_dir, tmp_path, doubl
 
     model = apply_adapters(prepare_for_kbit_training(model), "lora", ["c_attn"], rank=8, alpha=16)
     file_bytes = save_adapters(model, tmp_path / "adapter")
-    report = model_size(model, "qlora", adapter_bytes=file_bytes)
+    report = model_size(model, "qlora", saved_bytes=file_bytes)
     assert tuple(report) == SIZE_KEYS
     parts = report["quantized_bytes"] + report["quant_state_bytes"] + report["frozen_bytes"] + report["trainable_bytes"]
     assert report["total_bytes"] == parts
@@ -342,7 +342,7 @@ def test_size_report_adds_up_and_matches_the_nf4_bound(tiny_dir, tmp_path, doubl
     assert saving == 4 * n_weights - measured
     assert 4 * n_weights / (measured - tables) == pytest.approx(32 / bits, rel=2e-3)
 
-    adapter = model_size(model, "lora", adapter_bytes=file_bytes)
+    adapter = model_size(model, "lora", saved_bytes=file_bytes)
     assert adapter["disk_kind"] == "adapter" and adapter["disk_bytes"] == file_bytes
     tensors_only = model_size(model, "lora")["disk_bytes"]
     assert 0 < tensors_only < file_bytes  # the file adds a header and the JSON config

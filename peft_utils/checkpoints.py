@@ -1,0 +1,385 @@
+"""What training produced, on disk in the formats the rest of the field reads: peft adapters and merged checkpoints.
+
+Adapters are written and read in peft's LoRA format (``adapter_config.json`` + ``adapter_model.safetensors``), so
+``PeftModel.from_pretrained``, transformers' ``load_adapter``, vLLM and TGI load ours, and ``load_adapters`` loads
+theirs. The layouts agree without conversion: peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's
+``Conv1D`` too (its ``fan_in_fan_out`` flag only says that the *base* weight is stored transposed), and DoRA's
+magnitude is one value per output row in both. Tensor names are the model's module names under
+``base_model.model.``; the trained head is peft's ``modules_to_save``, saved under its own module name.
+
+The weight file is also the record of the layers an adapter was trained on (names, and shapes: A gives the input
+width, B the output width), so loading checks every layer against it before changing the model.
+
+``export_merged`` folds the adapters into a plain transformers checkpoint; a 4-bit base is dequantised and merged
+in the adapters' float32, then saved in 16/32-bit (re-quantising would round the update away).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
+from .inject import AdapterConfig, _adapter_layers, _target_matcher, apply_adapters
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> the transformers model
+# Per adapted layer: our attribute -> peft's key suffix.
+ADAPTER_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+# peft LoraConfig keys whose other values change what the adapter computes, or where, in ways our LoRA/DoRA layers
+# do not implement: refused unless they hold peft's default. Keys not listed here and not read below are ignored,
+# as peft ignores unknown keys (init-time options such as loftq_config, peft_version, inference_mode...).
+UNSUPPORTED_UNLESS_DEFAULT = {
+    "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None,
+    "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None, "trainable_token_indices": None,
+    "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None, "megatron_config": None,
+    "arrow_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None, "kasa_config": None,
+}
+# Initialisations that only set A and B (overwritten by the saved values); the others (PiSSA, OLoRA, LoftQ, EVA,
+# CorDA...) also rewrite the base weights, which a saved adapter alone cannot reproduce.
+PLAIN_INITS = (True, False, "gaussian")
+SEQ_CLS = "SEQ_CLS"
+PROBE_TEXTS = ("A gripping, beautifully acted film.", "Dull, predictable and far too long.")
+
+
+def _config_of(model: nn.Module) -> AdapterConfig:
+    config = getattr(model, "adapter_config", None)
+    if not isinstance(config, AdapterConfig):
+        raise ValueError("model has no adapters: call apply_adapters first")
+    return config
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changed, under peft's names: adapter tensors and the kept-trainable (head) modules."""
+    config = _config_of(model)
+    state = {}
+    for name, layer in _adapter_layers(model):
+        for attribute, suffix in ADAPTER_KEYS.items():
+            if attribute != "magnitude" or isinstance(layer, DoRALayer):
+                state[f"{PEFT_PREFIX}{name}.{suffix}"] = getattr(layer, attribute)
+    for module_name in config.keep_trainable:  # state_dict(), like peft's modules_to_save: buffers included
+        for key, tensor in model.get_submodule(module_name).state_dict().items():
+            state[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def peft_config(model: nn.Module) -> dict:
+    """The ``adapter_config.json`` peft writes for the same adapter (keys left out take peft's defaults)."""
+    from .models import hub_id
+
+    config = _config_of(model)
+    layers = [layer.base for _, layer in _adapter_layers(model)]
+    return {
+        "peft_type": "LORA",
+        "task_type": SEQ_CLS,
+        "base_model_name_or_path": hub_id(getattr(model, "name_or_path", "")) or None,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.method == "dora",
+        "target_modules": config.target_patterns or config.target_modules,
+        "fan_in_fan_out": any(is_conv1d(base) for base in layers),  # GPT-2: the base weight is stored (in, out)
+        "modules_to_save": config.keep_trainable or None,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def _file_bytes(folder: Path, names: Sequence[str]) -> int:
+    return sum((folder / name).stat().st_size for name in names)
+
+
+def save_adapters(model: nn.Module, folder: str | Path) -> int:
+    """Write the adapter in peft's format to ``folder``; returns the bytes written (weights + config).
+
+    Refuses a merged model: its adapters are folded into weights that are not saved here.
+    """
+    from safetensors.torch import save_file
+
+    state = adapter_state_dict(model)
+    if any(layer.merged for _, layer in _adapter_layers(model)):
+        raise ValueError("unmerge the adapters before saving them")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(peft_config(model), indent=2) + "\n", encoding="utf-8")
+    return _file_bytes(folder, (WEIGHTS_FILE, CONFIG_FILE))
+
+
+def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -> int:
+    """Keep what a run trained: its peft adapter, or for full fine-tuning a ``save_pretrained`` checkpoint with the
+    tokenizer. Returns the bytes of what the method ships beyond the base model: the adapter files, or the
+    checkpoint's weights and config (the tokenizer is the base's own and is not counted)."""
+    if method != "full":
+        return save_adapters(model, folder)
+    if any(True for _ in _adapter_layers(model)):
+        raise ValueError("method 'full' but the model has adapters: save it with method set to its adapter method")
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    written = ["config.json"] + [p.name for p in folder.glob("model*.safetensors*")]
+    tokenizer.save_pretrained(folder)
+    return _file_bytes(folder, written)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _SavedAdapter:
+    """A peft LoRA adapter read from disk and checked on its own, before any model is touched."""
+
+    method: str
+    rank: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    targets: str | list[str]
+    keep: list[str]
+    layers: dict[str, dict[str, torch.Tensor]]  # module name -> {"lora_A": ..., "lora_B": ..., ["magnitude"]}
+    modules: dict[str, torch.Tensor]  # kept-trainable tensors, by model state name ("score.weight")
+
+
+def _read_config(path: Path) -> dict:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if "peft_type" not in config:
+        raise ValueError(f"{path}: no peft_type: not a peft adapter config (re-save older peft_utils adapters)")
+    refusals = [f"peft_type={config['peft_type']!r} (only 'LORA')"] if config["peft_type"] != "LORA" else []
+    if config.get("task_type") not in (SEQ_CLS, None):
+        refusals.append(f"task_type={config['task_type']!r} (only {SEQ_CLS!r}: these are sequence classifiers)")
+    for key, default in UNSUPPORTED_UNLESS_DEFAULT.items():
+        if config.get(key) not in (None, default):  # null: not set
+            refusals.append(f"{key}={config[key]!r} (only {default!r})")
+    if config.get("init_lora_weights", True) not in PLAIN_INITS:
+        refusals.append(f"init_lora_weights={config['init_lora_weights']!r} (it rewrites the base weights)")
+    targets = config.get("target_modules")
+    if not targets or targets == "all-linear":
+        refusals.append(f"target_modules={targets!r} (name the layers: a list of name suffixes or a regex)")
+    if refusals:
+        raise ValueError(f"{path}: cannot load with peft_utils' LoRA/DoRA layers: {refusals[0]}")
+    return config
+
+
+def _read_adapter(folder: Path) -> _SavedAdapter:
+    from safetensors.torch import load_file
+
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: expected a peft LoRA adapter folder (safetensors weights)")
+    config = _read_config(config_path)
+    method = "dora" if config.get("use_dora", False) else "lora"
+    rank, layers, modules = int(config.get("r", 8)), {}, {}
+    suffixes = {suffix: attribute for attribute, suffix in ADAPTER_KEYS.items()}
+    for key, tensor in load_file(str(weights_path)).items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"{weights_path}: tensor {key!r} is not under {PEFT_PREFIX!r}: not a peft model's adapter")
+        name = key.removeprefix(PEFT_PREFIX)
+        match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)", name)
+        if match and (match[2] != "lora_magnitude_vector" or method == "dora"):
+            layers.setdefault(match[1], {})[suffixes[match[2]]] = tensor
+        elif ".lora_" in name:
+            raise ValueError(f"{weights_path}: tensor {key!r} is for a layer type or option peft_utils does not adapt")
+        else:
+            modules[name] = tensor
+    for name, tensors in layers.items():
+        expected = {"lora_A", "lora_B"} | ({"magnitude"} if method == "dora" else set())
+        if set(tensors) != expected:
+            raise ValueError(f"{weights_path}: layer {name} has {sorted(tensors)}, expected {sorted(expected)}")
+        if tensors["lora_A"].dim() != 2 or tensors["lora_A"].shape[0] != rank or tensors["lora_B"].shape[1:] != (rank,):
+            raise ValueError(f"{weights_path}: layer {name}: A {tuple(tensors['lora_A'].shape)}, "
+                             f"B {tuple(tensors['lora_B'].shape)} do not have rank r={rank}")
+    return _SavedAdapter(
+        method, rank, float(config.get("lora_alpha", 8)), float(config.get("lora_dropout", 0.0)),
+        bool(config.get("use_rslora", False)), config["target_modules"], list(config.get("modules_to_save") or []), layers, modules,
+    )
+
+
+def _check_fits(model: nn.Module, saved: _SavedAdapter) -> None:
+    """Every saved tensor has a home in ``model`` and every layer the targets select gets its tensors, in shape."""
+    if any(True for _ in _adapter_layers(model)):
+        raise ValueError("model already has adapters; load into a fresh model")
+    matches = _target_matcher(saved.targets)
+    chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
+    if not chosen:
+        raise ValueError(f"adapter does not fit this model: no layer matches target_modules {saved.targets!r}")
+    chosen_names = {name for name, _ in chosen}
+    for name, module in chosen:
+        if name not in saved.layers:
+            raise ValueError(f"adapter does not fit this model: layer {name} matches the targets but the adapter "
+                             f"has no tensors for it (was it trained on a model with other layers?)")
+        if not is_supported_base(module):
+            raise ValueError(f"adapter does not fit this model: layer {name} is a {type(module).__name__}")
+        in_features, out_features = base_features(module)
+        tensors = saved.layers[name]
+        shapes = {"lora_A": (saved.rank, in_features), "lora_B": (out_features, saved.rank), "magnitude": (out_features,)}
+        for attribute, tensor in tensors.items():
+            if tuple(tensor.shape) != shapes[attribute]:
+                raise ValueError(f"adapter does not fit this model: layer {name}: saved {attribute} "
+                                 f"{tuple(tensor.shape)}, the model's layer needs {shapes[attribute]}")
+    homeless = [name for name in saved.layers if name not in chosen_names]
+    if homeless:
+        raise ValueError(f"adapter does not fit this model: saved layer {homeless[0]} has no matching layer in it")
+    state = model.state_dict()
+    for key, tensor in saved.modules.items():
+        if key not in state:
+            raise ValueError(f"adapter does not fit this model: saved tensor {key} has no home in it")
+        if state[key].shape != tensor.shape:
+            raise ValueError(f"adapter does not fit this model: {key}: saved {tuple(tensor.shape)}, "
+                             f"the model's is {tuple(state[key].shape)}")
+    kept = [name for name, _ in model.named_modules() if name and saved.keep and _target_matcher(saved.keep)(name)]
+    if saved.keep and not kept:
+        raise ValueError(f"adapter does not fit this model: no module matches modules_to_save {saved.keep}")
+    for name in kept:
+        if not any(key.startswith(name + ".") for key in saved.modules):
+            raise ValueError(f"adapter does not fit this model: module {name} is in modules_to_save but the adapter "
+                             "has no tensors for it")
+
+
+def _remove_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Undo a partial ``apply_adapters``: put the base layers back and restore which parameters train."""
+    for name, layer in list(_adapter_layers(model)):
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer.base)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad[name])
+    if hasattr(model, "adapter_config"):
+        del model.adapter_config
+
+
+def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Inject the peft LoRA/DoRA adapter saved in ``folder`` (by peft or by ``save_adapters``) into ``model``.
+
+    Everything is checked before the model changes, and a failure leaves the model as it was.
+    """
+    saved = _read_adapter(Path(folder))
+    _check_fits(model, saved)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        apply_adapters(model, saved.method, saved.targets, saved.rank, saved.alpha, saved.dropout, saved.keep,
+                       saved.use_rslora)
+        with torch.no_grad():
+            for name, tensors in saved.layers.items():
+                layer = model.get_submodule(name)
+                for attribute, tensor in tensors.items():
+                    getattr(layer, attribute).copy_(tensor)
+            state = model.state_dict(keep_vars=True)
+            for key, tensor in saved.modules.items():
+                state[key].copy_(tensor)
+    except BaseException:
+        _remove_adapters(model, requires_grad)
+        raise
+    return model
+
+
+# --------------------------------------------------------------------------------------------- merged export
+
+
+@torch.no_grad()
+def _merged_weight(layer: LoRALayer) -> torch.Tensor:
+    """The layer's effective (out, in) weight in float32, merged on a dense float32 copy of its base.
+
+    The copy leaves the model untouched and lets a 4-bit base (which cannot be merged into) be merged exactly,
+    with the layer's own ``merge`` doing the arithmetic.
+    """
+    if layer.merged:
+        return base_weight(layer.base).float()
+    original = layer.base
+    in_features, out_features = base_features(original)
+    dense = nn.Linear(in_features, out_features, bias=False, device=layer.lora_A.device)
+    dense.weight.copy_(base_weight(original).float())
+    layer.base = dense
+    try:
+        layer.merge()
+        return dense.weight.detach()
+    finally:
+        layer.base, layer.merged = original, False
+
+
+def _dense_state(module: nn.Module, prefix: str, state: dict, out_in: set) -> None:
+    """The plain architecture's tensors: adapters merged, 4-bit weights dequantised; ``out_in`` marks (out, in)."""
+    if isinstance(module, LoRALayer) or is_linear4bit(module):
+        base = module.base if isinstance(module, LoRALayer) else module
+        weight = _merged_weight(module) if isinstance(module, LoRALayer) else base_weight(module).float()
+        state[prefix + "weight"] = weight
+        out_in.add(prefix + "weight")
+        if base.bias is not None:
+            state[prefix + "bias"] = base.bias
+        return
+    for name, parameter in module.named_parameters(recurse=False):
+        state[prefix + name] = parameter
+    for name, buffer in module.named_buffers(recurse=False):
+        if name not in module._non_persistent_buffers_set:
+            state[prefix + name] = buffer
+    for name, child in module.named_children():
+        _dense_state(child, f"{prefix}{name}.", state, out_in)
+
+
+@dataclass(frozen=True)
+class MergedExport:
+    folder: Path
+    bytes: int  # weights + config (tokenizer files not counted)
+    max_logit_diff: float  # merged checkpoint vs the unmerged model, on ``check_texts``
+
+
+def _logits(model: nn.Module, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    batch = tokenizer(list(texts), padding=True, return_tensors="pt").to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(**batch).logits.float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def export_merged(
+    model: nn.Module, tokenizer, folder: str | Path, dtype: torch.dtype = torch.float32,
+    check_texts: Sequence[str] = PROBE_TEXTS,
+) -> MergedExport:
+    """Write ``model`` with its adapters folded in as a plain ``save_pretrained`` checkpoint plus its tokenizer.
+
+    ``AutoModelForSequenceClassification.from_pretrained(folder)`` and ``pipeline("text-classification", folder)``
+    load it; no peft or peft_utils needed. A 4-bit base is dequantised and merged in float32 (peft's documented
+    recipe), then saved in ``dtype``. The model itself is left as it was. Returns the folder, the bytes of weights
+    and config, and the largest logit difference to the unmerged model on ``check_texts``.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    state, out_in = {}, set()
+    _dense_state(model, "", state, out_in)
+    config = copy.deepcopy(model.config)
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    plain = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    for key in out_in:
+        if is_conv1d(plain.get_submodule(key.rpartition(".")[0])):
+            state[key] = state[key].T  # GPT-2's Conv1D stores (in, out)
+    plain.load_state_dict({key: tensor.to("cpu", dtype) for key, tensor in state.items()}, strict=True)
+    folder = Path(folder)
+    plain.save_pretrained(folder)
+    written = ["config.json"] + [p.name for p in folder.glob("model*.safetensors*")]
+    tokenizer.save_pretrained(folder)
+    difference = (_logits(plain, tokenizer, check_texts) - _logits(model, tokenizer, check_texts)).abs().max().item()
+    return MergedExport(folder, _file_bytes(folder, written), difference)
+
+
+__all__ = [
+    "CONFIG_FILE", "WEIGHTS_FILE", "MergedExport", "adapter_state_dict", "export_merged", "load_adapters",
+    "peft_config", "save_adapters", "save_trained",
+]

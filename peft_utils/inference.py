@@ -1,0 +1,76 @@
+"""Predictions on your own sentences from what a run saved, loaded the way any script would load it.
+
+Only the standard API is used to load (``AutoModelForSequenceClassification``, ``AutoTokenizer``, peft's
+``PeftModel``), never peft_utils' own layers: what works here works in any other project. The one local step is
+finding the base model's weights offline (the MiniLM hub id maps to the copy the pip package ships).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .checkpoints import CONFIG_FILE
+from .models import resolve_model_source
+
+SST2_LABELS = ("negative", "positive")
+
+
+def load_saved(folder: str | Path, base_model: str | Path | None = None):
+    """``(model, tokenizer)`` from a run's folder: a full checkpoint, or a peft adapter on its base model.
+
+    ``base_model``: where the adapter's base is (default: the ``base_model_name_or_path`` the adapter records).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: neither a peft adapter ({CONFIG_FILE}) nor a checkpoint (config.json)")
+        return AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    from peft import PeftConfig, PeftModel
+
+    source = base_model if base_model is not None else PeftConfig.from_pretrained(folder).base_model_name_or_path
+    if not source:
+        raise ValueError(f"{folder / CONFIG_FILE} records no base_model_name_or_path: pass base_model")
+    source = resolve_model_source(source)
+    base = AutoModelForSequenceClassification.from_pretrained(source)
+    return PeftModel.from_pretrained(base, folder), AutoTokenizer.from_pretrained(source)
+
+
+def predict(
+    folder: str | Path, sentences: Sequence[str], base_model: str | Path | None = None,
+    labels: Sequence[str] = SST2_LABELS,
+) -> pd.DataFrame:
+    """One row per sentence: the predicted label and the probability of the last label (SST-2: positive)."""
+    if isinstance(sentences, str) or not sentences:
+        raise ValueError("sentences must be a non-empty list of strings")
+    model, tokenizer = load_saved(folder, base_model)
+    if tokenizer.pad_token is None:  # GPT-2: pad with EOS, and tell the model which id is padding
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    batch = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        probabilities = model.eval()(**batch).logits.float().softmax(dim=-1)
+    if probabilities.shape[-1] != len(labels):
+        raise ValueError(f"the model has {probabilities.shape[-1]} labels but labels names {len(labels)}: {list(labels)}")
+    return pd.DataFrame({
+        "sentence": list(sentences),
+        "label": [labels[i] for i in probabilities.argmax(dim=-1).tolist()],
+        f"p_{labels[-1]}": probabilities[:, -1].tolist(),
+    })
+
+
+__all__ = ["SST2_LABELS", "load_saved", "predict"]
+
+
+def predict_runs(results_dir: str | Path, run_ids: Sequence[str], sentences: Sequence[str]) -> pd.DataFrame:
+    """P(positive) of each sentence under each run's saved result: one row per sentence, one column per run."""
+    from .store import RunStore
+
+    store = RunStore(results_dir)
+    columns = {rid: predict(store.saved_dir(rid), sentences)["p_positive"].to_numpy() for rid in run_ids}
+    return pd.DataFrame({"sentence": list(sentences), **columns})
