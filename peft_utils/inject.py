@@ -1,12 +1,11 @@
 """Put adapters into a model: find target layers, wrap them, freeze the rest; count, merge, save and load.
 
-Targets are matched on module names, so one walker serves GPT-2 (``Conv1D``), BERT-like models
-(``nn.Linear``) and 4-bit models (bitsandbytes ``Linear4bit``).
+Targets are matched on module names, so one walker serves GPT-2 (``Conv1D``), encoders and decoders
+(``nn.Linear``) and 4-bit models (bitsandbytes ``Linear4bit``); which names, per family and preset, is ``targets.py``.
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -15,18 +14,11 @@ import torch
 from torch import nn
 
 from .adapters import DoRALayer, LoRALayer, is_supported_base
+from .targets import LEGACY_PRESETS, default_keep_trainable, model_type, name_matcher, resolve_targets
 
 ADAPTER_METHODS = ("lora", "dora")
-
-# Module-name suffixes. GPT-2's c_proj exists in both attention and MLP, so "gpt2-all" covers both.
-TARGET_PRESETS: dict[str, tuple[str, ...]] = {
-    "gpt2-attn": ("c_attn",),
-    "gpt2-all": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    "bert-qv": ("query", "value"),
-    "bert-all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-}
-# Classification heads that must keep training when the backbone is frozen (GPT-2: score, BERT: classifier).
-DEFAULT_KEEP_TRAINABLE = ("score", "classifier")
+# The fixed GPT-2/BERT suffix lists, importable here as before; model-resolved presets live in targets.py.
+TARGET_PRESETS = LEGACY_PRESETS
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -59,25 +51,6 @@ class ParameterCount:
         return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
 
 
-def default_targets(model: nn.Module) -> tuple[str, ...]:
-    """GPT-2 family: the fused attention projection (as in the LoRA paper); otherwise query and value."""
-    model_type = getattr(getattr(model, "config", None), "model_type", "")
-    return TARGET_PRESETS["gpt2-attn"] if model_type == "gpt2" else TARGET_PRESETS["bert-qv"]
-
-
-def _target_matcher(targets: str | Sequence[str]):
-    """A preset name, a regex (full match on the module name), or a list of name suffixes."""
-    if isinstance(targets, str):
-        if targets in TARGET_PRESETS:
-            return _target_matcher(TARGET_PRESETS[targets])
-        pattern = re.compile(targets)
-        return lambda name: pattern.fullmatch(name) is not None
-    suffixes = tuple(targets)
-    if not suffixes:
-        raise ValueError("targets is empty: name at least one module (e.g. 'c_attn') or a preset")
-    return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
-
-
 def _candidate_names(model: nn.Module) -> list[str]:
     """Distinct layer-name suffixes that could be targets, for error messages ("h.0.attn.c_attn" -> "attn.c_attn")."""
     names = {".".join(n.split(".")[-2:]) for n, m in model.named_modules() if is_supported_base(m) and n}
@@ -101,8 +74,11 @@ def apply_adapters(
 ) -> nn.Module:
     """Wrap every target layer of ``model`` in a LoRA or DoRA layer (in place) and freeze everything else.
 
+    ``targets``: module-name suffixes, a regex, a preset (``attn``, ``attn-all``, ``all-linear`` or a legacy GPT-2/BERT
+    name) or None for the family's default (query and value; see ``targets.default_targets``).
     ``keep_trainable``: module-name suffixes whose parameters stay trainable (default: the classification head,
-    ``score`` or ``classifier``, whichever exists — a new head is random and must learn).
+    ``score`` or ``classifier``, plus layers the family's head adds that checkpoints lack — a new head is random and
+    must learn; see ``targets.default_keep_trainable``).
     Returns the model, with its ``AdapterConfig`` at ``model.adapter_config``.
     """
     if method not in ADAPTER_METHODS:
@@ -111,7 +87,7 @@ def apply_adapters(
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if any(True for _ in _adapter_layers(model)):
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
-    matches = _target_matcher(targets if targets is not None else default_targets(model))
+    matches = name_matcher(resolve_targets(model, targets))
     chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
     if not chosen:
         raise ValueError(f"no module matched targets {targets!r}; candidate layers: {', '.join(_candidate_names(model))}")
@@ -137,8 +113,8 @@ def apply_adapters(
 
 def _keep_trainable(model: nn.Module, keep: Sequence[str] | None) -> list[str]:
     """Unfreeze the named modules; explicit names that match nothing are an error, defaults are best-effort."""
-    names = DEFAULT_KEEP_TRAINABLE if keep is None else tuple(keep)
-    matches = _target_matcher(names) if names else (lambda _: False)
+    names = default_keep_trainable(model_type(model)) if keep is None else tuple(keep)
+    matches = name_matcher(names) if names else (lambda _: False)
     kept = [n for n, m in model.named_modules() if n and matches(n) and not isinstance(m, LoRALayer)]
     if keep and not kept:
         raise ValueError(f"keep_trainable {list(keep)!r} matched no module")
