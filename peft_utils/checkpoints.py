@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .adapters import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
-from .inject import AdapterConfig, _adapter_layers, _target_matcher, apply_adapters
+from .inject import AdapterConfig, adapter_layers, apply_adapters
+from .targets import name_matcher
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,7 +64,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what training changed, under peft's names: adapter tensors and the kept-trainable (head) modules."""
     config = _config_of(model)
     state = {}
-    for name, layer in _adapter_layers(model):
+    for name, layer in adapter_layers(model):
         for attribute, suffix in ADAPTER_KEYS.items():
             if attribute != "magnitude" or isinstance(layer, DoRALayer):
                 state[f"{PEFT_PREFIX}{name}.{suffix}"] = getattr(layer, attribute)
@@ -78,7 +79,7 @@ def peft_config(model: nn.Module) -> dict:
     from .models import hub_id
 
     config = _config_of(model)
-    layers = [layer.base for _, layer in _adapter_layers(model)]
+    layers = [layer.base for _, layer in adapter_layers(model)]
     return {
         "peft_type": "LORA",
         "task_type": SEQ_CLS,
@@ -109,7 +110,7 @@ def save_adapters(model: nn.Module, folder: str | Path) -> int:
     from safetensors.torch import save_file
 
     state = adapter_state_dict(model)
-    if any(layer.merged for _, layer in _adapter_layers(model)):
+    if any(layer.merged for _, layer in adapter_layers(model)):
         raise ValueError("unmerge the adapters before saving them")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -
     checkpoint's weights and config (the tokenizer is the base's own and is not counted)."""
     if method != "full":
         return save_adapters(model, folder)
-    if any(True for _ in _adapter_layers(model)):
+    if any(True for _ in adapter_layers(model)):
         raise ValueError("method 'full' but the model has adapters: save it with method set to its adapter method")
     folder = Path(folder)
     model.save_pretrained(folder)
@@ -208,9 +209,9 @@ def _read_adapter(folder: Path) -> _SavedAdapter:
 
 def _check_fits(model: nn.Module, saved: _SavedAdapter) -> None:
     """Every saved tensor has a home in ``model`` and every layer the targets select gets its tensors, in shape."""
-    if any(True for _ in _adapter_layers(model)):
+    if any(True for _ in adapter_layers(model)):
         raise ValueError("model already has adapters; load into a fresh model")
-    matches = _target_matcher(saved.targets)
+    matches = name_matcher(saved.targets)
     chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
     if not chosen:
         raise ValueError(f"adapter does not fit this model: no layer matches target_modules {saved.targets!r}")
@@ -238,7 +239,7 @@ def _check_fits(model: nn.Module, saved: _SavedAdapter) -> None:
         if state[key].shape != tensor.shape:
             raise ValueError(f"adapter does not fit this model: {key}: saved {tuple(tensor.shape)}, "
                              f"the model's is {tuple(state[key].shape)}")
-    kept = [name for name, _ in model.named_modules() if name and saved.keep and _target_matcher(saved.keep)(name)]
+    kept = [name for name, _ in model.named_modules() if name and saved.keep and name_matcher(saved.keep)(name)]
     if saved.keep and not kept:
         raise ValueError(f"adapter does not fit this model: no module matches modules_to_save {saved.keep}")
     for name in kept:
@@ -249,7 +250,7 @@ def _check_fits(model: nn.Module, saved: _SavedAdapter) -> None:
 
 def _remove_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
     """Undo a partial ``apply_adapters``: put the base layers back and restore which parameters train."""
-    for name, layer in list(_adapter_layers(model)):
+    for name, layer in list(adapter_layers(model)):
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer.base)
     for name, parameter in model.named_parameters():

@@ -333,7 +333,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("dropout", "adapter", "dropout", "dropout on the adapter input, in [0, 1)", check_fraction,
               {"type": float}),
     Parameter("targets", "adapter", "targets",
-              "layers to adapt: module-name suffixes, a preset ('gpt2-attn', 'bert-qv', ...) or a regex",
+              "layers: a preset ('attn', 'attn-all', 'all-linear'; old 'gpt2-attn'...), suffixes or a regex",
               _targets, {"nargs": "+", "type": str, "post": _targets_tokens}),
     Parameter("epochs", "train", "epochs", "passes over the train rows", check_positive_int, {"type": int}),
     Parameter("batch_size", "train", "batch_size", "rows per micro-batch", check_positive_int, {"type": int}),

@@ -1,11 +1,11 @@
 """Put adapters into a model: find target layers, wrap them, freeze the rest; count, merge and unmerge them.
 
-Targets are matched on module names, so one walker serves GPT-2 (``Conv1D``), BERT-like models
-(``nn.Linear``) and 4-bit models (bitsandbytes ``Linear4bit``). Saving and loading live in :mod:`.checkpoints`.
+Targets are matched on module names, so one walker serves GPT-2 (``Conv1D``), encoders and decoders
+(``nn.Linear``) and 4-bit models (bitsandbytes ``Linear4bit``); which names, per family and preset, is ``targets.py``.
+Saving and loading live in :mod:`.checkpoints`.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -14,17 +14,10 @@ from torch import nn
 
 from .adapters import DoRALayer, LoRALayer, check_rank, is_supported_base, logical_numel
 from .methods import ADAPTER_KINDS
+from .targets import LEGACY_PRESETS, default_keep_trainable, model_type, name_matcher, resolve_targets
 
-
-# Module-name suffixes. GPT-2's c_proj exists in both attention and MLP, so "gpt2-all" covers both.
-TARGET_PRESETS: dict[str, tuple[str, ...]] = {
-    "gpt2-attn": ("c_attn",),
-    "gpt2-all": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    "bert-qv": ("query", "value"),
-    "bert-all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-}
-# Classification heads that must keep training when the backbone is frozen (GPT-2: score, BERT: classifier).
-DEFAULT_KEEP_TRAINABLE = ("score", "classifier")
+# The fixed GPT-2/BERT suffix lists, importable here as before; model-resolved presets live in targets.py.
+TARGET_PRESETS = LEGACY_PRESETS
 
 @dataclass
 class AdapterConfig:
@@ -56,32 +49,6 @@ class ParameterCount:
         return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
 
 
-def default_targets(model: nn.Module) -> tuple[str, ...]:
-    """GPT-2 family: the fused attention projection (as in the LoRA paper); otherwise query and value."""
-    model_type = getattr(getattr(model, "config", None), "model_type", "")
-    return TARGET_PRESETS["gpt2-attn"] if model_type == "gpt2" else TARGET_PRESETS["bert-qv"]
-
-
-def _target_matcher(targets: str | Sequence[str]):
-    """A preset name, a regex (full match on the module name), or a list of name suffixes."""
-    if isinstance(targets, str):
-        if targets in TARGET_PRESETS:
-            return _target_matcher(TARGET_PRESETS[targets])
-        pattern = re.compile(targets)
-        return lambda name: pattern.fullmatch(name) is not None
-    suffixes = tuple(targets)
-    if not suffixes:
-        raise ValueError("targets is empty: name at least one module (e.g. 'c_attn') or a preset")
-    return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
-
-
-def _as_patterns(targets: str | Sequence[str]) -> str | list[str]:
-    """Targets in peft's terms: a regex string (full match) or a list of name suffixes, presets expanded."""
-    if isinstance(targets, str):
-        return list(TARGET_PRESETS[targets]) if targets in TARGET_PRESETS else targets
-    return list(targets)
-
-
 def _candidate_names(model: nn.Module) -> list[str]:
     """Distinct layer-name suffixes that could be targets, for error messages ("h.0.attn.c_attn" -> "attn.c_attn")."""
     names = {".".join(n.split(".")[-2:]) for n, m in model.named_modules() if is_supported_base(m) and n}
@@ -93,7 +60,7 @@ def select_targets(model: nn.Module, targets: str | Sequence[str] | None) -> lis
 
     Works on a weightless (meta-device) copy too, so a typo is caught before any weights are loaded.
     """
-    matches = _target_matcher(targets if targets is not None else default_targets(model))
+    matches = name_matcher(resolve_targets(model, targets))
     chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
     if not chosen:
         raise ValueError(f"no module matched targets {targets!r}; candidate layers: {', '.join(_candidate_names(model))}")
@@ -103,7 +70,7 @@ def select_targets(model: nn.Module, targets: str | Sequence[str] | None) -> lis
     return chosen
 
 
-def _adapter_layers(model: nn.Module) -> Iterable[tuple[str, LoRALayer]]:
+def adapter_layers(model: nn.Module) -> Iterable[tuple[str, LoRALayer]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer))
 
 
@@ -120,16 +87,19 @@ def apply_adapters(
 ) -> nn.Module:
     """Wrap every target layer of ``model`` in a LoRA or DoRA layer (in place) and freeze everything else.
 
+    ``targets``: module-name suffixes, a regex, a preset (``attn``, ``attn-all``, ``all-linear`` or a legacy GPT-2/BERT
+    name) or None for the family's default (query and value; see ``targets.default_targets``).
     ``keep_trainable``: module-name suffixes whose parameters stay trainable (default: the classification head,
-    ``score`` or ``classifier``, whichever exists — a new head is random and must learn).
+    ``score`` or ``classifier``, plus layers the family's head adds that checkpoints lack — a new head is random and
+    must learn; see ``targets.default_keep_trainable``).
     Returns the model, with its ``AdapterConfig`` at ``model.adapter_config``.
     """
     if method not in ADAPTER_KINDS:
         raise ValueError(f"unknown adapter method {method!r}; choose one of {ADAPTER_KINDS}")
     check_rank(rank)
-    if any(True for _ in _adapter_layers(model)):
+    if any(True for _ in adapter_layers(model)):
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
-    requested = targets if targets is not None else default_targets(model)
+    requested = resolve_targets(model, targets)
     chosen = select_targets(model, requested)
     model.requires_grad_(False)
     for name, module in chosen:
@@ -142,15 +112,15 @@ def apply_adapters(
 
     kept = _keep_trainable(model, keep_trainable)
     model.adapter_config = AdapterConfig(
-        method, rank, alpha, dropout, use_rslora, detach_norm, [n for n, _ in chosen], kept, _as_patterns(requested)
+        method, rank, alpha, dropout, use_rslora, detach_norm, [n for n, _ in chosen], kept, requested if isinstance(requested, str) else list(requested)
     )
     return model
 
 
 def _keep_trainable(model: nn.Module, keep: Sequence[str] | None) -> list[str]:
     """Unfreeze the named modules; explicit names that match nothing are an error, defaults are best-effort."""
-    names = DEFAULT_KEEP_TRAINABLE if keep is None else tuple(keep)
-    matches = _target_matcher(names) if names else (lambda _: False)
+    names = default_keep_trainable(model_type(model)) if keep is None else tuple(keep)
+    matches = name_matcher(names) if names else (lambda _: False)
     kept = [n for n, m in model.named_modules() if n and matches(n) and not isinstance(m, LoRALayer)]
     if keep and not kept:
         raise ValueError(f"keep_trainable {list(keep)!r} matched no module")
@@ -171,14 +141,14 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight, for inference at the base model's cost."""
-    for _, layer in _adapter_layers(model):
+    for _, layer in adapter_layers(model):
         layer.merge()
     return model
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
     """Undo ``merge_adapters`` (to keep training, or to swap adapters)."""
-    for _, layer in _adapter_layers(model):
+    for _, layer in adapter_layers(model):
         layer.unmerge()
     return model
 

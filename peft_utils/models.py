@@ -61,16 +61,26 @@ def hub_id(name_or_path: str | Path) -> str:
 
 
 def configure_padding(tokenizer, model: nn.Module | None = None):
-    """GPT-2 has no pad token: reuse EOS, pad on the right, and tell the model which id is padding.
+    """Give decoders without a pad token (GPT-2, Llama, Mistral, ...) one, pad on the right, and tell the model.
 
-    The model's ``config.pad_token_id`` is what GPT2ForSequenceClassification uses to find the last *real*
-    token of each row; without it, a padded batch is classified from a pad position.
+    The pad token reuses EOS (else UNK): adding a new token would grow the embedding matrix and change the model.
+    The model's ``pad_token_id`` is what decoder classifiers (``*ForSequenceClassification`` of GPT-2, Llama, Qwen,
+    Gemma...) use to find the last *real* token of each row; without it, a padded batch is classified from a pad
+    position (or transformers refuses batches larger than one). Encoders keep their own pad token.
     """
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(
+                f"tokenizer {type(tokenizer).__name__} has no pad, eos or unk token to pad with; "
+                "set tokenizer.pad_token to one of its tokens before loading"
+            )
+        tokenizer.pad_token = fallback
     tokenizer.padding_side = "right"
     if model is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+        # Multimodal configs read it from their text config; for the others get_text_config() is the config.
+        for config in (model.config, model.config.get_text_config()):
+            config.pad_token_id = tokenizer.pad_token_id
     return tokenizer
 
 

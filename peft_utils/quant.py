@@ -23,12 +23,14 @@ from torch import nn
 from .adapters import LoRALayer, is_conv1d, is_linear4bit, is_quantized, pin_4bit_layout
 from .config import compute_dtype_for
 from .models import configure_padding, enable_gradient_checkpointing, load_tokenizer, resolve_model_source
+from .targets import DEFAULT_KEEP_TRAINABLE, default_keep_trainable
 
 BITSANDBYTES_PIN = "bitsandbytes==0.50.2"
 QUANT_TYPES = ("nf4", "fp4")
-# Never quantised: classification heads (GPT-2 ``score``, BERT ``classifier``) and embeddings. transformers
-# matches these as module-name prefixes or suffixes; embeddings are not linear layers, listed to be explicit.
-SKIP_MODULES = ("score", "classifier", "wte", "wpe", "embeddings", "lm_head")
+# Never quantised: classification heads (``score``, ``classifier``; plus a family's new head layers, see
+# ``targets.default_keep_trainable``) and embeddings. transformers matches these as module-name prefixes or
+# suffixes; embeddings are not linear layers, listed to be explicit.
+SKIP_MODULES = DEFAULT_KEEP_TRAINABLE + ("wte", "wpe", "embeddings", "lm_head")
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
@@ -82,12 +84,11 @@ def _resolve_compute_dtype(compute_dtype, device_type: str) -> torch.dtype:
     return dtype
 
 
-def _quantizable_layers(source: str, num_labels: int, skip: list[str]) -> list[str]:
+def _quantizable_layers(config, skip: list[str]) -> list[str]:
     """Names of the layers transformers would turn into ``Linear4bit``, found on a weightless (meta) copy."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    config = AutoConfig.from_pretrained(source, num_labels=num_labels)
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(config)
     return [
@@ -120,11 +121,12 @@ def load_quantized(
     on_cpu = not torch.cuda.is_available() or all(str(d) == "cpu" for d in devices)
     dtype = _resolve_compute_dtype(compute_dtype, "cpu" if on_cpu else "cuda")
     require_bitsandbytes()
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     source = resolve_model_source(model_name_or_path)
-    skip = list(SKIP_MODULES) + list(skip_modules)
-    if not _quantizable_layers(source, num_labels, skip):
+    config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+    skip = list(dict.fromkeys(SKIP_MODULES + default_keep_trainable(config.model_type) + tuple(skip_modules)))
+    if not _quantizable_layers(config, skip):
         raise ValueError(
             f"{model_name_or_path!s} has no layer to quantise to 4-bit (no nn.Linear / Conv1D outside {skip}); "
             "load it with peft_utils.models.load_model instead"

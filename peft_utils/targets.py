@@ -1,0 +1,156 @@
+"""Which layers get adapters, for any transformers classification model: presets, per-architecture defaults and
+the classification head that keeps training.
+
+Targets are matched on module names (``name == suffix`` or ``name.endswith("." + suffix)``, as peft does), so
+one rule serves GPT-2 (``Conv1D``), encoders and decoders (``nn.Linear``) and 4-bit models (``Linear4bit``).
+
+Presets resolved on the model itself, so the same name works for every family:
+
+- ``attn``: the query and value projections (the LoRA paper's choice). Where query, key and value are one fused
+  layer (GPT-2 ``c_attn``, GPT-NeoX / Bloom / Falcon ``query_key_value``, Phi-3 ``qkv_proj``, ModernBERT
+  ``Wqkv``) that layer is the target: an adapter on it updates q, k and v together, as peft's defaults do.
+- ``attn-all``: every projection of the attention blocks (q, k, v and the output projection).
+- ``all-linear``: every linear layer except the classification head, as peft's ``"all-linear"``.
+
+An *attention projection* is a linear layer inside a module whose class name contains ``Attention``
+(``LlamaAttention``, ``BertAttention``, ``MultiHeadSelfAttention``...). That needs no per-family table, so a family
+added to transformers later works as soon as its attention class follows the convention.
+
+Default targets (``targets=None``): the ``attn`` preset, which is peft's per-architecture default for every family
+peft lists except where peft adds more (``PEFT_EXTRA_DEFAULTS``); the tests check the equality against peft's
+mapping. The older GPT-2/BERT preset names (``LEGACY_PRESETS``) keep their fixed suffix lists.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+from torch import nn
+
+from .adapters import is_supported_base
+
+MODEL_PRESETS = ("attn", "attn-all", "all-linear")
+# Fixed suffix lists from before the model-resolved presets; GPT-2's c_proj exists in both attention and MLP, so
+# "gpt2-all" names both. On their families: gpt2-attn == attn, gpt2-all == all-linear, bert-qv == attn.
+LEGACY_PRESETS: dict[str, tuple[str, ...]] = {
+    "gpt2-attn": ("c_attn",),
+    "gpt2-all": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    "bert-qv": ("query", "value"),
+    "bert-all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+}
+# Last name component of a query or value projection, and of a fused query-key-value projection.
+QUERY_VALUE_NAMES = frozenset({"q_proj", "v_proj", "query", "value", "q_lin", "v_lin", "query_proj", "value_proj", "q", "v"})
+FUSED_QKV_NAMES = frozenset({"c_attn", "query_key_value", "qkv_proj", "Wqkv", "in_proj", "qkv", "W_pack"})
+# peft's defaults that are more than the attention rule (peft.utils.constants); the tests compare with peft.
+PEFT_EXTRA_DEFAULTS: dict[str, tuple[str, ...]] = {"phi": ("q_proj", "v_proj", "fc1", "fc2")}
+
+# Classification heads: new at load time and trained with the adapters (GPT-2/decoders: score, encoders: classifier).
+DEFAULT_KEEP_TRAINABLE = ("score", "classifier")
+# Layers a family's classifier adds in front of the head that the pretrained checkpoints do not hold (DistilBERT's
+# pre_classifier; DeBERTa-v2/v3 checkpoints ship no pooler), so they start random and must train too. BERT's and
+# RoBERTa's poolers are pretrained and stay frozen.
+NEW_HEAD_LAYERS: dict[str, tuple[str, ...]] = {"distilbert": ("pre_classifier",), "deberta-v2": ("pooler",)}
+
+def model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", "") or ""
+
+
+def default_keep_trainable(model_type_name: str) -> tuple[str, ...]:
+    """Module-name suffixes of the classification head of a ``model_type``: they train, and are never quantised."""
+    return DEFAULT_KEEP_TRAINABLE + NEW_HEAD_LAYERS.get(model_type_name, ())
+
+
+def name_matcher(targets: str | Sequence[str]) -> Callable[[str], bool]:
+    """A regex (full match on the module name) or a list of name suffixes, as a predicate on module names."""
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        return lambda name: pattern.fullmatch(name) is not None
+    suffixes = tuple(targets)
+    if not suffixes:
+        raise ValueError("targets is empty: name at least one module (e.g. 'c_attn') or a preset")
+    return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Names of the classification-head modules and everything inside them."""
+    heads = name_matcher(default_keep_trainable(model_type(model)))
+    roots = [n for n, _ in model.named_modules() if n and heads(n)]
+    return {n for n, _ in model.named_modules() if any(n == r or n.startswith(r + ".") for r in roots)}
+
+
+def _linear_layers(model: nn.Module) -> list[str]:
+    """Every adaptable layer (``nn.Linear``, ``Conv1D``, ``Linear4bit``) outside the classification head."""
+    head = _head_names(model)
+    return [n for n, m in model.named_modules() if n and is_supported_base(m) and n not in head]
+
+
+def _attention_layers(model: nn.Module) -> list[str]:
+    """Adaptable layers inside an attention block (a module whose class name contains ``Attention``)."""
+    blocks = [n for n, m in model.named_modules() if n and "Attention" in type(m).__name__]
+    return [n for n in _linear_layers(model) if any(n.startswith(b + ".") for b in blocks)]
+
+
+def preset_layers(model: nn.Module, preset: str) -> list[str]:
+    """Full names of the layers a model-resolved preset selects on ``model``, in module order."""
+    if preset == "all-linear":
+        layers = _linear_layers(model)
+    elif preset == "attn-all":
+        layers = _attention_layers(model)
+    elif preset == "attn":
+        attention = _attention_layers(model)
+        layers = [n for n in attention if n.rsplit(".", 1)[-1] in QUERY_VALUE_NAMES | FUSED_QKV_NAMES]
+        if attention and not layers:
+            raise ValueError(
+                f"cannot tell the query and value projections of {model_type(model) or type(model).__name__!r} apart; "
+                f"its attention layers end in {sorted({n.rsplit('.', 1)[-1] for n in attention})}: "
+                "pass targets='attn-all' or their names"
+            )
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {MODEL_PRESETS + tuple(LEGACY_PRESETS)}")
+    if not layers:
+        raise ValueError(
+            f"preset {preset!r} found no layer in {type(model).__name__}: no linear layer"
+            + (" inside a module whose class name contains 'Attention'" if preset != "all-linear" else "")
+            + "; pass targets as module names or a regex"
+        )
+    return layers
+
+
+def shortest_suffixes(model: nn.Module, layers: Sequence[str]) -> tuple[str, ...]:
+    """The shortest name suffixes (same depth for all) that select exactly ``layers``: ("q_proj", "v_proj"), or
+    ("attn.c_attn", "attn.c_proj") where a bare "c_proj" would also hit GPT-2's MLP."""
+    wanted = set(layers)
+    names = [n for n, _ in model.named_modules() if n]
+    for depth in range(1, max(n.count(".") for n in layers) + 2):
+        suffixes = tuple(dict.fromkeys(".".join(n.split(".")[-depth:]) for n in layers))
+        matches = name_matcher(suffixes)
+        if {n for n in names if matches(n)} == wanted:
+            return suffixes
+    return tuple(layers)  # unreachable: full names select exactly themselves
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The layers ``targets=None`` adapts: peft's default for the family, i.e. the ``attn`` preset (query and value,
+    or the fused qkv layer) unless peft lists more (``PEFT_EXTRA_DEFAULTS``)."""
+    extra = PEFT_EXTRA_DEFAULTS.get(model_type(model))
+    return extra if extra is not None else shortest_suffixes(model, preset_layers(model, "attn"))
+
+
+def resolve_targets(model: nn.Module, targets: str | Sequence[str] | None) -> str | tuple[str, ...]:
+    """``targets`` as something ``name_matcher`` takes: None -> the default, a preset -> its suffixes on ``model``."""
+    if targets is None:
+        return default_targets(model)
+    if isinstance(targets, str):
+        if targets in LEGACY_PRESETS:
+            return LEGACY_PRESETS[targets]
+        if targets in MODEL_PRESETS:
+            return shortest_suffixes(model, preset_layers(model, targets))
+        return targets
+    return tuple(targets)
+
+
+__all__ = [
+    "MODEL_PRESETS", "LEGACY_PRESETS", "DEFAULT_KEEP_TRAINABLE", "NEW_HEAD_LAYERS", "PEFT_EXTRA_DEFAULTS",
+    "default_keep_trainable", "default_targets", "name_matcher", "preset_layers", "resolve_targets",
+    "shortest_suffixes",
+]
