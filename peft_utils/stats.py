@@ -1,10 +1,13 @@
-"""Statistics behind the figures: intervals, smoothing and per-method aggregation.
+"""Statistics behind the figures: intervals, smoothing, per-method aggregation and paired method comparisons.
 
 Why a module apart from the figures: which interval a number gets, and how seeds are pooled, decide what a reader
 may conclude from a figure ("is DoRA really better than LoRA?"). That logic is tested against scipy and hand
 computations here, independently of any drawing.
 
-Conventions: accuracies are fractions in [0, 1]; every interval is two-sided, 95% unless said otherwise.
+Conventions: accuracies are fractions in [0, 1]; every interval is two-sided, 95% unless said otherwise. For
+paired comparisons, ``correct_a``/``correct_b`` say per dev sentence whether method A/B classified it correctly,
+with the sentences in the same order for both: one row (shape ``(n_sentences,)``) per method for one seed, or a
+``(n_seeds, n_sentences)`` matrix for several seeds (see :func:`paired_bootstrap` for how seeds are pooled).
 """
 from __future__ import annotations
 
@@ -27,6 +30,10 @@ __all__ = [
     "ema_span",
     "ema_smooth",
     "per_method_summary",
+    "McNemarResult",
+    "mcnemar_exact",
+    "PairedDifference",
+    "paired_bootstrap",
 ]
 
 # Per-method summary columns taken from the first run that has them: sizes and parameter counts do not depend on
@@ -43,6 +50,8 @@ _SEED_INDEPENDENT_NUMBERS = {
     "frozen_bytes": "size.frozen_bytes",
     "trainable_bytes": "size.trainable_bytes",
 }
+# Bounds the index matrix of one bootstrap chunk (resamples x sentences) to 2^22 entries (32 MiB of int64).
+_BOOTSTRAP_CHUNK_ENTRIES = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -201,6 +210,115 @@ def _first_number(runs: pd.DataFrame, column: str) -> float:
 def _first_text(runs: pd.DataFrame, column: str) -> str:
     values = optional_column(runs, column).dropna()
     return str(values.iloc[0]) if len(values) else ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paired comparison of two methods on the same dev sentences
+# --------------------------------------------------------------------------------------------------------------
+class McNemarResult(NamedTuple):
+    """Two-sided exact McNemar p-value and the discordant counts it is computed from.
+
+    ``a_better``: sentences A got right more often than B (with one seed: A right, B wrong); ``b_better`` the
+    reverse. Sentences both got equally often right carry no information about which method is better.
+    """
+
+    p_value: float
+    a_better: int
+    b_better: int
+
+
+def mcnemar_exact(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarray | Sequence[bool]) -> McNemarResult:
+    """McNemar's exact test: do A and B differ in accuracy on the same sentences?
+
+    Why paired: both methods see the same 872 sentences, and most sentences are easy (both right) or hard (both
+    wrong) for every method. Comparing two independent accuracies would count that shared difficulty as noise;
+    only the discordant sentences say which method is better. Under "no difference" each discordant sentence
+    is equally likely to favour A or B, so ``a_better`` is Binomial(a_better + b_better, 1/2), and the p-value is
+    twice the smaller tail (capped at 1); no discordant sentence gives p = 1.
+
+    Several seeds (``(n_seeds, n_sentences)`` matrices, the seed counts of A and B may differ): a sentence
+    favours A when A's seeds got it right more often than B's (the mean correctness over seeds is higher), and
+    the same sign test runs over sentences; with one seed each this is exactly McNemar's test. Why not McNemar
+    on the seeds' vectors concatenated: a sentence one method finds hard stays hard under every seed, so the
+    k·n concatenated pairs are not independent, and treating them as such makes the p-value too small.
+    """
+    per_sentence = _per_sentence_difference(correct_a, correct_b)
+    a_better, b_better = int((per_sentence > 0).sum()), int((per_sentence < 0).sum())
+    discordant = a_better + b_better
+    if discordant == 0:
+        return McNemarResult(1.0, a_better, b_better)
+    tail = float(scipy_stats.binom.cdf(min(a_better, b_better), discordant, 0.5))
+    return McNemarResult(min(1.0, 2.0 * tail), a_better, b_better)
+
+
+class PairedDifference(NamedTuple):
+    """Accuracy of A minus accuracy of B, with a bootstrap percentile interval."""
+
+    difference: float
+    low: float
+    high: float
+
+
+def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarray | Sequence[bool],
+                     n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
+    """Accuracy difference A - B and its percentile interval, resampling sentences with replacement.
+
+    Why resample pairs, not the two accuracies separately: the difference between two methods on the same
+    sentences varies much less than either accuracy (shared difficulty cancels), so an unpaired interval
+    would be far too wide. Each resample draws ``n_sentences`` sentences with replacement and takes the mean of
+    their per-sentence differences; the interval is the ``(1 ± confidence) / 2`` quantiles of those means.
+
+    Several seeds (``(n_seeds, n_sentences)`` matrices, the seed counts of A and B may differ) are pooled as a
+    cluster bootstrap over sentences: a sentence is resampled together with all its seeds, and contributes A's
+    accuracy over seeds on it minus B's. Why: sentences are the independent unit (drawn from the population of
+    movie-review sentences), while one method's seeds on one sentence are strongly correlated (a hard sentence
+    stays hard). Resampling the concatenated seed vectors as if they were k·n independent rows would pretend
+    the dev set were k times larger and give an interval about sqrt(k) times too narrow. The interval says how
+    much the difference between these trained models would move on another sample of sentences; the
+    run-to-run spread over seeds is reported separately (:func:`mean_interval`).
+
+    Deterministic for a ``seed`` (a numpy ``Generator``); resamples are drawn in chunks so 10,000 resamples of
+    872 sentences take a few tens of milliseconds and bounded memory.
+    """
+    _check_confidence(confidence)
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive whole number, got {n_resamples!r}")
+    per_sentence = _per_sentence_difference(correct_a, correct_b)
+    rng = np.random.default_rng(seed)
+    n_sentences = len(per_sentence)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ENTRIES // n_sentences)
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        indices = rng.integers(0, n_sentences, size=(stop - start, n_sentences))
+        means[start:stop] = per_sentence[indices].mean(axis=1)
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return PairedDifference(float(per_sentence.mean()), float(low), float(high))
+
+
+def _per_sentence_difference(correct_a: object, correct_b: object) -> np.ndarray:
+    """A's mean correctness over its seeds minus B's, per sentence (a vector of length ``n_sentences``)."""
+    matrix_a, matrix_b = _correctness_matrix(correct_a, "correct_a"), _correctness_matrix(correct_b, "correct_b")
+    if matrix_a.shape[1] != matrix_b.shape[1]:
+        raise ValueError(f"correct_a and correct_b must cover the same sentences: {matrix_a.shape[1]} vs "
+                         f"{matrix_b.shape[1]} sentences")
+    return matrix_a.mean(axis=0) - matrix_b.mean(axis=0)
+
+
+def _correctness_matrix(values: object, name: str) -> np.ndarray:
+    """``values`` as a ``(n_seeds, n_sentences)`` float matrix of 0/1, or a one-line error naming ``name``."""
+    array = np.asarray(values)
+    if array.ndim == 1:
+        array = array[np.newaxis, :]
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty (n_sentences,) vector or (n_seeds, n_sentences) matrix, "
+                         f"got shape {np.shape(values)}")
+    if array.dtype != bool:
+        invalid = array[~np.isin(array, (0, 1))] if array.dtype.kind in "iuf" else array.ravel()
+        if invalid.size:
+            raise ValueError(f"{name} must hold per-sentence correctness as True/False (or 1/0), got "
+                             f"{array.dtype} value {invalid.tolist()[0]!r}")
+    return array.astype(float)
 
 
 def _check_confidence(confidence: float) -> None:

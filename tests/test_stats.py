@@ -1,7 +1,8 @@
-"""Statistics behind the figures, checked against scipy and hand computations."""
+"""Statistics behind the figures, checked against scipy, closed-form formulas and hand computations."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -11,10 +12,27 @@ from scipy import stats as scipy_stats
 from peft_utils.stats import (
     accuracy_interval,
     ema_span,
+    mcnemar_exact,
     mean_interval,
+    paired_bootstrap,
     per_method_summary,
     wilson_interval,
 )
+
+
+def _paired_vectors(a_only: int, b_only: int, both: int = 0, neither: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Correctness vectors with the given contingency table (shuffled, so order cannot matter)."""
+    a = np.array([True] * a_only + [False] * b_only + [True] * both + [False] * neither)
+    b = np.array([False] * a_only + [True] * b_only + [True] * both + [False] * neither)
+    order = np.random.default_rng(a_only * 1000 + b_only).permutation(len(a))
+    return a[order], b[order]
+
+
+def _simulated_pair(n: int, p_a_only: float, p_b_only: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n sentences drawn from a known model: A alone right w.p. p_a_only, B alone w.p. p_b_only, else both right."""
+    u = np.random.default_rng(seed).random(n)
+    a_only, b_only = u < p_a_only, (u >= p_a_only) & (u < p_a_only + p_b_only)
+    return ~b_only, ~a_only
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -73,3 +91,126 @@ def test_per_method_summary_aggregates_seeds() -> None:
     assert math.isnan(lora["samples_per_s"]) and math.isnan(lora["total_params"])  # never recorded: NaN
     assert table.loc["full", "interval"] == "Wilson"
     assert per_method_summary(runs, []).empty
+
+
+# --------------------------------------------------------------------------------------------------------------
+# McNemar's exact test
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("a_only", "b_only"), [(3, 11), (11, 3), (40, 60), (25, 25), (1, 0), (0, 17), (120, 80)])
+def test_mcnemar_matches_scipy_binomtest(a_only: int, b_only: int) -> None:
+    a, b = _paired_vectors(a_only, b_only, both=500, neither=90)
+    result = mcnemar_exact(a, b)
+    assert (result.a_better, result.b_better) == (a_only, b_only)
+    reference = scipy_stats.binomtest(a_only, a_only + b_only, 0.5, alternative="two-sided").pvalue
+    assert result.p_value == pytest.approx(reference, rel=1e-12)
+
+
+def test_mcnemar_hand_computed_cases() -> None:
+    # 0 vs 5 discordant: P(X <= 0) = 1/32 on each side -> p = 2/32.
+    assert mcnemar_exact(*_paired_vectors(0, 5, both=10)).p_value == pytest.approx(0.0625)
+    # 1 vs 9: P(X <= 1) = (1 + 10)/1024 -> p = 22/1024.
+    assert mcnemar_exact(*_paired_vectors(1, 9)).p_value == pytest.approx(22 / 1024)
+    # Balanced discordance: the doubled tail exceeds 1 and is capped.
+    assert mcnemar_exact(*_paired_vectors(4, 4)).p_value == 1.0
+    # Concordant sentences carry no information: adding any number leaves p unchanged.
+    assert mcnemar_exact(*_paired_vectors(1, 9, both=800, neither=60)).p_value == pytest.approx(22 / 1024)
+
+
+def test_mcnemar_without_discordant_pairs_is_one() -> None:
+    a, b = _paired_vectors(0, 0, both=30, neither=12)
+    assert mcnemar_exact(a, b) == (1.0, 0, 0)
+    assert mcnemar_exact([False] * 5, [False] * 5) == (1.0, 0, 0)
+
+
+def test_mcnemar_pools_seeds_per_sentence() -> None:
+    a, b = _paired_vectors(5, 20, both=100)
+    single = mcnemar_exact(a, b)
+    assert mcnemar_exact(a[np.newaxis], b[np.newaxis]) == single  # a (1, n) matrix is the one-seed test
+    # Three seeds that agree on every sentence carry no more evidence than one: still 25 discordant sentences.
+    assert mcnemar_exact(np.tile(a, (3, 1)), np.tile(b, (3, 1))) == single
+    # Concatenating the seeds would count each sentence three times and overstate the evidence.
+    concatenated = mcnemar_exact(np.tile(a, 3), np.tile(b, 3))
+    assert (concatenated.a_better, concatenated.b_better) == (15, 60) and concatenated.p_value < single.p_value / 100
+    # Sentence-level majority across seeds; the seed counts of A and B may differ.
+    three_seeds_a = np.array([[1, 1, 0, 0], [1, 0, 0, 1], [0, 1, 0, 1]], dtype=bool)  # per sentence 2/3 2/3 0 2/3
+    one_seed_b = np.array([1, 0, 0, 1], dtype=bool)
+    # Sentence 1 favours A (2/3 vs 0); sentences 0 and 3 favour B (1 vs 2/3); sentence 2 is a tie (0 vs 0).
+    assert mcnemar_exact(three_seeds_a, one_seed_b)[1:] == (1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paired bootstrap
+# --------------------------------------------------------------------------------------------------------------
+def test_bootstrap_difference_and_interval_match_the_normal_approximation() -> None:
+    a, b = _simulated_pair(872, 0.08, 0.04, seed=1)
+    result = paired_bootstrap(a, b)
+    assert result.difference == pytest.approx(a.mean() - b.mean(), abs=1e-15)
+    assert result.low < 0.04 < result.high  # the true difference of the generating model
+    # Closed form for a paired difference of proportions: var = (p10 + p01 - (p10 - p01)^2) / n.
+    p10, p01 = float((a & ~b).mean()), float((~a & b).mean())
+    half = 1.959964 * math.sqrt((p10 + p01 - (p10 - p01) ** 2) / len(a))
+    assert result.high - result.low == pytest.approx(2 * half, rel=0.08)
+    assert (result.low + result.high) / 2 == pytest.approx(result.difference, abs=0.004)
+
+
+def test_bootstrap_interval_shrinks_with_more_sentences() -> None:
+    widths = []
+    for n in (200, 3200):
+        result = paired_bootstrap(*_simulated_pair(n, 0.08, 0.04, seed=2))
+        widths.append(result.high - result.low)
+    assert widths[0] / widths[1] == pytest.approx(4.0, rel=0.2)  # 16x the sentences, sqrt(16) = 4x narrower
+
+
+def test_bootstrap_is_deterministic_for_a_seed_and_fast() -> None:
+    a, b = _simulated_pair(872, 0.08, 0.04, seed=3)
+    start = time.perf_counter()
+    first = paired_bootstrap(a, b, n_resamples=10_000, seed=7)
+    elapsed = time.perf_counter() - start
+    assert paired_bootstrap(a, b, n_resamples=10_000, seed=7) == first
+    other = paired_bootstrap(a, b, n_resamples=10_000, seed=8)
+    assert other != first and other.low == pytest.approx(first.low, abs=0.005)
+    assert elapsed < 1.0, f"10,000 resamples of 872 sentences took {elapsed:.2f} s"
+    narrow = paired_bootstrap(a, b, confidence=0.5)
+    assert first.low < narrow.low < narrow.high < first.high
+
+
+def test_bootstrap_resamples_sentences_with_all_their_seeds() -> None:
+    a, b = _simulated_pair(872, 0.08, 0.04, seed=4)
+    single = paired_bootstrap(a, b)
+    # Four seeds that agree everywhere are one seed's information: identical interval, not a narrower one.
+    assert paired_bootstrap(np.tile(a, (4, 1)), np.tile(b, (4, 1))) == single
+    # Treating the concatenated 4 x 872 rows as independent would halve the width (sqrt(4)): the error avoided.
+    concatenated = paired_bootstrap(np.tile(a, 4), np.tile(b, 4))
+    assert (single.high - single.low) / (concatenated.high - concatenated.low) == pytest.approx(2.0, rel=0.1)
+    # Seeds that disagree: the difference pooled over seeds is the mean of the per-seed differences.
+    a_seeds = np.stack([a, np.roll(a, 1), np.roll(a, 2)])
+    pooled = paired_bootstrap(a_seeds, b)
+    assert pooled.difference == pytest.approx(np.mean([row.mean() - b.mean() for row in a_seeds]))
+
+
+@pytest.mark.parametrize("test", [mcnemar_exact, paired_bootstrap])
+def test_paired_inputs_are_validated(test) -> None:
+    with pytest.raises(ValueError, match="same sentences: 4 vs 3"):
+        test([True, False, True, True], [True, False, True])
+    with pytest.raises(ValueError, match="correct_b must hold per-sentence correctness.*2"):
+        test([1, 0, 1], [1, 2, 0])
+    with pytest.raises(ValueError, match="correct_a must hold per-sentence correctness.*0.5"):
+        test([0.5, 1.0, 0.0], [True, False, True])
+    with pytest.raises(ValueError, match="correct_a must hold per-sentence correctness"):
+        test(["yes", "no"], [True, False])
+    with pytest.raises(ValueError, match="correct_a must hold per-sentence correctness.*nan"):
+        test([1.0, float("nan")], [True, False])
+    with pytest.raises(ValueError, match="correct_a must be a non-empty"):
+        test([], [])
+    with pytest.raises(ValueError, match="correct_a must be a non-empty"):
+        test(np.ones((2, 2, 2), dtype=bool), np.ones((2, 2), dtype=bool))
+    # 0/1 integers and floats are accepted as correctness.
+    assert test(np.array([1, 0, 1]), np.array([1.0, 1.0, 0.0])) == test([True, False, True], [True, True, False])
+
+
+def test_bootstrap_rejects_bad_settings() -> None:
+    a, b = [True, False, True], [True, True, False]
+    with pytest.raises(ValueError, match="confidence must be between 0 and 1"):
+        paired_bootstrap(a, b, confidence=95)
+    with pytest.raises(ValueError, match="n_resamples must be a positive whole number"):
+        paired_bootstrap(a, b, n_resamples=0)
