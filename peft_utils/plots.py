@@ -15,6 +15,9 @@ Design choices that hold for every figure:
   like-for-like.
 - Comparison figures use every complete run whose group is not ``"sweep"``; several seeds of one method are
   aggregated (mean, with their spread as the uncertainty).
+
+This module only draws: the numbers behind the figures (intervals, smoothing, per-method aggregation) come from
+:mod:`peft_utils.stats`, and every size, count and duration is written by :mod:`peft_utils.formatting`.
 """
 from __future__ import annotations
 
@@ -24,16 +27,35 @@ import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator, PercentFormatter
+from matplotlib.transforms import Bbox
 
+from peft_utils.formatting import (
+    duration_ticks,
+    format_bytes,
+    format_count,
+    format_duration_tick,
+    format_seconds,
+    format_share,
+)
 from peft_utils.store import Results, RunStore
+from peft_utils.stats import (
+    accuracy_interval,
+    ema_smooth,
+    ema_span,
+    numeric_column,
+    optional_column,
+    per_method_summary,
+)
 
 __all__ = [
     "METHOD_ORDER",
@@ -41,11 +63,6 @@ __all__ = [
     "METHOD_COLORS",
     "METHOD_MARKERS",
     "DPI",
-    "wilson_interval",
-    "ema_smooth",
-    "format_bytes",
-    "format_count",
-    "format_seconds",
     "method_color",
     "method_label",
     "plot_loss",
@@ -84,123 +101,10 @@ _REFERENCE_GREY = "#8A8A8A"
 DPI = 150
 _CHANCE_ACCURACY = 0.5  # SST-2 is binary and roughly balanced
 
-# Two-sided 97.5% Student-t quantiles for 1..30 degrees of freedom: a 95% interval of a mean over a few seeds
-# (scipy is not a dependency of this project, and these values never change).
-_T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)
-
 
 # --------------------------------------------------------------------------------------------------------------
-# Small public helpers
+# Method names and colours
 # --------------------------------------------------------------------------------------------------------------
-def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (by default) Wilson score interval for a proportion measured on ``n`` examples.
-
-    Why Wilson and not ``p ± z·sqrt(p(1-p)/n)``: the normal approximation collapses to zero width at p=1 and
-    can leave [0, 1] near the edges, which a good classifier on a small dev set (SST-2 dev has 872
-    sentences) easily reaches. Wilson stays inside [0, 1] and has close to nominal coverage.
-    """
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if not 0.0 <= accuracy <= 1.0:
-        raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
-    z2 = z * z
-    denominator = 1.0 + z2 / n
-    center = (accuracy + z2 / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int | None = None) -> np.ndarray:
-    """Bias-corrected exponential moving average of a per-step loss.
-
-    Why: per-batch loss is noisy (one batch of 16-32 sentences), and the trend is what tells methods apart.
-    ``adjust=True`` weights make the first points an average of what has been seen so far instead of being
-    pulled towards zero, so the smoothed curve starts where the raw one starts. The default span is ~5% of
-    the points (at least 2, at most 200), so short test runs and long runs are smoothed comparably.
-    """
-    series = pd.Series(np.asarray(values, dtype=float))
-    if span is None:
-        span = int(min(200, max(2, round(len(series) / 20))))
-    return series.ewm(span=span, adjust=True, ignore_na=True).mean().to_numpy()
-
-
-def format_bytes(n_bytes: float, tick: bool = False) -> str:
-    """Human-readable size in decimal units (1 MB = 10^6 bytes), e.g. ``"497.8 MB"`` (``tick``: see ``_scaled``)."""
-    return _scaled(n_bytes, (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)), " ", tick)
-
-
-def format_count(n: float, tick: bool = False) -> str:
-    """Parameter counts as ``124.4M`` / ``294.9K``: exact digits are noise at this scale."""
-    return _scaled(n, (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)), "", tick)
-
-
-def _scaled(value: float, units: tuple[tuple[str, float], ...], separator: str, tick: bool = False) -> str:
-    """``value`` in the largest unit it reaches: one decimal below 100, none above (units are plain scaled).
-
-    ``tick=True`` is for axis ticks, which sit at round values: every significant digit is kept and none padded
-    ("1.75 GB", "1 GB"), because rounding a 1.75 GB tick to "1.8 GB" misplaces the bars read against it.
-    """
-    if value is None or not np.isfinite(value):
-        return "n/a"
-    for unit, factor in units:
-        if abs(value) >= factor or factor == 1:
-            scaled = value / factor
-            if tick:
-                return f"{scaled:.4g}{separator}{unit}".rstrip()
-            if factor == 1:
-                return f"{scaled:.0f}{separator}{unit}".rstrip()
-            return f"{scaled:.1f}{separator}{unit}" if scaled < 100 else f"{scaled:.0f}{separator}{unit}"
-    return f"{value:.0f}"
-
-
-def format_seconds(seconds: float) -> str:
-    """Durations as seconds, minutes or hours, whichever keeps the number short."""
-    if seconds is None or not np.isfinite(seconds):
-        return "n/a"
-    if seconds < 100:
-        return f"{seconds:.1f} s"
-    if seconds < 6000:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
-
-
-# Durations a reader recognises at a glance, for log-scale time axes (seconds).
-_CLOCK_TICKS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 4 * 3600, 8 * 3600, 86400)
-
-
-def _duration_ticks(lo: float, hi: float, max_ticks: int = 7) -> list[float]:
-    """The clock-friendly durations inside [lo, hi], thinned evenly to at most ``max_ticks``."""
-    ticks = [t for t in _CLOCK_TICKS if lo <= t <= hi] or [float(np.sqrt(lo * hi))]
-    step = math.ceil(len(ticks) / max_ticks)
-    return ticks[::step]
-
-
-def _duration_label(seconds: float) -> str:
-    """A tick label for a round duration: "30 s", "2 min", "1 h" (no decimals to trim)."""
-    if seconds < 60:
-        return f"{seconds:.3g} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.3g} min"
-    return f"{seconds / 3600:.3g} h"
-
-
-def _tick_formatter(fmt) -> FuncFormatter:
-    """Tick labels from ``format_bytes`` / ``format_count`` in their exact tick mode, and "0" at zero."""
-    def tick(value: float, _pos: object) -> str:
-        return "0" if value == 0 else fmt(value, tick=True)
-    return FuncFormatter(tick)
-
-
-def _share(part: float, total: float) -> str:
-    """A share with as many decimals as it needs: 100%, 12.5%, 0.24%."""
-    ratio = part / total
-    return f"{ratio:.0%}" if ratio >= 0.1 else f"{ratio:.1%}" if ratio >= 0.01 else f"{ratio:.2%}"
-
-
 def method_label(method: str) -> str:
     """Display name of a method (``"qlora"`` -> ``"QLoRA"``); unknown methods are shown as given."""
     return METHOD_LABELS.get(method, str(method))
@@ -213,127 +117,52 @@ def method_color(method: str) -> str:
     return _EXTRA_COLORS[sum(map(ord, str(method))) % len(_EXTRA_COLORS)]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Table helpers (robust to missing columns)
-# --------------------------------------------------------------------------------------------------------------
-def _col(frame: pd.DataFrame, name: str) -> pd.Series:
-    """Column ``name`` or an all-NaN column: optional fields may be absent from older or partial records."""
-    if name in frame.columns:
-        return frame[name]
-    return pd.Series(np.nan, index=frame.index, dtype=float)
-
-
-def _num(frame: pd.DataFrame, name: str) -> pd.Series:
-    return pd.to_numeric(_col(frame, name), errors="coerce")
-
-
-def _ordered_methods(methods: Iterable[object]) -> list[str]:
-    """Known methods in :data:`METHOD_ORDER`, then any others alphabetically."""
-    present = {str(m) for m in methods if m is not None and not (isinstance(m, float) and math.isnan(m))}
+def _in_display_order(methods: Iterable[object]) -> list[str]:
+    """The distinct methods among ``methods``: known ones in :data:`METHOD_ORDER`, then others alphabetically."""
+    present = set(_distinct_texts(methods))
     known = [m for m in METHOD_ORDER if m in present]
     return known + sorted(present - set(known))
 
 
+def _distinct_texts(values: Iterable[object]) -> list[str]:
+    """The distinct non-missing values as sorted strings."""
+    return sorted({str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Selecting runs
+# --------------------------------------------------------------------------------------------------------------
 def _comparison_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs that belong to the method comparison: everything not in the rank/alpha sweep."""
     if runs.empty:
         return runs
-    group = _col(runs, "group")
+    group = optional_column(runs, "group")
     return runs[group.astype(object).ne("sweep") | group.isna()]
 
 
 def _sweep_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs of the LoRA rank/alpha sweep (group ``"sweep"``)."""
     if runs.empty or "group" not in runs.columns:
         return runs.iloc[0:0]
     return runs[runs["group"] == "sweep"]
 
 
-def _filter_rows(frame: pd.DataFrame, run_ids: Iterable[str]) -> pd.DataFrame:
+def _rows_of_runs(frame: pd.DataFrame, run_ids: Iterable[str]) -> pd.DataFrame:
+    """The step or eval rows of ``frame`` that belong to the runs ``run_ids``."""
     if frame.empty or "run_id" not in frame.columns:
         return frame.iloc[0:0]
     return frame[frame["run_id"].isin(set(run_ids))]
 
 
-def _clean_dtype(value: object) -> str:
-    text = str(value)
-    return text.removeprefix("torch.")
-
-
-def _accuracy_interval(acc: pd.Series, n: pd.Series) -> tuple[float, float, float, str]:
-    """Mean accuracy of one method and its 95% interval.
-
-    One run: Wilson interval from its dev-set size (sampling noise of the dev set). Several runs (seeds):
-    Student-t interval of the mean over seeds, which captures run-to-run variance as well; with two seeds it
-    is wide, and that is the honest answer.
-    """
-    acc = acc.dropna().astype(float)
-    if acc.empty:
-        return math.nan, math.nan, math.nan, "none"
-    mean = float(acc.mean())
-    if len(acc) >= 2:
-        dof = len(acc) - 1
-        t = _T975[dof - 1] if dof <= len(_T975) else 1.96
-        half = t * float(acc.std(ddof=1)) / math.sqrt(len(acc))
-        return mean, max(0.0, mean - half), min(1.0, mean + half), f"t over {len(acc)} seeds"
-    n_eval = pd.to_numeric(n, errors="coerce").dropna()
-    if n_eval.empty or n_eval.iloc[0] <= 0 or not 0 <= mean <= 1:
-        return mean, math.nan, math.nan, "none"
-    low, high = wilson_interval(mean, int(n_eval.iloc[0]))
-    return mean, low, high, "Wilson"
+def _method_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """:func:`~peft_utils.stats.per_method_summary` of ``runs``, methods in display order."""
+    return per_method_summary(runs, _in_display_order(optional_column(runs, "method")))
 
 
 def _methods_with(runs: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The ``_method_table`` rows that have ``column``: a figure draws only methods whose number was recorded."""
-    table = _method_table(runs)
+    """The ``_method_summary`` rows that have ``column``: a figure draws only methods whose number was recorded."""
+    table = _method_summary(runs)
     return table if table.empty else table[table[column].notna()]
-
-
-def _method_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per method (several seeds aggregated): the numbers every comparison figure draws from.
-
-    Means over seeds for times and accuracy; the maximum for peak memory (the budget one must provision);
-    the first run's value for sizes and parameter counts, which do not depend on the seed.
-    """
-    rows = []
-    for method in _ordered_methods(_col(runs, "method")):
-        sub = runs[runs["method"] == method]
-        acc, low, high, kind = _accuracy_interval(_num(sub, "final_accuracy"), _num(sub, "n_eval"))
-
-        def first(name: str, sub: pd.DataFrame = sub) -> float:
-            values = _num(sub, name).dropna()
-            return float(values.iloc[0]) if len(values) else math.nan
-
-        def text(name: str, sub: pd.DataFrame = sub) -> str:
-            values = _col(sub, name).dropna()
-            return str(values.iloc[0]) if len(values) else ""
-
-        kinds = sorted({str(k) for k in _col(sub, "memory_kind").dropna()})
-        rows.append(
-            {
-                "method": method,
-                "n_runs": len(sub),
-                "accuracy": acc,
-                "acc_low": low,
-                "acc_high": high,
-                "interval": kind,
-                "n_eval": first("n_eval"),
-                "train_time_s": _num(sub, "train_time_s").mean(),
-                "samples_per_s": _num(sub, "samples_per_s").mean(),
-                "peak_memory_bytes": _num(sub, "peak_memory_bytes").max(),
-                "memory_kind": "+".join(kinds),
-                "trainable_params": first("trainable_params"),
-                "total_params": first("total_params"),
-                "disk_bytes": first("size.disk_bytes"),
-                "disk_kind": text("size.disk_kind"),
-                "total_bytes": first("size.total_bytes"),
-                "fp32_bytes": first("size.fp32_bytes"),
-                "quantized_bytes": first("size.quantized_bytes"),
-                "quant_state_bytes": first("size.quant_state_bytes"),
-                "frozen_bytes": first("size.frozen_bytes"),
-                "trainable_bytes": first("size.trainable_bytes"),
-            }
-        )
-    return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -346,8 +175,9 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _unique_text(values: Iterable[object]) -> list[str]:
-    return sorted({str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
+def _dtype_name(dtype: object) -> str:
+    """``"torch.bfloat16"`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _provenance(runs: pd.DataFrame) -> list[str]:
@@ -359,43 +189,21 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     if runs.empty:
         return []
     parts = []
-    for field, name in (("model", "model"), ("device", "device")):
-        values = _unique_text(_col(runs, field))
+    for field in ("model", "device"):
+        values = _distinct_texts(optional_column(runs, field))
         if len(values) == 1:
-            parts.append(f"{name}: {values[0]}")
+            parts.append(f"{field}: {values[0]}")
         elif values:
-            parts.append(f"{name}s differ: {', '.join(values)}")
-    dtypes = {m: _unique_text(_clean_dtype(v) for v in _col(runs[runs["method"] == m], "compute_dtype").dropna())
-              for m in _ordered_methods(_col(runs, "method"))}
-    all_dtypes = _unique_text(d for ds in dtypes.values() for d in ds)
-    dtype_warning = None
-    if len(all_dtypes) == 1:
-        parts.append(f"compute dtype: {all_dtypes[0]}")
-    elif all_dtypes:
-        by_dtype: dict[str, list[str]] = {}
-        for method, ds in dtypes.items():
-            by_dtype.setdefault("/".join(ds) or "unknown", []).append(method_label(method))
-        listing = "; ".join(f"{', '.join(ms)} = {d}" for d, ms in by_dtype.items())
-        dtype_warning = (f"NOTE: compute dtype differs across methods ({listing}), so time and memory are not "
-                         "like-for-like.")
-    train = _num(runs, "train_size").dropna()
-    evals = _num(runs, "n_eval").dropna()
-    if evals.empty:
-        evals = _num(runs, "eval_size").dropna()
-    data = []
-    for name, values in (("train", train), ("dev", evals)):
-        if not values.empty:
-            low, high = int(values.min()), int(values.max())
-            data.append(f"{name} {high:,}" if low == high else f"{name} {low:,}-{high:,}")
-    if data:
-        parts.append("SST-2 " + " / ".join(data) + " sentences")
-    epochs = _unique_text(_col(runs, "epochs").dropna())
+            parts.append(f"{field}s differ: {', '.join(values)}")
+    dtype_part, dtype_warning = _compute_dtype_notes(runs)
+    parts += [part for part in (dtype_part, _data_sizes_note(runs)) if part]
+    epochs = _distinct_texts(optional_column(runs, "epochs").dropna())
     if epochs:
         parts.append(f"epochs: {', '.join(epochs)}")
-    seeds = _num(runs, "seed").dropna()
+    seeds = numeric_column(runs, "seed").dropna()
     if seeds.nunique() > 1:
         parts.append(f"seeds: {', '.join(str(int(s)) for s in sorted(seeds.unique()))}")
-    quantized = [method_label(m) for m in dtypes if m in ("qlora", "qdora")]
+    quantized = [method_label(m) for m in _in_display_order(optional_column(runs, "method")) if m in ("qlora", "qdora")]
     if quantized:
         parts.append(f"{'/'.join(quantized)}: frozen base stored in 4-bit")
     lines = [" · ".join(parts)] if parts else []
@@ -404,8 +212,39 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _finish(fig: Figure, path: Path, runs: pd.DataFrame, notes: Sequence[str] = ()) -> Path:
-    """Add the provenance footnote below the axes and save at :data:`DPI`.
+def _compute_dtype_notes(runs: pd.DataFrame) -> tuple[str | None, str | None]:
+    """(``"compute dtype: X"`` when all runs share one, a warning naming each method's dtype when they differ)."""
+    dtypes = {m: _distinct_texts(_dtype_name(v) for v in optional_column(runs[runs["method"] == m],
+                                                                         "compute_dtype").dropna())
+              for m in _in_display_order(optional_column(runs, "method"))}
+    all_dtypes = _distinct_texts(d for ds in dtypes.values() for d in ds)
+    if len(all_dtypes) == 1:
+        return f"compute dtype: {all_dtypes[0]}", None
+    if not all_dtypes:
+        return None, None
+    by_dtype: dict[str, list[str]] = {}
+    for method, ds in dtypes.items():
+        by_dtype.setdefault("/".join(ds) or "unknown", []).append(method_label(method))
+    listing = "; ".join(f"{', '.join(ms)} = {d}" for d, ms in by_dtype.items())
+    return None, f"NOTE: compute dtype differs across methods ({listing}), so time and memory are not like-for-like."
+
+
+def _data_sizes_note(runs: pd.DataFrame) -> str | None:
+    """``"SST-2 train 4,000 / dev 872 sentences"`` (a range where runs differ), or None when not recorded."""
+    train = numeric_column(runs, "train_size").dropna()
+    evals = numeric_column(runs, "n_eval").dropna()
+    if evals.empty:
+        evals = numeric_column(runs, "eval_size").dropna()
+    data = []
+    for name, values in (("train", train), ("dev", evals)):
+        if not values.empty:
+            low, high = int(values.min()), int(values.max())
+            data.append(f"{name} {high:,}" if low == high else f"{name} {low:,}-{high:,}")
+    return "SST-2 " + " / ".join(data) + " sentences" if data else None
+
+
+def _save_with_footnote(fig: Figure, path: Path, runs: pd.DataFrame, notes: Sequence[str] = ()) -> Path:
+    """Add the notes and the provenance footnote below the axes and save at :data:`DPI`.
 
     The footnote is placed under the figure and ``bbox_inches="tight"`` grows the saved image to include it,
     so it can never overlap tick labels whatever the layout engine decided.
@@ -422,27 +261,45 @@ def _finish(fig: Figure, path: Path, runs: pd.DataFrame, notes: Sequence[str] = 
     return path
 
 
+def _png_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / name
+
+
 def _style_axes(ax, grid_axis: str = "y") -> None:
+    """No top/right frame; a light grid behind the data along ``grid_axis`` (``""`` for none)."""
     ax.spines[["top", "right"]].set_visible(False)
     if grid_axis:
         ax.grid(axis=grid_axis, color="#DDDDDD", linewidth=0.8)
         ax.set_axisbelow(True)
 
 
-def _bar_labels(ax, bars, labels: Sequence[str], **kwargs: object) -> None:
-    ax.bar_label(bars, labels=list(labels), padding=3, fontsize=kwargs.pop("fontsize", 9), **kwargs)
+def _label_bars(ax, bars, labels: Sequence[str], fontsize: float = 9) -> None:
+    """Write ``labels`` just past the end of each bar."""
+    ax.bar_label(bars, labels=list(labels), padding=3, fontsize=fontsize)
 
 
-def _method_ticks(ax, methods: Sequence[str], axis: str = "x") -> None:
-    labels = [method_label(m) for m in methods]
-    if axis == "x":
-        ax.set_xticks(range(len(methods)), labels)
-    else:
-        ax.set_yticks(range(len(methods)), labels)
+def _set_method_ticks(ax, methods: Sequence[str]) -> None:
+    """One x tick per bar, labelled with the method's display name."""
+    ax.set_xticks(range(len(methods)), [method_label(m) for m in methods])
 
 
-def _out(out_dir: str | Path, name: str) -> Path:
-    return Path(out_dir) / name
+def _tick_formatter(format_number) -> FuncFormatter:
+    """Tick labels from ``format_bytes`` / ``format_count`` in their exact tick mode, and "0" at zero."""
+    def tick(value: float, _pos: object) -> str:
+        return "0" if value == 0 else format_number(value, tick=True)
+    return FuncFormatter(tick)
+
+
+def _set_duration_axis(ax, low: float, high: float) -> None:
+    """A log-scale x axis from ``low`` to ``high`` seconds with clock-friendly ticks (30 s, 1 min, 10 min, 1 h).
+
+    Why: log-scale defaults would give "8.3 min"-style decades beside matplotlib's own "3x10^1" minor labels.
+    """
+    ax.set_xscale("log")
+    ax.set_xlim(low, high)
+    ax.set_xticks(duration_ticks(low, high), minor=False)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_duration_tick(v)))
+    ax.xaxis.set_minor_locator(NullLocator())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -456,7 +313,7 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
     seeds the per-step loss is averaged over seeds first.
     """
     runs = _comparison_runs(results.runs)
-    steps = _filter_rows(results.steps, _col(runs, "run_id"))
+    steps = _rows_of_runs(results.steps, optional_column(runs, "run_id"))
     if steps.empty or "loss" not in steps.columns or "step" not in steps.columns:
         return None
     steps = steps.assign(loss=pd.to_numeric(steps["loss"], errors="coerce"),
@@ -466,11 +323,11 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
     fig = _new_figure(9, 5.2)
     ax = fig.add_subplot()
     spans = []
-    for method in _ordered_methods(steps["method"]):
+    for method in _in_display_order(steps["method"]):
         curve = steps[steps["method"] == method].groupby("step")["loss"].mean().sort_index()
         color = method_color(method)
         ax.plot(curve.index, curve.to_numpy(), color=color, alpha=0.22, linewidth=0.8, zorder=1)
-        span = int(min(200, max(2, round(len(curve) / 20))))
+        span = ema_span(len(curve))
         spans.append(span)
         ax.plot(curve.index, ema_smooth(curve.to_numpy(), span), color=color, linewidth=2.2, zorder=2,
                 label=method_label(method))
@@ -489,7 +346,7 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
     fig.legend(handles, labels, loc="outside right upper", frameon=False)
     span_note = f"{min(spans)}" if min(spans) == max(spans) else f"{min(spans)}-{max(spans)}"
     notes = [f"Bold lines: exponential moving average (span {span_note} steps) of the raw loss drawn faintly behind."]
-    return _finish(fig, _out(out_dir, "loss.png"), runs, notes)
+    return _save_with_footnote(fig, _png_path(out_dir, "loss.png"), runs, notes)
 
 
 def plot_accuracy(results: Results, out_dir: str | Path) -> Path | None:
@@ -521,35 +378,47 @@ def plot_accuracy(results: Results, out_dir: str | Path) -> Path | None:
         ax.errorbar(x[has_err], acc[has_err], yerr=[acc[has_err] - low[has_err], high[has_err] - acc[has_err]],
                     fmt="none", ecolor="#222222", elinewidth=1.2, capsize=5, zorder=3)
     ax.set_ylim(floor, top + 0.02 * (top - floor))
-    # The number goes inside the bar, just under the error bar's lower end; above the bar it would collide
-    # with the error bar. Bars too short to hold it get it above the upper end of the error bar instead.
+    _write_accuracy_on_bars(ax, bars, table["n_runs"].to_numpy(), acc, low, high, floor, top)
+    chance = _CHANCE_ACCURACY * 100
+    show_chance = floor < chance < top
+    if show_chance:
+        ax.axhline(chance, color="#555555", linestyle="--", linewidth=1, zorder=1.5)
+    _set_method_ticks(ax, methods)
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    ax.set_ylabel(f"dev accuracy (axis starts at {floor:.0f}%)" if floor > 0 else "dev accuracy")
+    ax.set_title("SST-2 dev accuracy per method", fontsize=13, loc="left")
+    _style_axes(ax)
+    notes = _accuracy_interval_notes(set(table["interval"]))
+    if show_chance:
+        notes.append("Dashed line: chance level (50%).")
+    return _save_with_footnote(fig, _png_path(out_dir, "accuracy.png"), runs, notes)
+
+
+def _write_accuracy_on_bars(ax, bars, n_runs: np.ndarray, acc: np.ndarray, low: np.ndarray, high: np.ndarray,
+                            floor: float, top: float) -> None:
+    """Each bar's accuracy (and seed count) in bold, placed clear of its error bar.
+
+    The number goes inside the bar, just under the error bar's lower end; above the bar it would collide
+    with the error bar. Bars too short to hold it get it above the upper end of the error bar instead.
+    """
     pad = 0.02 * (top - floor)
     for i, bar in enumerate(bars):
-        seeds = int(table["n_runs"].iloc[i])
+        seeds = int(n_runs[i])
         text = f"{acc[i]:.1f}%" + (f"\n({seeds} seeds)" if seeds > 1 else "")
         inside = (low[i] - floor) / (top - floor) > (0.16 if seeds > 1 else 0.1)
         ax.text(bar.get_x() + bar.get_width() / 2, low[i] - pad if inside else high[i] + pad, text,
                 ha="center", va="top" if inside else "bottom", fontsize=10, fontweight="bold",
                 color="white" if inside else "#222222", zorder=4)
-    chance = _CHANCE_ACCURACY * 100
-    show_chance = floor < chance < top
-    if show_chance:
-        ax.axhline(chance, color="#555555", linestyle="--", linewidth=1, zorder=1.5)
-    _method_ticks(ax, methods)
-    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
-    ax.set_ylabel(f"dev accuracy (axis starts at {floor:.0f}%)" if floor > 0 else "dev accuracy")
-    ax.set_title("SST-2 dev accuracy per method", fontsize=13, loc="left")
-    _style_axes(ax)
-    kinds = set(table["interval"])
+
+
+def _accuracy_interval_notes(kinds: set[str]) -> list[str]:
+    """The footnote naming the intervals drawn as error bars (``kinds``: the summary's ``interval`` column)."""
     explain = []
     if "Wilson" in kinds:
         explain.append("95% Wilson score interval from the dev-set size (single run)")
     if any(k.startswith("t over") for k in kinds):
         explain.append("95% Student-t interval of the mean over seeds (several runs)")
-    notes = ["Error bars: " + "; ".join(explain) + "."] if explain else []
-    if show_chance:
-        notes.append("Dashed line: chance level (50%).")
-    return _finish(fig, _out(out_dir, "accuracy.png"), runs, notes)
+    return ["Error bars: " + "; ".join(explain) + "."] if explain else []
 
 
 def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
@@ -560,12 +429,12 @@ def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
     evaluation records one (comparable across batch sizes), otherwise the optimiser step.
     """
     runs = _comparison_runs(results.runs)
-    evals = _filter_rows(results.evals, _col(runs, "run_id"))
+    evals = _rows_of_runs(results.evals, optional_column(runs, "run_id"))
     if evals.empty or "accuracy" not in evals.columns:
         return None
     evals = evals.assign(accuracy=pd.to_numeric(evals["accuracy"], errors="coerce")).dropna(subset=["accuracy"])
-    epoch = _num(evals, "epoch")
-    step = _num(evals, "step")
+    epoch = numeric_column(evals, "epoch")
+    step = numeric_column(evals, "step")
     if epoch.notna().all() and len(evals):
         xcol, xlabel = epoch, "epoch"
     elif step.notna().all() and len(evals):
@@ -576,15 +445,15 @@ def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
     fig = _new_figure(9, 5.2)
     ax = fig.add_subplot()
     several_seeds = False
-    for method in _ordered_methods(evals["method"]):
+    for method in _in_display_order(evals["method"]):
         sub = evals[evals["method"] == method]
-        stats = sub.groupby("_x")["accuracy"].agg(["mean", "min", "max", "count"]).sort_index()
+        per_x = sub.groupby("_x")["accuracy"].agg(["mean", "min", "max", "count"]).sort_index()
         color = method_color(method)
-        ax.plot(stats.index, stats["mean"] * 100, color=color, linewidth=2,
+        ax.plot(per_x.index, per_x["mean"] * 100, color=color, linewidth=2,
                 marker=METHOD_MARKERS.get(method, "o"), markersize=6, label=method_label(method))
         if sub["run_id"].nunique() > 1:
             several_seeds = True
-            ax.fill_between(stats.index, stats["min"] * 100, stats["max"] * 100, color=color, alpha=0.15,
+            ax.fill_between(per_x.index, per_x["min"] * 100, per_x["max"] * 100, color=color, alpha=0.15,
                             linewidth=0)
     # Zoomed to the data (differences of interest are small); chance level drawn only when in range.
     ymin = max(0.0, 2 * math.floor((float(evals["accuracy"].min()) * 100 - 1) / 2))
@@ -604,7 +473,7 @@ def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
     notes = ["Dashed line: chance level (50%)."] if show_chance else []
     if several_seeds:
         notes.append("Lines: mean over seeds; shaded: min-max range over seeds.")
-    return _finish(fig, _out(out_dir, "accuracy_curve.png"), runs, notes)
+    return _save_with_footnote(fig, _png_path(out_dir, "accuracy_curve.png"), runs, notes)
 
 
 def plot_time(results: Results, out_dir: str | Path) -> Path | None:
@@ -633,7 +502,7 @@ def plot_time(results: Results, out_dir: str | Path) -> Path | None:
     left, right = fig.subplots(1, 2)
     x = np.arange(len(methods))
     bars = left.bar(x, relative, width=0.62, color=colors, zorder=2)
-    _bar_labels(left, bars, [f"{r:.0f}%" for r in relative])
+    _label_bars(left, bars, [f"{r:.0f}%" for r in relative])
     left.axhline(100, color="#555555", linestyle="--", linewidth=1, zorder=1)
     left.set_ylim(0, max(relative.max(), 100) * 1.15)
     left.yaxis.set_major_formatter(PercentFormatter(decimals=0))
@@ -643,16 +512,16 @@ def plot_time(results: Results, out_dir: str | Path) -> Path | None:
     throughput = table["samples_per_s"].to_numpy()
     labels = [format_seconds(s) + (f"\n{t:,.0f} samples/s" if np.isfinite(t) else "")
               for s, t in zip(seconds, throughput)]
-    _bar_labels(right, bars, labels, fontsize=8.5)
+    _label_bars(right, bars, labels, fontsize=8.5)
     right.set_ylim(0, seconds.max() * 1.25)
     right.set_ylabel("training time (s)")
     right.set_title("Absolute training time\n(all epochs, evaluation excluded)", fontsize=10, loc="left")
     for ax in (left, right):
-        _method_ticks(ax, methods)
+        _set_method_ticks(ax, methods)
         _style_axes(ax)
     fig.suptitle("Training time per method", fontsize=13, x=0.01, ha="left")
     notes = ["Mean over seeds where a method has several runs."] if (table["n_runs"] > 1).any() else []
-    return _finish(fig, _out(out_dir, "time.png"), runs, notes)
+    return _save_with_footnote(fig, _png_path(out_dir, "time.png"), runs, notes)
 
 
 def plot_model_size(results: Results, out_dir: str | Path) -> Path | None:
@@ -665,16 +534,38 @@ def plot_model_size(results: Results, out_dir: str | Path) -> Path | None:
     of LoRA (few trainable weights) and of 4-bit (small frozen weights) come from.
     """
     runs = _comparison_runs(results.runs)
-    table = _method_table(runs)
+    table = _method_summary(runs)
     if table.empty or (table["disk_bytes"].isna().all() and table["fp32_bytes"].isna().all()):
         return None
-    rows: list[tuple[str, float, str, str]] = []  # label, bytes, colour, hatch
+    bars = _storage_bars(table)
+    parts = ["quantized_bytes", "quant_state_bytes", "frozen_bytes", "trainable_bytes"]
+    has_parts = table[parts].notna().any(axis=1) & (table[parts].fillna(0).sum(axis=1) > 0)
+    fig = _new_figure(13 if has_parts.any() else 8.5, max(3.6, 0.55 * max(len(bars), has_parts.sum()) + 1.8))
+    axes = fig.subplots(1, 2, width_ratios=[1.15, 1]) if has_parts.any() else [fig.add_subplot()]
+    _draw_storage_bars(axes[0], bars)
+    if has_parts.any():
+        _draw_memory_footprint(axes[1], table.loc[[m for m in table.index if has_parts[m]]])
+    fig.suptitle("Model size", fontsize=13, x=0.01, ha="left")
+    notes = ["Sizes exclude optimiser state and activations (see memory.png for the measured peak)."]
+    return _save_with_footnote(fig, _png_path(out_dir, "model_size.png"), runs, notes)
+
+
+class _StorageBar(NamedTuple):
+    label: str
+    n_bytes: float
+    color: str
+    hatch: str
+
+
+def _storage_bars(table: pd.DataFrame) -> list[_StorageBar]:
+    """The bars of the storage panel: base model in fp32, base with 4-bit weights, then each method's artifact."""
+    bars = []
     if "full" in table.index and np.isfinite(table.loc["full", "fp32_bytes"]):
         fp32 = table.loc["full", "fp32_bytes"]
     else:  # an adapter run's fp32 size includes its adapter: take the trainable weights out (4 bytes each)
         fp32 = (table["fp32_bytes"] - 4 * table["trainable_params"].fillna(0)).min()
     if np.isfinite(fp32):
-        rows.append(("Base model in fp32", float(fp32), _REFERENCE_GREY, ""))
+        bars.append(_StorageBar("Base model in fp32", float(fp32), _REFERENCE_GREY, ""))
     quantized = [m for m in table.index if m in ("qlora", "qdora") or table.loc[m, "quantized_bytes"] > 0]
     if quantized:
         q = table.loc[quantized[0]]
@@ -682,69 +573,68 @@ def plot_model_size(results: Results, out_dir: str | Path) -> Path | None:
         if not base4 > 0 and np.isfinite(q["total_bytes"]):
             base4 = q["total_bytes"] - np.nan_to_num(q["trainable_bytes"])
         if base4 > 0:
-            rows.append(("Base model with 4-bit weights", float(base4), _REFERENCE_GREY, "//"))
+            bars.append(_StorageBar("Base model with 4-bit weights", float(base4), _REFERENCE_GREY, "//"))
     for method in table.index:
         value = table.loc[method, "disk_bytes"]
         if np.isfinite(value):
             kind = table.loc[method, "disk_kind"] or "saved file"
-            rows.append((f"{method_label(method)}: {kind}", float(value), method_color(method), ""))
-    parts = ["quantized_bytes", "quant_state_bytes", "frozen_bytes", "trainable_bytes"]
-    has_parts = table[parts].notna().any(axis=1) & (table[parts].fillna(0).sum(axis=1) > 0)
-    fig = _new_figure(13 if has_parts.any() else 8.5, max(3.6, 0.55 * max(len(rows), has_parts.sum()) + 1.8))
-    axes = fig.subplots(1, 2, width_ratios=[1.15, 1]) if has_parts.any() else [fig.add_subplot()]
-    ax = axes[0]
-    y = np.arange(len(rows))[::-1]
-    values = np.array([r[1] for r in rows])
-    bars = ax.barh(y, values, color=[r[2] for r in rows], hatch=[r[3] for r in rows], edgecolor="white",
-                   height=0.62, zorder=2)
+            bars.append(_StorageBar(f"{method_label(method)}: {kind}", float(value), method_color(method), ""))
+    return bars
+
+
+def _draw_storage_bars(ax, bars: list[_StorageBar]) -> None:
+    """Horizontal bars of stored sizes on a log axis, each labelled with its size."""
+    y = np.arange(len(bars))[::-1]
+    values = np.array([bar.n_bytes for bar in bars])
+    artists = ax.barh(y, values, color=[bar.color for bar in bars], hatch=[bar.hatch for bar in bars],
+                      edgecolor="white", height=0.62, zorder=2)
     ax.set_xscale("log")
     ax.set_xlim(values.min() / 3, values.max() * 12)  # room on the right for the labels
-    ax.set_yticks(y, [r[0] for r in rows])
-    _bar_labels(ax, bars, [format_bytes(v) for v in values])
+    ax.set_yticks(y, [bar.label for bar in bars])
+    _label_bars(ax, artists, [format_bytes(v) for v in values])
     ax.xaxis.set_major_formatter(_tick_formatter(format_bytes))
     ax.set_xlabel("size (log scale; 1 MB = 10^6 bytes)")
     ax.set_title("Storage: base model vs what each method ships", fontsize=10, loc="left")
     _style_axes(ax, "x")
-    if has_parts.any():
-        ax2 = axes[1]
-        methods = [m for m in table.index if has_parts[m]]
-        part_style = {
-            "quantized_bytes": ("4-bit weights", "#BDBDBD", "//"),
-            "quant_state_bytes": ("quantisation state", "#7A7A7A", ""),
-            "frozen_bytes": ("frozen weights", "#D9D9D9", ""),
-        }
-        ym = np.arange(len(methods))[::-1]
-        left_edge = np.zeros(len(methods))
-        for part, (name, colour, hatch) in part_style.items():
-            vals = table.loc[methods, part].fillna(0).to_numpy()
-            if vals.sum() > 0:
-                ax2.barh(ym, vals, left=left_edge, color=colour, hatch=hatch, edgecolor="white", height=0.62,
-                         label=name, zorder=2)
-                left_edge += vals
-        trainable = table.loc[methods, "trainable_bytes"].fillna(0).to_numpy()
-        ax2.barh(ym, trainable, left=left_edge, color=[method_color(m) for m in methods], edgecolor="white",
-                 height=0.62, zorder=2)
-        left_edge += trainable
-        for yi, total, tb in zip(ym, left_edge, trainable):
-            share = f" ({_share(tb, total)} trainable)" if total > 0 else ""
-            ax2.text(total, yi, f" {format_bytes(total)}{share}", va="center", fontsize=8.5)
-        ax2.set_xlim(0, left_edge.max() * 1.65)  # room on the right for the labels
-        ax2.set_yticks(ym, [method_label(m) for m in methods])
-        # Ticks in one unit named on the axis: "0 100 MB 200 MB ..." on every tick is unreadable.
-        unit, factor = ("GB", 1e9) if left_edge.max() >= 2e9 else ("MB", 1e6)
-        ax2.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / factor:g}"))
-        ax2.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
-        ax2.set_xlabel(f"size in memory ({unit}, linear scale)")
-        ax2.set_title("Model in memory during training", fontsize=10, loc="left")
-        handles, labels = ax2.get_legend_handles_labels()
-        handles.append(Patch(facecolor="#FFFFFF", edgecolor="#333333"))
-        labels.append("trainable weights (method colour)")
-        ax2.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8,
-                   frameon=False)
-        _style_axes(ax2, "x")
-    fig.suptitle("Model size", fontsize=13, x=0.01, ha="left")
-    notes = ["Sizes exclude optimiser state and activations (see memory.png for the measured peak)."]
-    return _finish(fig, _out(out_dir, "model_size.png"), runs, notes)
+
+
+def _draw_memory_footprint(ax, table: pd.DataFrame) -> None:
+    """Stacked bars of each method's model in memory: 4-bit weights, quantisation state, frozen, trainable."""
+    methods = list(table.index)
+    part_style = {
+        "quantized_bytes": ("4-bit weights", "#BDBDBD", "//"),
+        "quant_state_bytes": ("quantisation state", "#7A7A7A", ""),
+        "frozen_bytes": ("frozen weights", "#D9D9D9", ""),
+    }
+    ym = np.arange(len(methods))[::-1]
+    left_edge = np.zeros(len(methods))
+    for part, (name, colour, hatch) in part_style.items():
+        vals = table[part].fillna(0).to_numpy()
+        if vals.sum() > 0:
+            ax.barh(ym, vals, left=left_edge, color=colour, hatch=hatch, edgecolor="white", height=0.62,
+                    label=name, zorder=2)
+            left_edge += vals
+    trainable = table["trainable_bytes"].fillna(0).to_numpy()
+    ax.barh(ym, trainable, left=left_edge, color=[method_color(m) for m in methods], edgecolor="white",
+            height=0.62, zorder=2)
+    left_edge += trainable
+    for yi, total, tb in zip(ym, left_edge, trainable):
+        share = f" ({format_share(tb, total)} trainable)" if total > 0 else ""
+        ax.text(total, yi, f" {format_bytes(total)}{share}", va="center", fontsize=8.5)
+    ax.set_xlim(0, left_edge.max() * 1.65)  # room on the right for the labels
+    ax.set_yticks(ym, [method_label(m) for m in methods])
+    # Ticks in one unit named on the axis: "0 100 MB 200 MB ..." on every tick is unreadable.
+    unit, factor = ("GB", 1e9) if left_edge.max() >= 2e9 else ("MB", 1e6)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / factor:g}"))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.set_xlabel(f"size in memory ({unit}, linear scale)")
+    ax.set_title("Model in memory during training", fontsize=10, loc="left")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Patch(facecolor="#FFFFFF", edgecolor="#333333"))
+    labels.append("trainable weights (method colour)")
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8,
+              frameon=False)
+    _style_axes(ax, "x")
 
 
 _MEMORY_KIND_TEXT = {
@@ -775,14 +665,14 @@ def plot_memory(results: Results, out_dir: str | Path) -> Path | None:
     hatches = ["xx" if (mixed and k != "cuda") else "" for k in kinds]
     bars = ax.bar(x, values, width=0.62, color=[method_color(m) for m in methods], hatch=hatches,
                   edgecolor="white", zorder=2)
-    _bar_labels(ax, bars, [format_bytes(v) for v in values])
+    _label_bars(ax, bars, [format_bytes(v) for v in values])
     ax.set_ylim(0, values.max() * 1.15)
     ax.yaxis.set_major_formatter(_tick_formatter(format_bytes))
     if mixed:
         ax.set_ylabel("peak memory (mixed kinds, see note)")
     else:
         ax.set_ylabel(_MEMORY_KIND_TEXT.get(distinct[0], f"peak memory ({distinct[0]})"))
-    _method_ticks(ax, methods)
+    _set_method_ticks(ax, methods)
     ax.set_title("Peak memory during training", fontsize=13, loc="left")
     _style_axes(ax)
     notes = []
@@ -793,7 +683,7 @@ def plot_memory(results: Results, out_dir: str | Path) -> Path | None:
         notes.append("Process RSS includes the Python runtime, libraries and data, not only the model.")
     if (table["n_runs"] > 1).any():
         notes.append("Maximum over seeds where a method has several runs.")
-    return _finish(fig, _out(out_dir, "memory.png"), runs, notes)
+    return _save_with_footnote(fig, _png_path(out_dir, "memory.png"), runs, notes)
 
 
 def plot_trainable_params(results: Results, out_dir: str | Path) -> Path | None:
@@ -803,7 +693,7 @@ def plot_trainable_params(results: Results, out_dir: str | Path) -> Path | None:
     invisible. The percentage on each bar is the number people quote.
     """
     runs = _comparison_runs(results.runs)
-    table = _method_table(runs)
+    table = _method_summary(runs)
     if table.empty or not (table["trainable_params"] > 0).any():
         return None
     table = table[table["trainable_params"] > 0]
@@ -814,20 +704,20 @@ def plot_trainable_params(results: Results, out_dir: str | Path) -> Path | None:
     ax = fig.add_subplot()
     x = np.arange(len(methods))
     bars = ax.bar(x, values, width=0.62, color=[method_color(m) for m in methods], zorder=2)
-    labels = [format_count(v) + (f"\n({_share(v, t)} of {format_count(t)})" if np.isfinite(t) and t > 0 else "")
+    labels = [format_count(v) + (f"\n({format_share(v, t)} of {format_count(t)})" if np.isfinite(t) and t > 0 else "")
               for v, t in zip(values, totals)]
-    _bar_labels(ax, bars, labels, fontsize=8.5)
+    _label_bars(ax, bars, labels, fontsize=8.5)
     ax.set_yscale("log")
     ax.set_ylim(values.min() / 3, values.max() * 6)
     ax.yaxis.set_major_formatter(_tick_formatter(format_count))
     ax.set_ylabel("trainable parameters (log scale)")
-    _method_ticks(ax, methods)
+    _set_method_ticks(ax, methods)
     ax.set_title("Trainable parameters per method", fontsize=13, loc="left")
     _style_axes(ax)
-    return _finish(fig, _out(out_dir, "trainable_params.png"), runs)
+    return _save_with_footnote(fig, _png_path(out_dir, "trainable_params.png"), runs)
 
 
-def _ratio_label(ratio: float) -> str:
+def _alpha_ratio_label(ratio: float) -> str:
     text = f"{ratio:g}" if ratio >= 1 or ratio == 0 else f"{ratio:.3g}"
     return f"α/r = {text}"
 
@@ -844,21 +734,42 @@ def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
     sweep = _sweep_runs(results.runs)
     if sweep.empty:
         return None
-    sweep = sweep.assign(rank=_num(sweep, "rank"), alpha=_num(sweep, "alpha"),
-                         final_accuracy=_num(sweep, "final_accuracy"),
-                         trainable_params=_num(sweep, "trainable_params"), n_eval=_num(sweep, "n_eval"))
+    sweep = sweep.assign(**{name: numeric_column(sweep, name)
+                            for name in ("rank", "alpha", "final_accuracy", "trainable_params", "n_eval")})
     sweep = sweep[sweep["rank"] > 0]
     if sweep.empty:
         return None
     sweep = sweep.assign(ratio=(sweep["alpha"] / sweep["rank"]).round(4))
     ranks = sorted(sweep["rank"].unique())
-    ratios = sorted(sweep["ratio"].dropna().unique())
-    comparison = _method_table(_comparison_runs(results.runs))
+    comparison = _method_summary(_comparison_runs(results.runs))
+    full = comparison.loc["full"] if "full" in comparison.index else None
     fig = _new_figure(12, 4.8)
     left, right = fig.subplots(1, 2)
+    several_seeds = _draw_sweep_accuracy(left, sweep, math.nan if full is None else full["accuracy"])
+    _set_rank_axis(left, ranks)
+    left.yaxis.set_major_formatter(PercentFormatter(decimals=1))
+    left.set_ylabel("dev accuracy")
+    left.set_title("Accuracy vs rank (95% intervals)", fontsize=10, loc="left")
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=min(4, sweep["ratio"].nunique() + 1),
+                fontsize=8.5, frameon=False)
+    _draw_sweep_params(right, sweep, math.nan if full is None else full["trainable_params"])
+    _set_rank_axis(right, ranks)
+    right.set_ylabel("trainable parameters (log scale)")
+    right.set_title("Trainable parameters vs rank (independent of α)", fontsize=10, loc="left")
+    for ax in (left, right):
+        _style_axes(ax, "both")
+    fig.suptitle("LoRA rank / alpha sweep", fontsize=13, x=0.01, ha="left")
+    notes = ["Error bars: 95% interval (Wilson from the dev-set size; Student-t over seeds where a point has "
+             "several runs)." if several_seeds else "Error bars: 95% Wilson interval from the dev-set size."]
+    return _save_with_footnote(fig, _png_path(out_dir, "sweep.png"), sweep, notes)
+
+
+def _draw_sweep_accuracy(ax, sweep: pd.DataFrame, full_accuracy: float) -> bool:
+    """Accuracy vs rank with 95% error bars, one line per alpha/r ratio; True when a point has several seeds."""
+    ratios = sorted(sweep["ratio"].dropna().unique())
     markers = "osD^vP*X"
     # Shades of the LoRA colour: every sweep run is LoRA, the shade tells the alpha/r ratio apart.
-    shades = [_blend(METHOD_COLORS["lora"], "#000000", f) for f in np.linspace(0.0, 0.55, max(len(ratios), 1))]
+    shades = [_mix_colors(METHOD_COLORS["lora"], "#000000", f) for f in np.linspace(0.0, 0.55, max(len(ratios), 1))]
     several_seeds = False
     for i, ratio in enumerate(ratios):
         sub = sweep[sweep["ratio"] == ratio]
@@ -866,7 +777,7 @@ def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
         for rank in sorted(sub["rank"].unique()):
             at = sub[sub["rank"] == rank]
             several_seeds |= len(at) > 1
-            mean, low, high, _ = _accuracy_interval(at["final_accuracy"], at["n_eval"])
+            mean, low, high, _ = accuracy_interval(at["final_accuracy"], at["n_eval"])
             if np.isfinite(mean):
                 xs.append(rank), ys.append(mean * 100), lows.append(low * 100), highs.append(high * 100)
         if not xs:
@@ -875,59 +786,50 @@ def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
         # Dodge the lines sideways (in log2 space) so overlapping error bars of different ratios stay legible.
         xs_a = xs_a * 2 ** (0.06 * (i - (len(ratios) - 1) / 2))
         yerr = None if np.isnan(lo_a).all() else [ys_a - lo_a, hi_a - ys_a]
-        left.errorbar(xs_a, ys_a, yerr=yerr, color=shades[i], marker=markers[i % len(markers)], markersize=6,
-                      linewidth=2, capsize=4, label=_ratio_label(ratio))
-    if "full" in comparison.index and np.isfinite(comparison.loc["full", "accuracy"]):
-        left.axhline(comparison.loc["full", "accuracy"] * 100, color=METHOD_COLORS["full"], linestyle="--",
-                     linewidth=1.3, label="full fine-tuning")
-    left.set_xscale("log", base=2)
-    left.set_xticks(ranks, [f"{r:g}" for r in ranks])
-    left.xaxis.set_minor_locator(NullLocator())
-    left.yaxis.set_major_formatter(PercentFormatter(decimals=1))
-    left.set_xlabel("LoRA rank r (log scale)")
-    left.set_ylabel("dev accuracy")
-    left.set_title("Accuracy vs rank (95% intervals)", fontsize=10, loc="left")
-    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=min(4, len(ratios) + 1), fontsize=8.5,
-                frameon=False)
+        ax.errorbar(xs_a, ys_a, yerr=yerr, color=shades[i], marker=markers[i % len(markers)], markersize=6,
+                    linewidth=2, capsize=4, label=_alpha_ratio_label(ratio))
+    if np.isfinite(full_accuracy):
+        ax.axhline(full_accuracy * 100, color=METHOD_COLORS["full"], linestyle="--", linewidth=1.3,
+                   label="full fine-tuning")
+    return several_seeds
+
+
+def _draw_sweep_params(ax, sweep: pd.DataFrame, full_params: float) -> None:
+    """Trainable parameters vs rank on a log axis, with full fine-tuning's count as a dashed reference."""
     params = sweep.groupby("rank")["trainable_params"].first().dropna()
-    if not params.empty:
-        right.plot(params.index, params.to_numpy(), color=METHOD_COLORS["lora"], marker="o", linewidth=2,
-                   label="LoRA")
-        for rank, value in params.items():
-            right.annotate(format_count(value), (rank, value), textcoords="offset points", xytext=(0, 8),
-                           ha="center", fontsize=8.5)
-        top = params.max()
-        if "full" in comparison.index and np.isfinite(comparison.loc["full", "trainable_params"]):
-            full_params = comparison.loc["full", "trainable_params"]
-            right.axhline(full_params, color=METHOD_COLORS["full"], linestyle="--", linewidth=1.3,
-                          label=f"full fine-tuning ({format_count(full_params)})")
-            top = max(top, full_params)
-        right.set_yscale("log")
-        right.set_ylim(params.min() / 3, top * 4)
-        right.yaxis.set_major_formatter(_tick_formatter(format_count))
-        right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8.5, frameon=False)
-    right.set_xscale("log", base=2)
-    right.set_xticks(ranks, [f"{r:g}" for r in ranks])
-    right.xaxis.set_minor_locator(NullLocator())
-    right.set_xlabel("LoRA rank r (log scale)")
-    right.set_ylabel("trainable parameters (log scale)")
-    right.set_title("Trainable parameters vs rank (independent of α)", fontsize=10, loc="left")
-    for ax in (left, right):
-        _style_axes(ax, "both")
-    fig.suptitle("LoRA rank / alpha sweep", fontsize=13, x=0.01, ha="left")
-    notes = ["Error bars: 95% interval (Wilson from the dev-set size; Student-t over seeds where a point has "
-             "several runs)." if several_seeds else "Error bars: 95% Wilson interval from the dev-set size."]
-    return _finish(fig, _out(out_dir, "sweep.png"), sweep, notes)
+    if params.empty:
+        return
+    ax.plot(params.index, params.to_numpy(), color=METHOD_COLORS["lora"], marker="o", linewidth=2, label="LoRA")
+    for rank, value in params.items():
+        ax.annotate(format_count(value), (rank, value), textcoords="offset points", xytext=(0, 8), ha="center",
+                    fontsize=8.5)
+    top = params.max()
+    if np.isfinite(full_params):
+        ax.axhline(full_params, color=METHOD_COLORS["full"], linestyle="--", linewidth=1.3,
+                   label=f"full fine-tuning ({format_count(full_params)})")
+        top = max(top, full_params)
+    ax.set_yscale("log")
+    ax.set_ylim(params.min() / 3, top * 4)
+    ax.yaxis.set_major_formatter(_tick_formatter(format_count))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8.5, frameon=False)
 
 
-def _blend(color_a: str, color_b: str, fraction: float) -> tuple[float, float, float]:
-    from matplotlib.colors import to_rgb
+def _set_rank_axis(ax, ranks: Sequence[float]) -> None:
+    """A log2 x axis with one tick per swept rank."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [f"{r:g}" for r in ranks])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("LoRA rank r (log scale)")
 
+
+def _mix_colors(color_a: str, color_b: str, fraction: float) -> tuple[float, float, float]:
+    """``color_a`` moved ``fraction`` of the way towards ``color_b`` (RGB)."""
     a, b = np.array(to_rgb(color_a)), np.array(to_rgb(color_b))
     return tuple((1 - fraction) * a + fraction * b)
 
 
-def _overlap(a, b) -> float:
+def _overlap_area(a: Bbox, b: Bbox) -> float:
+    """Area shared by two boxes (0 when they do not overlap)."""
     width = min(a.x1, b.x1) - max(a.x0, b.x0)
     height = min(a.y1, b.y1) - max(a.y0, b.y0)
     return width * height if width > 0 and height > 0 else 0.0
@@ -943,8 +845,6 @@ def _place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.
     drawn (or, failing that, the least overlapping one). Labels are kept out of the layout engine so placing
     them does not move the axes they were placed in.
     """
-    from matplotlib.transforms import Bbox
-
     fig.canvas.draw()  # run the layout: data -> pixel transforms are final from here on
     renderer = fig.canvas.get_renderer()
     to_px = ax.transData.transform
@@ -972,8 +872,8 @@ def _place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.
                                       "alpha": 0.8})
             label.set_in_layout(False)
             box = label.get_window_extent(renderer).expanded(1.05, 1.15)
-            cost = sum(_overlap(box, o) for o in obstacles)
-            outside = box.width * box.height - _overlap(box, axes_box)
+            cost = sum(_overlap_area(box, o) for o in obstacles)
+            outside = box.width * box.height - _overlap_area(box, axes_box)
             cost += 10 * outside
             if cost < best_cost:
                 if best is not None:
@@ -995,26 +895,30 @@ def plot_summary(results: Results, out_dir: str | Path) -> Path | None:
     stands alone on a slide.
     """
     runs = _comparison_runs(results.runs)
-    table = _method_table(runs)
+    table = _method_summary(runs)
     if table.empty:
         return None
     plotted = table[table["accuracy"].notna() & table["train_time_s"].notna()]
     if plotted.empty:
         return None
     fig = _new_figure(11, 5.2 + 0.22 * (len(table) + 1))
-    ax, tab = fig.subplots(2, 1, height_ratios=[4.6, 0.22 * (len(table) + 1)])
+    ax, table_ax = fig.subplots(2, 1, height_ratios=[4.6, 0.22 * (len(table) + 1)])
+    _draw_tradeoff(fig, ax, plotted)
+    # The table: exact numbers behind the markers (filled after the labels are placed, which runs the layout).
+    _draw_summary_table(table_ax, table)
+    if "full" not in table.index:
+        rel_note = "Rel. time: relative to the slowest method (full fine-tuning not in this run set)."
+    else:
+        rel_note = "Rel. time: relative to full fine-tuning."
+    fig.suptitle("Method comparison: accuracy, time and size", fontsize=13, x=0.01, ha="left")
+    return _save_with_footnote(fig, _png_path(out_dir, "summary.png"), runs, [rel_note])
+
+
+def _draw_tradeoff(fig: Figure, ax, plotted: pd.DataFrame) -> None:
+    """Accuracy (with 95% error bars) vs training time, marker area growing with the shipped size, labelled."""
     disk = plotted["disk_bytes"].to_numpy(dtype=float)
-    finite = np.isfinite(disk) & (disk > 0)
-
-    def area(b: np.ndarray) -> np.ndarray:
-        # Log-scaled area: shipped sizes span ~3 decades, a linear area would make adapters invisible dots.
-        if not finite.any():
-            return np.full(len(b), 250.0)
-        lo, hi = np.log10(disk[finite].min()), np.log10(disk[finite].max())
-        scaled = (np.log10(np.where(np.isfinite(b) & (b > 0), b, 10 ** lo)) - lo) / max(hi - lo, 1e-9)
-        return 120 + 1400 * scaled
-
-    sizes = area(disk)
+    shipped = disk[np.isfinite(disk) & (disk > 0)]
+    sizes = _marker_area(disk, shipped)
     times = plotted["train_time_s"].to_numpy(dtype=float)
     accs = plotted["accuracy"].to_numpy(dtype=float) * 100
     lows = plotted["acc_low"].to_numpy(dtype=float) * 100
@@ -1026,16 +930,8 @@ def plot_summary(results: Results, out_dir: str | Path) -> Path | None:
                         elinewidth=1.0, capsize=4, zorder=2, alpha=0.6)
         ax.scatter(times[i], accs[i], s=sizes[i], color=color, alpha=0.75, edgecolor="white", linewidth=1.5,
                    zorder=3)
-    span = times.max() / max(times.min(), 1e-9)
-    if span > 8:
-        ax.set_xscale("log")
-        lo, hi = times.min() / 1.8, times.max() * 2.2
-        ax.set_xlim(lo, hi)
-        # Clock-friendly ticks (30 s, 1 min, 10 min, 1 h) in one style: log-scale defaults would give
-        # "8.3 min"-style decades beside matplotlib's own "3x10^1" minor labels.
-        ax.set_xticks(_duration_ticks(lo, hi), minor=False)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _duration_label(v)))
-        ax.xaxis.set_minor_locator(NullLocator())
+    if times.max() / max(times.min(), 1e-9) > 8:
+        _set_duration_axis(ax, times.min() / 1.8, times.max() * 2.2)
         ax.set_xlabel("training time (log scale)")
     else:
         pad = (times.max() - times.min()) or times.max() * 0.5
@@ -1050,37 +946,46 @@ def plot_summary(results: Results, out_dir: str | Path) -> Path | None:
     ax.set_title("Accuracy vs cost (up and left is better; marker area grows with shipped size)", fontsize=11,
                  loc="left")
     _style_axes(ax, "both")
-    if finite.sum() >= 2:
-        refs = sorted({float(disk[finite].min()), float(disk[finite].max())})
-        handles = [ax.scatter([], [], s=area(np.array([r]))[0], color="#BBBBBB", edgecolor="white") for r in refs]
-        ax.legend(handles, [format_bytes(r) for r in refs], title="shipped size\n(marker area,\nlog-scaled)",
-                  loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                  frameon=False, labelspacing=2.2, borderpad=1.0, handletextpad=1.6, fontsize=8.5, title_fontsize=8.5)
-    label_texts = [f"{method_label(m)}" + (f" · {format_bytes(disk[i])}" if finite[i] else "")
+    if len(shipped) >= 2:
+        _add_size_legend(ax, shipped)
+    label_texts = [method_label(m) + (f" · {format_bytes(disk[i])}" if np.isfinite(disk[i]) and disk[i] > 0 else "")
                    for i, m in enumerate(plotted.index)]
     _place_labels(fig, ax, times, accs, np.sqrt(sizes) / 2, label_texts, lows, highs)
-    # The table: exact numbers behind the markers.
-    tab.axis("off")
+
+
+def _marker_area(sizes: np.ndarray, shipped: np.ndarray) -> np.ndarray:
+    """Scatter marker areas (pt²) for shipped ``sizes`` in bytes, log-scaled over the range of ``shipped``.
+
+    Why log: shipped sizes span ~3 decades, a linear area would make adapters invisible dots. Unknown sizes get
+    the smallest marker; with no known size at all every marker is the same.
+    """
+    if not len(shipped):
+        return np.full(len(sizes), 250.0)
+    lo, hi = np.log10(shipped.min()), np.log10(shipped.max())
+    scaled = (np.log10(np.where(np.isfinite(sizes) & (sizes > 0), sizes, 10 ** lo)) - lo) / max(hi - lo, 1e-9)
+    return 120 + 1400 * scaled
+
+
+def _add_size_legend(ax, shipped: np.ndarray) -> None:
+    """A legend of grey markers for the smallest and largest shipped sizes, so marker area can be read."""
+    references = sorted({float(shipped.min()), float(shipped.max())})
+    handles = [ax.scatter([], [], s=_marker_area(np.array([r]), shipped)[0], color="#BBBBBB", edgecolor="white")
+               for r in references]
+    ax.legend(handles, [format_bytes(r) for r in references], title="shipped size\n(marker area,\nlog-scaled)",
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, labelspacing=2.2, borderpad=1.0,
+              handletextpad=1.6, fontsize=8.5, title_fontsize=8.5)
+
+
+def _draw_summary_table(ax, table: pd.DataFrame) -> None:
+    """The per-method numbers as a table: accuracy with interval, time, peak memory, parameters, artifact."""
+    ax.axis("off")
     reference = table.loc["full", "train_time_s"] if "full" in table.index else table["train_time_s"].max()
     columns = ["Method", "Dev accuracy (95% CI)", "Train time", "Rel. time", "Peak memory", "Trainable params",
                "Shipped artifact"]
-    cells = []
-    for method, row in table.iterrows():
-        ci = (f" [{row['acc_low'] * 100:.1f}, {row['acc_high'] * 100:.1f}]" if np.isfinite(row["acc_low"]) else "")
-        accuracy = f"{row['accuracy'] * 100:.1f}%{ci}" if np.isfinite(row["accuracy"]) else "n/a"
-        rel = f"{row['train_time_s'] / reference:.0%}" if np.isfinite(row["train_time_s"]) and reference else "n/a"
-        trainable = format_count(row["trainable_params"])
-        if np.isfinite(row["trainable_params"]) and np.isfinite(row["total_params"]) and row["total_params"] > 0:
-            trainable += f" ({_share(row['trainable_params'], row['total_params'])})"
-        memory = format_bytes(row["peak_memory_bytes"])
-        if row["memory_kind"]:
-            memory += f" ({'GPU' if row['memory_kind'] == 'cuda' else row['memory_kind'].upper()})"
-        shipped = format_bytes(row["disk_bytes"]) + (f" ({row['disk_kind']})" if row["disk_kind"] else "")
-        cells.append([method_label(method), accuracy, format_seconds(row["train_time_s"]), rel, memory, trainable,
-                      shipped])
+    cells = [_summary_row(method, row, reference) for method, row in table.iterrows()]
     widths = np.array([0.08, 0.19, 0.09, 0.08, 0.13, 0.16, 0.27])
-    table_artist = tab.table(cellText=cells, colLabels=columns, colWidths=list(widths / widths.sum()),
-                             loc="upper center", cellLoc="center")
+    table_artist = ax.table(cellText=cells, colLabels=columns, colWidths=list(widths / widths.sum()),
+                            loc="upper center", cellLoc="center")
     table_artist.auto_set_font_size(False)
     table_artist.set_fontsize(8.5)
     table_artist.scale(1, 1.45)
@@ -1092,12 +997,23 @@ def plot_summary(results: Results, out_dir: str | Path) -> Path | None:
         elif c == 0:
             cell.set_facecolor(method_color(table.index[r - 1]))
             cell.set_text_props(color="white", fontweight="bold")
-    if "full" not in table.index:
-        rel_note = "Rel. time: relative to the slowest method (full fine-tuning not in this run set)."
-    else:
-        rel_note = "Rel. time: relative to full fine-tuning."
-    fig.suptitle("Method comparison: accuracy, time and size", fontsize=13, x=0.01, ha="left")
-    return _finish(fig, _out(out_dir, "summary.png"), runs, [rel_note])
+
+
+def _summary_row(method: str, row: pd.Series, reference_time: float) -> list[str]:
+    """One method's cells of the summary table."""
+    ci = f" [{row['acc_low'] * 100:.1f}, {row['acc_high'] * 100:.1f}]" if np.isfinite(row["acc_low"]) else ""
+    accuracy = f"{row['accuracy'] * 100:.1f}%{ci}" if np.isfinite(row["accuracy"]) else "n/a"
+    known_time = np.isfinite(row["train_time_s"]) and reference_time
+    relative = f"{row['train_time_s'] / reference_time:.0%}" if known_time else "n/a"
+    trainable = format_count(row["trainable_params"])
+    if np.isfinite(row["trainable_params"]) and np.isfinite(row["total_params"]) and row["total_params"] > 0:
+        trainable += f" ({format_share(row['trainable_params'], row['total_params'])})"
+    memory = format_bytes(row["peak_memory_bytes"])
+    if row["memory_kind"]:
+        memory += f" ({'GPU' if row['memory_kind'] == 'cuda' else row['memory_kind'].upper()})"
+    shipped = format_bytes(row["disk_bytes"]) + (f" ({row['disk_kind']})" if row["disk_kind"] else "")
+    return [method_label(method), accuracy, format_seconds(row["train_time_s"]), relative, memory, trainable,
+            shipped]
 
 
 # --------------------------------------------------------------------------------------------------------------

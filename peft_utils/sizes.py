@@ -7,10 +7,13 @@ which the measured 4-bit share is checked.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from .adapters import is_quantized, logical_numel
+from .formatting import format_bytes
 from .methods import get_method
 
 SIZE_KEYS = (
@@ -127,18 +130,12 @@ def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) ->
     }
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def format_size_report(report: dict) -> str:
     """A few aligned lines for printing a ``model_size`` report."""
     missing = [k for k in SIZE_KEYS if k not in report]
     if missing:
         raise ValueError(f"not a model_size report: missing {missing}")
+    size = functools.partial(format_bytes, binary=True, decimals=2)  # "2.88 GiB": the unit GPU memory is sold in
     rows = [
         ("4-bit packed weights", report["quantized_bytes"]),
         ("quant state (absmax, tables)", report["quant_state_bytes"]),
@@ -147,16 +144,16 @@ def format_size_report(report: dict) -> str:
         ("total in memory", report["total_bytes"]),
         ("same model in fp32", report["fp32_bytes"]),
     ]
-    lines = [f"{label:<34}{_human(value):>12}  ({value:,} B)" for label, value in rows]
+    lines = [f"{label:<34}{size(value):>12}  ({value:,} B)" for label, value in rows]
     if report["total_bytes"]:
         lines.append(f"{'fp32 / in-memory':<34}{report['fp32_bytes'] / report['total_bytes']:>11.2f}x")
     if report["quantized_bytes"]:
         measured = report["quantized_bytes"] + report["quant_state_bytes"]
         lines.append(
-            f"{'4-bit share: measured / bound':<34}{_human(measured):>12}  vs {_human(report['nf4_bound_bytes'])} "
+            f"{'4-bit share: measured / bound':<34}{size(measured):>12}  vs {size(report['nf4_bound_bytes'])} "
             f"analytic ({measured / max(report['nf4_bound_bytes'], 1):.4f}x)"
         )
-    lines.append(f"{'to ship: ' + report['disk_kind']:<34}{_human(report['disk_bytes']):>12}  ({report['disk_bytes']:,} B)")
+    lines.append(f"{'to ship: ' + report['disk_kind']:<34}{size(report['disk_bytes']):>12}  ({report['disk_bytes']:,} B)")
     return "\n".join(lines)
 
 

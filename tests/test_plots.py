@@ -19,7 +19,16 @@ os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / 
 from matplotlib.image import imread  # noqa: E402
 
 from peft_utils import plots  # noqa: E402
+from peft_utils.formatting import (  # noqa: E402
+    duration_ticks,
+    format_bytes,
+    format_count,
+    format_duration_tick,
+    format_seconds,
+    format_share,
+)
 from peft_utils.store import RunRecorder, RunStore  # noqa: E402
+from peft_utils.stats import ema_smooth, wilson_interval  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPARISON_PNGS = {
@@ -191,33 +200,49 @@ def test_wilson_interval_matches_hand_formula() -> None:
     # Wilson score interval written out: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n).
     center = (p + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    low, high = plots.wilson_interval(p, n)
+    low, high = wilson_interval(p, n)
     assert low == pytest.approx(center - half, abs=1e-12)
     assert high == pytest.approx(center + half, abs=1e-12)
     assert (low, high) == pytest.approx((0.87830, 0.91819), abs=5e-5)  # worked by hand
     assert low < p < high
     # Stays inside [0, 1] where the normal approximation would have zero width.
-    low1, high1 = plots.wilson_interval(1.0, 100)
+    low1, high1 = wilson_interval(1.0, 100)
     assert 0.95 < low1 < 1.0 and high1 == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        plots.wilson_interval(0.5, 0)
+        wilson_interval(0.5, 0)
 
 
 def test_helpers() -> None:
-    assert plots.format_bytes(497_765_376) == "498 MB"
-    assert plots.format_bytes(1_196_032) == "1.2 MB"
-    assert plots.format_bytes(3.4e9) == "3.4 GB"
-    assert plots.format_count(124_441_344) == "124M"
-    assert plots.format_count(297_984) == "298K"
-    assert plots.format_count(1_234_567) == "1.2M"
+    assert format_bytes(497_765_376) == "498 MB"
+    assert format_bytes(1_196_032) == "1.2 MB"
+    assert format_bytes(3.4e9) == "3.4 GB"
+    assert format_count(124_441_344) == "124M"
+    assert format_count(297_984) == "298K"
+    assert format_count(1_234_567) == "1.2M"
     # Tick labels keep every digit of a round tick value and pad none.
-    assert [plots.format_bytes(v, tick=True) for v in (1.75e9, 1e9, 7.5e8, 2e6)] == [
+    assert [format_bytes(v, tick=True) for v in (1.75e9, 1e9, 7.5e8, 2e6)] == [
         "1.75 GB", "1 GB", "750 MB", "2 MB"]
-    assert [plots._tick_formatter(plots.format_count)(v, None) for v in (0, 1e5, 2.5e6)] == ["0", "100K", "2.5M"]
-    smoothed = plots.ema_smooth([1.0, 1.0, 1.0, 0.0], span=3)
+    assert [plots._tick_formatter(format_count)(v, None) for v in (0, 1e5, 2.5e6)] == ["0", "100K", "2.5M"]
+    smoothed = ema_smooth([1.0, 1.0, 1.0, 0.0], span=3)
     assert smoothed[0] == 1.0 and 0.0 < smoothed[-1] < 1.0  # bias-corrected: starts at the first value
     assert set(plots.METHOD_ORDER) <= set(plots.METHOD_COLORS)
     assert len(set(plots.METHOD_COLORS.values())) == len(plots.METHOD_COLORS)
+
+
+def test_format_bytes_binary_units_and_fixed_decimals() -> None:
+    """Binary units for memory/size reports: GPT-2 Large in fp32 (774,030,080 params x 4 B) is 2.883 GiB."""
+    gpt2_large_fp32 = 774_030_080 * 4
+    assert gpt2_large_fp32 / 2**30 == pytest.approx(2.8835, abs=1e-4)  # the number the unit must show
+    assert format_bytes(gpt2_large_fp32, binary=True, decimals=3) == "2.883 GiB"
+    assert format_bytes(gpt2_large_fp32, binary=True, decimals=2) == "2.88 GiB"
+    assert format_bytes(gpt2_large_fp32) == "3.1 GB"  # decimal default unchanged
+    # The aligned-table style (two decimals at every unit, whole bytes below 1 KiB): 1 KiB = 1024 B, 1 MiB = 1024 KiB.
+    assert [format_bytes(v, binary=True, decimals=2) for v in (0, 1023, 1024, 1536, 5 * 2**20 + 2**19, 2**40)] == [
+        "0 B", "1023 B", "1.00 KiB", "1.50 KiB", "5.50 MiB", "1.00 TiB"]
+    assert format_bytes(1.75 * 2**30, tick=True, binary=True) == "1.75 GiB"
+    assert format_bytes(float("nan")) == format_bytes(None) == "n/a"
+    assert [format_share(p, 1000) for p in (1000, 130, 24, 2.4)] == ["100%", "13%", "2.4%", "0.24%"]
+    assert [format_seconds(s) for s in (42.0, 600.0, 9000.0)] == ["42.0 s", "10.0 min", "2.50 h"]
 
 
 def test_sweep_only_run_set(tmp_path: Path) -> None:
@@ -241,8 +266,8 @@ def test_footnote_says_when_compute_dtypes_differ(tmp_path: Path) -> None:
 
 def test_log_time_axis_uses_clock_ticks() -> None:
     """A time axis spanning decades is labelled in round durations, one style ("30 s", "10 min", "2 h")."""
-    ticks = plots._duration_ticks(15.0, 9_000.0)
+    ticks = duration_ticks(15.0, 9_000.0)
     assert ticks == [20, 60, 300, 1200, 3600] and len(ticks) <= 7
-    assert [plots._duration_label(t) for t in (20, 30, 60, 300, 1200, 3600, 7200)] == [
+    assert [format_duration_tick(t) for t in (20, 30, 60, 300, 1200, 3600, 7200)] == [
         "20 s", "30 s", "1 min", "5 min", "20 min", "1 h", "2 h"]
-    assert plots._duration_ticks(100.0, 110.0) == [pytest.approx(math.sqrt(100.0 * 110.0))]  # never tickless
+    assert duration_ticks(100.0, 110.0) == [pytest.approx(math.sqrt(100.0 * 110.0))]  # never tickless

@@ -1,0 +1,104 @@
+"""Numbers as short human-readable text: byte sizes, parameter counts, durations and shares.
+
+Why one module: figures, the size report and the notebook all print sizes and counts, and two formatters for the
+same quantity drift apart ("498 MB" in one place, "474.70 MiB" in another, for the same file). Every byte size the
+package prints goes through :func:`format_bytes`.
+"""
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "DECIMAL_BYTE_UNITS",
+    "BINARY_BYTE_UNITS",
+    "format_bytes",
+    "format_count",
+    "format_seconds",
+    "format_share",
+    "duration_ticks",
+    "format_duration_tick",
+]
+
+# (unit, factor) from the largest down; the last unit has factor 1.
+Units = tuple[tuple[str, float], ...]
+DECIMAL_BYTE_UNITS: Units = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1))
+BINARY_BYTE_UNITS: Units = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+_COUNT_UNITS: Units = (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1))
+
+# Durations a reader recognises at a glance, for log-scale time axes (seconds).
+_CLOCK_TICKS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 4 * 3600, 8 * 3600, 86400)
+
+
+def format_bytes(n_bytes: float | None, tick: bool = False, *, binary: bool = False,
+                 decimals: int | None = None) -> str:
+    """A byte size in the largest unit it reaches: ``"497.8 MB"`` (decimal, 1 MB = 10^6 B) by default.
+
+    ``binary=True`` uses powers of 1024 (KiB, MiB, GiB, TiB): memory is allocated in those, and published model
+    sizes ("GPT-2 Large is 2.883 GiB in fp32") are often quoted in them. ``decimals`` fixes the number of decimals
+    in every unit except plain bytes (an aligned table wants ``format_bytes(n, binary=True, decimals=2)`` ->
+    ``"2.88 GiB"``); by default there is one decimal below 100 and none above. ``tick``: see :func:`_in_largest_unit`.
+    """
+    units = BINARY_BYTE_UNITS if binary else DECIMAL_BYTE_UNITS
+    return _in_largest_unit(n_bytes, units, " ", tick, decimals)
+
+
+def format_count(n: float | None, tick: bool = False) -> str:
+    """Parameter counts as ``124.4M`` / ``294.9K``: exact digits are noise at this scale."""
+    return _in_largest_unit(n, _COUNT_UNITS, "", tick)
+
+
+def _in_largest_unit(value: float | None, units: Units, separator: str, tick: bool = False,
+                     decimals: int | None = None) -> str:
+    """``value`` in the largest unit it reaches: one decimal below 100, none above, unless ``decimals`` says.
+
+    ``tick=True`` is for axis ticks, which sit at round values: every significant digit is kept and none padded
+    ("1.75 GB", "1 GB"), because rounding a 1.75 GB tick to "1.8 GB" misplaces the bars read against it.
+    Values in the smallest unit (bytes, single parameters) are whole numbers and printed without decimals.
+    """
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    unit, factor = next((unit, factor) for unit, factor in units if abs(value) >= factor or factor == 1)
+    scaled = value / factor
+    if tick:
+        return f"{scaled:.4g}{separator}{unit}".rstrip()
+    if factor == 1:
+        return f"{scaled:.0f}{separator}{unit}".rstrip()
+    if decimals is None:
+        decimals = 1 if scaled < 100 else 0
+    return f"{scaled:.{decimals}f}{separator}{unit}"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """Durations as seconds, minutes or hours, whichever keeps the number short."""
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    if seconds < 100:
+        return f"{seconds:.1f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def format_share(part: float, total: float) -> str:
+    """``part / total`` as a percentage: no decimal from 10%, one from 1%, two below (100%, 13%, 2.4%, 0.24%)."""
+    ratio = part / total
+    return f"{ratio:.0%}" if ratio >= 0.1 else f"{ratio:.1%}" if ratio >= 0.01 else f"{ratio:.2%}"
+
+
+def duration_ticks(low: float, high: float, max_ticks: int = 7) -> list[float]:
+    """The clock-friendly durations (30 s, 1 min, 1 h, ...) inside [low, high] seconds, thinned to ``max_ticks``.
+
+    Never empty: a range holding no round duration gets one tick at its geometric middle.
+    """
+    ticks = [t for t in _CLOCK_TICKS if low <= t <= high] or [math.sqrt(low * high)]
+    step = math.ceil(len(ticks) / max_ticks)
+    return ticks[::step]
+
+
+def format_duration_tick(seconds: float) -> str:
+    """A tick label for a round duration: "30 s", "2 min", "1 h" (no decimals to trim)."""
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"

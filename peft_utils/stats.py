@@ -1,0 +1,326 @@
+"""Statistics behind the figures: intervals, smoothing, per-method aggregation and paired method comparisons.
+
+Why a module apart from the figures: which interval a number gets, and how seeds are pooled, decide what a reader
+may conclude from a figure ("is DoRA really better than LoRA?"). That logic is tested against scipy and hand
+computations here, independently of any drawing.
+
+Conventions: accuracies are fractions in [0, 1]; every interval is two-sided, 95% unless said otherwise. For
+paired comparisons, ``correct_a``/``correct_b`` say per dev sentence whether method A/B classified it correctly,
+with the sentences in the same order for both: one row (shape ``(n_sentences,)``) per method for one seed, or a
+``(n_seeds, n_sentences)`` matrix for several seeds (see :func:`paired_bootstrap` for how seeds are pooled).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+__all__ = [
+    "optional_column",
+    "numeric_column",
+    "wilson_interval",
+    "MeanInterval",
+    "mean_interval",
+    "AccuracyInterval",
+    "accuracy_interval",
+    "ema_span",
+    "ema_smooth",
+    "per_method_summary",
+    "McNemarResult",
+    "mcnemar_exact",
+    "PairedDifference",
+    "paired_bootstrap",
+]
+
+# Per-method summary columns taken from the first run that has them: sizes and parameter counts do not depend on
+# the seed. Keys are summary columns, values the run-table columns they come from.
+_SEED_INDEPENDENT_NUMBERS = {
+    "n_eval": "n_eval",
+    "trainable_params": "trainable_params",
+    "total_params": "total_params",
+    "disk_bytes": "size.disk_bytes",
+    "total_bytes": "size.total_bytes",
+    "fp32_bytes": "size.fp32_bytes",
+    "quantized_bytes": "size.quantized_bytes",
+    "quant_state_bytes": "size.quant_state_bytes",
+    "frozen_bytes": "size.frozen_bytes",
+    "trainable_bytes": "size.trainable_bytes",
+}
+# Bounds the index matrix of one bootstrap chunk (resamples x sentences) to 2^22 entries (32 MiB of int64).
+_BOOTSTRAP_CHUNK_ENTRIES = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading the run table (optional fields may be absent from older or partial records)
+# --------------------------------------------------------------------------------------------------------------
+def optional_column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """Column ``name`` of ``frame``, or an all-NaN column when the records never logged that field."""
+    if name in frame.columns:
+        return frame[name]
+    return pd.Series(np.nan, index=frame.index, dtype=float)
+
+
+def numeric_column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """Column ``name`` as numbers: absent columns and unparsable values become NaN."""
+    return pd.to_numeric(optional_column(frame, name), errors="coerce")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Intervals and smoothing
+# --------------------------------------------------------------------------------------------------------------
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (by default) Wilson score interval for a proportion measured on ``n`` examples.
+
+    Why Wilson and not ``p ± z·sqrt(p(1-p)/n)``: the normal approximation collapses to zero width at p=1 and
+    can leave [0, 1] near the edges, which a good classifier on a small dev set (SST-2 dev has 872
+    sentences) easily reaches. Wilson stays inside [0, 1] and has close to nominal coverage.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+    z2 = z * z
+    denominator = 1.0 + z2 / n
+    center = (accuracy + z2 / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+class MeanInterval(NamedTuple):
+    """A mean over runs with its sample standard deviation and confidence interval."""
+
+    mean: float
+    sd: float
+    low: float
+    high: float
+
+
+def mean_interval(values: Sequence[float] | np.ndarray | pd.Series, confidence: float = 0.95) -> MeanInterval:
+    """Student-t interval of the mean of a few runs (seeds): ``mean ± t·sd/sqrt(k)`` with ``k - 1`` dof.
+
+    Why t and not ±1.96·sd/sqrt(k): with 2-5 seeds the standard deviation is itself a rough estimate, and the
+    t quantile (12.7 for two seeds, 2.8 for five) widens the interval by exactly the right amount for that.
+    """
+    _check_confidence(confidence)
+    array = np.asarray(values, dtype=float)
+    if array.ndim != 1 or len(array) < 2 or not np.isfinite(array).all():
+        raise ValueError(f"a t interval needs at least two finite values in one dimension, got {array.tolist()}")
+    mean = float(array.mean())
+    sd = float(array.std(ddof=1))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=len(array) - 1)) * sd / math.sqrt(len(array))
+    return MeanInterval(mean, sd, mean - half, mean + half)
+
+
+class AccuracyInterval(NamedTuple):
+    """A method's mean accuracy, its 95% interval and which interval it is (``"t over k seeds"``, ``"Wilson"``,
+    or ``"none"`` when nothing could be computed)."""
+
+    mean: float
+    low: float
+    high: float
+    kind: str
+
+
+def accuracy_interval(accuracies: pd.Series, n_eval: pd.Series) -> AccuracyInterval:
+    """Mean accuracy of one method (or sweep point) over its runs, and its 95% interval.
+
+    One run: Wilson interval from its dev-set size (sampling noise of the dev set). Several runs (seeds):
+    Student-t interval of the mean over seeds (:func:`mean_interval`, clipped to [0, 1]), which captures
+    run-to-run variance as well; with two seeds it is wide, and that is the honest answer. Missing values are
+    ignored.
+    """
+    accuracies = accuracies.dropna().astype(float)
+    if accuracies.empty:
+        return AccuracyInterval(math.nan, math.nan, math.nan, "none")
+    if len(accuracies) >= 2:
+        mean, _, low, high = mean_interval(accuracies)
+        return AccuracyInterval(mean, max(0.0, low), min(1.0, high), f"t over {len(accuracies)} seeds")
+    mean = float(accuracies.iloc[0])
+    sizes = pd.to_numeric(n_eval, errors="coerce").dropna()
+    if sizes.empty or sizes.iloc[0] <= 0 or not 0 <= mean <= 1:
+        return AccuracyInterval(mean, math.nan, math.nan, "none")
+    low, high = wilson_interval(mean, int(sizes.iloc[0]))
+    return AccuracyInterval(mean, low, high, "Wilson")
+
+
+def ema_span(n_points: int) -> int:
+    """Default EMA span for a curve of ``n_points``: ~5% of the points, at least 2 and at most 200.
+
+    Why relative to the length: short test runs and long runs are then smoothed comparably.
+    """
+    return int(min(200, max(2, round(n_points / 20))))
+
+
+def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int | None = None) -> np.ndarray:
+    """Bias-corrected exponential moving average of a per-step loss (span: :func:`ema_span` by default).
+
+    Why: per-batch loss is noisy (one batch of 16-32 sentences), and the trend is what tells methods apart.
+    ``adjust=True`` weights make the first points an average of what has been seen so far instead of being
+    pulled towards zero, so the smoothed curve starts where the raw one starts.
+    """
+    series = pd.Series(np.asarray(values, dtype=float))
+    if span is None:
+        span = ema_span(len(series))
+    return series.ewm(span=span, adjust=True, ignore_na=True).mean().to_numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-method aggregation
+# --------------------------------------------------------------------------------------------------------------
+def per_method_summary(runs: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
+    """One row per method in ``methods`` (several seeds aggregated): the numbers every comparison figure draws.
+
+    Means over seeds for times and accuracy (with :func:`accuracy_interval`); the maximum for peak memory (the
+    budget one must provision); the first run's value for sizes and parameter counts, which do not depend on the
+    seed. An empty frame when ``methods`` is empty.
+    """
+    rows = [_summarise_method(method, runs[runs["method"] == method]) for method in methods]
+    return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
+
+
+def _summarise_method(method: str, runs: pd.DataFrame) -> dict[str, object]:
+    accuracy = accuracy_interval(numeric_column(runs, "final_accuracy"), numeric_column(runs, "n_eval"))
+    memory_kinds = sorted({str(kind) for kind in optional_column(runs, "memory_kind").dropna()})
+    row: dict[str, object] = {
+        "method": method,
+        "n_runs": len(runs),
+        "accuracy": accuracy.mean,
+        "acc_low": accuracy.low,
+        "acc_high": accuracy.high,
+        "interval": accuracy.kind,
+        "train_time_s": numeric_column(runs, "train_time_s").mean(),
+        "samples_per_s": numeric_column(runs, "samples_per_s").mean(),
+        "peak_memory_bytes": numeric_column(runs, "peak_memory_bytes").max(),
+        "memory_kind": "+".join(memory_kinds),
+        "disk_kind": _first_text(runs, "size.disk_kind"),
+    }
+    row.update({key: _first_number(runs, column) for key, column in _SEED_INDEPENDENT_NUMBERS.items()})
+    return row
+
+
+def _first_number(runs: pd.DataFrame, column: str) -> float:
+    values = numeric_column(runs, column).dropna()
+    return float(values.iloc[0]) if len(values) else math.nan
+
+
+def _first_text(runs: pd.DataFrame, column: str) -> str:
+    values = optional_column(runs, column).dropna()
+    return str(values.iloc[0]) if len(values) else ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paired comparison of two methods on the same dev sentences
+# --------------------------------------------------------------------------------------------------------------
+class McNemarResult(NamedTuple):
+    """Two-sided exact McNemar p-value and the discordant counts it is computed from.
+
+    ``a_better``: sentences A got right more often than B (with one seed: A right, B wrong); ``b_better`` the
+    reverse. Sentences both got equally often right carry no information about which method is better.
+    """
+
+    p_value: float
+    a_better: int
+    b_better: int
+
+
+def mcnemar_exact(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarray | Sequence[bool]) -> McNemarResult:
+    """McNemar's exact test: do A and B differ in accuracy on the same sentences?
+
+    Why paired: both methods see the same 872 sentences, and most sentences are easy (both right) or hard (both
+    wrong) for every method. Comparing two independent accuracies would count that shared difficulty as noise;
+    only the discordant sentences say which method is better. Under "no difference" each discordant sentence
+    is equally likely to favour A or B, so ``a_better`` is Binomial(a_better + b_better, 1/2), and the p-value is
+    twice the smaller tail (capped at 1); no discordant sentence gives p = 1.
+
+    Several seeds (``(n_seeds, n_sentences)`` matrices, the seed counts of A and B may differ): a sentence
+    favours A when A's seeds got it right more often than B's (the mean correctness over seeds is higher), and
+    the same sign test runs over sentences; with one seed each this is exactly McNemar's test. Why not McNemar
+    on the seeds' vectors concatenated: a sentence one method finds hard stays hard under every seed, so the
+    k·n concatenated pairs are not independent, and treating them as such makes the p-value too small.
+    """
+    per_sentence = _per_sentence_difference(correct_a, correct_b)
+    a_better, b_better = int((per_sentence > 0).sum()), int((per_sentence < 0).sum())
+    discordant = a_better + b_better
+    if discordant == 0:
+        return McNemarResult(1.0, a_better, b_better)
+    tail = float(scipy_stats.binom.cdf(min(a_better, b_better), discordant, 0.5))
+    return McNemarResult(min(1.0, 2.0 * tail), a_better, b_better)
+
+
+class PairedDifference(NamedTuple):
+    """Accuracy of A minus accuracy of B, with a bootstrap percentile interval."""
+
+    difference: float
+    low: float
+    high: float
+
+
+def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarray | Sequence[bool],
+                     n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
+    """Accuracy difference A - B and its percentile interval, resampling sentences with replacement.
+
+    Why resample pairs, not the two accuracies separately: the difference between two methods on the same
+    sentences varies much less than either accuracy (shared difficulty cancels), so an unpaired interval
+    would be far too wide. Each resample draws ``n_sentences`` sentences with replacement and takes the mean of
+    their per-sentence differences; the interval is the ``(1 ± confidence) / 2`` quantiles of those means.
+
+    Several seeds (``(n_seeds, n_sentences)`` matrices, the seed counts of A and B may differ) are pooled as a
+    cluster bootstrap over sentences: a sentence is resampled together with all its seeds, and contributes A's
+    accuracy over seeds on it minus B's. Why: sentences are the independent unit (drawn from the population of
+    movie-review sentences), while one method's seeds on one sentence are strongly correlated (a hard sentence
+    stays hard). Resampling the concatenated seed vectors as if they were k·n independent rows would pretend
+    the dev set were k times larger and give an interval about sqrt(k) times too narrow. The interval says how
+    much the difference between these trained models would move on another sample of sentences; the
+    run-to-run spread over seeds is reported separately (:func:`mean_interval`).
+
+    Deterministic for a ``seed`` (a numpy ``Generator``); resamples are drawn in chunks so 10,000 resamples of
+    872 sentences take a few tens of milliseconds and bounded memory.
+    """
+    _check_confidence(confidence)
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive whole number, got {n_resamples!r}")
+    per_sentence = _per_sentence_difference(correct_a, correct_b)
+    rng = np.random.default_rng(seed)
+    n_sentences = len(per_sentence)
+    chunk = max(1, _BOOTSTRAP_CHUNK_ENTRIES // n_sentences)
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        indices = rng.integers(0, n_sentences, size=(stop - start, n_sentences))
+        means[start:stop] = per_sentence[indices].mean(axis=1)
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return PairedDifference(float(per_sentence.mean()), float(low), float(high))
+
+
+def _per_sentence_difference(correct_a: object, correct_b: object) -> np.ndarray:
+    """A's mean correctness over its seeds minus B's, per sentence (a vector of length ``n_sentences``)."""
+    matrix_a, matrix_b = _correctness_matrix(correct_a, "correct_a"), _correctness_matrix(correct_b, "correct_b")
+    if matrix_a.shape[1] != matrix_b.shape[1]:
+        raise ValueError(f"correct_a and correct_b must cover the same sentences: {matrix_a.shape[1]} vs "
+                         f"{matrix_b.shape[1]} sentences")
+    return matrix_a.mean(axis=0) - matrix_b.mean(axis=0)
+
+
+def _correctness_matrix(values: object, name: str) -> np.ndarray:
+    """``values`` as a ``(n_seeds, n_sentences)`` float matrix of 0/1, or a one-line error naming ``name``."""
+    array = np.asarray(values)
+    if array.ndim == 1:
+        array = array[np.newaxis, :]
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty (n_sentences,) vector or (n_seeds, n_sentences) matrix, "
+                         f"got shape {np.shape(values)}")
+    if array.dtype != bool:
+        invalid = array[~np.isin(array, (0, 1))] if array.dtype.kind in "iuf" else array.ravel()
+        if invalid.size:
+            raise ValueError(f"{name} must hold per-sentence correctness as True/False (or 1/0), got "
+                             f"{array.dtype} value {invalid.tolist()[0]!r}")
+    return array.astype(float)
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")

@@ -1,0 +1,216 @@
+"""Statistics behind the figures, checked against scipy, closed-form formulas and hand computations."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from peft_utils.stats import (
+    accuracy_interval,
+    ema_span,
+    mcnemar_exact,
+    mean_interval,
+    paired_bootstrap,
+    per_method_summary,
+    wilson_interval,
+)
+
+
+def _paired_vectors(a_only: int, b_only: int, both: int = 0, neither: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Correctness vectors with the given contingency table (shuffled, so order cannot matter)."""
+    a = np.array([True] * a_only + [False] * b_only + [True] * both + [False] * neither)
+    b = np.array([False] * a_only + [True] * b_only + [True] * both + [False] * neither)
+    order = np.random.default_rng(a_only * 1000 + b_only).permutation(len(a))
+    return a[order], b[order]
+
+
+def _simulated_pair(n: int, p_a_only: float, p_b_only: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n sentences drawn from a known model: A alone right w.p. p_a_only, B alone w.p. p_b_only, else both right."""
+    u = np.random.default_rng(seed).random(n)
+    a_only, b_only = u < p_a_only, (u >= p_a_only) & (u < p_a_only + p_b_only)
+    return ~b_only, ~a_only
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Intervals over seeds
+# --------------------------------------------------------------------------------------------------------------
+def test_mean_interval_matches_hand_computation_and_scipy() -> None:
+    # Two seeds 0.90 and 0.92: sd = 0.02/sqrt(2), sem = 0.01, t(0.975, 1 dof) = 12.7062 -> half width 0.127062.
+    mean, sd, low, high = mean_interval([0.90, 0.92])
+    assert mean == pytest.approx(0.91) and sd == pytest.approx(0.02 / math.sqrt(2))
+    assert (low, high) == pytest.approx((0.91 - 0.127062, 0.91 + 0.127062), abs=1e-6)
+    # Five seeds: t(0.975, 4) = 2.7764 (printed tables), and scipy's own interval helper agrees.
+    values = np.array([0.88, 0.90, 0.91, 0.89, 0.93])
+    result = mean_interval(values)
+    sem = values.std(ddof=1) / math.sqrt(5)
+    assert result.high - result.mean == pytest.approx(2.7764 * sem, rel=1e-4)
+    assert (result.low, result.high) == pytest.approx(scipy_stats.t.interval(0.95, 4, loc=values.mean(), scale=sem))
+    assert mean_interval(values, confidence=0.8).high < result.high  # lower confidence, narrower interval
+
+
+@pytest.mark.parametrize("bad", [[0.9], [], [0.9, float("nan")], [[0.9, 0.8], [0.7, 0.6]]])
+def test_mean_interval_rejects_too_few_or_missing_values(bad: list) -> None:
+    with pytest.raises(ValueError, match="at least two finite values"):
+        mean_interval(bad)
+
+
+def test_accuracy_interval_wilson_for_one_run_t_for_seeds() -> None:
+    one = accuracy_interval(pd.Series([0.9]), pd.Series([872]))
+    assert one.kind == "Wilson" and (one.low, one.high) == pytest.approx(wilson_interval(0.9, 872))
+    seeds = accuracy_interval(pd.Series([0.90, np.nan, 0.92]), pd.Series([872, 872, 872]))  # NaN ignored
+    assert seeds.kind == "t over 2 seeds" and seeds.mean == pytest.approx(0.91)
+    assert seeds.low == pytest.approx(0.91 - 0.127062, abs=1e-6) and seeds.high == 1.0  # clipped to [0, 1]
+    assert accuracy_interval(pd.Series([], dtype=float), pd.Series([], dtype=float)).kind == "none"
+    no_size = accuracy_interval(pd.Series([0.8]), pd.Series([np.nan]))
+    assert no_size.kind == "none" and no_size.mean == 0.8 and math.isnan(no_size.low)
+
+
+def test_ema_span_is_five_percent_within_bounds() -> None:
+    assert [ema_span(n) for n in (0, 10, 100, 1000, 10_000)] == [2, 2, 5, 50, 200]
+
+
+def test_per_method_summary_aggregates_seeds() -> None:
+    runs = pd.DataFrame([
+        {"method": "lora", "final_accuracy": 0.90, "n_eval": 872, "train_time_s": 10.0, "peak_memory_bytes": 5e8,
+         "memory_kind": "rss", "trainable_params": 300, "size.disk_bytes": 1200, "size.disk_kind": "adapter"},
+        {"method": "lora", "final_accuracy": 0.92, "n_eval": 872, "train_time_s": 14.0, "peak_memory_bytes": 7e8,
+         "memory_kind": "rss", "trainable_params": 300, "size.disk_bytes": 1200, "size.disk_kind": "adapter"},
+        {"method": "full", "final_accuracy": 0.93, "n_eval": 872, "train_time_s": 30.0, "peak_memory_bytes": 2e9,
+         "memory_kind": "cuda", "trainable_params": 1000, "size.disk_bytes": 4000, "size.disk_kind": "full"},
+    ])
+    table = per_method_summary(runs, ["full", "lora"])
+    assert list(table.index) == ["full", "lora"]  # the caller's order
+    lora = table.loc["lora"]
+    assert lora["n_runs"] == 2 and lora["accuracy"] == pytest.approx(0.91) and lora["interval"] == "t over 2 seeds"
+    assert lora["train_time_s"] == 12.0 and lora["peak_memory_bytes"] == 7e8  # mean time, max memory
+    assert lora["disk_bytes"] == 1200 and lora["disk_kind"] == "adapter" and lora["memory_kind"] == "rss"
+    assert math.isnan(lora["samples_per_s"]) and math.isnan(lora["total_params"])  # never recorded: NaN
+    assert table.loc["full", "interval"] == "Wilson"
+    assert per_method_summary(runs, []).empty
+
+
+# --------------------------------------------------------------------------------------------------------------
+# McNemar's exact test
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("a_only", "b_only"), [(3, 11), (11, 3), (40, 60), (25, 25), (1, 0), (0, 17), (120, 80)])
+def test_mcnemar_matches_scipy_binomtest(a_only: int, b_only: int) -> None:
+    a, b = _paired_vectors(a_only, b_only, both=500, neither=90)
+    result = mcnemar_exact(a, b)
+    assert (result.a_better, result.b_better) == (a_only, b_only)
+    reference = scipy_stats.binomtest(a_only, a_only + b_only, 0.5, alternative="two-sided").pvalue
+    assert result.p_value == pytest.approx(reference, rel=1e-12)
+
+
+def test_mcnemar_hand_computed_cases() -> None:
+    # 0 vs 5 discordant: P(X <= 0) = 1/32 on each side -> p = 2/32.
+    assert mcnemar_exact(*_paired_vectors(0, 5, both=10)).p_value == pytest.approx(0.0625)
+    # 1 vs 9: P(X <= 1) = (1 + 10)/1024 -> p = 22/1024.
+    assert mcnemar_exact(*_paired_vectors(1, 9)).p_value == pytest.approx(22 / 1024)
+    # Balanced discordance: the doubled tail exceeds 1 and is capped.
+    assert mcnemar_exact(*_paired_vectors(4, 4)).p_value == 1.0
+    # Concordant sentences carry no information: adding any number leaves p unchanged.
+    assert mcnemar_exact(*_paired_vectors(1, 9, both=800, neither=60)).p_value == pytest.approx(22 / 1024)
+
+
+def test_mcnemar_without_discordant_pairs_is_one() -> None:
+    a, b = _paired_vectors(0, 0, both=30, neither=12)
+    assert mcnemar_exact(a, b) == (1.0, 0, 0)
+    assert mcnemar_exact([False] * 5, [False] * 5) == (1.0, 0, 0)
+
+
+def test_mcnemar_pools_seeds_per_sentence() -> None:
+    a, b = _paired_vectors(5, 20, both=100)
+    single = mcnemar_exact(a, b)
+    assert mcnemar_exact(a[np.newaxis], b[np.newaxis]) == single  # a (1, n) matrix is the one-seed test
+    # Three seeds that agree on every sentence carry no more evidence than one: still 25 discordant sentences.
+    assert mcnemar_exact(np.tile(a, (3, 1)), np.tile(b, (3, 1))) == single
+    # Concatenating the seeds would count each sentence three times and overstate the evidence.
+    concatenated = mcnemar_exact(np.tile(a, 3), np.tile(b, 3))
+    assert (concatenated.a_better, concatenated.b_better) == (15, 60) and concatenated.p_value < single.p_value / 100
+    # Sentence-level majority across seeds; the seed counts of A and B may differ.
+    three_seeds_a = np.array([[1, 1, 0, 0], [1, 0, 0, 1], [0, 1, 0, 1]], dtype=bool)  # per sentence 2/3 2/3 0 2/3
+    one_seed_b = np.array([1, 0, 0, 1], dtype=bool)
+    # Sentence 1 favours A (2/3 vs 0); sentences 0 and 3 favour B (1 vs 2/3); sentence 2 is a tie (0 vs 0).
+    assert mcnemar_exact(three_seeds_a, one_seed_b)[1:] == (1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paired bootstrap
+# --------------------------------------------------------------------------------------------------------------
+def test_bootstrap_difference_and_interval_match_the_normal_approximation() -> None:
+    a, b = _simulated_pair(872, 0.08, 0.04, seed=1)
+    result = paired_bootstrap(a, b)
+    assert result.difference == pytest.approx(a.mean() - b.mean(), abs=1e-15)
+    assert result.low < 0.04 < result.high  # the true difference of the generating model
+    # Closed form for a paired difference of proportions: var = (p10 + p01 - (p10 - p01)^2) / n.
+    p10, p01 = float((a & ~b).mean()), float((~a & b).mean())
+    half = 1.959964 * math.sqrt((p10 + p01 - (p10 - p01) ** 2) / len(a))
+    assert result.high - result.low == pytest.approx(2 * half, rel=0.08)
+    assert (result.low + result.high) / 2 == pytest.approx(result.difference, abs=0.004)
+
+
+def test_bootstrap_interval_shrinks_with_more_sentences() -> None:
+    widths = []
+    for n in (200, 3200):
+        result = paired_bootstrap(*_simulated_pair(n, 0.08, 0.04, seed=2))
+        widths.append(result.high - result.low)
+    assert widths[0] / widths[1] == pytest.approx(4.0, rel=0.2)  # 16x the sentences, sqrt(16) = 4x narrower
+
+
+def test_bootstrap_is_deterministic_for_a_seed_and_fast() -> None:
+    a, b = _simulated_pair(872, 0.08, 0.04, seed=3)
+    start = time.perf_counter()
+    first = paired_bootstrap(a, b, n_resamples=10_000, seed=7)
+    elapsed = time.perf_counter() - start
+    assert paired_bootstrap(a, b, n_resamples=10_000, seed=7) == first
+    other = paired_bootstrap(a, b, n_resamples=10_000, seed=8)
+    assert other != first and other.low == pytest.approx(first.low, abs=0.005)
+    assert elapsed < 1.0, f"10,000 resamples of 872 sentences took {elapsed:.2f} s"
+    narrow = paired_bootstrap(a, b, confidence=0.5)
+    assert first.low < narrow.low < narrow.high < first.high
+
+
+def test_bootstrap_resamples_sentences_with_all_their_seeds() -> None:
+    a, b = _simulated_pair(872, 0.08, 0.04, seed=4)
+    single = paired_bootstrap(a, b)
+    # Four seeds that agree everywhere are one seed's information: identical interval, not a narrower one.
+    assert paired_bootstrap(np.tile(a, (4, 1)), np.tile(b, (4, 1))) == single
+    # Treating the concatenated 4 x 872 rows as independent would halve the width (sqrt(4)): the error avoided.
+    concatenated = paired_bootstrap(np.tile(a, 4), np.tile(b, 4))
+    assert (single.high - single.low) / (concatenated.high - concatenated.low) == pytest.approx(2.0, rel=0.1)
+    # Seeds that disagree: the difference pooled over seeds is the mean of the per-seed differences.
+    a_seeds = np.stack([a, np.roll(a, 1), np.roll(a, 2)])
+    pooled = paired_bootstrap(a_seeds, b)
+    assert pooled.difference == pytest.approx(np.mean([row.mean() - b.mean() for row in a_seeds]))
+
+
+@pytest.mark.parametrize("test", [mcnemar_exact, paired_bootstrap])
+def test_paired_inputs_are_validated(test) -> None:
+    with pytest.raises(ValueError, match="same sentences: 4 vs 3"):
+        test([True, False, True, True], [True, False, True])
+    with pytest.raises(ValueError, match="correct_b must hold per-sentence correctness.*2"):
+        test([1, 0, 1], [1, 2, 0])
+    with pytest.raises(ValueError, match="correct_a must hold per-sentence correctness.*0.5"):
+        test([0.5, 1.0, 0.0], [True, False, True])
+    with pytest.raises(ValueError, match="correct_a must hold per-sentence correctness"):
+        test(["yes", "no"], [True, False])
+    with pytest.raises(ValueError, match="correct_a must hold per-sentence correctness.*nan"):
+        test([1.0, float("nan")], [True, False])
+    with pytest.raises(ValueError, match="correct_a must be a non-empty"):
+        test([], [])
+    with pytest.raises(ValueError, match="correct_a must be a non-empty"):
+        test(np.ones((2, 2, 2), dtype=bool), np.ones((2, 2), dtype=bool))
+    # 0/1 integers and floats are accepted as correctness.
+    assert test(np.array([1, 0, 1]), np.array([1.0, 1.0, 0.0])) == test([True, False, True], [True, True, False])
+
+
+def test_bootstrap_rejects_bad_settings() -> None:
+    a, b = [True, False, True], [True, True, False]
+    with pytest.raises(ValueError, match="confidence must be between 0 and 1"):
+        paired_bootstrap(a, b, confidence=95)
+    with pytest.raises(ValueError, match="n_resamples must be a positive whole number"):
+        paired_bootstrap(a, b, n_resamples=0)
