@@ -47,6 +47,7 @@ from peft_utils.formatting import (
     format_seconds,
     format_share,
 )
+from peft_utils.methods import METHOD_NAMES, METHODS
 from peft_utils.store import Results, RunStore
 from peft_utils.stats import (
     accuracy_interval,
@@ -78,14 +79,8 @@ __all__ = [
     "main",
 ]
 
-METHOD_ORDER: tuple[str, ...] = ("full", "lora", "dora", "qlora", "qdora")
-METHOD_LABELS: dict[str, str] = {
-    "full": "Full FT",
-    "lora": "LoRA",
-    "dora": "DoRA",
-    "qlora": "QLoRA",
-    "qdora": "QDoRA",
-}
+METHOD_ORDER: tuple[str, ...] = METHOD_NAMES
+METHOD_LABELS: dict[str, str] = {name: method.label for name, method in METHODS.items()}
 # Okabe-Ito palette: distinguishable with the common colour-vision deficiencies and in greyscale print.
 METHOD_COLORS: dict[str, str] = {
     "full": "#0072B2",  # blue
