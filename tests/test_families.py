@@ -17,7 +17,8 @@ import torch
 from peft_utils.adapters import LoRALayer, is_linear4bit
 from peft_utils.inject import apply_adapters, count_parameters
 from peft_utils.models import load_model
-from peft_utils.quant import load_quantized, model_size, prepare_for_kbit_training
+from peft_utils.quant import load_quantized, prepare_for_kbit_training
+from peft_utils.sizes import model_size
 from peft_utils.targets import default_keep_trainable, preset_layers, resolve_targets
 
 peft = pytest.importorskip("peft")
