@@ -123,6 +123,7 @@ def load_quantized(
     trip). Then call ``prepare_for_kbit_training`` and ``apply_adapters``.
     """
     from .models import configure_padding, load_tokenizer, resolve_model_source
+    from .quiet import from_pretrained_noting_new_head
 
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {QUANT_TYPES}")
@@ -149,8 +150,9 @@ def load_quantized(
         llm_int8_skip_modules=skip,
     )
     tokenizer = load_tokenizer(source)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=num_labels, quantization_config=quantization, device_map=device_map, dtype=torch.float32,
+    model = from_pretrained_noting_new_head(
+        AutoModelForSequenceClassification, source, num_labels=num_labels, quantization_config=quantization,
+        device_map=device_map, dtype=torch.float32,
     )
     layers = [module for module in model.modules() if is_linear4bit(module)]
     if not layers:
