@@ -1,5 +1,6 @@
-# The two commands a user needs: `make run` (the notebook) and `make test` (the test suite).
-# Both create .venv and install the pinned requirements the first time.
+# The two commands a user needs: `make run` (the notebook) and `make test` (the test suite); `make lab` opens the
+# notebook in JupyterLab to change parameters and run cells. All create .venv and install the pinned requirements
+# the first time.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,6 +12,8 @@ export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter/config
 export JUPYTER_DATA_DIR := $(CURDIR)/.cache/jupyter/data
 export JUPYTER_RUNTIME_DIR := $(CURDIR)/.cache/jupyter/runtime
+# Created before IPython first runs (order-only prerequisite below): a missing parent makes it warn "not a writable
+# location" and fall back to a temp dir.
 export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export PEFT_LAB_DATA
 # Generated test models (the smoke profile's random GPT-2) are cached here, not in the user's home.
@@ -22,9 +25,17 @@ PROFILE ?= auto
 # A smoke run's figures are meaningless: keep them away from the committed imgs/.
 IMGS ?= $(if $(filter smoke,$(PROFILE)),results/smoke/imgs,imgs)
 
-.PHONY: run test bench clean
+# `make lab LAB_ARGS="--no-browser --port=8899"` passes options to JupyterLab. As root (a container), JupyterLab
+# refuses to start unless told that this is intended.
+LAB_ARGS ?=
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-$(VENV)/.installed: requirements.txt requirements-models.txt
+.PHONY: run lab test bench clean
+
+$(IPYTHONDIR):
+	mkdir -p $@
+
+$(VENV)/.installed: requirements.txt requirements-models.txt | $(IPYTHONDIR)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -32,8 +43,13 @@ $(VENV)/.installed: requirements.txt requirements-models.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-run: $(VENV)/.installed
-	$(PY) -m papermill peft.ipynb peft.out.ipynb -p profile $(PROFILE) -p data_dir "$(PEFT_LAB_DATA)" -p imgs_dir $(IMGS) --cwd .
+# papermill through peft_utils.run_notebook: live per-run progress here, an HTML report, the table and the paths.
+run: $(VENV)/.installed | $(IPYTHONDIR)
+	$(PY) -m peft_utils.run_notebook --profile $(PROFILE) --data-dir "$(PEFT_LAB_DATA)" --imgs-dir $(IMGS)
+
+# JupyterLab on peft.ipynb, with this project's kernel (python3 in .venv); edit the parameters cell, run the cells.
+lab: $(VENV)/.installed | $(IPYTHONDIR)
+	$(PY) -m jupyter lab peft.ipynb $(LAB_ROOT) $(LAB_ARGS)
 
 # Tests are hermetic: offline, and every cache inside the repo.
 test: export HF_HOME := $(CURDIR)/.cache/huggingface
@@ -45,4 +61,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/step_time.py --quick
 
 clean:
-	rm -rf $(VENV) .cache results peft.out.ipynb
+	rm -rf $(VENV) .cache results peft.out.ipynb peft.out.html

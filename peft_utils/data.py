@@ -130,7 +130,7 @@ def read_sst2_tsv(path: str | Path) -> pd.DataFrame:
     the 1-based line number.
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = _decoded_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last row
     if not lines:
@@ -140,6 +140,24 @@ def read_sst2_tsv(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path}: line 1: header only, no data rows")
     sentences, labels = zip(*(_parse_row(path, number, line) for number, line in enumerate(lines[1:], start=2)))
     return pd.DataFrame({"sentence": list(sentences), "label": np.array(labels, dtype=np.int64)})
+
+
+def _decoded_text(path: Path) -> str:
+    """The file as UTF-8 text, a leading byte-order mark dropped (spreadsheet programs often save one).
+
+    A byte that is not UTF-8 is a ``ValueError`` naming the file, the line and the byte, not a bare
+    ``UnicodeDecodeError`` that names neither.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(
+            f"{path}: line {line}: byte 0x{data[error.start]:02x} at column {column} is not UTF-8; "
+            "save the file as UTF-8"
+        ) from None
 
 
 def _check_header(path: Path, line: str) -> None:

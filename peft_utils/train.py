@@ -38,6 +38,7 @@ from .config import TrainConfig, compute_dtype_for
 from .data import encode, make_loader
 from .inject import count_parameters
 from .models import enable_gradient_checkpointing
+from .progress import Progress, bars_enabled
 from .store import RunRecorder
 
 Batch = dict[str, torch.Tensor]
@@ -211,7 +212,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str,
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     try:
-        for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not bars_enabled()):
             batch = _to_device(batch, device)
             with _autocast(device, dtype):
                 logits = _logits(model, batch)
@@ -263,6 +264,7 @@ def train(
     seed: int,
     recorder: RunRecorder | None = None,
     run_info: dict[str, Any] | None = None,
+    progress_label: str | None = None,
     on_finish: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` on ``train_frame`` and evaluate on ``eval_frame``; returns a :class:`RunResult`.
@@ -272,9 +274,10 @@ def train(
     Only parameters with ``requires_grad`` are optimised, so the method (full, LoRA, ...) is decided entirely by
     how the model was built. With a ``recorder``, a ``config`` event (``run_info`` plus this run's settings,
     sizes, device and parameter counts) is written first, then ``step``/``eval`` events as they happen and a
-    ``summary`` at the end — which marks the run complete. ``on_finish(model)`` runs after the last evaluation and
-    before the summary (e.g. to save what was trained, so a complete record always has its saved result); the
-    fields it returns join the summary.
+    ``summary`` at the end — which marks the run complete. ``progress_label`` names the run in the progress
+    display (e.g. ``run 2/5 lora``; default: ``run_info``'s ``run_id``). ``on_finish(model)`` runs after the last
+    evaluation and before the summary (e.g. to save what was trained, so a complete record always has its saved
+    result); the fields it returns join the summary.
     """
     device = resolve_device(config.device)
     dtype = compute_dtype_for(device)
@@ -303,7 +306,8 @@ def train(
     optimizer = make_optimizer(model, lr, config.weight_decay)
     scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     memory, clock, result = _PeakMemory(device), _Clock(device), RunResult()
-    bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)  # closed in `finally`, even on a crash
+    progress = Progress()  # closed in `finally`, even on a crash
+    progress.start(total_steps, progress_label or (run_info or {}).get("run_id", "train"))
     samples = tokens = step = 0
     eval_time = 0.0
     window: list[float] = []
@@ -321,7 +325,7 @@ def train(
         result.evals.append(record)
         if recorder is not None:
             recorder.log("eval", **record)
-        bar.write(f"step {step}: dev accuracy {accuracy:.4f}, loss {loss:.4f}")
+        progress.write(f"step {step}: dev accuracy {accuracy:.4f}, loss {loss:.4f}")
         clock.resume()
 
     model.train()
@@ -338,8 +342,7 @@ def train(
                 memory.sample()
                 result.losses.append(loss)
                 window.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                progress.update(step, loss)
                 if step % config.log_every == 0 or step == total_steps:
                     if recorder is not None:  # the mean loss since the last step event: less noise in the curves
                         recorder.log("step", step=step, epoch=step / steps_per_epoch,
@@ -350,7 +353,7 @@ def train(
             run_eval(float(epoch + 1))
         train_time = clock.pause()
     finally:
-        bar.close()
+        progress.close()
 
     final = result.evals[-1]
     result.summary = {

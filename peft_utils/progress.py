@@ -1,0 +1,130 @@
+"""Training progress a person can watch: a live bar where there is a screen, plain lines where output is a log.
+
+One run of :func:`peft_utils.train.train` reports through one :class:`Progress`. Where it draws:
+
+- ``bar``: a tqdm bar (a widget in Jupyter, text in a terminal) — when stderr is a terminal or the code runs in
+  a Jupyter kernel.
+- ``lines``: one plain line every ``LINE_INTERVAL_S`` seconds and one when the run ends — when output goes to a
+  file or a pipe, and under ``make run``, whose notebook driver sets ``PEFT_LAB_PROGRESS=lines`` so that the
+  lines it forwards from the executing notebook read well in the terminal (a bar's carriage returns do not).
+- ``off``: nothing.
+
+``PEFT_LAB_PROGRESS`` (``bar`` | ``lines`` | ``off``) overrides the choice. Progress must not slow training:
+:meth:`Progress.update` is called every optimiser step but only stores the step and the loss *object*; the loss is
+read (``float()``, which synchronises a GPU) only when something is drawn, a few times per second at most.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+MODES = ("bar", "lines", "off")
+MODE_ENV = "PEFT_LAB_PROGRESS"
+BAR_INTERVAL_S = 0.25  # a bar redraws at most 4 times a second
+LINE_INTERVAL_S = 10.0  # a log gets one line per 10 s of a run, plus one when it ends
+
+
+def progress_mode() -> str:
+    """``bar``, ``lines`` or ``off``: ``$PEFT_LAB_PROGRESS`` if set, else a bar on a screen and lines in a log."""
+    chosen = os.environ.get(MODE_ENV, "").strip().lower()
+    if chosen:
+        if chosen not in MODES:
+            raise ValueError(f"{MODE_ENV}={chosen!r}: choose one of {', '.join(MODES)}")
+        return chosen
+    return "bar" if _in_jupyter_kernel() or sys.stderr.isatty() else "lines"
+
+
+def bars_enabled() -> bool:
+    """Whether secondary bars (evaluation) should draw: only when the run itself draws a bar."""
+    return progress_mode() == "bar"
+
+
+def _in_jupyter_kernel() -> bool:
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def format_duration(seconds: float) -> str:
+    """``4.2 s`` under a minute, else ``m:ss`` or ``h:mm:ss``."""
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """Progress of one training run: ``start`` it, ``update`` it every step, ``write`` notes, ``close`` it."""
+
+    def __init__(self, mode: str | None = None, line_interval_s: float = LINE_INTERVAL_S, stream=None) -> None:
+        self.mode = mode or progress_mode()
+        if self.mode not in MODES:
+            raise ValueError(f"progress mode must be one of {MODES}, got {self.mode!r}")
+        self.interval_s = BAR_INTERVAL_S if self.mode == "bar" else line_interval_s
+        self.stream = stream
+        self.label = ""
+        self.total = 0
+        self.step = 0
+        self._loss: Any = None
+        self._started = 0.0
+        self._next_draw = float("inf")
+        self._bar: tqdm | None = None
+
+    def start(self, total_steps: int, label: str) -> None:
+        """Begin a run of ``total_steps`` optimiser steps; ``label`` names it (e.g. ``run 2/5 lora``)."""
+        self.label, self.total, self.step, self._loss = label, total_steps, 0, None
+        self._started = time.perf_counter()
+        self._next_draw = self._started + self.interval_s
+        if self.mode == "bar":
+            self._bar = tqdm(total=total_steps, desc=label, dynamic_ncols=True, file=self.stream)
+
+    def update(self, step: int, loss: Any) -> None:
+        """Record that ``step`` steps are done; ``loss`` (a float or a 0-d tensor) is read only when drawn."""
+        self.step, self._loss = step, loss
+        now = time.perf_counter()
+        if now >= self._next_draw:
+            self._next_draw = now + self.interval_s
+            self._draw(now)
+
+    def write(self, line: str) -> None:
+        """A note about the run (an evaluation result), printed above the bar or as its own line."""
+        text = f"{self.label} | {line}" if self.label else line
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        elif self.mode == "lines":
+            print(text, file=self.stream or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        """Draw the final state (the bar full, or a closing line) and release the bar."""
+        if self.mode != "off" and self._started:
+            self._draw(time.perf_counter(), final=True)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._started, self._next_draw = 0.0, float("inf")
+
+    def status(self, now: float | None = None, final: bool = False) -> str:
+        """``step 40/250 (16%) | 3.1 steps/s | loss 0.6931 | ETA 1:07`` (``done ... in`` once finished)."""
+        elapsed = (now or time.perf_counter()) - self._started
+        rate = self.step / elapsed if elapsed > 0 else 0.0
+        parts = [f"done {self.step} steps in {format_duration(elapsed)}" if final else
+                 f"step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)"]
+        parts.append(f"{rate:.2f} steps/s")
+        if self._loss is not None:
+            parts.append(f"loss {float(self._loss):.4f}")
+        if not final and rate > 0:
+            parts.append(f"ETA {format_duration((self.total - self.step) / rate)}")
+        return " | ".join(parts)
+
+    def _draw(self, now: float, final: bool = False) -> None:
+        if self._bar is not None:
+            self._bar.update(self.step - self._bar.n)
+            if self._loss is not None:
+                self._bar.set_postfix_str(f"loss {float(self._loss):.4f}", refresh=False)
+            self._bar.refresh()
+        elif self.mode == "lines":
+            print(f"{self.label} | {self.status(now, final)}", file=self.stream or sys.stdout, flush=True)

@@ -1,0 +1,105 @@
+"""Known-harmless messages from our dependencies, silenced at their source, one exact message at a time.
+
+A newcomer cannot tell noise from trouble, so every message they see must matter. Each filter here drops one
+message we have read and judged harmless, on the one logger that emits it, and lets every other record through:
+
+- bitsandbytes (on CPUs with AVX512-BF16) logs "Failed to load CPU gemm_4bit_forward from kernels-community" at
+  every import when the optional ``kernels`` package is absent. That kernel serves bitsandbytes' repacked CPU
+  inference layout, which ``quant.load_quantized`` turns off, so nothing is lost.
+- transformers logs a multi-line "LOAD REPORT" whenever a checkpoint lacks some weights. Loading a pretrained body
+  under a new classification head always lacks exactly the head: :func:`from_pretrained_noting_new_head` replaces
+  that report with one line, and re-emits the full report whenever anything else is missing or unexpected.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+TRANSFORMERS_LOAD_LOGGER = "transformers.modeling_utils"
+LOAD_REPORT_MARK = "LOAD REPORT"
+
+
+class DropMessage(logging.Filter):
+    """Drops the records whose message contains ``text``; every other record passes."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def silence_known_noise() -> None:
+    """Install the permanent filters (idempotent). Cheap: it imports nothing but ``logging``."""
+    logger = logging.getLogger(BNB_CPU_OPS_LOGGER)
+    if not any(isinstance(f, DropMessage) and f.text == BNB_KERNELS_NOTICE for f in logger.filters):
+        logger.addFilter(DropMessage(BNB_KERNELS_NOTICE))
+
+
+class _HoldLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT records (to re-emit them if they turn out to matter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if LOAD_REPORT_MARK in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+@contextmanager
+def _load_report_held() -> Iterator[_HoldLoadReport]:
+    logger = logging.getLogger(TRANSFORMERS_LOAD_LOGGER)
+    hold = _HoldLoadReport()
+    logger.addFilter(hold)
+    try:
+        yield hold
+    except BaseException:
+        logger.removeFilter(hold)
+        _release(logger, hold)  # the report explains the failure: show it
+        raise
+    logger.removeFilter(hold)
+
+
+def _release(logger: logging.Logger, hold: _HoldLoadReport) -> None:
+    for record in hold.held:
+        logger.handle(record)
+
+
+def new_head_keys(model, loading_info: dict[str, Any]) -> list[str]:
+    """The missing keys that belong to the task head (outside the base model), when nothing else is amiss.
+
+    Returns ``[]`` when the load was not exactly "pretrained body + new head": another missing key, an unexpected
+    or mismatched key, or no missing key at all.
+    """
+    body = f"{model.base_model_prefix}."
+    missing = sorted(loading_info.get("missing_keys", ()))
+    if any(loading_info.get(kind) for kind in ("unexpected_keys", "mismatched_keys", "error_msgs")):
+        return []
+    if not missing or any(key.startswith(body) for key in missing):
+        return []
+    return missing
+
+
+def from_pretrained_noting_new_head(model_class, source: str, **kwargs: Any):
+    """``model_class.from_pretrained(source, **kwargs)``, with transformers' LOAD REPORT for a freshly initialised
+    classification head replaced by one line: ``new classification head: 2 labels, randomly initialised``.
+
+    Any other report (missing body weights, unexpected or mismatched keys) is shown in full, as transformers
+    wrote it.
+    """
+    with _load_report_held() as hold:
+        model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    if hold.held and new_head_keys(model, info):
+        print(f"new classification head: {model.config.num_labels} labels, randomly initialised", flush=True)
+    else:
+        _release(logging.getLogger(TRANSFORMERS_LOAD_LOGGER), hold)
+    return model
