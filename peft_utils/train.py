@@ -186,7 +186,13 @@ def _no_decay(parameter: nn.Parameter) -> bool:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) over the trainable parameters, with no decay on vectors."""
+    """AdamW (decoupled weight decay) over the trainable parameters, with no decay on vectors.
+
+    The fused kernel (one pass over all parameters, CPU and CUDA) where torch has one for every parameter's
+    device and dtype, else the multi-tensor ``foreach`` version; never torch's CPU default, a Python loop
+    over parameters that took 160 ms of a full fine-tuning step on MiniLM where fused takes 25 ms. All three
+    compute the same update; they differ by floating-point rounding only (see tests/test_train.py).
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: nothing to train")
@@ -194,7 +200,18 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         {"params": [p for p in trainable if not _no_decay(p)], "weight_decay": weight_decay},
         {"params": [p for p in trainable if _no_decay(p)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    implementation = "fused" if all(_has_fused_adamw(p) for p in trainable) else "foreach"
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **{implementation: True})
+
+
+def _has_fused_adamw(parameter: nn.Parameter) -> bool:
+    """Whether torch has a fused AdamW kernel for this parameter: a plain floating-point tensor on a device with
+    fused optimiser kernels. This is the test ``AdamW(fused=True)`` applies, but only at its first ``step``
+    (too late to fall back), and torch offers no public query, hence its device list from ``torch.optim``."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return (type(parameter) in (torch.Tensor, nn.Parameter) and torch.is_floating_point(parameter)
+            and parameter.device.type in _get_fused_kernels_supported_devices())
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
