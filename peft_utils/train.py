@@ -444,22 +444,23 @@ def _optimizer_step(model: nn.Module, group: Sequence[Batch], optimizer: torch.o
     that of the mean loss over all rows, even when the last micro-batch is smaller. Returns that mean loss.
     """
     rows = sum(len(b["labels"]) for b in group)
-    step_loss = 0.0
-    for batch in group:
+    weights = [len(b["labels"]) / rows for b in group]
+    losses = []
+    for batch, weight in zip(group, weights):
         batch = _to_device(batch, device)
         with _autocast(device, dtype):
             logits = _logits(model, batch)
         loss = F.cross_entropy(logits.float(), batch["labels"])  # float32 loss, whatever the autocast dtype
-        weight = len(batch["labels"]) / rows
         (loss * weight).backward()
-        step_loss += loss.item() * weight
+        losses.append(loss.detach())
     if max_grad_norm is not None:
         trainable = [p for group_ in optimizer.param_groups for p in group_["params"]]
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    # The step's only host read, once all its work is queued (on a GPU a read waits for the device to catch up).
+    return sum(value * weight for value, weight in zip(torch.stack(losses).tolist(), weights))
 
 
 __all__ = ["TrainConfig", "RunResult", "set_seed", "resolve_device", "compute_dtype", "make_optimizer",
