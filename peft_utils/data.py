@@ -241,13 +241,12 @@ def collate(batch: Sequence[EncodedRow], pad_token_id: int) -> dict[str, torch.T
         raise ValueError("cannot collate an empty batch")
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: run models.configure_padding(tokenizer) first")
-    width = max(len(row["input_ids"]) for row in batch)
-    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, row in enumerate(batch):
-        length = len(row["input_ids"])
-        input_ids[i, :length] = torch.tensor(row["input_ids"], dtype=torch.long)
-        attention_mask[i, :length] = 1
+    lengths = [len(row["input_ids"]) for row in batch]
+    width = max(lengths)
+    # One tensor from padded lists, the mask from the lengths: a batch costs a few tensor calls, not a few per row.
+    padded = [row["input_ids"] + [pad_token_id] * (width - length) for row, length in zip(batch, lengths)]
+    input_ids = torch.tensor(padded, dtype=torch.long)
+    attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
     labels = torch.tensor([row["label"] for row in batch], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

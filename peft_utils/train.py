@@ -141,7 +141,13 @@ def _no_decay(parameter: nn.Parameter) -> bool:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) over the trainable parameters, with no decay on vectors."""
+    """AdamW (decoupled weight decay) over the trainable parameters, with no decay on vectors.
+
+    The fused kernel (one pass over all parameters, CPU and CUDA) where torch has one for every parameter's
+    device and dtype, else the multi-tensor ``foreach`` version; never torch's CPU default, a Python loop
+    over parameters that took 160 ms of a full fine-tuning step on MiniLM where fused takes 25 ms. All three
+    compute the same update; they differ by floating-point rounding only (see tests/test_train.py).
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: nothing to train")
@@ -149,7 +155,18 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         {"params": [p for p in trainable if not _no_decay(p)], "weight_decay": weight_decay},
         {"params": [p for p in trainable if _no_decay(p)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    implementation = "fused" if all(_has_fused_adamw(p) for p in trainable) else "foreach"
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **{implementation: True})
+
+
+def _has_fused_adamw(parameter: nn.Parameter) -> bool:
+    """Whether torch has a fused AdamW kernel for this parameter: a plain floating-point tensor on a device with
+    fused optimiser kernels. This is the test ``AdamW(fused=True)`` applies, but only at its first ``step``
+    (too late to fall back), and torch offers no public query, hence its device list from ``torch.optim``."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return (type(parameter) in (torch.Tensor, nn.Parameter) and torch.is_floating_point(parameter)
+            and parameter.device.type in _get_fused_kernels_supported_devices())
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -383,22 +400,23 @@ def _optimizer_step(model: nn.Module, group: Sequence[Batch], optimizer: torch.o
     that of the mean loss over all rows, even when the last micro-batch is smaller. Returns that mean loss.
     """
     rows = sum(len(b["labels"]) for b in group)
-    step_loss = 0.0
-    for batch in group:
+    weights = [len(b["labels"]) / rows for b in group]
+    losses = []
+    for batch, weight in zip(group, weights):
         batch = _to_device(batch, device)
         with _autocast(device, dtype):
             logits = _logits(model, batch)
         loss = F.cross_entropy(logits.float(), batch["labels"])  # float32 loss, whatever the autocast dtype
-        weight = len(batch["labels"]) / rows
         (loss * weight).backward()
-        step_loss += loss.item() * weight
+        losses.append(loss.detach())
     if max_grad_norm is not None:
         trainable = [p for group_ in optimizer.param_groups for p in group_["params"]]
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    # The step's only host read, once all its work is queued (on a GPU a read waits for the device to catch up).
+    return sum(value * weight for value, weight in zip(torch.stack(losses).tolist(), weights))
 
 
 __all__ = ["RunResult", "set_seed", "resolve_device", "make_optimizer",
