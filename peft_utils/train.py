@@ -217,9 +217,27 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
+@dataclass(frozen=True)
+class Evaluation:
+    """One pass over the evaluation rows. ``predictions`` (predicted label) and ``probabilities`` (of label 1) are
+    per row in the order of the evaluated frame, so paired tests between methods can be recomputed from records."""
+
+    accuracy: float
+    loss: float
+    n: int
+    predictions: list[int]
+    probabilities: list[float]
+
+
+def _row_order(loader: DataLoader) -> list[int]:
+    """Frame positions in the order ``loader`` yields rows (length bucketing reorders them even without shuffling)."""
+    return [index for batch in loader.batch_sampler for index in batch]
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str,
-             dtype: torch.dtype | None = None) -> tuple[float, float, int]:
-    """Accuracy, mean cross-entropy and row count over ``loader``, in eval mode (no dropout).
+             dtype: torch.dtype | None = None) -> Evaluation:
+    """Accuracy, mean cross-entropy and per-row predictions over ``loader`` (not shuffled), in eval mode.
 
     The caller's train/eval mode is restored afterwards, so this can be called in the middle of training.
     """
@@ -227,7 +245,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str,
     dtype = dtype or compute_dtype_for(device)
     was_training = model.training
     model.eval()
-    correct, loss_sum, n = 0, 0.0, 0
+    loss_sum, labels, probabilities = 0.0, [], []
     try:
         for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not bars_enabled()):
             batch = _to_device(batch, device)
@@ -235,13 +253,21 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str,
                 logits = _logits(model, batch)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            correct += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
-            n += len(batch["labels"])
+            probabilities.append(logits.softmax(dim=-1))
+            labels.append(batch["labels"])
     finally:
         model.train(was_training)
-    if n == 0:
+    if not labels:
         raise ValueError("evaluation loader is empty")
-    return correct / n, loss_sum / n, n
+    probabilities_, labels_ = torch.cat(probabilities).cpu(), torch.cat(labels).cpu()
+    predicted = probabilities_.argmax(dim=-1)
+    n = len(labels_)
+    order = torch.empty(n, dtype=torch.long)
+    order[torch.tensor(_row_order(loader))] = torch.arange(n)  # loader position of each frame row
+    return Evaluation(
+        accuracy=int((predicted == labels_).sum()) / n, loss=loss_sum / n, n=n,
+        predictions=predicted[order].tolist(), probabilities=probabilities_[order, -1].tolist(),
+    )
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -329,20 +355,25 @@ def train(
     eval_time = 0.0
     window: list[float] = []
 
+    last_predictions: dict[str, list] = {}  # of the latest evaluation: the final one ends up in the summary
+
     def run_eval(epoch: float) -> None:
         nonlocal eval_time
         clock.pause()
         start = time.perf_counter()
         # A private RNG state: evaluating (how often, or at all) must not shift the training's dropout masks.
         with torch.random.fork_rng(devices=[]):
-            accuracy, loss, n = evaluate(model, eval_loader, device, dtype)
+            evaluation = evaluate(model, eval_loader, device, dtype)
         seconds = time.perf_counter() - start
         eval_time += seconds
-        record = {"step": step, "epoch": epoch, "accuracy": accuracy, "loss": loss, "n": n, "eval_time_s": seconds}
+        record = {"step": step, "epoch": epoch, "accuracy": evaluation.accuracy, "loss": evaluation.loss,
+                  "n": evaluation.n, "eval_time_s": seconds}
         result.evals.append(record)
+        last_predictions["dev_predictions"] = evaluation.predictions
+        last_predictions["dev_probabilities"] = evaluation.probabilities
         if recorder is not None:
             recorder.log("eval", **record)
-        progress.write(f"step {step}: dev accuracy {accuracy:.4f}, loss {loss:.4f}")
+        progress.write(f"step {step}: dev accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}")
         clock.resume()
 
     model.train()
@@ -384,6 +415,7 @@ def train(
         "final_eval_loss": final["loss"],
         "n_eval": final["n"],
         "steps": step,
+        **last_predictions,  # per dev row, in the eval frame's order: paired tests from the records alone
     }
     if on_finish is not None:
         result.summary.update(on_finish(model))
@@ -419,5 +451,5 @@ def _optimizer_step(model: nn.Module, group: Sequence[Batch], optimizer: torch.o
     return sum(value * weight for value, weight in zip(torch.stack(losses).tolist(), weights))
 
 
-__all__ = ["RunResult", "set_seed", "resolve_device", "make_optimizer",
+__all__ = ["RunResult", "Evaluation", "set_seed", "resolve_device", "make_optimizer",
            "linear_schedule", "evaluate", "train"]

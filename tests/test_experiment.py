@@ -66,6 +66,11 @@ def test_records_hold_every_field_the_plots_read(smoke_results):
     assert qdora["size.quantized_bytes"] > 0 and full["size.quantized_bytes"] == 0
     assert sweep["size.disk_bytes"] < 10_000  # the adapter only, as written by save_adapters
     assert set(loaded.steps["run_id"]) == set(loaded.evals["run_id"]) == set(table["run_id"])
+    # per-sentence results for paired tests, and what each run trained, saved beside its record
+    assert len(full["dev_predictions"]) == len(full["dev_probabilities"]) == 16
+    assert set(full["dev_predictions"]) <= {0, 1}
+    assert (results / full["saved_to"] / "model.safetensors").is_file()
+    assert (results / qdora["saved_to"] / "adapter_config.json").is_file()
 
 
 def test_the_record_holds_every_identity_setting(smoke_results):

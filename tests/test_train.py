@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from peft_utils.data import collate, encode
+from peft_utils.data import collate, encode, make_loader
 from peft_utils.config import AdapterSettings, TrainConfig
 from peft_utils.experiment import build_model
 from peft_utils.models import load_tokenizer, random_gpt2, save_random_gpt2
@@ -115,13 +115,24 @@ def test_records_every_event_field(tiny_gpt2_dir, tmp_path):
 def test_evaluate_uses_eval_mode_and_restores_it(gpt2_tokenizer_dir):
     model = random_gpt2("tiny", seed=0, resid_pdrop=0.5)
     tokenizer = load_tokenizer(gpt2_tokenizer_dir)
-    rows = encode(_rule_frame(1), tokenizer, 16)
-    loader = [collate(rows[:6], tokenizer.pad_token_id), collate(rows[6:], tokenizer.pad_token_id)]
+    frame = _rule_frame(1)  # longest first, so length bucketing reverses the order:
+    frame["sentence"] = ["the film was " + "very " * (11 - i) + s.split()[-1] for i, s in enumerate(frame["sentence"])]
+    rows = encode(frame, tokenizer, 16)
+    loader = make_loader(rows, 5, tokenizer.pad_token_id, shuffle=False, seed=0, bucket_by_length=True)
     model.train()
     first = evaluate(model, loader, "cpu")
     assert model.training  # the caller's mode is restored
     assert evaluate(model, loader, "cpu") == first  # no dropout in evaluation: the same numbers again
-    assert first[2] == 12 and 0.0 <= first[0] <= 1.0
+    assert first.n == 12 and 0.0 <= first.accuracy <= 1.0
+
+    # Per-row results come back in the frame's order, although length bucketing reordered the rows.
+    assert [i for batch in loader.batch_sampler for i in batch] != list(range(12))
+    model.eval()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([row["input_ids"]])).logits.softmax(-1)[0] for row in rows]
+    assert first.probabilities == pytest.approx([float(p[1]) for p in alone], abs=1e-5)
+    assert first.predictions == [int(p.argmax()) for p in alone]
+    assert first.accuracy == sum(p == y for p, y in zip(first.predictions, frame["label"])) / 12
 
 
 def test_gpt2_classifier_reads_the_last_real_token(gpt2_tokenizer_dir):
@@ -195,8 +206,8 @@ FUSED_LOSS_TOLERANCE = 1e-6
 @pytest.mark.parametrize("method,lr", [("full", 1e-3), ("dora", 1e-2)])
 def test_fused_optimizer_matches_the_reference_loop_to_rounding(tiny_gpt2_dir, monkeypatch, method, lr):
     """The same run with torch's for-loop AdamW (same groups, rate and decay) gives the same losses to rounding."""
-    config = _config(epochs=5, lr=lr)
-    fast = _run(tiny_gpt2_dir, method, seed=0, config=config).losses
+    config = _config(epochs=5)
+    fast = _run(tiny_gpt2_dir, method, seed=0, config=config, lr=lr).losses
 
     def loop_adamw(model, lr, weight_decay):
         groups = make_optimizer(model, lr, weight_decay).param_groups
@@ -204,7 +215,7 @@ def test_fused_optimizer_matches_the_reference_loop_to_rounding(tiny_gpt2_dir, m
                                  lr=lr, foreach=False, fused=False)
 
     monkeypatch.setattr("peft_utils.train.make_optimizer", loop_adamw)
-    reference = _run(tiny_gpt2_dir, method, seed=0, config=config).losses
+    reference = _run(tiny_gpt2_dir, method, seed=0, config=config, lr=lr).losses
     assert len(fast) == len(reference) == 30
     assert fast == pytest.approx(reference, abs=FUSED_LOSS_TOLERANCE, rel=0)
     assert fast[-1] < 0.6 * fast[0]  # a real training run, not a flat loss
