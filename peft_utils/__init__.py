@@ -14,6 +14,8 @@ _EXPORTS = {
     "inject": ("TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters", "count_parameters",
                "merge_adapters", "unmerge_adapters"),
     "checkpoints": ("export_merged", "load_adapters", "save_adapters", "save_trained"),
+    "targets": ("default_targets", "resolve_targets"),
+    "inference": ("predict", "predict_runs"),
     "models": ("load_model", "load_tokenizer", "random_gpt2", "resolve_model_source"),
     "quant": ("load_quantized", "prepare_for_kbit_training"),
     "sizes": ("model_size", "nf4_bits_per_weight", "format_size_report"),
