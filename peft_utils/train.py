@@ -216,7 +216,6 @@ def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class Evaluation:
     """One pass over the evaluation rows. ``predictions`` (predicted label) and ``probabilities`` (of label 1) are
