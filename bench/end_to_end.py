@@ -53,7 +53,7 @@ def ours(method: str, train_size: int | None, eval_size: int | None) -> dict[str
     """Our command line, exactly as a user runs it; the numbers come from the run record it writes."""
     with tempfile.TemporaryDirectory() as results:
         command = [sys.executable, "-m", "peft_utils.experiment", "--profile", PROFILE, "--methods", method,
-                   "--results", results]
+                   "--no-sweep", "--results-dir", results]
         command += ["--train-size", str(train_size)] if train_size else []
         command += ["--eval-size", str(eval_size)] if eval_size else []
         start = time.perf_counter()
@@ -111,12 +111,14 @@ def run_reference(method: str, train_size: int | None, eval_size: int | None) ->
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from peft_utils.data import load_sst2
-    from peft_utils.experiment import _frames, _method_lr, profile_settings
+    from peft_utils.config import config_record, make_config
+    from peft_utils.experiment import _train_and_eval_rows
 
-    settings = profile_settings(PROFILE, train_size=train_size, eval_size=eval_size)
+    config = make_config(PROFILE, train_size=train_size, eval_size=eval_size)
+    settings = config_record(config)  # the flat parameter names: model, rank, batch_size, ...
     set_seed(0)  # adapter and head initialisation, as our CLI's seed 0
     model, tokenizer = _reference_model(method, settings)
-    train_frame, eval_frame = _frames(settings, load_sst2(), seed=0)
+    train_frame, eval_frame = _train_and_eval_rows(config, load_sst2(), seed=0)
 
     def dataset(frame) -> list[dict[str, Any]]:
         encoded = tokenizer(frame["sentence"].tolist(), truncation=True, max_length=settings["max_length"])
@@ -137,7 +139,7 @@ def run_reference(method: str, train_size: int | None, eval_size: int | None) ->
         args = TrainingArguments(
             output_dir=output, use_cpu=True, seed=0, num_train_epochs=settings["epochs"],
             per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=2 * settings["batch_size"],
-            learning_rate=_method_lr(settings["lr"], method), weight_decay=settings["weight_decay"],
+            learning_rate=config.method_lr(method), weight_decay=settings["weight_decay"],
             warmup_steps=settings["warmup_ratio"], max_grad_norm=settings["max_grad_norm"],
             train_sampling_strategy="group_by_length" if settings["bucket_by_length"] else "random",
             eval_strategy="steps", eval_steps=settings["eval_every"], logging_steps=settings["log_every"],
