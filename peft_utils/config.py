@@ -337,7 +337,7 @@ PARAMETERS: tuple[Parameter, ...] = (
               _targets, {"nargs": "+", "type": str, "post": _targets_tokens}),
     Parameter("epochs", "train", "epochs", "passes over the train rows", check_positive_int, {"type": int}),
     Parameter("batch_size", "train", "batch_size", "rows per micro-batch", check_positive_int, {"type": int}),
-    Parameter("lr", "", "lr", "one learning rate, or per method: {'full': 2e-5, 'lora': 2e-4} (CLI: lora=2e-4)",
+    Parameter("lr", "", "lr", "one learning rate, or per method: {'full': 2e-5, 'lora': 2e-4}",
               check_lr, {"nargs": "+", "type": str, "post": _lr_tokens}),
     Parameter("max_length", "train", "max_length", "tokens per sentence (longer ones are truncated)",
               check_positive_int, {"type": int}),

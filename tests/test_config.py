@@ -92,6 +92,8 @@ def test_the_notebook_parameters_cell_is_generated_from_the_config():
     notebook = json.loads((REPO_ROOT / "peft.ipynb").read_text())
     cell = next(c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     assert "".join(cell["source"]) == notebook_parameters_cell()
+    # papermill reads each parameter from one `name = value  # help` line: a second "=" makes it skip the line
+    assert all(line.count("=") == 1 for line in notebook_parameters_cell().splitlines() if not line.startswith("#"))
 
 
 def test_every_parameter_is_a_command_line_flag_and_a_record_field():
