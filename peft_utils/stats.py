@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from scipy import stats as scipy_stats
 
 __all__ = [
     "optional_column",
@@ -111,6 +110,8 @@ def mean_interval(values: Sequence[float] | np.ndarray | pd.Series, confidence: 
         raise ValueError(f"a t interval needs at least two finite values in one dimension, got {array.tolist()}")
     mean = float(array.mean())
     sd = float(array.std(ddof=1))
+    from scipy import stats as scipy_stats  # on first use: importing scipy.stats costs ~64 MB of RSS in every process
+
     half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=len(array) - 1)) * sd / math.sqrt(len(array))
     return MeanInterval(mean, sd, mean - half, mean + half)
 
@@ -247,6 +248,8 @@ def mcnemar_exact(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarray 
     discordant = a_better + b_better
     if discordant == 0:
         return McNemarResult(1.0, a_better, b_better)
+    from scipy import stats as scipy_stats
+
     tail = float(scipy_stats.binom.cdf(min(a_better, b_better), discordant, 0.5))
     return McNemarResult(min(1.0, 2.0 * tail), a_better, b_better)
 
