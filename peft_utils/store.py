@@ -20,6 +20,7 @@ and a folder that holds such a mix anyway (copied together by hand) is refused w
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -156,7 +157,10 @@ class RunStore:
         """A recorder for ``run_id``; an incomplete earlier file is replaced (it would mix two runs' steps)."""
         return RunRecorder(self.folder, run_id)
 
+    @functools.cached_property
     def _complete_configs(self) -> list[dict[str, Any]]:
+        """The config events of the runs finished when this store was first asked: read once per plan, not once per
+        planned run (a plan checks every run against every finished one)."""
         if not self.folder.is_dir():
             return []
         configs = []
@@ -174,7 +178,7 @@ class RunStore:
         """
         planned = jsonable(planned)
         key = series_key(planned)
-        for config in self._complete_configs():
+        for config in self._complete_configs:
             if series_key(config) != key:
                 continue
             differ = [k for k in planned if k != REPEAT_KEY and config.get(k) != planned[k]]
