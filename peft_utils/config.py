@@ -1,7 +1,8 @@
 """One typed configuration from the notebook's parameters cell to the run record.
 
-An experiment is an :class:`ExperimentConfig`: the model, the methods and seeds, per-method learning rates, and four
-parts — :class:`DataConfig`, :class:`AdapterSettings`, :class:`TrainConfig`, :class:`SweepConfig`. The profiles
+An experiment is an :class:`ExperimentConfig`: the model, the methods and seeds, per-method learning rates, and five
+parts — :class:`DataConfig`, :class:`AdapterSettings`, :class:`TrainConfig`, :class:`SweepConfig`,
+:class:`TuneConfig`. The profiles
 (``full``, ``cpu``, ``smoke``) are instances of it. Users change it through flat *parameters* (``rank=16``,
 ``lr={"lora": 5e-4}``, ``train_size="all"``): :data:`PARAMETERS` lists each one once, with its help text, its
 command-line spelling and the check that validates it, and from that one table come
@@ -26,6 +27,7 @@ from typing import Any
 from .methods import METHOD_NAMES, get_method
 
 ALL_ROWS = "all"  # spelling of "every row of the split" (None already means "keep the profile's value")
+TUNE = "tune"  # lr="tune": each method's rate is chosen from its lr_grid on held-out train rows
 PROFILE_NAMES = ("full", "cpu", "smoke")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -158,8 +160,11 @@ def _device(name: str, value: Any) -> str:
     return text
 
 
-def check_lr(name: str, value: Any) -> float | dict[str, float]:
-    """One learning rate for every method, or ``{method: rate}``; keys must be known methods (typos are errors)."""
+def check_lr(name: str, value: Any) -> float | dict[str, float] | str:
+    """One learning rate for every method, ``{method: rate}`` (keys must be known methods: typos are errors), or
+    ``"tune"``."""
+    if value == TUNE:
+        return TUNE
     if isinstance(value, Mapping):
         if not value:
             raise ValueError(f"{name} is an empty dict: give a rate for at least one method")
@@ -169,6 +174,29 @@ def check_lr(name: str, value: Any) -> float | dict[str, float]:
             raise ValueError(f"{name} names unknown method(s) {names}; choose from {METHOD_NAMES}")
         return {m: check_positive_number(f"{name}[{m!r}]", r) for m, r in value.items()}
     return check_positive_number(name, value)
+
+
+def _lr_grid(name: str, value: Any) -> dict[str, tuple[float, ...]]:
+    """``{method: [rate, ...]}``: at least two distinct rates per method, else there is nothing to choose from."""
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{name} must be a dict of method -> list of rates, e.g. {{'lora': [1e-3, 3e-3]}}, "
+                         f"got {value!r}")
+    unknown = [m for m in value if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"{name} names unknown method(s) {', '.join(map(repr, unknown))}; choose from {METHOD_NAMES}")
+    grid = {}
+    for method, rates in value.items():
+        rates = _unique(f"{name}[{method!r}]", [check_positive_number(f"{name}[{method!r}]", r)
+                                                for r in _as_list(name, rates)])
+        if len(rates) < 2:
+            raise ValueError(f"{name}[{method!r}] has {len(rates)} rate: give at least two to choose from")
+        grid[method] = tuple(sorted(rates))
+    return grid
+
+
+def _optional_rows(name: str, value: Any) -> int | None:
+    """A row count, or ``None`` (the comparison's train rows)."""
+    return None if value is None else check_positive_int(name, value)
 
 
 # ------------------------------------------------------------------------------------------------ the parts
@@ -189,12 +217,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AdapterSettings:
-    """The adapter every LoRA-family method injects: ``y = W0 x + (alpha / rank) · B A dropout(x)``."""
+    """The adapter every LoRA-family method injects: ``y = W0 x + (alpha / rank) · B A dropout(x)``
+    (``rslora``: ``alpha / sqrt(rank)``, set by the sweep's ``rslora`` option)."""
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: str | tuple[str, ...] | None = None
+    rslora: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,11 +260,34 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """The LoRA rank x alpha grid, in alpha/rank ratios: at a fixed ratio the update keeps its scale."""
+    """The LoRA rank x alpha grid, in alpha/rank ratios: at a fixed ratio the update keeps its scale.
+
+    ``train_size``: train rows of each grid run (``None``: the comparison's), so that a grid of 28 runs fits a
+    CPU budget. ``rslora``: scale the update by ``alpha / sqrt(rank)`` (rsLoRA) instead of ``alpha / rank``.
+    """
 
     enabled: bool = False
     ranks: tuple[int, ...] = (2, 8, 32)
     alpha_ratios: tuple[float, ...] = (1.0,)
+    train_size: int | None = None
+    rslora: bool = False
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Learning-rate tuning, on when ``lr="tune"``.
+
+    Why: one fixed rate for every method favours whichever method it happens to suit. Each method trains once per
+    rate of its ``grid`` (first seed, ``train_size`` rows, the comparison's schedule) and is scored on
+    ``holdout_size`` *other* rows of the train split; its best rate is then used for every seed. The dev split,
+    which the comparison reports, takes no part in the choice. ``train_size`` ``None``: the comparison's train
+    size, less the held-out rows when that is the whole split.
+    """
+
+    enabled: bool = False
+    grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    train_size: int | None = None
+    holdout_size: int = 2000
 
 
 @dataclass(frozen=True)
@@ -250,6 +303,7 @@ class ExperimentConfig:
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     results_dir: str = "results"
     imgs_dir: str | None = None
     sentences: tuple[str, ...] = (
@@ -315,6 +369,21 @@ def _rows_token(token: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of rows or 'all', got {token!r}") from None
 
 
+def _lr_tokens_or_tune(tokens: Sequence[str]) -> float | dict[str, float] | str:
+    return TUNE if list(tokens) == [TUNE] else _lr_tokens(tokens)
+
+
+def _lr_grid_tokens(tokens: Sequence[str]) -> dict[str, list[float]]:
+    """``--lr-grid lora=1e-3,3e-3 full=3e-5,1e-4``."""
+    grid = {}
+    for token in tokens:
+        method, sep, rates = token.partition("=")
+        if not sep:
+            raise ValueError(f"--lr-grid takes method=rate,rate,... pairs, got {token!r}")
+        grid[method] = [_float_token(r) for r in rates.split(",") if r]
+    return grid
+
+
 def _targets_tokens(tokens: Sequence[str]) -> str | tuple[str, ...]:
     """One token: a preset or regex, as in the notebook; several: module-name suffixes."""
     return tokens[0] if len(tokens) == 1 else tuple(tokens)
@@ -337,8 +406,14 @@ PARAMETERS: tuple[Parameter, ...] = (
               _targets, {"nargs": "+", "type": str, "post": _targets_tokens}),
     Parameter("epochs", "train", "epochs", "passes over the train rows", check_positive_int, {"type": int}),
     Parameter("batch_size", "train", "batch_size", "rows per micro-batch", check_positive_int, {"type": int}),
-    Parameter("lr", "", "lr", "one learning rate, or per method: {'full': 2e-5, 'lora': 2e-4}",
-              check_lr, {"nargs": "+", "type": str, "post": _lr_tokens}),
+    Parameter("lr", "", "lr", "one rate, per method {'full': 2e-5, 'lora': 2e-4}, or 'tune' (best of lr_grid)",
+              check_lr, {"nargs": "+", "type": str, "post": _lr_tokens_or_tune}),
+    Parameter("lr_grid", "tune", "grid", "rates lr 'tune' tries per method, e.g. {'lora': [1e-3, 3e-3]}",
+              _lr_grid, {"nargs": "+", "type": str, "post": _lr_grid_tokens}),
+    Parameter("tune_train_size", "tune", "train_size", "train rows per tuning run (None: the comparison's)",
+              _optional_rows, {"type": int}),
+    Parameter("tune_holdout_size", "tune", "holdout_size", "held-out train rows that score each tuning run",
+              check_positive_int, {"type": int}, notebook=False),
     Parameter("max_length", "train", "max_length", "tokens per sentence (longer ones are truncated)",
               check_positive_int, {"type": int}),
     Parameter("train_size", "data", "train_size", "SST-2 train rows (a balanced subset), or 'all' (67,349)",
@@ -351,6 +426,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               {"nargs": "+", "type": int}),
     Parameter("sweep_alpha_ratios", "sweep", "alpha_ratios", "the grid's alpha / r values, e.g. [1, 2]", _ratios,
               {"nargs": "+", "type": float}),
+    Parameter("sweep_train_size", "sweep", "train_size", "train rows per grid run (None: the comparison's)",
+              _optional_rows, {"type": int}),
+    Parameter("sweep_rslora", "sweep", "rslora", "grid with rsLoRA scaling alpha / sqrt(r)", _flag, _BOOL),
     Parameter("data_dir", "data", "data_dir",
               "folder holding sst2/ and gpt2-tokenizer/ (or sst2/ itself); None: $PEFT_LAB_DATA, else the hub",
               _optional_path),
@@ -393,6 +471,14 @@ _GPU_LR = {"full": 2e-5, "lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "qdora": 2e-
 # MiniLM is small and the CPU runs are short (250 steps): both rates are raised. Measured on this profile:
 # full 1e-4 -> 83.4% dev accuracy; LoRA 5e-4 / 1e-3 / 2e-3 -> 78.3% / 80.6% / 83.0%.
 _CPU_LR = {"full": 1e-4, "lora": 2e-3, "dora": 2e-3, "qlora": 2e-3, "qdora": 2e-3}
+# lr="tune" grids: three rates half a decade apart around each fixed rate above (full fine-tuning moves pretrained
+# weights, adapters start from a zero update: their grids sit ~30x apart).
+_ADAPTER_METHODS = tuple(m for m in METHOD_NAMES if get_method(m).adapter)
+_GPU_GRID = {"full": (1e-5, 3e-5, 1e-4), **dict.fromkeys(_ADAPTER_METHODS, (1e-4, 3e-4, 1e-3))}
+_CPU_GRID = {"full": (3e-5, 1e-4, 3e-4), **dict.fromkeys(_ADAPTER_METHODS, (1e-3, 3e-3, 1e-2))}
+# The rank x alpha map: ranks 1-64 x alpha/r 0.5-4 (28 LoRA runs).
+_RANKS = (1, 2, 4, 8, 16, 32, 64)
+_ALPHA_RATIOS = (0.5, 1.0, 2.0, 4.0)
 
 PROFILES: dict[str, ExperimentConfig] = {
     # GPT-2 Large on all of SST-2, on a GPU: the real comparison.
@@ -401,8 +487,9 @@ PROFILES: dict[str, ExperimentConfig] = {
         adapter=AdapterSettings(rank=8, alpha=16.0, dropout=0.05),
         train=TrainConfig(batch_size=16, max_length=128, eval_every=1000, device="cuda", log_every=10,
                           bucket_by_length=True),
-        # Ratios 1 and 4 (not 2): no sweep point repeats the comparison's LoRA run (r=8, alpha=16).
-        sweep=SweepConfig(enabled=True, ranks=(2, 8, 32), alpha_ratios=(1.0, 4.0)),
+        # On a quarter of the train split: 28 runs of GPT-2 Large on all of it would cost 7 comparisons.
+        sweep=SweepConfig(enabled=True, ranks=_RANKS, alpha_ratios=_ALPHA_RATIOS, train_size=16000),
+        tune=TuneConfig(grid=_GPU_GRID, train_size=16000),
         results_dir="results/full",
     ),
     # The pretrained all-MiniLM-L6-v2 on a balanced 4,000-row subset, scored on the whole dev set. Measured on 2
@@ -413,8 +500,9 @@ PROFILES: dict[str, ExperimentConfig] = {
         adapter=AdapterSettings(rank=8, alpha=16.0, dropout=0.05),
         train=TrainConfig(batch_size=16, max_length=64, eval_every=125, device="cpu", log_every=5,
                           bucket_by_length=True),
-        # alpha = r: no point repeats the comparison's LoRA run (r=8, alpha=16).
-        sweep=SweepConfig(enabled=True, ranks=(2, 8, 32), alpha_ratios=(1.0,)),
+        # 28 runs of 2,000 rows (125 steps each).
+        sweep=SweepConfig(enabled=True, ranks=_RANKS, alpha_ratios=_ALPHA_RATIOS, train_size=2000),
+        tune=TuneConfig(grid=_CPU_GRID),
         results_dir="results/cpu",
     ),
     # A tiny random GPT-2 (real tokenizer) on a few dozen rows: checks the plumbing in seconds.
@@ -424,6 +512,7 @@ PROFILES: dict[str, ExperimentConfig] = {
         adapter=AdapterSettings(rank=4, alpha=8.0, dropout=0.0),
         train=TrainConfig(batch_size=8, max_length=32, warmup_ratio=0.0, log_every=1),
         sweep=SweepConfig(enabled=True, ranks=(2, 4), alpha_ratios=(1.0, 2.0)),
+        tune=TuneConfig(grid=dict.fromkeys(METHOD_NAMES, (1e-3, 1e-2)), holdout_size=16),
         results_dir="results/smoke",
     ),
 }
@@ -452,7 +541,7 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMETER_NAMES)}")
     top: dict[str, Any] = {}
-    parts: dict[str, dict[str, Any]] = {"data": {}, "adapter": {}, "train": {}, "sweep": {}}
+    parts: dict[str, dict[str, Any]] = {"data": {}, "adapter": {}, "train": {}, "sweep": {}, "tune": {}}
     for name, value in parameters.items():
         if value is None:
             continue
@@ -461,12 +550,22 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
         if name in ("data_dir", "results_dir", "imgs_dir") and value is None:
             continue  # "" means unset, like None
         (parts[parameter.part] if parameter.part else top)[parameter.field] = value
-    if "lr" in top:
+    if top.get("lr") == TUNE:
+        del top["lr"]
+        parts["tune"]["enabled"] = True
+    elif "lr" in top:
         top["lr"] = {**base.lr, **top["lr"]} if isinstance(top["lr"], dict) else dict.fromkeys(METHOD_NAMES, top["lr"])
+    if "grid" in parts["tune"]:
+        parts["tune"]["grid"] = {**base.tune.grid, **parts["tune"]["grid"]}
     config = replace(base, **top, **{part: replace(getattr(base, part), **values) for part, values in parts.items()})
-    missing = [m for m in config.methods if m not in config.lr]
-    if missing:
-        raise ValueError(f"lr has no rate for method(s) {', '.join(missing)}")
+    if config.tune.enabled:
+        missing = [m for m in config.methods if m not in config.tune.grid]
+        if missing:
+            raise ValueError(f"lr='tune' but lr_grid has no rates for method(s) {', '.join(missing)}")
+    else:
+        missing = [m for m in config.methods if m not in config.lr]
+        if missing:
+            raise ValueError(f"lr has no rate for method(s) {', '.join(missing)}")
     return config
 
 
@@ -509,6 +608,8 @@ def config_record(config: ExperimentConfig) -> dict[str, Any]:
     for parameter in PARAMETERS:
         holder = getattr(config, parameter.part) if parameter.part else config
         record[parameter.name] = getattr(holder, parameter.field)
+    if config.tune.enabled:
+        record["lr"] = TUNE
     return record
 
 
@@ -524,7 +625,8 @@ def compute_dtype_for(device: Any):
 
 
 __all__ = [
-    "ALL_ROWS", "DataConfig", "AdapterSettings", "TrainConfig", "SweepConfig", "ExperimentConfig", "Parameter",
+    "ALL_ROWS", "TUNE", "DataConfig", "AdapterSettings", "TrainConfig", "SweepConfig", "TuneConfig",
+    "ExperimentConfig", "Parameter",
     "PARAMETERS", "PARAMETER_NAMES", "NOTEBOOK_PARAMETER_NAMES", "PROFILES", "resolve_profile", "make_config",
     "add_cli_arguments",
     "cli_parameters", "notebook_parameters_cell", "config_record", "compute_dtype_for", "check_positive_int",

@@ -3,7 +3,8 @@
 An experiment is an :class:`~peft_utils.config.ExperimentConfig` (a profile plus the user's parameters). Running
 it has two phases, so that a mistake costs a one-line error and not a finished full fine-tuning run:
 
-1. **plan** (:func:`plan_experiment`): the runs (methods x seeds, and the LoRA sweep grid), their data rows, and
+1. **plan** (:func:`plan_experiment`): the runs (learning-rate tuning when ``lr="tune"``, methods x seeds, and the
+   LoRA rank x alpha grid), their data rows, and
    checks that need the data or the model — sizes that fit the splits, targets that match a layer of the model,
    bitsandbytes for 4-bit methods, and the results folder (a run whose settings differ from a finished run of its
    series is refused, see :class:`~peft_utils.store.RunStore`).
@@ -47,6 +48,7 @@ from .quant import load_quantized, prepare_for_kbit_training, require_bitsandbyt
 from .sizes import model_size
 from .store import SWEEP_GROUP, RunStore
 from .train import resolve_device, set_seed, train
+from .tuning import EVAL_SPLIT, TUNE_GROUP, choose_learning_rates, tuning_rows
 
 COMPARISON_GROUP = "comparison"
 EVAL_SUBSET_SEED = 0  # an eval subset must not change with the run seed: every run is scored on the same rows
@@ -78,7 +80,7 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
     else:
         model, tokenizer = load_model(model_source, dtype=dtype)
     apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
-                   dropout=adapter.dropout)
+                   dropout=adapter.dropout, use_rslora=adapter.rslora)
     _upcast_trainable(model)
     return model, tokenizer
 
@@ -95,12 +97,14 @@ def _upcast_trainable(model: torch.nn.Module) -> None:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One planned run. ``adapter`` is ``None`` for full fine-tuning (it has none)."""
+    """One planned run. ``adapter`` is ``None`` for full fine-tuning (it has none); ``lr`` is set for a tuning
+    run (its grid point) and ``None`` otherwise (the configured rate, or the tuned one)."""
 
     group: str
     method: str
     seed: int
     adapter: AdapterSettings | None
+    lr: float | None = None
 
 
 def model_slug(model: str | Path) -> str:
@@ -109,9 +113,13 @@ def model_slug(model: str | Path) -> str:
 
 
 def run_id(spec: RunSpec, model: str | Path) -> str:
-    """``<group>-<method>[-r<rank>-a<alpha>]-s<seed>-<model>``, e.g. ``comparison-lora-r8-a16-s0-minilm``."""
-    adapter = f"-r{spec.adapter.rank}-a{spec.adapter.alpha:g}" if spec.adapter is not None else ""
-    return f"{spec.group}-{spec.method}{adapter}-s{spec.seed}-{model_slug(model)}"
+    """``<group>-<method>[-r<rank>-a<alpha>[-rslora]][-lr<rate>]-s<seed>-<model>``, e.g.
+    ``comparison-lora-r8-a16-s0-minilm`` or ``tune-lora-r8-a16-lr0.003-s0-minilm``."""
+    adapter = ""
+    if spec.adapter is not None:
+        adapter = f"-r{spec.adapter.rank}-a{spec.adapter.alpha:g}" + ("-rslora" if spec.adapter.rslora else "")
+    rate = f"-lr{spec.lr:g}" if spec.lr is not None else ""
+    return f"{spec.group}-{spec.method}{adapter}{rate}-s{spec.seed}-{model_slug(model)}"
 
 
 def comparison_specs(config: ExperimentConfig) -> list[RunSpec]:
@@ -122,15 +130,23 @@ def comparison_specs(config: ExperimentConfig) -> list[RunSpec]:
 
 def sweep_specs(config: ExperimentConfig) -> list[RunSpec]:
     """LoRA over ranks x alpha/rank ratios: a fixed ratio keeps the update's scale, so a line shows capacity alone."""
-    return [RunSpec(SWEEP_GROUP, "lora", s, replace(config.adapter, rank=r, alpha=ratio * r))
+    return [RunSpec(SWEEP_GROUP, "lora", s, replace(config.adapter, rank=r, alpha=ratio * r, rslora=config.sweep.rslora))
             for s in config.seeds for ratio in config.sweep.alpha_ratios for r in config.sweep.ranks]
+
+
+def tune_specs(config: ExperimentConfig, methods: Sequence[str]) -> list[RunSpec]:
+    """One run per method and rate of its grid, with the first seed (see :mod:`peft_utils.tuning`)."""
+    return [RunSpec(TUNE_GROUP, m, config.seeds[0], config.adapter if get_method(m).adapter else None, lr=rate)
+            for m in methods for rate in config.tune.grid[m]]
 
 
 @dataclass(frozen=True)
 class PlannedRun:
     spec: RunSpec
     run_id: str
-    record: dict[str, Any]  # every setting that changes the result, as the run's config event records it
+    # Every setting that changes the result, as the run's config event records it. Its "lr" is None while it
+    # waits for learning-rate tuning (see ``_with_tuned_rates``).
+    record: dict[str, Any]
     train_frame: pd.DataFrame
     eval_frame: pd.DataFrame
     complete: bool
@@ -140,19 +156,24 @@ class PlannedRun:
 class Plan:
     config: ExperimentConfig
     model_source: str  # where the model loads from (the cache folder of a random GPT-2, a hub id, a folder)
-    runs: list[PlannedRun]
+    runs: list[PlannedRun]  # tuning runs first: the others' rates come from them
 
 
-def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame]) -> dict:
+def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
+                    lr: float | None) -> dict:
     train_settings = {k: v for k, v in asdict(config.train).items() if k != "device"}  # "auto" is recorded resolved
     adapter = spec.adapter
-    return {
+    record = {
         "group": spec.group, "method": spec.method, "model": config.model,
         "rank": adapter.rank if adapter else None, "alpha": adapter.alpha if adapter else None,
         "dropout": adapter.dropout if adapter else None, "targets": adapter.targets if adapter else None,
-        "train_size": len(frames[0]), "eval_size": len(frames[1]), "lr": config.method_lr(spec.method),
-        "seed": spec.seed, **train_settings,
+        "train_size": len(frames[0]), "eval_size": len(frames[1]), "lr": lr, "seed": spec.seed, **train_settings,
     }
+    if spec.group == SWEEP_GROUP:
+        record["rslora"] = adapter.rslora
+    if spec.group == TUNE_GROUP:
+        record["eval_split"] = EVAL_SPLIT
+    return record
 
 
 def _train_and_eval_rows(config: ExperimentConfig, splits: dict[str, pd.DataFrame],
@@ -191,23 +212,60 @@ def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]
 def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bool | None = None) -> Plan:
     """Every run of the experiment with its data, checked against the data, the model and the results folder.
 
-    ``sweep``: ``None`` follows ``config.sweep.enabled``. Nothing is trained here; every error is raised here.
+    ``sweep``: ``None`` follows ``config.sweep.enabled``. Nothing is trained here; every error is raised here
+    (with ``lr="tune"``, the rates of the later runs are known once their tuning runs are complete: see
+    :func:`execute`).
     """
     sweep = config.sweep.enabled if sweep is None else sweep
     specs = (comparison_specs(config) if comparison else []) + (sweep_specs(config) if sweep else [])
     if not specs:
         raise ValueError("nothing to run: neither the comparison nor the sweep was asked for")
+    if config.tune.enabled:  # the sweep's LoRA runs use LoRA's tuned rate
+        specs = tune_specs(config, list(dict.fromkeys(s.method for s in specs))) + specs
     splits = load_sst2(config.data.data_dir)
-    frames = {seed: _train_and_eval_rows(config, splits, seed) for seed in config.seeds}
+    frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
     source = materialize_model(config.model, config.data.data_dir)
     _check_model(config, source, specs)
     store = RunStore(config.results_dir)
     runs = []
     for spec in specs:
         rid = run_id(spec, config.model)
-        record = _planned_record(config, spec, frames[spec.seed])
-        runs.append(PlannedRun(spec, rid, record, *frames[spec.seed], complete=store.check(rid, record)))
-    return Plan(config, source, runs)
+        rows = frames[spec.group, spec.seed]
+        lr = spec.lr if spec.lr is not None or config.tune.enabled else config.method_lr(spec.method)
+        record = _planned_record(config, spec, rows, lr)
+        runs.append(PlannedRun(spec, rid, record, *rows, complete=store.check(rid, record)))
+    plan = Plan(config, source, runs)
+    return _with_tuned_rates(plan) if config.tune.enabled else plan
+
+
+def _rows(config: ExperimentConfig, splits: dict[str, pd.DataFrame], group: str,
+          seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's (train rows, evaluation rows): tuning scores on held-out train rows, the others on dev."""
+    if group == TUNE_GROUP:
+        return tuning_rows(config, splits["train"], seed)
+    if group == SWEEP_GROUP and config.sweep.train_size is not None:
+        config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
+    return _train_and_eval_rows(config, splits, seed)
+
+
+def _with_tuned_rates(plan: Plan) -> Plan:
+    """The plan with each waiting run's rate filled in, once every tuning run is complete (else unchanged).
+
+    The rates are chosen from the tuning runs' records (:func:`~peft_utils.tuning.choose_learning_rates`), so a
+    resumed experiment picks the same ones without training again.
+    """
+    tuning = [r for r in plan.runs if r.spec.group == TUNE_GROUP]
+    store = RunStore(plan.config.results_dir)
+    if not all(r.complete or store.is_complete(r.run_id) for r in tuning):
+        return plan
+    rates = choose_learning_rates(store.summary([r.run_id for r in tuning]))
+    runs = []
+    for run in plan.runs:
+        if run.record["lr"] is None:
+            record = {**run.record, "lr": rates[run.spec.method]}
+            run = replace(run, record=record, complete=store.check(run.run_id, record))
+        runs.append(run)
+    return replace(plan, runs=runs)
 
 
 # --------------------------------------------------------------------------------------------- execution
@@ -241,10 +299,13 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) 
 
     try:
         run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
+        if config.tune.enabled and run.spec.group != TUNE_GROUP:
+            run_info["lr_source"] = TUNE_GROUP  # chosen by the tuning runs of this results folder
         with store.recorder(run.run_id) as recorder:
             train(model, tokenizer, run.train_frame, run.eval_frame, config.train, lr=run.record["lr"],
                   seed=run.spec.seed, recorder=recorder, run_info=run_info, progress_label=label,
-                  on_finish=keep_what_was_trained)
+                  # a tuning run's model is only a score: nothing worth keeping on disk
+                  on_finish=None if run.spec.group == TUNE_GROUP else keep_what_was_trained)
     finally:
         del model, tokenizer
         _free_memory()
@@ -253,14 +314,24 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) 
 def execute(plan: Plan) -> pd.DataFrame:
     """Train every run of ``plan`` not already complete, in order; one summary row per run."""
     store = RunStore(plan.config.results_dir)
-    for index, run in enumerate(plan.runs, start=1):
-        position = f"run {index}/{len(plan.runs)}"
+    tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
+    for index in range(len(plan.runs)):
+        if tuning_runs and index == tuning_runs:  # every tuning run is complete: choose the rates
+            plan = _with_tuned_rates(plan)
+            _print_tuned_rates(plan)
+        run = plan.runs[index]
+        position = f"run {index + 1}/{len(plan.runs)}"
         if run.complete:
             print(f"[{position}] {run.run_id}: already complete in {store.folder}, skipped")
             continue
         print(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
         _train_and_record(plan, run, store, f"{position} {run.spec.method}")
     return store.summary([run.run_id for run in plan.runs])
+
+
+def _print_tuned_rates(plan: Plan) -> None:
+    rates = {r.spec.method: r.record["lr"] for r in plan.runs if r.spec.group != TUNE_GROUP}
+    print("learning rates chosen on held-out train rows: " + ", ".join(f"{m} {lr:g}" for m, lr in rates.items()))
 
 
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:

@@ -6,15 +6,15 @@ flight, and a comparison must be able to tell finished runs from interrupted one
 
 Events, in the order a run writes them (fields beyond these are allowed and kept):
 
-- ``config``  : run_id, group ("comparison" | "sweep"), method, model, rank, alpha, seed, lr, every data and
+- ``config``  : run_id, group ("comparison" | "sweep" | "tune"), method, model, rank, alpha, seed, lr, every data and
   training setting, the resolved device and compute dtype, parameter counts and the model-size report (``size``)
 - ``step``    : step, epoch, loss, lr, elapsed_s
 - ``eval``    : step, epoch, accuracy, loss, n, eval_time_s
 - ``summary`` : train_time_s, eval_time_s, samples_per_s, tokens_per_s, peak_memory_bytes, memory_kind,
   final_accuracy, final_eval_loss, n_eval, steps
 
-:class:`RunStore` decides which runs belong together. Runs in one *series* (the same method in the comparison, or
-the same rank and alpha in the sweep) are drawn as repeats of one experiment, so they may differ in their seed and
+:class:`RunStore` decides which runs belong together. Runs in one *series* (the same method in the comparison, the
+same rank and alpha in the sweep, the same method and rate in learning-rate tuning) are drawn as repeats of one experiment, so they may differ in their seed and
 nothing else: a planned run whose settings differ from a finished run of its series is refused, naming the keys,
 and a folder that holds such a mix anyway (copied together by hand) is refused when loaded, never averaged.
 """
@@ -113,18 +113,24 @@ class Results:
 # the seed is what repeats of one series may differ in.
 REPEAT_KEY = "seed"
 SWEEP_GROUP = "sweep"
+TUNE_GROUP = "tune"
 
 
 def series_key(record: dict[str, Any]) -> tuple[Any, ...]:
-    """Which series a run belongs to: its method in the comparison; its method, rank and alpha in the sweep."""
+    """Which series a run belongs to: its method in the comparison; its method, rank and alpha in the sweep; its
+    method and learning rate in tuning."""
     if record.get("group") == SWEEP_GROUP:
         return (SWEEP_GROUP, record.get("method"), record.get("rank"), record.get("alpha"))
+    if record.get("group") == TUNE_GROUP:
+        return (TUNE_GROUP, record.get("method"), record.get("lr"))
     return ("comparison", record.get("method"))
 
 
 def _describe(key: tuple[Any, ...]) -> str:
     if key[0] == SWEEP_GROUP:
         return f"sweep run ({key[1]}, rank {key[2]}, alpha {key[3]})"
+    if key[0] == TUNE_GROUP:
+        return f"tuning run ({key[1]}, lr {key[2]})"
     return f"{key[1]!r} run"
 
 
@@ -174,14 +180,16 @@ class RunStore:
     def check(self, run_id: str, planned: dict[str, Any]) -> bool:
         """``True`` if an identical run is complete; ``False`` if it must train; a ValueError if it conflicts.
 
-        ``planned``: every setting that changes the run's result, as its ``config`` event will record it.
+        ``planned``: every setting that changes the run's result, as its ``config`` event will record it; a
+        ``None`` learning rate is not known yet (it waits for tuning) and is not compared.
         """
         planned = jsonable(planned)
         key = series_key(planned)
+        unknown = {REPEAT_KEY} | ({"lr"} if planned.get("lr") is None else set())
         for config in self._complete_configs:
             if series_key(config) != key:
                 continue
-            differ = [k for k in planned if k != REPEAT_KEY and config.get(k) != planned[k]]
+            differ = [k for k in planned if k not in unknown and config.get(k) != planned[k]]
             if differ:
                 details = ", ".join(f"{k} {config.get(k)!r} -> {planned[k]!r}" for k in sorted(differ))
                 raise ValueError(
@@ -239,7 +247,8 @@ class RunStore:
 
 # The settings a run is identified by (beside group and method): what its planned record holds.
 IDENTITY_KEYS = (
-    "model", "rank", "alpha", "dropout", "targets", "train_size", "eval_size", "lr", "seed", "epochs", "batch_size",
+    "model", "rank", "alpha", "rslora", "dropout", "targets", "train_size", "eval_size", "lr", "seed", "epochs",
+    "batch_size",
     "weight_decay", "warmup_ratio", "max_grad_norm", "grad_accum_steps", "max_length", "eval_every",
     "gradient_checkpointing", "log_every", "bucket_by_length", "eval_batch_size",
 )

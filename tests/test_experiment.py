@@ -75,8 +75,10 @@ def test_records_hold_every_field_the_plots_read(smoke_results):
 
 def test_the_record_holds_every_identity_setting(smoke_results):
     results, table = smoke_results
-    config = next(e for e in read_events(results / f"{table['run_id'][1]}.jsonl") if e["event"] == "config")
-    assert set(IDENTITY_KEYS) <= set(config)
+    configs = {group: next(e for e in read_events(results / f"{rid}.jsonl") if e["event"] == "config")
+               for rid, group in zip(table["run_id"], table["group"])}
+    assert set(IDENTITY_KEYS) <= set(configs["sweep"])
+    assert set(IDENTITY_KEYS) - set(configs["comparison"]) == {"rslora"}  # a sweep option only
 
 
 def test_rerun_skips_complete_runs(smoke_results, sst2_dir, monkeypatch):
