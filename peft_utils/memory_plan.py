@@ -395,11 +395,11 @@ def plan_memory(
         chosen = first if (batch, checkpointing) == candidates[0] else estimate(batch, checkpointing)
         if chosen.total <= budget:
             steps = share // batch
+            batches = f"{steps} accumulation steps of {batch} rows" if steps > 1 else f"{batch} rows, no accumulation"
             if (batch, checkpointing) == candidates[0]:
-                reason = f"{label}: {_gib(chosen.total)} estimated <= {limit}; {steps} x {batch} rows as configured"
+                reason = f"{label}: {_gib(chosen.total)} estimated <= {limit}; {batches}, as configured"
             else:
                 changes = "gradient checkpointing on, " if checkpointing and not gradient_checkpointing else ""
-                batches = f"{steps} accumulation steps of {batch} rows" if steps > 1 else f"{batch} rows, no accumulation"
                 reason = f"{label}: {_gib(first.total)} estimated > {limit}; {changes}{batches} -> {_gib(chosen.total)}"
             return MemoryPlan(batch, steps, checkpointing, chosen, device_bytes, budget, True, reason)
     smallest = estimate(*candidates[-1])  # the least memory any plan needs
