@@ -231,7 +231,9 @@ class AdapterSettings:
 class TrainConfig:
     """The training loop's settings, the same for every method (learning rate and seed are per run).
 
-    ``batch_size`` is the micro-batch; the optimiser sees ``batch_size * grad_accum_steps`` rows per step.
+    ``batch_size`` is the global batch: the rows of one optimiser step, over every process and accumulation step
+    (each process computes ``batch_size / (processes x grad_accum_steps)`` rows at a time), so that a run means
+    the same experiment on one CPU or eight GPUs.
     ``eval_every``: also evaluate every that many optimiser steps (``None``: only at the end of each epoch).
     ``device``: ``"auto"`` picks CUDA when available. ``log_every``: steps averaged into one ``step`` event.
     ``eval_batch_size``: ``None`` uses ``2 * batch_size`` (no activations are kept for backward in evaluation).
@@ -405,7 +407,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               "layers: a preset ('attn', 'attn-all', 'all-linear'; old 'gpt2-attn'...), suffixes or a regex",
               _targets, {"nargs": "+", "type": str, "post": _targets_tokens}),
     Parameter("epochs", "train", "epochs", "passes over the train rows", check_positive_int, {"type": int}),
-    Parameter("batch_size", "train", "batch_size", "rows per micro-batch", check_positive_int, {"type": int}),
+    Parameter("batch_size", "train", "batch_size", "rows per optimiser step, over all processes (global batch)",
+              check_positive_int, {"type": int}),
     Parameter("lr", "", "lr", "one rate, per method {'full': 2e-5, 'lora': 2e-4}, or 'tune' (best of lr_grid)",
               check_lr, {"nargs": "+", "type": str, "post": _lr_tokens_or_tune}),
     Parameter("lr_grid", "tune", "grid", "rates lr 'tune' tries per method, e.g. {'lora': [1e-3, 3e-3]}",
@@ -442,7 +445,7 @@ PARAMETERS: tuple[Parameter, ...] = (
               {"type": float}, notebook=False),
     Parameter("max_grad_norm", "train", "max_grad_norm", "gradient clipping norm (None: no clipping)",
               _optional_positive_number, {"type": float}, notebook=False),
-    Parameter("grad_accum_steps", "train", "grad_accum_steps", "micro-batches per optimiser step",
+    Parameter("grad_accum_steps", "train", "grad_accum_steps", "micro-batches per optimiser step and process",
               check_positive_int, {"type": int}, notebook=False),
     Parameter("eval_every", "train", "eval_every", "also evaluate every N optimiser steps",
               _optional_positive_int, {"type": int}, notebook=False),
@@ -614,14 +617,20 @@ def config_record(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def compute_dtype_for(device: Any):
-    """The autocast dtype: bfloat16 on GPUs that support it (fp32's exponent range: no loss scaling needed);
-    float32 elsewhere, because CPU bf16 matmuls are slow and fp16 would need a gradient scaler."""
+    """The autocast dtype for a device: the same rule for every method, QLoRA's 4-bit compute included.
+
+    - CUDA with native bfloat16 (compute capability >= 8.0: A100, H100, RTX 30xx+): bfloat16, which keeps
+      float32's exponent range, so no loss scaling is needed.
+    - Older CUDA GPUs (T4, V100): float16 with loss scaling (``torch.cuda.is_bf16_supported()`` says yes on some of
+      them, through slow emulation, hence the capability test).
+    - CPU: float32 (CPU bf16 matmuls are slow, and fp16 would need a gradient scaler).
+    """
     import torch
 
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 __all__ = [

@@ -299,16 +299,19 @@ def make_loader(
     shuffle: bool,
     seed: int,
     bucket_by_length: bool = False,
+    padded: bool = True,
 ) -> DataLoader:
-    """A single-process ``DataLoader`` whose order depends only on ``seed`` (a private ``torch.Generator``).
+    """A ``DataLoader`` whose order depends only on ``seed`` (a private ``torch.Generator``).
 
     A private generator, not the global RNG, so model initialisation or dropout cannot shift the data order.
     ``bucket_by_length`` groups similar lengths to cut padding (see :class:`LengthBucketBatchSampler`).
+    ``padded=False`` yields each batch as its list of rows, for a caller that splits it across processes and
+    accumulation steps before padding (see ``train``): every process then draws the same batches.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     generator = torch.Generator().manual_seed(seed)
-    collate_fn = partial(collate, pad_token_id=pad_token_id)
+    collate_fn = partial(collate, pad_token_id=pad_token_id) if padded else list
     if bucket_by_length:
         lengths = [len(row["input_ids"]) for row in encoded]
         sampler = LengthBucketBatchSampler(lengths, batch_size, shuffle, generator)

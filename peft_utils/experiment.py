@@ -18,7 +18,9 @@ that spin while waiting for a busy core made the ``cpu`` profile up to 10x slowe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import functools
 import gc
 import re
 import sys
@@ -47,7 +49,8 @@ from .models import load_model, materialize_model, resolve_model_source
 from .quant import load_quantized, prepare_for_kbit_training, require_bitsandbytes
 from .sizes import model_size
 from .store import SWEEP_GROUP, RunStore
-from .train import resolve_device, set_seed, train
+from .memory_plan import halved, plan_for_device
+from .train import is_main_process, launched_processes, make_accelerator, per_device_batch_size, set_seed, train
 from .tuning import EVAL_SPLIT, TUNE_GROUP, choose_learning_rates, tuning_rows
 
 COMPARISON_GROUP = "comparison"
@@ -224,6 +227,7 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
         specs = tune_specs(config, list(dict.fromkeys(s.method for s in specs))) + specs
     splits = load_sst2(config.data.data_dir)
     frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
+    per_device_batch_size(config.train.batch_size, launched_processes(), config.train.grad_accum_steps)
     source = materialize_model(config.model, config.data.data_dir)
     _check_model(config, source, specs)
     store = RunStore(config.results_dir)
@@ -288,50 +292,74 @@ def _free_memory() -> None:
 
 
 def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) -> None:
+    """Build the run's model and train it; on a GPU, with the memory plan that fits it, retried with half the
+    micro-batch after an out-of-memory error (accelerate's ``find_executable_batch_size``) rather than lost."""
+    from accelerate.utils import find_executable_batch_size
+
     config = plan.config
-    dtype = compute_dtype_for(resolve_device(config.train.device))
-    set_seed(run.spec.seed)  # adapter and head initialisation
-    model, tokenizer = build_model(run.spec.method, plan.model_source, run.spec.adapter or config.adapter, dtype)
-    def keep_what_was_trained(trained: torch.nn.Module) -> dict[str, Any]:
+    accelerator = make_accelerator(config.train.device)
+    adapter = run.spec.adapter or config.adapter
+    memory_plan = plan_for_device(plan.model_source, run.spec.method, config.train, adapter,
+                                  accelerator.num_processes, accelerator.device, name=config.model)
+    if memory_plan is not None and accelerator.is_main_process:
+        print(f"memory plan: {memory_plan.reason}")
+
+    def keep_what_was_trained(trained: torch.nn.Module, tokenizer) -> dict[str, Any]:
         """Saved before the summary event, so every complete run has its result on disk; sizes from those files."""
         saved = save_trained(trained, tokenizer, store.saved_dir(run.run_id), run.spec.method)
         return {"saved_to": store.saved_dir(run.run_id).name, "size": model_size(trained, run.spec.method, saved)}
 
-    try:
-        run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
-        if config.tune.enabled and run.spec.group != TUNE_GROUP:
-            run_info["lr_source"] = TUNE_GROUP  # chosen by the tuning runs of this results folder
-        with store.recorder(run.run_id) as recorder:
-            train(model, tokenizer, run.train_frame, run.eval_frame, config.train, lr=run.record["lr"],
-                  seed=run.spec.seed, recorder=recorder, run_info=run_info, progress_label=label,
-                  # a tuning run's model is only a score: nothing worth keeping on disk
-                  on_finish=None if run.spec.group == TUNE_GROUP else keep_what_was_trained)
-    finally:
-        del model, tokenizer
-        _free_memory()
+    def attempt(per_device_batch: int) -> None:
+        fitted = halved(memory_plan, per_device_batch) if memory_plan is not None else None
+        set_seed(run.spec.seed)  # adapter and head initialisation
+        model, tokenizer = build_model(run.spec.method, plan.model_source, adapter, compute_dtype_for(accelerator.device))
+        try:
+            run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
+            if config.tune.enabled and run.spec.group != TUNE_GROUP:
+                run_info["lr_source"] = TUNE_GROUP  # chosen by the tuning runs of this results folder
+            # a tuning run's model is only a score: nothing worth keeping on disk
+            on_finish = None if run.spec.group == TUNE_GROUP else functools.partial(keep_what_was_trained,
+                                                                                  tokenizer=tokenizer)
+            with contextlib.ExitStack() as stack:
+                recorder = stack.enter_context(store.recorder(run.run_id)) if accelerator.is_main_process else None
+                train(model, tokenizer, run.train_frame, run.eval_frame, config.train, lr=run.record["lr"],
+                      seed=run.spec.seed, recorder=recorder, run_info=run_info, progress_label=label,
+                      on_finish=on_finish, accelerator=accelerator, memory_plan=fitted)
+        finally:
+            del model, tokenizer
+            _free_memory()
+
+    if memory_plan is None:
+        attempt(0)
+    else:
+        find_executable_batch_size(attempt, starting_batch_size=memory_plan.per_device_batch)()
 
 
 def execute(plan: Plan) -> pd.DataFrame:
-    """Train every run of ``plan`` not already complete, in order; one summary row per run."""
+    """Train every run of ``plan`` not already complete, in order; one summary row per run.
+
+    Under ``accelerate launch`` every process executes the same plan (the runs' data parallel halves); only the main
+    process prints and writes."""
     store = RunStore(plan.config.results_dir)
+    say = print if is_main_process() else (lambda *args, **kwargs: None)
     tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
     for index in range(len(plan.runs)):
         if tuning_runs and index == tuning_runs:  # every tuning run is complete: choose the rates
             plan = _with_tuned_rates(plan)
-            _print_tuned_rates(plan)
+            say(_tuned_rates(plan))
         run = plan.runs[index]
         position = f"run {index + 1}/{len(plan.runs)}"
         if run.complete:
-            print(f"[{position}] {run.run_id}: already complete in {store.folder}, skipped")
+            say(f"[{position}] {run.run_id}: already complete in {store.folder}, skipped")
             continue
-        print(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
+        say(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
         _train_and_record(plan, run, store, f"{position} {run.spec.method}")
     return store.summary([run.run_id for run in plan.runs])
 
 
-def _print_tuned_rates(plan: Plan) -> None:
+def _tuned_rates(plan: Plan) -> str:
     rates = {r.spec.method: r.record["lr"] for r in plan.runs if r.spec.group != TUNE_GROUP}
-    print("learning rates chosen on held-out train rows: " + ", ".join(f"{m} {lr:g}" for m, lr in rates.items()))
+    return "learning rates chosen on held-out train rows: " + ", ".join(f"{m} {lr:g}" for m, lr in rates.items())
 
 
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:
@@ -365,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     table = execute(plan)
+    if not is_main_process():  # the other processes trained their halves; the main one reports
+        return 0
     columns = [c for c in ("run_id", "final_accuracy", "train_time_s", "peak_memory_bytes", "trainable_params",
                            "size.disk_bytes") if c in table.columns]
     print(table[columns].to_string(index=False))

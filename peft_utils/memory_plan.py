@@ -17,7 +17,7 @@ Parameters are counted exactly, on a weightless (meta device) copy of the model 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -427,5 +427,42 @@ def to_record(plan: MemoryPlan) -> dict:
     return record
 
 
+def plan_for_device(model_source: str, method: str, config, adapter, processes: int,
+                    device: torch.device, name: str | None = None) -> MemoryPlan | None:
+    """The plan for one run on ``device`` before its model is loaded: ``None`` off CUDA (a CPU run is never
+    re-planned, so its results stay those of its configuration); a ValueError when nothing fits.
+
+    ``config`` is the run's ``TrainConfig`` (its ``batch_size`` is the global batch) and ``adapter`` its
+    ``AdapterSettings``; the free memory is read after CUDA is initialised, so its context is already counted.
+    """
+    if device.type != "cuda":
+        return None
+    from transformers import AutoConfig
+
+    from .config import compute_dtype_for
+    from .models import resolve_model_source
+
+    model_config = AutoConfig.from_pretrained(resolve_model_source(model_source), num_labels=2)
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    share = config.batch_size // processes
+    plan = plan_memory(model_config, method, global_batch=config.batch_size, num_processes=processes,
+                       per_device_batch=share // config.grad_accum_steps if share % config.grad_accum_steps == 0
+                       else None, max_length=config.max_length, compute_dtype=compute_dtype_for(device),
+                       device_bytes=int(free_bytes), gradient_checkpointing=config.gradient_checkpointing,
+                       rank=adapter.rank, targets=adapter.targets, name=name)
+    if not plan.fits:
+        raise ValueError(plan.reason)
+    return plan
+
+
+def halved(plan: MemoryPlan, per_device_batch: int) -> MemoryPlan:
+    """``plan`` after an out-of-memory error: a micro-batch of at most ``per_device_batch`` rows (the largest that
+    divides the device's share, so the global batch is unchanged), accumulated over more steps."""
+    share = plan.per_device_batch * plan.grad_accum_steps
+    batch = max(b for b in range(1, per_device_batch + 1) if share % b == 0)
+    return replace(plan, per_device_batch=batch, grad_accum_steps=share // batch,
+                   reason=f"{plan.reason}; out of memory at {plan.per_device_batch} rows: retried with {batch}")
+
+
 __all__ = ["MemoryEstimate", "MemoryPlan", "OPTIMIZERS", "estimate_memory", "parameter_count", "plan_memory",
-           "to_record"]
+           "plan_for_device", "halved", "to_record"]

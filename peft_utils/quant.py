@@ -53,7 +53,8 @@ def require_bitsandbytes():
 
 
 def _resolve_compute_dtype(compute_dtype, device_type: str) -> torch.dtype:
-    """bf16 on CUDA and float32 on CPU unless given; half precision on a CPU is allowed but warned about."""
+    """The device's autocast dtype unless given (:func:`~peft_utils.config.compute_dtype_for`); half precision on a
+    CPU is allowed but warned about."""
     if compute_dtype is None:
         return compute_dtype_for(device_type)
     dtype = _DTYPES.get(compute_dtype, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype

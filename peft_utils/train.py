@@ -4,6 +4,23 @@ Full fine-tuning, LoRA, DoRA and QLoRA all go through :func:`train`: the same op
 weight decay), the same warm-up/decay schedule, clipping, accumulation, data order and evaluation. A method's
 accuracy, time or memory can then be attributed to the method, not to a different loop.
 
+Devices, precision and processes are `accelerate`'s job (:func:`make_accelerator`): one CPU process, one GPU, or
+``accelerate launch --num_processes N`` / ``torchrun`` for data parallel training. What stays ours is what makes
+the comparison exact across those set-ups:
+
+- ``batch_size`` is the **global** batch: every process draws the same global batches in the same order (one
+  seeded sampler), and each is cut into ``processes x accumulation steps`` micro-batches of
+  ``batch_size / (processes x accumulation)`` rows. accelerate's own batch sharding is not used because it assumes
+  every batch but the last is full and fills the last one by repeating rows; our length-bucketed batches put the
+  one short batch anywhere in the epoch, and a repeated row would make the run differ from a single process.
+- Each micro-batch's mean loss is weighted by its share of the global batch's rows (times the process count, which
+  DDP's gradient averaging divides out), so the gradient is that of the mean loss over the global batch on any
+  number of processes, even for a short last batch.
+- Evaluation: each process scores every N-th batch; the per-batch results are gathered
+  (``accelerator.gather_object``) and put back in dev-file order, so each dev row is counted exactly once (872, not
+  872 rounded up to a multiple of the process count, which ``gather_for_metrics`` would have to trim by assuming
+  full batches). Only the main process prints and writes records.
+
 What is measured, and how:
 
 - ``train_time_s``: wall time of the optimisation only; evaluation pauses the clock (its own ``eval_time_s``).
@@ -17,10 +34,12 @@ What is measured, and how:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +54,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import TrainConfig, compute_dtype_for
-from .data import encode, make_loader
+from .data import collate, encode, make_loader
 from .inject import count_parameters
+from .memory_plan import MemoryPlan, to_record
 from .models import enable_gradient_checkpointing
 from .progress import Progress, bars_enabled
 from .store import RunRecorder
@@ -81,6 +101,43 @@ def resolve_device(device: str = "auto") -> torch.device:
         if resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
+
+
+_MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def make_accelerator(device: str = "auto"):
+    """The ``accelerate.Accelerator`` for ``device`` (``"auto"``, ``"cpu"``, ``"cuda[:i]"``), with the precision of
+    :func:`~peft_utils.config.compute_dtype_for`: bf16 autocast on GPUs with native bf16, fp16 autocast with loss
+    scaling on older GPUs, float32 on CPU. Under ``accelerate launch`` / ``torchrun`` it joins the process group.
+    """
+    from accelerate import Accelerator
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is not None:
+        torch.cuda.set_device(resolved)  # "cuda:1" in one process; under a launcher each process has its own GPU
+    return Accelerator(cpu=resolved.type == "cpu", mixed_precision=_MIXED_PRECISION[compute_dtype_for(resolved)])
+
+
+def launched_processes() -> int:
+    """How many processes ``accelerate launch`` / ``torchrun`` started (both set ``WORLD_SIZE``); read from the
+    environment so that a plan can check the batch split before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that prints and writes (rank 0 of a launch, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def per_device_batch_size(batch_size: int, processes: int, accumulation: int) -> int:
+    """``batch_size / (processes x accumulation)``; an error when it does not divide (a silently different global
+    batch would change the experiment)."""
+    shares = processes * accumulation
+    if batch_size % shares:
+        raise ValueError(f"batch_size={batch_size} (the global batch) does not divide into {processes} "
+                         f"process(es) x {accumulation} accumulation step(s); choose a multiple of {shares}")
+    return batch_size // shares
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -183,26 +240,14 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _accumulation_groups(loader: DataLoader, size: int) -> Iterator[list[Batch]]:
-    """Micro-batches grouped per optimiser step; the last group of an epoch may be shorter."""
-    group: list[Batch] = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
 def _loader(frame: pd.DataFrame, tokenizer, config: TrainConfig, seed: int, batch_size: int,
-            shuffle: bool) -> DataLoader:
-    """Tokenised once, padded per batch; the order depends only on ``seed``."""
+            shuffle: bool, padded: bool = True) -> DataLoader:
+    """Tokenised once; the order depends only on ``seed``. ``padded=False``: batches as lists of rows."""
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token: run models.configure_padding(tokenizer, model) first")
     rows = encode(frame, tokenizer, config.max_length)
     return make_loader(rows, batch_size, tokenizer.pad_token_id, shuffle=shuffle, seed=seed,
-                       bucket_by_length=config.bucket_by_length)
+                       bucket_by_length=config.bucket_by_length, padded=padded)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -235,30 +280,42 @@ def _row_order(loader: DataLoader) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str,
-             dtype: torch.dtype | None = None) -> Evaluation:
+             dtype: torch.dtype | None = None, accelerator=None) -> Evaluation:
     """Accuracy, mean cross-entropy and per-row predictions over ``loader`` (not shuffled), in eval mode.
 
-    The caller's train/eval mode is restored afterwards, so this can be called in the middle of training.
+    The caller's train/eval mode is restored afterwards, so this can be called in the middle of training. With an
+    ``accelerator`` of several processes, each scores every N-th batch and every process gets the whole result.
     """
     device = torch.device(device)
     dtype = dtype or compute_dtype_for(device)
+    processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     was_training = model.training
     model.eval()
-    loss_sum, labels, probabilities = 0.0, [], []
+    scored = []  # (batch number, summed loss, probabilities, labels) of this process's batches
     try:
-        for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not bars_enabled()):
+        batches = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not bars_enabled())
+        for number, batch in enumerate(batches):
+            if number % processes != rank:
+                continue
             batch = _to_device(batch, device)
             with _autocast(device, dtype):
                 logits = _logits(model, batch)
             logits = logits.float()
-            loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            probabilities.append(logits.softmax(dim=-1))
-            labels.append(batch["labels"])
+            loss = F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            scored.append((number, loss, logits.softmax(dim=-1).cpu(), batch["labels"].cpu()))
     finally:
         model.train(was_training)
-    if not labels:
+    if processes > 1:
+        from accelerate.utils import gather_object
+
+        scored = sorted(gather_object(scored), key=lambda item: item[0])  # every process's lists, concatenated
+    if not scored:
         raise ValueError("evaluation loader is empty")
-    probabilities_, labels_ = torch.cat(probabilities).cpu(), torch.cat(labels).cpu()
+    loss_sum = 0.0
+    for _, loss, _, _ in scored:  # in batch order: the same sum on any number of processes
+        loss_sum += loss
+    probabilities_ = torch.cat([item[2] for item in scored])
+    labels_ = torch.cat([item[3] for item in scored])
     predicted = probabilities_.argmax(dim=-1)
     n = len(labels_)
     order = torch.empty(n, dtype=torch.long)
@@ -308,6 +365,8 @@ def train(
     run_info: dict[str, Any] | None = None,
     progress_label: str | None = None,
     on_finish: Callable[[nn.Module], dict[str, Any]] | None = None,
+    accelerator=None,
+    memory_plan: MemoryPlan | None = None,
 ) -> RunResult:
     """Fine-tune ``model`` on ``train_frame`` and evaluate on ``eval_frame``; returns a :class:`RunResult`.
 
@@ -315,44 +374,54 @@ def train(
 
     Only parameters with ``requires_grad`` are optimised, so the method (full, LoRA, ...) is decided entirely by
     how the model was built. With a ``recorder``, a ``config`` event (``run_info`` plus this run's settings,
-    sizes, device and parameter counts) is written first, then ``step``/``eval`` events as they happen and a
-    ``summary`` at the end — which marks the run complete. ``progress_label`` names the run in the progress
-    display (e.g. ``run 2/5 lora``; default: ``run_info``'s ``run_id``). ``on_finish(model)`` runs after the last
-    evaluation and before the summary (e.g. to save what was trained, so a complete record always has its saved
-    result); the fields it returns join the summary.
+    sizes, device, precision, processes and parameter counts) is written first, then ``step``/``eval`` events as
+    they happen and a ``summary`` at the end — which marks the run complete. ``progress_label`` names the run in the
+    progress display (e.g. ``run 2/5 lora``; default: ``run_info``'s ``run_id``). ``on_finish(model)`` runs after
+    the last evaluation and before the summary (e.g. to save what was trained, so a complete record always has its
+    saved result); the fields it returns join the summary. ``accelerator``: default :func:`make_accelerator`
+    (``config.device``); under several processes only the main one records, prints and calls ``on_finish``.
+    ``memory_plan`` (:func:`~peft_utils.memory_plan.plan_for_device`): the accumulation steps and gradient
+    checkpointing that fit the GPU, used instead of ``config``'s (which the record keeps as the run's identity).
     """
-    device = resolve_device(config.device)
+    accelerator = accelerator or make_accelerator(config.device)
+    device, main = accelerator.device, accelerator.is_main_process
+    processes, rank = accelerator.num_processes, accelerator.process_index
     dtype = compute_dtype_for(device)
-    if next(model.parameters()).device != device:
-        model.to(device)
-    if config.gradient_checkpointing:
+    accumulation = memory_plan.grad_accum_steps if memory_plan else config.grad_accum_steps
+    micro_batch = per_device_batch_size(config.batch_size, processes, accumulation)
+    if memory_plan.gradient_checkpointing if memory_plan else config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    train_loader = _loader(train_frame, tokenizer, config, seed, config.batch_size, shuffle=True)
-    eval_loader = _loader(eval_frame, tokenizer, config, seed, config.eval_batch_size or 2 * config.batch_size,
+    train_loader = _loader(train_frame, tokenizer, config, seed, config.batch_size, shuffle=True, padded=False)
+    eval_loader = _loader(eval_frame, tokenizer, config, seed, config.eval_batch_size or 2 * micro_batch,
                           shuffle=False)
     train_rows, eval_rows = train_loader.dataset, eval_loader.dataset
-    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum_steps)
+    steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * config.epochs
+    recorder = recorder if main else None
 
     if recorder is not None:
         counts = count_parameters(model)
         # run_info first: the settings actually used (device resolved, sizes after encoding) win on a clash.
         recorder.log("config", **{
             **(run_info or {}), **asdict(config), "lr": lr, "seed": seed, "device": str(device),
-            "compute_dtype": str(dtype).removeprefix("torch."), "train_size": len(train_rows),
-            "eval_size": len(eval_rows), "total_steps": total_steps,
+            "compute_dtype": str(dtype).removeprefix("torch."), "mixed_precision": accelerator.mixed_precision,
+            "num_processes": processes, "per_device_batch_size": micro_batch, "global_batch_size": config.batch_size,
+            "train_size": len(train_rows), "eval_size": len(eval_rows), "total_steps": total_steps,
             "trainable_params": counts.trainable, "total_params": counts.total,
+            **(to_record(memory_plan) if memory_plan else {}),
         })
 
-    set_seed(seed)  # dropout masks: the same for every method and every repeat
-    optimizer = make_optimizer(model, lr, config.weight_decay)
-    scheduler = linear_schedule(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
+    set_seed(seed + rank)  # dropout masks: the same for every method and repeat; each process draws its own
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, lr, config.weight_decay))
+    scheduler = linear_schedule(optimizer.optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     memory, clock, result = _PeakMemory(device), _Clock(device), RunResult()
-    progress = Progress()  # closed in `finally`, even on a crash
+    progress = Progress(mode=None if main else "off")  # closed in `finally`, even on a crash
     progress.start(total_steps, progress_label or (run_info or {}).get("run_id", "train"))
     samples = tokens = step = 0
     eval_time = 0.0
     window: list[float] = []
+    step_setup = _StepSetup(accelerator, model, optimizer, scheduler, config.max_grad_norm, accumulation,
+                            tokenizer.pad_token_id)
 
     last_predictions: dict[str, list] = {}  # of the latest evaluation: the final one ends up in the summary
 
@@ -361,8 +430,9 @@ def train(
         clock.pause()
         start = time.perf_counter()
         # A private RNG state: evaluating (how often, or at all) must not shift the training's dropout masks.
+        # The unwrapped model: a DDP forward in eval mode could wait on processes that have fewer batches to score.
         with torch.random.fork_rng(devices=[]):
-            evaluation = evaluate(model, eval_loader, device, dtype)
+            evaluation = evaluate(accelerator.unwrap_model(model), eval_loader, device, dtype, accelerator)
         seconds = time.perf_counter() - start
         eval_time += seconds
         record = {"step": step, "epoch": epoch, "accuracy": evaluation.accuracy, "loss": evaluation.loss,
@@ -380,12 +450,12 @@ def train(
     clock.resume()
     try:
         for epoch in range(config.epochs):
-            for group in _accumulation_groups(train_loader, config.grad_accum_steps):
+            for rows in train_loader:  # one global batch: the same rows on every process
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                loss = _optimizer_step(model, group, optimizer, scheduler, config.max_grad_norm, device, dtype)
+                loss = _optimizer_step(step_setup, rows)
                 step += 1
-                samples += sum(len(b["labels"]) for b in group)
-                tokens += sum(int(b["attention_mask"].sum()) for b in group)
+                samples += len(rows)
+                tokens += sum(len(row["input_ids"]) for row in rows)
                 memory.sample()
                 result.losses.append(loss)
                 window.append(loss)
@@ -408,7 +478,7 @@ def train(
         "eval_time_s": eval_time,
         "samples_per_s": samples / train_time if train_time > 0 else None,
         "tokens_per_s": tokens / train_time if train_time > 0 else None,
-        "peak_memory_bytes": memory.peak_bytes(),
+        "peak_memory_bytes": _largest(accelerator, memory.peak_bytes()),
         "memory_kind": memory.kind,
         "final_accuracy": final["accuracy"],
         "final_eval_loss": final["loss"],
@@ -416,39 +486,87 @@ def train(
         "steps": step,
         **last_predictions,  # per dev row, in the eval frame's order: paired tests from the records alone
     }
-    if on_finish is not None:
-        result.summary.update(on_finish(model))
+    if on_finish is not None and main:
+        result.summary.update(on_finish(accelerator.unwrap_model(model)))
     if recorder is not None:
         recorder.log("summary", **result.summary)
+    accelerator.wait_for_everyone()  # the record is complete before any process plans or trains what follows
+    accelerator.free_memory()  # the accelerator's references to this run's model and optimiser
     return result
 
 
-def _optimizer_step(model: nn.Module, group: Sequence[Batch], optimizer: torch.optim.Optimizer, scheduler,
-                    max_grad_norm: float | None, device: torch.device, dtype: torch.dtype) -> float:
-    """Forward/backward over the micro-batches of one step, then clip, step and advance the schedule.
+def _largest(accelerator, value: int) -> int:
+    """The largest of every process's ``value`` (peak memory: the process that needed the most)."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
 
-    Each micro-batch's mean loss is weighted by its share of the step's rows, so the accumulated gradient is
-    that of the mean loss over all rows, even when the last micro-batch is smaller. Returns that mean loss.
+
+@dataclass(frozen=True)
+class _StepSetup:
+    """What every optimiser step needs, prepared once per run."""
+
+    accelerator: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    max_grad_norm: float | None
+    accumulation: int
+    pad_token_id: int
+
+
+def micro_batches(rows: Sequence[Any], processes: int, accumulation: int, rank: int) -> list[tuple[list, float]]:
+    """This process's ``accumulation`` micro-batches of one global batch, each with its share of the batch's rows.
+
+    The batch is cut into ``accumulation x processes`` contiguous near-equal parts; micro-step ``a`` of process
+    ``p`` is part ``a * processes + p``, so one process with one step takes the whole batch unchanged. A part left
+    empty (a last batch with fewer rows than parts) is stood in for by the batch's first row with weight 0: every
+    process must run the same number of backward passes, or the gradient all-reduce would wait forever.
     """
-    rows = sum(len(b["labels"]) for b in group)
-    weights = [len(b["labels"]) / rows for b in group]
+    parts = accumulation * processes
+    bounds = [len(rows) * k // parts for k in range(parts + 1)]
+    chosen = []
+    for micro_step in range(accumulation):
+        k = micro_step * processes + rank
+        part = list(rows[bounds[k]:bounds[k + 1]])
+        chosen.append((part, len(part) / len(rows)) if part else ([rows[0]], 0.0))
+    return chosen
+
+
+def _optimizer_step(setup: _StepSetup, rows: Sequence[Any]) -> float:
+    """Forward/backward over this process's micro-batches of one global batch, then clip, step and schedule.
+
+    Each micro-batch's mean loss is weighted by its share of the global batch's rows, so the accumulated gradient
+    is that of the mean loss over all rows, even when the last batch is short. DDP averages gradients over the
+    processes, so each process scales its share by the process count. Returns the global batch's mean loss.
+    """
+    accelerator, model = setup.accelerator, setup.model
+    processes = accelerator.num_processes
+    chosen = micro_batches(rows, processes, setup.accumulation, accelerator.process_index)
     losses = []
-    for batch, weight in zip(group, weights):
-        batch = _to_device(batch, device)
-        with _autocast(device, dtype):
+    for number, (part, weight) in enumerate(chosen):
+        batch = _to_device(collate(part, setup.pad_token_id), accelerator.device)
+        # Only the last micro-batch's backward all-reduces the gradients (the others accumulate locally).
+        synced = accelerator.no_sync(model) if number < len(chosen) - 1 else contextlib.nullcontext()
+        with synced:
             logits = _logits(model, batch)
-        loss = F.cross_entropy(logits.float(), batch["labels"])  # float32 loss, whatever the autocast dtype
-        (loss * weight).backward()
+            loss = F.cross_entropy(logits.float(), batch["labels"])  # float32 loss, whatever the autocast dtype
+            accelerator.backward(loss * (weight * processes))
         losses.append(loss.detach())
-    if max_grad_norm is not None:
-        trainable = [p for group_ in optimizer.param_groups for p in group_["params"]]
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    if setup.max_grad_norm is not None:
+        trainable = [p for group in setup.optimizer.param_groups for p in group["params"]]
+        accelerator.clip_grad_norm_(trainable, setup.max_grad_norm)
+    setup.optimizer.step()
+    if not setup.optimizer.step_was_skipped:  # fp16 loss scaling skips steps whose gradients overflowed
+        setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
     # The step's only host read, once all its work is queued (on a GPU a read waits for the device to catch up).
-    return sum(value * weight for value, weight in zip(torch.stack(losses).tolist(), weights))
+    local = sum(value * weight for value, (_, weight) in zip(torch.stack(losses).tolist(), chosen))
+    if processes == 1:
+        return local
+    return float(accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum"))
 
 
-__all__ = ["RunResult", "Evaluation", "set_seed", "resolve_device", "make_optimizer",
-           "linear_schedule", "evaluate", "train"]
+__all__ = ["RunResult", "Evaluation", "set_seed", "resolve_device", "make_accelerator", "launched_processes", "is_main_process",
+           "per_device_batch_size",
+           "make_optimizer", "linear_schedule", "micro_batches", "evaluate", "train"]

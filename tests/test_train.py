@@ -72,9 +72,9 @@ def test_evaluating_more_often_does_not_change_training(tiny_gpt2_dir):
 
 
 def test_accumulation_matches_a_larger_batch(tiny_gpt2_dir):
-    """2 x 4 rows accumulated must give the step a batch of 8 gives (same rows: the same seeded permutation)."""
+    """A global batch of 8 as 2 accumulated micro-batches of 4 must give the step one batch of 8 gives."""
     big = _run(tiny_gpt2_dir, "lora", 0, _config(batch_size=8), repeats=2, model_dropout=False).losses
-    accumulated = _run(tiny_gpt2_dir, "lora", 0, _config(batch_size=4, grad_accum_steps=2), repeats=2,
+    accumulated = _run(tiny_gpt2_dir, "lora", 0, _config(batch_size=8, grad_accum_steps=2), repeats=2,
                        model_dropout=False).losses
     assert len(big) == len(accumulated) == 3
     assert accumulated == pytest.approx(big, abs=1e-5)
