@@ -15,6 +15,9 @@ __all__ = [
     "format_count",
     "format_seconds",
     "format_share",
+    "format_points",
+    "format_p_value",
+    "format_paired_difference",
     "duration_ticks",
     "format_duration_tick",
 ]
@@ -83,6 +86,30 @@ def format_share(part: float, total: float) -> str:
     """``part / total`` as a percentage: no decimal from 10%, one from 1%, two below (100%, 13%, 2.4%, 0.24%)."""
     ratio = part / total
     return f"{ratio:.0%}" if ratio >= 0.1 else f"{ratio:.1%}" if ratio >= 0.01 else f"{ratio:.2%}"
+
+
+def format_points(fraction: float, signed: bool = False) -> str:
+    """An accuracy (difference) given as a fraction, in percentage points with one decimal: ``-0.004`` -> ``"-0.4"``.
+
+    ``signed`` writes "+" on positive values (differences) and a true minus sign on negative ones.
+    """
+    if fraction is None or not math.isfinite(fraction):
+        return "n/a"
+    text = f"{100 * fraction:+.1f}" if signed else f"{100 * fraction:.1f}"
+    return text.replace("-", "\N{MINUS SIGN}") if signed else text
+
+
+def format_p_value(p: float) -> str:
+    """``p=0.61``, ``p=0.034``, ``p<0.001``: two significant digits, and no false precision for tiny values."""
+    if p is None or not math.isfinite(p):
+        return "p=n/a"
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}" if p < 0.1 else f"p={p:.2f}"
+
+
+def format_paired_difference(difference: float, low: float, high: float, p_value: float) -> str:
+    """A paired accuracy difference for a figure or table: ``"-0.4 pt [-1.6, +0.8], p=0.61"`` (fractions in)."""
+    return (f"{format_points(difference, signed=True)} pt [{format_points(low, signed=True)}, "
+            f"{format_points(high, signed=True)}], {format_p_value(p_value)}")
 
 
 def duration_ticks(low: float, high: float, max_ticks: int = 7) -> list[float]:

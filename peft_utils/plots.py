@@ -13,8 +13,9 @@ Design choices that hold for every figure:
 - Every figure carries a footnote with the model, device and compute dtype read from the runs; when those
   differ between methods the footnote says so, because a speed or memory comparison across dtypes is not
   like-for-like.
-- Comparison figures use every complete run whose group is not ``"sweep"``; several seeds of one method are
-  aggregated (mean, with their spread as the uncertainty).
+- Comparison figures use only the complete runs of group ``"comparison"`` (or no group, in older records): the
+  sweep and the learning-rate tuning runs (scored on a held-out slice of the train split) each get their own
+  figure. Several seeds of one method are drawn as dots around their mean.
 
 This module only draws: the numbers behind the figures (intervals, smoothing, per-method aggregation) come from
 :mod:`peft_utils.stats`, and every size, count and duration is written by :mod:`peft_utils.formatting`.
@@ -31,8 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -44,18 +45,25 @@ from peft_utils.formatting import (
     format_bytes,
     format_count,
     format_duration_tick,
+    format_paired_difference,
     format_seconds,
     format_share,
 )
 from peft_utils.methods import METHOD_NAMES, METHODS
+from peft_utils.report import paired_statistics
 from peft_utils.store import Results, RunStore
 from peft_utils.stats import (
-    accuracy_interval,
+    COMPARISON_GROUP,
+    PAIRED_RESAMPLES,
+    SWEEP_GROUP,
+    TUNE_GROUP,
     ema_smooth,
     ema_span,
+    learning_rate_scores,
     numeric_column,
     optional_column,
     per_method_summary,
+    runs_in_group,
 )
 
 __all__ = [
@@ -74,6 +82,7 @@ __all__ = [
     "plot_memory",
     "plot_trainable_params",
     "plot_sweep",
+    "plot_lr_tuning",
     "plot_summary",
     "plot_all",
     "main",
@@ -128,18 +137,13 @@ def _distinct_texts(values: Iterable[object]) -> list[str]:
 # Selecting runs
 # --------------------------------------------------------------------------------------------------------------
 def _comparison_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs that belong to the method comparison: everything not in the rank/alpha sweep."""
-    if runs.empty:
-        return runs
-    group = optional_column(runs, "group")
-    return runs[group.astype(object).ne("sweep") | group.isna()]
+    """Runs that belong to the method comparison (group ``"comparison"``, or none in older records)."""
+    return runs_in_group(runs, COMPARISON_GROUP)
 
 
 def _sweep_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs of the LoRA rank/alpha sweep (group ``"sweep"``)."""
-    if runs.empty or "group" not in runs.columns:
-        return runs.iloc[0:0]
-    return runs[runs["group"] == "sweep"]
+    return runs_in_group(runs, SWEEP_GROUP)
 
 
 def _rows_of_runs(frame: pd.DataFrame, run_ids: Iterable[str]) -> pd.DataFrame:
@@ -231,7 +235,8 @@ def _data_sizes_note(runs: pd.DataFrame) -> str | None:
     if evals.empty:
         evals = numeric_column(runs, "eval_size").dropna()
     data = []
-    for name, values in (("train", train), ("dev", evals)):
+    scored_on = _distinct_texts(optional_column(runs, "eval_split"))
+    for name, values in (("train", train), ("dev" if scored_on in ([], ["dev"]) else "held-out", evals)):
         if not values.empty:
             low, high = int(values.min()), int(values.max())
             data.append(f"{name} {high:,}" if low == high else f"{name} {low:,}-{high:,}")
@@ -344,76 +349,120 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
     return _save_with_footnote(fig, _png_path(out_dir, "loss.png"), runs, notes)
 
 
-def plot_accuracy(results: Results, out_dir: str | Path) -> Path | None:
-    """``accuracy.png``: final dev accuracy per method, value on each bar, 95% interval as an error bar.
+def plot_accuracy(results: Results, out_dir: str | Path, paired: pd.DataFrame | None = None,
+                  paired_reason: str | None = None) -> Path | None:
+    """``accuracy.png``: dev accuracy per method, each seed a dot, the mean with its 95% interval; and, beside it,
+    the paired differences to full fine-tuning (and of the LoRA variants to LoRA) with intervals and p-values.
 
-    Why the interval: on 872 dev sentences one sentence is 0.11 points, and methods often land within a
-    point of each other; the error bar shows which gaps are beyond dev-set noise (Wilson interval, or the
-    spread over seeds when a method has several). The y axis is zoomed to the data, because the differences
-    of interest are a point or two; its starting value is written in the axis label so truncated bars are not
-    mistaken for ratios, and the chance level (50%) is drawn when it is in range.
+    Why dots and not bars: with a few seeds the spread between them is part of the result, and bars on a zoomed
+    axis invite reading their length as a ratio. The interval on the mean is Student-t over seeds, or, for a
+    method with a single run, the Wilson interval of that run's dev accuracy (which ignores seed noise; the
+    legend says which). Why the paired panel: the per-method intervals overlap even when one method is reliably
+    better on the same sentences; the paired difference cancels the sentences' shared difficulty.
+    ``paired``: :func:`peft_utils.stats.paired_comparisons` rows (None: the panel is left out, with
+    ``paired_reason`` in the footnote).
     """
     runs = _comparison_runs(results.runs)
     table = _methods_with(runs, "accuracy")
     if table.empty:
         return None
     methods = list(table.index)
-    acc = table["accuracy"].to_numpy() * 100
-    has_err = table["acc_low"].notna().to_numpy()
-    low = np.where(has_err, table["acc_low"].to_numpy() * 100, acc)
-    high = np.where(has_err, table["acc_high"].to_numpy() * 100, acc)
-    fig = _new_figure(max(6.0, 1.35 * len(methods) + 2.5), 5.0)
-    ax = fig.add_subplot()
-    x = np.arange(len(methods))
-    floor = max(0.0, 5 * math.floor((low.min() - 2) / 5))
-    top = min(100.0, 5 * math.ceil((high.max() + 2) / 5))
-    bars = ax.bar(x, acc - floor, bottom=floor, width=0.62, color=[method_color(m) for m in methods],
-                  edgecolor="white", zorder=2)
-    if has_err.any():
-        ax.errorbar(x[has_err], acc[has_err], yerr=[acc[has_err] - low[has_err], high[has_err] - acc[has_err]],
-                    fmt="none", ecolor="#222222", elinewidth=1.2, capsize=5, zorder=3)
-    ax.set_ylim(floor, top + 0.02 * (top - floor))
-    _write_accuracy_on_bars(ax, bars, table["n_runs"].to_numpy(), acc, low, high, floor, top)
-    chance = _CHANCE_ACCURACY * 100
-    show_chance = floor < chance < top
-    if show_chance:
-        ax.axhline(chance, color="#555555", linestyle="--", linewidth=1, zorder=1.5)
-    _set_method_ticks(ax, methods)
-    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
-    ax.set_ylabel(f"dev accuracy (axis starts at {floor:.0f}%)" if floor > 0 else "dev accuracy")
-    ax.set_title("SST-2 dev accuracy per method", fontsize=13, loc="left")
-    _style_axes(ax)
-    notes = _accuracy_interval_notes(set(table["interval"]))
-    if show_chance:
-        notes.append("Dashed line: chance level (50%).")
+    pairs = paired if paired is not None and not paired.empty else None
+    width = max(5.5, 1.15 * len(methods) + 2.5)
+    height = max(4.8, 2.6 + (0 if pairs is None else 0.5 * len(pairs)))
+    fig = _new_figure(width + (0 if pairs is None else 7.2), height)
+    if pairs is not None:
+        left, right = fig.subplots(1, 2, width_ratios=[width, 6.0])
+    else:
+        left, right = fig.add_subplot(), None
+    kinds = _draw_accuracy_per_method(left, runs, table)
+    notes = ["Dots: one run (seed) each; black marker and bar: the mean and its 95% interval."]
+    if pairs is not None:
+        _draw_paired_differences(right, pairs)
+        notes.append(f"Paired differences: runs matched by seed, on the same {int(pairs['n_sentences'].max()):,} dev "
+                     f"sentences; interval: 95% bootstrap over sentences (each with all its seeds, "
+                     f"{PAIRED_RESAMPLES:,} resamples); p: exact McNemar sign test over sentences.")
+    elif paired_reason:
+        notes.append(f"Paired differences not shown: {paired_reason}.")
+    fig.suptitle("SST-2 dev accuracy per method" + (" and paired differences" if pairs is not None else ""),
+                 fontsize=13, x=0.01, ha="left")
+    if "Wilson" in kinds:
+        notes.append("Wilson interval: dev-set sampling noise of a single run only (run-to-run variation unseen).")
     return _save_with_footnote(fig, _png_path(out_dir, "accuracy.png"), runs, notes)
 
 
-def _write_accuracy_on_bars(ax, bars, n_runs: np.ndarray, acc: np.ndarray, low: np.ndarray, high: np.ndarray,
-                            floor: float, top: float) -> None:
-    """Each bar's accuracy (and seed count) in bold, placed clear of its error bar.
+def _draw_accuracy_per_method(ax, runs: pd.DataFrame, table: pd.DataFrame) -> set[str]:
+    """Seed dots, mean marker and 95% interval per method; returns the interval kinds drawn ("Wilson", "t ...")."""
+    methods = list(table.index)
+    x = np.arange(len(methods))
+    accuracy = numeric_column(runs, "final_accuracy")
+    values = []
+    for i, method in enumerate(methods):
+        seeds = accuracy[runs["method"] == method].dropna().to_numpy() * 100
+        values.extend(seeds)
+        offsets = np.linspace(-0.16, 0.16, len(seeds)) if len(seeds) > 1 else np.zeros(1)
+        ax.scatter(i - 0.12 + offsets * 0.6, seeds, s=34, color=method_color(method), alpha=0.75,
+                   edgecolor="white", linewidth=0.8, zorder=3)
+    mean = table["accuracy"].to_numpy() * 100
+    has_interval = table["acc_low"].notna().to_numpy()
+    low = np.where(has_interval, table["acc_low"].to_numpy() * 100, mean)
+    high = np.where(has_interval, table["acc_high"].to_numpy() * 100, mean)
+    ax.errorbar(x + 0.12, mean, yerr=[mean - low, high - mean], fmt="D", color="#222222", markersize=6,
+                elinewidth=1.4, capsize=5, zorder=4)
+    for i in range(len(methods)):
+        ax.annotate(f"{mean[i]:.1f}%", (x[i] + 0.12, mean[i]), xytext=(9, 0), textcoords="offset points",
+                    va="center", ha="left", fontsize=9.5, fontweight="bold", color="#222222")
+    ylo, yhi = min(np.nanmin(low), np.nanmin(values)), max(np.nanmax(high), np.nanmax(values))
+    pad = max(0.6, 0.12 * (yhi - ylo))
+    ax.set_ylim(ylo - pad, min(100.0, yhi + pad))
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    _set_method_ticks(ax, methods)
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=1))
+    ax.set_ylabel("dev accuracy (zoomed axis)")
+    ax.set_title("Accuracy: seeds and mean", fontsize=10, loc="left")
+    _style_axes(ax)
+    kinds = set(table["interval"])
+    handles = [Line2D([], [], linestyle="none", marker="o", color="#888888", markersize=6, label="one seed"),
+               Line2D([], [], linestyle="none", marker="D", color="#222222", markersize=6,
+                      label="mean, " + _interval_legend(kinds))]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8.5, frameon=False)
+    return kinds
 
-    The number goes inside the bar, just under the error bar's lower end; above the bar it would collide
-    with the error bar. Bars too short to hold it get it above the upper end of the error bar instead.
-    """
-    pad = 0.02 * (top - floor)
-    for i, bar in enumerate(bars):
-        seeds = int(n_runs[i])
-        text = f"{acc[i]:.1f}%" + (f"\n({seeds} seeds)" if seeds > 1 else "")
-        inside = (low[i] - floor) / (top - floor) > (0.16 if seeds > 1 else 0.1)
-        ax.text(bar.get_x() + bar.get_width() / 2, low[i] - pad if inside else high[i] + pad, text,
-                ha="center", va="top" if inside else "bottom", fontsize=10, fontweight="bold",
-                color="white" if inside else "#222222", zorder=4)
 
-
-def _accuracy_interval_notes(kinds: set[str]) -> list[str]:
-    """The footnote naming the intervals drawn as error bars (``kinds``: the summary's ``interval`` column)."""
-    explain = []
+def _interval_legend(kinds: set[str]) -> str:
+    """Which 95% interval the error bars are, from the summary's ``interval`` column."""
+    t_kinds = sorted(k.removeprefix("t over ") for k in kinds if k.startswith("t over"))
+    parts = [f"Student-t over {'/'.join(t_kinds)}"] if t_kinds else []
     if "Wilson" in kinds:
-        explain.append("95% Wilson score interval from the dev-set size (single run)")
-    if any(k.startswith("t over") for k in kinds):
-        explain.append("95% Student-t interval of the mean over seeds (several runs)")
-    return ["Error bars: " + "; ".join(explain) + "."] if explain else []
+        parts.append("Wilson (single run)")
+    return "95% " + " or ".join(parts) + " interval" if parts else "no interval"
+
+
+def _draw_paired_differences(ax, pairs: pd.DataFrame) -> None:
+    """A forest plot: one row per pair, the difference in points with its interval, the numbers on the right."""
+    y = np.arange(len(pairs))[::-1]
+    diff = pairs["difference"].to_numpy() * 100
+    low, high = pairs["low"].to_numpy() * 100, pairs["high"].to_numpy() * 100
+    for yi, d, lo, hi, method in zip(y, diff, low, high, pairs["method"]):
+        ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt=METHOD_MARKERS.get(method, "o"), color=method_color(method),
+                    markersize=7, elinewidth=1.8, capsize=4, zorder=3)
+    ax.axvline(0, color="#555555", linewidth=1, linestyle="--", zorder=1)
+    reach = max(0.5, np.nanmax(np.abs(np.concatenate([low, high]))))
+    ax.set_xlim(-1.15 * reach, 1.15 * reach)
+    ax.set_ylim(-0.6, len(pairs) - 0.4)
+    labels = [f"{method_label(m)} − {method_label(r)}" for m, r in zip(pairs["method"], pairs["reference"])]
+    ax.set_yticks(y, labels)
+    numbers = ax.twinx()  # the numbers as right-hand tick labels: the layout engine then keeps them in view
+    numbers.set_ylim(ax.get_ylim())
+    seeds = pairs["n_seeds"].to_numpy()
+    numbers.set_yticks(y, [format_paired_difference(*row) + (f" ({s} seeds)" if s > 1 else "")
+                           for row, s in zip(pairs[["difference", "low", "high", "p_value"]].to_numpy(), seeds)])
+    numbers.tick_params(length=0, labelsize=8.5)
+    numbers.spines[["top", "right", "left"]].set_visible(False)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+.0f}" if v else "0"))
+    ax.set_xlabel("accuracy difference (percentage points; right of 0: first method better)")
+    ax.set_title("Paired differences (95% CI, McNemar p)", fontsize=10, loc="left")
+    _style_axes(ax, "x")
 
 
 def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
@@ -712,115 +761,158 @@ def plot_trainable_params(results: Results, out_dir: str | Path) -> Path | None:
     return _save_with_footnote(fig, _png_path(out_dir, "trainable_params.png"), runs)
 
 
-def _alpha_ratio_label(ratio: float) -> str:
-    text = f"{ratio:g}" if ratio >= 1 or ratio == 0 else f"{ratio:.3g}"
-    return f"α/r = {text}"
-
-
 def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
-    """``sweep.png``: the LoRA rank/alpha sweep, or ``None`` when no run has group ``"sweep"``.
+    """``sweep.png``: the LoRA rank x alpha/r grid as a heatmap of dev accuracy, trainable parameters beside it.
 
-    Left: dev accuracy vs rank, one line per alpha/rank ratio. The ratio, not alpha, is the line key because
-    LoRA scales its update by alpha/r: runs with equal ratio share the effective learning rate of the update,
-    so the line isolates the effect of capacity (rank). Right: trainable parameters vs rank, which grow
-    linearly with r; together they show where extra rank stops paying off. Full fine-tuning (from the
-    comparison group) is drawn as a dashed reference when present.
+    Rows are ranks, columns the alpha/r ratio. The ratio, not alpha, is the column key because LoRA scales its
+    update by alpha/r: along a column the update's scale is fixed and only capacity (rank) changes. With rsLoRA
+    the scale is alpha/sqrt(r) instead, and the title says so. Each cell is the mean over its seeds. The bars
+    share the heatmap's rows: trainable parameters grow linearly with r and do not depend on alpha, so together
+    they show where extra rank stops paying off. ``None`` when no run has group ``"sweep"``.
     """
     sweep = _sweep_runs(results.runs)
     if sweep.empty:
         return None
     sweep = sweep.assign(**{name: numeric_column(sweep, name)
-                            for name in ("rank", "alpha", "final_accuracy", "trainable_params", "n_eval")})
-    sweep = sweep[sweep["rank"] > 0]
+                            for name in ("rank", "alpha", "final_accuracy", "trainable_params")})
+    sweep = sweep[(sweep["rank"] > 0) & sweep["final_accuracy"].notna()]
     if sweep.empty:
         return None
-    sweep = sweep.assign(ratio=(sweep["alpha"] / sweep["rank"]).round(4))
-    ranks = sorted(sweep["rank"].unique())
+    rslora = optional_column(sweep, "rslora").astype(object).where(lambda v: v.notna(), False).astype(bool)
+    sweep = sweep.assign(ratio=(sweep["alpha"] / sweep["rank"]).round(4), rslora=rslora)
+    ranks, ratios = sorted(sweep["rank"].unique()), sorted(sweep["ratio"].unique())
+    variants = sorted(sweep["rslora"].unique())
     comparison = _method_summary(_comparison_runs(results.runs))
     full = comparison.loc["full"] if "full" in comparison.index else None
-    fig = _new_figure(12, 4.8)
-    left, right = fig.subplots(1, 2)
-    several_seeds = _draw_sweep_accuracy(left, sweep, math.nan if full is None else full["accuracy"])
-    _set_rank_axis(left, ranks)
-    left.yaxis.set_major_formatter(PercentFormatter(decimals=1))
-    left.set_ylabel("dev accuracy")
-    left.set_title("Accuracy vs rank (95% intervals)", fontsize=10, loc="left")
-    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=min(4, sweep["ratio"].nunique() + 1),
-                fontsize=8.5, frameon=False)
-    _draw_sweep_params(right, sweep, math.nan if full is None else full["trainable_params"])
-    _set_rank_axis(right, ranks)
-    right.set_ylabel("trainable parameters (log scale)")
-    right.set_title("Trainable parameters vs rank (independent of α)", fontsize=10, loc="left")
-    for ax in (left, right):
-        _style_axes(ax, "both")
-    fig.suptitle("LoRA rank / alpha sweep", fontsize=13, x=0.01, ha="left")
-    notes = ["Error bars: 95% interval (Wilson from the dev-set size; Student-t over seeds where a point has "
-             "several runs)." if several_seeds else "Error bars: 95% Wilson interval from the dev-set size."]
+    heat_width = 0.95 * len(ratios) + 1.2
+    fig = _new_figure(len(variants) * heat_width + 1.2 + 4.2, 0.42 * len(ranks) + 2.4)
+    axes = fig.subplots(1, len(variants) + 1, width_ratios=[heat_width] * len(variants) + [4.2], sharey=True)
+    cells = sweep.groupby(["rslora", "rank", "ratio"])["final_accuracy"].agg(["mean", "size"])
+    low, high = cells["mean"].min() * 100, cells["mean"].max() * 100
+    for ax, variant in zip(axes, variants):
+        image = _draw_sweep_heatmap(ax, cells.loc[variant], ranks, ratios, (low, high))
+        ax.set_title(("rsLoRA: scale α/√r" if variant else "LoRA: scale α/r") + "\n(dev accuracy, %)", fontsize=10,
+                     loc="left")
+    fig.colorbar(image, ax=list(axes[:-1]), shrink=0.8, pad=0.02)  # the values are written in the cells too
+    _draw_sweep_params(axes[-1], sweep, ranks, math.nan if full is None else full["trainable_params"])
+    title = "LoRA rank × α/r sweep" + (" (rsLoRA)" if variants == [True] else "")
+    fig.suptitle(title, fontsize=13, x=0.01, ha="left")
+    seeds = cells["size"].max()
+    notes = [f"Cells: mean dev accuracy over {'up to ' if cells['size'].min() < seeds else ''}{seeds} seed"
+             f"{'s' if seeds > 1 else ''}; blank cells were not run."]
+    if full is not None and np.isfinite(full["accuracy"]):
+        notes.append(f"Full fine-tuning (comparison runs): {full['accuracy'] * 100:.1f}% dev accuracy.")
     return _save_with_footnote(fig, _png_path(out_dir, "sweep.png"), sweep, notes)
 
 
-def _draw_sweep_accuracy(ax, sweep: pd.DataFrame, full_accuracy: float) -> bool:
-    """Accuracy vs rank with 95% error bars, one line per alpha/r ratio; True when a point has several seeds."""
-    ratios = sorted(sweep["ratio"].dropna().unique())
-    markers = "osD^vP*X"
-    # Shades of the LoRA colour: every sweep run is LoRA, the shade tells the alpha/r ratio apart.
-    shades = [_mix_colors(METHOD_COLORS["lora"], "#000000", f) for f in np.linspace(0.0, 0.55, max(len(ratios), 1))]
-    several_seeds = False
-    for i, ratio in enumerate(ratios):
-        sub = sweep[sweep["ratio"] == ratio]
-        xs, ys, lows, highs = [], [], [], []
-        for rank in sorted(sub["rank"].unique()):
-            at = sub[sub["rank"] == rank]
-            several_seeds |= len(at) > 1
-            mean, low, high, _ = accuracy_interval(at["final_accuracy"], at["n_eval"])
-            if np.isfinite(mean):
-                xs.append(rank), ys.append(mean * 100), lows.append(low * 100), highs.append(high * 100)
-        if not xs:
-            continue
-        xs_a, ys_a, lo_a, hi_a = map(np.asarray, (xs, ys, lows, highs))
-        # Dodge the lines sideways (in log2 space) so overlapping error bars of different ratios stay legible.
-        xs_a = xs_a * 2 ** (0.06 * (i - (len(ratios) - 1) / 2))
-        yerr = None if np.isnan(lo_a).all() else [ys_a - lo_a, hi_a - ys_a]
-        ax.errorbar(xs_a, ys_a, yerr=yerr, color=shades[i], marker=markers[i % len(markers)], markersize=6,
-                    linewidth=2, capsize=4, label=_alpha_ratio_label(ratio))
-    if np.isfinite(full_accuracy):
-        ax.axhline(full_accuracy * 100, color=METHOD_COLORS["full"], linestyle="--", linewidth=1.3,
-                   label="full fine-tuning")
-    return several_seeds
+def _draw_sweep_heatmap(ax, cells: pd.DataFrame, ranks: Sequence[float], ratios: Sequence[float],
+                        value_range: tuple[float, float]):
+    """Mean accuracy per (rank, ratio) cell, annotated; returns the image for the colour bar."""
+    matrix = np.full((len(ranks), len(ratios)), np.nan)
+    for (rank, ratio), mean in cells["mean"].items():
+        matrix[ranks.index(rank), ratios.index(ratio)] = mean * 100
+    low, high = value_range
+    spread = max(high - low, 0.1)
+    cmap = colormaps["viridis"].with_extremes(bad="#F2F2F2")
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=low - 0.05 * spread, vmax=high + 0.05 * spread,
+                      aspect="auto")
+    for (row, column), value in np.ndenumerate(matrix):
+        if np.isfinite(value):
+            dark = (value - low) / spread < 0.55  # viridis is dark at the low end
+            ax.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=9,
+                    color="white" if dark else "#1A1A1A", fontweight="bold" if value == high else "normal")
+    ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios])
+    ax.set_yticks(range(len(ranks)), [f"{r:g}" for r in ranks])
+    ax.set_xlabel("α / r")
+    ax.set_ylabel("LoRA rank r")
+    ax.tick_params(length=0)
+    ax.spines[:].set_visible(False)
+    return image
 
 
-def _draw_sweep_params(ax, sweep: pd.DataFrame, full_params: float) -> None:
-    """Trainable parameters vs rank on a log axis, with full fine-tuning's count as a dashed reference."""
-    params = sweep.groupby("rank")["trainable_params"].first().dropna()
-    if params.empty:
-        return
-    ax.plot(params.index, params.to_numpy(), color=METHOD_COLORS["lora"], marker="o", linewidth=2, label="LoRA")
-    for rank, value in params.items():
-        ax.annotate(format_count(value), (rank, value), textcoords="offset points", xytext=(0, 8), ha="center",
-                    fontsize=8.5)
-    top = params.max()
+def _draw_sweep_params(ax, sweep: pd.DataFrame, ranks: Sequence[float], full_params: float) -> None:
+    """Trainable parameters per rank (rows shared with the heatmap), log scale, full fine-tuning as a reference."""
+    params = sweep.groupby("rank")["trainable_params"].first().reindex(ranks)
+    known = params.notna().to_numpy()
+    y = np.arange(len(ranks))
+    bars = ax.barh(y[known], params.to_numpy()[known], color=METHOD_COLORS["lora"], height=0.6, zorder=2)
+    _label_bars(ax, bars, [format_count(v) for v in params.to_numpy()[known]], fontsize=8.5)
+    top = np.nanmax(params.to_numpy()) if known.any() else 1.0
     if np.isfinite(full_params):
-        ax.axhline(full_params, color=METHOD_COLORS["full"], linestyle="--", linewidth=1.3,
+        ax.axvline(full_params, color=METHOD_COLORS["full"], linestyle="--", linewidth=1.3,
                    label=f"full fine-tuning ({format_count(full_params)})")
+        ax.legend(loc="upper right", fontsize=8.5, framealpha=0.9, edgecolor="none")  # beside the shortest bars
         top = max(top, full_params)
-    ax.set_yscale("log")
-    ax.set_ylim(params.min() / 3, top * 4)
-    ax.yaxis.set_major_formatter(_tick_formatter(format_count))
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8.5, frameon=False)
+    ax.set_xscale("log")
+    bottom = np.nanmin(params.to_numpy()) if known.any() else 1.0
+    ax.set_xlim(bottom / 3, top * 8)
+    ax.xaxis.set_major_formatter(_tick_formatter(format_count))
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_title("Trainable parameters\n(independent of α)", fontsize=10, loc="left")
+    ax.tick_params(axis="y", labelleft=False, length=0)
+    _style_axes(ax, "x")
 
 
-def _set_rank_axis(ax, ranks: Sequence[float]) -> None:
-    """A log2 x axis with one tick per swept rank."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ranks, [f"{r:g}" for r in ranks])
+def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
+    """``lr_tuning.png``: held-out accuracy vs learning rate per method, each method's chosen rate marked.
+
+    The tuning runs (group ``"tune"``) are scored on a held-out slice of the train split, never on dev, so the
+    rate is chosen without looking at the reported split; the chooser is :func:`peft_utils.stats.choose_learning_rates`,
+    the same function the training side calls. Why plot the whole grid: a chosen rate at the grid's edge, or a flat
+    curve, says the grid (not the method) decided. ``None`` when there is no tuning run.
+    """
+    tune = runs_in_group(results.runs, TUNE_GROUP)
+    if tune.empty:
+        return None
+    scores = learning_rate_scores(tune)
+    if scores.empty:
+        return None
+    fig = _new_figure(9.5, 5.2)
+    ax = fig.add_subplot()
+    accuracy = numeric_column(tune, "final_accuracy") * 100
+    several_seeds = (scores["n_seeds"] > 1).any()
+    methods = _in_display_order(scores["method"])
+    for i, method in enumerate(methods):
+        # Methods sharing a grid are nudged sideways (in log space) so coinciding curves stay visible.
+        nudge = 2 ** (0.05 * (i - (len(methods) - 1) / 2))
+        grid = scores[scores["method"] == method].assign(lr=lambda g: g["lr"] * nudge)
+        color = method_color(method)
+        if several_seeds:
+            at = tune["method"] == method
+            ax.scatter(numeric_column(tune[at], "lr") * nudge, accuracy[at], s=14, color=color, alpha=0.35,
+                       zorder=2)
+        ax.plot(grid["lr"], grid["accuracy"] * 100, color=color, marker=METHOD_MARKERS.get(method, "o"),
+                markersize=6, linewidth=2, zorder=3, label=method_label(method))
+        chosen = grid[grid["chosen"]].iloc[0]
+        ax.scatter(chosen["lr"], chosen["accuracy"] * 100, s=260, facecolor="none", edgecolor=color, linewidth=2.2,
+                   zorder=4)
+        ax.annotate(f"{chosen['lr'] / nudge:.0e}", (chosen["lr"], chosen["accuracy"] * 100), xytext=(0, 12),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8.5, color=color,
+                    fontweight="bold")
+    ax.set_xscale("log")
+    lrs = np.sort(scores["lr"].unique())
+    ax.set_xticks(lrs, [f"{lr:.0e}" for lr in lrs], rotation=45 if len(lrs) > 6 else 0)
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("LoRA rank r (log scale)")
-
-
-def _mix_colors(color_a: str, color_b: str, fraction: float) -> tuple[float, float, float]:
-    """``color_a`` moved ``fraction`` of the way towards ``color_b`` (RGB)."""
-    a, b = np.array(to_rgb(color_a)), np.array(to_rgb(color_b))
-    return tuple((1 - fraction) * a + fraction * b)
+    ax.set_xlim(lrs[0] / 1.6, lrs[-1] * 1.6)
+    values = scores["accuracy"].to_numpy() * 100
+    pad = max(1.0, 0.1 * np.ptp(values))
+    ax.set_ylim(np.nanmin(values) - pad, min(100.5, np.nanmax(values) + 1.5 * pad))
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    ax.set_xlabel("peak learning rate (log scale)")
+    split = "/".join(_distinct_texts(optional_column(tune, "eval_split"))) or "held-out"
+    ax.set_ylabel(f"held-out accuracy ({split})")
+    ax.set_title("Learning-rate tuning: accuracy on a held-out slice of the train split", fontsize=12, loc="left")
+    _style_axes(ax, "both")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], linestyle="none", marker="o", markersize=12, markerfacecolor="none",
+                          markeredgecolor="#444444"))
+    labels.append("chosen rate")
+    fig.legend(handles, labels, loc="outside right upper", frameon=False)
+    notes = ["Chosen: highest held-out accuracy (ties: lower held-out loss, then the smaller rate). The dev split "
+             "is never used for the choice."]
+    if several_seeds:
+        notes.append("Lines: mean over seeds; faint dots: single seeds.")
+    return _save_with_footnote(fig, _png_path(out_dir, "lr_tuning.png"), tune, notes)
 
 
 def _overlap_area(a: Bbox, b: Bbox) -> float:
@@ -1014,25 +1106,29 @@ def _summary_row(method: str, row: pd.Series, reference_time: float) -> list[str
 # --------------------------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------------------------
+# Every figure but the accuracy figure, which also takes the paired statistics (see plot_all).
 FIGURES = (
     plot_loss,
-    plot_accuracy,
     plot_accuracy_curve,
     plot_time,
     plot_model_size,
     plot_memory,
     plot_trainable_params,
     plot_sweep,
+    plot_lr_tuning,
     plot_summary,
 )
 
 
-def plot_all(results_dir: str | Path, imgs_dir: str | Path) -> list[Path]:
+def plot_all(results_dir: str | Path, imgs_dir: str | Path, data_dir: str | Path | None = None) -> list[Path]:
     """Load every complete run in ``results_dir`` and write each figure that applies to ``imgs_dir``.
 
-    Figures whose inputs are absent (no sweep group, no memory numbers, ...) are skipped rather than drawn
-    empty. Raises ``FileNotFoundError`` when ``results_dir`` does not exist and ``ValueError`` when it holds no
-    complete run, because an empty figure set would otherwise look like a success.
+    ``data_dir``: the SST-2 folder (or its parent) whose dev labels the paired tests need, since the records keep
+    predictions but not labels; by default ``SST2_DIR`` / ``PEFT_LAB_DATA``. Without labels (or with records
+    that predate ``dev_predictions``) the paired differences are left out with a printed one-line reason.
+    Figures whose inputs are absent (no sweep group, no tuning runs, no memory numbers, ...) are skipped rather
+    than drawn empty. Raises ``FileNotFoundError`` when ``results_dir`` does not exist and ``ValueError`` when it
+    holds no complete run, because an empty figure set would otherwise look like a success.
     """
     results_dir = Path(results_dir)
     results = RunStore(results_dir).load()
@@ -1042,6 +1138,11 @@ def plot_all(results_dir: str | Path, imgs_dir: str | Path) -> list[Path]:
     imgs_dir = Path(imgs_dir)
     imgs_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    if not _comparison_runs(results.runs).empty:
+        paired = paired_statistics(results.runs, data_dir)
+        path = plot_accuracy(results, imgs_dir, paired.table, paired.reason)
+        if path is not None:
+            written.append(path)
     for figure in FIGURES:
         path = figure(results, imgs_dir)
         if path is not None:
@@ -1057,11 +1158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("results_dir", type=Path, help="folder of <run_id>.jsonl run records, e.g. results/")
     parser.add_argument("imgs_dir", type=Path, help="folder to write the PNG figures into, e.g. imgs/")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="SST-2 folder (or its parent) for the dev labels of the paired tests "
+                             "(default: $SST2_DIR or $PEFT_LAB_DATA)")
     args = parser.parse_args(argv)
     if not args.results_dir.is_dir():
         parser.error(f"results folder {args.results_dir} does not exist; run the comparison first")
     try:
-        paths = plot_all(args.results_dir, args.imgs_dir)
+        paths = plot_all(args.results_dir, args.imgs_dir, args.data_dir)
     except ValueError as error:
         parser.error(str(error))
     for path in paths:

@@ -1,16 +1,33 @@
-"""Small display helpers for the notebook: they format, they never compute results.
+"""Display helpers for the notebook and the README: the summary table, the dev labels the paired tests need, and
+small formatters. They read records and format; the statistics themselves live in :mod:`peft_utils.stats`.
 
 Kept here so that the notebook holds no logic, only calls.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+import os
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
 
+import numpy as np
 import pandas as pd
 
 from .config import ExperimentConfig, config_record
-from .sizes import nf4_bits_per_weight
+from .formatting import format_bytes, format_count, format_paired_difference, format_points, format_seconds
+from .methods import METHODS
+from .stats import (
+    COMPARISON_GROUP,
+    numeric_column,
+    optional_column,
+    paired_comparisons,
+    per_method_summary,
+    runs_in_group,
+)
+
+# The references the summary table compares against, with their column titles.
+_REFERENCES = {"full": "vs full fine-tuning", "lora": "vs LoRA"}
 
 
 def show_source(*functions: Callable) -> None:
@@ -32,6 +49,8 @@ def describe_config(config: ExperimentConfig) -> str:
 
 def describe_quantization() -> str:
     """Bits per weight of the 4-bit formats, from the same function the size report uses."""
+    from .sizes import nf4_bits_per_weight  # on use: sizes imports torch, which the figures never need
+
     single, double = nf4_bits_per_weight(double_quant=False), nf4_bits_per_weight(double_quant=True)
     return (
         "| storage | bits per weight | vs fp32 |\n|---|---:|---:|\n"
@@ -64,3 +83,126 @@ def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.Dat
     runs = [names[r] for r in table["run_id"] if r in names]
     out[runs] = (100 * out[runs]).round(1)
     return out.rename(columns={name: f"{name}: P(positive) %" for name in runs})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dev labels and paired statistics
+# --------------------------------------------------------------------------------------------------------------
+def dev_labels(runs: pd.DataFrame, data_dir: str | Path | None = None) -> np.ndarray:
+    """The gold labels of the dev rows the comparison runs were scored on, in dev-file order.
+
+    Why they are read from the data and not the records: a record keeps what the model predicted, not the truth.
+    The rows are chosen exactly as the experiment chose them (all of dev, or the seeded subset of ``eval_size``
+    rows), and :func:`~peft_utils.stats.seed_correctness` then checks that these labels reproduce every run's
+    recorded accuracy. ``data_dir``: the SST-2 folder or its parent; by default ``SST2_DIR`` / ``PEFT_LAB_DATA``
+    (never a download). A one-line ``ValueError`` / ``OSError`` says why when they cannot be had.
+    """
+    comparison = runs_in_group(runs, COMPARISON_GROUP)
+    if comparison.empty:
+        raise ValueError("no comparison run to take dev labels for")
+    splits = {str(s) for s in optional_column(comparison, "eval_split").dropna()} - {"dev"}
+    if splits:
+        raise ValueError(f"comparison runs scored on {', '.join(sorted(splits))}, not on the dev split")
+    sizes = numeric_column(comparison, "eval_size").fillna(numeric_column(comparison, "n_eval")).dropna().unique()
+    if len(sizes) != 1:
+        raise ValueError(f"the comparison runs do not share one eval_size (found {sorted(sizes.tolist())})")
+    if data_dir is None and not (os.environ.get("SST2_DIR") or os.environ.get("PEFT_LAB_DATA")):
+        raise ValueError("no SST-2 folder for the dev labels: pass data_dir or set PEFT_LAB_DATA")
+    from .data import load_sst2, subset  # on use: the data module imports torch
+    from .experiment import EVAL_SUBSET_SEED
+
+    dev = load_sst2(data_dir)["dev"]
+    if sizes[0] > len(dev):
+        raise ValueError(f"the runs were scored on {int(sizes[0])} dev rows, the dev split has {len(dev)}")
+    return subset(dev, int(sizes[0]), EVAL_SUBSET_SEED)["label"].to_numpy()
+
+
+class PairedStatistics(NamedTuple):
+    """:func:`~peft_utils.stats.paired_comparisons` of a run set, or ``None`` with the reason it was skipped."""
+
+    table: pd.DataFrame | None
+    reason: str | None
+
+
+def paired_statistics(runs: pd.DataFrame, data_dir: str | Path | None = None,
+                      labels: np.ndarray | None = None) -> PairedStatistics:
+    """The paired tests of the comparison runs, or a one-line reason (printed to stderr) why there are none.
+
+    ``labels``: the dev labels when the caller has them; otherwise read with :func:`dev_labels` from ``data_dir``.
+    Skipped when fewer than two methods were compared, when the records predate ``dev_predictions``, or when the
+    labels cannot be found or do not reproduce the recorded accuracies.
+    """
+    comparison = runs_in_group(runs, COMPARISON_GROUP)
+    if optional_column(comparison, "method").nunique() < 2:
+        return PairedStatistics(None, None)  # nothing to compare: not a skipped test
+    try:
+        if labels is None:
+            labels = dev_labels(comparison, data_dir)
+        return PairedStatistics(paired_comparisons(comparison, labels), None)
+    except (ValueError, OSError) as error:
+        reason = str(error).splitlines()[0]
+        print(f"paired statistics skipped: {reason}", file=sys.stderr)  # stdout may be a list of figure paths
+        return PairedStatistics(None, reason)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The summary table
+# --------------------------------------------------------------------------------------------------------------
+def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per compared method: accuracy over seeds, cost, and the paired differences to the references.
+
+    Columns: ``n_seeds``, ``accuracy`` (mean) and ``accuracy_sd`` (sample sd over seeds; NaN with one seed, where
+    there is no spread to report), ``train_time_s`` (mean), ``peak_memory_bytes`` (max) and ``memory_kind``,
+    ``trainable_params``, ``disk_bytes`` and ``disk_kind``; then for each reference present in ``paired`` (full
+    fine-tuning, LoRA): ``vs_<ref>``, ``vs_<ref>_low``, ``vs_<ref>_high``, ``vs_<ref>_p`` (fractions). Only
+    comparison runs count. Indexed by method, in the package's method order.
+    """
+    comparison = runs_in_group(runs, COMPARISON_GROUP)
+    methods = [m for m in METHODS if m in set(optional_column(comparison, "method"))]
+    methods += sorted(set(optional_column(comparison, "method").dropna()) - set(methods))
+    summary = per_method_summary(comparison, methods)
+    if summary.empty:
+        return summary
+    accuracy = numeric_column(comparison, "final_accuracy").groupby(comparison["method"])
+    table = pd.DataFrame({
+        "n_seeds": accuracy.count().reindex(methods),
+        "accuracy": accuracy.mean().reindex(methods),
+        "accuracy_sd": accuracy.std(ddof=1).reindex(methods),
+    })
+    for column in ("train_time_s", "peak_memory_bytes", "memory_kind", "trainable_params", "disk_bytes", "disk_kind"):
+        table[column] = summary[column]
+    if paired is not None:
+        for reference in _REFERENCES:
+            rows = paired[paired["reference"] == reference].set_index("method")
+            if rows.empty:
+                continue
+            for suffix, column in (("", "difference"), ("_low", "low"), ("_high", "high"), ("_p", "p_value")):
+                table[f"vs_{reference}{suffix}"] = rows[column].reindex(methods)
+    table.index.name = "method"
+    return table
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    """:func:`summary_table` as a Markdown table for the README and the notebook (accuracy in %, differences in
+    percentage points with their 95% paired-bootstrap interval and McNemar p)."""
+    if table.empty:
+        return "(no comparison run)"
+    references = [r for r in _REFERENCES if f"vs_{r}" in table.columns]
+    accuracy_title = "dev accuracy % (mean ± sd)" if table["accuracy_sd"].notna().any() else "dev accuracy %"
+    header = ["method", accuracy_title, "seeds", "train time", "peak memory", "trainable params",
+              "shipped"] + [_REFERENCES[r] for r in references]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    for method, row in table.iterrows():
+        accuracy = format_points(row["accuracy"])
+        if np.isfinite(row["accuracy_sd"]):
+            accuracy += f" ± {format_points(row['accuracy_sd'])}"
+        memory = format_bytes(row["peak_memory_bytes"]) + (f" ({row['memory_kind']})" if row["memory_kind"] else "")
+        cells = [METHODS[method].label if method in METHODS else str(method), accuracy, str(int(row["n_seeds"])),
+                 format_seconds(row["train_time_s"]), memory, format_count(row["trainable_params"]),
+                 format_bytes(row["disk_bytes"])]
+        for reference in references:
+            difference = row[f"vs_{reference}"]
+            cells.append("—" if not np.isfinite(difference) else format_paired_difference(
+                difference, row[f"vs_{reference}_low"], row[f"vs_{reference}_high"], row[f"vs_{reference}_p"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -8,6 +8,8 @@ Conventions: accuracies are fractions in [0, 1]; every interval is two-sided, 95
 paired comparisons, ``correct_a``/``correct_b`` say per dev sentence whether method A/B classified it correctly,
 with the sentences in the same order for both: one row (shape ``(n_sentences,)``) per method for one seed, or a
 ``(n_seeds, n_sentences)`` matrix for several seeds (see :func:`paired_bootstrap` for how seeds are pooled).
+Runs come in groups (:func:`runs_in_group`): the method comparison, the rank x alpha sweep and the learning-rate
+tuning runs, which are scored on a held-out slice of the train split and so never mix with the others.
 """
 from __future__ import annotations
 
@@ -18,9 +20,15 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .methods import METHOD_NAMES
+
 __all__ = [
+    "COMPARISON_GROUP",
+    "SWEEP_GROUP",
+    "TUNE_GROUP",
     "optional_column",
     "numeric_column",
+    "runs_in_group",
     "wilson_interval",
     "MeanInterval",
     "mean_interval",
@@ -33,7 +41,22 @@ __all__ = [
     "mcnemar_exact",
     "PairedDifference",
     "paired_bootstrap",
+    "PAIRED_RESAMPLES",
+    "comparison_pairs",
+    "seed_correctness",
+    "paired_comparisons",
+    "learning_rate_scores",
+    "choose_learning_rates",
 ]
+
+# Run groups as the records name them. Records written before groups existed have none and are comparison runs.
+COMPARISON_GROUP = "comparison"
+SWEEP_GROUP = "sweep"
+TUNE_GROUP = "tune"
+# Paired comparisons drawn and tabulated: every method against full fine-tuning, and the LoRA variants against LoRA.
+_REFERENCE_METHOD = "full"
+_LORA_VARIANTS = ("dora", "qlora", "qdora")
+PAIRED_RESAMPLES = 10_000  # bootstrap resamples of the paired comparisons: percentiles stable to ~0.1 point
 
 # Per-method summary columns taken from the first run that has them: sizes and parameter counts do not depend on
 # the seed. Keys are summary columns, values the run-table columns they come from.
@@ -66,6 +89,21 @@ def optional_column(frame: pd.DataFrame, name: str) -> pd.Series:
 def numeric_column(frame: pd.DataFrame, name: str) -> pd.Series:
     """Column ``name`` as numbers: absent columns and unparsable values become NaN."""
     return pd.to_numeric(optional_column(frame, name), errors="coerce")
+
+
+def runs_in_group(runs: pd.DataFrame, group: str) -> pd.DataFrame:
+    """The runs of one group; records without a group (written before groups existed) count as comparison runs.
+
+    Why an exact match and not "everything but the sweep": learning-rate tuning runs are scored on a held-out
+    slice of the train split, so one in a comparison figure would mix two evaluation sets.
+    """
+    if runs.empty:
+        return runs
+    group_column = optional_column(runs, "group")
+    selected = group_column.astype(object).eq(group)
+    if group == COMPARISON_GROUP:
+        selected |= group_column.isna()
+    return runs[selected]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,6 +337,96 @@ def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarr
     return PairedDifference(float(per_sentence.mean()), float(low), float(high))
 
 
+def comparison_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The ``(method, reference)`` pairs worth testing among ``methods``, in the order given.
+
+    Every method against full fine-tuning (the question "what does PEFT cost in accuracy?"), then DoRA, QLoRA and
+    QDoRA against LoRA ("does the variant change anything over plain LoRA?"). A pair needs both methods present.
+    """
+    present = list(dict.fromkeys(methods))
+    pairs = [(m, _REFERENCE_METHOD) for m in present if m != _REFERENCE_METHOD and _REFERENCE_METHOD in present]
+    if "lora" in present:
+        pairs += [(m, "lora") for m in present if m in _LORA_VARIANTS]
+    return pairs
+
+
+def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> dict[str, dict[int, np.ndarray]]:
+    """Per method and seed, whether each dev sentence was classified correctly: ``{method: {seed: bool vector}}``.
+
+    ``runs``: comparison runs whose summary holds ``dev_predictions`` (dev-file order); ``labels``: the gold labels
+    of the same rows. Each run's correctness must reproduce its recorded ``final_accuracy``: that check proves the
+    labels belong to the rows the run was scored on, so a wrong data folder or subset can never produce a test.
+    A one-line ``ValueError`` names the first run that fails (no predictions, other length, other accuracy).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be a non-empty vector of 0/1 dev labels, got shape {labels.shape}")
+    predictions = optional_column(runs, "dev_predictions")
+    by_method: dict[str, dict[int, np.ndarray]] = {}
+    for index, run in runs.iterrows():
+        run_id = run.get("run_id", index)
+        predicted = predictions.loc[index]
+        if not isinstance(predicted, (list, tuple, np.ndarray)):
+            raise ValueError(f"run {run_id} records no dev_predictions (a record written before they were kept)")
+        predicted = np.asarray(predicted)
+        if predicted.shape != labels.shape:
+            raise ValueError(f"run {run_id} has {predicted.size} dev predictions but there are {labels.size} labels")
+        correct = predicted == labels
+        recorded = pd.to_numeric(pd.Series([run.get("final_accuracy")]), errors="coerce").iloc[0]
+        if np.isfinite(recorded) and abs(correct.mean() - recorded) > 1e-9:
+            raise ValueError(f"the dev labels give run {run_id} an accuracy of {correct.mean():.4f}, its record says "
+                             f"{recorded:.4f}: the labels are not those of the rows it was scored on")
+        seeds = by_method.setdefault(str(run["method"]), {})
+        seed = int(run.get("seed", 0) if pd.notna(run.get("seed", 0)) else 0)
+        if seed in seeds:
+            raise ValueError(f"two {run['method']} runs with seed {seed} (run {run_id}); one run per method and seed")
+        seeds[seed] = correct
+    return by_method
+
+
+def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int], n_resamples: int = PAIRED_RESAMPLES,
+                       seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
+    """One row per :func:`comparison_pairs` pair of the comparison runs: accuracy difference, interval, p-value.
+
+    Columns: ``method``, ``reference``, ``difference`` (method minus reference, mean over the paired seeds),
+    ``low`` / ``high`` (paired cluster-bootstrap interval, :func:`paired_bootstrap`, seeded with ``seed``),
+    ``p_value``, ``method_better`` / ``reference_better`` (sentences each got right more often,
+    :func:`mcnemar_exact`), ``n_seeds`` and ``n_sentences``. Fractions, not points.
+
+    How seeds pair: a run's seed fixes its training-data order, so the runs of two methods with the same seed
+    are the matched pair, and only the seeds both methods have are used (a seed one method lacks would change
+    its mean for a reason other than the method). Sentences are the independent unit: the bootstrap resamples
+    sentences, each carrying all its seeds, and McNemar's sign test counts, per sentence, which method got it
+    right in more of the paired seeds. Why not pool the discordant (seed, sentence) pairs into one McNemar
+    table: seeds are not new samples of sentences; a sentence that is hard for one method stays hard under every
+    seed, so k seeds would count its evidence k times and make p about k-fold too confident. The price of the
+    sentence-level test is that it ignores seed-to-seed noise in the trained models; the per-method spread over
+    seeds (mean ± sd) is reported beside it for that reason. An empty frame when no pair has a common seed.
+    """
+    comparison = runs_in_group(runs, COMPARISON_GROUP)
+    correctness = seed_correctness(comparison, labels)
+    rows = []
+    for method, reference in comparison_pairs(_known_order(correctness)):
+        seeds = sorted(set(correctness[method]) & set(correctness[reference]))
+        if not seeds:
+            continue
+        correct_method = np.stack([correctness[method][s] for s in seeds])
+        correct_reference = np.stack([correctness[reference][s] for s in seeds])
+        interval = paired_bootstrap(correct_method, correct_reference, n_resamples, seed, confidence)
+        test = mcnemar_exact(correct_method, correct_reference)
+        rows.append({"method": method, "reference": reference, "difference": interval.difference,
+                     "low": interval.low, "high": interval.high, "p_value": test.p_value,
+                     "method_better": test.a_better, "reference_better": test.b_better, "n_seeds": len(seeds),
+                     "n_sentences": correct_method.shape[1]})
+    return pd.DataFrame(rows, columns=["method", "reference", "difference", "low", "high", "p_value", "method_better",
+                                       "reference_better", "n_seeds", "n_sentences"])
+
+
+def _known_order(correctness: dict[str, dict[int, np.ndarray]]) -> list[str]:
+    """Methods in the package's order (full, LoRA, DoRA, QLoRA, QDoRA), others after them alphabetically."""
+    return [m for m in METHOD_NAMES if m in correctness] + sorted(set(correctness) - set(METHOD_NAMES))
+
+
 def _per_sentence_difference(correct_a: object, correct_b: object) -> np.ndarray:
     """A's mean correctness over its seeds minus B's, per sentence (a vector of length ``n_sentences``)."""
     matrix_a, matrix_b = _correctness_matrix(correct_a, "correct_a"), _correctness_matrix(correct_b, "correct_b")
@@ -327,3 +455,46 @@ def _correctness_matrix(values: object, name: str) -> np.ndarray:
 def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learning-rate tuning
+# --------------------------------------------------------------------------------------------------------------
+def learning_rate_scores(tune_runs: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
+    """The tuning grid's scores: one row per (method, lr) with the mean held-out accuracy and loss over seeds.
+
+    Columns ``method``, ``lr``, ``accuracy``, ``eval_loss``, ``n_seeds`` and ``chosen`` (True on each method's
+    rate picked by :func:`choose_learning_rates`), sorted by method and rate. Runs without an accuracy are left out.
+    """
+    frame = pd.DataFrame(tune_runs)
+    missing = [c for c in ("method", "lr", "final_accuracy") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"tuning runs need the fields method, lr and final_accuracy; missing: {', '.join(missing)}")
+    frame = frame.assign(lr=numeric_column(frame, "lr"), accuracy=numeric_column(frame, "final_accuracy"),
+                         eval_loss=numeric_column(frame, "final_eval_loss"))
+    frame = frame.dropna(subset=["lr", "accuracy"])
+    if frame.empty:
+        return pd.DataFrame(columns=["method", "lr", "accuracy", "eval_loss", "n_seeds", "chosen"])
+    scores = (frame.groupby(["method", "lr"], sort=True)
+              .agg(accuracy=("accuracy", "mean"), eval_loss=("eval_loss", "mean"), n_seeds=("accuracy", "size"))
+              .reset_index())
+    # Held-out accuracies are counts over the same rows, so equal counts are exact ties; rounding only removes the
+    # last-bit noise of averaging over seeds. A missing loss never wins a tie.
+    scores["chosen"] = False
+    rank_key = scores.assign(_accuracy=-scores["accuracy"].round(12), _loss=scores["eval_loss"].fillna(math.inf))
+    best = rank_key.sort_values(["method", "_accuracy", "_loss", "lr"]).groupby("method").head(1).index
+    scores.loc[best, "chosen"] = True
+    return scores
+
+
+def choose_learning_rates(tune_runs: pd.DataFrame | Sequence[dict]) -> dict[str, float]:
+    """Each method's learning rate from its tuning runs: the highest held-out accuracy (mean over seeds).
+
+    Ties go to the lower held-out loss (the more confident correct model), then to the smaller rate (the more
+    conservative update). ``tune_runs``: the tuning runs' records (a run table or a list of dicts) with
+    ``method``, ``lr``, ``final_accuracy`` and optionally ``final_eval_loss``; they are scored on the held-out
+    slice of the train split, never on dev, so the choice does not peek at the reported split.
+    """
+    scores = learning_rate_scores(tune_runs)
+    chosen = scores[scores["chosen"]]
+    return {str(method): float(lr) for method, lr in zip(chosen["method"], chosen["lr"])}

@@ -1,5 +1,7 @@
 """Figures from saved run records: every PNG is written, readable and skipped when it does not apply.
 
+``write_multiseed_results`` and ``tune_runs_table`` are shared with ``test_report.py``.
+
 The run files here are synthetic test fixtures written with the real ``RunRecorder`` (made-up numbers with
 realistic magnitudes for GPT-2 124M on SST-2), so the plots are exercised through the on-disk format.
 """
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / ".cache" / "matplotlib"))
@@ -27,7 +30,8 @@ from peft_utils.formatting import (  # noqa: E402
     format_seconds,
     format_share,
 )
-from peft_utils.store import RunRecorder, RunStore  # noqa: E402
+from peft_utils.data import load_sst2  # noqa: E402
+from peft_utils.store import Results, RunRecorder, RunStore  # noqa: E402
 from peft_utils.stats import ema_smooth, wilson_interval  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +72,16 @@ def _size_report(method: str, trainable: int) -> dict[str, object]:
 def _write_run(results_dir: Path, run_id: str, *, method: str, group: str, accuracy: float, seconds: float,
                memory: float, trainable: int, dtype: str, rank: int = 8, alpha: int = 16, seed: int = 0,
                n_steps: int = 40, n_evals: int = 3, rng: np.random.Generator, memory_kind: str = "cuda",
-               complete: bool = True) -> None:
-    n_eval = 872
+               complete: bool = True, lr: float = 2e-4, n_eval: int = 872, predictions: np.ndarray | None = None,
+               eval_loss: float = 0.3, **config_extra: object) -> None:
+    summary_extra = {} if predictions is None else {"dev_predictions": predictions.tolist(),
+                                                    "dev_probabilities": (0.1 + 0.8 * predictions).tolist()}
     with RunRecorder(results_dir, run_id) as rec:
         rec.log("config", run_id=run_id, group=group, method=method, model="gpt2 (124M)", rank=rank,
-                alpha=alpha, seed=seed, epochs=n_evals, lr=2e-4, batch_size=32, train_size=4000,
+                alpha=alpha, seed=seed, epochs=n_evals, lr=lr, batch_size=32, train_size=4000,
                 eval_size=n_eval, device="cuda (NVIDIA H100)", compute_dtype=dtype,
-                trainable_params=trainable, total_params=TOTAL_PARAMS, size=_size_report(method, trainable))
+                trainable_params=trainable, total_params=TOTAL_PARAMS, size=_size_report(method, trainable),
+                **config_extra)
         for step in range(1, n_steps + 1):
             loss = 0.25 + 0.45 * math.exp(-step / (n_steps / 4)) + rng.normal(0, 0.06)
             rec.log("step", step=step, epoch=step / (n_steps / n_evals), loss=loss, lr=2e-4,
@@ -86,8 +93,8 @@ def _write_run(results_dir: Path, run_id: str, *, method: str, group: str, accur
         if complete:
             rec.log("summary", train_time_s=seconds, eval_time_s=6.0, samples_per_s=4000 * n_evals / seconds,
                     tokens_per_s=4000 * n_evals * 40 / seconds, peak_memory_bytes=memory,
-                    memory_kind=memory_kind, final_accuracy=accuracy, final_eval_loss=0.3, n_eval=n_eval,
-                    steps=n_steps)
+                    memory_kind=memory_kind, final_accuracy=accuracy, final_eval_loss=eval_loss, n_eval=n_eval,
+                    steps=n_steps, **summary_extra)
 
 
 def write_fake_results(results_dir: Path, methods: tuple[str, ...] = tuple(FAKE_METHODS), sweep: bool = True,
@@ -112,6 +119,63 @@ def write_fake_results(results_dir: Path, methods: tuple[str, ...] = tuple(FAKE_
     _write_run(results_dir, "cmp-crashed", method="lora", group="comparison", accuracy=0.1, seconds=1.0,
                memory=1.0, trainable=1, dtype="bfloat16", n_steps=5, rng=rng, complete=False)
     return results_dir
+
+
+SWEEP_RANKS = (1, 2, 4, 8, 16, 32, 64)
+SWEEP_RATIOS = (0.5, 1, 2, 4)
+# Per method: the extra error rate over the errors every method shares (on the "hard" sentences).
+MULTISEED_ERROR = {"full": 0.02, "lora": 0.035, "dora": 0.03, "qlora": 0.045}
+
+
+def multiseed_predictions(labels: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """Predictions of a made-up run: wrong on the sentences every method finds hard (the first 10% of a fixed
+    permutation) and on a method- and seed-specific random share, right elsewhere."""
+    n = len(labels)
+    hard = np.random.default_rng(12345).permutation(n)[: n // 10]
+    wrong = np.zeros(n, dtype=bool)
+    wrong[hard] = True
+    wrong |= np.random.default_rng([seed, sorted(MULTISEED_ERROR).index(method)]).random(n) < MULTISEED_ERROR[method]
+    return np.where(wrong, 1 - labels, labels)
+
+
+def write_multiseed_results(results_dir: Path, labels: np.ndarray, seeds: tuple[int, ...] = (0, 1, 2),
+                            sweep: bool = True, rslora: bool = False) -> Path:
+    """A multi-seed comparison with per-sentence predictions for ``labels`` and the full rank x alpha/r grid."""
+    rng = np.random.default_rng(1)
+    for method in MULTISEED_ERROR:
+        _, seconds, memory, trainable, dtype = FAKE_METHODS[method]
+        for seed in seeds:
+            predictions = multiseed_predictions(labels, method, seed)
+            _write_run(results_dir, f"cmp-{method}-s{seed}", method=method, group="comparison",
+                       accuracy=float((predictions == labels).mean()), seconds=seconds * (1 + 0.03 * seed),
+                       memory=memory, trainable=trainable, dtype=dtype, seed=seed, n_steps=8, n_evals=2, rng=rng,
+                       n_eval=len(labels), predictions=predictions, eval_split="dev")
+    if sweep:
+        for seed in seeds[:2]:
+            for rank in SWEEP_RANKS:
+                for ratio in SWEEP_RATIOS:
+                    accuracy = 0.86 + 0.004 * math.log2(rank) - 0.006 * abs(math.log2(ratio) - 1) + 0.002 * seed
+                    _write_run(results_dir, f"sweep-r{rank}-a{rank * ratio:g}-s{seed}", method="lora", group="sweep",
+                               accuracy=accuracy, seconds=300.0, memory=1.6e9, trainable=1_536 + rank * 36_864,
+                               dtype="bfloat16", rank=rank, alpha=rank * ratio, seed=seed, n_steps=3, n_evals=1,
+                               rng=rng, rslora=rslora)
+    return results_dir
+
+
+def tune_runs_table(methods: tuple[str, ...] = ("full", "lora", "dora"),
+                    lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)) -> pd.DataFrame:
+    """Learning-rate tuning runs (group "tune") as a run table; held-out accuracy peaks at a method's own rate."""
+    peak = {"full": 1e-4, "lora": 1e-3, "dora": 3e-3}
+    rows = []
+    for method in methods:
+        for seed in (0, 1):
+            for lr in lrs:
+                accuracy = 0.88 - 0.02 * math.log10(lr / peak[method]) ** 2 + 0.003 * seed - 0.004 * len(method)
+                rows.append({"run_id": f"tune-{method}-lr{lr:g}-s{seed}", "group": "tune", "method": method,
+                             "lr": lr, "seed": seed, "final_accuracy": accuracy, "final_eval_loss": 1 - accuracy,
+                             "eval_split": "train-holdout", "n_eval": 500, "model": "gpt2 (124M)",
+                             "train_time_s": 1.0})
+    return pd.DataFrame(rows)
 
 
 def _assert_png(path: Path, min_pixels: int = 400) -> None:
@@ -271,3 +335,63 @@ def test_log_time_axis_uses_clock_ticks() -> None:
     assert [format_duration_tick(t) for t in (20, 30, 60, 300, 1200, 3600, 7200)] == [
         "20 s", "30 s", "1 min", "5 min", "20 min", "1 h", "2 h"]
     assert duration_ticks(100.0, 110.0) == [pytest.approx(math.sqrt(100.0 * 110.0))]  # never tickless
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Seeds, paired differences, run groups, learning-rate tuning and the rank x alpha map
+# --------------------------------------------------------------------------------------------------------------
+def test_multiseed_figures_with_paired_differences(tmp_path: Path, sst2_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    labels = load_sst2(sst2_dir)["dev"]["label"].to_numpy()
+    results_dir = write_multiseed_results(tmp_path / "results", labels)
+    paths = plots.plot_all(results_dir, tmp_path / "imgs", data_dir=sst2_dir)
+    assert {p.name for p in paths} == COMPARISON_PNGS | {"sweep.png"}
+    assert "skipped" not in capsys.readouterr().err
+    for path in paths:
+        _assert_png(path)
+    # The paired panel is drawn beside the per-method panel: the figure is much wider than without it.
+    without = plots.plot_accuracy(RunStore(results_dir).load(), tmp_path / "plain")
+    assert imread(tmp_path / "imgs" / "accuracy.png").shape[1] > 1.5 * imread(without).shape[1]
+
+
+def test_tune_runs_never_enter_comparison_figures(tmp_path: Path) -> None:
+    results_dir = write_fake_results(tmp_path / "results", methods=("full", "lora"), sweep=False, lora_seeds=1,
+                                     n_steps=5)
+    loaded = RunStore(results_dir).load()
+    tune = tune_runs_table(("full", "lora", "dora"))
+    results = Results(pd.concat([loaded.runs, tune], ignore_index=True), loaded.steps, loaded.evals)
+    comparison = plots._comparison_runs(results.runs)
+    assert set(comparison["run_id"]) == set(loaded.runs["run_id"])
+    assert list(plots._method_summary(comparison).index) == ["full", "lora"]  # no DoRA: it was only tuned
+    assert plots.plot_sweep(results, tmp_path / "imgs") is None
+
+
+def test_lr_tuning_figure_and_its_absence(tmp_path: Path) -> None:
+    empty = Results(pd.DataFrame({"run_id": ["a"], "group": ["comparison"], "method": ["lora"]}), pd.DataFrame(),
+                    pd.DataFrame())
+    assert plots.plot_lr_tuning(empty, tmp_path) is None
+    path = plots.plot_lr_tuning(Results(tune_runs_table(), pd.DataFrame(), pd.DataFrame()), tmp_path)
+    assert path == tmp_path / "lr_tuning.png"
+    _assert_png(path)
+
+
+def test_sweep_heatmap_full_grid_and_rslora(tmp_path: Path) -> None:
+    labels = np.zeros(50, dtype=int)
+    for rslora in (False, True):
+        results_dir = write_multiseed_results(tmp_path / f"results-{rslora}", labels, seeds=(0,), rslora=rslora)
+        path = plots.plot_sweep(RunStore(results_dir).load(), tmp_path / f"imgs-{rslora}")
+        _assert_png(path)
+    # Both scalings in one folder are drawn as two heatmaps, never averaged into one.
+    frame = pd.concat([RunStore(tmp_path / f"results-{r}").load().runs.assign(rslora=r) for r in (False, True)])
+    both = plots.plot_sweep(Results(frame, pd.DataFrame(), pd.DataFrame()), tmp_path / "imgs-both")
+    assert imread(both).shape[1] > imread(tmp_path / "imgs-True" / "sweep.png").shape[1] * 1.3
+
+
+@pytest.mark.parametrize("folder", ["cpu-reference", "cpu-fulltrain"])
+def test_committed_records_regenerate(folder: str, tmp_path: Path, sst2_dir: Path) -> None:
+    """The committed records (cpu-fulltrain predates dev_predictions; cpu-reference has a 3-run sweep) still draw."""
+    paths = plots.plot_all(REPO_ROOT / "results" / folder, tmp_path, data_dir=sst2_dir)
+    expected = COMPARISON_PNGS | ({"sweep.png"} if folder == "cpu-reference" else set())
+    assert {p.name for p in paths} == expected
+    for path in paths:
+        _assert_png(path)

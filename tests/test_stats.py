@@ -11,11 +11,16 @@ from scipy import stats as scipy_stats
 
 from peft_utils.stats import (
     accuracy_interval,
+    choose_learning_rates,
+    comparison_pairs,
     ema_span,
+    learning_rate_scores,
     mcnemar_exact,
     mean_interval,
     paired_bootstrap,
+    paired_comparisons,
     per_method_summary,
+    runs_in_group,
     wilson_interval,
 )
 
@@ -214,3 +219,109 @@ def test_bootstrap_rejects_bad_settings() -> None:
         paired_bootstrap(a, b, confidence=95)
     with pytest.raises(ValueError, match="n_resamples must be a positive whole number"):
         paired_bootstrap(a, b, n_resamples=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run groups, paired comparisons of recorded runs, learning-rate choice
+# --------------------------------------------------------------------------------------------------------------
+def _run(method: str, seed: int, predictions: np.ndarray, labels: np.ndarray, group: str | None = "comparison",
+         **extra: object) -> dict:
+    return {"run_id": f"{group}-{method}-s{seed}", "group": group, "method": method, "seed": seed,
+            "dev_predictions": list(predictions), "final_accuracy": float((predictions == labels).mean()), **extra}
+
+
+def test_runs_in_group_takes_old_records_as_comparison_runs() -> None:
+    runs = pd.DataFrame({"run_id": list("abcd"), "group": ["comparison", "sweep", "tune", None]})
+    assert list(runs_in_group(runs, "comparison")["run_id"]) == ["a", "d"]
+    assert list(runs_in_group(runs, "tune")["run_id"]) == ["c"]
+    no_group = pd.DataFrame({"run_id": ["x"]})
+    assert list(runs_in_group(no_group, "comparison")["run_id"]) == ["x"] and runs_in_group(no_group, "sweep").empty
+
+
+def test_comparison_pairs() -> None:
+    assert comparison_pairs(["full", "lora", "dora", "qlora", "qdora"]) == [
+        ("lora", "full"), ("dora", "full"), ("qlora", "full"), ("qdora", "full"),
+        ("dora", "lora"), ("qlora", "lora"), ("qdora", "lora")]
+    assert comparison_pairs(["lora", "dora"]) == [("dora", "lora")]
+    assert comparison_pairs(["full", "qlora"]) == [("qlora", "full")]
+    assert comparison_pairs(["dora", "qlora"]) == []
+
+
+def test_paired_comparisons_match_direct_computation() -> None:
+    """Three seeds of two methods: the difference, McNemar p and counts recomputed by hand and with scipy."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 400)
+    correct = {(m, s): rng.random(400) < (0.9 if m == "full" else 0.86) for m in ("full", "lora") for s in range(3)}
+    runs = [_run(m, s, np.where(c, labels, 1 - labels), labels) for (m, s), c in correct.items()]
+    # A fourth LoRA seed without a full partner, and a tuning run, must both be left out.
+    runs.append(_run("lora", 9, 1 - labels, labels))
+    runs.append(_run("full", 0, 1 - labels, labels, group="tune"))
+    table = paired_comparisons(pd.DataFrame(runs), labels)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["method"], row["reference"], row["n_seeds"], row["n_sentences"]) == ("lora", "full", 3, 400)
+    per_seed = [correct[("lora", s)].mean() - correct[("full", s)].mean() for s in range(3)]
+    assert row["difference"] == pytest.approx(np.mean(per_seed), abs=1e-12)
+    lora_share = np.mean([correct[("lora", s)] for s in range(3)], axis=0)
+    full_share = np.mean([correct[("full", s)] for s in range(3)], axis=0)
+    wins, losses = int((lora_share > full_share).sum()), int((lora_share < full_share).sum())
+    assert (row["method_better"], row["reference_better"]) == (wins, losses)
+    reference = scipy_stats.binomtest(wins, wins + losses, 0.5).pvalue
+    assert row["p_value"] == pytest.approx(reference, rel=1e-12)
+    assert row["low"] < row["difference"] < row["high"]
+    # Seeded: the same call gives the same interval.
+    assert paired_comparisons(pd.DataFrame(runs), labels).equals(table)
+
+
+def test_paired_comparison_interval_covers_the_true_difference() -> None:
+    """Runs drawn from a known model (B is right on 4 points more of the sentences than A): the interval covers
+    the true difference and excludes zero; the sentence-level McNemar test rejects."""
+    n = 872
+    labels = np.random.default_rng(0).integers(0, 2, n)
+    runs = []
+    for seed in range(3):
+        a_correct, b_correct = _simulated_pair(n, 0.02, 0.06, seed=10 + seed)
+        runs.append(_run("full", seed, np.where(a_correct, labels, 1 - labels), labels))
+        runs.append(_run("lora", seed, np.where(b_correct, labels, 1 - labels), labels))
+    row = paired_comparisons(pd.DataFrame(runs), labels, n_resamples=20_000).iloc[0]
+    assert row["low"] < 0.04 < row["high"] and row["low"] > 0
+    assert row["p_value"] < 0.01
+
+
+def test_paired_comparisons_refuse_what_cannot_be_paired() -> None:
+    labels = np.array([0, 1, 1, 0])
+    good = _run("full", 0, labels, labels)
+    with pytest.raises(ValueError, match="records no dev_predictions"):
+        paired_comparisons(pd.DataFrame([good, {**_run("lora", 0, labels, labels), "dev_predictions": None}]), labels)
+    with pytest.raises(ValueError, match="3 dev predictions but there are 4 labels"):
+        paired_comparisons(pd.DataFrame([good, _run("lora", 0, labels[:3], labels[:3])]), labels)
+    # Labels of other rows do not reproduce the recorded accuracy: refused, never tested on the wrong truth.
+    with pytest.raises(ValueError, match="not those of the rows it was scored on"):
+        paired_comparisons(pd.DataFrame([good]), 1 - labels)
+    assert paired_comparisons(pd.DataFrame([good]), labels).empty
+
+
+def test_choose_learning_rates_breaks_ties_by_loss_then_smaller_rate() -> None:
+    runs = [
+        # full: 1e-4 wins on mean accuracy over two seeds even though 3e-4 has the best single seed.
+        {"method": "full", "lr": 1e-4, "seed": 0, "final_accuracy": 0.90, "final_eval_loss": 0.3},
+        {"method": "full", "lr": 1e-4, "seed": 1, "final_accuracy": 0.90, "final_eval_loss": 0.3},
+        {"method": "full", "lr": 3e-4, "seed": 0, "final_accuracy": 0.93, "final_eval_loss": 0.2},
+        {"method": "full", "lr": 3e-4, "seed": 1, "final_accuracy": 0.85, "final_eval_loss": 0.2},
+        # lora: equal accuracy, 2e-3 has the lower loss.
+        {"method": "lora", "lr": 1e-3, "final_accuracy": 0.88, "final_eval_loss": 0.35},
+        {"method": "lora", "lr": 2e-3, "final_accuracy": 0.88, "final_eval_loss": 0.30},
+        {"method": "lora", "lr": 4e-3, "final_accuracy": 0.80, "final_eval_loss": 0.10},
+        # dora: equal accuracy and loss: the smaller rate; a run without a loss never wins the tie.
+        {"method": "dora", "lr": 5e-3, "final_accuracy": 0.87, "final_eval_loss": 0.3},
+        {"method": "dora", "lr": 1e-3, "final_accuracy": 0.87, "final_eval_loss": 0.3},
+        {"method": "dora", "lr": 1e-4, "final_accuracy": 0.87, "final_eval_loss": None},
+    ]
+    assert choose_learning_rates(runs) == {"full": 1e-4, "lora": 2e-3, "dora": 1e-3}
+    assert choose_learning_rates(pd.DataFrame(runs)) == choose_learning_rates(runs)
+    scores = learning_rate_scores(runs)
+    full = scores[scores["method"] == "full"].set_index("lr")
+    assert full.loc[3e-4, "accuracy"] == pytest.approx(0.89) and full.loc[1e-4, "n_seeds"] == 2
+    assert scores["chosen"].sum() == 3
+    with pytest.raises(ValueError, match="missing: final_accuracy"):
+        choose_learning_rates([{"method": "lora", "lr": 1e-3}])

@@ -1,0 +1,94 @@
+"""The summary table, the dev labels and the paired statistics as the notebook and README show them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / ".cache" / "matplotlib"))
+
+from test_plots import multiseed_predictions, tune_runs_table, write_multiseed_results  # noqa: E402
+
+from peft_utils import report  # noqa: E402
+from peft_utils.data import load_sst2  # noqa: E402
+from peft_utils.store import RunStore  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LABELS = np.random.default_rng(3).integers(0, 2, 300)
+
+
+@pytest.fixture(scope="module")
+def multiseed_runs(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    results = write_multiseed_results(tmp_path_factory.mktemp("report") / "results", LABELS, sweep=False)
+    return RunStore(results).load().runs
+
+
+def test_summary_table_mean_sd_and_paired_columns(multiseed_runs: pd.DataFrame) -> None:
+    # A tuning run with a far better accuracy must change nothing: it was scored on other rows.
+    runs = pd.concat([multiseed_runs, tune_runs_table(("lora",)).assign(final_accuracy=0.999)], ignore_index=True)
+    paired = report.paired_statistics(runs, labels=LABELS)
+    assert paired.reason is None
+    table = report.summary_table(runs, paired.table)
+    assert list(table.index) == ["full", "lora", "dora", "qlora"]
+    for method in table.index:
+        accuracies = [(multiseed_predictions(LABELS, method, s) == LABELS).mean() for s in (0, 1, 2)]
+        assert table.loc[method, "n_seeds"] == 3
+        assert table.loc[method, "accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-12)
+        assert table.loc[method, "accuracy_sd"] == pytest.approx(np.std(accuracies, ddof=1), abs=1e-12)
+    pairs = paired.table.set_index(["method", "reference"])
+    assert table.loc["dora", "vs_full"] == pairs.loc[("dora", "full"), "difference"]
+    assert table.loc["qlora", "vs_lora_p"] == pairs.loc[("qlora", "lora"), "p_value"]
+    assert np.isnan(table.loc["full", "vs_full"]) and np.isnan(table.loc["lora", "vs_lora"])
+    markdown = report.summary_markdown(table)
+    lines = markdown.splitlines()
+    assert len(lines) == 2 + 4 and "vs full fine-tuning" in lines[0] and "vs LoRA" in lines[0]
+    dora = pairs.loc[("dora", "full")]
+    assert f"{100 * table.loc['dora', 'accuracy']:.1f} ± {100 * table.loc['dora', 'accuracy_sd']:.1f}" in lines[4]
+    assert f"[{100 * dora['low']:+.1f}, {100 * dora['high']:+.1f}]".replace("-", "\N{MINUS SIGN}") in lines[4]
+
+
+def test_one_seed_has_no_sd_and_old_records_skip_paired_tests(capsys: pytest.CaptureFixture[str]) -> None:
+    runs = RunStore(REPO_ROOT / "results" / "cpu-fulltrain").load().runs  # written before dev_predictions
+    paired = report.paired_statistics(runs, labels=np.zeros(872, dtype=int))
+    assert paired.table is None and "records no dev_predictions" in paired.reason
+    assert capsys.readouterr().err.strip() == f"paired statistics skipped: {paired.reason}"
+    table = report.summary_table(runs, paired.table)
+    assert table["accuracy_sd"].isna().all() and (table["n_seeds"] == 1).all()
+    assert "±" not in report.summary_markdown(table) and "vs LoRA" not in report.summary_markdown(table)
+
+
+def test_paired_statistics_without_labels_say_why(multiseed_runs: pd.DataFrame,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PEFT_LAB_DATA", raising=False)
+    monkeypatch.delenv("SST2_DIR", raising=False)
+    paired = report.paired_statistics(multiseed_runs)
+    assert paired.table is None and "pass data_dir or set PEFT_LAB_DATA" in paired.reason
+    wrong = report.paired_statistics(multiseed_runs, labels=1 - LABELS)
+    assert wrong.table is None and "not those of the rows" in wrong.reason
+
+
+def test_dev_labels_reproduce_the_committed_reference_runs(sst2_dir: Path) -> None:
+    """The labels read back for results/cpu-reference give every run its recorded accuracy (checked inside)."""
+    runs = RunStore(REPO_ROOT / "results" / "cpu-reference").load().runs
+    labels = report.dev_labels(runs, sst2_dir)
+    assert np.array_equal(labels, load_sst2(sst2_dir)["dev"]["label"].to_numpy())  # eval_size 872: all of dev
+    paired = report.paired_statistics(runs, sst2_dir)
+    assert paired.reason is None
+    assert list(zip(paired.table["method"], paired.table["reference"])) == [
+        ("lora", "full"), ("dora", "full"), ("qlora", "full"), ("dora", "lora"), ("qlora", "lora")]
+    assert (paired.table["n_seeds"] == 1).all() and (paired.table["n_sentences"] == 872).all()
+
+
+def test_dev_labels_of_a_subset_follow_the_experiment(sst2_dir: Path, tmp_path: Path) -> None:
+    from peft_utils.data import subset
+    from peft_utils.experiment import EVAL_SUBSET_SEED
+
+    expected = subset(load_sst2(sst2_dir)["dev"], 200, EVAL_SUBSET_SEED)["label"].to_numpy()
+    runs = RunStore(write_multiseed_results(tmp_path / "results", expected, seeds=(0,), sweep=False)).load().runs
+    assert np.array_equal(report.dev_labels(runs, sst2_dir), expected)
+    assert report.paired_statistics(runs, sst2_dir).reason is None
+    with pytest.raises(ValueError, match="scored on train-holdout"):
+        report.dev_labels(runs.assign(eval_split="train-holdout"), sst2_dir)
