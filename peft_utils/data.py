@@ -202,6 +202,15 @@ def subset(frame: pd.DataFrame, size: int | None, seed: int, balanced: bool = Fa
     return frame.iloc[np.sort(positions)].reset_index(drop=True)
 
 
+EVAL_SUBSET_SEED = 0  # an eval subset must not change with the run seed: every run is scored on the same rows
+
+
+def eval_rows(dev: pd.DataFrame, size: int | None) -> pd.DataFrame:
+    """The dev rows every run is scored on: all of them, or a fixed seeded sample of ``size`` (the same for every
+    run and seed, so paired tests compare methods on the same sentences)."""
+    return dev if size is None else subset(dev, size, EVAL_SUBSET_SEED)
+
+
 def hold_out(frame: pd.DataFrame, size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(held_out, rest)``: a balanced, seeded sample of ``size`` rows and every other row, both in file order.
 

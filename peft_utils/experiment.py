@@ -42,19 +42,18 @@ from .config import (
     make_config,
 )
 from .checkpoints import save_trained
-from .data import load_sst2, subset
+from .data import eval_rows, load_sst2, subset
 from .inject import apply_adapters, select_targets
 from .methods import get_method
 from .models import load_model, materialize_model, resolve_model_source
 from .quant import load_quantized, prepare_for_kbit_training, require_bitsandbytes
 from .sizes import model_size
-from .store import SWEEP_GROUP, RunStore
+from .store import COMPARISON_GROUP, SWEEP_GROUP, RunStore
 from .memory_plan import halved, plan_for_device
 from .train import is_main_process, launched_processes, make_accelerator, per_device_batch_size, set_seed, train
-from .tuning import EVAL_SPLIT, TUNE_GROUP, choose_learning_rates, tuning_rows
+from .stats import choose_learning_rates
+from .tuning import EVAL_SPLIT, TUNE_GROUP, tuning_rows
 
-COMPARISON_GROUP = "comparison"
-EVAL_SUBSET_SEED = 0  # an eval subset must not change with the run seed: every run is scored on the same rows
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -191,7 +190,7 @@ def _train_and_eval_rows(config: ExperimentConfig, splits: dict[str, pd.DataFram
         train_frame = splits["train"] if train_size is None else subset(splits["train"], train_size, seed, balanced=True)
     except ValueError as error:
         raise ValueError(f"train_size={train_size}: {error}") from None
-    eval_frame = splits["dev"] if eval_size is None else subset(splits["dev"], eval_size, EVAL_SUBSET_SEED)
+    eval_frame = eval_rows(splits["dev"], eval_size)
     return train_frame, eval_frame
 
 
@@ -363,13 +362,16 @@ def _tuned_rates(plan: Plan) -> str:
 
 
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:
-    """Train the configuration's methods for every seed (resuming), one summary row per run."""
-    return execute(plan_experiment(config, comparison=True, sweep=False))
+    """Train the configuration's methods for every seed (resuming; with ``lr="tune"`` after their tuning runs), one
+    summary row per comparison run."""
+    table = execute(plan_experiment(config, comparison=True, sweep=False))
+    return table[table["group"] == COMPARISON_GROUP].reset_index(drop=True)
 
 
 def run_sweep(config: ExperimentConfig) -> pd.DataFrame:
     """Train LoRA over the configuration's rank x alpha/rank grid (group ``"sweep"``), one summary row per run."""
-    return execute(plan_experiment(config, comparison=False, sweep=True))
+    table = execute(plan_experiment(config, comparison=False, sweep=True))
+    return table[table["group"] == SWEEP_GROUP].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------- command line

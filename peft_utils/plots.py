@@ -51,12 +51,9 @@ from peft_utils.formatting import (
 )
 from peft_utils.methods import METHOD_NAMES, METHODS
 from peft_utils.report import paired_statistics
-from peft_utils.store import Results, RunStore
+from peft_utils.store import COMPARISON_GROUP, SWEEP_GROUP, TUNE_GROUP, Results, RunStore
 from peft_utils.stats import (
-    COMPARISON_GROUP,
     PAIRED_RESAMPLES,
-    SWEEP_GROUP,
-    TUNE_GROUP,
     ema_smooth,
     ema_span,
     learning_rate_scores,

@@ -17,8 +17,8 @@ import pandas as pd
 from .config import ExperimentConfig, config_record
 from .formatting import format_bytes, format_count, format_paired_difference, format_points, format_seconds
 from .methods import METHODS
+from .store import COMPARISON_GROUP, RunStore
 from .stats import (
-    COMPARISON_GROUP,
     numeric_column,
     optional_column,
     paired_comparisons,
@@ -75,6 +75,14 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def comparison_markdown(results_dir: str | Path, data_dir: str | Path | None = None) -> str:
+    """The comparison runs of ``results_dir`` as the notebook's and README's Markdown table: per method the mean ±
+    sd dev accuracy over seeds, cost, and the paired differences to full fine-tuning and LoRA (dev labels from
+    ``data_dir``; without them the paired columns are left out, with the reason printed)."""
+    runs = RunStore(results_dir).load().runs
+    return summary_markdown(summary_table(runs, paired_statistics(runs, data_dir).table))
+
+
 def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """``inference.predict_runs`` output with runs named by method (and seed when there are several), in %."""
     several_seeds = table["seed"].nunique() > 1
@@ -108,13 +116,12 @@ def dev_labels(runs: pd.DataFrame, data_dir: str | Path | None = None) -> np.nda
         raise ValueError(f"the comparison runs do not share one eval_size (found {sorted(sizes.tolist())})")
     if data_dir is None and not (os.environ.get("SST2_DIR") or os.environ.get("PEFT_LAB_DATA")):
         raise ValueError("no SST-2 folder for the dev labels: pass data_dir or set PEFT_LAB_DATA")
-    from .data import load_sst2, subset  # on use: the data module imports torch
-    from .experiment import EVAL_SUBSET_SEED
+    from .data import eval_rows, load_sst2  # on use: the data module imports torch
 
     dev = load_sst2(data_dir)["dev"]
     if sizes[0] > len(dev):
         raise ValueError(f"the runs were scored on {int(sizes[0])} dev rows, the dev split has {len(dev)}")
-    return subset(dev, int(sizes[0]), EVAL_SUBSET_SEED)["label"].to_numpy()
+    return eval_rows(dev, None if sizes[0] == len(dev) else int(sizes[0]))["label"].to_numpy()
 
 
 class PairedStatistics(NamedTuple):

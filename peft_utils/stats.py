@@ -21,11 +21,9 @@ import numpy as np
 import pandas as pd
 
 from .methods import METHOD_NAMES
+from .store import COMPARISON_GROUP, SWEEP_GROUP, TUNE_GROUP
 
 __all__ = [
-    "COMPARISON_GROUP",
-    "SWEEP_GROUP",
-    "TUNE_GROUP",
     "optional_column",
     "numeric_column",
     "runs_in_group",
@@ -49,10 +47,6 @@ __all__ = [
     "choose_learning_rates",
 ]
 
-# Run groups as the records name them. Records written before groups existed have none and are comparison runs.
-COMPARISON_GROUP = "comparison"
-SWEEP_GROUP = "sweep"
-TUNE_GROUP = "tune"
 # Paired comparisons drawn and tabulated: every method against full fine-tuning, and the LoRA variants against LoRA.
 _REFERENCE_METHOD = "full"
 _LORA_VARIANTS = ("dora", "qlora", "qdora")

@@ -112,6 +112,8 @@ class Results:
 # Settings that make up a run's identity besides these are the planned record's keys (see ``RunStore.check``);
 # the seed is what repeats of one series may differ in.
 REPEAT_KEY = "seed"
+# Run groups as the records name them. Records written before groups existed have none and are comparison runs.
+COMPARISON_GROUP = "comparison"
 SWEEP_GROUP = "sweep"
 TUNE_GROUP = "tune"
 
@@ -123,7 +125,7 @@ def series_key(record: dict[str, Any]) -> tuple[Any, ...]:
         return (SWEEP_GROUP, record.get("method"), record.get("rank"), record.get("alpha"))
     if record.get("group") == TUNE_GROUP:
         return (TUNE_GROUP, record.get("method"), record.get("lr"))
-    return ("comparison", record.get("method"))
+    return (COMPARISON_GROUP, record.get("method"))
 
 
 def _describe(key: tuple[Any, ...]) -> str:

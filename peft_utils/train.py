@@ -384,6 +384,9 @@ def train(
     checkpointing that fit the GPU, used instead of ``config``'s (which the record keeps as the run's identity).
     """
     accelerator = accelerator or make_accelerator(config.device)
+    if accelerator.distributed_type == "FSDP":  # see the README: sharded saving is not written
+        raise ValueError("FSDP is not supported yet (saving would need the shards gathered); launch without "
+                         "--use_fsdp: data parallel processes, or QLoRA for a model too large for one GPU")
     device, main = accelerator.device, accelerator.is_main_process
     processes, rank = accelerator.num_processes, accelerator.process_index
     dtype = compute_dtype_for(device)

@@ -11,7 +11,7 @@ is never looked at, so the reported accuracies are not tuned on. The final compa
 (with ``train_size="all"`` these include the held-out slice: the slice is held out from tuning, not from training).
 
 Tuning runs are ordinary run records in group :data:`TUNE_GROUP`: their ``final_accuracy`` is the held-out accuracy
-(``eval_split`` says so), and :func:`choose_learning_rates` reads them back, so a resumed experiment chooses again
+(``eval_split`` says so), and :func:`~peft_utils.stats.choose_learning_rates` reads them back, so a resumed experiment chooses again
 from the records alone and picks the same rates.
 """
 from __future__ import annotations
@@ -41,17 +41,4 @@ def tuning_rows(config: ExperimentConfig, train: pd.DataFrame, seed: int) -> tup
     return rows, held_out
 
 
-def choose_learning_rates(tune_runs: pd.DataFrame) -> dict[str, float]:
-    """Each method's chosen rate from its tuning runs (one row per run: method, lr, final_accuracy, final_eval_loss).
-
-    The best held-out accuracy wins; a tie goes to the lower held-out loss, then to the smaller rate (the safer
-    one when the held-out data cannot tell them apart).
-    """
-    if tune_runs.empty:
-        return {}
-    ranked = tune_runs.sort_values(["method", "final_accuracy", "final_eval_loss", "lr"],
-                                   ascending=[True, False, True, True])
-    return {method: float(rows["lr"].iloc[0]) for method, rows in ranked.groupby("method", sort=False)}
-
-
-__all__ = ["TUNE_GROUP", "EVAL_SPLIT", "HOLDOUT_SEED", "tuning_rows", "choose_learning_rates"]
+__all__ = ["TUNE_GROUP", "EVAL_SPLIT", "HOLDOUT_SEED", "tuning_rows"]

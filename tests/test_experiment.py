@@ -147,7 +147,8 @@ def test_resume_after_a_crash_continues_with_the_next_method(tmp_path, sst2_dir,
 
 def test_sweep_grid_uses_alpha_ratios(tmp_path, monkeypatch):
     planned = []
-    monkeypatch.setattr(experiment, "execute", lambda plan: planned.extend(run.spec for run in plan.runs))
+    monkeypatch.setattr(experiment, "execute",
+                        lambda plan: planned.extend(run.spec for run in plan.runs) or pd.DataFrame({"group": []}))
     monkeypatch.setattr(experiment, "load_sst2", lambda data_dir: _splits(40, 10))
     run_sweep(make_config("smoke", sweep_ranks=[2, 8], sweep_alpha_ratios=[1, 2], results_dir=str(tmp_path),
                           seeds=[0, 1], train_size=8, eval_size=4))

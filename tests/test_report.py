@@ -51,7 +51,8 @@ def test_summary_table_mean_sd_and_paired_columns(multiseed_runs: pd.DataFrame) 
 
 
 def test_one_seed_has_no_sd_and_old_records_skip_paired_tests(capsys: pytest.CaptureFixture[str]) -> None:
-    runs = RunStore(REPO_ROOT / "results" / "cpu-fulltrain").load().runs  # written before dev_predictions
+    runs = RunStore(REPO_ROOT / "results" / "cpu-reference").load().runs
+    runs = runs[runs["group"] == "comparison"].drop(columns=["dev_predictions", "dev_probabilities"])  # as old records
     paired = report.paired_statistics(runs, labels=np.zeros(872, dtype=int))
     assert paired.table is None and "records no dev_predictions" in paired.reason
     assert capsys.readouterr().err.strip() == f"paired statistics skipped: {paired.reason}"
@@ -84,7 +85,7 @@ def test_dev_labels_reproduce_the_committed_reference_runs(sst2_dir: Path) -> No
 
 def test_dev_labels_of_a_subset_follow_the_experiment(sst2_dir: Path, tmp_path: Path) -> None:
     from peft_utils.data import subset
-    from peft_utils.experiment import EVAL_SUBSET_SEED
+    from peft_utils.data import EVAL_SUBSET_SEED
 
     expected = subset(load_sst2(sst2_dir)["dev"], 200, EVAL_SUBSET_SEED)["label"].to_numpy()
     runs = RunStore(write_multiseed_results(tmp_path / "results", expected, seeds=(0,), sweep=False)).load().runs

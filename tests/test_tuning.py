@@ -1,0 +1,77 @@
+"""Learning-rate tuning (``lr="tune"``): held-out train rows, never dev; each method's best rate; resumable."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from peft_utils import experiment
+from peft_utils.config import TUNE, config_record, make_config
+from peft_utils.data import hold_out, load_sst2
+from peft_utils.experiment import plan_experiment, run_comparison
+from peft_utils.stats import choose_learning_rates
+from peft_utils.store import RunStore, read_events
+from peft_utils.tuning import EVAL_SPLIT, TUNE_GROUP, tuning_rows
+
+GRID = {"full": [1e-4, 3e-3], "lora": [1e-3, 3e-2]}
+
+
+def _tune(results, data_dir, **parameters):
+    settings = {"methods": ["full", "lora"], "lr": TUNE, "lr_grid": GRID, "train_size": 16, "eval_size": 16,
+                "max_length": 24, "sweep": False, "tune_holdout_size": 32}
+    return make_config("smoke", data_dir=str(data_dir), results_dir=str(results), **{**settings, **parameters})
+
+
+def test_held_out_rows_are_balanced_and_disjoint_from_the_rest():
+    frame = pd.DataFrame({"row": range(100), "label": [i % 3 == 0 for i in range(100)]}).astype({"label": int})
+    held_out, rest = hold_out(frame, 20, seed=0)
+    assert held_out["label"].value_counts().tolist() == [10, 10]
+    assert set(held_out["row"]).isdisjoint(rest["row"]) and len(held_out) + len(rest) == 100
+    assert held_out["row"].is_monotonic_increasing and rest["row"].is_monotonic_increasing  # file order kept
+
+
+def test_tuning_trains_and_scores_on_train_rows_only(sst2_dir):
+    config = _tune("unused", sst2_dir)
+    splits = load_sst2(sst2_dir)
+    rows, held_out = tuning_rows(config, splits["train"].assign(row=range(len(splits["train"]))), seed=0)
+    assert (len(rows), len(held_out)) == (16, 32)
+    assert set(rows["row"]).isdisjoint(held_out["row"])  # scored on rows it never trained on
+    assert set(held_out["sentence"]).isdisjoint(splits["dev"]["sentence"])  # and never on the reported split
+    with pytest.raises(ValueError, match="tune_holdout_size=67,349 held-out rows plus 16 train rows"):
+        tuning_rows(_tune("unused", sst2_dir, tune_holdout_size=67349), splits["train"], seed=0)
+
+
+def test_the_config_says_tune_and_checks_the_grid(sst2_dir):
+    config = _tune("unused", sst2_dir)
+    assert config.tune.enabled and config.tune.grid["lora"] == (1e-3, 3e-2)
+    assert config_record(config)["lr"] == TUNE
+    with pytest.raises(ValueError, match=r"lr_grid\['lora'\] has 1 rate: give at least two"):
+        _tune("unused", sst2_dir, lr_grid={"lora": [1e-3]})
+    with pytest.raises(ValueError, match="unknown method"):
+        _tune("unused", sst2_dir, lr_grid={"lorra": [1e-3, 1e-2]})
+
+
+def test_each_method_gets_its_best_held_out_rate_and_a_resume_keeps_it(tmp_path, sst2_dir, monkeypatch):
+    config = _tune(tmp_path, sst2_dir)
+    plan = plan_experiment(config)
+    tuning = [r for r in plan.runs if r.spec.group == TUNE_GROUP]
+    assert [(r.spec.method, r.record["lr"]) for r in tuning] == [(m, lr) for m in GRID for lr in GRID[m]]
+    assert all(r.record["lr"] is None for r in plan.runs if r.spec.group != TUNE_GROUP)  # chosen after tuning
+
+    table = run_comparison(config)
+    assert list(table["group"].unique()) == ["comparison"]
+    tuned = RunStore(tmp_path).load().runs.query("group == 'tune'")
+    assert set(tuned["eval_split"]) == {EVAL_SPLIT} and set(tuned["eval_size"]) == {32}
+    best = {m: rows.sort_values(["final_accuracy", "final_eval_loss", "lr"], ascending=[False, True, True])["lr"].iloc[0]
+            for m, rows in tuned.groupby("method")}
+    assert choose_learning_rates(tuned) == best
+    assert dict(zip(table["method"], table["lr"])) == best
+    config_event = next(e for e in read_events(tmp_path / f"{table['run_id'][1]}.jsonl") if e["event"] == "config")
+    assert config_event["lr_source"] == TUNE_GROUP
+
+    monkeypatch.setattr(experiment, "train", _fail)  # a resume chooses again from the records, trains nothing
+    again = run_comparison(config)
+    assert dict(zip(again["method"], again["lr"])) == best
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("a run was trained although it should not have been")
