@@ -869,6 +869,7 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
     accuracy = numeric_column(tune, "final_accuracy") * 100
     several_seeds = (scores["n_seeds"] > 1).any()
     methods = _in_display_order(scores["method"])
+    labelled: dict[float, int] = {}  # chosen rate -> labels already drawn there (stacked, not overprinted)
     for i, method in enumerate(methods):
         # Methods sharing a grid are nudged sideways (in log space) so coinciding curves stay visible.
         nudge = 2 ** (0.05 * (i - (len(methods) - 1) / 2))
@@ -883,7 +884,9 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
         chosen = grid[grid["chosen"]].iloc[0]
         ax.scatter(chosen["lr"], chosen["accuracy"] * 100, s=260, facecolor="none", edgecolor=color, linewidth=2.2,
                    zorder=4)
-        ax.annotate(f"{chosen['lr'] / nudge:.0e}", (chosen["lr"], chosen["accuracy"] * 100), xytext=(0, 12),
+        rate = float(chosen["lr"] / nudge)
+        stacked = labelled[rate] = labelled.get(rate, -1) + 1
+        ax.annotate(f"{rate:.0e}", (chosen["lr"], chosen["accuracy"] * 100), xytext=(0, 12 + 11 * stacked),
                     textcoords="offset points", ha="center", va="bottom", fontsize=8.5, color=color,
                     fontweight="bold")
     ax.set_xscale("log")
