@@ -387,7 +387,7 @@ def train(
     if accelerator.distributed_type == "FSDP":  # see the README: sharded saving is not written
         raise ValueError("FSDP is not supported yet (saving would need the shards gathered); launch without "
                          "--use_fsdp: data parallel processes, or QLoRA for a model too large for one GPU")
-    device, main = accelerator.device, accelerator.is_main_process
+    device, main = _indexed(accelerator.device), accelerator.is_main_process
     processes, rank = accelerator.num_processes, accelerator.process_index
     dtype = compute_dtype_for(device)
     accumulation = memory_plan.grad_accum_steps if memory_plan else config.grad_accum_steps
@@ -414,6 +414,8 @@ def train(
             **(to_record(memory_plan) if memory_plan else {}),
         })
 
+    if next(model.parameters()).device != device:  # before the optimiser, which picks its kernel by device
+        model.to(device)
     set_seed(seed + rank)  # dropout masks: the same for every method and repeat; each process draws its own
     model, optimizer = accelerator.prepare(model, make_optimizer(model, lr, config.weight_decay))
     scheduler = linear_schedule(optimizer.optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
@@ -496,6 +498,14 @@ def train(
     accelerator.wait_for_everyone()  # the record is complete before any process plans or trains what follows
     accelerator.free_memory()  # the accelerator's references to this run's model and optimiser
     return result
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: accelerate names a single GPU without its index, and a 4-bit model placed by
+    ``from_pretrained`` reports ``cuda:0``; the two must compare equal, or the model would be moved again."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _largest(accelerator, value: int) -> int:

@@ -13,7 +13,7 @@ from peft_utils.config import AdapterSettings, TrainConfig
 from peft_utils.experiment import build_model
 from peft_utils.models import load_tokenizer, random_gpt2, save_random_gpt2
 from peft_utils.store import RunRecorder, read_events
-from peft_utils.train import evaluate, linear_schedule, make_optimizer, set_seed, train
+from peft_utils.train import evaluate, linear_schedule, make_optimizer, micro_batches, set_seed, train
 
 POSITIVE = ("great", "good", "superb", "lovely", "brilliant", "wonderful")
 NEGATIVE = ("bad", "awful", "dreadful", "boring", "terrible", "poor")
@@ -226,3 +226,19 @@ def test_config_rejects_nonsense():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="warmup_ratio"):
         TrainConfig(warmup_ratio=1.5)
+
+
+@pytest.mark.parametrize("rows,processes,accumulation", [(16, 2, 1), (5, 2, 1), (16, 2, 2), (7, 3, 2), (1, 2, 1)])
+def test_micro_batches_cover_the_global_batch_once(rows, processes, accumulation):
+    """Every row of a global batch goes to exactly one (process, micro-step), with its share of the batch as
+    weight; a part left empty gets a stand-in row with weight 0, so every process runs the same backward passes."""
+    batch = list(range(rows))
+    parts = [micro_batches(batch, processes, accumulation, rank) for rank in range(processes)]
+    assert all(len(p) == accumulation for p in parts)
+    taken = [row for p in parts for part, weight in p if weight > 0 for row in part]
+    assert sorted(taken) == batch
+    assert sum(weight for p in parts for _, weight in p) == pytest.approx(1.0)
+    for p in parts:
+        for part, weight in p:
+            assert weight == (0.0 if weight == 0 else pytest.approx(len(part) / rows))
+    assert micro_batches(batch, 1, 1, 0) == [(batch, 1.0)]  # one process, one step: the batch unchanged
