@@ -758,6 +758,10 @@ def plot_trainable_params(results: Results, out_dir: str | Path) -> Path | None:
     return _save_with_footnote(fig, _png_path(out_dir, "trainable_params.png"), runs)
 
 
+def _rows_label(sizes: set[int]) -> str:
+    return " / ".join(f"{n:,}" for n in sorted(sizes)) or "?"
+
+
 def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
     """``sweep.png``: the LoRA rank x alpha/r grid as a heatmap of dev accuracy, trainable parameters beside it.
 
@@ -798,7 +802,11 @@ def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
     notes = [f"Cells: mean dev accuracy over {'up to ' if cells['size'].min() < seeds else ''}{seeds} seed"
              f"{'s' if seeds > 1 else ''}; blank cells were not run."]
     if full is not None and np.isfinite(full["accuracy"]):
-        notes.append(f"Full fine-tuning (comparison runs): {full['accuracy'] * 100:.1f}% dev accuracy.")
+        rows = {name: set(numeric_column(frame, "train_size").dropna().astype(int))
+                for name, frame in (("sweep", sweep), ("full", _comparison_runs(results.runs).query("method == 'full'")))}
+        fewer = f", trained on {_rows_label(rows['full'])} rows (the grid: {_rows_label(rows['sweep'])})" \
+            if rows["full"] != rows["sweep"] else ""
+        notes.append(f"Full fine-tuning (comparison runs): {full['accuracy'] * 100:.1f}% dev accuracy{fewer}.")
     return _save_with_footnote(fig, _png_path(out_dir, "sweep.png"), sweep, notes)
 
 
