@@ -496,7 +496,7 @@ PROFILES: dict[str, ExperimentConfig] = {
         results_dir="results/full",
     ),
     # The pretrained all-MiniLM-L6-v2 on a balanced 4,000-row subset, scored on the whole dev set. Measured on 2
-    # shared CPU cores, 4 methods + the 3-run sweep: about 4.5 min idle, 7.5-8.3 min under load from other jobs.
+    # CPU cores, idle: 4.5 min for the 4 methods, 14 min for the 28-run rank x alpha map (18.5 min for the notebook).
     "cpu": ExperimentConfig(
         profile="cpu", model="minilm", methods=("full", "lora", "dora", "qlora"), lr=_CPU_LR,
         data=DataConfig(train_size=4000),
