@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import BertConfig, GPT2Config, LlamaConfig
 
-from peft_utils.memory_plan import estimate_memory, parameter_count, plan_memory, to_record
+from peft_utils.config import AdapterSettings, TrainConfig
+from peft_utils.memory_plan import estimate_memory, halved, parameter_count, plan_for_device, plan_memory, to_record
 from peft_utils.models import gpt2_config
 
 GIB = 2**30
@@ -185,3 +186,18 @@ def test_estimate_matches_the_measured_cpu_peak(method, checkpointing):
     print(f"{method} checkpointing={checkpointing}: estimated {estimate.total:,} B, measured {measured:,} B, "
           f"{estimate.total / measured - 1:+.2%}")
     assert estimate.total == pytest.approx(measured, rel=TOLERANCE), (estimate, measured)
+
+
+@pytest.mark.parametrize("after_oom,expected", [(8, (8, 2)), (5, (4, 4)), (3, (2, 8)), (1, (1, 16))])
+def test_an_out_of_memory_retry_keeps_the_global_batch(after_oom, expected):
+    """``find_executable_batch_size`` halves the micro-batch after an OOM; ``halved`` turns that into the largest
+    micro-batch that divides the device's share, so the global batch (16 here) never changes."""
+    plan = halved(gpt2_large_plan("lora", H100_FREE), after_oom)
+    assert (plan.per_device_batch, plan.grad_accum_steps) == expected
+    assert plan.per_device_batch * plan.grad_accum_steps == BATCH
+    assert f"retried with {expected[0]}" in plan.reason
+
+
+def test_no_plan_off_cuda():
+    """A CPU run is never re-planned: its results stay those of its configuration (and bit-identical)."""
+    assert plan_for_device("unused", "full", TrainConfig(), AdapterSettings(), 1, torch.device("cpu")) is None
