@@ -79,7 +79,6 @@ def peft_config(model: nn.Module) -> dict:
     from .models import hub_id
 
     config = _config_of(model)
-    layers = [layer.base for _, layer in adapter_layers(model)]
     return {
         "peft_type": "LORA",
         "task_type": SEQ_CLS,
@@ -90,12 +89,33 @@ def peft_config(model: nn.Module) -> dict:
         "use_rslora": config.use_rslora,
         "use_dora": config.method == "dora",
         "target_modules": config.target_patterns or config.target_modules,
-        "fan_in_fan_out": any(is_conv1d(base) for base in layers),  # GPT-2: the base weight is stored (in, out)
+        "fan_in_fan_out": _stored_transposed(model),
         "modules_to_save": config.keep_trainable or None,
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
     }
+
+
+def _stored_transposed(model: nn.Module) -> bool:
+    """peft's ``fan_in_fan_out``: whether the architecture's target layers are GPT-2 ``Conv1D`` (weight stored
+    (in, out)). Asked of the architecture, not of the loaded layers: a 4-bit GPT-2 holds ``Linear4bit`` layers in
+    their place, yet peft loading the adapter onto the usual full-precision base finds ``Conv1D`` (and warns when
+    told otherwise), while peft's 4-bit layers ignore the flag."""
+    layers = list(adapter_layers(model))
+    if not any(is_linear4bit(layer.base) for _, layer in layers):
+        return any(is_conv1d(layer.base) for _, layer in layers)
+    from .models import meta_skeleton
+
+    architecture = dict(meta_skeleton(_config_without_quantization(model.config)).named_modules())
+    return any(is_conv1d(architecture.get(name)) for name, _ in layers)
+
+
+def _config_without_quantization(config):
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
 
 def _file_bytes(folder: Path, names: Sequence[str]) -> int:

@@ -45,7 +45,7 @@ from .checkpoints import save_trained
 from .data import eval_rows, load_sst2, subset
 from .inject import apply_adapters, select_targets
 from .methods import get_method
-from .models import load_model, materialize_model, resolve_model_source
+from .models import load_model, materialize_model, meta_skeleton, resolve_model_source
 from .quant import load_quantized, prepare_for_kbit_training, require_bitsandbytes
 from .sizes import model_size
 from .store import COMPARISON_GROUP, SWEEP_GROUP, RunStore
@@ -200,11 +200,9 @@ def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]
     if any(k.quantized for k in kinds):
         require_bitsandbytes()
     if any(k.adapter for k in kinds):
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoConfig
 
-        model_config = AutoConfig.from_pretrained(resolve_model_source(source), num_labels=2)
-        with torch.device("meta"):  # the layer names only: no weights are read or allocated
-            skeleton = AutoModelForSequenceClassification.from_config(model_config)
+        skeleton = meta_skeleton(AutoConfig.from_pretrained(resolve_model_source(source), num_labels=2))
         try:
             select_targets(skeleton, config.adapter.targets)
         except (ValueError, TypeError) as error:

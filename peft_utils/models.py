@@ -183,6 +183,15 @@ def save_random_gpt2(folder: str | Path, tokenizer_dir: str | Path, size: str = 
     return folder
 
 
+def meta_skeleton(model_config) -> nn.Module:
+    """The sequence-classification model of ``model_config`` on the meta device: its layer names and types, with no
+    weight read or allocated (cheap even for a 7B model)."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(model_config)
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in backward instead of storing them: less memory for ~30% more compute.
 

@@ -9,10 +9,14 @@ message we have read and judged harmless, on the one logger that emits it, and l
 - transformers logs a multi-line "LOAD REPORT" whenever a checkpoint lacks some weights. Loading a pretrained body
   under a new classification head always lacks exactly the head: :func:`from_pretrained_noting_new_head` replaces
   that report with one line, and re-emits the full report whenever anything else is missing or unexpected.
+- transformers 5 deprecates ``PreTrainedModel.is_gradient_checkpointing`` (a FutureWarning on every read), and
+  peft 0.21 reads it each time it wraps a model (``PeftModel.from_pretrained``): the message is addressed to
+  peft's maintainers, not to a user loading an adapter, and the attribute still answers correctly.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +25,7 @@ BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 TRANSFORMERS_LOAD_LOGGER = "transformers.modeling_utils"
 LOAD_REPORT_MARK = "LOAD REPORT"
+DEPRECATED_CHECKPOINTING_READ = "`is_gradient_checkpointing` is deprecated"
 
 
 class DropMessage(logging.Filter):
@@ -39,6 +44,8 @@ def silence_known_noise() -> None:
     logger = logging.getLogger(BNB_CPU_OPS_LOGGER)
     if not any(isinstance(f, DropMessage) and f.text == BNB_KERNELS_NOTICE for f in logger.filters):
         logger.addFilter(DropMessage(BNB_KERNELS_NOTICE))
+    warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING_READ, category=FutureWarning,
+                            module="transformers.modeling_utils")
 
 
 class _HoldLoadReport(logging.Filter):

@@ -6,6 +6,7 @@ Every round trip compares logits of two independent implementations on the same 
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -155,6 +156,19 @@ def test_4bit_round_trips_with_peft_on_the_same_4bit_base(tmp_path, tiny_dir, va
     trained_by_peft.save_pretrained(tmp_path / "peft")
     loaded = load_adapters(quantized(tiny_dir), tmp_path / "peft").eval()
     assert_same_logits(loaded(input_ids=ids).logits, trained_by_peft(input_ids=ids).logits)
+
+
+def test_a_4bit_gpt2_adapter_loads_on_the_full_precision_base_without_a_warning(tmp_path, tiny_dir):
+    """fan_in_fan_out describes the architecture (GPT-2's Conv1D), not the Linear4bit layers a 4-bit model holds in
+    its place: peft loading the adapter onto the usual full-precision base then has nothing to correct or warn
+    about, and the same logits come out as from the adapter trained on that base's layout."""
+    pytest.importorskip("bitsandbytes")
+    model = ours("gpt2", "lora", factory=lambda: quantized(tiny_dir))
+    save_adapters(model, tmp_path / "qlora")
+    assert json.loads((tmp_path / "qlora" / CONFIG_FILE).read_text())["fan_in_fan_out"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        peft.PeftModel.from_pretrained(load_model(tiny_dir)[0], tmp_path / "qlora")
 
 
 # ------------------------------------------------------------------------------------------------ refusals
