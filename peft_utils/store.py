@@ -7,11 +7,14 @@ flight, and a comparison must be able to tell finished runs from interrupted one
 Events, in the order a run writes them (fields beyond these are allowed and kept):
 
 - ``config``  : run_id, group ("comparison" | "sweep" | "tune"), method, model, rank, alpha, seed, lr, every data and
-  training setting, the resolved device and compute dtype, parameter counts and the model-size report (``size``)
+  training setting, the resolved device, compute dtype and mixed precision, num_processes, per_device_batch_size
+  and global_batch_size, parameter counts, on a GPU the memory plan (``memory_*``); a tuning run's ``eval_split``
+  ("train-holdout"), a tuned run's ``lr_source`` ("tune")
 - ``step``    : step, epoch, loss, lr, elapsed_s
 - ``eval``    : step, epoch, accuracy, loss, n, eval_time_s
 - ``summary`` : train_time_s, eval_time_s, samples_per_s, tokens_per_s, peak_memory_bytes, memory_kind,
-  final_accuracy, final_eval_loss, n_eval, steps
+  final_accuracy, final_eval_loss, n_eval, steps, dev_predictions, dev_probabilities, and (except tuning runs) the
+  saved result's folder and size report (``saved_to``, ``size``)
 
 :class:`RunStore` decides which runs belong together. Runs in one *series* (the same method in the comparison, the
 same rank and alpha in the sweep, the same method and rate in learning-rate tuning) are drawn as repeats of one experiment, so they may differ in their seed and
