@@ -456,6 +456,7 @@ def _draw_paired_differences(ax, pairs: pd.DataFrame) -> None:
                            for row, s in zip(pairs[["difference", "low", "high", "p_value"]].to_numpy(), seeds)])
     numbers.tick_params(length=0, labelsize=8.5)
     numbers.spines[["top", "right", "left"]].set_visible(False)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 5, 10], integer=True))  # whole points only
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+.0f}" if v else "0"))
     ax.set_xlabel("accuracy difference (percentage points; right of 0: first method better)")
     ax.set_title("Paired differences (95% CI, McNemar p)", fontsize=10, loc="left")
