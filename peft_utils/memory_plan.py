@@ -457,7 +457,10 @@ def plan_for_device(model_source: str, method: str, config, adapter, processes: 
 
 def halved(plan: MemoryPlan, per_device_batch: int) -> MemoryPlan:
     """``plan`` after an out-of-memory error: a micro-batch of at most ``per_device_batch`` rows (the largest that
-    divides the device's share, so the global batch is unchanged), accumulated over more steps."""
+    divides the device's share, so the global batch is unchanged), accumulated over more steps. The plan itself
+    when ``per_device_batch`` is not smaller (the first attempt: nothing has failed yet)."""
+    if per_device_batch >= plan.per_device_batch:
+        return plan
     share = plan.per_device_batch * plan.grad_accum_steps
     batch = max(b for b in range(1, per_device_batch + 1) if share % b == 0)
     return replace(plan, per_device_batch=batch, grad_accum_steps=share // batch,

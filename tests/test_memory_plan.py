@@ -196,6 +196,8 @@ def test_an_out_of_memory_retry_keeps_the_global_batch(after_oom, expected):
     assert (plan.per_device_batch, plan.grad_accum_steps) == expected
     assert plan.per_device_batch * plan.grad_accum_steps == BATCH
     assert f"retried with {expected[0]}" in plan.reason
+    first = gpt2_large_plan("lora", H100_FREE)
+    assert halved(first, first.per_device_batch) == first  # the first attempt records no retry
 
 
 def test_no_plan_off_cuda():
