@@ -67,6 +67,14 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: tensor.clone() for key, tensor in model.state_dict().items()}
 
 
+def assert_refused_untouched(model: torch.nn.Module, folder, error: type[Exception], match: str) -> None:
+    """Loading ``folder`` into ``model`` raises ``error`` and leaves the model exactly as it was."""
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        load_adapters(model, folder)
+    assert is_untouched(model, before)
+
+
 def is_untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
     state = model.state_dict()
     return (
@@ -196,11 +204,7 @@ def edit_config(folder, **changes):
 def test_what_our_layers_cannot_represent_is_refused_by_name(tmp_path, change, message):
     peft_made("gpt2", "lora").save_pretrained(tmp_path)
     edit_config(tmp_path, **change)
-    model = tiny_gpt2()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=f"cannot load with peft_utils.*{message}"):
-        load_adapters(model, tmp_path)
-    assert is_untouched(model, before)
+    assert_refused_untouched(tiny_gpt2(), tmp_path, ValueError, f"cannot load with peft_utils.*{message}")
 
 
 def test_unknown_harmless_keys_are_ignored(tmp_path):
@@ -213,11 +217,7 @@ def test_unknown_harmless_keys_are_ignored(tmp_path):
 
 def test_an_adapter_for_another_layer_type_is_refused(tmp_path):
     peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["wte"])).save_pretrained(tmp_path)
-    model = tiny_gpt2()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="lora_embedding_A.*layer type"):
-        load_adapters(model, tmp_path)
-    assert is_untouched(model, before)
+    assert_refused_untouched(tiny_gpt2(), tmp_path, ValueError, "lora_embedding_A.*layer type")
 
 
 def test_old_format_and_missing_files_are_refused(tmp_path):
@@ -239,11 +239,7 @@ def test_old_format_and_missing_files_are_refused(tmp_path):
 )
 def test_a_model_of_another_depth_or_width_is_refused_and_left_as_it_was(tmp_path, saved_on, loaded_into, message):
     save_adapters(ours("gpt2", "dora", factory=lambda: random_gpt2("tiny", **saved_on)), tmp_path)
-    model = random_gpt2("tiny", seed=1, **loaded_into)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=message):
-        load_adapters(model, tmp_path)
-    assert is_untouched(model, before)
+    assert_refused_untouched(random_gpt2("tiny", seed=1, **loaded_into), tmp_path, ValueError, message)
 
 
 def test_other_targets_or_architecture_are_refused(tmp_path):
@@ -265,11 +261,7 @@ def test_a_failure_while_injecting_leaves_the_model_as_it_was(tmp_path, monkeypa
         raise RuntimeError("simulated failure after injection")
 
     monkeypatch.setattr(checkpoints, "apply_adapters", inject_then_fail)
-    model = tiny_gpt2()
-    before = snapshot(model)
-    with pytest.raises(RuntimeError, match="simulated"):
-        load_adapters(model, tmp_path)
-    assert is_untouched(model, before)
+    assert_refused_untouched(tiny_gpt2(), tmp_path, RuntimeError, "simulated")
 
 
 def test_loading_into_a_model_with_adapters_and_saving_merged_or_bare_models_fail(tmp_path):
