@@ -387,11 +387,14 @@ def test_sweep_heatmap_full_grid_and_rslora(tmp_path: Path) -> None:
     assert imread(both).shape[1] > imread(tmp_path / "imgs-True" / "sweep.png").shape[1] * 1.3
 
 
-@pytest.mark.parametrize("folder", ["cpu-reference"])
-def test_committed_records_regenerate(folder: str, tmp_path: Path, sst2_dir: Path) -> None:
-    """The committed records still draw (cpu-reference has a sweep)."""
+@pytest.mark.parametrize(
+    ("folder", "extra_pngs"),
+    [("cpu-reference", {"sweep.png"}), ("cpu-fulltrain-tune4k", {"lr_tuning.png"})],
+)
+def test_committed_records_regenerate(folder: str, extra_pngs: set[str], tmp_path: Path, sst2_dir: Path) -> None:
+    """The committed records still draw: cpu-reference has a sweep, the full-train runs their tuning grid."""
     paths = plots.plot_all(REPO_ROOT / "results" / folder, tmp_path, data_dir=sst2_dir)
-    expected = COMPARISON_PNGS | {"sweep.png"}
+    expected = COMPARISON_PNGS | extra_pngs
     assert {p.name for p in paths} == expected
     for path in paths:
         _assert_png(path)
