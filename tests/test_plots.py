@@ -31,6 +31,7 @@ from peft_utils.formatting import (  # noqa: E402
     format_share,
 )
 from peft_utils.data import load_sst2  # noqa: E402
+from peft_utils.plots import footnote, selection, style  # noqa: E402
 from peft_utils.store import Results, RunRecorder, RunStore  # noqa: E402
 from peft_utils.stats import ema_smooth, wilson_interval  # noqa: E402
 
@@ -286,7 +287,7 @@ def test_helpers() -> None:
     # Tick labels keep every digit of a round tick value and pad none.
     assert [format_bytes(v, tick=True) for v in (1.75e9, 1e9, 7.5e8, 2e6)] == [
         "1.75 GB", "1 GB", "750 MB", "2 MB"]
-    assert [plots._tick_formatter(format_count)(v, None) for v in (0, 1e5, 2.5e6)] == ["0", "100K", "2.5M"]
+    assert [style.tick_formatter(format_count)(v, None) for v in (0, 1e5, 2.5e6)] == ["0", "100K", "2.5M"]
     smoothed = ema_smooth([1.0, 1.0, 1.0, 0.0], span=3)
     assert smoothed[0] == 1.0 and 0.0 < smoothed[-1] < 1.0  # bias-corrected: starts at the first value
     assert set(plots.METHOD_ORDER) <= set(plots.METHOD_COLORS)
@@ -321,10 +322,10 @@ def test_footnote_says_when_compute_dtypes_differ(tmp_path: Path) -> None:
     results_dir = write_fake_results(tmp_path / "results", methods=("full", "lora"), sweep=False, lora_seeds=1,
                                      n_steps=5)
     runs = RunStore(results_dir).load().runs
-    text = " ".join(plots._provenance(runs))
+    text = " ".join(footnote._provenance(runs))
     assert "gpt2" in text and "cuda" in text
     assert "differs" in text and "float32" in text and "bfloat16" in text
-    same = " ".join(plots._provenance(runs[runs["method"] == "lora"]))
+    same = " ".join(footnote._provenance(runs[runs["method"] == "lora"]))
     assert "compute dtype: bfloat16" in same and "differs" not in same
 
 
@@ -360,9 +361,9 @@ def test_tune_runs_never_enter_comparison_figures(tmp_path: Path) -> None:
     loaded = RunStore(results_dir).load()
     tune = tune_runs_table(("full", "lora", "dora"))
     results = Results(pd.concat([loaded.runs, tune], ignore_index=True), loaded.steps, loaded.evals)
-    comparison = plots._comparison_runs(results.runs)
+    comparison = selection.comparison_runs(results.runs)
     assert set(comparison["run_id"]) == set(loaded.runs["run_id"])
-    assert list(plots._method_summary(comparison).index) == ["full", "lora"]  # no DoRA: it was only tuned
+    assert list(selection.method_summary(comparison).index) == ["full", "lora"]  # no DoRA: it was only tuned
     assert plots.plot_sweep(results, tmp_path / "imgs") is None
 
 

@@ -1,0 +1,136 @@
+"""Figures for the method comparison, drawn only from the saved run records (:mod:`peft_utils.store`).
+
+Why a separate package that reads files instead of plotting inside the training loop: every figure must be
+reproducible from ``results/`` alone (``python -m peft_utils.plots results/ imgs/``), so a crashed notebook,
+an extra seed or a tweak to a figure never requires re-training.
+
+Design choices that hold for every figure:
+
+- One fixed colour per method (:data:`METHOD_COLORS`), so "LoRA is orange" holds across all PNGs.
+- Figures are built on bare :class:`matplotlib.figure.Figure` objects with the Agg canvas, never through
+  ``pyplot``: importing this package must not switch the backend of a notebook that imports it, and figures
+  are not kept alive in pyplot's global registry.
+- Every figure carries a footnote with the model, device and compute dtype read from the runs; when those
+  differ between methods the footnote says so, because a speed or memory comparison across dtypes is not
+  like-for-like.
+- Comparison figures use only the complete runs of group ``"comparison"`` (or no group, in older records): the
+  sweep and the learning-rate tuning runs (scored on a held-out slice of the train split) each get their own
+  figure. Several seeds of one method are drawn as dots around their mean.
+
+One module per job: :mod:`.style` (colours, figure and axis plumbing), :mod:`.selection` (which runs a figure
+draws), :mod:`.footnote` (provenance and saving), then the figures: :mod:`.accuracy` (loss, accuracy, accuracy
+per evaluation), :mod:`.cost` (time, size, memory, trainable parameters), :mod:`.grids` (rank x alpha map,
+learning-rate tuning) and :mod:`.summary` (the one-page trade-off). This package only draws: the numbers behind
+the figures (intervals, smoothing, per-method aggregation) come from :mod:`peft_utils.stats`, and every size,
+count and duration is written by :mod:`peft_utils.formatting`.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from peft_utils.plots.accuracy import plot_accuracy, plot_accuracy_curve, plot_loss
+from peft_utils.plots.cost import plot_memory, plot_model_size, plot_time, plot_trainable_params
+from peft_utils.plots.grids import plot_lr_tuning, plot_sweep
+from peft_utils.plots.selection import comparison_runs
+from peft_utils.plots.style import (
+    DPI,
+    METHOD_COLORS,
+    METHOD_LABELS,
+    METHOD_MARKERS,
+    METHOD_ORDER,
+    method_color,
+    method_label,
+)
+from peft_utils.plots.summary import plot_summary
+from peft_utils.report import paired_statistics
+from peft_utils.store import RunStore
+
+__all__ = [
+    "METHOD_ORDER",
+    "METHOD_LABELS",
+    "METHOD_COLORS",
+    "METHOD_MARKERS",
+    "DPI",
+    "method_color",
+    "method_label",
+    "plot_loss",
+    "plot_accuracy",
+    "plot_accuracy_curve",
+    "plot_time",
+    "plot_model_size",
+    "plot_memory",
+    "plot_trainable_params",
+    "plot_sweep",
+    "plot_lr_tuning",
+    "plot_summary",
+    "plot_all",
+    "main",
+]
+
+# Every figure but the accuracy figure, which also takes the paired statistics (see plot_all).
+FIGURES = (
+    plot_loss,
+    plot_accuracy_curve,
+    plot_time,
+    plot_model_size,
+    plot_memory,
+    plot_trainable_params,
+    plot_sweep,
+    plot_lr_tuning,
+    plot_summary,
+)
+
+
+def plot_all(results_dir: str | Path, imgs_dir: str | Path, data_dir: str | Path | None = None) -> list[Path]:
+    """Load every complete run in ``results_dir`` and write each figure that applies to ``imgs_dir``.
+
+    ``data_dir``: the SST-2 folder (or its parent) whose dev labels the paired tests need, since the records keep
+    predictions but not labels; by default ``SST2_DIR`` / ``PEFT_LAB_DATA``. Without labels (or with records
+    that predate ``dev_predictions``) the paired differences are left out with a printed one-line reason.
+    Figures whose inputs are absent (no sweep group, no tuning runs, no memory numbers, ...) are skipped rather
+    than drawn empty. Raises ``FileNotFoundError`` when ``results_dir`` does not exist and ``ValueError`` when it
+    holds no complete run, because an empty figure set would otherwise look like a success.
+    """
+    results_dir = Path(results_dir)
+    results = RunStore(results_dir).load()
+    if results.runs.empty:
+        raise ValueError(f"no complete run in {results_dir} (a run is complete once its summary is written); "
+                         "run the comparison first")
+    imgs_dir = Path(imgs_dir)
+    imgs_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if not comparison_runs(results.runs).empty:
+        paired = paired_statistics(results.runs, data_dir)
+        path = plot_accuracy(results, imgs_dir, paired.table, paired.reason)
+        if path is not None:
+            written.append(path)
+    for figure in FIGURES:
+        path = figure(results, imgs_dir)
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m peft_utils.plots RESULTS_DIR IMGS_DIR`` regenerates every figure from saved runs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m peft_utils.plots",
+        description="Regenerate every comparison figure from saved run records (no training).",
+    )
+    parser.add_argument("results_dir", type=Path, help="folder of <run_id>.jsonl run records, e.g. results/")
+    parser.add_argument("imgs_dir", type=Path, help="folder to write the PNG figures into, e.g. imgs/")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="SST-2 folder (or its parent) for the dev labels of the paired tests "
+                             "(default: $SST2_DIR or $PEFT_LAB_DATA)")
+    args = parser.parse_args(argv)
+    if not args.results_dir.is_dir():
+        parser.error(f"results folder {args.results_dir} does not exist; run the comparison first")
+    try:
+        paths = plot_all(args.results_dir, args.imgs_dir, args.data_dir)
+    except ValueError as error:
+        parser.error(str(error))
+    for path in paths:
+        print(path)
+    return 0

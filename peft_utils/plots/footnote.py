@@ -1,0 +1,99 @@
+"""The provenance footnote (model, device, compute dtype, data sizes, seeds) and saving a figure with it."""
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from peft_utils.plots.style import DPI, distinct_texts, in_display_order, method_label
+from peft_utils.stats import numeric_column, optional_column
+
+
+def _dtype_name(dtype: object) -> str:
+    """``"torch.bfloat16"`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _provenance(runs: pd.DataFrame) -> list[str]:
+    """Footnote lines: what was trained, where and in which dtype; loud when methods differ.
+
+    Why on every figure: PNGs travel alone (slides, README). A time or memory bar means little without the
+    model and hardware behind it, and a dtype difference between methods changes both.
+    """
+    if runs.empty:
+        return []
+    parts = []
+    for field in ("model", "device"):
+        values = distinct_texts(optional_column(runs, field))
+        if len(values) == 1:
+            parts.append(f"{field}: {values[0]}")
+        elif values:
+            parts.append(f"{field}s differ: {', '.join(values)}")
+    dtype_part, dtype_warning = _compute_dtype_notes(runs)
+    parts += [part for part in (dtype_part, _data_sizes_note(runs)) if part]
+    epochs = distinct_texts(optional_column(runs, "epochs").dropna())
+    if epochs:
+        parts.append(f"epochs: {', '.join(epochs)}")
+    seeds = numeric_column(runs, "seed").dropna()
+    if seeds.nunique() > 1:
+        parts.append(f"seeds: {', '.join(str(int(s)) for s in sorted(seeds.unique()))}")
+    quantized = [method_label(m) for m in in_display_order(optional_column(runs, "method")) if m in ("qlora", "qdora")]
+    if quantized:
+        parts.append(f"{'/'.join(quantized)}: frozen base stored in 4-bit")
+    lines = [" · ".join(parts)] if parts else []
+    if dtype_warning:
+        lines.append(dtype_warning)
+    return lines
+
+
+def _compute_dtype_notes(runs: pd.DataFrame) -> tuple[str | None, str | None]:
+    """(``"compute dtype: X"`` when all runs share one, a warning naming each method's dtype when they differ)."""
+    dtypes = {m: distinct_texts(_dtype_name(v) for v in optional_column(runs[runs["method"] == m],
+                                                                         "compute_dtype").dropna())
+              for m in in_display_order(optional_column(runs, "method"))}
+    all_dtypes = distinct_texts(d for ds in dtypes.values() for d in ds)
+    if len(all_dtypes) == 1:
+        return f"compute dtype: {all_dtypes[0]}", None
+    if not all_dtypes:
+        return None, None
+    by_dtype: dict[str, list[str]] = {}
+    for method, ds in dtypes.items():
+        by_dtype.setdefault("/".join(ds) or "unknown", []).append(method_label(method))
+    listing = "; ".join(f"{', '.join(ms)} = {d}" for d, ms in by_dtype.items())
+    return None, f"NOTE: compute dtype differs across methods ({listing}), so time and memory are not like-for-like."
+
+
+def _data_sizes_note(runs: pd.DataFrame) -> str | None:
+    """``"SST-2 train 4,000 / dev 872 sentences"`` (a range where runs differ), or None when not recorded."""
+    train = numeric_column(runs, "train_size").dropna()
+    evals = numeric_column(runs, "n_eval").dropna()
+    if evals.empty:
+        evals = numeric_column(runs, "eval_size").dropna()
+    data = []
+    scored_on = distinct_texts(optional_column(runs, "eval_split"))
+    for name, values in (("train", train), ("dev" if scored_on in ([], ["dev"]) else "held-out", evals)):
+        if not values.empty:
+            low, high = int(values.min()), int(values.max())
+            data.append(f"{name} {high:,}" if low == high else f"{name} {low:,}-{high:,}")
+    return "SST-2 " + " / ".join(data) + " sentences" if data else None
+
+
+def save_with_footnote(fig: Figure, path: Path, runs: pd.DataFrame, notes: Sequence[str] = ()) -> Path:
+    """Add the notes and the provenance footnote below the axes and save at :data:`DPI`.
+
+    The footnote is placed under the figure and ``bbox_inches="tight"`` grows the saved image to include it,
+    so it can never overlap tick labels whatever the layout engine decided.
+    """
+    width_in = fig.get_figwidth()
+    chars = max(60, int(width_in * 15))
+    lines = [wrapped for line in [*notes, *_provenance(runs)] if line
+             for wrapped in textwrap.wrap(line, chars, break_on_hyphens=False)]
+    if lines:
+        fig.text(0.005, -0.01, "\n".join(lines), ha="left", va="top", fontsize=8, color="#444444",
+                 linespacing=1.4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
+    return path

@@ -1,0 +1,197 @@
+"""The two grids of runs: the LoRA rank x alpha map (sweep) and the learning-rate tuning scores."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullLocator, PercentFormatter
+
+from peft_utils.formatting import format_count
+from peft_utils.plots.footnote import save_with_footnote
+from peft_utils.plots.selection import comparison_runs, method_summary, sweep_runs
+from peft_utils.plots.style import (
+    METHOD_COLORS,
+    METHOD_MARKERS,
+    distinct_texts,
+    in_display_order,
+    label_bars,
+    method_color,
+    method_label,
+    new_figure,
+    png_path,
+    style_axes,
+    tick_formatter,
+)
+from peft_utils.stats import learning_rate_scores, numeric_column, optional_column, runs_in_group
+from peft_utils.store import TUNE_GROUP, Results
+
+
+def _rows_label(sizes: set[int]) -> str:
+    return " / ".join(f"{n:,}" for n in sorted(sizes)) or "?"
+
+
+def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
+    """``sweep.png``: the LoRA rank x alpha/r grid as a heatmap of dev accuracy, trainable parameters beside it.
+
+    Rows are ranks, columns the alpha/r ratio. The ratio, not alpha, is the column key because LoRA scales its
+    update by alpha/r: along a column the update's scale is fixed and only capacity (rank) changes. With rsLoRA
+    the scale is alpha/sqrt(r) instead, and the title says so. Each cell is the mean over its seeds. The bars
+    share the heatmap's rows: trainable parameters grow linearly with r and do not depend on alpha, so together
+    they show where extra rank stops paying off. ``None`` when no run has group ``"sweep"``.
+    """
+    sweep = sweep_runs(results.runs)
+    if sweep.empty:
+        return None
+    sweep = sweep.assign(**{name: numeric_column(sweep, name)
+                            for name in ("rank", "alpha", "final_accuracy", "trainable_params")})
+    sweep = sweep[(sweep["rank"] > 0) & sweep["final_accuracy"].notna()]
+    if sweep.empty:
+        return None
+    rslora = optional_column(sweep, "rslora").astype(object).where(lambda v: v.notna(), False).astype(bool)
+    sweep = sweep.assign(ratio=(sweep["alpha"] / sweep["rank"]).round(4), rslora=rslora)
+    ranks, ratios = sorted(sweep["rank"].unique()), sorted(sweep["ratio"].unique())
+    variants = sorted(sweep["rslora"].unique())
+    comparison = method_summary(comparison_runs(results.runs))
+    full = comparison.loc["full"] if "full" in comparison.index else None
+    heat_width = 0.95 * len(ratios) + 1.2
+    fig = new_figure(len(variants) * heat_width + 1.2 + 4.2, 0.42 * len(ranks) + 2.4)
+    axes = fig.subplots(1, len(variants) + 1, width_ratios=[heat_width] * len(variants) + [4.2], sharey=True)
+    cells = sweep.groupby(["rslora", "rank", "ratio"])["final_accuracy"].agg(["mean", "size"])
+    low, high = cells["mean"].min() * 100, cells["mean"].max() * 100
+    for ax, variant in zip(axes, variants):
+        image = _draw_sweep_heatmap(ax, cells.loc[variant], ranks, ratios, (low, high))
+        ax.set_title(("rsLoRA: scale α/√r" if variant else "LoRA: scale α/r") + "\n(dev accuracy, %)", fontsize=10,
+                     loc="left")
+    fig.colorbar(image, ax=list(axes[:-1]), shrink=0.8, pad=0.02)  # the values are written in the cells too
+    _draw_sweep_params(axes[-1], sweep, ranks, math.nan if full is None else full["trainable_params"])
+    title = "LoRA rank × α/r sweep" + (" (rsLoRA)" if variants == [True] else "")
+    fig.suptitle(title, fontsize=13, x=0.01, ha="left")
+    seeds = cells["size"].max()
+    notes = [f"Cells: mean dev accuracy over {'up to ' if cells['size'].min() < seeds else ''}{seeds} seed"
+             f"{'s' if seeds > 1 else ''}; blank cells were not run."]
+    if full is not None and np.isfinite(full["accuracy"]):
+        full_runs = comparison_runs(results.runs).query("method == 'full'")
+        rows = {name: set(numeric_column(frame, "train_size").dropna().astype(int))
+                for name, frame in (("sweep", sweep), ("full", full_runs))}
+        fewer = f", trained on {_rows_label(rows['full'])} rows (the grid: {_rows_label(rows['sweep'])})" \
+            if rows["full"] != rows["sweep"] else ""
+        notes.append(f"Full fine-tuning (comparison runs): {full['accuracy'] * 100:.1f}% dev accuracy{fewer}.")
+    return save_with_footnote(fig, png_path(out_dir, "sweep.png"), sweep, notes)
+
+
+def _draw_sweep_heatmap(ax, cells: pd.DataFrame, ranks: Sequence[float], ratios: Sequence[float],
+                        value_range: tuple[float, float]):
+    """Mean accuracy per (rank, ratio) cell, annotated; returns the image for the colour bar."""
+    matrix = np.full((len(ranks), len(ratios)), np.nan)
+    for (rank, ratio), mean in cells["mean"].items():
+        matrix[ranks.index(rank), ratios.index(ratio)] = mean * 100
+    low, high = value_range
+    spread = max(high - low, 0.1)
+    cmap = colormaps["viridis"].with_extremes(bad="#F2F2F2")
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=low - 0.05 * spread, vmax=high + 0.05 * spread,
+                      aspect="auto")
+    for (row, column), value in np.ndenumerate(matrix):
+        if np.isfinite(value):
+            dark = (value - low) / spread < 0.55  # viridis is dark at the low end
+            ax.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=9,
+                    color="white" if dark else "#1A1A1A", fontweight="bold" if value == high else "normal")
+    ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios])
+    ax.set_yticks(range(len(ranks)), [f"{r:g}" for r in ranks])
+    ax.set_xlabel("α / r")
+    ax.set_ylabel("LoRA rank r")
+    ax.tick_params(length=0)
+    ax.spines[:].set_visible(False)
+    return image
+
+
+def _draw_sweep_params(ax, sweep: pd.DataFrame, ranks: Sequence[float], full_params: float) -> None:
+    """Trainable parameters per rank (rows shared with the heatmap), log scale, full fine-tuning as a reference."""
+    params = sweep.groupby("rank")["trainable_params"].first().reindex(ranks)
+    known = params.notna().to_numpy()
+    y = np.arange(len(ranks))
+    bars = ax.barh(y[known], params.to_numpy()[known], color=METHOD_COLORS["lora"], height=0.6, zorder=2)
+    label_bars(ax, bars, [format_count(v) for v in params.to_numpy()[known]], fontsize=8.5)
+    top = np.nanmax(params.to_numpy()) if known.any() else 1.0
+    if np.isfinite(full_params):
+        ax.axvline(full_params, color=METHOD_COLORS["full"], linestyle="--", linewidth=1.3,
+                   label=f"full fine-tuning ({format_count(full_params)})")
+        ax.legend(loc="upper right", fontsize=8.5, framealpha=0.9, edgecolor="none")  # beside the shortest bars
+        top = max(top, full_params)
+    ax.set_xscale("log")
+    bottom = np.nanmin(params.to_numpy()) if known.any() else 1.0
+    ax.set_xlim(bottom / 3, top * 8)
+    ax.xaxis.set_major_formatter(tick_formatter(format_count))
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_title("Trainable parameters\n(independent of α)", fontsize=10, loc="left")
+    ax.tick_params(axis="y", labelleft=False, length=0)
+    style_axes(ax, "x")
+
+
+def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
+    """``lr_tuning.png``: held-out accuracy vs learning rate per method, each method's chosen rate marked.
+
+    The tuning runs (group ``"tune"``) are scored on a held-out slice of the train split, never on dev, so the
+    rate is chosen without looking at the reported split; the chooser is :func:`peft_utils.stats.choose_learning_rates`,
+    the same function the training side calls. Why plot the whole grid: a chosen rate at the grid's edge, or a flat
+    curve, says the grid (not the method) decided. ``None`` when there is no tuning run.
+    """
+    tune = runs_in_group(results.runs, TUNE_GROUP)
+    if tune.empty:
+        return None
+    scores = learning_rate_scores(tune)
+    if scores.empty:
+        return None
+    fig = new_figure(9.5, 5.2)
+    ax = fig.add_subplot()
+    accuracy = numeric_column(tune, "final_accuracy") * 100
+    several_seeds = (scores["n_seeds"] > 1).any()
+    methods = in_display_order(scores["method"])
+    labelled: dict[float, int] = {}  # chosen rate -> labels already drawn there (stacked, not overprinted)
+    for i, method in enumerate(methods):
+        # Methods sharing a grid are nudged sideways (in log space) so coinciding curves stay visible.
+        nudge = 2 ** (0.05 * (i - (len(methods) - 1) / 2))
+        grid = scores[scores["method"] == method].assign(lr=lambda g: g["lr"] * nudge)
+        color = method_color(method)
+        if several_seeds:
+            at = tune["method"] == method
+            ax.scatter(numeric_column(tune[at], "lr") * nudge, accuracy[at], s=14, color=color, alpha=0.35,
+                       zorder=2)
+        ax.plot(grid["lr"], grid["accuracy"] * 100, color=color, marker=METHOD_MARKERS.get(method, "o"),
+                markersize=6, linewidth=2, zorder=3, label=method_label(method))
+        chosen = grid[grid["chosen"]].iloc[0]
+        ax.scatter(chosen["lr"], chosen["accuracy"] * 100, s=260, facecolor="none", edgecolor=color, linewidth=2.2,
+                   zorder=4)
+        rate = float(chosen["lr"] / nudge)
+        stacked = labelled[rate] = labelled.get(rate, -1) + 1
+        ax.annotate(f"{rate:.0e}", (chosen["lr"], chosen["accuracy"] * 100), xytext=(0, 12 + 11 * stacked),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8.5, color=color,
+                    fontweight="bold")
+    ax.set_xscale("log")
+    lrs = np.sort(scores["lr"].unique())
+    ax.set_xticks(lrs, [f"{lr:.0e}" for lr in lrs], rotation=45 if len(lrs) > 6 else 0)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(lrs[0] / 1.6, lrs[-1] * 1.6)
+    values = scores["accuracy"].to_numpy() * 100
+    pad = max(1.0, 0.1 * np.ptp(values))
+    ax.set_ylim(np.nanmin(values) - pad, min(100.5, np.nanmax(values) + 1.5 * pad))
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    ax.set_xlabel("peak learning rate (log scale)")
+    split = "/".join(distinct_texts(optional_column(tune, "eval_split"))) or "held-out"
+    ax.set_ylabel(f"held-out accuracy ({split})")
+    ax.set_title("Learning-rate tuning: accuracy on a held-out slice of the train split", fontsize=12, loc="left")
+    style_axes(ax, "both")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], linestyle="none", marker="o", markersize=12, markerfacecolor="none",
+                          markeredgecolor="#444444"))
+    labels.append("chosen rate")
+    fig.legend(handles, labels, loc="outside right upper", frameon=False)
+    notes = ["Chosen: highest held-out accuracy (ties: lower held-out loss, then the smaller rate). The dev split "
+             "is never used for the choice."]
+    if several_seeds:
+        notes.append("Lines: mean over seeds; faint dots: single seeds.")
+    return save_with_footnote(fig, png_path(out_dir, "lr_tuning.png"), tune, notes)

@@ -1,0 +1,105 @@
+"""Method names, colours and markers, and the figure and axis plumbing every figure shares.
+
+Why one place: "LoRA is orange" and the look of an axis must hold across every PNG, whichever module drew it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullLocator
+
+from peft_utils.formatting import duration_ticks, format_duration_tick
+from peft_utils.methods import METHOD_NAMES, METHODS
+
+METHOD_ORDER: tuple[str, ...] = METHOD_NAMES
+METHOD_LABELS: dict[str, str] = {name: method.label for name, method in METHODS.items()}
+# Okabe-Ito palette: distinguishable with the common colour-vision deficiencies and in greyscale print.
+METHOD_COLORS: dict[str, str] = {
+    "full": "#0072B2",  # blue
+    "lora": "#E69F00",  # orange
+    "dora": "#009E73",  # green
+    "qlora": "#CC79A7",  # purple-pink
+    "qdora": "#D55E00",  # vermillion
+}
+# Markers as a second cue where lines can coincide (and for greyscale print).
+METHOD_MARKERS: dict[str, str] = {"full": "o", "lora": "s", "dora": "D", "qlora": "^", "qdora": "v"}
+_EXTRA_COLORS = ("#56B4E9", "#8C6D31", "#7F7F7F", "#000000")  # for methods added later
+REFERENCE_GREY = "#8A8A8A"
+DPI = 150
+CHANCE_ACCURACY = 0.5  # SST-2 is binary and roughly balanced
+
+
+def method_label(method: str) -> str:
+    """Display name of a method (``"qlora"`` -> ``"QLoRA"``); unknown methods are shown as given."""
+    return METHOD_LABELS.get(method, str(method))
+
+
+def method_color(method: str) -> str:
+    """The fixed colour of a method; methods outside :data:`METHOD_COLORS` get a stable colour by name."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA_COLORS[sum(map(ord, str(method))) % len(_EXTRA_COLORS)]
+
+
+def in_display_order(methods: Iterable[object]) -> list[str]:
+    """The distinct methods among ``methods``: known ones in :data:`METHOD_ORDER`, then others alphabetically."""
+    present = set(distinct_texts(methods))
+    known = [m for m in METHOD_ORDER if m in present]
+    return known + sorted(present - set(known))
+
+
+def distinct_texts(values: Iterable[object]) -> list[str]:
+    """The distinct non-missing values as sorted strings."""
+    return sorted({str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas, outside pyplot (the package docstring says why)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / name
+
+
+def style_axes(ax, grid_axis: str = "y") -> None:
+    """No top/right frame; a light grid behind the data along ``grid_axis`` (``""`` for none)."""
+    ax.spines[["top", "right"]].set_visible(False)
+    if grid_axis:
+        ax.grid(axis=grid_axis, color="#DDDDDD", linewidth=0.8)
+        ax.set_axisbelow(True)
+
+
+def label_bars(ax, bars, labels: Sequence[str], fontsize: float = 9) -> None:
+    """Write ``labels`` just past the end of each bar."""
+    ax.bar_label(bars, labels=list(labels), padding=3, fontsize=fontsize)
+
+
+def set_method_ticks(ax, methods: Sequence[str]) -> None:
+    """One x tick per bar, labelled with the method's display name."""
+    ax.set_xticks(range(len(methods)), [method_label(m) for m in methods])
+
+
+def tick_formatter(format_number) -> FuncFormatter:
+    """Tick labels from ``format_bytes`` / ``format_count`` in their exact tick mode, and "0" at zero."""
+    def tick(value: float, _pos: object) -> str:
+        return "0" if value == 0 else format_number(value, tick=True)
+    return FuncFormatter(tick)
+
+
+def set_duration_axis(ax, low: float, high: float) -> None:
+    """A log-scale x axis from ``low`` to ``high`` seconds with clock-friendly ticks (30 s, 1 min, 10 min, 1 h).
+
+    Why: log-scale defaults would give "8.3 min"-style decades beside matplotlib's own "3x10^1" minor labels.
+    """
+    ax.set_xscale("log")
+    ax.set_xlim(low, high)
+    ax.set_xticks(duration_ticks(low, high), minor=False)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_duration_tick(v)))
+    ax.xaxis.set_minor_locator(NullLocator())
