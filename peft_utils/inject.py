@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-import torch
 from torch import nn
 
 from .adapters import DoRALayer, LoRALayer, check_rank, is_supported_base, logical_numel

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .methods import METHOD_NAMES
-from .store import COMPARISON_GROUP, SWEEP_GROUP, TUNE_GROUP
+from .store import COMPARISON_GROUP
 
 __all__ = [
     "optional_column",

@@ -38,7 +38,7 @@ def randomize(model: torch.nn.Module, seed: int = 7) -> None:
     """Trained-looking adapters and head: non-zero B, magnitudes off their initial norm, a moved head."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
 
