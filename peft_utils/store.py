@@ -7,7 +7,8 @@ flight, and a comparison must be able to tell finished runs from interrupted one
 Events, in the order a run writes them (fields beyond these are allowed and kept):
 
 - ``config``  : run_id, group ("comparison" | "sweep" | "tune"), method, model, rank, alpha, seed, lr, every data and
-  training setting, the resolved device, compute dtype and mixed precision, num_processes, per_device_batch_size
+  training setting, the resolved device and the hardware behind it (GPU name, or CPU model and threads), compute
+  dtype and mixed precision, num_processes, per_device_batch_size
   and global_batch_size, parameter counts, on a GPU the memory plan (``memory_*``); a tuning run's ``eval_split``
   ("train-holdout"), a tuned run's ``lr_source`` ("tune")
 - ``step``    : step, epoch, loss, lr, elapsed_s

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -101,6 +102,26 @@ def resolve_device(device: str = "auto") -> torch.device:
         if resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
+
+
+def hardware_name(device: torch.device) -> str:
+    """What ran the steps, for the records: the GPU's name, or the CPU's model and the threads torch uses.
+
+    Why recorded: the same run takes different times on different machines (even the CPUs of one fleet differ by
+    vendor), so a train time is only comparable with times taken on the same hardware.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 _MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -407,6 +428,7 @@ def train(
         # run_info first: the settings actually used (device resolved, sizes after encoding) win on a clash.
         recorder.log("config", **{
             **(run_info or {}), **asdict(config), "lr": lr, "seed": seed, "device": str(device),
+            "hardware": hardware_name(device),
             "compute_dtype": str(dtype).removeprefix("torch."), "mixed_precision": accelerator.mixed_precision,
             "num_processes": processes, "per_device_batch_size": micro_batch, "global_batch_size": config.batch_size,
             "train_size": len(train_rows), "eval_size": len(eval_rows), "total_steps": total_steps,

@@ -329,6 +329,23 @@ def test_footnote_says_when_compute_dtypes_differ(tmp_path: Path) -> None:
     assert "compute dtype: bfloat16" in same and "differs" not in same
 
 
+def test_footnote_names_the_hardware_and_says_when_it_differs(tmp_path: Path) -> None:
+    """Times compare only within one machine: the footnote names it, and says when runs come from several."""
+    results_dir = write_fake_results(tmp_path / "results", methods=("full", "lora"), sweep=False, lora_seeds=2,
+                                     n_steps=5)
+    runs = RunStore(results_dir).load().runs
+    assert "hardware" not in " ".join(footnote._provenance(runs))  # older records: nothing claimed
+    one = runs.assign(hardware="AMD EPYC, 2 threads")
+    assert "hardware: AMD EPYC, 2 threads" in " ".join(footnote._provenance(one))
+    assert "NOTE" not in " ".join(footnote._provenance(one.assign(compute_dtype="float32")))
+    partly = runs.assign(hardware=["AMD EPYC, 2 threads"] + [None] * (len(runs) - 1))
+    assert f"(not recorded for {len(runs) - 1} of {len(runs)} runs)" in " ".join(footnote._provenance(partly))
+    several = runs.assign(hardware=["AMD EPYC, 2 threads"] + ["Intel Xeon, 2 threads"] * (len(runs) - 1))
+    text = " ".join(footnote._provenance(several))
+    assert "hardware differs: AMD EPYC, 2 threads, Intel Xeon, 2 threads" in text
+    assert "different hardware, so their times are not like-for-like" in text
+
+
 def test_log_time_axis_uses_clock_ticks() -> None:
     """A time axis spanning decades is labelled in round durations, one style ("30 s", "10 min", "2 h")."""
     ticks = duration_ticks(15.0, 9_000.0)

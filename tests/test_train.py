@@ -96,6 +96,7 @@ def test_records_every_event_field(tiny_gpt2_dir, tmp_path):
                 "device", "compute_dtype", "trainable_params", "total_params"):
         assert key in config_event, key
     assert config_event["device"] == "cpu" and config_event["compute_dtype"] == "float32"
+    assert config_event["hardware"].endswith(f", {torch.get_num_threads()} threads")  # times compare per machine
     assert (config_event["train_size"], config_event["eval_size"]) == (24, 12)
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == [2, 4, 6]  # 3 steps per epoch, logged every 2 steps and at the end

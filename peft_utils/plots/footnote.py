@@ -26,12 +26,15 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     if runs.empty:
         return []
     parts = []
-    for field in ("model", "device"):
-        values = distinct_texts(optional_column(runs, field))
-        if len(values) == 1:
-            parts.append(f"{field}: {values[0]}")
-        elif values:
-            parts.append(f"{field}s differ: {', '.join(values)}")
+    for field, differ in (("model", "models differ"), ("device", "devices differ"), ("hardware", "hardware differs")):
+        column = optional_column(runs, field)
+        values = distinct_texts(column)
+        unrecorded = len(runs) - len(column.dropna())
+        if not values:
+            continue
+        parts.append(f"{field}: {values[0]}" if len(values) == 1 else f"{differ}: {', '.join(values)}")
+        if unrecorded:
+            parts[-1] += f" (not recorded for {unrecorded} of {len(runs)} runs)"
     dtype_part, dtype_warning = _compute_dtype_notes(runs)
     parts += [part for part in (dtype_part, _data_sizes_note(runs)) if part]
     epochs = distinct_texts(optional_column(runs, "epochs").dropna())
@@ -46,6 +49,8 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     lines = [" · ".join(parts)] if parts else []
     if dtype_warning:
         lines.append(dtype_warning)
+    if len(distinct_texts(optional_column(runs, "hardware"))) > 1:
+        lines.append("NOTE: the runs ran on different hardware, so their times are not like-for-like.")
     return lines
 
 
