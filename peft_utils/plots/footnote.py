@@ -25,7 +25,7 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     """
     if runs.empty:
         return []
-    parts = []
+    parts, several_machines = [], False
     for field, differ in (("model", "models differ"), ("device", "devices differ"), ("hardware", "hardware differs")):
         column = optional_column(runs, field)
         values = distinct_texts(column)
@@ -33,6 +33,7 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
         if not values:
             continue
         parts.append(f"{field}: {values[0]}" if len(values) == 1 else f"{differ}: {', '.join(values)}")
+        several_machines |= field == "hardware" and len(values) > 1
         if unrecorded:
             parts[-1] += f" (not recorded for {unrecorded} of {len(runs)} runs)"
     dtype_part, dtype_warning = _compute_dtype_notes(runs)
@@ -49,7 +50,7 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     lines = [" · ".join(parts)] if parts else []
     if dtype_warning:
         lines.append(dtype_warning)
-    if len(distinct_texts(optional_column(runs, "hardware"))) > 1:
+    if several_machines:
         lines.append("NOTE: the runs ran on different hardware, so their times are not like-for-like.")
     return lines
 
