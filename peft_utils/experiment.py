@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table[columns].to_string(index=False))
     from .plots import plot_all  # matplotlib only once there is something to draw
 
-    plot_all(config.results_dir, config.figures_dir)
+    plot_all(config.results_dir, config.figures_dir, config.data.data_dir)  # its dev labels for the paired tests
     print(f"figures: {config.figures_dir}")
     if args.sentences:  # only when asked: it loads every run's saved result again
         from .inference import predict_runs
