@@ -18,8 +18,8 @@ Train time = optimisation wall time without evaluation, on both sides:
   ``eval_runtime`` that ``Trainer.evaluate`` reports for each of its evaluations.
 
 Model loading, tokenisation and process start are outside both. QLoRA: both sides load the same NF4 model through
-``peft_utils.quant.load_quantized`` (plain ``from_pretrained`` + bitsandbytes 0.50 repacks 4-bit weights in place for
-CPU inference at the first evaluation, after which training fails; see ``adapters.pin_4bit_layout``), and the reference
+``peft_utils.models.load_quantized`` (plain ``from_pretrained`` + bitsandbytes 0.50 repacks 4-bit weights in place for
+CPU inference at the first evaluation, after which training fails; see ``core.quant.pin_4bit_layout``), and the reference
 calls peft's ``prepare_model_for_kbit_training`` with ``use_gradient_checkpointing=False``, as the profile trains
 without checkpointing.
 
@@ -81,12 +81,11 @@ def reference(method: str, train_size: int | None, eval_size: int | None) -> dic
 
 def _reference_model(method: str, settings: dict[str, Any]):
     """The model a peft user builds: the same pretrained MiniLM, peft's LoRA/DoRA on peft's default layers for
-    BERT (query and value, the same as ours: ``inject.default_targets``), the head trained (``TaskType.SEQ_CLS``)."""
+    BERT (query and value, the same as ours: ``core.targets.default_targets``), the head trained (``TaskType.SEQ_CLS``)."""
     import peft
     from transformers import AutoModelForSequenceClassification
 
-    from peft_utils.models import configure_padding, load_tokenizer, resolve_model_source
-    from peft_utils.quant import load_quantized
+    from peft_utils.models import configure_padding, load_quantized, load_tokenizer, resolve_model_source
 
     source = resolve_model_source(settings["model"])
     if method == "qlora":

@@ -18,9 +18,9 @@ if __package__ in (None, ""):
 
 import torch
 
-from peft_utils.inject import apply_adapters, count_parameters
+from peft_utils.core.inject import apply_adapters, count_parameters
+from peft_utils.core.targets import default_targets
 from peft_utils.models import gpt2_config
-from peft_utils.targets import default_targets
 
 _DECODER = dict(tie_word_embeddings=True)
 # (family, checkpoint, model_type, config keywords) -- shapes from each checkpoint's config.json.

@@ -26,9 +26,8 @@ import torch
 
 from peft_utils.checkpoints import save_adapters
 from peft_utils.data import find_gpt2_tokenizer
-from peft_utils.inject import apply_adapters
-from peft_utils.models import GPT2_SHAPES, load_model, save_random_gpt2
-from peft_utils.quant import load_quantized
+from peft_utils.core.inject import apply_adapters
+from peft_utils.models import GPT2_SHAPES, load_model, load_quantized, save_random_gpt2
 from peft_utils.sizes import model_size, nf4_bits_per_weight
 
 REPO = Path(__file__).resolve().parents[1]

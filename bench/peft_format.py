@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft_utils.checkpoints import CONFIG_FILE, WEIGHTS_FILE, load_adapters, save_adapters  # noqa: E402
-from peft_utils.inject import apply_adapters, default_targets  # noqa: E402
-from peft_utils.models import load_model, save_random_gpt2  # noqa: E402
-from peft_utils.quant import load_quantized  # noqa: E402
+from peft_utils.core.inject import apply_adapters  # noqa: E402
+from peft_utils.core.targets import default_targets  # noqa: E402
+from peft_utils.models import load_model, load_quantized, save_random_gpt2  # noqa: E402
 
 TEXTS = ["a gripping , beautifully acted film", "dull , predictable and far too long", "it 's fine"]
 VARIANTS = {"LoRA": dict(method="lora"), "DoRA": dict(method="dora"), "rsLoRA": dict(method="lora", use_rslora=True)}

@@ -43,8 +43,8 @@ if __package__ in (None, ""):  # `python bench/step_time.py` works as well as `p
 import torch
 from torch import nn
 
-from peft_utils.adapters import is_conv1d
-from peft_utils.inject import TARGET_PRESETS, apply_adapters
+from peft_utils.core.inject import apply_adapters
+from peft_utils.core.layers import is_conv1d
 from peft_utils.models import GPT2_SHAPES, gpt2_config, load_model, random_gpt2, resolve_model_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,10 +52,10 @@ METHODS = ("full", "lora", "dora", "qlora")
 MODELS = tuple(GPT2_SHAPES) + ("minilm",)
 HEADS = {"gpt2": "score", "bert": "classifier"}
 TARGETS = {  # "all": every linear layer of each block (as in the QLoRA paper); "attn": the LoRA paper's choice
-    ("gpt2", "all"): TARGET_PRESETS["gpt2-all"],
-    ("gpt2", "attn"): TARGET_PRESETS["gpt2-attn"],
-    ("bert", "all"): TARGET_PRESETS["bert-all"],
-    ("bert", "attn"): TARGET_PRESETS["bert-qv"],
+    ("gpt2", "all"): ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    ("gpt2", "attn"): ("c_attn",),
+    ("bert", "all"): ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+    ("bert", "attn"): ("query", "value"),
 }
 MIB = 2**20
 
@@ -102,10 +102,9 @@ def base_model(spec: Spec) -> nn.Module:
 
 
 def quantized_model(spec: Spec, workdir: Path) -> nn.Module:
-    """The same base loaded in 4-bit NF4 through ``peft_utils.quant.load_quantized`` (both QLoRA sides use it)."""
+    """The same base loaded in 4-bit NF4 through ``peft_utils.models.load_quantized`` (both QLoRA sides use it)."""
     from peft_utils.data import find_gpt2_tokenizer
-    from peft_utils.models import save_random_gpt2
-    from peft_utils.quant import load_quantized
+    from peft_utils.models import load_quantized, save_random_gpt2
 
     if spec.family == "gpt2":
         source = workdir / f"gpt2-{spec.model}"
@@ -388,7 +387,7 @@ def quant_available() -> str | None:
     try:
         import bitsandbytes  # noqa: F401
 
-        from peft_utils.quant import load_quantized  # noqa: F401
+        from peft_utils.models import load_quantized  # noqa: F401
     except ImportError as error:
         return str(error)
     return None

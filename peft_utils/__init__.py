@@ -1,4 +1,5 @@
-"""peft-lab helpers: hand-written LoRA / DoRA / QLoRA, SST-2 data, training, results and plots.
+"""peft-lab: hand-written LoRA / DoRA / QLoRA (the core, :mod:`peft_utils.core`) and the lab around it — SST-2 data,
+experiments, run records, statistics and plots.
 
 Names are imported lazily (PEP 562), so `python -m peft_utils.plots` does not pay for importing torch.
 """
@@ -8,20 +9,22 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "adapters": ("LoRALayer", "DoRALayer"),
+    "core.layers": ("LoRALayer", "DoRALayer"),
+    "core.inject": ("InjectedAdapters", "ParameterCount", "apply_adapters", "count_parameters", "merge_adapters",
+                    "unmerge_adapters"),
+    "core.targets": ("default_targets", "resolve_targets"),
+    "core.quant": ("load_4bit", "prepare_for_kbit_training"),
+    "core.batches": ("encode", "make_loader"),
+    "core.loop": ("train_loop", "evaluate", "set_seed"),
     "config": ("ExperimentConfig", "TrainConfig", "AdapterSettings", "PARAMETERS", "PROFILES", "make_config"),
     "methods": ("METHODS", "get_method"),
-    "inject": ("TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters", "count_parameters",
-               "merge_adapters", "unmerge_adapters"),
     "checkpoints": ("export_merged", "load_adapters", "save_adapters", "save_trained"),
-    "targets": ("default_targets", "resolve_targets"),
     "inference": ("predict", "predict_runs"),
-    "models": ("load_model", "load_tokenizer", "random_gpt2", "resolve_model_source"),
-    "quant": ("load_quantized", "prepare_for_kbit_training"),
+    "models": ("build_model", "load_model", "load_quantized", "load_tokenizer", "random_gpt2", "resolve_model_source"),
     "sizes": ("model_size", "nf4_bits_per_weight", "format_size_report"),
-    "data": ("load_sst2", "subset", "encode", "make_loader"),
-    "train": ("RunResult", "train", "evaluate", "set_seed"),
-    "experiment": ("plan_experiment", "execute", "run_comparison", "run_sweep"),
+    "data": ("load_sst2", "subset"),
+    "train": ("RunResult", "train"),
+    "experiment": ("plan_experiment", "run_plan", "run_comparison", "run_sweep"),
     "store": ("RunStore", "RunRecorder"),
     "plots": ("plot_all",),
 }

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
-from .inject import AdapterConfig, adapter_layers, apply_adapters
-from .targets import name_matcher
+from .core.inject import InjectedAdapters, adapter_layers, apply_adapters
+from .core.layers import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
+from .core.targets import meta_skeleton, name_matcher
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -50,11 +50,11 @@ SEQ_CLS = "SEQ_CLS"
 PROBE_TEXTS = ("A gripping, beautifully acted film.", "Dull, predictable and far too long.")
 
 
-def _config_of(model: nn.Module) -> AdapterConfig:
-    config = getattr(model, "adapter_config", None)
-    if not isinstance(config, AdapterConfig):
+def _injected(model: nn.Module) -> InjectedAdapters:
+    injected = getattr(model, "injected_adapters", None)
+    if not isinstance(injected, InjectedAdapters):
         raise ValueError("model has no adapters: call apply_adapters first")
-    return config
+    return injected
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -62,35 +62,35 @@ def _config_of(model: nn.Module) -> AdapterConfig:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what training changed, under peft's names: adapter tensors and the kept-trainable (head) modules."""
-    config = _config_of(model)
+    injected = _injected(model)
     state = {}
     for name, layer in adapter_layers(model):
         for attribute, suffix in ADAPTER_KEYS.items():
             if attribute != "magnitude" or isinstance(layer, DoRALayer):
                 state[f"{PEFT_PREFIX}{name}.{suffix}"] = getattr(layer, attribute)
-    for module_name in config.keep_trainable:  # state_dict(), like peft's modules_to_save: buffers included
+    for module_name in injected.keep_trainable:  # state_dict(), like peft's modules_to_save: buffers included
         for key, tensor in model.get_submodule(module_name).state_dict().items():
             state[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def peft_config(model: nn.Module) -> dict:
+def peft_adapter_json(model: nn.Module) -> dict:
     """The ``adapter_config.json`` peft writes for the same adapter (keys left out take peft's defaults)."""
     from .models import hub_id
 
-    config = _config_of(model)
+    injected = _injected(model)
     return {
         "peft_type": "LORA",
         "task_type": SEQ_CLS,
         "base_model_name_or_path": hub_id(getattr(model, "name_or_path", "")) or None,
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "use_dora": config.method == "dora",
-        "target_modules": config.target_patterns or config.target_modules,
+        "r": injected.rank,
+        "lora_alpha": injected.alpha,
+        "lora_dropout": injected.dropout,
+        "use_rslora": injected.use_rslora,
+        "use_dora": injected.method == "dora",
+        "target_modules": injected.target_patterns or injected.target_modules,
         "fan_in_fan_out": _stored_transposed(model),
-        "modules_to_save": config.keep_trainable or None,
+        "modules_to_save": injected.keep_trainable or None,
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
@@ -105,8 +105,6 @@ def _stored_transposed(model: nn.Module) -> bool:
     layers = list(adapter_layers(model))
     if not any(is_linear4bit(layer.base) for _, layer in layers):
         return any(is_conv1d(layer.base) for _, layer in layers)
-    from .models import meta_skeleton
-
     architecture = dict(meta_skeleton(_config_without_quantization(model.config)).named_modules())
     return any(is_conv1d(architecture.get(name)) for name, _ in layers)
 
@@ -135,7 +133,7 @@ def save_adapters(model: nn.Module, folder: str | Path) -> int:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(peft_config(model), indent=2) + "\n", encoding="utf-8")
+    (folder / CONFIG_FILE).write_text(json.dumps(peft_adapter_json(model), indent=2) + "\n", encoding="utf-8")
     return _file_bytes(folder, (WEIGHTS_FILE, CONFIG_FILE))
 
 
@@ -175,7 +173,7 @@ class _SavedAdapter:
 def _read_config(path: Path) -> dict:
     config = json.loads(path.read_text(encoding="utf-8"))
     if "peft_type" not in config:
-        raise ValueError(f"{path}: no peft_type: not a peft adapter config (re-save older peft_utils adapters)")
+        raise ValueError(f"{path}: no peft_type: not a peft adapter config")
     refusals = [f"peft_type={config['peft_type']!r} (only 'LORA')"] if config["peft_type"] != "LORA" else []
     if config.get("task_type") not in (SEQ_CLS, None):
         refusals.append(f"task_type={config['task_type']!r} (only {SEQ_CLS!r}: these are sequence classifiers)")
@@ -275,8 +273,8 @@ def _remove_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
         setattr(model.get_submodule(parent_name), child_name, layer.base)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(requires_grad[name])
-    if hasattr(model, "adapter_config"):
-        del model.adapter_config
+    if hasattr(model, "injected_adapters"):
+        del model.injected_adapters
 
 
 def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -402,5 +400,5 @@ def export_merged(
 
 __all__ = [
     "CONFIG_FILE", "WEIGHTS_FILE", "MergedExport", "adapter_state_dict", "export_merged", "load_adapters",
-    "peft_config", "save_adapters", "save_trained",
+    "peft_adapter_json", "save_adapters", "save_trained",
 ]

@@ -168,12 +168,16 @@ def check_lr(name: str, value: Any) -> float | dict[str, float] | str:
     if isinstance(value, Mapping):
         if not value:
             raise ValueError(f"{name} is an empty dict: give a rate for at least one method")
-        unknown = [m for m in value if m not in METHOD_NAMES]
-        if unknown:
-            names = ", ".join(map(repr, unknown))
-            raise ValueError(f"{name} names unknown method(s) {names}; choose from {METHOD_NAMES}")
+        _check_method_keys(name, value)
         return {m: check_positive_number(f"{name}[{m!r}]", r) for m, r in value.items()}
     return check_positive_number(name, value)
+
+
+def _check_method_keys(name: str, value: Mapping) -> None:
+    """Refuse a per-method dict whose keys include an unknown method: a typo would otherwise be silently ignored."""
+    unknown = [m for m in value if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"{name} names unknown method(s) {', '.join(map(repr, unknown))}; choose from {METHOD_NAMES}")
 
 
 def _lr_grid(name: str, value: Any) -> dict[str, tuple[float, ...]]:
@@ -181,9 +185,7 @@ def _lr_grid(name: str, value: Any) -> dict[str, tuple[float, ...]]:
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"{name} must be a dict of method -> list of rates, e.g. {{'lora': [1e-3, 3e-3]}}, "
                          f"got {value!r}")
-    unknown = [m for m in value if m not in METHOD_NAMES]
-    if unknown:
-        raise ValueError(f"{name} names unknown method(s) {', '.join(map(repr, unknown))}; choose from {METHOD_NAMES}")
+    _check_method_keys(name, value)
     grid = {}
     for method, rates in value.items():
         rates = _unique(f"{name}[{method!r}]", [check_positive_number(f"{name}[{method!r}]", r)
@@ -404,7 +406,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("dropout", "adapter", "dropout", "dropout on the adapter input, in [0, 1)", check_fraction,
               {"type": float}),
     Parameter("targets", "adapter", "targets",
-              "layers: a preset ('attn', 'attn-all', 'all-linear'; old 'gpt2-attn'...), suffixes or a regex",
+              "layers: a preset ('attn', 'attn-all', 'all-linear'), module-name suffixes or a regex",
               _targets, {"nargs": "+", "type": str, "post": _targets_tokens}),
     Parameter("epochs", "train", "epochs", "passes over the train rows", check_positive_int, {"type": int}),
     Parameter("batch_size", "train", "batch_size", "rows per optimiser step, over all processes (global batch)",
@@ -616,28 +618,11 @@ def config_record(config: ExperimentConfig) -> dict[str, Any]:
     return record
 
 
-def compute_dtype_for(device: Any):
-    """The autocast dtype for a device: the same rule for every method, QLoRA's 4-bit compute included.
-
-    - CUDA with native bfloat16 (compute capability >= 8.0: A100, H100, RTX 30xx+): bfloat16, which keeps
-      float32's exponent range, so no loss scaling is needed.
-    - Older CUDA GPUs (T4, V100): float16 with loss scaling (``torch.cuda.is_bf16_supported()`` says yes on some of
-      them, through slow emulation, hence the capability test).
-    - CPU: float32 (CPU bf16 matmuls are slow, and fp16 would need a gradient scaler).
-    """
-    import torch
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-
-
 __all__ = [
     "ALL_ROWS", "TUNE", "DataConfig", "AdapterSettings", "TrainConfig", "SweepConfig", "TuneConfig",
     "ExperimentConfig", "Parameter",
     "PARAMETERS", "PARAMETER_NAMES", "NOTEBOOK_PARAMETER_NAMES", "PROFILES", "resolve_profile", "make_config",
     "add_cli_arguments",
-    "cli_parameters", "notebook_parameters_cell", "config_record", "compute_dtype_for", "check_positive_int",
+    "cli_parameters", "notebook_parameters_cell", "config_record", "check_positive_int",
     "check_positive_number", "check_fraction", "check_rows", "check_methods", "check_lr",
 ]

@@ -348,3 +348,35 @@ def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
         f"no gpt2-tokenizer/ folder in {[str(r) for r in roots] or 'any known place'}: a random GPT-2 needs the real "
         "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
     )
+
+
+# --------------------------------------------------------------------------------------------- dev labels
+
+
+def dev_labels(runs: pd.DataFrame, data_dir: str | Path | None = None) -> np.ndarray:
+    """The gold labels of the dev rows the comparison runs were scored on, in dev-file order.
+
+    Why they are read from the data and not the records: a record keeps what the model predicted, not the truth.
+    The rows are chosen exactly as the experiment chose them (all of dev, or the seeded subset of ``eval_size``
+    rows, :func:`eval_rows`), and :func:`~peft_utils.stats.seed_correctness` then checks that these labels reproduce
+    every run's recorded accuracy. ``data_dir``: the SST-2 folder or its parent; by default ``SST2_DIR`` /
+    ``PEFT_LAB_DATA`` (never a download). A one-line ``ValueError`` / ``OSError`` says why when they cannot be had.
+    """
+    from .stats import numeric_column, optional_column, runs_in_group
+    from .store import COMPARISON_GROUP
+
+    comparison = runs_in_group(runs, COMPARISON_GROUP)
+    if comparison.empty:
+        raise ValueError("no comparison run to take dev labels for")
+    splits = {str(s) for s in optional_column(comparison, "eval_split").dropna()} - {"dev"}
+    if splits:
+        raise ValueError(f"comparison runs scored on {', '.join(sorted(splits))}, not on the dev split")
+    sizes = numeric_column(comparison, "eval_size").fillna(numeric_column(comparison, "n_eval")).dropna().unique()
+    if len(sizes) != 1:
+        raise ValueError(f"the comparison runs do not share one eval_size (found {sorted(sizes.tolist())})")
+    if data_dir is None and not (os.environ.get("SST2_DIR") or os.environ.get("PEFT_LAB_DATA")):
+        raise ValueError("no SST-2 folder for the dev labels: pass data_dir or set PEFT_LAB_DATA")
+    dev = load_sst2(data_dir)["dev"]
+    if sizes[0] > len(dev):
+        raise ValueError(f"the runs were scored on {int(sizes[0])} dev rows, the dev split has {len(dev)}")
+    return eval_rows(dev, None if sizes[0] == len(dev) else int(sizes[0]))["label"].to_numpy()

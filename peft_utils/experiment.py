@@ -8,7 +8,7 @@ it has two phases, so that a mistake costs a one-line error and not a finished f
    checks that need the data or the model — sizes that fit the splits, targets that match a layer of the model,
    bitsandbytes for 4-bit methods, and the results folder (a run whose settings differ from a finished run of its
    series is refused, see :class:`~peft_utils.store.RunStore`).
-2. **execute** (:func:`execute`): every run not already complete is built from the same base weights, trained with
+2. **run** (:func:`run_plan`): every run not already complete is built from the same base weights, trained with
    the same seed, data and schedule, and streamed to ``<results_dir>/<run_id>.jsonl``; a re-run resumes at the first
    unfinished run.
 
@@ -32,66 +32,22 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .config import (
-    PROFILE_NAMES,
-    AdapterSettings,
-    ExperimentConfig,
-    add_cli_arguments,
-    cli_parameters,
-    compute_dtype_for,
-    make_config,
-)
 from .checkpoints import save_trained
+from .config import PROFILE_NAMES, AdapterSettings, ExperimentConfig, add_cli_arguments, cli_parameters, make_config
+from .core.inject import select_targets
+from .core.loop import set_seed
+from .core.quant import require_bitsandbytes
+from .core.targets import meta_skeleton
 from .data import eval_rows, load_sst2, subset
-from .inject import apply_adapters, select_targets
+from .devices import compute_dtype_for, is_main_process, launched_processes, make_accelerator, per_device_batch_size
+from .memory_plan import plan_for_device, with_micro_batch_at_most
 from .methods import get_method
-from .models import load_model, materialize_model, meta_skeleton, resolve_model_source
-from .quant import load_quantized, prepare_for_kbit_training, require_bitsandbytes
+from .models import build_model, materialize_model, resolve_model_source
 from .sizes import model_size
-from .store import COMPARISON_GROUP, SWEEP_GROUP, RunStore
-from .memory_plan import halved, plan_for_device
-from .train import is_main_process, launched_processes, make_accelerator, per_device_batch_size, set_seed, train
-from .stats import choose_learning_rates
-from .tuning import EVAL_SPLIT, TUNE_GROUP, tuning_rows
+from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, RunStore
+from .train import train
+from .tuning import EVAL_SPLIT, TUNE_GROUP, choose_learning_rates, tuning_rows
 
-
-
-# --------------------------------------------------------------------------------------------- models
-
-
-def build_model(method: str, model_source: str | Path, adapter: AdapterSettings = AdapterSettings(),
-                dtype: torch.dtype = torch.float32):
-    """A fresh ``(model, tokenizer)`` for ``method``, from the pretrained base every method shares.
-
-    - ``full``: the base in float32 (the optimiser's master weights), every parameter trainable.
-    - ``lora`` / ``dora``: the frozen base stored in ``dtype`` (the autocast dtype: bf16 on a GPU, where a
-      float32 copy of a frozen weight would only cost memory), adapters + head trainable in float32.
-    - ``qlora`` / ``qdora``: the base's linear layers in NF4 (double quantisation), computing in ``dtype``,
-      then the same LoRA / DoRA adapters on top of the 4-bit layers.
-
-    ``adapter`` (rank, alpha, dropout, targets) is ignored by ``full``.
-    """
-    kind = get_method(method)
-    if kind.adapter is None:
-        model, tokenizer = load_model(model_source)
-        model.requires_grad_(True)
-        return model, tokenizer
-    if kind.quantized:
-        model, tokenizer = load_quantized(model_source, compute_dtype=dtype)
-        prepare_for_kbit_training(model)
-    else:
-        model, tokenizer = load_model(model_source, dtype=dtype)
-    apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
-                   dropout=adapter.dropout, use_rslora=adapter.rslora)
-    _upcast_trainable(model)
-    return model, tokenizer
-
-
-def _upcast_trainable(model: torch.nn.Module) -> None:
-    """Trainable tensors in float32: Adam updates of ~lr x 1e-3 vanish when added to bf16 weights."""
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -163,16 +119,15 @@ class Plan:
 
 def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
                     lr: float | None) -> dict:
-    train_settings = {k: v for k, v in asdict(config.train).items() if k != "device"}  # "auto" is recorded resolved
+    """The run's identity (:data:`~peft_utils.store.IDENTITY_KEYS`, ``rslora`` for the sweep only) after its group
+    and method: every setting that changes its result, as its ``config`` event records it."""
     adapter = spec.adapter
-    record = {
-        "group": spec.group, "method": spec.method, "model": config.model,
-        "rank": adapter.rank if adapter else None, "alpha": adapter.alpha if adapter else None,
-        "dropout": adapter.dropout if adapter else None, "targets": adapter.targets if adapter else None,
-        "train_size": len(frames[0]), "eval_size": len(frames[1]), "lr": lr, "seed": spec.seed, **train_settings,
-    }
-    if spec.group == SWEEP_GROUP:
-        record["rslora"] = adapter.rslora
+    values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]), "lr": lr,
+              "seed": spec.seed, **asdict(config.train),
+              **{key: getattr(adapter, key) if adapter else None for key in ("rank", "alpha", "dropout", "targets",
+                                                                            "rslora")}}
+    keys = [k for k in IDENTITY_KEYS if k != "rslora" or spec.group == SWEEP_GROUP]
+    record = {"group": spec.group, "method": spec.method, **{key: values[key] for key in keys}}
     if spec.group == TUNE_GROUP:
         record["eval_split"] = EVAL_SPLIT
     return record
@@ -214,7 +169,7 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
 
     ``sweep``: ``None`` follows ``config.sweep.enabled``. Nothing is trained here; every error is raised here
     (with ``lr="tune"``, the rates of the later runs are known once their tuning runs are complete: see
-    :func:`execute`).
+    :func:`run_plan`).
     """
     sweep = config.sweep.enabled if sweep is None else sweep
     specs = (comparison_specs(config) if comparison else []) + (sweep_specs(config) if sweep else [])
@@ -307,7 +262,7 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) 
         return {"saved_to": store.saved_dir(run.run_id).name, "size": model_size(trained, run.spec.method, saved)}
 
     def attempt(per_device_batch: int) -> None:
-        fitted = halved(memory_plan, per_device_batch) if memory_plan is not None else None
+        fitted = with_micro_batch_at_most(memory_plan, per_device_batch) if memory_plan is not None else None
         set_seed(run.spec.seed)  # adapter and head initialisation
         model, tokenizer = build_model(run.spec.method, plan.model_source, adapter, compute_dtype_for(accelerator.device))
         try:
@@ -332,7 +287,7 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) 
         find_executable_batch_size(attempt, starting_batch_size=memory_plan.per_device_batch)()
 
 
-def execute(plan: Plan) -> pd.DataFrame:
+def run_plan(plan: Plan) -> pd.DataFrame:
     """Train every run of ``plan`` not already complete, in order; one summary row per run.
 
     Under ``accelerate launch`` every process executes the same plan (the runs' data parallel halves); only the main
@@ -362,13 +317,13 @@ def _tuned_rates(plan: Plan) -> str:
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:
     """Train the configuration's methods for every seed (resuming; with ``lr="tune"`` after their tuning runs), one
     summary row per comparison run."""
-    table = execute(plan_experiment(config, comparison=True, sweep=False))
+    table = run_plan(plan_experiment(config, comparison=True, sweep=False))
     return table[table["group"] == COMPARISON_GROUP].reset_index(drop=True)
 
 
 def run_sweep(config: ExperimentConfig) -> pd.DataFrame:
     """Train LoRA over the configuration's rank x alpha/rank grid (group ``"sweep"``), one summary row per run."""
-    table = execute(plan_experiment(config, comparison=False, sweep=True))
+    table = run_plan(plan_experiment(config, comparison=False, sweep=True))
     return table[table["group"] == SWEEP_GROUP].reset_index(drop=True)
 
 
@@ -392,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table = execute(plan)
+    table = run_plan(plan)
     if not is_main_process():  # the other processes trained their halves; the main one reports
         return 0
     columns = [c for c in ("run_id", "final_accuracy", "train_time_s", "peak_memory_bytes", "trainable_params",

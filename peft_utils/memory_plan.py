@@ -2,8 +2,8 @@
 
 Why: a run that dies of CUDA out-of-memory after loading a 3 GB model (or, worse, after an hour of training on a
 long batch) wastes the user's time; the numbers that decide it are all known before the model is loaded. The
-estimate is a pure function of the config, the method and the batch shape, so it is unit-tested on a CPU with a
-stated device size, and checked against the CPU allocator's measured peak on small models.
+estimate is a pure function of the model config, the method and the batch shape, so it is unit-tested on a CPU with
+a stated device size, and checked against the CPU allocator's measured peak on small models.
 
 Where the bytes go in one training step (forward, backward, AdamW step), for the methods of ``methods.py``:
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .formatting import format_bytes
-from .methods import get_method
+from .methods import Method, get_method
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 OPTIMIZERS = ("fused", "for-loop")
@@ -103,8 +103,9 @@ class _Model:
     adapter_out: int  # per block: output features summed over the adapted layers
 
 
-def _config_value(config, keys: tuple[str, ...], default: float = 0.0) -> float:
-    return next((float(getattr(config, k)) for k in keys if getattr(config, k, None) is not None), default)
+def _config_value(model_config, keys: tuple[str, ...], default: float = 0.0) -> float:
+    return next((float(getattr(model_config, k)) for k in keys if getattr(model_config, k, None) is not None),
+                default)
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -115,94 +116,124 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def _quantized_names(config) -> set[str]:
-    """The layers ``quant.load_quantized`` turns into 4-bit, by the same rule."""
-    from .quant import SKIP_MODULES, _quantizable_layers
-    from .targets import default_keep_trainable
+def _quantized_names(model_config) -> set[str]:
+    """The layers ``core.quant.load_4bit`` turns into 4-bit, by the same rule."""
+    from .core.quant import SKIP_MODULES, quantizable_layers
+    from .core.targets import default_keep_trainable
 
-    skip = list(dict.fromkeys(SKIP_MODULES + default_keep_trainable(config.model_type)))
-    return set(_quantizable_layers(config, skip))
+    skip = list(dict.fromkeys(SKIP_MODULES + default_keep_trainable(model_config.model_type)))
+    return set(quantizable_layers(model_config, skip))
 
 
-def _read_model(config, method: str, compute_dtype: torch.dtype, rank: int, targets) -> _Model:
+def _read_model(model_config, method: str, compute_dtype: torch.dtype, rank: int, targets) -> _Model:
     """Build ``method``'s model on the meta device (exact counts, no memory) and read its shape and bytes.
 
-    Cached on the config's JSON: reading GPT-2 Large takes ~0.3 s, and a plan or a sweep asks many times.
+    Cached on the model config's JSON: reading GPT-2 Large takes ~0.3 s, and a plan or a sweep asks many times.
     """
-    key = (type(config), config.to_json_string(use_diff=False), method, compute_dtype, rank,
+    key = (type(model_config), model_config.to_json_string(use_diff=False), method, compute_dtype, rank,
            targets if targets is None or isinstance(targets, str) else tuple(targets))
     if key not in _READ_CACHE:
-        _READ_CACHE[key] = _read_model_uncached(config, method, compute_dtype, rank, targets)
+        _READ_CACHE[key] = _read_model_uncached(model_config, method, compute_dtype, rank, targets)
     return _READ_CACHE[key]
 
 
 _READ_CACHE: dict[tuple, _Model] = {}
 
 
-def _read_model_uncached(config, method: str, compute_dtype: torch.dtype, rank: int, targets) -> _Model:
-    from transformers import AutoModelForSequenceClassification
-
-    from .adapters import LoRALayer, base_features, is_supported_base
-    from .inject import apply_adapters
+def _read_model_uncached(model_config, method: str, compute_dtype: torch.dtype, rank: int, targets) -> _Model:
+    from .core.layers import LoRALayer, base_features, is_supported_base
+    from .core.targets import meta_skeleton
 
     if compute_dtype not in (torch.float32, *HALF_DTYPES):
         raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype!r}")
     kind = get_method(method)
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
-    quantized = _quantized_names(config) if kind.quantized else set()
-    quantized_weights = {id(model.get_submodule(n).weight) for n in quantized}
-    largest_quantized = max((model.get_submodule(n).weight.numel() for n in quantized), default=0)
-    # The frozen base as each method stores it: full fine-tuning trains float32 master weights; LoRA / DoRA keep
-    # the frozen base in the compute dtype (experiment.build_model); the 4-bit methods keep every un-quantised
-    # tensor in float32 (quant.load_quantized / prepare_for_kbit_training) and 4-bit weights at the NF4 cost.
-    base_bytes = 4 if kind.adapter is None or kind.quantized else compute_dtype.itemsize
-    weight_bytes = sum(_base_tensor_bytes(t, base_bytes) for t in [*model.parameters(), *model.buffers()]
-                       if id(t) not in quantized_weights)
+    model = meta_skeleton(model_config)
+    quantized = [model.get_submodule(n).weight for n in _quantized_names(model_config)] if kind.quantized else []
+    weight_bytes = _stored_base_bytes(model, kind, compute_dtype, quantized)
+    blocks = _blocks(model)
+    block_linear_weights = sum(m.weight.numel() for m in blocks[0].modules() if is_supported_base(m))
+    weight_bytes += _make_trainable(model, kind, rank, targets)
+    adapted = [base_features(m.base) for m in blocks[0].modules() if isinstance(m, LoRALayer)]
+    return _Model(
+        **_architecture(model_config, blocks),
+        **_parameter_counts(model, blocks),
+        weight_bytes=weight_bytes,
+        block_linear_weights=block_linear_weights,
+        largest_quantized=max((weight.numel() for weight in quantized), default=0),
+        adapter_in=sum(features[0] for features in adapted),
+        adapter_out=sum(features[1] for features in adapted),
+    )
+
+
+def _stored_base_bytes(model: nn.Module, kind: Method, compute_dtype: torch.dtype,
+                       quantized: list[torch.Tensor]) -> int:
+    """Bytes of the frozen base as ``kind`` stores it, before any adapter is injected.
+
+    Full fine-tuning trains float32 master weights; LoRA / DoRA keep the frozen base in the compute dtype
+    (models.build_model); the 4-bit methods keep every un-quantised tensor in float32 (core.quant.load_4bit /
+    prepare_for_kbit_training) and the ``quantized`` weights at the NF4 cost.
+    """
+    floating_bytes = 4 if kind.adapter is None or kind.quantized else compute_dtype.itemsize
+    quantized_ids = {id(weight) for weight in quantized}
+    n_bytes = sum(_base_tensor_bytes(t, floating_bytes) for t in [*model.parameters(), *model.buffers()]
+                  if id(t) not in quantized_ids)
     if quantized:
         from .sizes import nf4_bits_per_weight
 
-        weight_bytes += math.ceil(sum(model.get_submodule(n).weight.numel() for n in quantized)
-                                  * nf4_bits_per_weight() / 8)
-    blocks = _blocks(model)
-    block_linear_weights = sum(m.weight.numel() for m in blocks[0].modules() if is_supported_base(m))
-    if kind.adapter is not None:
-        base_ids = {id(t) for t in [*model.parameters(), *model.buffers()]}
-        apply_adapters(model, kind.adapter, targets=targets, rank=rank)
-        # Adapter tensors (and DoRA's norm buffers) are float32 in every method (experiment._upcast_trainable).
-        weight_bytes += sum(4 * t.numel() for t in [*model.parameters(), *model.buffers()] if id(t) not in base_ids)
-    else:
-        model.requires_grad_(True)
-    adapted = [base_features(m.base) for m in blocks[0].modules() if isinstance(m, LoRALayer)]
+        n_bytes += math.ceil(sum(weight.numel() for weight in quantized) * nf4_bits_per_weight() / 8)
+    return n_bytes
 
+
+def _make_trainable(model: nn.Module, kind: Method, rank: int, targets) -> int:
+    """Make ``model`` train what ``kind`` trains: inject its adapters, or unfreeze everything for full fine-tuning.
+
+    Returns the bytes the adapters add: their tensors (and DoRA's norm buffers) are float32 in every method
+    (models.build_model).
+    """
+    if kind.adapter is None:
+        model.requires_grad_(True)
+        return 0
+    from .core.inject import apply_adapters
+
+    base_ids = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    apply_adapters(model, kind.adapter, targets=targets, rank=rank)
+    return sum(4 * t.numel() for t in [*model.parameters(), *model.buffers()] if id(t) not in base_ids)
+
+
+def _architecture(model_config, blocks: nn.ModuleList) -> dict[str, int | float | bool]:
+    """The :class:`_Model` fields that describe the architecture: sizes, activation, dropout."""
+    hidden = model_config.hidden_size
+    activation = getattr(model_config, "activation_function", None) or getattr(model_config, "hidden_act", "")
+    return {
+        "layers": len(blocks),
+        "hidden": hidden,
+        "intermediate": (getattr(model_config, "intermediate_size", None) or getattr(model_config, "n_inner", None)
+                         or 4 * hidden),
+        "heads": model_config.num_attention_heads,
+        "kv_heads": getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads,
+        "python_gelu": activation in PYTHON_GELUS,
+        "gated_mlp": any(n.endswith("gate_proj") for n, _ in blocks[0].named_modules()),
+        "attention_dropout": _config_value(model_config, ATTENTION_DROPOUT_KEYS),
+        "hidden_dropout": _config_value(model_config, HIDDEN_DROPOUT_KEYS),
+    }
+
+
+def _parameter_counts(model: nn.Module, blocks: nn.ModuleList) -> dict[str, int]:
+    """The :class:`_Model` fields that count parameters: the base model's, and where the trainable ones are (the
+    estimate gives each trainable parameter a gradient and optimiser state)."""
     def trainable(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
     embedding = sum(trainable(m) for m in model.modules() if isinstance(m, nn.Embedding))
     total_trainable = trainable(model)
-    hidden = config.hidden_size
-    return _Model(
-        layers=len(blocks),
-        hidden=hidden,
-        intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
-        heads=config.num_attention_heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        python_gelu=(getattr(config, "activation_function", None) or getattr(config, "hidden_act", "")) in PYTHON_GELUS,
-        gated_mlp=any(n.endswith("gate_proj") for n, _ in blocks[0].named_modules()),
-        attention_dropout=_config_value(config, ATTENTION_DROPOUT_KEYS),
-        hidden_dropout=_config_value(config, HIDDEN_DROPOUT_KEYS),
-        parameters=sum(p.numel() for n, p in model.named_parameters() if not _is_adapter_name(n)),
-        trainable=total_trainable,
-        weight_bytes=weight_bytes,
-        block_trainable=trainable(blocks[0]),
-        outer_trainable=total_trainable - len(blocks) * trainable(blocks[0]) - embedding,
-        embedding_trainable=embedding,
-        block_linear_weights=block_linear_weights,
-        largest_trainable=max((p.numel() for p in model.parameters() if p.requires_grad), default=0),
-        largest_quantized=largest_quantized,
-        adapter_in=sum(features[0] for features in adapted),
-        adapter_out=sum(features[1] for features in adapted),
-    )
+    return {
+        "parameters": sum(p.numel() for n, p in model.named_parameters() if not _is_adapter_name(n)),
+        "trainable": total_trainable,
+        "block_trainable": trainable(blocks[0]),
+        "outer_trainable": total_trainable - len(blocks) * trainable(blocks[0]) - embedding,
+        "embedding_trainable": embedding,
+        "largest_trainable": max((p.numel() for p in model.parameters() if p.requires_grad), default=0),
+    }
 
 
 def _is_adapter_name(name: str) -> bool:
@@ -262,7 +293,7 @@ def estimate_memory(
     * Backward walks the blocks from the last: at block k the activations of blocks <= k and the gradients of
       blocks >= k are alive, so the peak is ``max(L·A + G, A + L·G)`` for per-block activations A and gradients G,
       plus the head's gradients and a workspace of two I-sized gradient tensors. The optimiser step then holds all
-      gradients plus its temporaries: none for the ``fused`` AdamW of ``train.make_optimizer``, two copies of the
+      gradients plus its temporaries: none for the ``fused`` AdamW of ``core.loop.make_optimizer``, two copies of the
       largest tensor for torch's default ``for-loop`` AdamW on a CPU. A 4-bit layer dequantises its weight to
       ``c`` for each matmul (the largest one counts as workspace).
     * Not counted: the CUDA context and cuBLAS workspaces (outside the allocator: pass the *free* memory as the
@@ -365,6 +396,35 @@ def plan_memory(
     ``device_bytes``: the device's free memory (``torch.cuda.mem_get_info()[0]``); ``safety`` leaves the rest for
     allocator fragmentation and what the estimate leaves out.
     """
+    share, start = _device_share(global_batch, num_processes, per_device_batch, max_length, device_bytes, safety)
+    budget = int(safety * device_bytes)
+    label = f"{name or getattr(model_config, 'name_or_path', '') or model_config.model_type} {method}"
+
+    model = _read_model(model_config, method, compute_dtype, rank, targets)
+
+    def estimate(batch: int, checkpointing: bool) -> MemoryEstimate:
+        return _estimate(model, method, batch, max_length, compute_dtype, checkpointing, rank, device_type, "fused")
+
+    candidates = _candidates(share, start, gradient_checkpointing)
+    first = estimate(*candidates[0])
+    limit = f"{_gib(budget)} usable ({safety:.0%} of {_gib(device_bytes)})"
+    for batch, checkpointing in candidates:
+        as_configured = (batch, checkpointing) == candidates[0]
+        chosen = first if as_configured else estimate(batch, checkpointing)
+        if chosen.total <= budget:
+            changes = "gradient checkpointing on, " if checkpointing and not gradient_checkpointing else ""
+            reason = _fit_reason(label, limit, share // batch, batch, first, chosen, as_configured, changes)
+            return MemoryPlan(batch, share // batch, checkpointing, chosen, device_bytes, budget, True, reason)
+    smallest = estimate(*candidates[-1])  # the least memory any plan needs
+    reason = (f"{label} does not fit: {_gib(smallest.total)} estimated even at 1 row with gradient checkpointing "
+              f"> {limit} (weights {_gib(smallest.weights)} + optimizer state {_gib(smallest.optimizer_state)} "
+              f"+ gradients {_gib(smallest.gradients)}); use a GPU with more memory or a 4-bit method (qlora)")
+    return MemoryPlan(1, share, True, smallest, device_bytes, budget, False, reason)
+
+
+def _device_share(global_batch: int, num_processes: int, per_device_batch: int | None, max_length: int,
+                  device_bytes: int, safety: float) -> tuple[int, int]:
+    """``(rows per device per optimiser step, the micro-batch to try first)``, or a ValueError on a bad input."""
     for label, value in (("global_batch", global_batch), ("num_processes", num_processes),
                          ("max_length", max_length), ("device_bytes", device_bytes)):
         if not isinstance(value, int) or value < 1:
@@ -377,36 +437,25 @@ def plan_memory(
     start = share if per_device_batch is None else per_device_batch
     if start < 1 or share % start:
         raise ValueError(f"per_device_batch {start} must divide the per-device share {share} of global_batch")
-    budget = int(safety * device_bytes)
-    label = f"{name or getattr(model_config, 'name_or_path', '') or model_config.model_type} {method}"
+    return share, start
 
-    model = _read_model(model_config, method, compute_dtype, rank, targets)
 
-    def estimate(batch: int, checkpointing: bool) -> MemoryEstimate:
-        return _estimate(model, method, batch, max_length, compute_dtype, checkpointing, rank, device_type, "fused")
-
+def _candidates(share: int, start: int, gradient_checkpointing: bool) -> list[tuple[int, bool]]:
+    """``(micro-batch, checkpointing)`` in the order :func:`plan_memory` tries them: as configured, then with
+    checkpointing, then every smaller divisor of ``share`` with checkpointing."""
     candidates = [(start, gradient_checkpointing)]
     if not gradient_checkpointing:
         candidates.append((start, True))
-    candidates += [(b, True) for b in range(start - 1, 0, -1) if share % b == 0]
-    first = estimate(*candidates[0])
-    limit = f"{_gib(budget)} usable ({safety:.0%} of {_gib(device_bytes)})"
-    for batch, checkpointing in candidates:
-        chosen = first if (batch, checkpointing) == candidates[0] else estimate(batch, checkpointing)
-        if chosen.total <= budget:
-            steps = share // batch
-            batches = f"{steps} accumulation steps of {batch} rows" if steps > 1 else f"{batch} rows, no accumulation"
-            if (batch, checkpointing) == candidates[0]:
-                reason = f"{label}: {_gib(chosen.total)} estimated <= {limit}; {batches}, as configured"
-            else:
-                changes = "gradient checkpointing on, " if checkpointing and not gradient_checkpointing else ""
-                reason = f"{label}: {_gib(first.total)} estimated > {limit}; {changes}{batches} -> {_gib(chosen.total)}"
-            return MemoryPlan(batch, steps, checkpointing, chosen, device_bytes, budget, True, reason)
-    smallest = estimate(*candidates[-1])  # the least memory any plan needs
-    reason = (f"{label} does not fit: {_gib(smallest.total)} estimated even at 1 row with gradient checkpointing "
-              f"> {limit} (weights {_gib(smallest.weights)} + optimizer state {_gib(smallest.optimizer_state)} "
-              f"+ gradients {_gib(smallest.gradients)}); use a GPU with more memory or a 4-bit method (qlora)")
-    return MemoryPlan(1, share, True, smallest, device_bytes, budget, False, reason)
+    return candidates + [(b, True) for b in range(start - 1, 0, -1) if share % b == 0]
+
+
+def _fit_reason(label: str, limit: str, steps: int, batch: int, first: MemoryEstimate, chosen: MemoryEstimate,
+                as_configured: bool, changes: str) -> str:
+    """The plan's one-line reason when ``chosen`` fits: what was estimated, and what (if anything) changed."""
+    batches = f"{steps} accumulation steps of {batch} rows" if steps > 1 else f"{batch} rows, no accumulation"
+    if as_configured:
+        return f"{label}: {_gib(chosen.total)} estimated <= {limit}; {batches}, as configured"
+    return f"{label}: {_gib(first.total)} estimated > {limit}; {changes}{batches} -> {_gib(chosen.total)}"
 
 
 def to_record(plan: MemoryPlan) -> dict:
@@ -427,35 +476,36 @@ def to_record(plan: MemoryPlan) -> dict:
     return record
 
 
-def plan_for_device(model_source: str, method: str, config, adapter, processes: int,
+def plan_for_device(model_source: str, method: str, train_config, adapter, processes: int,
                     device: torch.device, name: str | None = None) -> MemoryPlan | None:
     """The plan for one run on ``device`` before its model is loaded: ``None`` off CUDA (a CPU run is never
     re-planned, so its results stay those of its configuration); a ValueError when nothing fits.
 
-    ``config`` is the run's ``TrainConfig`` (its ``batch_size`` is the global batch) and ``adapter`` its
+    ``train_config`` is the run's ``TrainConfig`` (its ``batch_size`` is the global batch) and ``adapter`` its
     ``AdapterSettings``; the free memory is read after CUDA is initialised, so its context is already counted.
     """
     if device.type != "cuda":
         return None
     from transformers import AutoConfig
 
-    from .config import compute_dtype_for
+    from .devices import compute_dtype_for
     from .models import resolve_model_source
 
     model_config = AutoConfig.from_pretrained(resolve_model_source(model_source), num_labels=2)
     free_bytes, _ = torch.cuda.mem_get_info(device)
-    share = config.batch_size // processes
-    plan = plan_memory(model_config, method, global_batch=config.batch_size, num_processes=processes,
-                       per_device_batch=share // config.grad_accum_steps if share % config.grad_accum_steps == 0
-                       else None, max_length=config.max_length, compute_dtype=compute_dtype_for(device),
-                       device_bytes=int(free_bytes), gradient_checkpointing=config.gradient_checkpointing,
+    share = train_config.batch_size // processes
+    accumulation = train_config.grad_accum_steps
+    plan = plan_memory(model_config, method, global_batch=train_config.batch_size, num_processes=processes,
+                       per_device_batch=share // accumulation if share % accumulation == 0 else None,
+                       max_length=train_config.max_length, compute_dtype=compute_dtype_for(device),
+                       device_bytes=int(free_bytes), gradient_checkpointing=train_config.gradient_checkpointing,
                        rank=adapter.rank, targets=adapter.targets, name=name)
     if not plan.fits:
         raise ValueError(plan.reason)
     return plan
 
 
-def halved(plan: MemoryPlan, per_device_batch: int) -> MemoryPlan:
+def with_micro_batch_at_most(plan: MemoryPlan, per_device_batch: int) -> MemoryPlan:
     """``plan`` after an out-of-memory error: a micro-batch of at most ``per_device_batch`` rows (the largest that
     divides the device's share, so the global batch is unchanged), accumulated over more steps. The plan itself
     when ``per_device_batch`` is not smaller (the first attempt: nothing has failed yet)."""
@@ -468,4 +518,4 @@ def halved(plan: MemoryPlan, per_device_batch: int) -> MemoryPlan:
 
 
 __all__ = ["MemoryEstimate", "MemoryPlan", "OPTIMIZERS", "estimate_memory", "parameter_count", "plan_memory",
-           "plan_for_device", "halved", "to_record"]
+           "plan_for_device", "with_micro_batch_at_most", "to_record"]

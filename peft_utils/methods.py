@@ -5,6 +5,7 @@ frozen base is stored in 4-bit. Everything else — what trains, what is shipped
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -35,6 +36,7 @@ METHODS: dict[str, Method] = {
     )
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+QUANTIZED_METHODS: tuple[str, ...] = tuple(name for name, method in METHODS.items() if method.quantized)
 ADAPTER_KINDS: tuple[str, ...] = ("lora", "dora")
 
 
@@ -45,4 +47,15 @@ def get_method(name: object) -> Method:
     return METHODS[name]
 
 
-__all__ = ["Method", "METHODS", "METHOD_NAMES", "ADAPTER_KINDS", "get_method"]
+def ordered_methods(names: Iterable[object]) -> list[str]:
+    """The distinct method names among ``names``: known ones in the package's order (full, LoRA, DoRA, QLoRA,
+    QDoRA), then any others alphabetically.
+
+    Why one order: tables, figures and paired tests list methods the same way, so a reader finds each method in the
+    same place everywhere. Entries that are not strings (a missing method in a run table: None or NaN) are skipped.
+    """
+    present = {name for name in names if isinstance(name, str)}
+    return [name for name in METHOD_NAMES if name in present] + sorted(present - set(METHOD_NAMES))
+
+
+__all__ = ["Method", "METHODS", "METHOD_NAMES", "QUANTIZED_METHODS", "ADAPTER_KINDS", "get_method", "ordered_methods"]

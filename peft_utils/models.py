@@ -1,17 +1,25 @@
 """Where base models come from: a hub id, a local folder, the pip-installed MiniLM, or a random GPT-2 config.
 
 One function resolves names and one fixes the padding setup, so every method (full, LoRA, DoRA, 4-bit) starts
-from the same base model configured the same way.
+from the same base model configured the same way. The 4-bit load itself is the core's
+(:func:`~peft_utils.core.quant.load_4bit`); here it gets the same names, tokenizer and messages as the others.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .config import AdapterSettings
+from .core.inject import apply_adapters
+from .core.quant import load_4bit, prepare_for_kbit_training
+from .devices import compute_dtype_for
+from .methods import get_method
 from .quiet import from_pretrained_noting_new_head, silence_known_noise
 
 silence_known_noise()  # before anything imports bitsandbytes
@@ -143,6 +151,51 @@ def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype
     return model, tokenizer
 
 
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def _compute_dtype(compute_dtype: torch.dtype | str | None, device_type: str) -> torch.dtype:
+    """The device's autocast dtype unless given (:func:`~peft_utils.devices.compute_dtype_for`); half precision on a
+    CPU is allowed but warned about."""
+    if compute_dtype is None:
+        return compute_dtype_for(device_type)
+    dtype = _DTYPES.get(compute_dtype, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype!r}")
+    if device_type == "cpu" and dtype != torch.float32:
+        warnings.warn(
+            f"4-bit compute in {dtype} requested on a CPU; float32 is the CPU default. Half-precision speed on a CPU "
+            "depends on native support (AVX512-BF16 / AMX): without it the matmuls are emulated and training can be "
+            "an order of magnitude slower (~30x has been reported), and half precision rounds every activation of the "
+            "4-bit matmuls. Pass compute_dtype=torch.float32 unless you have timed this CPU.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return dtype
+
+
+def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype: torch.dtype | str | None = None,
+                   **options):
+    """:func:`load_model` with the linear layers in 4-bit NF4 (:func:`~peft_utils.core.quant.load_4bit`, whose
+    ``options`` — ``double_quant``, ``quant_type``, ``device_map``, ``skip_modules`` — pass through). Returns
+    ``(model, tokenizer)``. ``compute_dtype``: of the 4-bit matmuls (default bf16 on a GPU, float32 on CPU)."""
+    device_map = options.get("device_map") or ({"": "cpu"} if not torch.cuda.is_available() else None)
+    devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+    on_cpu = not torch.cuda.is_available() or all(str(d) == "cpu" for d in devices)
+    dtype = _compute_dtype(compute_dtype, "cpu" if on_cpu else "cuda")
+    from transformers import AutoModelForSequenceClassification
+
+    source = resolve_model_source(name_or_path)
+    tokenizer = load_tokenizer(source)
+    quiet_load = functools.partial(from_pretrained_noting_new_head, AutoModelForSequenceClassification)
+    model = load_4bit(source, num_labels, dtype, **options, from_pretrained=quiet_load)
+    configure_padding(tokenizer, model)
+    return model, tokenizer
+
+
 def gpt2_config(size: str = "tiny", vocab_size: int = 50257, num_labels: int = 2, n_positions: int = 1024):
     """A ``GPT2Config`` of a known shape, for tests, sizes and benchmarks (no weights needed)."""
     from transformers import GPT2Config
@@ -183,28 +236,6 @@ def save_random_gpt2(folder: str | Path, tokenizer_dir: str | Path, size: str = 
     return folder
 
 
-def meta_skeleton(model_config) -> nn.Module:
-    """The sequence-classification model of ``model_config`` on the meta device: its layer names and types, with no
-    weight read or allocated (cheap even for a 7B model)."""
-    from transformers import AutoModelForSequenceClassification
-
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(model_config)
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute activations in backward instead of storing them: less memory for ~30% more compute.
-
-    Non-reentrant checkpointing, because with a frozen embedding (adapter methods) the reentrant variant sees
-    inputs that do not require grad and silently drops the adapters' gradients. The KV cache is switched off: it is
-    useless in training and conflicts with checkpointing.
-    """
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-    model.activation_checkpointing_enable({"use_reentrant": False})
-    model.config.use_cache = False
-
-
 def model_cache_dir() -> Path:
     """Where generated test models live: ``$PEFT_LAB_CACHE``, else ``~/.cache/peft-lab`` (never inside results/)."""
     return Path(os.environ.get("PEFT_LAB_CACHE") or Path.home() / ".cache" / "peft-lab") / "models"
@@ -234,3 +265,38 @@ def materialize_model(model: str, data_dir: str | Path | None = None) -> str:
         shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder left by an earlier kill
         os.replace(staging, folder)
     return str(folder)
+
+
+def build_model(method: str, model_source: str | Path, adapter: AdapterSettings = AdapterSettings(),
+                dtype: torch.dtype = torch.float32):
+    """A fresh ``(model, tokenizer)`` for ``method``, from the pretrained base every method shares.
+
+    - ``full``: the base in float32 (the optimiser's master weights), every parameter trainable.
+    - ``lora`` / ``dora``: the frozen base stored in ``dtype`` (the autocast dtype: bf16 on a GPU, where a
+      float32 copy of a frozen weight would only cost memory), adapters + head trainable in float32.
+    - ``qlora`` / ``qdora``: the base's linear layers in NF4 (double quantisation), computing in ``dtype``,
+      then the same LoRA / DoRA adapters on top of the 4-bit layers.
+
+    ``adapter`` (rank, alpha, dropout, targets) is ignored by ``full``.
+    """
+    kind = get_method(method)
+    if kind.adapter is None:
+        model, tokenizer = load_model(model_source)
+        model.requires_grad_(True)
+        return model, tokenizer
+    if kind.quantized:
+        model, tokenizer = load_quantized(model_source, compute_dtype=dtype)
+        prepare_for_kbit_training(model)
+    else:
+        model, tokenizer = load_model(model_source, dtype=dtype)
+    apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
+                   dropout=adapter.dropout, use_rslora=adapter.rslora)
+    _upcast_trainable(model)
+    return model, tokenizer
+
+
+def _upcast_trainable(model: torch.nn.Module) -> None:
+    """Trainable tensors in float32: Adam updates of ~lr x 1e-3 vanish when added to bf16 weights."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()

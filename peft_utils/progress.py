@@ -22,6 +22,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .formatting import format_seconds
+
 MODES = ("bar", "lines", "off")
 MODE_ENV = "PEFT_LAB_PROGRESS"
 BAR_INTERVAL_S = 0.25  # a bar redraws at most 4 times a second
@@ -46,15 +48,6 @@ def bars_enabled() -> bool:
 def _in_jupyter_kernel() -> bool:
     shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
     return shell is not None and hasattr(shell, "kernel")
-
-
-def format_duration(seconds: float) -> str:
-    """``4.2 s`` under a minute, else ``m:ss`` or ``h:mm:ss``."""
-    if seconds < 59.95:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class Progress:
@@ -108,16 +101,16 @@ class Progress:
         self._started, self._next_draw = 0.0, float("inf")
 
     def status(self, now: float | None = None, final: bool = False) -> str:
-        """``step 40/250 (16%) | 3.1 steps/s | loss 0.6931 | ETA 1:07`` (``done ... in`` once finished)."""
+        """``step 40/250 (16%) | 3.1 steps/s | loss 0.6931 | ETA 67.7 s`` (``done ... in`` once finished)."""
         elapsed = (now or time.perf_counter()) - self._started
         rate = self.step / elapsed if elapsed > 0 else 0.0
-        parts = [f"done {self.step} steps in {format_duration(elapsed)}" if final else
+        parts = [f"done {self.step} steps in {format_seconds(elapsed)}" if final else
                  f"step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)"]
         parts.append(f"{rate:.2f} steps/s")
         if self._loss is not None:
             parts.append(f"loss {float(self._loss):.4f}")
         if not final and rate > 0:
-            parts.append(f"ETA {format_duration((self.total - self.step) / rate)}")
+            parts.append(f"ETA {format_seconds((self.total - self.step) / rate)}")
         return " | ".join(parts)
 
     def _draw(self, now: float, final: bool = False) -> None:

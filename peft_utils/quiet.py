@@ -5,7 +5,7 @@ message we have read and judged harmless, on the one logger that emits it, and l
 
 - bitsandbytes (on CPUs with AVX512-BF16) logs "Failed to load CPU gemm_4bit_forward from kernels-community" at
   every import when the optional ``kernels`` package is absent. That kernel serves bitsandbytes' repacked CPU
-  inference layout, which ``quant.load_quantized`` turns off, so nothing is lost.
+  inference layout, which ``core.quant.load_4bit`` turns off, so nothing is lost.
 - transformers logs a multi-line "LOAD REPORT" whenever a checkpoint lacks some weights. Loading a pretrained body
   under a new classification head always lacks exactly the head: :func:`from_pretrained_noting_new_head` replaces
   that report with one line, and re-emits the full report whenever anything else is missing or unexpected.

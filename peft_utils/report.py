@@ -1,30 +1,22 @@
-"""Display helpers for the notebook and the README: the summary table, the dev labels the paired tests need, and
-small formatters. They read records and format; the statistics themselves live in :mod:`peft_utils.stats`.
+"""Display helpers for the notebook and the README: the summary table and small formatters. They read records and
+format; the statistics themselves (paired tests included) live in :mod:`peft_utils.stats`.
 
 Kept here so that the notebook holds no logic, only calls.
 """
 from __future__ import annotations
 
 import inspect
-import os
-import sys
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from .config import ExperimentConfig, config_record
 from .formatting import format_bytes, format_count, format_paired_difference, format_points, format_seconds
-from .methods import METHODS
+from .methods import METHODS, ordered_methods
 from .store import COMPARISON_GROUP, RunStore
-from .stats import (
-    numeric_column,
-    optional_column,
-    paired_comparisons,
-    per_method_summary,
-    runs_in_group,
-)
+from .stats import numeric_column, optional_column, paired_statistics, per_method_summary, runs_in_group
 
 # The references the summary table compares against, with their column titles.
 _REFERENCES = {"full": "vs full fine-tuning", "lora": "vs LoRA"}
@@ -94,65 +86,6 @@ def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.Dat
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Dev labels and paired statistics
-# --------------------------------------------------------------------------------------------------------------
-def dev_labels(runs: pd.DataFrame, data_dir: str | Path | None = None) -> np.ndarray:
-    """The gold labels of the dev rows the comparison runs were scored on, in dev-file order.
-
-    Why they are read from the data and not the records: a record keeps what the model predicted, not the truth.
-    The rows are chosen exactly as the experiment chose them (all of dev, or the seeded subset of ``eval_size``
-    rows), and :func:`~peft_utils.stats.seed_correctness` then checks that these labels reproduce every run's
-    recorded accuracy. ``data_dir``: the SST-2 folder or its parent; by default ``SST2_DIR`` / ``PEFT_LAB_DATA``
-    (never a download). A one-line ``ValueError`` / ``OSError`` says why when they cannot be had.
-    """
-    comparison = runs_in_group(runs, COMPARISON_GROUP)
-    if comparison.empty:
-        raise ValueError("no comparison run to take dev labels for")
-    splits = {str(s) for s in optional_column(comparison, "eval_split").dropna()} - {"dev"}
-    if splits:
-        raise ValueError(f"comparison runs scored on {', '.join(sorted(splits))}, not on the dev split")
-    sizes = numeric_column(comparison, "eval_size").fillna(numeric_column(comparison, "n_eval")).dropna().unique()
-    if len(sizes) != 1:
-        raise ValueError(f"the comparison runs do not share one eval_size (found {sorted(sizes.tolist())})")
-    if data_dir is None and not (os.environ.get("SST2_DIR") or os.environ.get("PEFT_LAB_DATA")):
-        raise ValueError("no SST-2 folder for the dev labels: pass data_dir or set PEFT_LAB_DATA")
-    from .data import eval_rows, load_sst2  # on use: the data module imports torch
-
-    dev = load_sst2(data_dir)["dev"]
-    if sizes[0] > len(dev):
-        raise ValueError(f"the runs were scored on {int(sizes[0])} dev rows, the dev split has {len(dev)}")
-    return eval_rows(dev, None if sizes[0] == len(dev) else int(sizes[0]))["label"].to_numpy()
-
-
-class PairedStatistics(NamedTuple):
-    """:func:`~peft_utils.stats.paired_comparisons` of a run set, or ``None`` with the reason it was skipped."""
-
-    table: pd.DataFrame | None
-    reason: str | None
-
-
-def paired_statistics(runs: pd.DataFrame, data_dir: str | Path | None = None,
-                      labels: np.ndarray | None = None) -> PairedStatistics:
-    """The paired tests of the comparison runs, or a one-line reason (printed to stderr) why there are none.
-
-    ``labels``: the dev labels when the caller has them; otherwise read with :func:`dev_labels` from ``data_dir``.
-    Skipped when fewer than two methods were compared, when the records predate ``dev_predictions``, or when the
-    labels cannot be found or do not reproduce the recorded accuracies.
-    """
-    comparison = runs_in_group(runs, COMPARISON_GROUP)
-    if optional_column(comparison, "method").nunique() < 2:
-        return PairedStatistics(None, None)  # nothing to compare: not a skipped test
-    try:
-        if labels is None:
-            labels = dev_labels(comparison, data_dir)
-        return PairedStatistics(paired_comparisons(comparison, labels), None)
-    except (ValueError, OSError) as error:
-        reason = str(error).splitlines()[0]
-        print(f"paired statistics skipped: {reason}", file=sys.stderr)  # stdout may be a list of figure paths
-        return PairedStatistics(None, reason)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The summary table
 # --------------------------------------------------------------------------------------------------------------
 def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -165,8 +98,7 @@ def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.
     comparison runs count. Indexed by method, in the package's method order.
     """
     comparison = runs_in_group(runs, COMPARISON_GROUP)
-    methods = [m for m in METHODS if m in set(optional_column(comparison, "method"))]
-    methods += sorted(set(optional_column(comparison, "method").dropna()) - set(methods))
+    methods = ordered_methods(optional_column(comparison, "method"))
     summary = per_method_summary(comparison, methods)
     if summary.empty:
         return summary

@@ -50,7 +50,7 @@ def _ipc_kernel_manager(socket_dir: str) -> type:
     return IPCKernelManager
 
 
-def execute(source: Path, executed: Path, parameters: dict[str, Any], cwd: Path | str = ".") -> None:
+def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any], cwd: Path | str = ".") -> None:
     """Run ``source`` into ``executed`` with ``parameters``, forwarding its printed output live.
 
     The kernel inherits this process's environment (see :func:`main` for what ``make run`` sets there).
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "imgs_dir": args.imgs_dir}
     print(f"Running {args.notebook} ({profile} profile) -> {args.output}", flush=True)
     try:
-        execute(args.notebook, args.output, parameters)
+        execute_notebook(args.notebook, args.output, parameters)
     except PapermillExecutionError as error:
         print(f"\nerror: {error.ename}: {error.evalue}\n(in cell {error.exec_count} of {args.notebook}; the "
               f"executed notebook with the full traceback is {args.output})", file=sys.stderr)

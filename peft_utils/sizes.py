@@ -8,13 +8,14 @@ which the measured 4-bit share is checked.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .adapters import is_quantized, logical_numel
+from .core.quant import is_quantized, logical_numel
 from .formatting import format_bytes
-from .methods import get_method
+from .methods import Method, get_method
 
 SIZE_KEYS = (
     "quantized_bytes", "quant_state_bytes", "frozen_bytes", "trainable_bytes", "total_bytes", "fp32_bytes",
@@ -37,9 +38,14 @@ def nf4_bits_per_weight(blocksize: int = 64, double_quant: bool = True, nested_b
     return 4 + 32 / blocksize
 
 
+def _nested_state(state):
+    """The quantisation state of a double-quantised layer's absmaxes, or None without double quantisation."""
+    return getattr(state, "state2", None) if getattr(state, "nested", False) else None
+
+
 def _quant_state_tensors(state) -> list[torch.Tensor]:
     tensors = [getattr(state, "absmax", None), getattr(state, "code", None), getattr(state, "offset", None)]
-    nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None
+    nested = _nested_state(state)
     if nested is not None:
         tensors += [getattr(nested, "absmax", None), getattr(nested, "code", None)]
     return [t for t in tensors if isinstance(t, torch.Tensor)]
@@ -80,6 +86,33 @@ def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) ->
     parameters and persistent buffers + the adapter) for QLoRA / QDoRA.
     """
     shipped = get_method(method)
+    memory = _memory_bytes(model)
+    return {
+        "quantized_bytes": memory.quantized,
+        "quant_state_bytes": memory.quant_state,
+        "frozen_bytes": memory.frozen,
+        "trainable_bytes": memory.trainable,
+        "total_bytes": memory.quantized + memory.quant_state + memory.frozen + memory.trainable,
+        "fp32_bytes": memory.fp32,
+        "disk_bytes": _shipped_bytes(model, shipped, memory, saved_bytes),
+        "disk_kind": shipped.shipped,
+        "nf4_bound_bytes": int(round(memory.nf4_bound)),
+    }
+
+
+class _MemoryBytes(NamedTuple):
+    """A model's bytes in memory by kind, its size in float32, and the analytic size of its 4-bit share."""
+
+    quantized: int
+    quant_state: int
+    frozen: int
+    trainable: int
+    fp32: int
+    nf4_bound: float
+
+
+def _memory_bytes(model: nn.Module) -> _MemoryBytes:
+    """Every parameter and buffer counted once, as the kind it is stored as (see :func:`model_size`)."""
     quantized = quant_state = frozen = trainable = fp32 = 0
     bound = 0.0
     seen_state: set[tuple[int, int]] = set()
@@ -87,15 +120,8 @@ def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) ->
         fp32 += 4 * logical_numel(parameter)
         if is_quantized(parameter):
             quantized += _nbytes(parameter)
-            state = parameter.quant_state
-            for tensor in _quant_state_tensors(state):
-                key = (tensor.data_ptr(), _nbytes(tensor))
-                if key not in seen_state:  # a table shared between layers is stored once
-                    seen_state.add(key)
-                    quant_state += _nbytes(tensor)
-            nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None
-            bits = nf4_bits_per_weight(state.blocksize, nested is not None, nested.blocksize if nested else 256)
-            bound += logical_numel(parameter) * bits / 8
+            quant_state += _unseen_quant_state_bytes(parameter.quant_state, seen_state)
+            bound += logical_numel(parameter) * _layer_bits_per_weight(parameter.quant_state) / 8
         elif parameter.requires_grad:
             trainable += _nbytes(parameter)
         else:
@@ -103,31 +129,41 @@ def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) ->
     for buffer in model.buffers():
         frozen += _nbytes(buffer)
         fp32 += 4 * buffer.numel() if buffer.is_floating_point() else _nbytes(buffer)
-    total = quantized + quant_state + frozen + trainable
+    return _MemoryBytes(quantized, quant_state, frozen, trainable, fp32, bound)
 
+
+def _unseen_quant_state_bytes(state, seen: set[tuple[int, int]]) -> int:
+    """Bytes of the tensors of ``state`` not in ``seen`` yet (then added): a table shared between layers is stored
+    once."""
+    n_bytes = 0
+    for tensor in _quant_state_tensors(state):
+        key = (tensor.data_ptr(), _nbytes(tensor))
+        if key not in seen:
+            seen.add(key)
+            n_bytes += _nbytes(tensor)
+    return n_bytes
+
+
+def _layer_bits_per_weight(state) -> float:
+    """:func:`nf4_bits_per_weight` with the layer's own blocksize and double quantisation."""
+    nested = _nested_state(state)
+    return nf4_bits_per_weight(state.blocksize, nested is not None, nested.blocksize if nested else 256)
+
+
+def _shipped_bytes(model: nn.Module, shipped: Method, memory: _MemoryBytes, saved_bytes: int | None) -> int:
+    """What ``shipped`` must store (see :func:`model_size`); ``saved_bytes`` when the files were written."""
     if shipped.adapter is None:
-        in_memory = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + quantized + quant_state
-        disk = int(saved_bytes) if saved_bytes is not None else in_memory
-    else:
-        adapter = int(saved_bytes) if saved_bytes is not None else _adapter_tensor_bytes(model)
-        if not shipped.quantized:
-            disk = adapter
-        else:
-            if not quantized:
-                raise ValueError(f"method {method!r} needs a 4-bit model, but no parameter of this one is quantized")
-            frozen_params = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p) and not p.requires_grad)
-            disk = quantized + quant_state + frozen_params + sum(_nbytes(b) for _, b in _persistent_buffers(model)) + adapter
-    return {
-        "quantized_bytes": quantized,
-        "quant_state_bytes": quant_state,
-        "frozen_bytes": frozen,
-        "trainable_bytes": trainable,
-        "total_bytes": total,
-        "fp32_bytes": fp32,
-        "disk_bytes": int(disk),
-        "disk_kind": shipped.shipped,
-        "nf4_bound_bytes": int(round(bound)),
-    }
+        in_memory = (sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + memory.quantized
+                     + memory.quant_state)
+        return int(saved_bytes) if saved_bytes is not None else in_memory
+    adapter = int(saved_bytes) if saved_bytes is not None else _adapter_tensor_bytes(model)
+    if not shipped.quantized:
+        return adapter
+    if not memory.quantized:
+        raise ValueError(f"method {shipped.name!r} needs a 4-bit model, but no parameter of this one is quantized")
+    frozen_params = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p) and not p.requires_grad)
+    buffers = sum(_nbytes(b) for _, b in _persistent_buffers(model))
+    return memory.quantized + memory.quant_state + frozen_params + buffers + adapter
 
 
 def format_size_report(report: dict) -> str:

@@ -1,4 +1,5 @@
-"""Statistics behind the figures: intervals, smoothing, per-method aggregation and paired method comparisons.
+"""Statistics behind the figures and tables: intervals, smoothing, per-method aggregation and paired method
+comparisons.
 
 Why a module apart from the figures: which interval a number gets, and how seeds are pooled, decide what a reader
 may conclude from a figure ("is DoRA really better than LoRA?"). That logic is tested against scipy and hand
@@ -10,17 +11,21 @@ with the sentences in the same order for both: one row (shape ``(n_sentences,)``
 ``(n_seeds, n_sentences)`` matrix for several seeds (see :func:`paired_bootstrap` for how seeds are pooled).
 Runs come in groups (:func:`runs_in_group`): the method comparison, the rank x alpha sweep and the learning-rate
 tuning runs, which are scored on a held-out slice of the train split and so never mix with the others.
+:func:`paired_statistics` runs the paired comparisons on a run set, with the dev labels read from the data.
+Choosing learning rates from the tuning runs is :mod:`peft_utils.tuning`'s job.
 """
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from .methods import METHOD_NAMES
+from .methods import ordered_methods
 from .store import COMPARISON_GROUP
 
 __all__ = [
@@ -43,8 +48,8 @@ __all__ = [
     "comparison_pairs",
     "seed_correctness",
     "paired_comparisons",
-    "learning_rate_scores",
-    "choose_learning_rates",
+    "PairedStatistics",
+    "paired_statistics",
 ]
 
 # Paired comparisons drawn and tabulated: every method against full fine-tuning, and the LoRA variants against LoRA.
@@ -71,7 +76,7 @@ _BOOTSTRAP_CHUNK_ENTRIES = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reading the run table (optional fields may be absent from older or partial records)
+# Reading the run table (a field a run did not record is absent)
 # --------------------------------------------------------------------------------------------------------------
 def optional_column(frame: pd.DataFrame, name: str) -> pd.Series:
     """Column ``name`` of ``frame``, or an all-NaN column when the records never logged that field."""
@@ -86,18 +91,14 @@ def numeric_column(frame: pd.DataFrame, name: str) -> pd.Series:
 
 
 def runs_in_group(runs: pd.DataFrame, group: str) -> pd.DataFrame:
-    """The runs of one group; records without a group (written before groups existed) count as comparison runs.
+    """The runs whose ``group`` is ``group``.
 
     Why an exact match and not "everything but the sweep": learning-rate tuning runs are scored on a held-out
     slice of the train split, so one in a comparison figure would mix two evaluation sets.
     """
     if runs.empty:
         return runs
-    group_column = optional_column(runs, "group")
-    selected = group_column.astype(object).eq(group)
-    if group == COMPARISON_GROUP:
-        selected |= group_column.isna()
-    return runs[selected]
+    return runs[optional_column(runs, "group").astype(object).eq(group)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> 
         run_id = run.get("run_id", index)
         predicted = predictions.loc[index]
         if not isinstance(predicted, (list, tuple, np.ndarray)):
-            raise ValueError(f"run {run_id} records no dev_predictions (a record written before they were kept)")
+            raise ValueError(f"run {run_id} records no dev_predictions")
         predicted = np.asarray(predicted)
         if predicted.shape != labels.shape:
             raise ValueError(f"run {run_id} has {predicted.size} dev predictions but there are {labels.size} labels")
@@ -400,7 +401,7 @@ def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int], n
     comparison = runs_in_group(runs, COMPARISON_GROUP)
     correctness = seed_correctness(comparison, labels)
     rows = []
-    for method, reference in comparison_pairs(_known_order(correctness)):
+    for method, reference in comparison_pairs(ordered_methods(correctness)):
         seeds = sorted(set(correctness[method]) & set(correctness[reference]))
         if not seeds:
             continue
@@ -416,9 +417,34 @@ def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int], n
                                        "reference_better", "n_seeds", "n_sentences"])
 
 
-def _known_order(correctness: dict[str, dict[int, np.ndarray]]) -> list[str]:
-    """Methods in the package's order (full, LoRA, DoRA, QLoRA, QDoRA), others after them alphabetically."""
-    return [m for m in METHOD_NAMES if m in correctness] + sorted(set(correctness) - set(METHOD_NAMES))
+class PairedStatistics(NamedTuple):
+    """:func:`paired_comparisons` of a run set, or ``None`` with the reason it was skipped."""
+
+    table: pd.DataFrame | None
+    reason: str | None
+
+
+def paired_statistics(runs: pd.DataFrame, data_dir: str | Path | None = None,
+                      labels: np.ndarray | None = None) -> PairedStatistics:
+    """The paired tests of the comparison runs, or a one-line reason (printed to stderr) why there are none.
+
+    ``labels``: the dev labels when the caller has them; otherwise read with :func:`peft_utils.data.dev_labels`
+    from ``data_dir``. Skipped when fewer than two methods were compared, when a run records no dev predictions,
+    or when the labels cannot be found or do not reproduce the recorded accuracies.
+    """
+    comparison = runs_in_group(runs, COMPARISON_GROUP)
+    if optional_column(comparison, "method").nunique() < 2:
+        return PairedStatistics(None, None)  # nothing to compare: not a skipped test
+    try:
+        if labels is None:
+            from .data import dev_labels  # on use: the data module imports torch, which the figures never need
+
+            labels = dev_labels(comparison, data_dir)
+        return PairedStatistics(paired_comparisons(comparison, labels), None)
+    except (ValueError, OSError) as error:
+        reason = str(error).splitlines()[0]
+        print(f"paired statistics skipped: {reason}", file=sys.stderr)  # stdout may be a list of figure paths
+        return PairedStatistics(None, reason)
 
 
 def _per_sentence_difference(correct_a: object, correct_b: object) -> np.ndarray:
@@ -449,46 +475,3 @@ def _correctness_matrix(values: object, name: str) -> np.ndarray:
 def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Learning-rate tuning
-# --------------------------------------------------------------------------------------------------------------
-def learning_rate_scores(tune_runs: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
-    """The tuning grid's scores: one row per (method, lr) with the mean held-out accuracy and loss over seeds.
-
-    Columns ``method``, ``lr``, ``accuracy``, ``eval_loss``, ``n_seeds`` and ``chosen`` (True on each method's
-    rate picked by :func:`choose_learning_rates`), sorted by method and rate. Runs without an accuracy are left out.
-    """
-    frame = pd.DataFrame(tune_runs)
-    missing = [c for c in ("method", "lr", "final_accuracy") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"tuning runs need the fields method, lr and final_accuracy; missing: {', '.join(missing)}")
-    frame = frame.assign(lr=numeric_column(frame, "lr"), accuracy=numeric_column(frame, "final_accuracy"),
-                         eval_loss=numeric_column(frame, "final_eval_loss"))
-    frame = frame.dropna(subset=["lr", "accuracy"])
-    if frame.empty:
-        return pd.DataFrame(columns=["method", "lr", "accuracy", "eval_loss", "n_seeds", "chosen"])
-    scores = (frame.groupby(["method", "lr"], sort=True)
-              .agg(accuracy=("accuracy", "mean"), eval_loss=("eval_loss", "mean"), n_seeds=("accuracy", "size"))
-              .reset_index())
-    # Held-out accuracies are counts over the same rows, so equal counts are exact ties; rounding only removes the
-    # last-bit noise of averaging over seeds. A missing loss never wins a tie.
-    scores["chosen"] = False
-    rank_key = scores.assign(_accuracy=-scores["accuracy"].round(12), _loss=scores["eval_loss"].fillna(math.inf))
-    best = rank_key.sort_values(["method", "_accuracy", "_loss", "lr"]).groupby("method").head(1).index
-    scores.loc[best, "chosen"] = True
-    return scores
-
-
-def choose_learning_rates(tune_runs: pd.DataFrame | Sequence[dict]) -> dict[str, float]:
-    """Each method's learning rate from its tuning runs: the highest held-out accuracy (mean over seeds).
-
-    Ties go to the lower held-out loss (the more confident correct model), then to the smaller rate (the more
-    conservative update). ``tune_runs``: the tuning runs' records (a run table or a list of dicts) with
-    ``method``, ``lr``, ``final_accuracy`` and optionally ``final_eval_loss``; they are scored on the held-out
-    slice of the train split, never on dev, so the choice does not peek at the reported split.
-    """
-    scores = learning_rate_scores(tune_runs)
-    chosen = scores[scores["chosen"]]
-    return {str(method): float(lr) for method, lr in zip(chosen["method"], chosen["lr"])}

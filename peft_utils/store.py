@@ -28,11 +28,13 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from .config import TrainConfig
 
 EVENTS = ("config", "step", "eval", "summary")
 
@@ -113,10 +115,16 @@ class Results:
     evals: pd.DataFrame
 
 
-# Settings that make up a run's identity besides these are the planned record's keys (see ``RunStore.check``);
-# the seed is what repeats of one series may differ in.
+# The settings a run is identified by, beside its group and method, in the order its record lists them: every
+# training setting except the device (``"auto"`` is recorded resolved), and ``rslora`` for sweep runs only. The seed
+# is what repeats of one series may differ in.
+IDENTITY_KEYS = (
+    ("model", "rank", "alpha", "dropout", "targets", "train_size", "eval_size", "lr", "seed")
+    + tuple(f.name for f in fields(TrainConfig) if f.name != "device")
+    + ("rslora",)
+)
 REPEAT_KEY = "seed"
-# Run groups as the records name them. Records written before groups existed have none and are comparison runs.
+# Run groups as the records name them.
 COMPARISON_GROUP = "comparison"
 SWEEP_GROUP = "sweep"
 TUNE_GROUP = "tune"
@@ -129,7 +137,7 @@ def series_key(record: dict[str, Any]) -> tuple[Any, ...]:
         return (SWEEP_GROUP, record.get("method"), record.get("rank"), record.get("alpha"))
     if record.get("group") == TUNE_GROUP:
         return (TUNE_GROUP, record.get("method"), record.get("lr"))
-    return (COMPARISON_GROUP, record.get("method"))
+    return (record.get("group"), record.get("method"))
 
 
 def _describe(key: tuple[Any, ...]) -> str:

@@ -11,15 +11,19 @@ is never looked at, so the reported accuracies are not tuned on. The final compa
 (with ``train_size="all"`` these include the held-out slice: the slice is held out from tuning, not from training).
 
 Tuning runs are ordinary run records in group :data:`TUNE_GROUP`: their ``final_accuracy`` is the held-out accuracy
-(``eval_split`` says so), and :func:`~peft_utils.stats.choose_learning_rates` reads them back, so a resumed experiment chooses again
-from the records alone and picks the same rates.
+(``eval_split`` says so), and :func:`choose_learning_rates` reads them back, so a resumed experiment chooses again
+from the records alone and picks the same rates; the learning-rate figure draws :func:`learning_rate_scores`, the
+same scores the choice is made from.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import pandas as pd
 
 from .config import ExperimentConfig
-from .data import hold_out, subset
+from .stats import numeric_column
 from .store import TUNE_GROUP
 
 EVAL_SPLIT = "train-holdout"  # what a tuning run's evaluation rows are (recorded as ``eval_split``)
@@ -28,6 +32,8 @@ HOLDOUT_SEED = 0  # the held-out slice must not change with the run seed: every 
 
 def tuning_rows(config: ExperimentConfig, train: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(train rows, held-out rows)`` of a tuning run: disjoint, both from the train split."""
+    from .data import hold_out, subset  # on use: the data module imports torch, which the figures never need
+
     holdout_size = config.tune.holdout_size
     size = config.tune.train_size or config.data.train_size
     if holdout_size + (size or 1) > len(train):
@@ -41,4 +47,44 @@ def tuning_rows(config: ExperimentConfig, train: pd.DataFrame, seed: int) -> tup
     return rows, held_out
 
 
-__all__ = ["TUNE_GROUP", "EVAL_SPLIT", "HOLDOUT_SEED", "tuning_rows"]
+def learning_rate_scores(tune_runs: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
+    """The tuning grid's scores: one row per (method, lr) with the mean held-out accuracy and loss over seeds.
+
+    Columns ``method``, ``lr``, ``accuracy``, ``eval_loss``, ``n_seeds`` and ``chosen`` (True on each method's
+    rate picked by :func:`choose_learning_rates`), sorted by method and rate. Runs without an accuracy are left out.
+    """
+    frame = pd.DataFrame(tune_runs)
+    missing = [c for c in ("method", "lr", "final_accuracy") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"tuning runs need the fields method, lr and final_accuracy; missing: {', '.join(missing)}")
+    frame = frame.assign(lr=numeric_column(frame, "lr"), accuracy=numeric_column(frame, "final_accuracy"),
+                         eval_loss=numeric_column(frame, "final_eval_loss"))
+    frame = frame.dropna(subset=["lr", "accuracy"])
+    if frame.empty:
+        return pd.DataFrame(columns=["method", "lr", "accuracy", "eval_loss", "n_seeds", "chosen"])
+    scores = (frame.groupby(["method", "lr"], sort=True)
+              .agg(accuracy=("accuracy", "mean"), eval_loss=("eval_loss", "mean"), n_seeds=("accuracy", "size"))
+              .reset_index())
+    # Held-out accuracies are counts over the same rows, so equal counts are exact ties; rounding only removes the
+    # last-bit noise of averaging over seeds. A missing loss never wins a tie.
+    scores["chosen"] = False
+    rank_key = scores.assign(_accuracy=-scores["accuracy"].round(12), _loss=scores["eval_loss"].fillna(math.inf))
+    best = rank_key.sort_values(["method", "_accuracy", "_loss", "lr"]).groupby("method").head(1).index
+    scores.loc[best, "chosen"] = True
+    return scores
+
+
+def choose_learning_rates(tune_runs: pd.DataFrame | Sequence[dict]) -> dict[str, float]:
+    """Each method's learning rate from its tuning runs: the highest held-out accuracy (mean over seeds).
+
+    Ties go to the lower held-out loss (the more confident correct model), then to the smaller rate (the more
+    conservative update). ``tune_runs``: the tuning runs' records (a run table or a list of dicts) with
+    ``method``, ``lr``, ``final_accuracy`` and optionally ``final_eval_loss``; they are scored on the held-out
+    slice of the train split, never on dev, so the choice does not peek at the reported split.
+    """
+    scores = learning_rate_scores(tune_runs)
+    chosen = scores[scores["chosen"]]
+    return {str(method): float(lr) for method, lr in zip(chosen["method"], chosen["lr"])}
+
+
+__all__ = ["TUNE_GROUP", "EVAL_SPLIT", "HOLDOUT_SEED", "tuning_rows", "learning_rate_scores", "choose_learning_rates"]

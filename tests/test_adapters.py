@@ -15,7 +15,7 @@ from peft_utils import (
     random_gpt2,
     unmerge_adapters,
 )
-from peft_utils.adapters import base_weight
+from peft_utils.core.layers import base_weight
 
 peft = pytest.importorskip("peft")
 
@@ -250,12 +250,12 @@ def test_count_parameters_matches_peft():
 
 
 def test_presets_and_regex_targets():
-    model = apply_adapters(tiny_gpt2(), "lora", "gpt2-all", rank=2, alpha=2)
+    model = apply_adapters(tiny_gpt2(), "lora", "all-linear", rank=2, alpha=2)
     assert sum(isinstance(m, LoRALayer) for m in model.modules()) == 2 * 4
     model = apply_adapters(tiny_gpt2(), "lora", r"transformer\.h\.0\.attn\.c_attn", rank=2, alpha=2)
-    assert model.adapter_config.target_modules == ["transformer.h.0.attn.c_attn"]
+    assert model.injected_adapters.target_modules == ["transformer.h.0.attn.c_attn"]
     model = apply_adapters(tiny_bert(), "dora", None, rank=2, alpha=2)  # default for BERT: query, value
-    assert sorted({n.rsplit(".", 1)[-1] for n in model.adapter_config.target_modules}) == ["query", "value"]
+    assert sorted({n.rsplit(".", 1)[-1] for n in model.injected_adapters.target_modules}) == ["query", "value"]
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from peft_utils import apply_adapters, random_gpt2
-from peft_utils.adapters import LoRALayer
+from peft_utils.core.layers import LoRALayer
 from peft_utils.checkpoints import (
-    CONFIG_FILE, WEIGHTS_FILE, export_merged, load_adapters, peft_config, save_adapters, save_trained,
+    CONFIG_FILE, WEIGHTS_FILE, export_merged, load_adapters, peft_adapter_json, save_adapters, save_trained,
 )
 from peft_utils.inference import predict
 from peft_utils.models import hub_id, load_model, save_random_gpt2
@@ -79,7 +79,7 @@ def is_untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> boo
     state = model.state_dict()
     return (
         not any(isinstance(m, LoRALayer) for m in model.modules())
-        and not hasattr(model, "adapter_config")
+        and not hasattr(model, "injected_adapters")
         and all(p.requires_grad for p in model.parameters())
         and state.keys() == before.keys()
         and all(torch.equal(state[k], before[k]) for k in before)
@@ -113,7 +113,7 @@ def test_peft_saved_loads_in_ours_with_the_same_logits(tmp_path, kind, variant):
     ids, _ = make_inputs(MODELS[kind][3])
     assert not torch.allclose(reference(input_ids=ids).logits, MODELS[kind][0]()(input_ids=ids).logits), "inert"
     assert_same_logits(model(input_ids=ids).logits, reference(input_ids=ids).logits)
-    assert model.adapter_config.method == VARIANTS[variant]["method"]
+    assert model.injected_adapters.method == VARIANTS[variant]["method"]
 
 
 def test_transformers_load_adapter_reads_ours(tmp_path):
@@ -130,8 +130,8 @@ def test_transformers_load_adapter_reads_ours(tmp_path):
 def test_saved_config_names_the_base_model(tmp_path, gpt2_tokenizer_dir, minilm_dir):
     folder = save_random_gpt2(tmp_path / "base", gpt2_tokenizer_dir)
     model, _ = load_model(folder)
-    assert peft_config(apply_adapters(model, "lora", ["c_attn"]))["base_model_name_or_path"] == str(folder)
-    assert peft_config(apply_adapters(tiny_gpt2(), "lora", ["c_attn"]))["base_model_name_or_path"] is None
+    assert peft_adapter_json(apply_adapters(model, "lora", ["c_attn"]))["base_model_name_or_path"] == str(folder)
+    assert peft_adapter_json(apply_adapters(tiny_gpt2(), "lora", ["c_attn"]))["base_model_name_or_path"] is None
     for name in ("minilm", minilm_dir, "sentence-transformers/all-MiniLM-L6-v2"):
         assert hub_id(name) == "sentence-transformers/all-MiniLM-L6-v2"
     assert hub_id("openai-community/gpt2-large") == "openai-community/gpt2-large"
@@ -146,7 +146,7 @@ def tiny_dir(tmp_path_factory, gpt2_tokenizer_dir):
 
 
 def quantized(tiny_dir):
-    from peft_utils.quant import load_quantized
+    from peft_utils.models import load_quantized
 
     return load_quantized(tiny_dir, device_map={"": "cpu"})[0].eval()
 

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from peft_utils.data import collate, encode, load_sst2, make_loader, read_sst2_tsv, subset
+from peft_utils.core.batches import collate, encode, make_loader
+from peft_utils.data import load_sst2, read_sst2_tsv, subset
 from peft_utils.models import load_tokenizer
 
 PAD = 99
@@ -229,7 +230,7 @@ def test_bucketing_covers_every_row_once_with_less_padding():
 def test_encode_truncates_with_real_gpt2_tokenizer(gpt2_tokenizer_dir):
     tokenizer = load_tokenizer(gpt2_tokenizer_dir)
     frame = pd.DataFrame({"sentence": ["Hello, world!", "word " * 50], "label": [1, 0]})
-    encoded = encode(frame, tokenizer, max_length=8)
+    encoded = encode(frame["sentence"], frame["label"], tokenizer, max_length=8)
     assert encoded[0] == {"input_ids": [15496, 11, 995, 0], "label": 1}
     assert len(encoded[1]["input_ids"]) == 8 and encoded[1]["label"] == 0
     batch = next(iter(make_loader(encoded, 2, tokenizer.pad_token_id, shuffle=False, seed=0)))

@@ -14,8 +14,9 @@ import torch
 from conftest import REPO_ROOT
 from peft_utils import experiment
 from peft_utils.config import PROFILES, AdapterSettings, make_config
-from peft_utils.experiment import RunSpec, build_model, plan_experiment, run_comparison, run_id, run_sweep
-from peft_utils.inject import count_parameters
+from peft_utils.experiment import RunSpec, plan_experiment, run_comparison, run_id, run_sweep
+from peft_utils.models import build_model
+from peft_utils.core.inject import count_parameters
 from peft_utils.methods import METHOD_NAMES
 from peft_utils.models import materialize_model, model_cache_dir
 from peft_utils.sizes import SIZE_KEYS
@@ -40,7 +41,7 @@ def smoke_results(tmp_path_factory, sst2_dir, gpt2_tokenizer_dir):
     """Full fine-tuning, QDoRA and a one-point LoRA sweep, recorded once for the tests below."""
     results = tmp_path_factory.mktemp("results")
     config = smoke(results, sst2_dir.parent, methods=["full", "qdora"], sweep_ranks=[2], sweep_alpha_ratios=[1])
-    table = experiment.execute(plan_experiment(config, comparison=True, sweep=True))
+    table = experiment.run_plan(plan_experiment(config, comparison=True, sweep=True))
     return results, table
 
 
@@ -147,7 +148,7 @@ def test_resume_after_a_crash_continues_with_the_next_method(tmp_path, sst2_dir,
 
 def test_sweep_grid_uses_alpha_ratios(tmp_path, monkeypatch):
     planned = []
-    monkeypatch.setattr(experiment, "execute",
+    monkeypatch.setattr(experiment, "run_plan",
                         lambda plan: planned.extend(run.spec for run in plan.runs) or pd.DataFrame({"group": []}))
     monkeypatch.setattr(experiment, "load_sst2", lambda data_dir: _splits(40, 10))
     run_sweep(make_config("smoke", sweep_ranks=[2, 8], sweep_alpha_ratios=[1, 2], results_dir=str(tmp_path),

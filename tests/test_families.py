@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_utils.adapters import LoRALayer, is_linear4bit
-from peft_utils.inject import apply_adapters, count_parameters
+from peft_utils.core.layers import LoRALayer, is_linear4bit
+from peft_utils.core.inject import apply_adapters, count_parameters
 from peft_utils.models import load_model
-from peft_utils.quant import load_quantized, prepare_for_kbit_training
+from peft_utils.core.quant import prepare_for_kbit_training
+from peft_utils.models import load_quantized
 from peft_utils.sizes import model_size
-from peft_utils.targets import default_keep_trainable, preset_layers, resolve_targets
+from peft_utils.core.targets import default_keep_trainable, preset_layers, resolve_targets
 
 peft = pytest.importorskip("peft")
 
@@ -181,7 +182,7 @@ def test_default_targets_and_presets(name):
     assert len(attn_all) == 2 * len(family.attn_all)  # every projection in both layers
     assert set(preset_layers(model, "attn")) <= set(attn_all)
     if model.config.model_type in peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        ours = apply_adapters(tiny_model(name), "lora", None).adapter_config.target_modules
+        ours = apply_adapters(tiny_model(name), "lora", None).injected_adapters.target_modules
         assert ours == peft_layer_names(peft_adapted(tiny_model(name), None))  # peft's default, same module order
 
 
@@ -189,7 +190,7 @@ def test_default_targets_and_presets(name):
 def test_all_linear_is_pefts_all_linear_without_the_head(name):
     model = tiny_model(name)
     head = tuple(head_of(model))
-    ours = apply_adapters(model, "lora", "all-linear").adapter_config.target_modules
+    ours = apply_adapters(model, "lora", "all-linear").injected_adapters.target_modules
     theirs = peft_layer_names(peft_adapted(tiny_model(name), "all-linear"))
     assert ours == [n for n in theirs if not n.startswith(head)]
     assert not any(n.startswith(head) for n in ours)
@@ -200,7 +201,7 @@ def test_rule_agrees_with_pefts_mapping_on_every_family_it_lists():
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    from peft_utils.targets import name_matcher
+    from peft_utils.core.targets import name_matcher
 
     mapping = peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     checked = []

@@ -9,7 +9,14 @@ import torch
 from transformers import BertConfig, GPT2Config, LlamaConfig
 
 from peft_utils.config import AdapterSettings, TrainConfig
-from peft_utils.memory_plan import estimate_memory, halved, parameter_count, plan_for_device, plan_memory, to_record
+from peft_utils.memory_plan import (
+    estimate_memory,
+    parameter_count,
+    plan_for_device,
+    plan_memory,
+    to_record,
+    with_micro_batch_at_most,
+)
 from peft_utils.models import gpt2_config
 
 GIB = 2**30
@@ -164,9 +171,10 @@ TOLERANCE = 0.05
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_estimate_matches_the_measured_cpu_peak(method, checkpointing):
     from bench.step_time import Runner, Spec, measure_memory
-    from peft_utils.inject import apply_adapters
-    from peft_utils.models import enable_gradient_checkpointing, random_gpt2
-    from peft_utils.train import make_optimizer
+    from peft_utils.core.inject import apply_adapters
+    from peft_utils.core.loop import enable_gradient_checkpointing
+    from peft_utils.models import random_gpt2
+    from peft_utils.core.loop import make_optimizer
 
     torch.manual_seed(0)
     model = random_gpt2("tiny", **MEASURED_SHAPE)
@@ -190,14 +198,14 @@ def test_estimate_matches_the_measured_cpu_peak(method, checkpointing):
 
 @pytest.mark.parametrize("after_oom,expected", [(8, (8, 2)), (5, (4, 4)), (3, (2, 8)), (1, (1, 16))])
 def test_an_out_of_memory_retry_keeps_the_global_batch(after_oom, expected):
-    """``find_executable_batch_size`` halves the micro-batch after an OOM; ``halved`` turns that into the largest
-    micro-batch that divides the device's share, so the global batch (16 here) never changes."""
-    plan = halved(gpt2_large_plan("lora", H100_FREE), after_oom)
+    """``find_executable_batch_size`` halves the micro-batch after an OOM; ``with_micro_batch_at_most`` turns that into the
+    largest micro-batch that divides the device's share, so the global batch (16 here) never changes."""
+    plan = with_micro_batch_at_most(gpt2_large_plan("lora", H100_FREE), after_oom)
     assert (plan.per_device_batch, plan.grad_accum_steps) == expected
     assert plan.per_device_batch * plan.grad_accum_steps == BATCH
     assert f"retried with {expected[0]}" in plan.reason
     first = gpt2_large_plan("lora", H100_FREE)
-    assert halved(first, first.per_device_batch) == first  # the first attempt records no retry
+    assert with_micro_batch_at_most(first, first.per_device_batch) == first  # the first attempt records no retry
 
 
 def test_no_plan_off_cuda():

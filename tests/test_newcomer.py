@@ -26,7 +26,7 @@ from peft_utils import quiet, run_notebook
 from peft_utils.data import read_sst2_tsv
 from peft_utils.models import load_model, random_gpt2, resolve_model_source, save_random_gpt2
 from peft_utils.progress import MODE_ENV, Progress, progress_mode
-from peft_utils.quant import load_quantized
+from peft_utils.models import load_quantized
 from peft_utils.config import TrainConfig
 from peft_utils.store import RunRecorder
 from peft_utils.train import train

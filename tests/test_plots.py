@@ -334,7 +334,7 @@ def test_footnote_names_the_hardware_and_says_when_it_differs(tmp_path: Path) ->
     results_dir = write_fake_results(tmp_path / "results", methods=("full", "lora"), sweep=False, lora_seeds=2,
                                      n_steps=5)
     runs = RunStore(results_dir).load().runs
-    assert "hardware" not in " ".join(footnote._provenance(runs))  # older records: nothing claimed
+    assert "hardware" not in " ".join(footnote._provenance(runs))  # not recorded: nothing claimed
     one = runs.assign(hardware="AMD EPYC, 2 threads")
     assert "hardware: AMD EPYC, 2 threads" in " ".join(footnote._provenance(one))
     assert "NOTE" not in " ".join(footnote._provenance(one.assign(compute_dtype="float32")))

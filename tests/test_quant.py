@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from peft_utils import DoRALayer, LoRALayer, apply_adapters, save_adapters
-from peft_utils.adapters import base_weight
+from peft_utils.core.layers import base_weight
 from peft_utils.models import load_model, save_random_gpt2
-from peft_utils.quant import load_quantized, prepare_for_kbit_training, require_bitsandbytes
+from peft_utils.core.quant import prepare_for_kbit_training, require_bitsandbytes
+from peft_utils.models import load_quantized
 from peft_utils.sizes import SIZE_KEYS, format_size_report, model_size, nf4_bits_per_weight
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -13,7 +13,8 @@ os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / 
 from test_plots import multiseed_predictions, tune_runs_table, write_multiseed_results  # noqa: E402
 
 from peft_utils import report  # noqa: E402
-from peft_utils.data import load_sst2  # noqa: E402
+from peft_utils.data import dev_labels, load_sst2  # noqa: E402
+from peft_utils.stats import paired_statistics  # noqa: E402
 from peft_utils.store import RunStore  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def multiseed_runs(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 def test_summary_table_mean_sd_and_paired_columns(multiseed_runs: pd.DataFrame) -> None:
     # A tuning run with a far better accuracy must change nothing: it was scored on other rows.
     runs = pd.concat([multiseed_runs, tune_runs_table(("lora",)).assign(final_accuracy=0.999)], ignore_index=True)
-    paired = report.paired_statistics(runs, labels=LABELS)
+    paired = paired_statistics(runs, labels=LABELS)
     assert paired.reason is None
     table = report.summary_table(runs, paired.table)
     assert list(table.index) == ["full", "lora", "dora", "qlora"]
@@ -50,10 +51,11 @@ def test_summary_table_mean_sd_and_paired_columns(multiseed_runs: pd.DataFrame) 
     assert f"[{100 * dora['low']:+.1f}, {100 * dora['high']:+.1f}]".replace("-", "\N{MINUS SIGN}") in lines[4]
 
 
-def test_one_seed_has_no_sd_and_old_records_skip_paired_tests(capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_seed_has_no_sd_and_runs_without_predictions_skip_paired_tests(
+        capsys: pytest.CaptureFixture[str]) -> None:
     runs = RunStore(REPO_ROOT / "results" / "cpu-reference").load().runs
-    runs = runs[runs["group"] == "comparison"].drop(columns=["dev_predictions", "dev_probabilities"])  # as old records
-    paired = report.paired_statistics(runs, labels=np.zeros(872, dtype=int))
+    runs = runs[runs["group"] == "comparison"].drop(columns=["dev_predictions", "dev_probabilities"])
+    paired = paired_statistics(runs, labels=np.zeros(872, dtype=int))
     assert paired.table is None and "records no dev_predictions" in paired.reason
     assert capsys.readouterr().err.strip() == f"paired statistics skipped: {paired.reason}"
     table = report.summary_table(runs, paired.table)
@@ -65,18 +67,18 @@ def test_paired_statistics_without_labels_say_why(multiseed_runs: pd.DataFrame,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PEFT_LAB_DATA", raising=False)
     monkeypatch.delenv("SST2_DIR", raising=False)
-    paired = report.paired_statistics(multiseed_runs)
+    paired = paired_statistics(multiseed_runs)
     assert paired.table is None and "pass data_dir or set PEFT_LAB_DATA" in paired.reason
-    wrong = report.paired_statistics(multiseed_runs, labels=1 - LABELS)
+    wrong = paired_statistics(multiseed_runs, labels=1 - LABELS)
     assert wrong.table is None and "not those of the rows" in wrong.reason
 
 
 def test_dev_labels_reproduce_the_committed_reference_runs(sst2_dir: Path) -> None:
     """The labels read back for results/cpu-reference give every run its recorded accuracy (checked inside)."""
     runs = RunStore(REPO_ROOT / "results" / "cpu-reference").load().runs
-    labels = report.dev_labels(runs, sst2_dir)
+    labels = dev_labels(runs, sst2_dir)
     assert np.array_equal(labels, load_sst2(sst2_dir)["dev"]["label"].to_numpy())  # eval_size 872: all of dev
-    paired = report.paired_statistics(runs, sst2_dir)
+    paired = paired_statistics(runs, sst2_dir)
     assert paired.reason is None
     assert list(zip(paired.table["method"], paired.table["reference"])) == [
         ("lora", "full"), ("dora", "full"), ("qlora", "full"), ("dora", "lora"), ("qlora", "lora")]
@@ -97,7 +99,7 @@ def test_dev_labels_of_a_subset_follow_the_experiment(sst2_dir: Path, tmp_path: 
 
     expected = subset(load_sst2(sst2_dir)["dev"], 200, EVAL_SUBSET_SEED)["label"].to_numpy()
     runs = RunStore(write_multiseed_results(tmp_path / "results", expected, seeds=(0,), sweep=False)).load().runs
-    assert np.array_equal(report.dev_labels(runs, sst2_dir), expected)
-    assert report.paired_statistics(runs, sst2_dir).reason is None
+    assert np.array_equal(dev_labels(runs, sst2_dir), expected)
+    assert paired_statistics(runs, sst2_dir).reason is None
     with pytest.raises(ValueError, match="scored on train-holdout"):
-        report.dev_labels(runs.assign(eval_split="train-holdout"), sst2_dir)
+        dev_labels(runs.assign(eval_split="train-holdout"), sst2_dir)

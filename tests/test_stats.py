@@ -11,10 +11,8 @@ from scipy import stats as scipy_stats
 
 from peft_utils.stats import (
     accuracy_interval,
-    choose_learning_rates,
     comparison_pairs,
     ema_span,
-    learning_rate_scores,
     mcnemar_exact,
     mean_interval,
     paired_bootstrap,
@@ -222,7 +220,7 @@ def test_bootstrap_rejects_bad_settings() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Run groups, paired comparisons of recorded runs, learning-rate choice
+# Run groups and paired comparisons of recorded runs
 # --------------------------------------------------------------------------------------------------------------
 def _run(method: str, seed: int, predictions: np.ndarray, labels: np.ndarray, group: str | None = "comparison",
          **extra: object) -> dict:
@@ -230,12 +228,12 @@ def _run(method: str, seed: int, predictions: np.ndarray, labels: np.ndarray, gr
             "dev_predictions": list(predictions), "final_accuracy": float((predictions == labels).mean()), **extra}
 
 
-def test_runs_in_group_takes_old_records_as_comparison_runs() -> None:
+def test_runs_in_group_match_the_group_exactly() -> None:
     runs = pd.DataFrame({"run_id": list("abcd"), "group": ["comparison", "sweep", "tune", None]})
-    assert list(runs_in_group(runs, "comparison")["run_id"]) == ["a", "d"]
+    assert list(runs_in_group(runs, "comparison")["run_id"]) == ["a"]
     assert list(runs_in_group(runs, "tune")["run_id"]) == ["c"]
     no_group = pd.DataFrame({"run_id": ["x"]})
-    assert list(runs_in_group(no_group, "comparison")["run_id"]) == ["x"] and runs_in_group(no_group, "sweep").empty
+    assert runs_in_group(no_group, "comparison").empty and runs_in_group(no_group, "sweep").empty
 
 
 def test_comparison_pairs() -> None:
@@ -299,29 +297,3 @@ def test_paired_comparisons_refuse_what_cannot_be_paired() -> None:
     with pytest.raises(ValueError, match="not those of the rows it was scored on"):
         paired_comparisons(pd.DataFrame([good]), 1 - labels)
     assert paired_comparisons(pd.DataFrame([good]), labels).empty
-
-
-def test_choose_learning_rates_breaks_ties_by_loss_then_smaller_rate() -> None:
-    runs = [
-        # full: 1e-4 wins on mean accuracy over two seeds even though 3e-4 has the best single seed.
-        {"method": "full", "lr": 1e-4, "seed": 0, "final_accuracy": 0.90, "final_eval_loss": 0.3},
-        {"method": "full", "lr": 1e-4, "seed": 1, "final_accuracy": 0.90, "final_eval_loss": 0.3},
-        {"method": "full", "lr": 3e-4, "seed": 0, "final_accuracy": 0.93, "final_eval_loss": 0.2},
-        {"method": "full", "lr": 3e-4, "seed": 1, "final_accuracy": 0.85, "final_eval_loss": 0.2},
-        # lora: equal accuracy, 2e-3 has the lower loss.
-        {"method": "lora", "lr": 1e-3, "final_accuracy": 0.88, "final_eval_loss": 0.35},
-        {"method": "lora", "lr": 2e-3, "final_accuracy": 0.88, "final_eval_loss": 0.30},
-        {"method": "lora", "lr": 4e-3, "final_accuracy": 0.80, "final_eval_loss": 0.10},
-        # dora: equal accuracy and loss: the smaller rate; a run without a loss never wins the tie.
-        {"method": "dora", "lr": 5e-3, "final_accuracy": 0.87, "final_eval_loss": 0.3},
-        {"method": "dora", "lr": 1e-3, "final_accuracy": 0.87, "final_eval_loss": 0.3},
-        {"method": "dora", "lr": 1e-4, "final_accuracy": 0.87, "final_eval_loss": None},
-    ]
-    assert choose_learning_rates(runs) == {"full": 1e-4, "lora": 2e-3, "dora": 1e-3}
-    assert choose_learning_rates(pd.DataFrame(runs)) == choose_learning_rates(runs)
-    scores = learning_rate_scores(runs)
-    full = scores[scores["method"] == "full"].set_index("lr")
-    assert full.loc[3e-4, "accuracy"] == pytest.approx(0.89) and full.loc[1e-4, "n_seeds"] == 2
-    assert scores["chosen"].sum() == 3
-    with pytest.raises(ValueError, match="missing: final_accuracy"):
-        choose_learning_rates([{"method": "lora", "lr": 1e-3}])

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from peft_utils.data import collate, encode, make_loader
 from peft_utils.config import AdapterSettings, TrainConfig
-from peft_utils.experiment import build_model
-from peft_utils.models import load_tokenizer, random_gpt2, save_random_gpt2
+from peft_utils.core.batches import collate, encode, make_loader, micro_batches
+from peft_utils.core.loop import evaluate, linear_schedule, make_optimizer, set_seed
+from peft_utils.models import build_model, load_tokenizer, random_gpt2, save_random_gpt2
 from peft_utils.store import RunRecorder, read_events
-from peft_utils.train import evaluate, linear_schedule, make_optimizer, micro_batches, set_seed, train
+from peft_utils.train import train
 
 POSITIVE = ("great", "good", "superb", "lovely", "brilliant", "wonderful")
 NEGATIVE = ("bad", "awful", "dreadful", "boring", "terrible", "poor")
@@ -118,12 +118,12 @@ def test_evaluate_uses_eval_mode_and_restores_it(gpt2_tokenizer_dir):
     tokenizer = load_tokenizer(gpt2_tokenizer_dir)
     frame = _rule_frame(1)  # longest first, so length bucketing reverses the order:
     frame["sentence"] = ["the film was " + "very " * (11 - i) + s.split()[-1] for i, s in enumerate(frame["sentence"])]
-    rows = encode(frame, tokenizer, 16)
+    rows = encode(frame["sentence"], frame["label"], tokenizer, 16)
     loader = make_loader(rows, 5, tokenizer.pad_token_id, shuffle=False, seed=0, bucket_by_length=True)
     model.train()
-    first = evaluate(model, loader, "cpu")
+    first = evaluate(model, loader)
     assert model.training  # the caller's mode is restored
-    assert evaluate(model, loader, "cpu") == first  # no dropout in evaluation: the same numbers again
+    assert evaluate(model, loader) == first  # no dropout in evaluation: the same numbers again
     assert first.n == 12 and 0.0 <= first.accuracy <= 1.0
 
     # Per-row results come back in the frame's order, although length bucketing reordered the rows.
@@ -142,7 +142,7 @@ def test_gpt2_classifier_reads_the_last_real_token(gpt2_tokenizer_dir):
     tokenizer = load_tokenizer(gpt2_tokenizer_dir)
     frame = pd.DataFrame({"sentence": ["a fine film", "a much longer sentence that forces padding of the first"],
                           "label": [1, 0]})
-    short, long = encode(frame, tokenizer, 32)
+    short, long = encode(frame["sentence"], frame["label"], tokenizer, 32)
     batch = collate([short, long], tokenizer.pad_token_id)
     alone = collate([short], tokenizer.pad_token_id)
     assert (batch["input_ids"][0] == tokenizer.pad_token_id).any()  # the short row really is padded
@@ -215,7 +215,7 @@ def test_fused_optimizer_matches_the_reference_loop_to_rounding(tiny_gpt2_dir, m
         return torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
                                  lr=lr, foreach=False, fused=False)
 
-    monkeypatch.setattr("peft_utils.train.make_optimizer", loop_adamw)
+    monkeypatch.setattr("peft_utils.core.loop.make_optimizer", loop_adamw)
     reference = _run(tiny_gpt2_dir, method, seed=0, config=config, lr=lr).losses
     assert len(fast) == len(reference) == 30
     assert fast == pytest.approx(reference, abs=FUSED_LOSS_TOLERANCE, rel=0)

@@ -8,9 +8,8 @@ from peft_utils import experiment
 from peft_utils.config import TUNE, config_record, make_config
 from peft_utils.data import hold_out, load_sst2
 from peft_utils.experiment import plan_experiment, run_comparison
-from peft_utils.stats import choose_learning_rates
 from peft_utils.store import RunStore, read_events
-from peft_utils.tuning import EVAL_SPLIT, TUNE_GROUP, tuning_rows
+from peft_utils.tuning import EVAL_SPLIT, TUNE_GROUP, choose_learning_rates, learning_rate_scores, tuning_rows
 
 GRID = {"full": [1e-4, 3e-3], "lora": [1e-3, 3e-2]}
 
@@ -75,3 +74,29 @@ def test_each_method_gets_its_best_held_out_rate_and_a_resume_keeps_it(tmp_path,
 
 def _fail(*args, **kwargs):
     raise AssertionError("a run was trained although it should not have been")
+
+
+def test_choose_learning_rates_breaks_ties_by_loss_then_smaller_rate() -> None:
+    runs = [
+        # full: 1e-4 wins on mean accuracy over two seeds even though 3e-4 has the best single seed.
+        {"method": "full", "lr": 1e-4, "seed": 0, "final_accuracy": 0.90, "final_eval_loss": 0.3},
+        {"method": "full", "lr": 1e-4, "seed": 1, "final_accuracy": 0.90, "final_eval_loss": 0.3},
+        {"method": "full", "lr": 3e-4, "seed": 0, "final_accuracy": 0.93, "final_eval_loss": 0.2},
+        {"method": "full", "lr": 3e-4, "seed": 1, "final_accuracy": 0.85, "final_eval_loss": 0.2},
+        # lora: equal accuracy, 2e-3 has the lower loss.
+        {"method": "lora", "lr": 1e-3, "final_accuracy": 0.88, "final_eval_loss": 0.35},
+        {"method": "lora", "lr": 2e-3, "final_accuracy": 0.88, "final_eval_loss": 0.30},
+        {"method": "lora", "lr": 4e-3, "final_accuracy": 0.80, "final_eval_loss": 0.10},
+        # dora: equal accuracy and loss: the smaller rate; a run without a loss never wins the tie.
+        {"method": "dora", "lr": 5e-3, "final_accuracy": 0.87, "final_eval_loss": 0.3},
+        {"method": "dora", "lr": 1e-3, "final_accuracy": 0.87, "final_eval_loss": 0.3},
+        {"method": "dora", "lr": 1e-4, "final_accuracy": 0.87, "final_eval_loss": None},
+    ]
+    assert choose_learning_rates(runs) == {"full": 1e-4, "lora": 2e-3, "dora": 1e-3}
+    assert choose_learning_rates(pd.DataFrame(runs)) == choose_learning_rates(runs)
+    scores = learning_rate_scores(runs)
+    full = scores[scores["method"] == "full"].set_index("lr")
+    assert full.loc[3e-4, "accuracy"] == pytest.approx(0.89) and full.loc[1e-4, "n_seeds"] == 2
+    assert scores["chosen"].sum() == 3
+    with pytest.raises(ValueError, match="missing: final_accuracy"):
+        choose_learning_rates([{"method": "lora", "lr": 1e-3}])

@@ -13,9 +13,9 @@ Design choices that hold for every figure:
 - Every figure carries a footnote with the model, device and compute dtype read from the runs; when those
   differ between methods the footnote says so, because a speed or memory comparison across dtypes is not
   like-for-like.
-- Comparison figures use only the complete runs of group ``"comparison"`` (or no group, in older records): the
-  sweep and the learning-rate tuning runs (scored on a held-out slice of the train split) each get their own
-  figure. Several seeds of one method are drawn as dots around their mean.
+- Comparison figures use only the complete runs of group ``"comparison"``: the sweep and the learning-rate
+  tuning runs (scored on a held-out slice of the train split) each get their own figure. Several seeds of one
+  method are drawn as dots around their mean.
 
 One module per job: :mod:`.style` (colours, figure and axis plumbing), :mod:`.selection` (which runs a figure
 draws), :mod:`.footnote` (provenance and saving), then the figures: :mod:`.accuracy` (loss, accuracy, accuracy
@@ -44,7 +44,7 @@ from peft_utils.plots.style import (
     method_label,
 )
 from peft_utils.plots.summary import plot_summary
-from peft_utils.report import paired_statistics
+from peft_utils.stats import paired_statistics
 from peft_utils.store import RunStore
 
 __all__ = [
@@ -87,8 +87,8 @@ def plot_all(results_dir: str | Path, imgs_dir: str | Path, data_dir: str | Path
     """Load every complete run in ``results_dir`` and write each figure that applies to ``imgs_dir``.
 
     ``data_dir``: the SST-2 folder (or its parent) whose dev labels the paired tests need, since the records keep
-    predictions but not labels; by default ``SST2_DIR`` / ``PEFT_LAB_DATA``. Without labels (or with records
-    that predate ``dev_predictions``) the paired differences are left out with a printed one-line reason.
+    predictions but not labels; by default ``SST2_DIR`` / ``PEFT_LAB_DATA``. Without usable labels the paired
+    differences are left out with a printed one-line reason (:func:`~peft_utils.stats.paired_statistics`).
     Figures whose inputs are absent (no sweep group, no tuning runs, no memory numbers, ...) are skipped rather
     than drawn empty. Raises ``FileNotFoundError`` when ``results_dir`` does not exist and ``ValueError`` when it
     holds no complete run, because an empty figure set would otherwise look like a success.

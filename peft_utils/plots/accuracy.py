@@ -10,12 +10,12 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from peft_utils.formatting import format_paired_difference
+from peft_utils.methods import ordered_methods
 from peft_utils.plots.footnote import save_with_footnote
 from peft_utils.plots.selection import comparison_runs, methods_with, rows_of_runs
 from peft_utils.plots.style import (
     CHANCE_ACCURACY,
     METHOD_MARKERS,
-    in_display_order,
     method_color,
     method_label,
     new_figure,
@@ -45,7 +45,7 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
     fig = new_figure(9, 5.2)
     ax = fig.add_subplot()
     spans = []
-    for method in in_display_order(steps["method"]):
+    for method in ordered_methods(steps["method"]):
         curve = steps[steps["method"] == method].groupby("step")["loss"].mean().sort_index()
         color = method_color(method)
         ax.plot(curve.index, curve.to_numpy(), color=color, alpha=0.22, linewidth=0.8, zorder=1)
@@ -212,7 +212,7 @@ def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
     fig = new_figure(9, 5.2)
     ax = fig.add_subplot()
     several_seeds = False
-    for method in in_display_order(evals["method"]):
+    for method in ordered_methods(evals["method"]):
         sub = evals[evals["method"] == method]
         per_x = sub.groupby("_x")["accuracy"].agg(["mean", "min", "max", "count"]).sort_index()
         color = method_color(method)

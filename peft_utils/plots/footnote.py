@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from peft_utils.plots.style import DPI, distinct_texts, in_display_order, method_label
+from peft_utils.methods import QUANTIZED_METHODS, ordered_methods
+from peft_utils.plots.style import DPI, distinct_texts, method_label
 from peft_utils.stats import numeric_column, optional_column
 
 
@@ -44,7 +45,7 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     seeds = numeric_column(runs, "seed").dropna()
     if seeds.nunique() > 1:
         parts.append(f"seeds: {', '.join(str(int(s)) for s in sorted(seeds.unique()))}")
-    quantized = [method_label(m) for m in in_display_order(optional_column(runs, "method")) if m in ("qlora", "qdora")]
+    quantized = [method_label(m) for m in ordered_methods(optional_column(runs, "method")) if m in QUANTIZED_METHODS]
     if quantized:
         parts.append(f"{'/'.join(quantized)}: frozen base stored in 4-bit")
     lines = [" · ".join(parts)] if parts else []
@@ -59,7 +60,7 @@ def _compute_dtype_notes(runs: pd.DataFrame) -> tuple[str | None, str | None]:
     """(``"compute dtype: X"`` when all runs share one, a warning naming each method's dtype when they differ)."""
     dtypes = {m: distinct_texts(_dtype_name(v) for v in optional_column(runs[runs["method"] == m],
                                                                          "compute_dtype").dropna())
-              for m in in_display_order(optional_column(runs, "method"))}
+              for m in ordered_methods(optional_column(runs, "method"))}
     all_dtypes = distinct_texts(d for ds in dtypes.values() for d in ds)
     if len(all_dtypes) == 1:
         return f"compute dtype: {all_dtypes[0]}", None

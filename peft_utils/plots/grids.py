@@ -12,13 +12,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullLocator, PercentFormatter
 
 from peft_utils.formatting import format_count
+from peft_utils.methods import ordered_methods
 from peft_utils.plots.footnote import save_with_footnote
 from peft_utils.plots.selection import comparison_runs, method_summary, sweep_runs
 from peft_utils.plots.style import (
     METHOD_COLORS,
     METHOD_MARKERS,
     distinct_texts,
-    in_display_order,
     label_bars,
     method_color,
     method_label,
@@ -27,8 +27,9 @@ from peft_utils.plots.style import (
     style_axes,
     tick_formatter,
 )
-from peft_utils.stats import learning_rate_scores, numeric_column, optional_column, runs_in_group
+from peft_utils.stats import numeric_column, optional_column, runs_in_group
 from peft_utils.store import TUNE_GROUP, Results
+from peft_utils.tuning import learning_rate_scores
 
 
 def _rows_label(sizes: set[int]) -> str:
@@ -136,9 +137,10 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
     """``lr_tuning.png``: held-out accuracy vs learning rate per method, each method's chosen rate marked.
 
     The tuning runs (group ``"tune"``) are scored on a held-out slice of the train split, never on dev, so the
-    rate is chosen without looking at the reported split; the chooser is :func:`peft_utils.stats.choose_learning_rates`,
-    the same function the training side calls. Why plot the whole grid: a chosen rate at the grid's edge, or a flat
-    curve, says the grid (not the method) decided. ``None`` when there is no tuning run.
+    rate is chosen without looking at the reported split; the chosen rates are those of
+    :func:`peft_utils.tuning.choose_learning_rates`, the function the training side calls. Why plot the whole grid: a
+    chosen rate at the grid's edge, or a flat curve, says the grid (not the method) decided. ``None`` when there is
+    no tuning run.
     """
     tune = runs_in_group(results.runs, TUNE_GROUP)
     if tune.empty:
@@ -148,9 +150,25 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
         return None
     fig = new_figure(9.5, 5.2)
     ax = fig.add_subplot()
-    accuracy = numeric_column(tune, "final_accuracy") * 100
     several_seeds = (scores["n_seeds"] > 1).any()
-    methods = in_display_order(scores["method"])
+    _draw_lr_curves(ax, tune, scores, several_seeds)
+    _style_lr_axes(ax, tune, scores)
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], linestyle="none", marker="o", markersize=12, markerfacecolor="none",
+                          markeredgecolor="#444444"))
+    labels.append("chosen rate")
+    fig.legend(handles, labels, loc="outside right upper", frameon=False)
+    notes = ["Chosen: highest held-out accuracy (ties: lower held-out loss, then the smaller rate). The dev split "
+             "is never used for the choice."]
+    if several_seeds:
+        notes.append("Lines: mean over seeds; faint dots: single seeds.")
+    return save_with_footnote(fig, png_path(out_dir, "lr_tuning.png"), tune, notes)
+
+
+def _draw_lr_curves(ax, tune: pd.DataFrame, scores: pd.DataFrame, several_seeds: bool) -> None:
+    """Per method: mean held-out accuracy per rate (single seeds as faint dots when there are several)."""
+    accuracy = numeric_column(tune, "final_accuracy") * 100
+    methods = ordered_methods(scores["method"])
     labelled: dict[float, int] = {}  # chosen rate -> labels already drawn there (stacked, not overprinted)
     for i, method in enumerate(methods):
         # Methods sharing a grid are nudged sideways (in log space) so coinciding curves stay visible.
@@ -163,14 +181,23 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
                        zorder=2)
         ax.plot(grid["lr"], grid["accuracy"] * 100, color=color, marker=METHOD_MARKERS.get(method, "o"),
                 markersize=6, linewidth=2, zorder=3, label=method_label(method))
-        chosen = grid[grid["chosen"]].iloc[0]
-        ax.scatter(chosen["lr"], chosen["accuracy"] * 100, s=260, facecolor="none", edgecolor=color, linewidth=2.2,
-                   zorder=4)
-        rate = float(chosen["lr"] / nudge)
-        stacked = labelled[rate] = labelled.get(rate, -1) + 1
-        ax.annotate(f"{rate:.0e}", (chosen["lr"], chosen["accuracy"] * 100), xytext=(0, 12 + 11 * stacked),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=8.5, color=color,
-                    fontweight="bold")
+        _mark_chosen_rate(ax, grid[grid["chosen"]].iloc[0], nudge, color, labelled)
+
+
+def _mark_chosen_rate(ax, chosen: pd.Series, nudge: float, color: str, labelled: dict[float, int]) -> None:
+    """Circle a method's chosen rate and write the rate above it; labels of methods that chose the same rate are
+    stacked (``labelled`` counts those already drawn per rate) instead of printed over each other."""
+    ax.scatter(chosen["lr"], chosen["accuracy"] * 100, s=260, facecolor="none", edgecolor=color, linewidth=2.2,
+               zorder=4)
+    rate = float(chosen["lr"] / nudge)
+    stacked = labelled[rate] = labelled.get(rate, -1) + 1
+    ax.annotate(f"{rate:.0e}", (chosen["lr"], chosen["accuracy"] * 100), xytext=(0, 12 + 11 * stacked),
+                textcoords="offset points", ha="center", va="bottom", fontsize=8.5, color=color,
+                fontweight="bold")
+
+
+def _style_lr_axes(ax, tune: pd.DataFrame, scores: pd.DataFrame) -> None:
+    """Log rate axis ticked at the grid's rates; accuracy axis fitted to the scores; titles and grid."""
     ax.set_xscale("log")
     lrs = np.sort(scores["lr"].unique())
     ax.set_xticks(lrs, [f"{lr:.0e}" for lr in lrs], rotation=45 if len(lrs) > 6 else 0)
@@ -185,13 +212,3 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
     ax.set_ylabel(f"held-out accuracy ({split})")
     ax.set_title("Learning-rate tuning: accuracy on a held-out slice of the train split", fontsize=12, loc="left")
     style_axes(ax, "both")
-    handles, labels = ax.get_legend_handles_labels()
-    handles.append(Line2D([], [], linestyle="none", marker="o", markersize=12, markerfacecolor="none",
-                          markeredgecolor="#444444"))
-    labels.append("chosen rate")
-    fig.legend(handles, labels, loc="outside right upper", frameon=False)
-    notes = ["Chosen: highest held-out accuracy (ties: lower held-out loss, then the smaller rate). The dev split "
-             "is never used for the choice."]
-    if several_seeds:
-        notes.append("Lines: mean over seeds; faint dots: single seeds.")
-    return save_with_footnote(fig, png_path(out_dir, "lr_tuning.png"), tune, notes)

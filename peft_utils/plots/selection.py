@@ -5,13 +5,13 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-from peft_utils.plots.style import in_display_order
+from peft_utils.methods import ordered_methods
 from peft_utils.stats import optional_column, per_method_summary, runs_in_group
 from peft_utils.store import COMPARISON_GROUP, SWEEP_GROUP
 
 
 def comparison_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs that belong to the method comparison (group ``"comparison"``, or none in older records)."""
+    """Runs that belong to the method comparison (group ``"comparison"``)."""
     return runs_in_group(runs, COMPARISON_GROUP)
 
 
@@ -29,7 +29,7 @@ def rows_of_runs(frame: pd.DataFrame, run_ids: Iterable[str]) -> pd.DataFrame:
 
 def method_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """:func:`~peft_utils.stats.per_method_summary` of ``runs``, methods in display order."""
-    return per_method_summary(runs, in_display_order(optional_column(runs, "method")))
+    return per_method_summary(runs, ordered_methods(optional_column(runs, "method")))
 
 
 def methods_with(runs: pd.DataFrame, column: str) -> pd.DataFrame:

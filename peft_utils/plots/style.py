@@ -27,7 +27,7 @@ METHOD_COLORS: dict[str, str] = {
 }
 # Markers as a second cue where lines can coincide (and for greyscale print).
 METHOD_MARKERS: dict[str, str] = {"full": "o", "lora": "s", "dora": "D", "qlora": "^", "qdora": "v"}
-_EXTRA_COLORS = ("#56B4E9", "#8C6D31", "#7F7F7F", "#000000")  # for methods added later
+_EXTRA_COLORS = ("#56B4E9", "#8C6D31", "#7F7F7F", "#000000")  # for methods outside METHOD_COLORS
 REFERENCE_GREY = "#8A8A8A"
 DPI = 150
 CHANCE_ACCURACY = 0.5  # SST-2 is binary and roughly balanced
@@ -43,13 +43,6 @@ def method_color(method: str) -> str:
     if method in METHOD_COLORS:
         return METHOD_COLORS[method]
     return _EXTRA_COLORS[sum(map(ord, str(method))) % len(_EXTRA_COLORS)]
-
-
-def in_display_order(methods: Iterable[object]) -> list[str]:
-    """The distinct methods among ``methods``: known ones in :data:`METHOD_ORDER`, then others alphabetically."""
-    present = set(distinct_texts(methods))
-    known = [m for m in METHOD_ORDER if m in present]
-    return known + sorted(present - set(known))
 
 
 def distinct_texts(values: Iterable[object]) -> list[str]:

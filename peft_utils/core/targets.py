@@ -18,26 +18,19 @@ added to transformers later works as soon as its attention class follows the con
 
 Default targets (``targets=None``): the ``attn`` preset, which is peft's per-architecture default for every family
 peft lists except where peft adds more (``PEFT_EXTRA_DEFAULTS``); the tests check the equality against peft's
-mapping. The older GPT-2/BERT preset names (``LEGACY_PRESETS``) keep their fixed suffix lists.
+mapping.
 """
 from __future__ import annotations
 
 import re
 from typing import Callable, Sequence
 
+import torch
 from torch import nn
 
-from .adapters import is_supported_base
+from .layers import is_supported_base
 
 MODEL_PRESETS = ("attn", "attn-all", "all-linear")
-# Fixed suffix lists from before the model-resolved presets; GPT-2's c_proj exists in both attention and MLP, so
-# "gpt2-all" names both. On their families: gpt2-attn == attn, gpt2-all == all-linear, bert-qv == attn.
-LEGACY_PRESETS: dict[str, tuple[str, ...]] = {
-    "gpt2-attn": ("c_attn",),
-    "gpt2-all": ("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    "bert-qv": ("query", "value"),
-    "bert-all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-}
 # Last name component of a query or value projection, and of a fused query-key-value projection.
 QUERY_VALUE_NAMES = frozenset({"q_proj", "v_proj", "query", "value", "q_lin", "v_lin", "query_proj", "value_proj", "q", "v"})
 FUSED_QKV_NAMES = frozenset({"c_attn", "query_key_value", "qkv_proj", "Wqkv", "in_proj", "qkv", "W_pack"})
@@ -50,6 +43,7 @@ DEFAULT_KEEP_TRAINABLE = ("score", "classifier")
 # pre_classifier; DeBERTa-v2/v3 checkpoints ship no pooler), so they start random and must train too. BERT's and
 # RoBERTa's poolers are pretrained and stay frozen.
 NEW_HEAD_LAYERS: dict[str, tuple[str, ...]] = {"distilbert": ("pre_classifier",), "deberta-v2": ("pooler",)}
+
 
 def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", "") or ""
@@ -106,7 +100,7 @@ def preset_layers(model: nn.Module, preset: str) -> list[str]:
                 "pass targets='attn-all' or their names"
             )
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {MODEL_PRESETS + tuple(LEGACY_PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; choose one of {MODEL_PRESETS}")
     if not layers:
         raise ValueError(
             f"preset {preset!r} found no layer in {type(model).__name__}: no linear layer"
@@ -141,16 +135,16 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str] | None) -> st
     if targets is None:
         return default_targets(model)
     if isinstance(targets, str):
-        if targets in LEGACY_PRESETS:
-            return LEGACY_PRESETS[targets]
         if targets in MODEL_PRESETS:
             return shortest_suffixes(model, preset_layers(model, targets))
         return targets
     return tuple(targets)
 
 
-__all__ = [
-    "MODEL_PRESETS", "LEGACY_PRESETS", "DEFAULT_KEEP_TRAINABLE", "NEW_HEAD_LAYERS", "PEFT_EXTRA_DEFAULTS",
-    "default_keep_trainable", "default_targets", "name_matcher", "preset_layers", "resolve_targets",
-    "shortest_suffixes",
-]
+def meta_skeleton(model_config) -> nn.Module:
+    """The sequence-classification model of ``model_config`` on the meta device: its layer names and types, with no
+    weight read or allocated (cheap even for a 7B model), so targets can be checked before anything loads."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(model_config)

@@ -1,26 +1,24 @@
-"""Put adapters into a model: find target layers, wrap them, freeze the rest; count, merge and unmerge them.
+"""The injection walker: find the target layers, wrap each in a LoRA or DoRA layer, freeze everything else.
 
 Targets are matched on module names, so one walker serves GPT-2 (``Conv1D``), encoders and decoders
-(``nn.Linear``) and 4-bit models (bitsandbytes ``Linear4bit``); which names, per family and preset, is ``targets.py``.
-Saving and loading live in :mod:`.checkpoints`.
+(``nn.Linear``) and 4-bit models (bitsandbytes ``Linear4bit``); which names, per family and preset, is
+:mod:`.targets`. Also here: counting parameters, and merging / unmerging every adapter of a model.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from torch import nn
 
-from .adapters import DoRALayer, LoRALayer, check_rank, is_supported_base, logical_numel
-from .methods import ADAPTER_KINDS
-from .targets import LEGACY_PRESETS, default_keep_trainable, model_type, name_matcher, resolve_targets
+from .layers import ADAPTER_LAYERS, LoRALayer, is_linear4bit, is_supported_base
+from .quant import logical_numel, pin_4bit_layout
+from .targets import default_keep_trainable, model_type, name_matcher, resolve_targets
 
-# The fixed GPT-2/BERT suffix lists, importable here as before; model-resolved presets live in targets.py.
-TARGET_PRESETS = LEGACY_PRESETS
 
 @dataclass
-class AdapterConfig:
-    """What was injected, stored on the model and next to saved weights so loading can rebuild it."""
+class InjectedAdapters:
+    """What ``apply_adapters`` put into a model, kept at ``model.injected_adapters`` so saving can describe it."""
 
     method: str
     rank: int
@@ -86,32 +84,31 @@ def apply_adapters(
 ) -> nn.Module:
     """Wrap every target layer of ``model`` in a LoRA or DoRA layer (in place) and freeze everything else.
 
-    ``targets``: module-name suffixes, a regex, a preset (``attn``, ``attn-all``, ``all-linear`` or a legacy GPT-2/BERT
-    name) or None for the family's default (query and value; see ``targets.default_targets``).
-    ``keep_trainable``: module-name suffixes whose parameters stay trainable (default: the classification head,
-    ``score`` or ``classifier``, plus layers the family's head adds that checkpoints lack — a new head is random and
-    must learn; see ``targets.default_keep_trainable``).
-    Returns the model, with its ``AdapterConfig`` at ``model.adapter_config``.
+    ``targets``: module-name suffixes, a regex, a preset (``attn``, ``attn-all``, ``all-linear``) or None for the
+    family's default (query and value; see ``targets.default_targets``). ``keep_trainable``: module-name suffixes
+    whose parameters stay trainable (default: the classification head, ``score`` or ``classifier``, plus layers
+    the family's head adds that checkpoints lack — a new head is random and must learn).
+    Returns the model, with its :class:`InjectedAdapters` at ``model.injected_adapters``.
     """
-    if method not in ADAPTER_KINDS:
-        raise ValueError(f"unknown adapter method {method!r}; choose one of {ADAPTER_KINDS}")
-    check_rank(rank)
+    if method not in ADAPTER_LAYERS:
+        raise ValueError(f"unknown adapter method {method!r}; choose one of {tuple(ADAPTER_LAYERS)}")
+    LoRALayer.check_settings(rank, alpha, dropout)  # before the model changes
     if any(True for _ in adapter_layers(model)):
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
     requested = resolve_targets(model, targets)
     chosen = select_targets(model, requested)
     model.requires_grad_(False)
     for name, module in chosen:
-        if method == "lora":
-            layer = LoRALayer(module, rank, alpha, dropout, use_rslora)
-        else:
-            layer = DoRALayer(module, rank, alpha, dropout, use_rslora, detach_norm)
+        if is_linear4bit(module):
+            pin_4bit_layout(module)
+        options = {"detach_norm": detach_norm} if method == "dora" else {}
+        layer = ADAPTER_LAYERS[method](module, rank, alpha, dropout, use_rslora, **options)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer)
-
     kept = _keep_trainable(model, keep_trainable)
-    model.adapter_config = AdapterConfig(
-        method, rank, alpha, dropout, use_rslora, detach_norm, [n for n, _ in chosen], kept, requested if isinstance(requested, str) else list(requested)
+    patterns = requested if isinstance(requested, str) else list(requested)
+    model.injected_adapters = InjectedAdapters(
+        method, rank, alpha, dropout, use_rslora, detach_norm, [n for n, _ in chosen], kept, patterns
     )
     return model
 
@@ -150,9 +147,3 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     for _, layer in adapter_layers(model):
         layer.unmerge()
     return model
-
-
-__all__ = [
-    "TARGET_PRESETS", "AdapterConfig", "ParameterCount", "apply_adapters", "select_targets", "count_parameters",
-    "merge_adapters", "unmerge_adapters",
-]

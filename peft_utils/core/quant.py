@@ -1,0 +1,165 @@
+"""QLoRA's frozen base: linear layers stored in 4-bit NormalFloat (NF4) by bitsandbytes, adapters trained on top.
+
+Loading goes through transformers' ``BitsAndBytesConfig``: every ``nn.Linear`` / GPT-2 ``Conv1D`` outside the
+classification head and the embeddings becomes a bitsandbytes ``Linear4bit`` whose packed weight encodes the
+(out, in) matrix (transformers transposes ``Conv1D`` weights before quantising), so the LoRA / DoRA layers wrap
+it like any ``nn.Linear``. Each block of 64 weights keeps 4-bit codes and one scale; double quantisation stores
+the scales in 8 bits too (about 4.13 bits per weight). The un-quantised share (embeddings, layer norms, biases,
+head) stays float32; ``compute_dtype`` is the dtype of the 4-bit matmuls only.
+
+4-bit on CPU: bitsandbytes >= 0.48 ships a CPU backend, and transformers' 4-bit quantizer accepts
+``device_map={"": "cpu"}``. One CPU-specific trap is switched off here (:func:`pin_4bit_layout`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layers import LoRALayer, is_conv1d, is_linear4bit
+from .loop import enable_gradient_checkpointing
+from .targets import DEFAULT_KEEP_TRAINABLE, default_keep_trainable, meta_skeleton
+
+BITSANDBYTES_PIN = "bitsandbytes==0.50.2"
+QUANT_TYPES = ("nf4", "fp4")
+# Never quantised: classification heads (``score``, ``classifier``; plus a family's new head layers, see
+# ``targets.default_keep_trainable``) and embeddings. transformers matches these as module-name prefixes or
+# suffixes; embeddings are not linear layers, listed to be explicit.
+SKIP_MODULES = DEFAULT_KEEP_TRAINABLE + ("wte", "wpe", "embeddings", "lm_head")
+
+
+def require_bitsandbytes():
+    """Import bitsandbytes, or raise an ImportError that says how to install it (missing or failing to load)."""
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401  (loads the native library)
+    except ModuleNotFoundError as error:
+        raise ImportError(f"4-bit models need bitsandbytes, which is not installed: pip install {BITSANDBYTES_PIN}") from error
+    except Exception as error:  # a broken install or native library: ImportError, OSError, RuntimeError...
+        raise ImportError(
+            f"4-bit models need bitsandbytes, which failed to load ({type(error).__name__}: {error}); "
+            f"reinstall it: pip install {BITSANDBYTES_PIN}"
+        ) from error
+    return bitsandbytes
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A bitsandbytes packed 4-bit weight: its storage is not its shape (see ``logical_numel``)."""
+    return getattr(tensor, "quant_state", None) is not None
+
+
+def logical_numel(tensor: torch.Tensor) -> int:
+    """Element count of the weight a tensor encodes: a packed 4-bit weight counts as the matrix it stands for."""
+    return int(torch.Size(tensor.quant_state.shape).numel()) if is_quantized(tensor) else tensor.numel()
+
+
+def pin_4bit_layout(layer: nn.Module) -> None:
+    """Keep a bnb ``Linear4bit`` in its standard packed layout, with a differentiable forward in its compute dtype.
+
+    bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks the weight *in place* at the first eval-mode forward without
+    gradients (an inference-only layout: nested absmax expanded to bf16, bf16 matmul). Afterwards
+    ``dequantize_4bit`` returns wrong values, evaluation no longer computes what training does, and a later
+    training forward fails. Turning that switch off keeps training, evaluation and DoRA's norm on the same weights.
+    """
+    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "this 4-bit layer was already repacked by bitsandbytes for CPU bf16 inference (an eval-mode forward ran "
+            "before adapters were added); load the model with load_4bit, which keeps the standard layout"
+        )
+    layer.support_avx512bf16_for_cpu = False
+
+
+def quantizable_layers(model_config, skip: list[str]) -> list[str]:
+    """Names of the layers transformers would turn into ``Linear4bit``, found on a weightless (meta) copy."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skeleton = meta_skeleton(model_config)
+    return [
+        name for name, module in skeleton.named_modules()
+        if (type(module) is nn.Linear or is_conv1d(module)) and should_convert_module(name, skip)
+    ]
+
+
+def load_4bit(
+    source: str | Path,
+    num_labels: int = 2,
+    compute_dtype: torch.dtype = torch.float32,
+    double_quant: bool = True,
+    quant_type: str = "nf4",
+    device_map: dict | str | None = None,
+    skip_modules: tuple[str, ...] = (),
+    from_pretrained: Callable | None = None,
+) -> nn.Module:
+    """A sequence classifier from ``source`` (a folder or hub id) with its linear layers in 4-bit.
+
+    ``device_map``: default the current CUDA device, else ``{"": "cpu"}``. ``skip_modules``: more layers to keep
+    un-quantised, besides the head and embeddings. ``from_pretrained``: how to load (default
+    ``AutoModelForSequenceClassification.from_pretrained``). Then call :func:`prepare_for_kbit_training` and
+    ``apply_adapters``.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {QUANT_TYPES}")
+    require_bitsandbytes()
+    if device_map is None:
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+    skip = list(dict.fromkeys(SKIP_MODULES + default_keep_trainable(config.model_type) + tuple(skip_modules)))
+    if not quantizable_layers(config, skip):
+        raise ValueError(f"{source!s} has no layer to quantise to 4-bit (no nn.Linear / Conv1D outside {skip})")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip,
+    )
+    load = from_pretrained or AutoModelForSequenceClassification.from_pretrained
+    # float32 for the un-quantised share: the exact pretrained values, no bf16 round trip.
+    model = load(source, num_labels=num_labels, quantization_config=quantization, device_map=device_map,
+                 dtype=torch.float32)
+    layers = [module for module in model.modules() if is_linear4bit(module)]
+    if not layers:
+        raise ValueError(f"{source!s}: transformers quantised no layer; nothing is 4-bit")
+    for layer in layers:
+        pin_4bit_layout(layer)
+    return model
+
+
+def _trained_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters an ``apply_adapters`` call made trainable (adapter tensors and kept modules), if any."""
+    keep: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, LoRALayer):
+            keep.update(id(p) for n, p in module.named_parameters() if not n.startswith("base."))
+    injected = getattr(model, "injected_adapters", None)
+    for name in getattr(injected, "keep_trainable", []):
+        keep.update(id(p) for p in model.get_submodule(name).parameters())
+    return keep
+
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
+    """Get a 4-bit model ready for adapter training, without touching its packed weights.
+
+    - freezes the base (adapter tensors and modules kept trainable by an earlier ``apply_adapters`` stay as they are);
+    - casts every *un-quantised* floating parameter still in fp16/bf16 — layer norms, head, embeddings, biases — to
+      float32 (as peft does, so the residual stream stays float32), skipping bitsandbytes' packed weights, which a
+      blanket ``model.float()`` could upcast when the packed storage is a float;
+    - with ``gradient_checkpointing``: turns it on and makes the embedding output require grad, so that a
+      checkpointed block also back-propagates into adapters when every base weight is frozen (as peft does).
+    """
+    keep = _trained_parameter_ids(model)
+    for parameter in model.parameters():
+        if id(parameter) not in keep:
+            parameter.requires_grad_(False)
+        if is_quantized(parameter) or not parameter.is_floating_point():
+            continue
+        if parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+    for module in model.modules():
+        if is_linear4bit(module):
+            pin_4bit_layout(module)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+        model.enable_input_require_grads()
+    return model

@@ -1,0 +1,57 @@
+"""The package's shape, as the README's "How it is built" describes it: a core that stands on its own, and functions
+short enough to read."""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "peft_utils"
+CORE = PACKAGE / "core"
+# What the core may import besides itself: the standard library and the libraries it is written on.
+CORE_DEPENDENCIES = {"torch", "transformers", "bitsandbytes", "accelerate", "numpy", "pandas"}
+LONGEST_FUNCTION = 60
+
+
+def _imports(path: Path) -> list[tuple[int, str, int]]:
+    """(line, module, relative level) of every import statement in ``path``, nested ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, 0) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, node.module or "", node.level))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(CORE.glob("*.py")), ids=lambda p: p.name)
+def test_the_core_imports_nothing_from_the_lab(path):
+    for line, module, level in _imports(path):
+        where = f"{path.relative_to(PACKAGE.parent)}:{line}"
+        assert level <= 1, f"{where} imports from outside peft_utils.core (level {level}: {module})"
+        if level == 0:
+            top = module.split(".")[0]
+            assert top != "peft_utils", f"{where} imports {module}: the core must not import the lab"
+            assert top in CORE_DEPENDENCIES or top in sys.stdlib_module_names, f"{where} imports {module}"
+
+
+def test_the_import_check_can_fail(tmp_path):
+    """The check above reads real imports: a lab import, relative or absolute, is found."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from ..store import RunStore\nimport peft_utils.config\n", encoding="utf-8")
+    assert sorted((module, level) for _, module, level in _imports(sample)) == [("peft_utils.config", 0), ("store", 2)]
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.lineno, node.end_lineno - node.lineno + 1
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_function_is_longer_than_a_screen(path):
+    long = [f"{name} (line {line}: {length} lines)" for name, line, length in _functions(path)
+            if length > LONGEST_FUNCTION]
+    assert not long, f"{path.relative_to(PACKAGE.parent)}: {', '.join(long)}"
