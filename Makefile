@@ -30,7 +30,7 @@ IMGS ?= $(if $(filter smoke,$(PROFILE)),results/smoke/imgs,imgs)
 LAB_ARGS ?=
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: run lab test bench clean
+.PHONY: run lab test bench gpu-check clean
 
 $(IPYTHONDIR):
 	mkdir -p $@
@@ -59,6 +59,14 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/step_time.py --quick
+
+# One command for a GPU at hand (at most 8 minutes): smoke comparison in bf16 and fp16, GPT-2 Large steps against
+# the memory planner, ours vs peft step time, full fine-tuning's fraction of peak -> bench/GPU.md, bench/gpu_check.csv.
+# `make gpu-check GPU_CHECK_ARGS="--device cpu --quick"` runs the same parts on a CPU in about a minute.
+GPU_CHECK_ARGS ?=
+gpu-check: export HF_HUB_OFFLINE := 1
+gpu-check: $(VENV)/.installed
+	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache results peft.out.ipynb peft.out.html

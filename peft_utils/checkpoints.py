@@ -11,14 +11,21 @@ The weight file is also the record of the layers an adapter was trained on (name
 width, B the output width), so loading checks every layer against it before changing the model.
 
 ``export_merged`` folds the adapters into a plain transformers checkpoint; a 4-bit base is dequantised and merged
-in the adapters' float32, then saved in 16/32-bit (re-quantising would round the update away).
+in the adapters' float32, then saved in 16/32-bit (re-quantising would round the update away). It writes a new or
+empty folder, or replaces one whole when asked to, never beside files already there.
+
+A damaged file (a truncated ``adapter_model.safetensors``, an ``adapter_config.json`` that is not JSON) is a
+``ValueError`` naming it, not the parser's error without the path.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
-from collections.abc import Sequence
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,8 +177,32 @@ class _SavedAdapter:
     modules: dict[str, torch.Tensor]  # kept-trainable tensors, by model state name ("score.weight")
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a damaged file is a ``ValueError`` naming it (json's own error names no file)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}): the file is damaged; save it again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or damaged safetensors file, naming it: reads only the header, which records every
+    tensor's place in the file, so a file cut short is caught without loading it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            file.keys()
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error}): truncated or damaged; "
+                         "save it again") from None
+
+
 def _read_config(path: Path) -> dict:
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json(path)
     if "peft_type" not in config:
         raise ValueError(f"{path}: no peft_type: not a peft adapter config")
     refusals = [f"peft_type={config['peft_type']!r} (only 'LORA')"] if config["peft_type"] != "LORA" else []
@@ -185,9 +216,19 @@ def _read_config(path: Path) -> dict:
     targets = config.get("target_modules")
     if not targets or targets == "all-linear":
         refusals.append(f"target_modules={targets!r} (name the layers: a list of name suffixes or a regex)")
+    elif isinstance(targets, str) and not _compiles(targets):
+        refusals.append(f"target_modules={targets!r} (not a valid regular expression)")
     if refusals:
         raise ValueError(f"{path}: cannot load with peft_utils' LoRA/DoRA layers: {refusals[0]}")
     return config
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 def _read_adapter(folder: Path) -> _SavedAdapter:
@@ -198,6 +239,7 @@ def _read_adapter(folder: Path) -> _SavedAdapter:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: expected a peft LoRA adapter folder (safetensors weights)")
     config = _read_config(config_path)
+    check_safetensors(weights_path)
     method = "dora" if config.get("use_dora", False) else "lora"
     rank, layers, modules = int(config.get("r", 8)), {}, {}
     suffixes = {suffix: attribute for attribute, suffix in ADAPTER_KEYS.items()}
@@ -286,7 +328,9 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     _check_fits(model, saved)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
-        apply_adapters(model, saved.method, saved.targets, saved.rank, saved.alpha, saved.dropout, saved.keep,
+        # a string target_modules is a regex in peft (re.fullmatch), whatever it looks like
+        targets = re.compile(saved.targets) if isinstance(saved.targets, str) else saved.targets
+        apply_adapters(model, saved.method, targets, saved.rank, saved.alpha, saved.dropout, saved.keep,
                        saved.use_rslora)
         with torch.no_grad():
             for name, tensors in saved.layers.items():
@@ -366,7 +410,7 @@ def _logits(model: nn.Module, tokenizer, texts: Sequence[str]) -> torch.Tensor:
 
 def export_merged(
     model: nn.Module, tokenizer, folder: str | Path, dtype: torch.dtype = torch.float32,
-    check_texts: Sequence[str] = PROBE_TEXTS,
+    check_texts: Sequence[str] = PROBE_TEXTS, overwrite: bool = False,
 ) -> MergedExport:
     """Write ``model`` with its adapters folded in as a plain ``save_pretrained`` checkpoint plus its tokenizer.
 
@@ -374,11 +418,17 @@ def export_merged(
     load it; no peft or peft_utils needed. A 4-bit base is dequantised and merged in float32 (peft's documented
     recipe), then saved in ``dtype``. The model itself is left as it was. Returns the folder, the bytes of weights
     and config, and the largest logit difference to the unmerged model on ``check_texts``.
+
+    A folder that already holds files is refused: an adapter left beside the export would be what
+    ``from_pretrained`` and ``predict`` load. ``overwrite=True`` replaces it whole, atomically (see
+    :func:`_write_atomically`).
     """
     from transformers import AutoModelForSequenceClassification
 
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    folder = Path(folder)
+    _check_export_folder(folder, overwrite)
     state, out_in = {}, set()
     _dense_state(model, "", state, out_in)
     config = copy.deepcopy(model.config)
@@ -390,12 +440,50 @@ def export_merged(
         if is_conv1d(plain.get_submodule(key.rpartition(".")[0])):
             state[key] = state[key].T  # GPT-2's Conv1D stores (in, out)
     plain.load_state_dict({key: tensor.to("cpu", dtype) for key, tensor in state.items()}, strict=True)
-    folder = Path(folder)
-    plain.save_pretrained(folder)
+
+    def write(staging: Path) -> None:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    _write_atomically(folder, write)
     written = ["config.json"] + [p.name for p in folder.glob("model*.safetensors*")]
-    tokenizer.save_pretrained(folder)
     difference = (_logits(plain, tokenizer, check_texts) - _logits(model, tokenizer, check_texts)).abs().max().item()
     return MergedExport(folder, _file_bytes(folder, written), difference)
+
+
+def _check_export_folder(folder: Path, overwrite: bool) -> None:
+    """Before any work: the export goes into a new or empty folder, or replaces one when asked to."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot export to {folder}: it is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise ValueError(f"cannot export to {folder}: the folder is not empty; choose a new folder, "
+                         "or pass overwrite=True to replace it")
+
+
+def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
+    """``write`` into a new folder beside ``folder``, then swap it in.
+
+    A reader never sees a half-written checkpoint or one mixed with the old files, and a failure while writing
+    leaves ``folder`` as it was. The swap is two renames (Linux cannot rename a folder over a non-empty one): the
+    old folder moves aside, the new one takes its name, and only then is the old one deleted.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging, aside = (folder.parent / f".{folder.name}.{kind}-{uuid.uuid4().hex[:8]}" for kind in ("new", "old"))
+    staging.mkdir()
+    try:
+        write(staging)
+        if folder.is_dir() and any(folder.iterdir()):
+            os.replace(folder, aside)
+            try:
+                os.replace(staging, folder)
+            except BaseException:
+                os.replace(aside, folder)
+                raise
+            shutil.rmtree(aside)
+        else:
+            os.replace(staging, folder)  # onto a missing or empty folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 __all__ = [

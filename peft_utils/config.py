@@ -30,6 +30,7 @@ ALL_ROWS = "all"  # spelling of "every row of the split" (None already means "ke
 TUNE = "tune"  # lr="tune": each method's rate is chosen from its lr_grid on held-out train rows
 PROFILE_NAMES = ("full", "cpu", "smoke")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -129,13 +130,20 @@ def check_rows(name: str, value: Any) -> int | None:
 
 
 def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
-    """``None`` (the model's default), one string (a preset or a regex) or a list of module-name suffixes."""
+    """``None`` (the model's default), a preset, a regex, or module-name suffixes, read as the core reads them
+    (``core.targets.parse_targets``): a regex that does not compile is refused here, before any model loads.
+
+    One suffix given as a string (``"c_attn"``) is recorded as a list of one, so ``--targets c_attn`` and
+    ``targets=["c_attn"]`` are the same setting in a run's identity."""
+    from .core.targets import parse_targets
+
     if value is None or isinstance(value, str) and value:
-        return value
+        parsed = parse_targets(value, name)
+        return parsed if isinstance(parsed, tuple) else value
     items = _as_list(name, value)
     if not all(isinstance(i, str) and i for i in items):
         raise ValueError(f"{name} must be a preset, a regex or a list of module names, got {value!r}")
-    return tuple(items)
+    return parse_targets(items, name)
 
 
 def _sentences(name: str, value: Any) -> tuple[str, ...]:
@@ -151,6 +159,12 @@ def _ranks(name: str, value: Any) -> tuple[int, ...]:
 
 def _ratios(name: str, value: Any) -> tuple[float, ...]:
     return _unique(name, [check_positive_number(name, r) for r in _as_list(name, value)])
+
+
+def _precision(name: str, value: Any) -> str:
+    if value not in PRECISIONS:
+        raise ValueError(f"{name} must be one of {PRECISIONS}, got {value!r}")
+    return value
 
 
 def _device(name: str, value: Any) -> str:
@@ -237,7 +251,9 @@ class TrainConfig:
     (each process computes ``batch_size / (processes x grad_accum_steps)`` rows at a time), so that a run means
     the same experiment on one CPU or eight GPUs.
     ``eval_every``: also evaluate every that many optimiser steps (``None``: only at the end of each epoch).
-    ``device``: ``"auto"`` picks CUDA when available. ``log_every``: steps averaged into one ``step`` event.
+    ``device``: ``"auto"`` picks CUDA when available. ``precision``: the autocast dtype (``"auto"``: bf16 on GPUs
+    with native bf16, fp16 with loss scaling on older GPUs, fp32 on CPU; see ``devices.compute_dtype_for``).
+    ``log_every``: steps averaged into one ``step`` event.
     ``eval_batch_size``: ``None`` uses ``2 * batch_size`` (no activations are kept for backward in evaluation).
     """
 
@@ -251,6 +267,7 @@ class TrainConfig:
     eval_every: int | None = None
     gradient_checkpointing: bool = False
     device: str = "auto"
+    precision: str = "auto"
     log_every: int = 10
     bucket_by_length: bool = False
     eval_batch_size: int | None = None
@@ -389,7 +406,7 @@ def _lr_grid_tokens(tokens: Sequence[str]) -> dict[str, list[float]]:
 
 
 def _targets_tokens(tokens: Sequence[str]) -> str | tuple[str, ...]:
-    """One token: a preset or regex, as in the notebook; several: module-name suffixes."""
+    """One token: a preset, a module-name suffix or a regex, as in the notebook; several: module-name suffixes."""
     return tokens[0] if len(tokens) == 1 else tuple(tokens)
 
 
@@ -455,6 +472,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "recompute activations in backward (less memory, more time)", _flag, _BOOL, notebook=False),
     Parameter("device", "train", "device", "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'", _device,
               notebook=False),
+    Parameter("precision", "train", "precision",
+              "'auto' (GPU: bf16, or fp16 + loss scaling before Ampere; CPU: fp32) | 'fp32' | 'bf16' | 'fp16'",
+              _precision, {"choices": PRECISIONS}),
     Parameter("log_every", "train", "log_every", "optimiser steps averaged into one logged loss",
               check_positive_int, {"type": int}, notebook=False),
     Parameter("bucket_by_length", "train", "bucket_by_length", "batch sentences of similar length (less padding)",

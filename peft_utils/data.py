@@ -1,42 +1,23 @@
-"""SST-2 loading, subsetting, tokenisation and batching: the same data pipeline for every fine-tuning method.
+"""SST-2: the strict loader, seeded subsets, the held-out and evaluation rows, and the dev labels.
 
-Every method (full, LoRA, DoRA, QLoRA) must see exactly the same rows in the same order for a given seed,
-otherwise accuracy differences could come from the data rather than the method. Hence: a strict TSV parser
-(a silently mis-parsed row would change the data set), seeded subsetting, and a seeded ``torch.Generator``
-behind every shuffle.
+Every method (full, LoRA, DoRA, QLoRA) must see exactly the same rows for a given seed, otherwise accuracy
+differences could come from the data rather than the method. Hence: a strict TSV parser (a silently mis-parsed
+row would change the data set) and seeded subsetting. Tokenising and batching are the core's
+(:mod:`peft_utils.core.batches`).
 """
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator, Sequence
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Sampler
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
 HEADER = ("sentence", "label")
 LABELS = {"0": 0, "1": 1}
-# Bucketing sorts by length inside windows of this many batches: wide enough to group similar lengths
-# (fewer pad tokens), narrow enough that the batch order stays well mixed across the epoch.
-BUCKET_WINDOW_BATCHES = 50
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _TRUTHY = {"1", "true", "yes", "on"}
-
-
-class EncodedRow(TypedDict):
-    """One tokenised example: unpadded token ids (padding is per batch, in :func:`collate`) and its label."""
-
-    input_ids: list[int]
-    label: int
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -127,10 +108,12 @@ def read_sst2_tsv(path: str | Path) -> pd.DataFrame:
 
     Quoting is off (sentences contain quotes and backticks) and every row is checked, because lenient
     parsers silently merge, drop or coerce malformed rows. Errors are ``ValueError`` naming the file and
-    the 1-based line number.
+    the 1-based line number. Windows line endings (CRLF, as spreadsheet programs save) read like Unix ones. A file
+    whose rows all carry one label is refused: a classifier trained on it learns a constant, and accuracy on it
+    cannot tell a model from a constant.
     """
     path = Path(path)
-    lines = _decoded_text(path).split("\n")
+    lines = [line.removesuffix("\r") for line in _decoded_text(path).split("\n")]
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last row
     if not lines:
@@ -139,7 +122,15 @@ def read_sst2_tsv(path: str | Path) -> pd.DataFrame:
     if len(lines) == 1:
         raise ValueError(f"{path}: line 1: header only, no data rows")
     sentences, labels = zip(*(_parse_row(path, number, line) for number, line in enumerate(lines[1:], start=2)))
+    _check_both_labels(path, labels)
     return pd.DataFrame({"sentence": list(sentences), "label": np.array(labels, dtype=np.int64)})
+
+
+def _check_both_labels(path: Path, labels: tuple[int, ...]) -> None:
+    present = sorted(set(labels))
+    if len(present) < len(LABELS):
+        raise ValueError(f"{path}: all {len(labels):,} rows have label {present[0]}: SST-2 needs rows of both "
+                         "labels (0 and 1)")
 
 
 def _decoded_text(path: Path) -> str:
@@ -238,101 +229,6 @@ def _balanced_positions(labels: np.ndarray, size: int | None, seed: int) -> np.n
     return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in classes])
 
 
-# ---------------------------------------------------------------------------------- tokenising, batching
-
-
-def encode(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[EncodedRow]:
-    """Tokenise every sentence once, truncated to ``max_length`` and unpadded.
-
-    Padding is left to :func:`collate` so each batch is padded only to its own longest row.
-    """
-    if max_length <= 0:
-        raise ValueError(f"max_length must be positive, got {max_length}")
-    ids = tokenizer(frame["sentence"].tolist(), truncation=True, max_length=max_length)["input_ids"]
-    return [{"input_ids": list(row), "label": int(label)} for row, label in zip(ids, frame["label"].tolist())]
-
-
-def collate(batch: Sequence[EncodedRow], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest row; returns long tensors ``input_ids``, ``attention_mask``, ``labels``.
-
-    Right padding matters for GPT-2: its classifier reads the last non-pad token (see ``configure_padding``).
-    """
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    if pad_token_id is None:
-        raise ValueError("pad_token_id is None: run models.configure_padding(tokenizer) first")
-    lengths = [len(row["input_ids"]) for row in batch]
-    width = max(lengths)
-    # One tensor from padded lists, the mask from the lengths: a batch costs a few tensor calls, not a few per row.
-    padded = [row["input_ids"] + [pad_token_id] * (width - length) for row, length in zip(batch, lengths)]
-    input_ids = torch.tensor(padded, dtype=torch.long)
-    attention_mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
-    labels = torch.tensor([row["label"] for row in batch], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-class LengthBucketBatchSampler(Sampler[list[int]]):
-    """Batches of similar length (fewer pad tokens) in a seeded random order.
-
-    Each epoch: shuffle the rows (if ``shuffle``), sort each window of ``BUCKET_WINDOW_BATCHES`` batches by
-    length, cut it into batches, then shuffle the batch order. The generator is advanced every epoch, like
-    ``DataLoader(shuffle=True, generator=...)``: epochs differ, yet the whole sequence repeats for a seed.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, generator: torch.Generator):
-        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        n = len(self.lengths)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        window = self.batch_size * BUCKET_WINDOW_BATCHES
-        batches = []
-        for chunk in order.split(window):
-            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
-            batches.extend(batch.tolist() for batch in chunk.split(self.batch_size))
-        if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
-        return iter(batches)
-
-
-def make_loader(
-    encoded: Sequence[EncodedRow],
-    batch_size: int,
-    pad_token_id: int,
-    shuffle: bool,
-    seed: int,
-    bucket_by_length: bool = False,
-    padded: bool = True,
-) -> DataLoader:
-    """A ``DataLoader`` whose order depends only on ``seed`` (a private ``torch.Generator``).
-
-    A private generator, not the global RNG, so model initialisation or dropout cannot shift the data order.
-    ``bucket_by_length`` groups similar lengths to cut padding (see :class:`LengthBucketBatchSampler`).
-    ``padded=False`` yields each batch as its list of rows, for a caller that splits it across processes and
-    accumulation steps before padding (see ``train``): every process then draws the same batches.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
-    collate_fn = partial(collate, pad_token_id=pad_token_id) if padded else list
-    if bucket_by_length:
-        lengths = [len(row["input_ids"]) for row in encoded]
-        sampler = LengthBucketBatchSampler(lengths, batch_size, shuffle, generator)
-        # generator= too: without it each iteration draws its base seed from the global RNG (shifting dropout).
-        return DataLoader(
-            encoded, batch_sampler=sampler, collate_fn=collate_fn, num_workers=0, generator=generator
-        )
-    return DataLoader(
-        encoded, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn, num_workers=0
-    )
-
-
 def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
     """``gpt2-tokenizer/`` of the shared data folder: in ``data_dir``, its parent, or ``$PEFT_LAB_DATA``.
 
@@ -353,30 +249,17 @@ def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
 # --------------------------------------------------------------------------------------------- dev labels
 
 
-def dev_labels(runs: pd.DataFrame, data_dir: str | Path | None = None) -> np.ndarray:
-    """The gold labels of the dev rows the comparison runs were scored on, in dev-file order.
+def dev_labels(eval_size: int, data_dir: str | Path | None = None) -> np.ndarray:
+    """The gold labels of the dev rows a run with ``eval_size`` evaluation rows was scored on, in dev-file order.
 
     Why they are read from the data and not the records: a record keeps what the model predicted, not the truth.
-    The rows are chosen exactly as the experiment chose them (all of dev, or the seeded subset of ``eval_size``
-    rows, :func:`eval_rows`), and :func:`~peft_utils.stats.seed_correctness` then checks that these labels reproduce
-    every run's recorded accuracy. ``data_dir``: the SST-2 folder or its parent; by default ``SST2_DIR`` /
-    ``PEFT_LAB_DATA`` (never a download). A one-line ``ValueError`` / ``OSError`` says why when they cannot be had.
+    The rows are chosen exactly as the experiment chose them (all of dev, or the seeded subset,
+    :func:`eval_rows`). ``data_dir``: the SST-2 folder or its parent; by default ``SST2_DIR`` / ``PEFT_LAB_DATA``
+    (never a download). A one-line ``ValueError`` / ``OSError`` says why when they cannot be had.
     """
-    from .stats import numeric_column, optional_column, runs_in_group
-    from .store import COMPARISON_GROUP
-
-    comparison = runs_in_group(runs, COMPARISON_GROUP)
-    if comparison.empty:
-        raise ValueError("no comparison run to take dev labels for")
-    splits = {str(s) for s in optional_column(comparison, "eval_split").dropna()} - {"dev"}
-    if splits:
-        raise ValueError(f"comparison runs scored on {', '.join(sorted(splits))}, not on the dev split")
-    sizes = numeric_column(comparison, "eval_size").fillna(numeric_column(comparison, "n_eval")).dropna().unique()
-    if len(sizes) != 1:
-        raise ValueError(f"the comparison runs do not share one eval_size (found {sorted(sizes.tolist())})")
     if data_dir is None and not (os.environ.get("SST2_DIR") or os.environ.get("PEFT_LAB_DATA")):
         raise ValueError("no SST-2 folder for the dev labels: pass data_dir or set PEFT_LAB_DATA")
     dev = load_sst2(data_dir)["dev"]
-    if sizes[0] > len(dev):
-        raise ValueError(f"the runs were scored on {int(sizes[0])} dev rows, the dev split has {len(dev)}")
-    return eval_rows(dev, None if sizes[0] == len(dev) else int(sizes[0]))["label"].to_numpy()
+    if eval_size > len(dev):
+        raise ValueError(f"the runs were scored on {eval_size} dev rows, the dev split has {len(dev)}")
+    return eval_rows(dev, None if eval_size == len(dev) else eval_size)["label"].to_numpy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,30 +36,83 @@ def resolve_device(device: str = "auto") -> torch.device:
     return _with_index(resolved)
 
 
-def compute_dtype_for(device: Any) -> torch.dtype:
-    """The autocast dtype for a device: the same rule for every method, QLoRA's 4-bit compute included.
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    - CUDA with native bfloat16 (compute capability >= 8.0: A100, H100, RTX 30xx+): bfloat16, which keeps
+
+def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
+    """The autocast dtype of ``precision`` on ``device``: the same for every method, QLoRA's 4-bit compute included.
+
+    ``"auto"``:
+
+    - CUDA with native bfloat16 (compute capability >= 8.0: A100, H100, L4, RTX 30xx+): bfloat16, which keeps
       float32's exponent range, so no loss scaling is needed.
     - Older CUDA GPUs (T4, V100): float16 with loss scaling (``torch.cuda.is_bf16_supported()`` says yes on some of
       them, through slow emulation, hence the capability test).
-    - CPU: float32.
+    - CPU: float32, which reproduces the committed CPU records bit for bit on every CPU. bf16 is faster on CPUs
+      with native bf16 matmuls (``lscpu`` flags ``avx512_bf16`` or ``amx_bf16``): ask for it with ``"bf16"``.
+
+    Refused: ``"bf16"`` on a GPU without native bfloat16 (it would run emulated, several times slower), and
+    ``"fp16"`` on a CPU (accelerate neither autocasts nor scales losses in fp16 there: the run would be fp32).
     """
     device = torch.device(device)
+    if precision != "auto":
+        if precision == "bf16" and device.type == "cuda" and not _native_bf16(device):
+            raise ValueError(f"precision='bf16' needs a GPU with native bfloat16 (compute capability >= 8.0); "
+                             f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: "
+                             "use precision='fp16' (with loss scaling) or 'auto'")
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision='fp16' needs a GPU (on a CPU accelerate neither autocasts nor scales losses "
+                             "in fp16); use 'bf16' (fast on CPUs with avx512_bf16 or amx_bf16) or 'fp32'")
+        if device.type == "cpu":
+            warn_if_emulated_on_cpu(_DTYPES[precision])
+        return _DTYPES[precision]
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.bfloat16 if _native_bf16(device) else torch.float16
 
 
-def make_accelerator(device: str = "auto"):
-    """The ``accelerate.Accelerator`` for ``device`` (``"auto"``, ``"cpu"``, ``"cuda[:i]"``), with the precision of
-    :func:`compute_dtype_for`. Under ``accelerate launch`` / ``torchrun`` it joins the process group."""
+def _native_bf16(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``)."""
+    with contextlib.suppress(OSError):
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+    return False
+
+
+def warn_if_emulated_on_cpu(dtype: torch.dtype) -> None:
+    """Warn when half-precision matmuls on this CPU would be emulated: fp16 always, bf16 without native support."""
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_has_native_bf16()):
+        warnings.warn(
+            f"{dtype} compute on a CPU without native support for it (lscpu: no avx512_bf16 / amx_bf16 for bf16): "
+            "the matmuls are emulated and training can be an order of magnitude slower (~30x has been reported); "
+            "float32 is the CPU default", UserWarning, stacklevel=3)
+
+
+def make_accelerator(device: str = "auto", precision: str = "auto"):
+    """The ``accelerate.Accelerator`` for ``device`` (``"auto"``, ``"cpu"``, ``"cuda[:i]"``) and ``precision`` (see
+    :func:`compute_dtype_for`): autocast, and for fp16 a loss scaler. Under ``accelerate launch`` / ``torchrun`` it
+    joins the process group."""
     from accelerate import Accelerator
 
     resolved = resolve_device(device)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)  # "cuda:1" in one process; under a launcher each process has its own GPU
-    return Accelerator(cpu=resolved.type == "cpu", mixed_precision=_MIXED_PRECISION[compute_dtype_for(resolved)])
+    mixed_precision = _MIXED_PRECISION[compute_dtype_for(resolved, precision)]
+    _forget_another_precision(mixed_precision)
+    return Accelerator(cpu=resolved.type == "cpu", mixed_precision=mixed_precision)
+
+
+def _forget_another_precision(mixed_precision: str) -> None:
+    """accelerate keeps one mixed precision per process and refuses another; a notebook kernel (or a test session)
+    that changes ``precision`` between two runs starts accelerate's state afresh, keeping its processes."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def accelerator_device(accelerator) -> torch.device:

@@ -39,7 +39,8 @@ from .core.loop import set_seed
 from .core.quant import require_bitsandbytes
 from .core.targets import meta_skeleton
 from .data import eval_rows, load_sst2, subset
-from .devices import compute_dtype_for, is_main_process, launched_processes, make_accelerator, per_device_batch_size
+from .devices import (compute_dtype_for, is_main_process, launched_processes, make_accelerator,
+                      per_device_batch_size, resolve_device)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
 from .methods import get_method
 from .models import build_model, materialize_model, resolve_model_source
@@ -118,12 +119,12 @@ class Plan:
 
 
 def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
-                    lr: float | None) -> dict:
+                    lr: float | None, compute_dtype: str) -> dict:
     """The run's identity (:data:`~peft_utils.store.IDENTITY_KEYS`, ``rslora`` for the sweep only) after its group
     and method: every setting that changes its result, as its ``config`` event records it."""
     adapter = spec.adapter
     values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]), "lr": lr,
-              "seed": spec.seed, **asdict(config.train),
+              "seed": spec.seed, "compute_dtype": compute_dtype, **asdict(config.train),
               **{key: getattr(adapter, key) if adapter else None for key in ("rank", "alpha", "dropout", "targets",
                                                                             "rslora")}}
     keys = [k for k in IDENTITY_KEYS if k != "rslora" or spec.group == SWEEP_GROUP]
@@ -150,18 +151,65 @@ def _train_and_eval_rows(config: ExperimentConfig, splits: dict[str, pd.DataFram
 
 
 def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]) -> None:
-    """Before anything trains: bitsandbytes for 4-bit methods; adapter targets that match a layer of the model."""
-    kinds = [get_method(s.method) for s in specs]
-    if any(k.quantized for k in kinds):
-        require_bitsandbytes()
-    if any(k.adapter for k in kinds):
-        from transformers import AutoConfig
+    """Before any run's model is built, each mistake one line with the numbers:
 
-        skeleton = meta_skeleton(AutoConfig.from_pretrained(resolve_model_source(source), num_labels=2))
-        try:
-            select_targets(skeleton, config.adapter.targets)
-        except (ValueError, TypeError) as error:
-            raise type(error)(f"targets={config.adapter.targets!r} for {config.model}: {error}") from None
+    - the results folder is a folder that can be written (:meth:`~peft_utils.store.RunStore.check_writable`);
+    - bitsandbytes for 4-bit methods;
+    - ``max_length`` within the model's position embeddings (``max_position_embeddings`` / ``n_positions``): a
+      longer sentence would index past them in the middle of training;
+    - adapter targets that match a layer of the model, and none of its classification head or embeddings;
+    - every planned rank at most the narrowest target layer's width (the smaller of its input and output
+      features). Refused, not warned: a layer's update ``B A`` has rank at most that width, so a larger rank adds
+      parameters and memory but no capacity, and a sweep would draw as different ranks what is one experiment.
+      (``apply_adapters`` itself accepts such a rank, as peft does.)
+    """
+    from transformers import AutoConfig
+
+    from .core.layers import base_features
+
+    RunStore(config.results_dir).check_writable()
+    if any(get_method(s.method).quantized for s in specs):
+        require_bitsandbytes()
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model_source(source), num_labels=2)
+    except OSError as error:  # not found, offline: transformers' message spans lines
+        raise ValueError(f"model {config.model!r}: cannot read its config: {str(error).splitlines()[0]}") from None
+    setting, positions = _positions(model_config)
+    if positions is not None and config.train.max_length > positions:
+        raise ValueError(f"max_length={config.train.max_length} is more tokens than {config.model} has positions for "
+                         f"({setting}); ask for at most {positions}")
+    adapted = [s for s in specs if s.adapter is not None]
+    if not adapted:
+        return
+    try:
+        layers = select_targets(meta_skeleton(model_config), config.adapter.targets)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"targets={config.adapter.targets!r} for {config.model}: {error}") from None
+    width, name = min((min(base_features(module)), name) for name, module in layers)
+    widest = max(adapted, key=lambda s: s.adapter.rank)
+    if widest.adapter.rank > width:
+        rank = widest.adapter.rank
+        asked = f"sweep_ranks include {rank}" if widest.group == SWEEP_GROUP else f"rank={rank}"
+        raise ValueError(f"{asked} but the narrowest target layer of {config.model}, {name}, is {width} wide, which "
+                         f"caps its update's rank at {width}; ask for a rank of at most {width}")
+
+
+# Families whose position ids start after the padding index (RoBERTa's 514 positions hold 512 tokens).
+_POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "mpnet",
+                            "longformer", "ibert")
+
+
+def _positions(model_config) -> tuple[str, int | None]:
+    """(the config's position setting, as said in an error; how many tokens its position embeddings hold), or
+    ``("", None)`` where the config names no limit."""
+    for key in ("n_positions", "max_position_embeddings"):  # GPT-2's n_positions is also its max_position_embeddings
+        limit = getattr(model_config, key, None)
+        if isinstance(limit, int):
+            if getattr(model_config, "model_type", "") not in _POSITIONS_AFTER_PADDING:
+                return f"{key}={limit}", limit
+            offset = (getattr(model_config, "pad_token_id", None) or 0) + 1
+            return f"{key}={limit}, less {offset} before the first position", limit - offset
+    return "", None
 
 
 def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bool | None = None) -> Plan:
@@ -177,6 +225,8 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
         raise ValueError("nothing to run: neither the comparison nor the sweep was asked for")
     if config.tune.enabled:  # the sweep's LoRA runs use LoRA's tuned rate
         specs = tune_specs(config, list(dict.fromkeys(s.method for s in specs))) + specs
+    device = resolve_device(config.train.device)  # a GPU asked for and absent, or a precision it lacks: refused here
+    compute_dtype = str(compute_dtype_for(device, config.train.precision)).removeprefix("torch.")
     splits = load_sst2(config.data.data_dir)
     frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
     per_device_batch_size(config.train.batch_size, launched_processes(), config.train.grad_accum_steps)
@@ -188,7 +238,7 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
         rid = run_id(spec, config.model)
         rows = frames[spec.group, spec.seed]
         lr = spec.lr if spec.lr is not None or config.tune.enabled else config.method_lr(spec.method)
-        record = _planned_record(config, spec, rows, lr)
+        record = _planned_record(config, spec, rows, lr, compute_dtype)
         runs.append(PlannedRun(spec, rid, record, *rows, complete=store.check(rid, record)))
     plan = Plan(config, source, runs)
     return _with_tuned_rates(plan) if config.tune.enabled else plan
@@ -249,7 +299,7 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) 
     from accelerate.utils import find_executable_batch_size
 
     config = plan.config
-    accelerator = make_accelerator(config.train.device)
+    accelerator = make_accelerator(config.train.device, config.train.precision)
     adapter = run.spec.adapter or config.adapter
     memory_plan = plan_for_device(plan.model_source, run.spec.method, config.train, adapter,
                                   accelerator.num_processes, accelerator.device, name=config.model)
@@ -264,7 +314,8 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) 
     def attempt(per_device_batch: int) -> None:
         fitted = with_micro_batch_at_most(memory_plan, per_device_batch) if memory_plan is not None else None
         set_seed(run.spec.seed)  # adapter and head initialisation
-        model, tokenizer = build_model(run.spec.method, plan.model_source, adapter, compute_dtype_for(accelerator.device))
+        model, tokenizer = build_model(run.spec.method, plan.model_source, adapter,
+                                       compute_dtype_for(accelerator.device, config.train.precision))
         try:
             run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
             if config.tune.enabled and run.spec.group != TUNE_GROUP:

@@ -6,13 +6,13 @@ finding the base model's weights offline (the MiniLM hub id maps to the copy the
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .checkpoints import CONFIG_FILE
+from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, check_safetensors, read_json
 from .models import resolve_model_source
 
 SST2_LABELS = ("negative", "positive")
@@ -22,6 +22,7 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None):
     """``(model, tokenizer)`` from a run's folder: a full checkpoint, or a peft adapter on its base model.
 
     ``base_model``: where the adapter's base is (default: the ``base_model_name_or_path`` the adapter records).
+    A damaged config or weights file is a ``ValueError`` naming it, before any library reads it.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -29,9 +30,11 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None):
     if not (folder / CONFIG_FILE).is_file():
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: neither a peft adapter ({CONFIG_FILE}) nor a checkpoint (config.json)")
+        _check_files(folder, "config.json", "model*.safetensors")
         return AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     from peft import PeftConfig, PeftModel
 
+    _check_files(folder, CONFIG_FILE, WEIGHTS_FILE)
     source = base_model if base_model is not None else PeftConfig.from_pretrained(folder).base_model_name_or_path
     if not source:
         raise ValueError(f"{folder / CONFIG_FILE} records no base_model_name_or_path: pass base_model")
@@ -40,13 +43,35 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None):
     return PeftModel.from_pretrained(base, folder), AutoTokenizer.from_pretrained(source)
 
 
+def _check_files(folder: Path, config: str, weights: str) -> None:
+    """The saved JSON config and safetensors weights are readable, else a ``ValueError`` naming the damaged file
+    (the libraries' own errors do not name it)."""
+    read_json(folder / config)
+    for path in sorted(folder.glob(weights)):
+        check_safetensors(path)
+
+
+def check_sentences(sentences: Iterable[str]) -> list[str]:
+    """``sentences`` as a list of non-blank strings, else a ``ValueError`` naming the first bad position: a number
+    would fail deep in the tokenizer, and an empty string would be scored on the padding token alone."""
+    items = list(sentences) if isinstance(sentences, Iterable) and not isinstance(sentences, (str, bytes)) else []
+    if not items:
+        raise ValueError(f"sentences must be a non-empty list of strings, got {sentences!r}")
+    for index, sentence in enumerate(items):
+        if not isinstance(sentence, str):
+            raise ValueError(f"sentences[{index}] is not a string: {sentence!r} ({type(sentence).__name__})")
+        if not sentence.strip():
+            raise ValueError(f"sentences[{index}] is an empty string" if not sentence
+                             else f"sentences[{index}] is only whitespace: {sentence!r}")
+    return items
+
+
 def predict(
     folder: str | Path, sentences: Sequence[str], base_model: str | Path | None = None,
     labels: Sequence[str] = SST2_LABELS,
 ) -> pd.DataFrame:
     """One row per sentence: the predicted label and the probability of the last label (SST-2: positive)."""
-    if isinstance(sentences, str) or not sentences:
-        raise ValueError("sentences must be a non-empty list of strings")
+    sentences = check_sentences(sentences)
     model, tokenizer = load_saved(folder, base_model)
     if tokenizer.pad_token is None:  # GPT-2: pad with EOS, and tell the model which id is padding
         tokenizer.pad_token = tokenizer.eos_token

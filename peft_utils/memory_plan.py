@@ -497,7 +497,7 @@ def plan_for_device(model_source: str, method: str, train_config, adapter, proce
     accumulation = train_config.grad_accum_steps
     plan = plan_memory(model_config, method, global_batch=train_config.batch_size, num_processes=processes,
                        per_device_batch=share // accumulation if share % accumulation == 0 else None,
-                       max_length=train_config.max_length, compute_dtype=compute_dtype_for(device),
+                       max_length=train_config.max_length, compute_dtype=compute_dtype_for(device, train_config.precision),
                        device_bytes=int(free_bytes), gradient_checkpointing=train_config.gradient_checkpointing,
                        rank=adapter.rank, targets=adapter.targets, name=name)
     if not plan.fits:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 from .config import AdapterSettings
 from .core.inject import apply_adapters
 from .core.quant import load_4bit, prepare_for_kbit_training
-from .devices import compute_dtype_for
+from .devices import compute_dtype_for, warn_if_emulated_on_cpu
 from .methods import get_method
 from .quiet import from_pretrained_noting_new_head, silence_known_noise
 
@@ -158,22 +157,15 @@ _DTYPES = {
 
 
 def _compute_dtype(compute_dtype: torch.dtype | str | None, device_type: str) -> torch.dtype:
-    """The device's autocast dtype unless given (:func:`~peft_utils.devices.compute_dtype_for`); half precision on a
-    CPU is allowed but warned about."""
+    """The device's autocast dtype unless given (:func:`~peft_utils.devices.compute_dtype_for`); half precision
+    that this CPU would emulate is allowed but warned about."""
     if compute_dtype is None:
         return compute_dtype_for(device_type)
     dtype = _DTYPES.get(compute_dtype, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype!r}")
-    if device_type == "cpu" and dtype != torch.float32:
-        warnings.warn(
-            f"4-bit compute in {dtype} requested on a CPU; float32 is the CPU default. Half-precision speed on a CPU "
-            "depends on native support (AVX512-BF16 / AMX): without it the matmuls are emulated and training can be "
-            "an order of magnitude slower (~30x has been reported), and half precision rounds every activation of the "
-            "4-bit matmuls. Pass compute_dtype=torch.float32 unless you have timed this CPU.",
-            UserWarning,
-            stacklevel=3,
-        )
+    if device_type == "cpu":
+        warn_if_emulated_on_cpu(dtype)
     return dtype
 
 

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .data import dev_labels
 from .methods import ordered_methods
 from .store import COMPARISON_GROUP
 
@@ -48,6 +49,7 @@ __all__ = [
     "comparison_pairs",
     "seed_correctness",
     "paired_comparisons",
+    "dev_eval_size",
     "PairedStatistics",
     "paired_statistics",
 ]
@@ -424,12 +426,25 @@ class PairedStatistics(NamedTuple):
     reason: str | None
 
 
+def dev_eval_size(comparison: pd.DataFrame) -> int:
+    """How many dev rows the comparison runs were scored on: one size shared by all of them, on the dev split."""
+    if comparison.empty:
+        raise ValueError("no comparison run to take dev labels for")
+    splits = {str(s) for s in optional_column(comparison, "eval_split").dropna()} - {"dev"}
+    if splits:
+        raise ValueError(f"comparison runs scored on {', '.join(sorted(splits))}, not on the dev split")
+    sizes = numeric_column(comparison, "eval_size").fillna(numeric_column(comparison, "n_eval")).dropna().unique()
+    if len(sizes) != 1:
+        raise ValueError(f"the comparison runs do not share one eval_size (found {sorted(sizes.tolist())})")
+    return int(sizes[0])
+
+
 def paired_statistics(runs: pd.DataFrame, data_dir: str | Path | None = None,
                       labels: np.ndarray | None = None) -> PairedStatistics:
     """The paired tests of the comparison runs, or a one-line reason (printed to stderr) why there are none.
 
     ``labels``: the dev labels when the caller has them; otherwise read with :func:`peft_utils.data.dev_labels`
-    from ``data_dir``. Skipped when fewer than two methods were compared, when a run records no dev predictions,
+    from ``data_dir``, and checked by :func:`seed_correctness` against every run's recorded accuracy. Skipped when fewer than two methods were compared, when a run records no dev predictions,
     or when the labels cannot be found or do not reproduce the recorded accuracies.
     """
     comparison = runs_in_group(runs, COMPARISON_GROUP)
@@ -437,9 +452,7 @@ def paired_statistics(runs: pd.DataFrame, data_dir: str | Path | None = None,
         return PairedStatistics(None, None)  # nothing to compare: not a skipped test
     try:
         if labels is None:
-            from .data import dev_labels  # on use: the data module imports torch, which the figures never need
-
-            labels = dev_labels(comparison, data_dir)
+            labels = dev_labels(dev_eval_size(comparison), data_dir)
         return PairedStatistics(paired_comparisons(comparison, labels), None)
     except (ValueError, OSError) as error:
         reason = str(error).splitlines()[0]

@@ -116,12 +116,13 @@ class Results:
 
 
 # The settings a run is identified by, beside its group and method, in the order its record lists them: every
-# training setting except the device (``"auto"`` is recorded resolved), and ``rslora`` for sweep runs only. The seed
-# is what repeats of one series may differ in.
+# training setting except the device and the precision, which are identified as what they resolve to (the compute
+# dtype: "auto" is bf16 on one GPU and float32 on a CPU), and ``rslora`` for sweep runs only. The seed is what
+# repeats of one series may differ in.
 IDENTITY_KEYS = (
     ("model", "rank", "alpha", "dropout", "targets", "train_size", "eval_size", "lr", "seed")
-    + tuple(f.name for f in fields(TrainConfig) if f.name != "device")
-    + ("rslora",)
+    + tuple(f.name for f in fields(TrainConfig) if f.name not in ("device", "precision"))
+    + ("compute_dtype", "rslora")
 )
 REPEAT_KEY = "seed"
 # Run groups as the records name them.
@@ -157,6 +158,19 @@ class RunStore:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+
+    def check_writable(self) -> None:
+        """Refuse, before anything is built, a folder that is a file or cannot be written (nor created): found
+        otherwise only when the first run opens its record, after its model is built."""
+        existing = next(p for p in (self.folder, *self.folder.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            problem = ("is a file, not a folder" if existing == self.folder
+                       else f"cannot be created: {existing} is a file")
+            raise ValueError(f"results folder {self.folder} {problem}; choose another results_dir")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            where = "" if existing == self.folder else f" (to create {self.folder} in)"
+            raise ValueError(f"cannot write to results folder {existing}{where}: permission denied or a "
+                             "read-only file system; choose another results_dir")
 
     def path(self, run_id: str) -> Path:
         return self.folder / f"{run_id}.jsonl"

@@ -33,8 +33,7 @@ from torch.utils.data import DataLoader
 from .config import TrainConfig
 from .core.batches import StepBatches, encode, make_loader
 from .core.inject import count_parameters
-from .core.loop import (EvalMetrics, StepMetrics, enable_gradient_checkpointing, prepare_for_training, set_seed,
-                        train_loop)
+from .core.loop import EvalMetrics, enable_gradient_checkpointing, prepare_for_training, set_seed, train_loop
 from .devices import (accelerator_device, compute_dtype_for, hardware_name, is_main_process, make_accelerator,
                       per_device_batch_size)
 from .memory_plan import MemoryPlan, to_record
@@ -128,7 +127,7 @@ def _config_event(model: nn.Module, config: TrainConfig, batches: _Batches, acce
     device, counts = accelerator_device(accelerator), count_parameters(model)
     return {
         **run_info, **asdict(config), "lr": lr, "seed": seed, "device": str(device), "hardware": hardware_name(device),
-        "compute_dtype": str(compute_dtype_for(device)).removeprefix("torch."),
+        "compute_dtype": str(compute_dtype_for(device, config.precision)).removeprefix("torch."),
         "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
         "per_device_batch_size": batches.micro_batch, "global_batch_size": config.batch_size,
         "train_size": batches.train_rows, "eval_size": batches.eval_rows,
@@ -172,6 +171,7 @@ class _Watch:
     result: RunResult = field(default_factory=RunResult)
     rows: int = 0
     tokens: int = 0
+    skipped: int = 0
 
     def follow(self, events) -> None:
         window: list[float] = []
@@ -180,6 +180,7 @@ class _Watch:
                 self._evaluated(event)
                 continue
             self.rows, self.tokens = self.rows + event.rows, self.tokens + event.tokens
+            self.skipped += event.skipped
             self.memory.sample()
             self.result.losses.append(event.loss)
             window.append(event.loss)
@@ -214,6 +215,7 @@ class _Watch:
             "final_eval_loss": final["loss"],
             "n_eval": final["n"],
             "steps": len(self.result.losses),
+            "skipped_steps": self.skipped,  # fp16 loss scaling skips the steps whose gradients overflowed
             # per dev row, in the eval frame's order: paired tests from the records alone
             "dev_predictions": final["predictions"],
             "dev_probabilities": final["probabilities"],
@@ -253,7 +255,7 @@ def train(
     summary. ``memory_plan``: the accumulation and gradient checkpointing that fit the GPU, used instead of
     ``config``'s (which the record keeps as the run's identity).
     """
-    accelerator = accelerator or make_accelerator(config.device)
+    accelerator = accelerator or make_accelerator(config.device, config.precision)
     batches = _setup(model, tokenizer, (train_frame, eval_frame), config, seed, accelerator, memory_plan)
     main, total_steps = is_main_process(), len(batches.train) * config.epochs
     recorder = recorder if main else None

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from .config import ExperimentConfig
+from .data import hold_out, subset
 from .stats import numeric_column
 from .store import TUNE_GROUP
 
@@ -32,8 +33,6 @@ HOLDOUT_SEED = 0  # the held-out slice must not change with the run seed: every 
 
 def tuning_rows(config: ExperimentConfig, train: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(train rows, held-out rows)`` of a tuning run: disjoint, both from the train split."""
-    from .data import hold_out, subset  # on use: the data module imports torch, which the figures never need
-
     holdout_size = config.tune.holdout_size
     size = config.tune.train_size or config.data.train_size
     if holdout_size + (size or 1) > len(train):

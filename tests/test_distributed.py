@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import json
+import math
 import shutil
 
 import pytest
@@ -39,7 +40,7 @@ def _model_without_dropout(folder: Path, sst2_dir: Path) -> Path:
     return folder
 
 
-def _experiment(results: Path, processes: int, sst2_dir: Path, model: Path) -> None:
+def _experiment(results: Path, processes: int, sst2_dir: Path, model: Path, args: list[str] = ARGS) -> None:
     if processes == 1:
         command = [sys.executable, "-m", "peft_utils.experiment"]
     else:
@@ -49,7 +50,7 @@ def _experiment(results: Path, processes: int, sst2_dir: Path, model: Path) -> N
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "-m", "peft_utils.experiment"]
     env = {**os.environ, "PEFT_LAB_PROGRESS": "off", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command + ARGS + ["--model", str(model), "--data-dir", str(sst2_dir),
+    done = subprocess.run(command + args + ["--model", str(model), "--data-dir", str(sst2_dir),
                                             "--results-dir", str(results)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -98,3 +99,40 @@ def test_a_global_batch_that_does_not_split_is_refused_before_training(tmp_path,
         "error: batch_size=6 (the global batch) does not divide into 1 process(es) x 4 accumulation step(s); "
         "choose a multiple of 4")
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+# bf16 autocast in two processes, every method, on data a tiny random GPT-2 learns in a few steps (the label is
+# the sentiment of the last word), written as SST-2 files: the GPU's mixed-precision path, run on the CPU.
+BF16_ARGS = ["--profile", "smoke", "--no-sweep", "--methods", "full", "lora", "dora", "qlora", "qdora",
+             "--precision", "bf16", "--epochs", "3", "--batch-size", "8", "--dropout", "0", "--train-size", "48",
+             "--eval-size", "12", "--lr", "full=1e-3", "lora=1e-2", "dora=1e-2", "qlora=1e-2", "qdora=1e-2"]
+WORDS = {1: ("great", "good", "superb", "lovely", "brilliant", "wonderful"),
+         0: ("bad", "awful", "dreadful", "boring", "terrible", "poor")}
+
+
+def _rule_data(folder: Path) -> Path:
+    rows = [f"the film was {word}\t{label}" for label, words in WORDS.items() for word in words]
+    folder.mkdir(parents=True)
+    for name, repeats in (("train.tsv", 4), ("dev.tsv", 1)):
+        (folder / name).write_text("sentence\tlabel\n" + "\n".join(rows * repeats) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bf16_in_two_processes(tmp_path_factory, sst2_dir):
+    model = _model_without_dropout(tmp_path_factory.mktemp("model") / "gpt2-tiny-no-dropout", sst2_dir)
+    data = _rule_data(tmp_path_factory.mktemp("data") / "sst2")
+    results = tmp_path_factory.mktemp("bf16")
+    _experiment(results, 2, data, model, BF16_ARGS)
+    return results
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora", "qdora"])
+def test_every_method_trains_under_bf16_in_two_processes(bf16_in_two_processes, method):
+    row = RunStore(bf16_in_two_processes).summary().set_index("method").loc[method]
+    losses = _losses(bf16_in_two_processes, row["run_id"])
+    assert len(losses) == 18 and all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, f"{method}: the loss did not fall ({losses})"
+    assert (row["precision"], row["compute_dtype"], row["mixed_precision"], row["num_processes"]) == (
+        "bf16", "bfloat16", "bf16", 2)
+    assert row["skipped_steps"] == 0

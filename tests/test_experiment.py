@@ -211,7 +211,7 @@ def test_sizes_must_fit_the_data_instead_of_being_clamped(tmp_path, monkeypatch)
 
 def test_targets_that_match_no_layer_fail_before_full_fine_tuning_trains(tmp_path, sst2_dir, monkeypatch):
     monkeypatch.setattr(experiment, "train", _fail)
-    with pytest.raises(ValueError, match=r"targets='q_proj' for random-gpt2-tiny: no module matched.*c_attn"):
+    with pytest.raises(ValueError, match=r"targets=\('q_proj',\) for random-gpt2-tiny: no module matched.*c_attn"):
         run_comparison(smoke(tmp_path, sst2_dir, methods=["full", "lora"], targets="q_proj"))
     assert not list(tmp_path.glob("*.jsonl"))
 

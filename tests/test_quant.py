@@ -389,12 +389,17 @@ def test_model_without_quantizable_layers_is_refused(tiny_dir):
         load_quantized(tiny_dir, device_map=CPU, skip_modules=["transformer"])
 
 
-def test_bf16_compute_on_cpu_warns_loudly(tiny_dir):
+def test_bf16_compute_on_a_cpu_without_native_bf16_warns_loudly(tiny_dir, monkeypatch):
+    monkeypatch.setattr("peft_utils.devices.cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="float32 is the CPU default"):
         model, _ = load_quantized(tiny_dir, device_map=CPU, compute_dtype=torch.bfloat16)
     assert all(m.compute_dtype == torch.bfloat16 for m in quantized_layers(model).values())
+    with pytest.warns(UserWarning, match="emulated"):
+        load_quantized(tiny_dir, device_map=CPU, compute_dtype=torch.float16)  # fp16: on every CPU
+    monkeypatch.setattr("peft_utils.devices.cpu_has_native_bf16", lambda: True)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # float32 (the default) is silent
+        warnings.simplefilter("error")  # bf16 where the CPU has it, and float32 (the default), are silent
+        load_quantized(tiny_dir, device_map=CPU, compute_dtype="bf16")
         load_quantized(tiny_dir, device_map=CPU, compute_dtype="float32")
 
 

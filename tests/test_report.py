@@ -14,7 +14,7 @@ from test_plots import multiseed_predictions, tune_runs_table, write_multiseed_r
 
 from peft_utils import report  # noqa: E402
 from peft_utils.data import dev_labels, load_sst2  # noqa: E402
-from peft_utils.stats import paired_statistics  # noqa: E402
+from peft_utils.stats import dev_eval_size, paired_statistics, runs_in_group  # noqa: E402
 from peft_utils.store import RunStore  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_paired_statistics_without_labels_say_why(multiseed_runs: pd.DataFrame,
 def test_dev_labels_reproduce_the_committed_reference_runs(sst2_dir: Path) -> None:
     """The labels read back for results/cpu-reference give every run its recorded accuracy (checked inside)."""
     runs = RunStore(REPO_ROOT / "results" / "cpu-reference").load().runs
-    labels = dev_labels(runs, sst2_dir)
+    labels = dev_labels(dev_eval_size(runs_in_group(runs, "comparison")), sst2_dir)
     assert np.array_equal(labels, load_sst2(sst2_dir)["dev"]["label"].to_numpy())  # eval_size 872: all of dev
     paired = paired_statistics(runs, sst2_dir)
     assert paired.reason is None
@@ -94,12 +94,11 @@ def test_readme_tables_are_the_committed_records(results_name: str, sst2_dir: Pa
 
 
 def test_dev_labels_of_a_subset_follow_the_experiment(sst2_dir: Path, tmp_path: Path) -> None:
-    from peft_utils.data import subset
-    from peft_utils.data import EVAL_SUBSET_SEED
+    from peft_utils.data import EVAL_SUBSET_SEED, subset
 
     expected = subset(load_sst2(sst2_dir)["dev"], 200, EVAL_SUBSET_SEED)["label"].to_numpy()
     runs = RunStore(write_multiseed_results(tmp_path / "results", expected, seeds=(0,), sweep=False)).load().runs
-    assert np.array_equal(dev_labels(runs, sst2_dir), expected)
+    assert np.array_equal(dev_labels(dev_eval_size(runs), sst2_dir), expected)
     assert paired_statistics(runs, sst2_dir).reason is None
     with pytest.raises(ValueError, match="scored on train-holdout"):
-        dev_labels(runs.assign(eval_split="train-holdout"), sst2_dir)
+        dev_eval_size(runs.assign(eval_split="train-holdout"))

@@ -5,8 +5,11 @@ could come from the data rather than the method: hence a private seeded ``torch.
 Sentences are tokenised once and padded per batch, to the batch's own longest row; length bucketing puts rows
 of similar length together so that little of each batch is padding.
 
-One optimiser step takes one *global* batch, the same rows on every process. :func:`micro_batches` cuts it into
-this process's share, one part per gradient-accumulation step, each weighted by its share of the rows.
+One optimiser step takes one *global* batch, the same rows on every process (one seeded sampler).
+:func:`micro_batches` cuts it into this process's share, one part per gradient-accumulation step, each weighted by
+its share of the rows. accelerate's own batch sharding is not used: it assumes every batch but the last is full and
+fills the last one by repeating rows, while length-bucketed batches put the one short batch anywhere in the epoch,
+and a repeated row would make a run on N processes differ from the same run on one.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ Targets are matched on module names, so one walker serves GPT-2 (``Conv1D``), en
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -13,7 +14,8 @@ from torch import nn
 
 from .layers import ADAPTER_LAYERS, LoRALayer, is_linear4bit, is_supported_base
 from .quant import logical_numel, pin_4bit_layout
-from .targets import default_keep_trainable, model_type, name_matcher, resolve_targets
+from .targets import (Targets, default_keep_trainable, head_names, head_or_embedding, model_type, name_matcher,
+                      resolve_targets)
 
 
 @dataclass
@@ -47,20 +49,31 @@ class ParameterCount:
 
 
 def _candidate_names(model: nn.Module) -> list[str]:
-    """Distinct layer-name suffixes that could be targets, for error messages ("h.0.attn.c_attn" -> "attn.c_attn")."""
-    names = {".".join(n.split(".")[-2:]) for n, m in model.named_modules() if is_supported_base(m) and n}
+    """Distinct layer-name suffixes that could be targets, for error messages ("h.0.attn.c_attn" -> "attn.c_attn").
+
+    Each is an accepted input (a suffix, see ``targets.parse_targets``); the head's layers are left out, since
+    they are refused as targets."""
+    head = head_names(model)
+    layers = [n for n, m in model.named_modules() if n and is_supported_base(m) and n not in head]
+    names = {".".join(n.split(".")[-2:]) for n in layers}
     return sorted(names)
 
 
-def select_targets(model: nn.Module, targets: str | Sequence[str] | None) -> list[tuple[str, nn.Module]]:
+def select_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
     """The layers ``targets`` names (``None``: the model's default), each one a layer an adapter can wrap.
 
-    Works on a weightless (meta-device) copy too, so a typo is caught before any weights are loaded.
+    Works on a weightless (meta-device) copy too, so a typo is caught before any weights are loaded. Refused, in
+    one line naming the layer: no match, a match in the classification head or an embedding (see
+    ``targets.head_or_embedding``), a layer type the adapters do not wrap.
     """
     matches = name_matcher(resolve_targets(model, targets))
     chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
     if not chosen:
-        raise ValueError(f"no module matched targets {targets!r}; candidate layers: {', '.join(_candidate_names(model))}")
+        candidates = ", ".join(_candidate_names(model))
+        raise ValueError(f"no module matched targets {targets!r}; candidate layers: {candidates}")
+    refusal = head_or_embedding(model, [name for name, _ in chosen])
+    if refusal:
+        raise ValueError(refusal)
     unsupported = [f"{name} ({type(module).__name__})" for name, module in chosen if not is_supported_base(module)]
     if unsupported:
         raise TypeError(f"targets must be nn.Linear, Conv1D or Linear4bit layers; not: {', '.join(unsupported)}")
@@ -85,9 +98,12 @@ def apply_adapters(
     """Wrap every target layer of ``model`` in a LoRA or DoRA layer (in place) and freeze everything else.
 
     ``targets``: module-name suffixes, a regex, a preset (``attn``, ``attn-all``, ``all-linear``) or None for the
-    family's default (query and value; see ``targets.default_targets``). ``keep_trainable``: module-name suffixes
-    whose parameters stay trainable (default: the classification head, ``score`` or ``classifier``, plus layers
-    the family's head adds that checkpoints lack — a new head is random and must learn).
+    family's default (query and value; see ``targets.default_targets``); a single string is read by
+    ``targets.parse_targets`` (``"c_attn"`` is a suffix). ``rank`` may exceed a layer's width, as in peft (the
+    update's rank is then capped by the width); the experiment refuses that before training.
+    ``keep_trainable``: module-name suffixes whose parameters stay trainable (default: the classification head,
+    ``score`` or ``classifier``, plus layers the family's head adds that checkpoints lack — a new head is random
+    and must learn).
     Returns the model, with its :class:`InjectedAdapters` at ``model.injected_adapters``.
     """
     if method not in ADAPTER_LAYERS:
@@ -106,7 +122,7 @@ def apply_adapters(
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer)
     kept = _keep_trainable(model, keep_trainable)
-    patterns = requested if isinstance(requested, str) else list(requested)
+    patterns = requested.pattern if isinstance(requested, re.Pattern) else list(requested)
     model.injected_adapters = InjectedAdapters(
         method, rank, alpha, dropout, use_rslora, detach_norm, [n for n, _ in chosen], kept, patterns
     )

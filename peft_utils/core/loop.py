@@ -156,7 +156,8 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator=None) -> Evaluati
 
     The caller's train/eval mode and random state are restored afterwards, so evaluating (how often, or at all)
     changes nothing in the training around it. With an ``accelerator`` of several processes, each scores every
-    N-th batch and every process gets the whole result, each row counted once.
+    N-th batch and every process gets the whole result, each row counted once (accelerate's
+    ``gather_for_metrics`` would have to trim padding by assuming full batches, which bucketed ones are not).
     """
     device = accelerator.device if accelerator else next(model.parameters()).device
     processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
@@ -193,8 +194,8 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator=None) -> Evaluati
 
 @dataclass(frozen=True)
 class StepMetrics:
-    """One optimiser step: its number, the epoch reached, the global batch's mean loss, the rate it used, and the
-    global batch's rows and non-pad tokens."""
+    """One optimiser step: its number, the epoch reached, the global batch's mean loss, the rate it used, the
+    global batch's rows and non-pad tokens, and whether fp16 loss scaling skipped the update (an overflow)."""
 
     step: int
     epoch: float
@@ -202,6 +203,7 @@ class StepMetrics:
     lr: float
     rows: int
     tokens: int
+    skipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,13 @@ class EvalMetrics:
     step: int
     epoch: float
     evaluation: Evaluation
+
+
+def _loss_scale(accelerator) -> float | None:
+    """fp16's current loss scale (``None`` without loss scaling). ``GradScaler`` lowers it exactly when it skips
+    a step, which is how a skip is seen: accelerate's ``step_was_skipped`` misses the skips that a fused optimizer
+    makes inside its own kernel."""
+    return accelerator.scaler.get_scale() if accelerator.scaler is not None else None
 
 
 def _global_mean_loss(accelerator, losses: list[torch.Tensor], weights: list[float]) -> float:
@@ -245,13 +254,15 @@ def train_loop(model: nn.Module, train_batches: StepBatches, eval_loader: DataLo
                 losses.append(loss.detach())
             if max_grad_norm is not None:
                 accelerator.clip_grad_norm_(trainable, max_grad_norm)
-            optimizer.step()
-            if not optimizer.step_was_skipped:  # fp16 loss scaling skips steps whose gradients overflowed
+            scale = _loss_scale(accelerator)
+            optimizer.step()  # with fp16 loss scaling, skipped when the gradients overflowed...
+            skipped = scale is not None and _loss_scale(accelerator) < scale
+            if not skipped:  # ... and then the schedule waits for the next real update
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss = _global_mean_loss(accelerator, losses, [weight for _, weight in batch.micro_batches])
-            yield StepMetrics(step, step / steps_per_epoch, loss, lr, batch.rows, batch.tokens)
+            yield StepMetrics(step, step / steps_per_epoch, loss, lr, batch.rows, batch.tokens, skipped)
             if eval_every and step % eval_every == 0 and step % steps_per_epoch:
                 yield EvalMetrics(step, step / steps_per_epoch, evaluate(accelerator.unwrap_model(model),
                                                                          eval_loader, accelerator))

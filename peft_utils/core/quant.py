@@ -36,7 +36,8 @@ def require_bitsandbytes():
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401  (loads the native library)
     except ModuleNotFoundError as error:
-        raise ImportError(f"4-bit models need bitsandbytes, which is not installed: pip install {BITSANDBYTES_PIN}") from error
+        raise ImportError(f"4-bit models need bitsandbytes, which is not installed: pip install {BITSANDBYTES_PIN}"
+                          ) from error
     except Exception as error:  # a broken install or native library: ImportError, OSError, RuntimeError...
         raise ImportError(
             f"4-bit models need bitsandbytes, which failed to load ({type(error).__name__}: {error}); "

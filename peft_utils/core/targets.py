@@ -4,6 +4,20 @@ the classification head that keeps training.
 Targets are matched on module names (``name == suffix`` or ``name.endswith("." + suffix)``, as peft does), so
 one rule serves GPT-2 (``Conv1D``), encoders and decoders (``nn.Linear``) and 4-bit models (``Linear4bit``).
 
+What a ``targets`` value means (:func:`parse_targets`), one rule for the notebook, the command line and the API:
+
+- ``None``: the family's default (below);
+- a preset name (``"attn"``, ``"attn-all"``, ``"all-linear"``);
+- a string made only of word characters and dots (``"c_attn"``, ``"attn.c_attn"``, ``"h.0.attn.c_attn"``): one
+  module-name suffix, as a list of one would be. Such a string read as a regex would have to spell the whole name
+  (``transformer.h.0.attn.c_attn``), so the natural reading, and every name an error message suggests, works;
+- any other string (``".*(attn|mlp)[.]c_proj"``) or a compiled ``re.Pattern``: a regex, matched against the whole
+  module name (``re.fullmatch``, as peft does with a string ``target_modules``);
+- a list of module-name suffixes.
+
+The classification head (and the layers a family's head adds) always trains in full, as peft's
+``modules_to_save``; it and the embeddings are never targets (an error names the layer).
+
 Presets resolved on the model itself, so the same name works for every family:
 
 - ``attn``: the query and value projections (the LoRA paper's choice). Where query, key and value are one fused
@@ -23,7 +37,7 @@ mapping.
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
@@ -32,7 +46,8 @@ from .layers import is_supported_base
 
 MODEL_PRESETS = ("attn", "attn-all", "all-linear")
 # Last name component of a query or value projection, and of a fused query-key-value projection.
-QUERY_VALUE_NAMES = frozenset({"q_proj", "v_proj", "query", "value", "q_lin", "v_lin", "query_proj", "value_proj", "q", "v"})
+QUERY_VALUE_NAMES = frozenset(
+    {"q_proj", "v_proj", "query", "value", "q_lin", "v_lin", "query_proj", "value_proj", "q", "v"})
 FUSED_QKV_NAMES = frozenset({"c_attn", "query_key_value", "qkv_proj", "Wqkv", "in_proj", "qkv", "W_pack"})
 # peft's defaults that are more than the attention rule (peft.utils.constants); the tests compare with peft.
 PEFT_EXTRA_DEFAULTS: dict[str, tuple[str, ...]] = {"phi": ("q_proj", "v_proj", "fc1", "fc2")}
@@ -54,9 +69,49 @@ def default_keep_trainable(model_type_name: str) -> tuple[str, ...]:
     return DEFAULT_KEEP_TRAINABLE + NEW_HEAD_LAYERS.get(model_type_name, ())
 
 
-def name_matcher(targets: str | Sequence[str]) -> Callable[[str], bool]:
-    """A regex (full match on the module name) or a list of name suffixes, as a predicate on module names."""
+Targets = Union[str, re.Pattern, Sequence[str], None]
+# One module-name suffix: word characters and dots ("c_attn", "attn.c_attn", "h.0.attn.c_attn").
+_SUFFIX = re.compile(r"\w+(?:\.\w+)*")
+
+
+def is_name_suffix(text: str) -> bool:
+    """Whether ``text`` reads as a module-name suffix rather than a regex: word characters and dots only."""
+    return _SUFFIX.fullmatch(text) is not None
+
+
+def parse_targets(targets: Targets, setting: str = "targets") -> str | re.Pattern | tuple[str, ...] | None:
+    """What ``targets`` means before any model is seen: ``None``, a preset name, a compiled regex, or suffixes.
+
+    A string that is not a preset is a suffix when it reads as one (:func:`is_name_suffix`), else a regex; a
+    regex that does not compile, or a list item that is not a name, is a one-line ``ValueError`` naming the
+    ``setting`` (how the caller calls it), not a ``re.error`` from deep inside matching.
+    """
+    if targets is None or isinstance(targets, re.Pattern) or targets in MODEL_PRESETS:
+        return targets
     if isinstance(targets, str):
+        if is_name_suffix(targets):
+            return (targets,)
+        try:
+            return re.compile(targets)
+        except re.error as error:
+            raise ValueError(f"{setting} {targets!r} is not a valid regular expression ({error})") from None
+    suffixes = tuple(targets)
+    if not suffixes:
+        raise ValueError(f"{setting} is empty: name at least one module (e.g. 'c_attn') or a preset")
+    for item in suffixes:
+        if not isinstance(item, str) or not is_name_suffix(item):
+            raise ValueError(f"{setting} item {item!r} is not a module name (word characters and dots); "
+                             "a regex goes alone, as one string")
+    return suffixes
+
+
+def name_matcher(targets: str | re.Pattern | Sequence[str]) -> Callable[[str], bool]:
+    """A regex (full match on the module name) or a list of name suffixes, as a predicate on module names.
+
+    A plain string is a regex here, as in peft's ``target_modules`` (saved adapters are read this way); what a
+    user's string means is :func:`parse_targets`'s decision.
+    """
+    if isinstance(targets, (str, re.Pattern)):
         pattern = re.compile(targets)
         return lambda name: pattern.fullmatch(name) is not None
     suffixes = tuple(targets)
@@ -65,7 +120,7 @@ def name_matcher(targets: str | Sequence[str]) -> Callable[[str], bool]:
     return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def _head_names(model: nn.Module) -> set[str]:
+def head_names(model: nn.Module) -> set[str]:
     """Names of the classification-head modules and everything inside them."""
     heads = name_matcher(default_keep_trainable(model_type(model)))
     roots = [n for n, _ in model.named_modules() if n and heads(n)]
@@ -74,7 +129,7 @@ def _head_names(model: nn.Module) -> set[str]:
 
 def _linear_layers(model: nn.Module) -> list[str]:
     """Every adaptable layer (``nn.Linear``, ``Conv1D``, ``Linear4bit``) outside the classification head."""
-    head = _head_names(model)
+    head = head_names(model)
     return [n for n, m in model.named_modules() if n and is_supported_base(m) and n not in head]
 
 
@@ -130,15 +185,32 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     return extra if extra is not None else shortest_suffixes(model, preset_layers(model, "attn"))
 
 
-def resolve_targets(model: nn.Module, targets: str | Sequence[str] | None) -> str | tuple[str, ...]:
-    """``targets`` as something ``name_matcher`` takes: None -> the default, a preset -> its suffixes on ``model``."""
-    if targets is None:
+def resolve_targets(model: nn.Module, targets: Targets) -> re.Pattern | tuple[str, ...]:
+    """``targets`` as something ``name_matcher`` takes: None -> the default, a preset -> its suffixes on ``model``,
+    a suffix -> a tuple of one, a regex -> compiled (see :func:`parse_targets`). Resolving twice changes nothing."""
+    parsed = parse_targets(targets)
+    if parsed is None:
         return default_targets(model)
-    if isinstance(targets, str):
-        if targets in MODEL_PRESETS:
-            return shortest_suffixes(model, preset_layers(model, targets))
-        return targets
-    return tuple(targets)
+    if isinstance(parsed, str):
+        return shortest_suffixes(model, preset_layers(model, parsed))
+    return parsed
+
+
+def head_or_embedding(model: nn.Module, names: Sequence[str]) -> str | None:
+    """Why the first of ``names`` that must not be a target is refused (``None``: all may be targets).
+
+    The classification head is new and random at load time: it trains in full (peft's ``modules_to_save``), and a
+    frozen head under an adapter would stay random. Embeddings are not layers our adapters wrap.
+    """
+    head, modules = head_names(model), dict(model.named_modules())
+    for name in names:
+        if name in head:
+            return (f"targets match {name!r}, a layer of the classification head: the head always trains in full "
+                    "(peft's modules_to_save) and cannot take an adapter; name the layers before it")
+        if isinstance(modules[name], nn.Embedding):
+            return (f"targets match the embedding layer {name!r} ({type(modules[name]).__name__}): adapters go on "
+                    "linear layers, and the embeddings stay frozen")
+    return None
 
 
 def meta_skeleton(model_config) -> nn.Module:
