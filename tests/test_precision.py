@@ -17,23 +17,13 @@ from peft_utils.config import AdapterSettings, TrainConfig, make_config
 from peft_utils.core.layers import DoRALayer, is_linear4bit
 from peft_utils.core.loop import set_seed
 from peft_utils.devices import compute_dtype_for, make_accelerator
-from peft_utils.models import build_model, save_random_gpt2
+from peft_utils.models import build_model
 from peft_utils.store import RunRecorder, read_events
 from peft_utils.train import train
 
-from test_train import _rule_frame
+from test_train import _config, _rule_frame, tiny_gpt2_dir  # noqa: F401 (tiny_gpt2_dir: a fixture)
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir):
-    return save_random_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), gpt2_tokenizer_dir)
-
-
-def _config(**overrides) -> TrainConfig:
-    settings = dict(epochs=5, batch_size=8, warmup_ratio=0.0, max_length=16, log_every=1, device="cpu")
-    return TrainConfig(**{**settings, **overrides})
 
 
 def _recorded_run(model_dir, method: str, config: TrainConfig, folder, lr: float, accelerator=None,
@@ -54,7 +44,7 @@ def _recorded_run(model_dir, method: str, config: TrainConfig, folder, lr: float
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_under_bf16_autocast(tiny_gpt2_dir, tmp_path, method):
-    model, result, events = _recorded_run(tiny_gpt2_dir, method, _config(precision="bf16"), tmp_path,
+    model, result, events = _recorded_run(tiny_gpt2_dir, method, _config(epochs=5, precision="bf16"), tmp_path,
                                           lr=1e-3 if method == "full" else 1e-2)
     losses = result.losses
     assert all(math.isfinite(loss) for loss in losses)
