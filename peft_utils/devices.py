@@ -36,7 +36,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return _with_index(resolved)
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
@@ -64,8 +64,8 @@ def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
             raise ValueError("precision='fp16' needs a GPU (on a CPU accelerate neither autocasts nor scales losses "
                              "in fp16); use 'bf16' (fast on CPUs with avx512_bf16 or amx_bf16) or 'fp32'")
         if device.type == "cpu":
-            warn_if_emulated_on_cpu(_DTYPES[precision])
-        return _DTYPES[precision]
+            warn_if_emulated_on_cpu(PRECISION_DTYPES[precision])
+        return PRECISION_DTYPES[precision]
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if _native_bf16(device) else torch.float16

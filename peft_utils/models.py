@@ -17,7 +17,7 @@ from torch import nn
 from .config import AdapterSettings
 from .core.inject import apply_adapters
 from .core.quant import load_4bit, prepare_for_kbit_training
-from .devices import compute_dtype_for, warn_if_emulated_on_cpu
+from .devices import PRECISION_DTYPES, compute_dtype_for, warn_if_emulated_on_cpu
 from .methods import get_method
 from .quiet import from_pretrained_noting_new_head, silence_known_noise
 
@@ -150,10 +150,8 @@ def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype
     return model, tokenizer
 
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
+# "bf16" and "bfloat16" alike: the precision names and torch's own.
+_DTYPES = {**PRECISION_DTYPES, **{str(dtype).removeprefix("torch."): dtype for dtype in PRECISION_DTYPES.values()}}
 
 
 def _compute_dtype(compute_dtype: torch.dtype | str | None, device_type: str) -> torch.dtype:

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 from .config import TrainConfig
 from .core.batches import StepBatches, encode, make_loader
 from .core.inject import count_parameters
-from .core.loop import EvalMetrics, enable_gradient_checkpointing, prepare_for_training, set_seed, train_loop
+from .core.loop import (EvalMetrics, enable_gradient_checkpointing, prepare_for_training, set_seed, synchronize,
+                        train_loop)
 from .devices import (accelerator_device, compute_dtype_for, hardware_name, is_main_process, make_accelerator,
                       per_device_batch_size)
 from .memory_plan import MemoryPlan, to_record
@@ -144,17 +145,13 @@ class _Clock:
         self.device, self.evaluating, self.started = device, 0.0, 0.0
 
     def start(self) -> None:
-        self._sync()
+        synchronize(self.device)
         self.started = time.perf_counter()
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def elapsed(self, synchronize: bool = False) -> float:
-        """Training time so far; read without synchronising unless asked (progress needs no precision)."""
-        if synchronize:
-            self._sync()
+    def elapsed(self, exact: bool = False) -> float:
+        """Training time so far; the device is waited for only when ``exact`` (progress needs no precision)."""
+        if exact:
+            synchronize(self.device)
         return time.perf_counter() - self.started - self.evaluating
 
 
@@ -273,7 +270,7 @@ def train(
         watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
                                 epochs=config.epochs, max_grad_norm=config.max_grad_norm,
                                 eval_every=config.eval_every))
-        train_time = watch.clock.elapsed(synchronize=True)
+        train_time = watch.clock.elapsed(exact=True)
     finally:
         progress.close()
     result = watch.result

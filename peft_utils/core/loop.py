@@ -125,7 +125,7 @@ class Evaluation:
     seconds: float = field(compare=False)  # wall time differs between two identical evaluations
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a clock reading includes it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -163,7 +163,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator=None) -> Evaluati
     processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     autocast = accelerator.autocast if accelerator else contextlib.nullcontext
     was_training = model.training
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     model.eval()
     try:
@@ -184,7 +184,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator=None) -> Evaluati
     predicted, n = probabilities.argmax(dim=-1), len(labels)
     order = torch.empty(n, dtype=torch.long)
     order[torch.tensor(row_order(loader))] = torch.arange(n)  # loader position of each row
-    _synchronize(device)
+    synchronize(device)
     return Evaluation(int((predicted == labels).sum()) / n, loss_sum / n, n, predicted[order].tolist(),
                       probabilities[order, -1].tolist(), time.perf_counter() - start)
 
