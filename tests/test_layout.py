@@ -1,4 +1,4 @@
-"""The package's shape, as the README's "How it is built" describes it: a core that stands on its own, and functions
+"""The package's shape, as "How it is built" (docs/layout.md) describes it: a core that stands on its own, and functions
 short enough to read."""
 from __future__ import annotations
 
