@@ -7,6 +7,7 @@ row would change the data set) and seeded subsetting. Tokenising and batching ar
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -34,6 +35,27 @@ def load_sst2(data_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
     if folder is None:
         return _load_from_hub()
     return {split: read_sst2_tsv(folder / name) for split, name in SPLIT_FILES.items()}
+
+
+def sst2_source(data_dir: str | Path | None = None) -> str:
+    """Where :func:`load_sst2` reads from, for the records: the local folder (absolute), or the hub dataset."""
+    folder = _local_sst2_dir(data_dir)
+    return str(folder.absolute()) if folder is not None else "glue/sst2 (Hugging Face hub)"
+
+
+def fingerprint(*frames: pd.DataFrame) -> str:
+    """A short hash of the data's rows, texts and labels in order, one frame (split) after the other.
+
+    Why the rows and not the files: two runs with one fingerprint saw the same data wherever it was read from, and
+    two runs of different data (another folder, an edited file) never share one, so a results folder can refuse to
+    count them as repeats of one experiment.
+    """
+    digest = hashlib.sha256()
+    for frame in frames:
+        for sentence, label in zip(frame["sentence"], frame["label"]):
+            digest.update(f"{sentence}\t{label}\n".encode())
+        digest.update(b"\0")  # where one frame ends: moving a row from train to dev changes the fingerprint
+    return digest.hexdigest()[:16]
 
 
 def _local_sst2_dir(data_dir: str | Path | None) -> Path | None:

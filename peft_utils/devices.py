@@ -132,6 +132,19 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def same_in_every_process(value: str, device: str = "auto") -> str:
+    """The main process's ``value`` in every process of a launch (the value itself in a lone process): what the
+    main process decided about a run, which the others must follow. Joins the launch's process group as the
+    run's ``Accelerator`` will (on ``device``)."""
+    if launched_processes() == 1:
+        return value
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState(cpu=resolve_device(device).type == "cpu")
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def per_device_batch_size(batch_size: int, processes: int, accumulation: int) -> int:
     """``batch_size / (processes x accumulation)``; an error when it does not divide (a silently different global
     batch would change the experiment)."""

@@ -38,14 +38,14 @@ from .core.inject import select_targets
 from .core.loop import set_seed
 from .core.quant import require_bitsandbytes
 from .core.targets import meta_skeleton
-from .data import eval_rows, load_sst2, subset
+from .data import eval_rows, fingerprint, load_sst2, sst2_source, subset
 from .devices import (compute_dtype_for, is_main_process, launched_processes, make_accelerator,
-                      per_device_batch_size, resolve_device)
+                      per_device_batch_size, resolve_device, same_in_every_process)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
 from .methods import get_method
 from .models import build_model, materialize_model, resolve_model_source
 from .sizes import model_size
-from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, RunStore
+from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, Claim, RunInProgress, RunStore, SettingsConflict
 from .train import train
 from .tuning import EVAL_SPLIT, TUNE_GROUP, choose_learning_rates, tuning_rows
 
@@ -119,19 +119,21 @@ class Plan:
 
 
 def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
-                    lr: float | None, compute_dtype: str) -> dict:
+                    data: tuple[str, str], lr: float | None, compute_dtype: str) -> dict:
     """The run's identity (:data:`~peft_utils.store.IDENTITY_KEYS`, ``rslora`` for the sweep only) after its group
-    and method: every setting that changes its result, as its ``config`` event records it."""
+    and method: every setting that changes its result, as its ``config`` event records it; then where its data was
+    read from. ``data``: (the fingerprint of the splits its rows are drawn from, their source)."""
     adapter = spec.adapter
-    values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]), "lr": lr,
-              "seed": spec.seed, "compute_dtype": compute_dtype, **asdict(config.train),
+    values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]),
+              "data_fingerprint": data[0], "lr": lr, "seed": spec.seed, "compute_dtype": compute_dtype,
+              **asdict(config.train),
               **{key: getattr(adapter, key) if adapter else None for key in ("rank", "alpha", "dropout", "targets",
                                                                             "rslora")}}
     keys = [k for k in IDENTITY_KEYS if k != "rslora" or spec.group == SWEEP_GROUP]
     record = {"group": spec.group, "method": spec.method, **{key: values[key] for key in keys}}
     if spec.group == TUNE_GROUP:
         record["eval_split"] = EVAL_SPLIT
-    return record
+    return {**record, "data_source": data[1]}
 
 
 def _train_and_eval_rows(config: ExperimentConfig, splits: dict[str, pd.DataFrame],
@@ -228,6 +230,8 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     device = resolve_device(config.train.device)  # a GPU asked for and absent, or a precision it lacks: refused here
     compute_dtype = str(compute_dtype_for(device, config.train.precision)).removeprefix("torch.")
     splits = load_sst2(config.data.data_dir)
+    # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
+    data = (fingerprint(splits["train"], splits["dev"]), sst2_source(config.data.data_dir))
     frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
     per_device_batch_size(config.train.batch_size, launched_processes(), config.train.grad_accum_steps)
     source = materialize_model(config.model, config.data.data_dir)
@@ -238,7 +242,7 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
         rid = run_id(spec, config.model)
         rows = frames[spec.group, spec.seed]
         lr = spec.lr if spec.lr is not None or config.tune.enabled else config.method_lr(spec.method)
-        record = _planned_record(config, spec, rows, lr, compute_dtype)
+        record = _planned_record(config, spec, rows, data, lr, compute_dtype)
         runs.append(PlannedRun(spec, rid, record, *rows, complete=store.check(rid, record)))
     plan = Plan(config, source, runs)
     return _with_tuned_rates(plan) if config.tune.enabled else plan
@@ -341,23 +345,73 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) 
 def run_plan(plan: Plan) -> pd.DataFrame:
     """Train every run of ``plan`` not already complete, in order; one summary row per run.
 
-    Under ``accelerate launch`` every process executes the same plan (the runs' data parallel halves); only the main
-    process prints and writes."""
+    Each run is claimed before it trains (:meth:`~peft_utils.store.RunStore.claim`), so processes started on the
+    same experiment share its runs: a run another process is training is passed over, and waited for at the end of
+    its stage (the tuning runs, whose rates the others need; then the rest). Under ``accelerate launch`` every
+    process executes the same plan (the runs' data parallel halves): the main process claims and the others follow
+    its decisions; only the main process prints and writes."""
     store = RunStore(plan.config.results_dir)
     say = print if is_main_process() else (lambda *args, **kwargs: None)
     tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
-    for index in range(len(plan.runs)):
-        if tuning_runs and index == tuning_runs:  # every tuning run is complete: choose the rates
+    for stage in (range(tuning_runs), range(tuning_runs, len(plan.runs))):
+        if tuning_runs and stage.start == tuning_runs:  # every tuning run is complete: choose the rates
             plan = _with_tuned_rates(plan)
             say(_tuned_rates(plan))
-        run = plan.runs[index]
-        position = f"run {index + 1}/{len(plan.runs)}"
-        if run.complete:
-            say(f"[{position}] {run.run_id}: already complete in {store.folder}, skipped")
-            continue
-        say(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
-        _train_and_record(plan, run, store, f"{position} {run.spec.method}")
+        passed_over = [index for index in stage if not _run_unless_busy(plan, index, store, say, wait=False)]
+        for index in passed_over:
+            _run_unless_busy(plan, index, store, say, wait=True)
     return store.summary([run.run_id for run in plan.runs])
+
+
+def _run_unless_busy(plan: Plan, index: int, store: RunStore, say, wait: bool) -> bool:
+    """Train run ``index`` if it is neither complete nor being trained by another process; ``False`` when it is
+    being trained (with ``wait``, it is waited for instead, and trained here if that process died first)."""
+    run = plan.runs[index]
+    position = f"run {index + 1}/{len(plan.runs)}"
+    if run.complete:
+        say(f"[{position}] {run.run_id}: already complete in {store.folder}, skipped")
+        return True
+    if wait and not store.is_complete(run.run_id):
+        say(f"[{position}] {run.run_id}: waiting for the process training it to finish")
+    decision, claim = _claim_in_every_process(store, run, plan.config.train.device, wait)
+    if decision == BUSY:
+        say(f"[{position}] {run.run_id}: being trained by another process; passed over for now")
+        return False
+    if decision == COMPLETE:
+        say(f"[{position}] {run.run_id}: completed by another process in {store.folder}, skipped")
+        return True
+    say(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
+    try:
+        _train_and_record(plan, run, store, f"{position} {run.spec.method}")
+    finally:
+        if claim is not None:
+            claim.release()
+    return True
+
+
+# What the main process decided for a run, shared with the other processes of a launch.
+TRAIN, COMPLETE, BUSY = "train", "complete", "busy"
+
+
+def _claim_in_every_process(store: RunStore, run: PlannedRun, device: str,
+                            wait: bool) -> tuple[str, Claim | None]:
+    """(decision, the claim when this process holds it): the main process claims the run, and under a launch the
+    others follow its decision, a refusal included (they must not wait for a run it will not train)."""
+    decision, claim = TRAIN, None
+    if is_main_process():
+        try:
+            claim = store.claim(run.run_id, run.record, wait=wait)
+            decision = TRAIN if claim is not None else COMPLETE
+        except RunInProgress:
+            decision = BUSY
+        except SettingsConflict as error:
+            decision = f"{SettingsConflict.__name__}: {error}"
+    decision = same_in_every_process(decision, device)
+    if decision not in (TRAIN, COMPLETE, BUSY):
+        if claim is not None:
+            claim.release()
+        raise SettingsConflict(decision.partition(": ")[2])
+    return decision, claim
 
 
 def _tuned_rates(plan: Plan) -> str:
@@ -398,7 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table = run_plan(plan)
+    try:
+        table = run_plan(plan)
+    except SettingsConflict as error:  # another process started on this folder with other settings
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not is_main_process():  # the other processes trained their halves; the main one reports
         return 0
     columns = [c for c in ("run_id", "final_accuracy", "train_time_s", "peak_memory_bytes", "trainable_params",

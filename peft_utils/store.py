@@ -21,9 +21,14 @@ Events, in the order a run writes them (fields beyond these are allowed and kept
 same rank and alpha in the sweep, the same method and rate in learning-rate tuning) are drawn as repeats of one experiment, so they may differ in their seed and
 nothing else: a planned run whose settings differ from a finished run of its series is refused, naming the keys,
 and a folder that holds such a mix anyway (copied together by hand) is refused when loaded, never averaged.
+
+Processes may share a folder (a notebook and a terminal, or one process per GPU on the same experiment): each run is
+trained by the process that claims it (:meth:`RunStore.claim`), the others skip it, or wait for it when they need
+its result, and settings that differ from a run being trained are refused before anything trains.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from .config import TrainConfig
 
@@ -115,12 +121,13 @@ class Results:
     evals: pd.DataFrame
 
 
-# The settings a run is identified by, beside its group and method, in the order its record lists them: every
-# training setting except the device and the precision, which are identified as what they resolve to (the compute
-# dtype: "auto" is bf16 on one GPU and float32 on a CPU), and ``rslora`` for sweep runs only. The seed is what
-# repeats of one series may differ in.
+# The settings a run is identified by, beside its group and method, in the order its record lists them: the data
+# as a fingerprint of the rows it used (where they were read from is recorded as ``data_source``, not compared: the
+# same files in another folder are the same data); every training setting except the device and the precision,
+# which are identified as what they resolve to (the compute dtype: "auto" is bf16 on one GPU and float32 on a CPU);
+# and ``rslora`` for sweep runs only. The seed is what repeats of one series may differ in.
 IDENTITY_KEYS = (
-    ("model", "rank", "alpha", "dropout", "targets", "train_size", "eval_size", "lr", "seed")
+    ("model", "rank", "alpha", "dropout", "targets", "train_size", "eval_size", "data_fingerprint", "lr", "seed")
     + tuple(f.name for f in fields(TrainConfig) if f.name not in ("device", "precision"))
     + ("compute_dtype", "rslora")
 )
@@ -149,11 +156,52 @@ def _describe(key: tuple[Any, ...]) -> str:
     return f"{key[1]!r} run"
 
 
+# Sharing a results folder (see :meth:`RunStore.claim`): the folder's lock, held while a process picks its next run,
+# and a claims folder with one lock per run, held while it trains, beside the run's planned settings. Both are OS
+# locks (``flock``, through ``filelock``): they die with their process, so a killed run is never left claimed.
+FOLDER_LOCK = ".lock"
+CLAIMS = ".claims"
+
+
+class SettingsConflict(ValueError):
+    """A planned run differs in more than its seed from a run of its series in the folder (finished or training)."""
+
+
+class RunInProgress(Exception):
+    """The run is being trained by another process now (it holds the run's claim)."""
+
+
+class Claim:
+    """This process's right to train one run, from before its record is opened until :meth:`release`."""
+
+    def __init__(self, lock: FileLock, settings: Path) -> None:
+        self.lock, self.settings = lock, settings
+
+    def release(self) -> None:
+        self.settings.unlink(missing_ok=True)
+        self.lock.release()
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over: a reader sees all of it or none."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
 class RunStore:
     """The run records of one results folder: paths, completion, compatibility and loading.
 
-    ``check(run_id, planned)`` is called before a run trains: it says whether an identical run is already complete
-    (skip it) and refuses a planned run whose settings differ from a complete run of its series.
+    ``check(run_id, planned)`` is called when a run is planned: it says whether an identical run is already complete
+    (skip it) and refuses a planned run whose settings differ from a complete run of its series, or from one another
+    process is training. ``claim(run_id, planned)`` is taken before a run trains, so that processes sharing the folder
+    train each run once.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -188,13 +236,12 @@ class RunStore:
         return path.exists() and any(e.get("event") == "summary" for e in read_events(path))
 
     def recorder(self, run_id: str) -> RunRecorder:
-        """A recorder for ``run_id``; an incomplete earlier file is replaced (it would mix two runs' steps)."""
+        """A recorder for ``run_id``, to open only while holding its :meth:`claim`: an incomplete earlier file is
+        replaced (it would mix two runs' steps), which no other process may be writing then."""
         return RunRecorder(self.folder, run_id)
 
-    @functools.cached_property
-    def _complete_configs(self) -> list[dict[str, Any]]:
-        """The config events of the runs finished when this store was first asked: read once per plan, not once per
-        planned run (a plan checks every run against every finished one)."""
+    def _finished_configs(self) -> list[dict[str, Any]]:
+        """The config events of the folder's complete runs, as they are now."""
         if not self.folder.is_dir():
             return []
         configs = []
@@ -205,28 +252,112 @@ class RunStore:
                 configs.append(config)
         return configs
 
+    @functools.cached_property
+    def _planned_against(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(runs being trained by other processes, finished runs) when this store was first asked: read once per
+        plan, not once per planned run (a plan checks every run against every other one). Claims are read first: a
+        run that finishes in between is then seen as one or the other."""
+        claimed = self._claimed_configs()
+        return claimed, self._finished_configs()
+
     def check(self, run_id: str, planned: dict[str, Any]) -> bool:
-        """``True`` if an identical run is complete; ``False`` if it must train; a ValueError if it conflicts.
+        """``True`` if an identical run is complete; ``False`` if it must train; a ValueError if it conflicts with a
+        finished run, or one another process is training, of its series.
 
         ``planned``: every setting that changes the run's result, as its ``config`` event will record it; a
         ``None`` learning rate is not known yet (it waits for tuning) and is not compared.
         """
         planned = jsonable(planned)
+        claimed, finished = self._planned_against
+        self._refuse_conflicts(planned, claimed, finished)
+        return any(config.get("run_id") == run_id for config in finished)
+
+    def _refuse_conflicts(self, planned: dict[str, Any], claimed: list[dict[str, Any]],
+                          finished: list[dict[str, Any]]) -> None:
+        """A ValueError naming the keys when a run of ``planned``'s series, claimed or finished, differs in more
+        than its seed (and, in the data's case, naming both sources)."""
         key = series_key(planned)
         unknown = {REPEAT_KEY} | ({"lr"} if planned.get("lr") is None else set())
-        for config in self._complete_configs:
-            if series_key(config) != key:
-                continue
-            differ = [k for k in planned if k not in unknown and config.get(k) != planned[k]]
-            if differ:
-                details = ", ".join(f"{k} {config.get(k)!r} -> {planned[k]!r}" for k in sorted(differ))
-                raise ValueError(
-                    f"{self.folder} already holds a finished {_describe(key)} with other settings ({details}): "
-                    f"{config.get('run_id')}; use another results_dir, or delete that run's file to replace it"
-                )
-            if config.get("run_id") == run_id:
-                return True
+        for state, others, remedy in (
+                ("a run another process is training now:", claimed, "wait for it to finish"),
+                ("a finished", finished, "delete that run's file to replace it")):
+            for other in others:
+                differ = [k for k in IDENTITY_KEYS if k in planned and k not in unknown and other.get(k) != planned[k]]
+                if series_key(other) != key or not differ:
+                    continue
+                details = ", ".join(f"{k} {other.get(k)!r} -> {planned[k]!r}" for k in sorted(differ))
+                if "data_fingerprint" in differ:
+                    details += f" (data from {other.get('data_source')} -> {planned.get('data_source')})"
+                raise SettingsConflict(f"{self.folder} already holds {state} {_describe(key)} with other settings "
+                                 f"({details}): {other.get('run_id')}; use another results_dir, or {remedy}")
+
+    # ----------------------------------------------------------------------------- sharing the folder
+
+    def _lock(self, name: str) -> FileLock:
+        return FileLock(self.folder / name)
+
+    def _run_lock(self, run_id: str) -> FileLock:
+        return self._lock(f"{CLAIMS}/{run_id}.lock")
+
+    def _claim_is_held(self, run_id: str) -> bool:
+        """Whether a process (this one included) holds ``run_id``'s claim: its lock cannot be taken now."""
+        lock = self._run_lock(run_id)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        lock.release()
         return False
+
+    def _claimed_configs(self, other_than: str | None = None) -> list[dict[str, Any]]:
+        """The planned settings of the runs being trained now (held claims), ``other_than`` excepted; a claim left
+        by a killed process is no longer held and does not count."""
+        claims = []
+        for path in sorted((self.folder / CLAIMS).glob("*.json")):
+            if path.stem != other_than and self._claim_is_held(path.stem):
+                with contextlib.suppress(FileNotFoundError):  # released since the glob
+                    claims.append(json.loads(path.read_text(encoding="utf-8")))
+        return claims
+
+    def claim(self, run_id: str, planned: dict[str, Any], wait: bool = False) -> Claim | None:
+        """The right to train ``run_id``, or ``None`` when it is complete: two processes may share a folder.
+
+        Decided under the folder's lock, so two processes never claim one run; the claim is an OS lock held until
+        :meth:`Claim.release`, so a run in progress is never written by another process, and a killed process's
+        claim dies with it. A run another process is training raises :class:`RunInProgress`, or with ``wait`` is
+        waited for (and claimed if that process died before finishing it). Settings that differ from a run of the
+        series finished or being trained are refused as in :meth:`check`.
+        """
+        planned = jsonable(planned)
+        (self.folder / CLAIMS).mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                with self._lock(FOLDER_LOCK):
+                    return self._claim_now(run_id, planned)
+            except RunInProgress:
+                if not wait:
+                    raise
+            with self._run_lock(run_id):  # blocks until the other process releases (or dies)
+                pass
+
+    def _claim_now(self, run_id: str, planned: dict[str, Any]) -> Claim | None:
+        lock = self._run_lock(run_id)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RunInProgress(f"{run_id} is being trained by another process") from None
+        try:
+            if self.is_complete(run_id):
+                lock.release()
+                return None
+            self._refuse_conflicts(planned, self._claimed_configs(other_than=run_id), self._finished_configs())
+        except BaseException:
+            if lock.is_locked:
+                lock.release()
+            raise
+        settings = self.folder / CLAIMS / f"{run_id}.json"
+        _write_atomically(settings, json.dumps({**planned, "run_id": run_id, "pid": os.getpid()}))
+        return Claim(lock, settings)
 
     def load(self, include_incomplete: bool = False) -> Results:
         """Every run of the folder as tables (complete runs only, unless asked); mixed series are refused."""
@@ -273,13 +404,6 @@ class RunStore:
         return runs[first + [c for c in runs.columns if c not in first]].reset_index(drop=True)
 
 
-# The settings a run is identified by (beside group and method): what its planned record holds.
-IDENTITY_KEYS = (
-    "model", "rank", "alpha", "rslora", "dropout", "targets", "train_size", "eval_size", "lr", "seed", "epochs",
-    "batch_size",
-    "weight_decay", "warmup_ratio", "max_grad_norm", "grad_accum_steps", "max_length", "eval_every",
-    "gradient_checkpointing", "log_every", "bucket_by_length", "eval_batch_size",
-)
 SUMMARY_COLUMNS = ("run_id", "group", "method", "rank", "alpha", "seed", "final_accuracy", "final_eval_loss",
                    "train_time_s", "samples_per_s", "peak_memory_bytes", "memory_kind", "trainable_params",
                    "total_params", "size.disk_bytes")

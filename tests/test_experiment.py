@@ -107,6 +107,37 @@ def test_another_rank_in_the_same_folder_is_refused_naming_the_keys(smoke_result
     assert [run.complete for run in plan.runs] == [True, False]
 
 
+def test_other_data_of_the_same_size_is_refused_naming_it(smoke_results, sst2_dir, tmp_path, monkeypatch):
+    """Issue 27's second lost-or-mixed case: another data folder with the same sizes and ``--seeds 0 1`` used to skip
+    seed 0 as complete and train seed 1 on the other data, then average them as two seeds of one experiment."""
+    results, _ = smoke_results
+    monkeypatch.setattr(experiment, "train", _fail)
+    other = tmp_path / "sst2"
+    other.mkdir()
+    shutil.copy(sst2_dir / "train.tsv", other / "train.tsv")
+    dev = (sst2_dir / "dev.tsv").read_text(encoding="utf-8").split("\n")
+    dev[-2] = "an edited sentence\t" + dev[-2].rsplit("\t", 1)[1]  # same rows, same sizes, one text changed
+    (other / "dev.tsv").write_text("\n".join(dev), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"'qdora' run with other settings \(data_fingerprint '\w+' -> '\w+' "
+                                         rf"\(data from {sst2_dir} -> {other}\)\)"):
+        plan_experiment(smoke(results, other, methods=["qdora"], seeds=[0, 1]), sweep=False)
+    records = [RunStore(results).events(run_id)[0] for run_id in smoke_results[1]["run_id"]]
+    assert {r["data_source"] for r in records} == {str(sst2_dir)}  # recorded, not compared: the fingerprint is
+
+
+def test_other_settings_than_a_run_in_progress_are_refused(smoke_results, sst2_dir, monkeypatch):
+    """A second process started with another rank while the first trains a run of the same series: refused before
+    it trains anything, naming the run in progress."""
+    results, _ = smoke_results
+    monkeypatch.setattr(experiment, "train", _fail)
+    seed_one = plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[1]), sweep=False).runs[0]
+    with RunStore(results).claim(seed_one.run_id, seed_one.record):  # as the process training it holds it
+        with pytest.raises(ValueError, match=r"a run another process is training now: 'qdora' run with other "
+                                             r"settings \(alpha 8.0 -> 6.0, rank 4 -> 3\).*wait for it to finish"):
+            plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[2], rank=3, alpha=6), sweep=False)
+    assert not RunStore(results).is_complete(seed_one.run_id)  # released: nothing was written for it
+
+
 def test_a_folder_mixing_two_settings_is_refused_when_loaded(smoke_results, tmp_path):
     results, table = smoke_results
     mixed = tmp_path / "mixed"

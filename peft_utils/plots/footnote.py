@@ -1,6 +1,7 @@
 """The provenance footnote (model, device, compute dtype, data sizes, seeds) and saving a figure with it."""
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,5 +103,9 @@ def save_with_footnote(fig: Figure, path: Path, runs: pd.DataFrame, notes: Seque
         fig.text(0.005, -0.01, "\n".join(lines), ha="left", va="top", fontsize=8, color="#444444",
                  linespacing=1.4)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
+    # Written beside and renamed over: two processes drawing one folder (they may share a results folder) never
+    # leave a half-written image.
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
+    fig.savefig(temporary, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
+    os.replace(temporary, path)
     return path
