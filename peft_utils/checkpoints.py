@@ -34,7 +34,7 @@ from torch import nn
 
 from .core.inject import InjectedAdapters, adapter_layers, apply_adapters
 from .core.layers import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
-from .core.targets import meta_skeleton, name_matcher
+from .core.targets import default_keep_trainable, meta_skeleton, model_type, name_matcher
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -330,8 +330,9 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     try:
         # a string target_modules is a regex in peft (re.fullmatch), whatever it looks like
         targets = re.compile(saved.targets) if isinstance(saved.targets, str) else saved.targets
-        apply_adapters(model, saved.method, targets, saved.rank, saved.alpha, saved.dropout, saved.keep,
-                       saved.use_rslora)
+        # the head trains and is saved anyway; peft's SEQ_CLS lists both families' heads ('classifier', 'score')
+        extra = [name for name in saved.keep if name not in default_keep_trainable(model_type(model))]
+        apply_adapters(model, saved.method, targets, saved.rank, saved.alpha, saved.dropout, extra, saved.use_rslora)
         with torch.no_grad():
             for name, tensors in saved.layers.items():
                 layer = model.get_submodule(name)

@@ -9,7 +9,8 @@ command-line spelling and the check that validates it, and from that one table c
 
 - :func:`make_config` (the notebook and the Python API),
 - every ``python -m peft_utils.experiment`` flag (:func:`add_cli_arguments`),
-- the notebook's parameters cell (:func:`notebook_parameters_cell`; a test keeps ``peft.ipynb`` equal to it),
+- the notebook's parameters cell (:func:`notebook_parameters_cell`; a test keeps ``peft.ipynb`` equal to it), and
+  the names the notebook reads back from it and from papermill's cell (:func:`notebook_parameters`),
 
 so the three cannot drift apart. Every value is checked when the configuration is made, before anything loads or
 trains: a typo costs a one-line error, not a finished full fine-tuning run followed by a crash.
@@ -17,9 +18,11 @@ trains: a typo costs a one-line error, not a finished full fine-tuning run follo
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ TUNE = "tune"  # lr="tune": each method's rate is chosen from its lr_grid on hel
 PROFILE_NAMES = ("full", "cpu", "smoke")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PAPERMILL_CELL_HEADER = "# Parameters"  # the first line of the cell papermill injects after the parameters cell
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -354,7 +358,7 @@ class Parameter:
     help: str
     check: Callable[[str, Any], Any]
     cli: dict[str, Any] = field(default_factory=dict)  # argparse keywords (type, nargs, action)
-    notebook: bool = True  # in the notebook's parameters cell (the rest: CLI and API only)
+    notebook: bool = True  # in the notebook's parameters cell (the rest: CLI, API and papermill's -p only)
 
     @property
     def flag(self) -> str:
@@ -483,9 +487,23 @@ PARAMETERS: tuple[Parameter, ...] = (
               _optional_positive_int, {"type": int}, notebook=False),
 )
 PARAMETER_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMETERS)
-NOTEBOOK_PARAMETER_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMETERS if p.notebook)
+# make_config's keywords: what the notebook takes, in its parameters cell or from papermill (-p weight_decay 0.1
+# too: a parameter left out of the cell is still a parameter).
+CONFIG_NAMES: tuple[str, ...] = ("profile", *PARAMETER_NAMES)
 PARAMETER_BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}
 PARAMETER_BY_FIELD: dict[tuple[str, str], Parameter] = {(p.part, p.field): p for p in PARAMETERS}
+
+
+def check_parameter_names(names: Iterable[str], known: Sequence[str] = PARAMETER_NAMES) -> None:
+    """Refuse every name that is not in ``known``, suggesting the closest known one (``rnak``: did you mean
+    ``rank``?). Why: a misspelt name is otherwise dropped without a word (papermill makes it one more unused
+    variable) and the profile's value trains instead of the one asked for."""
+    unknown = [name for name in dict.fromkeys(names) if name not in known]
+    if not unknown:
+        return
+    close = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+    listed = ", ".join(f"{n!r} (did you mean {c[0]!r}?)" if c else repr(n) for n, c in close.items())
+    raise ValueError(f"unknown parameter(s) {listed}" + ("" if all(close.values()) else f"; known: {', '.join(known)}"))
 
 
 # ------------------------------------------------------------------------------------------------ profiles
@@ -559,12 +577,12 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
 
     ``None`` keeps the profile's value (the notebook's and the CLI's "not set"); ``train_size="all"`` asks for
     every row. A dict ``lr`` is merged into the profile's per-method rates; a float replaces them all.
-    Unknown parameter names are errors, as are values of the wrong type or range (see :data:`PARAMETERS`).
+    Unknown parameter names are errors (naming the closest known one), as are values of the wrong type or range
+    (see :data:`PARAMETERS`) and settings given that this configuration would never read (an ``lr_grid`` without
+    ``lr="tune"``, ``sweep_ranks`` with ``sweep=False``...: :func:`_refuse_settings_without_effect`).
     """
     base = PROFILES[resolve_profile(profile)]
-    unknown = sorted(set(parameters) - set(PARAMETER_NAMES))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMETER_NAMES)}")
+    check_parameter_names(parameters)
     top: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = {"data": {}, "adapter": {}, "train": {}, "sweep": {}, "tune": {}}
     for name, value in parameters.items():
@@ -591,7 +609,44 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
         missing = [m for m in config.methods if m not in config.lr]
         if missing:
             raise ValueError(f"lr has no rate for method(s) {', '.join(missing)}")
+    changed = {name: value for name, value in parameters.items()
+               if value is not None and _setting(config, name) != _setting(base, name)}
+    _refuse_settings_without_effect(config, changed)
     return config
+
+
+def _setting(config: ExperimentConfig, name: str) -> Any:
+    """The value parameter ``name`` set in ``config``."""
+    parameter = PARAMETER_BY_NAME[name]
+    return getattr(getattr(config, parameter.part) if parameter.part else config, parameter.field)
+
+
+def _refuse_settings_without_effect(config: ExperimentConfig, given: Mapping[str, Any]) -> None:
+    """Refuse a setting the user changed (``given``: a value other than the profile's; the profile's own values,
+    which the notebook's parameters cell shows, are never refused) that ``config`` never reads. Why: ``lr_grid`` without ``lr='tune'``, ``sweep_ranks`` with ``sweep=False`` or
+    ``rank`` with only full fine-tuning would be ignored, and the results would look as if they had used it.
+
+    ``methods`` and the sweep (LoRA) are what runs; the command line's ``--sweep-only`` is not known here."""
+    adapters = any(get_method(m).adapter for m in config.methods)
+    no_adapter = f"methods {list(config.methods)} include no adapter method"
+    needs = (
+        (("lr_grid", "tune_train_size", "tune_holdout_size"), config.tune.enabled, "unless lr='tune'"),
+        (("sweep_ranks", "sweep_alpha_ratios", "sweep_train_size", "sweep_rslora"), config.sweep.enabled,
+         "while the sweep is off (sweep=False)"),
+        (("rank", "alpha"), adapters, f"here: {no_adapter} (the sweep sets its own)"),
+        (("dropout", "targets"), adapters or config.sweep.enabled, f"here: {no_adapter} and the sweep is off"),
+    )
+    for names, used, why in needs:
+        ignored = [name for name in names if name in given]
+        if ignored and not used:
+            raise ValueError(f"{ignored[0]} has no effect {why}; leave it out")
+    running = set(config.methods) | ({"lora"} if config.sweep.enabled else set())
+    for name in ("lr", "lr_grid"):
+        rates = given.get(name)
+        idle = [m for m in rates if m not in running] if isinstance(rates, Mapping) else []
+        if idle:
+            raise ValueError(f"{name} gives {', '.join(map(repr, idle))} a rate, but only {sorted(running)} run "
+                             f"here; leave the others out")
 
 
 # ------------------------------------------------------------------------------------------------ CLI / notebook
@@ -627,6 +682,28 @@ def notebook_parameters_cell() -> str:
     return "\n".join(lines)
 
 
+def notebook_parameters(history: Sequence[str], namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The notebook's parameters by name, for :func:`make_config`: every name assigned in the last run of its
+    parameters cell and in papermill's injected cell right after it, each with its value in ``namespace``.
+
+    ``history``: the sources of the cells run so far, in order (IPython's ``In``). Why names are read from the
+    cells' sources: papermill writes ``-p rnak 16`` as one more assignment, which the notebook would never read
+    (the profile's rank would train), and the kernel's globals cannot tell that name from a variable any other
+    cell defined. papermill's cell is the one that starts with its ``# Parameters`` line; any other cell run
+    after the parameters cell (this one, run again; a later cell run out of order) holds no parameter.
+    """
+    header = notebook_parameters_cell().partition("\n")[0]
+    runs = [index for index, source in enumerate(history) if source.startswith(header)]
+    if not runs:
+        raise ValueError(f"the parameters cell (first line {header!r}) has not run: run the notebook from the top")
+    cells = [history[runs[-1]], *[source for source in history[runs[-1] + 1:runs[-1] + 2]
+                                  if source.partition("\n")[0] == PAPERMILL_CELL_HEADER]]
+    names = [target.id for source in cells for node in ast.parse(source).body if isinstance(node, ast.Assign)
+             for target in node.targets if isinstance(target, ast.Name)]
+    check_parameter_names(names, CONFIG_NAMES)
+    return {name: namespace[name] for name in names}
+
+
 def config_record(config: ExperimentConfig) -> dict[str, Any]:
     """The experiment-wide settings as flat parameter names (for display and for run records)."""
     record: dict[str, Any] = {"profile": config.profile}
@@ -641,8 +718,8 @@ def config_record(config: ExperimentConfig) -> dict[str, Any]:
 __all__ = [
     "ALL_ROWS", "TUNE", "DataConfig", "AdapterSettings", "TrainConfig", "SweepConfig", "TuneConfig",
     "ExperimentConfig", "Parameter",
-    "PARAMETERS", "PARAMETER_NAMES", "NOTEBOOK_PARAMETER_NAMES", "PROFILES", "resolve_profile", "make_config",
-    "add_cli_arguments",
-    "cli_parameters", "notebook_parameters_cell", "config_record", "check_positive_int",
+    "PARAMETERS", "PARAMETER_NAMES", "CONFIG_NAMES", "PROFILES", "resolve_profile", "make_config",
+    "check_parameter_names", "add_cli_arguments",
+    "cli_parameters", "notebook_parameters_cell", "notebook_parameters", "config_record", "check_positive_int",
     "check_positive_number", "check_fraction", "check_rows", "check_methods", "check_lr",
 ]

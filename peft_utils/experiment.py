@@ -447,6 +447,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:  # a mistake in the user's input is one line, never a traceback
+        if args.sweep_only and args.sweep is False:
+            raise ValueError("--sweep-only runs only the sweep and --no-sweep turns it off: give one of them")
         config = make_config(args.profile, **cli_parameters(args))
         plan = plan_experiment(config, comparison=not args.sweep_only, sweep=True if args.sweep_only else None)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:

@@ -53,10 +53,15 @@ def _ipc_kernel_manager(socket_dir: str) -> type:
 def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any], cwd: Path | str = ".") -> None:
     """Run ``source`` into ``executed`` with ``parameters``, forwarding its printed output live.
 
+    The parameters' names are checked first (:func:`~peft_utils.config.check_parameter_names`): the notebook
+    refuses a misspelt one too, but only once a kernel has started and imported torch.
     The kernel inherits this process's environment (see :func:`main` for what ``make run`` sets there).
     """
     import papermill
 
+    from .config import CONFIG_NAMES, check_parameter_names
+
+    check_parameter_names(parameters, CONFIG_NAMES)
     with tempfile.TemporaryDirectory(prefix="peft-lab-") as socket_dir:
         papermill.execute_notebook(
             str(source), str(executed), parameters=parameters, cwd=str(cwd), progress_bar=False,

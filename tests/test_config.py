@@ -41,7 +41,7 @@ SILENT_BEFORE = [
     ({"sweep_alpha_ratios": []}, "sweep_alpha_ratios is empty"),
     ({"targets": []}, "targets is empty"),
     ({"device": "tpu"}, "device must be one of"),
-    ({"learning_rate": 1e-3}, "unknown parameter(s) learning_rate"),
+    ({"learning_rate": 1e-3}, "unknown parameter(s) 'learning_rate'; known: model, methods"),
 ]
 
 

@@ -125,6 +125,14 @@ def test_other_data_of_the_same_size_is_refused_naming_it(smoke_results, sst2_di
     assert {r["data_source"] for r in records} == {str(sst2_dir)}  # recorded, not compared: the fingerprint is
 
 
+def test_another_precision_in_the_same_folder_is_refused(smoke_results, sst2_dir, monkeypatch):
+    """bf16 runs are not repeats of float32 ones: the compute dtype is part of a run's identity."""
+    results, _ = smoke_results
+    monkeypatch.setattr(experiment, "train", _fail)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"compute_dtype 'float32' -> 'bfloat16'"):
+        plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[0, 1], precision="bf16"), sweep=False)
+
+
 def test_other_settings_than_a_run_in_progress_are_refused(smoke_results, sst2_dir, monkeypatch):
     """A second process started with another rank while the first trains a run of the same series: refused before
     it trains anything, naming the run in progress."""

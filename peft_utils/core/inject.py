@@ -91,7 +91,7 @@ def apply_adapters(
     rank: int = 8,
     alpha: float = 16.0,
     dropout: float = 0.0,
-    keep_trainable: Sequence[str] | None = None,
+    keep_trainable: Sequence[str] = (),
     use_rslora: bool = False,
     detach_norm: bool = True,
 ) -> nn.Module:
@@ -101,9 +101,10 @@ def apply_adapters(
     family's default (query and value; see ``targets.default_targets``); a single string is read by
     ``targets.parse_targets`` (``"c_attn"`` is a suffix). ``rank`` may exceed a layer's width, as in peft (the
     update's rank is then capped by the width); the experiment refuses that before training.
-    ``keep_trainable``: module-name suffixes whose parameters stay trainable (default: the classification head,
-    ``score`` or ``classifier``, plus layers the family's head adds that checkpoints lack — a new head is random
-    and must learn).
+    The classification head (``score`` or ``classifier``, plus layers the family's head adds that checkpoints lack;
+    see ``targets.default_keep_trainable``) always stays trainable and is saved as peft's ``modules_to_save``: it
+    is new and random, and an adapter without its trained head classifies at chance. ``keep_trainable``: module-name
+    suffixes kept trainable *in addition* to it; each must match a module.
     Returns the model, with its :class:`InjectedAdapters` at ``model.injected_adapters``.
     """
     if method not in ADAPTER_LAYERS:
@@ -113,6 +114,7 @@ def apply_adapters(
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
     requested = resolve_targets(model, targets)
     chosen = select_targets(model, requested)
+    kept = _kept_modules(model, keep_trainable, {name for name, _ in chosen})
     model.requires_grad_(False)
     for name, module in chosen:
         if is_linear4bit(module):
@@ -121,7 +123,8 @@ def apply_adapters(
         layer = ADAPTER_LAYERS[method](module, rank, alpha, dropout, use_rslora, **options)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer)
-    kept = _keep_trainable(model, keep_trainable)
+    for name in kept:
+        model.get_submodule(name).requires_grad_(True)
     patterns = requested.pattern if isinstance(requested, re.Pattern) else list(requested)
     model.injected_adapters = InjectedAdapters(
         method, rank, alpha, dropout, use_rslora, detach_norm, [n for n, _ in chosen], kept, patterns
@@ -129,16 +132,18 @@ def apply_adapters(
     return model
 
 
-def _keep_trainable(model: nn.Module, keep: Sequence[str] | None) -> list[str]:
-    """Unfreeze the named modules; explicit names that match nothing are an error, defaults are best-effort."""
-    names = default_keep_trainable(model_type(model)) if keep is None else tuple(keep)
-    matches = name_matcher(names) if names else (lambda _: False)
-    kept = [n for n, m in model.named_modules() if n and matches(n) and not isinstance(m, LoRALayer)]
-    if keep and not kept:
-        raise ValueError(f"keep_trainable {list(keep)!r} matched no module")
-    for name in kept:
-        model.get_submodule(name).requires_grad_(True)
-    return kept
+def _kept_modules(model: nn.Module, extra: Sequence[str], targets: set[str]) -> list[str]:
+    """Full names of the modules that stay trainable: the classification head and the ``extra`` modules, never a
+    target. Asked before the model changes, so that a name in ``extra`` that matches no module fails first.
+
+    The head's names are the family's (``targets.default_keep_trainable``): a model without such a head has none
+    to keep, while every ``extra`` name was asked for and must match."""
+    candidates = [name for name, _ in model.named_modules() if name and name not in targets]
+    unmatched = [suffix for suffix in extra if not any(map(name_matcher([suffix]), candidates))]
+    if unmatched:
+        raise ValueError(f"keep_trainable {unmatched!r} matched no module")
+    matches = name_matcher(default_keep_trainable(model_type(model)) + tuple(extra))
+    return [name for name in candidates if matches(name)]
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

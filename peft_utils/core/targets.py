@@ -65,7 +65,9 @@ def model_type(model: nn.Module) -> str:
 
 
 def default_keep_trainable(model_type_name: str) -> tuple[str, ...]:
-    """Module-name suffixes of the classification head of a ``model_type``: they train, and are never quantised."""
+    """Module-name suffixes of the classification head of a ``model_type``: they always train (``apply_adapters``
+    keeps them whatever else it is asked to keep, and they are saved as peft's ``modules_to_save``: a new head is
+    random), and are never quantised."""
     return DEFAULT_KEEP_TRAINABLE + NEW_HEAD_LAYERS.get(model_type_name, ())
 
 
