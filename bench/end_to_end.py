@@ -117,7 +117,8 @@ def run_reference(method: str, train_size: int | None, eval_size: int | None) ->
     settings = config_record(config)  # the flat parameter names: model, rank, batch_size, ...
     set_seed(0)  # adapter and head initialisation, as our CLI's seed 0
     model, tokenizer = _reference_model(method, settings)
-    train_frame, eval_frame = _train_and_eval_rows(config, load_sst2(), seed=0)
+    splits = load_sst2()
+    train_frame, eval_frame = _train_and_eval_rows(config, splits["train"], splits["dev"], seed=0)
 
     def dataset(frame) -> list[dict[str, Any]]:
         encoded = tokenizer(frame["sentence"].tolist(), truncation=True, max_length=settings["max_length"])

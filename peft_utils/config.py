@@ -94,6 +94,14 @@ def _optional_path(name: str, value: Any) -> str | None:
     return None if value in (None, "") else _text(name, value)
 
 
+def _text_columns(name: str, value: Any) -> tuple[str, ...]:
+    """One column name, or two (a sentence pair, such as premise and hypothesis)."""
+    columns = tuple(_text(name, v) for v in _as_list(name, value))
+    if len(columns) > 2:
+        raise ValueError(f"{name} takes one column, or two for sentence pairs; got {len(columns)}: {columns}")
+    return columns
+
+
 def _as_list(name: str, value: Any) -> list[Any]:
     """One value, or a list/tuple of them; an empty list is an error (it would silently mean "run nothing")."""
     items = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -233,6 +241,11 @@ class DataConfig:
     data_dir: str | None = None
     train_size: int | None = None
     eval_size: int | None = None
+    # "sst2", a local CSV/TSV/JSON Lines/Parquet file or folder, or a hub dataset id (see data.load_splits)
+    dataset: str = "sst2"
+    dataset_config: str | None = None  # a hub dataset's configuration name ("sst2" of "glue")
+    text_column: tuple[str, ...] | None = None  # one column, or two for sentence pairs; None: "text" or "sentence"
+    label_column: str = "label"
 
 
 @dataclass(frozen=True)
@@ -331,6 +344,7 @@ class ExperimentConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     results_dir: str = "results"
     imgs_dir: str | None = None
+    report_to: tuple[str, ...] = ()  # experiment trackers (peft_utils.trackers): how runs are watched, not what
     sentences: tuple[str, ...] = (
         "A gripping, beautifully acted film.", "The plot is thin and the jokes fall flat.",
         "Not the best film of the year, but far from the worst.",
@@ -414,6 +428,13 @@ def _targets_tokens(tokens: Sequence[str]) -> str | tuple[str, ...]:
     return tokens[0] if len(tokens) == 1 else tuple(tokens)
 
 
+def _report_to(name: str, value: Any) -> tuple[str, ...]:
+    """Tracker names accelerate supports and finds installed (imported here: config.py imports only methods.py)."""
+    from .trackers import check_report_to
+
+    return check_report_to(name, value)
+
+
 _BOOL = {"action": argparse.BooleanOptionalAction}
 _LIST = {"nargs": "+"}
 
@@ -455,6 +476,12 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("sweep_train_size", "sweep", "train_size", "train rows per grid run (None: the comparison's)",
               _optional_rows, {"type": int}),
     Parameter("sweep_rslora", "sweep", "rslora", "grid with rsLoRA scaling alpha / sqrt(r)", _flag, _BOOL),
+    Parameter("dataset", "data", "dataset", "'sst2', a CSV/TSV/JSONL/Parquet file or folder, or a hub dataset id",
+              _text),
+    Parameter("dataset_config", "data", "dataset_config", "a hub dataset's configuration name", _optional_path),
+    Parameter("text_column", "data", "text_column", "the text column, or two for sentence pairs (None: text)",
+              _text_columns, {"nargs": "+"}),
+    Parameter("label_column", "data", "label_column", "the label column (numbers or names)", _text),
     Parameter("data_dir", "data", "data_dir",
               "folder holding sst2/ and gpt2-tokenizer/ (or sst2/ itself); None: $PEFT_LAB_DATA, else the hub",
               _optional_path),
@@ -462,6 +489,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("imgs_dir", "", "imgs_dir", "figures go here; None: <results_dir>/imgs", _optional_path),
     Parameter("sentences", "", "sentences", "your own sentences, classified by every method's saved result",
               _sentences, {"nargs": "+"}),
+    Parameter("report_to", "", "report_to",
+              "experiment trackers, e.g. 'tensorboard' (logs in <results_dir>/runs) or ['tensorboard', 'mlflow']",
+              _report_to, _LIST, notebook=False),
     Parameter("weight_decay", "train", "weight_decay", "AdamW decoupled weight decay (matrices only)",
               _non_negative_number, {"type": float}, notebook=False),
     Parameter("warmup_ratio", "train", "warmup_ratio", "share of steps with a linear warm-up", check_fraction,
@@ -635,6 +665,8 @@ def _refuse_settings_without_effect(config: ExperimentConfig, given: Mapping[str
          "while the sweep is off (sweep=False)"),
         (("rank", "alpha"), adapters, f"here: {no_adapter} (the sweep sets its own)"),
         (("dropout", "targets"), adapters or config.sweep.enabled, f"here: {no_adapter} and the sweep is off"),
+        (("dataset_config", "text_column", "label_column"), config.data.dataset != "sst2",
+         "with dataset='sst2' (read from its own TSV files)"),
     )
     for names, used, why in needs:
         ignored = [name for name in names if name in given]
@@ -670,15 +702,54 @@ def cli_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def notebook_parameters_cell() -> str:
-    """The source of ``peft.ipynb``'s papermill parameters cell: every notebook parameter, ``None`` = profile's."""
-    width = max(len(p.name) for p in PARAMETERS if p.notebook) + len(" = None")
-    profile = 'profile = "auto"'
-    lines = ["# Parameters (papermill). None = the profile's value; every one is also a CLI flag of",
-             "# `python -m peft_utils.experiment` (see `--help`), checked before anything trains.",
-             f'{profile:<{width}}  # "auto" (GPU: "full", else "cpu") | "full" | "cpu" | "smoke"']
-    for parameter in PARAMETERS:
-        if parameter.notebook:
-            lines.append(f"{parameter.name + ' = None':<{width}}  # {parameter.help}")
+    """The source of ``peft.ipynb``'s papermill parameters cell, generated from :data:`PARAMETERS` and the profiles.
+
+    Why values and not ``None`` everywhere: the reader should see what trains. A parameter the ``full`` and ``cpu``
+    profiles set alike is written as that value, as one would type it; one they set differently stays ``None``
+    (the profile's value) with both values on the comment line under it. A line left as written is the profile's
+    value (:func:`notebook_parameters`), so the ``smoke`` profile keeps its own small settings.
+    """
+    import json
+
+    def literal(value: Any, rows: bool = False) -> str:
+        if value is None and rows:
+            return json.dumps(ALL_ROWS)  # a row count of None is every row: written as the user would ask for it
+        if isinstance(value, str):
+            return json.dumps(value)
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(literal(item) for item in value) + "]"
+        if isinstance(value, Mapping):
+            return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
+        return repr(value)
+
+    def described(value: Any, rows: bool) -> str:
+        """A per-method dict with its methods grouped by value (``lora/dora 0.002``); anything else as a literal."""
+        if not isinstance(value, Mapping):
+            return literal(value, rows)
+        groups: dict[str, list[str]] = {}
+        for key, item in value.items():
+            groups.setdefault(literal(item), []).append(str(key))
+        return ", ".join(f"{'/'.join(keys)} {item}" for item, keys in groups.items())
+
+    rows = [("profile", '"auto"', '"auto" (GPU: "full", else "cpu") | "full" | "cpu" | "smoke"', ())]
+    for parameter in (p for p in PARAMETERS if p.notebook):
+        full, cpu = (_setting(PROFILES[name], parameter.name) for name in ("full", "cpu"))
+        counts = parameter.check is check_rows
+        both = () if full == cpu else tuple(f"{name} profile: {described(value, counts)}"
+                                            for name, value in (("full", full), ("cpu", cpu)))
+        rows.append((parameter.name, "None" if both else literal(full, counts), parameter.help, both))
+    width = max(len(f"{name} = {value}") for name, value, _, _ in rows if len(f"{name} = {value}") <= 40)
+    lines = ["# Parameters (papermill: -p name value). Each is also a flag of `python -m peft_utils.experiment`",
+             '# (--help), checked before anything trains. The values are the "full" and "cpu" profiles\' own; None:',
+             "# the profile's value where the two differ (both named under the line). A line left as written keeps",
+             '# the profile\'s value, so the "smoke" profile (a plumbing check) keeps its own small settings.']
+    for name, value, help_text, both in rows:
+        lines.append(f"{f'{name} = {value}':<{width}}  # {help_text}")
+        one_line = "; ".join(both)  # the two profiles' values on one line when it fits, else one line each
+        for line in [one_line] if both and width + 4 + len(one_line) <= 120 else both:
+            lines.append(f"#{'':<{width + 3}}{line}")
     return "\n".join(lines)
 
 
@@ -691,17 +762,30 @@ def notebook_parameters(history: Sequence[str], namespace: Mapping[str, Any]) ->
     (the profile's rank would train), and the kernel's globals cannot tell that name from a variable any other
     cell defined. papermill's cell is the one that starts with its ``# Parameters`` line; any other cell run
     after the parameters cell (this one, run again; a later cell run out of order) holds no parameter.
+
+    A value of the parameters cell that is still the one :func:`notebook_parameters_cell` wrote there is left out,
+    i.e. it is the profile's value: the same thing for the ``full`` and ``cpu`` profiles, whose values the cell
+    shows, and the ``smoke`` profile's own small values for a plumbing run (``-p profile smoke`` must not train
+    the cpu profile's 28-point sweep). Every name papermill's cell assigns is kept: it was asked for.
     """
-    header = notebook_parameters_cell().partition("\n")[0]
+    generated = notebook_parameters_cell()
+    header = generated.partition("\n")[0]
     runs = [index for index, source in enumerate(history) if source.startswith(header)]
     if not runs:
         raise ValueError(f"the parameters cell (first line {header!r}) has not run: run the notebook from the top")
-    cells = [history[runs[-1]], *[source for source in history[runs[-1] + 1:runs[-1] + 2]
-                                  if source.partition("\n")[0] == PAPERMILL_CELL_HEADER]]
-    names = [target.id for source in cells for node in ast.parse(source).body if isinstance(node, ast.Assign)
-             for target in node.targets if isinstance(target, ast.Name)]
+    injected = [source for source in history[runs[-1] + 1:runs[-1] + 2]
+                if source.partition("\n")[0] == PAPERMILL_CELL_HEADER]
+
+    def assigned(source: str) -> list[str]:
+        return [target.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                for target in node.targets if isinstance(target, ast.Name)]
+
+    names = [name for source in [history[runs[-1]], *injected] for name in assigned(source)]
     check_parameter_names(names, CONFIG_NAMES)
-    return {name: namespace[name] for name in names}
+    written = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(generated).body}
+    asked = {name for source in injected for name in assigned(source)} | {"profile"}
+    return {name: namespace[name] for name in names
+            if name in asked or name not in written or namespace[name] != written[name]}
 
 
 def config_record(config: ExperimentConfig) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""SST-2: the strict loader, seeded subsets, the held-out and evaluation rows, and the dev labels.
+"""The data: SST-2's strict loader, any other classification dataset through ``datasets`` (:func:`load_splits`),
+the data's fingerprint, seeded subsets, and the held-out and evaluation rows.
 
 Every method (full, LoRA, DoRA, QLoRA) must see exactly the same rows for a given seed, otherwise accuracy
 differences could come from the data rather than the method. Hence: a strict TSV parser (a silently mis-parsed
@@ -9,10 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .config import DataConfig
 
 SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
 HEADER = ("sentence", "label")
@@ -268,20 +274,169 @@ def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
     )
 
 
-# --------------------------------------------------------------------------------------------- dev labels
+# ----------------------------------------------------------------------------------- any classification data
+
+SST2 = "sst2"  # the default dataset: the strict SST-2 loader above
+SST2_LABEL_NAMES = ("negative", "positive")  # GLUE's names for SST-2's labels 0 and 1
+# Local files by suffix: the ``datasets`` builder that reads them and its options. Text stays text: no "NA" or
+# "null" read as missing; a TSV has no quoting (sentences hold quotes, as SST-2's do).
+_TEXT_CELLS = {"keep_default_na": False}
+LOCAL_FORMATS = {".csv": ("csv", _TEXT_CELLS), ".tsv": ("csv", {**_TEXT_CELLS, "delimiter": "\t", "quoting": 3}),
+                 ".jsonl": ("json", {}), ".json": ("json", {}), ".parquet": ("parquet", {})}
+DEV_SPLIT_NAMES = ("validation", "dev", "valid")  # a test split is never read: its labels are for the very end
+CARVED_DEV_FRACTION, CARVED_DEV_SEED = 0.1, 0
 
 
-def dev_labels(eval_size: int, data_dir: str | Path | None = None) -> np.ndarray:
-    """The gold labels of the dev rows a run with ``eval_size`` evaluation rows was scored on, in dev-file order.
+@dataclass(frozen=True)
+class Splits:
+    """A classification dataset as the experiment uses it: ``train`` and ``dev`` frames with columns ``sentence``
+    (``sentence2`` too for sentence pairs) and ``label`` (ids ``0..K-1`` in the order of ``label_names``), where
+    they were read from, and which split scores the runs (``dev_split``: the dataset's own, or carved from train)."""
 
-    Why they are read from the data and not the records: a record keeps what the model predicted, not the truth.
-    The rows are chosen exactly as the experiment chose them (all of dev, or the seeded subset,
-    :func:`eval_rows`). ``data_dir``: the SST-2 folder or its parent; by default ``SST2_DIR`` / ``PEFT_LAB_DATA``
-    (never a download). A one-line ``ValueError`` / ``OSError`` says why when they cannot be had.
+    train: pd.DataFrame
+    dev: pd.DataFrame
+    label_names: tuple[str, ...]
+    source: str
+    dev_split: str
+
+
+def load_splits(data: DataConfig) -> Splits:
+    """``data.dataset``: ``"sst2"`` (:func:`load_sst2`, strict and offline-first), a local file or folder (CSV,
+    TSV, JSON Lines, Parquet), or a Hugging Face hub dataset id (with ``data.dataset_config``), read by ``datasets``.
+
+    A folder holds ``train.<ext>`` and, optionally, ``validation.<ext>`` (or ``dev``); a single file is the train
+    split. Without a validation split, a seeded, stratified 10% of train is carved off to score the runs. Every
+    problem (a missing column, one class, an empty text, a validation label train never has) is one line naming
+    the dataset, the split and the column, before anything trains.
     """
-    if data_dir is None and not (os.environ.get("SST2_DIR") or os.environ.get("PEFT_LAB_DATA")):
-        raise ValueError("no SST-2 folder for the dev labels: pass data_dir or set PEFT_LAB_DATA")
-    dev = load_sst2(data_dir)["dev"]
-    if eval_size > len(dev):
-        raise ValueError(f"the runs were scored on {eval_size} dev rows, the dev split has {len(dev)}")
-    return eval_rows(dev, None if eval_size == len(dev) else eval_size)["label"].to_numpy()
+    if data.dataset == SST2:
+        frames = load_sst2(data.data_dir)
+        return Splits(frames["train"], frames["dev"], SST2_LABEL_NAMES, sst2_source(data.data_dir), "dev")
+    raw, source = _load_raw(data.dataset, data.dataset_config)
+    columns = _text_columns(data, raw["train"].column_names, "train")
+    frames = {name: _frame(split, columns, data.label_column, f"{data.dataset} ({name} split)")
+              for name, split in raw.items()}
+    train, dev, dev_split = frames["train"], frames.get("dev"), "validation"
+    if dev is None:
+        train, dev = _carve_dev(train)
+        dev_split = f"carved from train ({CARVED_DEV_FRACTION:.0%} of each class, seed {CARVED_DEV_SEED})"
+    train, dev, names = _label_ids((train, dev), raw["train"].features.get(data.label_column), data.dataset)
+    return Splits(train, dev, names, source, dev_split)
+
+
+def _load_raw(dataset: str, config_name: str | None) -> tuple[dict[str, Any], str]:
+    """``{"train": ..., ["dev": ...]}`` ``datasets`` splits of a local file or folder, or of a hub dataset."""
+    from datasets import load_dataset
+
+    path = Path(dataset)
+    if path.exists():
+        files = _local_files(path)
+        builder, options = LOCAL_FORMATS[files["train"].suffix.lower()]
+        try:
+            loaded = load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **options)
+        except Exception as error:  # a malformed file: datasets' parsers raise many kinds, each spanning lines
+            raise ValueError(f"dataset {dataset}: cannot read it as {builder}: {_first_line(error)}") from None
+        return dict(loaded), str(path.absolute())
+    if path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
+        raise FileNotFoundError(f"dataset file {dataset} does not exist")
+    if _hub_offline():
+        raise ValueError(f"dataset {dataset!r} is not a local file or folder, and Hugging Face offline mode is on "
+                         "(HF_HUB_OFFLINE): give a local CSV/TSV/JSON Lines/Parquet file or folder instead")
+    try:
+        loaded = load_dataset(dataset, config_name)
+    except (ConnectionError, OSError, ValueError) as error:
+        raise ValueError(f"dataset {dataset!r}: cannot load it from the Hugging Face hub: {_first_line(error)}") from None
+    dev = next((name for name in DEV_SPLIT_NAMES if name in loaded), None)
+    if "train" not in loaded:
+        raise ValueError(f"dataset {dataset!r} has no train split (it has {', '.join(loaded)})")
+    name = f"{dataset}/{config_name}" if config_name else dataset
+    return {"train": loaded["train"], **({"dev": loaded[dev]} if dev else {})}, f"{name} (Hugging Face hub)"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _local_files(path: Path) -> dict[str, Path]:
+    """A file is the train split; a folder's ``train.<ext>`` and ``validation``/``dev``/``valid`` ``.<ext>``."""
+    if path.is_file():
+        if path.suffix.lower() not in LOCAL_FORMATS:
+            raise ValueError(f"dataset file {path}: unknown format {path.suffix!r}; use one of "
+                             f"{', '.join(LOCAL_FORMATS)}")
+        return {"train": path}
+    found = {p.stem.lower(): p for p in sorted(path.iterdir()) if p.suffix.lower() in LOCAL_FORMATS}
+    if "train" not in found:
+        raise FileNotFoundError(f"dataset folder {path} has no train file (train{', train'.join(LOCAL_FORMATS)})")
+    dev = next((found[name] for name in DEV_SPLIT_NAMES if name in found), None)
+    return {"train": found["train"], **({"dev": dev} if dev else {})}
+
+
+def _text_columns(data: DataConfig, columns: Sequence[str], split: str) -> tuple[str, ...]:
+    """The text column(s) to read: as configured, else ``text`` or ``sentence``; checked against ``columns``."""
+    wanted = data.text_column or next(((c,) for c in ("text", "sentence") if c in columns), None)
+    if wanted is None:
+        raise ValueError(f"dataset {data.dataset} ({split} split): no 'text' or 'sentence' column (columns: "
+                         f"{', '.join(columns)}); name the text column(s) with text_column")
+    for column in (*wanted, data.label_column):
+        if column not in columns:
+            raise ValueError(f"dataset {data.dataset} ({split} split): no column {column!r} (columns: "
+                             f"{', '.join(columns)})")
+    return tuple(wanted)
+
+
+def _frame(split, text_columns: tuple[str, ...], label_column: str, where: str) -> pd.DataFrame:
+    """``sentence`` [``sentence2``] and the raw ``label`` of one split; an empty text or label is refused."""
+    frame = split.to_pandas()
+    missing = [c for c in (*text_columns, label_column) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"dataset {where}: no column {missing[0]!r} (columns: {', '.join(frame.columns)})")
+    out = pd.DataFrame({name: frame[column] for name, column in zip(("sentence", "sentence2"), text_columns)})
+    for name, column in zip(out.columns, text_columns):
+        empty = out[name].isna() | (out[name].astype(str).str.strip() == "")
+        if empty.any():
+            raise ValueError(f"dataset {where}: row {int(np.flatnonzero(empty)[0]) + 1}: empty text in column "
+                             f"{column!r}")
+        out[name] = out[name].astype(str).str.rstrip()  # trailing whitespace, as the SST-2 loader drops it
+    if frame[label_column].isna().any():
+        row = int(np.flatnonzero(frame[label_column].isna())[0]) + 1
+        raise ValueError(f"dataset {where}: row {row}: no label in column {label_column!r}")
+    return out.assign(label=frame[label_column].to_numpy())
+
+
+def _label_ids(frames: tuple[pd.DataFrame, pd.DataFrame], feature,
+               dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
+    """(train, dev) with labels as ids ``0..K-1``, and the K class names in that order: a ``ClassLabel``'s names
+    (its ids kept), else the train labels sorted (numbers as numbers). One class, or a validation label train
+    never has, is refused."""
+    if getattr(feature, "names", None):
+        values = list(range(len(feature.names)))
+        names = tuple(feature.names)
+    else:
+        try:
+            values = sorted(frames[0]["label"].unique().tolist())
+        except TypeError:
+            raise ValueError(f"dataset {dataset}: labels mix numbers and text; use one kind") from None
+        names = tuple(str(v) for v in values)
+    if frames[0]["label"].nunique() < 2:
+        raise ValueError(f"dataset {dataset}: every train row has label {frames[0]['label'].iloc[0]!r}: a "
+                         "classifier needs two or more classes")
+    index = {value: i for i, value in enumerate(values)}
+    out = []
+    for frame, split in zip(frames, ("train", "validation")):
+        unknown = [v for v in frame["label"].unique().tolist() if v not in index]
+        if unknown:
+            raise ValueError(f"dataset {dataset}: {split} label {unknown[0]!r} is not a train label "
+                             f"({', '.join(names)})")
+        out.append(frame.assign(label=frame["label"].map(index).astype(np.int64)))
+    return out[0], out[1], names
+
+
+def _carve_dev(train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rest of train, a seeded stratified ``CARVED_DEV_FRACTION`` of it, at least one row per class)."""
+    rng = np.random.default_rng(CARVED_DEV_SEED)
+    labels = train["label"].astype(str).to_numpy()
+    chosen = np.zeros(len(train), dtype=bool)
+    for label in sorted(set(labels)):
+        rows = np.flatnonzero(labels == label)
+        chosen[rng.choice(rows, size=max(1, round(CARVED_DEV_FRACTION * len(rows))), replace=False)] = True
+    return train[~chosen].reset_index(drop=True), train[chosen].reset_index(drop=True)

@@ -92,18 +92,24 @@ def warn_if_emulated_on_cpu(dtype: torch.dtype) -> None:
             "float32 is the CPU default", UserWarning, stacklevel=3)
 
 
-def make_accelerator(device: str = "auto", precision: str = "auto"):
+def make_accelerator(device: str = "auto", precision: str = "auto", report_to: str | tuple[str, ...] | list[str] = (),
+                     results_dir: str | Path = "results", run_id: str = "train"):
     """The ``accelerate.Accelerator`` for ``device`` (``"auto"``, ``"cpu"``, ``"cuda[:i]"``) and ``precision`` (see
     :func:`compute_dtype_for`): autocast, and for fp16 a loss scaler. Under ``accelerate launch`` / ``torchrun`` it
-    joins the process group."""
+    joins the process group. ``report_to``: the experiment trackers of run ``run_id``, logging under
+    ``<results_dir>/runs`` (see :mod:`peft_utils.trackers`); one accelerator per run, since accelerate fixes its
+    trackers when it is made."""
     from accelerate import Accelerator
+
+    from .trackers import accelerator_arguments
 
     resolved = resolve_device(device)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)  # "cuda:1" in one process; under a launcher each process has its own GPU
     mixed_precision = _MIXED_PRECISION[compute_dtype_for(resolved, precision)]
     _forget_another_precision(mixed_precision)
-    return Accelerator(cpu=resolved.type == "cpu", mixed_precision=mixed_precision)
+    return Accelerator(cpu=resolved.type == "cpu", mixed_precision=mixed_precision,
+                       **accelerator_arguments(report_to, results_dir, run_id))
 
 
 def _forget_another_precision(mixed_precision: str) -> None:

@@ -38,7 +38,7 @@ from .core.inject import select_targets
 from .core.loop import set_seed
 from .core.quant import require_bitsandbytes
 from .core.targets import meta_skeleton
-from .data import eval_rows, fingerprint, load_sst2, sst2_source, subset
+from .data import Splits, eval_rows, fingerprint, load_splits, subset
 from .devices import (compute_dtype_for, is_main_process, launched_processes, make_accelerator,
                       per_device_batch_size, resolve_device, same_in_every_process)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
@@ -119,10 +119,11 @@ class Plan:
 
 
 def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
-                    data: tuple[str, str], lr: float | None, compute_dtype: str) -> dict:
+                    data: tuple[str, Splits], lr: float | None, compute_dtype: str) -> dict:
     """The run's identity (:data:`~peft_utils.store.IDENTITY_KEYS`, ``rslora`` for the sweep only) after its group
-    and method: every setting that changes its result, as its ``config`` event records it; then where its data was
-    read from. ``data``: (the fingerprint of the splits its rows are drawn from, their source)."""
+    and method: every setting that changes its result, as its ``config`` event records it; then its data: where it
+    was read from, its classes, and the labels of the rows it is scored on (what paired tests compare predictions
+    with). ``data``: (the fingerprint of the splits its rows are drawn from, the splits)."""
     adapter = spec.adapter
     values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]),
               "data_fingerprint": data[0], "lr": lr, "seed": spec.seed, "compute_dtype": compute_dtype,
@@ -133,26 +134,27 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
     record = {"group": spec.group, "method": spec.method, **{key: values[key] for key in keys}}
     if spec.group == TUNE_GROUP:
         record["eval_split"] = EVAL_SPLIT
-    return {**record, "data_source": data[1]}
+    splits = data[1]
+    return {**record, "dataset": config.data.dataset, "data_source": splits.source, "dev_split": splits.dev_split,
+            "labels": list(splits.label_names), "eval_labels": frames[1]["label"].tolist()}
 
 
-def _train_and_eval_rows(config: ExperimentConfig, splits: dict[str, pd.DataFrame],
+def _train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame,
                          seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train rows (a balanced subset drawn with the run seed) and eval rows (a fixed subset, or all of dev)."""
     train_size, eval_size = config.data.train_size, config.data.eval_size
-    for name, size, split in (("train_size", train_size, "train"), ("eval_size", eval_size, "dev")):
-        if size is not None and size > len(splits[split]):
-            raise ValueError(f"{name}={size} is more than the {len(splits[split]):,} rows of the {split} split; "
-                             f"ask for at most {len(splits[split]):,} or 'all'")
+    for name, size, split, frame in (("train_size", train_size, "train", train), ("eval_size", eval_size, "dev", dev)):
+        if size is not None and size > len(frame):
+            raise ValueError(f"{name}={size} is more than the {len(frame):,} rows of the {split} split; "
+                             f"ask for at most {len(frame):,} or 'all'")
     try:
-        train_frame = splits["train"] if train_size is None else subset(splits["train"], train_size, seed, balanced=True)
+        train_frame = train if train_size is None else subset(train, train_size, seed, balanced=True)
     except ValueError as error:
         raise ValueError(f"train_size={train_size}: {error}") from None
-    eval_frame = eval_rows(splits["dev"], eval_size)
-    return train_frame, eval_frame
+    return train_frame, eval_rows(dev, eval_size)
 
 
-def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]) -> None:
+def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec], num_labels: int) -> None:
     """Before any run's model is built, each mistake one line with the numbers:
 
     - the results folder is a folder that can be written (:meth:`~peft_utils.store.RunStore.check_writable`);
@@ -173,7 +175,7 @@ def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]
     if any(get_method(s.method).quantized for s in specs):
         require_bitsandbytes()
     try:
-        model_config = AutoConfig.from_pretrained(resolve_model_source(source), num_labels=2)
+        model_config = AutoConfig.from_pretrained(resolve_model_source(source), num_labels=num_labels)
     except OSError as error:  # not found, offline: transformers' message spans lines
         raise ValueError(f"model {config.model!r}: cannot read its config: {str(error).splitlines()[0]}") from None
     setting, positions = _positions(model_config)
@@ -229,13 +231,13 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
         specs = tune_specs(config, list(dict.fromkeys(s.method for s in specs))) + specs
     device = resolve_device(config.train.device)  # a GPU asked for and absent, or a precision it lacks: refused here
     compute_dtype = str(compute_dtype_for(device, config.train.precision)).removeprefix("torch.")
-    splits = load_sst2(config.data.data_dir)
+    splits = load_splits(config.data)
     # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
-    data = (fingerprint(splits["train"], splits["dev"]), sst2_source(config.data.data_dir))
+    data = (fingerprint(splits.train, splits.dev), splits)
     frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
     per_device_batch_size(config.train.batch_size, launched_processes(), config.train.grad_accum_steps)
     source = materialize_model(config.model, config.data.data_dir)
-    _check_model(config, source, specs)
+    _check_model(config, source, specs, len(splits.label_names))
     store = RunStore(config.results_dir)
     runs = []
     for spec in specs:
@@ -248,14 +250,13 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     return _with_tuned_rates(plan) if config.tune.enabled else plan
 
 
-def _rows(config: ExperimentConfig, splits: dict[str, pd.DataFrame], group: str,
-          seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A run's (train rows, evaluation rows): tuning scores on held-out train rows, the others on dev."""
     if group == TUNE_GROUP:
-        return tuning_rows(config, splits["train"], seed)
+        return tuning_rows(config, splits.train, seed)
     if group == SWEEP_GROUP and config.sweep.train_size is not None:
         config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
-    return _train_and_eval_rows(config, splits, seed)
+    return _train_and_eval_rows(config, splits.train, splits.dev, seed)
 
 
 def _with_tuned_rates(plan: Plan) -> Plan:
@@ -303,7 +304,8 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) 
     from accelerate.utils import find_executable_batch_size
 
     config = plan.config
-    accelerator = make_accelerator(config.train.device, config.train.precision)
+    accelerator = make_accelerator(config.train.device, config.train.precision, config.report_to, store.folder,
+                                   run.run_id)
     adapter = run.spec.adapter or config.adapter
     memory_plan = plan_for_device(plan.model_source, run.spec.method, config.train, adapter,
                                   accelerator.num_processes, accelerator.device, name=config.model)
@@ -319,7 +321,8 @@ def _train_and_record(plan: Plan, run: PlannedRun, store: RunStore, label: str) 
         fitted = with_micro_batch_at_most(memory_plan, per_device_batch) if memory_plan is not None else None
         set_seed(run.spec.seed)  # adapter and head initialisation
         model, tokenizer = build_model(run.spec.method, plan.model_source, adapter,
-                                       compute_dtype_for(accelerator.device, config.train.precision))
+                                       compute_dtype_for(accelerator.device, config.train.precision),
+                                       run.record["labels"])
         try:
             run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
             if config.tune.enabled and run.spec.group != TUNE_GROUP:
@@ -466,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table[columns].to_string(index=False))
     from .plots import plot_all  # matplotlib only once there is something to draw
 
-    plot_all(config.results_dir, config.figures_dir, config.data.data_dir)  # its dev labels for the paired tests
+    plot_all(config.results_dir, config.figures_dir)
     print(f"figures: {config.figures_dir}")
     if args.sentences:  # only when asked: it loads every run's saved result again
         from .inference import predict_runs

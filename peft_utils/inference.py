@@ -14,15 +14,19 @@ import torch
 
 from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, check_safetensors, read_json
 from .models import resolve_model_source
+from .quiet import from_pretrained_noting_new_head
 
 SST2_LABELS = ("negative", "positive")
 
 
-def load_saved(folder: str | Path, base_model: str | Path | None = None):
+def load_saved(folder: str | Path, base_model: str | Path | None = None, labels: Sequence[str] = SST2_LABELS):
     """``(model, tokenizer)`` from a run's folder: a full checkpoint, or a peft adapter on its base model.
 
     ``base_model``: where the adapter's base is (default: the ``base_model_name_or_path`` the adapter records).
-    A damaged config or weights file is a ``ValueError`` naming it, before any library reads it.
+    ``labels``: an adapter's class names, in order (a run's record keeps them: ``labels``): the base gets a head of
+    that many classes named by them, as peft needs it (a peft adapter has no field for them). A checkpoint names
+    its own classes (``id2label``). A damaged config or weights file is a ``ValueError`` naming it, before any
+    library reads it.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -39,7 +43,9 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None):
     if not source:
         raise ValueError(f"{folder / CONFIG_FILE} records no base_model_name_or_path: pass base_model")
     source = resolve_model_source(source)
-    base = AutoModelForSequenceClassification.from_pretrained(source)
+    base = from_pretrained_noting_new_head(  # its head is the adapter's, loaded next: no report about it
+        AutoModelForSequenceClassification, source, announce=False, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
     return PeftModel.from_pretrained(base, folder), AutoTokenizer.from_pretrained(source)
 
 
@@ -72,7 +78,7 @@ def predict(
 ) -> pd.DataFrame:
     """One row per sentence: the predicted label and the probability of the last label (SST-2: positive)."""
     sentences = check_sentences(sentences)
-    model, tokenizer = load_saved(folder, base_model)
+    model, tokenizer = load_saved(folder, base_model, labels)
     if tokenizer.pad_token is None:  # GPT-2: pad with EOS, and tell the model which id is padding
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
@@ -93,9 +99,14 @@ __all__ = ["SST2_LABELS", "load_saved", "predict"]
 
 
 def predict_runs(results_dir: str | Path, run_ids: Sequence[str], sentences: Sequence[str]) -> pd.DataFrame:
-    """P(positive) of each sentence under each run's saved result: one row per sentence, one column per run."""
+    """Each sentence under each run's saved result, one column per run: the probability of the last class with two
+    classes (SST-2: positive), the predicted class's name with more."""
     from .store import RunStore
 
     store = RunStore(results_dir)
-    columns = {rid: predict(store.saved_dir(rid), sentences)["p_positive"].to_numpy() for rid in run_ids}
+    columns = {}
+    for rid in run_ids:
+        labels = store.events(rid)[0]["labels"]
+        table = predict(store.saved_dir(rid), sentences, labels=labels)
+        columns[rid] = table.iloc[:, -1 if len(labels) == 2 else 1].to_numpy()
     return pd.DataFrame({"sentence": list(sentences), **columns})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -258,8 +259,10 @@ def materialize_model(model: str, data_dir: str | Path | None = None) -> str:
 
 
 def build_model(method: str, model_source: str | Path, adapter: AdapterSettings = AdapterSettings(),
-                dtype: torch.dtype = torch.float32):
-    """A fresh ``(model, tokenizer)`` for ``method``, from the pretrained base every method shares.
+                dtype: torch.dtype = torch.float32, labels: Sequence[str] = ("0", "1")):
+    """A fresh ``(model, tokenizer)`` for ``method``, from the pretrained base every method shares, with a new
+    head of one output per class of ``labels`` (their names go into the model's ``id2label``, so a saved checkpoint
+    and ``pipeline`` name the classes).
 
     - ``full``: the base in float32 (the optimiser's master weights), every parameter trainable.
     - ``lora`` / ``dora``: the frozen base stored in ``dtype`` (the autocast dtype: bf16 on a GPU, where a
@@ -271,18 +274,26 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
     """
     kind = get_method(method)
     if kind.adapter is None:
-        model, tokenizer = load_model(model_source)
+        model, tokenizer = load_model(model_source, len(labels))
         model.requires_grad_(True)
-        return model, tokenizer
+        return name_labels(model, labels), tokenizer
     if kind.quantized:
-        model, tokenizer = load_quantized(model_source, compute_dtype=dtype)
+        model, tokenizer = load_quantized(model_source, len(labels), compute_dtype=dtype)
         prepare_for_kbit_training(model)
     else:
-        model, tokenizer = load_model(model_source, dtype=dtype)
+        model, tokenizer = load_model(model_source, len(labels), dtype=dtype)
+    name_labels(model, labels)
     apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
                    dropout=adapter.dropout, use_rslora=adapter.rslora)
     _upcast_trainable(model)
     return model, tokenizer
+
+
+def name_labels(model: torch.nn.Module, labels: Sequence[str]) -> torch.nn.Module:
+    """Set the model's ``id2label`` / ``label2id`` to ``labels`` in order (class ``i`` is ``labels[i]``)."""
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    return model
 
 
 def _upcast_trainable(model: torch.nn.Module) -> None:

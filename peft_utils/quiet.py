@@ -82,31 +82,37 @@ def _release(logger: logging.Logger, hold: _HoldLoadReport) -> None:
 
 
 def new_head_keys(model, loading_info: dict[str, Any]) -> list[str]:
-    """The missing keys that belong to the task head (outside the base model), when nothing else is amiss.
+    """The task head's keys (outside the base model) that were missing, or re-initialised because the checkpoint's
+    head has another number of classes, when nothing else is amiss.
 
-    Returns ``[]`` when the load was not exactly "pretrained body + new head": another missing key, an unexpected
-    or mismatched key, or no missing key at all.
+    Returns ``[]`` when the load was not exactly "pretrained body + new head": another missing or mismatched key,
+    an unexpected key, or no new key at all.
     """
     body = f"{model.base_model_prefix}."
-    missing = sorted(loading_info.get("missing_keys", ()))
-    if any(loading_info.get(kind) for kind in ("unexpected_keys", "mismatched_keys", "error_msgs")):
+    mismatched = [key[0] if isinstance(key, tuple) else key for key in loading_info.get("mismatched_keys", ())]
+    new = sorted({*loading_info.get("missing_keys", ()), *mismatched})
+    if any(loading_info.get(kind) for kind in ("unexpected_keys", "error_msgs")):
         return []
-    if not missing or any(key.startswith(body) for key in missing):
+    if not new or any(key.startswith(body) for key in new):
         return []
-    return missing
+    return new
 
 
-def from_pretrained_noting_new_head(model_class, source: str, **kwargs: Any):
+def from_pretrained_noting_new_head(model_class, source: str, announce: bool = True, **kwargs: Any):
     """``model_class.from_pretrained(source, **kwargs)``, with transformers' LOAD REPORT for a freshly initialised
-    classification head replaced by one line: ``new classification head: 2 labels, randomly initialised``.
+    classification head replaced by one line: ``new classification head: 2 labels, randomly initialised`` (by
+    nothing without ``announce``: a base whose head an adapter replaces next).
 
     Any other report (missing body weights, unexpected or mismatched keys) is shown in full, as transformers
     wrote it.
     """
     with _load_report_held() as hold:
-        model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+        # a checkpoint's head for another number of classes is replaced by a new one, as a missing head would be
+        model, info = model_class.from_pretrained(source, output_loading_info=True,
+                                                  **{"ignore_mismatched_sizes": True, **kwargs})
     if hold.held and new_head_keys(model, info):
-        print(f"new classification head: {model.config.num_labels} labels, randomly initialised", flush=True)
+        if announce:
+            print(f"new classification head: {model.config.num_labels} labels, randomly initialised", flush=True)
     else:
         _release(logging.getLogger(TRANSFORMERS_LOAD_LOGGER), hold)
     return model

@@ -16,7 +16,8 @@ from .config import ExperimentConfig, config_record
 from .formatting import format_bytes, format_count, format_paired_difference, format_points, format_seconds
 from .methods import METHODS, ordered_methods
 from .store import COMPARISON_GROUP, RunStore
-from .stats import numeric_column, optional_column, paired_statistics, per_method_summary, runs_in_group
+from .stats import (macro_f1_by_method, numeric_column, optional_column, paired_statistics, per_method_summary,
+                    runs_in_group)
 
 # The references the summary table compares against, with their column titles.
 _REFERENCES = {"full": "vs full fine-tuning", "lora": "vs LoRA"}
@@ -67,12 +68,12 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def comparison_markdown(results_dir: str | Path, data_dir: str | Path | None = None) -> str:
+def comparison_markdown(results_dir: str | Path) -> str:
     """The comparison runs of ``results_dir`` as the notebook's and README's Markdown table: per method the mean ±
-    sd dev accuracy over seeds, cost, and the paired differences to full fine-tuning and LoRA (dev labels from
-    ``data_dir``; without them the paired columns are left out, with the reason printed)."""
+    sd dev accuracy over seeds, cost, and the paired differences to full fine-tuning and LoRA (labels from the
+    records; without them the paired columns are left out, with the reason printed)."""
     runs = RunStore(results_dir).load().runs
-    return summary_markdown(summary_table(runs, paired_statistics(runs, data_dir).table))
+    return summary_markdown(summary_table(runs, paired_statistics(runs).table))
 
 
 def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
@@ -93,7 +94,9 @@ def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.
 
     Columns: ``n_seeds``, ``accuracy`` (mean) and ``accuracy_sd`` (sample sd over seeds; NaN with one seed, where
     there is no spread to report), ``train_time_s`` (mean), ``peak_memory_bytes`` (max) and ``memory_kind``,
-    ``trainable_params``, ``disk_bytes`` and ``disk_kind``; then for each reference present in ``paired`` (full
+    ``trainable_params``, ``disk_bytes`` and ``disk_kind``; ``macro_f1`` (mean over seeds) where the classes call
+    for it (:func:`~peft_utils.stats.macro_f1_by_method`);
+    then for each reference present in ``paired`` (full
     fine-tuning, LoRA): ``vs_<ref>``, ``vs_<ref>_low``, ``vs_<ref>_high``, ``vs_<ref>_p`` (fractions). Only
     comparison runs count. Indexed by method, in the package's method order.
     """
@@ -108,6 +111,9 @@ def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.
         "accuracy": accuracy.mean().reindex(methods),
         "accuracy_sd": accuracy.std(ddof=1).reindex(methods),
     })
+    f1 = macro_f1_by_method(comparison)
+    if f1 is not None:
+        table["macro_f1"] = f1.reindex(methods)
     for column in ("train_time_s", "peak_memory_bytes", "memory_kind", "trainable_params", "disk_bytes", "disk_kind"):
         table[column] = summary[column]
     if paired is not None:
@@ -128,7 +134,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
         return "(no comparison run)"
     references = [r for r in _REFERENCES if f"vs_{r}" in table.columns]
     accuracy_title = "dev accuracy % (mean ± sd)" if table["accuracy_sd"].notna().any() else "dev accuracy %"
-    header = ["method", accuracy_title, "seeds", "train time", "peak memory", "trainable params",
+    f1 = ["macro-F1 % (mean)"] if "macro_f1" in table.columns else []
+    header = ["method", accuracy_title, *f1, "seeds", "train time", "peak memory", "trainable params",
               "shipped"] + [_REFERENCES[r] for r in references]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for method, row in table.iterrows():
@@ -136,7 +143,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
         if np.isfinite(row["accuracy_sd"]):
             accuracy += f" ± {format_points(row['accuracy_sd'])}"
         memory = format_bytes(row["peak_memory_bytes"]) + (f" ({row['memory_kind']})" if row["memory_kind"] else "")
-        cells = [METHODS[method].label if method in METHODS else str(method), accuracy, str(int(row["n_seeds"])),
+        cells = [METHODS[method].label if method in METHODS else str(method), accuracy,
+                 *([format_points(row["macro_f1"])] if f1 else []), str(int(row["n_seeds"])),
                  format_seconds(row["train_time_s"]), memory, format_count(row["trainable_params"]),
                  format_bytes(row["disk_bytes"])]
         for reference in references:

@@ -6,8 +6,16 @@ runs over TCP without encryption. This driver calls papermill's Python API inste
 - the kernel talks over IPC sockets in a private temporary folder (no network port, no warning);
 - everything the notebook prints (the per-run progress lines of :mod:`peft_utils.progress`, evaluation results,
   real warnings) is forwarded to this terminal as it happens;
-- at the end it writes the executed notebook as a self-contained HTML report (figures embedded) and prints the
-  results table and the paths of the notebook, the report and the figures.
+- at the end it writes the executed notebook as a self-contained HTML report and prints the results table and
+  the paths of the notebook, the report and the figures.
+
+The report reads offline: figures are embedded, the formulas are rendered to MathML when the report is written
+(nbconvert's default loads MathJax from a CDN, so offline a reader would see raw TeX), and no script is loaded from
+anywhere. The per-run progress lines, which the terminal showed live, are left out of it (:data:`PROGRESS_LINE`);
+the executed notebook keeps them.
+
+``--commit-outputs`` also writes the executed notebook, cleaned (:func:`committed_copy`), over ``--notebook``: how
+the outputs saved in ``peft.ipynb`` are made (docs/notebook.md). Without it the source notebook is never written.
 
 A cell that fails on the user's input (a wrong path, an unknown method) ends with one line naming the error.
 
@@ -16,7 +24,9 @@ A cell that fails on the user's input (a wrong path, an unknown method) ends wit
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -27,6 +37,21 @@ from .progress import MODE_ENV
 
 NOTEBOOK = Path("peft.ipynb")
 EXECUTED = Path("peft.out.ipynb")
+# A progress line of one run (peft_utils.progress, labelled ``run <i>/<n> <method>`` by experiment.run_plan) or a
+# note under it: "run 3/32 lora | step 40/250 (16%) | 3.1 steps/s | ...", "run 3/32 lora | step 125: dev accuracy
+# ...". The lines that say what happened to each run ("[run 3/32] ...: training", "... already complete ...,
+# skipped") are not progress, and stay.
+PROGRESS_LINE = re.compile(r"^run \d+/\d+ \S+ \| .*(?:\n|$)", re.MULTILINE)
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # a progress bar drawn in JupyterLab
+# nbconvert's "lab" page without its CDN scripts: require.js and widgets (this notebook has neither JavaScript
+# outputs nor widgets), MathJax (the math is MathML already) and mermaid (no diagrams).
+REPORT_TEMPLATE = "peft-lab-report.html.j2"
+REPORT_TEMPLATE_SOURCE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
 
 
 def _ipc_kernel_manager(socket_dir: str) -> type:
@@ -69,11 +94,84 @@ def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any], c
         )
 
 
-def export_html(executed: Path) -> Path:
-    """The executed notebook as one HTML file beside it; figures are embedded, so it opens in any browser."""
-    from nbconvert import HTMLExporter
+def without_progress(notebook):
+    """A copy of ``notebook`` (an ``nbformat`` node) without per-run progress: :data:`PROGRESS_LINE` lines are
+    dropped from printed output, and progress-bar widgets (which need JupyterLab to draw) from displayed output.
 
-    html, _ = HTMLExporter(template_name="lab", embed_images=True).from_filename(str(executed))
+    Why: the terminal showed the progress live; a saved page of a hundred "step 40/250" lines buries the results.
+    """
+    notebook = copy.deepcopy(notebook)
+    for cell in notebook.cells:
+        kept = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                text = output["text"] if isinstance(output["text"], str) else "".join(output["text"])
+                output["text"] = PROGRESS_LINE.sub("", text)
+                if not output["text"]:
+                    continue
+            elif WIDGET_VIEW in output.get("data", {}):
+                continue
+            kept.append(output)
+        if cell.cell_type == "code":
+            cell.outputs = kept
+    return notebook
+
+
+def committed_copy(executed):
+    """The executed notebook as ``peft.ipynb`` keeps it: without papermill's injected parameters cell (the notebook
+    opened in JupyterLab must run its own parameters cell, not the ones a run injected), without volatile metadata
+    (papermill's record and timings, nbclient's execution timestamps) and without progress."""
+    notebook = without_progress(executed)
+    notebook.cells = [cell for cell in notebook.cells if "injected-parameters" not in cell.metadata.get("tags", [])]
+    notebook.metadata.pop("papermill", None)
+    for cell in notebook.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    return notebook
+
+
+def _report_exporter():
+    """nbconvert's HTML exporter (the "lab" look, figures embedded) with every formula rendered to MathML and the
+    :data:`REPORT_TEMPLATE`: the page needs no network and no script to show its math."""
+    from jinja2 import DictLoader, pass_context
+    from latex2mathml.converter import convert
+    from nbconvert import HTMLExporter
+    from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
+
+    class MathMLRenderer(IPythonRenderer):
+        def inline_math(self, body: str) -> str:
+            return convert(body)
+
+        def block_math(self, body: str) -> str:
+            return convert(body, display="block")
+
+        def latex_environment(self, name: str, body: str) -> str:
+            return convert(f"\\begin{{{name}}}{body}\\end{{{name}}}", display="block")
+
+    class ReportExporter(HTMLExporter):
+        @pass_context
+        def markdown2html(self, context, source: str) -> str:  # HTMLExporter's, with the renderer above
+            cell = context.get("cell", {})
+            renderer = MathMLRenderer(
+                escape=False, attachments=cell.get("attachments", {}), embed_images=self.embed_images,
+                path=context.get("resources", {}).get("metadata", {}).get("path", ""),
+                anchor_link_text=self.anchor_link_text, exclude_anchor_links=self.exclude_anchor_links,
+                **self.lexer_options,
+            )
+            return MarkdownWithMath(renderer=renderer).render(source)
+
+    return ReportExporter(template_name="lab", template_file=REPORT_TEMPLATE, embed_images=True,
+                          extra_loaders=[DictLoader({REPORT_TEMPLATE: REPORT_TEMPLATE_SOURCE})])
+
+
+def export_html(executed: Path) -> Path:
+    """The executed notebook as one HTML file beside it that opens in any browser, offline: figures embedded, math
+    as MathML, no script from a CDN, no progress lines (:func:`without_progress`)."""
+    import nbformat
+
+    notebook = without_progress(nbformat.read(executed, as_version=4))
+    resources = {"metadata": {"name": executed.stem, "path": str(executed.parent)}}
+    html, _ = _report_exporter().from_notebook_node(notebook, resources=resources)
     path = executed.with_suffix(".html")
     path.write_text(html, encoding="utf-8")
     return path
@@ -101,7 +199,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--imgs-dir", default="imgs", help="where the figures are written (default: imgs)")
     parser.add_argument("--notebook", type=Path, default=NOTEBOOK)
     parser.add_argument("--output", type=Path, default=EXECUTED, help="the executed notebook (default: peft.out.ipynb)")
-    return parser.parse_args(argv)
+    parser.add_argument("--commit-outputs", action="store_true",
+                        help="also save the executed notebook, cleaned, over --notebook (how peft.ipynb's saved "
+                             "outputs are made; see docs/notebook.md)")
+    args = parser.parse_args(argv)
+    if args.output.resolve() == args.notebook.resolve():
+        parser.error(f"--output {args.output} is the notebook itself: the executed copy must be another file "
+                     "(--commit-outputs saves a cleaned copy over the notebook)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"executed notebook with the full traceback is {args.output})", file=sys.stderr)
         return 1
     html = export_html(args.output)
+    if args.commit_outputs:
+        import nbformat
+
+        nbformat.write(committed_copy(nbformat.read(args.output, as_version=4)), args.notebook)
+        print(f"Saved the outputs, cleaned, in {args.notebook}", flush=True)
     print(closing_summary(results_dir, args.output, html, Path(args.imgs_dir)), flush=True)
     return 0
 

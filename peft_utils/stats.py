@@ -19,13 +19,11 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from .data import dev_labels
 from .methods import ordered_methods
 from .store import COMPARISON_GROUP
 
@@ -49,7 +47,10 @@ __all__ = [
     "comparison_pairs",
     "seed_correctness",
     "paired_comparisons",
-    "dev_eval_size",
+    "recorded_labels",
+    "macro_f1",
+    "needs_macro_f1",
+    "macro_f1_by_method",
     "PairedStatistics",
     "paired_statistics",
 ]
@@ -121,7 +122,9 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
     denominator = 1.0 + z2 / n
     center = (accuracy + z2 / (2 * n)) / denominator
     half = z / denominator * math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # The interval contains the estimate; at p = 0 or 1 rounding can put an end a hair inside it (a negative
+    # error bar, which matplotlib refuses).
+    return max(0.0, min(center - half, accuracy)), min(1.0, max(center + half, accuracy))
 
 
 class MeanInterval(NamedTuple):
@@ -356,8 +359,8 @@ def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> 
     A one-line ``ValueError`` names the first run that fails (no predictions, other length, other accuracy).
     """
     labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0 or not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"labels must be a non-empty vector of 0/1 dev labels, got shape {labels.shape}")
+    if labels.ndim != 1 or labels.size == 0 or labels.dtype.kind not in "iu" or (labels < 0).any():
+        raise ValueError(f"labels must be a non-empty vector of class ids (0, 1, ...), got shape {labels.shape}")
     predictions = optional_column(runs, "dev_predictions")
     by_method: dict[str, dict[int, np.ndarray]] = {}
     for index, run in runs.iterrows():
@@ -426,33 +429,69 @@ class PairedStatistics(NamedTuple):
     reason: str | None
 
 
-def dev_eval_size(comparison: pd.DataFrame) -> int:
-    """How many dev rows the comparison runs were scored on: one size shared by all of them, on the dev split."""
+def recorded_labels(comparison: pd.DataFrame) -> np.ndarray:
+    """The gold labels of the rows the comparison runs were scored on, as their records keep them
+    (``eval_labels``, in the order of their ``dev_predictions``): one list shared by every run, else an error."""
     if comparison.empty:
-        raise ValueError("no comparison run to take dev labels for")
-    splits = {str(s) for s in optional_column(comparison, "eval_split").dropna()} - {"dev"}
-    if splits:
-        raise ValueError(f"comparison runs scored on {', '.join(sorted(splits))}, not on the dev split")
-    sizes = numeric_column(comparison, "eval_size").fillna(numeric_column(comparison, "n_eval")).dropna().unique()
-    if len(sizes) != 1:
-        raise ValueError(f"the comparison runs do not share one eval_size (found {sorted(sizes.tolist())})")
-    return int(sizes[0])
+        raise ValueError("no comparison run to take labels from")
+    values = list(optional_column(comparison, "eval_labels"))
+    missing = [run for run, value in zip(comparison["run_id"], values) if not isinstance(value, (list, np.ndarray))]
+    if missing:
+        raise ValueError(f"run {missing[0]} records no eval_labels")
+    if len({tuple(value) for value in values}) > 1:
+        raise ValueError("the comparison runs were scored on different rows (their eval_labels differ)")
+    return np.asarray(values[0])
 
 
-def paired_statistics(runs: pd.DataFrame, data_dir: str | Path | None = None,
-                      labels: np.ndarray | None = None) -> PairedStatistics:
+def macro_f1(predictions: np.ndarray | Sequence[int], labels: np.ndarray | Sequence[int]) -> float:
+    """The mean over classes of each class's F1 (2 TP / (2 TP + FP + FN)): every class counts alike, so a model
+    that ignores a rare class scores low even where its accuracy is high. A class absent from both scores 0."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    scores = []
+    for label in np.union1d(labels, predictions):
+        true_positive = np.sum((predictions == label) & (labels == label))
+        scores.append(2 * true_positive / (np.sum(predictions == label) + np.sum(labels == label)))
+    return float(np.mean(scores))
+
+
+# Macro-F1 is reported beside accuracy when the classes are more than two, or further from balanced than this
+# ratio of the largest class to the smallest: there accuracy alone can hide a class the model never predicts.
+IMBALANCE_RATIO = 1.5
+
+
+def needs_macro_f1(labels: np.ndarray | Sequence[int]) -> bool:
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    return len(counts) > 2 or counts.max() > IMBALANCE_RATIO * counts.min()
+
+
+def macro_f1_by_method(comparison: pd.DataFrame) -> pd.Series | None:
+    """Each method's macro-F1, mean over its seeds, where the labels call for it (:func:`needs_macro_f1`) and every
+    run records its predictions and labels; else ``None``."""
+    try:
+        labels = recorded_labels(comparison)
+    except ValueError:
+        return None
+    predictions = list(optional_column(comparison, "dev_predictions"))
+    if not needs_macro_f1(labels) or not all(isinstance(p, (list, np.ndarray)) for p in predictions):
+        return None
+    scores = pd.Series([macro_f1(p, labels) for p in predictions], index=comparison.index)
+    return scores.groupby(comparison["method"]).mean()
+
+
+def paired_statistics(runs: pd.DataFrame, labels: np.ndarray | None = None) -> PairedStatistics:
     """The paired tests of the comparison runs, or a one-line reason (printed to stderr) why there are none.
 
-    ``labels``: the dev labels when the caller has them; otherwise read with :func:`peft_utils.data.dev_labels`
-    from ``data_dir``, and checked by :func:`seed_correctness` against every run's recorded accuracy. Skipped when fewer than two methods were compared, when a run records no dev predictions,
-    or when the labels cannot be found or do not reproduce the recorded accuracies.
+    ``labels``: the gold labels of the rows the runs were scored on; by default the ones their records keep
+    (:func:`recorded_labels`), checked by :func:`seed_correctness` against every run's recorded accuracy. Skipped
+    when fewer than two methods were compared, when a run records no predictions or labels, or when the labels do
+    not reproduce the recorded accuracies.
     """
     comparison = runs_in_group(runs, COMPARISON_GROUP)
     if optional_column(comparison, "method").nunique() < 2:
         return PairedStatistics(None, None)  # nothing to compare: not a skipped test
     try:
         if labels is None:
-            labels = dev_labels(dev_eval_size(comparison), data_dir)
+            labels = recorded_labels(comparison)
         return PairedStatistics(paired_comparisons(comparison, labels), None)
     except (ValueError, OSError) as error:
         reason = str(error).splitlines()[0]

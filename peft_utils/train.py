@@ -2,8 +2,9 @@
 
 :func:`train` builds the batches (the global batch cut for this process and the memory plan's accumulation),
 prepares the model with accelerate, runs :func:`~peft_utils.core.loop.train_loop`, and around every step and
-evaluation it yields: streams ``config``/``step``/``eval``/``summary`` events to the run's record, shows progress,
-times the optimisation and measures peak memory. Only the main process records, prints and saves.
+evaluation it yields: streams ``config``/``step``/``eval``/``summary`` events to the run's record (and to the
+experiment trackers the accelerator was made with, :mod:`peft_utils.trackers`), shows progress, times the
+optimisation and measures peak memory. Only the main process records, logs, prints and saves.
 
 What is measured, and how:
 
@@ -18,8 +19,9 @@ What is measured, and how:
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from .devices import (accelerator_device, compute_dtype_for, hardware_name, is_m
 from .memory_plan import MemoryPlan, to_record
 from .progress import Progress
 from .store import RunRecorder
+from .trackers import RunTrackers
 
 
 @dataclass
@@ -111,8 +114,8 @@ def _batches(frames: tuple[pd.DataFrame, pd.DataFrame], tokenizer, config: Train
         raise ValueError("tokenizer has no pad token: run models.configure_padding(tokenizer, model) first")
     processes, pad = accelerator.num_processes, tokenizer.pad_token_id
     micro_batch = per_device_batch_size(config.batch_size, processes, accumulation)
-    train_rows, eval_rows = (encode(f["sentence"].tolist(), f["label"].tolist(), tokenizer, config.max_length)
-                             for f in frames)
+    train_rows, eval_rows = (encode(f["sentence"].tolist(), f["label"].tolist(), tokenizer, config.max_length,
+                                    f["sentence2"].tolist() if "sentence2" in f else None) for f in frames)
     train = make_loader(train_rows, config.batch_size, pad, shuffle=True, seed=seed,
                         bucket_by_length=config.bucket_by_length, padded=False)
     evaluation = make_loader(eval_rows, config.eval_batch_size or 2 * micro_batch, pad, shuffle=False, seed=seed,
@@ -155,11 +158,34 @@ class _Clock:
         return time.perf_counter() - self.started - self.evaluating
 
 
+@dataclass(frozen=True)
+class _Outputs:
+    """Where the main process sends a run's events: its record (the source of truth for tables and figures) and its
+    experiment trackers (dashboards); the other processes of a launch send them nowhere."""
+
+    sinks: tuple[RunRecorder | RunTrackers, ...]
+
+    def log(self, event: str, **fields: Any) -> None:
+        for sink in self.sinks:
+            sink.log(event, **fields)
+
+
+@contextlib.contextmanager
+def _outputs(recorder: RunRecorder | None, accelerator, run_id: str, main: bool) -> Iterator[_Outputs]:
+    """The run's :class:`_Outputs`; its trackers (those the accelerator was made with) finished however it ends."""
+    trackers = RunTrackers(accelerator, run_id) if main and accelerator.log_with else None
+    try:
+        yield _Outputs(tuple(sink for sink in (recorder if main else None, trackers) if sink is not None))
+    finally:
+        if trackers is not None:
+            trackers.close()
+
+
 @dataclass
 class _Watch:
     """What the lab does with each thing the loop yields: record it, show it, measure it."""
 
-    recorder: RunRecorder | None
+    outputs: _Outputs
     progress: Progress
     memory: _PeakMemory
     clock: _Clock
@@ -183,9 +209,9 @@ class _Watch:
             window.append(event.loss)
             self.progress.update(event.step, event.loss)
             if event.step % self.log_every == 0 or event.step == self.total_steps:
-                if self.recorder is not None:  # the mean loss since the last step event: less noise in the curves
-                    self.recorder.log("step", step=event.step, epoch=event.epoch, loss=sum(window) / len(window),
-                                      lr=event.lr, elapsed_s=self.clock.elapsed())
+                # the mean loss since the last step event: less noise in the curves
+                self.outputs.log("step", step=event.step, epoch=event.epoch, loss=sum(window) / len(window),
+                                 lr=event.lr, elapsed_s=self.clock.elapsed())
                 window = []
 
     def _evaluated(self, event: EvalMetrics) -> None:
@@ -195,8 +221,7 @@ class _Watch:
                   "loss": evaluation.loss, "n": evaluation.n, "eval_time_s": evaluation.seconds}
         self.result.evals.append({**record, "predictions": evaluation.predictions,
                                   "probabilities": evaluation.probabilities})
-        if self.recorder is not None:
-            self.recorder.log("eval", **record)
+        self.outputs.log("eval", **record)
         self.progress.write(f"step {event.step}: dev accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}")
 
     def summary(self, train_time: float, accelerator) -> dict[str, Any]:
@@ -250,35 +275,36 @@ def train(
     which marks the run complete. ``on_finish(model)`` runs after the last evaluation and before the summary (to
     save what was trained, so that a complete record always has its saved result); the fields it returns join the
     summary. ``memory_plan``: the accumulation and gradient checkpointing that fit the GPU, used instead of
-    ``config``'s (which the record keeps as the run's identity).
+    ``config``'s (which the record keeps as the run's identity). An ``accelerator`` made with trackers
+    (``make_accelerator(report_to=...)``) receives the same events, the run named after ``run_info``'s run id.
     """
     accelerator = accelerator or make_accelerator(config.device, config.precision)
     batches = _setup(model, tokenizer, (train_frame, eval_frame), config, seed, accelerator, memory_plan)
     main, total_steps = is_main_process(), len(batches.train) * config.epochs
-    recorder = recorder if main else None
-    if recorder is not None:
-        recorder.log("config", **_config_event(model, config, batches, accelerator, lr=lr, seed=seed,
-                                                run_info=run_info or {}, memory_plan=memory_plan))
-    model, optimizer, scheduler = _prepared(model, config, accelerator, lr, seed, total_steps)
-    device = accelerator_device(accelerator)
-    progress = Progress(mode=None if main else "off")
-    progress.start(total_steps, progress_label or (run_info or {}).get("run_id", "train"))
-    watch = _Watch(recorder, progress, _PeakMemory(device), _Clock(device), config.log_every, total_steps)
-    watch.memory.start()
-    watch.clock.start()
-    try:
-        watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
-                                epochs=config.epochs, max_grad_norm=config.max_grad_norm,
-                                eval_every=config.eval_every))
-        train_time = watch.clock.elapsed(exact=True)
-    finally:
-        progress.close()
-    result = watch.result
-    result.summary = watch.summary(train_time, accelerator)
-    if on_finish is not None and main:
-        result.summary.update(on_finish(accelerator.unwrap_model(model)))
-    if recorder is not None:
-        recorder.log("summary", **result.summary)
+    name = (run_info or {}).get("run_id", "train")
+    with _outputs(recorder, accelerator, name, main) as outputs:
+        if outputs.sinks:
+            outputs.log("config", **_config_event(model, config, batches, accelerator, lr=lr, seed=seed,
+                                                   run_info=run_info or {}, memory_plan=memory_plan))
+        model, optimizer, scheduler = _prepared(model, config, accelerator, lr, seed, total_steps)
+        device = accelerator_device(accelerator)
+        progress = Progress(mode=None if main else "off")
+        progress.start(total_steps, progress_label or name)
+        watch = _Watch(outputs, progress, _PeakMemory(device), _Clock(device), config.log_every, total_steps)
+        watch.memory.start()
+        watch.clock.start()
+        try:
+            watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
+                                    epochs=config.epochs, max_grad_norm=config.max_grad_norm,
+                                    eval_every=config.eval_every))
+            train_time = watch.clock.elapsed(exact=True)
+        finally:
+            progress.close()
+        result = watch.result
+        result.summary = watch.summary(train_time, accelerator)
+        if on_finish is not None and main:
+            result.summary.update(on_finish(accelerator.unwrap_model(model)))
+        outputs.log("summary", **result.summary)
     accelerator.wait_for_everyone()  # the record is complete before any process plans or trains what follows
     accelerator.free_memory()  # the accelerator's references to this run's model and optimiser
     return result

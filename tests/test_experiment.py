@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO_ROOT
 from peft_utils import experiment
+from peft_utils.data import Splits
 from peft_utils.config import PROFILES, AdapterSettings, make_config
 from peft_utils.experiment import RunSpec, plan_experiment, run_comparison, run_id, run_sweep
 from peft_utils.models import build_model
@@ -189,7 +190,7 @@ def test_sweep_grid_uses_alpha_ratios(tmp_path, monkeypatch):
     planned = []
     monkeypatch.setattr(experiment, "run_plan",
                         lambda plan: planned.extend(run.spec for run in plan.runs) or pd.DataFrame({"group": []}))
-    monkeypatch.setattr(experiment, "load_sst2", lambda data_dir: _splits(40, 10))
+    monkeypatch.setattr(experiment, "load_splits", lambda data: _splits(40, 10))
     run_sweep(make_config("smoke", sweep_ranks=[2, 8], sweep_alpha_ratios=[1, 2], results_dir=str(tmp_path),
                           seeds=[0, 1], train_size=8, eval_size=4))
     assert {(s.adapter.rank, s.adapter.alpha, s.seed) for s in planned} == {
@@ -232,14 +233,14 @@ def test_run_ids_are_deterministic_and_readable():
 # ------------------------------------------------------------------------------------------ checked up front
 
 
-def _splits(train_rows: int, dev_rows: int) -> dict[str, pd.DataFrame]:
+def _splits(train_rows: int, dev_rows: int) -> Splits:
     def frame(n):
         return pd.DataFrame({"sentence": [f"s{i}" for i in range(n)], "label": [i % 2 for i in range(n)]})
-    return {"train": frame(train_rows), "dev": frame(dev_rows)}
+    return Splits(frame(train_rows), frame(dev_rows), ("negative", "positive"), "made up", "dev")
 
 
 def test_sizes_must_fit_the_data_instead_of_being_clamped(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiment, "load_sst2", lambda data_dir: _splits(40, 10))
+    monkeypatch.setattr(experiment, "load_splits", lambda data: _splits(40, 10))
     with pytest.raises(ValueError, match=r"eval_size=11 is more than the 10 rows of the dev split"):
         plan_experiment(make_config("smoke", eval_size=11, results_dir=str(tmp_path)))
     with pytest.raises(ValueError, match=r"train_size=41 is more than the 40 rows"):

@@ -1,7 +1,12 @@
-"""The notebook runs top to bottom in the smoke profile and writes every figure (what `make run` does, small)."""
+"""The notebook: it runs top to bottom in the smoke profile and writes every figure (what `make run` does, small); its
+parameters cell shows the profiles' values; the outputs committed with it are the committed records' tables; and the
+HTML report reads offline (math rendered, no CDN script) without the per-run progress lines."""
 from __future__ import annotations
 
+import ast
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,33 +14,71 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
+from peft_utils import config as cfg
+from peft_utils import run_notebook as driver
 
 EXPECTED_FIGURES = (
     "loss.png", "accuracy.png", "accuracy_curve.png", "time.png", "model_size.png", "memory.png",
     "trainable_params.png", "sweep.png", "summary.png",
 )
+NOTEBOOK = REPO_ROOT / "peft.ipynb"
+# The records the committed outputs were made from, and those of the "results first" cell.
+COMMITTED_RESULTS, FULL_TRAIN_RESULTS = REPO_ROOT / "results" / "cpu-reference", REPO_ROOT / "results" / "cpu-fulltrain"
 
 
 def run_notebook(tmp_path: Path, sst2_dir: Path, *parameters: str) -> tuple[Path, Path]:
-    """Execute peft.ipynb with papermill in the smoke profile (plus ``-p name value`` pairs); returns its folders."""
+    """Execute peft.ipynb with papermill in the smoke profile (plus ``-p name value`` pairs); returns its folders.
+
+    Progress as plain lines, as ``make run`` sets it (in a kernel it would otherwise draw widgets)."""
     results, imgs = tmp_path / "results", tmp_path / "imgs"
     command = [
-        sys.executable, "-m", "papermill", str(REPO_ROOT / "peft.ipynb"), str(tmp_path / "out.ipynb"),
+        sys.executable, "-m", "papermill", str(NOTEBOOK), str(tmp_path / "out.ipynb"),
         "-p", "profile", "smoke", "-p", "data_dir", str(sst2_dir.parent),
         "-p", "results_dir", str(results), "-p", "imgs_dir", str(imgs), *parameters, "--cwd", str(REPO_ROOT),
     ]
-    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONPATH": str(REPO_ROOT),
+           "PEFT_LAB_PROGRESS": "lines"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return results, imgs
 
 
+def _notebook(path: Path = NOTEBOOK):
+    import nbformat
+
+    return nbformat.read(path, as_version=4)
+
+
+def _tagged(notebook, tag: str) -> list:
+    return [cell for cell in notebook.cells if tag in cell.metadata.get("tags", [])]
+
+
+def _stream_text(cell) -> str:
+    return "".join(output.get("text", "") for output in cell.get("outputs", []) if output.output_type == "stream")
+
+
+def _markdown_outputs(cell) -> list[str]:
+    return [output.data["text/markdown"] for output in cell.outputs if "text/markdown" in output.get("data", {})]
+
+
+# ------------------------------------------------------------------------------------------- running it
+
+
 def test_notebook_runs_in_smoke_profile(tmp_path: Path, sst2_dir: Path, gpt2_tokenizer_dir: Path):
+    """The whole notebook, teaching cells included; then its HTML report, as ``make run`` writes it: the executed
+    notebook keeps the progress lines, the report drops them and keeps what happened to each run."""
     pytest.importorskip("papermill")
     results, imgs = run_notebook(tmp_path, sst2_dir)
     missing = [name for name in EXPECTED_FIGURES if not (imgs / name).is_file()]
     assert not missing, f"notebook did not write {missing}"
     assert len(list(results.glob("comparison-*.jsonl"))) == 5
+    executed = _notebook(tmp_path / "out.ipynb")
+    assert all(cell.outputs for cell in _tagged(executed, "teaching")), "a teaching cell showed nothing"
+    printed = "".join(_stream_text(cell) for cell in executed.cells)
+    assert driver.PROGRESS_LINE.search(printed) and "| done 4 steps in" in printed
+    html = driver.export_html(tmp_path / "out.ipynb").read_text(encoding="utf-8")
+    assert "steps/s" not in html and "| done 4 steps in" not in html
+    assert html.count(": training (smoke profile)") == printed.count(": training (smoke profile)") == 9
 
 
 def test_notebook_runs_on_a_local_llama_folder(tmp_path: Path, sst2_dir: Path):
@@ -49,3 +92,141 @@ def test_notebook_runs_on_a_local_llama_folder(tmp_path: Path, sst2_dir: Path):
     records = sorted(results.glob("comparison-*.jsonl"))
     assert len(records) == 5 and all("tiny-llama" in path.name for path in records), records
     assert (imgs / "summary.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------- the parameters cell
+
+
+def _written_values() -> dict:
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cfg.notebook_parameters_cell()).body}
+
+
+@pytest.mark.parametrize("profile", ["full", "cpu"])
+def test_the_parameters_cell_shows_the_values_that_train(profile: str):
+    """Every value written in the cell is the profile's own, so running it as it stands changes nothing."""
+    written = {name: value for name, value in _written_values().items() if name != "profile"}
+    assert cfg.make_config(profile, **written) == cfg.make_config(profile)
+    shown = [name for name, value in written.items() if value is not None]
+    assert {"rank", "alpha", "dropout", "epochs", "batch_size", "seeds", "sweep"} <= set(shown)
+
+
+def test_a_parameter_that_differs_by_profile_names_both_values():
+    lines = cfg.notebook_parameters_cell().splitlines()
+    for index, line in enumerate(lines):
+        name, _, rest = line.partition(" = ")
+        if line.startswith("#") or name == "profile" or not rest.startswith("None"):
+            continue
+        full, cpu = (cfg._setting(cfg.PROFILES[p], name) for p in ("full", "cpu"))
+        below = " ".join(lines[index + 1:index + 3])
+        if full == cpu:  # None is both profiles' value (e.g. the model's default targets)
+            assert "full profile:" not in lines[index + 1], line
+        else:
+            assert lines[index + 1].startswith("#") and "full profile:" in below and "cpu profile:" in below, line
+
+
+def test_a_line_left_as_written_is_the_profiles_value():
+    """The smoke profile keeps its own small settings under the cell's shown values; an edited line, and a value
+    papermill passes (even one equal to the cell's), are kept."""
+    cell = cfg.notebook_parameters_cell()
+    smoke = '# Parameters\nprofile = "smoke"\n'
+    namespace: dict = {}
+    exec(cell + "\n" + smoke, namespace)
+    config = cfg.make_config(**cfg.notebook_parameters(["", cell, smoke], namespace))
+    assert config == cfg.make_config("smoke")
+    edited = cell.replace("\nrank = 8 ", "\nrank = 16")
+    exec(edited, namespace)
+    assert cfg.make_config(**cfg.notebook_parameters(["", edited, smoke], namespace)).adapter.rank == 16
+    asked = smoke + "rank = 8\n"
+    exec(cell + "\n" + asked, namespace)
+    assert cfg.make_config(**cfg.notebook_parameters(["", cell, asked], namespace)).adapter.rank == 8
+
+
+# ------------------------------------------------------------------------------------------- the committed outputs
+
+
+def test_the_committed_notebook_has_outputs_from_the_committed_records():
+    """Saved with outputs (``run_notebook --commit-outputs``, docs/notebook.md), from the cpu profile on the records
+    in results/cpu-reference, where every run was already complete: nothing trained to make them."""
+    notebook = _notebook()
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count for cell in code), "a code cell was never run"
+    without = [cell.source.splitlines()[0] for cell in code if not cell.outputs
+               and "parameters" not in cell.metadata.get("tags", [])]
+    assert not without, f"code cells without outputs: {without}"
+    assert not any(output.output_type == "error" for cell in code for output in cell.outputs)
+    setup = _markdown_outputs(code[1])[0]
+    assert "| `profile` | `'cpu'` |" in setup and "| `results_dir` | `'results/cpu-reference'` |" in setup
+    printed = "".join(_stream_text(cell) for cell in code)
+    runs = len(list(COMMITTED_RESULTS.glob("*.jsonl")))
+    assert printed.count("already complete in results/cpu-reference, skipped") == runs
+    assert ": training (" not in printed
+
+
+def test_the_committed_notebook_is_clean():
+    """No papermill cell (JupyterLab runs the notebook's own parameters), no timings, no progress, no widgets."""
+    notebook = _notebook()
+    assert not _tagged(notebook, "injected-parameters")
+    assert "papermill" not in notebook.metadata
+    assert not [key for cell in notebook.cells for key in ("papermill", "execution") if key in cell.metadata]
+    printed = "".join(_stream_text(cell) for cell in notebook.cells)
+    assert not driver.PROGRESS_LINE.search(printed)
+    assert driver.WIDGET_VIEW not in json.dumps(notebook)
+
+
+@pytest.mark.parametrize("tag, results", [("results-table", COMMITTED_RESULTS),
+                                          ("committed-results", FULL_TRAIN_RESULTS)])
+def test_the_committed_tables_are_the_committed_records(tag: str, results: Path):
+    """The tables saved in the notebook are ``report.comparison_markdown`` of the records, byte for byte: a change
+    to the records or to the table's code fails here until the outputs are made again."""
+    from peft_utils import report
+
+    [cell] = _tagged(_notebook(), tag)
+    assert _markdown_outputs(cell) == [report.comparison_markdown(results)]
+
+
+# ------------------------------------------------------------------------------------------- the report
+
+
+def test_the_report_reads_offline(tmp_path: Path):
+    """The committed notebook as ``make run``'s HTML report: every formula of its Markdown is MathML, and nothing is
+    loaded from the network (no script, stylesheet or image from a URL)."""
+    from bs4 import BeautifulSoup
+
+    executed = tmp_path / "peft.out.ipynb"
+    executed.write_bytes(NOTEBOOK.read_bytes())
+    soup = BeautifulSoup(driver.export_html(executed).read_text(encoding="utf-8"), "html.parser")
+    loaded = [tag.get("src") or tag.get("href") for tag in soup.find_all(["script", "link", "img", "iframe"])]
+    assert not [url for url in loaded if url and re.match(r"(https?:)?//", url)], loaded
+    assert not [script for script in soup.find_all("script") if "http" in (script.string or "")]  # no import()
+    assert "mathjax" not in str(soup).lower()
+    markdown = "\n".join(cell.source for cell in _notebook().cells if cell.cell_type == "markdown")
+    formulas = len(re.findall(r"(?<![\\$])\$[^$]+\$", markdown))
+    assert formulas > 20 and len(soup.find_all("math")) == formulas
+    rendered = " ".join(div.get_text() for div in soup.select(".jp-RenderedMarkdown"))
+    assert not re.search(r"\\(frac|alpha|lVert|mathbb)|\$", rendered), "raw TeX left in the report"
+
+
+def test_the_report_drops_progress_lines_only():
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    printed = ("[run 2/5] comparison-lora-s0: training (smoke profile)\n"
+               "run 2/5 lora | step 4/8 (50%) | 3.10 steps/s | loss 0.6931 | ETA 1.3 s\n"
+               "run 2/5 lora | step 8: dev accuracy 0.5000, loss 0.6900\n"
+               "run 2/5 lora | done 8 steps in 2.6 s | 3.08 steps/s | loss 0.6822\n"
+               "[run 3/5] comparison-dora-s0: already complete in results/x, skipped\n")
+    cell = new_code_cell("run()", outputs=[new_output("stream", name="stdout", text=printed),
+                                           new_output("stream", name="stdout", text="run 1/1 full | step 1/2\n")])
+    cleaned = driver.without_progress(new_notebook(cells=[cell]))
+    assert [output.text for output in cleaned.cells[0].outputs] == [
+        "[run 2/5] comparison-lora-s0: training (smoke profile)\n"
+        "[run 3/5] comparison-dora-s0: already complete in results/x, skipped\n"]
+    assert cell.outputs[0].text == printed  # the executed notebook itself keeps them
+    nbformat.validate(cleaned)
+
+
+def test_make_run_never_writes_the_notebook_itself():
+    with pytest.raises(SystemExit):
+        driver._parse_args(["--output", "peft.ipynb"])
+    defaults = driver._parse_args([])
+    assert defaults.output == Path("peft.out.ipynb") and not defaults.commit_outputs

@@ -150,7 +150,7 @@ def write_multiseed_results(results_dir: Path, labels: np.ndarray, seeds: tuple[
             _write_run(results_dir, f"cmp-{method}-s{seed}", method=method, group="comparison",
                        accuracy=float((predictions == labels).mean()), seconds=seconds * (1 + 0.03 * seed),
                        memory=memory, trainable=trainable, dtype=dtype, seed=seed, n_steps=8, n_evals=2, rng=rng,
-                       n_eval=len(labels), predictions=predictions, eval_split="dev")
+                       n_eval=len(labels), predictions=predictions, eval_labels=labels.tolist())
     if sweep:
         for seed in seeds[:2]:
             for rank in SWEEP_RANKS:
@@ -362,7 +362,7 @@ def test_multiseed_figures_with_paired_differences(tmp_path: Path, sst2_dir: Pat
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     labels = load_sst2(sst2_dir)["dev"]["label"].to_numpy()
     results_dir = write_multiseed_results(tmp_path / "results", labels)
-    paths = plots.plot_all(results_dir, tmp_path / "imgs", data_dir=sst2_dir)
+    paths = plots.plot_all(results_dir, tmp_path / "imgs")
     assert {p.name for p in paths} == COMPARISON_PNGS | {"sweep.png"}
     assert "skipped" not in capsys.readouterr().err
     for path in paths:
@@ -411,7 +411,7 @@ def test_sweep_heatmap_full_grid_and_rslora(tmp_path: Path) -> None:
 )
 def test_committed_records_regenerate(folder: str, extra_pngs: set[str], tmp_path: Path, sst2_dir: Path) -> None:
     """The committed records still draw: cpu-reference has a sweep, the full-train runs their tuning grid."""
-    paths = plots.plot_all(REPO_ROOT / "results" / folder, tmp_path, data_dir=sst2_dir)
+    paths = plots.plot_all(REPO_ROOT / "results" / folder, tmp_path)
     expected = COMPARISON_PNGS | extra_pngs
     assert {p.name for p in paths} == expected
     for path in paths:

@@ -1,4 +1,4 @@
-"""The summary table, the dev labels and the paired statistics as the notebook, README and docs/results.md show them."""
+"""The summary table, the recorded labels and the paired statistics as the notebook, README and docs/results.md show them."""
 from __future__ import annotations
 
 import os
@@ -13,8 +13,8 @@ os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / 
 from test_plots import multiseed_predictions, tune_runs_table, write_multiseed_results  # noqa: E402
 
 from peft_utils import report  # noqa: E402
-from peft_utils.data import dev_labels, load_sst2  # noqa: E402
-from peft_utils.stats import dev_eval_size, paired_statistics, runs_in_group  # noqa: E402
+from peft_utils.data import load_sst2  # noqa: E402
+from peft_utils.stats import paired_statistics, recorded_labels, runs_in_group  # noqa: E402
 from peft_utils.store import RunStore  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,22 +63,23 @@ def test_one_seed_has_no_sd_and_runs_without_predictions_skip_paired_tests(
     assert "±" not in report.summary_markdown(table) and "vs LoRA" not in report.summary_markdown(table)
 
 
-def test_paired_statistics_without_labels_say_why(multiseed_runs: pd.DataFrame,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PEFT_LAB_DATA", raising=False)
-    monkeypatch.delenv("SST2_DIR", raising=False)
-    paired = paired_statistics(multiseed_runs)
-    assert paired.table is None and "pass data_dir or set PEFT_LAB_DATA" in paired.reason
+def test_paired_statistics_without_labels_say_why(multiseed_runs: pd.DataFrame) -> None:
+    paired = paired_statistics(multiseed_runs.drop(columns=["eval_labels"]))
+    assert paired.table is None and "records no eval_labels" in paired.reason
     wrong = paired_statistics(multiseed_runs, labels=1 - LABELS)
     assert wrong.table is None and "not those of the rows" in wrong.reason
+    mixed = multiseed_runs.copy()
+    mixed.at[mixed.index[0], "eval_labels"] = (1 - LABELS).tolist()
+    assert "scored on different rows" in paired_statistics(mixed).reason
 
 
-def test_dev_labels_reproduce_the_committed_reference_runs(sst2_dir: Path) -> None:
-    """The labels read back for results/cpu-reference give every run its recorded accuracy (checked inside)."""
+def test_recorded_labels_reproduce_the_committed_reference_runs(sst2_dir: Path) -> None:
+    """The labels results/cpu-reference records are the dev file's, and give every run its recorded accuracy
+    (checked inside paired_statistics)."""
     runs = RunStore(REPO_ROOT / "results" / "cpu-reference").load().runs
-    labels = dev_labels(dev_eval_size(runs_in_group(runs, "comparison")), sst2_dir)
+    labels = recorded_labels(runs_in_group(runs, "comparison"))
     assert np.array_equal(labels, load_sst2(sst2_dir)["dev"]["label"].to_numpy())  # eval_size 872: all of dev
-    paired = paired_statistics(runs, sst2_dir)
+    paired = paired_statistics(runs)
     assert paired.reason is None
     assert list(zip(paired.table["method"], paired.table["reference"])) == [
         ("lora", "full"), ("dora", "full"), ("qlora", "full"), ("dora", "lora"), ("qlora", "lora")]
@@ -90,20 +91,9 @@ def test_dev_labels_reproduce_the_committed_reference_runs(sst2_dir: Path) -> No
     ("cpu-fulltrain", "docs/results.md"),    # both tables, in depth
     ("cpu-reference", "docs/results.md"),
 ])
-def test_readme_tables_are_the_committed_records(results_name: str, page: str, sst2_dir: Path) -> None:
+def test_readme_tables_are_the_committed_records(results_name: str, page: str) -> None:
     """The results tables of the README and docs/results.md are this function's output on the committed records,
     byte for byte: a rerun that changes the records, or a hand edit of a number, fails here until the page is
     regenerated."""
-    table = report.comparison_markdown(REPO_ROOT / "results" / results_name, sst2_dir)
+    table = report.comparison_markdown(REPO_ROOT / "results" / results_name)
     assert table in (REPO_ROOT / page).read_text(encoding="utf-8")
-
-
-def test_dev_labels_of_a_subset_follow_the_experiment(sst2_dir: Path, tmp_path: Path) -> None:
-    from peft_utils.data import EVAL_SUBSET_SEED, subset
-
-    expected = subset(load_sst2(sst2_dir)["dev"], 200, EVAL_SUBSET_SEED)["label"].to_numpy()
-    runs = RunStore(write_multiseed_results(tmp_path / "results", expected, seeds=(0,), sweep=False)).load().runs
-    assert np.array_equal(dev_labels(dev_eval_size(runs), sst2_dir), expected)
-    assert paired_statistics(runs, sst2_dir).reason is None
-    with pytest.raises(ValueError, match="scored on train-holdout"):
-        dev_eval_size(runs.assign(eval_split="train-holdout"))

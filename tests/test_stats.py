@@ -297,3 +297,8 @@ def test_paired_comparisons_refuse_what_cannot_be_paired() -> None:
     with pytest.raises(ValueError, match="not those of the rows it was scored on"):
         paired_comparisons(pd.DataFrame([good]), 1 - labels)
     assert paired_comparisons(pd.DataFrame([good]), labels).empty
+
+
+def test_wilson_interval_contains_a_perfect_score():
+    """At accuracy 1 (or 0) on a few rows, rounding once put the upper end a hair below 1: a negative error bar."""
+    assert wilson_interval(1.0, 6)[1] == 1.0 and wilson_interval(0.0, 6)[0] == 0.0

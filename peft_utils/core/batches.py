@@ -39,11 +39,13 @@ class EncodedRow(TypedDict):
 
 
 def encode(texts: Sequence[str], labels: Sequence[int], tokenizer: PreTrainedTokenizerBase,
-           max_length: int) -> list[EncodedRow]:
-    """Tokenise every text once, truncated to ``max_length`` tokens and unpadded."""
+           max_length: int, pairs: Sequence[str] | None = None) -> list[EncodedRow]:
+    """Tokenise every text once (with its pair's second text, as the tokenizer joins two: BERT's ``[SEP]``),
+    truncated to ``max_length`` tokens and unpadded."""
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    second = list(pairs) if pairs is not None else None
+    ids = tokenizer(list(texts), second, truncation=True, max_length=max_length)["input_ids"]
     return [{"input_ids": list(row), "label": int(label)} for row, label in zip(ids, labels)]
 
 

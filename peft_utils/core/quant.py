@@ -118,7 +118,7 @@ def load_4bit(
     load = from_pretrained or AutoModelForSequenceClassification.from_pretrained
     # float32 for the un-quantised share: the exact pretrained values, no bf16 round trip.
     model = load(source, num_labels=num_labels, quantization_config=quantization, device_map=device_map,
-                 dtype=torch.float32)
+                 dtype=torch.float32, ignore_mismatched_sizes=True)  # a head for other classes: a new one
     layers = [module for module in model.modules() if is_linear4bit(module)]
     if not layers:
         raise ValueError(f"{source!s}: transformers quantised no layer; nothing is 4-bit")

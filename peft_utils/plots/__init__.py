@@ -83,11 +83,10 @@ FIGURES = (
 )
 
 
-def plot_all(results_dir: str | Path, imgs_dir: str | Path, data_dir: str | Path | None = None) -> list[Path]:
+def plot_all(results_dir: str | Path, imgs_dir: str | Path) -> list[Path]:
     """Load every complete run in ``results_dir`` and write each figure that applies to ``imgs_dir``.
 
-    ``data_dir``: the SST-2 folder (or its parent) whose dev labels the paired tests need, since the records keep
-    predictions but not labels; by default ``SST2_DIR`` / ``PEFT_LAB_DATA``. Without usable labels the paired
+    The paired tests take their labels from the records (``eval_labels``); without usable labels the paired
     differences are left out with a printed one-line reason (:func:`~peft_utils.stats.paired_statistics`).
     Figures whose inputs are absent (no sweep group, no tuning runs, no memory numbers, ...) are skipped rather
     than drawn empty. Raises ``FileNotFoundError`` when ``results_dir`` does not exist and ``ValueError`` when it
@@ -102,7 +101,7 @@ def plot_all(results_dir: str | Path, imgs_dir: str | Path, data_dir: str | Path
     imgs_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if not comparison_runs(results.runs).empty:
-        paired = paired_statistics(results.runs, data_dir)
+        paired = paired_statistics(results.runs)
         path = plot_accuracy(results, imgs_dir, paired.table, paired.reason)
         if path is not None:
             written.append(path)
@@ -121,14 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("results_dir", type=Path, help="folder of <run_id>.jsonl run records, e.g. results/")
     parser.add_argument("imgs_dir", type=Path, help="folder to write the PNG figures into, e.g. imgs/")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="SST-2 folder (or its parent) for the dev labels of the paired tests "
-                             "(default: $SST2_DIR or $PEFT_LAB_DATA)")
     args = parser.parse_args(argv)
     if not args.results_dir.is_dir():
         parser.error(f"results folder {args.results_dir} does not exist; run the comparison first")
     try:
-        paths = plot_all(args.results_dir, args.imgs_dir, args.data_dir)
+        paths = plot_all(args.results_dir, args.imgs_dir)
     except ValueError as error:
         parser.error(str(error))
     for path in paths:

@@ -11,11 +11,11 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from peft_utils.formatting import format_paired_difference
 from peft_utils.methods import ordered_methods
-from peft_utils.plots.footnote import save_with_footnote
+from peft_utils.plots.footnote import dataset_name, save_with_footnote
 from peft_utils.plots.selection import comparison_runs, methods_with, rows_of_runs
 from peft_utils.plots.style import (
-    CHANCE_ACCURACY,
     METHOD_MARKERS,
+    chance_accuracy,
     method_color,
     method_label,
     new_figure,
@@ -23,7 +23,8 @@ from peft_utils.plots.style import (
     set_method_ticks,
     style_axes,
 )
-from peft_utils.stats import PAIRED_RESAMPLES, ema_smooth, ema_span, numeric_column, optional_column
+from peft_utils.stats import (PAIRED_RESAMPLES, ema_smooth, ema_span, macro_f1_by_method, numeric_column,
+                              optional_column)
 from peft_utils.store import Results
 
 
@@ -106,15 +107,27 @@ def plot_accuracy(results: Results, out_dir: str | Path, paired: pd.DataFrame | 
                      f"{PAIRED_RESAMPLES:,} resamples); p: exact McNemar sign test over sentences.")
     elif paired_reason:
         notes.append(f"Paired differences not shown: {paired_reason}.")
-    fig.suptitle("SST-2 dev accuracy per method" + (" and paired differences" if pairs is not None else ""),
+    fig.suptitle(f"{dataset_name(runs)} dev accuracy per method"
+                 + (" and paired differences" if pairs is not None else ""),
                  fontsize=13, x=0.01, ha="left")
     if "Wilson" in kinds:
         notes.append("Wilson interval: dev-set sampling noise of a single run only (run-to-run variation unseen).")
     return save_with_footnote(fig, png_path(out_dir, "accuracy.png"), runs, notes)
 
 
+def _draw_macro_f1(ax, runs: pd.DataFrame, methods: list[str], x: np.ndarray) -> list[float]:
+    """Hollow squares at each method's mean macro-F1 where the classes call for it; returns the values drawn."""
+    f1 = macro_f1_by_method(runs)
+    if f1 is None:
+        return []
+    values = f1.reindex(methods).to_numpy() * 100
+    ax.scatter(x - 0.36, values, marker="s", s=40, facecolors="none", edgecolors="#222222", linewidth=1.2, zorder=4)
+    return [float(v) for v in values]
+
+
 def _draw_accuracy_per_method(ax, runs: pd.DataFrame, table: pd.DataFrame) -> set[str]:
-    """Seed dots, mean marker and 95% interval per method; returns the interval kinds drawn ("Wilson", "t ...")."""
+    """Seed dots, mean marker and 95% interval per method, macro-F1 where it applies; returns the interval kinds
+    drawn ("Wilson", "t ...")."""
     methods = list(table.index)
     x = np.arange(len(methods))
     accuracy = numeric_column(runs, "final_accuracy")
@@ -134,6 +147,8 @@ def _draw_accuracy_per_method(ax, runs: pd.DataFrame, table: pd.DataFrame) -> se
     for i in range(len(methods)):
         ax.annotate(f"{mean[i]:.1f}%", (x[i] + 0.12, mean[i]), xytext=(9, 0), textcoords="offset points",
                     va="center", ha="left", fontsize=9.5, fontweight="bold", color="#222222")
+    f1 = _draw_macro_f1(ax, runs, methods, x)
+    values.extend(f1)
     ylo, yhi = min(np.nanmin(low), np.nanmin(values)), max(np.nanmax(high), np.nanmax(values))
     pad = max(0.6, 0.12 * (yhi - ylo))
     ax.set_ylim(ylo - pad, min(100.0, yhi + pad))
@@ -147,6 +162,9 @@ def _draw_accuracy_per_method(ax, runs: pd.DataFrame, table: pd.DataFrame) -> se
     handles = [Line2D([], [], linestyle="none", marker="o", color="#888888", markersize=6, label="one seed"),
                Line2D([], [], linestyle="none", marker="D", color="#222222", markersize=6,
                       label="mean, " + _interval_legend(kinds))]
+    if f1:
+        handles.append(Line2D([], [], linestyle="none", marker="s", markerfacecolor="none", color="#222222",
+                              markersize=6, label="macro-F1, mean over seeds"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8.5, frameon=False)
     return kinds
 
@@ -226,9 +244,10 @@ def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
     ymin = max(0.0, 2 * math.floor((float(evals["accuracy"].min()) * 100 - 1) / 2))
     ymax = min(100.0, 2 * math.ceil((float(evals["accuracy"].max()) * 100 + 1) / 2))
     ax.set_ylim(ymin, ymax)
-    show_chance = ymin < CHANCE_ACCURACY * 100 < ymax
+    chance = chance_accuracy(runs) * 100
+    show_chance = ymin < chance < ymax
     if show_chance:
-        ax.axhline(CHANCE_ACCURACY * 100, color="#555555", linestyle="--", linewidth=1)
+        ax.axhline(chance, color="#555555", linestyle="--", linewidth=1)
     ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
     if xlabel == "epoch" and np.allclose(evals["_x"], np.round(evals["_x"])):
         ax.set_xticks(sorted(evals["_x"].unique()))
@@ -237,7 +256,7 @@ def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
     ax.set_title("Dev accuracy during training", fontsize=13, loc="left")
     style_axes(ax, "both")
     fig.legend(loc="outside right upper", frameon=False)
-    notes = ["Dashed line: chance level (50%)."] if show_chance else []
+    notes = [f"Dashed line: chance level ({chance:.0f}%)."] if show_chance else []
     if several_seeds:
         notes.append("Lines: mean over seeds; shaded: min-max range over seeds.")
     return save_with_footnote(fig, png_path(out_dir, "accuracy_curve.png"), runs, notes)

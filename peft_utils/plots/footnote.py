@@ -74,6 +74,12 @@ def _compute_dtype_notes(runs: pd.DataFrame) -> tuple[str | None, str | None]:
     return None, f"NOTE: compute dtype differs across methods ({listing}), so time and memory are not like-for-like."
 
 
+def dataset_name(runs: pd.DataFrame) -> str:
+    """How a figure names the runs' data: SST-2, or the file or hub dataset the records name."""
+    names = {str(name) for name in optional_column(runs, "dataset").dropna()} or {"sst2"}
+    return "SST-2" if names == {"sst2"} else ", ".join(Path(name).name for name in sorted(names))
+
+
 def _data_sizes_note(runs: pd.DataFrame) -> str | None:
     """``"SST-2 train 4,000 / dev 872 sentences"`` (a range where runs differ), or None when not recorded."""
     train = numeric_column(runs, "train_size").dropna()
@@ -86,7 +92,7 @@ def _data_sizes_note(runs: pd.DataFrame) -> str | None:
         if not values.empty:
             low, high = int(values.min()), int(values.max())
             data.append(f"{name} {high:,}" if low == high else f"{name} {low:,}-{high:,}")
-    return "SST-2 " + " / ".join(data) + " sentences" if data else None
+    return f"{dataset_name(runs)} " + " / ".join(data) + " sentences" if data else None
 
 
 def save_with_footnote(fig: Figure, path: Path, runs: pd.DataFrame, notes: Sequence[str] = ()) -> Path:

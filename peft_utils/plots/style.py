@@ -8,12 +8,14 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from peft_utils.formatting import duration_ticks, format_duration_tick
 from peft_utils.methods import METHOD_NAMES, METHODS
+from peft_utils.stats import optional_column
 
 METHOD_ORDER: tuple[str, ...] = METHOD_NAMES
 METHOD_LABELS: dict[str, str] = {name: method.label for name, method in METHODS.items()}
@@ -30,7 +32,11 @@ METHOD_MARKERS: dict[str, str] = {"full": "o", "lora": "s", "dora": "D", "qlora"
 _EXTRA_COLORS = ("#56B4E9", "#8C6D31", "#7F7F7F", "#000000")  # for methods outside METHOD_COLORS
 REFERENCE_GREY = "#8A8A8A"
 DPI = 150
-CHANCE_ACCURACY = 0.5  # SST-2 is binary and roughly balanced
+def chance_accuracy(runs: pd.DataFrame) -> float:
+    """1 / K for the runs' K classes (their records' ``labels``; SST-2's two where none is recorded): a guess's
+    accuracy on balanced classes."""
+    labels = [value for value in optional_column(runs, "labels") if isinstance(value, (list, tuple))]
+    return 1 / max(len(labels[0]) if labels else 2, 2)
 
 
 def method_label(method: str) -> str:
