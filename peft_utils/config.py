@@ -141,6 +141,13 @@ def check_rows(name: str, value: Any) -> int | None:
     return int(value)
 
 
+def _module_names(name: str, value: Any) -> tuple[str, ...] | None:
+    """Module-name suffixes (``"pooler"``, ``["pooler"]``), or ``None``/``[]`` for none."""
+    if value is None or value == [] or value == ():
+        return None
+    return _unique(name, [_text(name, item) for item in _as_list(name, value)])
+
+
 def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
     """``None`` (the model's default), a preset, a regex, or module-name suffixes, read as the core reads them
     (``core.targets.parse_targets``): a regex that does not compile is refused here, before any model loads.
@@ -258,6 +265,9 @@ class AdapterSettings:
     dropout: float = 0.0
     targets: str | tuple[str, ...] | None = None
     rslora: bool = False
+    # modules trained in full beside the adapters and the classification head (peft's modules_to_save), e.g.
+    # ("pooler",): BERT's pooler, which full fine-tuning trains and a frozen adapter run would not; None: the head only
+    modules_to_save: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -450,6 +460,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("targets", "adapter", "targets",
               "layers: a preset ('attn', 'attn-all', 'all-linear'), module-name suffixes or a regex",
               _targets, {"nargs": "+", "type": str, "post": _targets_tokens}),
+    Parameter("modules_to_save", "adapter", "modules_to_save",
+              "modules trained in full beside adapters and head, e.g. ['pooler'] (None: the head only)",
+              _module_names, {"nargs": "+", "type": str}),
     Parameter("epochs", "train", "epochs", "passes over the train rows", check_positive_int, {"type": int}),
     Parameter("batch_size", "train", "batch_size", "rows per optimiser step, over all processes (global batch)",
               check_positive_int, {"type": int}),
@@ -664,7 +677,8 @@ def _refuse_settings_without_effect(config: ExperimentConfig, given: Mapping[str
         (("sweep_ranks", "sweep_alpha_ratios", "sweep_train_size", "sweep_rslora"), config.sweep.enabled,
          "while the sweep is off (sweep=False)"),
         (("rank", "alpha"), adapters, f"here: {no_adapter} (the sweep sets its own)"),
-        (("dropout", "targets"), adapters or config.sweep.enabled, f"here: {no_adapter} and the sweep is off"),
+        (("dropout", "targets", "modules_to_save"), adapters or config.sweep.enabled,
+         f"here: {no_adapter} and the sweep is off"),
         (("dataset_config", "text_column", "label_column"), config.data.dataset != "sst2",
          "with dataset='sst2' (read from its own TSV files)"),
     )

@@ -34,7 +34,7 @@ import torch
 
 from .checkpoints import save_trained
 from .config import PROFILE_NAMES, AdapterSettings, ExperimentConfig, add_cli_arguments, cli_parameters, make_config
-from .core.inject import select_targets
+from .core.inject import kept_modules, select_targets
 from .core.loop import set_seed
 from .core.quant import require_bitsandbytes
 from .core.targets import meta_skeleton
@@ -129,6 +129,7 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
               "data_fingerprint": data[0], "lr": lr, "seed": spec.seed, "compute_dtype": compute_dtype,
               **asdict(config.train),
               **{key: getattr(adapter, key) if adapter else None for key in ("rank", "alpha", "dropout", "targets",
+                                                                            "modules_to_save",
                                                                             "rslora")}}
     keys = [k for k in IDENTITY_KEYS if k != "rslora" or spec.group == SWEEP_GROUP]
     record = {"group": spec.group, "method": spec.method, **{key: values[key] for key in keys}}
@@ -162,14 +163,13 @@ def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]
     - ``max_length`` within the model's position embeddings (``max_position_embeddings`` / ``n_positions``): a
       longer sentence would index past them in the middle of training;
     - adapter targets that match a layer of the model, and none of its classification head or embeddings;
+    - ``modules_to_save`` that match modules of the model holding no target;
     - every planned rank at most the narrowest target layer's width (the smaller of its input and output
       features). Refused, not warned: a layer's update ``B A`` has rank at most that width, so a larger rank adds
       parameters and memory but no capacity, and a sweep would draw as different ranks what is one experiment.
       (``apply_adapters`` itself accepts such a rank, as peft does.)
     """
     from transformers import AutoConfig
-
-    from .core.layers import base_features
 
     RunStore(config.results_dir).check_writable()
     if any(get_method(s.method).quantized for s in specs):
@@ -183,12 +183,24 @@ def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]
         raise ValueError(f"max_length={config.train.max_length} is more tokens than {config.model} has positions for "
                          f"({setting}); ask for at most {positions}")
     adapted = [s for s in specs if s.adapter is not None]
-    if not adapted:
-        return
+    if adapted:
+        _check_adapters(config, model_config, adapted)
+
+
+def _check_adapters(config: ExperimentConfig, model_config, adapted: Sequence[RunSpec]) -> None:
+    """The adapter settings against the model's layers (on a weightless skeleton): see :func:`_check_model`."""
+    from .core.layers import base_features
+
+    skeleton = meta_skeleton(model_config)
     try:
-        layers = select_targets(meta_skeleton(model_config), config.adapter.targets)
+        layers = select_targets(skeleton, config.adapter.targets)
     except (ValueError, TypeError) as error:
         raise type(error)(f"targets={config.adapter.targets!r} for {config.model}: {error}") from None
+    try:
+        kept_modules(skeleton, config.adapter.modules_to_save or (), {name for name, _ in layers})
+    except ValueError as error:
+        raise ValueError(f"modules_to_save={list(config.adapter.modules_to_save or ())} for {config.model}: "
+                         f"{str(error).removeprefix('keep_trainable').lstrip(': ')}") from None
     width, name = min((min(base_features(module)), name) for name, module in layers)
     widest = max(adapted, key=lambda s: s.adapter.rank)
     if widest.adapter.rank > width:

@@ -277,15 +277,24 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
         model, tokenizer = load_model(model_source, len(labels))
         model.requires_grad_(True)
         return name_labels(model, labels), tokenizer
-    if kind.quantized:
-        model, tokenizer = load_quantized(model_source, len(labels), compute_dtype=dtype)
-        prepare_for_kbit_training(model)
-    else:
-        model, tokenizer = load_model(model_source, len(labels), dtype=dtype)
+    kept = adapter.modules_to_save or ()
+    model, tokenizer = load_frozen_base(model_source, kind.quantized, len(labels), dtype, kept)
     name_labels(model, labels)
     apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
-                   dropout=adapter.dropout, use_rslora=adapter.rslora)
+                   dropout=adapter.dropout, use_rslora=adapter.rslora, keep_trainable=kept)
     _upcast_trainable(model)
+    return model, tokenizer
+
+
+def load_frozen_base(model_source: str | Path, quantized: bool, num_labels: int = 2,
+                     dtype: torch.dtype = torch.float32, skip_modules: Sequence[str] = ()):
+    """``(model, tokenizer)``: the base an adapter method trains on, before its adapters: stored in ``dtype``, or
+    with its linear layers in NF4 (double quantisation, computing in ``dtype``; ``skip_modules`` kept out)
+    prepared for k-bit training as QLoRA's base is."""
+    if not quantized:
+        return load_model(model_source, num_labels, dtype=dtype)
+    model, tokenizer = load_quantized(model_source, num_labels, compute_dtype=dtype, skip_modules=tuple(skip_modules))
+    prepare_for_kbit_training(model)
     return model, tokenizer
 
 

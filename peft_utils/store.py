@@ -127,7 +127,8 @@ class Results:
 # which are identified as what they resolve to (the compute dtype: "auto" is bf16 on one GPU and float32 on a CPU);
 # and ``rslora`` for sweep runs only. The seed is what repeats of one series may differ in.
 IDENTITY_KEYS = (
-    ("model", "rank", "alpha", "dropout", "targets", "train_size", "eval_size", "data_fingerprint", "lr", "seed")
+    ("model", "rank", "alpha", "dropout", "targets", "modules_to_save", "train_size", "eval_size", "data_fingerprint",
+     "lr", "seed")
     + tuple(f.name for f in fields(TrainConfig) if f.name not in ("device", "precision"))
     + ("compute_dtype", "rslora")
 )

@@ -20,6 +20,8 @@ What is measured, and how:
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -124,10 +126,30 @@ def _batches(frames: tuple[pd.DataFrame, pd.DataFrame], tokenizer, config: Train
     return _Batches(steps, evaluation, micro_batch, len(train_rows), len(eval_rows))
 
 
+# The libraries whose versions every record names: what a run's numbers depend on besides its settings.
+RECORDED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
+
+
+def _installed_versions() -> dict[str, str | None]:
+    """Python's and each :data:`RECORDED_PACKAGES`' installed version (None when not installed).
+
+    Why in the record but not in the run's identity (``store.IDENTITY_KEYS``): a time, a memory peak or an accuracy
+    that moved after an upgrade can then be traced to it, while a folder's runs can still be resumed and compared
+    across an upgrade.
+    """
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
 def _config_event(model: nn.Module, config: TrainConfig, batches: _Batches, accelerator, *, lr: float, seed: int,
                   run_info: dict[str, Any], memory_plan: MemoryPlan | None) -> dict[str, Any]:
     """The record's ``config`` event: ``run_info`` first, then the settings actually used (device resolved, sizes
-    after encoding), which win on a clash."""
+    after encoding) and the library versions, which win on a clash."""
     device, counts = accelerator_device(accelerator), count_parameters(model)
     return {
         **run_info, **asdict(config), "lr": lr, "seed": seed, "device": str(device), "hardware": hardware_name(device),
@@ -137,7 +159,7 @@ def _config_event(model: nn.Module, config: TrainConfig, batches: _Batches, acce
         "train_size": batches.train_rows, "eval_size": batches.eval_rows,
         "total_steps": len(batches.train) * config.epochs,
         "trainable_params": counts.trainable, "total_params": counts.total,
-        **(to_record(memory_plan) if memory_plan else {}),
+        **(to_record(memory_plan) if memory_plan else {}), "versions": _installed_versions(),
     }
 
 

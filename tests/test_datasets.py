@@ -3,7 +3,6 @@ classes with their names, sentence pairs, a validation split carved from train, 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

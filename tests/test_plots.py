@@ -38,7 +38,7 @@ from peft_utils.stats import ema_smooth, wilson_interval  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPARISON_PNGS = {
     "loss.png", "accuracy.png", "accuracy_curve.png", "time.png", "model_size.png", "memory.png",
-    "trainable_params.png", "summary.png",
+    "trainable_params.png", "summary.png", "pareto.png",
 }
 
 # Fixture numbers per method: (final accuracy, train seconds, peak memory, trainable params, compute dtype).

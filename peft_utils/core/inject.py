@@ -114,7 +114,7 @@ def apply_adapters(
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
     requested = resolve_targets(model, targets)
     chosen = select_targets(model, requested)
-    kept = _kept_modules(model, keep_trainable, {name for name, _ in chosen})
+    kept = kept_modules(model, keep_trainable, {name for name, _ in chosen})
     model.requires_grad_(False)
     for name, module in chosen:
         if is_linear4bit(module):
@@ -132,9 +132,10 @@ def apply_adapters(
     return model
 
 
-def _kept_modules(model: nn.Module, extra: Sequence[str], targets: set[str]) -> list[str]:
+def kept_modules(model: nn.Module, extra: Sequence[str], targets: set[str]) -> list[str]:
     """Full names of the modules that stay trainable: the classification head and the ``extra`` modules, never a
-    target. Asked before the model changes, so that a name in ``extra`` that matches no module fails first.
+    target nor a module holding one (training it in full would train the target's frozen weight too). Asked
+    before the model changes, so that a name in ``extra`` that matches no module fails first.
 
     The head's names are the family's (``targets.default_keep_trainable``): a model without such a head has none
     to keep, while every ``extra`` name was asked for and must match."""
@@ -143,7 +144,12 @@ def _kept_modules(model: nn.Module, extra: Sequence[str], targets: set[str]) -> 
     if unmatched:
         raise ValueError(f"keep_trainable {unmatched!r} matched no module")
     matches = name_matcher(default_keep_trainable(model_type(model)) + tuple(extra))
-    return [name for name in candidates if matches(name)]
+    kept = [name for name in candidates if matches(name)]
+    holding = next(((k, t) for k in kept for t in sorted(targets) if t.startswith(k + ".")), None)
+    if holding:
+        raise ValueError(f"keep_trainable: module {holding[0]} holds the adapter target {holding[1]}; keep a module "
+                         "without targets, or leave that layer out of the targets")
+    return kept
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

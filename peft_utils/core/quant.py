@@ -12,6 +12,7 @@ head) stays float32; ``compute_dtype`` is the dtype of the 4-bit matmuls only.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,6 +84,12 @@ def quantizable_layers(model_config, skip: list[str]) -> list[str]:
     ]
 
 
+def _anywhere(name: str) -> str:
+    """transformers' skip pattern for module ``name`` wherever it sits (``pooler`` -> ``bert.pooler.dense``): it
+    matches a name from its start, or as the end of a layer's name, which leaves a parent's layers quantised."""
+    return rf"(?:.*\.)?{re.escape(name)}"
+
+
 def load_4bit(
     source: str | Path,
     num_labels: int = 2,
@@ -95,8 +102,8 @@ def load_4bit(
 ) -> nn.Module:
     """A sequence classifier from ``source`` (a folder or hub id) with its linear layers in 4-bit.
 
-    ``device_map``: default the current CUDA device, else ``{"": "cpu"}``. ``skip_modules``: more layers to keep
-    un-quantised, besides the head and embeddings. ``from_pretrained``: how to load (default
+    ``device_map``: default the current CUDA device, else ``{"": "cpu"}``. ``skip_modules``: more modules to keep
+    un-quantised (module-name suffixes, a module's layers with it), besides the head and embeddings. ``from_pretrained``: how to load (default
     ``AutoModelForSequenceClassification.from_pretrained``). Then call :func:`prepare_for_kbit_training` and
     ``apply_adapters``.
     """
@@ -108,7 +115,8 @@ def load_4bit(
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     config = AutoConfig.from_pretrained(source, num_labels=num_labels)
-    skip = list(dict.fromkeys(SKIP_MODULES + default_keep_trainable(config.model_type) + tuple(skip_modules)))
+    skip = list(dict.fromkeys(SKIP_MODULES + default_keep_trainable(config.model_type)
+                              + tuple(_anywhere(name) for name in skip_modules)))
     if not quantizable_layers(config, skip):
         raise ValueError(f"{source!s} has no layer to quantise to 4-bit (no nn.Linear / Conv1D outside {skip})")
     quantization = BitsAndBytesConfig(

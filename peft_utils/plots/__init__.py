@@ -33,6 +33,7 @@ from pathlib import Path
 from peft_utils.plots.accuracy import plot_accuracy, plot_accuracy_curve, plot_loss
 from peft_utils.plots.cost import plot_memory, plot_model_size, plot_time, plot_trainable_params
 from peft_utils.plots.grids import plot_lr_tuning, plot_sweep
+from peft_utils.plots.pareto import plot_pareto
 from peft_utils.plots.selection import comparison_runs
 from peft_utils.plots.style import (
     DPI,
@@ -80,6 +81,7 @@ FIGURES = (
     plot_sweep,
     plot_lr_tuning,
     plot_summary,
+    plot_pareto,
 )
 
 

@@ -16,6 +16,7 @@ from peft_utils.plots.selection import comparison_runs, methods_with, rows_of_ru
 from peft_utils.plots.style import (
     METHOD_MARKERS,
     chance_accuracy,
+    interval_legend,
     method_color,
     method_label,
     new_figure,
@@ -161,21 +162,12 @@ def _draw_accuracy_per_method(ax, runs: pd.DataFrame, table: pd.DataFrame) -> se
     kinds = set(table["interval"])
     handles = [Line2D([], [], linestyle="none", marker="o", color="#888888", markersize=6, label="one seed"),
                Line2D([], [], linestyle="none", marker="D", color="#222222", markersize=6,
-                      label="mean, " + _interval_legend(kinds))]
+                      label="mean, " + interval_legend(kinds))]
     if f1:
         handles.append(Line2D([], [], linestyle="none", marker="s", markerfacecolor="none", color="#222222",
                               markersize=6, label="macro-F1, mean over seeds"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8.5, frameon=False)
     return kinds
-
-
-def _interval_legend(kinds: set[str]) -> str:
-    """Which 95% interval the error bars are, from the summary's ``interval`` column."""
-    t_kinds = sorted(k.removeprefix("t over ") for k in kinds if k.startswith("t over"))
-    parts = [f"Student-t over {'/'.join(t_kinds)}"] if t_kinds else []
-    if "Wilson" in kinds:
-        parts.append("Wilson (single run)")
-    return "95% " + " or ".join(parts) + " interval" if parts else "no interval"
 
 
 def _draw_paired_differences(ax, pairs: pd.DataFrame) -> None:

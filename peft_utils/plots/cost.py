@@ -14,6 +14,7 @@ from peft_utils.methods import QUANTIZED_METHODS
 from peft_utils.plots.footnote import save_with_footnote
 from peft_utils.plots.selection import comparison_runs, method_summary, methods_with
 from peft_utils.plots.style import (
+    MEMORY_KIND_TEXT,
     REFERENCE_GREY,
     label_bars,
     method_color,
@@ -188,12 +189,6 @@ def _draw_memory_footprint(ax, table: pd.DataFrame) -> None:
     style_axes(ax, "x")
 
 
-_MEMORY_KIND_TEXT = {
-    "cuda": "peak GPU memory allocated (torch.cuda)",
-    "rss": "peak process RSS (CPU run)",
-}
-
-
 def plot_memory(results: Results, out_dir: str | Path) -> Path | None:
     """``memory.png``: peak memory per method during training.
 
@@ -222,13 +217,13 @@ def plot_memory(results: Results, out_dir: str | Path) -> Path | None:
     if mixed:
         ax.set_ylabel("peak memory (mixed kinds, see note)")
     else:
-        ax.set_ylabel(_MEMORY_KIND_TEXT.get(distinct[0], f"peak memory ({distinct[0]})"))
+        ax.set_ylabel(MEMORY_KIND_TEXT.get(distinct[0], f"peak memory ({distinct[0]})"))
     set_method_ticks(ax, methods)
     ax.set_title("Peak memory during training", fontsize=13, loc="left")
     style_axes(ax)
     notes = []
     if mixed:
-        listing = "; ".join(f"{method_label(m)}: {_MEMORY_KIND_TEXT.get(k, k)}" for m, k in zip(methods, kinds))
+        listing = "; ".join(f"{method_label(m)}: {MEMORY_KIND_TEXT.get(k, k)}" for m, k in zip(methods, kinds))
         notes.append(f"NOTE: memory kinds differ (hatched bars are not GPU allocations): {listing}.")
     elif distinct[0] == "rss":
         notes.append("Process RSS includes the Python runtime, libraries and data, not only the model.")

@@ -8,10 +8,12 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
+from matplotlib.transforms import Bbox
 
 from peft_utils.formatting import duration_ticks, format_duration_tick
 from peft_utils.methods import METHOD_NAMES, METHODS
@@ -102,3 +104,76 @@ def set_duration_axis(ax, low: float, high: float) -> None:
     ax.set_xticks(duration_ticks(low, high), minor=False)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_duration_tick(v)))
     ax.xaxis.set_minor_locator(NullLocator())
+
+
+MEMORY_KIND_TEXT = {
+    "cuda": "peak GPU memory allocated (torch.cuda)",
+    "rss": "peak process RSS (CPU run)",
+}
+
+
+def interval_legend(kinds: set[str]) -> str:
+    """Which 95% interval the error bars are, from the summary's ``interval`` column."""
+    t_kinds = sorted(k.removeprefix("t over ") for k in kinds if k.startswith("t over"))
+    parts = [f"Student-t over {'/'.join(t_kinds)}"] if t_kinds else []
+    if "Wilson" in kinds:
+        parts.append("Wilson (single run)")
+    return "95% " + " or ".join(parts) + " interval" if parts else "no interval"
+
+
+def _overlap_area(a: Bbox, b: Bbox) -> float:
+    """Area shared by two boxes (0 when they do not overlap)."""
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return width * height if width > 0 and height > 0 else 0.0
+
+
+def place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.ndarray, texts: Sequence[str],
+                  lows: np.ndarray, highs: np.ndarray) -> None:
+    """Label scatter points without covering markers, error bars or each other.
+
+    Why not fixed offsets: methods often sit close together (LoRA and DoRA differ by a few percent in time
+    and a fraction of a point in accuracy), and fixed offsets then print labels on top of one another. Each
+    label tries a ring of positions around its marker and keeps the first that overlaps nothing already
+    drawn (or, failing that, the least overlapping one). Labels are kept out of the layout engine so placing
+    them does not move the axes they were placed in.
+    """
+    fig.canvas.draw()  # run the layout: data -> pixel transforms are final from here on
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    pt = fig.dpi / 72.0
+    obstacles = []
+    for x, y, r, lo, hi in zip(xs, ys, radii_pt, lows, highs):
+        cx, cy = to_px((x, y))
+        obstacles.append(Bbox.from_extents(cx - r * pt, cy - r * pt, cx + r * pt, cy + r * pt))
+        if np.isfinite(lo) and np.isfinite(hi):
+            (_, y0), (_, y1) = to_px((x, lo)), to_px((x, hi))
+            obstacles.append(Bbox.from_extents(cx - 6 * pt, y0, cx + 6 * pt, y1))  # error bar with caps
+    axes_box = ax.get_window_extent(renderer)
+    for i in np.argsort(-radii_pt):  # big markers first: they have the fewest free spots
+        r = radii_pt[i] + 4
+        d = r * 0.72
+        candidates = [(r, 0, "left", "center"), (-r, 0, "right", "center"), (d, d, "left", "bottom"),
+                      (d, -d, "left", "top"), (-d, d, "right", "bottom"), (-d, -d, "right", "top"),
+                      (0, r, "center", "bottom"), (0, -r, "center", "top"), (r + 25, 12, "left", "bottom"),
+                      (-r - 25, 12, "right", "bottom"), (r + 25, -12, "left", "top"), (-r - 25, -12, "right", "top")]
+        best, best_cost = None, math.inf
+        for dx, dy, ha, va in candidates:
+            label = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", ha=ha,
+                                va=va, fontsize=9, color="#222222", zorder=5,
+                                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none",
+                                      "alpha": 0.8})
+            label.set_in_layout(False)
+            box = label.get_window_extent(renderer).expanded(1.05, 1.15)
+            cost = sum(_overlap_area(box, o) for o in obstacles)
+            outside = box.width * box.height - _overlap_area(box, axes_box)
+            cost += 10 * outside
+            if cost < best_cost:
+                if best is not None:
+                    best[0].remove()
+                best, best_cost = (label, box), cost
+            else:
+                label.remove()
+            if cost == 0:
+                break
+        obstacles.append(best[1])

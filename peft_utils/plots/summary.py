@@ -1,79 +1,19 @@
 """The one-page trade-off: accuracy against training time (marker area = shipped size) above a table."""
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
-from matplotlib.transforms import Bbox
 
 from peft_utils.formatting import format_bytes, format_count, format_seconds, format_share
 from peft_utils.plots.footnote import save_with_footnote
 from peft_utils.plots.selection import comparison_runs, method_summary
-from peft_utils.plots.style import method_color, method_label, new_figure, png_path, set_duration_axis, style_axes
+from peft_utils.plots.style import (method_color, method_label, new_figure, place_labels, png_path, set_duration_axis,
+                                    style_axes)
 from peft_utils.store import Results
-
-
-def _overlap_area(a: Bbox, b: Bbox) -> float:
-    """Area shared by two boxes (0 when they do not overlap)."""
-    width = min(a.x1, b.x1) - max(a.x0, b.x0)
-    height = min(a.y1, b.y1) - max(a.y0, b.y0)
-    return width * height if width > 0 and height > 0 else 0.0
-
-
-def _place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.ndarray, texts: Sequence[str],
-                  lows: np.ndarray, highs: np.ndarray) -> None:
-    """Label scatter points without covering markers, error bars or each other.
-
-    Why not fixed offsets: methods often sit close together (LoRA and DoRA differ by a few percent in time
-    and a fraction of a point in accuracy), and fixed offsets then print labels on top of one another. Each
-    label tries a ring of positions around its marker and keeps the first that overlaps nothing already
-    drawn (or, failing that, the least overlapping one). Labels are kept out of the layout engine so placing
-    them does not move the axes they were placed in.
-    """
-    fig.canvas.draw()  # run the layout: data -> pixel transforms are final from here on
-    renderer = fig.canvas.get_renderer()
-    to_px = ax.transData.transform
-    pt = fig.dpi / 72.0
-    obstacles = []
-    for x, y, r, lo, hi in zip(xs, ys, radii_pt, lows, highs):
-        cx, cy = to_px((x, y))
-        obstacles.append(Bbox.from_extents(cx - r * pt, cy - r * pt, cx + r * pt, cy + r * pt))
-        if np.isfinite(lo) and np.isfinite(hi):
-            (_, y0), (_, y1) = to_px((x, lo)), to_px((x, hi))
-            obstacles.append(Bbox.from_extents(cx - 6 * pt, y0, cx + 6 * pt, y1))  # error bar with caps
-    axes_box = ax.get_window_extent(renderer)
-    for i in np.argsort(-radii_pt):  # big markers first: they have the fewest free spots
-        r = radii_pt[i] + 4
-        d = r * 0.72
-        candidates = [(r, 0, "left", "center"), (-r, 0, "right", "center"), (d, d, "left", "bottom"),
-                      (d, -d, "left", "top"), (-d, d, "right", "bottom"), (-d, -d, "right", "top"),
-                      (0, r, "center", "bottom"), (0, -r, "center", "top"), (r + 25, 12, "left", "bottom"),
-                      (-r - 25, 12, "right", "bottom"), (r + 25, -12, "left", "top"), (-r - 25, -12, "right", "top")]
-        best, best_cost = None, math.inf
-        for dx, dy, ha, va in candidates:
-            label = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", ha=ha,
-                                va=va, fontsize=9, color="#222222", zorder=5,
-                                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none",
-                                      "alpha": 0.8})
-            label.set_in_layout(False)
-            box = label.get_window_extent(renderer).expanded(1.05, 1.15)
-            cost = sum(_overlap_area(box, o) for o in obstacles)
-            outside = box.width * box.height - _overlap_area(box, axes_box)
-            cost += 10 * outside
-            if cost < best_cost:
-                if best is not None:
-                    best[0].remove()
-                best, best_cost = (label, box), cost
-            else:
-                label.remove()
-            if cost == 0:
-                break
-        obstacles.append(best[1])
 
 
 def plot_summary(results: Results, out_dir: str | Path) -> Path | None:
@@ -140,7 +80,7 @@ def _draw_tradeoff(fig: Figure, ax, plotted: pd.DataFrame) -> None:
         _add_size_legend(ax, shipped)
     label_texts = [method_label(m) + (f" · {format_bytes(disk[i])}" if np.isfinite(disk[i]) and disk[i] > 0 else "")
                    for i, m in enumerate(plotted.index)]
-    _place_labels(fig, ax, times, accs, np.sqrt(sizes) / 2, label_texts, lows, highs)
+    place_labels(fig, ax, times, accs, np.sqrt(sizes) / 2, label_texts, lows, highs)
 
 
 def _marker_area(sizes: np.ndarray, shipped: np.ndarray) -> np.ndarray:

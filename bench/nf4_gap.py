@@ -1,0 +1,486 @@
+"""What NF4 alone costs a trained classifier: each committed LoRA and QLoRA adapter scored on a float32 base and on
+the same base with its linear layers in NF4, on the dev rows its run was scored on.
+
+    python -m bench.nf4_gap                          # results/cpu-fulltrain, every seed: bench/nf4_gap.md and .csv
+    python -m bench.nf4_gap --seeds 0 --limit 64     # a quick look: 64 dev rows, one seed (no files unless asked)
+
+Why: in the committed 3-seed full-train run QLoRA ends 2.4 points below LoRA, but it also trained at another
+learning rate (3e-3 against 1e-3), so that run cannot say whether the 4-bit frozen base or the rate costs the points.
+This measures the base alone, three ways:
+
+1. **The base before training**: the pretrained body in float32 and in NF4 (double quantisation, float32 compute:
+   what ``models.build_model`` gives ``qlora``), both with the same fresh classification head (copied, so that only
+   the body differs): the relative error of the first token's final hidden state ([CLS]) and of the head's input
+   (BERT's pooled [CLS]), the logits' absolute difference over their RMS, and how many predictions agree.
+2. **LoRA adapters, base quantised after training**: each adapter on its own float32 base (which must reproduce its
+   record) and on the NF4 base.
+3. **QLoRA adapters, base de-quantised**: each adapter on its own NF4 base (reproducing its record) and on the
+   float32 base it was quantised from.
+
+Each adapter is loaded with ``checkpoints.load_adapters`` onto a freshly loaded base and scored by the library's own
+``core.loop.evaluate`` over the loader its run used (``encode`` + ``make_loader`` with the record's max length,
+evaluation batch and length bucketing), so on the run's own base the accuracy, per-sentence predictions and
+probabilities repeat the record's (bit for bit on the CPU that trained it; the table says how close they are).
+Accuracy differences are paired over the same sentences (``stats.paired_bootstrap``: seeds pooled as clusters per
+sentence, and ``stats.mcnemar_exact``), "other base minus own base". The last table puts both methods on one base.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/nf4_gap.py` works as well as `python -m bench.nf4_gap`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bench.precision import machine
+from peft_utils.checkpoints import load_adapters
+from peft_utils.core.batches import encode, make_loader, row_order
+from peft_utils.core.inject import kept_modules
+from peft_utils.core.loop import Evaluation, evaluate, set_seed
+from peft_utils.data import eval_rows, load_sst2
+from peft_utils.formatting import format_paired_difference, format_points, format_seconds
+from peft_utils.methods import get_method
+from peft_utils.models import load_frozen_base, load_tokenizer, materialize_model
+from peft_utils.stats import PAIRED_RESAMPLES, mcnemar_exact, paired_bootstrap
+from peft_utils.store import COMPARISON_GROUP, RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "results" / "cpu-fulltrain"
+METHODS = ("lora", "qlora")
+BASES = ("fp32", "nf4")
+BASE_NAMES = {"fp32": "float32", "nf4": "NF4"}
+FRESH_HEAD = "none"  # the "method" of part 1's classifier: the pretrained body with a fresh head, no adapter
+
+
+# --------------------------------------------------------------------------------------------- the runs and rows
+
+
+@dataclass(frozen=True)
+class Run:
+    """One committed comparison run: its record (config and summary fields in one dict) and its adapter folder."""
+
+    run_id: str
+    method: str
+    seed: int
+    folder: Path
+    record: dict
+
+    @property
+    def own_base(self) -> str:
+        """The base it trained on: NF4 for a quantised method (QLoRA), float32 otherwise."""
+        return "nf4" if get_method(self.method).quantized else "fp32"
+
+
+def committed_runs(results_dir: str | Path, methods: Sequence[str] = METHODS,
+                   seeds: Sequence[int] | None = None) -> list[Run]:
+    """The complete comparison runs of ``methods`` (and ``seeds``; default all) in ``results_dir``, by method and
+    seed; each must have its adapter beside its record and have been scored in float32."""
+    store = RunStore(results_dir)
+    table = store.summary()
+    chosen = (table["group"] == COMPARISON_GROUP) & table["method"].isin(methods)
+    if seeds is not None:
+        chosen &= table["seed"].isin(list(seeds))
+    runs = [Run(r["run_id"], r["method"], int(r["seed"]), store.saved_dir(r["run_id"]), r.to_dict())
+            for _, r in table[chosen].sort_values(["method", "seed"]).iterrows()]
+    if not runs:
+        raise ValueError(f"{results_dir}: no complete comparison run of {list(methods)} for seeds {seeds}")
+    for run in runs:
+        if run.record.get("compute_dtype") != "float32":
+            raise ValueError(f"{run.run_id} computed in {run.record.get('compute_dtype')}; this bench compares "
+                             "float32 with NF4 under float32 compute")
+        if not (run.folder / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"{run.folder}: no adapter saved beside the record of {run.run_id}")
+    return runs
+
+
+def dev_rows(record: dict, data_dir: str | Path | None, limit: int | None = None) -> pd.DataFrame:
+    """The dev rows the run was scored on (all of dev or its fixed subset, in record order), checked against the
+    labels its record keeps; the first ``limit`` of them if given."""
+    if record.get("dataset", "sst2") != "sst2":
+        raise ValueError(f"{record['run_id']} was scored on {record['dataset']!r}; this bench reads SST-2")
+    dev = load_sst2(data_dir)["dev"]
+    size = int(record["eval_size"])
+    rows = eval_rows(dev, size if size < len(dev) else None)
+    if rows["label"].tolist() != list(record["eval_labels"]):
+        raise ValueError(f"the dev rows of {data_dir or 'PEFT_LAB_DATA'} are not those {record['run_id']} was "
+                         "scored on (their labels differ from its record's eval_labels)")
+    return rows if limit is None else rows.iloc[:limit].reset_index(drop=True)
+
+
+def eval_loader(rows: pd.DataFrame, tokenizer, record: dict) -> DataLoader:
+    """The evaluation loader of ``train.py`` for this record's settings: same tokens, batches and batch order, so the
+    float32 sums of a batch repeat too (batch composition changes the padding, hence the last bits)."""
+    encoded = encode(rows["sentence"].tolist(), rows["label"].tolist(), tokenizer, int(record["max_length"]))
+    batch = record.get("eval_batch_size")
+    batch = int(batch) if batch and not pd.isna(batch) else 2 * int(record["per_device_batch_size"])
+    return make_loader(encoded, batch, tokenizer.pad_token_id, shuffle=False, seed=int(record["seed"]),
+                       bucket_by_length=bool(record["bucket_by_length"]))
+
+
+# --------------------------------------------------------------------------------------------- bases and scoring
+
+
+def load_base(base: str, source: str, num_labels: int = 2) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)``: the pretrained classifier with its linear layers in float32 or in NF4 (double
+    quantisation, float32 compute, prepared as ``models.build_model`` prepares QLoRA's base), in eval mode; the
+    fresh head is seeded, so that part 1 repeats."""
+    if base not in BASES:
+        raise ValueError(f"unknown base {base!r}; choose one of {BASES}")
+    set_seed(0)
+    model, tokenizer = load_frozen_base(source, base == "nf4", num_labels)
+    return model.eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a model computed for each evaluation row (in row order): its logits, the first token's final hidden
+    state ([CLS] for BERT) and the head's input where that is one vector per row (BERT's pooled [CLS]; ``None`` for
+    a per-token head such as GPT-2's)."""
+
+    logits: torch.Tensor
+    first_token: torch.Tensor
+    head_input: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model's evaluation (the numbers a record keeps) with the outputs of the same forward passes."""
+
+    evaluation: Evaluation
+    outputs: Outputs
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classification head (``classifier`` / ``score``): the module adapters keep trainable."""
+    return model.get_submodule(kept_modules(model, (), set())[0])
+
+
+def score(model: nn.Module, loader: DataLoader) -> Scored:
+    """``core.loop.evaluate`` (the records' numbers), with hooks that keep the logits, the body's first-token output
+    and the head's input of the same forward passes: one pass per model, and the errors are those of the scores."""
+    captured: dict[str, list[torch.Tensor]] = {"logits": [], "first_token": [], "head_input": []}
+    hooks = [
+        model.register_forward_hook(lambda _m, _a, out: captured["logits"].append(out.logits.detach().float())),
+        model.base_model.register_forward_hook(
+            lambda _m, _a, out: captured["first_token"].append(out[0][:, 0].detach().float())),
+        head_module(model).register_forward_pre_hook(
+            lambda _m, args: captured["head_input"].append(args[0].detach().float())),
+    ]
+    try:
+        evaluation = evaluate(model, loader)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    order = torch.tensor(row_order(loader))
+
+    def in_row_order(parts: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.cat(parts)
+        rows = torch.empty_like(stacked)
+        rows[order] = stacked
+        return rows
+
+    per_row = all(part.dim() == 2 for part in captured["head_input"])
+    return Scored(evaluation, Outputs(in_row_order(captured["logits"]), in_row_order(captured["first_token"]),
+                                      in_row_order(captured["head_input"]) if per_row else None))
+
+
+def score_adapter(run: Run, base: str, source: str, loader: DataLoader) -> Scored:
+    """The run's adapter (peft format) loaded onto a fresh ``base`` and scored."""
+    model, _ = load_base(base, source, len(run.record["labels"]))
+    return score(load_adapters(model, run.folder), loader)
+
+
+# --------------------------------------------------------------------------------------------- comparing
+
+
+def relative_error(reference: torch.Tensor | None, other: torch.Tensor | None) -> tuple[float, float]:
+    """Mean and max over rows of ||other - reference|| / ||reference|| (NaN when not measured)."""
+    if reference is None or other is None:
+        return float("nan"), float("nan")
+    per_row = (other - reference).norm(dim=-1) / reference.norm(dim=-1)
+    return float(per_row.mean()), float(per_row.max())
+
+
+@dataclass
+class Row:
+    """One classifier on one base (a CSV row). ``*_rel`` compare it with the same classifier on its own base (0
+    there); ``record_*`` compare the own-base evaluation with the run's record (empty for part 1 and other bases)."""
+
+    classifier: str
+    method: str
+    seed: int | None
+    base: str
+    own_base: str
+    n: int
+    accuracy: float
+    agree: int
+    logit_mean_rel: float
+    logit_max_rel: float
+    first_token_rel_mean: float
+    first_token_rel_max: float
+    head_input_rel_mean: float
+    head_input_rel_max: float
+    record_accuracy: float | None = None
+    record_predictions_differ: int | None = None
+    record_probability_max_diff: float | None = None
+
+
+def compare(name: str, method: str, seed: int | None, base: str, own_base: str, own: Scored, other: Scored) -> Row:
+    """``other`` against ``own`` (the same classifier on its own base): logits' absolute difference over the RMS of
+    the own logits (mean and max over rows and classes), relative errors of the hidden states, agreeing predictions."""
+    scale = own.outputs.logits.pow(2).mean().sqrt()
+    difference = (other.outputs.logits - own.outputs.logits).abs() / scale
+    agree = int((np.array(other.evaluation.predictions) == np.array(own.evaluation.predictions)).sum())
+    return Row(name, method, seed, base, own_base, other.evaluation.n, other.evaluation.accuracy, agree,
+               float(difference.mean()), float(difference.max()),
+               *relative_error(own.outputs.first_token, other.outputs.first_token),
+               *relative_error(own.outputs.head_input, other.outputs.head_input))
+
+
+def check_record(row: Row, scored: Scored, record: dict) -> Row:
+    """Fill ``row``'s record columns: the recorded accuracy, how many of the (first ``n``) recorded predictions
+    differ, and the largest difference of a recorded probability."""
+    n = scored.evaluation.n
+    recorded = np.array(record["dev_predictions"][:n])
+    row.record_accuracy = float(record["final_accuracy"])
+    row.record_predictions_differ = int((np.array(scored.evaluation.predictions) != recorded).sum())
+    probabilities = np.array(record["dev_probabilities"][:n], dtype=float)
+    row.record_probability_max_diff = float(np.abs(np.array(scored.evaluation.probabilities) - probabilities).max())
+    return row
+
+
+def base_gap(source: str, rows: pd.DataFrame, record: dict) -> list[Row]:
+    """Part 1: the pretrained body in float32 and in NF4 under one fresh head (float32's, copied), same rows and
+    loader as the runs."""
+    reference, tokenizer = load_base("fp32", source, len(record["labels"]))
+    quantized, _ = load_base("nf4", source, len(record["labels"]))
+    head_module(quantized).load_state_dict(head_module(reference).state_dict())
+    loader = eval_loader(rows, tokenizer, record)
+    own, other = score(reference, loader), score(quantized, loader)
+    name = "pretrained body, fresh head"
+    return [compare(name, FRESH_HEAD, None, base, "fp32", own, scored)
+            for base, scored in (("fp32", own), ("nf4", other))]
+
+
+@dataclass(frozen=True)
+class AdapterResult:
+    """One run on both bases: the two CSV rows (own base first) and each base's per-sentence correctness."""
+
+    run: Run
+    rows: list[Row]
+    correct: dict[str, np.ndarray]
+
+
+def adapter_gap(run: Run, source: str, data_dir: str | Path | None, limit: int | None) -> AdapterResult:
+    """Parts 2 and 3 for one run: its adapter on its own base (checked against its record) and on the other."""
+    rows = dev_rows(run.record, data_dir, limit)
+    loader = eval_loader(rows, load_tokenizer(source), run.record)
+    other_base = next(base for base in BASES if base != run.own_base)
+    scored = {base: score_adapter(run, base, source, loader) for base in (run.own_base, other_base)}
+    name = f"{run.method} s{run.seed}"
+    table = [compare(name, run.method, run.seed, base, run.own_base, scored[run.own_base], scored[base])
+             for base in (run.own_base, other_base)]
+    check_record(table[0], scored[run.own_base], run.record)
+    labels = rows["label"].to_numpy()
+    return AdapterResult(run, table, {base: np.array(s.evaluation.predictions) == labels for base, s in scored.items()})
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+def _ratio(mean: float, largest: float, digits: int = 3) -> str:
+    return "n/a" if np.isnan(mean) else f"{mean:.{digits}f} / {largest:.{digits}f}"
+
+
+def _paired(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[str, str]:
+    """A minus B over the same sentences, seeds pooled per sentence: the formatted difference with its bootstrap
+    interval and McNemar's p, and the counts of sentences each got right in more seeds."""
+    a_matrix, b_matrix = np.stack(a), np.stack(b)
+    interval = paired_bootstrap(a_matrix, b_matrix, PAIRED_RESAMPLES, seed=0)
+    test = mcnemar_exact(a_matrix, b_matrix)
+    return (format_paired_difference(interval.difference, interval.low, interval.high, test.p_value),
+            f"{test.b_better} / {test.a_better}")
+
+
+def base_markdown(rows: list[Row], model: str) -> str:
+    """Part 1 as a one-row table: the NF4 row (its columns compare it with the float32 one)."""
+    nf4 = next(row for row in rows if row.base == "nf4")
+    return "\n".join([
+        "| model | dev rows | [CLS] hidden state: relative error, mean / max | pooled [CLS] (head input): relative "
+        "error, mean / max | logits: abs. difference ÷ RMS, mean / max | predictions agree |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| {model} | {nf4.n} | {_ratio(nf4.first_token_rel_mean, nf4.first_token_rel_max)} | "
+        f"{_ratio(nf4.head_input_rel_mean, nf4.head_input_rel_max)} | {_ratio(nf4.logit_mean_rel, nf4.logit_max_rel)} "
+        f"| {nf4.agree} / {nf4.n} |"])
+
+
+def record_note(row: Row) -> str:
+    """How the own-base evaluation compares with the run's record."""
+    if row.record_predictions_differ:
+        return f"{row.record_predictions_differ} predictions differ"
+    if row.record_probability_max_diff == 0:
+        return "exact"
+    return f"same predictions, p ±{row.record_probability_max_diff:.0e}"
+
+
+def adapter_markdown(results: list[AdapterResult]) -> str:
+    """Parts 2 and 3: one row per run, then per method one row pooling its seeds."""
+    lines = ["| adapter | seed | trained on | record reproduced | accuracy on own base % | accuracy on other base % | "
+             "other − own base (paired) | sentences better on own / other | predictions agree | logits: abs. "
+             "difference ÷ RMS, mean / max | [CLS] rel. error, mean / max | pooled rel. error, mean / max |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method in dict.fromkeys(result.run.method for result in results):
+        group = [result for result in results if result.run.method == method]
+        for result in group:
+            own, other = result.rows
+            difference, counts = _paired([result.correct[other.base]], [result.correct[own.base]])
+            lines.append(
+                f"| {method} | {result.run.seed} | {BASE_NAMES[own.base]} | {record_note(own)} | "
+                f"{format_points(own.accuracy)} | {format_points(other.accuracy)} | {difference} | {counts} | "
+                f"{other.agree} / {other.n} | {_ratio(other.logit_mean_rel, other.logit_max_rel)} | "
+                f"{_ratio(other.first_token_rel_mean, other.first_token_rel_max)} | "
+                f"{_ratio(other.head_input_rel_mean, other.head_input_rel_max)} |")
+        if len(group) > 1:
+            own_base = group[0].rows[0].base
+            other_base = group[0].rows[1].base
+            difference, counts = _paired([r.correct[other_base] for r in group], [r.correct[own_base] for r in group])
+            mean = {base: np.mean([r.correct[base].mean() for r in group]) for base in (own_base, other_base)}
+            agree, n = sum(r.rows[1].agree for r in group), sum(r.rows[1].n for r in group)
+            lines.append(f"| **{method}, {len(group)} seeds** | | {BASE_NAMES[own_base]} | | "
+                         f"**{format_points(mean[own_base])}** | **{format_points(mean[other_base])}** | "
+                         f"**{difference}** | {counts} | {agree} / {n} | | | |")
+    return "\n".join(lines)
+
+
+def same_base_markdown(results: list[AdapterResult]) -> str:
+    """QLoRA minus LoRA over their common seeds: as trained (each on its own base), then both on each base."""
+    by_method = {m: {r.run.seed: r for r in results if r.run.method == m} for m in METHODS}
+    seeds = sorted(set(by_method["lora"]) & set(by_method["qlora"]))
+    if not seeds:
+        return ""
+    lora, qlora = [by_method["lora"][s] for s in seeds], [by_method["qlora"][s] for s in seeds]
+    cases = (("as trained: QLoRA on NF4, LoRA on float32", "nf4", "fp32"),
+             ("both on float32", "fp32", "fp32"), ("both on NF4", "nf4", "nf4"))
+    lines = [f"| QLoRA − LoRA, seeds {', '.join(map(str, seeds))} pooled | QLoRA % | LoRA % | difference (paired) "
+             "| sentences better for LoRA / QLoRA |", "|---|---:|---:|---:|---:|"]
+    for label, qlora_base, lora_base in cases:
+        a, b = [r.correct[qlora_base] for r in qlora], [r.correct[lora_base] for r in lora]
+        difference, counts = _paired(a, b)
+        lines.append(f"| {label} | {format_points(np.mean([x.mean() for x in a]))} | "
+                     f"{format_points(np.mean([x.mean() for x in b]))} | {difference} | {counts} |")
+    return "\n".join(lines)
+
+
+def report(command: str, environment: dict[str, str], seconds: float, base_rows: list[Row],
+           results: list[AdapterResult], model: str) -> str:
+    """The whole markdown output: the command, machine and wall time, then the three tables with their keys."""
+    n = base_rows[0].n
+    return "\n\n".join(part for part in [
+        f"# `{command}`",
+        f"Run {time.strftime('%Y-%m-%d')}; wall time {format_seconds(seconds)} for everything below, loading "
+        f"included (1-minute load average {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores). Machine: "
+        + ", ".join(f"{k}={v}" for k, v in environment.items()) + ".",
+        "## 1. The NF4 base before training",
+        f"The pretrained body in float32 and in NF4 (double quantisation, float32 compute), under one fresh head "
+        f"(seeded, copied from the float32 model to the NF4 one), on {n} dev rows. Relative error: "
+        "||NF4 − float32|| / ||float32|| per sentence; logits: |NF4 − float32| over the RMS of the float32 logits.",
+        base_markdown(base_rows, model),
+        "## 2-3. Each adapter on its own base and on the other",
+        "\"Own base\": the base it trained on (LoRA float32, QLoRA NF4); \"record reproduced\": its predictions and "
+        "probabilities there against its record (exact = every prediction and probability equal). Paired columns: "
+        "other base minus own base over the same sentences, 95% bootstrap interval over sentences (seeds pooled per "
+        "sentence in the bold rows) and McNemar's exact p. The error columns compare the two bases under the same "
+        "adapter.",
+        adapter_markdown(results),
+        "## QLoRA against LoRA on one base",
+        same_base_markdown(results),
+    ] if part)
+
+
+def write_csv(rows: list[Row], path: Path, environment: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(Row)] + list(environment))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row) | environment)
+
+
+# The environment variables that change what a run reads or how it runs, written into the command it reports.
+REPORTED_ENVIRONMENT = ("OMP_WAIT_POLICY", "PEFT_LAB_DATA", "HF_HUB_OFFLINE")
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command as typed, with the environment variables above that were set."""
+    settings = [f"{name}={shlex.quote(os.environ[name])}" for name in REPORTED_ENVIRONMENT if name in os.environ]
+    return " ".join([*settings, "python -m bench.nf4_gap", *map(shlex.quote, argv)])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS,
+                        help="folder of the comparison runs (default results/cpu-fulltrain)")
+    parser.add_argument("--data-dir", help="folder holding sst2/ (default: $PEFT_LAB_DATA)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: every seed in the folder")
+    parser.add_argument("--limit", type=int, help="only the first N dev rows (a quick look; no files unless asked)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, help="markdown output (default bench/nf4_gap.md; none with --limit)")
+    parser.add_argument("--csv", type=Path, help="CSV output (default bench/nf4_gap.csv; none with --limit)")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be positive, got {args.limit}")
+    if args.limit is None:
+        args.out = args.out or REPO / "bench" / "nf4_gap.md"
+        args.csv = args.csv or REPO / "bench" / "nf4_gap.csv"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> tuple[list[Row], list[AdapterResult]]:
+    """Score every run on both bases, print the tables and write the markdown and CSV (when asked)."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    environment = machine()
+    command = command_line(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    print(f"# {command}", flush=True)
+    runs = committed_runs(args.results_dir, args.methods, args.seeds)
+    source = materialize_model(runs[0].record["model"], args.data_dir)
+    base_rows = base_gap(source, dev_rows(runs[0].record, args.data_dir, args.limit), runs[0].record)
+    print(base_markdown(base_rows, runs[0].record["model"]), flush=True)
+    results = []
+    for run in runs:
+        if run.record["model"] != runs[0].record["model"]:
+            raise ValueError(f"{run.run_id} trained {run.record['model']}, {runs[0].run_id} {runs[0].record['model']}")
+        results.append(adapter_gap(run, source, args.data_dir, args.limit))
+        print(f"  {run.run_id}: {format_seconds(time.perf_counter() - started)} so far", flush=True)
+    text = report(command, environment, time.perf_counter() - started, base_rows, results, runs[0].record["model"])
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    if args.csv:
+        write_csv(base_rows + [row for result in results for row in result.rows], args.csv,
+                  environment | {"command": command})
+    return base_rows, results
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main()
