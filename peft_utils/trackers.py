@@ -90,12 +90,19 @@ def _flat(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
             yield f"{prefix}{key}", value
 
 
+# A list longer than this is data, not a setting (a config event's eval_labels: one label per scored row).
+_LONGEST_SETTING_LIST = 32
+
+
 def hyperparameters(record: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
     """A ``config`` event as hyperparameters: scalars and strings only, since TensorBoard refuses a list (a list of
-    targets becomes ``"c_attn, c_proj"``) and ``None`` is otherwise left out of its table (it becomes ``"None"``)."""
+    targets becomes ``"c_attn, c_proj"``) and ``None`` is otherwise left out of its table (it becomes ``"None"``);
+    per-row data (``eval_labels``) is left out."""
     values: dict[str, bool | int | float | str] = {}
     for key, value in _flat(record):
         if isinstance(value, (list, tuple)):
+            if len(value) > _LONGEST_SETTING_LIST:
+                continue
             value = ", ".join(map(str, value))
         values[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return values

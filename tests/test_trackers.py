@@ -122,9 +122,9 @@ def test_no_tracker_is_the_default_and_none_says_so():
 
 def test_hyperparameters_are_scalars_and_strings():
     record = {"targets": ("c_attn", "c_proj"), "dropout": None, "size": {"disk_bytes": 3}, "rank": 4,
-              "rslora": False, "source": Path("data")}
+              "rslora": False, "source": Path("data"), "eval_labels": [0, 1] * 436}
     assert trackers.hyperparameters(record) == {"targets": "c_attn, c_proj", "dropout": "None", "size.disk_bytes": 3,
-                                                "rank": 4, "rslora": False, "source": "data"}
+                                                "rank": 4, "rslora": False, "source": "data"}  # no per-row data
 
 
 def test_a_retried_run_is_logged_once(tmp_path):
