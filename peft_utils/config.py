@@ -132,6 +132,10 @@ def _seeds(name: str, value: Any) -> tuple[int, ...]:
     return _unique(name, [int(s) for s in seeds])
 
 
+def _optional_seeds(name: str, value: Any) -> tuple[int, ...] | None:
+    return None if value is None else _seeds(name, value)
+
+
 def check_rows(name: str, value: Any) -> int | None:
     """A row count, or ``"all"`` -> ``None`` (every row of the split)."""
     if value == ALL_ROWS:
@@ -326,16 +330,18 @@ class TuneConfig:
     """Learning-rate tuning, on when ``lr="tune"``.
 
     Why: one fixed rate for every method favours whichever method it happens to suit. Each method trains once per
-    rate of its ``grid`` (first seed, ``train_size`` rows, the comparison's schedule) and is scored on
-    ``holdout_size`` *other* rows of the train split; its best rate is then used for every seed. The dev split,
-    which the comparison reports, takes no part in the choice. ``train_size`` ``None``: the comparison's train
-    size, less the held-out rows when that is the whole split.
+    rate of its ``grid`` and tuning seed (``seeds``; ``None``: the comparison's first seed), on ``train_size`` rows
+    with the comparison's schedule, and is scored on ``holdout_size`` *other* rows of the train split; the rate
+    with the best mean over the tuning seeds is then used for every seed (several seeds: a choice that does not
+    hinge on one seed's luck). The dev split, which the comparison reports, takes no part in the choice.
+    ``train_size`` ``None``: the comparison's train size, less the held-out rows when that is the whole split.
     """
 
     enabled: bool = False
     grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
     train_size: int | None = None
     holdout_size: int = 2000
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -474,6 +480,8 @@ PARAMETERS: tuple[Parameter, ...] = (
               _optional_rows, {"type": int}),
     Parameter("tune_holdout_size", "tune", "holdout_size", "held-out train rows that score each tuning run",
               check_positive_int, {"type": int}, notebook=False),
+    Parameter("tune_seeds", "tune", "seeds", "seeds of the tuning runs; the best mean rate wins (None: the first seed)",
+              _optional_seeds, {"nargs": "+", "type": int}, notebook=False),
     Parameter("max_length", "train", "max_length", "tokens per sentence (longer ones are truncated)",
               check_positive_int, {"type": int}),
     Parameter("train_size", "data", "train_size", "SST-2 train rows (a balanced subset), or 'all' (67,349)",
@@ -673,7 +681,7 @@ def _refuse_settings_without_effect(config: ExperimentConfig, given: Mapping[str
     adapters = any(get_method(m).adapter for m in config.methods)
     no_adapter = f"methods {list(config.methods)} include no adapter method"
     needs = (
-        (("lr_grid", "tune_train_size", "tune_holdout_size"), config.tune.enabled, "unless lr='tune'"),
+        (("lr_grid", "tune_train_size", "tune_holdout_size", "tune_seeds"), config.tune.enabled, "unless lr='tune'"),
         (("sweep_ranks", "sweep_alpha_ratios", "sweep_train_size", "sweep_rslora"), config.sweep.enabled,
          "while the sweep is off (sweep=False)"),
         (("rank", "alpha"), adapters, f"here: {no_adapter} (the sweep sets its own)"),

@@ -94,9 +94,9 @@ def sweep_specs(config: ExperimentConfig) -> list[RunSpec]:
 
 
 def tune_specs(config: ExperimentConfig, methods: Sequence[str]) -> list[RunSpec]:
-    """One run per method and rate of its grid, with the first seed (see :mod:`peft_utils.tuning`)."""
-    return [RunSpec(TUNE_GROUP, m, config.seeds[0], config.adapter if get_method(m).adapter else None, lr=rate)
-            for m in methods for rate in config.tune.grid[m]]
+    """One run per method, rate of its grid and tuning seed (default the first seed; see :mod:`peft_utils.tuning`)."""
+    return [RunSpec(TUNE_GROUP, m, seed, config.adapter if get_method(m).adapter else None, lr=rate)
+            for seed in config.tune.seeds or config.seeds[:1] for m in methods for rate in config.tune.grid[m]]
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,22 @@ def test_each_method_gets_its_best_held_out_rate_and_a_resume_keeps_it(tmp_path,
     assert dict(zip(again["method"], again["lr"])) == best
 
 
+def test_tuning_over_several_seeds_trains_each_rate_on_each(tmp_path, sst2_dir):
+    """tune_seeds=[0, 1]: every grid point on both seeds (the same held-out rows score them, other train rows train
+    them); the rate is then chosen on the mean (test_choose_learning_rates_breaks_ties_by_loss_then_smaller_rate)."""
+    plan = plan_experiment(_tune(tmp_path, sst2_dir, tune_seeds=[0, 1]))
+    tuning = [r for r in plan.runs if r.spec.group == TUNE_GROUP]
+    assert [(r.spec.seed, r.spec.method, r.record["lr"]) for r in tuning] == [
+        (seed, m, lr) for seed in (0, 1) for m in GRID for lr in GRID[m]]
+    assert len({r.run_id for r in tuning}) == len(tuning)
+    held_out = {seed: r.eval_frame["sentence"].tolist() for r in tuning for seed in [r.spec.seed]}
+    assert held_out[0] == held_out[1]
+    trained = {r.spec.seed: set(r.train_frame["sentence"]) for r in tuning}
+    assert trained[0] != trained[1] and not trained[0] & set(held_out[0])
+    with pytest.raises(ValueError, match="tune_seeds has no effect unless lr='tune'"):
+        make_config("smoke", tune_seeds=[0, 1])
+
+
 def _fail(*args, **kwargs):
     raise AssertionError("a run was trained although it should not have been")
 
