@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/nf4_gap.py` works as well as `python -m bench.nf4_gap`
@@ -47,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bench.precision import machine
+from bench.step_time import write_csv
 from peft_utils.checkpoints import load_adapters
 from peft_utils.core.batches import encode, make_loader, row_order
 from peft_utils.core.inject import kept_modules
@@ -409,15 +409,6 @@ def report(command: str, environment: dict[str, str], seconds: float, base_rows:
         "## QLoRA against LoRA on one base",
         same_base_markdown(results),
     ] if part)
-
-
-def write_csv(rows: list[Row], path: Path, environment: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(Row)] + list(environment))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row) | environment)
 
 
 # The environment variables that change what a run reads or how it runs, written into the command it reports.

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import gc
 import os
 import platform
@@ -44,7 +43,7 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/precision.py` works as well as `python -m bench.precision`
@@ -54,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.step_time import MIB, Spec, allocation_profile, make_inputs, quartiles, resident_bytes
+from bench.step_time import (MIB, Spec, allocation_profile, make_inputs, quartiles, resident_bytes,
+                             write_csv)
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("minilm", "124m", "medium", "tiny")
@@ -240,15 +240,6 @@ def machine() -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             info[package] = importlib.metadata.version(package)
     return info
-
-
-def write_csv(rows: list[Row], path: Path, environment: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(Row)] + list(environment))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row) | environment)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -34,8 +34,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # `python bench/step_time.py` works as well as `python -m bench.step_time`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -347,9 +349,10 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[Row], path: Path, environment: dict[str, str]) -> None:
+def write_csv(rows: Sequence[Any], path: Path, environment: dict[str, str]) -> None:
+    """One CSV line per dataclass row (any bench's ``Row``), with the run's environment in extra columns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = [f.name for f in fields(Row)] + list(environment)
+    names = ([f.name for f in fields(rows[0])] if rows else []) + list(environment)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
