@@ -153,8 +153,9 @@ def _module_names(name: str, value: Any) -> tuple[str, ...] | None:
 
 
 def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
-    """``None`` (the model's default), a preset, a regex, or module-name suffixes, read as the core reads them
-    (``core.targets.parse_targets``): a regex that does not compile is refused here, before any model loads.
+    """One target set: ``None`` (the model's default), a preset, a regex, or module-name suffixes, read as the core
+    reads them (``core.targets.parse_targets``): a regex that does not compile is refused here, before any model
+    loads.
 
     One suffix given as a string (``"c_attn"``) is recorded as a list of one, so ``--targets c_attn`` and
     ``targets=["c_attn"]`` are the same setting in a run's identity."""
@@ -167,6 +168,27 @@ def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
     if not all(isinstance(i, str) and i for i in items):
         raise ValueError(f"{name} must be a preset, a regex or a list of module names, got {value!r}")
     return parse_targets(items, name)
+
+
+def _target_sets(name: str, value: Any) -> tuple[str | tuple[str, ...] | None, ...]:
+    """The target sets every adapter method runs on: an axis of the experiment, like its methods.
+
+    One set (``None``, ``"all-linear"``, ``["query", "value"]``, a regex), or several: a list of presets
+    (``["attn", "all-linear"]``) or a list of sets (``[["query", "value"], "all-linear"]``). A flat list mixing
+    presets with module names could mean either, so it is refused."""
+    from .core.targets import MODEL_PRESETS
+
+    if not isinstance(value, (list, tuple)) or not value:
+        return (_targets(name, value),)
+    is_set = [item is None or item in MODEL_PRESETS or isinstance(item, (list, tuple)) for item in value]
+    if not any(is_set):
+        return (_targets(name, value),)
+    if not all(is_set):
+        sets = [repr(i) for i, whole in zip(value, is_set) if whole]
+        names = [repr(i) for i, whole in zip(value, is_set) if not whole]
+        raise ValueError(f"{name} mixes target sets ({', '.join(sets)}) with module names ({', '.join(names)}): "
+                         "give several sets as a list of sets, e.g. [['query', 'value'], 'all-linear']")
+    return _unique(name, [_targets(f"{name}[{index}]", item) for index, item in enumerate(value)])
 
 
 def _sentences(name: str, value: Any) -> tuple[str, ...]:
@@ -355,6 +377,9 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = (0,)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    # The target sets every adapter method runs on (``None``: the model's default layers): an axis of the
+    # experiment, so each holds its own targets and ``adapter.targets`` is left unset (see ``adapters``).
+    targets: tuple[str | tuple[str, ...] | None, ...] = (None,)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -370,6 +395,16 @@ class ExperimentConfig:
     def figures_dir(self) -> str:
         """Where figures go: ``imgs_dir``, else ``<results_dir>/imgs`` (never the committed ``imgs/`` by accident)."""
         return self.imgs_dir or str(Path(self.results_dir) / "imgs")
+
+    def __post_init__(self) -> None:
+        if self.adapter.targets is not None:
+            raise ValueError("ExperimentConfig takes its target sets as targets=(...), not adapter.targets: an "
+                             "experiment may compare several")
+
+    @property
+    def adapters(self) -> tuple[AdapterSettings, ...]:
+        """The adapter settings of each target set, in the order ``targets`` lists them."""
+        return tuple(replace(self.adapter, targets=targets) for targets in self.targets)
 
     def method_lr(self, method: str) -> float:
         return self.lr[method]
@@ -439,9 +474,14 @@ def _lr_grid_tokens(tokens: Sequence[str]) -> dict[str, list[float]]:
     return grid
 
 
-def _targets_tokens(tokens: Sequence[str]) -> str | tuple[str, ...]:
-    """One token: a preset, a module-name suffix or a regex, as in the notebook; several: module-name suffixes."""
-    return tokens[0] if len(tokens) == 1 else tuple(tokens)
+def _targets_tokens(tokens: Sequence[str]) -> str | list[Any]:
+    """One token: a preset, a module-name suffix or a regex, as in the notebook; several: module-name suffixes (one
+    set) or presets (several sets); a token with commas is one set of suffixes (``--targets query,value all-linear``)."""
+    if len(tokens) == 1 and "," not in tokens[0]:
+        return tokens[0]
+    if any("," in token for token in tokens):
+        return [[s for s in token.split(",") if s] if "," in token else token for token in tokens]
+    return list(tokens)
 
 
 def _report_to(name: str, value: Any) -> tuple[str, ...]:
@@ -463,9 +503,10 @@ PARAMETERS: tuple[Parameter, ...] = (
               check_positive_number, {"type": float}),
     Parameter("dropout", "adapter", "dropout", "dropout on the adapter input, in [0, 1)", check_fraction,
               {"type": float}),
-    Parameter("targets", "adapter", "targets",
-              "layers: a preset ('attn', 'attn-all', 'all-linear'), module-name suffixes or a regex",
-              _targets, {"nargs": "+", "type": str, "post": _targets_tokens}),
+    Parameter("targets", "", "targets",
+              "layers: a preset ('attn', 'attn-all', 'all-linear'), module-name suffixes or a regex; several sets "
+              "compare them: ['attn', 'all-linear']",
+              _target_sets, {"nargs": "+", "type": str, "post": _targets_tokens}),
     Parameter("modules_to_save", "adapter", "modules_to_save",
               "modules trained in full beside adapters and head, e.g. ['pooler'] (None: the head only)",
               _module_names, {"nargs": "+", "type": str}),
@@ -667,9 +708,11 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
 
 
 def _setting(config: ExperimentConfig, name: str) -> Any:
-    """The value parameter ``name`` set in ``config``."""
+    """The value parameter ``name`` set in ``config``, as a user writes it: one target set as itself, not as an
+    axis of one (``targets=None`` is ``config.targets == (None,)``)."""
     parameter = PARAMETER_BY_NAME[name]
-    return getattr(getattr(config, parameter.part) if parameter.part else config, parameter.field)
+    value = getattr(getattr(config, parameter.part) if parameter.part else config, parameter.field)
+    return value[0] if name == "targets" and len(value) == 1 else value
 
 
 def _refuse_settings_without_effect(config: ExperimentConfig, given: Mapping[str, Any]) -> None:
@@ -814,8 +857,7 @@ def config_record(config: ExperimentConfig) -> dict[str, Any]:
     """The experiment-wide settings as flat parameter names (for display and for run records)."""
     record: dict[str, Any] = {"profile": config.profile}
     for parameter in PARAMETERS:
-        holder = getattr(config, parameter.part) if parameter.part else config
-        record[parameter.name] = getattr(holder, parameter.field)
+        record[parameter.name] = _setting(config, parameter.name)
     if config.tune.enabled:
         record["lr"] = TUNE
     return record

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import hashlib
 import re
 import sys
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from .data import Splits, eval_rows, fingerprint, load_splits, subset
 from .devices import (compute_dtype_for, is_main_process, launched_processes, make_accelerator,
                       per_device_batch_size, resolve_device, same_in_every_process)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
-from .methods import get_method
+from .methods import get_method, series_name, targets_label
 from .models import build_model, materialize_model, resolve_model_source
 from .sizes import model_size
 from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, Claim, RunInProgress, RunStore, SettingsConflict
@@ -71,32 +72,57 @@ def model_slug(model: str | Path) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", Path(str(model)).name.lower()).strip("-") or "model"
 
 
+def targets_slug(targets: object) -> str:
+    """A target set in a file name: its label (:func:`~peft_utils.methods.targets_label`: ``all-linear``,
+    ``query+value``), or for a regex ``re-`` and the first 8 hex digits of its SHA-1 (a pattern is no file name)."""
+    label = targets_label(targets)
+    if re.fullmatch(r"[A-Za-z0-9_.+-]*", label):
+        return label
+    return "re-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+
+
 def run_id(spec: RunSpec, model: str | Path) -> str:
-    """``<group>-<method>[-r<rank>-a<alpha>[-rslora]][-lr<rate>]-s<seed>-<model>``, e.g.
-    ``comparison-lora-r8-a16-s0-minilm`` or ``tune-lora-r8-a16-lr0.003-s0-minilm``."""
+    """``<group>-<method>[-<targets>][-r<rank>-a<alpha>[-rslora]][-lr<rate>]-s<seed>-<model>``, e.g.
+    ``comparison-lora-r8-a16-s0-minilm``, ``comparison-lora-all-linear-r8-a16-s0-minilm`` or
+    ``tune-lora-r8-a16-lr0.003-s0-minilm``; the model's default targets are not named."""
     adapter = ""
     if spec.adapter is not None:
-        adapter = f"-r{spec.adapter.rank}-a{spec.adapter.alpha:g}" + ("-rslora" if spec.adapter.rslora else "")
+        slug = targets_slug(spec.adapter.targets)
+        adapter = (f"-{slug}" if slug else "") + f"-r{spec.adapter.rank}-a{spec.adapter.alpha:g}"
+        adapter += "-rslora" if spec.adapter.rslora else ""
     rate = f"-lr{spec.lr:g}" if spec.lr is not None else ""
     return f"{spec.group}-{spec.method}{adapter}{rate}-s{spec.seed}-{model_slug(model)}"
 
 
+def _method_adapters(config: ExperimentConfig, method: str) -> tuple[AdapterSettings | None, ...]:
+    """The adapter of each target set for an adapter method; full fine-tuning has one run and no adapter."""
+    return config.adapters if get_method(method).adapter else (None,)
+
+
 def comparison_specs(config: ExperimentConfig) -> list[RunSpec]:
-    """Every method for every seed, all with the configuration's adapter settings."""
-    return [RunSpec(COMPARISON_GROUP, m, s, config.adapter if get_method(m).adapter else None)
-            for s in config.seeds for m in config.methods]
+    """Every method on every target set (adapter methods) for every seed."""
+    return [RunSpec(COMPARISON_GROUP, m, s, adapter)
+            for s in config.seeds for m in config.methods for adapter in _method_adapters(config, m)]
 
 
 def sweep_specs(config: ExperimentConfig) -> list[RunSpec]:
-    """LoRA over ranks x alpha/rank ratios: a fixed ratio keeps the update's scale, so a line shows capacity alone."""
-    return [RunSpec(SWEEP_GROUP, "lora", s, replace(config.adapter, rank=r, alpha=ratio * r, rslora=config.sweep.rslora))
+    """LoRA over ranks x alpha/rank ratios on the first target set: a fixed ratio keeps the update's scale, so a
+    line shows capacity alone."""
+    return [RunSpec(SWEEP_GROUP, "lora", s,
+                    replace(config.adapters[0], rank=r, alpha=ratio * r, rslora=config.sweep.rslora))
             for s in config.seeds for ratio in config.sweep.alpha_ratios for r in config.sweep.ranks]
 
 
-def tune_specs(config: ExperimentConfig, methods: Sequence[str]) -> list[RunSpec]:
-    """One run per method, rate of its grid and tuning seed (default the first seed; see :mod:`peft_utils.tuning`)."""
-    return [RunSpec(TUNE_GROUP, m, seed, config.adapter if get_method(m).adapter else None, lr=rate)
-            for seed in config.tune.seeds or config.seeds[:1] for m in methods for rate in config.tune.grid[m]]
+def tune_specs(config: ExperimentConfig, series: Sequence[tuple[str, AdapterSettings | None]]) -> list[RunSpec]:
+    """One run per (method, adapter) series, rate of the method's grid and tuning seed (default the first seed;
+    see :mod:`peft_utils.tuning`)."""
+    return [RunSpec(TUNE_GROUP, m, seed, adapter, lr=rate)
+            for seed in config.tune.seeds or config.seeds[:1] for m, adapter in series for rate in config.tune.grid[m]]
+
+
+def spec_series(spec: RunSpec) -> str:
+    """The series a run belongs to (:func:`~peft_utils.methods.series_name`): its method and target set."""
+    return series_name(spec.method, spec.adapter.targets if spec.adapter is not None else None)
 
 
 @dataclass(frozen=True)
@@ -188,19 +214,29 @@ def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]
 
 
 def _check_adapters(config: ExperimentConfig, model_config, adapted: Sequence[RunSpec]) -> None:
-    """The adapter settings against the model's layers (on a weightless skeleton): see :func:`_check_model`."""
+    """The adapter settings of each target set against the model's layers (on a weightless skeleton): see
+    :func:`_check_model`."""
+    skeleton = meta_skeleton(model_config)
+    for targets in config.targets:
+        try:
+            layers = select_targets(skeleton, targets)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"targets={targets!r} for {config.model}: {error}") from None
+        try:
+            kept_modules(skeleton, config.adapter.modules_to_save or (), {name for name, _ in layers})
+        except ValueError as error:
+            raise ValueError(f"modules_to_save={list(config.adapter.modules_to_save or ())} for {config.model}: "
+                             f"{str(error).removeprefix('keep_trainable').lstrip(': ')}") from None
+        _check_rank(config, layers, [s for s in adapted if s.adapter.targets == targets])
+
+
+def _check_rank(config: ExperimentConfig, layers: Sequence[tuple[str, torch.nn.Module]],
+                adapted: Sequence[RunSpec]) -> None:
+    """Every planned rank at most the narrowest of ``layers``, the layers its runs' target set selects."""
     from .core.layers import base_features
 
-    skeleton = meta_skeleton(model_config)
-    try:
-        layers = select_targets(skeleton, config.adapter.targets)
-    except (ValueError, TypeError) as error:
-        raise type(error)(f"targets={config.adapter.targets!r} for {config.model}: {error}") from None
-    try:
-        kept_modules(skeleton, config.adapter.modules_to_save or (), {name for name, _ in layers})
-    except ValueError as error:
-        raise ValueError(f"modules_to_save={list(config.adapter.modules_to_save or ())} for {config.model}: "
-                         f"{str(error).removeprefix('keep_trainable').lstrip(': ')}") from None
+    if not adapted:
+        return
     width, name = min((min(base_features(module)), name) for name, module in layers)
     widest = max(adapted, key=lambda s: s.adapter.rank)
     if widest.adapter.rank > width:
@@ -239,8 +275,10 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     specs = (comparison_specs(config) if comparison else []) + (sweep_specs(config) if sweep else [])
     if not specs:
         raise ValueError("nothing to run: neither the comparison nor the sweep was asked for")
-    if config.tune.enabled:  # the sweep's LoRA runs use LoRA's tuned rate
-        specs = tune_specs(config, list(dict.fromkeys(s.method for s in specs))) + specs
+    if config.tune.enabled:  # the sweep's LoRA runs use the rate tuned for LoRA on their target set
+        series = [(s.method, s.adapter) for s in specs if s.group == COMPARISON_GROUP]
+        series += [("lora", config.adapters[0])] if sweep else []
+        specs = tune_specs(config, list(dict.fromkeys(series))) + specs
     device = resolve_device(config.train.device)  # a GPU asked for and absent, or a precision it lacks: refused here
     compute_dtype = str(compute_dtype_for(device, config.train.precision)).removeprefix("torch.")
     splits = load_splits(config.data)
@@ -285,7 +323,7 @@ def _with_tuned_rates(plan: Plan) -> Plan:
     runs = []
     for run in plan.runs:
         if run.record["lr"] is None:
-            record = {**run.record, "lr": rates[run.spec.method]}
+            record = {**run.record, "lr": rates[spec_series(run.spec)]}
             run = replace(run, record=record, complete=store.check(run.run_id, record))
         runs.append(run)
     return replace(plan, runs=runs)
@@ -430,8 +468,8 @@ def _claim_in_every_process(store: RunStore, run: PlannedRun, device: str,
 
 
 def _tuned_rates(plan: Plan) -> str:
-    rates = {r.spec.method: r.record["lr"] for r in plan.runs if r.spec.group != TUNE_GROUP}
-    return "learning rates chosen on held-out train rows: " + ", ".join(f"{m} {lr:g}" for m, lr in rates.items())
+    rates = {spec_series(r.spec): r.record["lr"] for r in plan.runs if r.spec.group != TUNE_GROUP}
+    return "learning rates chosen on held-out train rows: " + ", ".join(f"{s} {lr:g}" for s, lr in rates.items())
 
 
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:

@@ -58,4 +58,30 @@ def ordered_methods(names: Iterable[object]) -> list[str]:
     return [name for name in METHOD_NAMES if name in present] + sorted(present - set(METHOD_NAMES))
 
 
-__all__ = ["Method", "METHODS", "METHOD_NAMES", "QUANTIZED_METHODS", "ADAPTER_KINDS", "get_method", "ordered_methods"]
+def targets_label(targets: object) -> str:
+    """A target set as run ids and tables name it: ``""`` for the model's default (``None``), a preset by its name,
+    module-name suffixes joined by ``+`` (``"query+value"``), a regex (recorded as a string that is no preset)
+    as ``re:<pattern>``."""
+    from .core.targets import MODEL_PRESETS
+
+    if targets is None or targets != targets:  # None, or NaN where a run table has no targets
+        return ""
+    if isinstance(targets, str):
+        return targets if targets in MODEL_PRESETS else f"re:{targets}"
+    return "+".join(str(item) for item in targets)
+
+
+def series_name(method: str, targets: object = None) -> str:
+    """What tables, figures and paired tests key a run by: its method, and its target set where that is not the
+    model's default (``"lora"``, ``"lora:all-linear"``); full fine-tuning has no targets."""
+    label = targets_label(targets)
+    return f"{method}:{label}" if label else method
+
+
+def series_method(series: str) -> str:
+    """The method of a :func:`series_name`."""
+    return series.partition(":")[0]
+
+
+__all__ = ["Method", "METHODS", "METHOD_NAMES", "QUANTIZED_METHODS", "ADAPTER_KINDS", "get_method", "ordered_methods",
+           "targets_label", "series_name", "series_method"]

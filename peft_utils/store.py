@@ -41,6 +41,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from .config import TrainConfig
+from .methods import series_name
 
 EVENTS = ("config", "step", "eval", "summary")
 
@@ -140,13 +141,14 @@ TUNE_GROUP = "tune"
 
 
 def series_key(record: dict[str, Any]) -> tuple[Any, ...]:
-    """Which series a run belongs to: its method in the comparison; its method, rank and alpha in the sweep; its
-    method and learning rate in tuning."""
+    """Which series a run belongs to: its method and target set (:func:`~peft_utils.methods.series_name`) in the
+    comparison; with its rank and alpha in the sweep; with its learning rate in tuning."""
+    series = series_name(record.get("method"), record.get("targets"))
     if record.get("group") == SWEEP_GROUP:
-        return (SWEEP_GROUP, record.get("method"), record.get("rank"), record.get("alpha"))
+        return (SWEEP_GROUP, series, record.get("rank"), record.get("alpha"))
     if record.get("group") == TUNE_GROUP:
-        return (TUNE_GROUP, record.get("method"), record.get("lr"))
-    return (record.get("group"), record.get("method"))
+        return (TUNE_GROUP, series, record.get("lr"))
+    return (record.get("group"), series)
 
 
 def _describe(key: tuple[Any, ...]) -> str:

@@ -24,6 +24,7 @@ import pandas as pd
 
 from .config import ExperimentConfig
 from .data import hold_out, subset
+from .methods import series_name
 from .stats import numeric_column
 from .store import TUNE_GROUP
 
@@ -47,34 +48,39 @@ def tuning_rows(config: ExperimentConfig, train: pd.DataFrame, seed: int) -> tup
 
 
 def learning_rate_scores(tune_runs: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
-    """The tuning grid's scores: one row per (method, lr) with the mean held-out accuracy and loss over seeds.
+    """The tuning grid's scores: one row per (series, lr) with the mean held-out accuracy and loss over seeds; a
+    series is a method on a target set (:func:`~peft_utils.methods.series_name`: ``"lora"``, ``"lora:all-linear"``).
 
-    Columns ``method``, ``lr``, ``accuracy``, ``eval_loss``, ``n_seeds`` and ``chosen`` (True on each method's
-    rate picked by :func:`choose_learning_rates`), sorted by method and rate. Runs without an accuracy are left out.
+    Columns ``series``, ``method``, ``lr``, ``accuracy``, ``eval_loss``, ``n_seeds`` and ``chosen`` (True on each
+    series' rate picked by :func:`choose_learning_rates`), sorted by series and rate. Runs without an accuracy are
+    left out.
     """
     frame = pd.DataFrame(tune_runs)
     missing = [c for c in ("method", "lr", "final_accuracy") if c not in frame.columns]
     if missing:
         raise ValueError(f"tuning runs need the fields method, lr and final_accuracy; missing: {', '.join(missing)}")
+    targets = frame["targets"] if "targets" in frame.columns else [None] * len(frame)
     frame = frame.assign(lr=numeric_column(frame, "lr"), accuracy=numeric_column(frame, "final_accuracy"),
-                         eval_loss=numeric_column(frame, "final_eval_loss"))
+                         eval_loss=numeric_column(frame, "final_eval_loss"),
+                         series=[series_name(m, t) for m, t in zip(frame["method"], targets)])
     frame = frame.dropna(subset=["lr", "accuracy"])
     if frame.empty:
-        return pd.DataFrame(columns=["method", "lr", "accuracy", "eval_loss", "n_seeds", "chosen"])
-    scores = (frame.groupby(["method", "lr"], sort=True)
+        return pd.DataFrame(columns=["series", "method", "lr", "accuracy", "eval_loss", "n_seeds", "chosen"])
+    scores = (frame.groupby(["series", "method", "lr"], sort=True)
               .agg(accuracy=("accuracy", "mean"), eval_loss=("eval_loss", "mean"), n_seeds=("accuracy", "size"))
               .reset_index())
     # Held-out accuracies are counts over the same rows, so equal counts are exact ties; rounding only removes the
     # last-bit noise of averaging over seeds. A missing loss never wins a tie.
     scores["chosen"] = False
     rank_key = scores.assign(_accuracy=-scores["accuracy"].round(12), _loss=scores["eval_loss"].fillna(math.inf))
-    best = rank_key.sort_values(["method", "_accuracy", "_loss", "lr"]).groupby("method").head(1).index
+    best = rank_key.sort_values(["series", "_accuracy", "_loss", "lr"]).groupby("series").head(1).index
     scores.loc[best, "chosen"] = True
     return scores
 
 
 def choose_learning_rates(tune_runs: pd.DataFrame | Sequence[dict]) -> dict[str, float]:
-    """Each method's learning rate from its tuning runs: the highest held-out accuracy (mean over seeds).
+    """Each series' learning rate from its tuning runs (``{"lora": 1e-3, "lora:all-linear": 2e-3}``): the highest
+    held-out accuracy (mean over seeds).
 
     Ties go to the lower held-out loss (the more confident correct model), then to the smaller rate (the more
     conservative update). ``tune_runs``: the tuning runs' records (a run table or a list of dicts) with
@@ -83,7 +89,7 @@ def choose_learning_rates(tune_runs: pd.DataFrame | Sequence[dict]) -> dict[str,
     """
     scores = learning_rate_scores(tune_runs)
     chosen = scores[scores["chosen"]]
-    return {str(method): float(lr) for method, lr in zip(chosen["method"], chosen["lr"])}
+    return {str(series): float(lr) for series, lr in zip(chosen["series"], chosen["lr"])}
 
 
 __all__ = ["TUNE_GROUP", "EVAL_SPLIT", "HOLDOUT_SEED", "tuning_rows", "learning_rate_scores", "choose_learning_rates"]

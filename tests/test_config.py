@@ -103,8 +103,55 @@ def test_every_parameter_is_a_command_line_flag_and_a_record_field():
     from peft_utils.config import cli_parameters
 
     given = cli_parameters(args)
-    assert given["lr"] == {"lora": 5e-4, "full": 2e-5} and given["targets"] == ("query", "value")
+    assert given["lr"] == {"lora": 5e-4, "full": 2e-5} and given["targets"] == ["query", "value"]
     config = make_config("cpu", **given)
     assert (config.adapter.rank, config.data.train_size, config.sweep.enabled, config.seeds) == (3, None, False, (0, 1))
+    assert config.targets == (("query", "value"),)
     assert set(config_record(config)) == {"profile", *PARAMETER_NAMES}
     assert len({p.flag for p in PARAMETERS}) == len(PARAMETERS)
+
+
+@pytest.mark.parametrize("value, sets", [
+    (None, (None,)),
+    ("all-linear", ("all-linear",)),
+    (["query", "value"], (("query", "value"),)),
+    (["attn", "all-linear"], ("attn", "all-linear")),
+    ([None, "all-linear"], (None, "all-linear")),
+    ([["query", "value"], "all-linear"], (("query", "value"), "all-linear")),
+])
+def test_targets_take_one_set_or_several(value, sets):
+    """A list of presets (or of sets) is several target sets, an axis of the experiment; a list of module names is
+    one set."""
+    config = make_config("smoke", targets=value)
+    assert config.targets == sets
+    assert [a.targets for a in config.adapters] == list(sets) and config.adapter.targets is None
+
+
+@pytest.mark.parametrize("tokens, sets", [
+    (["all-linear"], ("all-linear",)),
+    (["query", "value"], (("query", "value"),)),
+    (["attn", "all-linear"], ("attn", "all-linear")),
+    (["query,value", "all-linear"], (("query", "value"), "all-linear")),
+])
+def test_targets_on_the_command_line(tokens, sets):
+    from peft_utils.config import cli_parameters
+
+    assert make_config("smoke", **cli_parameters(experiment._parse_args(["--targets", *tokens]))).targets == sets
+
+
+@pytest.mark.parametrize("value, message", [
+    (["attn", "dense"], r"targets mixes target sets \('attn'\) with module names \('dense'\): give several sets "),
+    (["attn", "attn"], r"targets lists 'attn' more than once"),
+    ([["query", "va lue"], "attn"], r"targets\[0\] item 'va lue' is not a module name"),
+])
+def test_ambiguous_or_repeated_target_sets_are_one_line(value, message):
+    with pytest.raises(ValueError, match=message):
+        make_config("smoke", targets=value)
+
+
+def test_an_experiment_config_takes_its_targets_as_an_axis():
+    from peft_utils.config import AdapterSettings, ExperimentConfig
+
+    with pytest.raises(ValueError, match=r"takes its target sets as targets=\(\.\.\.\), not adapter\.targets"):
+        ExperimentConfig(profile="smoke", model="m", methods=("lora",), lr={"lora": 1e-3},
+                         adapter=AdapterSettings(targets="all-linear"))

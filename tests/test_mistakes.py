@@ -63,7 +63,7 @@ def test_a_string_is_a_preset_a_suffix_or_a_regex(targets, meaning):
 
 def test_a_single_suffix_on_the_command_line_selects_its_layers(tmp_path, sst2_dir):
     plan = cli_plan(["--methods", "lora", "--targets", "c_attn"], tmp_path, sst2_dir)
-    assert plan.config.adapter.targets == ("c_attn",)  # the same setting as targets=["c_attn"]
+    assert plan.config.targets == (("c_attn",),)  # the same setting as targets=["c_attn"]
     assert plan.runs[0].record["targets"] == ("c_attn",)
     assert [n for n, _ in select_targets(random_gpt2(), "c_attn")] == [
         "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
