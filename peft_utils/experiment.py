@@ -3,8 +3,8 @@
 An experiment is an :class:`~peft_utils.config.ExperimentConfig` (a profile plus the user's parameters). Running
 it has two phases, so that a mistake costs a one-line error and not a finished full fine-tuning run:
 
-1. **plan** (:func:`plan_experiment`): the runs (learning-rate tuning when ``lr="tune"``, methods x seeds, and the
-   LoRA rank x alpha grid), their data rows, and
+1. **plan** (:func:`plan_experiment`): the runs (learning-rate tuning when ``lr="tune"``, methods x target sets x
+   seeds, and the LoRA rank x alpha grid), their data rows, and
    checks that need the data or the model — sizes that fit the splits, targets that match a layer of the model,
    bitsandbytes for 4-bit methods, and the results folder (a run whose settings differ from a finished run of its
    series is refused, see :class:`~peft_utils.store.RunStore`).
@@ -74,7 +74,7 @@ def model_slug(model: str | Path) -> str:
 
 def targets_slug(targets: object) -> str:
     """A target set in a file name: its label (:func:`~peft_utils.methods.targets_label`: ``all-linear``,
-    ``query+value``), or for a regex ``re-`` and the first 8 hex digits of its SHA-1 (a pattern is no file name)."""
+    ``query+value``) where that is one, else (a regex) ``re-`` and the first 8 hex digits of the label's SHA-1."""
     label = targets_label(targets)
     if re.fullmatch(r"[A-Za-z0-9_.+-]*", label):
         return label

@@ -48,26 +48,29 @@ def get_method(name: object) -> Method:
 
 
 def ordered_methods(names: Iterable[object]) -> list[str]:
-    """The distinct method names among ``names``: known ones in the package's order (full, LoRA, DoRA, QLoRA,
-    QDoRA), then any others alphabetically.
+    """The distinct method or series names among ``names`` (:func:`series_name`): known methods in the package's
+    order (full, LoRA, DoRA, QLoRA, QDoRA), then any others alphabetically; within a method its default target set
+    first, then its other sets alphabetically.
 
     Why one order: tables, figures and paired tests list methods the same way, so a reader finds each method in the
-    same place everywhere. Entries that are not strings (a missing method in a run table: None or NaN) are skipped.
+    same place everywhere, and a method's target sets side by side. Entries that are not strings (a missing method
+    in a run table: None or NaN) are skipped.
     """
-    present = {name for name in names if isinstance(name, str)}
-    return [name for name in METHOD_NAMES if name in present] + sorted(present - set(METHOD_NAMES))
+    def position(name: str) -> tuple[int, str, str]:
+        method, _, targets = name.partition(":")
+        known = method in METHODS
+        return (METHOD_NAMES.index(method) if known else len(METHOD_NAMES), "" if known else method, targets)
+
+    return sorted({name for name in names if isinstance(name, str)}, key=position)
 
 
 def targets_label(targets: object) -> str:
-    """A target set as run ids and tables name it: ``""`` for the model's default (``None``), a preset by its name,
-    module-name suffixes joined by ``+`` (``"query+value"``), a regex (recorded as a string that is no preset)
-    as ``re:<pattern>``."""
-    from .core.targets import MODEL_PRESETS
-
+    """A target set as run ids and tables name it: ``""`` for the model's default (``None``), a preset or a regex
+    (both recorded as one string) as written, module-name suffixes joined by ``+`` (``"query+value"``)."""
     if targets is None or targets != targets:  # None, or NaN where a run table has no targets
         return ""
     if isinstance(targets, str):
-        return targets if targets in MODEL_PRESETS else f"re:{targets}"
+        return targets
     return "+".join(str(item) for item in targets)
 
 
@@ -83,5 +86,19 @@ def series_method(series: str) -> str:
     return series.partition(":")[0]
 
 
+def series_on(method: str, series: str) -> str:
+    """``method`` on the target set of ``series`` (``series_on("lora", "dora:all-linear") == "lora:all-linear"``):
+    the reference a paired test compares a series with."""
+    return method + series.removeprefix(series_method(series))
+
+
+def series_label(series: str) -> str:
+    """How tables and figures name a series: its method's label, with the target set in brackets where that is not
+    the model's default (``"LoRA"``, ``"LoRA (all-linear)"``); an unknown method as given."""
+    method, _, targets = series.partition(":")
+    label = METHODS[method].label if method in METHODS else method
+    return f"{label} ({targets})" if targets else label
+
+
 __all__ = ["Method", "METHODS", "METHOD_NAMES", "QUANTIZED_METHODS", "ADAPTER_KINDS", "get_method", "ordered_methods",
-           "targets_label", "series_name", "series_method"]
+           "targets_label", "series_name", "series_method", "series_on", "series_label"]

@@ -14,13 +14,16 @@ import pandas as pd
 
 from .config import ExperimentConfig, config_record
 from .formatting import format_bytes, format_count, format_paired_difference, format_points, format_seconds
-from .methods import METHODS, ordered_methods
+from .methods import ordered_methods, series_label, series_method
 from .store import COMPARISON_GROUP, RunStore
-from .stats import (macro_f1_by_method, numeric_column, optional_column, paired_statistics, per_method_summary,
+from .stats import (macro_f1_by_method, numeric_column, paired_statistics, per_method_summary, run_series,
                     runs_in_group)
 
-# The references the summary table compares against, with their column titles.
-_REFERENCES = {"full": "vs full fine-tuning", "lora": "vs LoRA"}
+# The references the summary table compares a series against (:func:`~peft_utils.stats.comparison_pairs`), with
+# their column titles: full fine-tuning; LoRA on the series' own target set (the title adds "same targets" where the
+# table holds a set other than the model's default, so it is never read as LoRA on the default set); the series'
+# method on the model's default target set.
+_REFERENCES = {"full": "vs full fine-tuning", "lora": "vs LoRA", "targets": "vs default targets"}
 
 
 def show_source(*functions: Callable) -> None:
@@ -69,17 +72,19 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def comparison_markdown(results_dir: str | Path) -> str:
-    """The comparison runs of ``results_dir`` as the notebook's and README's Markdown table: per method the mean ±
-    sd dev accuracy over seeds, cost, and the paired differences to full fine-tuning and LoRA (labels from the
-    records; without them the paired columns are left out, with the reason printed)."""
+    """The comparison runs of ``results_dir`` as the notebook's and README's Markdown table: per series (a method
+    on a target set) the mean ± sd dev accuracy over seeds, cost, and the paired differences to full fine-tuning,
+    LoRA and the default targets (labels from the records; without them the paired columns are left out, with the
+    reason printed)."""
     runs = RunStore(results_dir).load().runs
     return summary_markdown(summary_table(runs, paired_statistics(runs).table))
 
 
 def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """``inference.predict_runs`` output with runs named by method (and seed when there are several), in %."""
+    """``inference.predict_runs`` output with runs named by series (and seed when there are several), in %."""
     several_seeds = table["seed"].nunique() > 1
-    names = {row.run_id: f"{row.method} s{row.seed}" if several_seeds else row.method for row in table.itertuples()}
+    names = {run_id: f"{series} s{seed}" if several_seeds else series
+             for run_id, series, seed in zip(table["run_id"], run_series(table), table["seed"])}
     out = predictions.rename(columns=names)
     runs = [names[r] for r in table["run_id"] if r in names]
     out[runs] = (100 * out[runs]).round(1)
@@ -90,41 +95,52 @@ def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.Dat
 # The summary table
 # --------------------------------------------------------------------------------------------------------------
 def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per compared method: accuracy over seeds, cost, and the paired differences to the references.
+    """One row per compared series (a method on a target set, :func:`~peft_utils.stats.run_series`): accuracy over
+    seeds, cost, and the paired differences to the references.
 
     Columns: ``n_seeds``, ``accuracy`` (mean) and ``accuracy_sd`` (sample sd over seeds; NaN with one seed, where
     there is no spread to report), ``train_time_s`` (mean), ``peak_memory_bytes`` (max) and ``memory_kind``,
     ``trainable_params``, ``disk_bytes`` and ``disk_kind``; ``macro_f1`` (mean over seeds) where the classes call
     for it (:func:`~peft_utils.stats.macro_f1_by_method`);
-    then for each reference present in ``paired`` (full
-    fine-tuning, LoRA): ``vs_<ref>``, ``vs_<ref>_low``, ``vs_<ref>_high``, ``vs_<ref>_p`` (fractions). Only
-    comparison runs count. Indexed by method, in the package's method order.
+    then for each reference present in ``paired`` (full fine-tuning, LoRA on the same targets, the default
+    targets: :data:`_REFERENCES`): ``vs_<ref>``, ``vs_<ref>_low``, ``vs_<ref>_high``, ``vs_<ref>_p`` (fractions).
+    Only comparison runs count. Indexed by series, in the package's order.
     """
     comparison = runs_in_group(runs, COMPARISON_GROUP)
-    methods = ordered_methods(optional_column(comparison, "method"))
-    summary = per_method_summary(comparison, methods)
+    keys = run_series(comparison)
+    series = ordered_methods(keys)
+    summary = per_method_summary(comparison, series)
     if summary.empty:
         return summary
-    accuracy = numeric_column(comparison, "final_accuracy").groupby(comparison["method"])
+    accuracy = numeric_column(comparison, "final_accuracy").groupby(keys)
     table = pd.DataFrame({
-        "n_seeds": accuracy.count().reindex(methods),
-        "accuracy": accuracy.mean().reindex(methods),
-        "accuracy_sd": accuracy.std(ddof=1).reindex(methods),
+        "n_seeds": accuracy.count().reindex(series),
+        "accuracy": accuracy.mean().reindex(series),
+        "accuracy_sd": accuracy.std(ddof=1).reindex(series),
     })
     f1 = macro_f1_by_method(comparison)
     if f1 is not None:
-        table["macro_f1"] = f1.reindex(methods)
+        table["macro_f1"] = f1.reindex(series)
     for column in ("train_time_s", "peak_memory_bytes", "memory_kind", "trainable_params", "disk_bytes", "disk_kind"):
         table[column] = summary[column]
     if paired is not None:
-        for reference in _REFERENCES:
-            rows = paired[paired["reference"] == reference].set_index("method")
+        kinds = [_reference_kind(s, reference) for s, reference in zip(paired["method"], paired["reference"])]
+        for kind in _REFERENCES:
+            rows = paired[[k == kind for k in kinds]].set_index("method")
             if rows.empty:
                 continue
             for suffix, column in (("", "difference"), ("_low", "low"), ("_high", "high"), ("_p", "p_value")):
-                table[f"vs_{reference}{suffix}"] = rows[column].reindex(methods)
-    table.index.name = "method"
+                table[f"vs_{kind}{suffix}"] = rows[column].reindex(series)
+    table.index.name = "series"
     return table
+
+
+def _reference_kind(series: str, reference: str) -> str:
+    """Which :data:`_REFERENCES` column a :func:`~peft_utils.stats.comparison_pairs` pair fills: its reference is
+    full fine-tuning, the series' own method (on the default targets) or else LoRA (on the series' targets)."""
+    if reference == "full":
+        return "full"
+    return "targets" if reference == series_method(series) else "lora"
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
@@ -133,17 +149,19 @@ def summary_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "(no comparison run)"
     references = [r for r in _REFERENCES if f"vs_{r}" in table.columns]
+    other_targets = any(series != series_method(series) for series in table.index)
+    titles = [_REFERENCES[r] + (", same targets" if r == "lora" and other_targets else "") for r in references]
     accuracy_title = "dev accuracy % (mean ± sd)" if table["accuracy_sd"].notna().any() else "dev accuracy %"
     f1 = ["macro-F1 % (mean)"] if "macro_f1" in table.columns else []
     header = ["method", accuracy_title, *f1, "seeds", "train time", "peak memory", "trainable params",
-              "shipped"] + [_REFERENCES[r] for r in references]
+              "shipped", *titles]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
-    for method, row in table.iterrows():
+    for series, row in table.iterrows():
         accuracy = format_points(row["accuracy"])
         if np.isfinite(row["accuracy_sd"]):
             accuracy += f" ± {format_points(row['accuracy_sd'])}"
         memory = format_bytes(row["peak_memory_bytes"]) + (f" ({row['memory_kind']})" if row["memory_kind"] else "")
-        cells = [METHODS[method].label if method in METHODS else str(method), accuracy,
+        cells = [series_label(str(series)), accuracy,
                  *([format_points(row["macro_f1"])] if f1 else []), str(int(row["n_seeds"])),
                  format_seconds(row["train_time_s"]), memory, format_count(row["trainable_params"]),
                  format_bytes(row["disk_bytes"])]

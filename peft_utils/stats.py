@@ -1,5 +1,4 @@
-"""Statistics behind the figures and tables: intervals, smoothing, per-method aggregation and paired method
-comparisons.
+"""Statistics behind the figures and tables: intervals, smoothing, per-series aggregation and paired comparisons.
 
 Why a module apart from the figures: which interval a number gets, and how seeds are pooled, decide what a reader
 may conclude from a figure ("is DoRA really better than LoRA?"). That logic is tested against scipy and hand
@@ -10,7 +9,9 @@ paired comparisons, ``correct_a``/``correct_b`` say per dev sentence whether met
 with the sentences in the same order for both: one row (shape ``(n_sentences,)``) per method for one seed, or a
 ``(n_seeds, n_sentences)`` matrix for several seeds (see :func:`paired_bootstrap` for how seeds are pooled).
 Runs come in groups (:func:`runs_in_group`): the method comparison, the rank x alpha sweep and the learning-rate
-tuning runs, which are scored on a held-out slice of the train split and so never mix with the others.
+tuning runs, which are scored on a held-out slice of the train split and so never mix with the others. Within a
+group runs are keyed by *series* (:func:`run_series`): a method on a target set, so that LoRA on the model's default
+layers and LoRA on every linear layer are two rows, two points and two paired tests, never averaged together.
 :func:`paired_statistics` runs the paired comparisons on a run set, with the dev labels read from the data.
 Choosing learning rates from the tuning runs is :mod:`peft_utils.tuning`'s job.
 """
@@ -24,13 +25,14 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .methods import ordered_methods
+from .methods import ordered_methods, series_method, series_name, series_on
 from .store import COMPARISON_GROUP
 
 __all__ = [
     "optional_column",
     "numeric_column",
     "runs_in_group",
+    "run_series",
     "wilson_interval",
     "MeanInterval",
     "mean_interval",
@@ -55,12 +57,13 @@ __all__ = [
     "paired_statistics",
 ]
 
-# Paired comparisons drawn and tabulated: every method against full fine-tuning, and the LoRA variants against LoRA.
+# Paired comparisons drawn and tabulated (:func:`comparison_pairs`): every series against full fine-tuning, the LoRA
+# variants against LoRA on their target set, a method on other targets against itself on the default ones.
 _REFERENCE_METHOD = "full"
 _LORA_VARIANTS = ("dora", "qlora", "qdora")
 PAIRED_RESAMPLES = 10_000  # bootstrap resamples of the paired comparisons: percentiles stable to ~0.1 point
 
-# Per-method summary columns taken from the first run that has them: sizes and parameter counts do not depend on
+# Per-series summary columns taken from the first run that has them: sizes and parameter counts do not depend on
 # the seed. Keys are summary columns, values the run-table columns they come from.
 _SEED_INDEPENDENT_NUMBERS = {
     "n_eval": "n_eval",
@@ -102,6 +105,17 @@ def runs_in_group(runs: pd.DataFrame, group: str) -> pd.DataFrame:
     if runs.empty:
         return runs
     return runs[optional_column(runs, "group").astype(object).eq(group)]
+
+
+def run_series(runs: pd.DataFrame) -> pd.Series:
+    """Each run's series (:func:`~peft_utils.methods.series_name`: ``"lora"``, ``"lora:all-linear"``), from its
+    ``method`` and ``targets``: what every table, figure and paired test keys a run by.
+
+    Why from those two fields and not :class:`~peft_utils.store.Results`' ``series`` column: a run table built by
+    hand, or a tuning table beside loaded runs, has them too, and one rule then keys every table alike.
+    """
+    pairs = zip(optional_column(runs, "method"), optional_column(runs, "targets"))
+    return pd.Series([series_name(method, targets) for method, targets in pairs], index=runs.index, dtype=object)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -208,24 +222,26 @@ def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int | Non
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Per-method aggregation
+# Per-series aggregation
 # --------------------------------------------------------------------------------------------------------------
-def per_method_summary(runs: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
-    """One row per method in ``methods`` (several seeds aggregated): the numbers every comparison figure draws.
+def per_method_summary(runs: pd.DataFrame, series: Sequence[str]) -> pd.DataFrame:
+    """One row per series in ``series`` (:func:`run_series`; several seeds aggregated), indexed by series: the
+    numbers every comparison figure draws.
 
     Means over seeds for times and accuracy (with :func:`accuracy_interval`); the maximum for peak memory (the
     budget one must provision); the first run's value for sizes and parameter counts, which do not depend on the
-    seed. An empty frame when ``methods`` is empty.
+    seed. An empty frame when ``series`` is empty.
     """
-    rows = [_summarise_method(method, runs[runs["method"] == method]) for method in methods]
-    return pd.DataFrame(rows).set_index("method") if rows else pd.DataFrame()
+    keys = run_series(runs)
+    rows = [_summarise_series(name, runs[keys == name]) for name in series]
+    return pd.DataFrame(rows).set_index("series") if rows else pd.DataFrame()
 
 
-def _summarise_method(method: str, runs: pd.DataFrame) -> dict[str, object]:
+def _summarise_series(series: str, runs: pd.DataFrame) -> dict[str, object]:
     accuracy = accuracy_interval(numeric_column(runs, "final_accuracy"), numeric_column(runs, "n_eval"))
     memory_kinds = sorted({str(kind) for kind in optional_column(runs, "memory_kind").dropna()})
     row: dict[str, object] = {
-        "method": method,
+        "series": series,
         "n_runs": len(runs),
         "accuracy": accuracy.mean,
         "acc_low": accuracy.low,
@@ -337,21 +353,24 @@ def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarr
     return PairedDifference(float(per_sentence.mean()), float(low), float(high))
 
 
-def comparison_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
-    """The ``(method, reference)`` pairs worth testing among ``methods``, in the order given.
+def comparison_pairs(series: Sequence[str]) -> list[tuple[str, str]]:
+    """The ``(series, reference)`` pairs worth testing among ``series`` (:func:`run_series`), in the order given.
 
-    Every method against full fine-tuning (the question "what does PEFT cost in accuracy?"), then DoRA, QLoRA and
-    QDoRA against LoRA ("does the variant change anything over plain LoRA?"). A pair needs both methods present.
+    Every series against full fine-tuning (the question "what does PEFT cost in accuracy?"); then DoRA, QLoRA and
+    QDoRA against LoRA on the same target set ("does the variant change anything over plain LoRA?": against LoRA on
+    other layers the targets would change too); then a method on a target set other than the model's default
+    against the same method on the default ("what do the targets change?"). A pair needs both series present.
     """
-    present = list(dict.fromkeys(methods))
-    pairs = [(m, _REFERENCE_METHOD) for m in present if m != _REFERENCE_METHOD and _REFERENCE_METHOD in present]
-    if "lora" in present:
-        pairs += [(m, "lora") for m in present if m in _LORA_VARIANTS]
-    return pairs
+    present = list(dict.fromkeys(series))
+    pairs = [(s, _REFERENCE_METHOD) for s in present if s != _REFERENCE_METHOD]
+    pairs += [(s, series_on("lora", s)) for s in present if series_method(s) in _LORA_VARIANTS]
+    pairs += [(s, series_method(s)) for s in present if s != series_method(s)]
+    return [(s, reference) for s, reference in pairs if reference in present]
 
 
 def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> dict[str, dict[int, np.ndarray]]:
-    """Per method and seed, whether each dev sentence was classified correctly: ``{method: {seed: bool vector}}``.
+    """Per series (:func:`run_series`) and seed, whether each dev sentence was classified correctly:
+    ``{series: {seed: bool vector}}``.
 
     ``runs``: comparison runs whose summary holds ``dev_predictions`` (dev-file order); ``labels``: the gold labels
     of the same rows. Each run's correctness must reproduce its recorded ``final_accuracy``: that check proves the
@@ -361,8 +380,8 @@ def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> 
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or labels.dtype.kind not in "iu" or (labels < 0).any():
         raise ValueError(f"labels must be a non-empty vector of class ids (0, 1, ...), got shape {labels.shape}")
-    predictions = optional_column(runs, "dev_predictions")
-    by_method: dict[str, dict[int, np.ndarray]] = {}
+    predictions, series = optional_column(runs, "dev_predictions"), run_series(runs)
+    by_series: dict[str, dict[int, np.ndarray]] = {}
     for index, run in runs.iterrows():
         run_id = run.get("run_id", index)
         predicted = predictions.loc[index]
@@ -376,28 +395,30 @@ def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> 
         if np.isfinite(recorded) and abs(correct.mean() - recorded) > 1e-9:
             raise ValueError(f"the dev labels give run {run_id} an accuracy of {correct.mean():.4f}, its record says "
                              f"{recorded:.4f}: the labels are not those of the rows it was scored on")
-        seeds = by_method.setdefault(str(run["method"]), {})
+        seeds = by_series.setdefault(str(series.loc[index]), {})
         seed = int(run.get("seed", 0) if pd.notna(run.get("seed", 0)) else 0)
         if seed in seeds:
-            raise ValueError(f"two {run['method']} runs with seed {seed} (run {run_id}); one run per method and seed")
+            raise ValueError(f"two {series.loc[index]} runs with seed {seed} (run {run_id}); one run per series and "
+                             "seed")
         seeds[seed] = correct
-    return by_method
+    return by_series
 
 
 def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int], n_resamples: int = PAIRED_RESAMPLES,
                        seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
     """One row per :func:`comparison_pairs` pair of the comparison runs: accuracy difference, interval, p-value.
 
-    Columns: ``method``, ``reference``, ``difference`` (method minus reference, mean over the paired seeds),
-    ``low`` / ``high`` (paired cluster-bootstrap interval, :func:`paired_bootstrap`, seeded with ``seed``),
-    ``p_value``, ``method_better`` / ``reference_better`` (sentences each got right more often,
-    :func:`mcnemar_exact`), ``n_seeds`` and ``n_sentences``. Fractions, not points.
+    Columns: ``method`` and ``reference`` (the two series of the pair, :func:`run_series`), ``difference`` (method
+    minus reference, mean over the paired seeds), ``low`` / ``high`` (paired cluster-bootstrap interval,
+    :func:`paired_bootstrap`, seeded with ``seed``), ``p_value``, ``method_better`` / ``reference_better``
+    (sentences each got right more often, :func:`mcnemar_exact`), ``n_seeds`` and ``n_sentences``. Fractions, not
+    points.
 
-    How seeds pair: a run's seed fixes its training-data order, so the runs of two methods with the same seed
-    are the matched pair, and only the seeds both methods have are used (a seed one method lacks would change
-    its mean for a reason other than the method). Sentences are the independent unit: the bootstrap resamples
-    sentences, each carrying all its seeds, and McNemar's sign test counts, per sentence, which method got it
-    right in more of the paired seeds. Why not pool the discordant (seed, sentence) pairs into one McNemar
+    How seeds pair: a run's seed fixes its training-data order, so the runs of two series with the same seed
+    are the matched pair, and only the seeds both series have are used (a seed one series lacks would change
+    its mean for a reason other than the method or targets). Sentences are the independent unit: the bootstrap
+    resamples sentences, each carrying all its seeds, and McNemar's sign test counts, per sentence, which series got
+    it right in more of the paired seeds. Why not pool the discordant (seed, sentence) pairs into one McNemar
     table: seeds are not new samples of sentences; a sentence that is hard for one method stays hard under every
     seed, so k seeds would count its evidence k times and make p about k-fold too confident. The price of the
     sentence-level test is that it ignores seed-to-seed noise in the trained models; the per-method spread over
@@ -465,8 +486,8 @@ def needs_macro_f1(labels: np.ndarray | Sequence[int]) -> bool:
 
 
 def macro_f1_by_method(comparison: pd.DataFrame) -> pd.Series | None:
-    """Each method's macro-F1, mean over its seeds, where the labels call for it (:func:`needs_macro_f1`) and every
-    run records its predictions and labels; else ``None``."""
+    """Each series' macro-F1 (:func:`run_series`), mean over its seeds, where the labels call for it
+    (:func:`needs_macro_f1`) and every run records its predictions and labels; else ``None``."""
     try:
         labels = recorded_labels(comparison)
     except ValueError:
@@ -475,7 +496,7 @@ def macro_f1_by_method(comparison: pd.DataFrame) -> pd.Series | None:
     if not needs_macro_f1(labels) or not all(isinstance(p, (list, np.ndarray)) for p in predictions):
         return None
     scores = pd.Series([macro_f1(p, labels) for p in predictions], index=comparison.index)
-    return scores.groupby(comparison["method"]).mean()
+    return scores.groupby(run_series(comparison)).mean()
 
 
 def paired_statistics(runs: pd.DataFrame, labels: np.ndarray | None = None) -> PairedStatistics:
@@ -483,11 +504,11 @@ def paired_statistics(runs: pd.DataFrame, labels: np.ndarray | None = None) -> P
 
     ``labels``: the gold labels of the rows the runs were scored on; by default the ones their records keep
     (:func:`recorded_labels`), checked by :func:`seed_correctness` against every run's recorded accuracy. Skipped
-    when fewer than two methods were compared, when a run records no predictions or labels, or when the labels do
+    when fewer than two series were compared, when a run records no predictions or labels, or when the labels do
     not reproduce the recorded accuracies.
     """
     comparison = runs_in_group(runs, COMPARISON_GROUP)
-    if optional_column(comparison, "method").nunique() < 2:
+    if run_series(comparison).nunique() < 2:
         return PairedStatistics(None, None)  # nothing to compare: not a skipped test
     try:
         if labels is None:

@@ -113,8 +113,10 @@ def jsonable(value: Any) -> Any:
 class Results:
     """Everything the plots need, as tidy tables keyed by ``run_id``.
 
-    ``runs``: one row per complete run (config fields, flattened ``size.*`` fields, summary fields);
-    ``steps`` and ``evals``: one row per logged step / evaluation, with ``run_id``, ``method`` and ``group``.
+    ``runs``: one row per complete run (config fields, flattened ``size.*`` fields, summary fields, and its
+    ``series``: :func:`~peft_utils.methods.series_name` of its method and targets, what tables and figures key runs
+    by); ``steps`` and ``evals``: one row per logged step / evaluation, with its run's ``run_id``, ``method``,
+    ``series`` and ``group``.
     """
 
     runs: pd.DataFrame
@@ -373,8 +375,9 @@ class RunStore:
             summary = next((e for e in events if e["event"] == "summary"), None)
             if config is None or (summary is None and not include_incomplete):
                 continue
-            keys = {"run_id": config["run_id"], "method": config.get("method"), "group": config.get("group")}
-            row = {k: v for k, v in config.items() if k != "event"}
+            keys = {"run_id": config["run_id"], "method": config.get("method"),
+                    "series": series_name(config.get("method"), config.get("targets")), "group": config.get("group")}
+            row = {**{k: v for k, v in config.items() if k != "event"}, "series": keys["series"]}
             row.update({k: v for k, v in (summary or {}).items() if k != "event"})
             runs.append(row)
             steps += [{**keys, **{k: v for k, v in e.items() if k != "event"}} for e in events if e["event"] == "step"]

@@ -6,7 +6,9 @@ an extra seed or a tweak to a figure never requires re-training.
 
 Design choices that hold for every figure:
 
-- One fixed colour per method (:data:`METHOD_COLORS`), so "LoRA is orange" holds across all PNGs.
+- One fixed colour per method (:data:`METHOD_COLORS`), so "LoRA is orange" holds across all PNGs; a method on a
+  target set other than the model's default is its own series, drawn in a darker shade of the method's colour
+  (:data:`~peft_utils.plots.style.TARGET_SET_SHADE`) and labelled with the set ("LoRA (all-linear)").
 - Figures are built on bare :class:`matplotlib.figure.Figure` objects with the Agg canvas, never through
   ``pyplot``: importing this package must not switch the backend of a notebook that imports it, and figures
   are not kept alive in pyplot's global registry.
@@ -15,7 +17,7 @@ Design choices that hold for every figure:
   like-for-like.
 - Comparison figures use only the complete runs of group ``"comparison"``: the sweep and the learning-rate
   tuning runs (scored on a held-out slice of the train split) each get their own figure. Several seeds of one
-  method are drawn as dots around their mean.
+  series are drawn as dots around their mean.
 
 One module per job: :mod:`.style` (colours, figure and axis plumbing), :mod:`.selection` (which runs a figure
 draws), :mod:`.footnote` (provenance and saving), then the figures: :mod:`.accuracy` (loss, accuracy, accuracy
@@ -38,7 +40,6 @@ from peft_utils.plots.selection import comparison_runs
 from peft_utils.plots.style import (
     DPI,
     METHOD_COLORS,
-    METHOD_LABELS,
     METHOD_MARKERS,
     METHOD_ORDER,
     method_color,
@@ -50,7 +51,6 @@ from peft_utils.store import RunStore
 
 __all__ = [
     "METHOD_ORDER",
-    "METHOD_LABELS",
     "METHOD_COLORS",
     "METHOD_MARKERS",
     "DPI",

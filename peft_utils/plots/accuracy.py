@@ -14,23 +14,23 @@ from peft_utils.methods import ordered_methods
 from peft_utils.plots.footnote import dataset_name, save_with_footnote
 from peft_utils.plots.selection import comparison_runs, methods_with, rows_of_runs
 from peft_utils.plots.style import (
-    METHOD_MARKERS,
     chance_accuracy,
     interval_legend,
     method_color,
     method_label,
+    method_marker,
     new_figure,
     png_path,
     set_method_ticks,
     style_axes,
 )
 from peft_utils.stats import (PAIRED_RESAMPLES, ema_smooth, ema_span, macro_f1_by_method, numeric_column,
-                              optional_column)
+                              optional_column, run_series)
 from peft_utils.store import Results
 
 
 def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
-    """``loss.png``: training loss vs optimiser step, one EMA-smoothed line per method over the faint raw loss.
+    """``loss.png``: training loss vs optimiser step, one EMA-smoothed line per series over the faint raw loss.
 
     Why both: the smoothed line shows convergence speed and the final level; the raw loss behind it keeps the
     noise visible, so a reader does not mistake a smoothing artefact for a real difference. With several
@@ -47,14 +47,14 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
     fig = new_figure(9, 5.2)
     ax = fig.add_subplot()
     spans = []
-    for method in ordered_methods(steps["method"]):
-        curve = steps[steps["method"] == method].groupby("step")["loss"].mean().sort_index()
-        color = method_color(method)
+    for series in ordered_methods(steps["series"]):
+        curve = steps[steps["series"] == series].groupby("step")["loss"].mean().sort_index()
+        color = method_color(series)
         ax.plot(curve.index, curve.to_numpy(), color=color, alpha=0.22, linewidth=0.8, zorder=1)
         span = ema_span(len(curve))
         spans.append(span)
         ax.plot(curve.index, ema_smooth(curve.to_numpy(), span), color=color, linewidth=2.2, zorder=2,
-                label=method_label(method))
+                label=method_label(series))
     # Clip the y range to the bulk of the raw loss so one early spike does not flatten every curve.
     low, high = np.nanpercentile(steps["loss"], [0.5, 99.5])
     margin = 0.08 * max(high - low, 1e-3)
@@ -116,25 +116,25 @@ def plot_accuracy(results: Results, out_dir: str | Path, paired: pd.DataFrame | 
     return save_with_footnote(fig, png_path(out_dir, "accuracy.png"), runs, notes)
 
 
-def _draw_macro_f1(ax, runs: pd.DataFrame, methods: list[str], x: np.ndarray) -> list[float]:
-    """Hollow squares at each method's mean macro-F1 where the classes call for it; returns the values drawn."""
+def _draw_macro_f1(ax, runs: pd.DataFrame, series: list[str], x: np.ndarray) -> list[float]:
+    """Hollow squares at each series' mean macro-F1 where the classes call for it; returns the values drawn."""
     f1 = macro_f1_by_method(runs)
     if f1 is None:
         return []
-    values = f1.reindex(methods).to_numpy() * 100
+    values = f1.reindex(series).to_numpy() * 100
     ax.scatter(x - 0.36, values, marker="s", s=40, facecolors="none", edgecolors="#222222", linewidth=1.2, zorder=4)
     return [float(v) for v in values]
 
 
 def _draw_accuracy_per_method(ax, runs: pd.DataFrame, table: pd.DataFrame) -> set[str]:
-    """Seed dots, mean marker and 95% interval per method, macro-F1 where it applies; returns the interval kinds
+    """Seed dots, mean marker and 95% interval per series, macro-F1 where it applies; returns the interval kinds
     drawn ("Wilson", "t ...")."""
     methods = list(table.index)
     x = np.arange(len(methods))
-    accuracy = numeric_column(runs, "final_accuracy")
+    accuracy, keys = numeric_column(runs, "final_accuracy"), run_series(runs)
     values = []
     for i, method in enumerate(methods):
-        seeds = accuracy[runs["method"] == method].dropna().to_numpy() * 100
+        seeds = accuracy[keys == method].dropna().to_numpy() * 100
         values.extend(seeds)
         offsets = np.linspace(-0.16, 0.16, len(seeds)) if len(seeds) > 1 else np.zeros(1)
         ax.scatter(i - 0.12 + offsets * 0.6, seeds, s=34, color=method_color(method), alpha=0.75,
@@ -176,7 +176,7 @@ def _draw_paired_differences(ax, pairs: pd.DataFrame) -> None:
     diff = pairs["difference"].to_numpy() * 100
     low, high = pairs["low"].to_numpy() * 100, pairs["high"].to_numpy() * 100
     for yi, d, lo, hi, method in zip(y, diff, low, high, pairs["method"]):
-        ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt=METHOD_MARKERS.get(method, "o"), color=method_color(method),
+        ax.errorbar(d, yi, xerr=[[d - lo], [hi - d]], fmt=method_marker(method), color=method_color(method),
                     markersize=7, elinewidth=1.8, capsize=4, zorder=3)
     ax.axvline(0, color="#555555", linewidth=1, linestyle="--", zorder=1)
     reach = max(0.5, np.nanmax(np.abs(np.concatenate([low, high]))))
@@ -199,7 +199,7 @@ def _draw_paired_differences(ax, pairs: pd.DataFrame) -> None:
 
 
 def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
-    """``accuracy_curve.png``: dev accuracy at every evaluation, per method.
+    """``accuracy_curve.png``: dev accuracy at every evaluation, per series.
 
     Why: the final number hides whether a method had already converged or was still climbing (so more epochs
     would change the ranking) or peaked early and started to overfit. The x axis is the epoch when every
@@ -222,12 +222,12 @@ def plot_accuracy_curve(results: Results, out_dir: str | Path) -> Path | None:
     fig = new_figure(9, 5.2)
     ax = fig.add_subplot()
     several_seeds = False
-    for method in ordered_methods(evals["method"]):
-        sub = evals[evals["method"] == method]
+    for series in ordered_methods(evals["series"]):
+        sub = evals[evals["series"] == series]
         per_x = sub.groupby("_x")["accuracy"].agg(["mean", "min", "max", "count"]).sort_index()
-        color = method_color(method)
+        color = method_color(series)
         ax.plot(per_x.index, per_x["mean"] * 100, color=color, linewidth=2,
-                marker=METHOD_MARKERS.get(method, "o"), markersize=6, label=method_label(method))
+                marker=method_marker(series), markersize=6, label=method_label(series))
         if sub["run_id"].nunique() > 1:
             several_seeds = True
             ax.fill_between(per_x.index, per_x["min"] * 100, per_x["max"] * 100, color=color, alpha=0.15,

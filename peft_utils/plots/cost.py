@@ -10,7 +10,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from peft_utils.formatting import format_bytes, format_count, format_seconds, format_share
-from peft_utils.methods import QUANTIZED_METHODS
+from peft_utils.methods import QUANTIZED_METHODS, series_method
 from peft_utils.plots.footnote import save_with_footnote
 from peft_utils.plots.selection import comparison_runs, method_summary, methods_with
 from peft_utils.plots.style import (
@@ -118,7 +118,7 @@ def _storage_bars(table: pd.DataFrame) -> list[_StorageBar]:
         fp32 = (table["fp32_bytes"] - 4 * table["trainable_params"].fillna(0)).min()
     if np.isfinite(fp32):
         bars.append(_StorageBar("Base model in fp32", float(fp32), REFERENCE_GREY, ""))
-    quantized = [m for m in table.index if m in QUANTIZED_METHODS or table.loc[m, "quantized_bytes"] > 0]
+    quantized = [s for s in table.index if series_method(s) in QUANTIZED_METHODS or table.loc[s, "quantized_bytes"] > 0]
     if quantized:
         q = table.loc[quantized[0]]
         base4 = np.nansum([q["quantized_bytes"], q["quant_state_bytes"], q["frozen_bytes"]])

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from peft_utils.methods import QUANTIZED_METHODS, ordered_methods
 from peft_utils.plots.style import DPI, distinct_texts, method_label
-from peft_utils.stats import numeric_column, optional_column
+from peft_utils.stats import numeric_column, optional_column, run_series
 
 
 def _dtype_name(dtype: object) -> str:
@@ -58,18 +58,18 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
 
 
 def _compute_dtype_notes(runs: pd.DataFrame) -> tuple[str | None, str | None]:
-    """(``"compute dtype: X"`` when all runs share one, a warning naming each method's dtype when they differ)."""
-    dtypes = {m: distinct_texts(_dtype_name(v) for v in optional_column(runs[runs["method"] == m],
-                                                                         "compute_dtype").dropna())
-              for m in ordered_methods(optional_column(runs, "method"))}
+    """(``"compute dtype: X"`` when all runs share one, a warning naming each series' dtype when they differ)."""
+    keys = run_series(runs)
+    dtypes = {s: distinct_texts(_dtype_name(v) for v in optional_column(runs[keys == s], "compute_dtype").dropna())
+              for s in ordered_methods(keys)}
     all_dtypes = distinct_texts(d for ds in dtypes.values() for d in ds)
     if len(all_dtypes) == 1:
         return f"compute dtype: {all_dtypes[0]}", None
     if not all_dtypes:
         return None, None
     by_dtype: dict[str, list[str]] = {}
-    for method, ds in dtypes.items():
-        by_dtype.setdefault("/".join(ds) or "unknown", []).append(method_label(method))
+    for series, ds in dtypes.items():
+        by_dtype.setdefault("/".join(ds) or "unknown", []).append(method_label(series))
     listing = "; ".join(f"{', '.join(ms)} = {d}" for d, ms in by_dtype.items())
     return None, f"NOTE: compute dtype differs across methods ({listing}), so time and memory are not like-for-like."
 

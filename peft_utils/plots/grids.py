@@ -17,17 +17,17 @@ from peft_utils.plots.footnote import save_with_footnote
 from peft_utils.plots.selection import comparison_runs, method_summary, sweep_runs
 from peft_utils.plots.style import (
     METHOD_COLORS,
-    METHOD_MARKERS,
     distinct_texts,
     label_bars,
     method_color,
     method_label,
+    method_marker,
     new_figure,
     png_path,
     style_axes,
     tick_formatter,
 )
-from peft_utils.stats import numeric_column, optional_column, runs_in_group
+from peft_utils.stats import numeric_column, optional_column, run_series, runs_in_group
 from peft_utils.store import TUNE_GROUP, Results
 from peft_utils.tuning import learning_rate_scores
 
@@ -134,7 +134,8 @@ def _draw_sweep_params(ax, sweep: pd.DataFrame, ranks: Sequence[float], full_par
 
 
 def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
-    """``lr_tuning.png``: held-out accuracy vs learning rate per method, each method's chosen rate marked.
+    """``lr_tuning.png``: held-out accuracy vs learning rate per series (a method on a target set), each series'
+    chosen rate marked.
 
     The tuning runs (group ``"tune"``) are scored on a held-out slice of the train split, never on dev, so the
     rate is chosen without looking at the reported split; the chosen rates are those of
@@ -166,26 +167,26 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
 
 
 def _draw_lr_curves(ax, tune: pd.DataFrame, scores: pd.DataFrame, several_seeds: bool) -> None:
-    """Per method: mean held-out accuracy per rate (single seeds as faint dots when there are several)."""
-    accuracy = numeric_column(tune, "final_accuracy") * 100
-    methods = ordered_methods(scores["method"])
+    """Per series: mean held-out accuracy per rate (single seeds as faint dots when there are several)."""
+    accuracy, keys = numeric_column(tune, "final_accuracy") * 100, run_series(tune)
+    all_series = ordered_methods(scores["series"])
     labelled: dict[float, int] = {}  # chosen rate -> labels already drawn there (stacked, not overprinted)
-    for i, method in enumerate(methods):
-        # Methods sharing a grid are nudged sideways (in log space) so coinciding curves stay visible.
-        nudge = 2 ** (0.05 * (i - (len(methods) - 1) / 2))
-        grid = scores[scores["method"] == method].assign(lr=lambda g: g["lr"] * nudge)
-        color = method_color(method)
+    for i, series in enumerate(all_series):
+        # Series sharing a grid are nudged sideways (in log space) so coinciding curves stay visible.
+        nudge = 2 ** (0.05 * (i - (len(all_series) - 1) / 2))
+        grid = scores[scores["series"] == series].assign(lr=lambda g: g["lr"] * nudge)
+        color = method_color(series)
         if several_seeds:
-            at = tune["method"] == method
+            at = keys == series
             ax.scatter(numeric_column(tune[at], "lr") * nudge, accuracy[at], s=14, color=color, alpha=0.35,
                        zorder=2)
-        ax.plot(grid["lr"], grid["accuracy"] * 100, color=color, marker=METHOD_MARKERS.get(method, "o"),
-                markersize=6, linewidth=2, zorder=3, label=method_label(method))
+        ax.plot(grid["lr"], grid["accuracy"] * 100, color=color, marker=method_marker(series),
+                markersize=6, linewidth=2, zorder=3, label=method_label(series))
         _mark_chosen_rate(ax, grid[grid["chosen"]].iloc[0], nudge, color, labelled)
 
 
 def _mark_chosen_rate(ax, chosen: pd.Series, nudge: float, color: str, labelled: dict[float, int]) -> None:
-    """Circle a method's chosen rate and write the rate above it; labels of methods that chose the same rate are
+    """Circle a series' chosen rate and write the rate above it; labels of series that chose the same rate are
     stacked (``labelled`` counts those already drawn per rate) instead of printed over each other."""
     ax.scatter(chosen["lr"], chosen["accuracy"] * 100, s=260, facecolor="none", edgecolor=color, linewidth=2.2,
                zorder=4)

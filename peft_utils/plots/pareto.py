@@ -25,10 +25,10 @@ from peft_utils.plots.footnote import dataset_name, save_with_footnote
 from peft_utils.plots.selection import comparison_runs, methods_with
 from peft_utils.plots.style import (
     MEMORY_KIND_TEXT,
-    METHOD_MARKERS,
     interval_legend,
     method_color,
     method_label,
+    method_marker,
     new_figure,
     place_labels,
     png_path,
@@ -36,7 +36,7 @@ from peft_utils.plots.style import (
     style_axes,
     tick_formatter,
 )
-from peft_utils.stats import numeric_column
+from peft_utils.stats import numeric_column, run_series
 from peft_utils.store import Results
 
 LOG_SPAN = 10.0  # a cost axis whose values span more than this factor is drawn on a log scale
@@ -144,7 +144,7 @@ def _draw_panel(ax, runs: pd.DataFrame, table: pd.DataFrame, cost: Cost) -> pd.D
         if np.isfinite(row["acc_low"]):
             ax.errorbar(row[cost.column], mean, yerr=[[mean - row["acc_low"] * 100], [row["acc_high"] * 100 - mean]],
                         color=color, elinewidth=1.2, capsize=4, alpha=0.8, zorder=3)
-        ax.scatter(row[cost.column], mean, s=_MEAN_AREA, marker=METHOD_MARKERS.get(method, "o"), color=color,
+        ax.scatter(row[cost.column], mean, s=_MEAN_AREA, marker=method_marker(method), color=color,
                    edgecolor="white", linewidth=1.2, zorder=4)
     _set_cost_axis(ax, cost, np.concatenate(drawn),
                    known["memory_kind"].iloc[0] if cost.column == "peak_memory_bytes" else "")
@@ -184,7 +184,7 @@ def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str) -> None
 
 def _set_accuracy_axis(ax, runs: pd.DataFrame, table: pd.DataFrame) -> None:
     """The shared accuracy axis, zoomed on every seed and interval drawn."""
-    seeds = numeric_column(runs[runs["method"].isin(table.index)], "final_accuracy").dropna().to_numpy()
+    seeds = numeric_column(runs[run_series(runs).isin(table.index)], "final_accuracy").dropna().to_numpy()
     values = np.concatenate([seeds, table["accuracy"], table["acc_low"].dropna(), table["acc_high"].dropna()]) * 100
     low, high = float(values.min()), float(values.max())
     pad = max(0.6, 0.12 * (high - low))
@@ -193,10 +193,10 @@ def _set_accuracy_axis(ax, runs: pd.DataFrame, table: pd.DataFrame) -> None:
     ax.set_ylabel("dev accuracy (zoomed axis)")
 
 
-def _seed_points(runs: pd.DataFrame, method: str, cost: Cost) -> np.ndarray:
-    """(cost, accuracy in %) of each of ``method``'s runs that recorded both."""
+def _seed_points(runs: pd.DataFrame, series: str, cost: Cost) -> np.ndarray:
+    """(cost, accuracy in %) of each of ``series``' runs that recorded both."""
     accuracy, spent = numeric_column(runs, "final_accuracy") * 100, numeric_column(runs, cost.run_column)
-    mine = (runs["method"] == method) & accuracy.notna() & (spent > 0)
+    mine = (run_series(runs) == series) & accuracy.notna() & (spent > 0)
     return np.column_stack([spent[mine], accuracy[mine]])
 
 
@@ -223,8 +223,8 @@ def _draw_frontier(fig: Figure, ax, runs: pd.DataFrame, cost: Cost, known: pd.Da
 
 
 def _legend_handles(table: pd.DataFrame) -> list[Line2D]:
-    """One entry per method (its colour and marker), then what the seed dots, the bars and the staircase are."""
-    handles = [Line2D([], [], linestyle="none", marker=METHOD_MARKERS.get(m, "o"), color=method_color(m),
+    """One entry per series (its colour and marker), then what the seed dots, the bars and the staircase are."""
+    handles = [Line2D([], [], linestyle="none", marker=method_marker(m), color=method_color(m),
                       markeredgecolor="white", markersize=9, label=method_label(m)) for m in table.index]
     if (table["n_runs"] > 1).any():  # with one run per method its dot hides under the mean
         handles.append(Line2D([], [], linestyle="none", marker="o", color="#888888", alpha=0.55, markersize=5,

@@ -1,4 +1,4 @@
-"""Which runs a figure draws: the comparison, the sweep, and the per-method summary of them."""
+"""Which runs a figure draws: the comparison, the sweep, and the per-series summary of them."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -6,7 +6,7 @@ from collections.abc import Iterable
 import pandas as pd
 
 from peft_utils.methods import ordered_methods
-from peft_utils.stats import optional_column, per_method_summary, runs_in_group
+from peft_utils.stats import per_method_summary, run_series, runs_in_group
 from peft_utils.store import COMPARISON_GROUP, SWEEP_GROUP
 
 
@@ -28,11 +28,11 @@ def rows_of_runs(frame: pd.DataFrame, run_ids: Iterable[str]) -> pd.DataFrame:
 
 
 def method_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """:func:`~peft_utils.stats.per_method_summary` of ``runs``, methods in display order."""
-    return per_method_summary(runs, ordered_methods(optional_column(runs, "method")))
+    """:func:`~peft_utils.stats.per_method_summary` of ``runs``: one row per series, in display order."""
+    return per_method_summary(runs, ordered_methods(run_series(runs)))
 
 
 def methods_with(runs: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The ``method_summary`` rows that have ``column``: a figure draws only methods whose number was recorded."""
+    """The ``method_summary`` rows that have ``column``: a figure draws only series whose number was recorded."""
     table = method_summary(runs)
     return table if table.empty else table[table[column].notna()]

@@ -1,6 +1,9 @@
-"""Method names, colours and markers, and the figure and axis plumbing every figure shares.
+"""Series names, colours and markers, and the figure and axis plumbing every figure shares.
 
-Why one place: "LoRA is orange" and the look of an axis must hold across every PNG, whichever module drew it.
+Why one place: "LoRA is orange" and the look of an axis must hold across every PNG, whichever module drew it. A
+figure draws *series* (:func:`~peft_utils.methods.series_name`: a method on a target set, ``"lora"`` or
+``"lora:all-linear"``); every helper here takes a series name, and a plain method name is the series of that method
+on the model's default targets.
 """
 from __future__ import annotations
 
@@ -11,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 from matplotlib.transforms import Bbox
 
 from peft_utils.formatting import duration_ticks, format_duration_tick
-from peft_utils.methods import METHOD_NAMES, METHODS
+from peft_utils.methods import METHOD_NAMES, series_label, series_method
 from peft_utils.stats import optional_column
 
 METHOD_ORDER: tuple[str, ...] = METHOD_NAMES
-METHOD_LABELS: dict[str, str] = {name: method.label for name, method in METHODS.items()}
 # Okabe-Ito palette: distinguishable with the common colour-vision deficiencies and in greyscale print.
 METHOD_COLORS: dict[str, str] = {
     "full": "#0072B2",  # blue
@@ -32,6 +35,13 @@ METHOD_COLORS: dict[str, str] = {
 # Markers as a second cue where lines can coincide (and for greyscale print).
 METHOD_MARKERS: dict[str, str] = {"full": "o", "lora": "s", "dora": "D", "qlora": "^", "qdora": "v"}
 _EXTRA_COLORS = ("#56B4E9", "#8C6D31", "#7F7F7F", "#000000")  # for methods outside METHOD_COLORS
+# Target sets: a method on the model's default targets is drawn in its colour above; on any other target set
+# (``--targets all-linear``) in the same colour darkened by this fraction (LoRA: orange -> ochre brown), with the
+# method's marker. Why a shade of the same hue: the two series of one method read as one family in every figure
+# (bars, dots, lines, the summary table's white-on-colour cells, which stay legible on the darker shade), and the
+# lightness step survives greyscale print. Every non-default set of a method shares the shade; their labels
+# ("LoRA (all-linear)") tell them apart.
+TARGET_SET_SHADE = 0.4
 REFERENCE_GREY = "#8A8A8A"
 DPI = 150
 def chance_accuracy(runs: pd.DataFrame) -> float:
@@ -41,16 +51,24 @@ def chance_accuracy(runs: pd.DataFrame) -> float:
     return 1 / max(len(labels[0]) if labels else 2, 2)
 
 
-def method_label(method: str) -> str:
-    """Display name of a method (``"qlora"`` -> ``"QLoRA"``); unknown methods are shown as given."""
-    return METHOD_LABELS.get(method, str(method))
+def method_label(series: str) -> str:
+    """Display name of a series (:func:`~peft_utils.methods.series_label`: ``"qlora"`` -> ``"QLoRA"``,
+    ``"lora:all-linear"`` -> ``"LoRA (all-linear)"``); unknown methods are shown as given."""
+    return series_label(str(series))
 
 
-def method_color(method: str) -> str:
-    """The fixed colour of a method; methods outside :data:`METHOD_COLORS` get a stable colour by name."""
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    return _EXTRA_COLORS[sum(map(ord, str(method))) % len(_EXTRA_COLORS)]
+def method_color(series: str) -> str:
+    """The fixed colour of a series: its method's (:data:`METHOD_COLORS`; methods outside it get a stable colour by
+    name), darkened by :data:`TARGET_SET_SHADE` on a target set other than the model's default."""
+    series = str(series)
+    method = series_method(series)
+    color = METHOD_COLORS.get(method) or _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
+    return color if method == series else to_hex(np.multiply(to_rgb(color), 1 - TARGET_SET_SHADE))
+
+
+def method_marker(series: str) -> str:
+    """The marker of a series: its method's (:data:`METHOD_MARKERS`), a circle for methods outside it."""
+    return METHOD_MARKERS.get(series_method(str(series)), "o")
 
 
 def distinct_texts(values: Iterable[object]) -> list[str]:
@@ -82,9 +100,10 @@ def label_bars(ax, bars, labels: Sequence[str], fontsize: float = 9) -> None:
     ax.bar_label(bars, labels=list(labels), padding=3, fontsize=fontsize)
 
 
-def set_method_ticks(ax, methods: Sequence[str]) -> None:
-    """One x tick per bar, labelled with the method's display name."""
-    ax.set_xticks(range(len(methods)), [method_label(m) for m in methods])
+def set_method_ticks(ax, series: Sequence[str]) -> None:
+    """One x tick per bar, labelled with the series' display name; a target set goes on a second line, under the
+    method's name, so that neighbouring labels do not run into each other."""
+    ax.set_xticks(range(len(series)), [method_label(s).replace(" (", "\n(", 1) for s in series])
 
 
 def tick_formatter(format_number) -> FuncFormatter:

@@ -113,7 +113,8 @@ def _draw_summary_table(ax, table: pd.DataFrame) -> None:
     columns = ["Method", "Dev accuracy (95% CI)", "Train time", "Rel. time", "Peak memory", "Trainable params",
                "Shipped artifact"]
     cells = [_summary_row(method, row, reference) for method, row in table.iterrows()]
-    widths = np.array([0.08, 0.19, 0.09, 0.08, 0.13, 0.16, 0.27])
+    # The first column grows with its longest label ("QLoRA (all-linear)"), the others share what is left.
+    widths = np.array([max(0.08, 0.0085 * max(len(row[0]) for row in cells)), 0.19, 0.09, 0.08, 0.13, 0.16, 0.27])
     table_artist = ax.table(cellText=cells, colLabels=columns, colWidths=list(widths / widths.sum()),
                             loc="upper center", cellLoc="center")
     table_artist.auto_set_font_size(False)
