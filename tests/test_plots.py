@@ -393,6 +393,25 @@ def test_lr_tuning_figure_and_its_absence(tmp_path: Path) -> None:
     _assert_png(path)
 
 
+@pytest.mark.parametrize("spread, decimals", [(0.02, 1), (0.1, 0)])
+def test_lr_tuning_ticks_print_distinct_percents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spread: float,
+                                                  decimals: int) -> None:
+    """Scores within a point or two get one decimal (whole percents would print "90%" on three ticks); a wide
+    range keeps whole percents."""
+    from peft_utils.plots import grids
+
+    drawn = []
+    monkeypatch.setattr(grids, "save_with_footnote", lambda fig, path, runs, notes: drawn.append(fig) or path)
+    tune = tune_runs_table(methods=("full",), lrs=(5e-5, 1e-4, 2e-4))
+    tune["final_accuracy"] = 0.88 + spread * np.linspace(0, 1, len(tune))
+    grids.plot_lr_tuning(Results(tune, pd.DataFrame(), pd.DataFrame()), tmp_path)
+    ax = drawn[0].axes[0]
+    drawn[0].canvas.draw()
+    ticks = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert len(set(ticks)) == len(ticks) > 2
+    assert all(len(t.rstrip("%").partition(".")[2]) == decimals for t in ticks), ticks
+
+
 def test_sweep_heatmap_full_grid_and_rslora(tmp_path: Path) -> None:
     labels = np.zeros(50, dtype=int)
     for rslora in (False, True):

@@ -206,8 +206,10 @@ def _style_lr_axes(ax, tune: pd.DataFrame, scores: pd.DataFrame) -> None:
     ax.set_xlim(lrs[0] / 1.6, lrs[-1] * 1.6)
     values = scores["accuracy"].to_numpy() * 100
     pad = max(1.0, 0.1 * np.ptp(values))
-    ax.set_ylim(np.nanmin(values) - pad, min(100.5, np.nanmax(values) + 1.5 * pad))
-    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    low, high = np.nanmin(values) - pad, min(100.5, np.nanmax(values) + 1.5 * pad)
+    ax.set_ylim(low, high)
+    # whole percents unless the scores sit within a few points, where half-point ticks would print alike
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0 if high - low >= 5 else 1))
     ax.set_xlabel("peak learning rate (log scale)")
     split = "/".join(distinct_texts(optional_column(tune, "eval_split"))) or "held-out"
     ax.set_ylabel(f"held-out accuracy ({split})")
