@@ -50,19 +50,18 @@ def test_a_target_set_that_matches_nothing_names_itself(tmp_path, sst2_dir):
 def test_tuning_chooses_a_rate_per_method_and_target_set(tmp_path, sst2_dir, monkeypatch):
     """Each series is tuned on its own: the rate chosen for LoRA on all linear layers is not LoRA's on the default
     set, and every run takes its own series' rate."""
-    config = _config(tmp_path, sst2_dir.parent, methods=["full", "lora"], targets=[None, "all-linear"], lr=TUNE,
-                     lr_grid={"full": [1e-4, 3e-3], "lora": [1e-3, 3e-2]}, tune_holdout_size=32)
+    config = _config(tmp_path, sst2_dir.parent, methods=["lora"], targets=[None, "all-linear"], lr=TUNE,
+                     lr_grid={"lora": [1e-3, 3e-2]}, tune_holdout_size=32)
     plan = plan_experiment(config)
     tuning = [(r.spec.method, r.record["targets"], r.record["lr"]) for r in plan.runs if r.spec.group == TUNE_GROUP]
-    assert tuning == [("full", None, 1e-4), ("full", None, 3e-3), ("lora", None, 1e-3), ("lora", None, 3e-2),
-                      ("lora", "all-linear", 1e-3), ("lora", "all-linear", 3e-2)]
+    assert tuning == [("lora", None, 1e-3), ("lora", None, 3e-2), ("lora", "all-linear", 1e-3),
+                      ("lora", "all-linear", 3e-2)]
 
-    chosen = {"full": 1e-4, "lora": 1e-3, "lora:all-linear": 3e-2}
+    chosen = {"lora": 1e-3, "lora:all-linear": 3e-2}
     monkeypatch.setattr(experiment, "choose_learning_rates", lambda runs: chosen)
     table = run_comparison(config)
     assert dict(zip(table["run_id"], table["lr"])) == {
-        "comparison-full-s0-random-gpt2-tiny": 1e-4, "comparison-lora-r4-a8-s0-random-gpt2-tiny": 1e-3,
-        "comparison-lora-all-linear-r4-a8-s0-random-gpt2-tiny": 3e-2}
+        "comparison-lora-r4-a8-s0-random-gpt2-tiny": 1e-3, "comparison-lora-all-linear-r4-a8-s0-random-gpt2-tiny": 3e-2}
 
 
 def test_the_best_rate_is_chosen_within_each_series():
