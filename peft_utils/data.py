@@ -44,9 +44,10 @@ def load_sst2(data_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
 
 
 def sst2_source(data_dir: str | Path | None = None) -> str:
-    """Where :func:`load_sst2` reads from, for the records: the local folder (absolute), or the hub dataset."""
+    """Where :func:`load_sst2` reads from, for the records: the local folder (absolute, without ``..``: one folder
+    reads one way from any working directory), or the hub dataset."""
     folder = _local_sst2_dir(data_dir)
-    return str(folder.absolute()) if folder is not None else "glue/sst2 (Hugging Face hub)"
+    return os.path.abspath(folder) if folder is not None else "glue/sst2 (Hugging Face hub)"
 
 
 def fingerprint(*frames: pd.DataFrame) -> str:

@@ -57,10 +57,11 @@ def describe_quantization() -> str:
 
 
 def format_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns a reader compares, with readable units (accuracy %, seconds, MB)."""
+    """The columns a reader compares, with readable units (accuracy %, seconds, MB); runs named by series, so a
+    method on two target sets reads as two."""
     if table.empty:
         return table
-    out = pd.DataFrame({"run": table["run_id"], "method": table["method"]})
+    out = pd.DataFrame({"run": table["run_id"], "series": run_series(table)})
     out["dev accuracy %"] = (100 * table["final_accuracy"]).round(2)
     out["train time s"] = table["train_time_s"].round(1)
     out["peak memory MB"] = (table["peak_memory_bytes"] / 1e6).round(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peft_utils.core.batches import collate, encode, make_loader
-from peft_utils.data import load_sst2, read_sst2_tsv, subset
+from peft_utils.data import load_sst2, read_sst2_tsv, sst2_source, subset
 from peft_utils.models import load_tokenizer
 
 PAD = 99
@@ -59,6 +59,15 @@ def test_parent_folder_and_env_vars_resolve(sst2_dir, monkeypatch, no_data_env):
     monkeypatch.delenv("PEFT_LAB_DATA")
     monkeypatch.setenv("SST2_DIR", str(sst2_dir))
     pd.testing.assert_frame_equal(load_sst2()["dev"], expected)
+
+
+def test_recorded_source_is_one_absolute_path_from_any_spelling(tmp_path, monkeypatch, no_data_env):
+    """``../data``, ``./data/sst2`` and the absolute path are one folder, recorded alike."""
+    folder = write_split_files(tmp_path / "data" / "sst2", "sentence\tlabel\ngood \t1\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    spellings = ["../data", "../work/../data/sst2", str(folder)]
+    assert {sst2_source(spelling) for spelling in spellings} == {str(folder)}
 
 
 # -------------------------------------------------------------------------------------- strict parsing

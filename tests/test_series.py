@@ -135,6 +135,14 @@ def test_summary_table_has_a_row_per_series(loaded: Results) -> None:
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]] == [method_label(s) for s in ORDER]
 
 
+def test_per_run_table_names_the_series(results_dir: Path) -> None:
+    """The table ``make run`` ends with: LoRA on two target sets reads as two series, not one method twice."""
+    table = report.format_summary(RunStore(results_dir).summary())
+    series_of = dict(zip(table["run"], table["series"]))
+    assert series_of["comparison-lora-all-linear-s0"] == "lora:all-linear" and series_of["comparison-lora-s0"] == "lora"
+    assert set(table["series"]) == set(ORDER)
+
+
 def test_figures_draw_a_curve_per_series(results_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     drawn, save = [], accuracy.save_with_footnote
