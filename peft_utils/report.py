@@ -16,8 +16,8 @@ from .config import ExperimentConfig, config_record
 from .formatting import format_bytes, format_count, format_paired_difference, format_points, format_seconds
 from .methods import ordered_methods, series_label, series_method
 from .store import COMPARISON_GROUP, RunStore
-from .stats import (macro_f1_by_method, numeric_column, paired_statistics, per_method_summary, run_series,
-                    runs_in_group)
+from .stats import (MATCH_MARGIN, macro_f1_by_method, numeric_column, paired_statistics, per_method_summary,
+                    reading, run_series, runs_in_group)
 
 # The references the summary table compares a series against (:func:`~peft_utils.stats.comparison_pairs`), with
 # their column titles: full fine-tuning; LoRA on the series' own target set (the title adds "same targets" where the
@@ -79,6 +79,21 @@ def comparison_markdown(results_dir: str | Path) -> str:
     reason printed)."""
     runs = RunStore(results_dir).load().runs
     return summary_markdown(summary_table(runs, paired_statistics(runs).table))
+
+
+def readings_markdown(results_dir: str | Path, margin: float = MATCH_MARGIN) -> str:
+    """Every paired difference of ``results_dir``'s comparison runs with the decision rule's reading
+    (:func:`~peft_utils.stats.reading`): one Markdown row per pair, in :func:`~peft_utils.stats.comparison_pairs`
+    order; a one-line reason when there is no paired test."""
+    paired = paired_statistics(RunStore(results_dir).load().runs)
+    if paired.table is None or paired.table.empty:
+        return f"(no paired test: {paired.reason or 'fewer than two series with a common seed'})"
+    lines = ["| series | against | difference, 95% interval, McNemar p | seeds | reading |", "|---|---|---|---:|---|"]
+    for row in paired.table.itertuples():
+        difference = format_paired_difference(row.difference, row.low, row.high, row.p_value)
+        lines.append(f"| {series_label(row.method)} | {series_label(row.reference)} | {difference} | {row.n_seeds} | "
+                     f"{reading(row.difference, row.low, row.high, margin)} |")
+    return "\n".join(lines)
 
 
 def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:

@@ -443,6 +443,27 @@ def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int], n
                                        "reference_better", "n_seeds", "n_sentences"])
 
 
+# The decision rule's margin, fixed before the all-linear experiment ran: half a point of dev accuracy.
+MATCH_MARGIN = 0.005
+
+
+def reading(difference: float, low: float, high: float, margin: float = MATCH_MARGIN) -> str:
+    """A paired difference (series minus reference, fractions) read by the decision rule written down before the
+    all-linear experiment: ``"matches"`` when the mean is at least ``-margin`` and the interval contains 0,
+    ``"falls short"`` when the whole interval lies below 0, else ``"undecided"`` with the reason.
+
+    Why a margin as well as the interval: an interval containing 0 around a mean a point below is too wide to call
+    equal, and one excluding 0 by a hair is a difference no reader would call a cost.
+    """
+    if high < 0:
+        return "falls short"
+    if low > 0:
+        return "undecided: interval above 0 (series better)"
+    if difference >= -margin:
+        return "matches"
+    return f"undecided: mean below −{100 * margin:g} pt"
+
+
 class PairedStatistics(NamedTuple):
     """:func:`paired_comparisons` of a run set, or ``None`` with the reason it was skipped."""
 

@@ -21,7 +21,7 @@ from peft_utils import plots, report  # noqa: E402
 from peft_utils.methods import ordered_methods, series_on  # noqa: E402
 from peft_utils.plots import accuracy  # noqa: E402
 from peft_utils.plots.style import method_color, method_label, method_marker  # noqa: E402
-from peft_utils.stats import comparison_pairs, paired_comparisons, paired_statistics  # noqa: E402
+from peft_utils.stats import comparison_pairs, paired_comparisons, paired_statistics, reading  # noqa: E402
 from peft_utils.store import Results, RunStore  # noqa: E402
 from test_plots import COMPARISON_PNGS, FAKE_METHODS, _assert_png, _write_run, tune_runs_table  # noqa: E402
 
@@ -141,6 +141,18 @@ def test_per_run_table_names_the_series(results_dir: Path) -> None:
     series_of = dict(zip(table["run"], table["series"]))
     assert series_of["comparison-lora-all-linear-s0"] == "lora:all-linear" and series_of["comparison-lora-s0"] == "lora"
     assert set(table["series"]) == set(ORDER)
+
+
+def test_readings_table_reads_every_pair_by_the_rule(results_dir: Path, loaded: Results) -> None:
+    paired = paired_statistics(loaded.runs).table
+    rows = report.readings_markdown(results_dir).splitlines()[2:]
+    assert len(rows) == len(PAIRS)
+    for line, pair in zip(rows, paired.itertuples()):
+        cells = line.strip("| ").split(" | ")
+        assert cells[:2] == [method_label(pair.method), method_label(pair.reference)]
+        assert cells[3:] == [str(pair.n_seeds), reading(pair.difference, pair.low, pair.high)]
+    (results_dir.parent / "empty").mkdir()
+    assert report.readings_markdown(results_dir.parent / "empty").startswith("(no paired test")
 
 
 def test_figures_draw_a_curve_per_series(results_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

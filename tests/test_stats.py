@@ -18,6 +18,7 @@ from peft_utils.stats import (
     paired_bootstrap,
     paired_comparisons,
     per_method_summary,
+    reading,
     runs_in_group,
     wilson_interval,
 )
@@ -284,6 +285,24 @@ def test_paired_comparison_interval_covers_the_true_difference() -> None:
     row = paired_comparisons(pd.DataFrame(runs), labels, n_resamples=20_000).iloc[0]
     assert row["low"] < 0.04 < row["high"] and row["low"] > 0
     assert row["p_value"] < 0.01
+
+
+@pytest.mark.parametrize(("difference", "low", "high", "expected"), [
+    (-0.002, -0.010, 0.006, "matches"),
+    (-0.005, -0.013, 0.003, "matches"),  # the margin itself is still a match
+    (-0.0051, -0.013, 0.003, "undecided: mean below −0.5 pt"),
+    (-0.004, -0.008, 0.0, "matches"),  # an interval touching 0 contains it
+    (-0.004, -0.008, -0.0001, "falls short"),  # below 0 by a hair: short, however small the mean
+    (-0.030, -0.046, -0.016, "falls short"),
+    (0.012, 0.004, 0.020, "undecided: interval above 0 (series better)"),
+])
+def test_reading_applies_the_rule_written_before_the_run(difference, low, high, expected) -> None:
+    assert reading(difference, low, high) == expected
+
+
+def test_reading_takes_another_margin() -> None:
+    assert reading(-0.008, -0.02, 0.004, margin=0.01) == "matches"
+    assert reading(-0.008, -0.02, 0.004) == "undecided: mean below −0.5 pt"
 
 
 def test_paired_comparisons_refuse_what_cannot_be_paired() -> None:
