@@ -493,6 +493,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", default="auto", choices=("auto", *PROFILE_NAMES),
                         help="a profile fixes every setting; the flags below override it")
     parser.add_argument("--sweep-only", action="store_true", help="run only the LoRA rank x alpha grid")
+    parser.add_argument("--no-figures", dest="figures", action="store_false",
+                        help="train and print the table only; draw later with python -m peft_utils.plots RESULTS IMGS")
     add_cli_arguments(parser)
     return parser.parse_args(argv)
 
@@ -517,10 +519,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     columns = [c for c in ("run_id", "final_accuracy", "train_time_s", "peak_memory_bytes", "trainable_params",
                            "size.disk_bytes") if c in table.columns]
     print(table[columns].to_string(index=False))
-    from .plots import plot_all  # matplotlib only once there is something to draw
+    if args.figures:
+        from .plots import plot_all  # matplotlib only once there is something to draw
 
-    plot_all(config.results_dir, config.figures_dir)
-    print(f"figures: {config.figures_dir}")
+        plot_all(config.results_dir, config.figures_dir)
+        print(f"figures: {config.figures_dir}")
     if args.sentences:  # only when asked: it loads every run's saved result again
         from .inference import predict_runs
 

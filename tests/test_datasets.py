@@ -17,7 +17,7 @@ from peft_utils.stats import macro_f1, needs_macro_f1, paired_statistics
 from peft_utils.store import RunStore
 
 WORDS = {"neg": "awful dull boring", "neutral": "plain ordinary average", "pos": "great lovely fine"}
-CLI = ["--profile", "smoke", "--no-sweep", "--methods", "full", "lora", "--max-length", "24"]
+CLI = ["--profile", "smoke", "--no-sweep", "--no-figures", "--methods", "full", "lora", "--max-length", "24"]
 
 
 def _three_classes(rows_per_class: int) -> pd.DataFrame:

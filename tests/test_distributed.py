@@ -27,8 +27,8 @@ from peft_utils.models import materialize_model
 from peft_utils.store import RunStore, read_events
 
 METHODS = ("full", "lora", "dora", "qlora")
-ARGS = ["--profile", "smoke", "--no-sweep", "--methods", *METHODS, "--train-size", "36", "--eval-size", "31",
-        "--batch-size", "8", "--dropout", "0"]
+ARGS = ["--profile", "smoke", "--no-sweep", "--no-figures", "--methods", *METHODS, "--train-size", "36",
+        "--eval-size", "31", "--batch-size", "8", "--dropout", "0"]
 
 
 def _model_without_dropout(folder: Path, sst2_dir: Path) -> Path:
@@ -87,6 +87,7 @@ def test_one_record_per_run(one_and_two):
     records = sorted(p.name for p in one_and_two[2].glob("*.jsonl"))
     assert records == sorted(p.name for p in one_and_two[1].glob("*.jsonl"))
     assert len(records) == len(METHODS)
+    assert not (one_and_two[2] / "imgs").exists()  # --no-figures: the records only
 
 
 def test_a_global_batch_that_does_not_split_is_refused_before_training(tmp_path, sst2_dir):
@@ -103,7 +104,7 @@ def test_a_global_batch_that_does_not_split_is_refused_before_training(tmp_path,
 
 # bf16 autocast in two processes, every method, on data a tiny random GPT-2 learns in a few steps (the label is
 # the sentiment of the last word), written as SST-2 files: the GPU's mixed-precision path, run on the CPU.
-BF16_ARGS = ["--profile", "smoke", "--no-sweep", "--methods", "full", "lora", "dora", "qlora", "qdora",
+BF16_ARGS = ["--profile", "smoke", "--no-sweep", "--no-figures", "--methods", "full", "lora", "dora", "qlora", "qdora",
              "--precision", "bf16", "--epochs", "3", "--batch-size", "8", "--dropout", "0", "--train-size", "48",
              "--eval-size", "12", "--lr", "full=1e-3", "lora=1e-2", "dora=1e-2", "qlora=1e-2", "qdora=1e-2"]
 WORDS = {1: ("great", "good", "superb", "lovely", "brilliant", "wonderful"),

@@ -15,13 +15,12 @@ from peft_utils.devices import make_accelerator
 from peft_utils.store import RunStore, read_events
 
 # Two methods of the smoke comparison, tiny: 16 rows in 2 steps, each step logged and evaluated on 16 dev rows.
-ARGS = ["--profile", "smoke", "--methods", "full", "lora", "--no-sweep", "--train-size", "16", "--eval-size", "16",
-        "--max-length", "24", "--eval-every", "1"]
+ARGS = ["--profile", "smoke", "--methods", "full", "lora", "--no-sweep", "--no-figures", "--train-size", "16",
+        "--eval-size", "16", "--max-length", "24", "--eval-every", "1"]
 
 
 def _main(results: Path, data_dir: Path, *args: str) -> int:
-    return experiment.main([*ARGS, "--results-dir", str(results), "--data-dir", str(data_dir),
-                            "--imgs-dir", str(results / "imgs"), *args])
+    return experiment.main([*ARGS, "--results-dir", str(results), "--data-dir", str(data_dir), *args])
 
 
 @pytest.fixture(scope="module")
