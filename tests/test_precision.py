@@ -21,7 +21,7 @@ from peft_utils.models import build_model
 from peft_utils.store import RunRecorder, read_events
 from peft_utils.train import train
 
-from test_train import _config, _rule_frame, tiny_gpt2_dir  # noqa: F401 (tiny_gpt2_dir: a fixture)
+from test_train import _config, _rule_frame
 
 METHODS = ("full", "lora", "dora", "qlora", "qdora")
 

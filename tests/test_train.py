@@ -11,7 +11,7 @@ import torch
 from peft_utils.config import AdapterSettings, TrainConfig
 from peft_utils.core.batches import collate, encode, make_loader, micro_batches
 from peft_utils.core.loop import evaluate, linear_schedule, make_optimizer, set_seed
-from peft_utils.models import build_model, load_tokenizer, random_gpt2, save_random_gpt2
+from peft_utils.models import build_model, load_tokenizer, random_gpt2
 from peft_utils.store import RunRecorder, read_events
 from peft_utils.train import train
 
@@ -23,11 +23,6 @@ def _rule_frame(repeats: int) -> pd.DataFrame:
     """An easy, learnable rule: the label is the sentiment of the last word (even a random GPT-2 separates it)."""
     rows = [(f"the film was {word}", 1) for word in POSITIVE] + [(f"the film was {word}", 0) for word in NEGATIVE]
     return pd.DataFrame(rows * repeats, columns=["sentence", "label"])
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory, gpt2_tokenizer_dir):
-    return save_random_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), gpt2_tokenizer_dir)
 
 
 def _config(**overrides) -> TrainConfig:

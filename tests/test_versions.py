@@ -16,7 +16,7 @@ from peft_utils.core.loop import set_seed
 from peft_utils.models import build_model
 from peft_utils.store import IDENTITY_KEYS, RunRecorder, RunStore, read_events
 from peft_utils.train import RECORDED_PACKAGES, train
-from test_train import _config, _rule_frame, tiny_gpt2_dir  # noqa: F401 (tiny_gpt2_dir: a fixture)
+from test_train import _config, _rule_frame
 
 ABSENT = "peft-lab-no-such-package"
 
