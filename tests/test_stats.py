@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pandas as pd
@@ -165,15 +164,12 @@ def test_bootstrap_interval_shrinks_with_more_sentences() -> None:
     assert widths[0] / widths[1] == pytest.approx(4.0, rel=0.2)  # 16x the sentences, sqrt(16) = 4x narrower
 
 
-def test_bootstrap_is_deterministic_for_a_seed_and_fast() -> None:
+def test_bootstrap_is_deterministic_for_a_seed() -> None:
     a, b = _simulated_pair(872, 0.08, 0.04, seed=3)
-    start = time.perf_counter()
     first = paired_bootstrap(a, b, n_resamples=10_000, seed=7)
-    elapsed = time.perf_counter() - start
     assert paired_bootstrap(a, b, n_resamples=10_000, seed=7) == first
     other = paired_bootstrap(a, b, n_resamples=10_000, seed=8)
     assert other != first and other.low == pytest.approx(first.low, abs=0.005)
-    assert elapsed < 1.0, f"10,000 resamples of 872 sentences took {elapsed:.2f} s"
     narrow = paired_bootstrap(a, b, confidence=0.5)
     assert first.low < narrow.low < narrow.high < first.high
 
