@@ -452,8 +452,8 @@ def reading(difference: float, low: float, high: float, margin: float = MATCH_MA
     all-linear experiment: ``"matches"`` when the mean is at least ``-margin`` and the interval contains 0,
     ``"falls short"`` when the whole interval lies below 0, else ``"undecided"`` with the reason.
 
-    Why a margin as well as the interval: an interval containing 0 around a mean a point below is too wide to call
-    equal, and one excluding 0 by a hair is a difference no reader would call a cost.
+    Why a margin as well as the interval: an interval that contains 0 around a mean a point below is too wide to
+    call the two equal; it is left undecided, not read as a match.
     """
     if high < 0:
         return "falls short"
