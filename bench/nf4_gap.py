@@ -3,6 +3,8 @@ the same base with its linear layers in NF4, on the dev rows its run was scored 
 
     python -m bench.nf4_gap                          # results/cpu-fulltrain, every seed: bench/nf4_gap.md and .csv
     python -m bench.nf4_gap --seeds 0 --limit 64     # a quick look: 64 dev rows, one seed (no files unless asked)
+    python -m bench.nf4_gap --results-dir results/cpu-fulltrain-all-linear --targets all-linear
+                                                     # adapters on all linear layers: bench/nf4_gap-all-linear.md
 
 Why: in the committed 3-seed full-train run QLoRA ends 2.4 points below LoRA, but it also trained at another
 learning rate (3e-3 against 1e-3), so that run cannot say whether the 4-bit frozen base or the rate costs the points.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import sys
 import time
@@ -53,7 +56,7 @@ from peft_utils.core.inject import kept_modules
 from peft_utils.core.loop import Evaluation, evaluate, set_seed
 from peft_utils.data import eval_rows, load_sst2
 from peft_utils.formatting import format_paired_difference, format_points, format_seconds
-from peft_utils.methods import get_method
+from peft_utils.methods import get_method, targets_label
 from peft_utils.models import load_frozen_base, load_tokenizer, materialize_model
 from peft_utils.stats import PAIRED_RESAMPLES, mcnemar_exact, paired_bootstrap
 from peft_utils.store import COMPARISON_GROUP, RunStore
@@ -86,18 +89,22 @@ class Run:
 
 
 def committed_runs(results_dir: str | Path, methods: Sequence[str] = METHODS,
-                   seeds: Sequence[int] | None = None) -> list[Run]:
-    """The complete comparison runs of ``methods`` (and ``seeds``; default all) in ``results_dir``, by method and
-    seed; each must have its adapter beside its record and have been scored in float32."""
+                   seeds: Sequence[int] | None = None, targets: str | None = None) -> list[Run]:
+    """The complete comparison runs of ``methods`` on one target set (``targets`` as run ids name it; ``None``: the
+    model's default) and ``seeds`` (default all) in ``results_dir``, by method and seed; each must have its adapter
+    beside its record and have been scored in float32. One target set, because a folder may hold a method on several
+    and the tables pair LoRA with QLoRA by seed."""
     store = RunStore(results_dir)
     table = store.summary()
-    chosen = (table["group"] == COMPARISON_GROUP) & table["method"].isin(methods)
+    chosen = ((table["group"] == COMPARISON_GROUP) & table["method"].isin(methods)
+              & (table["targets"].map(targets_label) == targets_label(targets)))
     if seeds is not None:
         chosen &= table["seed"].isin(list(seeds))
     runs = [Run(r["run_id"], r["method"], int(r["seed"]), store.saved_dir(r["run_id"]), r.to_dict())
             for _, r in table[chosen].sort_values(["method", "seed"]).iterrows()]
     if not runs:
-        raise ValueError(f"{results_dir}: no complete comparison run of {list(methods)} for seeds {seeds}")
+        raise ValueError(f"{results_dir}: no complete comparison run of {list(methods)} on targets "
+                         f"{targets or 'default'} for seeds {seeds}")
     for run in runs:
         if run.record.get("compute_dtype") != "float32":
             raise ValueError(f"{run.run_id} computed in {run.record.get('compute_dtype')}; this bench compares "
@@ -429,16 +436,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="folder holding sst2/ (default: $PEFT_LAB_DATA)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, help="default: every seed in the folder")
+    parser.add_argument("--targets", help="the adapters' target set as run ids name it, e.g. all-linear (default: "
+                                          "the model's default set)")
     parser.add_argument("--limit", type=int, help="only the first N dev rows (a quick look; no files unless asked)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, help="markdown output (default bench/nf4_gap.md; none with --limit)")
-    parser.add_argument("--csv", type=Path, help="CSV output (default bench/nf4_gap.csv; none with --limit)")
+    parser.add_argument("--out", type=Path, help="markdown output (default bench/nf4_gap.md, bench/nf4_gap-<targets>"
+                                                 ".md with --targets; none with --limit)")
+    parser.add_argument("--csv", type=Path, help="CSV output (default beside --out's default; none with --limit)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be positive, got {args.limit}")
     if args.limit is None:
-        args.out = args.out or REPO / "bench" / "nf4_gap.md"
-        args.csv = args.csv or REPO / "bench" / "nf4_gap.csv"
+        stem = REPO / "bench" / ("nf4_gap-" + re.sub(r"[^\w+-]", "_", args.targets) if args.targets else "nf4_gap")
+        args.out = args.out or stem.with_suffix(".md")
+        args.csv = args.csv or stem.with_suffix(".csv")
     return args
 
 
@@ -451,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Row], list[AdapterResu
     environment = machine()
     command = command_line(sys.argv[1:] if argv is None else [str(a) for a in argv])
     print(f"# {command}", flush=True)
-    runs = committed_runs(args.results_dir, args.methods, args.seeds)
+    runs = committed_runs(args.results_dir, args.methods, args.seeds, args.targets)
     source = materialize_model(runs[0].record["model"], args.data_dir)
     base_rows = base_gap(source, dev_rows(runs[0].record, args.data_dir, args.limit), runs[0].record)
     print(base_markdown(base_rows, runs[0].record["model"]), flush=True)

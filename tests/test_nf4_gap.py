@@ -96,6 +96,16 @@ def test_rows_other_than_the_recorded_ones_are_refused(smoke_gap, sst2_dir):
         nf4_gap.dev_rows(wrong, sst2_dir.parent)
     with pytest.raises(ValueError, match="no complete comparison run"):
         nf4_gap.committed_runs(results, ["lora"], seeds=[7])
+    with pytest.raises(ValueError, match="on targets all-linear"):  # these runs adapt the default set only
+        nf4_gap.committed_runs(results, ["lora"], targets="all-linear")
+
+
+def test_another_target_set_gets_its_own_files():
+    assert nf4_gap.parse_args([]).out.name == "nf4_gap.md"
+    args = nf4_gap.parse_args(["--targets", "all-linear"])
+    assert (args.targets, args.out.name, args.csv.name) == ("all-linear", "nf4_gap-all-linear.md",
+                                                            "nf4_gap-all-linear.csv")
+    assert nf4_gap.parse_args(["--targets", "attn.*"]).out.name == "nf4_gap-attn__.md"
 
 
 def test_a_missing_base_kind_is_refused():
