@@ -138,5 +138,27 @@ def test_only_the_recorded_costs_get_a_panel(tmp_path: Path, drawn_figures: list
     assert any("Peak memory not drawn" in note and "cuda, rss" in note for note in notes)
 
 
+def test_the_staircase_segments_are_the_lines_step_draws() -> None:
+    assert pareto.staircase_segments(np.array([1.0, 2.0, 5.0]), np.array([80.0, 85.0, 85.0])) == [
+        (1.0, 80.0, 2.0, 80.0), (2.0, 80.0, 2.0, 85.0), (2.0, 85.0, 5.0, 85.0), (5.0, 85.0, 5.0, 85.0)]
+
+
+def test_no_label_covers_the_frontier(tmp_path: Path, drawn_figures: list) -> None:
+    """Two methods close in cost (the all-linear experiment's first seed): the first place a label tries, right of
+    its marker, lies on the frontier's step; the label goes elsewhere, so the staircase stays visible."""
+    plot_pareto(_results(method=["full", "lora:all-linear"], final_accuracy=[0.8819, 0.8784], n_eval=[872, 872],
+                         train_time_s=[1490.0, 1444.0], peak_memory_bytes=[1.64e9, 1.59e9], memory_kind="rss",
+                         **{"size.disk_bytes": [90.9e6, 1.4e6]}), tmp_path)
+    (fig, _), = drawn_figures
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        frontier, = [line for line in ax.lines if line.get_drawstyle() == "steps-post"]
+        labels = [text.get_window_extent(renderer) for text in ax.texts if text.get_text()]
+        assert len(labels) == 2, ax.get_title(loc="left")
+        for x0, y0, x1, y1 in pareto.staircase_segments(frontier.get_xdata(), frontier.get_ydata()):
+            along = ax.transData.transform(np.linspace([x0, y0], [x1, y1], 200))
+            assert not any(box.contains(x, y) for box in labels for x, y in along), ax.get_title(loc="left")
+
+
 def test_plot_all_draws_it() -> None:
     assert plot_pareto in plots.FIGURES

@@ -206,7 +206,8 @@ def _draw_frontier(fig: Figure, ax, runs: pd.DataFrame, cost: Cost, known: pd.Da
     the labels are placed in pixels."""
     front = known[pareto_front(known[cost.column], known["accuracy"])].sort_values(cost.column)
     xs, ys = front[cost.column].to_numpy(dtype=float), front["accuracy"].to_numpy(dtype=float) * 100
-    ax.step(np.append(xs, ax.get_xlim()[1]), np.append(ys, ys[-1]), where="post", zorder=2, **_FRONTIER_STYLE)
+    corners_x, corners_y = np.append(xs, ax.get_xlim()[1]), np.append(ys, ys[-1])
+    ax.step(corners_x, corners_y, where="post", zorder=2, **_FRONTIER_STYLE)
     # Every mean, bar and seed dot is given to the label placer so that no label covers one; only the frontier's
     # means get a text, the others an empty one (matplotlib draws nothing for an empty text, and it takes no room).
     points, texts = [], []
@@ -219,7 +220,16 @@ def _draw_frontier(fig: Figure, ax, runs: pd.DataFrame, cost: Cost, known: pd.Da
         points += [(x, y, np.sqrt(_SEED_AREA) / 2, np.nan, np.nan) for x, y in seeds]
         texts += [""] * len(seeds)
     xs, ys, radii, lows, highs = (np.array(column, dtype=float) for column in zip(*points))
-    place_labels(fig, ax, xs, ys, radii, texts, lows, highs)
+    place_labels(fig, ax, xs, ys, radii, texts, lows, highs, staircase_segments(corners_x, corners_y))
+
+
+def staircase_segments(xs: np.ndarray, ys: np.ndarray) -> list[tuple[float, float, float, float]]:
+    """The lines ``step(xs, ys, where="post")`` draws, as (x0, y0, x1, y1): from each corner right to the next
+    corner's x, then up or down to its y."""
+    lines = []
+    for x0, y0, x1, y1 in zip(xs[:-1], ys[:-1], xs[1:], ys[1:]):
+        lines += [(x0, y0, x1, y0), (x1, y0, x1, y1)]
+    return lines
 
 
 def _legend_handles(table: pd.DataFrame) -> list[Line2D]:

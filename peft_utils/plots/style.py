@@ -148,8 +148,10 @@ def _overlap_area(a: Bbox, b: Bbox) -> float:
 
 
 def place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.ndarray, texts: Sequence[str],
-                  lows: np.ndarray, highs: np.ndarray) -> None:
-    """Label scatter points without covering markers, error bars or each other.
+                  lows: np.ndarray, highs: np.ndarray,
+                  segments: Sequence[tuple[float, float, float, float]] = ()) -> None:
+    """Label scatter points without covering markers, error bars, the axis-aligned line ``segments`` ((x0, y0, x1,
+    y1) in data coordinates: a Pareto staircase) or each other.
 
     Why not fixed offsets: methods often sit close together (LoRA and DoRA differ by a few percent in time
     and a fraction of a point in accuracy), and fixed offsets then print labels on top of one another. Each
@@ -168,6 +170,10 @@ def place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.n
         if np.isfinite(lo) and np.isfinite(hi):
             (_, y0), (_, y1) = to_px((x, lo)), to_px((x, hi))
             obstacles.append(Bbox.from_extents(cx - 6 * pt, y0, cx + 6 * pt, y1))  # error bar with caps
+    for x0, y0, x1, y1 in segments:  # a line, widened to the width it is drawn with
+        (px0, py0), (px1, py1) = to_px((x0, y0)), to_px((x1, y1))
+        obstacles.append(Bbox.from_extents(min(px0, px1) - pt, min(py0, py1) - pt, max(px0, px1) + pt,
+                                           max(py0, py1) + pt))
     axes_box = ax.get_window_extent(renderer)
     for i in np.argsort(-radii_pt):  # big markers first: they have the fewest free spots
         r = radii_pt[i] + 4
