@@ -426,7 +426,8 @@ def test_sweep_heatmap_full_grid_and_rslora(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("folder", "extra_pngs"),
-    [("cpu-reference", {"sweep.png"}), ("cpu-fulltrain", {"lr_tuning.png"}), ("cpu-fulltrain-tune4k", {"lr_tuning.png"})],
+    [("cpu-reference", {"sweep.png"}), ("cpu-fulltrain", {"lr_tuning.png"}), ("cpu-fulltrain-tune4k", {"lr_tuning.png"}),
+     ("cpu-fulltrain-all-linear", {"lr_tuning.png"})],
 )
 def test_committed_records_regenerate(folder: str, extra_pngs: set[str], tmp_path: Path, sst2_dir: Path) -> None:
     """The committed records still draw: cpu-reference has a sweep, the full-train runs their tuning grid."""
