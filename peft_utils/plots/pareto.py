@@ -99,11 +99,12 @@ def plot_pareto(results: Results, out_dir: str | Path) -> Path | None:
     axes = np.atleast_1d(fig.subplots(1, len(costs), sharey=True))
     drawn = [_draw_panel(ax, runs, table, cost) for ax, cost in zip(axes, costs)]
     _set_accuracy_axis(axes[0], runs, table)
-    for ax, cost, known in zip(axes, costs, drawn):
-        _draw_frontier(fig, ax, runs, cost, known)
+    # The legend and title first: the layout they take moves the axes, and the labels are placed in pixels.
     fig.legend(handles=_legend_handles(table), loc="outside right upper", fontsize=8.5, frameon=False)
     fig.suptitle(f"{dataset_name(runs)} dev accuracy against each cost: the Pareto frontier (up and left is better)",
                  fontsize=13, x=0.01, ha="left")
+    for ax, cost, known in zip(axes, costs, drawn):
+        _draw_frontier(fig, ax, runs, cost, known)
     notes = ["Dashed staircase: the Pareto frontier through the methods' means, the methods (labelled) no other "
              "method beats on both accuracy and that cost; it ignores the intervals, so where they overlap the "
              "order is not established (accuracy.png's paired tests say which differences are).", *notes]

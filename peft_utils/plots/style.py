@@ -178,14 +178,18 @@ def place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.n
     for i in np.argsort(-radii_pt):  # big markers first: they have the fewest free spots
         r = radii_pt[i] + 4
         d = r * 0.72
-        candidates = [(r, 0, "left", "center"), (-r, 0, "right", "center"), (d, d, "left", "bottom"),
-                      (d, -d, "left", "top"), (-d, d, "right", "bottom"), (-d, -d, "right", "top"),
-                      (0, r, "center", "bottom"), (0, -r, "center", "top"), (r + 25, 12, "left", "bottom"),
-                      (-r - 25, 12, "right", "bottom"), (r + 25, -12, "left", "top"), (-r - 25, -12, "right", "top")]
+        beside = [(r, 0, "left", "center"), (-r, 0, "right", "center"), (d, d, "left", "bottom"),
+                  (d, -d, "left", "top"), (-d, d, "right", "bottom"), (-d, -d, "right", "top"),
+                  (0, r, "center", "bottom"), (0, -r, "center", "top")]
+        away = [(side * (r + 25), rise, "left" if side > 0 else "right", "bottom" if rise > 0 else "top")
+                for rise in (12, -12, 30, -30) for side in (1, -1)]
         best, best_cost = None, math.inf
-        for dx, dy, ha, va in candidates:
+        for dx, dy, ha, va in beside + away:
+            # A label away from its marker gets a thin leader line to it, so it cannot be read as a neighbour's.
+            leader = {"arrowstyle": "-", "color": "#888888", "linewidth": 0.7, "shrinkA": 0,
+                      "shrinkB": radii_pt[i] + 1} if abs(dx) > r or abs(dy) > r else None
             label = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", ha=ha,
-                                va=va, fontsize=9, color="#222222", zorder=5,
+                                va=va, fontsize=9, color="#222222", zorder=5, arrowprops=leader,
                                 bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none",
                                       "alpha": 0.8})
             label.set_in_layout(False)

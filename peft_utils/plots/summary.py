@@ -33,6 +33,8 @@ def plot_summary(results: Results, out_dir: str | Path) -> Path | None:
         return None
     fig = new_figure(11, 5.2 + 0.22 * (len(table) + 1))
     ax, table_ax = fig.subplots(2, 1, height_ratios=[4.6, 0.22 * (len(table) + 1)])
+    # The title before the labels: the room it takes moves the axes, and the labels are placed in pixels.
+    fig.suptitle("Method comparison: accuracy, time and size", fontsize=13, x=0.01, ha="left")
     _draw_tradeoff(fig, ax, plotted)
     # The table: exact numbers behind the markers (filled after the labels are placed, which runs the layout).
     _draw_summary_table(table_ax, table)
@@ -40,7 +42,6 @@ def plot_summary(results: Results, out_dir: str | Path) -> Path | None:
         rel_note = "Rel. time: relative to the slowest method (full fine-tuning not in this run set)."
     else:
         rel_note = "Rel. time: relative to full fine-tuning."
-    fig.suptitle("Method comparison: accuracy, time and size", fontsize=13, x=0.01, ha="left")
     return save_with_footnote(fig, png_path(out_dir, "summary.png"), runs, [rel_note])
 
 
