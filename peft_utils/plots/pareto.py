@@ -214,7 +214,7 @@ def _draw_frontier(fig: Figure, ax, runs: pd.DataFrame, cost: Cost, known: pd.Da
     points, texts = [], []
     for method, row in known.iterrows():
         on_front = method in front.index
-        texts.append(f"{method_label(method)} · {cost.format_value(row[cost.column])}" if on_front else "")
+        texts.append(f"{method_label(method)}\n{cost.format_value(row[cost.column])}" if on_front else "")
         points.append((row[cost.column], row["accuracy"] * 100, np.sqrt(_MEAN_AREA) / 2, row["acc_low"] * 100,
                        row["acc_high"] * 100))
         seeds = _seed_points(runs, method, cost)

@@ -147,56 +147,44 @@ def _overlap_area(a: Bbox, b: Bbox) -> float:
     return width * height if width > 0 and height > 0 else 0.0
 
 
+# What covering each thing costs, per unit of area covered: text on text is unreadable, a label cut by the axes'
+# edge loses letters, a covered marker hides a result, a line or error bar stays readable on both sides of a label.
+_COVER_COST = {"label": 20.0, "outside": 10.0, "marker": 5.0, "line": 2.0, "bar": 1.0}
+
+
 def place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.ndarray, texts: Sequence[str],
                   lows: np.ndarray, highs: np.ndarray,
                   segments: Sequence[tuple[float, float, float, float]] = ()) -> None:
     """Label scatter points without covering markers, error bars, the axis-aligned line ``segments`` ((x0, y0, x1,
-    y1) in data coordinates: a Pareto staircase) or each other.
+    y1) in data coordinates: a Pareto staircase) or each other; a point with an empty text is an obstacle only.
 
     Why not fixed offsets: methods often sit close together (LoRA and DoRA differ by a few percent in time
     and a fraction of a point in accuracy), and fixed offsets then print labels on top of one another. Each
-    label tries a ring of positions around its marker and keeps the first that overlaps nothing already
-    drawn (or, failing that, the least overlapping one). Labels are kept out of the layout engine so placing
-    them does not move the axes they were placed in.
+    label tries spots around its marker, then farther out with a leader line, and keeps the first that covers
+    nothing already drawn (or, failing that, the one whose cover costs least, :data:`_COVER_COST`). Labels are
+    kept out of the layout engine so placing them does not move the axes they were placed in; so the layout
+    must be final (legend and titles added) before this is called.
     """
     fig.canvas.draw()  # run the layout: data -> pixel transforms are final from here on
     renderer = fig.canvas.get_renderer()
-    to_px = ax.transData.transform
-    pt = fig.dpi / 72.0
-    obstacles = []
-    for x, y, r, lo, hi in zip(xs, ys, radii_pt, lows, highs):
-        cx, cy = to_px((x, y))
-        obstacles.append(Bbox.from_extents(cx - r * pt, cy - r * pt, cx + r * pt, cy + r * pt))
-        if np.isfinite(lo) and np.isfinite(hi):
-            (_, y0), (_, y1) = to_px((x, lo)), to_px((x, hi))
-            obstacles.append(Bbox.from_extents(cx - 6 * pt, y0, cx + 6 * pt, y1))  # error bar with caps
-    for x0, y0, x1, y1 in segments:  # a line, widened to the width it is drawn with
-        (px0, py0), (px1, py1) = to_px((x0, y0)), to_px((x1, y1))
-        obstacles.append(Bbox.from_extents(min(px0, px1) - pt, min(py0, py1) - pt, max(px0, px1) + pt,
-                                           max(py0, py1) + pt))
+    obstacles = _obstacles(ax, xs, ys, radii_pt, lows, highs, segments, fig.dpi / 72.0)
     axes_box = ax.get_window_extent(renderer)
     for i in np.argsort(-radii_pt):  # big markers first: they have the fewest free spots
-        r = radii_pt[i] + 4
-        d = r * 0.72
-        beside = [(r, 0, "left", "center"), (-r, 0, "right", "center"), (d, d, "left", "bottom"),
-                  (d, -d, "left", "top"), (-d, d, "right", "bottom"), (-d, -d, "right", "top"),
-                  (0, r, "center", "bottom"), (0, -r, "center", "top")]
-        away = [(side * (r + 25), rise, "left" if side > 0 else "right", "bottom" if rise > 0 else "top")
-                for rise in (12, -12, 30, -30) for side in (1, -1)]
+        if not texts[i]:
+            continue
         best, best_cost = None, math.inf
-        for dx, dy, ha, va in beside + away:
+        for dx, dy, ha, va in _label_spots(radii_pt[i] + 4):
             # A label away from its marker gets a thin leader line to it, so it cannot be read as a neighbour's.
             leader = {"arrowstyle": "-", "color": "#888888", "linewidth": 0.7, "shrinkA": 0,
-                      "shrinkB": radii_pt[i] + 1} if abs(dx) > r or abs(dy) > r else None
+                      "shrinkB": radii_pt[i] + 1} if math.hypot(dx, dy) > radii_pt[i] + 5 else None
             label = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", ha=ha,
                                 va=va, fontsize=9, color="#222222", zorder=5, arrowprops=leader,
                                 bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none",
                                       "alpha": 0.8})
             label.set_in_layout(False)
             box = label.get_window_extent(renderer).expanded(1.05, 1.15)
-            cost = sum(_overlap_area(box, o) for o in obstacles)
-            outside = box.width * box.height - _overlap_area(box, axes_box)
-            cost += 10 * outside
+            cost = sum(weight * _overlap_area(box, o) for o, weight in obstacles)
+            cost += _COVER_COST["outside"] * (box.width * box.height - _overlap_area(box, axes_box))
             if cost < best_cost:
                 if best is not None:
                     best[0].remove()
@@ -205,4 +193,36 @@ def place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.n
                 label.remove()
             if cost == 0:
                 break
-        obstacles.append(best[1])
+        obstacles.append((best[1], _COVER_COST["label"]))
+
+
+def _obstacles(ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.ndarray, lows: np.ndarray, highs: np.ndarray,
+               segments: Sequence[tuple[float, float, float, float]], pt: float) -> list[tuple[Bbox, float]]:
+    """What a label should not cover, in pixels, each with its :data:`_COVER_COST`: the markers, their error bars
+    (with caps) and the line segments (widened to the width they are drawn with)."""
+    to_px = ax.transData.transform
+    obstacles = []
+    for x, y, r, lo, hi in zip(xs, ys, radii_pt, lows, highs):
+        cx, cy = to_px((x, y))
+        obstacles.append((Bbox.from_extents(cx - r * pt, cy - r * pt, cx + r * pt, cy + r * pt),
+                          _COVER_COST["marker"]))
+        if np.isfinite(lo) and np.isfinite(hi):
+            (_, y0), (_, y1) = to_px((x, lo)), to_px((x, hi))
+            obstacles.append((Bbox.from_extents(cx - 6 * pt, y0, cx + 6 * pt, y1), _COVER_COST["bar"]))
+    for x0, y0, x1, y1 in segments:
+        (px0, py0), (px1, py1) = to_px((x0, y0)), to_px((x1, y1))
+        obstacles.append((Bbox.from_extents(min(px0, px1) - pt, min(py0, py1) - pt, max(px0, px1) + pt,
+                                            max(py0, py1) + pt), _COVER_COST["line"]))
+    return obstacles
+
+
+def _label_spots(r: float) -> list[tuple[float, float, str, str]]:
+    """Where a label may go, nearest first, as (dx, dy) offsets in points from a marker of radius ``r`` - 4 with
+    the text's alignment there: the eight spots around it, then eight farther out to either side."""
+    d = r * 0.72
+    beside = [(r, 0, "left", "center"), (-r, 0, "right", "center"), (d, d, "left", "bottom"),
+              (d, -d, "left", "top"), (-d, d, "right", "bottom"), (-d, -d, "right", "top"),
+              (0, r, "center", "bottom"), (0, -r, "center", "top")]
+    away = [(side * (r + 25), rise, "left" if side > 0 else "right", "bottom" if rise > 0 else "top")
+            for rise in (12, -12, 30, -30) for side in (1, -1)]
+    return beside + away
