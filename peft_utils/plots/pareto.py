@@ -210,7 +210,7 @@ def _draw_frontier(fig: Figure, ax, runs: pd.DataFrame, cost: Cost, known: pd.Da
     corners_x, corners_y = np.append(xs, ax.get_xlim()[1]), np.append(ys, ys[-1])
     ax.step(corners_x, corners_y, where="post", zorder=2, **_FRONTIER_STYLE)
     # Every mean, bar and seed dot is given to the label placer so that no label covers one; only the frontier's
-    # means get a text, the others an empty one (matplotlib draws nothing for an empty text, and it takes no room).
+    # means get a text, the others an empty one: an obstacle only.
     points, texts = [], []
     for method, row in known.iterrows():
         on_front = method in front.index

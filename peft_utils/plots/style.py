@@ -173,7 +173,7 @@ def place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.n
         if not texts[i]:
             continue
         best, best_cost = None, math.inf
-        for dx, dy, ha, va in _label_spots(radii_pt[i] + 4):
+        for dx, dy, ha, va in _label_spots(radii_pt[i]):
             # A label away from its marker gets a thin leader line to it, so it cannot be read as a neighbour's.
             leader = {"arrowstyle": "-", "color": "#888888", "linewidth": 0.7, "shrinkA": 0,
                       "shrinkB": radii_pt[i] + 1} if math.hypot(dx, dy) > radii_pt[i] + 5 else None
@@ -216,9 +216,11 @@ def _obstacles(ax, xs: np.ndarray, ys: np.ndarray, radii_pt: np.ndarray, lows: n
     return obstacles
 
 
-def _label_spots(r: float) -> list[tuple[float, float, str, str]]:
-    """Where a label may go, nearest first, as (dx, dy) offsets in points from a marker of radius ``r`` - 4 with
-    the text's alignment there: the eight spots around it, then eight farther out to either side."""
+def _label_spots(radius: float) -> list[tuple[float, float, str, str]]:
+    """Where a label may go, nearest first, as (dx, dy) offsets in points from the centre of a marker of ``radius``
+    points with the text's alignment there: the eight spots 4 points clear of its edge, then eight farther out to
+    either side."""
+    r = radius + 4
     d = r * 0.72
     beside = [(r, 0, "left", "center"), (-r, 0, "right", "center"), (d, d, "left", "bottom"),
               (d, -d, "left", "top"), (-d, d, "right", "bottom"), (-d, -d, "right", "top"),
