@@ -29,6 +29,8 @@ IMGS ?= $(if $(filter smoke,$(PROFILE)),results/smoke/imgs,imgs)
 # refuses to start unless told that this is intended.
 LAB_ARGS ?=
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+# `make test` runs the tests in this many worker processes (pytest-xdist); 0 runs them in make's own process.
+TEST_WORKERS ?= 2
 
 .PHONY: run lab test bench gpu-check clean
 
@@ -55,7 +57,7 @@ lab: $(VENV)/.installed | $(IPYTHONDIR)
 test: export HF_HOME := $(CURDIR)/.cache/huggingface
 test: export HF_HUB_OFFLINE := 1
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/step_time.py --quick

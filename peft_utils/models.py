@@ -237,7 +237,9 @@ def materialize_model(model: str, data_dir: str | Path | None = None) -> str:
 
     The random GPT-2 gets the real GPT-2 tokenizer from the data folder (``gpt2-tokenizer/``), so tokenisation,
     padding and the last-token classifier behave exactly as with the pretrained model. It is written to a temporary
-    folder and renamed into place, and a cached folder is used only when weights and tokenizer are both there.
+    folder and renamed into place, under a lock (processes of one launch, or test workers, start together on a cold
+    cache: without it one would delete the folder another is reading), and a cached folder is used only when
+    weights and tokenizer are both there.
     """
     if not model.startswith(RANDOM_GPT2_PREFIX):
         return model
@@ -245,17 +247,27 @@ def materialize_model(model: str, data_dir: str | Path | None = None) -> str:
     if size not in GPT2_SHAPES:
         raise ValueError(f"unknown random GPT-2 size in {model!r}; choose one of {sorted(GPT2_SHAPES)}")
     folder = model_cache_dir() / model
-    if not all((folder / name).is_file() for name in _MODEL_FILES):
-        from .data import find_gpt2_tokenizer
+    if _complete(folder):
+        return str(folder)
+    from filelock import FileLock
 
-        tokenizer_dir = find_gpt2_tokenizer(data_dir)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_random_gpt2(staging, tokenizer_dir, size)
-        shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder left by an earlier kill
-        os.replace(staging, folder)
+    from .data import find_gpt2_tokenizer
+
+    tokenizer_dir = find_gpt2_tokenizer(data_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.parent / f".{folder.name}.lock"):
+        if not _complete(folder):  # another process may have written it while this one waited
+            staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            save_random_gpt2(staging, tokenizer_dir, size)
+            shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder left by an earlier kill
+            os.replace(staging, folder)
     return str(folder)
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a generated model folder holds its weights and its tokenizer."""
+    return all((folder / name).is_file() for name in _MODEL_FILES)
 
 
 def build_model(method: str, model_source: str | Path, adapter: AdapterSettings = AdapterSettings(),

@@ -1,5 +1,6 @@
 """Processes sharing one results folder (issue 27's first lost-or-mixed case): two experiments with the same settings
-split its runs between them, each run trained once, every record intact; a claim dies with its process.
+split its runs between them, each run trained once, every record intact; a claim dies with its process; a
+generated test model is written by one process at a time.
 
 Before claims, both processes trained every run, their lines interleaved in the same files and a summary was lost.
 """
@@ -10,10 +11,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
+from peft_utils import models
 from peft_utils.store import RunInProgress, RunStore, read_events
 
 # The smoke comparison and its rank x alpha grid, small: 9 runs of 4 steps each.
@@ -88,3 +92,28 @@ def test_a_complete_run_is_not_claimed(tmp_path):
         recorder.log("config", group="comparison", method="lora", run_id="comparison-lora-s0")
         recorder.log("summary", final_accuracy=0.5)
     assert store.claim("comparison-lora-s0", {"group": "comparison", "method": "lora"}) is None
+
+
+def test_a_generated_model_is_written_once_under_a_lock(tmp_path, monkeypatch, sst2_dir):
+    """Processes that start together on a cold cache (one launch's processes, test workers) write the random
+    GPT-2 one at a time: while another holds the lock, materialize_model waits without writing, then finds the
+    folder complete or writes it once."""
+    monkeypatch.setenv("PEFT_LAB_CACHE", str(tmp_path))
+    folder = models.model_cache_dir() / "random-gpt2-tiny"
+    folder.parent.mkdir(parents=True)
+    writing, save = threading.Event(), models.save_random_gpt2
+
+    def save_and_tell(*args):
+        writing.set()
+        save(*args)
+
+    monkeypatch.setattr(models, "save_random_gpt2", save_and_tell)
+    written = []
+    with FileLock(folder.parent / ".random-gpt2-tiny.lock"):  # another process writing it
+        waiting = threading.Thread(target=lambda: written.append(models.materialize_model("random-gpt2-tiny",
+                                                                                          sst2_dir.parent)))
+        waiting.start()
+        assert not writing.wait(timeout=5.0) and waiting.is_alive()
+    waiting.join(timeout=120)
+    assert writing.is_set() and written == [str(folder)] and (folder / "config.json").is_file()
+    assert not list(folder.parent.glob("*.partial"))
