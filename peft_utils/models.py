@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from .config import AdapterSettings
@@ -249,8 +250,6 @@ def materialize_model(model: str, data_dir: str | Path | None = None) -> str:
     folder = model_cache_dir() / model
     if _complete(folder):
         return str(folder)
-    from filelock import FileLock
-
     from .data import find_gpt2_tokenizer
 
     tokenizer_dir = find_gpt2_tokenizer(data_dir)
