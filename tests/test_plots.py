@@ -412,6 +412,27 @@ def test_lr_tuning_ticks_print_distinct_percents(tmp_path: Path, monkeypatch: py
     assert all(len(t.rstrip("%").partition(".")[2]) == decimals for t in ticks), ticks
 
 
+def test_lr_tuning_axis_keeps_a_diverged_rate_off_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rate that sends a method to chance would stretch the axis to 50% and flatten the differences near the
+    optimum: the axis stops LR_AXIS_DEPTH points below each method's best and the diverged score is written on
+    the floor; without such a rate every score stays on the axis."""
+    from peft_utils.plots import grids
+
+    drawn = []
+    monkeypatch.setattr(grids, "save_with_footnote", lambda fig, path, runs, notes: drawn.append((fig, notes)) or path)
+    tune = tune_runs_table(methods=("full", "lora"))
+    grids.plot_lr_tuning(Results(tune, pd.DataFrame(), pd.DataFrame()), tmp_path)
+    tune.loc[(tune["method"] == "lora") & (tune["lr"] == 3e-3), "final_accuracy"] = 0.5
+    grids.plot_lr_tuning(Results(tune, pd.DataFrame(), pd.DataFrame()), tmp_path)
+    (intact, intact_notes), (diverged, diverged_notes) = [(fig.axes[0], notes) for fig, notes in drawn]
+    lowest_kept = tune.loc[tune["final_accuracy"] > 0.5, "final_accuracy"].min() * 100
+    assert intact.get_ylim()[0] < lowest_kept and not any("▽" in note for note in intact_notes)
+    best = tune.groupby("method")["final_accuracy"].max().min() * 100
+    assert best - grids.LR_AXIS_DEPTH - 1.5 < diverged.get_ylim()[0] < lowest_kept
+    assert "50.0%" in [text.get_text() for text in diverged.texts]
+    assert any("▽" in note for note in diverged_notes)
+
+
 def test_sweep_heatmap_full_grid_and_rslora(tmp_path: Path) -> None:
     labels = np.zeros(50, dtype=int)
     for rslora in (False, True):

@@ -32,6 +32,12 @@ from peft_utils.store import TUNE_GROUP, Results
 from peft_utils.tuning import learning_rate_scores
 
 
+# How far below a series' best held-out score the accuracy axis reaches, in points. A rate scoring lower (training
+# that diverged to chance) sits on the axis floor with its score written above it, so one failed rate does not
+# squeeze the differences near the optimum, which decide the choice, into a sliver of the axis.
+LR_AXIS_DEPTH = 12.0
+
+
 def _rows_label(sizes: set[int]) -> str:
     return " / ".join(f"{n:,}" for n in sorted(sizes)) or "?"
 
@@ -152,8 +158,9 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
     fig = new_figure(9.5, 5.2)
     ax = fig.add_subplot()
     several_seeds = (scores["n_seeds"] > 1).any()
-    _draw_lr_curves(ax, tune, scores, several_seeds)
-    _style_lr_axes(ax, tune, scores)
+    low, high = _lr_axis_limits(scores, tune)
+    _draw_lr_curves(ax, tune, scores, several_seeds, low)
+    _style_lr_axes(ax, tune, scores, (low, high))
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], linestyle="none", marker="o", markersize=12, markerfacecolor="none",
                           markeredgecolor="#444444"))
@@ -163,50 +170,82 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
              "is never used for the choice."]
     if several_seeds:
         notes.append("Lines: mean over seeds; faint dots: single seeds.")
+    if (scores["accuracy"] * 100 < low).any():
+        notes.append(f"▽ on the axis floor: a score below the axis, written beside it. The axis reaches {LR_AXIS_DEPTH:g} "
+                     "points below each method's best, so a rate that failed does not flatten the differences that "
+                     "decide the choice.")
     return save_with_footnote(fig, png_path(out_dir, "lr_tuning.png"), tune, notes)
 
 
-def _draw_lr_curves(ax, tune: pd.DataFrame, scores: pd.DataFrame, several_seeds: bool) -> None:
-    """Per series: mean held-out accuracy per rate (single seeds as faint dots when there are several)."""
+def _draw_lr_curves(ax, tune: pd.DataFrame, scores: pd.DataFrame, several_seeds: bool, floor: float) -> None:
+    """Per series: mean held-out accuracy per rate (single seeds as faint dots when there are several); a score
+    below ``floor``, the axis' lower limit, is drawn on the floor (:func:`_mark_off_axis`)."""
     accuracy, keys = numeric_column(tune, "final_accuracy") * 100, run_series(tune)
     all_series = ordered_methods(scores["series"])
+    chosen = scores[scores["chosen"]]
+    label_heights = (chosen["accuracy"] * 100).groupby(chosen["lr"]).max()  # labels at one rate stack from its top
     labelled: dict[float, int] = {}  # chosen rate -> labels already drawn there (stacked, not overprinted)
+    off_axis: dict[float, int] = {}  # rate -> off-axis scores already written there
     for i, series in enumerate(all_series):
         # Series sharing a grid are nudged sideways (in log space) so coinciding curves stay visible.
         nudge = 2 ** (0.05 * (i - (len(all_series) - 1) / 2))
-        grid = scores[scores["series"] == series].assign(lr=lambda g: g["lr"] * nudge)
+        own = scores[scores["series"] == series]
+        grid = own.assign(lr=own["lr"] * nudge)
         color = method_color(series)
         if several_seeds:
-            at = keys == series
-            ax.scatter(numeric_column(tune[at], "lr") * nudge, accuracy[at], s=14, color=color, alpha=0.35,
+            seeds = (keys == series) & (accuracy >= floor)
+            ax.scatter(numeric_column(tune[seeds], "lr") * nudge, accuracy[seeds], s=14, color=color, alpha=0.35,
                        zorder=2)
-        ax.plot(grid["lr"], grid["accuracy"] * 100, color=color, marker=method_marker(series),
-                markersize=6, linewidth=2, zorder=3, label=method_label(series))
-        _mark_chosen_rate(ax, grid[grid["chosen"]].iloc[0], nudge, color, labelled)
+        drawn = np.maximum(grid["accuracy"] * 100, floor)
+        ax.plot(grid["lr"], drawn, color=color, marker=method_marker(series), markersize=6, linewidth=2, zorder=3,
+                label=method_label(series), clip_on=False)
+        for row in grid[grid["accuracy"] * 100 < floor].itertuples():
+            _mark_off_axis(ax, row.lr, row.accuracy * 100, floor, color, off_axis.setdefault(row.lr / nudge, 0))
+            off_axis[row.lr / nudge] += 1
+        rate = float(own.loc[own["chosen"], "lr"].iloc[0])
+        _mark_chosen_rate(ax, grid[grid["chosen"]].iloc[0], rate, label_heights[rate], color, labelled)
 
 
-def _mark_chosen_rate(ax, chosen: pd.Series, nudge: float, color: str, labelled: dict[float, int]) -> None:
-    """Circle a series' chosen rate and write the rate above it; labels of series that chose the same rate are
-    stacked (``labelled`` counts those already drawn per rate) instead of printed over each other."""
+def _mark_off_axis(ax, lr: float, score: float, floor: float, color: str, stacked: int) -> None:
+    """A score below the axis: an open ▽ on the floor with the score written right of it, where no line arrives
+    (``stacked`` scores of other series already written at this rate push the text up)."""
+    ax.scatter([lr], [floor], s=90, marker="v", facecolor="white", edgecolor=color, linewidth=1.8, zorder=5,
+               clip_on=False)
+    ax.annotate(f"{score:.1f}%", (lr, floor), xytext=(8, 2 + 11 * stacked), textcoords="offset points",
+                ha="left", va="bottom", fontsize=8, color=color)
+
+
+def _mark_chosen_rate(ax, chosen: pd.Series, rate: float, height: float, color: str,
+                      labelled: dict[float, int]) -> None:
+    """Circle a series' chosen rate (``chosen``: its grid row, nudged sideways) and write ``rate`` above it; labels
+    of series that chose the same rate stack from ``height``, the highest of them (``labelled`` counts those drawn)."""
     ax.scatter(chosen["lr"], chosen["accuracy"] * 100, s=260, facecolor="none", edgecolor=color, linewidth=2.2,
                zorder=4)
-    rate = float(chosen["lr"] / nudge)
     stacked = labelled[rate] = labelled.get(rate, -1) + 1
-    ax.annotate(f"{rate:.0e}", (chosen["lr"], chosen["accuracy"] * 100), xytext=(0, 12 + 11 * stacked),
+    ax.annotate(f"{rate:.0e}", (chosen["lr"], height), xytext=(0, 12 + 11 * stacked),
                 textcoords="offset points", ha="center", va="bottom", fontsize=8.5, color=color,
                 fontweight="bold")
 
 
-def _style_lr_axes(ax, tune: pd.DataFrame, scores: pd.DataFrame) -> None:
-    """Log rate axis ticked at the grid's rates; accuracy axis fitted to the scores; titles and grid."""
+def _lr_axis_limits(scores: pd.DataFrame, tune: pd.DataFrame) -> tuple[float, float]:
+    """The accuracy axis' limits in percent: every mean score and single-seed score within :data:`LR_AXIS_DEPTH`
+    points of its series' best mean, padded; lower scores fall below it."""
+    best = (scores["accuracy"] * 100).groupby(scores["series"]).max()
+    values = pd.concat([pd.Series(scores["accuracy"].to_numpy() * 100, index=scores["series"]),
+                        pd.Series(numeric_column(tune, "final_accuracy").to_numpy() * 100, index=run_series(tune))])
+    near_best = values[values >= best.reindex(values.index).to_numpy() - LR_AXIS_DEPTH].to_numpy()
+    pad = max(1.0, 0.1 * np.ptp(near_best))
+    return np.min(near_best) - pad, min(100.5, np.max(near_best) + 1.5 * pad)
+
+
+def _style_lr_axes(ax, tune: pd.DataFrame, scores: pd.DataFrame, limits: tuple[float, float]) -> None:
+    """Log rate axis ticked at the grid's rates; accuracy axis at ``limits``; titles and grid."""
     ax.set_xscale("log")
     lrs = np.sort(scores["lr"].unique())
     ax.set_xticks(lrs, [f"{lr:.0e}" for lr in lrs], rotation=45 if len(lrs) > 6 else 0)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlim(lrs[0] / 1.6, lrs[-1] * 1.6)
-    values = scores["accuracy"].to_numpy() * 100
-    pad = max(1.0, 0.1 * np.ptp(values))
-    low, high = np.nanmin(values) - pad, min(100.5, np.nanmax(values) + 1.5 * pad)
+    low, high = limits
     ax.set_ylim(low, high)
     # whole percents unless the scores sit within a few points, where half-point ticks would print alike
     ax.yaxis.set_major_formatter(PercentFormatter(decimals=0 if high - low >= 5 else 1))
