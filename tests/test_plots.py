@@ -346,6 +346,16 @@ def test_footnote_names_the_hardware_and_says_when_it_differs(tmp_path: Path) ->
     assert "different hardware, so their times are not like-for-like" in text
 
 
+def test_footnote_says_what_a_bare_adapter_label_means_beside_a_bracketed_one() -> None:
+    """Beside "LoRA (all-linear)" a bare "LoRA" needs saying which layers it adapts; alone it needs nothing."""
+    runs = pd.DataFrame({"method": ["full", "lora", "lora", "dora"],
+                         "targets": [None, None, "all-linear", "all-linear"]})
+    note = "LoRA without brackets: adapters on the model's default layers"
+    assert note in " ".join(footnote._provenance(runs))
+    assert "without brackets" not in " ".join(footnote._provenance(runs[runs["targets"].isna()]))
+    assert "without brackets" not in " ".join(footnote._provenance(runs[runs["method"] != "lora"]))
+
+
 def test_log_time_axis_uses_clock_ticks() -> None:
     """A time axis spanning decades is labelled in round durations, one style ("30 s", "10 min", "2 h")."""
     ticks = duration_ticks(15.0, 9_000.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from peft_utils.methods import QUANTIZED_METHODS, ordered_methods
+from peft_utils.methods import METHODS, QUANTIZED_METHODS, ordered_methods
 from peft_utils.plots.style import DPI, distinct_texts, method_label
 from peft_utils.stats import numeric_column, optional_column, run_series
 
@@ -50,11 +50,25 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     if quantized:
         parts.append(f"{'/'.join(quantized)}: frozen base stored in 4-bit")
     lines = [" · ".join(parts)] if parts else []
+    lines += [note for note in (_default_targets_note(runs),) if note]
     if dtype_warning:
         lines.append(dtype_warning)
     if several_machines:
         lines.append("NOTE: the runs ran on different hardware, so their times are not like-for-like.")
     return lines
+
+
+def _default_targets_note(runs: pd.DataFrame) -> str | None:
+    """What an adapter label without brackets means, said only where the runs also hold a bracketed target set:
+    beside "LoRA (all-linear)" a bare "LoRA" would otherwise read as the same layers."""
+    series = set(run_series(runs))
+    bracketed = {s for s in series if ":" in s}
+    bare = {s for s in series if s in METHODS and METHODS[s].adapter} if bracketed else set()
+    if not bare:
+        return None
+    names = "/".join(method_label(s) for s in ordered_methods(bare))
+    return (f"{names} without brackets: adapters on the model's default layers, peft's default for its family "
+            "(query and value on BERT-style models such as MiniLM, c_attn on GPT-2).")
 
 
 def _compute_dtype_notes(runs: pd.DataFrame) -> tuple[str | None, str | None]:

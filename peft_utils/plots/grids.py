@@ -171,9 +171,9 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
     if several_seeds:
         notes.append("Lines: mean over seeds; faint dots: single seeds.")
     if (scores["accuracy"] * 100 < low).any():
-        notes.append(f"▽ on the axis floor: a score below the axis, written beside it. The axis reaches {LR_AXIS_DEPTH:g} "
-                     "points below each method's best, so a rate that failed does not flatten the differences that "
-                     "decide the choice.")
+        notes.append(f"▽ on the axis floor: a score below the axis, written beside it. The axis reaches "
+                     f"{LR_AXIS_DEPTH:g} points below each method's best, so a rate that failed does not flatten the "
+                     "differences that decide the choice.")
     return save_with_footnote(fig, png_path(out_dir, "lr_tuning.png"), tune, notes)
 
 
