@@ -55,7 +55,7 @@ def forward_held_bytes(runner: Runner) -> int:
     return held
 
 
-def main(argv=None) -> list[dict]:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", default=None, help=f"comma-separated from {','.join(MODELS)} (default 124m; large on CUDA)")
@@ -70,42 +70,40 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--csv", type=Path, default=REPO / "bench" / "dora_memory.csv")
     parser.add_argument("--quick", action="store_true", help="tiny GPT-2, batch 2 x 32, 3 steps")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cuda = args.device.startswith("cuda")
     if args.quick:
         args.models, args.batch, args.seq, args.steps, args.warmup = args.models or "tiny", 2, 32, 3, 1
-    dtype = args.dtype or ("bf16" if cuda else "fp32")
-    env = environment(args.device)
-    command = "python -m bench.dora_memory " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"# {command}\n# " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def measure_model(model_name: str, args: argparse.Namespace, workdir: Path) -> list[dict]:
+    """Every variant on one model, stepped interleaved; one result row per variant."""
+    spec = Spec(model_name.strip(), args.batch, args.seq, args.rank, 2.0 * args.rank, 0.0, args.targets,
+                args.device, args.dtype)
+    runners = {}
+    for label, method, impl, detach in VARIANTS:
+        torch.manual_seed(0)
+        variant = dataclasses.replace(spec, detach_norm=detach)
+        runners[label] = Runner(label, build(method, impl, variant, workdir), variant)
+    interleave(list(runners.values()), args.steps, args.warmup)
+    reference = runners[REFERENCE].times
     results = []
-    with tempfile.TemporaryDirectory(prefix="peft-bench-") as workdir:
-        for model_name in (args.models or ("large" if cuda else "124m")).split(","):
-            spec = Spec(model_name.strip(), args.batch, args.seq, args.rank, 2.0 * args.rank, 0.0, args.targets,
-                        args.device, dtype)
-            runners = {}
-            for label, method, impl, detach in VARIANTS:
-                torch.manual_seed(0)
-                variant = dataclasses.replace(spec, detach_norm=detach)
-                runners[label] = Runner(label, build(method, impl, variant, Path(workdir)), variant)
-            interleave(list(runners.values()), args.steps, args.warmup)
-            reference = runners[REFERENCE].times
-            for label, runner in runners.items():
-                peak, step_peak = measure_memory(runner)
-                ratios = [a / b for a, b in zip(runner.times, reference)]
-                results.append({
-                    "model": spec.model, "device": spec.device, "dtype": spec.dtype, "batch": spec.batch,
-                    "seq": spec.seq, "rank": spec.rank, "targets": spec.targets, "variant": label,
-                    "forward_held_mib": forward_held_bytes(runner) / MIB,
-                    "step_alloc_mib": step_peak / MIB, "peak_mib": peak / MIB,
-                    "step_ms": quartiles(runner.times)[1] * 1e3, "time_vs_peft_dora": quartiles(ratios)[1],
-                })
-            del runners
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-    print(f"\n{args.device}, {dtype}, batch {args.batch} x {args.seq}, rank {args.rank}, targets {args.targets}, "
+    for label, runner in runners.items():
+        peak, step_peak = measure_memory(runner)
+        ratios = [a / b for a, b in zip(runner.times, reference)]
+        results.append({
+            "model": spec.model, "device": spec.device, "dtype": spec.dtype, "batch": spec.batch,
+            "seq": spec.seq, "rank": spec.rank, "targets": spec.targets, "variant": label,
+            "forward_held_mib": forward_held_bytes(runner) / MIB,
+            "step_alloc_mib": step_peak / MIB, "peak_mib": peak / MIB,
+            "step_ms": quartiles(runner.times)[1] * 1e3, "time_vs_peft_dora": quartiles(ratios)[1],
+        })
+    return results
+
+
+def report(results: list[dict], args: argparse.Namespace, env: dict, command: str) -> None:
+    """Print the table and write the CSV (every row with the environment and the command)."""
+    print(f"\n{args.device}, {args.dtype}, batch {args.batch} x {args.seq}, rank {args.rank}, targets {args.targets}, "
           f"{args.steps} interleaved steps per variant")
     print("| model | variant | held after forward MiB | step alloc MiB | peak MiB | step ms (median) | time vs peft DoRA |")
     print("|---|---|---|---|---|---|---|")
@@ -119,6 +117,23 @@ def main(argv=None) -> list[dict]:
         for r in results:
             writer.writerow(r | env | {"command": command})
     print(f"\nwrote {args.csv}")
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment(args.device)
+    command = "python -m bench.dora_memory " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# {command}\n# " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="peft-bench-") as workdir:
+        for model_name in (args.models or ("large" if args.device.startswith("cuda") else "124m")).split(","):
+            results += measure_model(model_name, args, Path(workdir))
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    report(results, args, env, command)
     return results
 
 
