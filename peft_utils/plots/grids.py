@@ -199,9 +199,9 @@ def _draw_lr_curves(ax, tune: pd.DataFrame, scores: pd.DataFrame, several_seeds:
         drawn = np.maximum(grid["accuracy"] * 100, floor)
         ax.plot(grid["lr"], drawn, color=color, marker=method_marker(series), markersize=6, linewidth=2, zorder=3,
                 label=method_label(series), clip_on=False)
-        for row in grid[grid["accuracy"] * 100 < floor].itertuples():
-            _mark_off_axis(ax, row.lr, row.accuracy * 100, floor, color, off_axis.setdefault(row.lr / nudge, 0))
-            off_axis[row.lr / nudge] += 1
+        for row in own[own["accuracy"] * 100 < floor].itertuples():  # keyed by the grid's rate, not the nudged one
+            stacked = off_axis[row.lr] = off_axis.get(row.lr, -1) + 1
+            _mark_off_axis(ax, row.lr * nudge, row.accuracy * 100, floor, color, stacked)
         rate = float(own.loc[own["chosen"], "lr"].iloc[0])
         _mark_chosen_rate(ax, grid[grid["chosen"]].iloc[0], rate, label_heights[rate], color, labelled)
 
