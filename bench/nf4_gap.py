@@ -176,16 +176,21 @@ def head_module(model: nn.Module) -> nn.Module:
     return model.get_submodule(kept_modules(model, (), set())[0])
 
 
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    """A captured output as float32 on the CPU, where the two bases' outputs meet (on a GPU the NF4 model computes
+    there and the float32 one may not)."""
+    return tensor.detach().float().cpu()
+
+
 def score(model: nn.Module, loader: DataLoader) -> Scored:
     """``core.loop.evaluate`` (the records' numbers), with hooks that keep the logits, the body's first-token output
     and the head's input of the same forward passes: one pass per model, and the errors are those of the scores."""
     captured: dict[str, list[torch.Tensor]] = {"logits": [], "first_token": [], "head_input": []}
     hooks = [
-        model.register_forward_hook(lambda _m, _a, out: captured["logits"].append(out.logits.detach().float())),
+        model.register_forward_hook(lambda _m, _a, out: captured["logits"].append(_kept(out.logits))),
         model.base_model.register_forward_hook(
-            lambda _m, _a, out: captured["first_token"].append(out[0][:, 0].detach().float())),
-        head_module(model).register_forward_pre_hook(
-            lambda _m, args: captured["head_input"].append(args[0].detach().float())),
+            lambda _m, _a, out: captured["first_token"].append(_kept(out[0][:, 0]))),
+        head_module(model).register_forward_pre_hook(lambda _m, args: captured["head_input"].append(_kept(args[0]))),
     ]
     try:
         evaluation = evaluate(model, loader)

@@ -107,17 +107,22 @@ def make_accelerator(device: str = "auto", precision: str = "auto", report_to: s
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)  # "cuda:1" in one process; under a launcher each process has its own GPU
     mixed_precision = _MIXED_PRECISION[compute_dtype_for(resolved, precision)]
-    _forget_another_precision(mixed_precision)
+    _start_afresh_for_other_settings(resolved, mixed_precision)
     return Accelerator(cpu=resolved.type == "cpu", mixed_precision=mixed_precision,
                        **accelerator_arguments(report_to, results_dir, run_id))
 
 
-def _forget_another_precision(mixed_precision: str) -> None:
-    """accelerate keeps one mixed precision per process and refuses another; a notebook kernel (or a test session)
-    that changes ``precision`` between two runs starts accelerate's state afresh, keeping its processes."""
-    from accelerate.state import AcceleratorState
+def _start_afresh_for_other_settings(device: torch.device, mixed_precision: str) -> None:
+    """accelerate keeps one device and one mixed precision per process: it refuses another precision or the CPU
+    after a GPU, and silently keeps the CPU (or the first GPU) when another GPU is asked for. A notebook kernel or a
+    test session that changes either between two runs starts accelerate's state afresh; a change of precision keeps
+    the processes of a launch, whose devices never change."""
+    from accelerate.state import AcceleratorState, PartialState
 
-    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+    ran_on = PartialState._shared_state.get("device")
+    if ran_on is not None and _with_index(ran_on) != device and launched_processes() == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    elif AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 

@@ -143,6 +143,7 @@ def _installed_versions() -> dict[str, str | None]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+    versions["torch"] = torch.__version__  # with its build (+cpu, +cu130), which a wheel's metadata may leave out
     return versions
 
 

@@ -49,7 +49,8 @@ def _experiment(results: Path, processes: int, sst2_dir: Path, model: Path, args
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "-m", "peft_utils.experiment"]
-    env = {**os.environ, "PEFT_LAB_PROGRESS": "off", "OMP_NUM_THREADS": "1"}
+    # CPU processes on any machine: with one GPU, two processes would both claim it (NCCL refuses).
+    env = {**os.environ, "PEFT_LAB_PROGRESS": "off", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command + args + ["--model", str(model), "--data-dir", str(sst2_dir),
                                             "--results-dir", str(results)],
                           env=env, capture_output=True, text=True, timeout=600)

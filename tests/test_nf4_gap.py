@@ -50,10 +50,10 @@ def test_the_nf4_body_differs_under_the_same_head(minilm_dir, dev16):
 
 @pytest.fixture(scope="module")
 def smoke_gap(tmp_path_factory, sst2_dir, gpt2_tokenizer_dir):
-    """A LoRA and a QLoRA smoke run (tiny random GPT-2, 16 rows, 16 dev rows) trained here, then the bench's
-    command line on them."""
+    """A LoRA and a QLoRA smoke run (tiny random GPT-2, 16 rows, 16 dev rows) trained here, on the CPU (float32
+    compute, which the bench compares; a GPU would train in bf16), then the bench's command line on them."""
     results = tmp_path_factory.mktemp("nf4-gap")
-    run_comparison(make_config("smoke", data_dir=str(sst2_dir.parent), results_dir=str(results),
+    run_comparison(make_config("smoke", data_dir=str(sst2_dir.parent), results_dir=str(results), device="cpu",
                                methods=["lora", "qlora"], seeds=[0], train_size=16, eval_size=16, max_length=24))
     out, table = results / "nf4_gap.md", results / "nf4_gap.csv"
     base_rows, adapters = nf4_gap.main(["--results-dir", str(results), "--data-dir", str(sst2_dir.parent),

@@ -94,3 +94,12 @@ def test_one_process_can_change_precision_between_runs():
         warnings.simplefilter("ignore", UserWarning)
         assert make_accelerator("cpu", "bf16").mixed_precision == "bf16"
     assert make_accelerator("cpu", "fp32").mixed_precision == "no"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the device moves between the GPU and the CPU")
+def test_one_process_can_change_device_between_runs():
+    """A GPU notebook kernel that reruns on the CPU, then on the GPU again: accelerate refuses the CPU after a GPU
+    and would keep the CPU for the next GPU run, unless its state starts afresh."""
+    assert make_accelerator("cuda", "fp32").device.type == "cuda"
+    assert make_accelerator("cpu", "fp32").device.type == "cpu"
+    assert make_accelerator("cuda", "fp32").device.type == "cuda"

@@ -47,8 +47,8 @@ def test_the_record_names_the_installed_versions(recorded) -> None:
     versions = config["versions"]
     assert set(versions) == {"python", *RECORDED_PACKAGES, ABSENT}
     assert versions["python"] == platform.python_version()
-    assert versions["torch"] == torch.__version__
-    for package in RECORDED_PACKAGES:
+    assert versions["torch"] == torch.__version__  # the build too (PyPI's CUDA wheels leave it out of metadata)
+    for package in (p for p in RECORDED_PACKAGES if p != "torch"):
         assert versions[package] == _installed(package), package
     assert versions[ABSENT] is None  # not installed: recorded as such, and the run is not refused
 
