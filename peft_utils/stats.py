@@ -461,7 +461,8 @@ def reading(difference: float, low: float, high: float, margin: float = MATCH_MA
         return "undecided: interval above 0 (series better)"
     if difference >= -margin:
         return "matches"
-    return f"undecided: mean below −{100 * margin:g} pt"
+    mean = f"{100 * difference:.2f}".replace("-", "\N{MINUS SIGN}")  # two decimals: -0.54 is not -0.5
+    return f"undecided: mean {mean} pt, below −{100 * margin:g} pt"
 
 
 class PairedStatistics(NamedTuple):

@@ -286,7 +286,7 @@ def test_paired_comparison_interval_covers_the_true_difference() -> None:
 @pytest.mark.parametrize(("difference", "low", "high", "expected"), [
     (-0.002, -0.010, 0.006, "matches"),
     (-0.005, -0.013, 0.003, "matches"),  # the margin itself is still a match
-    (-0.0051, -0.013, 0.003, "undecided: mean below −0.5 pt"),
+    (-0.0051, -0.013, 0.003, "undecided: mean −0.51 pt, below −0.5 pt"),  # rounds to -0.5, yet below it
     (-0.004, -0.008, 0.0, "matches"),  # an interval touching 0 contains it
     (-0.004, -0.008, -0.0001, "falls short"),  # below 0 by a hair: short, however small the mean
     (-0.030, -0.046, -0.016, "falls short"),
@@ -298,7 +298,7 @@ def test_reading_applies_the_rule_written_before_the_run(difference, low, high, 
 
 def test_reading_takes_another_margin() -> None:
     assert reading(-0.008, -0.02, 0.004, margin=0.01) == "matches"
-    assert reading(-0.008, -0.02, 0.004) == "undecided: mean below −0.5 pt"
+    assert reading(-0.008, -0.02, 0.004) == "undecided: mean −0.80 pt, below −0.5 pt"
 
 
 def test_paired_comparisons_refuse_what_cannot_be_paired() -> None:
