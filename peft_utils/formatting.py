@@ -88,14 +88,15 @@ def format_share(part: float, total: float) -> str:
     return f"{ratio:.0%}" if ratio >= 0.1 else f"{ratio:.1%}" if ratio >= 0.01 else f"{ratio:.2%}"
 
 
-def format_points(fraction: float, signed: bool = False) -> str:
+def format_points(fraction: float, signed: bool = False, decimals: int = 1) -> str:
     """An accuracy (difference) given as a fraction, in percentage points with one decimal: ``-0.004`` -> ``"-0.4"``.
 
-    ``signed`` writes "+" on positive values (differences) and a true minus sign on negative ones.
+    ``signed`` writes "+" on positive values (differences) and a true minus sign on negative ones; ``decimals=2``
+    where a rounded value would hide which side of a threshold it lies (-0.54 is not -0.5).
     """
     if fraction is None or not math.isfinite(fraction):
         return "n/a"
-    text = f"{100 * fraction:+.1f}" if signed else f"{100 * fraction:.1f}"
+    text = f"{100 * fraction:{'+' if signed else ''}.{decimals}f}"
     return text.replace("-", "\N{MINUS SIGN}") if signed else text
 
 

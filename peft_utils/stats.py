@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .formatting import format_points
 from .methods import ordered_methods, series_method, series_name, series_on
 from .store import COMPARISON_GROUP
 
@@ -461,8 +462,7 @@ def reading(difference: float, low: float, high: float, margin: float = MATCH_MA
         return "undecided: interval above 0 (series better)"
     if difference >= -margin:
         return "matches"
-    mean = f"{100 * difference:.2f}".replace("-", "\N{MINUS SIGN}")  # two decimals: -0.54 is not -0.5
-    return f"undecided: mean {mean} pt, below −{100 * margin:g} pt"
+    return f"undecided: mean {format_points(difference, signed=True, decimals=2)} pt, below −{100 * margin:g} pt"
 
 
 class PairedStatistics(NamedTuple):
