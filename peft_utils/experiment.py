@@ -43,7 +43,7 @@ from .data import Splits, eval_rows, fingerprint, load_splits, subset
 from .devices import (compute_dtype_for, is_main_process, launched_processes, make_accelerator,
                       per_device_batch_size, resolve_device, same_in_every_process)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
-from .methods import get_method, series_name, targets_label
+from .methods import get_method, series_method, series_name, targets_label
 from .models import build_model, materialize_model, resolve_model_source
 from .sizes import model_size
 from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, Claim, RunInProgress, RunStore, SettingsConflict
@@ -142,6 +142,8 @@ class Plan:
     config: ExperimentConfig
     model_source: str  # where the model loads from (the cache folder of a random GPT-2, a hub id, a folder)
     runs: list[PlannedRun]  # tuning runs first: the others' rates come from them
+    comparison: bool = True  # what was planned, so that a widened tuning grid can plan the same again
+    sweep: bool = False
 
 
 def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
@@ -296,7 +298,7 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
         lr = spec.lr if spec.lr is not None or config.tune.enabled else config.method_lr(spec.method)
         record = _planned_record(config, spec, rows, data, lr, compute_dtype)
         runs.append(PlannedRun(spec, rid, record, *rows, complete=store.check(rid, record)))
-    plan = Plan(config, source, runs)
+    plan = Plan(config, source, runs, comparison, sweep)
     return _with_tuned_rates(plan) if config.tune.enabled else plan
 
 
@@ -319,7 +321,7 @@ def _with_tuned_rates(plan: Plan) -> Plan:
     store = RunStore(plan.config.results_dir)
     if not all(r.complete or store.is_complete(r.run_id) for r in tuning):
         return plan
-    rates = choose_learning_rates(store.summary([r.run_id for r in tuning]))
+    rates = _chosen_rates(plan)
     runs = []
     for run in plan.runs:
         if run.record["lr"] is None:
@@ -327,6 +329,44 @@ def _with_tuned_rates(plan: Plan) -> Plan:
             run = replace(run, record=record, complete=store.check(run.run_id, record))
         runs.append(run)
     return replace(plan, runs=runs)
+
+
+def _chosen_rates(plan: Plan) -> dict[str, float]:
+    """Each series' rate, chosen from the plan's complete tuning runs."""
+    tuning = [r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]
+    return choose_learning_rates(RunStore(plan.config.results_dir).summary(tuning))
+
+
+# How often a tuning grid may be widened past an edge that a winner sits on (per experiment, both sides together).
+GRID_WIDENINGS = 3
+
+
+def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | None:
+    """The grid with one more rate past the edge ``chosen`` sits on, a step of the grid's own ratio there (x2 in a
+    grid of factors of 2; three significant digits), or ``None`` when ``chosen`` lies inside it.
+
+    Why: a best rate at the edge of its grid is only "the best of those tried"; the true optimum may lie beyond,
+    and a method compared at a rate short of its optimum is compared unfairly. Only a grid of three rates or more
+    is widened: with fewer, every rate is an edge, and the grid was meant as a short list, not a bracket."""
+    rates = sorted(grid)
+    if len(rates) < 3 or rates[0] < chosen < rates[-1]:
+        return None
+    if chosen == rates[0]:
+        return (float(f"{rates[0] * rates[0] / rates[1]:.3g}"), *rates)
+    return (*rates, float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}"))
+
+
+def _widened_config(plan: Plan) -> ExperimentConfig | None:
+    """The configuration with every method whose tuned rate sits on its grid's edge given one rate more, or
+    ``None`` when every winner lies inside its grid (the plan's tuning runs must be complete)."""
+    grid = dict(plan.config.tune.grid)
+    for series, rate in _chosen_rates(plan).items():
+        method = series_method(series)
+        wider = widened_grid(grid[method], rate)
+        grid[method] = wider or grid[method]
+    if grid == dict(plan.config.tune.grid):
+        return None
+    return replace(plan.config, tune=replace(plan.config.tune, grid=grid))
 
 
 # --------------------------------------------------------------------------------------------- execution
@@ -406,14 +446,32 @@ def run_plan(plan: Plan) -> pd.DataFrame:
     store = RunStore(plan.config.results_dir)
     say = print if is_main_process() else (lambda *args, **kwargs: None)
     tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
-    for stage in (range(tuning_runs), range(tuning_runs, len(plan.runs))):
-        if tuning_runs and stage.start == tuning_runs:  # every tuning run is complete: choose the rates
-            plan = _with_tuned_rates(plan)
-            say(_tuned_rates(plan))
-        passed_over = [index for index in stage if not _run_unless_busy(plan, index, store, say, wait=False)]
-        for index in passed_over:
-            _run_unless_busy(plan, index, store, say, wait=True)
+    _run_stage(plan, range(tuning_runs), store, say)
+    for _ in range(GRID_WIDENINGS if tuning_runs else 0):  # a winner on its grid's edge: try one rate beyond it
+        wider = _widened_config(plan)
+        if wider is None:
+            break
+        say("a tuned rate sits on its grid's edge; grids widened: " + _grids(wider))
+        plan = plan_experiment(wider, plan.comparison, plan.sweep)
+        tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
+        _run_stage(plan, range(tuning_runs), store, say)
+    if tuning_runs:  # every tuning run is complete: choose the rates
+        plan = _with_tuned_rates(plan)
+        say(_tuned_rates(plan))
+    _run_stage(plan, range(tuning_runs, len(plan.runs)), store, say)
     return store.summary([run.run_id for run in plan.runs])
+
+
+def _run_stage(plan: Plan, stage: range, store: RunStore, say) -> None:
+    """Train the stage's runs, passing over those another process is training, then wait for those."""
+    passed_over = [index for index in stage if not _run_unless_busy(plan, index, store, say, wait=False)]
+    for index in passed_over:
+        _run_unless_busy(plan, index, store, say, wait=True)
+
+
+def _grids(config: ExperimentConfig) -> str:
+    return "; ".join(f"{method} " + ", ".join(f"{rate:g}" for rate in sorted(config.tune.grid[method]))
+                     for method in dict.fromkeys(get_method(m).name for m in config.methods))
 
 
 def _run_unless_busy(plan: Plan, index: int, store: RunStore, say, wait: bool) -> bool:

@@ -12,7 +12,7 @@ Events, in the order a run writes them (fields beyond these are allowed and kept
   and global_batch_size, parameter counts, on a GPU the memory plan (``memory_*``); a tuning run's ``eval_split``
   ("train-holdout"), a tuned run's ``lr_source`` ("tune")
 - ``step``    : step, epoch, loss, lr, elapsed_s
-- ``eval``    : step, epoch, accuracy, loss, n, eval_time_s
+- ``eval``    : step, epoch, accuracy, loss, n, eval_time_s; at an epoch's end also train_loss (the epoch's mean)
 - ``summary`` : train_time_s, eval_time_s, samples_per_s, tokens_per_s, peak_memory_bytes, memory_kind,
   final_accuracy, final_eval_loss, n_eval, steps, dev_predictions, dev_probabilities, and (except tuning runs) the
   saved result's folder and size report (``saved_to``, ``size``)

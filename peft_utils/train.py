@@ -218,6 +218,7 @@ class _Watch:
     rows: int = 0
     tokens: int = 0
     skipped: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
 
     def follow(self, events) -> None:
         window: list[float] = []
@@ -229,6 +230,7 @@ class _Watch:
             self.skipped += event.skipped
             self.memory.sample()
             self.result.losses.append(event.loss)
+            self.epoch_losses.append(event.loss)
             window.append(event.loss)
             self.progress.update(event.step, event.loss)
             if event.step % self.log_every == 0 or event.step == self.total_steps:
@@ -242,6 +244,9 @@ class _Watch:
         self.clock.evaluating += evaluation.seconds
         record = {"step": event.step, "epoch": event.epoch, "accuracy": evaluation.accuracy,
                   "loss": evaluation.loss, "n": evaluation.n, "eval_time_s": evaluation.seconds}
+        if event.epoch.is_integer():  # an epoch's end: its mean training loss, to read overfitting beside dev loss
+            record["train_loss"] = sum(self.epoch_losses) / len(self.epoch_losses)
+            self.epoch_losses = []
         self.result.evals.append({**record, "predictions": evaluation.predictions,
                                   "probabilities": evaluation.probabilities})
         self.outputs.log("eval", **record)

@@ -99,6 +99,10 @@ def test_records_every_event_field(tiny_gpt2_dir, tmp_path):
     evals = [e for e in events if e["event"] == "eval"]
     assert [(e["step"], e["epoch"]) for e in evals] == [(2, 2 / 3), (3, 1.0), (4, 4 / 3), (6, 2.0)]
     assert all(set(e) >= {"step", "epoch", "accuracy", "loss", "n", "eval_time_s"} for e in evals)
+    # an epoch's end also records that epoch's mean training loss (dev loss rising while it falls: overfitting)
+    assert ["train_loss" in e for e in evals] == [False, True, False, True]
+    assert [e["train_loss"] for e in evals[1::2]] == pytest.approx([sum(result.losses[:3]) / 3,
+                                                                    sum(result.losses[3:]) / 3])
     summary = events[-1]
     assert set(summary) >= {"train_time_s", "eval_time_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes",
                             "memory_kind", "final_accuracy", "final_eval_loss", "n_eval", "steps"}

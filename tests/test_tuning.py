@@ -7,7 +7,7 @@ import pytest
 from peft_utils import experiment
 from peft_utils.config import TUNE, config_record, make_config
 from peft_utils.data import hold_out, load_sst2
-from peft_utils.experiment import plan_experiment, run_comparison
+from peft_utils.experiment import plan_experiment, run_comparison, widened_grid
 from peft_utils.store import RunStore, read_events
 from peft_utils.tuning import EVAL_SPLIT, TUNE_GROUP, choose_learning_rates, learning_rate_scores, tuning_rows
 
@@ -116,3 +116,28 @@ def test_choose_learning_rates_breaks_ties_by_loss_then_smaller_rate() -> None:
     assert scores["chosen"].sum() == 3
     with pytest.raises(ValueError, match="missing: final_accuracy"):
         choose_learning_rates([{"method": "lora", "lr": 1e-3}])
+
+
+def test_a_grid_is_widened_past_the_edge_its_winner_sits_on():
+    assert widened_grid([1e-3, 2e-3, 4e-3], 4e-3) == (1e-3, 2e-3, 4e-3, 8e-3)  # x2, the grid's own step
+    assert widened_grid([1e-3, 3e-3, 1e-2], 1e-3) == (3.33e-4, 1e-3, 3e-3, 1e-2)  # /3, three significant digits
+    assert widened_grid([1e-3, 2e-3, 4e-3], 2e-3) is None  # inside: bracketed
+    assert widened_grid([1e-3, 1e-2], 1e-3) is None  # two rates are a short list, every rate an edge
+
+
+def test_tuning_widens_its_grid_until_the_winner_lies_inside(tmp_path, sst2_dir):
+    """A tuned rate on its grid's edge is only the best of those tried: the experiment tries the next rate past it
+    before any comparison run, at most GRID_WIDENINGS times, and the comparison uses the widened grid's winner."""
+    grid = [1e-4, 1e-3, 1e-2]
+    table = run_comparison(_tune(tmp_path, sst2_dir, methods=["lora"], lr_grid={"lora": grid}))
+    tried = sorted(RunStore(tmp_path).load().runs.query("group == 'tune'")["lr"])
+    added = [rate for rate in tried if rate not in grid]
+    assert len(added) <= experiment.GRID_WIDENINGS
+    below = sorted((rate for rate in added if rate < min(grid)), reverse=True)
+    above = sorted(rate for rate in added if rate > max(grid))
+    assert len(below) + len(above) == len(added)  # each one step of 10 past the grid as it stood
+    assert below == pytest.approx([min(grid) / 10 ** k for k in range(1, len(below) + 1)])
+    assert above == pytest.approx([max(grid) * 10 ** k for k in range(1, len(above) + 1)])
+    chosen = table["lr"].iloc[0]
+    assert chosen == choose_learning_rates(RunStore(tmp_path).load().runs.query("group == 'tune'"))["lora"]
+    assert min(tried) < chosen < max(tried) or len(added) == experiment.GRID_WIDENINGS
