@@ -23,8 +23,8 @@ Each adapter is loaded with ``checkpoints.load_adapters`` onto a freshly loaded 
 ``core.loop.evaluate`` over the loader its run used (``encode`` + ``make_loader`` with the record's max length,
 evaluation batch and length bucketing), so on the run's own base the accuracy, per-sentence predictions and
 probabilities repeat the record's (bit for bit on the CPU that trained it; the table says how close they are).
-Accuracy differences are paired over the same sentences (``stats.paired_bootstrap``: seeds pooled as clusters per
-sentence, and ``stats.mcnemar_exact``), "other base minus own base". The last table puts both methods on one base.
+Accuracy differences are paired over the same sentences and seeds (``stats.paired_bootstrap``: seeds and sentences
+resampled, its p from the same resamples), "other base minus own base". The last table puts both methods on one base.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ from peft_utils.data import eval_rows, load_sst2
 from peft_utils.formatting import format_paired_difference, format_points, format_seconds
 from peft_utils.methods import get_method, targets_label
 from peft_utils.models import load_frozen_base, load_tokenizer, materialize_model
-from peft_utils.stats import PAIRED_RESAMPLES, mcnemar_exact, paired_bootstrap
+from peft_utils.stats import PAIRED_RESAMPLES, paired_bootstrap, paired_differences
 from peft_utils.store import COMPARISON_GROUP, RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,13 +319,12 @@ def _ratio(mean: float, largest: float, digits: int = 3) -> str:
 
 
 def _paired(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[str, str]:
-    """A minus B over the same sentences, seeds pooled per sentence: the formatted difference with its bootstrap
-    interval and McNemar's p, and the counts of sentences each got right in more seeds."""
-    a_matrix, b_matrix = np.stack(a), np.stack(b)
-    interval = paired_bootstrap(a_matrix, b_matrix, PAIRED_RESAMPLES, seed=0)
-    test = mcnemar_exact(a_matrix, b_matrix)
-    return (format_paired_difference(interval.difference, interval.low, interval.high, test.p_value),
-            f"{test.b_better} / {test.a_better}")
+    """A minus B over the same sentences and paired seeds: the formatted difference with its seeds x sentences
+    bootstrap interval and p, and the counts of sentences each got right in more seeds."""
+    differences = paired_differences(np.stack(a), np.stack(b))
+    result = paired_bootstrap(np.stack(a), np.stack(b), PAIRED_RESAMPLES, seed=0)
+    per_sentence = differences.mean(axis=0)
+    return (format_paired_difference(*result), f"{(per_sentence < 0).sum()} / {(per_sentence > 0).sum()}")
 
 
 def base_markdown(rows: list[Row], model: str) -> str:
@@ -414,8 +413,8 @@ def report(command: str, environment: dict[str, str], seconds: float, base_rows:
         "## 2-3. Each adapter on its own base and on the other",
         "\"Own base\": the base it trained on (LoRA float32, QLoRA NF4); \"record reproduced\": its predictions and "
         "probabilities there against its record (exact = every prediction and probability equal). Paired columns: "
-        "other base minus own base over the same sentences, 95% bootstrap interval over sentences (seeds pooled per "
-        "sentence in the bold rows) and McNemar's exact p. The error columns compare the two bases under the same "
+        "other base minus own base over the same sentences, 95% bootstrap interval resampling seeds and sentences "
+        "(the bold rows pool the seeds) and its bootstrap p. The error columns compare the two bases under the same "
         "adapter.",
         adapter_markdown(results),
         "## QLoRA against LoRA on one base",

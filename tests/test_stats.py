@@ -10,25 +10,19 @@ from scipy import stats as scipy_stats
 
 from peft_utils.stats import (
     accuracy_interval,
+    bootstrap_p_value,
     comparison_pairs,
+    crossed_bootstrap,
     ema_span,
-    mcnemar_exact,
     mean_interval,
     paired_bootstrap,
     paired_comparisons,
+    paired_differences,
     per_method_summary,
     reading,
     runs_in_group,
     wilson_interval,
 )
-
-
-def _paired_vectors(a_only: int, b_only: int, both: int = 0, neither: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Correctness vectors with the given contingency table (shuffled, so order cannot matter)."""
-    a = np.array([True] * a_only + [False] * b_only + [True] * both + [False] * neither)
-    b = np.array([False] * a_only + [True] * b_only + [True] * both + [False] * neither)
-    order = np.random.default_rng(a_only * 1000 + b_only).permutation(len(a))
-    return a[order], b[order]
 
 
 def _simulated_pair(n: int, p_a_only: float, p_b_only: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,51 +91,6 @@ def test_per_method_summary_aggregates_seeds() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# McNemar's exact test
-# --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("a_only", "b_only"), [(3, 11), (11, 3), (40, 60), (25, 25), (1, 0), (0, 17), (120, 80)])
-def test_mcnemar_matches_scipy_binomtest(a_only: int, b_only: int) -> None:
-    a, b = _paired_vectors(a_only, b_only, both=500, neither=90)
-    result = mcnemar_exact(a, b)
-    assert (result.a_better, result.b_better) == (a_only, b_only)
-    reference = scipy_stats.binomtest(a_only, a_only + b_only, 0.5, alternative="two-sided").pvalue
-    assert result.p_value == pytest.approx(reference, rel=1e-12)
-
-
-def test_mcnemar_hand_computed_cases() -> None:
-    # 0 vs 5 discordant: P(X <= 0) = 1/32 on each side -> p = 2/32.
-    assert mcnemar_exact(*_paired_vectors(0, 5, both=10)).p_value == pytest.approx(0.0625)
-    # 1 vs 9: P(X <= 1) = (1 + 10)/1024 -> p = 22/1024.
-    assert mcnemar_exact(*_paired_vectors(1, 9)).p_value == pytest.approx(22 / 1024)
-    # Balanced discordance: the doubled tail exceeds 1 and is capped.
-    assert mcnemar_exact(*_paired_vectors(4, 4)).p_value == 1.0
-    # Concordant sentences carry no information: adding any number leaves p unchanged.
-    assert mcnemar_exact(*_paired_vectors(1, 9, both=800, neither=60)).p_value == pytest.approx(22 / 1024)
-
-
-def test_mcnemar_without_discordant_pairs_is_one() -> None:
-    a, b = _paired_vectors(0, 0, both=30, neither=12)
-    assert mcnemar_exact(a, b) == (1.0, 0, 0)
-    assert mcnemar_exact([False] * 5, [False] * 5) == (1.0, 0, 0)
-
-
-def test_mcnemar_pools_seeds_per_sentence() -> None:
-    a, b = _paired_vectors(5, 20, both=100)
-    single = mcnemar_exact(a, b)
-    assert mcnemar_exact(a[np.newaxis], b[np.newaxis]) == single  # a (1, n) matrix is the one-seed test
-    # Three seeds that agree on every sentence carry no more evidence than one: still 25 discordant sentences.
-    assert mcnemar_exact(np.tile(a, (3, 1)), np.tile(b, (3, 1))) == single
-    # Concatenating the seeds would count each sentence three times and overstate the evidence.
-    concatenated = mcnemar_exact(np.tile(a, 3), np.tile(b, 3))
-    assert (concatenated.a_better, concatenated.b_better) == (15, 60) and concatenated.p_value < single.p_value / 100
-    # Sentence-level majority across seeds; the seed counts of A and B may differ.
-    three_seeds_a = np.array([[1, 1, 0, 0], [1, 0, 0, 1], [0, 1, 0, 1]], dtype=bool)  # per sentence 2/3 2/3 0 2/3
-    one_seed_b = np.array([1, 0, 0, 1], dtype=bool)
-    # Sentence 1 favours A (2/3 vs 0); sentences 0 and 3 favour B (1 vs 2/3); sentence 2 is a tie (0 vs 0).
-    assert mcnemar_exact(three_seeds_a, one_seed_b)[1:] == (1, 2)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Paired bootstrap
 # --------------------------------------------------------------------------------------------------------------
 def test_bootstrap_difference_and_interval_match_the_normal_approximation() -> None:
@@ -177,18 +126,60 @@ def test_bootstrap_is_deterministic_for_a_seed() -> None:
 def test_bootstrap_resamples_sentences_with_all_their_seeds() -> None:
     a, b = _simulated_pair(872, 0.08, 0.04, seed=4)
     single = paired_bootstrap(a, b)
-    # Four seeds that agree everywhere are one seed's information: identical interval, not a narrower one.
-    assert paired_bootstrap(np.tile(a, (4, 1)), np.tile(b, (4, 1))) == single
-    # Treating the concatenated 4 x 872 rows as independent would halve the width (sqrt(4)): the error avoided.
+    # Four seeds that agree everywhere are one seed's information: the same interval, not a narrower one.
+    four = paired_bootstrap(np.tile(a, (4, 1)), np.tile(b, (4, 1)))
+    assert (four.low, four.high) == pytest.approx((single.low, single.high), abs=0.003)
+    # Treating the concatenated 4 x 872 rows as independent sentences would halve the width (sqrt(4)).
     concatenated = paired_bootstrap(np.tile(a, 4), np.tile(b, 4))
     assert (single.high - single.low) / (concatenated.high - concatenated.low) == pytest.approx(2.0, rel=0.1)
     # Seeds that disagree: the difference pooled over seeds is the mean of the per-seed differences.
-    a_seeds = np.stack([a, np.roll(a, 1), np.roll(a, 2)])
-    pooled = paired_bootstrap(a_seeds, b)
+    a_seeds, b_seeds = np.stack([a, np.roll(a, 1), np.roll(a, 2)]), np.tile(b, (3, 1))
+    pooled = paired_bootstrap(a_seeds, b_seeds)
     assert pooled.difference == pytest.approx(np.mean([row.mean() - b.mean() for row in a_seeds]))
 
 
-@pytest.mark.parametrize("test", [mcnemar_exact, paired_bootstrap])
+def test_bootstrap_counts_the_spread_between_seeds() -> None:
+    """Seeds whose differences disagree (A 4 points ahead on one seed, behind on another) widen the interval past
+    what the sentences alone give, as the issue's re-derivation found for the all-linear table."""
+    rows = [_simulated_pair(872, 0.02 + shift, 0.04, seed=20 + i) for i, shift in enumerate((0.0, 0.04, 0.08))]
+    a, b = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+    crossed = paired_bootstrap(a, b)
+    # seeds averaged first, then sentences resampled (the earlier cluster bootstrap): the seeds' spread is lost
+    sentences_only = crossed_bootstrap([paired_differences(a, b).mean(axis=0, keepdims=True)], [1.0])
+    width = np.subtract(*np.quantile(sentences_only, [0.975, 0.025]))
+    assert crossed.difference == pytest.approx(sentences_only.mean(), abs=0.002)
+    assert crossed.high - crossed.low > 1.5 * width
+
+
+def test_crossed_bootstrap_matches_resampling_cells_by_index() -> None:
+    """The count-weighted mean equals an explicit draw of seed and sentence indices: the same distribution from an
+    independent, direct implementation of the pigeonhole bootstrap (Owen 2007)."""
+    rng = np.random.default_rng(11)
+    matrix = (rng.random((3, 300)) < 0.9).astype(float) - (rng.random((3, 300)) < 0.88) + rng.normal(0, 0.02, (3, 1))
+    direct = np.empty(20_000)
+    for r in range(len(direct)):
+        seeds, sentences = rng.integers(0, 3, 3), rng.integers(0, 300, 300)
+        direct[r] = matrix[np.ix_(seeds, sentences)].mean()
+    ours = crossed_bootstrap([matrix], [1.0], 20_000, seed=0)
+    assert np.quantile(ours, [0.025, 0.5, 0.975]) == pytest.approx(np.quantile(direct, [0.025, 0.5, 0.975]), abs=0.004)
+    assert ours.std() == pytest.approx(direct.std(), rel=0.05)
+    # Two matrices with weights 1 and -1: their seeds resampled apart, sentences together; the centre is the
+    # difference of the two means.
+    other = matrix[::-1] * 0.5
+    contrast = crossed_bootstrap([matrix, other], [1.0, -1.0], 20_000, seed=1)
+    assert contrast.mean() == pytest.approx(matrix.mean() - other.mean(), abs=0.003)
+
+
+def test_bootstrap_p_agrees_with_the_interval() -> None:
+    assert bootstrap_p_value(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(0.5)  # 2 x 1/4
+    assert bootstrap_p_value(np.ones(100)) == 0.0 and bootstrap_p_value(np.zeros(10)) == 1.0
+    for seed in range(6):
+        a, b = _simulated_pair(300, 0.05 + 0.01 * seed, 0.07, seed=30 + seed)
+        result = paired_bootstrap(a, b, seed=seed)
+        assert (result.p_value < 0.05) == (result.low > 0 or result.high < 0)
+
+
+@pytest.mark.parametrize("test", [paired_bootstrap, paired_differences])
 def test_paired_inputs_are_validated(test) -> None:
     with pytest.raises(ValueError, match="same sentences: 4 vs 3"):
         test([True, False, True, True], [True, False, True])
@@ -204,8 +195,11 @@ def test_paired_inputs_are_validated(test) -> None:
         test([], [])
     with pytest.raises(ValueError, match="correct_a must be a non-empty"):
         test(np.ones((2, 2, 2), dtype=bool), np.ones((2, 2), dtype=bool))
+    with pytest.raises(ValueError, match="pair up by seed: 2 vs 1 seeds"):
+        test(np.ones((2, 3), dtype=bool), np.ones(3, dtype=bool))
     # 0/1 integers and floats are accepted as correctness.
-    assert test(np.array([1, 0, 1]), np.array([1.0, 1.0, 0.0])) == test([True, False, True], [True, True, False])
+    assert np.array_equal(test(np.array([1, 0, 1]), np.array([1.0, 1.0, 0.0])),
+                          test([True, False, True], [True, True, False]))
 
 
 def test_bootstrap_rejects_bad_settings() -> None:
@@ -243,7 +237,7 @@ def test_comparison_pairs() -> None:
 
 
 def test_paired_comparisons_match_direct_computation() -> None:
-    """Three seeds of two methods: the difference, McNemar p and counts recomputed by hand and with scipy."""
+    """Three seeds of two methods: the difference recomputed by hand, the interval and p from the same resamples."""
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 2, 400)
     correct = {(m, s): rng.random(400) < (0.9 if m == "full" else 0.86) for m in ("full", "lora") for s in range(3)}
@@ -257,12 +251,8 @@ def test_paired_comparisons_match_direct_computation() -> None:
     assert (row["method"], row["reference"], row["n_seeds"], row["n_sentences"]) == ("lora", "full", 3, 400)
     per_seed = [correct[("lora", s)].mean() - correct[("full", s)].mean() for s in range(3)]
     assert row["difference"] == pytest.approx(np.mean(per_seed), abs=1e-12)
-    lora_share = np.mean([correct[("lora", s)] for s in range(3)], axis=0)
-    full_share = np.mean([correct[("full", s)] for s in range(3)], axis=0)
-    wins, losses = int((lora_share > full_share).sum()), int((lora_share < full_share).sum())
-    assert (row["method_better"], row["reference_better"]) == (wins, losses)
-    reference = scipy_stats.binomtest(wins, wins + losses, 0.5).pvalue
-    assert row["p_value"] == pytest.approx(reference, rel=1e-12)
+    lora, full = (np.stack([correct[(m, s)] for s in range(3)]) for m in ("lora", "full"))
+    assert tuple(row[["low", "high", "p_value"]]) == paired_bootstrap(lora, full)[1:]
     assert row["low"] < row["difference"] < row["high"]
     # Seeded: the same call gives the same interval.
     assert paired_comparisons(pd.DataFrame(runs), labels).equals(table)
@@ -270,7 +260,7 @@ def test_paired_comparisons_match_direct_computation() -> None:
 
 def test_paired_comparison_interval_covers_the_true_difference() -> None:
     """Runs drawn from a known model (B is right on 4 points more of the sentences than A): the interval covers
-    the true difference and excludes zero; the sentence-level McNemar test rejects."""
+    the true difference and excludes zero, and the bootstrap p rejects."""
     n = 872
     labels = np.random.default_rng(0).integers(0, 2, n)
     runs = []

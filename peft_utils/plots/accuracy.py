@@ -104,8 +104,8 @@ def plot_accuracy(results: Results, out_dir: str | Path, paired: pd.DataFrame | 
     if pairs is not None:
         _draw_paired_differences(right, pairs)
         notes.append(f"Paired differences: runs matched by seed, on the same {int(pairs['n_sentences'].max()):,} dev "
-                     f"sentences; interval: 95% bootstrap over sentences (each with all its seeds, "
-                     f"{PAIRED_RESAMPLES:,} resamples); p: exact McNemar sign test over sentences.")
+                     f"sentences; interval: 95% bootstrap resampling seeds and sentences ({PAIRED_RESAMPLES:,} "
+                     f"resamples); p: the share of those resamples across 0, two-sided.")
     elif paired_reason:
         notes.append(f"Paired differences not shown: {paired_reason}.")
     fig.suptitle(f"{dataset_name(runs)} dev accuracy per method"
@@ -194,7 +194,7 @@ def _draw_paired_differences(ax, pairs: pd.DataFrame) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 5, 10], integer=True))  # whole points only
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+.0f}" if v else "0"))
     ax.set_xlabel("accuracy difference (percentage points; right of 0: first method better)")
-    ax.set_title("Paired differences (95% CI, McNemar p)", fontsize=10, loc="left")
+    ax.set_title("Paired differences (95% CI over seeds and sentences, bootstrap p)", fontsize=10, loc="left")
     style_axes(ax, "x")
 
 
