@@ -1,0 +1,176 @@
+"""The learning-curve experiment: does full fine-tuning overfit small data where LoRA generalises?
+
+The article this project reproduces says so; one epoch on 67,349 rows cannot show it (no batch is seen twice). The
+experiment (README, "Does full fine-tuning overfit small data ...") trains full fine-tuning and LoRA on a few train
+sizes for several epochs, one results folder per size (``<root>/n250``, ``<root>/n1000``, ...), and this module reads
+its records by the rule written down before the first run:
+
+- Δ(n): LoRA minus full fine-tuning dev accuracy at n rows, paired by seed, its interval resampling seeds and
+  sentences (:func:`~peft_utils.stats.paired_bootstrap`);
+- *supported* when Δ(smallest) lies wholly above 0 and Δ(smallest) - Δ(largest) too (seeds resampled per size,
+  the shared dev sentences once: :func:`~peft_utils.stats.crossed_bootstrap`); *refuted* when Δ's upper bound is
+  below the margin at the two smallest sizes; else *undecided*;
+- overfitting, read apart: a run's *climb* is its last epoch's dev loss less its lowest; full fine-tuning overfits
+  more than LoRA when its mean climb reaches :data:`CLIMB` while its training loss keeps falling, and its climb less
+  LoRA's, paired by seed, lies wholly above 0 (seeds resampled).
+
+``python -m peft_utils.learning_curve RESULTS_ROOT [IMGS_DIR] [--large-end FOLDER]`` prints the table and the
+readings and draws ``learning_curve.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_bootstrap, paired_differences,
+                    recorded_labels, runs_in_group, seed_correctness, summarise_resamples)
+from .store import COMPARISON_GROUP, Results, RunStore
+
+FULL, LORA = "full", "lora:all-linear"  # the primary pair: full fine-tuning against LoRA on every linear layer
+MARGIN = 0.005  # "refuted": LoRA's advantage is below half a point, if it has one
+CLIMB = 0.05  # a dev-loss rise above the best epoch that counts as overfitting
+SIZE_FOLDER = re.compile(r"n(\d+)")
+
+
+class SizeResult(NamedTuple):
+    """One train size: each method's mean dev accuracy with its seeds x sentences interval, and Δ = LoRA - full."""
+
+    rows: int
+    seeds: int
+    epochs: int
+    accuracy: dict[str, PairedDifference]
+    delta: PairedDifference
+    differences: np.ndarray  # per seed and sentence, LoRA minus full: what Δ(small) - Δ(large) resamples
+
+
+def size_folders(root: str | Path) -> dict[int, Path]:
+    """``{rows: folder}`` for the ``n<rows>`` folders under ``root``, smallest first."""
+    found = {int(m.group(1)): path for path in Path(root).iterdir() if (m := SIZE_FOLDER.fullmatch(path.name))}
+    if not found:
+        raise FileNotFoundError(f"no n<rows> results folder under {root}")
+    return dict(sorted(found.items()))
+
+
+def size_result(results: Results, pair: tuple[str, str] = (LORA, FULL)) -> SizeResult | None:
+    """The paired comparison of one folder's comparison runs, or ``None`` until both methods share a seed."""
+    comparison = runs_in_group(results.runs, COMPARISON_GROUP)
+    if comparison.empty:
+        return None
+    correctness = seed_correctness(comparison, recorded_labels(comparison))
+    if not set(pair) <= set(correctness):
+        return None
+    seeds = sorted(set(correctness[pair[0]]) & set(correctness[pair[1]]))
+    if not seeds:
+        return None
+    matrices = {series: np.stack([correctness[series][s] for s in seeds]) for series in pair}
+    accuracy = {}
+    for series, matrix in matrices.items():
+        resamples = crossed_bootstrap([matrix], [1.0], PAIRED_RESAMPLES, seed=0)
+        accuracy[series] = summarise_resamples(float(matrix.mean()), resamples)
+    return SizeResult(int(comparison["train_size"].iloc[0]), len(seeds), int(comparison["epochs"].iloc[0]),
+                      accuracy, paired_bootstrap(*matrices.values(), PAIRED_RESAMPLES, seed=0),
+                      paired_differences(*matrices.values()))
+
+
+def shrinking(small: SizeResult, large: SizeResult) -> PairedDifference:
+    """Δ(small) - Δ(large): each size's seeds resampled on their own (other runs), the dev sentences once (both
+    sizes score the same ones)."""
+    resamples = crossed_bootstrap([small.differences, large.differences], [1.0, -1.0], PAIRED_RESAMPLES, seed=0)
+    return summarise_resamples(small.delta.difference - large.delta.difference, resamples)
+
+
+def rule_reading(sizes: Sequence[SizeResult]) -> str:
+    """The decision rule fixed before the first run, on the sizes (smallest first) of one experiment."""
+    if len(sizes) < 2:
+        return "undecided: fewer than two sizes finished"
+    smallest, second, largest = sizes[0], sizes[1], sizes[-1]
+    if smallest.delta.low > 0 and shrinking(smallest, largest).low > 0:
+        return "supported"
+    if smallest.delta.high < MARGIN and second.delta.high < MARGIN:
+        return "refuted"
+    return "undecided"
+
+
+def epoch_losses(results: Results) -> pd.DataFrame:
+    """Per comparison run and epoch end: ``series``, ``seed``, ``epoch``, dev ``loss`` and ``accuracy``, and the
+    epoch's mean ``train_loss``."""
+    runs = runs_in_group(results.runs, COMPARISON_GROUP)[["run_id", "seed"]]
+    evals = results.evals.dropna(subset=["train_loss"]) if "train_loss" in results.evals else results.evals.head(0)
+    frame = evals.merge(runs, on="run_id")
+    return frame[["series", "seed", "epoch", "loss", "accuracy", "train_loss"]].sort_values(["series", "seed",
+                                                                                            "epoch"])
+
+
+def climbs(losses: pd.DataFrame) -> pd.DataFrame:
+    """Per run (``series``, ``seed``): ``climb`` (the last epoch's dev loss less the lowest) and ``train_falls``
+    (the last epoch's training loss below that of the epoch with the lowest dev loss)."""
+    def one_run(run: pd.DataFrame) -> pd.Series:
+        best, last = run.loc[run["loss"].idxmin()], run.iloc[-1]
+        return pd.Series({"climb": last["loss"] - best["loss"], "train_falls": last["train_loss"] < best["train_loss"]})
+
+    return losses.groupby(["series", "seed"]).apply(one_run, include_groups=False).reset_index()
+
+
+def overfitting_reading(losses: pd.DataFrame, pair: tuple[str, str] = (FULL, LORA)) -> tuple[str, PairedDifference]:
+    """The overfitting reading and full's climb less LoRA's, paired by seed (mean, interval resampling seeds)."""
+    table = climbs(losses).pivot(index="seed", columns="series")
+    paired = table.dropna()
+    difference = (paired["climb"][pair[0]] - paired["climb"][pair[1]]).to_numpy()
+    resamples = crossed_bootstrap([difference[:, np.newaxis]], [1.0], PAIRED_RESAMPLES, seed=0)
+    result = summarise_resamples(float(difference.mean()), resamples)
+    full_climb = paired["climb"][pair[0]].mean()
+    keeps_falling = paired["train_falls"][pair[0]].astype(float).mean() > 0.5
+    overfits = full_climb >= CLIMB and keeps_falling and result.low > 0
+    return ("full fine-tuning overfits more than LoRA" if overfits else "not shown"), result
+
+
+def curve_table(sizes: Sequence[SizeResult]) -> pd.DataFrame:
+    """One row per size: rows, seeds, epochs, each method's accuracy and Δ with their intervals, in points."""
+    def cell(value: PairedDifference, signed: bool = False) -> str:
+        sign = "+" if signed else ""
+        return f"{100 * value.difference:{sign}.1f} [{100 * value.low:{sign}.1f}, {100 * value.high:{sign}.1f}]"
+
+    return pd.DataFrame([{"train rows": f"{s.rows:,}", "epochs": s.epochs, "seeds": s.seeds,
+                          "full fine-tuning %": cell(s.accuracy[FULL]), "LoRA (all-linear) %": cell(s.accuracy[LORA]),
+                          "Δ LoRA − full, pt": cell(s.delta, signed=True), "p": f"{s.delta.p_value:.2g}"}
+                         for s in sizes])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peft_utils.learning_curve", description=__doc__.split("\n")[0])
+    parser.add_argument("root", help="the folder holding one n<rows> results folder per train size")
+    parser.add_argument("imgs", nargs="?", help="where to draw learning_curve.png")
+    parser.add_argument("--large-end", help="a results folder of the same pair on much more data (one epoch)")
+    args = parser.parse_args(argv)
+    loaded = {rows: RunStore(folder).load() for rows, folder in size_folders(args.root).items()}
+    sizes = [result for result in map(size_result, loaded.values()) if result is not None]
+    large = size_result(RunStore(args.large_end).load()) if args.large_end else None
+    print(curve_table(sizes + ([large] if large else [])).to_string(index=False))
+    print(f"\nrule: {rule_reading(sizes)}")
+    if len(sizes) >= 2:
+        print(f"Δ({sizes[0].rows:,}) − Δ({sizes[-1].rows:,}): {_points(shrinking(sizes[0], sizes[-1]))}")
+    smallest = min(loaded)
+    losses = epoch_losses(loaded[smallest])
+    if {FULL, LORA} <= set(losses["series"]):
+        reading, climb = overfitting_reading(losses)
+        print(f"overfitting at {smallest:,} rows: {reading} (full's climb less LoRA's {_points(climb, 1)})")
+    if args.imgs:
+        from .plots.learning_curve import plot_learning_curve
+
+        print(plot_learning_curve(sizes, large, losses, args.imgs))
+    return 0
+
+
+def _points(value: PairedDifference, scale: float = 100) -> str:
+    return f"{scale * value.difference:+.2f} [{scale * value.low:+.2f}, {scale * value.high:+.2f}], p={value.p_value:.2g}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
