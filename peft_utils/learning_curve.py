@@ -169,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _points(value: PairedDifference, scale: float = 100) -> str:
-    return f"{scale * value.difference:+.2f} [{scale * value.low:+.2f}, {scale * value.high:+.2f}], p={value.p_value:.2g}"
+    interval = f"[{scale * value.low:+.2f}, {scale * value.high:+.2f}]"
+    return f"{scale * value.difference:+.2f} {interval}, p={value.p_value:.2g}"
 
 
 if __name__ == "__main__":

@@ -292,14 +292,14 @@ def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarr
     per-seed, per-sentence differences.
 
     Why both: the difference between two trained models moves with the sentences they are scored on (another sample
-    of movie reviews) *and* with the seed they were trained with (data order, initialisation), and on SST-2 the second
-    is the larger: all-linear LoRA minus full fine-tuning was -0.3, -2.3 and -0.5 points on three seeds. Seeds and
+    of movie reviews) *and* with the seed they were trained with (data order, initialisation): a new seed trains other
+    models, and all-linear LoRA minus full fine-tuning was -0.3, -2.3 and -0.5 points on three seeds. Seeds and
     sentences are crossed (every seed scores every sentence), so each resample draws seeds with replacement and,
     independently, sentences with replacement, and takes the mean of the chosen cells: the pigeonhole bootstrap for
-    crossed designs (Owen, 2007, *Annals of Applied Statistics* 1(1)), which is conservative where either factor
-    carries no variance. With one seed it is the ordinary paired bootstrap over sentences. Resampling sentences alone
-    would treat the seeds' spread as known; with three seeds the seed part of the interval is itself rough, so a
-    reading that hinges on it wants more seeds.
+    crossed designs (Owen, 2007, *Annals of Applied Statistics* 1(2), 386-411), which is conservative where either
+    factor carries no variance. With one seed it is the ordinary paired bootstrap over sentences. Resampling sentences
+    alone would treat the seeds' spread as known; with three seeds the seed part of the interval is itself rough, so
+    a reading that hinges on it wants more seeds.
 
     Deterministic for a ``seed`` (a numpy ``Generator``).
     """
