@@ -35,6 +35,7 @@ from torch import nn
 from .core.inject import InjectedAdapters, adapter_layers, apply_adapters
 from .core.layers import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
 from .core.targets import default_keep_trainable, meta_skeleton, model_type, name_matcher
+from .quiet import loading_bars_off
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -153,7 +154,8 @@ def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -
     if any(True for _ in adapter_layers(model)):
         raise ValueError("method 'full' but the model has adapters: save it with method set to its adapter method")
     folder = Path(folder)
-    model.save_pretrained(folder)
+    with loading_bars_off():  # transformers' "Writing model shards" bar, between the project's own lines
+        model.save_pretrained(folder)
     written = ["config.json"] + [p.name for p in folder.glob("model*.safetensors*")]
     tokenizer.save_pretrained(folder)
     return _file_bytes(folder, written)

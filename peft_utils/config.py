@@ -9,8 +9,7 @@ command-line spelling and the check that validates it, and from that one table c
 
 - :func:`make_config` (the notebook and the Python API),
 - every ``python -m peft_utils.experiment`` flag (:func:`add_cli_arguments`),
-- the notebook's parameters cell (:func:`notebook_parameters_cell`; a test keeps ``peft.ipynb`` equal to it), and
-  the names the notebook reads back from it and from papermill's cell (:func:`notebook_parameters`),
+- the values ``make run`` gives the notebook's parameters cell for a profile (:func:`notebook_values`),
 
 so the three cannot drift apart. Every value is checked when the configuration is made, before anything loads or
 trains: a typo costs a one-line error, not a finished full fine-tuning run followed by a crash.
@@ -18,7 +17,6 @@ trains: a typo costs a one-line error, not a finished full fine-tuning run follo
 from __future__ import annotations
 
 import argparse
-import ast
 import difflib
 import math
 import numbers
@@ -34,7 +32,8 @@ TUNE = "tune"  # lr="tune": each method's rate is chosen from its lr_grid on hel
 PROFILE_NAMES = ("full", "cpu", "smoke")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PAPERMILL_CELL_HEADER = "# Parameters"  # the first line of the cell papermill injects after the parameters cell
+# The row counts a profile sets, which planning fits to the data when the user left them to the profile.
+SIZE_PARAMETERS = ("train_size", "eval_size", "sweep_train_size", "tune_train_size", "tune_holdout_size")
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -390,6 +389,13 @@ class ExperimentConfig:
         "A gripping, beautifully acted film.", "The plot is thin and the jokes fall flat.",
         "Not the best film of the year, but far from the worst.",
     )
+    # Which sizes (:data:`SIZE_PARAMETERS`) the user left to the profile: planning fits those to the data
+    # (``experiment._fitted_sizes``: every row of a smaller split; stratified where no balanced subset exists),
+    # and refuses in one line a size the user set that the data cannot meet. make_config fills it; the sizes a run
+    # used are in its record (``train_size``, ``eval_size``: row counts), so neither field is part of a result.
+    adaptable_sizes: frozenset[str] = field(default=frozenset(), compare=False)
+    # The sizes planning draws stratified (each class in proportion) because no balanced subset meets them.
+    stratified_sizes: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def figures_dir(self) -> str:
@@ -423,7 +429,6 @@ class Parameter:
     help: str
     check: Callable[[str, Any], Any]
     cli: dict[str, Any] = field(default_factory=dict)  # argparse keywords (type, nargs, action)
-    notebook: bool = True  # in the notebook's parameters cell (the rest: CLI, API and papermill's -p only)
 
     @property
     def flag(self) -> str:
@@ -520,9 +525,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("tune_train_size", "tune", "train_size", "train rows per tuning run (None: the comparison's)",
               _optional_rows, {"type": int}),
     Parameter("tune_holdout_size", "tune", "holdout_size", "held-out train rows that score each tuning run",
-              check_positive_int, {"type": int}, notebook=False),
+              check_positive_int, {"type": int}),
     Parameter("tune_seeds", "tune", "seeds", "seeds of the tuning runs; the best mean rate wins (None: the first seed)",
-              _optional_seeds, {"nargs": "+", "type": int}, notebook=False),
+              _optional_seeds, {"nargs": "+", "type": int}),
     Parameter("max_length", "train", "max_length", "tokens per sentence (longer ones are truncated)",
               check_positive_int, {"type": int}),
     Parameter("train_size", "data", "train_size", "SST-2 train rows (a balanced subset), or 'all' (67,349)",
@@ -553,30 +558,29 @@ PARAMETERS: tuple[Parameter, ...] = (
               _sentences, {"nargs": "+"}),
     Parameter("report_to", "", "report_to",
               "experiment trackers, e.g. 'tensorboard' (logs in <results_dir>/runs) or ['tensorboard', 'mlflow']",
-              _report_to, _LIST, notebook=False),
+              _report_to, _LIST),
     Parameter("weight_decay", "train", "weight_decay", "AdamW decoupled weight decay (matrices only)",
-              _non_negative_number, {"type": float}, notebook=False),
+              _non_negative_number, {"type": float}),
     Parameter("warmup_ratio", "train", "warmup_ratio", "share of steps with a linear warm-up", check_fraction,
-              {"type": float}, notebook=False),
+              {"type": float}),
     Parameter("max_grad_norm", "train", "max_grad_norm", "gradient clipping norm (None: no clipping)",
-              _optional_positive_number, {"type": float}, notebook=False),
+              _optional_positive_number, {"type": float}),
     Parameter("grad_accum_steps", "train", "grad_accum_steps", "micro-batches per optimiser step and process",
-              check_positive_int, {"type": int}, notebook=False),
+              check_positive_int, {"type": int}),
     Parameter("eval_every", "train", "eval_every", "also evaluate every N optimiser steps",
-              _optional_positive_int, {"type": int}, notebook=False),
+              _optional_positive_int, {"type": int}),
     Parameter("gradient_checkpointing", "train", "gradient_checkpointing",
-              "recompute activations in backward (less memory, more time)", _flag, _BOOL, notebook=False),
-    Parameter("device", "train", "device", "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'", _device,
-              notebook=False),
+              "recompute activations in backward (less memory, more time)", _flag, _BOOL),
+    Parameter("device", "train", "device", "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'", _device),
     Parameter("precision", "train", "precision",
               "'auto' (GPU: bf16, or fp16 + loss scaling before Ampere; CPU: fp32) | 'fp32' | 'bf16' | 'fp16'",
               _precision, {"choices": PRECISIONS}),
     Parameter("log_every", "train", "log_every", "optimiser steps averaged into one logged loss",
-              check_positive_int, {"type": int}, notebook=False),
+              check_positive_int, {"type": int}),
     Parameter("bucket_by_length", "train", "bucket_by_length", "batch sentences of similar length (less padding)",
-              _flag, _BOOL, notebook=False),
+              _flag, _BOOL),
     Parameter("eval_batch_size", "train", "eval_batch_size", "rows per evaluation batch (None: 2 x batch_size)",
-              _optional_positive_int, {"type": int}, notebook=False),
+              _optional_positive_int, {"type": int}),
 )
 PARAMETER_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMETERS)
 # make_config's keywords: what the notebook takes, in its parameters cell or from papermill (-p weight_decay 0.1
@@ -603,14 +607,15 @@ def check_parameter_names(names: Iterable[str], known: Sequence[str] = PARAMETER
 # Learning rates: ~2e-5 is the usual full fine-tuning rate for GPT-2/BERT-size models; adapters move far fewer
 # weights from a zero update and take ~10x more (2e-4: LoRA and QLoRA papers; DoRA uses LoRA's settings).
 _GPU_LR = {"full": 2e-5, "lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "qdora": 2e-4}
-# MiniLM is small and the CPU runs are short (250 steps): both rates are raised. Measured on this profile:
-# full 1e-4 -> 83.4% dev accuracy; LoRA 5e-4 / 1e-3 / 2e-3 -> 78.3% / 80.6% / 83.0%.
-_CPU_LR = {"full": 1e-4, "lora": 2e-3, "dora": 2e-3, "qlora": 2e-3, "qdora": 2e-3}
-# lr="tune" grids: three rates half a decade apart around each fixed rate above (full fine-tuning moves pretrained
-# weights, adapters start from a zero update: their grids sit ~30x apart).
+# MiniLM on a CPU: the rates the all-linear study chose on held-out train rows over two seeds (full 1e-4 of 5e-5 /
+# 1e-4 / 2e-4; every adapter 1e-3 of 5e-4 to 4e-3: docs/results.md), so that the cpu profile is a small version of
+# the headline experiment.
+_CPU_LR = {"full": 1e-4, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "qdora": 1e-3}
+# lr="tune" grids around each rate above (full fine-tuning moves pretrained weights, adapters start from a zero
+# update: their grids sit ~10x apart); a winner on an edge widens its grid (experiment.widened_grid).
 _ADAPTER_METHODS = tuple(m for m in METHOD_NAMES if get_method(m).adapter)
 _GPU_GRID = {"full": (1e-5, 3e-5, 1e-4), **dict.fromkeys(_ADAPTER_METHODS, (1e-4, 3e-4, 1e-3))}
-_CPU_GRID = {"full": (3e-5, 1e-4, 3e-4), **dict.fromkeys(_ADAPTER_METHODS, (1e-3, 3e-3, 1e-2))}
+_CPU_GRID = {"full": (5e-5, 1e-4, 2e-4), **dict.fromkeys(_ADAPTER_METHODS, (5e-4, 1e-3, 2e-3, 4e-3))}
 # The rank x alpha map: ranks 1-64 x alpha/r 0.5-4 (28 LoRA runs).
 _RANKS = (1, 2, 4, 8, 16, 32, 64)
 _ALPHA_RATIOS = (0.5, 1.0, 2.0, 4.0)
@@ -627,11 +632,11 @@ PROFILES: dict[str, ExperimentConfig] = {
         tune=TuneConfig(grid=_GPU_GRID, train_size=16000),
         results_dir="results/full",
     ),
-    # The pretrained all-MiniLM-L6-v2 on a balanced 4,000-row subset, scored on the whole dev set. Measured on 2
-    # CPU cores, idle: 4.5 min for the 4 methods, 14 min for the 28-run rank x alpha map (18.5 min for the notebook).
+    # The headline experiment, small: the pretrained all-MiniLM-L6-v2 on a balanced 4,000-row subset (not 67,349),
+    # one seed (not three), adapters on every linear layer at the study's rates, scored on the whole dev set.
     "cpu": ExperimentConfig(
         profile="cpu", model="minilm", methods=("full", "lora", "dora", "qlora"), lr=_CPU_LR,
-        data=DataConfig(train_size=4000),
+        data=DataConfig(train_size=4000), targets=("all-linear",),
         adapter=AdapterSettings(rank=8, alpha=16.0, dropout=0.05),
         train=TrainConfig(batch_size=16, max_length=64, eval_every=125, device="cpu", log_every=5,
                           bucket_by_length=True),
@@ -668,7 +673,8 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
     """The profile's configuration with ``parameters`` applied and every value checked.
 
     ``None`` keeps the profile's value (the notebook's and the CLI's "not set"); ``train_size="all"`` asks for
-    every row. A dict ``lr`` is merged into the profile's per-method rates; a float replaces them all.
+    every row; a row count kept so is fitted to the data when the experiment is planned (``adaptable_sizes``).
+    A dict ``lr`` is merged into the profile's per-method rates; a float replaces them all.
     Unknown parameter names are errors (naming the closest known one), as are values of the wrong type or range
     (see :data:`PARAMETERS`) and settings given that this configuration would never read (an ``lr_grid`` without
     ``lr="tune"``, ``sweep_ranks`` with ``sweep=False``...: :func:`_refuse_settings_without_effect`).
@@ -692,7 +698,8 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
         top["lr"] = {**base.lr, **top["lr"]} if isinstance(top["lr"], dict) else dict.fromkeys(METHOD_NAMES, top["lr"])
     if "grid" in parts["tune"]:
         parts["tune"]["grid"] = {**base.tune.grid, **parts["tune"]["grid"]}
-    config = replace(base, **top, **{part: replace(getattr(base, part), **values) for part, values in parts.items()})
+    config = replace(base, **top, **{part: replace(getattr(base, part), **values) for part, values in parts.items()},
+                     adaptable_sizes=frozenset(name for name in SIZE_PARAMETERS if parameters.get(name) is None))
     if config.tune.enabled:
         missing = [m for m in config.methods if m not in config.tune.grid]
         if missing:
@@ -766,91 +773,21 @@ def cli_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def notebook_parameters_cell() -> str:
-    """The source of ``peft.ipynb``'s papermill parameters cell, generated from :data:`PARAMETERS` and the profiles.
-
-    Why values and not ``None`` everywhere: the reader should see what trains. A parameter the ``full`` and ``cpu``
-    profiles set alike is written as that value, as one would type it; one they set differently stays ``None``
-    (the profile's value) with both values on the comment line under it. A line left as written is the profile's
-    value (:func:`notebook_parameters`), so the ``smoke`` profile keeps its own small settings.
-    """
-    import json
-
-    def literal(value: Any, rows: bool = False) -> str:
-        if value is None and rows:
-            return json.dumps(ALL_ROWS)  # a row count of None is every row: written as the user would ask for it
-        if isinstance(value, str):
-            return json.dumps(value)
-        if isinstance(value, float) and value.is_integer():
-            return str(int(value))
-        if isinstance(value, (list, tuple)):
-            return "[" + ", ".join(literal(item) for item in value) + "]"
-        if isinstance(value, Mapping):
-            return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
-        return repr(value)
-
-    def described(value: Any, rows: bool) -> str:
-        """A per-method dict with its methods grouped by value (``lora/dora 0.002``); anything else as a literal."""
-        if not isinstance(value, Mapping):
-            return literal(value, rows)
-        groups: dict[str, list[str]] = {}
-        for key, item in value.items():
-            groups.setdefault(literal(item), []).append(str(key))
-        return ", ".join(f"{'/'.join(keys)} {item}" for item, keys in groups.items())
-
-    rows = [("profile", '"auto"', '"auto" (GPU: "full", else "cpu") | "full" | "cpu" | "smoke"', ())]
-    for parameter in (p for p in PARAMETERS if p.notebook):
-        full, cpu = (_setting(PROFILES[name], parameter.name) for name in ("full", "cpu"))
-        counts = parameter.check is check_rows
-        both = () if full == cpu else tuple(f"{name} profile: {described(value, counts)}"
-                                            for name, value in (("full", full), ("cpu", cpu)))
-        rows.append((parameter.name, "None" if both else literal(full, counts), parameter.help, both))
-    width = max(len(f"{name} = {value}") for name, value, _, _ in rows if len(f"{name} = {value}") <= 40)
-    lines = ["# Parameters (papermill: -p name value). Each is also a flag of `python -m peft_utils.experiment`",
-             '# (--help), checked before anything trains. The values are the "full" and "cpu" profiles\' own; None:',
-             "# the profile's value where the two differ (both named under the line). A line left as written keeps",
-             '# the profile\'s value, so the "smoke" profile (a plumbing check) keeps its own small settings.']
-    for name, value, help_text, both in rows:
-        lines.append(f"{f'{name} = {value}':<{width}}  # {help_text}")
-        one_line = "; ".join(both)  # the two profiles' values on one line when it fits, else one line each
-        for line in [one_line] if both and width + 4 + len(one_line) <= 120 else both:
-            lines.append(f"#{'':<{width + 3}}{line}")
-    return "\n".join(lines)
+# The notebook's parameters cell, in its order: what a reader changes, each a literal value (peft.ipynb).
+NOTEBOOK_PARAMETERS = ("profile", "model", "methods", "targets", "rank", "alpha", "dropout", "lr", "train_size",
+                       "epochs", "seeds", "sweep", "data_dir", "results_dir", "imgs_dir")
 
 
-def notebook_parameters(history: Sequence[str], namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The notebook's parameters by name, for :func:`make_config`: every name assigned in the last run of its
-    parameters cell and in papermill's injected cell right after it, each with its value in ``namespace``.
-
-    ``history``: the sources of the cells run so far, in order (IPython's ``In``). Why names are read from the
-    cells' sources: papermill writes ``-p rnak 16`` as one more assignment, which the notebook would never read
-    (the profile's rank would train), and the kernel's globals cannot tell that name from a variable any other
-    cell defined. papermill's cell is the one that starts with its ``# Parameters`` line; any other cell run
-    after the parameters cell (this one, run again; a later cell run out of order) holds no parameter.
-
-    A value of the parameters cell that is still the one :func:`notebook_parameters_cell` wrote there is left out,
-    i.e. it is the profile's value: the same thing for the ``full`` and ``cpu`` profiles, whose values the cell
-    shows, and the ``smoke`` profile's own small values for a plumbing run (``-p profile smoke`` must not train
-    the cpu profile's 28-point sweep). Every name papermill's cell assigns is kept: it was asked for.
-    """
-    generated = notebook_parameters_cell()
-    header = generated.partition("\n")[0]
-    runs = [index for index, source in enumerate(history) if source.startswith(header)]
-    if not runs:
-        raise ValueError(f"the parameters cell (first line {header!r}) has not run: run the notebook from the top")
-    injected = [source for source in history[runs[-1] + 1:runs[-1] + 2]
-                if source.partition("\n")[0] == PAPERMILL_CELL_HEADER]
-
-    def assigned(source: str) -> list[str]:
-        return [target.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
-                for target in node.targets if isinstance(target, ast.Name)]
-
-    names = [name for source in [history[runs[-1]], *injected] for name in assigned(source)]
-    check_parameter_names(names, CONFIG_NAMES)
-    written = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(generated).body}
-    asked = {name for source in injected for name in assigned(source)} | {"profile"}
-    return {name: namespace[name] for name in names
-            if name in asked or name not in written or namespace[name] != written[name]}
+def notebook_values(profile: str) -> dict[str, Any]:
+    """A profile's value of every name in the notebook's parameters cell, as one writes it there (``"all"`` rows,
+    one target set as itself): what ``make run`` passes to papermill, so that the cell papermill adds under the
+    notebook's own shows, literally, what trains. ``data_dir`` and ``imgs_dir`` are left to the caller."""
+    config = PROFILES[resolve_profile(profile)]
+    values = {name: _setting(config, name) for name in NOTEBOOK_PARAMETERS if name not in ("profile", "data_dir",
+                                                                                         "imgs_dir")}
+    values["train_size"] = ALL_ROWS if values["train_size"] is None else values["train_size"]
+    values["lr"] = {method: values["lr"][method] for method in config.methods}
+    return {"profile": config.profile, **values, "methods": list(values["methods"]), "seeds": list(values["seeds"])}
 
 
 def config_record(config: ExperimentConfig) -> dict[str, Any]:
@@ -864,10 +801,10 @@ def config_record(config: ExperimentConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "ALL_ROWS", "TUNE", "DataConfig", "AdapterSettings", "TrainConfig", "SweepConfig", "TuneConfig",
-    "ExperimentConfig", "Parameter",
+    "ALL_ROWS", "TUNE", "SIZE_PARAMETERS", "DataConfig", "AdapterSettings", "TrainConfig", "SweepConfig",
+    "TuneConfig", "ExperimentConfig", "Parameter",
     "PARAMETERS", "PARAMETER_NAMES", "CONFIG_NAMES", "PROFILES", "resolve_profile", "make_config",
     "check_parameter_names", "add_cli_arguments",
-    "cli_parameters", "notebook_parameters_cell", "notebook_parameters", "config_record", "check_positive_int",
+    "cli_parameters", "NOTEBOOK_PARAMETERS", "notebook_values", "config_record", "check_positive_int",
     "check_positive_number", "check_fraction", "check_rows", "check_methods", "check_lr",
 ]

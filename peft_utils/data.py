@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DataConfig
+from .quiet import datasets_bars_off
 
 SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
 HEADER = ("sentence", "label")
@@ -204,17 +205,19 @@ def _parse_row(path: Path, number: int, line: str) -> tuple[str, int]:
 # ------------------------------------------------------------------------------------------- subsetting
 
 
-def subset(frame: pd.DataFrame, size: int | None, seed: int, balanced: bool = False) -> pd.DataFrame:
+def subset(frame: pd.DataFrame, size: int | None, seed: int, balanced: bool = False,
+           stratified: bool = False) -> pd.DataFrame:
     """A seeded sample of ``size`` rows (``None``: all rows), kept in the original row order.
 
     Seeded so every method trains on the same rows; ``balanced`` takes ``size // n_classes`` rows per label
-    so small runs are not skewed by SST-2's 56/44 class split (``size=None``: as many as the rarest class).
-    The index is reset, so positions and index agree downstream.
+    so small runs are not skewed by SST-2's 56/44 class split (``size=None``: as many as the rarest class);
+    ``stratified`` takes each class in proportion instead (:func:`rows_per_class`), for a size no balanced subset
+    meets. The index is reset, so positions and index agree downstream.
     """
     if size is not None and size <= 0:
         raise ValueError(f"subset size must be positive or None, got {size}")
-    if balanced:
-        positions = _balanced_positions(frame["label"].to_numpy(), size, seed)
+    if balanced or stratified:
+        positions = _class_positions(frame["label"].to_numpy(), size, seed, stratified)
     elif size is None or size >= len(frame):
         positions = np.arange(len(frame))
     else:
@@ -231,31 +234,63 @@ def eval_rows(dev: pd.DataFrame, size: int | None) -> pd.DataFrame:
     return dev if size is None else subset(dev, size, EVAL_SUBSET_SEED)
 
 
-def hold_out(frame: pd.DataFrame, size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(held_out, rest)``: a balanced, seeded sample of ``size`` rows and every other row, both in file order.
+def hold_out(frame: pd.DataFrame, size: int, seed: int,
+             stratified: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(held_out, rest)``: a balanced (or ``stratified``), seeded sample of ``size`` rows and every other row, both
+    in file order.
 
     Learning-rate tuning scores on ``held_out`` and trains on rows drawn from ``rest``: a rate chosen on rows
     it was trained on would favour memorising, and the dev split stays untouched for the reported numbers.
     """
     chosen = np.zeros(len(frame), dtype=bool)
-    chosen[_balanced_positions(frame["label"].to_numpy(), size, seed)] = True
+    chosen[_class_positions(frame["label"].to_numpy(), size, seed, stratified)] = True
     return frame[chosen].reset_index(drop=True), frame[~chosen].reset_index(drop=True)
 
 
-def _balanced_positions(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
-    classes, counts = np.unique(labels, return_counts=True)
-    if size is None:
-        per_class = int(counts.min())
-    elif size % len(classes):
-        raise ValueError(f"balanced subset of {size} rows is impossible with {len(classes)} classes (not divisible)")
-    else:
-        per_class = size // len(classes)
+def class_counts(frame: pd.DataFrame) -> np.ndarray:
+    """Rows of each class of ``frame``, in label order: what :func:`rows_per_class` splits a subset by."""
+    return np.unique(frame["label"].to_numpy(), return_counts=True)[1]
+
+
+def balance_problem(counts: np.ndarray, size: int | None) -> str | None:
+    """Why no balanced subset of ``size`` rows can be drawn from classes of ``counts`` rows, or ``None``."""
+    if size is not None and size % len(counts):
+        return f"balanced subset of {size} rows is impossible with {len(counts)} classes (not divisible)"
+    per_class = int(counts.min()) if size is None else size // len(counts)
     if per_class > counts.min():
-        raise ValueError(
-            f"balanced subset needs {per_class} rows per class, but the rarest class has {counts.min()}"
-        )
+        return f"balanced subset needs {per_class} rows per class, but the rarest class has {counts.min()}"
+    return None
+
+
+def rows_per_class(counts: np.ndarray, size: int | None, stratified: bool = False) -> np.ndarray:
+    """How many rows each class (``counts``: its rows, in label order) gives a subset of ``size`` rows.
+
+    Balanced: ``size // K`` each (``None``: as many as the rarest class has), else a ``ValueError`` saying why.
+    Stratified: each class in proportion to its rows (largest remainders first, ties to the first class), at least
+    one row of each when ``size`` allows, so that 32 rows of 3 classes, or a subset of data with a rare class,
+    still hold every class in its share; ``None`` or more rows than there are: every row.
+    """
+    if not stratified:
+        problem = balance_problem(counts, size)
+        if problem:
+            raise ValueError(problem)
+        return np.full(len(counts), int(counts.min()) if size is None else size // len(counts))
+    size = int(counts.sum()) if size is None else min(size, int(counts.sum()))
+    share = size * counts / counts.sum()
+    taken = np.minimum(np.maximum(np.floor(share), 1 if size >= len(counts) else 0), counts).astype(int)
+    while taken.sum() < size:  # hand out what flooring left over, to the largest remainders with rows to spare
+        taken[np.argmax(np.where(taken < counts, share - taken, -np.inf))] += 1
+    while taken.sum() > size:  # the "one of each" rows overshot: take back from the classes most above their share
+        taken[np.argmax(np.where(taken > 1, taken - share, -np.inf))] -= 1
+    return taken
+
+
+def _class_positions(labels: np.ndarray, size: int | None, seed: int, stratified: bool) -> np.ndarray:
+    """Positions of a seeded subset taking :func:`rows_per_class` rows of each class."""
+    classes, counts = np.unique(labels, return_counts=True)
     rng = np.random.default_rng(seed)
-    return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in classes])
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=n, replace=False)
+                           for c, n in zip(classes, rows_per_class(counts, size, stratified))])
 
 
 def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
@@ -334,7 +369,8 @@ def _load_raw(dataset: str, config_name: str | None) -> tuple[dict[str, Any], st
         files = _local_files(path)
         builder, options = LOCAL_FORMATS[files["train"].suffix.lower()]
         try:
-            loaded = load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **options)
+            with datasets_bars_off():  # "Generating train split" over a file of a few hundred rows says nothing
+                loaded = load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **options)
         except Exception as error:  # a malformed file: datasets' parsers raise many kinds, each spanning lines
             raise ValueError(f"dataset {dataset}: cannot read it as {builder}: {_first_line(error)}") from None
         return dict(loaded), str(path.absolute())
@@ -344,7 +380,8 @@ def _load_raw(dataset: str, config_name: str | None) -> tuple[dict[str, Any], st
         raise ValueError(f"dataset {dataset!r} is not a local file or folder, and Hugging Face offline mode is on "
                          "(HF_HUB_OFFLINE): give a local CSV/TSV/JSON Lines/Parquet file or folder instead")
     try:
-        loaded = load_dataset(dataset, config_name)
+        with datasets_bars_off():
+            loaded = load_dataset(dataset, config_name)
     except (ConnectionError, OSError, ValueError) as error:
         raise ValueError(f"dataset {dataset!r}: cannot load it from the Hugging Face hub: {_first_line(error)}") from None
     dev = next((name for name in DEV_SPLIT_NAMES if name in loaded), None)

@@ -6,8 +6,8 @@ it has two phases, so that a mistake costs a one-line error and not a finished f
 1. **plan** (:func:`plan_experiment`): the runs (learning-rate tuning when ``lr="tune"``, methods x target sets x
    seeds, and the LoRA rank x alpha grid), their data rows, and
    checks that need the data or the model — sizes that fit the splits, targets that match a layer of the model,
-   bitsandbytes for 4-bit methods, and the results folder (a run whose settings differ from a finished run of its
-   series is refused, see :class:`~peft_utils.store.RunStore`).
+   bitsandbytes for 4-bit methods, and the results folder (a run found there complete, by its settings, is
+   skipped; a new setting trains beside the folder's other settings, see :class:`~peft_utils.store.RunStore`).
 2. **run** (:func:`run_plan`): every run not already complete is built from the same base weights, trained with
    the same seed, data and schedule, and streamed to ``<results_dir>/<run_id>.jsonl``; a re-run resumes at the first
    unfinished run.
@@ -30,23 +30,27 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from .checkpoints import save_trained
-from .config import PROFILE_NAMES, AdapterSettings, ExperimentConfig, add_cli_arguments, cli_parameters, make_config
+from .config import (PROFILE_NAMES, AdapterSettings, ExperimentConfig, TuneConfig, add_cli_arguments, cli_parameters,
+                     make_config)
 from .core.inject import kept_modules, select_targets
 from .core.loop import set_seed
 from .core.quant import require_bitsandbytes
 from .core.targets import meta_skeleton
-from .data import Splits, eval_rows, fingerprint, load_splits, subset
+from .data import (CARVED_DEV_FRACTION, Splits, balance_problem, class_counts, eval_rows, fingerprint, load_splits,
+                   rows_per_class, subset)
 from .devices import (compute_dtype_for, is_main_process, launched_processes, make_accelerator,
                       per_device_batch_size, resolve_device, same_in_every_process)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
 from .methods import get_method, series_method, series_name, targets_label
 from .models import build_model, materialize_model, resolve_model_source
+from .report import settings_text
 from .sizes import model_size
-from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, Claim, RunInProgress, RunStore, SettingsConflict
+from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, Claim, RunInProgress, RunStore
 from .train import train
 from .tuning import EVAL_SPLIT, TUNE_GROUP, choose_learning_rates, tuning_rows
 
@@ -84,7 +88,9 @@ def targets_slug(targets: object) -> str:
 def run_id(spec: RunSpec, model: str | Path) -> str:
     """``<group>-<method>[-<targets>][-r<rank>-a<alpha>[-rslora]][-lr<rate>]-s<seed>-<model>``, e.g.
     ``comparison-lora-r8-a16-s0-minilm``, ``comparison-lora-all-linear-r8-a16-s0-minilm`` or
-    ``tune-lora-r8-a16-lr0.003-s0-minilm``; the model's default targets are not named."""
+    ``tune-lora-r8-a16-lr0.003-s0-minilm``; the model's default targets are not named. The name of the run's
+    file, unless another setting's run holds it: then this name and the setting's hash
+    (:meth:`~peft_utils.store.RunStore.find`)."""
     adapter = ""
     if spec.adapter is not None:
         slug = targets_slug(spec.adapter.targets)
@@ -128,7 +134,8 @@ def spec_series(spec: RunSpec) -> str:
 @dataclass(frozen=True)
 class PlannedRun:
     spec: RunSpec
-    run_id: str
+    name: str  # its readable run id (:func:`run_id`)
+    run_id: str  # its file's: ``name``, or with its setting's hash where another setting holds ``name``
     # Every setting that changes the result, as the run's config event records it. Its "lr" is None while it
     # waits for learning-rate tuning (see ``_with_tuned_rates``).
     record: dict[str, Any]
@@ -168,19 +175,91 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
             "labels": list(splits.label_names), "eval_labels": frames[1]["label"].tolist()}
 
 
-def _train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame,
-                         seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train rows (a balanced subset drawn with the run seed) and eval rows (a fixed subset, or all of dev)."""
+def _train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame, seed: int,
+                         size_name: str = "train_size") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train rows (a balanced subset drawn with the run seed, stratified where planning found no balanced one:
+    :func:`_fitted_sizes`) and eval rows (a fixed subset, or all of dev). ``size_name``: the parameter that set
+    ``config.data.train_size``, as an error names it (the sweep's is ``sweep_train_size``)."""
     train_size, eval_size = config.data.train_size, config.data.eval_size
-    for name, size, split, frame in (("train_size", train_size, "train", train), ("eval_size", eval_size, "dev", dev)):
+    for name, size, split, frame in ((size_name, train_size, "train", train), ("eval_size", eval_size, "dev", dev)):
         if size is not None and size > len(frame):
             raise ValueError(f"{name}={size} is more than the {len(frame):,} rows of the {split} split; "
                              f"ask for at most {len(frame):,} or 'all'")
     try:
-        train_frame = train if train_size is None else subset(train, train_size, seed, balanced=True)
+        train_frame = train if train_size is None else subset(train, train_size, seed, balanced=True,
+                                                              stratified=size_name in config.stratified_sizes)
     except ValueError as error:
-        raise ValueError(f"train_size={train_size}: {error}") from None
+        raise ValueError(f"{size_name}={train_size}: {error}") from None
     return train_frame, eval_rows(dev, eval_size)
+
+
+class _SizeFitter:
+    """Fits the sizes a user left to the profile (``adaptable``) to the data, one note per size it changes."""
+
+    def __init__(self, adaptable: frozenset[str]) -> None:
+        self.adaptable = adaptable
+        self.seen: set[str] = set()
+        self.notes: list[str] = []
+        self.stratified: set[str] = set()
+
+    def fit(self, name: str, size: int | None, counts: np.ndarray, asked: int | None = None, balanced: bool = True,
+            count_all: bool = False) -> int | None:
+        """Size ``name`` (``size`` rows) drawn from a split of ``counts`` rows per class: every row when it asks for
+        as many or more (``None``, or their count with ``count_all``: where ``None`` means the comparison's size);
+        stratified (``balanced`` draws) where no balanced subset exists. ``asked``: the size as the profile set it,
+        for the note (a held-out slice :meth:`tuning` shrank)."""
+        self.seen.add(name)
+        if name not in self.adaptable or size is None:
+            return size
+        asked, total = size if asked is None else asked, int(counts.sum())
+        rows = min(size, total)
+        note = f" -> {rows:,}" + (" (all rows)" if rows == total else "") if rows != asked else ""
+        if balanced and balance_problem(counts, rows) is not None:
+            self.stratified.add(name)
+            note += f" stratified over {len(counts)} classes" if rows < total else ""
+        if note:
+            self.notes.append(f"{name} {asked:,}{note}")
+        return rows if rows < total or count_all else None
+
+    def tuning(self, tune: TuneConfig, train_size: int | None, counts: np.ndarray) -> TuneConfig:
+        """Learning-rate tuning's sizes: a held-out slice too large to leave its train rows shrinks to the share of
+        train a carved dev split takes (at least a row per class); its train rows (``tune_train_size``, else the
+        comparison's) are then fitted to the train rows not held out."""
+        total, size, holdout = int(counts.sum()), tune.train_size or train_size, tune.holdout_size
+        if "tune_holdout_size" in self.adaptable and holdout + (size or 1) > total:
+            holdout = min(holdout, max(len(counts), round(CARVED_DEV_FRACTION * total)))
+        holdout = self.fit("tune_holdout_size", holdout, counts, asked=tune.holdout_size, count_all=True)
+        stratified = "tune_holdout_size" in self.stratified
+        if holdout >= total or not (stratified or balance_problem(counts, holdout) is None):
+            return replace(tune, holdout_size=holdout)  # no rows left, or a user's slice: tuning_rows refuses it
+        rest = counts - rows_per_class(counts, holdout, stratified)
+        fitted = self.fit("tune_train_size", size, rest, count_all=True)
+        return replace(tune, holdout_size=holdout, train_size=tune.train_size if fitted == size else fitted)
+
+
+def _fitted_sizes(config: ExperimentConfig, splits: Splits, sweep: bool) -> tuple[ExperimentConfig, str]:
+    """``config`` with each size the user left to the profile (``config.adaptable_sizes``) and the planned runs
+    use fitted to the data, and what changed, for one line (``""``: nothing).
+
+    Why: a profile's sizes are chosen for SST-2 (4,000 balanced rows of 2 classes); a user's own 240-row, 3-class
+    file should train with them rather than be refused over numbers the user never chose. A size beyond its split
+    takes every row; one no balanced subset meets (a size K classes do not divide, a rare class) is drawn
+    stratified. A size the user set is left as set: :func:`_train_and_eval_rows` and
+    :func:`~peft_utils.tuning.tuning_rows` refuse it in one line if the data cannot meet it. The plan keeps the
+    fitted config, so planning it again (a widened tuning grid) fits nothing more and says nothing.
+    """
+    fitter, train = _SizeFitter(config.adaptable_sizes), class_counts(splits.train)
+    data = replace(config.data, train_size=fitter.fit("train_size", config.data.train_size, train),
+                   eval_size=fitter.fit("eval_size", config.data.eval_size, class_counts(splits.dev), balanced=False))
+    parts: dict[str, Any] = {"data": data}
+    if sweep:
+        parts["sweep"] = replace(config.sweep, train_size=fitter.fit("sweep_train_size", config.sweep.train_size,
+                                                                     train, count_all=True))
+    if config.tune.enabled:
+        parts["tune"] = fitter.tuning(config.tune, data.train_size, train)
+    fitted = replace(config, **parts, adaptable_sizes=config.adaptable_sizes - fitter.seen,
+                     stratified_sizes=config.stratified_sizes | fitter.stratified)
+    return fitted, ", ".join(fitter.notes)
 
 
 def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec], num_labels: int) -> None:
@@ -284,6 +363,7 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     device = resolve_device(config.train.device)  # a GPU asked for and absent, or a precision it lacks: refused here
     compute_dtype = str(compute_dtype_for(device, config.train.precision)).removeprefix("torch.")
     splits = load_splits(config.data)
+    config, adapted = _fitted_sizes(config, splits, sweep)
     # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
     data = (fingerprint(splits.train, splits.dev), splits)
     frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
@@ -293,11 +373,14 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     store = RunStore(config.results_dir)
     runs = []
     for spec in specs:
-        rid = run_id(spec, config.model)
+        name = run_id(spec, config.model)
         rows = frames[spec.group, spec.seed]
         lr = spec.lr if spec.lr is not None or config.tune.enabled else config.method_lr(spec.method)
         record = _planned_record(config, spec, rows, data, lr, compute_dtype)
-        runs.append(PlannedRun(spec, rid, record, *rows, complete=store.check(rid, record)))
+        found, complete = store.find(name, record)
+        runs.append(PlannedRun(spec, name, found, record, *rows, complete=complete))
+    if adapted and is_main_process():  # once every check has passed: the one line before anything trains
+        print(f"sizes adapted to the data: {adapted}", flush=True)
     plan = Plan(config, source, runs, comparison, sweep)
     return _with_tuned_rates(plan) if config.tune.enabled else plan
 
@@ -308,6 +391,7 @@ def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tu
         return tuning_rows(config, splits.train, seed)
     if group == SWEEP_GROUP and config.sweep.train_size is not None:
         config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
+        return _train_and_eval_rows(config, splits.train, splits.dev, seed, "sweep_train_size")
     return _train_and_eval_rows(config, splits.train, splits.dev, seed)
 
 
@@ -315,19 +399,26 @@ def _with_tuned_rates(plan: Plan) -> Plan:
     """The plan with each waiting run's rate filled in, once every tuning run is complete (else unchanged).
 
     The rates are chosen from the tuning runs' records (:func:`~peft_utils.tuning.choose_learning_rates`), so a
-    resumed experiment picks the same ones without training again.
+    resumed experiment picks the same ones without training again. ``plan``: as the folder is now (just planned, or
+    :func:`_located`), so that its tuning runs' files and completion are those on disk.
     """
-    tuning = [r for r in plan.runs if r.spec.group == TUNE_GROUP]
-    store = RunStore(plan.config.results_dir)
-    if not all(r.complete or store.is_complete(r.run_id) for r in tuning):
+    if not all(r.complete for r in plan.runs if r.spec.group == TUNE_GROUP):
         return plan
     rates = _chosen_rates(plan)
+    return _located(replace(plan, runs=[
+        replace(run, record={**run.record, "lr": rates[spec_series(run.spec)]}) if run.record["lr"] is None else run
+        for run in plan.runs]))
+
+
+def _located(plan: Plan) -> Plan:
+    """The plan with each run's file and completion read from the folder again
+    (:meth:`~peft_utils.store.RunStore.find`): since it was planned, runs have finished, here or in another process,
+    and one may have trained under its setting's hashed name, another setting having taken its readable one."""
+    store = RunStore(plan.config.results_dir)
     runs = []
     for run in plan.runs:
-        if run.record["lr"] is None:
-            record = {**run.record, "lr": rates[spec_series(run.spec)]}
-            run = replace(run, record=record, complete=store.check(run.run_id, record))
-        runs.append(run)
+        found, complete = store.find(run.name, run.record)
+        runs.append(replace(run, run_id=found, complete=complete))
     return replace(plan, runs=runs)
 
 
@@ -442,13 +533,14 @@ def run_plan(plan: Plan) -> pd.DataFrame:
     same experiment share its runs: a run another process is training is passed over, and waited for at the end of
     its stage (the tuning runs, whose rates the others need; then the rest). Under ``accelerate launch`` every
     process executes the same plan (the runs' data parallel halves): the main process claims and the others follow
-    its decisions; only the main process prints and writes."""
+    its decisions; only the main process prints and writes. Runs of other settings in the folder are neither
+    trained nor shown: the table holds the plan's runs."""
     store = RunStore(plan.config.results_dir)
     say = print if is_main_process() else (lambda *args, **kwargs: None)
     tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
     _run_stage(plan, range(tuning_runs), store, say)
     for _ in range(GRID_WIDENINGS if tuning_runs else 0):  # a winner on its grid's edge: try one rate beyond it
-        wider = _widened_config(plan)
+        wider = _widened_config(_located(plan))
         if wider is None:
             break
         say("a tuned rate sits on its grid's edge; grids widened: " + _grids(wider))
@@ -456,14 +548,19 @@ def run_plan(plan: Plan) -> pd.DataFrame:
         tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
         _run_stage(plan, range(tuning_runs), store, say)
     if tuning_runs:  # every tuning run is complete: choose the rates
-        plan = _with_tuned_rates(plan)
+        plan = _with_tuned_rates(_located(plan))
         say(_tuned_rates(plan))
     _run_stage(plan, range(tuning_runs, len(plan.runs)), store, say)
-    return store.summary([run.run_id for run in plan.runs])
+    return store.summary([run.run_id for run in _located(plan).runs])
 
 
 def _run_stage(plan: Plan, stage: range, store: RunStore, say) -> None:
-    """Train the stage's runs, passing over those another process is training, then wait for those."""
+    """Train the stage's runs, passing over those another process is training, then wait for those. The runs
+    already complete are named in one line, not one each: a re-run of a finished experiment says so once."""
+    done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
+    if done:  # named while they fit on a line
+        names = ": " + ", ".join(done) if len(done) <= 4 else ""
+        say(f"{len(done)} of {len(stage)} runs already complete in {store.folder}, skipped{names}")
     passed_over = [index for index in stage if not _run_unless_busy(plan, index, store, say, wait=False)]
     for index in passed_over:
         _run_unless_busy(plan, index, store, say, wait=True)
@@ -479,8 +576,8 @@ def _run_unless_busy(plan: Plan, index: int, store: RunStore, say, wait: bool) -
     being trained (with ``wait``, it is waited for instead, and trained here if that process died first)."""
     run = plan.runs[index]
     position = f"run {index + 1}/{len(plan.runs)}"
-    if run.complete:
-        say(f"[{position}] {run.run_id}: already complete in {store.folder}, skipped")
+    if run.complete:  # named by _run_stage
+        store.mark_asked(run.run_id)  # the folder's default view shows the setting asked for last
         return True
     if wait and not store.is_complete(run.run_id):
         say(f"[{position}] {run.run_id}: waiting for the process training it to finish")
@@ -491,6 +588,7 @@ def _run_unless_busy(plan: Plan, index: int, store: RunStore, say, wait: bool) -
     if decision == COMPLETE:
         say(f"[{position}] {run.run_id}: completed by another process in {store.folder}, skipped")
         return True
+    run = replace(run, run_id=decision.partition(" ")[2])  # its file as claimed: see RunStore.claim
     say(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
     try:
         _train_and_record(plan, run, store, f"{position} {run.spec.method}")
@@ -500,29 +598,23 @@ def _run_unless_busy(plan: Plan, index: int, store: RunStore, say, wait: bool) -
     return True
 
 
-# What the main process decided for a run, shared with the other processes of a launch.
+# What the main process decided for a run, shared with the other processes of a launch: "train <run id>" names the
+# file it trains in (its claim's).
 TRAIN, COMPLETE, BUSY = "train", "complete", "busy"
 
 
 def _claim_in_every_process(store: RunStore, run: PlannedRun, device: str,
                             wait: bool) -> tuple[str, Claim | None]:
     """(decision, the claim when this process holds it): the main process claims the run, and under a launch the
-    others follow its decision, a refusal included (they must not wait for a run it will not train)."""
-    decision, claim = TRAIN, None
+    others follow its decision, the run's file included."""
+    decision, claim = BUSY, None
     if is_main_process():
         try:
-            claim = store.claim(run.run_id, run.record, wait=wait)
-            decision = TRAIN if claim is not None else COMPLETE
+            claim = store.claim(run.name, run.record, wait=wait)
+            decision = f"{TRAIN} {claim.run_id}" if claim is not None else COMPLETE
         except RunInProgress:
             decision = BUSY
-        except SettingsConflict as error:
-            decision = f"{SettingsConflict.__name__}: {error}"
-    decision = same_in_every_process(decision, device)
-    if decision not in (TRAIN, COMPLETE, BUSY):
-        if claim is not None:
-            claim.release()
-        raise SettingsConflict(decision.partition(": ")[2])
-    return decision, claim
+    return same_in_every_process(decision, device), claim
 
 
 def _tuned_rates(plan: Plan) -> str:
@@ -567,20 +659,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    try:
-        table = run_plan(plan)
-    except SettingsConflict as error:  # another process started on this folder with other settings
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    table = run_plan(plan)
     if not is_main_process():  # the other processes trained their halves; the main one reports
         return 0
     columns = [c for c in ("run_id", "final_accuracy", "train_time_s", "peak_memory_bytes", "trainable_params",
                            "size.disk_bytes") if c in table.columns]
     print(table[columns].to_string(index=False))
+    several = settings_text(config.results_dir)  # the folder's other settings: the table shows those asked for now
+    if several:
+        print(f"\n{several}")
     if args.figures:
         from .plots import plot_all  # matplotlib only once there is something to draw
 
-        plot_all(config.results_dir, config.figures_dir)
+        plot_all(config.results_dir, config.figures_dir, run_ids=list(table["run_id"]))
         print(f"figures: {config.figures_dir}")
     if args.sentences:  # only when asked: it loads every run's saved result again
         from .inference import predict_runs

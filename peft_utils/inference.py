@@ -14,7 +14,7 @@ import torch
 
 from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, check_safetensors, read_json
 from .models import resolve_model_source
-from .quiet import from_pretrained_noting_new_head
+from .quiet import from_pretrained_noting_new_head, loading_bars_off
 
 SST2_LABELS = ("negative", "positive")
 
@@ -35,7 +35,8 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None, labels:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: neither a peft adapter ({CONFIG_FILE}) nor a checkpoint (config.json)")
         _check_files(folder, "config.json", "model*.safetensors")
-        return AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        with loading_bars_off():
+            return AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     from peft import PeftConfig, PeftModel
 
     _check_files(folder, CONFIG_FILE, WEIGHTS_FILE)

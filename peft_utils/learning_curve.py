@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .formatting import format_p_value, format_points
 from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_bootstrap, paired_differences,
                     recorded_labels, runs_in_group, seed_correctness, summarise_resamples)
 from .store import COMPARISON_GROUP, Results, RunStore
@@ -131,11 +132,47 @@ def overfitting_reading(losses: pd.DataFrame, pair: tuple[str, str] = (FULL, LOR
     return ("full fine-tuning overfits more than LoRA" if overfits else "not shown"), result
 
 
+class Curve(NamedTuple):
+    """An experiment's finished sizes (smallest first), its large end, and the smallest size's epoch losses."""
+
+    sizes: list[SizeResult]
+    large: SizeResult | None
+    losses: pd.DataFrame
+    smallest: int | None
+
+
+def read_curve(root: str | Path, large_end: str | Path | None = None) -> Curve:
+    """The committed records of ``root``'s ``n<rows>`` folders (a size whose pair has no common seed yet is left
+    out) and of ``large_end``."""
+    loaded = {rows: RunStore(folder).load() for rows, folder in size_folders(root).items()}
+    sizes = [result for result in map(size_result, loaded.values()) if result is not None]
+    large = size_result(RunStore(large_end).load()) if large_end else None
+    smallest = sizes[0].rows if sizes else None
+    losses = epoch_losses(loaded[smallest]) if sizes else pd.DataFrame(columns=["series", "seed", "epoch", "loss"])
+    return Curve(sizes, large, losses, smallest)
+
+
+def curve_markdown(curve: Curve) -> str:
+    """The table of Δ(n), the rule's reading, Δ(smallest) - Δ(largest) and the overfitting reading, as Markdown."""
+    from .report import markdown_table
+
+    lines = [markdown_table(curve_table(curve.sizes + ([curve.large] if curve.large else []))),
+             f"\nRule: **{rule_reading(curve.sizes)}**."]
+    if len(curve.sizes) >= 2:
+        lines.append(f"Δ({curve.sizes[0].rows:,}) − Δ({curve.sizes[-1].rows:,}): "
+                     f"{_points(shrinking(curve.sizes[0], curve.sizes[-1]))} points.")
+    if {FULL, LORA} <= set(curve.losses["series"]):
+        reading, climb = overfitting_reading(curve.losses)
+        lines.append(f"Overfitting at {curve.smallest:,} rows: **{reading}** (full fine-tuning's dev-loss climb "
+                     f"less LoRA's: {_points(climb, 1)}).")
+    return "\n".join(lines)
+
+
 def curve_table(sizes: Sequence[SizeResult]) -> pd.DataFrame:
     """One row per size: rows, seeds, epochs, each method's accuracy and Δ with their intervals, in points."""
     def cell(value: PairedDifference, signed: bool = False) -> str:
-        sign = "+" if signed else ""
-        return f"{100 * value.difference:{sign}.1f} [{100 * value.low:{sign}.1f}, {100 * value.high:{sign}.1f}]"
+        low, high = (format_points(end, signed) for end in (value.low, value.high))
+        return f"{format_points(value.difference, signed)} [{low}, {high}]"
 
     return pd.DataFrame([{"train rows": f"{s.rows:,}", "epochs": s.epochs, "seeds": s.seeds,
                           "full fine-tuning %": cell(s.accuracy[FULL]), "LoRA (all-linear) %": cell(s.accuracy[LORA]),
@@ -149,28 +186,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("imgs", nargs="?", help="where to draw learning_curve.png")
     parser.add_argument("--large-end", help="a results folder of the same pair on much more data (one epoch)")
     args = parser.parse_args(argv)
-    loaded = {rows: RunStore(folder).load() for rows, folder in size_folders(args.root).items()}
-    sizes = [result for result in map(size_result, loaded.values()) if result is not None]
-    large = size_result(RunStore(args.large_end).load()) if args.large_end else None
-    print(curve_table(sizes + ([large] if large else [])).to_string(index=False))
-    print(f"\nrule: {rule_reading(sizes)}")
-    if len(sizes) >= 2:
-        print(f"Δ({sizes[0].rows:,}) − Δ({sizes[-1].rows:,}): {_points(shrinking(sizes[0], sizes[-1]))}")
-    smallest = min(loaded)
-    losses = epoch_losses(loaded[smallest])
-    if {FULL, LORA} <= set(losses["series"]):
-        reading, climb = overfitting_reading(losses)
-        print(f"overfitting at {smallest:,} rows: {reading} (full's climb less LoRA's {_points(climb, 1)})")
+    curve = read_curve(args.root, args.large_end)
+    print(curve_markdown(curve))
     if args.imgs:
         from .plots.learning_curve import plot_learning_curve
 
-        print(plot_learning_curve(sizes, large, losses, args.imgs))
+        print(plot_learning_curve(curve, args.imgs))
     return 0
 
 
 def _points(value: PairedDifference, scale: float = 100) -> str:
-    interval = f"[{scale * value.low:+.2f}, {scale * value.high:+.2f}]"
-    return f"{scale * value.difference:+.2f} {interval}, p={value.p_value:.2g}"
+    """A difference with its interval and p: points of accuracy (``scale`` 100), or loss (``scale`` 1)."""
+    low, high, mean = (format_points(v * scale / 100, signed=True, decimals=2)
+                       for v in (value.low, value.high, value.difference))
+    return f"{mean} [{low}, {high}], {format_p_value(value.p_value)}"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ message we have read and judged harmless, on the one logger that emits it, and l
 - transformers 5 deprecates ``PreTrainedModel.is_gradient_checkpointing`` (a FutureWarning on every read), and
   peft 0.21 reads it each time it wraps a model (``PeftModel.from_pretrained``): the message is addressed to
   peft's maintainers, not to a user loading an adapter, and the attribute still answers correctly.
+
+Progress bars that say nothing to a user are off too, only while the load that draws them runs
+(:func:`datasets_bars_off`, :func:`loading_bars_off`): ``datasets``' "Generating train split" and "Map" bars over a
+240-row CSV, and transformers' "Loading weights" bar at every model built. The project's own progress lines
+(:mod:`peft_utils.progress`) say what runs; a download keeps huggingface_hub's bar, which does.
 """
 from __future__ import annotations
 
@@ -46,6 +51,49 @@ def silence_known_noise() -> None:
         logger.addFilter(DropMessage(BNB_KERNELS_NOTICE))
     warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING_READ, category=FutureWarning,
                             module="transformers.modeling_utils")
+
+
+@contextmanager
+def datasets_bars_off() -> Iterator[None]:
+    """``datasets``' progress bars off while the block runs, as they were after it. A user's own
+    ``HF_DATASETS_DISABLE_PROGRESS_BARS`` wins: the library itself refuses (with a warning) to override it."""
+    import datasets
+    from datasets import config
+
+    if config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
+@contextmanager
+def loading_bars_off() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights") off while the block runs, as they were after it. A user's own
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` wins (transformers' switch follows it).
+
+    transformers' switch turns huggingface_hub's bars off with its own; those are turned back on at once, so that
+    a model being downloaded still shows its download."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    if constants.HF_HUB_DISABLE_PROGRESS_BARS is not None or not transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    hub_bars = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    if hub_bars:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()  # huggingface_hub's on with it: as they were
+        if not hub_bars:
+            disable_progress_bars()
 
 
 class _HoldLoadReport(logging.Filter):
@@ -106,7 +154,7 @@ def from_pretrained_noting_new_head(model_class, source: str, announce: bool = T
     Any other report (missing body weights, unexpected or mismatched keys) is shown in full, as transformers
     wrote it.
     """
-    with _load_report_held() as hold:
+    with _load_report_held() as hold, loading_bars_off():
         # a checkpoint's head for another number of classes is replaced by a new one, as a missing head would be
         model, info = model_class.from_pretrained(source, output_loading_info=True,
                                                   **{"ignore_mismatched_sizes": True, **kwargs})

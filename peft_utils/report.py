@@ -5,17 +5,16 @@ Kept here so that the notebook holds no logic, only calls.
 """
 from __future__ import annotations
 
-import inspect
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from .config import ExperimentConfig, config_record
+from .config import ExperimentConfig
 from .formatting import format_bytes, format_count, format_paired_difference, format_points, format_seconds
 from .methods import ordered_methods, series_label, series_method
-from .store import COMPARISON_GROUP, RunStore
+from .store import COMPARISON_GROUP, IDENTITY_KEYS, REPEAT_KEY, RunStore
 from .stats import (MATCH_MARGIN, macro_f1_by_method, numeric_column, paired_statistics, per_method_summary,
                     reading, run_series, runs_in_group)
 
@@ -26,34 +25,26 @@ from .stats import (MATCH_MARGIN, macro_f1_by_method, numeric_column, paired_sta
 _REFERENCES = {"full": "vs full fine-tuning", "lora": "vs LoRA", "targets": "vs default targets"}
 
 
-def show_source(*functions: Callable) -> None:
-    """Show the source of library functions, so the notebook shows the code that actually runs.
-
-    As Markdown, not printed: printed output is forwarded to the terminal by ``make run``, the source is for readers.
-    """
-    from IPython.display import Markdown, display
-
-    for function in functions:
-        display(Markdown(f"```python\n{inspect.getsource(function)}\n```"))
-
-
 def describe_config(config: ExperimentConfig) -> str:
-    """The resolved settings as a Markdown table (the profile's values with the notebook's parameters applied)."""
-    rows = "\n".join(f"| `{key}` | `{value!r}` |" for key, value in config_record(config).items())
-    return f"| setting | value |\n|---|---|\n{rows}"
+    """What the profile fixed beside the parameters cell, in a few lines of Markdown: the machine's settings (device,
+    precision, batch, length), evaluation and the rank x alpha map. Why short: the cell above already shows, literally,
+    everything a reader changes."""
+    from .devices import compute_dtype_for, resolve_device  # on use: devices imports torch
 
-
-def describe_quantization() -> str:
-    """Bits per weight of the 4-bit formats, from the same function the size report uses."""
-    from .sizes import nf4_bits_per_weight  # on use: sizes imports torch, which the figures never need
-
-    single, double = nf4_bits_per_weight(double_quant=False), nf4_bits_per_weight(double_quant=True)
-    return (
-        "| storage | bits per weight | vs fp32 |\n|---|---:|---:|\n"
-        f"| fp32 | 32 | 1.00x |\n| bf16 | 16 | 2.00x |\n"
-        f"| NF4, blocksize 64 | {single:.3f} | {32 / single:.2f}x |\n"
-        f"| NF4 + double quantisation | {double:.3f} | {32 / double:.2f}x |"
-    )
+    train, sweep = config.train, config.sweep
+    size = "all" if config.data.eval_size is None else f"{config.data.eval_size:,}"
+    device = resolve_device(train.device)
+    dtype = str(compute_dtype_for(device, train.precision)).removeprefix("torch.")
+    lines = [f"`{config.profile}` profile: device `{device}`, compute in {dtype}, batch "
+             f"{train.batch_size}, at most {train.max_length} tokens a sentence, warm-up {train.warmup_ratio:.0%} then "
+             f"linear decay, weight decay {train.weight_decay:g}; scored on {size} dev rows"
+             + (f", also every {train.eval_every} steps" if train.eval_every else "") + "."]
+    if sweep.enabled:
+        rows = "the comparison's" if sweep.train_size is None else f"{sweep.train_size:,}"
+        lines.append(f"The rank x alpha map: LoRA at ranks {', '.join(map(str, sweep.ranks))} x alpha/r "
+                     f"{', '.join(f'{r:g}' for r in sweep.alpha_ratios)} ({len(sweep.ranks) * len(sweep.alpha_ratios)}"
+                     f" runs, {rows} train rows each).")
+    return "\n\n".join(lines)
 
 
 def format_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -72,28 +63,40 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def comparison_markdown(results_dir: str | Path) -> str:
+def comparison_markdown(results_dir: str | Path, run_ids: Sequence[str] | None = None) -> str:
     """The comparison runs of ``results_dir`` as the notebook's and README's Markdown table: per series (a method
     on a target set) the mean ± sd dev accuracy over seeds, cost, and the paired differences to full fine-tuning,
     LoRA and the default targets (labels from the records; without them the paired columns are left out, with the
-    reason printed)."""
-    runs = RunStore(results_dir).load().runs
+    reason printed). ``run_ids``: the runs to show (a plan's); else each series' setting asked for last
+    (:meth:`~peft_utils.store.RunStore.load`)."""
+    runs = RunStore(results_dir).load(run_ids).runs
     return summary_markdown(summary_table(runs, paired_statistics(runs).table))
 
 
-def readings_markdown(results_dir: str | Path, margin: float = MATCH_MARGIN) -> str:
+def readings_markdown(results_dir: str | Path, margin: float = MATCH_MARGIN,
+                      run_ids: Sequence[str] | None = None) -> str:
     """Every paired difference of ``results_dir``'s comparison runs with the decision rule's reading
-    (:func:`~peft_utils.stats.reading`): one Markdown row per pair, in :func:`~peft_utils.stats.comparison_pairs`
-    order; a one-line reason when there is no paired test."""
-    paired = paired_statistics(RunStore(results_dir).load().runs)
+    (:func:`~peft_utils.stats.reading`, for the pairs against full fine-tuning): one Markdown row per pair, in :func:`~peft_utils.stats.comparison_pairs`
+    order; a one-line reason when there is no paired test. ``run_ids`` as in :func:`comparison_markdown`."""
+    paired = paired_statistics(RunStore(results_dir).load(run_ids).runs)
     if paired.table is None or paired.table.empty:
         return f"(no paired test: {paired.reason or 'fewer than two series with a common seed'})"
-    lines = ["| series | against | difference, 95% interval, McNemar p | seeds | reading |", "|---|---|---|---:|---|"]
+    lines = ["| series | against | difference, 95% interval, bootstrap p | seeds | reading |", "|---|---|---|---:|---|"]
     for row in paired.table.itertuples():
         difference = format_paired_difference(row.difference, row.low, row.high, row.p_value)
         lines.append(f"| {series_label(row.method)} | {series_label(row.reference)} | {difference} | {row.n_seeds} | "
-                     f"{reading(row.difference, row.low, row.high, margin)} |")
+                     f"{_pair_reading(row, margin)} |")
     return "\n".join(lines)
+
+
+def _pair_reading(row, margin: float) -> str:
+    """The decision rule's reading against full fine-tuning, the question it was written for; any other pair is
+    described by its interval alone (the rule's "matches" would claim an equivalence it was never fixed for)."""
+    if row.reference == "full":
+        return reading(row.difference, row.low, row.high, margin)
+    if row.low > 0 or row.high < 0:
+        return f"no rule: interval {'above' if row.low > 0 else 'below'} 0"
+    return "no rule: interval contains 0 (no difference shown)"
 
 
 def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
@@ -161,7 +164,7 @@ def _reference_kind(series: str, reference: str) -> str:
 
 def summary_markdown(table: pd.DataFrame) -> str:
     """:func:`summary_table` as a Markdown table for the README and the notebook (accuracy in %, differences in
-    percentage points with their 95% paired-bootstrap interval and McNemar p)."""
+    percentage points with their 95% interval over seeds and sentences and its bootstrap p)."""
     if table.empty:
         return "(no comparison run)"
     references = [r for r in _REFERENCES if f"vs_{r}" in table.columns]
@@ -173,9 +176,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
               "shipped", *titles]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for series, row in table.iterrows():
-        accuracy = format_points(row["accuracy"])
-        if np.isfinite(row["accuracy_sd"]):
-            accuracy += f" ± {format_points(row['accuracy_sd'])}"
+        accuracy = _mean_sd(row["accuracy"], row["accuracy_sd"])
         memory = format_bytes(row["peak_memory_bytes"]) + (f" ({row['memory_kind']})" if row["memory_kind"] else "")
         cells = [series_label(str(series)), accuracy,
                  *([format_points(row["macro_f1"])] if f1 else []), str(int(row["n_seeds"])),
@@ -187,3 +188,94 @@ def summary_markdown(table: pd.DataFrame) -> str:
                 difference, row[f"vs_{reference}_low"], row[f"vs_{reference}_high"], row[f"vs_{reference}_p"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    """An accuracy over seeds in %: ``"87.8 ± 0.5"``, the mean alone where one seed leaves no spread."""
+    return format_points(mean) + (f" ± {format_points(sd)}" if np.isfinite(sd) else "")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The settings tried in one folder
+# --------------------------------------------------------------------------------------------------------------
+# The columns of a settings table besides the settings themselves.
+_SETTING_NUMBERS = ("n_seeds", "accuracy", "accuracy_sd", "shown")
+
+
+def settings_table(results_dir: str | Path) -> pd.DataFrame:
+    """The settings tried so far in ``results_dir``, side by side: what the loop (change rank or alpha, re-run into
+    the same folder) leaves there. One row per (series, setting) of its comparison runs: see :func:`setting_rows`;
+    ``shown`` marks the settings the folder's default view shows, each series' setting asked for last."""
+    store = RunStore(results_dir)
+    return setting_rows(store.load(every_setting=True).runs, store.load().runs.get("run_id", ()))
+
+
+def setting_rows(runs: pd.DataFrame, shown: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per (series, setting) of the comparison runs among ``runs`` (a folder loaded with every setting):
+    ``series``, ``setting`` (:func:`~peft_utils.store.setting_id`), ``rank`` and ``alpha``, then every other setting
+    in which two settings of one series differ (``lr``, ``epochs``, ...); ``n_seeds``, ``accuracy`` (mean over the
+    seeds of that setting alone, never of two) and ``accuracy_sd`` (NaN with one seed); ``shown``: its runs are
+    among ``shown``. Series in the package's order, each one's settings in the order of their run ids."""
+    comparison = runs_in_group(runs, COMPARISON_GROUP)
+    if comparison.empty:
+        return pd.DataFrame(columns=["series", "setting", "rank", "alpha", *_SETTING_NUMBERS])
+    comparison = comparison.assign(series=run_series(comparison), rank=numeric_column(comparison, "rank"),
+                                   alpha=numeric_column(comparison, "alpha"),
+                                   accuracy=numeric_column(comparison, "final_accuracy"))
+    by_series = comparison.groupby("series")
+    differ = [key for key in IDENTITY_KEYS if key not in (REPEAT_KEY, "rank", "alpha") and key in comparison
+              and (by_series[key].agg(lambda values: values.map(_setting_text).nunique()) > 1).any()]
+    keys = ["series", "setting"]
+    table = comparison.groupby(keys, sort=False)["accuracy"].agg(n_seeds="count", accuracy="mean", accuracy_sd="std")
+    table = comparison.drop_duplicates(keys).set_index(keys)[["rank", "alpha", *differ]].join(table)
+    shown_settings = set(comparison.loc[comparison["run_id"].isin(list(shown)), "setting"])
+    table["shown"] = [setting in shown_settings for _, setting in table.index]
+    order = {series: position for position, series in enumerate(ordered_methods(comparison["series"]))}
+    return table.reset_index().sort_values("series", key=lambda s: s.map(order), kind="stable", ignore_index=True)
+
+
+def settings_text(results_dir: str | Path) -> str:
+    """:func:`format_settings` of :func:`settings_table` as text under a heading, when a series in ``results_dir``
+    holds more than one setting; ``""`` when there is nothing to compare."""
+    table = settings_table(results_dir)
+    if not table["series"].duplicated().any():
+        return ""
+    return (f"Settings tried in {results_dir} (*: each series' setting asked for last, the one tables and figures "
+            f"show unless told which runs):\n{format_settings(table).to_string(index=False)}")
+
+
+def settings_markdown(results_dir: str | Path) -> str:
+    """:func:`format_settings` of every setting tried in ``results_dir`` as a Markdown table, for the notebook."""
+    table = settings_table(results_dir)
+    if table.empty:
+        return "(no comparison run yet)"
+    note = "" if table["series"].duplicated().any() else "One setting per method so far. "
+    return (f"{note}Settings tried in `{results_dir}`; * marks the ones the tables and figures above show.\n\n"
+            + markdown_table(format_settings(table)))
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """``frame`` as a Markdown table, cells as they are (pandas' ``to_markdown`` needs the tabulate package)."""
+    rows = [[str(column) for column in frame.columns], *frame.astype(str).values.tolist()]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([lines[0], "|" + "---|" * len(frame.columns), *lines[1:]])
+
+
+def format_settings(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`settings_table` as a reader compares it: "*" on the settings shown now, each series by name, its
+    settings ("—" where a run has none, as full fine-tuning has no rank), seeds and dev accuracy % (mean ± sd)."""
+    settings = [c for c in table.columns if c not in ("series", "setting", *_SETTING_NUMBERS)]
+    out = pd.DataFrame({"": table["shown"].map({True: "*", False: ""}), "series": table["series"].map(series_label)})
+    for key in settings:
+        out[key] = [_setting_text(value) for value in table[key]]
+    out["seeds"] = table["n_seeds"]
+    out["dev accuracy %"] = [_mean_sd(mean, sd) for mean, sd in zip(table["accuracy"], table["accuracy_sd"])]
+    out["setting"] = table["setting"]
+    return out
+
+
+def _setting_text(value: object) -> str:
+    """A setting's value in a table cell: ``8`` for 8.0, ``0.001``, ``—`` for none."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    return f"{value:g}" if isinstance(value, float) else str(value)

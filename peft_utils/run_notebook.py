@@ -78,15 +78,15 @@ def _ipc_kernel_manager(socket_dir: str) -> type:
 def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any], cwd: Path | str = ".") -> None:
     """Run ``source`` into ``executed`` with ``parameters``, forwarding its printed output live.
 
-    The parameters' names are checked first (:func:`~peft_utils.config.check_parameter_names`): the notebook
-    refuses a misspelt one too, but only once a kernel has started and imported torch.
+    The parameters' names are checked first (:func:`~peft_utils.config.check_parameter_names`): the notebook reads
+    the names of its parameters cell and no other, so a misspelt one would be an unused variable there.
     The kernel inherits this process's environment (see :func:`main` for what ``make run`` sets there).
     """
     import papermill
 
-    from .config import CONFIG_NAMES, check_parameter_names
+    from .config import NOTEBOOK_PARAMETERS, check_parameter_names
 
-    check_parameter_names(parameters, CONFIG_NAMES)
+    check_parameter_names(parameters, NOTEBOOK_PARAMETERS)
     with tempfile.TemporaryDirectory(prefix="peft-lab-") as socket_dir:
         papermill.execute_notebook(
             str(source), str(executed), parameters=parameters, cwd=str(cwd), progress_bar=False,
@@ -178,13 +178,16 @@ def export_html(executed: Path) -> Path:
 
 
 def closing_summary(results_dir: Path, executed: Path, html: Path, imgs_dir: Path) -> str:
-    """The results table and where everything is, as the last thing ``make run`` prints."""
-    from .report import format_summary
+    """The results table (each series' setting asked for last: the notebook's), the other settings tried in the
+    folder where there are any, and where everything is, as the last thing ``make run`` prints."""
+    from .report import format_summary, settings_text
     from .store import RunStore
 
     table = format_summary(RunStore(results_dir).summary())
     figures = sorted(imgs_dir.glob("*.png"))
+    several = settings_text(results_dir)
     lines = ["", "Results:", table.to_string(index=False) if not table.empty else "(no finished run)", "",
+             *([several, ""] if several else []),
              f"Executed notebook: {executed}", f"HTML report:       {html}  (open it in any browser)",
              f"Run records:       {results_dir}/",
              f"Figures:           {imgs_dir}/  " + " ".join(path.name for path in figures)]
@@ -212,7 +215,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
-    from .config import PROFILES, resolve_profile
+    from .config import PROFILES, notebook_values, resolve_profile
 
     args = _parse_args(argv)
     # For the kernel: progress as plain lines, which read well once forwarded (a bar's carriage returns do not),
@@ -225,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results_dir = Path(args.results_dir or PROFILES[profile].results_dir)
-    parameters = {"profile": profile, "data_dir": args.data_dir, "results_dir": str(results_dir),
+    # every name of the parameters cell, with the profile's value: papermill's cell under it shows what trains
+    parameters = {**notebook_values(profile), "data_dir": args.data_dir, "results_dir": str(results_dir),
                   "imgs_dir": args.imgs_dir}
     print(f"Running {args.notebook} ({profile} profile) -> {args.output}", flush=True)
     try:

@@ -18,21 +18,26 @@ Events, in the order a run writes them (fields beyond these are allowed and kept
   saved result's folder and size report (``saved_to``, ``size``)
 
 :class:`RunStore` decides which runs belong together. Runs in one *series* (the same method in the comparison, the
-same rank and alpha in the sweep, the same method and rate in learning-rate tuning) are drawn as repeats of one experiment, so they may differ in their seed and
-nothing else: a planned run whose settings differ from a finished run of its series is refused, naming the keys,
-and a folder that holds such a mix anyway (copied together by hand) is refused when loaded, never averaged.
+same rank and alpha in the sweep, the same method and rate in learning-rate tuning) are drawn as repeats of one
+experiment, so they may differ in their seed and nothing else. Runs of a series that differ in anything else are
+different *settings* (``setting_id``: a hash of the run's identity without its seed), and a folder may hold several:
+changing the rank and re-running into the same folder trains the new setting beside the old one, a run is found by
+its identity rather than by its file name, and loading keeps the settings apart, one setting per series, never
+averaged together (:meth:`RunStore.load`).
 
 Processes may share a folder (a notebook and a terminal, or one process per GPU on the same experiment): each run is
 trained by the process that claims it (:meth:`RunStore.claim`), the others skip it, or wait for it when they need
-its result, and settings that differ from a run being trained are refused before anything trains.
+its result; processes with other settings train other runs.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -113,10 +118,10 @@ def jsonable(value: Any) -> Any:
 class Results:
     """Everything the plots need, as tidy tables keyed by ``run_id``.
 
-    ``runs``: one row per complete run (config fields, flattened ``size.*`` fields, summary fields, and its
-    ``series``: :func:`~peft_utils.methods.series_name` of its method and targets, what tables and figures key runs
-    by); ``steps`` and ``evals``: one row per logged step / evaluation, with its run's ``run_id``, ``method``,
-    ``series`` and ``group``.
+    ``runs``: one row per complete run (config fields, flattened ``size.*`` fields, summary fields, its ``series``:
+    :func:`~peft_utils.methods.series_name` of its method and targets, what tables and figures key runs by, and its
+    ``setting``: :func:`setting_id`); ``steps`` and ``evals``: one row per logged step / evaluation, with its run's
+    ``run_id``, ``method``, ``series`` and ``group``.
     """
 
     runs: pd.DataFrame
@@ -161,6 +166,33 @@ def _describe(key: tuple[Any, ...]) -> str:
     return f"{key[1]!r} run"
 
 
+def _identity(record: dict[str, Any], keys: Sequence[str]) -> str:
+    """The run's group, method and ``keys`` values as one canonical text: a number as a float (alpha 16 and 16.0
+    are one setting), a key the record lacks as null (older records lack the keys added since, at their default)."""
+    values = jsonable([record.get("group"), record.get("method"), *(record.get(key) for key in keys)])
+    return json.dumps([float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in values])
+
+
+def identity(record: dict[str, Any]) -> str:
+    """What a run is (:data:`IDENTITY_KEYS`, beside its group and method): a planned run is found by it, under any
+    file name, and trains only when no complete run of the folder has it."""
+    return _identity(record, IDENTITY_KEYS)
+
+
+def setting_id(record: dict[str, Any]) -> str:
+    """The run's *setting*, 8 hex digits of the SHA-1 of its identity without the seed: what the seeds of one
+    series share, what tells two settings of a series apart when loaded, and what a run's file name ends with when
+    another setting holds its readable name."""
+    without_seed = [key for key in IDENTITY_KEYS if key != REPEAT_KEY]
+    return hashlib.sha1(_identity(record, without_seed).encode()).hexdigest()[:8]
+
+
+def _differences(one: dict[str, Any], other: dict[str, Any]) -> str:
+    """The identity keys, the seed aside, in which two runs differ: ``"alpha 8.0 vs 16.0, rank 4 vs 8"``."""
+    keys = [k for k in IDENTITY_KEYS if k != REPEAT_KEY and _identity(one, [k]) != _identity(other, [k])]
+    return ", ".join(f"{k} {one.get(k)!r} vs {other.get(k)!r}" for k in keys)
+
+
 # Sharing a results folder (see :meth:`RunStore.claim`): the folder's lock, held while a process picks its next run,
 # and a claims folder with one lock per run, held while it trains, beside the run's planned settings. Both are OS
 # locks (``flock``, through ``filelock``): they die with their process, so a killed run is never left claimed.
@@ -168,19 +200,21 @@ FOLDER_LOCK = ".lock"
 CLAIMS = ".claims"
 
 
-class SettingsConflict(ValueError):
-    """A planned run differs in more than its seed from a run of its series in the folder (finished or training)."""
-
-
 class RunInProgress(Exception):
-    """The run is being trained by another process now (it holds the run's claim)."""
+    """The run is being trained by another process now (it holds the claim of the run's file, ``run_id``)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"{run_id} is being trained by another process")
+        self.run_id = run_id
 
 
 class Claim:
-    """This process's right to train one run, from before its record is opened until :meth:`release`."""
+    """This process's right to train one run, from before its record is opened until :meth:`release`. ``run_id``
+    names the run's file: its readable run id or, where another setting holds that, the id and its setting's hash
+    (:meth:`RunStore.find`)."""
 
-    def __init__(self, lock: FileLock, settings: Path) -> None:
-        self.lock, self.settings = lock, settings
+    def __init__(self, lock: FileLock, settings: Path, run_id: str) -> None:
+        self.lock, self.settings, self.run_id = lock, settings, run_id
 
     def release(self) -> None:
         self.settings.unlink(missing_ok=True)
@@ -201,12 +235,11 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 class RunStore:
-    """The run records of one results folder: paths, completion, compatibility and loading.
+    """The run records of one results folder: paths, completion, where each planned run is, and loading.
 
-    ``check(run_id, planned)`` is called when a run is planned: it says whether an identical run is already complete
-    (skip it) and refuses a planned run whose settings differ from a complete run of its series, or from one another
-    process is training. ``claim(run_id, planned)`` is taken before a run trains, so that processes sharing the folder
-    train each run once.
+    ``find(name, planned)`` is called when a run is planned: the run's file (``name``, its readable run id, unless
+    another setting holds that name) and whether a run with its identity is complete (skip it). ``claim(name,
+    planned)`` is taken before a run trains, so that processes sharing the folder train each run once.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -245,56 +278,53 @@ class RunStore:
         replaced (it would mix two runs' steps), which no other process may be writing then."""
         return RunRecorder(self.folder, run_id)
 
-    def _finished_configs(self) -> list[dict[str, Any]]:
-        """The config events of the folder's complete runs, as they are now."""
+    def mark_asked(self, run_id: str) -> None:
+        """Date a complete run's record now, when a plan asks for it again and finds it complete: the folder's
+        default view (:meth:`load` without ``run_ids``) shows each series' setting asked for last, so re-running an
+        earlier setting shows that setting again, as training it would have."""
+        with contextlib.suppress(OSError):  # a read-only copy: its view follows when its runs finished
+            os.utime(self.path(run_id))
+
+    def _complete_runs(self) -> dict[str, list[dict[str, Any]]]:
+        """The events of every complete run (a ``config`` and a ``summary`` event), by run id: its file's name."""
         if not self.folder.is_dir():
-            return []
-        configs = []
+            return {}
+        runs = {}
         for path in sorted(self.folder.glob("*.jsonl")):
             events = read_events(path)
-            config = next((e for e in events if e.get("event") == "config"), None)
-            if config is not None and any(e.get("event") == "summary" for e in events):
-                configs.append(config)
-        return configs
+            if {"config", "summary"} <= {e.get("event") for e in events}:
+                runs[path.stem] = events
+        return runs
+
+    def _read_index(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(the identity of each complete run -> its run id; run id -> the identity of the complete run, or of the
+        run another process is training, in that file), as the folder is now. Claims are read first: a run that
+        finishes in between is then seen as one or the other."""
+        claimed = {config["run_id"]: identity(config) for config in self._claimed_configs()}
+        finished = {run_id: identity(_config(events)) for run_id, events in self._complete_runs().items()}
+        found: dict[str, str] = {}
+        for run_id, known in finished.items():
+            found.setdefault(known, run_id)
+        return found, {**finished, **claimed}
 
     @functools.cached_property
-    def _planned_against(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(runs being trained by other processes, finished runs) when this store was first asked: read once per
-        plan, not once per planned run (a plan checks every run against every other one). Claims are read first: a
-        run that finishes in between is then seen as one or the other."""
-        claimed = self._claimed_configs()
-        return claimed, self._finished_configs()
+    def _index(self) -> tuple[dict[str, str], dict[str, str]]:
+        """:meth:`_read_index` when this store was first asked: read once per plan, not once per planned run."""
+        return self._read_index()
 
-    def check(self, run_id: str, planned: dict[str, Any]) -> bool:
-        """``True`` if an identical run is complete; ``False`` if it must train; a ValueError if it conflicts with a
-        finished run, or one another process is training, of its series.
+    def find(self, name: str, planned: dict[str, Any]) -> tuple[str, bool]:
+        """(the planned run's id, whether a run with its identity is complete) for a run of readable id ``name``.
 
-        ``planned``: every setting that changes the run's result, as its ``config`` event will record it; a
-        ``None`` learning rate is not known yet (it waits for tuning) and is not compared.
+        A run is found by its :func:`identity`, whatever its file's name. Not found, it takes ``name`` where no
+        other setting's run (complete, or being trained) holds that file, else ``name`` and its :func:`setting_id`:
+        changing a setting and re-running into the folder trains beside the old runs, never over them.
+
+        ``planned``: every setting that changes the run's result, as its ``config`` event will record it. A run
+        whose learning rate waits for tuning (``None``) is placed once that is known: (``name``, ``False``).
         """
-        planned = jsonable(planned)
-        claimed, finished = self._planned_against
-        self._refuse_conflicts(planned, claimed, finished)
-        return any(config.get("run_id") == run_id for config in finished)
-
-    def _refuse_conflicts(self, planned: dict[str, Any], claimed: list[dict[str, Any]],
-                          finished: list[dict[str, Any]]) -> None:
-        """A ValueError naming the keys when a run of ``planned``'s series, claimed or finished, differs in more
-        than its seed (and, in the data's case, naming both sources)."""
-        key = series_key(planned)
-        unknown = {REPEAT_KEY} | ({"lr"} if planned.get("lr") is None else set())
-        for state, others, remedy in (
-                ("a run another process is training now:", claimed, "wait for it to finish"),
-                ("a finished", finished, "delete that run's file to replace it")):
-            for other in others:
-                differ = [k for k in IDENTITY_KEYS if k in planned and k not in unknown and other.get(k) != planned[k]]
-                if series_key(other) != key or not differ:
-                    continue
-                details = ", ".join(f"{k} {other.get(k)!r} -> {planned[k]!r}" for k in sorted(differ))
-                if "data_fingerprint" in differ:
-                    details += f" (data from {other.get('data_source')} -> {planned.get('data_source')})"
-                raise SettingsConflict(f"{self.folder} already holds {state} {_describe(key)} with other settings "
-                                 f"({details}): {other.get('run_id')}; use another results_dir, or {remedy}")
+        if planned.get("lr") is None:
+            return name, False
+        return _place(name, planned, *self._index)
 
     # ----------------------------------------------------------------------------- sharing the folder
 
@@ -314,100 +344,138 @@ class RunStore:
         lock.release()
         return False
 
-    def _claimed_configs(self, other_than: str | None = None) -> list[dict[str, Any]]:
-        """The planned settings of the runs being trained now (held claims), ``other_than`` excepted; a claim left
+    def _claimed_configs(self) -> list[dict[str, Any]]:
+        """The planned settings of the runs being trained now (held claims), each with its ``run_id``; a claim left
         by a killed process is no longer held and does not count."""
         claims = []
         for path in sorted((self.folder / CLAIMS).glob("*.json")):
-            if path.stem != other_than and self._claim_is_held(path.stem):
+            if self._claim_is_held(path.stem):
                 with contextlib.suppress(FileNotFoundError):  # released since the glob
-                    claims.append(json.loads(path.read_text(encoding="utf-8")))
+                    claims.append({**json.loads(path.read_text(encoding="utf-8")), "run_id": path.stem})
         return claims
 
-    def claim(self, run_id: str, planned: dict[str, Any], wait: bool = False) -> Claim | None:
-        """The right to train ``run_id``, or ``None`` when it is complete: two processes may share a folder.
+    def claim(self, name: str, planned: dict[str, Any], wait: bool = False) -> Claim | None:
+        """The right to train the planned run of readable id ``name`` (in the file :attr:`Claim.run_id`), or
+        ``None`` when a run with its identity is complete: two processes may share a folder.
 
-        Decided under the folder's lock, so two processes never claim one run; the claim is an OS lock held until
-        :meth:`Claim.release`, so a run in progress is never written by another process, and a killed process's
-        claim dies with it. A run another process is training raises :class:`RunInProgress`, or with ``wait`` is
-        waited for (and claimed if that process died before finishing it). Settings that differ from a run of the
-        series finished or being trained are refused as in :meth:`check`.
+        Decided under the folder's lock, so two processes never claim one run, and on the folder as it is then (its
+        file as :meth:`find` places it now: since the plan, another process may have taken ``name`` for another
+        setting). The claim is an OS lock held until :meth:`Claim.release`, so a run in progress is never written
+        by another process, and a killed process's claim dies with it. A run another process is training raises
+        :class:`RunInProgress`, or with ``wait`` is waited for (and claimed if that process died before finishing).
         """
         planned = jsonable(planned)
         (self.folder / CLAIMS).mkdir(parents=True, exist_ok=True)
         while True:
             try:
                 with self._lock(FOLDER_LOCK):
-                    return self._claim_now(run_id, planned)
-            except RunInProgress:
+                    return self._claim_now(name, planned)
+            except RunInProgress as busy:
                 if not wait:
                     raise
-            with self._run_lock(run_id):  # blocks until the other process releases (or dies)
-                pass
+                with self._run_lock(busy.run_id):  # blocks until the other process releases (or dies)
+                    pass
 
-    def _claim_now(self, run_id: str, planned: dict[str, Any]) -> Claim | None:
+    def _claim_now(self, name: str, planned: dict[str, Any]) -> Claim | None:
+        run_id, complete = _place(name, planned, *self._read_index())
+        if complete:
+            return None
         lock = self._run_lock(run_id)
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise RunInProgress(f"{run_id} is being trained by another process") from None
-        try:
-            if self.is_complete(run_id):
-                lock.release()
-                return None
-            self._refuse_conflicts(planned, self._claimed_configs(other_than=run_id), self._finished_configs())
-        except BaseException:
-            if lock.is_locked:
-                lock.release()
-            raise
+            raise RunInProgress(run_id) from None
+        if self.is_complete(run_id):  # finished, with this identity, by the process training it when read
+            lock.release()
+            return None
         settings = self.folder / CLAIMS / f"{run_id}.json"
         _write_atomically(settings, json.dumps({**planned, "run_id": run_id, "pid": os.getpid()}))
-        return Claim(lock, settings)
+        return Claim(lock, settings, run_id)
 
-    def load(self, include_incomplete: bool = False) -> Results:
-        """Every run of the folder as tables (complete runs only, unless asked); mixed series are refused."""
+    # ----------------------------------------------------------------------------- loading
+
+    def load(self, run_ids: Sequence[str] | None = None, every_setting: bool = False) -> Results:
+        """The folder's complete runs as tables, one setting per series: the runs ``run_ids`` (two settings of one
+        series among them are refused), or without them each series' setting asked for last (its newest record:
+        trained, or found complete by a plan, last; see :meth:`mark_asked`). ``every_setting`` keeps every
+        setting, told apart by the runs' ``setting`` column.
+
+        Why one setting per series: tables, figures and paired tests key runs by series and take its runs for
+        seeds of one experiment, so a rank-4 run among rank-8 seeds would be averaged into them.
+        """
         if not self.folder.is_dir():
             raise FileNotFoundError(f"results folder {self.folder} does not exist; run the comparison first")
-        runs, steps, evals = [], [], []
-        for path in sorted(self.folder.glob("*.jsonl")):
-            events = read_events(path)
-            config = next((e for e in events if e["event"] == "config"), None)
-            summary = next((e for e in events if e["event"] == "summary"), None)
-            if config is None or (summary is None and not include_incomplete):
-                continue
-            keys = {"run_id": config["run_id"], "method": config.get("method"),
-                    "series": series_name(config.get("method"), config.get("targets")), "group": config.get("group")}
-            row = {**{k: v for k, v in config.items() if k != "event"}, "series": keys["series"]}
-            row.update({k: v for k, v in (summary or {}).items() if k != "event"})
-            runs.append(row)
-            steps += [{**keys, **{k: v for k, v in e.items() if k != "event"}} for e in events if e["event"] == "step"]
-            evals += [{**keys, **{k: v for k, v in e.items() if k != "event"}} for e in events if e["event"] == "eval"]
-        self._refuse_mixed_series(runs)
-        runs_frame = pd.json_normalize(runs) if runs else pd.DataFrame()
-        return Results(runs=runs_frame, steps=pd.DataFrame(steps), evals=pd.DataFrame(evals))
+        complete = self._complete_runs()
+        configs = {run_id: _config(events) for run_id, events in complete.items()}
+        if run_ids is not None:
+            missing = [run_id for run_id in run_ids if run_id not in configs]
+            if missing:
+                raise ValueError(f"no complete run {', '.join(missing)} in {self.folder}")
+            configs = {run_id: configs[run_id] for run_id in run_ids}
+            if not every_setting:
+                self._refuse_mixed_settings(configs)
+        elif not every_setting:
+            configs = self._asked_last(configs)
+        return _results({run_id: complete[run_id] for run_id in configs})
 
-    def _refuse_mixed_series(self, runs: list[dict[str, Any]]) -> None:
-        """Repeats of one series must differ only in the seed, else a figure would average different experiments."""
-        first_of: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for run in runs:
-            first = first_of.setdefault(series_key(run), run)
-            differ = sorted(k for k in IDENTITY_KEYS if k != REPEAT_KEY and first.get(k) != run.get(k))
-            if differ:
-                details = ", ".join(f"{k} {first.get(k)!r} vs {run.get(k)!r}" for k in differ)
-                raise ValueError(
-                    f"{self.folder} mixes two different {_describe(series_key(run))}s ({first['run_id']} and "
-                    f"{run['run_id']}: {details}); keep each experiment in its own results folder"
-                )
+    def _asked_last(self, configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The runs of each series' setting whose newest record is the newest of the series."""
+        newest: dict[tuple[Any, ...], tuple[int, str]] = {}
+        for run_id, config in configs.items():
+            stamp = (self.path(run_id).stat().st_mtime_ns, run_id)
+            newest[series_key(config)] = max(newest.get(series_key(config), stamp), stamp)
+        latest = {key: setting_id(configs[run_id]) for key, (_, run_id) in newest.items()}
+        return {run_id: c for run_id, c in configs.items() if setting_id(c) == latest[series_key(c)]}
 
-    def summary(self, run_ids: list[str] | None = None) -> pd.DataFrame:
-        """One row per complete run (every recorded field, the main ones first), in ``run_ids`` order if given."""
-        runs = self.load().runs
+    def _refuse_mixed_settings(self, configs: dict[str, dict[str, Any]]) -> None:
+        """Runs asked for together must be one setting per series, else a table would average two experiments."""
+        first_of: dict[tuple[Any, ...], str] = {}
+        for run_id, config in configs.items():
+            first = first_of.setdefault(series_key(config), run_id)
+            if setting_id(configs[first]) != setting_id(config):
+                raise ValueError(f"{first} and {run_id} are two settings of one {_describe(series_key(config))} "
+                                 f"({_differences(configs[first], config)}), not two seeds: select one setting")
+
+    def summary(self, run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+        """One row per complete run (every recorded field, the main ones first), in ``run_ids`` order if given, else
+        the folder's default view (:meth:`load`)."""
+        runs = self.load(run_ids).runs
         if runs.empty:
             return runs
         if run_ids is not None:
             runs = runs.set_index("run_id").loc[list(run_ids)].reset_index()
         first = [c for c in SUMMARY_COLUMNS if c in runs.columns]
         return runs[first + [c for c in runs.columns if c not in first]].reset_index(drop=True)
+
+
+def _config(events: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(e for e in events if e.get("event") == "config")
+
+
+def _place(name: str, planned: dict[str, Any], found: dict[str, str], held: dict[str, str]) -> tuple[str, bool]:
+    """:meth:`RunStore.find` on a folder read as :meth:`RunStore._read_index` reads it."""
+    known = identity(planned)
+    if known in found:
+        return found[known], True
+    if held.get(name, known) == known:
+        return name, False
+    return f"{name}-{setting_id(planned)}", False
+
+
+def _results(runs: dict[str, list[dict[str, Any]]]) -> Results:
+    """The tables of :class:`Results` from the events of complete runs, by run id."""
+    rows, steps, evals = [], [], []
+    for run_id, events in runs.items():
+        config, summary = _config(events), next(e for e in events if e.get("event") == "summary")
+        keys = {"run_id": run_id, "method": config.get("method"),
+                "series": series_name(config.get("method"), config.get("targets")), "group": config.get("group")}
+        row = {**{k: v for k, v in config.items() if k != "event"}, "run_id": run_id, "series": keys["series"],
+               "setting": setting_id(config)}
+        rows.append({**row, **{k: v for k, v in summary.items() if k != "event"}})
+        steps += [{**keys, **{k: v for k, v in e.items() if k != "event"}} for e in events if e["event"] == "step"]
+        evals += [{**keys, **{k: v for k, v in e.items() if k != "event"}} for e in events if e["event"] == "eval"]
+    runs_frame = pd.json_normalize(rows) if rows else pd.DataFrame()
+    return Results(runs=runs_frame, steps=pd.DataFrame(steps), evals=pd.DataFrame(evals))
 
 
 SUMMARY_COLUMNS = ("run_id", "group", "method", "rank", "alpha", "seed", "final_accuracy", "final_eval_loss",

@@ -1,14 +1,12 @@
 """The plumbing of the notebook's teaching cells, so that each cell shows only its idea.
 
-The teaching cells check the core against the papers on small tensors, on a CPU, in seconds and with nothing to
-download: a formula written in plain torch against the core's layer, one real MiniLM weight quantised to NF4. What
-they need besides torch and the core is here: reading one pretrained weight, counting what bitsandbytes stores,
-drawing a histogram as PNG bytes and showing a few numbers as a Markdown table (displayed, not printed: ``make run``
-forwards printed output to the terminal, where it would interleave with the runs' progress).
+The teaching cells build LoRA, DoRA and NF4 in plain torch on the real MiniLM, on a CPU, in seconds and with
+nothing to download. What they need besides torch is here: reading one pretrained weight, and showing a few numbers
+as a Markdown table (displayed, not printed: ``make run`` forwards printed output to the terminal, where it would
+interleave with the runs' progress).
 """
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,44 +32,6 @@ def minilm_weight(name: str = MINILM_QUERY) -> torch.Tensor:
         return weights.get_tensor(name).float()
 
 
-def stored_bits_per_weight(packed: torch.Tensor, state) -> float:
-    """Bits per weight of everything bitsandbytes keeps for a 4-bit tensor: the packed codes, the block scales
-    (with double quantisation: 8-bit scales, their own float32 scales and offset) and the lookup tables.
-
-    Why count the bytes: :func:`peft_utils.sizes.nf4_bits_per_weight` is the formula; this is what is stored,
-    so the two can be compared (they differ by the tables, a constant per layer).
-    """
-    tensors = [packed, state.absmax, state.code]
-    if getattr(state, "nested", False):
-        tensors += [state.offset, state.state2.absmax, state.state2.code]
-    stored = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return 8 * stored / torch.Size(state.shape).numel()
-
-
-def error_histogram(weight: torch.Tensor, restored: torch.Tensor, title: str) -> bytes:
-    """A PNG: the histogram of ``restored - weight``, with the weights' own spread beside it for scale.
-
-    Drawn on a bare Agg figure (not pyplot), so the notebook's plotting backend is left alone, and returned as
-    bytes, so ``IPython.display.Image`` shows it the same in JupyterLab, in papermill's output and in the report.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    error = (restored - weight).flatten().numpy()
-    fig = Figure(figsize=(7.5, 3.0), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.hist(error, bins=121, color="#4c72b0")
-    ax.axvline(0, color="black", linewidth=0.8)
-    spread = weight.std().item()
-    ax.set_xlabel(f"NF4 error (dequantised - original); the weights' sd is {spread:.3f}")
-    ax.set_ylabel("weights")
-    ax.set_title(title, fontsize=10)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: stable bytes
-    return buffer.getvalue()
-
-
 def facts(values: Mapping[str, object]) -> str:
     """``{what: value}`` as a two-column Markdown table, the way every teaching cell reports its numbers.
 
@@ -83,4 +43,4 @@ def facts(values: Mapping[str, object]) -> str:
     return f"| what | value |\n|---|---:|\n{rows}"
 
 
-__all__ = ["MINILM_QUERY", "minilm_weight", "stored_bits_per_weight", "error_histogram", "facts"]
+__all__ = ["MINILM_QUERY", "minilm_weight", "facts"]

@@ -33,15 +33,18 @@ HOLDOUT_SEED = 0  # the held-out slice must not change with the run seed: every 
 
 
 def tuning_rows(config: ExperimentConfig, train: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(train rows, held-out rows)`` of a tuning run: disjoint, both from the train split."""
+    """``(train rows, held-out rows)`` of a tuning run: disjoint, both from the train split; each balanced, or
+    stratified where planning found no balanced one meets a size the user left to the profile."""
     holdout_size = config.tune.holdout_size
     size = config.tune.train_size or config.data.train_size
     if holdout_size + (size or 1) > len(train):
         raise ValueError(f"learning-rate tuning needs tune_holdout_size={holdout_size:,} held-out rows plus "
                          f"{size or 1:,} train rows, more than the {len(train):,} rows of the train split")
+    stratified = config.stratified_sizes
     try:
-        held_out, rest = hold_out(train, holdout_size, HOLDOUT_SEED)
-        rows = rest if size is None else subset(rest, size, seed, balanced=True)
+        held_out, rest = hold_out(train, holdout_size, HOLDOUT_SEED, "tune_holdout_size" in stratified)
+        rows = rest if size is None else subset(rest, size, seed, balanced=True,
+                                                stratified="tune_train_size" in stratified)
     except ValueError as error:
         raise ValueError(f"learning-rate tuning rows: {error}") from None
     return rows, held_out

@@ -2,7 +2,9 @@
 records, and the profiles as instances of it."""
 from __future__ import annotations
 
+import ast
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -16,7 +18,8 @@ from peft_utils.config import (
     TrainConfig,
     config_record,
     make_config,
-    notebook_parameters_cell,
+    NOTEBOOK_PARAMETERS,
+    notebook_values,
     resolve_profile,
 )
 
@@ -88,12 +91,32 @@ def test_train_config_checks_its_own_fields():
         TrainConfig(warmup_ratio=1.5)
 
 
-def test_the_notebook_parameters_cell_is_generated_from_the_config():
+def _parameters_cell() -> str:
     notebook = json.loads((REPO_ROOT / "peft.ipynb").read_text())
-    cell = next(c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
-    assert "".join(cell["source"]) == notebook_parameters_cell()
-    # papermill reads each parameter from one `name = value  # help` line: a second "=" makes it skip the line
-    assert all(line.count("=") == 1 for line in notebook_parameters_cell().splitlines() if not line.startswith("#"))
+    return "".join(next(c for c in notebook["cells"] if "parameters" in c["metadata"].get("tags", []))["source"])
+
+
+def test_the_notebook_parameters_cell_shows_literally_what_trains():
+    """The cell assigns each name of NOTEBOOK_PARAMETERS once, as a literal (no None meaning "the profile's"), in a
+    short cell of short lines; run as it stands it is the cpu profile, every value shown taking effect."""
+    source = _parameters_cell()
+    values = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body}
+    assert tuple(values) == NOTEBOOK_PARAMETERS
+    lines = source.splitlines()
+    assert len(lines) <= 30 and max(map(len, lines)) <= 100
+    config = make_config(**values)
+    assert config == replace(PROFILES["cpu"], results_dir="results/cpu-reference", imgs_dir="imgs")
+    assert {k: v for k, v in values.items() if k not in ("data_dir", "results_dir", "imgs_dir")} == {
+        k: v for k, v in notebook_values("cpu").items() if k != "results_dir"}
+
+
+@pytest.mark.parametrize("profile", ["full", "cpu", "smoke"])
+def test_make_run_fills_the_cell_with_a_profiles_values(profile: str):
+    """What ``make run PROFILE=...`` passes to papermill: every name of the cell, and together they are the profile."""
+    values = notebook_values(profile)
+    assert set(values) == set(NOTEBOOK_PARAMETERS) - {"data_dir", "imgs_dir"}
+    assert make_config(**values) == PROFILES[profile]
+    assert None not in (values["lr"], values["train_size"])  # literal values: "all", a rate per method
 
 
 def test_every_parameter_is_a_command_line_flag_and_a_record_field():

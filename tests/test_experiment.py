@@ -3,6 +3,7 @@ building, run ids, complete records for the plots, resume after a crash, and eve
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from peft_utils.core.inject import count_parameters
 from peft_utils.methods import METHOD_NAMES
 from peft_utils.models import materialize_model, model_cache_dir
 from peft_utils.sizes import SIZE_KEYS
-from peft_utils.store import IDENTITY_KEYS, RunStore, read_events
+from peft_utils.store import IDENTITY_KEYS, RunStore, read_events, setting_id
 
 # The smallest useful smoke comparison: 16 rows, 2 steps, evaluated on 16 dev rows.
 TINY = {"train_size": 16, "eval_size": 16, "max_length": 24}
@@ -91,27 +92,39 @@ def test_rerun_skips_complete_runs(smoke_results, sst2_dir, monkeypatch):
     assert list(again["run_id"]) == list(table["run_id"][:2])
 
 
-def test_finished_record_with_other_settings_is_refused_before_training(smoke_results, sst2_dir, monkeypatch):
-    results, _ = smoke_results
-    monkeypatch.setattr(experiment, "train", _fail)
-    with pytest.raises(ValueError, match=r"finished 'full' run with other settings \(epochs 1 -> 2\)"):
-        run_comparison(smoke(results, sst2_dir, methods=["full"], epochs=2))
+def _hashed(plan_run) -> str:
+    """The file name of a run whose readable name another setting holds: that name and its setting's hash."""
+    return f"{plan_run.name}-{setting_id(plan_run.record)}"
 
 
-def test_another_rank_in_the_same_folder_is_refused_naming_the_keys(smoke_results, sst2_dir, monkeypatch):
-    """The README's `-p rank 16` re-run into the same folder: refused, never plotted as a second seed."""
+def test_another_setting_of_a_finished_run_is_planned_beside_it(smoke_results, sst2_dir, monkeypatch):
+    """Another epoch count keeps the readable name (epochs are not in it), which the finished run holds: the new
+    setting is planned under that name and its setting's hash, never over the finished file nor found as it."""
+    results, table = smoke_results
+    monkeypatch.setattr(experiment, "train", _fail)
+    [run] = plan_experiment(smoke(results, sst2_dir, methods=["full"], epochs=2), sweep=False).runs
+    assert run.name == table["run_id"][0] and not run.complete
+    assert run.run_id == _hashed(run) and re.fullmatch(r"comparison-full-s0-random-gpt2-tiny-[0-9a-f]{8}", run.run_id)
+    again = plan_experiment(smoke(results, sst2_dir, methods=["full"], epochs=2), sweep=False).runs[0]
+    assert again.run_id == run.run_id  # stable: the same setting gets the same name
+
+
+def test_another_rank_in_the_same_folder_is_a_new_setting(smoke_results, sst2_dir, monkeypatch):
+    """The README's `-p rank 16` re-run into the same folder: planned to train, under its own readable name, while
+    the finished rank-4 runs are found complete; a second seed of the same settings is a repeat, and is planned."""
     results, _ = smoke_results
     monkeypatch.setattr(experiment, "train", _fail)
-    with pytest.raises(ValueError, match=r"'qdora' run with other settings \(alpha 8.0 -> 6.0, rank 4 -> 3\)"):
-        plan_experiment(smoke(results, sst2_dir, methods=["full", "qdora"], rank=3, alpha=6), sweep=False)
-    # a second seed of the same settings is a repeat, and is planned
+    plan = plan_experiment(smoke(results, sst2_dir, methods=["full", "qdora"], rank=3, alpha=6), sweep=False)
+    assert [(run.run_id, run.complete) for run in plan.runs] == [
+        ("comparison-full-s0-random-gpt2-tiny", True), ("comparison-qdora-r3-a6-s0-random-gpt2-tiny", False)]
     plan = plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[0, 1]), sweep=False)
     assert [run.complete for run in plan.runs] == [True, False]
 
 
-def test_other_data_of_the_same_size_is_refused_naming_it(smoke_results, sst2_dir, tmp_path, monkeypatch):
+def test_other_data_of_the_same_size_is_a_new_setting(smoke_results, sst2_dir, tmp_path, monkeypatch):
     """Issue 27's second lost-or-mixed case: another data folder with the same sizes and ``--seeds 0 1`` used to skip
-    seed 0 as complete and train seed 1 on the other data, then average them as two seeds of one experiment."""
+    seed 0 as complete and train seed 1 on the other data, then average them as two seeds of one experiment. Now
+    both seeds train on the other data, seed 0 beside the finished run of the first data."""
     results, _ = smoke_results
     monkeypatch.setattr(experiment, "train", _fail)
     other = tmp_path / "sst2"
@@ -120,48 +133,63 @@ def test_other_data_of_the_same_size_is_refused_naming_it(smoke_results, sst2_di
     dev = (sst2_dir / "dev.tsv").read_text(encoding="utf-8").split("\n")
     dev[-2] = "an edited sentence\t" + dev[-2].rsplit("\t", 1)[1]  # same rows, same sizes, one text changed
     (other / "dev.tsv").write_text("\n".join(dev), encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"'qdora' run with other settings \(data_fingerprint '\w+' -> '\w+' "
-                                         rf"\(data from {sst2_dir} -> {other}\)\)"):
-        plan_experiment(smoke(results, other, methods=["qdora"], seeds=[0, 1]), sweep=False)
+    seed_zero, seed_one = plan_experiment(smoke(results, other, methods=["qdora"], seeds=[0, 1]), sweep=False).runs
+    assert not seed_zero.complete and not seed_one.complete
+    assert seed_zero.run_id == _hashed(seed_zero) and seed_one.run_id == seed_one.name
+    assert setting_id(seed_zero.record) == setting_id(seed_one.record)  # two seeds of one new setting
     records = [RunStore(results).events(run_id)[0] for run_id in smoke_results[1]["run_id"]]
     assert {r["data_source"] for r in records} == {str(sst2_dir)}  # recorded, not compared: the fingerprint is
 
 
-def test_another_precision_in_the_same_folder_is_refused(smoke_results, sst2_dir, monkeypatch):
+def test_another_precision_in_the_same_folder_is_a_new_setting(smoke_results, sst2_dir, monkeypatch):
     """bf16 runs are not repeats of float32 ones, nor the reverse: the compute dtype is part of a run's identity.
     (The recorded runs are float32 on a CPU, bfloat16 on a GPU with native bf16.)"""
     results, table = smoke_results
     recorded = table["compute_dtype"].iloc[0]
-    other, other_dtype = ("fp32", "float32") if recorded == "bfloat16" else ("bf16", "bfloat16")
+    other = "fp32" if recorded == "bfloat16" else "bf16"
     monkeypatch.setattr(experiment, "train", _fail)
-    with warnings.catch_warnings(), pytest.raises(ValueError, match=f"compute_dtype '{recorded}' -> '{other_dtype}'"):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # bf16 on a CPU without native bf16 warns of emulation
-        plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[0, 1], precision=other), sweep=False)
+        run = plan_experiment(smoke(results, sst2_dir, methods=["qdora"], precision=other), sweep=False).runs[0]
+    assert not run.complete and run.run_id == _hashed(run)
 
 
-def test_other_settings_than_a_run_in_progress_are_refused(smoke_results, sst2_dir, monkeypatch):
-    """A second process started with another rank while the first trains a run of the same series: refused before
-    it trains anything, naming the run in progress."""
+def test_a_run_another_process_trains_with_other_settings_keeps_its_name(smoke_results, sst2_dir, monkeypatch):
+    """A second process started with another epoch count while the first trains a run of the same readable name:
+    it plans and claims that run under the name with its setting's hash, and trains it beside the first."""
     results, _ = smoke_results
     monkeypatch.setattr(experiment, "train", _fail)
     seed_one = plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[1]), sweep=False).runs[0]
-    with RunStore(results).claim(seed_one.run_id, seed_one.record):  # as the process training it holds it
-        with pytest.raises(ValueError, match=r"a run another process is training now: 'qdora' run with other "
-                                             r"settings \(alpha 8.0 -> 6.0, rank 4 -> 3\).*wait for it to finish"):
-            plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[2], rank=3, alpha=6), sweep=False)
-    assert not RunStore(results).is_complete(seed_one.run_id)  # released: nothing was written for it
+    store = RunStore(results)
+    with store.claim(seed_one.name, seed_one.record) as held:  # as the process training it holds it
+        assert held.run_id == seed_one.name
+        other = plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[1], epochs=2), sweep=False).runs[0]
+        assert other.run_id == _hashed(other) and not other.complete
+        with store.claim(other.name, other.record) as claim:
+            assert claim.run_id == other.run_id
+    assert not store.is_complete(seed_one.run_id)  # released: nothing was written for it
 
 
-def test_a_folder_mixing_two_settings_is_refused_when_loaded(smoke_results, tmp_path):
+def test_a_folder_holding_two_settings_keeps_them_apart_when_loaded(smoke_results, tmp_path):
+    """A run of another rate beside the folder's: loaded as another setting, never as a second seed of the first;
+    asked for together, the two are refused."""
     results, table = smoke_results
     mixed = tmp_path / "mixed"
     shutil.copytree(results, mixed)
-    source = (mixed / f"{table['run_id'][1]}.jsonl").read_text()
+    first = table["run_id"][1]
+    source = (mixed / f"{first}.jsonl").read_text()
     copy = source.replace('"seed": 0', '"seed": 1').replace('"lr": 0.001', '"lr": 0.002')
-    (mixed / "comparison-qdora-r4-a8-s1-random-gpt2-tiny.jsonl").write_text(
-        copy.replace("-s0-random", "-s1-random"))
-    with pytest.raises(ValueError, match=r"mixes two different 'qdora' runs.*lr 0.001 vs 0.002"):
-        RunStore(mixed).load()
+    second = "comparison-qdora-r4-a8-s1-random-gpt2-tiny"
+    (mixed / f"{second}.jsonl").write_text(copy.replace("-s0-random", "-s1-random"))
+    store = RunStore(mixed)
+    shown = store.load().runs.query("method == 'qdora'")
+    assert list(shown["run_id"]) == [second]  # the setting written last, alone
+    every = store.load(every_setting=True).runs.query("method == 'qdora'").set_index("run_id")
+    assert every.loc[first, "setting"] != every.loc[second, "setting"]
+    assert list(store.load([first]).runs["lr"]) == [0.001]
+    with pytest.raises(ValueError, match=rf"{first} and {second} are two settings of one 'qdora' run \(lr 0.001 vs "
+                                         r"0.002\), not two seeds"):
+        store.load([first, second])
 
 
 def test_resume_after_a_crash_continues_with_the_next_method(tmp_path, sst2_dir, gpt2_tokenizer_dir, monkeypatch):

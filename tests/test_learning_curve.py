@@ -51,7 +51,7 @@ def test_every_epoch_has_dev_and_training_loss_and_the_climb_is_read_from_them(c
 def test_the_command_prints_the_table_and_readings_and_draws(curve_root, tmp_path, capsys):
     assert learning_curve.main([str(curve_root), str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "rule: " in printed and "overfitting at 16 rows" in printed and "Δ(16) − Δ(32)" in printed
+    assert "Rule: **" in printed and "Overfitting at 16 rows: **" in printed and "Δ(16) − Δ(32)" in printed
     assert (tmp_path / "learning_curve.png").stat().st_size > 10_000
 
 

@@ -28,15 +28,14 @@ FULL_TRAIN_RESULTS = REPO_ROOT / "results" / "cpu-fulltrain-all-linear"
 
 
 def run_notebook(tmp_path: Path, sst2_dir: Path, *parameters: str) -> tuple[Path, Path]:
-    """Execute peft.ipynb with papermill in the smoke profile (plus ``-p name value`` pairs); returns its folders.
+    """Execute peft.ipynb with papermill in the smoke profile (then ``-p name value`` pairs); returns its folders.
 
     Progress as plain lines, as ``make run`` sets it (in a kernel it would otherwise draw widgets)."""
     results, imgs = tmp_path / "results", tmp_path / "imgs"
-    command = [
-        sys.executable, "-m", "papermill", str(NOTEBOOK), str(tmp_path / "out.ipynb"),
-        "-p", "profile", "smoke", "-p", "data_dir", str(sst2_dir.parent),
-        "-p", "results_dir", str(results), "-p", "imgs_dir", str(imgs), *parameters, "--cwd", str(REPO_ROOT),
-    ]
+    values = {**cfg.notebook_values("smoke"), "data_dir": str(sst2_dir.parent), "results_dir": str(results),
+              "imgs_dir": str(imgs)}  # every name of the parameters cell, as make run passes them
+    command = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(tmp_path / "out.ipynb"),
+               "-y", json.dumps(values), *parameters, "--cwd", str(REPO_ROOT)]
     env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl"), "PYTHONPATH": str(REPO_ROOT),
            "PEFT_LAB_PROGRESS": "lines"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -98,48 +97,15 @@ def test_notebook_runs_on_a_local_llama_folder(tmp_path: Path, sst2_dir: Path):
 # ------------------------------------------------------------------------------------------- the parameters cell
 
 
-def _written_values() -> dict:
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cfg.notebook_parameters_cell()).body}
-
-
-@pytest.mark.parametrize("profile", ["full", "cpu"])
-def test_the_parameters_cell_shows_the_values_that_train(profile: str):
-    """Every value written in the cell is the profile's own, so running it as it stands changes nothing."""
-    written = {name: value for name, value in _written_values().items() if name != "profile"}
-    assert cfg.make_config(profile, **written) == cfg.make_config(profile)
-    shown = [name for name, value in written.items() if value is not None]
-    assert {"rank", "alpha", "dropout", "epochs", "batch_size", "seeds", "sweep"} <= set(shown)
-
-
-def test_a_parameter_that_differs_by_profile_names_both_values():
-    lines = cfg.notebook_parameters_cell().splitlines()
-    for index, line in enumerate(lines):
-        name, _, rest = line.partition(" = ")
-        if line.startswith("#") or name == "profile" or not rest.startswith("None"):
-            continue
-        full, cpu = (cfg._setting(cfg.PROFILES[p], name) for p in ("full", "cpu"))
-        below = " ".join(lines[index + 1:index + 3])
-        if full == cpu:  # None is both profiles' value (e.g. the model's default targets)
-            assert "full profile:" not in lines[index + 1], line
-        else:
-            assert lines[index + 1].startswith("#") and "full profile:" in below and "cpu profile:" in below, line
-
-
-def test_a_line_left_as_written_is_the_profiles_value():
-    """The smoke profile keeps its own small settings under the cell's shown values; an edited line, and a value
-    papermill passes (even one equal to the cell's), are kept."""
-    cell = cfg.notebook_parameters_cell()
-    smoke = '# Parameters\nprofile = "smoke"\n'
-    namespace: dict = {}
-    exec(cell + "\n" + smoke, namespace)
-    config = cfg.make_config(**cfg.notebook_parameters(["", cell, smoke], namespace))
-    assert config == cfg.make_config("smoke")
-    edited = cell.replace("\nrank = 8 ", "\nrank = 16")
-    exec(edited, namespace)
-    assert cfg.make_config(**cfg.notebook_parameters(["", edited, smoke], namespace)).adapter.rank == 16
-    asked = smoke + "rank = 8\n"
-    exec(cell + "\n" + asked, namespace)
-    assert cfg.make_config(**cfg.notebook_parameters(["", cell, asked], namespace)).adapter.rank == 8
+def test_the_notebook_passes_every_name_of_its_parameters_cell_to_one_call():
+    """The cell after the parameters is one ``make_config`` call with every name of the cell as itself, so what the
+    cell (or papermill's cell under it) shows is what trains; no other name is read."""
+    code = [cell for cell in _notebook().cells if cell.cell_type == "code"]
+    call = next(node for node in ast.walk(ast.parse(code[1].source))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "make_config")
+    given = [call.args[0].id] + [keyword.arg for keyword in call.keywords]
+    assert tuple(given) == cfg.NOTEBOOK_PARAMETERS
+    assert all(keyword.value.id == keyword.arg for keyword in call.keywords)
 
 
 # ------------------------------------------------------------------------------------------- the committed outputs
@@ -155,11 +121,12 @@ def test_the_committed_notebook_has_outputs_from_the_committed_records():
                and "parameters" not in cell.metadata.get("tags", [])]
     assert not without, f"code cells without outputs: {without}"
     assert not any(output.output_type == "error" for cell in code for output in cell.outputs)
-    setup = _markdown_outputs(code[1])[0]
-    assert "| `profile` | `'cpu'` |" in setup and "| `results_dir` | `'results/cpu-reference'` |" in setup
+    assert _markdown_outputs(code[1])[0].startswith("`cpu` profile:")
     printed = "".join(_stream_text(cell) for cell in code)
-    runs = len(list(COMMITTED_RESULTS.glob("*.jsonl")))
-    assert printed.count("already complete in results/cpu-reference, skipped") == runs
+    comparison = len(list(COMMITTED_RESULTS.glob("comparison-*.jsonl")))
+    sweep = len(list(COMMITTED_RESULTS.glob("sweep-*.jsonl")))
+    for stage in (comparison, sweep):  # one line per stage, not one per run
+        assert f"{stage} of {stage} runs already complete in results/cpu-reference, skipped" in printed
     assert ": training (" not in printed
 
 

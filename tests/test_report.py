@@ -82,7 +82,8 @@ def test_recorded_labels_reproduce_the_committed_reference_runs(sst2_dir: Path) 
     paired = paired_statistics(runs)
     assert paired.reason is None
     assert list(zip(paired.table["method"], paired.table["reference"])) == [
-        ("lora", "full"), ("dora", "full"), ("qlora", "full"), ("dora", "lora"), ("qlora", "lora")]
+        ("lora:all-linear", "full"), ("dora:all-linear", "full"), ("qlora:all-linear", "full"),
+        ("dora:all-linear", "lora:all-linear"), ("qlora:all-linear", "lora:all-linear")]
     assert (paired.table["n_seeds"] == 1).all() and (paired.table["n_sentences"] == 872).all()
 
 

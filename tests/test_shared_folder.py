@@ -1,6 +1,6 @@
 """Processes sharing one results folder (issue 27's first lost-or-mixed case): two experiments with the same settings
-split its runs between them, each run trained once, every record intact; a claim dies with its process; a
-generated test model is written by one process at a time.
+split its runs between them, each run trained once, every record intact; two with other settings train their own
+runs; a claim dies with its process; a generated test model is written by one process at a time.
 
 Before claims, both processes trained every run, their lines interleaved in the same files and a summary was lost.
 """
@@ -18,17 +18,17 @@ import pytest
 from filelock import FileLock
 
 from peft_utils import models
-from peft_utils.store import RunInProgress, RunStore, read_events
+from peft_utils.store import RunInProgress, RunStore, read_events, setting_id
 
 # The smoke comparison and its rank x alpha grid, small: 9 runs of 4 steps each.
 ARGS = ["--profile", "smoke", "--train-size", "32", "--eval-size", "16", "--max-length", "24"]
 TRAINING = re.compile(r"\] (\S+): training \(")
 
 
-def _start(results: Path, sst2_dir: Path, log: Path) -> subprocess.Popen:
+def _start(results: Path, sst2_dir: Path, log: Path, *more: str) -> subprocess.Popen:
     env = {**os.environ, "PEFT_LAB_PROGRESS": "off", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "peft_utils.experiment", *ARGS, "--data-dir", str(sst2_dir),
-               "--results-dir", str(results), "--imgs-dir", str(results / "imgs")]
+               "--results-dir", str(results), "--imgs-dir", str(results / "imgs"), *more]
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
 
 
@@ -50,6 +50,41 @@ def test_two_processes_share_an_experiment_and_train_each_run_once(tmp_path, sst
     for log in logs:  # both end with the table of every run (waiting for the other's last runs) and the figures
         table = log.read_text().rpartition("figures:")[0].splitlines()[-len(every) - 1:]
         assert sorted(line.split()[0] for line in table[1:]) == sorted(p.stem for p in results.glob("*.jsonl"))
+
+
+def test_two_processes_with_other_settings_train_their_own_runs(tmp_path, sst2_dir):
+    """Started together with another epoch count (a setting the run id does not name), two processes train one run
+    each, one under the readable name and the other under that name and its setting's hash, and each reports its own."""
+    results = tmp_path / "results"
+    logs = [tmp_path / "one.log", tmp_path / "two.log"]
+    processes = [_start(results, sst2_dir, log, "--methods", "full", "--no-sweep", "--no-figures", "--epochs", epochs)
+                 for log, epochs in zip(logs, ("1", "2"))]
+    for process, log in zip(processes, logs):
+        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    trained = [TRAINING.findall(log.read_text()) for log in logs]
+    files = sorted(p.stem for p in results.glob("*.jsonl"))
+    assert sorted(sum(trained, [])) == files  # each run trained once, by one process
+    name = "comparison-full-s0-random-gpt2-tiny"
+    [hashed] = [file for file in files if file != name]
+    assert hashed == f"{name}-{setting_id(read_events(results / f'{hashed}.jsonl')[0])}"
+    runs = RunStore(results).load(every_setting=True).runs.set_index("run_id")
+    assert sorted(runs["epochs"]) == [1, 2] and runs["setting"].nunique() == 2
+    for log, [run], epochs in zip(logs, trained, (1, 2)):  # each trained its own setting, and its table shows it
+        table = log.read_text().partition(" run_id ")[2].splitlines()[1]  # the table's one line, under its header
+        assert runs.loc[run, "epochs"] == epochs and table.split()[0] == run
+
+
+def test_a_run_another_setting_trains_is_claimed_under_its_own_name(tmp_path):
+    """The claim of a run whose readable name a run of another setting in progress holds: taken at once, under that
+    name and its setting's hash."""
+    holder = _hold_claim(tmp_path, 300)
+    other = {"group": "comparison", "method": "lora", "rank": 8}
+    try:
+        with RunStore(tmp_path).claim("comparison-lora-s0", other) as claim:
+            assert claim.run_id == f"comparison-lora-s0-{setting_id(other)}"
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 _HOLD = """

@@ -8,7 +8,7 @@ from peft_utils import experiment
 from peft_utils.config import TUNE, make_config
 from peft_utils.experiment import plan_experiment, run_comparison
 from peft_utils.methods import series_method, series_name, targets_label
-from peft_utils.store import SettingsConflict, read_events
+from peft_utils.store import RunStore, read_events, setting_id
 from peft_utils.tuning import TUNE_GROUP, choose_learning_rates
 
 SETTINGS = {"train_size": 16, "eval_size": 16, "max_length": 24, "sweep": False}
@@ -74,11 +74,13 @@ def test_the_best_rate_is_chosen_within_each_series():
 
 
 def test_runs_of_two_target_sets_are_two_series_in_one_folder(tmp_path, sst2_dir):
-    """A folder may hold LoRA on the default layers and on all linear layers; another setting of one set is refused
-    naming that set's series."""
+    """A folder may hold LoRA on the default layers and on all linear layers; another setting of one set is a new
+    setting of that set's series, planned beside its finished run."""
     run_comparison(_config(tmp_path, sst2_dir.parent, methods=["lora"], targets="all-linear"))
-    run_comparison(_config(tmp_path, sst2_dir.parent, methods=["lora"]))  # another series: no conflict
+    run_comparison(_config(tmp_path, sst2_dir.parent, methods=["lora"]))  # another series
     events = read_events(tmp_path / "comparison-lora-all-linear-r4-a8-s0-random-gpt2-tiny.jsonl")
     assert events[0]["targets"] == "all-linear"
-    with pytest.raises(SettingsConflict, match=r"'lora:all-linear' run with other settings \(dropout 0\.0 -> 0\.1\)"):
-        plan_experiment(_config(tmp_path, sst2_dir.parent, methods=["lora"], targets="all-linear", dropout=0.1))
+    assert set(RunStore(tmp_path).load().runs["series"]) == {"lora", "lora:all-linear"}
+    [run] = plan_experiment(_config(tmp_path, sst2_dir.parent, methods=["lora"], targets="all-linear",
+                                    dropout=0.1)).runs
+    assert not run.complete and run.run_id == f"{run.name}-{setting_id(run.record)}"

@@ -22,9 +22,9 @@ Design choices that hold for every figure:
 One module per job: :mod:`.style` (colours, figure and axis plumbing), :mod:`.selection` (which runs a figure
 draws), :mod:`.footnote` (provenance and saving), then the figures: :mod:`.accuracy` (loss, accuracy, accuracy
 per evaluation), :mod:`.cost` (time, size, memory, trainable parameters), :mod:`.grids` (rank x alpha map,
-learning-rate tuning) and :mod:`.summary` (the one-page trade-off). This package only draws: the numbers behind
-the figures (intervals, smoothing, per-method aggregation) come from :mod:`peft_utils.stats`, and every size,
-count and duration is written by :mod:`peft_utils.formatting`.
+learning-rate tuning), :mod:`.summary` (the one-page trade-off) and :mod:`.settings` (every setting tried in a
+folder). This package only draws: the numbers behind the figures (intervals, smoothing, per-method aggregation) come
+from :mod:`peft_utils.stats`, and every size, count and duration is written by :mod:`peft_utils.formatting`.
 """
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ from pathlib import Path
 from peft_utils.plots.accuracy import plot_accuracy, plot_accuracy_curve, plot_loss
 from peft_utils.plots.cost import plot_memory, plot_model_size, plot_time, plot_trainable_params
 from peft_utils.plots.grids import plot_lr_tuning, plot_sweep
+from peft_utils.plots.learning_curve import plot_learning_curve
 from peft_utils.plots.pareto import plot_pareto
 from peft_utils.plots.selection import comparison_runs
+from peft_utils.plots.settings import plot_settings
 from peft_utils.plots.style import (
     DPI,
     METHOD_COLORS,
@@ -47,6 +49,7 @@ from peft_utils.plots.style import (
 )
 from peft_utils.plots.summary import plot_summary
 from peft_utils.stats import paired_statistics
+from peft_utils.report import settings_text
 from peft_utils.store import RunStore
 
 __all__ = [
@@ -66,6 +69,8 @@ __all__ = [
     "plot_sweep",
     "plot_lr_tuning",
     "plot_summary",
+    "plot_settings",
+    "plot_learning_curve",
     "plot_all",
     "main",
 ]
@@ -85,8 +90,12 @@ FIGURES = (
 )
 
 
-def plot_all(results_dir: str | Path, imgs_dir: str | Path) -> list[Path]:
-    """Load every complete run in ``results_dir`` and write each figure that applies to ``imgs_dir``.
+def plot_all(results_dir: str | Path, imgs_dir: str | Path, run_ids: Sequence[str] | None = None) -> list[Path]:
+    """Load the complete runs of ``results_dir`` and write each figure that applies to ``imgs_dir``.
+
+    The figures draw one setting per series: the runs ``run_ids`` (a plan's), or else each series' setting asked
+    for last (:meth:`~peft_utils.store.RunStore.load`); where an adapter series holds several settings, ``settings.png``
+    sets every one of them side by side (:func:`~peft_utils.plots.settings.plot_settings`).
 
     The paired tests take their labels from the records (``eval_labels``); without usable labels the paired
     differences are left out with a printed one-line reason (:func:`~peft_utils.stats.paired_statistics`).
@@ -95,7 +104,8 @@ def plot_all(results_dir: str | Path, imgs_dir: str | Path) -> list[Path]:
     holds no complete run, because an empty figure set would otherwise look like a success.
     """
     results_dir = Path(results_dir)
-    results = RunStore(results_dir).load()
+    store = RunStore(results_dir)
+    results = store.load(run_ids)
     if results.runs.empty:
         raise ValueError(f"no complete run in {results_dir} (a run is complete once its summary is written); "
                          "run the comparison first")
@@ -111,7 +121,8 @@ def plot_all(results_dir: str | Path, imgs_dir: str | Path) -> list[Path]:
         path = figure(results, imgs_dir)
         if path is not None:
             written.append(path)
-    return written
+    path = plot_settings(store.load(every_setting=True), imgs_dir)
+    return written + ([path] if path is not None else [])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,4 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     for path in paths:
         print(path)
+    several = settings_text(args.results_dir)  # what was drawn, where a series holds several settings
+    if several:
+        print(several)
     return 0

@@ -8,20 +8,19 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from peft_utils.learning_curve import FULL, LORA, SizeResult
+from peft_utils.learning_curve import FULL, LORA, Curve, SizeResult
 
 from .style import DPI, method_color, method_label, method_marker, new_figure, png_path, style_axes
 
 
-def plot_learning_curve(sizes: Sequence[SizeResult], large: SizeResult | None, losses: pd.DataFrame,
-                        out_dir: str | Path) -> Path:
+def plot_learning_curve(curve: Curve, out_dir: str | Path) -> Path:
     """``learning_curve.png``: left, mean dev accuracy per method against train rows (log axis), with 95% intervals
     over seeds and sentences, the several-epoch sizes joined and the one-epoch large end apart; right, at the
     smallest size, the mean over seeds of each epoch's training loss (dashed) and dev loss (solid) per method."""
     fig = new_figure(11.5, 4.4)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
-    _draw_accuracy(left, sizes, large)
-    _draw_losses(right, losses, sizes[0].rows if sizes else None)
+    _draw_accuracy(left, curve.sizes, curve.large)
+    _draw_losses(right, curve.losses, curve.smallest)
     fig.suptitle("Does full fine-tuning overfit small data? LoRA (all linear layers) against full fine-tuning",
                  fontsize=11)
     path = png_path(out_dir, "learning_curve.png")
