@@ -16,11 +16,11 @@ from peft_utils.store import RunStore
 
 @pytest.fixture(scope="module")
 def curve_root(tmp_path_factory, sst2_dir):
-    """Two sizes of the smoke profile, full fine-tuning and all-linear LoRA, two seeds, three epochs each."""
+    """Two sizes of the smoke profile, full fine-tuning and all-linear LoRA, two seeds, two epochs each."""
     root = tmp_path_factory.mktemp("curve")
     for rows in (16, 32):
         run_comparison(make_config("smoke", data_dir=str(sst2_dir.parent), results_dir=str(root / f"n{rows}"),
-                                   methods=["full", "lora"], targets="all-linear", train_size=rows, epochs=3,
+                                   methods=["full", "lora"], targets="all-linear", train_size=rows, epochs=2,
                                    seeds=[0, 1], sweep=False, max_length=24, eval_size=32))
     return root
 
@@ -31,7 +31,7 @@ def test_delta_is_lora_minus_full_paired_by_seed_from_the_records(curve_root):
     size = size_result(results)
     runs = results.runs.set_index(["series", "seed"])["final_accuracy"]
     per_seed = [runs[(LORA, s)] - runs[(FULL, s)] for s in (0, 1)]
-    assert (size.rows, size.seeds, size.epochs) == (16, 2, 3)
+    assert (size.rows, size.seeds, size.epochs) == (16, 2, 2)
     assert size.delta.difference == pytest.approx(np.mean(per_seed))
     assert size.accuracy[FULL].difference == pytest.approx(runs[(FULL, 0)] / 2 + runs[(FULL, 1)] / 2)
     assert size.delta.low <= size.delta.difference <= size.delta.high
@@ -40,7 +40,7 @@ def test_delta_is_lora_minus_full_paired_by_seed_from_the_records(curve_root):
 
 def test_every_epoch_has_dev_and_training_loss_and_the_climb_is_read_from_them(curve_root):
     losses = epoch_losses(RunStore(curve_root / "n16").load())
-    assert len(losses) == 2 * 2 * 3 and losses["train_loss"].notna().all()  # methods x seeds x epochs
+    assert len(losses) == 2 * 2 * 2 and losses["train_loss"].notna().all()  # methods x seeds x epochs
     run = losses[(losses["series"] == FULL) & (losses["seed"] == 0)]
     climb = climbs(losses).set_index(["series", "seed"]).loc[(FULL, 0)]
     assert climb["climb"] == pytest.approx(run["loss"].iloc[-1] - run["loss"].min())

@@ -53,6 +53,13 @@ def _tagged(notebook, tag: str) -> list:
     return [cell for cell in notebook.cells if tag in cell.metadata.get("tags", [])]
 
 
+def _shows(cell) -> bool:
+    """Whether a code cell is meant to show something: it ends in an expression (a ``display(...)``, a table), where
+    a cell that only defines a class, a function or names shows nothing by design."""
+    body = ast.parse(cell.source).body
+    return bool(body) and isinstance(body[-1], (ast.Expr, ast.If))
+
+
 def _stream_text(cell) -> str:
     return "".join(output.get("text", "") for output in cell.get("outputs", []) if output.output_type == "stream")
 
@@ -73,7 +80,7 @@ def test_notebook_runs_in_smoke_profile(tmp_path: Path, sst2_dir: Path, gpt2_tok
     assert not missing, f"notebook did not write {missing}"
     assert len(list(results.glob("comparison-*.jsonl"))) == 5
     executed = _notebook(tmp_path / "out.ipynb")
-    assert all(cell.outputs for cell in _tagged(executed, "teaching")), "a teaching cell showed nothing"
+    assert all(cell.outputs for cell in _tagged(executed, "teaching") if _shows(cell)), "a teaching cell showed nothing"
     printed = "".join(_stream_text(cell) for cell in executed.cells)
     assert driver.PROGRESS_LINE.search(printed) and "| done 4 steps in" in printed
     html = driver.export_html(tmp_path / "out.ipynb").read_text(encoding="utf-8")
@@ -117,8 +124,7 @@ def test_the_committed_notebook_has_outputs_from_the_committed_records():
     notebook = _notebook()
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(cell.execution_count for cell in code), "a code cell was never run"
-    without = [cell.source.splitlines()[0] for cell in code if not cell.outputs
-               and "parameters" not in cell.metadata.get("tags", [])]
+    without = [cell.source.splitlines()[0] for cell in code if not cell.outputs and _shows(cell)]
     assert not without, f"code cells without outputs: {without}"
     assert not any(output.output_type == "error" for cell in code for output in cell.outputs)
     assert _markdown_outputs(code[1])[0].startswith("`cpu` profile:")
@@ -170,7 +176,9 @@ def test_the_report_reads_offline(tmp_path: Path):
     assert not [script for script in soup.find_all("script") if "http" in (script.string or "")]  # no import()
     assert "mathjax" not in str(soup).lower()
     markdown = "\n".join(cell.source for cell in _notebook().cells if cell.cell_type == "markdown")
-    formulas = len(re.findall(r"(?<![\\$])\$[^$]+\$", markdown))
+    displayed = re.findall(r"\$\$.+?\$\$", markdown, flags=re.S)
+    inline = re.findall(r"(?<![\\$])\$[^$]+\$", re.sub(r"\$\$.+?\$\$", "", markdown, flags=re.S))
+    formulas = len(displayed) + len(inline)
     assert formulas > 20 and len(soup.find_all("math")) == formulas
     rendered = " ".join(div.get_text() for div in soup.select(".jp-RenderedMarkdown"))
     assert not re.search(r"\\(frac|alpha|lVert|mathbb)|\$", rendered), "raw TeX left in the report"
