@@ -157,7 +157,7 @@ def curve_markdown(curve: Curve) -> str:
     from .report import markdown_table
 
     lines = [markdown_table(curve_table(curve.sizes + ([curve.large] if curve.large else []))),
-             f"\nRule: **{rule_reading(curve.sizes)}**."]
+             f"Rule: **{rule_reading(curve.sizes)}**."]
     if len(curve.sizes) >= 2:
         lines.append(f"Δ({curve.sizes[0].rows:,}) − Δ({curve.sizes[-1].rows:,}): "
                      f"{_points(shrinking(curve.sizes[0], curve.sizes[-1]))} points.")
@@ -165,7 +165,7 @@ def curve_markdown(curve: Curve) -> str:
         reading, climb = overfitting_reading(curve.losses)
         lines.append(f"Overfitting at {curve.smallest:,} rows: **{reading}** (full fine-tuning's dev-loss climb "
                      f"less LoRA's: {_points(climb, 1)}).")
-    return "\n".join(lines)
+    return "\n\n".join(lines)
 
 
 def curve_table(sizes: Sequence[SizeResult]) -> pd.DataFrame:
