@@ -88,3 +88,5 @@ def test_overfitting_needs_a_climb_falling_training_loss_and_a_paired_margin():
     assert reading == "full fine-tuning overfits more than LoRA" and climb.difference == pytest.approx(0.2)
     reading, _ = overfitting_reading(losses([0.5, 0.4, 0.42, 0.43, 0.43], [0.5, 0.45, 0.42, 0.41, 0.40]))
     assert reading == "not shown"  # a climb of 0.03: under the 0.05 that counts
+    reading, climb = overfitting_reading(losses([0.5, 0.45, 0.42, 0.41, 0.40], [0.5, 0.4, 0.45, 0.5, 0.6]))
+    assert reading == "not shown: LoRA's climb is the larger" and climb.high < 0
