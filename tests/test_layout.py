@@ -3,6 +3,7 @@ short enough to read."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -55,3 +56,13 @@ def test_no_function_is_longer_than_a_screen(path):
     long = [f"{name} (line {line}: {length} lines)" for name, line, length in _functions(path)
             if length > LONGEST_FUNCTION]
     assert not long, f"{path.relative_to(PACKAGE.parent)}: {', '.join(long)}"
+
+
+def test_the_core_reads_in_the_order_it_gives():
+    """``core/__init__.py`` lists its files in reading order; each may import only the files listed before it."""
+    listed = re.findall(r"^\d\. ``(\w+)\.py``", ast.get_docstring(ast.parse((CORE / "__init__.py").read_text())),
+                        flags=re.MULTILINE)
+    assert sorted(f"{name}.py" for name in listed) == sorted(p.name for p in CORE.glob("*.py") if p.stem != "__init__")
+    for position, name in enumerate(listed):
+        later = {module for _, module, level in _imports(CORE / f"{name}.py") if level == 1} & set(listed[position:])
+        assert not later, f"core/{name}.py (file {position + 1}) imports {sorted(later)}, listed at or after it"

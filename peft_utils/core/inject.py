@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import ADAPTER_LAYERS, LoRALayer, is_linear4bit, is_supported_base
-from .quant import logical_numel, pin_4bit_layout
-from .targets import (Targets, default_keep_trainable, head_names, head_or_embedding, model_type, name_matcher,
+from .layers import ADAPTER_LAYERS, LoRALayer, is_supported_base
+from .quant import logical_numel
+from .targets import (Targets, default_keep_trainable, head_or_embedding, linear_layers, model_type, name_matcher,
                       resolve_targets)
 
 
@@ -48,17 +48,6 @@ class ParameterCount:
         return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
 
 
-def _candidate_names(model: nn.Module) -> list[str]:
-    """Distinct layer-name suffixes that could be targets, for error messages ("h.0.attn.c_attn" -> "attn.c_attn").
-
-    Each is an accepted input (a suffix, see ``targets.parse_targets``); the head's layers are left out, since
-    they are refused as targets."""
-    head = head_names(model)
-    layers = [n for n, m in model.named_modules() if n and is_supported_base(m) and n not in head]
-    names = {".".join(n.split(".")[-2:]) for n in layers}
-    return sorted(names)
-
-
 def select_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module]]:
     """The layers ``targets`` names (``None``: the model's default), each one a layer an adapter can wrap.
 
@@ -66,11 +55,18 @@ def select_targets(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Mod
     one line naming the layer: no match, a match in the classification head or an embedding (see
     ``targets.head_or_embedding``), a layer type the adapters do not wrap.
     """
-    matches = name_matcher(resolve_targets(model, targets))
+    return _layers_matching(model, resolve_targets(model, targets), targets)
+
+
+def _layers_matching(model: nn.Module, resolved: re.Pattern | tuple[str, ...],
+                     asked: Targets) -> list[tuple[str, nn.Module]]:
+    """:func:`select_targets` once ``targets`` is resolved; ``asked`` is what the error messages quote."""
+    matches = name_matcher(resolved)
     chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
     if not chosen:
-        candidates = ", ".join(_candidate_names(model))
-        raise ValueError(f"no module matched targets {targets!r}; candidate layers: {candidates}")
+        # each layer by its last two name parts ("h.0.attn.c_attn" -> "attn.c_attn"), an accepted suffix
+        candidates = ", ".join(sorted({".".join(n.split(".")[-2:]) for n in linear_layers(model)}))
+        raise ValueError(f"no module matched targets {asked!r}; candidate layers: {candidates}")
     refusal = head_or_embedding(model, [name for name, _ in chosen])
     if refusal:
         raise ValueError(refusal)
@@ -109,18 +105,16 @@ def apply_adapters(
     """
     if method not in ADAPTER_LAYERS:
         raise ValueError(f"unknown adapter method {method!r}; choose one of {tuple(ADAPTER_LAYERS)}")
-    LoRALayer.check_settings(rank, alpha, dropout)  # before the model changes
     if any(True for _ in adapter_layers(model)):
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
     requested = resolve_targets(model, targets)
-    chosen = select_targets(model, requested)
+    chosen = _layers_matching(model, requested, targets)
     kept = kept_modules(model, keep_trainable, {name for name, _ in chosen})
+    options = {"detach_norm": detach_norm} if method == "dora" else {}
+    # every layer built before the first swap: bad settings (refused by the first layer) leave the model as it was
+    layers = [ADAPTER_LAYERS[method](module, rank, alpha, dropout, use_rslora, **options) for _, module in chosen]
     model.requires_grad_(False)
-    for name, module in chosen:
-        if is_linear4bit(module):
-            pin_4bit_layout(module)
-        options = {"detach_norm": detach_norm} if method == "dora" else {}
-        layer = ADAPTER_LAYERS[method](module, rank, alpha, dropout, use_rslora, **options)
+    for (name, _), layer in zip(chosen, layers):
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer)
     for name in kept:

@@ -8,9 +8,8 @@ magnitude per output row. The base may be an ``nn.Linear`` (weight stored (out, 
 as in GPT-2 (weight stored (in, out)) or a bitsandbytes ``Linear4bit`` (packed NF4, dequantised on demand);
 ``base_weight`` shows every one of them as (out, in).
 
-Two tricks keep the unmerged forward as cheap as the papers promise, each in a named helper with its identity:
-``_plus_low_rank`` (the update accumulated into the base output by one GEMM) and ``DoRALayer._row_norm`` (DoRA's
-norm without forming W0 + s·BA).
+One trick keeps DoRA's unmerged forward cheap, in a named helper with its identity: ``DoRALayer._row_norm``
+computes the weight norm without forming W0 + s·BA.
 """
 from __future__ import annotations
 
@@ -40,6 +39,18 @@ def is_supported_base(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear4bit(module)
 
 
+def pin_4bit_layout(layer: nn.Module) -> None:
+    """Keep a bnb ``Linear4bit`` in its standard packed layout. On AVX512-BF16 CPUs bitsandbytes 0.50 repacks the
+    weight in place at the first no-grad eval forward (an inference-only layout): ``dequantize_4bit`` then returns
+    wrong values, evaluation stops computing what training does, and a later training forward fails."""
+    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            "this 4-bit layer was already repacked by bitsandbytes for CPU bf16 inference (an eval-mode forward ran "
+            "before adapters were added); load the model with load_4bit, which keeps the standard layout"
+        )
+    layer.support_avx512bf16_for_cpu = False
+
+
 def base_features(base: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a supported base layer."""
     if is_conv1d(base):
@@ -61,7 +72,7 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     return base.weight.T if is_conv1d(base) else base.weight
 
 
-# ------------------------------------------------------------------------------------------ the two tricks
+# ------------------------------------------------------------------------------------------ the base output
 
 
 def _base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -74,18 +85,6 @@ def _base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x @ base.weight if is_conv1d(base) else F.linear(x, base.weight)  # Conv1D stores W0ᵀ
     out = base(x)
     return out - base.bias if base.bias is not None else out
-
-
-def _plus_low_rank(out: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``out + scaling · down @ upᵀ`` for down = A x (..., r) and up = B (out, r), as one GEMM into ``out``.
-
-    Identity: addmm(C, X, Y, alpha=s) = C + s · X @ Y. The scaling rides on alpha and the sum on the accumulator,
-    so no full-size (..., out) temporary is made for the update or its scaled copy (nor for their gradients).
-    """
-    if out.dtype != down.dtype and not torch.is_autocast_enabled(out.device.type):
-        return out + (F.linear(down, up) * scaling).to(out.dtype)  # e.g. a bf16 base without autocast
-    fused = torch.addmm(out.reshape(-1, out.shape[-1]), down.reshape(-1, down.shape[-1]), up.T, alpha=scaling)
-    return fused.view(*out.shape[:-1], fused.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -105,6 +104,8 @@ class LoRALayer(nn.Module):
         if not is_supported_base(base):
             raise TypeError(f"cannot wrap {type(base).__name__}: expected nn.Linear, Conv1D or bnb Linear4bit")
         self.check_settings(rank, alpha, dropout)
+        if is_linear4bit(base):
+            pin_4bit_layout(base)
         in_features, out_features = base_features(base)
         device = base.weight.device
         self.base = base.requires_grad_(False)
@@ -134,12 +135,11 @@ class LoRALayer(nn.Module):
         result = self.base(x)  # W0 x + b
         if self.merged:
             return result
-        down = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # A dropout(x): (..., r)
-        return _plus_low_rank(result, down, self.lora_B, self.scaling)  # + s · B A dropout(x)
+        return result + self.lora_path(self.dropout(x)).to(result.dtype)  # + s · B A dropout(x)
 
     def lora_path(self, x: torch.Tensor) -> torch.Tensor:
-        """s · B A x, as two thin matmuls: (..., in) -> (..., r) -> (..., out)."""
-        return F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling
+        """s · B(A(x)), as two thin matmuls: (..., in) -> (..., r) -> (..., out); never the dense B A."""
+        return self.scaling * F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A, the dense (out, in) update — only for merging, never in the forward pass."""
@@ -211,11 +211,10 @@ class DoRALayer(LoRALayer):
         scale = self.magnitude / self.weight_norm()  # m / ||W0 + s·BA||, per output row
         if self.training and not isinstance(self.dropout, nn.Identity):
             return self._forward_with_dropout(x, scale)
-        down = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # A x
-        directed = _plus_low_rank(_base_linear(self.base, x), down, self.lora_B, self.scaling)  # (W0 + s·BA) x
-        y = directed * scale
+        base_out = _base_linear(self.base, x)  # W0 x
+        y = (base_out + self.lora_path(x).to(base_out.dtype)) * scale  # m ⊙ (W0 + s·BA) x / ||W0 + s·BA||
         bias = self.base.bias
-        return (y + bias if bias is not None else y).to(directed.dtype)
+        return (y + bias if bias is not None else y).to(base_out.dtype)
 
     def _forward_with_dropout(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """peft's convention with dropout: h = base(x) + (m/n - 1) ⊙ W0 drop(x) + (m/n) ⊙ s·BA drop(x).

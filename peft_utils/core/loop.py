@@ -50,6 +50,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------ optimiser, schedule
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def _no_decay(parameter: nn.Parameter) -> bool:
     """Biases, LayerNorm gains and DoRA magnitudes are vectors: decaying them towards 0 only hurts
     (a magnitude of 0 switches an output off), so decay applies to matrices only."""
@@ -57,13 +60,9 @@ def _no_decay(parameter: nn.Parameter) -> bool:
 
 
 def _has_fused_adamw(parameter: nn.Parameter) -> bool:
-    """Whether torch has a fused AdamW kernel for this parameter: a plain floating-point tensor on a device with
-    fused optimiser kernels. This is the test ``AdamW(fused=True)`` applies, but only at its first ``step``
-    (too late to fall back), and torch offers no public query, hence its device list from ``torch.optim``."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    return (type(parameter) in (torch.Tensor, nn.Parameter) and torch.is_floating_point(parameter)
-            and parameter.device.type in _get_fused_kernels_supported_devices())
+    """Whether ``AdamW(fused=True)`` takes this parameter: a floating-point tensor on a CPU or CUDA device, the two
+    devices torch (>= 2.4) has fused AdamW kernels for. ``AdamW`` itself checks only at its first ``step``."""
+    return torch.is_floating_point(parameter) and parameter.device.type in FUSED_ADAMW_DEVICES
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -8,7 +8,7 @@ the scales in 8 bits too (about 4.13 bits per weight). The un-quantised share (e
 head) stays float32; ``compute_dtype`` is the dtype of the 4-bit matmuls only.
 
 4-bit on CPU: bitsandbytes >= 0.48 ships a CPU backend, and transformers' 4-bit quantizer accepts
-``device_map={"": "cpu"}``. One CPU-specific trap is switched off here (:func:`pin_4bit_layout`).
+``device_map={"": "cpu"}``. One CPU-specific trap is switched off as each layer loads (``layers.pin_4bit_layout``).
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import LoRALayer, is_conv1d, is_linear4bit
-from .loop import enable_gradient_checkpointing
+from .layers import is_conv1d, is_linear4bit, pin_4bit_layout
 from .targets import DEFAULT_KEEP_TRAINABLE, default_keep_trainable, meta_skeleton
 
 BITSANDBYTES_PIN = "bitsandbytes==0.50.2"
@@ -55,22 +54,6 @@ def is_quantized(tensor: torch.Tensor) -> bool:
 def logical_numel(tensor: torch.Tensor) -> int:
     """Element count of the weight a tensor encodes: a packed 4-bit weight counts as the matrix it stands for."""
     return int(torch.Size(tensor.quant_state.shape).numel()) if is_quantized(tensor) else tensor.numel()
-
-
-def pin_4bit_layout(layer: nn.Module) -> None:
-    """Keep a bnb ``Linear4bit`` in its standard packed layout, with a differentiable forward in its compute dtype.
-
-    bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks the weight *in place* at the first eval-mode forward without
-    gradients (an inference-only layout: nested absmax expanded to bf16, bf16 matmul). Afterwards
-    ``dequantize_4bit`` returns wrong values, evaluation no longer computes what training does, and a later
-    training forward fails. Turning that switch off keeps training, evaluation and DoRA's norm on the same weights.
-    """
-    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
-        raise ValueError(
-            "this 4-bit layer was already repacked by bitsandbytes for CPU bf16 inference (an eval-mode forward ran "
-            "before adapters were added); load the model with load_4bit, which keeps the standard layout"
-        )
-    layer.support_avx512bf16_for_cpu = False
 
 
 def quantizable_layers(model_config, skip: list[str]) -> list[str]:
@@ -135,40 +118,12 @@ def load_4bit(
     return model
 
 
-def _trained_parameter_ids(model: nn.Module) -> set[int]:
-    """Parameters an ``apply_adapters`` call made trainable (adapter tensors and kept modules), if any."""
-    keep: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, LoRALayer):
-            keep.update(id(p) for n, p in module.named_parameters() if not n.startswith("base."))
-    injected = getattr(model, "injected_adapters", None)
-    for name in getattr(injected, "keep_trainable", []):
-        keep.update(id(p) for p in model.get_submodule(name).parameters())
-    return keep
-
-
-def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
-    """Get a 4-bit model ready for adapter training, without touching its packed weights.
-
-    - freezes the base (adapter tensors and modules kept trainable by an earlier ``apply_adapters`` stay as they are);
-    - casts every *un-quantised* floating parameter still in fp16/bf16 — layer norms, head, embeddings, biases — to
-      float32 (as peft does, so the residual stream stays float32), skipping bitsandbytes' packed weights, which a
-      blanket ``model.float()`` could upcast when the packed storage is a float;
-    - with ``gradient_checkpointing``: turns it on and makes the embedding output require grad, so that a
-      checkpointed block also back-propagates into adapters when every base weight is frozen (as peft does).
-    """
-    keep = _trained_parameter_ids(model)
+def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
+    """Cast every *un-quantised* parameter still in fp16/bf16 (layer norms, head, embeddings, biases) to float32, as
+    peft does, so the residual stream stays float32 (``load_4bit`` loads them in float32 already; a model loaded
+    otherwise may not). bitsandbytes' packed weights are skipped: a blanket ``model.float()`` would upcast a packed
+    storage that is a float. Freezing the base is ``apply_adapters``' job."""
     for parameter in model.parameters():
-        if id(parameter) not in keep:
-            parameter.requires_grad_(False)
-        if is_quantized(parameter) or not parameter.is_floating_point():
-            continue
-        if parameter.dtype in (torch.float16, torch.bfloat16):
+        if not is_quantized(parameter) and parameter.dtype in (torch.float16, torch.bfloat16):
             parameter.data = parameter.data.float()
-    for module in model.modules():
-        if is_linear4bit(module):
-            pin_4bit_layout(module)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-        model.enable_input_require_grads()
     return model

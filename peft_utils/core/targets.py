@@ -1,38 +1,21 @@
-"""Which layers get adapters, for any transformers classification model: presets, per-architecture defaults and
-the classification head that keeps training.
+"""Which layers get adapters, on any transformers classifier: presets, per-family defaults, and the
+classification head that keeps training.
 
-Targets are matched on module names (``name == suffix`` or ``name.endswith("." + suffix)``, as peft does), so
-one rule serves GPT-2 (``Conv1D``), encoders and decoders (``nn.Linear``) and 4-bit models (``Linear4bit``).
+Targets are matched on module names as peft does (``name == suffix`` or ``name.endswith("." + suffix)``), so one
+rule serves GPT-2 (``Conv1D``), encoders and decoders (``nn.Linear``) and 4-bit models (``Linear4bit``). What a
+``targets`` value means (:func:`parse_targets`), for the notebook, the command line and the API alike:
 
-What a ``targets`` value means (:func:`parse_targets`), one rule for the notebook, the command line and the API:
-
-- ``None``: the family's default (below);
-- a preset name (``"attn"``, ``"attn-all"``, ``"all-linear"``);
-- a string made only of word characters and dots (``"c_attn"``, ``"attn.c_attn"``, ``"h.0.attn.c_attn"``): one
-  module-name suffix, as a list of one would be. Such a string read as a regex would have to spell the whole name
-  (``transformer.h.0.attn.c_attn``), so the natural reading, and every name an error message suggests, works;
-- any other string (``".*(attn|mlp)[.]c_proj"``) or a compiled ``re.Pattern``: a regex, matched against the whole
-  module name (``re.fullmatch``, as peft does with a string ``target_modules``);
+- ``None``: the family's default, peft's: the ``attn`` preset, plus ``PEFT_EXTRA_DEFAULTS`` (tested against peft);
+- a preset: ``attn`` (query and value, or the fused qkv layer such as GPT-2's ``c_attn``: the LoRA paper's
+  choice), ``attn-all`` (every projection of the attention blocks), ``all-linear`` (every linear layer but the head);
+- a string of word characters and dots (``"c_attn"``, ``"attn.c_attn"``): one module-name suffix;
+- any other string, or an ``re.Pattern``: a regex matched against the whole name (``re.fullmatch``, as peft);
 - a list of module-name suffixes.
 
-The classification head (and the layers a family's head adds) always trains in full, as peft's
-``modules_to_save``; it and the embeddings are never targets (an error names the layer).
-
-Presets resolved on the model itself, so the same name works for every family:
-
-- ``attn``: the query and value projections (the LoRA paper's choice). Where query, key and value are one fused
-  layer (GPT-2 ``c_attn``, GPT-NeoX / Bloom / Falcon ``query_key_value``, Phi-3 ``qkv_proj``, ModernBERT
-  ``Wqkv``) that layer is the target: an adapter on it updates q, k and v together, as peft's defaults do.
-- ``attn-all``: every projection of the attention blocks (q, k, v and the output projection).
-- ``all-linear``: every linear layer except the classification head, as peft's ``"all-linear"``.
-
-An *attention projection* is a linear layer inside a module whose class name contains ``Attention``
-(``LlamaAttention``, ``BertAttention``, ``MultiHeadSelfAttention``...). That needs no per-family table, so a family
-added to transformers later works as soon as its attention class follows the convention.
-
-Default targets (``targets=None``): the ``attn`` preset, which is peft's per-architecture default for every family
-peft lists except where peft adds more (``PEFT_EXTRA_DEFAULTS``); the tests check the equality against peft's
-mapping.
+An attention projection is a linear layer inside a module whose class name contains ``Attention``: no per-family
+table, so a family added to transformers later works as soon as it follows the convention. The classification
+head (and the layers a family's head adds) trains in full, as peft's ``modules_to_save``; it and the embeddings
+are never targets.
 """
 from __future__ import annotations
 
@@ -129,7 +112,7 @@ def head_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_modules() if any(n == r or n.startswith(r + ".") for r in roots)}
 
 
-def _linear_layers(model: nn.Module) -> list[str]:
+def linear_layers(model: nn.Module) -> list[str]:
     """Every adaptable layer (``nn.Linear``, ``Conv1D``, ``Linear4bit``) outside the classification head."""
     head = head_names(model)
     return [n for n, m in model.named_modules() if n and is_supported_base(m) and n not in head]
@@ -138,13 +121,13 @@ def _linear_layers(model: nn.Module) -> list[str]:
 def _attention_layers(model: nn.Module) -> list[str]:
     """Adaptable layers inside an attention block (a module whose class name contains ``Attention``)."""
     blocks = [n for n, m in model.named_modules() if n and "Attention" in type(m).__name__]
-    return [n for n in _linear_layers(model) if any(n.startswith(b + ".") for b in blocks)]
+    return [n for n in linear_layers(model) if any(n.startswith(b + ".") for b in blocks)]
 
 
 def preset_layers(model: nn.Module, preset: str) -> list[str]:
     """Full names of the layers a model-resolved preset selects on ``model``, in module order."""
     if preset == "all-linear":
-        layers = _linear_layers(model)
+        layers = linear_layers(model)
     elif preset == "attn-all":
         layers = _attention_layers(model)
     elif preset == "attn":
