@@ -48,8 +48,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bench.precision import machine
-from bench.step_time import write_csv
+from bench.step_time import environment, write_csv
 from peft_utils.checkpoints import load_adapters
 from peft_utils.core.batches import encode, make_loader, row_order
 from peft_utils.core.inject import kept_modules
@@ -463,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Row], list[AdapterResu
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    environment = machine()
+    machine = environment("cpu")
     command = command_line(sys.argv[1:] if argv is None else [str(a) for a in argv])
     print(f"# {command}", flush=True)
     runs = committed_runs(args.results_dir, args.methods, args.seeds, args.targets)
@@ -476,14 +475,14 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Row], list[AdapterResu
             raise ValueError(f"{run.run_id} trained {run.record['model']}, {runs[0].run_id} {runs[0].record['model']}")
         results.append(adapter_gap(run, source, args.data_dir, args.limit))
         print(f"  {run.run_id}: {format_seconds(time.perf_counter() - started)} so far", flush=True)
-    text = report(command, environment, time.perf_counter() - started, base_rows, results, runs[0].record["model"])
+    text = report(command, machine, time.perf_counter() - started, base_rows, results, runs[0].record["model"])
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n", encoding="utf-8")
     if args.csv:
         write_csv(base_rows + [row for result in results for row in result.rows], args.csv,
-                  environment | {"command": command})
+                  machine | {"command": command})
     return base_rows, results
 
 
