@@ -21,8 +21,8 @@ next), each writing one table, its notes and a status line as it goes:
 
 A time budget (``--budget-s``, default 480) is shared: a part is not started once it is spent, (b) and (c) start no
 further method with less than ``--method-reserve-s`` left, and a part still running at the deadline is stopped. The
-exit status is 0 when every part ran and passed its checks, 1 otherwise. The report and CSV default to bench/GPU.md
-and bench/gpu_check.csv (bench/GPU-cpu.md and bench/gpu_check-cpu.csv with ``--device cpu``).
+exit status is 0 when every part ran and passed its checks. The report and CSV default to bench/GPU.md and
+bench/gpu_check.csv (bench/GPU-cpu.md and bench/gpu_check-cpu.csv with ``--device cpu``).
 
 The data folder (``sst2/`` and ``gpt2-tokenizer/``, 5.5 MB) is ``--data-dir``, else the first of
 ``$PEFT_LAB_DATA``, ``../shared/data`` and ``shared/data`` that exists.
@@ -45,10 +45,13 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # `python bench/gpu_check.py` works as well as `python -m bench.gpu_check`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if TYPE_CHECKING:
+    from peft_utils.memory_plan import MemoryPlan
 
 REPO = Path(__file__).resolve().parents[1]
 CSV_FIELDS = ("part", "case", "method", "key", "value")
@@ -68,6 +71,8 @@ PARTIAL = 3  # a part's exit status when the budget made it skip some of its met
 EXIT_STATUS = {0: "ok", 1: "FAILED", PARTIAL: "partial"}
 COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+STEP_TIME_KEYS = ("step_ms", "q1_ms", "q3_ms", "ours_over_peft", "ratio_q1", "ratio_q3", "tokens_per_s", "peak_mib",
+                  "step_alloc_mib", "tflops", "peak_fraction")  # (c)'s columns of a bench.step_time row
 
 
 def peak_tflops(gpu_name: str) -> tuple[float | None, str]:
@@ -177,16 +182,15 @@ def _quiet_command(command: list[str]) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def _gpu_lines(device: str) -> list[str]:
-    """The GPU, its memory and clocks, and the dense peak (b) compares with; read without making a CUDA context,
-    which would hold GPU memory for the whole check."""
+def _gpu_lines(args: argparse.Namespace) -> list[str]:
+    """The GPU, its memory and clocks, and the dense peak (b) and (c) compare with; read without making a CUDA
+    context, which would hold GPU memory for the whole check."""
     import torch
 
     from peft_utils.formatting import format_bytes
 
-    index = torch.device(device).index or 0
-    properties = torch.cuda.get_device_properties(index)
-    peak, dtype = peak_tflops(properties.name)
+    index = torch.device(args.device).index or 0
+    properties, (peak, dtype) = torch.cuda.get_device_properties(index), args.peak
     smi = _quiet_command(["nvidia-smi", f"--id={index}", "--query-gpu=memory.free,memory.used,driver_version,"
                           "power.limit,clocks.max.sm", "--format=csv,noheader"])
     return [f"- GPU: **{properties.name}**, compute capability {properties.major}.{properties.minor}, "
@@ -213,7 +217,7 @@ def header(args: argparse.Namespace, command: str) -> str:
         dirty = _quiet_command(["git", "status", "--porcelain", "--untracked-files=no"])
         lines.append(f"- code: commit {commit}{' with uncommitted changes' if dirty else ''}")
     if args.device.startswith("cuda"):
-        lines += _gpu_lines(args.device)
+        lines += _gpu_lines(args)
     lines.append(f"- CPU: {hardware_name(torch.device('cpu'))}, {os.cpu_count()} logical CPUs, native bf16: "
                  f"{'yes' if cpu_has_native_bf16() else 'no'}; host memory "
                  f"{format_bytes(psutil.virtual_memory().total, binary=True, decimals=1)}")
@@ -225,11 +229,9 @@ def header(args: argparse.Namespace, command: str) -> str:
 
 
 def _device(args: argparse.Namespace):
-    import torch
+    from peft_utils.devices import resolve_device
 
-    device = torch.device(args.device)
-    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
-        else device
+    return resolve_device(args.device)  # "cuda" with its index, as the lab names the device
 
 
 def _native_bf16(args: argparse.Namespace) -> bool:
@@ -315,6 +317,24 @@ def _full_profile(args: argparse.Namespace):
     return replace(profile, train=replace(profile.train, **QUICK_BATCH)) if args.quick else profile
 
 
+def _plan(args: argparse.Namespace, method: str, folder: Path, precision: str) -> MemoryPlan:
+    """The lab's plan for the free GPU memory (``plan_for_device``, as a run gets it); on a CPU, which is never
+    re-planned, the configured batch with its estimate."""
+    from transformers import AutoConfig
+
+    from peft_utils.devices import compute_dtype_for
+    from peft_utils.memory_plan import MemoryPlan, estimate_memory, plan_for_device
+
+    profile, device = _full_profile(args), _device(args)
+    train = replace(profile.train, precision=precision)
+    plan = plan_for_device(str(folder), method, train, profile.adapter, 1, device, name=folder.name)
+    estimate = plan.estimate if plan else estimate_memory(
+        AutoConfig.from_pretrained(folder, num_labels=2), method, train.batch_size, train.max_length,
+        compute_dtype_for(device, precision), rank=profile.adapter.rank, targets=profile.adapter.targets,
+        device_type=device.type)
+    return plan or MemoryPlan(train.batch_size, 1, False, estimate, 0, 0, True, "as configured (a CPU run)")
+
+
 def _step_batches(batch: int, length: int, steps: int, accumulation: int, pad: int):
     """``steps`` global batches of random tokens (no pad / EOS id, so every row is classified from its last token),
     cut into the plan's micro-batches as a run's are."""
@@ -328,10 +348,10 @@ def _step_batches(batch: int, length: int, steps: int, accumulation: int, pad: i
     return StepBatches(make_loader(rows, batch, pad, shuffle=False, seed=0, padded=False), 1, accumulation, 0, pad)
 
 
-def core_steps(args: argparse.Namespace, method: str, folder: Path, plan, precision: str) -> dict[str, Any]:
+def core_steps(args: argparse.Namespace, method: str, folder: Path, plan: MemoryPlan,
+               precision: str) -> dict[str, Any]:
     """``args.steps`` optimiser steps of ``method`` through ``core.loop.train_loop`` as a run trains: ``build_model``,
-    the plan's accumulation and checkpointing, AdamW, schedule, clipping, autocast and loss scaling. The peak is
-    CUDA's allocator peak over the steps, or on a CPU the resident tensors + one more profiled step's peak."""
+    the plan's accumulation and checkpointing, AdamW, schedule, clipping, autocast and loss scaling."""
     import torch
 
     from bench.step_time import allocation_profile, resident_bytes, timed
@@ -345,9 +365,9 @@ def core_steps(args: argparse.Namespace, method: str, folder: Path, plan, precis
     model, _ = build_model(method, folder, profile.adapter, compute_dtype_for(device, precision))
     if next(model.parameters()).device != device:  # a 4-bit model is placed by its loader
         model.to(device)
-    if plan["gradient_checkpointing"]:
+    if plan.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    batches = _step_batches(train.batch_size, train.max_length, args.steps + 1, plan["grad_accum_steps"],
+    batches = _step_batches(train.batch_size, train.max_length, args.steps + 1, plan.grad_accum_steps,
                             model.config.pad_token_id)
     cuda = device.type == "cuda"
     if cuda:
@@ -371,28 +391,6 @@ def core_steps(args: argparse.Namespace, method: str, folder: Path, plan, precis
     return measured
 
 
-def _plan(args: argparse.Namespace, method: str, folder: Path, precision: str) -> dict[str, Any]:
-    """The lab's plan for the free GPU memory (``plan_for_device``, as a run gets it); on a CPU, which is never
-    re-planned, the configured batch and its estimate."""
-    from transformers import AutoConfig
-
-    from peft_utils.devices import compute_dtype_for
-    from peft_utils.memory_plan import estimate_memory, plan_for_device
-
-    profile, device = _full_profile(args), _device(args)
-    train = replace(profile.train, precision=precision)
-    plan = plan_for_device(str(folder), method, train, profile.adapter, 1, device, name=folder.name)
-    if plan is not None:
-        return {"micro_batch": plan.per_device_batch, "grad_accum_steps": plan.grad_accum_steps,
-                "gradient_checkpointing": plan.gradient_checkpointing, "estimate_bytes": plan.estimate.total,
-                "budget_bytes": plan.budget_bytes}
-    estimate = estimate_memory(AutoConfig.from_pretrained(folder, num_labels=2), method, train.batch_size,
-                               train.max_length, compute_dtype_for(device, precision), rank=profile.adapter.rank,
-                               targets=profile.adapter.targets, device_type=device.type)
-    return {"micro_batch": train.batch_size, "grad_accum_steps": 1, "gradient_checkpointing": False,
-            "estimate_bytes": estimate.total, "budget_bytes": None}
-
-
 def part_steps(args: argparse.Namespace, section: Section) -> None:
     """(b): per method, the plan for the free memory, then ``args.steps`` steps of the core's loop."""
     from accelerate.utils import release_memory
@@ -402,59 +400,53 @@ def part_steps(args: argparse.Namespace, section: Section) -> None:
     profile, size = _full_profile(args), "tiny" if args.quick else "large"
     train, adapter = profile.train, profile.adapter
     precision = "bf16" if _native_bf16(args) else "fp16"  # bf16 autocast on a CPU too; fp16 on a T4
-    tokens, n_params = train.batch_size * train.max_length, non_embedding_parameters(
-        Spec(size, train.batch_size, train.max_length))
-    peak = peak_tflops(_gpu_name(args))[0]
+    tokens = train.batch_size * train.max_length
+    n_params = non_embedding_parameters(Spec(size, train.batch_size, train.max_length))
     folder = saved_gpt2(size, args.workdir)
     section.note(f"GPT-2 {size} (random weights), batch {train.batch_size} x {train.max_length} random tokens, "
                  f"{precision} autocast, rank {adapter.rank}, alpha {adapter.alpha:g}, dropout {adapter.dropout:g}, "
                  f"default targets, lr {profile.lr}, clipping {train.max_grad_norm}; {args.steps} steps, the "
                  f"first {min(3, args.steps - 1)} untimed. TFLOP/s = (6 full, 4 PEFT) x N x tokens per step, "
-                 f"N = {n_params:,} non-embedding parameters. Estimate: the lab's plan for the free memory (on a CPU: the "
-                 "configured batch); peak: CUDA's allocator peak over the steps, or on a CPU the resident tensors + "
-                 "the allocator's peak during one more, profiled step.")
+                 f"N = {n_params:,} non-embedding parameters. Estimate: the lab's plan for the free memory (on a "
+                 "CPU: the configured batch's); peak: CUDA's allocator peak over the steps, or on a CPU the "
+                 "resident tensors + the allocator's peak during one more, profiled step.")
     for method in STEP_METHODS:
         if _past(args):
             section.skipped.append(f"(b) {method}")
             continue
         try:
             plan = _plan(args, method, folder, precision)
-            print(f"(b) {method}: {plan}", flush=True)
-            _steps_row(section, method, plan, core_steps(args, method, folder, plan, precision), tokens,
-                       (6 if method == "full" else 4) * n_params * tokens, peak)
+            print(f"(b) {method}: {plan.reason}", flush=True)
+            measured = core_steps(args, method, folder, plan, precision)
+            _steps_row(args, section, method, plan, measured, tokens,
+                       (6 if method == "full" else 4) * n_params * tokens)
         except Exception as error:  # noqa: BLE001 - one method's failure must not lose the others
             section.failed(method, error)
             release_memory()
 
 
-def _steps_row(section: Section, method: str, plan: dict, measured: dict, tokens: int, flops: float,
-               peak: float | None) -> None:
+def _steps_row(args: argparse.Namespace, section: Section, method: str, plan: MemoryPlan, measured: dict,
+               tokens: int, flops: int) -> None:
     """A measured method's row beside its plan, then its checks (finite losses, the peak within the budget)."""
     from bench.step_time import quartiles
 
-    seconds = measured["seconds"]
+    seconds, peak = measured["seconds"], args.peak[0]
     q1, median, q3 = quartiles(seconds[min(3, len(seconds) - 1):])
     tflops = flops / median / 1e12
-    section.add({"method": method, "plan": f"{plan['micro_batch']} x {plan['grad_accum_steps']}"
-                 + (", checkpointing" if plan["gradient_checkpointing"] else ""),
-                 "estimate_bytes": plan["estimate_bytes"], "start_bytes": measured["start_bytes"],
-                 "peak_bytes": measured["peak_bytes"], "peak_over_estimate": measured["peak_bytes"] / plan[
-                     "estimate_bytes"], "reserved_peak_bytes": measured["reserved_peak_bytes"],
-                 "step_ms": 1e3 * median, "step_ms_q1": 1e3 * q1, "step_ms_q3": 1e3 * q3,
-                 "first_step_ms": 1e3 * seconds[0], "tokens_per_s": tokens / median, "tflops": tflops,
-                 "peak_fraction": tflops / peak if peak else None, "loss_first": measured["losses"][0],
-                 "loss_last": measured["losses"][-1], "skipped": measured["skipped"]})
+    section.add({"method": method, "plan": f"{plan.per_device_batch} x {plan.grad_accum_steps}"
+                 + (", checkpointing" if plan.gradient_checkpointing else ""), "estimate_bytes": plan.estimate.total,
+                 "start_bytes": measured["start_bytes"], "peak_bytes": measured["peak_bytes"],
+                 "peak_over_estimate": measured["peak_bytes"] / plan.estimate.total,
+                 "reserved_peak_bytes": measured["reserved_peak_bytes"], "step_ms": 1e3 * median,
+                 "step_ms_q1": 1e3 * q1, "step_ms_q3": 1e3 * q3, "first_step_ms": 1e3 * seconds[0],
+                 "tokens_per_s": tokens / median, "tflops": tflops, "peak_fraction": tflops / peak if peak else None,
+                 "loss_first": measured["losses"][0], "loss_last": measured["losses"][-1],
+                 "skipped": measured["skipped"]})
     if not all(math.isfinite(loss) for loss in measured["losses"]):
         section.problems.append(f"{method}: non-finite training loss")
-    if plan["budget_bytes"] and measured["peak_bytes"] > plan["budget_bytes"]:
+    if plan.budget_bytes and measured["peak_bytes"] > plan.budget_bytes:
         section.warnings.append(f"{method}: measured peak {cell('_bytes', measured['peak_bytes'])} is over the "
-                                f"planner's budget {cell('_bytes', plan['budget_bytes'])}")
-
-
-def _gpu_name(args: argparse.Namespace) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(_device(args)) if args.device.startswith("cuda") else "CPU"
+                                f"planner's budget {cell('_bytes', plan.budget_bytes)}")
 
 
 # --------------------------------------------------------------------------------------------- (c) ours vs peft
@@ -483,37 +475,28 @@ def part_step_time(args: argparse.Namespace, section: Section) -> None:
             section.skipped.append(f"(c) {method}")
             continue
         try:
-            new = st.benchmark(spec, [method], steps, warmup, peak_tflops(_gpu_name(args))[0], args.workdir)
+            new = st.benchmark(spec, [method], steps, warmup, args.peak[0], args.workdir)
         except Exception as error:  # noqa: BLE001 - one method's failure must not lose the others
             section.failed(method, error)
             continue
         rows += new
         st.write_csv(rows, step_time_csv(args), st.environment(args.device) | {"command": "bench.gpu_check (c)"})
         for row in new:
-            section.add({"method": f"{row.method}/{row.impl}", "step_ms": row.step_ms, "q1_ms": row.q1_ms,
-                         "q3_ms": row.q3_ms, "ours_over_peft": row.ours_over_peft, "ratio_q1": row.ratio_q1,
-                         "ratio_q3": row.ratio_q3, "tokens_per_s": row.tokens_per_s, "peak_mib": row.peak_mib,
-                         "step_alloc_mib": row.step_alloc_mib, "tflops": row.tflops,
-                         "peak_fraction": row.peak_fraction})
+            section.add({"method": f"{row['method']}/{row['impl']}"} | {key: row[key] for key in STEP_TIME_KEYS})
 
 
 # --------------------------------------------------------------------------------------------- driver
 
 PARTS = {"a": part_smoke, "b": part_steps, "c": part_step_time}
-TITLES = {"b": "(b) {steps} optimiser steps per method through the core's loop, GPT-2 {size}: planner vs measured",
-          "c": "(c) step time, ours vs peft (LoRA, DoRA, QLoRA)"}
 
 
 def jobs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     """``(part, case, title)`` of each process to run: part (a) once per precision."""
-    selected = []
-    for part in args.parts:
-        if part == "a":
-            selected += [("a", p, f"(a) smoke comparison, {p}") for p in _smoke_precisions(args)]
-        else:
-            title = TITLES[part].format(steps=args.steps, size="tiny" if args.quick else "large")
-            selected.append((part, part, title))
-    return selected
+    titles = {"b": f"(b) {args.steps} optimiser steps per method through the core's loop, GPT-2 "
+                   f"{'tiny' if args.quick else 'large'}: planner vs measured",
+              "c": "(c) step time, ours vs peft (LoRA, DoRA, QLoRA)"}
+    smoke = [("a", p, f"(a) smoke comparison, {p}") for p in _smoke_precisions(args)] if "a" in args.parts else []
+    return smoke + [(part, part, titles[part]) for part in args.parts if part != "a"]
 
 
 def run_part(args: argparse.Namespace, part: str, case: str) -> None:
@@ -617,10 +600,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         print("--device cuda but torch sees no CUDA device; use --device cpu --quick for the CPU check",
               file=sys.stderr)
         return 2
+    args.peak = peak_tflops(torch.cuda.get_device_properties(torch.device(args.device).index or 0).name) if cuda \
+        else (None, "n/a")
     started = time.time()
     args.deadline = started + args.budget_s
     signal.signal(signal.SIGTERM, _terminated)

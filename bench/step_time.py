@@ -2,7 +2,7 @@
 
     python -m bench.step_time                        # CPU: GPT-2 124M-sized (random weights), batch 4 x 64 tokens
     python -m bench.step_time --models 124m,minilm   # several model configs in one run
-    python -m bench.step_time --quick                # smoke test: tiny GPT-2, a few steps (make bench; no timings asserted)
+    python -m bench.step_time --quick                # smoke test, tiny GPT-2 (make bench; asserts no timings)
     python -m bench.step_time --device cuda --peak-tflops 989   # GPU: GPT-2 Large-sized, batch 16 x 64, bf16 autocast
 
 A *step* is forward + backward + AdamW step + zero_grad. Each ours/peft pair gets the same base model, targets, rank,
@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +43,7 @@ from torch import nn
 from peft_utils.core.inject import apply_adapters
 from peft_utils.core.layers import is_conv1d
 from peft_utils.core.loop import synchronize
-from peft_utils.devices import hardware_name
+from peft_utils.devices import hardware_name, resolve_device
 from peft_utils.models import GPT2_SHAPES, gpt2_config, load_model, random_gpt2, resolve_model_source
 from peft_utils.train import installed_versions
 
@@ -74,7 +74,6 @@ class Spec:
     targets: str = "all"
     device: str = "cpu"
     dtype: str = "fp32"  # "bf16" = bf16 autocast over fp32 weights (and bf16 compute for the 4-bit layers)
-    detach_norm: bool = True
 
     @property
     def family(self) -> str:
@@ -83,10 +82,6 @@ class Spec:
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
-
-    @property
-    def target_modules(self) -> list[str]:
-        return list(TARGETS[self.family, self.targets])
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -110,11 +105,8 @@ def base_model(spec: Spec, workdir: Path, quantized: bool) -> nn.Module:
     from peft_utils.models import load_quantized
 
     source = saved_gpt2(spec.model, workdir) if spec.family == "gpt2" else "minilm"
-    device = torch.device(spec.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     compute = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
-    return load_quantized(str(source), compute_dtype=compute, device_map={"": str(device)})[0]
+    return load_quantized(str(source), compute_dtype=compute, device_map={"": str(resolve_device(spec.device))})[0]
 
 
 def non_embedding_parameters(spec: Spec) -> int:
@@ -136,14 +128,13 @@ def build(method: str, impl: str, spec: Spec, workdir: Path) -> nn.Module:
     model = base_model(spec, workdir, quantized=method == "qlora")
     if method == "full":
         return model.requires_grad_(True)
-    kind = "dora" if method == "dora" else "lora"
+    kind, targets = "dora" if method == "dora" else "lora", list(TARGETS[spec.family, spec.targets])
     if impl == "ours":
-        return apply_adapters(model, kind, spec.target_modules, spec.rank, spec.alpha, spec.dropout,
-                              detach_norm=spec.detach_norm)
+        return apply_adapters(model, kind, targets, spec.rank, spec.alpha, spec.dropout)
     import peft
 
     config = peft.LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
         use_dora=kind == "dora", fan_in_fan_out=any(is_conv1d(m) for m in model.modules()),
         modules_to_save=[HEADS[spec.family]],
     )
@@ -264,30 +255,7 @@ def measure_memory(runner: Runner) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------------------------- rows
 
-@dataclass
-class Row:
-    model: str
-    device: str
-    dtype: str
-    batch: int
-    seq: int
-    rank: int
-    targets: str
-    method: str
-    impl: str
-    trainable_params: int
-    steps: int
-    step_ms: float
-    q1_ms: float
-    q3_ms: float
-    ours_over_peft: float | None
-    ratio_q1: float | None
-    ratio_q3: float | None
-    tokens_per_s: float
-    peak_mib: float
-    step_alloc_mib: float
-    tflops: float
-    peak_fraction: float | None
+Row = dict[str, Any]  # one runner's measurement: a CSV line
 
 
 def make_row(runner: Runner, method: str, impl: str, n_params: int, memory: tuple[int, int],
@@ -296,33 +264,36 @@ def make_row(runner: Runner, method: str, impl: str, n_params: int, memory: tupl
     q1, median, q3 = quartiles(runner.times)
     r1, ratio, r3 = quartiles(ratios) if ratios else (None, None, None)
     tflops = (6 if method == "full" else 4) * n_params * spec.tokens / median / 1e12
-    return Row(spec.model, spec.device, spec.dtype, spec.batch, spec.seq, spec.rank, spec.targets, method, impl,
-               runner.trainable, len(runner.times), median * 1e3, q1 * 1e3, q3 * 1e3, ratio, r1, r3,
-               spec.tokens / median, memory[0] / MIB, memory[1] / MIB, tflops,
-               tflops / peak_tflops if peak_tflops else None)
+    return {"model": spec.model, "device": spec.device, "dtype": spec.dtype, "batch": spec.batch, "seq": spec.seq,
+            "rank": spec.rank, "targets": spec.targets, "method": method, "impl": impl,
+            "trainable_params": runner.trainable, "steps": len(runner.times), "step_ms": median * 1e3,
+            "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "ours_over_peft": ratio, "ratio_q1": r1, "ratio_q3": r3,
+            "tokens_per_s": spec.tokens / median, "peak_mib": memory[0] / MIB, "step_alloc_mib": memory[1] / MIB,
+            "tflops": tflops, "peak_fraction": tflops / peak_tflops if peak_tflops else None}
 
 
 def markdown_table(rows: list[Row]) -> str:
     lines = ["| model | method | impl | trainable | step ms (median) | IQR ms | ours/peft (IQR) | tokens/s | peak MiB "
              "| step alloc MiB | TFLOP/s | % of peak |", "|" + "---|" * 12]
     for r in rows:
-        ratio = f"{r.ours_over_peft:.3f} ({r.ratio_q1:.3f}–{r.ratio_q3:.3f})" if r.ours_over_peft is not None else ""
-        peak = f"{100 * r.peak_fraction:.1f}" if r.peak_fraction is not None else ""
-        lines.append(f"| {r.model} | {r.method} | {r.impl} | {r.trainable_params:,} | {r.step_ms:.1f} | "
-                     f"{r.q1_ms:.1f}–{r.q3_ms:.1f} | {ratio} | {r.tokens_per_s:,.0f} | {r.peak_mib:,.1f} | "
-                     f"{r.step_alloc_mib:,.1f} | {r.tflops:.3f} | {peak} |")
+        ratio = "" if r["ours_over_peft"] is None else \
+            f"{r['ours_over_peft']:.3f} ({r['ratio_q1']:.3f}–{r['ratio_q3']:.3f})"
+        peak = "" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}"
+        lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {r['trainable_params']:,} | {r['step_ms']:.1f} | "
+                     f"{r['q1_ms']:.1f}–{r['q3_ms']:.1f} | {ratio} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:,.1f} | "
+                     f"{r['step_alloc_mib']:,.1f} | {r['tflops']:.3f} | {peak} |")
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[Any], path: Path, environment: dict[str, str]) -> None:
-    """One CSV line per dataclass row (any bench's ``Row``), with the run's environment in extra columns."""
+def write_csv(rows: Sequence[Row], path: Path, environment: dict[str, str]) -> None:
+    """One CSV line per row (any bench's), with the run's environment in extra columns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = ([f.name for f in fields(rows[0])] if rows else []) + list(environment)
+    names = (list(rows[0]) if rows else []) + list(environment)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
         for row in rows:
-            writer.writerow(asdict(row) | environment)
+            writer.writerow(row | environment)
 
 
 def environment(device: str) -> dict[str, str]:
@@ -358,9 +329,10 @@ def benchmark(spec: Spec, methods: list[str], steps: int, warmup: int, peak_tflo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--models", help=f"comma-separated from {','.join(MODELS)} (default: 124m on CPU, large on CUDA)")
+    parser.add_argument("--models", help=f"comma-separated from {','.join(MODELS)} (default: 124m; large on CUDA)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated from " + ",".join(METHODS))
     parser.add_argument("--batch", type=int, help="sequences per batch (default: 4 on CPU, 16 on CUDA)")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: 64)")
@@ -368,14 +340,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 3; 1 with --quick)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (default 0: DoRA reuses the base GEMM)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="default 0: DoRA reuses the base GEMM")
     parser.add_argument("--targets", choices=("all", "attn"), default="all",
                         help="all: every linear layer of each block; attn: c_attn (GPT-2) / query+value (BERT)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="bf16 = bf16 autocast (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="bf16 autocast or not (default: bf16 on CUDA)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s, to report the achieved fraction")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--csv", type=Path, help="CSV output (default: bench/results.csv; bench/results-quick.csv with --quick)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny GPT-2, batch 2 x 32, 5 steps, 1 thread")
+    parser.add_argument("--csv", type=Path, help="default: bench/results.csv (results-quick.csv with --quick)")
+    parser.add_argument("--quick", action="store_true", help="tiny GPT-2, batch 2 x 32, 5 steps, 1 thread")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
