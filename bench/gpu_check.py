@@ -251,10 +251,6 @@ def _past(args: argparse.Namespace) -> bool:
 # --------------------------------------------------------------------------------------------- (a) smoke comparison
 
 
-def _smoke_precisions(args: argparse.Namespace) -> list[str]:
-    return ["bf16", "fp16"] if args.device.startswith("cuda") else ["fp32", "bf16", "fp16"]
-
-
 def _refused_here(args: argparse.Namespace, precision: str) -> bool:
     """fp16 on a CPU and bf16 on a GPU without native bf16 must be refused before anything trains."""
     cpu = not args.device.startswith("cuda")
@@ -495,7 +491,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     titles = {"b": f"(b) {args.steps} optimiser steps per method through the core's loop, GPT-2 "
                    f"{'tiny' if args.quick else 'large'}: planner vs measured",
               "c": "(c) step time, ours vs peft (LoRA, DoRA, QLoRA)"}
-    smoke = [("a", p, f"(a) smoke comparison, {p}") for p in _smoke_precisions(args)] if "a" in args.parts else []
+    precisions = ["bf16", "fp16"] if args.device.startswith("cuda") else ["fp32", "bf16", "fp16"]
+    smoke = [("a", p, f"(a) smoke comparison, {p}") for p in precisions] if "a" in args.parts else []
     return smoke + [(part, part, titles[part]) for part in args.parts if part != "a"]
 
 
@@ -531,6 +528,10 @@ def run_job(args: argparse.Namespace, report: Report, part: str, case: str) -> s
         try:
             child.join(remaining)
             late = child.is_alive()
+        except SystemExit:  # see _terminated
+            report.write(f"\nStatus: **stopped** — the check was terminated {time.time() - started:.0f} s into this "
+                         "part (a signal from outside: a caller's time limit?)")
+            raise
         finally:  # the deadline, or this process is being terminated: the child goes too
             if child.is_alive():
                 child.terminate()
