@@ -6,25 +6,18 @@ the same base with its linear layers in NF4, on the dev rows its run was scored 
     python -m bench.nf4_gap --results-dir results/cpu-fulltrain-all-linear --targets all-linear
                                                      # adapters on all linear layers: bench/nf4_gap-all-linear.md
 
-Why: in the committed 3-seed full-train run QLoRA ends 2.4 points below LoRA, but it also trained at another
-learning rate (3e-3 against 1e-3), so that run cannot say whether the 4-bit frozen base or the rate costs the points.
-This measures the base alone, three ways:
+Why: QLoRA ended below LoRA in a run where it also trained at another learning rate, so that run cannot say whether
+the 4-bit frozen base or the rate costs the points. Three measurements of the base alone:
 
-1. **The base before training**: the pretrained body in float32 and in NF4 (double quantisation, float32 compute:
-   what ``models.build_model`` gives ``qlora``), both with the same fresh classification head (copied, so that only
-   the body differs): the relative error of the first token's final hidden state ([CLS]) and of the head's input
-   (BERT's pooled [CLS]), the logits' absolute difference over their RMS, and how many predictions agree.
-2. **LoRA adapters, base quantised after training**: each adapter on its own float32 base (which must reproduce its
-   record) and on the NF4 base.
-3. **QLoRA adapters, base de-quantised**: each adapter on its own NF4 base (reproducing its record) and on the
-   float32 base it was quantised from.
+1. The pretrained body in float32 and in NF4 (double quantisation, float32 compute, as ``build_model`` gives
+   ``qlora``) under one fresh head (copied): relative errors of the first token's final hidden state and of the
+   head's input, the logits' difference over their RMS, and how many predictions agree.
+2. Each LoRA adapter on its own float32 base (which must reproduce its record) and on the NF4 base.
+3. Each QLoRA adapter on its own NF4 base (reproducing its record) and on the float32 base it was quantised from.
 
-Each adapter is loaded with ``checkpoints.load_adapters`` onto a freshly loaded base and scored by the library's own
-``core.loop.evaluate`` over the loader its run used (``encode`` + ``make_loader`` with the record's max length,
-evaluation batch and length bucketing), so on the run's own base the accuracy, per-sentence predictions and
-probabilities repeat the record's (bit for bit on the CPU that trained it; the table says how close they are).
-Accuracy differences are paired over the same sentences and seeds (``stats.paired_bootstrap``: seeds and sentences
-resampled, its p from the same resamples), "other base minus own base". The last table puts both methods on one base.
+Adapters are loaded with ``checkpoints.load_adapters`` and scored by ``core.loop.evaluate`` over the loader their run
+used, so on the own base accuracy, predictions and probabilities repeat the record (bit for bit on the CPU that
+trained it). Accuracy differences are paired over sentences and seeds (``stats.paired_bootstrap``).
 """
 from __future__ import annotations
 
@@ -36,7 +29,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/nf4_gap.py` works as well as `python -m bench.nf4_gap`
@@ -48,8 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bench.precision import machine
-from bench.step_time import write_csv
+from bench.step_time import environment, write_csv
 from peft_utils.checkpoints import load_adapters
 from peft_utils.core.batches import encode, make_loader, row_order
 from peft_utils.core.inject import kept_modules
@@ -90,10 +82,9 @@ class Run:
 
 def committed_runs(results_dir: str | Path, methods: Sequence[str] = METHODS,
                    seeds: Sequence[int] | None = None, targets: str | None = None) -> list[Run]:
-    """The complete comparison runs of ``methods`` on one target set (``targets`` as run ids name it; ``None``: the
-    model's default) and ``seeds`` (default all) in ``results_dir``, by method and seed; each must have its adapter
-    beside its record and have been scored in float32. One target set, because a folder may hold a method on several
-    and the tables pair LoRA with QLoRA by seed."""
+    """The complete comparison runs of ``methods`` and ``seeds`` (default all) in ``results_dir`` on one target set
+    (as run ids name it; ``None``: the default), by method and seed, each with its adapter, scored in float32. One
+    target set, because the tables pair LoRA with QLoRA by seed."""
     store = RunStore(results_dir)
     table = store.summary()
     chosen = ((table["group"] == COMPARISON_GROUP) & table["method"].isin(methods)
@@ -115,8 +106,7 @@ def committed_runs(results_dir: str | Path, methods: Sequence[str] = METHODS,
 
 
 def dev_rows(record: dict, data_dir: str | Path | None, limit: int | None = None) -> pd.DataFrame:
-    """The dev rows the run was scored on (all of dev or its fixed subset, in record order), checked against the
-    labels its record keeps; the first ``limit`` of them if given."""
+    """The dev rows the run was scored on, checked against its record's labels; the first ``limit`` if given."""
     if record.get("dataset", "sst2") != "sst2":
         raise ValueError(f"{record['run_id']} was scored on {record['dataset']!r}; this bench reads SST-2")
     dev = load_sst2(data_dir)["dev"]
@@ -129,8 +119,7 @@ def dev_rows(record: dict, data_dir: str | Path | None, limit: int | None = None
 
 
 def eval_loader(rows: pd.DataFrame, tokenizer, record: dict) -> DataLoader:
-    """The evaluation loader of ``train.py`` for this record's settings: same tokens, batches and batch order, so the
-    float32 sums of a batch repeat too (batch composition changes the padding, hence the last bits)."""
+    """The run's own evaluation loader (its tokens, batches and order: padding changes the last bits)."""
     encoded = encode(rows["sentence"].tolist(), rows["label"].tolist(), tokenizer, int(record["max_length"]))
     batch = record.get("eval_batch_size")
     batch = int(batch) if batch and not pd.isna(batch) else 2 * int(record["per_device_batch_size"])
@@ -142,9 +131,8 @@ def eval_loader(rows: pd.DataFrame, tokenizer, record: dict) -> DataLoader:
 
 
 def load_base(base: str, source: str, num_labels: int = 2) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)``: the pretrained classifier with its linear layers in float32 or in NF4 (double
-    quantisation, float32 compute, prepared as ``models.build_model`` prepares QLoRA's base), in eval mode; the
-    fresh head is seeded, so that part 1 repeats."""
+    """``(model, tokenizer)``: the pretrained classifier with its linear layers in float32 or in NF4 (as
+    ``build_model`` prepares QLoRA's base), in eval mode, its fresh head seeded (part 1 repeats)."""
     if base not in BASES:
         raise ValueError(f"unknown base {base!r}; choose one of {BASES}")
     set_seed(0)
@@ -154,9 +142,8 @@ def load_base(base: str, source: str, num_labels: int = 2) -> tuple[nn.Module, o
 
 @dataclass(frozen=True)
 class Outputs:
-    """What a model computed for each evaluation row (in row order): its logits, the first token's final hidden
-    state ([CLS] for BERT) and the head's input where that is one vector per row (BERT's pooled [CLS]; ``None`` for
-    a per-token head such as GPT-2's)."""
+    """Per evaluation row, in row order: logits, the first token's final hidden state ([CLS] for BERT) and the head's
+    input where it is one vector per row (BERT's pooled [CLS]; ``None`` for GPT-2's per-token head)."""
 
     logits: torch.Tensor
     first_token: torch.Tensor
@@ -177,14 +164,12 @@ def head_module(model: nn.Module) -> nn.Module:
 
 
 def _kept(tensor: torch.Tensor) -> torch.Tensor:
-    """A captured output as float32 on the CPU, where the two bases' outputs meet (on a GPU the NF4 model computes
-    there and the float32 one may not)."""
+    """A captured output as float32 on the CPU, where the two bases' outputs meet."""
     return tensor.detach().float().cpu()
 
 
 def score(model: nn.Module, loader: DataLoader) -> Scored:
-    """``core.loop.evaluate`` (the records' numbers), with hooks that keep the logits, the body's first-token output
-    and the head's input of the same forward passes: one pass per model, and the errors are those of the scores."""
+    """``core.loop.evaluate`` (the records' numbers), with hooks keeping the outputs of the same forward passes."""
     captured: dict[str, list[torch.Tensor]] = {"logits": [], "first_token": [], "head_input": []}
     hooks = [
         model.register_forward_hook(lambda _m, _a, out: captured["logits"].append(_kept(out.logits))),
@@ -229,8 +214,8 @@ def relative_error(reference: torch.Tensor | None, other: torch.Tensor | None) -
 
 @dataclass
 class Row:
-    """One classifier on one base (a CSV row). ``*_rel`` compare it with the same classifier on its own base (0
-    there); ``record_*`` compare the own-base evaluation with the run's record (empty for part 1 and other bases)."""
+    """One classifier on one base (a CSV row). ``*_rel``: against the same classifier on its own base (0 there);
+    ``record_*``: the own-base evaluation against the run's record."""
 
     classifier: str
     method: str
@@ -252,8 +237,8 @@ class Row:
 
 
 def compare(name: str, method: str, seed: int | None, base: str, own_base: str, own: Scored, other: Scored) -> Row:
-    """``other`` against ``own`` (the same classifier on its own base): logits' absolute difference over the RMS of
-    the own logits (mean and max over rows and classes), relative errors of the hidden states, agreeing predictions."""
+    """``other`` against ``own`` (the same classifier on its own base): logits' difference over the own logits' RMS,
+    relative errors of the hidden states, agreeing predictions."""
     scale = own.outputs.logits.pow(2).mean().sqrt()
     difference = (other.outputs.logits - own.outputs.logits).abs() / scale
     agree = int((np.array(other.evaluation.predictions) == np.array(own.evaluation.predictions)).sum())
@@ -264,8 +249,7 @@ def compare(name: str, method: str, seed: int | None, base: str, own_base: str, 
 
 
 def check_record(row: Row, scored: Scored, record: dict) -> Row:
-    """Fill ``row``'s record columns: the recorded accuracy, how many of the (first ``n``) recorded predictions
-    differ, and the largest difference of a recorded probability."""
+    """Fill ``row``'s record columns: accuracy, differing predictions, largest probability difference."""
     n = scored.evaluation.n
     recorded = np.array(record["dev_predictions"][:n])
     row.record_accuracy = float(record["final_accuracy"])
@@ -276,8 +260,7 @@ def check_record(row: Row, scored: Scored, record: dict) -> Row:
 
 
 def base_gap(source: str, rows: pd.DataFrame, record: dict) -> list[Row]:
-    """Part 1: the pretrained body in float32 and in NF4 under one fresh head (float32's, copied), same rows and
-    loader as the runs."""
+    """Part 1: the pretrained body in float32 and in NF4 under one fresh head (float32's, copied)."""
     reference, tokenizer = load_base("fp32", source, len(record["labels"]))
     quantized, _ = load_base("nf4", source, len(record["labels"]))
     head_module(quantized).load_state_dict(head_module(reference).state_dict())
@@ -319,8 +302,8 @@ def _ratio(mean: float, largest: float, digits: int = 3) -> str:
 
 
 def _paired(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[str, str]:
-    """A minus B over the same sentences and paired seeds: the formatted difference with its seeds x sentences
-    bootstrap interval and p, and the counts of sentences each got right in more seeds."""
+    """A minus B over the same sentences and seeds (bootstrap interval and p), and the counts of sentences each
+    got right in more seeds."""
     differences = paired_differences(np.stack(a), np.stack(b))
     result = paired_bootstrap(np.stack(a), np.stack(b), PAIRED_RESAMPLES, seed=0)
     per_sentence = differences.mean(axis=0)
@@ -396,7 +379,7 @@ def same_base_markdown(results: list[AdapterResult]) -> str:
     return "\n".join(lines)
 
 
-def report(command: str, environment: dict[str, str], seconds: float, base_rows: list[Row],
+def report(command: str, machine: dict[str, str], seconds: float, base_rows: list[Row],
            results: list[AdapterResult], model: str) -> str:
     """The whole markdown output: the command, machine and wall time, then the three tables with their keys."""
     n = base_rows[0].n
@@ -404,7 +387,7 @@ def report(command: str, environment: dict[str, str], seconds: float, base_rows:
         f"# `{command}`",
         f"Run {time.strftime('%Y-%m-%d')}; wall time {format_seconds(seconds)} for everything below, loading "
         f"included (1-minute load average {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores). Machine: "
-        + ", ".join(f"{k}={v}" for k, v in environment.items()) + ".",
+        + ", ".join(f"{k}={v}" for k, v in machine.items()) + ".",
         "## 1. The NF4 base before training",
         f"The pretrained body in float32 and in NF4 (double quantisation, float32 compute), under one fresh head "
         f"(seeded, copied from the float32 model to the NF4 one), on {n} dev rows. Relative error: "
@@ -463,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Row], list[AdapterResu
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    environment = machine()
+    machine = environment("cpu")
     command = command_line(sys.argv[1:] if argv is None else [str(a) for a in argv])
     print(f"# {command}", flush=True)
     runs = committed_runs(args.results_dir, args.methods, args.seeds, args.targets)
@@ -476,14 +459,14 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Row], list[AdapterResu
             raise ValueError(f"{run.run_id} trained {run.record['model']}, {runs[0].run_id} {runs[0].record['model']}")
         results.append(adapter_gap(run, source, args.data_dir, args.limit))
         print(f"  {run.run_id}: {format_seconds(time.perf_counter() - started)} so far", flush=True)
-    text = report(command, environment, time.perf_counter() - started, base_rows, results, runs[0].record["model"])
+    text = report(command, machine, time.perf_counter() - started, base_rows, results, runs[0].record["model"])
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n", encoding="utf-8")
     if args.csv:
-        write_csv(base_rows + [row for result in results for row in result.rows], args.csv,
-                  environment | {"command": command})
+        write_csv([asdict(row) for row in base_rows + [row for result in results for row in result.rows]], args.csv,
+                  machine | {"command": command})
     return base_rows, results
 
 

@@ -130,7 +130,7 @@ def _batches(frames: tuple[pd.DataFrame, pd.DataFrame], tokenizer, config: Train
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
 
 
-def _installed_versions() -> dict[str, str | None]:
+def installed_versions() -> dict[str, str | None]:
     """Python's and each :data:`RECORDED_PACKAGES`' installed version (None when not installed).
 
     Why in the record but not in the run's identity (``store.IDENTITY_KEYS``): a time, a memory peak or an accuracy
@@ -160,7 +160,7 @@ def _config_event(model: nn.Module, config: TrainConfig, batches: _Batches, acce
         "train_size": batches.train_rows, "eval_size": batches.eval_rows,
         "total_steps": len(batches.train) * config.epochs,
         "trainable_params": counts.trainable, "total_params": counts.total,
-        **(to_record(memory_plan) if memory_plan else {}), "versions": _installed_versions(),
+        **(to_record(memory_plan) if memory_plan else {}), "versions": installed_versions(),
     }
 
 
