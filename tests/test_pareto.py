@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("MPLCONFIGDIR", str(Path(__file__).resolve().parents[1] / ".cache" / "matplotlib"))
 
 from peft_utils import plots  # noqa: E402
-from peft_utils.plots import pareto  # noqa: E402
-from peft_utils.plots.pareto import pareto_front, plot_pareto  # noqa: E402
+from peft_utils.plots import cost  # noqa: E402
+from peft_utils.plots.cost import pareto_front, plot_pareto  # noqa: E402
 from peft_utils.store import Results, RunStore  # noqa: E402
 from test_plots import _assert_png, write_fake_results, write_multiseed_results  # noqa: E402
 
@@ -69,13 +69,13 @@ def test_the_front_is_exactly_the_undominated_points() -> None:
 @pytest.fixture
 def drawn_figures(monkeypatch: pytest.MonkeyPatch) -> list:
     """The figures plot_pareto saves, kept for inspection (it returns only the file's path)."""
-    figures, save = [], pareto.save_with_footnote
+    figures, save = [], cost.save_with_footnote
 
     def keep(fig, path, runs, notes=()):
         figures.append((fig, list(notes)))
         return save(fig, path, runs, notes)
 
-    monkeypatch.setattr(pareto, "save_with_footnote", keep)
+    monkeypatch.setattr(cost, "save_with_footnote", keep)
     return figures
 
 

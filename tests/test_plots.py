@@ -31,6 +31,7 @@ from peft_utils.formatting import (  # noqa: E402
     format_share,
 )
 from peft_utils.data import load_sst2  # noqa: E402
+from peft_utils.methods import METHOD_NAMES  # noqa: E402
 from peft_utils.plots import footnote, style  # noqa: E402
 from peft_utils.store import Results, RunRecorder, RunStore  # noqa: E402
 from peft_utils.stats import ema_smooth, wilson_interval  # noqa: E402
@@ -223,8 +224,8 @@ def test_robust_to_missing_optional_columns(tmp_path: Path) -> None:
 
 
 def test_cost_figure_draws_a_panel_per_recorded_cost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Time, memory and size get a panel each, times as a share of full fine-tuning's; memory of two kinds is
-    hatched and called out; without full fine-tuning the slowest method is the reference, and the note says so."""
+    """Time, memory and size get a panel each, times as a share of full fine-tuning's; without full fine-tuning the
+    slowest method is the reference, and memory of two kinds (not one quantity) is left out with a note."""
     from peft_utils.plots import cost
 
     drawn = []
@@ -232,15 +233,14 @@ def test_cost_figure_draws_a_panel_per_recorded_cost(tmp_path: Path, monkeypatch
     results = RunStore(write_fake_results(tmp_path / "results", sweep=False, lora_seeds=1, n_steps=5)).load()
     cost.plot_cost(results, tmp_path)
     mixed = results.runs.assign(memory_kind=np.where(results.runs["method"] == "lora", "rss", "cuda"))
-    without_full = mixed[mixed["method"] != "full"].drop(columns=["size.disk_bytes"])
-    cost.plot_cost(Results(without_full, results.steps, results.evals), tmp_path)
-    (fig, notes), (partial, partial_notes) = drawn
+    cost.plot_cost(Results(mixed[mixed["method"] != "full"], results.steps, results.evals), tmp_path)
+    (fig, _), (partial, notes) = drawn
     assert [ax.get_title(loc="left").split("\n")[0] for ax in fig.axes] == [
-        "Training time", "Peak memory during training", "What each method ships"]
+        "Training time, all epochs", "Peak memory during training", "What each method ships"]
     assert "10.2 min (100%)" in [text.get_text() for text in fig.axes[0].texts]  # full fine-tuning's own time
-    assert len(partial.axes) == 2 and "QDoRA" in partial.axes[0].get_title(loc="left")  # the slowest
-    assert any("full fine-tuning is not in this run set" in note for note in partial_notes)
-    assert any(note.startswith("NOTE: memory kinds differ") for note in partial_notes)
+    assert "the base model in fp32: 498 MB" in fig.axes[2].get_title(loc="left")
+    assert len(partial.axes) == 2 and "% of QDoRA's, the slowest" in partial.axes[0].get_title(loc="left")
+    assert any(note.startswith("Peak memory not drawn") for note in notes)
     assert plots.plot_cost(Results(results.runs.iloc[0:0], results.steps, results.evals), tmp_path) is None
 
 
@@ -308,8 +308,8 @@ def test_helpers() -> None:
     assert [style.tick_formatter(format_count)(v, None) for v in (0, 1e5, 2.5e6)] == ["0", "100K", "2.5M"]
     smoothed = ema_smooth([1.0, 1.0, 1.0, 0.0], span=3)
     assert smoothed[0] == 1.0 and 0.0 < smoothed[-1] < 1.0  # bias-corrected: starts at the first value
-    assert set(plots.METHOD_ORDER) <= set(plots.METHOD_COLORS)
-    assert len(set(plots.METHOD_COLORS.values())) == len(plots.METHOD_COLORS)
+    assert set(METHOD_NAMES) <= set(style.METHOD_COLORS)
+    assert len(set(style.METHOD_COLORS.values())) == len(style.METHOD_COLORS)
 
 
 def test_format_bytes_binary_units_and_fixed_decimals() -> None:

@@ -1,102 +1,202 @@
-"""What the methods cost: training time, peak memory and shipped size, one panel each of one figure."""
+"""What the methods cost (training time, peak memory, shipped size): ``cost.png`` sets the costs side by side,
+``pareto.png`` each against dev accuracy with its Pareto frontier, the view peft's method-comparison suite uses.
+"""
 from __future__ import annotations
 
+import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
-from peft_utils.formatting import format_bytes, format_seconds
-from peft_utils.plots.footnote import save_with_footnote
-from peft_utils.plots.style import (MEMORY_KIND_TEXT, comparison_runs, method_color, method_label, method_summary,
-                                    new_figure, png_path, set_time_axis, style_axes, tick_formatter)
+from peft_utils.formatting import duration_ticks, format_bytes, format_duration_tick, format_seconds
+from peft_utils.methods import series_label
+from peft_utils.plots.footnote import dataset_name, save_with_footnote
+from peft_utils.plots.style import (MEMORY_KIND_TEXT, WILSON_NOTE, comparison_runs, interval_legend, method_color,
+                                    method_marker, method_summary, new_figure, style_axes, tick_formatter,
+                                    zoom_accuracy_axis)
+from peft_utils.stats import numeric_column, run_series
 from peft_utils.store import Results
+
+LOG_SPAN = 10.0  # a cost axis whose values span more than this factor is drawn on a log scale
+_FRONTIER_STYLE = {"color": "#333333", "linestyle": "--", "linewidth": 1.3}
+
+
+class Cost(NamedTuple):
+    """One cost: its column in :func:`~peft_utils.stats.per_method_summary` and in the run table, name and format."""
+
+    column: str
+    run_column: str
+    name: str
+    format_value: Callable[[float], str]
+
+
+COSTS = (Cost("train_time_s", "train_time_s", "training time", format_seconds),
+         Cost("peak_memory_bytes", "peak_memory_bytes", "peak memory", lambda v: format_bytes(v, decimals=2)),
+         Cost("disk_bytes", "size.disk_bytes", "shipped size", format_bytes))
+_OVER_SEEDS = "Over a method's seeds: the mean training time, the largest peak memory (the budget to provision)."
+
+
+def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> np.ndarray:
+    """Which points no other dominates (costs no more, is no less accurate, and is strictly better in one): a boolean
+    mask. Two identical points both stay on the front; a NaN cost or accuracy is off it and dominates nothing."""
+    cost, accuracy = np.asarray(costs, dtype=float), np.asarray(accuracies, dtype=float)
+    no_worse = (cost[:, None] <= cost[None, :]) & (accuracy[:, None] >= accuracy[None, :])  # [j, i]: j vs i
+    better = (cost[:, None] < cost[None, :]) | (accuracy[:, None] > accuracy[None, :])
+    return np.isfinite(cost) & np.isfinite(accuracy) & ~(no_worse & better).any(axis=0)  # NaN compares false
+
+
+def _drawable_costs(table: pd.DataFrame) -> tuple[list[Cost], list[str]]:
+    """The costs some series recorded, and a note for each left out: memory, when its kinds differ (a GPU's
+    allocations and a process's RSS are not one quantity; a series whose seeds differ has "cuda+rss")."""
+    costs = [cost for cost in COSTS if not table.empty and (table[cost.column] > 0).any()]
+    kinds = set("+".join(table.loc[table["peak_memory_bytes"] > 0, "memory_kind"]).split("+")) if costs else set()
+    if len(kinds) <= 1:
+        return costs, []
+    return [c for c in costs if c.column != "peak_memory_bytes"], [
+        f"Peak memory not drawn: its kinds differ across runs ({', '.join(sorted(kinds))})."]
+
+
+def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_zero: bool = False) -> None:
+    """Limits, scale and ticks of a cost's x axis: log past :data:`LOG_SPAN`; time in clock ticks on a log scale
+    (not "3x10^1") and in round numbers of one unit on a linear one; bytes in units. ``from_zero`` (bars) starts a
+    linear axis at 0 and leaves room on the right for the bars' labels."""
+    low, high = float(values.min()), float(values.max())
+    log, pad = high / low > LOG_SPAN, (high - low) or 0.2 * high
+    if log:
+        low, high = low / 3, high * (60 if from_zero else 3)
+    else:
+        low, high = (0.0, high * 1.5) if from_zero else (max(0.0, low - 0.3 * pad), high + 0.3 * pad)
+    kind = MEMORY_KIND_TEXT.get(memory_kind) if cost.column == "peak_memory_bytes" else None
+    ax.set(xscale="log" if log else "linear", xlim=(low, high), xlabel=(kind or cost.name) + " (log scale)" * log)
+    ax.xaxis.set_minor_locator(NullLocator())
+    if cost.column != "train_time_s":
+        ax.xaxis.set_major_formatter(tick_formatter(format_bytes))
+        if not log:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        return
+    unit, name = (3600, "h") if high >= 7200 else (60, "min") if high >= 120 else (1, "s")
+    ticks = duration_ticks(low, high) if log else \
+        MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(low / unit, high / unit) * unit
+    ax.set_xticks([t for t in ticks if low <= t <= high])
+    ax.xaxis.set_major_formatter(FuncFormatter(
+        lambda v, _: format_duration_tick(v) if log else f"{v / unit:g} {name}"))
 
 
 def plot_cost(results: Results, out_dir: str | Path) -> Path | None:
-    """``cost.png``: per series, training time (with its share of full fine-tuning's), peak memory and the size of
-    what it ships, as bars in three panels sharing the series' rows; a panel for each cost some series recorded.
-
-    Why bars with their numbers written on: the reader compares a few values per cost, and the results table holds
-    the rest (trainable parameters, intervals). Sizes use a log axis: a full checkpoint and an adapter differ by
-    orders of magnitude, and on a linear one the adapters vanish.
-    """
+    """``cost.png``: per series, training time, peak memory and what it ships, as bars with their numbers in a panel
+    per recorded cost, sharing the series' rows. Why only these: the results table holds the rest (parameters,
+    intervals). Sizes span orders of magnitude, so their axis turns log."""
     runs = comparison_runs(results.runs)
     table = method_summary(runs)
-    panels = [(column, draw) for column, draw in (("train_time_s", _draw_time), ("peak_memory_bytes", _draw_memory),
-                                                  ("disk_bytes", _draw_size))
-              if not table.empty and (table[column] > 0).any()]
-    if not panels:
+    costs, notes = _drawable_costs(table)
+    if not costs:
         return None
-    fig = new_figure(4.4 * len(panels) + 1.6, 0.5 * len(table) + 2.2)
-    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    fig = new_figure(4.4 * len(costs) + 1.6, 0.5 * len(table) + 2.2)
+    axes = np.atleast_1d(fig.subplots(1, len(costs), sharey=True))
     y = np.arange(len(table))[::-1]
-    notes = []
-    for ax, (column, draw) in zip(axes, panels):
-        known = (table[column] > 0).to_numpy()
-        bars = ax.barh(y[known], table.loc[known, column], height=0.62, edgecolor="white", zorder=2,
-                       color=[method_color(s) for s in table.index[known]])
-        notes += draw(ax, table[known], bars)
+    for ax, cost in zip(axes, costs):
+        known = table[table[cost.column] > 0]
+        bars = ax.barh(y[table[cost.column] > 0], known[cost.column], height=0.62, edgecolor="white", zorder=2,
+                       color=[method_color(s) for s in known.index])
+        _annotate_cost_panel(ax, cost, known, bars)
+        _set_cost_axis(ax, cost, known[cost.column].to_numpy(dtype=float), known["memory_kind"].iloc[0], True)
         style_axes(ax, "x")
-    axes[0].set_yticks(y, [method_label(s) for s in table.index])
-    fig.suptitle("What each method costs: training time, peak memory and shipped size", fontsize=13, x=0.01,
-                 ha="left")
+    axes[0].set_yticks(y, [series_label(s) for s in table.index])
+    fig.suptitle("What each method costs: training time, peak memory and shipped size", fontsize=13, x=0.01, ha="left")
     if (table["n_runs"] > 1).any():
-        notes.append("Over a method's seeds: the mean training time, the largest peak memory (the budget to provision).")
-    return save_with_footnote(fig, png_path(out_dir, "cost.png"), runs, notes)
+        notes.append(_OVER_SEEDS)
+    if "rss" in set(table["memory_kind"]):
+        notes.append("Process RSS includes the Python runtime, libraries and data, not only the model.")
+    return save_with_footnote(fig, Path(out_dir) / "cost.png", runs, notes)
 
 
-def _draw_time(ax, table: pd.DataFrame, bars) -> list[str]:
-    """Training time, each bar labelled with its share of full fine-tuning's (else of the slowest method's)."""
-    seconds = table["train_time_s"].to_numpy(dtype=float)
-    reference = "full" if "full" in table.index else table["train_time_s"].idxmax()
-    shares = seconds / table.loc[reference, "train_time_s"]
-    ax.bar_label(bars, [f"{format_seconds(s)} ({share:.0%})" for s, share in zip(seconds, shares)], padding=3,
-                 fontsize=8.5)
-    set_time_axis(ax, 0, seconds.max() * 1.5, log=False)
-    ax.set_xlabel("training time (all epochs, evaluation excluded)")
-    ax.set_title(f"Training time\n(% of {method_label(reference)}'s)", fontsize=10, loc="left")
-    return [] if reference == "full" else [f"Training time shares: of the slowest method, {method_label(reference)}; "
-                                           "full fine-tuning is not in this run set."]
-
-
-def _draw_memory(ax, table: pd.DataFrame, bars) -> list[str]:
-    """Peak memory, named by its kind: a GPU's tensor allocations and a CPU run's process RSS do not compare, so
-    mixed kinds are hatched and listed."""
-    values = table["peak_memory_bytes"].to_numpy(dtype=float)
-    kinds = [kind or "unknown" for kind in table["memory_kind"]]
-    ax.bar_label(bars, [format_bytes(v, decimals=2) for v in values], padding=3, fontsize=8.5)
-    ax.set_xlim(0, values.max() * 1.35)
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
-    ax.xaxis.set_major_formatter(tick_formatter(format_bytes))
-    ax.set_title("Peak memory during training", fontsize=10, loc="left")
-    if len(set(kinds)) > 1:
-        for bar, kind in zip(bars, kinds):
-            bar.set_hatch("" if kind == "cuda" else "xx")
-        ax.set_xlabel("peak memory (mixed kinds, see note)")
-        listing = "; ".join(f"{method_label(s)}: {MEMORY_KIND_TEXT.get(k, k)}" for s, k in zip(table.index, kinds))
-        return [f"NOTE: memory kinds differ (hatched bars are not GPU allocations): {listing}."]
-    ax.set_xlabel(MEMORY_KIND_TEXT.get(kinds[0], f"peak memory ({kinds[0]})"))
-    return ["Process RSS includes the Python runtime, libraries and data, not only the model."] if kinds[0] == "rss" \
-        else []
-
-
-def _draw_size(ax, table: pd.DataFrame, bars) -> list[str]:
-    """What each method ships (a full checkpoint, an adapter, a 4-bit base and adapter), beside the base model in
-    fp32 that an adapter needs too: the fp32 size less the trainable weights an adapter added."""
-    sizes = table["disk_bytes"].to_numpy(dtype=float)
-    ax.bar_label(bars, [f"{format_bytes(v)} {kind or ''}" for v, kind in zip(sizes, table["disk_kind"])], padding=3,
-                 fontsize=8.5, bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})  # over the dashed line
-    ax.set_xscale("log")
-    ax.set_xlim(sizes.min() / 3, sizes.max() * 60)  # room on the right for the labels
-    ax.xaxis.set_major_formatter(tick_formatter(format_bytes))
-    ax.set_xlabel("shipped size (log scale; 1 MB = 10^6 bytes)")
-    added = 4 * table["trainable_params"].fillna(0).where(table.index != "full", 0)
-    base = (table["fp32_bytes"] - added).min()
-    title = "What each method ships"
-    if np.isfinite(base):
-        ax.axvline(base, color="#555555", linestyle="--", linewidth=1.2, zorder=1)
-        title += f"\n(dashed: the base model in fp32, {format_bytes(base)})"
+def _annotate_cost_panel(ax, cost: Cost, known: pd.DataFrame, bars) -> None:
+    """Each bar's value (times also as a share of full fine-tuning's, else of the slowest's) and the panel's title;
+    the size panel's names the base model in fp32 (less any adapter's weights), which an adapter needs beside it."""
+    values = known[cost.column]
+    labels = [cost.format_value(v) for v in values]
+    title = {"peak_memory_bytes": "Peak memory during training", "disk_bytes": "What each method ships"}.get(
+        cost.column, "Training time, all epochs")
+    if cost.column == "train_time_s":
+        reference = "full" if "full" in known.index else values.idxmax()
+        labels = [f"{text} ({v / values[reference]:.0%})" for text, v in zip(labels, values)]
+        title += f"\n(% of {series_label(reference)}'s{'' if reference == 'full' else ', the slowest'})"
+    base = (known["fp32_bytes"] - 4 * known["trainable_params"].fillna(0).where(known.index != "full", 0)).min()
+    if cost.column == "disk_bytes":
+        labels = [f"{text} {kind or ''}" for text, kind in zip(labels, known["disk_kind"])]
+        title += f"\n(the base model in fp32: {format_bytes(base)})" if np.isfinite(base) else ""
+    ax.bar_label(bars, labels, padding=3, fontsize=8.5)
     ax.set_title(title, fontsize=10, loc="left")
-    return []
+
+
+def plot_pareto(results: Results, out_dir: str | Path) -> Path | None:
+    """``pareto.png``: accuracy against each recorded cost, a panel each sharing the accuracy axis; seeds as dots,
+    each method's mean with its 95% interval, the frontier as a staircase with its methods named in the title.
+
+    Why names in the titles rather than beside the points: methods often sit close together (a few percent apart
+    in time, a fraction of a point in accuracy), where labels beside them would cover each other or the data.
+    """
+    runs = comparison_runs(results.runs)
+    table = method_summary(runs, "accuracy")
+    costs, notes = _drawable_costs(table)
+    if not costs:
+        return None
+    fig = new_figure(4.7 * len(costs) + 0.6, 5.6)
+    axes = np.atleast_1d(fig.subplots(1, len(costs), sharey=True))
+    titles = [_draw_pareto_panel(ax, runs, table[table[cost.column] > 0], cost) for ax, cost in zip(axes, costs)]
+    for ax, lines in zip(axes, titles):  # padded to one height, so the titles' first lines align
+        ax.set_title("\n".join(lines + [""] * (max(map(len, titles)) - len(lines))), fontsize=10, loc="left")
+    zoom_accuracy_axis(axes[0], runs, table)
+    fig.legend(handles=_legend_handles(table), loc="outside right upper", fontsize=8.5, frameon=False)
+    fig.suptitle(f"{dataset_name(runs)} dev accuracy against each cost: the Pareto frontier (up and left is better)",
+                 fontsize=13, x=0.01, ha="left")
+    notes = ["Dashed staircase: the Pareto frontier through the methods' means, the methods (named above each panel) "
+             "no other method beats on both accuracy and that cost; it ignores the intervals, so where they overlap "
+             "the order is not established (accuracy.png's paired tests say which differences are).", *notes]
+    if (table["n_runs"] > 1).any():
+        notes.append(_OVER_SEEDS)
+    if "Wilson" in set(table["interval"]):
+        notes.append(WILSON_NOTE)
+    return save_with_footnote(fig, Path(out_dir) / "pareto.png", runs, notes)
+
+
+def _draw_pareto_panel(ax, runs: pd.DataFrame, known: pd.DataFrame, cost: Cost) -> list[str]:
+    """Seed dots, each method's mean with its interval, the frontier's staircase and the cost axis, for the methods
+    ``known`` that recorded this cost; returns the lines of the panel's title, which name the frontier's methods."""
+    accuracy, spent = numeric_column(runs, "final_accuracy") * 100, numeric_column(runs, cost.run_column)
+    for series, row in known.iterrows():
+        mine = (run_series(runs) == series) & accuracy.notna() & (spent > 0)
+        color, mean = method_color(series), row["accuracy"] * 100
+        ax.scatter(spent[mine], accuracy[mine], s=22, color=color, alpha=0.55, edgecolor="none", zorder=3)
+        if np.isfinite(row["acc_low"]):
+            ax.errorbar(row[cost.column], mean, yerr=[[mean - row["acc_low"] * 100], [row["acc_high"] * 100 - mean]],
+                        color=color, elinewidth=1.2, capsize=4, alpha=0.8, zorder=3)
+        ax.scatter(row[cost.column], mean, s=110, marker=method_marker(series), color=color, edgecolor="white",
+                   linewidth=1.2, zorder=4)
+    seeds = spent[run_series(runs).isin(known.index) & accuracy.notna() & (spent > 0)]
+    _set_cost_axis(ax, cost, np.concatenate([known[cost.column], seeds]), known["memory_kind"].iloc[0])
+    front = known[pareto_front(known[cost.column], known["accuracy"])].sort_values(cost.column)
+    xs, ys = front[cost.column].to_numpy(dtype=float), front["accuracy"].to_numpy(dtype=float) * 100
+    ax.step(np.append(xs, ax.get_xlim()[1]), np.append(ys, ys[-1]), where="post", zorder=2, **_FRONTIER_STYLE)
+    style_axes(ax, "both")
+    # No-break spaces inside each method's entry: the lines break between entries only.
+    members = ", ".join(f"{series_label(s)}: {cost.format_value(v)}".replace(" ", "\N{NO-BREAK SPACE}")
+                        for s, v in front[cost.column].items())
+    return [f"vs {cost.name}", *textwrap.wrap(f"frontier: {members}", 52, break_on_hyphens=False)]
+
+
+def _legend_handles(table: pd.DataFrame) -> list[Line2D]:
+    """One entry per series, then what the seed dots, the bars and the staircase are."""
+    handles = [Line2D([], [], linestyle="none", marker=method_marker(m), color=method_color(m),
+                      markeredgecolor="white", markersize=9, label=series_label(m)) for m in table.index]
+    if (table["n_runs"] > 1).any():  # with one run per method its dot hides under the mean
+        handles.append(Line2D([], [], linestyle="none", marker="o", color="#888888", alpha=0.55, markersize=5,
+                              label="one seed"))
+    interval = textwrap.fill("mean and its " + interval_legend(set(table["interval"])), 26)
+    return handles + [Line2D([], [], color="#888888", marker="|", markersize=8, label=interval),
+                      Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)]
