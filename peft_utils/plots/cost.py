@@ -72,7 +72,8 @@ def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_ze
     else:
         low, high = (0.0, high * 1.5) if from_zero else (max(0.0, low - 0.3 * pad), high + 0.3 * pad)
     kind = MEMORY_KIND_TEXT.get(memory_kind) if cost.column == "peak_memory_bytes" else None
-    ax.set(xscale="log" if log else "linear", xlim=(low, high), xlabel=(kind or cost.name) + " (log scale)" * log)
+    ax.set(xscale="log" if log else "linear", xlim=(low, high),
+           xlabel=(kind or cost.name) + (" (log scale)" if log else ""))
     ax.xaxis.set_minor_locator(NullLocator())
     if cost.column != "train_time_s":
         ax.xaxis.set_major_formatter(tick_formatter(format_bytes))
@@ -117,7 +118,7 @@ def plot_cost(results: Results, out_dir: str | Path) -> Path | None:
 
 def _annotate_cost_panel(ax, cost: Cost, known: pd.DataFrame, bars) -> None:
     """Each bar's value (times also as a share of full fine-tuning's, else of the slowest's) and the panel's title;
-    the size panel's names the base model in fp32 (less any adapter's weights), which an adapter needs beside it."""
+    the size title names the base model in fp32 (less any adapter's weights), which an adapter needs beside it."""
     values = known[cost.column]
     labels = [cost.format_value(v) for v in values]
     title = {"peak_memory_bytes": "Peak memory during training", "disk_bytes": "What each method ships"}.get(
