@@ -348,7 +348,7 @@ def test_command_line_records_rank_and_alpha(tmp_path, sst2_dir):
     runs = RunStore(tmp_path).load().runs
     assert list(runs["run_id"]) == ["comparison-lora-r3-a6-s0-random-gpt2-tiny"]
     assert (runs["rank"][0], runs["alpha"][0], runs["lr"][0]) == (3, 6.0, 5e-3)
-    assert (tmp_path / "imgs" / "summary.png").is_file()
+    assert (tmp_path / "imgs" / "pareto.png").is_file()
 
 
 def test_command_line_resumes_and_reports_the_table(smoke_results, sst2_dir, capsys, monkeypatch):
@@ -362,7 +362,7 @@ def test_command_line_resumes_and_reports_the_table(smoke_results, sst2_dir, cap
     out, err = capsys.readouterr()
     assert all(rid in out for rid in table["run_id"][:2]) and "skipped" in out
     assert "paired statistics skipped" not in err
-    assert (results / "figures" / "summary.png").is_file()
+    assert (results / "figures" / "pareto.png").is_file()
 
 
 def _fail(*args, **kwargs):

@@ -31,15 +31,13 @@ from peft_utils.formatting import (  # noqa: E402
     format_share,
 )
 from peft_utils.data import load_sst2  # noqa: E402
-from peft_utils.plots import footnote, selection, style  # noqa: E402
+from peft_utils.methods import METHOD_NAMES  # noqa: E402
+from peft_utils.plots import footnote, style  # noqa: E402
 from peft_utils.store import Results, RunRecorder, RunStore  # noqa: E402
 from peft_utils.stats import ema_smooth, wilson_interval  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-COMPARISON_PNGS = {
-    "loss.png", "accuracy.png", "accuracy_curve.png", "time.png", "model_size.png", "memory.png",
-    "trainable_params.png", "summary.png", "pareto.png",
-}
+COMPARISON_PNGS = {"loss.png", "accuracy.png", "cost.png", "pareto.png"}
 
 # Fixture numbers per method: (final accuracy, train seconds, peak memory, trainable params, compute dtype).
 FAKE_METHODS = {
@@ -222,8 +220,28 @@ def test_robust_to_missing_optional_columns(tmp_path: Path) -> None:
         rec.log("step", step=2, epoch=1.0, loss=0.6, lr=1e-4, elapsed_s=2.0)
         rec.log("summary", train_time_s=2.0, final_accuracy=0.8, n_eval=100)
     names = {p.name for p in plots.plot_all(tmp_path / "results", tmp_path / "imgs")}
-    assert {"loss.png", "accuracy.png", "time.png", "summary.png"} <= names
-    assert not {"memory.png", "model_size.png", "trainable_params.png", "sweep.png"} & names
+    assert names == COMPARISON_PNGS  # the cost figure with its time panel alone, no sweep
+
+
+def test_cost_figure_draws_a_panel_per_recorded_cost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time, memory and size get a panel each, times as a share of full fine-tuning's; without full fine-tuning the
+    slowest method is the reference, and memory of two kinds (not one quantity) is left out with a note."""
+    from peft_utils.plots import cost
+
+    drawn = []
+    monkeypatch.setattr(cost, "save_with_footnote", lambda fig, path, runs, notes: drawn.append((fig, notes)) or path)
+    results = RunStore(write_fake_results(tmp_path / "results", sweep=False, lora_seeds=1, n_steps=5)).load()
+    cost.plot_cost(results, tmp_path)
+    mixed = results.runs.assign(memory_kind=np.where(results.runs["method"] == "lora", "rss", "cuda"))
+    cost.plot_cost(Results(mixed[mixed["method"] != "full"], results.steps, results.evals), tmp_path)
+    (fig, _), (partial, notes) = drawn
+    assert [ax.get_title(loc="left").split("\n")[0] for ax in fig.axes] == [
+        "Training time, all epochs", "Peak memory during training", "What each method ships"]
+    assert "10.2 min (100%)" in [text.get_text() for text in fig.axes[0].texts]  # full fine-tuning's own time
+    assert "the base model in fp32: 498 MB" in fig.axes[2].get_title(loc="left")
+    assert len(partial.axes) == 2 and "% of QDoRA's, the slowest" in partial.axes[0].get_title(loc="left")
+    assert any(note.startswith("Peak memory not drawn") for note in notes)
+    assert plots.plot_cost(Results(results.runs.iloc[0:0], results.steps, results.evals), tmp_path) is None
 
 
 def test_cli_regenerates_figures(tmp_path: Path) -> None:
@@ -290,8 +308,8 @@ def test_helpers() -> None:
     assert [style.tick_formatter(format_count)(v, None) for v in (0, 1e5, 2.5e6)] == ["0", "100K", "2.5M"]
     smoothed = ema_smooth([1.0, 1.0, 1.0, 0.0], span=3)
     assert smoothed[0] == 1.0 and 0.0 < smoothed[-1] < 1.0  # bias-corrected: starts at the first value
-    assert set(plots.METHOD_ORDER) <= set(plots.METHOD_COLORS)
-    assert len(set(plots.METHOD_COLORS.values())) == len(plots.METHOD_COLORS)
+    assert set(METHOD_NAMES) <= set(style.METHOD_COLORS)
+    assert len(set(style.METHOD_COLORS.values())) == len(style.METHOD_COLORS)
 
 
 def test_format_bytes_binary_units_and_fixed_decimals() -> None:
@@ -388,9 +406,9 @@ def test_tune_runs_never_enter_comparison_figures(tmp_path: Path) -> None:
     loaded = RunStore(results_dir).load()
     tune = tune_runs_table(("full", "lora", "dora"))
     results = Results(pd.concat([loaded.runs, tune], ignore_index=True), loaded.steps, loaded.evals)
-    comparison = selection.comparison_runs(results.runs)
+    comparison = style.comparison_runs(results.runs)
     assert set(comparison["run_id"]) == set(loaded.runs["run_id"])
-    assert list(selection.method_summary(comparison).index) == ["full", "lora"]  # no DoRA: it was only tuned
+    assert list(style.method_summary(comparison).index) == ["full", "lora"]  # no DoRA: it was only tuned
     assert plots.plot_sweep(results, tmp_path / "imgs") is None
 
 
@@ -439,8 +457,7 @@ def test_lr_tuning_axis_keeps_a_diverged_rate_off_it(tmp_path: Path, monkeypatch
     assert intact.get_ylim()[0] < lowest_kept and not any("▽" in note for note in intact_notes)
     best = tune.groupby("method")["final_accuracy"].max().min() * 100
     assert best - grids.LR_AXIS_DEPTH - 1.5 < diverged.get_ylim()[0] < lowest_kept
-    assert "50.0%" in [text.get_text() for text in diverged.texts]
-    assert any("▽" in note for note in diverged_notes)
+    assert any("▽" in note and "LoRA at 3e-03: 50.0%" in note for note in diverged_notes)
 
 
 def test_sweep_heatmap_full_grid_and_rslora(tmp_path: Path) -> None:

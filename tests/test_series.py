@@ -20,7 +20,8 @@ from matplotlib.colors import rgb_to_hsv, to_rgb  # noqa: E402
 from peft_utils import plots, report  # noqa: E402
 from peft_utils.methods import ordered_methods, series_on  # noqa: E402
 from peft_utils.plots import accuracy  # noqa: E402
-from peft_utils.plots.style import method_color, method_label, method_marker  # noqa: E402
+from peft_utils.methods import series_label as method_label  # noqa: E402
+from peft_utils.plots.style import method_color, method_marker  # noqa: E402
 from peft_utils.stats import comparison_pairs, paired_comparisons, paired_statistics, reading  # noqa: E402
 from peft_utils.store import Results, RunStore  # noqa: E402
 from test_plots import COMPARISON_PNGS, FAKE_METHODS, _assert_png, _write_run, tune_runs_table  # noqa: E402

@@ -1,263 +1,203 @@
-"""What the methods cost: training time, shipped size, memory and trainable parameters."""
+"""What the methods cost (training time, peak memory, shipped size): ``cost.png`` sets the costs side by side,
+``pareto.png`` each against dev accuracy with its Pareto frontier, the view peft's method-comparison suite uses.
+"""
 from __future__ import annotations
 
+import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
-from peft_utils.formatting import format_bytes, format_count, format_seconds, format_share
-from peft_utils.methods import QUANTIZED_METHODS, series_method
-from peft_utils.plots.footnote import save_with_footnote
-from peft_utils.plots.selection import comparison_runs, method_summary, methods_with
-from peft_utils.plots.style import (
-    MEMORY_KIND_TEXT,
-    REFERENCE_GREY,
-    label_bars,
-    method_color,
-    method_label,
-    new_figure,
-    png_path,
-    set_method_ticks,
-    style_axes,
-    tick_formatter,
-)
+from peft_utils.formatting import duration_ticks, format_bytes, format_duration_tick, format_seconds
+from peft_utils.methods import series_label
+from peft_utils.plots.footnote import dataset_name, save_with_footnote
+from peft_utils.plots.style import (MEMORY_KIND_TEXT, WILSON_NOTE, comparison_runs, interval_legend, method_color,
+                                    method_marker, method_summary, new_figure, style_axes, tick_formatter,
+                                    zoom_accuracy_axis)
+from peft_utils.stats import numeric_column, run_series
 from peft_utils.store import Results
 
+LOG_SPAN = 10.0  # a cost axis whose values span more than this factor is drawn on a log scale
+_FRONTIER_STYLE = {"color": "#333333", "linestyle": "--", "linewidth": 1.3}
 
-def plot_time(results: Results, out_dir: str | Path) -> Path | None:
-    """``time.png``: training time relative to full fine-tuning (left) and in absolute seconds (right).
 
-    Why both: the relative view answers "how much faster is the PEFT method", which is what transfers to
-    other hardware; the absolute one keeps the scale honest (a 50% saving of 20 seconds matters less than one
-    of 2 hours). If full fine-tuning was not run, the slowest method is the 100% reference and the title says
-    so.
-    """
-    runs = comparison_runs(results.runs)
-    table = methods_with(runs, "train_time_s")
-    if table.empty:
-        return None
-    methods = list(table.index)
-    seconds = table["train_time_s"].to_numpy()
-    if "full" in table.index:
-        reference, ref_text = float(table.loc["full", "train_time_s"]), "full fine-tuning = 100%"
+class Cost(NamedTuple):
+    """One cost: its column in :func:`~peft_utils.stats.per_method_summary` and in the run table, name and format."""
+
+    column: str
+    run_column: str
+    name: str
+    format_value: Callable[[float], str]
+
+
+COSTS = (Cost("train_time_s", "train_time_s", "training time", format_seconds),
+         Cost("peak_memory_bytes", "peak_memory_bytes", "peak memory", lambda v: format_bytes(v, decimals=2)),
+         Cost("disk_bytes", "size.disk_bytes", "shipped size", format_bytes))
+_OVER_SEEDS = "Over a method's seeds: the mean training time, the largest peak memory (the budget to provision)."
+
+
+def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> np.ndarray:
+    """Which points no other dominates (costs no more, is no less accurate, and is strictly better in one): a boolean
+    mask. Two identical points both stay on the front; a NaN cost or accuracy is off it and dominates nothing."""
+    cost, accuracy = np.asarray(costs, dtype=float), np.asarray(accuracies, dtype=float)
+    no_worse = (cost[:, None] <= cost[None, :]) & (accuracy[:, None] >= accuracy[None, :])  # [j, i]: j vs i
+    better = (cost[:, None] < cost[None, :]) | (accuracy[:, None] > accuracy[None, :])
+    return np.isfinite(cost) & np.isfinite(accuracy) & ~(no_worse & better).any(axis=0)  # NaN compares false
+
+
+def _drawable_costs(table: pd.DataFrame) -> tuple[list[Cost], list[str]]:
+    """The costs some series recorded, and a note for each left out: memory, when its kinds differ (a GPU's
+    allocations and a process's RSS are not one quantity; a series whose seeds differ has "cuda+rss")."""
+    costs = [cost for cost in COSTS if not table.empty and (table[cost.column] > 0).any()]
+    kinds = set("+".join(table.loc[table["peak_memory_bytes"] > 0, "memory_kind"]).split("+")) if costs else set()
+    if len(kinds) <= 1:
+        return costs, []
+    return [c for c in costs if c.column != "peak_memory_bytes"], [
+        f"Peak memory not drawn: its kinds differ across runs ({', '.join(sorted(kinds))})."]
+
+
+def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_zero: bool = False) -> None:
+    """Limits, scale and ticks of a cost's x axis: log past :data:`LOG_SPAN`; time in clock ticks on a log scale
+    (not "3x10^1") and in round numbers of one unit on a linear one; bytes in units. ``from_zero`` (bars) starts a
+    linear axis at 0 and leaves room on the right for the bars' labels."""
+    low, high = float(values.min()), float(values.max())
+    log, pad = high / low > LOG_SPAN, (high - low) or 0.2 * high
+    if log:
+        low, high = low / 3, high * (60 if from_zero else 3)
     else:
-        slowest = table["train_time_s"].idxmax()
-        reference = float(table.loc[slowest, "train_time_s"])
-        ref_text = f"slowest method, {method_label(slowest)} = 100%;\nfull fine-tuning not in this run set"
-    relative = seconds / reference * 100
-    colors = [method_color(m) for m in methods]
-    fig = new_figure(max(9.0, 2.2 * len(methods) + 3), 4.8)
-    left, right = fig.subplots(1, 2)
-    x = np.arange(len(methods))
-    bars = left.bar(x, relative, width=0.62, color=colors, zorder=2)
-    label_bars(left, bars, [f"{r:.0f}%" for r in relative])
-    left.axhline(100, color="#555555", linestyle="--", linewidth=1, zorder=1)
-    left.set_ylim(0, max(relative.max(), 100) * 1.15)
-    left.yaxis.set_major_formatter(PercentFormatter(decimals=0))
-    left.set_ylabel("training time (% of reference)")
-    left.set_title(f"Relative training time\n({ref_text})", fontsize=10, loc="left")
-    bars = right.bar(x, seconds, width=0.62, color=colors, zorder=2)
-    throughput = table["samples_per_s"].to_numpy()
-    labels = [format_seconds(s) + (f"\n{t:,.0f} samples/s" if np.isfinite(t) else "")
-              for s, t in zip(seconds, throughput)]
-    label_bars(right, bars, labels, fontsize=8.5)
-    right.set_ylim(0, seconds.max() * 1.25)
-    right.set_ylabel("training time (s)")
-    right.set_title("Absolute training time\n(all epochs, evaluation excluded)", fontsize=10, loc="left")
-    for ax in (left, right):
-        set_method_ticks(ax, methods)
-        style_axes(ax)
-    fig.suptitle("Training time per method", fontsize=13, x=0.01, ha="left")
-    notes = ["Mean over seeds where a method has several runs."] if (table["n_runs"] > 1).any() else []
-    return save_with_footnote(fig, png_path(out_dir, "time.png"), runs, notes)
+        low, high = (0.0, high * 1.5) if from_zero else (max(0.0, low - 0.3 * pad), high + 0.3 * pad)
+    kind = MEMORY_KIND_TEXT.get(memory_kind) if cost.column == "peak_memory_bytes" else None
+    ax.set(xscale="log" if log else "linear", xlim=(low, high),
+           xlabel=(kind or cost.name) + (" (log scale)" if log else ""))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if cost.column != "train_time_s":
+        ax.xaxis.set_major_formatter(tick_formatter(format_bytes))
+        if not log:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        return
+    unit, name = (3600, "h") if high >= 7200 else (60, "min") if high >= 120 else (1, "s")
+    ticks = duration_ticks(low, high) if log else \
+        MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(low / unit, high / unit) * unit
+    ax.set_xticks([t for t in ticks if low <= t <= high])
+    ax.xaxis.set_major_formatter(FuncFormatter(
+        lambda v, _: format_duration_tick(v) if log else f"{v / unit:g} {name}"))
 
 
-def plot_model_size(results: Results, out_dir: str | Path) -> Path | None:
-    """``model_size.png``: what each method costs to store, next to the base model in fp32 and in 4-bit.
-
-    Left (log scale, because sizes span three orders of magnitude): the fp32 base model, the 4-bit base
-    (when a QLoRA/QDoRA run exists) and the artifact each method must ship (a full checkpoint, an adapter, or
-    a 4-bit base plus adapter). Right (linear): the in-memory footprint of the model during training, split
-    into 4-bit weights, quantisation state, frozen weights and trainable weights, which is where the savings
-    of LoRA (few trainable weights) and of 4-bit (small frozen weights) come from.
-    """
+def plot_cost(results: Results, out_dir: str | Path) -> Path | None:
+    """``cost.png``: per series, training time, peak memory and what it ships, as bars with their numbers in a panel
+    per recorded cost, sharing the series' rows. Why only these: the results table holds the rest (parameters,
+    intervals). Sizes span orders of magnitude, so their axis turns log."""
     runs = comparison_runs(results.runs)
     table = method_summary(runs)
-    if table.empty or (table["disk_bytes"].isna().all() and table["fp32_bytes"].isna().all()):
+    costs, notes = _drawable_costs(table)
+    if not costs:
         return None
-    bars = _storage_bars(table)
-    parts = ["quantized_bytes", "quant_state_bytes", "frozen_bytes", "trainable_bytes"]
-    has_parts = table[parts].notna().any(axis=1) & (table[parts].fillna(0).sum(axis=1) > 0)
-    fig = new_figure(13 if has_parts.any() else 8.5, max(3.6, 0.55 * max(len(bars), has_parts.sum()) + 1.8))
-    axes = fig.subplots(1, 2, width_ratios=[1.15, 1]) if has_parts.any() else [fig.add_subplot()]
-    _draw_storage_bars(axes[0], bars)
-    if has_parts.any():
-        _draw_memory_footprint(axes[1], table.loc[[m for m in table.index if has_parts[m]]])
-    fig.suptitle("Model size", fontsize=13, x=0.01, ha="left")
-    notes = ["Sizes exclude optimiser state and activations (see memory.png for the measured peak)."]
-    return save_with_footnote(fig, png_path(out_dir, "model_size.png"), runs, notes)
-
-
-class _StorageBar(NamedTuple):
-    label: str
-    n_bytes: float
-    color: str
-    hatch: str
-
-
-def _storage_bars(table: pd.DataFrame) -> list[_StorageBar]:
-    """The bars of the storage panel: base model in fp32, base with 4-bit weights, then each method's artifact."""
-    bars = []
-    if "full" in table.index and np.isfinite(table.loc["full", "fp32_bytes"]):
-        fp32 = table.loc["full", "fp32_bytes"]
-    else:  # an adapter run's fp32 size includes its adapter: take the trainable weights out (4 bytes each)
-        fp32 = (table["fp32_bytes"] - 4 * table["trainable_params"].fillna(0)).min()
-    if np.isfinite(fp32):
-        bars.append(_StorageBar("Base model in fp32", float(fp32), REFERENCE_GREY, ""))
-    quantized = [s for s in table.index if series_method(s) in QUANTIZED_METHODS or table.loc[s, "quantized_bytes"] > 0]
-    if quantized:
-        q = table.loc[quantized[0]]
-        base4 = np.nansum([q["quantized_bytes"], q["quant_state_bytes"], q["frozen_bytes"]])
-        if not base4 > 0 and np.isfinite(q["total_bytes"]):
-            base4 = q["total_bytes"] - np.nan_to_num(q["trainable_bytes"])
-        if base4 > 0:
-            bars.append(_StorageBar("Base model with 4-bit weights", float(base4), REFERENCE_GREY, "//"))
-    for method in table.index:
-        value = table.loc[method, "disk_bytes"]
-        if np.isfinite(value):
-            kind = table.loc[method, "disk_kind"] or "saved file"
-            bars.append(_StorageBar(f"{method_label(method)}: {kind}", float(value), method_color(method), ""))
-    return bars
-
-
-def _draw_storage_bars(ax, bars: list[_StorageBar]) -> None:
-    """Horizontal bars of stored sizes on a log axis, each labelled with its size."""
-    y = np.arange(len(bars))[::-1]
-    values = np.array([bar.n_bytes for bar in bars])
-    artists = ax.barh(y, values, color=[bar.color for bar in bars], hatch=[bar.hatch for bar in bars],
-                      edgecolor="white", height=0.62, zorder=2)
-    ax.set_xscale("log")
-    ax.set_xlim(values.min() / 3, values.max() * 12)  # room on the right for the labels
-    ax.set_yticks(y, [bar.label for bar in bars])
-    label_bars(ax, artists, [format_bytes(v) for v in values])
-    ax.xaxis.set_major_formatter(tick_formatter(format_bytes))
-    ax.set_xlabel("size (log scale; 1 MB = 10^6 bytes)")
-    ax.set_title("Storage: base model vs what each method ships", fontsize=10, loc="left")
-    style_axes(ax, "x")
-
-
-def _draw_memory_footprint(ax, table: pd.DataFrame) -> None:
-    """Stacked bars of each method's model in memory: 4-bit weights, quantisation state, frozen, trainable."""
-    methods = list(table.index)
-    part_style = {
-        "quantized_bytes": ("4-bit weights", "#BDBDBD", "//"),
-        "quant_state_bytes": ("quantisation state", "#7A7A7A", ""),
-        "frozen_bytes": ("frozen weights", "#D9D9D9", ""),
-    }
-    ym = np.arange(len(methods))[::-1]
-    left_edge = np.zeros(len(methods))
-    for part, (name, colour, hatch) in part_style.items():
-        vals = table[part].fillna(0).to_numpy()
-        if vals.sum() > 0:
-            ax.barh(ym, vals, left=left_edge, color=colour, hatch=hatch, edgecolor="white", height=0.62,
-                    label=name, zorder=2)
-            left_edge += vals
-    trainable = table["trainable_bytes"].fillna(0).to_numpy()
-    ax.barh(ym, trainable, left=left_edge, color=[method_color(m) for m in methods], edgecolor="white",
-            height=0.62, zorder=2)
-    left_edge += trainable
-    for yi, total, tb in zip(ym, left_edge, trainable):
-        share = f" ({format_share(tb, total)} trainable)" if total > 0 else ""
-        ax.text(total, yi, f" {format_bytes(total)}{share}", va="center", fontsize=8.5)
-    ax.set_xlim(0, left_edge.max() * 1.65)  # room on the right for the labels
-    ax.set_yticks(ym, [method_label(m) for m in methods])
-    # Ticks in one unit named on the axis: "0 100 MB 200 MB ..." on every tick is unreadable.
-    unit, factor = ("GB", 1e9) if left_edge.max() >= 2e9 else ("MB", 1e6)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / factor:g}"))
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
-    ax.set_xlabel(f"size in memory ({unit}, linear scale)")
-    ax.set_title("Model in memory during training", fontsize=10, loc="left")
-    handles, labels = ax.get_legend_handles_labels()
-    handles.append(Patch(facecolor="#FFFFFF", edgecolor="#333333"))
-    labels.append("trainable weights (method colour)")
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=8,
-              frameon=False)
-    style_axes(ax, "x")
-
-
-def plot_memory(results: Results, out_dir: str | Path) -> Path | None:
-    """``memory.png``: peak memory per method during training.
-
-    Why the kind on the axis: on a GPU the number is the tensor memory PyTorch allocated (weights, gradients,
-    optimiser state, activations); on a CPU-only run it is the whole process RSS, which also counts Python,
-    libraries and the data set. The two are not comparable, so mixed kinds are hatched and called out.
-    """
-    runs = comparison_runs(results.runs)
-    table = methods_with(runs, "peak_memory_bytes")
-    if table.empty:
-        return None
-    methods = list(table.index)
-    values = table["peak_memory_bytes"].to_numpy()
-    kinds = [k or "unknown" for k in table["memory_kind"]]
-    distinct = sorted(set(kinds))
-    fig = new_figure(max(6.5, 1.35 * len(methods) + 2.5), 4.8)
-    ax = fig.add_subplot()
-    x = np.arange(len(methods))
-    mixed = len(distinct) > 1
-    hatches = ["xx" if (mixed and k != "cuda") else "" for k in kinds]
-    bars = ax.bar(x, values, width=0.62, color=[method_color(m) for m in methods], hatch=hatches,
-                  edgecolor="white", zorder=2)
-    label_bars(ax, bars, [format_bytes(v) for v in values])
-    ax.set_ylim(0, values.max() * 1.15)
-    ax.yaxis.set_major_formatter(tick_formatter(format_bytes))
-    if mixed:
-        ax.set_ylabel("peak memory (mixed kinds, see note)")
-    else:
-        ax.set_ylabel(MEMORY_KIND_TEXT.get(distinct[0], f"peak memory ({distinct[0]})"))
-    set_method_ticks(ax, methods)
-    ax.set_title("Peak memory during training", fontsize=13, loc="left")
-    style_axes(ax)
-    notes = []
-    if mixed:
-        listing = "; ".join(f"{method_label(m)}: {MEMORY_KIND_TEXT.get(k, k)}" for m, k in zip(methods, kinds))
-        notes.append(f"NOTE: memory kinds differ (hatched bars are not GPU allocations): {listing}.")
-    elif distinct[0] == "rss":
-        notes.append("Process RSS includes the Python runtime, libraries and data, not only the model.")
+    fig = new_figure(4.4 * len(costs) + 1.6, 0.5 * len(table) + 2.2)
+    axes = np.atleast_1d(fig.subplots(1, len(costs), sharey=True))
+    y = np.arange(len(table))[::-1]
+    for ax, cost in zip(axes, costs):
+        known = table[table[cost.column] > 0]
+        bars = ax.barh(y[table[cost.column] > 0], known[cost.column], height=0.62, edgecolor="white", zorder=2,
+                       color=[method_color(s) for s in known.index])
+        _annotate_cost_panel(ax, cost, known, bars)
+        _set_cost_axis(ax, cost, known[cost.column].to_numpy(dtype=float), known["memory_kind"].iloc[0], True)
+        style_axes(ax, "x")
+    axes[0].set_yticks(y, [series_label(s) for s in table.index])
+    fig.suptitle("What each method costs: training time, peak memory and shipped size", fontsize=13, x=0.01, ha="left")
     if (table["n_runs"] > 1).any():
-        notes.append("Maximum over seeds where a method has several runs.")
-    return save_with_footnote(fig, png_path(out_dir, "memory.png"), runs, notes)
+        notes.append(_OVER_SEEDS)
+    if "rss" in set(table["memory_kind"]):
+        notes.append("Process RSS includes the Python runtime, libraries and data, not only the model.")
+    return save_with_footnote(fig, Path(out_dir) / "cost.png", runs, notes)
 
 
-def plot_trainable_params(results: Results, out_dir: str | Path) -> Path | None:
-    """``trainable_params.png``: trainable parameters per method on a log scale, with the share of the model.
+def _annotate_cost_panel(ax, cost: Cost, known: pd.DataFrame, bars) -> None:
+    """Each bar's value (times also as a share of full fine-tuning's, else of the slowest's) and the panel's title;
+    the size title names the base model in fp32 (less any adapter's weights), which an adapter needs beside it."""
+    values = known[cost.column]
+    labels = [cost.format_value(v) for v in values]
+    title = {"peak_memory_bytes": "Peak memory during training", "disk_bytes": "What each method ships"}.get(
+        cost.column, "Training time, all epochs")
+    if cost.column == "train_time_s":
+        reference = "full" if "full" in known.index else values.idxmax()
+        labels = [f"{text} ({v / values[reference]:.0%})" for text, v in zip(labels, values)]
+        title += f"\n(% of {series_label(reference)}'s{'' if reference == 'full' else ', the slowest'})"
+    base = (known["fp32_bytes"] - 4 * known["trainable_params"].fillna(0).where(known.index != "full", 0)).min()
+    if cost.column == "disk_bytes":
+        labels = [f"{text} {kind or ''}" for text, kind in zip(labels, known["disk_kind"])]
+        title += f"\n(the base model in fp32: {format_bytes(base)})" if np.isfinite(base) else ""
+    ax.bar_label(bars, labels, padding=3, fontsize=8.5)
+    ax.set_title(title, fontsize=10, loc="left")
 
-    Why log scale: full fine-tuning trains ~100% and LoRA well under 1%; on a linear axis the PEFT bars are
-    invisible. The percentage on each bar is the number people quote.
+
+def plot_pareto(results: Results, out_dir: str | Path) -> Path | None:
+    """``pareto.png``: accuracy against each recorded cost, a panel each sharing the accuracy axis; seeds as dots,
+    each method's mean with its 95% interval, the frontier as a staircase with its methods named in the title.
+
+    Why names in the titles rather than beside the points: methods often sit close together (a few percent apart
+    in time, a fraction of a point in accuracy), where labels beside them would cover each other or the data.
     """
     runs = comparison_runs(results.runs)
-    table = method_summary(runs)
-    if table.empty or not (table["trainable_params"] > 0).any():
+    table = method_summary(runs, "accuracy")
+    costs, notes = _drawable_costs(table)
+    if not costs:
         return None
-    table = table[table["trainable_params"] > 0]
-    methods = list(table.index)
-    values = table["trainable_params"].to_numpy(dtype=float)
-    totals = table["total_params"].to_numpy(dtype=float)
-    fig = new_figure(max(6.5, 1.35 * len(methods) + 2.5), 4.8)
-    ax = fig.add_subplot()
-    x = np.arange(len(methods))
-    bars = ax.bar(x, values, width=0.62, color=[method_color(m) for m in methods], zorder=2)
-    labels = [format_count(v) + (f"\n({format_share(v, t)} of {format_count(t)})" if np.isfinite(t) and t > 0 else "")
-              for v, t in zip(values, totals)]
-    label_bars(ax, bars, labels, fontsize=8.5)
-    ax.set_yscale("log")
-    ax.set_ylim(values.min() / 3, values.max() * 6)
-    ax.yaxis.set_major_formatter(tick_formatter(format_count))
-    ax.set_ylabel("trainable parameters (log scale)")
-    set_method_ticks(ax, methods)
-    ax.set_title("Trainable parameters per method", fontsize=13, loc="left")
-    style_axes(ax)
-    return save_with_footnote(fig, png_path(out_dir, "trainable_params.png"), runs)
+    fig = new_figure(4.7 * len(costs) + 0.6, 5.6)
+    axes = np.atleast_1d(fig.subplots(1, len(costs), sharey=True))
+    titles = [_draw_pareto_panel(ax, runs, table[table[cost.column] > 0], cost) for ax, cost in zip(axes, costs)]
+    for ax, lines in zip(axes, titles):  # padded to one height, so the titles' first lines align
+        ax.set_title("\n".join(lines + [""] * (max(map(len, titles)) - len(lines))), fontsize=10, loc="left")
+    zoom_accuracy_axis(axes[0], runs, table)
+    fig.legend(handles=_legend_handles(table), loc="outside right upper", fontsize=8.5, frameon=False)
+    fig.suptitle(f"{dataset_name(runs)} dev accuracy against each cost: the Pareto frontier (up and left is better)",
+                 fontsize=13, x=0.01, ha="left")
+    notes = ["Dashed staircase: the Pareto frontier through the methods' means, the methods (named above each panel) "
+             "no other method beats on both accuracy and that cost; it ignores the intervals, so where they overlap "
+             "the order is not established (accuracy.png's paired tests say which differences are).", *notes]
+    if (table["n_runs"] > 1).any():
+        notes.append(_OVER_SEEDS)
+    if "Wilson" in set(table["interval"]):
+        notes.append(WILSON_NOTE)
+    return save_with_footnote(fig, Path(out_dir) / "pareto.png", runs, notes)
+
+
+def _draw_pareto_panel(ax, runs: pd.DataFrame, known: pd.DataFrame, cost: Cost) -> list[str]:
+    """Seed dots, each method's mean with its interval, the frontier's staircase and the cost axis, for the methods
+    ``known`` that recorded this cost; returns the lines of the panel's title, which name the frontier's methods."""
+    accuracy, spent = numeric_column(runs, "final_accuracy") * 100, numeric_column(runs, cost.run_column)
+    for series, row in known.iterrows():
+        mine = (run_series(runs) == series) & accuracy.notna() & (spent > 0)
+        color, mean = method_color(series), row["accuracy"] * 100
+        ax.scatter(spent[mine], accuracy[mine], s=22, color=color, alpha=0.55, edgecolor="none", zorder=3)
+        if np.isfinite(row["acc_low"]):
+            ax.errorbar(row[cost.column], mean, yerr=[[mean - row["acc_low"] * 100], [row["acc_high"] * 100 - mean]],
+                        color=color, elinewidth=1.2, capsize=4, alpha=0.8, zorder=3)
+        ax.scatter(row[cost.column], mean, s=110, marker=method_marker(series), color=color, edgecolor="white",
+                   linewidth=1.2, zorder=4)
+    seeds = spent[run_series(runs).isin(known.index) & accuracy.notna() & (spent > 0)]
+    _set_cost_axis(ax, cost, np.concatenate([known[cost.column], seeds]), known["memory_kind"].iloc[0])
+    front = known[pareto_front(known[cost.column], known["accuracy"])].sort_values(cost.column)
+    xs, ys = front[cost.column].to_numpy(dtype=float), front["accuracy"].to_numpy(dtype=float) * 100
+    ax.step(np.append(xs, ax.get_xlim()[1]), np.append(ys, ys[-1]), where="post", zorder=2, **_FRONTIER_STYLE)
+    style_axes(ax, "both")
+    # No-break spaces inside each method's entry: the lines break between entries only.
+    members = ", ".join(f"{series_label(s)}: {cost.format_value(v)}".replace(" ", "\N{NO-BREAK SPACE}")
+                        for s, v in front[cost.column].items())
+    return [f"vs {cost.name}", *textwrap.wrap(f"frontier: {members}", 52, break_on_hyphens=False)]
+
+
+def _legend_handles(table: pd.DataFrame) -> list[Line2D]:
+    """One entry per series, then what the seed dots, the bars and the staircase are."""
+    handles = [Line2D([], [], linestyle="none", marker=method_marker(m), color=method_color(m),
+                      markeredgecolor="white", markersize=9, label=series_label(m)) for m in table.index]
+    if (table["n_runs"] > 1).any():  # with one run per method its dot hides under the mean
+        handles.append(Line2D([], [], linestyle="none", marker="o", color="#888888", alpha=0.55, markersize=5,
+                              label="one seed"))
+    interval = textwrap.fill("mean and its " + interval_legend(set(table["interval"])), 26)
+    return handles + [Line2D([], [], color="#888888", marker="|", markersize=8, label=interval),
+                      Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)]

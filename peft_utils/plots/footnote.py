@@ -1,90 +1,85 @@
-"""The provenance footnote (model, device, compute dtype, data sizes, seeds) and saving a figure with it."""
+"""The provenance footnote (model, device, compute dtype, data, seeds) and saving a figure with it.
+
+Why on every figure: PNGs travel alone (slides, README), and a time or memory bar means little without the model and
+hardware behind it; where those differ between methods the footnote says so, as the comparison is not like-for-like.
+"""
 from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from peft_utils.methods import METHODS, QUANTIZED_METHODS, ordered_methods
-from peft_utils.plots.style import DPI, distinct_texts, method_label
+from peft_utils.methods import METHODS, QUANTIZED_METHODS, ordered_methods, series_label
+from peft_utils.plots.style import DPI
 from peft_utils.stats import numeric_column, optional_column, run_series
 
 
-def _dtype_name(dtype: object) -> str:
-    """``"torch.bfloat16"`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
+def distinct_texts(values: Iterable[object]) -> list[str]:
+    """The distinct non-missing values as sorted strings."""
+    return sorted(set(map(str, pd.Series(list(values), dtype=object).dropna())))
+
+
+def count_range(values: Iterable[float]) -> str:
+    """``"4,000"`` when every value is 4,000, else ``"2,000-4,000"``: a count that may differ between runs."""
+    low, high = min(values), max(values)
+    return f"{high:,.0f}" if low == high else f"{low:,.0f}-{high:,.0f}"
 
 
 def _provenance(runs: pd.DataFrame) -> list[str]:
-    """Footnote lines: what was trained, where and in which dtype; loud when methods differ.
-
-    Why on every figure: PNGs travel alone (slides, README). A time or memory bar means little without the
-    model and hardware behind it, and a dtype difference between methods changes both.
-    """
-    if runs.empty:
-        return []
-    parts, several_machines = [], False
-    for field, differ in (("model", "models differ"), ("device", "devices differ"), ("hardware", "hardware differs")):
-        column = optional_column(runs, field)
-        values = distinct_texts(column)
-        unrecorded = len(runs) - len(column.dropna())
-        if not values:
-            continue
-        parts.append(f"{field}: {values[0]}" if len(values) == 1 else f"{differ}: {', '.join(values)}")
-        several_machines |= field == "hardware" and len(values) > 1
-        if unrecorded:
-            parts[-1] += f" (not recorded for {unrecorded} of {len(runs)} runs)"
+    """Footnote lines: what was trained, where, in which dtype and on how much data; a NOTE where methods differ."""
+    parts = [_field_part(runs, field, differ) for field, differ in
+             (("model", "models differ"), ("device", "devices differ"), ("hardware", "hardware differs"))]
     dtype_part, dtype_warning = _compute_dtype_notes(runs)
-    parts += [part for part in (dtype_part, _data_sizes_note(runs)) if part]
-    epochs = distinct_texts(optional_column(runs, "epochs").dropna())
+    parts += [dtype_part, _data_sizes_note(runs)]
+    epochs = distinct_texts(optional_column(runs, "epochs"))
     if epochs:
         parts.append(f"epochs: {', '.join(epochs)}")
-    seeds = numeric_column(runs, "seed").dropna()
-    if seeds.nunique() > 1:
-        parts.append(f"seeds: {', '.join(str(int(s)) for s in sorted(seeds.unique()))}")
-    quantized = [method_label(m) for m in ordered_methods(optional_column(runs, "method")) if m in QUANTIZED_METHODS]
+    seeds = sorted(numeric_column(runs, "seed").dropna().unique())
+    if len(seeds) > 1:
+        parts.append("seeds: " + ", ".join(f"{seed:.0f}" for seed in seeds))
+    quantized = [series_label(m) for m in ordered_methods(optional_column(runs, "method")) if m in QUANTIZED_METHODS]
     if quantized:
         parts.append(f"{'/'.join(quantized)}: frozen base stored in 4-bit")
-    lines = [" · ".join(parts)] if parts else []
-    lines += [note for note in (_default_targets_note(runs),) if note]
-    if dtype_warning:
-        lines.append(dtype_warning)
-    if several_machines:
+    lines = [" · ".join(part for part in parts if part), _default_targets_note(runs), dtype_warning]
+    if len(distinct_texts(optional_column(runs, "hardware"))) > 1:
         lines.append("NOTE: the runs ran on different hardware, so their times are not like-for-like.")
-    return lines
+    return [line for line in lines if line]
+
+
+def _field_part(runs: pd.DataFrame, field: str, differ: str) -> str | None:
+    """``"model: gpt2"``, or ``"models differ: a, b"``, saying for how many runs it was not recorded."""
+    column = optional_column(runs, field)
+    values = distinct_texts(column)
+    if not values:
+        return None
+    text = f"{field}: {values[0]}" if len(values) == 1 else f"{differ}: {', '.join(values)}"
+    return text + (f" (not recorded for {column.isna().sum()} of {len(runs)} runs)" if column.isna().any() else "")
 
 
 def _default_targets_note(runs: pd.DataFrame) -> str | None:
-    """What an adapter label without brackets means, said only where the runs also hold a bracketed target set:
-    beside "LoRA (all-linear)" a bare "LoRA" would otherwise read as the same layers."""
+    """What an adapter label without brackets means, said only beside a bracketed one: next to "LoRA (all-linear)"
+    a bare "LoRA" would otherwise read as the same layers."""
     series = set(run_series(runs))
-    bracketed = {s for s in series if ":" in s}
-    bare = {s for s in series if s in METHODS and METHODS[s].adapter} if bracketed else set()
+    bare = {s for s in series if s in METHODS and METHODS[s].adapter} if any(":" in s for s in series) else set()
     if not bare:
         return None
-    names = "/".join(method_label(s) for s in ordered_methods(bare))
+    names = "/".join(series_label(s) for s in ordered_methods(bare))
     return (f"{names} without brackets: adapters on the model's default layers, peft's default for its family "
             "(query and value on BERT-style models such as MiniLM, c_attn on GPT-2).")
 
 
 def _compute_dtype_notes(runs: pd.DataFrame) -> tuple[str | None, str | None]:
     """(``"compute dtype: X"`` when all runs share one, a warning naming each series' dtype when they differ)."""
-    keys = run_series(runs)
-    dtypes = {s: distinct_texts(_dtype_name(v) for v in optional_column(runs[keys == s], "compute_dtype").dropna())
-              for s in ordered_methods(keys)}
-    all_dtypes = distinct_texts(d for ds in dtypes.values() for d in ds)
-    if len(all_dtypes) == 1:
-        return f"compute dtype: {all_dtypes[0]}", None
-    if not all_dtypes:
-        return None, None
-    by_dtype: dict[str, list[str]] = {}
-    for series, ds in dtypes.items():
-        by_dtype.setdefault("/".join(ds) or "unknown", []).append(method_label(series))
-    listing = "; ".join(f"{', '.join(ms)} = {d}" for d, ms in by_dtype.items())
+    dtypes = optional_column(runs, "compute_dtype").dropna().map(lambda dtype: str(dtype).removeprefix("torch."))
+    if dtypes.nunique() <= 1:
+        return (f"compute dtype: {dtypes.iloc[0]}" if len(dtypes) else None), None
+    series = run_series(runs.loc[dtypes.index])
+    listing = "; ".join(f"{', '.join(series_label(s) for s in ordered_methods(series[dtypes == dtype]))} = {dtype}"
+                        for dtype in sorted(dtypes.unique()))
     return None, f"NOTE: compute dtype differs across methods ({listing}), so time and memory are not like-for-like."
 
 
@@ -96,35 +91,23 @@ def dataset_name(runs: pd.DataFrame) -> str:
 
 def _data_sizes_note(runs: pd.DataFrame) -> str | None:
     """``"SST-2 train 4,000 / dev 872 sentences"`` (a range where runs differ), or None when not recorded."""
-    train = numeric_column(runs, "train_size").dropna()
     evals = numeric_column(runs, "n_eval").dropna()
-    if evals.empty:
-        evals = numeric_column(runs, "eval_size").dropna()
-    data = []
-    scored_on = distinct_texts(optional_column(runs, "eval_split"))
-    for name, values in (("train", train), ("dev" if scored_on in ([], ["dev"]) else "held-out", evals)):
-        if not values.empty:
-            low, high = int(values.min()), int(values.max())
-            data.append(f"{name} {high:,}" if low == high else f"{name} {low:,}-{high:,}")
+    evals = numeric_column(runs, "eval_size").dropna() if evals.empty else evals
+    scored_on = "dev" if distinct_texts(optional_column(runs, "eval_split")) in ([], ["dev"]) else "held-out"
+    sizes = (("train", numeric_column(runs, "train_size").dropna()), (scored_on, evals))
+    data = [f"{name} {count_range(values)}" for name, values in sizes if not values.empty]
     return f"{dataset_name(runs)} " + " / ".join(data) + " sentences" if data else None
 
 
 def save_with_footnote(fig: Figure, path: Path, runs: pd.DataFrame, notes: Sequence[str] = ()) -> Path:
-    """Add the notes and the provenance footnote below the axes and save at :data:`DPI`.
-
-    The footnote is placed under the figure and ``bbox_inches="tight"`` grows the saved image to include it,
-    so it can never overlap tick labels whatever the layout engine decided.
-    """
-    width_in = fig.get_figwidth()
-    chars = max(60, int(width_in * 15))
+    """Write the notes and the provenance under the axes (``bbox_inches="tight"`` grows the image to hold them) and
+    save at :data:`DPI`, beside and renamed over: two processes drawing one folder never leave a half-written PNG."""
+    chars = max(60, int(fig.get_figwidth() * 15))
     lines = [wrapped for line in [*notes, *_provenance(runs)] if line
              for wrapped in textwrap.wrap(line, chars, break_on_hyphens=False)]
     if lines:
-        fig.text(0.005, -0.01, "\n".join(lines), ha="left", va="top", fontsize=8, color="#444444",
-                 linespacing=1.4)
+        fig.text(0.005, -0.01, "\n".join(lines), ha="left", va="top", fontsize=8, color="#444444", linespacing=1.4)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside and renamed over: two processes drawing one folder (they may share a results folder) never
-    # leave a half-written image.
     temporary = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
     fig.savefig(temporary, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
     os.replace(temporary, path)

@@ -1,16 +1,15 @@
-"""The learning-curve figure: dev accuracy against train rows per method, and the losses per epoch at the smallest
-size, where the article says full fine-tuning overfits."""
+"""``learning_curve.png`` from :mod:`peft_utils.learning_curve`: does full fine-tuning overfit small data?"""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.ticker import FixedLocator, NullLocator
+from matplotlib.ticker import NullLocator
 
 from peft_utils.learning_curve import FULL, LORA, Curve, SizeResult
-
-from .style import DPI, method_color, method_label, method_marker, new_figure, png_path, style_axes
+from peft_utils.methods import series_label
+from peft_utils.plots.style import DPI, method_color, method_marker, new_figure, style_axes
 
 
 def plot_learning_curve(curve: Curve, out_dir: str | Path) -> Path:
@@ -23,10 +22,9 @@ def plot_learning_curve(curve: Curve, out_dir: str | Path) -> Path:
     _draw_losses(right, curve.losses, curve.smallest)
     fig.suptitle("Does full fine-tuning overfit small data? LoRA (all linear layers) against full fine-tuning",
                  fontsize=11)
-    path = png_path(out_dir, "learning_curve.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(out_dir) / "learning_curve.png", dpi=DPI)
+    return Path(out_dir) / "learning_curve.png"
 
 
 def _draw_accuracy(ax, sizes: Sequence[SizeResult], large: SizeResult | None) -> None:
@@ -41,15 +39,13 @@ def _draw_accuracy(ax, sizes: Sequence[SizeResult], large: SizeResult | None) ->
                     [100 * (p.accuracy[series].high - p.accuracy[series].difference) for p in points]]
             ax.errorbar(xs, means, yerr=bars, color=color, marker=marker, linestyle=style, capsize=3,
                         markerfacecolor="white" if style == "none" else color,
-                        label=method_label(series) + ("" if style == "-" else ", 1 epoch"))
+                        label=series_label(series) + ("" if style == "-" else ", 1 epoch"))
     ticks = [p.rows for p in [*sizes, *([large] if large else [])]]
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{t:,}" for t in ticks])
-    epochs = sizes[0].epochs if sizes else 1
-    ax.set_xlabel(f"train rows (log scale; {epochs} epochs, the large end 1 epoch)")
-    ax.set_ylabel("dev accuracy %, mean and 95% interval (seeds x sentences)")
+    ax.set(xlabel=f"train rows (log scale; {sizes[0].epochs if sizes else 1} epochs, the large end 1 epoch)",
+           ylabel="dev accuracy %, mean and 95% interval (seeds x sentences)")
     ax.legend(fontsize=8.5, frameon=False, loc="lower right")
     style_axes(ax)
 
@@ -59,14 +55,11 @@ def _draw_losses(ax, losses: pd.DataFrame, rows: int | None) -> None:
     for series in (FULL, LORA):
         run = means[means["series"] == series]
         color, marker = method_color(series), method_marker(series)
-        ax.plot(run["epoch"], run["loss"], color=color, marker=marker, label=f"{method_label(series)}: dev loss")
+        ax.plot(run["epoch"], run["loss"], color=color, marker=marker, label=f"{series_label(series)}: dev loss")
         ax.plot(run["epoch"], run["train_loss"], color=color, marker=marker, linestyle="--", markerfacecolor="white",
-                label=f"{method_label(series)}: training loss (epoch mean)")
-    seeds = losses["seed"].nunique()
-    ax.set_title(f"{rows:,} train rows: loss per epoch, mean of {seeds} seeds" if rows else "", fontsize=10,
-                 loc="left")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy")
-    ax.xaxis.set_major_locator(FixedLocator(sorted(means["epoch"].unique())))
+                label=f"{series_label(series)}: training loss (epoch mean)")
+    title = f"{rows:,} train rows: loss per epoch, mean of {losses['seed'].nunique()} seeds" if rows else ""
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.set(xlabel="epoch", ylabel="cross-entropy", xticks=sorted(means["epoch"].unique()))
     ax.legend(fontsize=8.5, frameon=False)
     style_axes(ax)
