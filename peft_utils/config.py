@@ -32,8 +32,7 @@ Check = Callable[[str, Any], Any]  # (parameter name for the message, user value
 
 
 def _number(name: str, value: Any, what: str, ok: Callable[[float], bool], kind: type = numbers.Real) -> Any:
-    """``value`` if it is a finite ``kind`` that is ``ok``; ``True`` and ``2.5`` are no integers (``int()`` would
-    silently make them 1 and 2)."""
+    """A finite ``kind`` that is ``ok``: ``True`` and ``2.5`` are no integers (``int()`` would make them 1 and 2)."""
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value) if kind is numbers.Integral else float(value)
@@ -48,13 +47,11 @@ _non_negative = partial(_number, what="a number >= 0", ok=lambda v: v >= 0)
 
 def _rows(name: str, value: Any) -> int | None:
     """A row count, or ``"all"`` -> ``None`` (every row of the split)."""
-    if value == ALL_ROWS:
-        return None
-    return _number(name, value, "a positive number of rows or 'all'", lambda v: v > 0, numbers.Integral)
+    ok = partial(_number, what="a positive number of rows or 'all'", ok=lambda v: v > 0, kind=numbers.Integral)
+    return None if value == ALL_ROWS else ok(name, value)
 
 
 def _optional(check: Check) -> Check:
-    """``check``, letting ``None`` through (a field the configuration may leave unset)."""
     return lambda name, value: None if value is None else check(name, value)
 
 
@@ -71,14 +68,6 @@ def _text(name: str, value: Any) -> str:
     return value
 
 
-def _as_list(name: str, value: Any) -> list[Any]:
-    """One value, or a list/tuple of them; an empty list is an error (it would silently mean "run nothing")."""
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not items:
-        raise ValueError(f"{name} is empty: give at least one value")
-    return items
-
-
 def _unique(name: str, items: Sequence[Any]) -> tuple[Any, ...]:
     repeated = sorted({repr(i) for i in items if items.count(i) > 1})
     if repeated:
@@ -87,9 +76,12 @@ def _unique(name: str, items: Sequence[Any]) -> tuple[Any, ...]:
 
 
 def _each(check: Check, unique: bool = True) -> Check:
-    """One value or a list of them, each through ``check``; where ``unique``, a repeat is an error."""
+    """One value or a list of them, each through ``check``; an empty list (it would silently mean "run nothing")
+    and, where ``unique``, a repeat are errors."""
     def check_each(name: str, value: Any) -> tuple[Any, ...]:
-        checked = [check(name, item) for item in _as_list(name, value)]
+        checked = [check(name, item) for item in (value if isinstance(value, (list, tuple)) else [value])]
+        if not checked:
+            raise ValueError(f"{name} is empty: give at least one value")
         return _unique(name, checked) if unique else tuple(checked)
     return check_each
 
@@ -237,11 +229,9 @@ class TrainConfig:
     bucket_by_length: bool = False
     eval_batch_size: int | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # checked when built directly too (tests, bench): every field is a parameter
         for item in fields(self):
-            parameter = PARAMETER_BY_FIELD.get(("train", item.name))
-            if parameter is not None:
-                parameter.check(f"TrainConfig.{item.name}", getattr(self, item.name))
+            PARAMETER_BY_FIELD["train", item.name].check(f"TrainConfig.{item.name}", getattr(self, item.name))
 
 
 @dataclass(frozen=True)
