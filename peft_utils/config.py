@@ -9,6 +9,7 @@ anything loads or trains: a typo costs a one-line error, not a crash after a fin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import math
 import numbers
@@ -32,7 +33,12 @@ Check = Callable[[str, Any], Any]  # (parameter name for the message, user value
 
 
 def _number(name: str, value: Any, what: str, ok: Callable[[float], bool], kind: type = numbers.Real) -> Any:
-    """A finite ``kind`` that is ``ok``: ``True`` and ``2.5`` are no integers (``int()`` would make them 1 and 2)."""
+    """A finite ``kind`` that is ``ok``: ``True`` and ``2.5`` are no integers (``int()`` would make them 1 and 2).
+    Text that reads as a number (the command line's) is read."""
+    for read in (int, float) if isinstance(value, str) else ():
+        with contextlib.suppress(ValueError):
+            value = read(value)
+            break
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value) if kind is numbers.Integral else float(value)
@@ -314,14 +320,13 @@ class ExperimentConfig:
 @dataclass(frozen=True)
 class Parameter:
     """One user-facing setting: where it lives (``"adapter.rank"``: a part's field; ``"model"``: ExperimentConfig's),
-    its check, its help, and its command line: argparse keywords and ``parse`` (tokens -> the notebook's value)."""
+    its check and its help; ``several``: its flag takes several tokens (see :func:`cli_parameters`)."""
 
     name: str
     where: str
     check: Check
     help: str
-    cli: Mapping[str, Any] | None = None
-    parse: Callable[[Any], Any] | None = None
+    several: bool = False
 
     @property
     def flag(self) -> str:
@@ -336,110 +341,56 @@ class Parameter:
         return self.where.rpartition(".")[2]
 
 
-def _float_token(token: str) -> float:
-    try:
-        return float(token)
-    except ValueError:
-        raise ValueError(f"expected a number, got {token!r}") from None
-
-
-def _rows_token(token: str) -> int | str:
-    try:
-        return token if token == ALL_ROWS else int(token)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of rows or 'all', got {token!r}") from None
-
-
-def _method_pairs(flag: str, tokens: Sequence[str], value: Callable[[str], Any]) -> dict[str, Any]:
-    pairs = {}
-    for token in tokens:
-        method, sep, text = token.partition("=")
-        if not sep:
-            raise ValueError(f"{flag} takes method=value pairs, got {token!r}")
-        pairs[method] = value(text)
-    return pairs
-
-
-def _lr_tokens(tokens: Sequence[str]) -> float | dict[str, float] | str:
-    """``--lr 2e-4`` (every method), ``--lr lora=5e-4 full=2e-5`` or ``--lr tune``."""
-    if len(tokens) == 1 and "=" not in tokens[0]:
-        return TUNE if tokens[0] == TUNE else _float_token(tokens[0])
-    return _method_pairs("--lr", tokens, _float_token)
-
-
-def _lr_grid_tokens(tokens: Sequence[str]) -> dict[str, list[float]]:
-    """``--lr-grid lora=1e-3,3e-3 full=3e-5,1e-4``."""
-    return _method_pairs("--lr-grid", tokens, lambda rates: [_float_token(r) for r in rates.split(",") if r])
-
-
-def _targets_tokens(tokens: Sequence[str]) -> str | list[Any]:
-    """One token: a preset, a suffix or a regex; several: suffixes (one set) or presets (several sets); a token with
-    commas is one set of suffixes (``--targets query,value all-linear``)."""
-    if len(tokens) == 1 and "," not in tokens[0]:
-        return tokens[0]
-    return [[s for s in token.split(",") if s] if "," in token else token for token in tokens]
-
-
-_INT, _FLOAT, _BOOL = {"type": int}, {"type": float}, {"action": argparse.BooleanOptionalAction}
-_INTS, _FLOATS, _WORDS = {"nargs": "+", "type": int}, {"nargs": "+", "type": float}, {"nargs": "+"}
-_ROWS = {"type": _rows_token}
-_PATH, _COUNT = _optional(_text), _optional(_positive_int)
-
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("model", "model", _text, "hub id, local folder, 'minilm' or 'random-gpt2-<size>'"),
-    Parameter("methods", "methods", _each(lambda name, m: get_method(m).name), "methods to compare, e.g. ['full', "
-              "'lora', 'dora', 'qlora', 'qdora']", {"nargs": "+", "choices": METHOD_NAMES}),
-    Parameter("rank", "adapter.rank", _positive_int, "LoRA/DoRA rank r", _INT),
-    Parameter("alpha", "adapter.alpha", _positive, "scaling numerator: the update is (alpha / r) * B A", _FLOAT),
-    Parameter("dropout", "adapter.dropout", _fraction, "dropout on the adapter input, in [0, 1)", _FLOAT),
+    Parameter("methods", "methods", _each(lambda name, m: get_method(m).name),
+              f"methods to compare, of {', '.join(METHOD_NAMES)}", True),
+    Parameter("rank", "adapter.rank", _positive_int, "LoRA/DoRA rank r"),
+    Parameter("alpha", "adapter.alpha", _positive, "scaling numerator: the update is (alpha / r) * B A"),
+    Parameter("dropout", "adapter.dropout", _fraction, "dropout on the adapter input, in [0, 1)"),
     Parameter("targets", "targets", _target_sets, "layers: a preset ('attn', 'attn-all', 'all-linear'), module-name "
-              "suffixes or a regex; several sets compare them: ['attn', 'all-linear']", _WORDS, _targets_tokens),
+              "suffixes or a regex; several sets compare them: attn all-linear, or query,value all-linear", True),
     Parameter("modules_to_save", "adapter.modules_to_save", _module_names,
-              "modules trained in full beside adapters and head, e.g. ['pooler'] (None: the head only)", _WORDS),
-    Parameter("epochs", "train.epochs", _positive_int, "passes over the train rows", _INT),
-    Parameter("batch_size", "train.batch_size", _positive_int, "rows per optimiser step, over all processes", _INT),
-    Parameter("lr", "lr", _lr, "one rate, per method {'full': 2e-5, 'lora': 2e-4}, or 'tune' (best of lr_grid)",
-              _WORDS, _lr_tokens),
-    Parameter("lr_grid", "tune.grid", _lr_grid, "rates lr 'tune' tries per method, e.g. {'lora': [1e-3, 3e-3]}",
-              _WORDS, _lr_grid_tokens),
-    Parameter("tune_train_size", "tune.train_size", _COUNT, "train rows per tuning run (None: the comparison's)", _INT),
-    Parameter("tune_holdout_size", "tune.holdout_size", _positive_int, "held-out train rows scoring tuning runs", _INT),
-    Parameter("tune_seeds", "tune.seeds", _optional(_each(_seed)), "tuning seeds; the best mean rate wins", _INTS),
-    Parameter("max_length", "train.max_length", _positive_int, "tokens per sentence (longer ones are cut)", _INT),
-    Parameter("train_size", "data.train_size", _rows, "train rows (a balanced subset), or 'all'", _ROWS),
-    Parameter("eval_size", "data.eval_size", _rows, "dev rows, or 'all'", _ROWS),
-    Parameter("seeds", "seeds", _each(_seed), "one run per seed and method: [0, 1, 2] gives error bars", _INTS),
-    Parameter("sweep", "sweep.enabled", _flag, "also run the LoRA rank x alpha grid", _BOOL),
-    Parameter("sweep_ranks", "sweep.ranks", _each(_positive_int), "the grid's ranks, e.g. [2, 4, 8, 16]", _INTS),
-    Parameter("sweep_alpha_ratios", "sweep.alpha_ratios", _each(_positive), "the grid's alpha / r values", _FLOATS),
-    Parameter("sweep_train_size", "sweep.train_size", _COUNT, "train rows per grid run (None: the comparison's)", _INT),
-    Parameter("sweep_rslora", "sweep.rslora", _flag, "grid with rsLoRA scaling alpha / sqrt(r)", _BOOL),
+              "modules trained in full beside adapters and head, e.g. pooler (None: the head only)", True),
+    Parameter("epochs", "train.epochs", _positive_int, "passes over the train rows"),
+    Parameter("batch_size", "train.batch_size", _positive_int, "rows per optimiser step, over all processes"),
+    Parameter("lr", "lr", _lr, "one rate, per method (lora=2e-4 full=2e-5), or 'tune' (the best of lr_grid)", True),
+    Parameter("lr_grid", "tune.grid", _lr_grid, "rates lr 'tune' tries per method, e.g. lora=1e-3,3e-3", True),
+    Parameter("tune_train_size", "tune.train_size", _optional(_positive_int), "train rows per tuning run"),
+    Parameter("tune_holdout_size", "tune.holdout_size", _positive_int, "held-out train rows scoring tuning runs"),
+    Parameter("tune_seeds", "tune.seeds", _optional(_each(_seed)), "tuning seeds; the best mean rate wins", True),
+    Parameter("max_length", "train.max_length", _positive_int, "tokens per sentence (longer ones are cut)"),
+    Parameter("train_size", "data.train_size", _rows, "train rows (a balanced subset), or 'all'"),
+    Parameter("eval_size", "data.eval_size", _rows, "dev rows, or 'all'"),
+    Parameter("seeds", "seeds", _each(_seed), "one run per seed and method: 0 1 2 gives error bars", True),
+    Parameter("sweep", "sweep.enabled", _flag, "also run the LoRA rank x alpha grid"),
+    Parameter("sweep_ranks", "sweep.ranks", _each(_positive_int), "the grid's ranks, e.g. 2 4 8 16", True),
+    Parameter("sweep_alpha_ratios", "sweep.alpha_ratios", _each(_positive), "the grid's alpha / r values", True),
+    Parameter("sweep_train_size", "sweep.train_size", _optional(_positive_int), "train rows per grid run"),
+    Parameter("sweep_rslora", "sweep.rslora", _flag, "grid with rsLoRA scaling alpha / sqrt(r)"),
     Parameter("dataset", "data.dataset", _text, "'sst2', a CSV/TSV/JSONL/Parquet file or folder, or a hub dataset"),
-    Parameter("dataset_config", "data.dataset_config", _PATH, "a hub dataset's configuration name"),
-    Parameter("text_column", "data.text_column", _columns, "the text column, or two for sentence pairs", _WORDS),
+    Parameter("dataset_config", "data.dataset_config", _optional(_text), "a hub dataset's configuration name"),
+    Parameter("text_column", "data.text_column", _columns, "the text column, or two for sentence pairs", True),
     Parameter("label_column", "data.label_column", _text, "the label column (numbers or names)"),
-    Parameter("data_dir", "data.data_dir", _PATH, "folder holding sst2/ (and gpt2-tokenizer/); None: $PEFT_LAB_DATA, "
-              "else the hub"),
-    Parameter("results_dir", "results_dir", _PATH, "run records go here; None: results/<profile>"),
-    Parameter("imgs_dir", "imgs_dir", _PATH, "figures go here; None: <results_dir>/imgs"),
-    Parameter("sentences", "sentences", _each(_text, unique=False), "your own sentences, classified by each run",
-              _WORDS),
-    Parameter("report_to", "report_to", _report_to, "experiment trackers, e.g. 'tensorboard' (logs in "
-              "<results_dir>/runs) or ['tensorboard', 'mlflow']", _WORDS),
-    Parameter("weight_decay", "train.weight_decay", _non_negative, "AdamW weight decay (matrices only)", _FLOAT),
-    Parameter("warmup_ratio", "train.warmup_ratio", _fraction, "share of steps with a linear warm-up", _FLOAT),
-    Parameter("max_grad_norm", "train.max_grad_norm", _optional(_positive), "gradient clipping norm", _FLOAT),
-    Parameter("grad_accum_steps", "train.grad_accum_steps", _positive_int, "micro-batches per step and process", _INT),
-    Parameter("eval_every", "train.eval_every", _COUNT, "also evaluate every N optimiser steps", _INT),
-    Parameter("gradient_checkpointing", "train.gradient_checkpointing", _flag, "recompute activations in backward "
-              "(less memory, more time)", _BOOL),
+    Parameter("data_dir", "data.data_dir", _optional(_text), "folder holding sst2/ (and gpt2-tokenizer/); None: "
+              "$PEFT_LAB_DATA, else the hub"),
+    Parameter("results_dir", "results_dir", _optional(_text), "run records go here; None: results/<profile>"),
+    Parameter("imgs_dir", "imgs_dir", _optional(_text), "figures go here; None: <results_dir>/imgs"),
+    Parameter("sentences", "sentences", _each(_text, unique=False), "your own sentences, classified by each run", True),
+    Parameter("report_to", "report_to", _report_to, "experiment trackers, e.g. tensorboard (logs in "
+              "<results_dir>/runs), mlflow", True),
+    Parameter("weight_decay", "train.weight_decay", _non_negative, "AdamW weight decay (matrices only)"),
+    Parameter("warmup_ratio", "train.warmup_ratio", _fraction, "share of steps with a linear warm-up"),
+    Parameter("max_grad_norm", "train.max_grad_norm", _optional(_positive), "gradient clipping norm"),
+    Parameter("grad_accum_steps", "train.grad_accum_steps", _positive_int, "micro-batches per step and process"),
+    Parameter("eval_every", "train.eval_every", _optional(_positive_int), "also evaluate every N optimiser steps"),
+    Parameter("gradient_checkpointing", "train.gradient_checkpointing", _flag, "recompute activations in backward"),
     Parameter("device", "train.device", _device, "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'"),
     Parameter("precision", "train.precision", _precision, "'auto' (GPU: bf16, or fp16 + loss scaling before Ampere; "
-              "CPU: fp32) | 'fp32' | 'bf16' | 'fp16'", {"choices": PRECISIONS}),
-    Parameter("log_every", "train.log_every", _positive_int, "optimiser steps averaged into one logged loss", _INT),
-    Parameter("bucket_by_length", "train.bucket_by_length", _flag, "batch sentences of similar length", _BOOL),
-    Parameter("eval_batch_size", "train.eval_batch_size", _COUNT, "rows per evaluation batch (None: 2 x batch_size)",
-              _INT),
+              "CPU: fp32) | 'fp32' | 'bf16' | 'fp16'"),
+    Parameter("log_every", "train.log_every", _positive_int, "optimiser steps averaged into one logged loss"),
+    Parameter("bucket_by_length", "train.bucket_by_length", _flag, "batch sentences of similar length"),
+    Parameter("eval_batch_size", "train.eval_batch_size", _optional(_positive_int), "rows per evaluation batch"),
 )
 PARAMETER_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMETERS)
 PARAMETER_BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}
@@ -588,18 +539,31 @@ def _refuse_settings_without_effect(config: ExperimentConfig, changed: Mapping[s
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per parameter (``--rank``, ``--lr lora=5e-4``, ``--train-size all``, ``--no-sweep``...)."""
+    """One flag per parameter (``--rank 8``, ``--lr lora=5e-4``, ``--train-size all``, ``--no-sweep``...)."""
     for p in PARAMETERS:
-        parser.add_argument(p.flag, dest=p.name, default=None, help=p.help, **(p.cli or {}))
+        kind = {"action": argparse.BooleanOptionalAction} if p.check is _flag else {"nargs": "+"} if p.several else {}
+        parser.add_argument(p.flag, dest=p.name, default=None, help=p.help, **kind)
 
 
 def cli_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The parameters given on the command line (``None``: not given), as the notebook would pass them."""
-    given = {}
-    for p in PARAMETERS:
-        value = getattr(args, p.name)
-        given[p.name] = p.parse(value) if p.parse and value is not None else value
-    return given
+    """The parameters given on the command line (``None``: not given), shaped as the notebook writes them."""
+    given = {p.name: getattr(args, p.name) for p in PARAMETERS}
+    return {name: _from_tokens(name, value) if isinstance(value, list) else value for name, value in given.items()}
+
+
+def _from_tokens(name: str, tokens: list[str]) -> Any:
+    """One token as itself, several as a list, ``a,b`` as a list in it (``--targets query,value all-linear``) and
+    ``k=v`` tokens as a dict (``--lr lora=5e-4 full=2e-5``). Numbers stay text: their checks read it."""
+    def item(token: str) -> str | list[str]:
+        return [part for part in token.split(",") if part] if "," in token else token
+
+    pairs = [token.partition("=") for token in tokens]
+    if all(sep for _, sep, _ in pairs):
+        return {key: item(text) for key, _, text in pairs}
+    if any(sep for _, sep, _ in pairs):
+        raise ValueError(f"{name} takes values or key=value pairs, not both: {' '.join(tokens)}")
+    items = [item(token) for token in tokens]
+    return items[0] if len(items) == 1 else items
 
 
 # The notebook's parameters cell, in its order (peft.ipynb): what a reader changes, each a literal value.
