@@ -49,12 +49,12 @@ _seed = partial(_number, what="non-negative integers", ok=lambda v: v >= 0, kind
 _positive = partial(_number, what="a positive number", ok=lambda v: v > 0)
 _fraction = partial(_number, what="a number in [0, 1)", ok=lambda v: 0 <= v < 1)
 _non_negative = partial(_number, what="a number >= 0", ok=lambda v: v >= 0)
+_row_count = partial(_number, what="a positive number of rows or 'all'", ok=lambda v: v > 0, kind=numbers.Integral)
 
 
 def _rows(name: str, value: Any) -> int | None:
     """A row count, or ``"all"`` -> ``None`` (every row of the split)."""
-    ok = partial(_number, what="a positive number of rows or 'all'", ok=lambda v: v > 0, kind=numbers.Integral)
-    return None if value == ALL_ROWS else ok(name, value)
+    return None if value == ALL_ROWS else _row_count(name, value)
 
 
 def _optional(check: Check) -> Check:
@@ -235,9 +235,10 @@ class TrainConfig:
     bucket_by_length: bool = False
     eval_batch_size: int | None = None
 
-    def __post_init__(self) -> None:  # checked when built directly too (tests, bench): every field is a parameter
+    def __post_init__(self) -> None:  # built directly too (tests, bench): every field is a parameter, checked and read
         for item in fields(self):
-            PARAMETER_BY_FIELD["train", item.name].check(f"TrainConfig.{item.name}", getattr(self, item.name))
+            value = PARAMETER_BY_FIELD["train", item.name].check(f"TrainConfig.{item.name}", getattr(self, item.name))
+            object.__setattr__(self, item.name, value)
 
 
 @dataclass(frozen=True)
