@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import (NOTEBOOK_PARAMETERS, PROFILE_NAMES, PROFILES, check_parameter_names, notebook_values,
+                     resolve_profile)
 from .progress import MODE_ENV
 
 # A run's progress line or a note under it ("run 3/32 lora | step 40/250 ...", labelled by experiment.run_plan); the
@@ -42,8 +44,6 @@ def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any], c
     the notebook reads those of its parameters cell and no other, so a misspelt one would go unused."""
     import papermill
     from traitlets.config import Config
-
-    from .config import NOTEBOOK_PARAMETERS, check_parameter_names
 
     check_parameter_names(parameters, NOTEBOOK_PARAMETERS)
     # mkdtemp's folder is private (0700) and short: a Unix socket path may not exceed about 100 bytes
@@ -131,7 +131,7 @@ def closing_summary(results_dir: Path, executed: Path, html: Path, imgs_dir: Pat
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m peft_utils.run_notebook", description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", default="auto", help="auto | full | cpu | smoke")
+    parser.add_argument("--profile", default="auto", choices=("auto", *PROFILE_NAMES))
     parser.add_argument("--data-dir", default="", help="folder holding sst2/ (and gpt2-tokenizer/); '': the hub")
     parser.add_argument("--results-dir", help="run records (default: results/<profile>)")
     parser.add_argument("--imgs-dir", default="imgs", help="where the figures are written (default: imgs)")
@@ -150,18 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import nbformat
     from papermill.exceptions import PapermillExecutionError
 
-    from .config import PROFILES, notebook_values, resolve_profile
-
     args = _parse_args(argv)
     # For the kernel: progress as plain lines, which read well once forwarded (a bar's carriage returns do not),
     # and no transformers "Loading weights" bar.
     os.environ.setdefault(MODE_ENV, "lines")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        profile = resolve_profile(args.profile)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    profile = resolve_profile(args.profile)
     results_dir = Path(args.results_dir or PROFILES[profile].results_dir)
     # every name of the parameters cell, with the profile's value: papermill's cell under it shows what trains
     parameters = {**notebook_values(profile), "data_dir": args.data_dir, "results_dir": str(results_dir),
