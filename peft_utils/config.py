@@ -35,7 +35,7 @@ Check = Callable[[str, Any], Any]  # (parameter name for the message, user value
 def _number(name: str, value: Any, what: str, ok: Callable[[float], bool], kind: type = numbers.Real) -> Any:
     """A finite ``kind`` that is ``ok``: ``True`` and ``2.5`` are no integers (``int()`` would make them 1 and 2).
     Text that reads as a number (the command line's) is read."""
-    for read in (int, float) if isinstance(value, str) else ():
+    for read in ((int, float) if kind is numbers.Integral else (float,)) if isinstance(value, str) else ():
         with contextlib.suppress(ValueError):
             value = read(value)
             break
@@ -102,7 +102,7 @@ def _columns(name: str, value: Any) -> tuple[str, ...]:
 
 def _module_names(name: str, value: Any) -> tuple[str, ...] | None:
     """Module-name suffixes (``"pooler"``, ``["pooler"]``), or ``None``/``[]`` for none."""
-    return None if value in (None, [], ()) else _each(_text)(name, value)
+    return None if value is None or isinstance(value, (list, tuple)) and not value else _each(_text)(name, value)
 
 
 def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
@@ -480,7 +480,8 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
     """
     base = PROFILES[resolve_profile(profile)]
     check_parameter_names(parameters)
-    given = {name: value for name, value in parameters.items() if value not in (None, "")}
+    given = {name: value for name, value in parameters.items()
+             if value is not None and not (isinstance(value, str) and value == "")}
     top: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = {"data": {}, "adapter": {}, "train": {}, "sweep": {}, "tune": {}}
     for name, value in given.items():
