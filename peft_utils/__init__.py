@@ -1,8 +1,5 @@
-"""peft-lab: hand-written LoRA / DoRA / QLoRA (the core, :mod:`peft_utils.core`) and the lab around it — SST-2 data,
-experiments, run records, statistics and plots.
-
-Names are imported lazily (PEP 562), so `python -m peft_utils.plots` does not pay for importing torch.
-"""
+"""peft-lab: hand-written LoRA / DoRA / QLoRA (:mod:`peft_utils.core`) and the lab around it. Names are imported
+lazily (PEP 562), so that ``python -m peft_utils.plots`` does not pay for importing torch."""
 from __future__ import annotations
 
 import importlib

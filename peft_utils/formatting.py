@@ -1,26 +1,10 @@
-"""Numbers as short human-readable text: byte sizes, parameter counts, durations and shares.
+"""Numbers as short readable text: byte sizes, parameter counts, durations, shares, accuracy points, p-values.
 
-Why one module: figures, the size report and the notebook all print sizes and counts, and two formatters for the
-same quantity drift apart ("498 MB" in one place, "474.70 MiB" in another, for the same file). Every byte size the
-package prints goes through :func:`format_bytes`.
+One module, because two formatters of one quantity drift apart ("498 MB" here, "474.70 MiB" there, for one file).
 """
 from __future__ import annotations
 
 import math
-
-__all__ = [
-    "DECIMAL_BYTE_UNITS",
-    "BINARY_BYTE_UNITS",
-    "format_bytes",
-    "format_count",
-    "format_seconds",
-    "format_share",
-    "format_points",
-    "format_p_value",
-    "format_paired_difference",
-    "duration_ticks",
-    "format_duration_tick",
-]
 
 # (unit, factor) from the largest down; the last unit has factor 1.
 Units = tuple[tuple[str, float], ...]
@@ -34,13 +18,8 @@ _CLOCK_TICKS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 
 
 def format_bytes(n_bytes: float | None, tick: bool = False, *, binary: bool = False,
                  decimals: int | None = None) -> str:
-    """A byte size in the largest unit it reaches: ``"497.8 MB"`` (decimal, 1 MB = 10^6 B) by default.
-
-    ``binary=True`` uses powers of 1024 (KiB, MiB, GiB, TiB): memory is allocated in those, and published model
-    sizes ("GPT-2 Large is 2.883 GiB in fp32") are often quoted in them. ``decimals`` fixes the number of decimals
-    in every unit except plain bytes (an aligned table wants ``format_bytes(n, binary=True, decimals=2)`` ->
-    ``"2.88 GiB"``); by default there is one decimal below 100 and none above. ``tick``: see :func:`_in_largest_unit`.
-    """
+    """A byte size in the largest unit it reaches: ``"497.8 MB"`` (1 MB = 10^6 B); ``binary=True``: powers of 1024
+    (``"2.88 GiB"``), in which memory is allocated and model sizes are often quoted."""
     units = BINARY_BYTE_UNITS if binary else DECIMAL_BYTE_UNITS
     return _in_largest_unit(n_bytes, units, " ", tick, decimals)
 
@@ -52,12 +31,9 @@ def format_count(n: float | None, tick: bool = False) -> str:
 
 def _in_largest_unit(value: float | None, units: Units, separator: str, tick: bool = False,
                      decimals: int | None = None) -> str:
-    """``value`` in the largest unit it reaches: one decimal below 100, none above, unless ``decimals`` says.
-
-    ``tick=True`` is for axis ticks, which sit at round values: every significant digit is kept and none padded
-    ("1.75 GB", "1 GB"), because rounding a 1.75 GB tick to "1.8 GB" misplaces the bars read against it.
-    Values in the smallest unit (bytes, single parameters) are whole numbers and printed without decimals.
-    """
+    """``value`` in the largest unit it reaches: one decimal below 100, none above, unless ``decimals`` says; whole
+    numbers in the smallest unit. ``tick=True`` (axis ticks, at round values) keeps every significant digit and pads
+    none ("1.75 GB", "1 GB"): a 1.75 GB tick labelled "1.8 GB" misplaces the bars read against it."""
     if value is None or not math.isfinite(value):
         return "n/a"
     unit, factor = next((unit, factor) for unit, factor in units if abs(value) >= factor or factor == 1)
@@ -89,11 +65,8 @@ def format_share(part: float, total: float) -> str:
 
 
 def format_points(fraction: float, signed: bool = False, decimals: int = 1) -> str:
-    """An accuracy (difference) given as a fraction, in percentage points with one decimal: ``-0.004`` -> ``"-0.4"``.
-
-    ``signed`` writes "+" on positive values (differences) and a true minus sign on negative ones; ``decimals=2``
-    where a rounded value would hide which side of a threshold it lies (-0.54 is not -0.5).
-    """
+    """A fraction in percentage points: ``-0.004`` -> ``"-0.4"``; ``signed`` (differences) writes "+" and a true
+    minus sign; ``decimals=2`` where rounding would hide which side of a threshold a value lies."""
     if fraction is None or not math.isfinite(fraction):
         return "n/a"
     text = f"{100 * fraction:{'+' if signed else ''}.{decimals}f}"
@@ -114,10 +87,8 @@ def format_paired_difference(difference: float, low: float, high: float, p_value
 
 
 def duration_ticks(low: float, high: float, max_ticks: int = 7) -> list[float]:
-    """The clock-friendly durations (30 s, 1 min, 1 h, ...) inside [low, high] seconds, thinned to ``max_ticks``.
-
-    Never empty: a range holding no round duration gets one tick at its geometric middle.
-    """
+    """The round durations (30 s, 1 min, 1 h, ...) inside [low, high] seconds, thinned to ``max_ticks``; a range
+    holding none gets one tick at its geometric middle."""
     ticks = [t for t in _CLOCK_TICKS if low <= t <= high] or [math.sqrt(low * high)]
     step = math.ceil(len(ticks) / max_ticks)
     return ticks[::step]

@@ -1,17 +1,9 @@
-"""Training progress a person can watch: a live bar where there is a screen, plain lines where output is a log.
+"""Training progress a person can watch: a tqdm bar on a screen or in Jupyter, plain lines where output is a log.
 
-One run of :func:`peft_utils.train.train` reports through one :class:`Progress`. Where it draws:
-
-- ``bar``: a tqdm bar (a widget in Jupyter, text in a terminal) — when stderr is a terminal or the code runs in
-  a Jupyter kernel.
-- ``lines``: one plain line every ``LINE_INTERVAL_S`` seconds and one when the run ends — when output goes to a
-  file or a pipe, and under ``make run``, whose notebook driver sets ``PEFT_LAB_PROGRESS=lines`` so that the
-  lines it forwards from the executing notebook read well in the terminal (a bar's carriage returns do not).
-- ``off``: nothing.
-
-``PEFT_LAB_PROGRESS`` (``bar`` | ``lines`` | ``off``) overrides the choice. Progress must not slow training:
-:meth:`Progress.update` is called every optimiser step but only stores the step and the loss *object*; the loss is
-read (``float()``, which synchronises a GPU) only when something is drawn, a few times per second at most.
+``PEFT_LAB_PROGRESS`` (``bar`` | ``lines`` | ``off``) overrides the choice; ``make run`` sets ``lines``, because the
+lines it forwards from the executing notebook read well in a terminal (a bar's carriage returns do not). Progress
+must not slow training: :meth:`Progress.update` runs every step but only stores the step and the loss *object*,
+which is read (``float()`` synchronises a GPU) only when something is drawn, a few times a second at most.
 """
 from __future__ import annotations
 
@@ -26,28 +18,17 @@ from .formatting import format_seconds
 
 MODES = ("bar", "lines", "off")
 MODE_ENV = "PEFT_LAB_PROGRESS"
-BAR_INTERVAL_S = 0.25  # a bar redraws at most 4 times a second
+BAR_INTERVAL_S = 0.25
 LINE_INTERVAL_S = 10.0  # a log gets one line per 10 s of a run, plus one when it ends
 
 
 def progress_mode() -> str:
-    """``bar``, ``lines`` or ``off``: ``$PEFT_LAB_PROGRESS`` if set, else a bar on a screen and lines in a log."""
+    """``$PEFT_LAB_PROGRESS`` if set, else a bar in a Jupyter kernel or on a terminal, and lines in a log."""
     chosen = os.environ.get(MODE_ENV, "").strip().lower()
-    if chosen:
-        if chosen not in MODES:
-            raise ValueError(f"{MODE_ENV}={chosen!r}: choose one of {', '.join(MODES)}")
-        return chosen
-    return "bar" if _in_jupyter_kernel() or sys.stderr.isatty() else "lines"
-
-
-def bars_enabled() -> bool:
-    """Whether secondary bars (evaluation) should draw: only when the run itself draws a bar."""
-    return progress_mode() == "bar"
-
-
-def _in_jupyter_kernel() -> bool:
+    if chosen and chosen not in MODES:
+        raise ValueError(f"{MODE_ENV}={chosen!r}: choose one of {', '.join(MODES)}")
     shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
-    return shell is not None and hasattr(shell, "kernel")
+    return chosen or ("bar" if hasattr(shell, "kernel") or sys.stderr.isatty() else "lines")
 
 
 class Progress:
@@ -58,13 +39,9 @@ class Progress:
         if self.mode not in MODES:
             raise ValueError(f"progress mode must be one of {MODES}, got {self.mode!r}")
         self.interval_s = BAR_INTERVAL_S if self.mode == "bar" else line_interval_s
-        self.stream = stream
-        self.label = ""
-        self.total = 0
-        self.step = 0
+        self.stream, self.label, self.total, self.step = stream, "", 0, 0
         self._loss: Any = None
-        self._started = 0.0
-        self._next_draw = float("inf")
+        self._started, self._next_draw = 0.0, float("inf")
         self._bar: tqdm | None = None
 
     def start(self, total_steps: int, label: str) -> None:
@@ -76,7 +53,7 @@ class Progress:
             self._bar = tqdm(total=total_steps, desc=label, dynamic_ncols=True, file=self.stream)
 
     def update(self, step: int, loss: Any) -> None:
-        """Record that ``step`` steps are done; ``loss`` (a float or a 0-d tensor) is read only when drawn."""
+        """``step`` steps are done; ``loss`` (a float or a 0-d tensor) is read only when drawn."""
         self.step, self._loss = step, loss
         now = time.perf_counter()
         if now >= self._next_draw:
@@ -84,7 +61,7 @@ class Progress:
             self._draw(now)
 
     def write(self, line: str) -> None:
-        """A note about the run (an evaluation result), printed above the bar or as its own line."""
+        """A note about the run (an evaluation result), above the bar or as its own line."""
         text = f"{self.label} | {line}" if self.label else line
         if self._bar is not None:
             self._bar.write(text, file=self.stream)
@@ -97,16 +74,14 @@ class Progress:
             self._draw(time.perf_counter(), final=True)
         if self._bar is not None:
             self._bar.close()
-            self._bar = None
-        self._started, self._next_draw = 0.0, float("inf")
+        self._bar, self._started, self._next_draw = None, 0.0, float("inf")
 
-    def status(self, now: float | None = None, final: bool = False) -> str:
+    def _status(self, now: float, final: bool = False) -> str:
         """``step 40/250 (16%) | 3.1 steps/s | loss 0.6931 | ETA 67.7 s`` (``done ... in`` once finished)."""
-        elapsed = (now or time.perf_counter()) - self._started
+        elapsed = now - self._started
         rate = self.step / elapsed if elapsed > 0 else 0.0
         parts = [f"done {self.step} steps in {format_seconds(elapsed)}" if final else
-                 f"step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)"]
-        parts.append(f"{rate:.2f} steps/s")
+                 f"step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)", f"{rate:.2f} steps/s"]
         if self._loss is not None:
             parts.append(f"loss {float(self._loss):.4f}")
         if not final and rate > 0:
@@ -120,4 +95,4 @@ class Progress:
                 self._bar.set_postfix_str(f"loss {float(self._loss):.4f}", refresh=False)
             self._bar.refresh()
         elif self.mode == "lines":
-            print(f"{self.label} | {self.status(now, final)}", file=self.stream or sys.stdout, flush=True)
+            print(f"{self.label} | {self._status(now, final)}", file=self.stream or sys.stdout, flush=True)

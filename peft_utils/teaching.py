@@ -1,9 +1,6 @@
-"""The plumbing of the notebook's teaching cells, so that each cell shows only its idea.
-
-The teaching cells build LoRA, DoRA and NF4 in plain torch on the real MiniLM, on a CPU, in seconds and with
-nothing to download. What they need besides torch is here: reading one pretrained weight, and showing a few numbers
-as a Markdown table (displayed, not printed: ``make run`` forwards printed output to the terminal, where it would
-interleave with the runs' progress).
+"""The plumbing of the notebook's teaching cells (LoRA, DoRA and NF4 by hand on the real MiniLM), so that each cell
+shows only its idea: one pretrained weight, and a few numbers as a Markdown table (displayed, not printed: ``make
+run`` forwards printed output to the terminal, amid the runs' progress).
 """
 from __future__ import annotations
 
@@ -16,11 +13,8 @@ MINILM_QUERY = "encoder.layer.0.attention.self.query.weight"  # a LoRA target of
 
 
 def minilm_weight(name: str = MINILM_QUERY) -> torch.Tensor:
-    """One pretrained weight of all-MiniLM-L6-v2, read from the offline copy that ``model="minilm"`` uses.
-
-    Why safetensors and not ``from_pretrained``: one tensor is read in milliseconds, without building the model
-    or printing transformers' loading report.
-    """
+    """One pretrained weight of all-MiniLM-L6-v2 from the offline copy ``model="minilm"`` uses, read with safetensors:
+    milliseconds, no model built, no loading report."""
     from safetensors import safe_open
 
     from .models import resolve_model_source
@@ -33,14 +27,8 @@ def minilm_weight(name: str = MINILM_QUERY) -> torch.Tensor:
 
 
 def facts(values: Mapping[str, object]) -> str:
-    """``{what: value}`` as a two-column Markdown table, the way every teaching cell reports its numbers.
-
-    A ``|`` in a name or value would split its row, so it is refused (write "norm(...)", not "||...||").
-    """
+    """``{what: value}`` as a two-column Markdown table; a ``|`` would split its row, so it is refused."""
     if any("|" in f"{name}{value}" for name, value in values.items()):
         raise ValueError("a '|' would split a Markdown table row; write norm(...) or abs(...) instead")
     rows = "\n".join(f"| {name} | {value} |" for name, value in values.items())
     return f"| what | value |\n|---|---:|\n{rows}"
-
-
-__all__ = ["MINILM_QUERY", "minilm_weight", "facts"]

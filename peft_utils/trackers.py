@@ -1,21 +1,11 @@
-"""Experiment trackers: each run's curves and settings in TensorBoard, MLflow, trackio, W&B... (``report_to``).
+"""Experiment trackers (``report_to``): each run's curves and settings in TensorBoard, MLflow, trackio, W&B...
 
-Why: a dashboard shows runs while they train and lets one compare them side by side; the run's JSON-lines record
-(:mod:`peft_utils.store`) stays the source of truth for the tables and figures, and a tracker is only a view of
-the same numbers. Everything goes through accelerate's trackers (``Accelerator(log_with=..., project_dir=...)``,
-``init_trackers``, ``log``), on the main process only.
-
-Where the logs go: ``<results_dir>/runs/`` (:data:`RUNS`). TensorBoard writes one folder per run,
-``<results_dir>/runs/<run_id>`` (its hyperparameters in a timestamped folder inside); Aim its repository
-``<results_dir>/runs``. The trackers that log to a service or a store of their own (W&B, trackio, MLflow, SwanLab,
-ClearML, Comet, DVCLive) log where their own settings say (``WANDB_DIR``, ``MLFLOW_TRACKING_URI``...), in a project
-named ``peft-lab-<results folder name>``; W&B, trackio, MLflow, SwanLab and ClearML name the run after its run id.
-
-What is logged, under ``<event>/<field>`` tags (the record's event and field names, so a curve and the record it
-mirrors are found by one name): the ``config`` event as the run's hyperparameters, then every number of each
-``step`` event (``step/loss``, ``step/lr``, ``step/epoch``, ``step/elapsed_s``) and ``eval`` event
-(``eval/accuracy``, ``eval/loss``, ...) at its step, and every number of the ``summary`` (``summary/final_accuracy``,
-``summary/train_time_s``, ``summary/size.disk_bytes``, ...) at the last step.
+A dashboard shows runs while they train; the run's JSON-lines record (:mod:`peft_utils.store`) stays the source of
+truth, and a tracker is a view of the same numbers, through accelerate's trackers, on the main process only.
+Trackers that write files write them under ``<results_dir>/runs/`` (TensorBoard: one folder per run id); those with
+a service or store of their own log where their settings say (``WANDB_DIR``...), in a project named
+``peft-lab-<results folder name>``. Tags are ``<event>/<field>``, the record's names (``step/loss``,
+``eval/accuracy``, ``summary/size.disk_bytes``); the ``config`` event becomes the run's hyperparameters.
 """
 from __future__ import annotations
 
@@ -25,30 +15,29 @@ from pathlib import Path
 from typing import Any
 
 RUNS = "runs"  # <results_dir>/runs: where the trackers that write files write them
-NONE = "none"  # report_to="none": no tracker, as by default (transformers' TrainingArguments spells it so)
+NONE = "none"  # report_to="none": no tracker (transformers' TrainingArguments spells it so)
 # The keyword that names the run, for trackers whose first argument is a project (one per results folder).
 _RUN_NAME = {"wandb": "name", "trackio": "name", "mlflow": "run_name", "swanlab": "experiment_name",
              "clearml": "task_name"}
+_LONGEST_SETTING_LIST = 32  # a longer list is data, not a setting (a config event's eval_labels)
 
 
 def known_trackers() -> tuple[str, ...]:
-    """Every tracker accelerate supports, installed or not."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     return tuple(sorted(LOGGER_TYPE_TO_CLASS))
 
 
 def installed_trackers() -> tuple[str, ...]:
-    """The trackers whose package is installed (accelerate's ``is_<tracker>_available``)."""
     from accelerate.tracking import get_available_trackers
 
     return tuple(sorted(str(tracker) for tracker in get_available_trackers()))
 
 
 def check_report_to(name: str, value: Any) -> tuple[str, ...]:
-    """``None``, ``""`` or ``"none"``: no tracker; a tracker name or a list of them, each one accelerate supports and
-    installed. Why checked here: accelerate drops a tracker whose package is missing with a debug message only, so a
-    misspelt or uninstalled one would train a whole comparison with nothing logged."""
+    """``None``, ``""`` or ``"none"``: no tracker; else tracker names, each supported by accelerate and installed.
+    Why here: accelerate drops a tracker whose package is missing with a debug message only, so a misspelt one
+    would train a whole comparison with nothing logged."""
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     if items in ([], [None], [""], [NONE]):
         return ()
@@ -65,10 +54,8 @@ def check_report_to(name: str, value: Any) -> tuple[str, ...]:
 
 def accelerator_arguments(report_to: Any, results_dir: str | Path, run_id: str) -> dict[str, Any]:
     """``Accelerator``'s ``log_with`` and ``project_dir`` for one run (nothing when ``report_to`` names none).
-
-    The trackers that write files are named, and accelerate opens them in ``project_dir`` under the name
-    :meth:`RunTrackers.log` gives ``init_trackers`` (the run id). The others are built here, because the one name
-    ``init_trackers`` passes would be their *project*: one project per run, where runs are to be compared."""
+    Trackers that write files are named: accelerate opens them under the run id. The others are built here,
+    because the one name ``init_trackers`` passes would be their *project*: one per run, where runs are compared."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     report_to = check_report_to("report_to", report_to)
@@ -90,14 +77,9 @@ def _flat(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
             yield f"{prefix}{key}", value
 
 
-# A list longer than this is data, not a setting (a config event's eval_labels: one label per scored row).
-_LONGEST_SETTING_LIST = 32
-
-
 def hyperparameters(record: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
-    """A ``config`` event as hyperparameters: scalars and strings only, since TensorBoard refuses a list (a list of
-    targets becomes ``"c_attn, c_proj"``) and ``None`` is otherwise left out of its table (it becomes ``"None"``);
-    per-row data (``eval_labels``) is left out."""
+    """A ``config`` event as scalars and strings (TensorBoard refuses a list and leaves ``None`` out of its table),
+    without per-row data (``eval_labels``)."""
     values: dict[str, bool | int | float | str] = {}
     for key, value in _flat(record):
         if isinstance(value, (list, tuple)):
@@ -108,17 +90,12 @@ def hyperparameters(record: Mapping[str, Any]) -> dict[str, bool | int | float |
     return values
 
 
-def _numbers(fields: Mapping[str, Any]) -> dict[str, int | float]:
-    return {key: value for key, value in _flat(fields)
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
 class RunTrackers:
-    """One run's events, sent to the accelerator's trackers as its record receives them (the same ``log(event,
-    **fields)`` as :class:`~peft_utils.store.RunRecorder`, so that the run writes each event once, to both).
+    """One run's events, sent to the accelerator's trackers with the same ``log(event, **fields)`` as
+    :class:`~peft_utils.store.RunRecorder`, so that the run writes each event once, to both.
 
     ``config`` starts the trackers (the run's log folder emptied first: a re-run of an incomplete run starts over,
-    as its record does); closing finishes them without ``accelerator.end_training()``, which would also end the
+    as its record does); ``close`` finishes them without ``accelerator.end_training()``, which would also end the
     process group that the next run of a launch needs."""
 
     def __init__(self, accelerator, run_id: str) -> None:
@@ -131,7 +108,9 @@ class RunTrackers:
             self.accelerator.init_trackers(self.run_id, config=hyperparameters(fields))
             return
         step = fields.pop("step") if "step" in fields else fields["steps"]
-        self.accelerator.log({f"{event}/{key}": value for key, value in _numbers(fields).items()}, step=step)
+        numbers = {f"{event}/{key}": value for key, value in _flat(fields)
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        self.accelerator.log(numbers, step=step)
 
     def close(self) -> None:
         for tracker in self.accelerator.trackers:

@@ -125,10 +125,11 @@ def test_every_parameter_is_a_command_line_flag_and_a_record_field():
     assert set(PARAMETER_NAMES) <= set(vars(args))
     from peft_utils.config import cli_parameters
 
-    given = cli_parameters(args)
-    assert given["lr"] == {"lora": 5e-4, "full": 2e-5} and given["targets"] == ["query", "value"]
+    given = cli_parameters(args)  # shaped as the notebook writes them; numbers are read by their checks
+    assert given["lr"] == {"lora": "5e-4", "full": "2e-5"} and given["targets"] == ["query", "value"]
     config = make_config("cpu", **given)
     assert (config.adapter.rank, config.data.train_size, config.sweep.enabled, config.seeds) == (3, None, False, (0, 1))
+    assert (config.lr["lora"], config.lr["full"]) == (5e-4, 2e-5)
     assert config.targets == (("query", "value"),)
     assert set(config_record(config)) == {"profile", *PARAMETER_NAMES}
     assert len({p.flag for p in PARAMETERS}) == len(PARAMETERS)
