@@ -697,8 +697,7 @@ def _plan(setup: PlannerSetup, method: str) -> tuple[Any, dict]:
 
     settings, adapter, device = setup.profile.train, setup.profile.adapter, setup.device
     free = _free_bytes(device)
-    plan = plan_memory(setup.model_config, method, global_batch=settings.batch_size, max_length=settings.max_length,
-                       compute_dtype=setup.dtype, device_bytes=free, rank=adapter.rank, targets=adapter.targets,
+    plan = plan_memory(setup.model_config, method, settings, adapter, compute_dtype=setup.dtype, device_bytes=free,
                        device_type=device.type, name=f"gpt2-{setup.size}")
     configured = estimate_memory(setup.model_config, method, settings.batch_size, settings.max_length, setup.dtype,
                                  rank=adapter.rank, targets=adapter.targets, device_type=device.type)
@@ -854,8 +853,7 @@ def part_peak(args: argparse.Namespace, section: Section) -> None:
         precision = _precision_for_steps(device)
         from peft_utils.devices import compute_dtype_for
 
-        plan = plan_memory(AutoConfig.from_pretrained(folder, num_labels=2), "full",
-                           global_batch=settings.batch_size, max_length=settings.max_length,
+        plan = plan_memory(AutoConfig.from_pretrained(folder, num_labels=2), "full", settings,
                            compute_dtype=compute_dtype_for(device, precision),
                            device_bytes=_free_bytes(device), device_type=device.type)
         steps = 3 if args.quick else 10

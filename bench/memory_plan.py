@@ -22,6 +22,7 @@ if __package__ in (None, ""):
 import torch
 
 from bench.step_time import MIB, REPO, TARGETS, Spec
+from peft_utils.config import TrainConfig
 from peft_utils.memory_plan import estimate_memory, plan_memory
 from peft_utils.models import gpt2_config, resolve_model_source
 
@@ -71,7 +72,7 @@ def plans(batch: int = 16, length: int = 128) -> list[str]:
              "|---|---|---|---|---|---|"]
     for gpu, dtype, free in GPUS:
         for method in PLAN_METHODS:
-            plan = plan_memory(config, method, global_batch=batch, max_length=length, compute_dtype=dtype,
+            plan = plan_memory(config, method, TrainConfig(batch_size=batch, max_length=length), compute_dtype=dtype,
                                device_bytes=free, name="gpt2-large")
             lines.append(f"| {gpu} ({str(dtype).removeprefix('torch.')}) | {method} | {plan.per_device_batch} x "
                          f"{plan.grad_accum_steps} | {'on' if plan.gradient_checkpointing else 'off'} | "

@@ -13,7 +13,7 @@ from peft_utils.core.batches import collate, encode, make_loader, micro_batches
 from peft_utils.core.loop import evaluate, linear_schedule, make_optimizer, set_seed
 from peft_utils.models import build_model, load_tokenizer, random_gpt2
 from peft_utils.store import RunRecorder, read_events
-from peft_utils.train import train
+from peft_utils.train import Recording, train
 
 POSITIVE = ("great", "good", "superb", "lovely", "brilliant", "wonderful")
 NEGATIVE = ("bad", "awful", "dreadful", "boring", "terrible", "poor")
@@ -81,8 +81,8 @@ def test_records_every_event_field(tiny_gpt2_dir, tmp_path):
     model, tokenizer = build_model("lora", tiny_gpt2_dir, AdapterSettings(rank=2, alpha=4))
     with RunRecorder(tmp_path, "run") as recorder:
         info = {"run_id": "run", "method": "lora"}
-        result = train(model, tokenizer, _rule_frame(2), _rule_frame(1), config, lr=1e-2, seed=0, recorder=recorder,
-                       run_info=info)
+        result = train(model, tokenizer, _rule_frame(2), _rule_frame(1), config, lr=1e-2, seed=0,
+                       recording=Recording(recorder, info))
     events = read_events(tmp_path / "run.jsonl")
     kinds = [e["event"] for e in events]
     assert kinds[0] == "config" and kinds[-1] == "summary"
