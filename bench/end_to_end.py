@@ -111,14 +111,14 @@ def run_reference(method: str, train_size: int | None, eval_size: int | None) ->
 
     from peft_utils.data import load_sst2
     from peft_utils.config import config_record, make_config
-    from peft_utils.experiment import _train_and_eval_rows
+    from peft_utils.data import train_and_eval_rows
 
     config = make_config(PROFILE, train_size=train_size, eval_size=eval_size)
     settings = config_record(config)  # the flat parameter names: model, rank, batch_size, ...
     set_seed(0)  # adapter and head initialisation, as our CLI's seed 0
     model, tokenizer = _reference_model(method, settings)
     splits = load_sst2()
-    train_frame, eval_frame = _train_and_eval_rows(config, splits["train"], splits["dev"], seed=0)
+    train_frame, eval_frame = train_and_eval_rows(config, splits["train"], splits["dev"], seed=0)
 
     def dataset(frame) -> list[dict[str, Any]]:
         encoded = tokenizer(frame["sentence"].tolist(), truncation=True, max_length=settings["max_length"])

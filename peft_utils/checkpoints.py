@@ -28,6 +28,7 @@ from torch import nn
 from .core.inject import InjectedAdapters, adapter_layers, apply_adapters
 from .core.layers import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
 from .core.targets import default_keep_trainable, meta_skeleton, model_type, name_matcher
+from .devices import checked_dtype
 from .quiet import loading_bars_off
 
 CONFIG_FILE = "adapter_config.json"
@@ -395,8 +396,7 @@ def export_merged(
     loads); ``overwrite=True`` replaces it whole, atomically."""
     from transformers import AutoModelForSequenceClassification
 
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    checked_dtype(dtype, "dtype")
     folder = Path(folder)
     _check_export_folder(folder, overwrite)
     state, out_in = {}, set()

@@ -8,14 +8,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .config import DataConfig
+from .config import DataConfig, ExperimentConfig, TuneConfig
 from .quiet import datasets_bars_off
 
 SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
@@ -406,3 +406,84 @@ def _carve_dev(train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows = np.flatnonzero(labels == label)
         chosen[rng.choice(rows, size=max(1, round(CARVED_DEV_FRACTION * len(rows))), replace=False)] = True
     return train[~chosen].reset_index(drop=True), train[chosen].reset_index(drop=True)
+
+
+def train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame, seed: int,
+                         size_name: str = "train_size") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train rows (balanced, drawn with the run seed; stratified where :func:`fit_sizes` found no balanced
+    subset) and eval rows. ``size_name``: the parameter that set the train size, as an error names it."""
+    train_size, eval_size = config.data.train_size, config.data.eval_size
+    for name, size, split, frame in ((size_name, train_size, "train", train), ("eval_size", eval_size, "dev", dev)):
+        if size is not None and size > len(frame):
+            raise ValueError(f"{name}={size} is more than the {len(frame):,} rows of the {split} split; "
+                             f"ask for at most {len(frame):,} or 'all'")
+    try:
+        train_frame = train if train_size is None else subset(train, train_size, seed, balanced=True,
+                                                              stratified=size_name in config.stratified_sizes)
+    except ValueError as error:
+        raise ValueError(f"{size_name}={train_size}: {error}") from None
+    return train_frame, eval_rows(dev, eval_size)
+
+
+class _SizeFitter:
+    """Fits the sizes a user left to the profile (``adaptable``) to the data, one note per size it changes."""
+
+    def __init__(self, adaptable: frozenset[str]) -> None:
+        self.adaptable = adaptable
+        self.seen: set[str] = set()
+        self.notes: list[str] = []
+        self.stratified: set[str] = set()
+
+    def fit(self, name: str, size: int | None, counts: np.ndarray, asked: int | None = None, balanced: bool = True,
+            count_all: bool = False) -> int | None:
+        """Size ``name`` (``size`` rows) drawn from ``counts`` rows per class: every row when it asks for as many
+        (``None``, or their count with ``count_all``, where ``None`` means the comparison's size); stratified where
+        a ``balanced`` draw cannot be. ``asked``: the profile's size, for the note."""
+        self.seen.add(name)
+        if name not in self.adaptable or size is None:
+            return size
+        asked, total = size if asked is None else asked, int(counts.sum())
+        rows = min(size, total)
+        note = f" -> {rows:,}" + (" (all rows)" if rows == total else "") if rows != asked else ""
+        if balanced and balance_problem(counts, rows) is not None:
+            self.stratified.add(name)
+            note += f" stratified over {len(counts)} classes" if rows < total else ""
+        if note:
+            self.notes.append(f"{name} {asked:,}{note}")
+        return rows if rows < total or count_all else None
+
+    def tuning(self, tune: TuneConfig, train_size: int | None, counts: np.ndarray) -> TuneConfig:
+        """Tuning's sizes: a held-out slice that leaves no train rows shrinks to a carved dev split's share (at
+        least a row per class); its train rows are then fitted to the rows not held out."""
+        total, size, holdout = int(counts.sum()), tune.train_size or train_size, tune.holdout_size
+        if "tune_holdout_size" in self.adaptable and holdout + (size or 1) > total:
+            holdout = min(holdout, max(len(counts), round(CARVED_DEV_FRACTION * total)))
+        holdout = self.fit("tune_holdout_size", holdout, counts, asked=tune.holdout_size, count_all=True)
+        stratified = "tune_holdout_size" in self.stratified
+        if holdout >= total or not (stratified or balance_problem(counts, holdout) is None):
+            return replace(tune, holdout_size=holdout)  # no rows left, or a user's slice: tuning_rows refuses it
+        rest = counts - rows_per_class(counts, holdout, stratified)
+        fitted = self.fit("tune_train_size", size, rest, count_all=True)
+        return replace(tune, holdout_size=holdout, train_size=tune.train_size if fitted == size else fitted)
+
+
+def fit_sizes(config: ExperimentConfig, splits: Splits, sweep: bool) -> tuple[ExperimentConfig, str]:
+    """``config`` with each size the user left to the profile (``config.adaptable_sizes``) fitted to the data, and
+    what changed, for one line (``""``: nothing).
+
+    A profile's sizes are chosen for SST-2; a user's own 240-row, 3-class file should train with them rather than
+    be refused over numbers the user never chose. A size beyond its split takes every row; one no balanced subset
+    meets is drawn stratified. A size the user set is left as set (and refused in one line if the data cannot meet
+    it). The fitted config fits nothing more when planned again (a widened tuning grid)."""
+    fitter, train = _SizeFitter(config.adaptable_sizes), class_counts(splits.train)
+    data = replace(config.data, train_size=fitter.fit("train_size", config.data.train_size, train),
+                   eval_size=fitter.fit("eval_size", config.data.eval_size, class_counts(splits.dev), balanced=False))
+    parts: dict[str, Any] = {"data": data}
+    if sweep:
+        parts["sweep"] = replace(config.sweep, train_size=fitter.fit("sweep_train_size", config.sweep.train_size,
+                                                                     train, count_all=True))
+    if config.tune.enabled:
+        parts["tune"] = fitter.tuning(config.tune, data.train_size, train)
+    fitted = replace(config, **parts, adaptable_sizes=config.adaptable_sizes - fitter.seen,
+                     stratified_sizes=config.stratified_sizes | fitter.stratified)
+    return fitted, ", ".join(fitter.notes)

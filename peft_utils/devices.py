@@ -15,8 +15,21 @@ from typing import Any
 
 import torch
 
+from .config import TrainConfig
+
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# "bf16" and "bfloat16" alike: the precision names and torch's own.
+_DTYPE_NAMES = {**PRECISION_DTYPES, **{str(dtype).removeprefix("torch."): dtype for dtype in _MIXED_PRECISION}}
+
+
+def checked_dtype(dtype: torch.dtype | str, name: str = "compute_dtype") -> torch.dtype:
+    """``dtype`` (or its name: ``"bf16"``, ``"bfloat16"``) when it is one the methods compute or store in; else
+    one line naming the parameter ``name``."""
+    resolved = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in _MIXED_PRECISION:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype!r}")
+    return resolved
 
 
 def _with_index(device: torch.device) -> torch.device:
@@ -61,6 +74,13 @@ def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
     if device.type == "cpu":
         warn_if_emulated_on_cpu(PRECISION_DTYPES[precision])
     return PRECISION_DTYPES[precision]
+
+
+def planned_compute(train: TrainConfig) -> torch.dtype:
+    """The run's autocast dtype (:func:`compute_dtype_for` of its resolved device), once the launch's processes are
+    known to split its global batch: what a plan checks before anything trains, and what every run then uses."""
+    per_device_batch_size(train.batch_size, launched_processes(), train.grad_accum_steps)
+    return compute_dtype_for(resolve_device(train.device), train.precision)
 
 
 def _native_bf16(device: torch.device) -> bool:

@@ -25,21 +25,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from .checkpoints import save_trained
-from .config import (PROFILE_NAMES, AdapterSettings, ExperimentConfig, TuneConfig, add_cli_arguments, cli_parameters,
-                     make_config)
+from .config import PROFILE_NAMES, AdapterSettings, ExperimentConfig, add_cli_arguments, cli_parameters, make_config
 from .core.inject import kept_modules, select_targets
 from .core.loop import set_seed
 from .core.quant import require_bitsandbytes
 from .core.targets import meta_skeleton
-from .data import (CARVED_DEV_FRACTION, Splits, balance_problem, class_counts, eval_rows, fingerprint, load_splits,
-                   rows_per_class, subset)
-from .devices import (accelerator_dtype, compute_dtype_for, is_main_process, launched_processes, make_accelerator,
-                      per_device_batch_size, resolve_device, same_in_every_process)
+from .data import Splits, fingerprint, fit_sizes, load_splits, train_and_eval_rows
+from .devices import is_main_process, make_accelerator, planned_compute, same_in_every_process
 from .memory_plan import plan_for_device, with_micro_batch_at_most
 from .methods import get_method, series_method, series_name, targets_label
 from .models import build_model, materialize_model, resolve_model_source
@@ -133,6 +129,7 @@ class Plan:
     config: ExperimentConfig
     store: RunStore  # the results folder
     model_source: str  # where the model loads from (the cache folder of a random GPT-2, a hub id, a folder)
+    compute_dtype: torch.dtype  # every run's autocast dtype
     runs: list[PlannedRun]  # tuning runs first: the others' rates come from them
     comparison: bool = True  # what was planned, so that a widened tuning grid can plan the same again
     sweep: bool = False
@@ -156,87 +153,6 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
     splits = data[1]
     return {**record, "dataset": config.data.dataset, "data_source": splits.source, "dev_split": splits.dev_split,
             "labels": list(splits.label_names), "eval_labels": frames[1]["label"].tolist()}
-
-
-def _train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame, seed: int,
-                         size_name: str = "train_size") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train rows (balanced, drawn with the run seed; stratified where :func:`_fitted_sizes` found no balanced
-    subset) and eval rows. ``size_name``: the parameter that set the train size, as an error names it."""
-    train_size, eval_size = config.data.train_size, config.data.eval_size
-    for name, size, split, frame in ((size_name, train_size, "train", train), ("eval_size", eval_size, "dev", dev)):
-        if size is not None and size > len(frame):
-            raise ValueError(f"{name}={size} is more than the {len(frame):,} rows of the {split} split; "
-                             f"ask for at most {len(frame):,} or 'all'")
-    try:
-        train_frame = train if train_size is None else subset(train, train_size, seed, balanced=True,
-                                                              stratified=size_name in config.stratified_sizes)
-    except ValueError as error:
-        raise ValueError(f"{size_name}={train_size}: {error}") from None
-    return train_frame, eval_rows(dev, eval_size)
-
-
-class _SizeFitter:
-    """Fits the sizes a user left to the profile (``adaptable``) to the data, one note per size it changes."""
-
-    def __init__(self, adaptable: frozenset[str]) -> None:
-        self.adaptable = adaptable
-        self.seen: set[str] = set()
-        self.notes: list[str] = []
-        self.stratified: set[str] = set()
-
-    def fit(self, name: str, size: int | None, counts: np.ndarray, asked: int | None = None, balanced: bool = True,
-            count_all: bool = False) -> int | None:
-        """Size ``name`` (``size`` rows) drawn from ``counts`` rows per class: every row when it asks for as many
-        (``None``, or their count with ``count_all``, where ``None`` means the comparison's size); stratified where
-        a ``balanced`` draw cannot be. ``asked``: the profile's size, for the note."""
-        self.seen.add(name)
-        if name not in self.adaptable or size is None:
-            return size
-        asked, total = size if asked is None else asked, int(counts.sum())
-        rows = min(size, total)
-        note = f" -> {rows:,}" + (" (all rows)" if rows == total else "") if rows != asked else ""
-        if balanced and balance_problem(counts, rows) is not None:
-            self.stratified.add(name)
-            note += f" stratified over {len(counts)} classes" if rows < total else ""
-        if note:
-            self.notes.append(f"{name} {asked:,}{note}")
-        return rows if rows < total or count_all else None
-
-    def tuning(self, tune: TuneConfig, train_size: int | None, counts: np.ndarray) -> TuneConfig:
-        """Tuning's sizes: a held-out slice that leaves no train rows shrinks to a carved dev split's share (at
-        least a row per class); its train rows are then fitted to the rows not held out."""
-        total, size, holdout = int(counts.sum()), tune.train_size or train_size, tune.holdout_size
-        if "tune_holdout_size" in self.adaptable and holdout + (size or 1) > total:
-            holdout = min(holdout, max(len(counts), round(CARVED_DEV_FRACTION * total)))
-        holdout = self.fit("tune_holdout_size", holdout, counts, asked=tune.holdout_size, count_all=True)
-        stratified = "tune_holdout_size" in self.stratified
-        if holdout >= total or not (stratified or balance_problem(counts, holdout) is None):
-            return replace(tune, holdout_size=holdout)  # no rows left, or a user's slice: tuning_rows refuses it
-        rest = counts - rows_per_class(counts, holdout, stratified)
-        fitted = self.fit("tune_train_size", size, rest, count_all=True)
-        return replace(tune, holdout_size=holdout, train_size=tune.train_size if fitted == size else fitted)
-
-
-def _fitted_sizes(config: ExperimentConfig, splits: Splits, sweep: bool) -> tuple[ExperimentConfig, str]:
-    """``config`` with each size the user left to the profile (``config.adaptable_sizes``) fitted to the data, and
-    what changed, for one line (``""``: nothing).
-
-    A profile's sizes are chosen for SST-2; a user's own 240-row, 3-class file should train with them rather than
-    be refused over numbers the user never chose. A size beyond its split takes every row; one no balanced subset
-    meets is drawn stratified. A size the user set is left as set (and refused in one line if the data cannot meet
-    it). The fitted config fits nothing more when planned again (a widened tuning grid)."""
-    fitter, train = _SizeFitter(config.adaptable_sizes), class_counts(splits.train)
-    data = replace(config.data, train_size=fitter.fit("train_size", config.data.train_size, train),
-                   eval_size=fitter.fit("eval_size", config.data.eval_size, class_counts(splits.dev), balanced=False))
-    parts: dict[str, Any] = {"data": data}
-    if sweep:
-        parts["sweep"] = replace(config.sweep, train_size=fitter.fit("sweep_train_size", config.sweep.train_size,
-                                                                     train, count_all=True))
-    if config.tune.enabled:
-        parts["tune"] = fitter.tuning(config.tune, data.train_size, train)
-    fitted = replace(config, **parts, adaptable_sizes=config.adaptable_sizes - fitter.seen,
-                     stratified_sizes=config.stratified_sizes | fitter.stratified)
-    return fitted, ", ".join(fitter.notes)
 
 
 def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec], num_labels: int) -> None:
@@ -316,14 +232,12 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     every error is raised here, before anything trains. ``sweep``: ``None`` follows ``config.sweep.enabled``."""
     sweep = config.sweep.enabled if sweep is None else sweep
     specs = _specs(config, comparison, sweep)
-    device = resolve_device(config.train.device)  # a GPU asked for and absent, or a precision it lacks: refused here
-    compute_dtype = str(compute_dtype_for(device, config.train.precision)).removeprefix("torch.")
+    compute_dtype = planned_compute(config.train)
     splits = load_splits(config.data)
-    config, adapted = _fitted_sizes(config, splits, sweep)
+    config, adapted = fit_sizes(config, splits, sweep)
     # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
     data = (fingerprint(splits.train, splits.dev), splits)
     frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
-    per_device_batch_size(config.train.batch_size, launched_processes(), config.train.grad_accum_steps)
     source = resolve_model_source(materialize_model(config.model, config.data.data_dir))
     store = RunStore(config.results_dir)
     store.check_writable()
@@ -333,12 +247,12 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
         name = run_id(spec, config.model)
         rows = frames[spec.group, spec.seed]
         lr = spec.lr if spec.lr is not None or config.tune.enabled else config.method_lr(spec.method)
-        record = _planned_record(config, spec, rows, data, lr, compute_dtype)
+        record = _planned_record(config, spec, rows, data, lr, str(compute_dtype).removeprefix("torch."))
         found, complete = store.find(name, record)
         runs.append(PlannedRun(spec, name, found, record, *rows, complete=complete))
     if adapted and is_main_process():  # once every check has passed: the one line before anything trains
         print(f"sizes adapted to the data: {adapted}", flush=True)
-    plan = Plan(config, store, source, runs, comparison, sweep)
+    plan = Plan(config, store, source, compute_dtype, runs, comparison, sweep)
     return _with_tuned_rates(plan) if config.tune.enabled else plan
 
 
@@ -348,8 +262,8 @@ def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tu
         return tuning_rows(config, splits.train, seed)
     if group == SWEEP_GROUP and config.sweep.train_size is not None:
         config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
-        return _train_and_eval_rows(config, splits.train, splits.dev, seed, "sweep_train_size")
-    return _train_and_eval_rows(config, splits.train, splits.dev, seed)
+        return train_and_eval_rows(config, splits.train, splits.dev, seed, "sweep_train_size")
+    return train_and_eval_rows(config, splits.train, splits.dev, seed)
 
 
 def _with_tuned_rates(plan: Plan) -> Plan:
@@ -366,9 +280,9 @@ def _with_tuned_rates(plan: Plan) -> Plan:
 def _located(plan: Plan) -> Plan:
     """The plan with each run's file and completion read from the folder again: since it was planned, runs have
     finished, here or in another process, perhaps under their setting's hashed name."""
-    runs = []
+    store, runs = RunStore(plan.store.folder), []  # a store indexes its folder once: a new one reads it as it is now
     for run in plan.runs:
-        found, complete = plan.store.find(run.name, run.record)
+        found, complete = store.find(run.name, run.record)
         runs.append(replace(run, run_id=found, complete=complete))
     return replace(plan, runs=runs)
 
@@ -417,7 +331,8 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
     accelerator = make_accelerator(config.train.device, config.train.precision, config.report_to, store.folder,
                                    run.run_id)
     adapter = run.spec.adapter or config.adapter
-    memory_plan = plan_for_device(plan.model_source, method, config.train, adapter, accelerator, name=config.model)
+    memory_plan = plan_for_device(plan.model_source, method, config.train, adapter, plan.compute_dtype, accelerator,
+                                  name=config.model)
     if memory_plan is not None and accelerator.is_main_process:
         print(f"memory plan: {memory_plan.reason}")
     run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
@@ -432,8 +347,7 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
     def attempt(per_device_batch: int) -> None:
         fitted = with_micro_batch_at_most(memory_plan, per_device_batch) if memory_plan is not None else None
         set_seed(run.spec.seed)  # adapter and head initialisation
-        model, tokenizer = build_model(method, plan.model_source, adapter, accelerator_dtype(accelerator),
-                                       run.record["labels"])
+        model, tokenizer = build_model(method, plan.model_source, adapter, plan.compute_dtype, run.record["labels"])
         try:
             # a tuning run's model is only a score: nothing worth keeping on disk
             on_finish = None if run.spec.group == TUNE_GROUP else functools.partial(keep_what_was_trained,
@@ -546,14 +460,16 @@ def _claim_in_every_process(plan: Plan, run: PlannedRun, wait: bool) -> tuple[st
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:
     """Train the configuration's methods for every seed (resuming; with ``lr="tune"`` after their tuning runs), one
     summary row per comparison run."""
-    table = run_plan(plan_experiment(config, comparison=True, sweep=False))
-    return table[table["group"] == COMPARISON_GROUP].reset_index(drop=True)
+    return _rows_of(run_plan(plan_experiment(config, comparison=True, sweep=False)), COMPARISON_GROUP)
 
 
 def run_sweep(config: ExperimentConfig) -> pd.DataFrame:
     """Train LoRA over the configuration's rank x alpha/rank grid (group ``"sweep"``), one summary row per run."""
-    table = run_plan(plan_experiment(config, comparison=False, sweep=True))
-    return table[table["group"] == SWEEP_GROUP].reset_index(drop=True)
+    return _rows_of(run_plan(plan_experiment(config, comparison=False, sweep=True)), SWEEP_GROUP)
+
+
+def _rows_of(table: pd.DataFrame, group: str) -> pd.DataFrame:
+    return table[table["group"] == group].reset_index(drop=True)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

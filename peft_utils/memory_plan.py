@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import AdapterSettings, TrainConfig
-from .devices import accelerator_device, accelerator_dtype, per_device_batch_size
+from .devices import checked_dtype, per_device_batch_size
 from .formatting import format_bytes
 from .methods import Method, get_method
 
@@ -126,8 +126,6 @@ def _read_model_uncached(model_config, method: str, compute_dtype: torch.dtype, 
     from .core.layers import LoRALayer, base_features, is_supported_base
     from .core.targets import meta_skeleton
 
-    if compute_dtype not in (torch.float32, *HALF_DTYPES):
-        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype!r}")
     kind = get_method(method)
     model = meta_skeleton(model_config)
     quantized = [model.get_submodule(n).weight for n in _quantized_names(model_config)] if kind.quantized else []
@@ -240,7 +238,7 @@ def estimate_memory(
     of the weights, AdamW state, gradients, activations and workspace as this package trains (the derivation, and
     what it leaves out, is in docs/hardware.md, "How the memory estimate counts"); tests check it against measured
     CPU peaks."""
-    model = _read_model(model_config, method, compute_dtype, rank, targets)
+    model = _read_model(model_config, method, checked_dtype(compute_dtype), rank, targets)
     return _estimate(model, method, per_device_batch, max_length, compute_dtype, gradient_checkpointing, rank,
                      device_type, optimizer)
 
@@ -325,6 +323,7 @@ def plan_memory(model_config, method: str, train: TrainConfig, adapter: AdapterS
     if not 0 < safety <= 1:
         raise ValueError(f"safety must be in (0, 1], got {safety!r}")
     start = per_device_batch_size(train.batch_size, num_processes, train.grad_accum_steps)
+    checked_dtype(compute_dtype)
     share, budget = train.batch_size // num_processes, int(safety * device_bytes)
     label = f"{name or getattr(model_config, 'name_or_path', '') or model_config.model_type} {method}"
     model = _read_model(model_config, method, compute_dtype, adapter.rank, adapter.targets)
@@ -371,34 +370,26 @@ def _fit_reason(label: str, limit: str, steps: int, batch: int, first: MemoryEst
 
 def to_record(plan: MemoryPlan) -> dict:
     """The plan as flat JSON-safe fields for a run's ``config`` record (bytes as integers)."""
-    record = {
-        "memory_plan": plan.reason,
-        "memory_fits": plan.fits,
-        "memory_device_bytes": plan.device_bytes,
-        "memory_budget_bytes": plan.budget_bytes,
-        "memory_estimate_bytes": plan.estimate.total,
-        "planned_per_device_batch": plan.per_device_batch,
-        "planned_grad_accum_steps": plan.grad_accum_steps,
-        "planned_gradient_checkpointing": plan.gradient_checkpointing,
-    }
     estimate = asdict(plan.estimate)
-    for key in ("weights", "optimizer_state", "gradients", "activations", "workspace", "step_peak"):
-        record[f"memory_{key}_bytes"] = estimate[key]
-    return record
+    return {"memory_plan": plan.reason, "memory_fits": plan.fits, "memory_device_bytes": plan.device_bytes,
+            "memory_budget_bytes": plan.budget_bytes, "memory_estimate_bytes": plan.estimate.total,
+            "planned_per_device_batch": plan.per_device_batch, "planned_grad_accum_steps": plan.grad_accum_steps,
+            "planned_gradient_checkpointing": plan.gradient_checkpointing,
+            **{f"memory_{key}_bytes": estimate[key]
+               for key in ("weights", "optimizer_state", "gradients", "activations", "workspace", "step_peak")}}
 
 
-def plan_for_device(model_source: str, method: str, train: TrainConfig, adapter: AdapterSettings, accelerator,
-                    name: str | None = None) -> MemoryPlan | None:
+def plan_for_device(model_source: str, method: str, train: TrainConfig, adapter: AdapterSettings,
+                    compute_dtype: torch.dtype, accelerator, name: str | None = None) -> MemoryPlan | None:
     """The plan for one run on the accelerator's device, before its model is loaded: ``None`` off CUDA (a CPU run is
     never re-planned, so its results stay those of its configuration); a ValueError when nothing fits. The free
     memory is read after CUDA is initialised, so its context is already counted."""
-    device = accelerator_device(accelerator)
-    if device.type != "cuda":
+    if accelerator.device.type != "cuda":
         return None
     from transformers import AutoConfig
 
     plan = plan_memory(AutoConfig.from_pretrained(model_source, num_labels=2), method, train, adapter,
-                       compute_dtype=accelerator_dtype(accelerator), device_bytes=int(torch.cuda.mem_get_info(device)[0]),
+                       compute_dtype=compute_dtype, device_bytes=int(torch.cuda.mem_get_info(accelerator.device)[0]),
                        num_processes=accelerator.num_processes, name=name)
     if not plan.fits:
         raise ValueError(plan.reason)

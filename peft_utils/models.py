@@ -17,7 +17,7 @@ from torch import nn
 from .config import AdapterSettings
 from .core.inject import apply_adapters
 from .core.quant import load_4bit, prepare_for_kbit_training
-from .devices import PRECISION_DTYPES, compute_dtype_for, warn_if_emulated_on_cpu
+from .devices import checked_dtype, compute_dtype_for, warn_if_emulated_on_cpu
 from .methods import get_method
 from .quiet import from_pretrained_noting_new_head, silence_known_noise
 
@@ -132,23 +132,6 @@ def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype
     return model, tokenizer
 
 
-# "bf16" and "bfloat16" alike: the precision names and torch's own.
-_DTYPES = {**PRECISION_DTYPES, **{str(dtype).removeprefix("torch."): dtype for dtype in PRECISION_DTYPES.values()}}
-
-
-def _compute_dtype(compute_dtype: torch.dtype | str | None, device_type: str) -> torch.dtype:
-    """The device's autocast dtype unless given (:func:`~peft_utils.devices.compute_dtype_for`); half precision
-    that this CPU would emulate is allowed but warned about."""
-    if compute_dtype is None:
-        return compute_dtype_for(device_type)
-    dtype = _DTYPES.get(compute_dtype, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype!r}")
-    if device_type == "cpu":
-        warn_if_emulated_on_cpu(dtype)
-    return dtype
-
-
 def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype: torch.dtype | str | None = None,
                    **options):
     """:func:`load_model` with the linear layers in 4-bit NF4 (:func:`~peft_utils.core.quant.load_4bit`, whose
@@ -157,7 +140,12 @@ def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype:
     device_map = options.get("device_map") or ({"": "cpu"} if not torch.cuda.is_available() else None)
     devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
     on_cpu = not torch.cuda.is_available() or all(str(d) == "cpu" for d in devices)
-    dtype = _compute_dtype(compute_dtype, "cpu" if on_cpu else "cuda")
+    if compute_dtype is None:  # the device's autocast dtype
+        dtype = compute_dtype_for("cpu" if on_cpu else "cuda")
+    else:  # half precision that this CPU would emulate is allowed, but warned about
+        dtype = checked_dtype(compute_dtype)
+        if on_cpu:
+            warn_if_emulated_on_cpu(dtype)
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_source(name_or_path)

@@ -140,6 +140,7 @@ class _Run:
 
     config: TrainConfig
     accelerator: Any
+    device: torch.device  # the accelerator's, with its CUDA index
     memory_plan: MemoryPlan | None
 
     def batches(self, model: nn.Module, tokenizer, frames: tuple[pd.DataFrame, pd.DataFrame], seed: int) -> _Batches:
@@ -169,11 +170,10 @@ class _Run:
                      seed: int) -> dict[str, Any]:
         """The record's ``config`` event: ``run_info`` first, then the settings actually used (device resolved,
         sizes after encoding) and the library versions, which win on a clash."""
-        config, accelerator = self.config, self.accelerator
-        device, counts = accelerator_device(accelerator), count_parameters(model)
+        config, accelerator, counts = self.config, self.accelerator, count_parameters(model)
         return {
-            **run_info, **asdict(config), "lr": lr, "seed": seed, "device": str(device),
-            "hardware": hardware_name(device),
+            **run_info, **asdict(config), "lr": lr, "seed": seed, "device": str(self.device),
+            "hardware": hardware_name(self.device),
             "compute_dtype": str(accelerator_dtype(accelerator)).removeprefix("torch."),
             "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
             "per_device_batch_size": batches.micro_batch, "global_batch_size": config.batch_size,
@@ -186,9 +186,8 @@ class _Run:
     def prepared(self, model: nn.Module, lr: float, seed: int, total_steps: int):
         """The model on its device, dropout seeded, and :func:`~peft_utils.core.loop.prepare_for_training`'s
         (model, optimizer, scheduler)."""
-        device = accelerator_device(self.accelerator)
-        if next(model.parameters()).device != device:  # before the optimiser picks its kernel
-            model.to(device)
+        if next(model.parameters()).device != self.device:  # before the optimiser picks its kernel
+            model.to(self.device)
         set_seed(seed + self.accelerator.process_index)  # dropout masks: the same for every method, per process
         return prepare_for_training(model, self.accelerator, lr=lr, weight_decay=self.config.weight_decay,
                                     warmup_ratio=self.config.warmup_ratio, total_steps=total_steps)
@@ -310,18 +309,17 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
     marks the run complete. An ``accelerator`` made with trackers (``make_accelerator(report_to=...)``) receives
     the same events. ``memory_plan``: see :class:`_Run`.
     """
-    run = _Run(config, accelerator or make_accelerator(config.device, config.precision), memory_plan)
-    accelerator = run.accelerator
+    accelerator = accelerator or make_accelerator(config.device, config.precision)
+    run = _Run(config, accelerator, accelerator_device(accelerator), memory_plan)
     batches = run.batches(model, tokenizer, (train_frame, eval_frame), seed)
     main, total_steps = is_main_process(), len(batches.train) * config.epochs
     with _outputs(recording, accelerator, main) as outputs:
         if outputs.sinks:
             outputs.log("config", **run.config_event(model, batches, recording.run_info, lr, seed))
         model, optimizer, scheduler = run.prepared(model, lr, seed, total_steps)
-        device = accelerator_device(accelerator)
         progress = Progress(mode=None if main else "off")
         progress.start(total_steps, recording.label or recording.name)
-        watch = _Watch(outputs, progress, _PeakMemory(device), config.log_every, total_steps)
+        watch = _Watch(outputs, progress, _PeakMemory(run.device), config.log_every, total_steps)
         watch.start()
         try:
             watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,

@@ -213,4 +213,5 @@ def test_no_plan_off_cuda():
     """A CPU run is never re-planned: its results stay those of its configuration (and bit-identical)."""
     from peft_utils.devices import make_accelerator
 
-    assert plan_for_device("unused", "full", TrainConfig(), AdapterSettings(), make_accelerator("cpu")) is None
+    cpu = make_accelerator("cpu")
+    assert plan_for_device("unused", "full", TrainConfig(), AdapterSettings(), torch.float32, cpu) is None
