@@ -127,7 +127,7 @@ class PlannedRun:
 @dataclass(frozen=True)
 class Plan:
     config: ExperimentConfig
-    store: RunStore  # the results folder
+    store: RunStore  # the results folder; its find() answers as the folder was when the plan was made
     model_source: str  # where the model loads from (the cache folder of a random GPT-2, a hub id, a folder)
     compute_dtype: torch.dtype  # every run's autocast dtype
     runs: list[PlannedRun]  # tuning runs first: the others' rates come from them
