@@ -318,17 +318,23 @@ def _plan(args: argparse.Namespace, method: str, folder: Path, precision: str) -
     re-planned, the configured batch with its estimate."""
     from transformers import AutoConfig
 
+    import torch
+
     from peft_utils.devices import compute_dtype_for
-    from peft_utils.memory_plan import MemoryPlan, estimate_memory, plan_for_device
+    from peft_utils.memory_plan import MemoryPlan, estimate_memory, plan_memory
 
     profile, device = _full_profile(args), _device(args)
-    train = replace(profile.train, precision=precision)
-    plan = plan_for_device(str(folder), method, train, profile.adapter, 1, device, name=folder.name)
-    estimate = plan.estimate if plan else estimate_memory(
-        AutoConfig.from_pretrained(folder, num_labels=2), method, train.batch_size, train.max_length,
-        compute_dtype_for(device, precision), rank=profile.adapter.rank, targets=profile.adapter.targets,
-        device_type=device.type)
-    return plan or MemoryPlan(train.batch_size, 1, False, estimate, 0, 0, True, "as configured (a CPU run)")
+    train, dtype = replace(profile.train, precision=precision), compute_dtype_for(device, precision)
+    model_config = AutoConfig.from_pretrained(folder, num_labels=2)
+    if device.type == "cuda":
+        plan = plan_memory(model_config, method, train, profile.adapter, compute_dtype=dtype,
+                           device_bytes=int(torch.cuda.mem_get_info(device)[0]), name=folder.name)
+        if not plan.fits:
+            raise ValueError(plan.reason)
+        return plan
+    estimate = estimate_memory(model_config, method, train.batch_size, train.max_length, dtype,
+                               rank=profile.adapter.rank, targets=profile.adapter.targets, device_type=device.type)
+    return MemoryPlan(train.batch_size, 1, False, estimate, 0, 0, True, "as configured (a CPU run)")
 
 
 def _step_batches(batch: int, length: int, steps: int, accumulation: int, pad: int):

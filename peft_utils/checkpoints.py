@@ -1,21 +1,14 @@
 """What training produced, on disk in the formats the rest of the field reads: peft adapters and merged checkpoints.
 
 Adapters are written and read in peft's LoRA format (``adapter_config.json`` + ``adapter_model.safetensors``), so
-``PeftModel.from_pretrained``, transformers' ``load_adapter``, vLLM and TGI load ours, and ``load_adapters`` loads
-theirs. The layouts agree without conversion: peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's
-``Conv1D`` too (its ``fan_in_fan_out`` flag only says that the *base* weight is stored transposed), and DoRA's
-magnitude is one value per output row in both. Tensor names are the model's module names under
-``base_model.model.``; the trained head is peft's ``modules_to_save``, saved under its own module name.
+peft, transformers' ``load_adapter``, vLLM and TGI load ours, and :func:`load_adapters` loads theirs. The layouts
+agree without conversion: peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's ``Conv1D`` too (its
+``fan_in_fan_out`` only says the *base* weight is transposed); the trained head is peft's ``modules_to_save``.
+Loading checks every layer against the weight file (names and shapes) before changing the model.
 
-The weight file is also the record of the layers an adapter was trained on (names, and shapes: A gives the input
-width, B the output width), so loading checks every layer against it before changing the model.
-
-``export_merged`` folds the adapters into a plain transformers checkpoint; a 4-bit base is dequantised and merged
-in the adapters' float32, then saved in 16/32-bit (re-quantising would round the update away). It writes a new or
-empty folder, or replaces one whole when asked to, never beside files already there.
-
-A damaged file (a truncated ``adapter_model.safetensors``, an ``adapter_config.json`` that is not JSON) is a
-``ValueError`` naming it, not the parser's error without the path.
+:func:`export_merged` folds the adapters into a plain transformers checkpoint; a 4-bit base is dequantised and
+merged in float32, then saved in 16/32-bit (re-quantising would round the update away). A damaged file is a
+``ValueError`` naming it.
 """
 from __future__ import annotations
 
@@ -35,6 +28,7 @@ from torch import nn
 from .core.inject import InjectedAdapters, adapter_layers, apply_adapters
 from .core.layers import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
 from .core.targets import default_keep_trainable, meta_skeleton, model_type, name_matcher
+from .devices import checked_dtype
 from .quiet import loading_bars_off
 
 CONFIG_FILE = "adapter_config.json"
@@ -63,9 +57,6 @@ def _injected(model: nn.Module) -> InjectedAdapters:
     if not isinstance(injected, InjectedAdapters):
         raise ValueError("model has no adapters: call apply_adapters first")
     return injected
-
-
-# --------------------------------------------------------------------------------------------- writing
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,20 +98,21 @@ def peft_adapter_json(model: nn.Module) -> dict:
 
 def _stored_transposed(model: nn.Module) -> bool:
     """peft's ``fan_in_fan_out``: whether the architecture's target layers are GPT-2 ``Conv1D`` (weight stored
-    (in, out)). Asked of the architecture, not of the loaded layers: a 4-bit GPT-2 holds ``Linear4bit`` layers in
-    their place, yet peft loading the adapter onto the usual full-precision base finds ``Conv1D`` (and warns when
-    told otherwise), while peft's 4-bit layers ignore the flag."""
+    (in, out)). Asked of the architecture: a 4-bit GPT-2 holds ``Linear4bit`` layers instead, yet peft loading the
+    adapter onto the full-precision base finds ``Conv1D`` (and peft's 4-bit layers ignore the flag)."""
     layers = list(adapter_layers(model))
     if not any(is_linear4bit(layer.base) for _, layer in layers):
         return any(is_conv1d(layer.base) for _, layer in layers)
-    architecture = dict(meta_skeleton(_config_without_quantization(model.config)).named_modules())
+    architecture = dict(meta_skeleton(_plain_config(model.config)).named_modules())
     return any(is_conv1d(architecture.get(name)) for name, _ in layers)
 
 
-def _config_without_quantization(config):
+def _plain_config(config):
+    """A copy of a model's config without its 4-bit quantisation: the plain architecture's."""
     config = copy.deepcopy(config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
     return config
 
 
@@ -129,10 +121,8 @@ def _file_bytes(folder: Path, names: Sequence[str]) -> int:
 
 
 def save_adapters(model: nn.Module, folder: str | Path) -> int:
-    """Write the adapter in peft's format to ``folder``; returns the bytes written (weights + config).
-
-    Refuses a merged model: its adapters are folded into weights that are not saved here.
-    """
+    """Write the adapter in peft's format to ``folder``; returns the bytes written (weights + config). A merged
+    model is refused: its adapters are folded into weights that are not saved here."""
     from safetensors.torch import save_file
 
     state = adapter_state_dict(model)
@@ -147,8 +137,7 @@ def save_adapters(model: nn.Module, folder: str | Path) -> int:
 
 def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -> int:
     """Keep what a run trained: its peft adapter, or for full fine-tuning a ``save_pretrained`` checkpoint with the
-    tokenizer. Returns the bytes of what the method ships beyond the base model: the adapter files, or the
-    checkpoint's weights and config (the tokenizer is the base's own and is not counted)."""
+    tokenizer. Returns the bytes the method ships beyond the base model (the base's tokenizer not counted)."""
     if method != "full":
         return save_adapters(model, folder)
     if any(True for _ in adapter_layers(model)):
@@ -159,9 +148,6 @@ def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -
     written = ["config.json"] + [p.name for p in folder.glob("model*.safetensors*")]
     tokenizer.save_pretrained(folder)
     return _file_bytes(folder, written)
-
-
-# --------------------------------------------------------------------------------------------- reading
 
 
 @dataclass(frozen=True)
@@ -191,8 +177,7 @@ def read_json(path: Path) -> dict:
 
 
 def check_safetensors(path: Path) -> None:
-    """Refuse a truncated or damaged safetensors file, naming it: reads only the header, which records every
-    tensor's place in the file, so a file cut short is caught without loading it."""
+    """Refuse a truncated or damaged safetensors file, naming it: its header, read alone, places every tensor."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -218,19 +203,14 @@ def _read_config(path: Path) -> dict:
     targets = config.get("target_modules")
     if not targets or targets == "all-linear":
         refusals.append(f"target_modules={targets!r} (name the layers: a list of name suffixes or a regex)")
-    elif isinstance(targets, str) and not _compiles(targets):
-        refusals.append(f"target_modules={targets!r} (not a valid regular expression)")
+    elif isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error:
+            refusals.append(f"target_modules={targets!r} (not a valid regular expression)")
     if refusals:
         raise ValueError(f"{path}: cannot load with peft_utils' LoRA/DoRA layers: {refusals[0]}")
     return config
-
-
-def _compiles(pattern: str) -> bool:
-    try:
-        re.compile(pattern)
-    except re.error:
-        return False
-    return True
 
 
 def _read_adapter(folder: Path) -> _SavedAdapter:
@@ -322,10 +302,8 @@ def _remove_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
 
 
 def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Inject the peft LoRA/DoRA adapter saved in ``folder`` (by peft or by ``save_adapters``) into ``model``.
-
-    Everything is checked before the model changes, and a failure leaves the model as it was.
-    """
+    """Inject the peft LoRA/DoRA adapter saved in ``folder`` (by peft or :func:`save_adapters`) into ``model``:
+    everything is checked before the model changes, and a failure leaves it as it was."""
     saved = _read_adapter(Path(folder))
     _check_fits(model, saved)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -349,16 +327,10 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     return model
 
 
-# --------------------------------------------------------------------------------------------- merged export
-
-
 @torch.no_grad()
 def _merged_weight(layer: LoRALayer) -> torch.Tensor:
-    """The layer's effective (out, in) weight in float32, merged on a dense float32 copy of its base.
-
-    The copy leaves the model untouched and lets a 4-bit base (which cannot be merged into) be merged exactly,
-    with the layer's own ``merge`` doing the arithmetic.
-    """
+    """The layer's effective (out, in) weight in float32, merged by the layer's own ``merge`` on a dense float32
+    copy of its base: the model is untouched, and a 4-bit base (which cannot be merged into) merges exactly."""
     if layer.merged:
         return base_weight(layer.base).float()
     original = layer.base
@@ -415,30 +387,21 @@ def export_merged(
     model: nn.Module, tokenizer, folder: str | Path, dtype: torch.dtype = torch.float32,
     check_texts: Sequence[str] = PROBE_TEXTS, overwrite: bool = False,
 ) -> MergedExport:
-    """Write ``model`` with its adapters folded in as a plain ``save_pretrained`` checkpoint plus its tokenizer.
+    """Write ``model`` with its adapters folded in as a plain ``save_pretrained`` checkpoint plus its tokenizer,
+    which transformers' ``from_pretrained`` and ``pipeline`` load without peft. A 4-bit base is dequantised and
+    merged in float32, then saved in ``dtype``; the model is left as it was. Returns the folder, the bytes of
+    weights and config, and the largest logit difference to the unmerged model on ``check_texts``.
 
-    ``AutoModelForSequenceClassification.from_pretrained(folder)`` and ``pipeline("text-classification", folder)``
-    load it; no peft or peft_utils needed. A 4-bit base is dequantised and merged in float32 (peft's documented
-    recipe), then saved in ``dtype``. The model itself is left as it was. Returns the folder, the bytes of weights
-    and config, and the largest logit difference to the unmerged model on ``check_texts``.
-
-    A folder that already holds files is refused: an adapter left beside the export would be what
-    ``from_pretrained`` and ``predict`` load. ``overwrite=True`` replaces it whole, atomically (see
-    :func:`_write_atomically`).
-    """
+    A folder that holds files is refused (an adapter left beside the export would be what ``from_pretrained``
+    loads); ``overwrite=True`` replaces it whole, atomically."""
     from transformers import AutoModelForSequenceClassification
 
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    checked_dtype(dtype, "dtype")
     folder = Path(folder)
     _check_export_folder(folder, overwrite)
     state, out_in = {}, set()
     _dense_state(model, "", state, out_in)
-    config = copy.deepcopy(model.config)
-    for attribute in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attribute):
-            delattr(config, attribute)
-    plain = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    plain = AutoModelForSequenceClassification.from_config(_plain_config(model.config), dtype=dtype)
     for key in out_in:
         if is_conv1d(plain.get_submodule(key.rpartition(".")[0])):
             state[key] = state[key].T  # GPT-2's Conv1D stores (in, out)
@@ -464,12 +427,8 @@ def _check_export_folder(folder: Path, overwrite: bool) -> None:
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
-    """``write`` into a new folder beside ``folder``, then swap it in.
-
-    A reader never sees a half-written checkpoint or one mixed with the old files, and a failure while writing
-    leaves ``folder`` as it was. The swap is two renames (Linux cannot rename a folder over a non-empty one): the
-    old folder moves aside, the new one takes its name, and only then is the old one deleted.
-    """
+    """``write`` into a new folder beside ``folder``, then swap it in by two renames (Linux cannot rename over a
+    non-empty folder): a reader never sees a half-written or mixed checkpoint, and a failure leaves ``folder``."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging, aside = (folder.parent / f".{folder.name}.{kind}-{uuid.uuid4().hex[:8]}" for kind in ("new", "old"))
     staging.mkdir()
@@ -487,9 +446,3 @@ def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
             os.replace(staging, folder)  # onto a missing or empty folder
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-__all__ = [
-    "CONFIG_FILE", "WEIGHTS_FILE", "MergedExport", "adapter_state_dict", "export_merged", "load_adapters",
-    "peft_adapter_json", "save_adapters", "save_trained",
-]

@@ -1,24 +1,21 @@
 """The data: SST-2's strict loader, any other classification dataset through ``datasets`` (:func:`load_splits`),
-the data's fingerprint, seeded subsets, and the held-out and evaluation rows.
-
-Every method (full, LoRA, DoRA, QLoRA) must see exactly the same rows for a given seed, otherwise accuracy
-differences could come from the data rather than the method. Hence: a strict TSV parser (a silently mis-parsed
-row would change the data set) and seeded subsetting. Tokenising and batching are the core's
-(:mod:`peft_utils.core.batches`).
+the data's fingerprint, and seeded subsets. Every method must see exactly the same rows for a given seed, or
+accuracy differences could come from the data: hence a strict TSV parser (a silently mis-parsed row would change
+the data set) and seeded subsets.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .config import DataConfig
+from .config import DataConfig, ExperimentConfig, TuneConfig
 from .quiet import datasets_bars_off
 
 SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
@@ -28,16 +25,10 @@ OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _TRUTHY = {"1", "true", "yes", "on"}
 
 
-# --------------------------------------------------------------------------------------------- loading
-
-
 def load_sst2(data_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """Return ``{"train": ..., "dev": ...}`` frames with columns ``sentence`` (str) and ``label`` (int 0/1).
-
-    Local files win over the network so tests and notebooks run offline and always on the same bytes:
-    ``data_dir`` first (the ``sst2`` folder or its parent), then ``SST2_DIR`` / ``PEFT_LAB_DATA``, and only
-    then the Hugging Face hub (``glue``/``sst2``; its ``validation`` split becomes ``dev``).
-    """
+    """``{"train": ..., "dev": ...}`` frames of ``sentence`` (str) and ``label`` (int 0/1). Local files win, so
+    tests and notebooks run offline on the same bytes: ``data_dir`` (the ``sst2`` folder or its parent), then
+    ``SST2_DIR`` / ``PEFT_LAB_DATA``, and only then the hub (``glue``/``sst2``, ``validation`` as ``dev``)."""
     folder = _local_sst2_dir(data_dir)
     if folder is None:
         return _load_from_hub()
@@ -45,19 +36,15 @@ def load_sst2(data_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
 
 
 def sst2_source(data_dir: str | Path | None = None) -> str:
-    """Where :func:`load_sst2` reads from, for the records: the local folder (absolute, without ``..``: one folder
-    reads one way from any working directory), or the hub dataset."""
+    """Where :func:`load_sst2` reads from, for the records: the absolute local folder, or the hub dataset."""
     folder = _local_sst2_dir(data_dir)
     return os.path.abspath(folder) if folder is not None else "glue/sst2 (Hugging Face hub)"
 
 
 def fingerprint(*frames: pd.DataFrame) -> str:
-    """A short hash of the data's rows, texts and labels in order, one frame (split) after the other.
-
-    Why the rows and not the files: two runs with one fingerprint saw the same data wherever it was read from, and
-    two runs of different data (another folder, an edited file) never share one, so a results folder can refuse to
-    count them as repeats of one experiment.
-    """
+    """A short hash of the rows, texts and labels in order, split after split: of the rows and not the files, so
+    that runs of one fingerprint saw the same data wherever it was read from, and a results folder can refuse to
+    count runs of different data as repeats of one experiment."""
     digest = hashlib.sha256()
     for frame in frames:
         for sentence, label in zip(frame["sentence"], frame["label"]):
@@ -67,12 +54,9 @@ def fingerprint(*frames: pd.DataFrame) -> str:
 
 
 def _local_sst2_dir(data_dir: str | Path | None) -> Path | None:
-    """The SST-2 folder named by the argument or the environment, checked; ``None`` when nothing names one.
-
-    ``SST2_DIR`` is checked before ``PEFT_LAB_DATA`` because it is the more specific setting (the Makefile
-    always exports ``PEFT_LAB_DATA``). A folder that is named but wrong is an error, not a reason to fall
-    back to the hub: a typo must not silently switch the data source.
-    """
+    """The SST-2 folder named by the argument or the environment (``SST2_DIR``, the more specific, before
+    ``PEFT_LAB_DATA``), checked; ``None`` when nothing names one. A named folder that is wrong is an error: a typo
+    must not silently switch the data source to the hub."""
     if data_dir is not None:
         return _checked_sst2_dir(Path(data_dir), "data_dir")
     if os.environ.get("SST2_DIR"):
@@ -95,53 +79,34 @@ def _checked_sst2_dir(path: Path, source: str) -> Path:
 
 
 def _hub_offline() -> bool:
-    """True when the user asked the Hugging Face libraries not to touch the network."""
     return any(os.environ.get(name, "").strip().lower() in _TRUTHY for name in OFFLINE_ENV_VARS)
 
 
-def _no_data_error(reason: str) -> FileNotFoundError:
-    """The error says how to fix it, because the usual cause is simply not having pointed at the local copy."""
-    return FileNotFoundError(
-        f"SST-2 not available: {reason}. Point at a local copy instead: pass load_sst2(data_dir=...) or set "
-        "PEFT_LAB_DATA to a folder containing sst2/, or SST2_DIR to the sst2 folder itself. That folder must "
-        "hold the GLUE files train.tsv and dev.tsv (tab-separated, header 'sentence<TAB>label')."
-    )
-
-
 def _load_from_hub() -> dict[str, pd.DataFrame]:
-    """Download GLUE SST-2 with ``datasets``; offline or unreachable becomes a FileNotFoundError with a fix."""
-    if _hub_offline():
-        raise _no_data_error("no local folder given and Hugging Face offline mode is on")
-    from datasets import load_dataset
+    """GLUE SST-2 from the hub, in the TSV path's columns, dtypes and stripping; offline or unreachable, an error
+    that says how to point at a local copy (the usual cause)."""
+    reason = "Hugging Face offline mode is on" if _hub_offline() else None
+    if reason is None:
+        from datasets import load_dataset
 
-    try:
-        splits = load_dataset("glue", "sst2")
-    except ConnectionError as error:
-        raise _no_data_error(f"no local folder given and the Hugging Face hub is unreachable ({error})") from error
-    return {split: _hub_frame(splits[hub_name]) for split, hub_name in (("train", "train"), ("dev", "validation"))}
-
-
-def _hub_frame(split) -> pd.DataFrame:
-    """Same columns, dtypes and stripping as the TSV path, so both sources give identical frames."""
-    frame = split.to_pandas()
-    return pd.DataFrame({
-        "sentence": frame["sentence"].str.rstrip(),
-        "label": frame["label"].astype("int64"),
-    })
-
-
-# ------------------------------------------------------------------------------------------- TSV parsing
+        try:
+            splits = load_dataset("glue", "sst2")
+            frames = {split: splits[name].to_pandas() for split, name in (("train", "train"), ("dev", "validation"))}
+            return {split: pd.DataFrame({"sentence": f["sentence"].str.rstrip(), "label": f["label"].astype("int64")})
+                    for split, f in frames.items()}
+        except ConnectionError as error:
+            reason = f"the Hugging Face hub is unreachable ({error})"
+    raise FileNotFoundError(
+        f"SST-2 not available: no local folder given and {reason}. Point at a local copy instead: pass "
+        "load_sst2(data_dir=...) or set PEFT_LAB_DATA to a folder containing sst2/, or SST2_DIR to the sst2 folder "
+        "itself. That folder must hold the GLUE files train.tsv and dev.tsv (tab-separated, header "
+        "'sentence<TAB>label').")
 
 
 def read_sst2_tsv(path: str | Path) -> pd.DataFrame:
-    """Parse one GLUE SST-2 TSV (``sentence<TAB>label``) strictly.
-
-    Quoting is off (sentences contain quotes and backticks) and every row is checked, because lenient
-    parsers silently merge, drop or coerce malformed rows. Errors are ``ValueError`` naming the file and
-    the 1-based line number. Windows line endings (CRLF, as spreadsheet programs save) read like Unix ones. A file
-    whose rows all carry one label is refused: a classifier trained on it learns a constant, and accuracy on it
-    cannot tell a model from a constant.
-    """
+    """Parse one GLUE SST-2 TSV (``sentence<TAB>label``) strictly: no quoting (sentences hold quotes), every row
+    checked (lenient parsers silently merge, drop or coerce rows), errors naming the file and line; CRLF reads like
+    LF. A file of one label is refused: a classifier trained on it learns a constant."""
     path = Path(path)
     lines = [line.removesuffix("\r") for line in _decoded_text(path).split("\n")]
     if lines and lines[-1] == "":
@@ -152,33 +117,23 @@ def read_sst2_tsv(path: str | Path) -> pd.DataFrame:
     if len(lines) == 1:
         raise ValueError(f"{path}: line 1: header only, no data rows")
     sentences, labels = zip(*(_parse_row(path, number, line) for number, line in enumerate(lines[1:], start=2)))
-    _check_both_labels(path, labels)
+    if len(set(labels)) < len(LABELS):
+        raise ValueError(f"{path}: all {len(labels):,} rows have label {labels[0]}: SST-2 needs rows of both "
+                         "labels (0 and 1)")
     return pd.DataFrame({"sentence": list(sentences), "label": np.array(labels, dtype=np.int64)})
 
 
-def _check_both_labels(path: Path, labels: tuple[int, ...]) -> None:
-    present = sorted(set(labels))
-    if len(present) < len(LABELS):
-        raise ValueError(f"{path}: all {len(labels):,} rows have label {present[0]}: SST-2 needs rows of both "
-                         "labels (0 and 1)")
-
-
 def _decoded_text(path: Path) -> str:
-    """The file as UTF-8 text, a leading byte-order mark dropped (spreadsheet programs often save one).
-
-    A byte that is not UTF-8 is a ``ValueError`` naming the file, the line and the byte, not a bare
-    ``UnicodeDecodeError`` that names neither.
-    """
+    """The file as UTF-8 text, a leading byte-order mark dropped; a byte that is not UTF-8 is a ``ValueError``
+    naming the file, the line and the byte."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-        raise ValueError(
-            f"{path}: line {line}: byte 0x{data[error.start]:02x} at column {column} is not UTF-8; "
-            "save the file as UTF-8"
-        ) from None
+        raise ValueError(f"{path}: line {line}: byte 0x{data[error.start]:02x} at column {column} is not UTF-8; "
+                         "save the file as UTF-8") from None
 
 
 def _check_header(path: Path, line: str) -> None:
@@ -202,18 +157,11 @@ def _parse_row(path: Path, number: int, line: str) -> tuple[str, int]:
     return sentence, LABELS[label]
 
 
-# ------------------------------------------------------------------------------------------- subsetting
-
-
 def subset(frame: pd.DataFrame, size: int | None, seed: int, balanced: bool = False,
            stratified: bool = False) -> pd.DataFrame:
-    """A seeded sample of ``size`` rows (``None``: all rows), kept in the original row order.
-
-    Seeded so every method trains on the same rows; ``balanced`` takes ``size // n_classes`` rows per label
-    so small runs are not skewed by SST-2's 56/44 class split (``size=None``: as many as the rarest class);
-    ``stratified`` takes each class in proportion instead (:func:`rows_per_class`), for a size no balanced subset
-    meets. The index is reset, so positions and index agree downstream.
-    """
+    """A seeded sample of ``size`` rows (``None``: all), in the original order and with a fresh index.
+    ``balanced``: ``size // K`` rows per class, so that small runs are not skewed by SST-2's 56/44 split;
+    ``stratified``: each class in proportion (:func:`rows_per_class`), for a size no balanced subset meets."""
     if size is not None and size <= 0:
         raise ValueError(f"subset size must be positive or None, got {size}")
     if balanced or stratified:
@@ -229,19 +177,15 @@ EVAL_SUBSET_SEED = 0  # an eval subset must not change with the run seed: every 
 
 
 def eval_rows(dev: pd.DataFrame, size: int | None) -> pd.DataFrame:
-    """The dev rows every run is scored on: all of them, or a fixed seeded sample of ``size`` (the same for every
-    run and seed, so paired tests compare methods on the same sentences)."""
+    """The dev rows every run is scored on: all, or a sample of ``size`` that is the same for every run and seed
+    (paired tests compare methods on the same sentences)."""
     return dev if size is None else subset(dev, size, EVAL_SUBSET_SEED)
 
 
 def hold_out(frame: pd.DataFrame, size: int, seed: int,
              stratified: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(held_out, rest)``: a balanced (or ``stratified``), seeded sample of ``size`` rows and every other row, both
-    in file order.
-
-    Learning-rate tuning scores on ``held_out`` and trains on rows drawn from ``rest``: a rate chosen on rows
-    it was trained on would favour memorising, and the dev split stays untouched for the reported numbers.
-    """
+    """``(held_out, rest)``: a balanced (or ``stratified``) seeded sample of ``size`` rows and every other row.
+    Tuning scores on rows it did not train on (else it would favour memorising), and leaves dev to the results."""
     chosen = np.zeros(len(frame), dtype=bool)
     chosen[_class_positions(frame["label"].to_numpy(), size, seed, stratified)] = True
     return frame[chosen].reset_index(drop=True), frame[~chosen].reset_index(drop=True)
@@ -263,13 +207,9 @@ def balance_problem(counts: np.ndarray, size: int | None) -> str | None:
 
 
 def rows_per_class(counts: np.ndarray, size: int | None, stratified: bool = False) -> np.ndarray:
-    """How many rows each class (``counts``: its rows, in label order) gives a subset of ``size`` rows.
-
-    Balanced: ``size // K`` each (``None``: as many as the rarest class has), else a ``ValueError`` saying why.
-    Stratified: each class in proportion to its rows (largest remainders first, ties to the first class), at least
-    one row of each when ``size`` allows, so that 32 rows of 3 classes, or a subset of data with a rare class,
-    still hold every class in its share; ``None`` or more rows than there are: every row.
-    """
+    """How many rows each class (``counts``, in label order) gives a subset of ``size`` rows. Balanced: ``size //
+    K`` each (``None``: the rarest class's count), else a ``ValueError`` saying why. Stratified: in proportion
+    (largest remainders first), at least one row of each class when ``size`` allows; ``None``: every row."""
     if not stratified:
         problem = balance_problem(counts, size)
         if problem:
@@ -294,10 +234,8 @@ def _class_positions(labels: np.ndarray, size: int | None, seed: int, stratified
 
 
 def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
-    """``gpt2-tokenizer/`` of the shared data folder: in ``data_dir``, its parent, or ``$PEFT_LAB_DATA``.
-
-    ``data_dir`` may name the data folder or its ``sst2/`` child, as :func:`load_sst2` accepts both.
-    """
+    """``gpt2-tokenizer/`` of the shared data folder: in ``data_dir`` (or its parent: it may name ``sst2/``), or
+    in ``$PEFT_LAB_DATA``."""
     roots = [Path(data_dir), Path(data_dir).parent] if data_dir is not None else []
     if os.environ.get("PEFT_LAB_DATA"):
         roots.append(Path(os.environ["PEFT_LAB_DATA"]))
@@ -309,8 +247,6 @@ def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
         "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
     )
 
-
-# ----------------------------------------------------------------------------------- any classification data
 
 SST2 = "sst2"  # the default dataset: the strict SST-2 loader above
 SST2_LABEL_NAMES = ("negative", "positive")  # GLUE's names for SST-2's labels 0 and 1
@@ -325,9 +261,8 @@ CARVED_DEV_FRACTION, CARVED_DEV_SEED = 0.1, 0
 
 @dataclass(frozen=True)
 class Splits:
-    """A classification dataset as the experiment uses it: ``train`` and ``dev`` frames with columns ``sentence``
-    (``sentence2`` too for sentence pairs) and ``label`` (ids ``0..K-1`` in the order of ``label_names``), where
-    they were read from, and which split scores the runs (``dev_split``: the dataset's own, or carved from train)."""
+    """A classification dataset: ``train`` and ``dev`` frames of ``sentence`` (and ``sentence2`` for pairs) and
+    ``label`` (ids ``0..K-1``, named by ``label_names``), where they were read from, and what ``dev`` is."""
 
     train: pd.DataFrame
     dev: pd.DataFrame
@@ -337,14 +272,10 @@ class Splits:
 
 
 def load_splits(data: DataConfig) -> Splits:
-    """``data.dataset``: ``"sst2"`` (:func:`load_sst2`, strict and offline-first), a local file or folder (CSV,
-    TSV, JSON Lines, Parquet), or a Hugging Face hub dataset id (with ``data.dataset_config``), read by ``datasets``.
-
-    A folder holds ``train.<ext>`` and, optionally, ``validation.<ext>`` (or ``dev``); a single file is the train
-    split. Without a validation split, a seeded, stratified 10% of train is carved off to score the runs. Every
-    problem (a missing column, one class, an empty text, a validation label train never has) is one line naming
-    the dataset, the split and the column, before anything trains.
-    """
+    """``data.dataset``: ``"sst2"`` (:func:`load_sst2`), a local file or folder (CSV, TSV, JSON Lines, Parquet:
+    ``train.<ext>`` and optionally ``validation``/``dev``), or a hub dataset id, read by ``datasets``. Without a
+    validation split a seeded, stratified 10% of train is carved off. Every problem is one line naming the
+    dataset, the split and the column, before anything trains."""
     if data.dataset == SST2:
         frames = load_sst2(data.data_dir)
         return Splits(frames["train"], frames["dev"], SST2_LABEL_NAMES, sst2_source(data.data_dir), "dev")
@@ -361,7 +292,6 @@ def load_splits(data: DataConfig) -> Splits:
 
 
 def _load_raw(dataset: str, config_name: str | None) -> tuple[dict[str, Any], str]:
-    """``{"train": ..., ["dev": ...]}`` ``datasets`` splits of a local file or folder, or of a hub dataset."""
     from datasets import load_dataset
 
     path = Path(dataset)
@@ -396,7 +326,6 @@ def _first_line(error: BaseException) -> str:
 
 
 def _local_files(path: Path) -> dict[str, Path]:
-    """A file is the train split; a folder's ``train.<ext>`` and ``validation``/``dev``/``valid`` ``.<ext>``."""
     if path.is_file():
         if path.suffix.lower() not in LOCAL_FORMATS:
             raise ValueError(f"dataset file {path}: unknown format {path.suffix!r}; use one of "
@@ -443,9 +372,8 @@ def _frame(split, text_columns: tuple[str, ...], label_column: str, where: str) 
 
 def _label_ids(frames: tuple[pd.DataFrame, pd.DataFrame], feature,
                dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
-    """(train, dev) with labels as ids ``0..K-1``, and the K class names in that order: a ``ClassLabel``'s names
-    (its ids kept), else the train labels sorted (numbers as numbers). One class, or a validation label train
-    never has, is refused."""
+    """(train, dev) with labels as ids ``0..K-1`` and the K names: a ``ClassLabel``'s, else the train labels
+    sorted. One class, or a validation label train never has, is refused."""
     if getattr(feature, "names", None):
         values = list(range(len(feature.names)))
         names = tuple(feature.names)
@@ -478,3 +406,84 @@ def _carve_dev(train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows = np.flatnonzero(labels == label)
         chosen[rng.choice(rows, size=max(1, round(CARVED_DEV_FRACTION * len(rows))), replace=False)] = True
     return train[~chosen].reset_index(drop=True), train[chosen].reset_index(drop=True)
+
+
+def train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame, seed: int,
+                         size_name: str = "train_size") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train rows (balanced, drawn with the run seed; stratified where :func:`fit_sizes` found no balanced
+    subset) and eval rows. ``size_name``: the parameter that set the train size, as an error names it."""
+    train_size, eval_size = config.data.train_size, config.data.eval_size
+    for name, size, split, frame in ((size_name, train_size, "train", train), ("eval_size", eval_size, "dev", dev)):
+        if size is not None and size > len(frame):
+            raise ValueError(f"{name}={size} is more than the {len(frame):,} rows of the {split} split; "
+                             f"ask for at most {len(frame):,} or 'all'")
+    try:
+        train_frame = train if train_size is None else subset(train, train_size, seed, balanced=True,
+                                                              stratified=size_name in config.stratified_sizes)
+    except ValueError as error:
+        raise ValueError(f"{size_name}={train_size}: {error}") from None
+    return train_frame, eval_rows(dev, eval_size)
+
+
+class _SizeFitter:
+    """Fits the sizes a user left to the profile (``adaptable``) to the data, one note per size it changes."""
+
+    def __init__(self, adaptable: frozenset[str]) -> None:
+        self.adaptable = adaptable
+        self.seen: set[str] = set()
+        self.notes: list[str] = []
+        self.stratified: set[str] = set()
+
+    def fit(self, name: str, size: int | None, counts: np.ndarray, asked: int | None = None, balanced: bool = True,
+            count_all: bool = False) -> int | None:
+        """Size ``name`` (``size`` rows) drawn from ``counts`` rows per class: every row when it asks for as many
+        (``None``, or their count with ``count_all``, where ``None`` means the comparison's size); stratified where
+        a ``balanced`` draw cannot be. ``asked``: the profile's size, for the note."""
+        self.seen.add(name)
+        if name not in self.adaptable or size is None:
+            return size
+        asked, total = size if asked is None else asked, int(counts.sum())
+        rows = min(size, total)
+        note = f" -> {rows:,}" + (" (all rows)" if rows == total else "") if rows != asked else ""
+        if balanced and balance_problem(counts, rows) is not None:
+            self.stratified.add(name)
+            note += f" stratified over {len(counts)} classes" if rows < total else ""
+        if note:
+            self.notes.append(f"{name} {asked:,}{note}")
+        return rows if rows < total or count_all else None
+
+    def tuning(self, tune: TuneConfig, train_size: int | None, counts: np.ndarray) -> TuneConfig:
+        """Tuning's sizes: a held-out slice that leaves no train rows shrinks to a carved dev split's share (at
+        least a row per class); its train rows are then fitted to the rows not held out."""
+        total, size, holdout = int(counts.sum()), tune.train_size or train_size, tune.holdout_size
+        if "tune_holdout_size" in self.adaptable and holdout + (size or 1) > total:
+            holdout = min(holdout, max(len(counts), round(CARVED_DEV_FRACTION * total)))
+        holdout = self.fit("tune_holdout_size", holdout, counts, asked=tune.holdout_size, count_all=True)
+        stratified = "tune_holdout_size" in self.stratified
+        if holdout >= total or not (stratified or balance_problem(counts, holdout) is None):
+            return replace(tune, holdout_size=holdout)  # no rows left, or a user's slice: tuning_rows refuses it
+        rest = counts - rows_per_class(counts, holdout, stratified)
+        fitted = self.fit("tune_train_size", size, rest, count_all=True)
+        return replace(tune, holdout_size=holdout, train_size=tune.train_size if fitted == size else fitted)
+
+
+def fit_sizes(config: ExperimentConfig, splits: Splits, sweep: bool) -> tuple[ExperimentConfig, str]:
+    """``config`` with each size the user left to the profile (``config.adaptable_sizes``) fitted to the data, and
+    what changed, for one line (``""``: nothing).
+
+    A profile's sizes are chosen for SST-2; a user's own 240-row, 3-class file should train with them rather than
+    be refused over numbers the user never chose. A size beyond its split takes every row; one no balanced subset
+    meets is drawn stratified. A size the user set is left as set (and refused in one line if the data cannot meet
+    it). The fitted config fits nothing more when planned again (a widened tuning grid)."""
+    fitter, train = _SizeFitter(config.adaptable_sizes), class_counts(splits.train)
+    data = replace(config.data, train_size=fitter.fit("train_size", config.data.train_size, train),
+                   eval_size=fitter.fit("eval_size", config.data.eval_size, class_counts(splits.dev), balanced=False))
+    parts: dict[str, Any] = {"data": data}
+    if sweep:
+        parts["sweep"] = replace(config.sweep, train_size=fitter.fit("sweep_train_size", config.sweep.train_size,
+                                                                     train, count_all=True))
+    if config.tune.enabled:
+        parts["tune"] = fitter.tuning(config.tune, data.train_size, train)
+    fitted = replace(config, **parts, adaptable_sizes=config.adaptable_sizes - fitter.seen,
+                     stratified_sizes=config.stratified_sizes | fitter.stratified)
+    return fitted, ", ".join(fitter.notes)

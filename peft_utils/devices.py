@@ -15,12 +15,26 @@ from typing import Any
 
 import torch
 
+from .config import TrainConfig
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# "bf16" and "bfloat16" alike: the precision names and torch's own.
+_DTYPE_NAMES = {**PRECISION_DTYPES, **{str(dtype).removeprefix("torch."): dtype for dtype in _MIXED_PRECISION}}
+
+
+def checked_dtype(dtype: torch.dtype | str, name: str = "compute_dtype") -> torch.dtype:
+    """``dtype`` (or its name: ``"bf16"``, ``"bfloat16"``) when it is one the methods compute or store in; else
+    one line naming the parameter ``name``."""
+    resolved = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in _MIXED_PRECISION:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype!r}")
+    return resolved
 
 
 def _with_index(device: torch.device) -> torch.device:
-    """``cuda`` -> ``cuda:<current>``: a model that ``from_pretrained(device_map=...)`` placed reports ``cuda:0``,
-    and the two must compare equal, or a 4-bit model (which must not move) would be moved again."""
+    """``cuda`` -> ``cuda:<current>``: a model placed by ``from_pretrained(device_map=...)`` reports ``cuda:0``, and
+    the two must compare equal, or a 4-bit model (which must not move) would be moved again."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
@@ -36,51 +50,55 @@ def resolve_device(device: str = "auto") -> torch.device:
     return _with_index(resolved)
 
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
-    """The autocast dtype of ``precision`` on ``device``: the same for every method, QLoRA's 4-bit compute included.
+    """The autocast dtype of ``precision`` on ``device``, the same for every method (QLoRA's 4-bit compute too).
 
-    ``"auto"``:
-
-    - CUDA with native bfloat16 (compute capability >= 8.0: A100, H100, L4, RTX 30xx+): bfloat16, which keeps
-      float32's exponent range, so no loss scaling is needed.
-    - Older CUDA GPUs (T4, V100): float16 with loss scaling (``torch.cuda.is_bf16_supported()`` says yes on some of
-      them, through slow emulation, hence the capability test).
-    - CPU: float32, which reproduces the committed CPU records bit for bit on every CPU. bf16 is faster on CPUs
-      with native bf16 matmuls (``lscpu`` flags ``avx512_bf16`` or ``amx_bf16``): ask for it with ``"bf16"``.
-
-    Refused: ``"bf16"`` on a GPU without native bfloat16 (it would run emulated, several times slower), and
-    ``"fp16"`` on a CPU (accelerate neither autocasts nor scales losses in fp16 there: the run would be fp32).
+    ``"auto"``: bfloat16 on a GPU with native bfloat16 (compute capability >= 8.0; it needs no loss scaling),
+    float16 with loss scaling on older GPUs (``torch.cuda.is_bf16_supported()`` says yes on some through slow
+    emulation, hence the capability test), float32 on a CPU (it reproduces the committed CPU records; ask for
+    ``"bf16"`` on a CPU with ``avx512_bf16`` or ``amx_bf16``). Refused: ``"bf16"`` on a GPU without native bfloat16,
+    and ``"fp16"`` on a CPU (accelerate neither autocasts nor scales losses in fp16 there).
     """
     device = torch.device(device)
-    if precision != "auto":
-        if precision == "bf16" and device.type == "cuda" and not _native_bf16(device):
-            raise ValueError(f"precision='bf16' needs a GPU with native bfloat16 (compute capability >= 8.0); "
-                             f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: "
-                             "use precision='fp16' (with loss scaling) or 'auto'")
-        if precision == "fp16" and device.type != "cuda":
-            raise ValueError("precision='fp16' needs a GPU (on a CPU accelerate neither autocasts nor scales losses "
-                             "in fp16); use 'bf16' (fast on CPUs with avx512_bf16 or amx_bf16) or 'fp32'")
-        if device.type == "cpu":
-            warn_if_emulated_on_cpu(PRECISION_DTYPES[precision])
-        return PRECISION_DTYPES[precision]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if _native_bf16(device) else torch.float16
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if _native_bf16(device) else torch.float16
+    if precision == "bf16" and device.type == "cuda" and not _native_bf16(device):
+        raise ValueError(f"precision='bf16' needs a GPU with native bfloat16 (compute capability >= 8.0); "
+                         f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: "
+                         "use precision='fp16' (with loss scaling) or 'auto'")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' needs a GPU (on a CPU accelerate neither autocasts nor scales losses "
+                         "in fp16); use 'bf16' (fast on CPUs with avx512_bf16 or amx_bf16) or 'fp32'")
+    if device.type == "cpu":
+        warn_if_emulated_on_cpu(PRECISION_DTYPES[precision])
+    return PRECISION_DTYPES[precision]
+
+
+def planned_compute(train: TrainConfig) -> torch.dtype:
+    """The run's autocast dtype (:func:`compute_dtype_for` of its resolved device), once the launch's processes are
+    known to split its global batch: what a plan checks before anything trains, and what every run then uses."""
+    per_device_batch_size(train.batch_size, launched_processes(), train.grad_accum_steps)
+    return compute_dtype_for(resolve_device(train.device), train.precision)
 
 
 def _native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``)."""
+def _cpuinfo(key: str) -> str | None:
+    """The value of ``key`` in ``/proc/cpuinfo`` (Linux), else ``None``."""
     with contextlib.suppress(OSError):
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-        return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
-    return False
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (``avx512_bf16`` or ``amx_bf16`` among its flags)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set((_cpuinfo("flags") or "").split()))
 
 
 def warn_if_emulated_on_cpu(dtype: torch.dtype) -> None:
@@ -94,11 +112,10 @@ def warn_if_emulated_on_cpu(dtype: torch.dtype) -> None:
 
 def make_accelerator(device: str = "auto", precision: str = "auto", report_to: str | tuple[str, ...] | list[str] = (),
                      results_dir: str | Path = "results", run_id: str = "train"):
-    """The ``accelerate.Accelerator`` for ``device`` (``"auto"``, ``"cpu"``, ``"cuda[:i]"``) and ``precision`` (see
-    :func:`compute_dtype_for`): autocast, and for fp16 a loss scaler. Under ``accelerate launch`` / ``torchrun`` it
-    joins the process group. ``report_to``: the experiment trackers of run ``run_id``, logging under
-    ``<results_dir>/runs`` (see :mod:`peft_utils.trackers`); one accelerator per run, since accelerate fixes its
-    trackers when it is made."""
+    """The ``accelerate.Accelerator`` of a run: ``device`` and ``precision`` resolved (:func:`compute_dtype_for`)
+    into autocast (and a loss scaler for fp16); under ``accelerate launch`` / ``torchrun`` it joins the process
+    group. ``report_to``: the experiment trackers of run ``run_id``, logging under ``<results_dir>/runs``
+    (:mod:`peft_utils.trackers`); accelerate fixes its trackers when it is made, hence one accelerator per run."""
     from accelerate import Accelerator
 
     from .trackers import accelerator_arguments
@@ -114,9 +131,11 @@ def make_accelerator(device: str = "auto", precision: str = "auto", report_to: s
 
 def _start_afresh_for_other_settings(device: torch.device, mixed_precision: str) -> None:
     """accelerate keeps one device and one mixed precision per process: it refuses another precision or the CPU
-    after a GPU, and silently keeps the CPU (or the first GPU) when another GPU is asked for. A notebook kernel or a
-    test session that changes either between two runs starts accelerate's state afresh; a change of precision keeps
-    the processes of a launch, whose devices never change."""
+    after a GPU, and silently keeps the first device. A notebook kernel or test session that changes either starts
+    accelerate's state afresh (a launch keeps its processes: their devices never change).
+
+    accelerate has no public way to do this; ``_reset_state`` is used here alone, and
+    ``tests/test_precision.py`` fails loudly if it changes."""
     from accelerate.state import AcceleratorState, PartialState
 
     ran_on = PartialState._shared_state.get("device")
@@ -131,22 +150,25 @@ def accelerator_device(accelerator) -> torch.device:
     return _with_index(accelerator.device)
 
 
+def accelerator_dtype(accelerator) -> torch.dtype:
+    """The autocast dtype the accelerator was made with: what its run computes in."""
+    return {name: dtype for dtype, name in _MIXED_PRECISION.items()}[accelerator.mixed_precision]
+
+
 def launched_processes() -> int:
-    """How many processes ``accelerate launch`` / ``torchrun`` started (both set ``WORLD_SIZE``); read from the
-    environment so that a plan can check the batch split before any process group exists."""
+    """How many processes ``accelerate launch`` / ``torchrun`` started (both set ``WORLD_SIZE``): read from the
+    environment, so that a plan can check the batch split before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
-    """Whether this is the process that prints and writes: rank 0 of a launch (both launchers set ``RANK``), or the
-    only process."""
+    """Whether this process prints and writes: rank 0 of a launch (both launchers set ``RANK``), or the only one."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def same_in_every_process(value: str, device: str = "auto") -> str:
-    """The main process's ``value`` in every process of a launch (the value itself in a lone process): what the
-    main process decided about a run, which the others must follow. Joins the launch's process group as the
-    run's ``Accelerator`` will (on ``device``)."""
+    """The main process's ``value`` in every process of a launch (what it decided about a run, which the others
+    follow); joins the launch's process group on ``device`` as the run's ``Accelerator`` will."""
     if launched_processes() == 1:
         return value
     from accelerate import PartialState
@@ -167,20 +189,9 @@ def per_device_batch_size(batch_size: int, processes: int, accumulation: int) ->
 
 
 def hardware_name(device: torch.device) -> str:
-    """What ran the steps, for the records: the GPU's name, or the CPU's model and the threads torch uses.
-
-    Why recorded: the same run takes different times on different machines (even the CPUs of one fleet differ by
-    vendor), so a train time is only comparable with times taken on the same hardware.
-    """
+    """What ran the steps, for the records (a train time compares only with times taken on the same hardware):
+    the GPU's name, or the CPU's model and the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
-
-
-def _cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
+    cpu = _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{cpu}, {torch.get_num_threads()} threads"

@@ -1,18 +1,9 @@
 """Will this method fit the GPU? Peak training memory estimated from a model config, and a plan that makes it fit.
 
-Why: a run that dies of CUDA out-of-memory after loading a 3 GB model (or, worse, after an hour of training on a
-long batch) wastes the user's time; the numbers that decide it are all known before the model is loaded. The
-estimate is a pure function of the model config, the method and the batch shape, so it is unit-tested on a CPU with
-a stated device size, and checked against the CPU allocator's measured peak on small models.
-
-Where the bytes go in one training step (forward, backward, AdamW step), for the methods of ``methods.py``:
-
-* resident: the weights (and buffers) and AdamW's two float32 moments per trainable parameter;
-* on top of them, during the step (``step_peak``): the activations the forward pass keeps for backward, the
-  float32 gradients of the trainable parameters, and short-lived workspace. Backward frees each layer's activations
-  as it makes that layer's gradients, so they are never all alive together (see :func:`estimate_memory`).
-
-Parameters are counted exactly, on a weightless (meta device) copy of the model with the real adapters injected.
+A run that dies of CUDA out-of-memory after loading a 3 GB model (or after an hour of training) wastes the user's
+time, and the numbers that decide it are known before the model is loaded. The estimate is a pure function of the
+model config, the method and the batch shape (parameters counted exactly on a weightless copy with the real
+adapters injected), so it is tested on a CPU with a stated device size and against measured CPU peaks.
 """
 from __future__ import annotations
 
@@ -22,6 +13,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from .config import AdapterSettings, TrainConfig
+from .devices import checked_dtype, per_device_batch_size
 from .formatting import format_bytes
 from .methods import Method, get_method
 
@@ -36,12 +29,9 @@ HIDDEN_DROPOUT_KEYS = ("resid_pdrop", "hidden_dropout_prob", "hidden_dropout")
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of one training step's peak, by kind. ``total = weights + optimizer_state + step_peak``.
-
-    ``gradients``, ``activations`` and ``workspace`` are each the kind's own maximum; ``step_peak`` is what they
-    reach *together*, which is less than their sum (backward frees activations while it makes gradients).
-    ``step_peak`` is the quantity ``bench.step_time`` measures as "step alloc", ``total`` its "peak".
-    """
+    """Bytes of one training step's peak, by kind: ``total = weights + optimizer_state + step_peak``, where
+    ``step_peak`` (``bench.step_time``'s "step alloc") is less than the sum of the gradients', activations' and
+    workspace's own maxima: backward frees activations while it makes gradients."""
 
     method: str
     parameters: int
@@ -57,12 +47,9 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """How to run ``method`` on a device: micro-batch per device, accumulation, checkpointing, and why.
-
-    The global batch never changes: ``per_device_batch * grad_accum_steps * num_processes == global_batch``.
-    ``fits=False`` means nothing tried fits (the caller should stop before loading the model); ``reason`` is one line
-    for the log and the run record.
-    """
+    """How to run ``method`` on a device: micro-batch, accumulation, checkpointing, and why (``reason``, one line
+    for the log and the record). ``per_device_batch * grad_accum_steps * num_processes`` is always the global
+    batch; ``fits=False``: nothing tried fits."""
 
     per_device_batch: int
     grad_accum_steps: int
@@ -72,9 +59,6 @@ class MemoryPlan:
     budget_bytes: int
     fits: bool
     reason: str
-
-
-# --------------------------------------------------------------------------------------------- the model's shape
 
 
 @dataclass(frozen=True)
@@ -126,10 +110,8 @@ def _quantized_names(model_config) -> set[str]:
 
 
 def _read_model(model_config, method: str, compute_dtype: torch.dtype, rank: int, targets) -> _Model:
-    """Build ``method``'s model on the meta device (exact counts, no memory) and read its shape and bytes.
-
-    Cached on the model config's JSON: reading GPT-2 Large takes ~0.3 s, and a plan or a sweep asks many times.
-    """
+    """Build ``method``'s model on the meta device (exact counts, no memory) and read its shape and bytes; cached
+    on the config's JSON (GPT-2 Large takes ~0.3 s, and a plan asks many times)."""
     key = (type(model_config), model_config.to_json_string(use_diff=False), method, compute_dtype, rank,
            targets if targets is None or isinstance(targets, str) else tuple(targets))
     if key not in _READ_CACHE:
@@ -144,8 +126,6 @@ def _read_model_uncached(model_config, method: str, compute_dtype: torch.dtype, 
     from .core.layers import LoRALayer, base_features, is_supported_base
     from .core.targets import meta_skeleton
 
-    if compute_dtype not in (torch.float32, *HALF_DTYPES):
-        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype!r}")
     kind = get_method(method)
     model = meta_skeleton(model_config)
     quantized = [model.get_submodule(n).weight for n in _quantized_names(model_config)] if kind.quantized else []
@@ -167,12 +147,8 @@ def _read_model_uncached(model_config, method: str, compute_dtype: torch.dtype, 
 
 def _stored_base_bytes(model: nn.Module, kind: Method, compute_dtype: torch.dtype,
                        quantized: list[torch.Tensor]) -> int:
-    """Bytes of the frozen base as ``kind`` stores it, before any adapter is injected.
-
-    Full fine-tuning trains float32 master weights; LoRA / DoRA keep the frozen base in the compute dtype
-    (models.build_model); the 4-bit methods keep every un-quantised tensor in float32 (core.quant.load_4bit /
-    prepare_for_kbit_training) and the ``quantized`` weights at the NF4 cost.
-    """
+    """Bytes of the frozen base as ``kind`` stores it (models.build_model): float32 master weights for full
+    fine-tuning, the compute dtype for LoRA / DoRA, float32 around the ``quantized`` NF4 weights for 4-bit."""
     floating_bytes = 4 if kind.adapter is None or kind.quantized else compute_dtype.itemsize
     quantized_ids = {id(weight) for weight in quantized}
     n_bytes = sum(_base_tensor_bytes(t, floating_bytes) for t in [*model.parameters(), *model.buffers()]
@@ -185,11 +161,7 @@ def _stored_base_bytes(model: nn.Module, kind: Method, compute_dtype: torch.dtyp
 
 
 def _make_trainable(model: nn.Module, kind: Method, rank: int, targets) -> int:
-    """Make ``model`` train what ``kind`` trains: inject its adapters, or unfreeze everything for full fine-tuning.
-
-    Returns the bytes the adapters add: their tensors (and DoRA's norm buffers) are float32 in every method
-    (models.build_model).
-    """
+    """Make ``model`` train what ``kind`` trains; returns the bytes its adapters add (float32 in every method)."""
     if kind.adapter is None:
         model.requires_grad_(True)
         return 0
@@ -249,9 +221,6 @@ def parameter_count(model_config) -> int:
     return _read_model(model_config, "full", torch.float32, rank=8, targets=None).parameters
 
 
-# --------------------------------------------------------------------------------------------- the estimate
-
-
 def estimate_memory(
     model_config,
     method: str,
@@ -265,41 +234,11 @@ def estimate_memory(
     device_type: str = "cuda",
     optimizer: str = "fused",
 ) -> MemoryEstimate:
-    """Peak bytes of one training step of ``method`` at ``per_device_batch`` rows of ``max_length`` tokens.
-
-    Assumptions (each is how this package trains; the tests check the sum against measured CPU peaks):
-
-    * Weights: ``full`` keeps float32 master weights (autocast computes in ``compute_dtype``); ``lora``/``dora``
-      keep the frozen base in ``compute_dtype``; ``qlora``/``qdora`` keep linear weights in NF4 with double
-      quantisation (``sizes.nf4_bits_per_weight``: ~4.13 bits) and every other tensor in float32. Adapters and
-      the classification head are float32. Trainable tensors have a float32 gradient and two float32 AdamW moments.
-    * Activations per block and token, with ``c`` = bytes of ``compute_dtype`` and ``r`` = bytes of the residual
-      stream (float32 for ``full`` and the 4-bit methods, whose embeddings are float32; ``c`` for ``lora``/``dora``):
-      two norm inputs (2r·h); the matmul inputs of attention and MLP, q, k, v, the attention output and its
-      merged-heads copy (≈ 7c·h, less for grouped k/v); the MLP's up-projection output and activation output
-      (2c·I), plus, for the Python-written GELU of GPT-2, three more I-sized tensors (tanh, 1 + tanh, x/2; the first
-      two float32 under half autocast, where ``pow`` runs in float32); a gated MLP keeps four I-sized tensors; one byte per
-      element for each of two dropout masks when hidden dropout is on. Attention is the fused SDPA kernel (no
-      s×s scores kept) except on a CPU with attention dropout, where torch's math path keeps three float32 s×s
-      tensors per head. This is Korthikanti et al.'s ``s·b·h·(34 + 5·a·s/h)`` count (Reducing Activation
-      Recomputation, 2022), made dtype-aware and without the scores the fused kernel never stores.
-    * Full fine-tuning under half autocast also keeps the half copy of each linear weight for backward.
-      Adapters keep their inputs again in ``c`` under autocast, the rank-r down-projection, and DoRA the
-      (W0 + s·BA)x output each adapted layer scales by m/‖W0 + s·BA‖ (our DoRA never forms W0 + s·BA itself).
-    * Outside the blocks: the embedding output, the final norm's input and the head's input, all token-sized.
-      The head classifies one token per row: there is no batch × length × vocabulary logits tensor.
-    * Gradient checkpointing (per block, as transformers does it) keeps only each block's input, and recomputes
-      one block's activations at a time in backward.
-    * Backward walks the blocks from the last: at block k the activations of blocks <= k and the gradients of
-      blocks >= k are alive, so the peak is ``max(L·A + G, A + L·G)`` for per-block activations A and gradients G,
-      plus the head's gradients and a workspace of two I-sized gradient tensors. The optimiser step then holds all
-      gradients plus its temporaries: none for the ``fused`` AdamW of ``core.loop.make_optimizer``, two copies of the
-      largest tensor for torch's default ``for-loop`` AdamW on a CPU. A 4-bit layer dequantises its weight to
-      ``c`` for each matmul (the largest one counts as workspace).
-    * Not counted: the CUDA context and cuBLAS workspaces (outside the allocator: pass the *free* memory as the
-      device size), allocator fragmentation (the plan's ``safety`` margin), and the attention mask (b·s² bytes).
-    """
-    model = _read_model(model_config, method, compute_dtype, rank, targets)
+    """Peak bytes of one training step of ``method`` at ``per_device_batch`` rows of ``max_length`` tokens: a count
+    of the weights, AdamW state, gradients, activations and workspace as this package trains (the derivation, and
+    what it leaves out, is in docs/hardware.md, "How the memory estimate counts"); tests check it against measured
+    CPU peaks."""
+    model = _read_model(model_config, method, checked_dtype(compute_dtype), rank, targets)
     return _estimate(model, method, per_device_batch, max_length, compute_dtype, gradient_checkpointing, rank,
                      device_type, optimizer)
 
@@ -362,57 +301,46 @@ def _estimate(model: _Model, method: str, per_device_batch: int, max_length: int
     )
 
 
-# --------------------------------------------------------------------------------------------- the plan
-
-
 def _gib(n_bytes: int) -> str:
     return format_bytes(n_bytes, binary=True, decimals=1)
 
 
-def plan_memory(
-    model_config,
-    method: str,
-    *,
-    global_batch: int,
-    max_length: int,
-    compute_dtype: torch.dtype,
-    device_bytes: int,
-    num_processes: int = 1,
-    per_device_batch: int | None = None,
-    gradient_checkpointing: bool = False,
-    safety: float = 0.9,
-    rank: int = 8,
-    targets=None,
-    device_type: str = "cuda",
-    name: str | None = None,
-) -> MemoryPlan:
-    """The cheapest way to train ``method`` within ``safety × device_bytes``, keeping the global batch.
+def plan_memory(model_config, method: str, train: TrainConfig, adapter: AdapterSettings = AdapterSettings(), *,
+                compute_dtype: torch.dtype, device_bytes: int, num_processes: int = 1, safety: float = 0.9,
+                device_type: str = "cuda", name: str | None = None) -> MemoryPlan:
+    """The cheapest way to train ``method`` with ``train``'s global batch (``batch_size``), ``max_length``,
+    accumulation and checkpointing, and ``adapter``'s rank and targets, within ``safety x device_bytes``.
 
-    Tried in order, stopping at the first that fits: the configured micro-batch (``per_device_batch``, default
-    all of this device's share of ``global_batch``); the same with gradient checkpointing (memory of one block's
-    activations instead of all, for ~30% more compute); then ever smaller micro-batches (the next smaller divisor
-    of the device's share, i.e. halving for powers of two) with more accumulation steps, down to one row. Each
-    micro-batch divides the device's share, so accumulation reproduces the same global batch exactly.
-    ``device_bytes``: the device's free memory (``torch.cuda.mem_get_info()[0]``); ``safety`` leaves the rest for
-    allocator fragmentation and what the estimate leaves out.
+    Tried in order, stopping at the first that fits: the configured micro-batch; the same with gradient
+    checkpointing (one block's activations instead of all, for ~30% more compute); then every smaller divisor of
+    the device's share of the global batch, with more accumulation steps, down to one row: the global batch is
+    always reproduced exactly. ``device_bytes``: the device's free memory (``torch.cuda.mem_get_info()[0]``);
+    ``safety`` leaves the rest for allocator fragmentation and what the estimate leaves out.
     """
-    share, start = _device_share(global_batch, num_processes, per_device_batch, max_length, device_bytes, safety)
-    budget = int(safety * device_bytes)
+    for label, value in (("num_processes", num_processes), ("device_bytes", device_bytes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if not 0 < safety <= 1:
+        raise ValueError(f"safety must be in (0, 1], got {safety!r}")
+    start = per_device_batch_size(train.batch_size, num_processes, train.grad_accum_steps)
+    checked_dtype(compute_dtype)
+    share, budget = train.batch_size // num_processes, int(safety * device_bytes)
     label = f"{name or getattr(model_config, 'name_or_path', '') or model_config.model_type} {method}"
-
-    model = _read_model(model_config, method, compute_dtype, rank, targets)
+    model = _read_model(model_config, method, compute_dtype, adapter.rank, adapter.targets)
 
     def estimate(batch: int, checkpointing: bool) -> MemoryEstimate:
-        return _estimate(model, method, batch, max_length, compute_dtype, checkpointing, rank, device_type, "fused")
+        return _estimate(model, method, batch, train.max_length, compute_dtype, checkpointing, adapter.rank,
+                         device_type, "fused")
 
-    candidates = _candidates(share, start, gradient_checkpointing)
+    configured = train.gradient_checkpointing
+    candidates = _candidates(share, start, configured)
     first = estimate(*candidates[0])
     limit = f"{_gib(budget)} usable ({safety:.0%} of {_gib(device_bytes)})"
     for batch, checkpointing in candidates:
         as_configured = (batch, checkpointing) == candidates[0]
         chosen = first if as_configured else estimate(batch, checkpointing)
         if chosen.total <= budget:
-            changes = "gradient checkpointing on, " if checkpointing and not gradient_checkpointing else ""
+            changes = "gradient checkpointing on, " if checkpointing and not configured else ""
             reason = _fit_reason(label, limit, share // batch, batch, first, chosen, as_configured, changes)
             return MemoryPlan(batch, share // batch, checkpointing, chosen, device_bytes, budget, True, reason)
     smallest = estimate(*candidates[-1])  # the least memory any plan needs
@@ -420,24 +348,6 @@ def plan_memory(
               f"> {limit} (weights {_gib(smallest.weights)} + optimizer state {_gib(smallest.optimizer_state)} "
               f"+ gradients {_gib(smallest.gradients)}); use a GPU with more memory or a 4-bit method (qlora)")
     return MemoryPlan(1, share, True, smallest, device_bytes, budget, False, reason)
-
-
-def _device_share(global_batch: int, num_processes: int, per_device_batch: int | None, max_length: int,
-                  device_bytes: int, safety: float) -> tuple[int, int]:
-    """``(rows per device per optimiser step, the micro-batch to try first)``, or a ValueError on a bad input."""
-    for label, value in (("global_batch", global_batch), ("num_processes", num_processes),
-                         ("max_length", max_length), ("device_bytes", device_bytes)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    if global_batch % num_processes:
-        raise ValueError(f"global_batch {global_batch} is not divisible by num_processes {num_processes}")
-    if not 0 < safety <= 1:
-        raise ValueError(f"safety must be in (0, 1], got {safety!r}")
-    share = global_batch // num_processes
-    start = share if per_device_batch is None else per_device_batch
-    if start < 1 or share % start:
-        raise ValueError(f"per_device_batch {start} must divide the per-device share {share} of global_batch")
-    return share, start
 
 
 def _candidates(share: int, start: int, gradient_checkpointing: bool) -> list[tuple[int, bool]]:
@@ -460,46 +370,27 @@ def _fit_reason(label: str, limit: str, steps: int, batch: int, first: MemoryEst
 
 def to_record(plan: MemoryPlan) -> dict:
     """The plan as flat JSON-safe fields for a run's ``config`` record (bytes as integers)."""
-    record = {
-        "memory_plan": plan.reason,
-        "memory_fits": plan.fits,
-        "memory_device_bytes": plan.device_bytes,
-        "memory_budget_bytes": plan.budget_bytes,
-        "memory_estimate_bytes": plan.estimate.total,
-        "planned_per_device_batch": plan.per_device_batch,
-        "planned_grad_accum_steps": plan.grad_accum_steps,
-        "planned_gradient_checkpointing": plan.gradient_checkpointing,
-    }
     estimate = asdict(plan.estimate)
-    for key in ("weights", "optimizer_state", "gradients", "activations", "workspace", "step_peak"):
-        record[f"memory_{key}_bytes"] = estimate[key]
-    return record
+    return {"memory_plan": plan.reason, "memory_fits": plan.fits, "memory_device_bytes": plan.device_bytes,
+            "memory_budget_bytes": plan.budget_bytes, "memory_estimate_bytes": plan.estimate.total,
+            "planned_per_device_batch": plan.per_device_batch, "planned_grad_accum_steps": plan.grad_accum_steps,
+            "planned_gradient_checkpointing": plan.gradient_checkpointing,
+            **{f"memory_{key}_bytes": estimate[key]
+               for key in ("weights", "optimizer_state", "gradients", "activations", "workspace", "step_peak")}}
 
 
-def plan_for_device(model_source: str, method: str, train_config, adapter, processes: int,
-                    device: torch.device, name: str | None = None) -> MemoryPlan | None:
-    """The plan for one run on ``device`` before its model is loaded: ``None`` off CUDA (a CPU run is never
-    re-planned, so its results stay those of its configuration); a ValueError when nothing fits.
-
-    ``train_config`` is the run's ``TrainConfig`` (its ``batch_size`` is the global batch) and ``adapter`` its
-    ``AdapterSettings``; the free memory is read after CUDA is initialised, so its context is already counted.
-    """
-    if device.type != "cuda":
+def plan_for_device(model_source: str, method: str, train: TrainConfig, adapter: AdapterSettings,
+                    compute_dtype: torch.dtype, accelerator, name: str | None = None) -> MemoryPlan | None:
+    """The plan for one run on the accelerator's device, before its model is loaded: ``None`` off CUDA (a CPU run is
+    never re-planned, so its results stay those of its configuration); a ValueError when nothing fits. The free
+    memory is read after CUDA is initialised, so its context is already counted."""
+    if accelerator.device.type != "cuda":
         return None
     from transformers import AutoConfig
 
-    from .devices import compute_dtype_for
-    from .models import resolve_model_source
-
-    model_config = AutoConfig.from_pretrained(resolve_model_source(model_source), num_labels=2)
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    share = train_config.batch_size // processes
-    accumulation = train_config.grad_accum_steps
-    plan = plan_memory(model_config, method, global_batch=train_config.batch_size, num_processes=processes,
-                       per_device_batch=share // accumulation if share % accumulation == 0 else None,
-                       max_length=train_config.max_length, compute_dtype=compute_dtype_for(device, train_config.precision),
-                       device_bytes=int(free_bytes), gradient_checkpointing=train_config.gradient_checkpointing,
-                       rank=adapter.rank, targets=adapter.targets, name=name)
+    plan = plan_memory(AutoConfig.from_pretrained(model_source, num_labels=2), method, train, adapter,
+                       compute_dtype=compute_dtype, device_bytes=int(torch.cuda.mem_get_info(accelerator.device)[0]),
+                       num_processes=accelerator.num_processes, name=name)
     if not plan.fits:
         raise ValueError(plan.reason)
     return plan
@@ -515,7 +406,3 @@ def with_micro_batch_at_most(plan: MemoryPlan, per_device_batch: int) -> MemoryP
     batch = max(b for b in range(1, per_device_batch + 1) if share % b == 0)
     return replace(plan, per_device_batch=batch, grad_accum_steps=share // batch,
                    reason=f"{plan.reason}; out of memory at {plan.per_device_batch} rows: retried with {batch}")
-
-
-__all__ = ["MemoryEstimate", "MemoryPlan", "OPTIMIZERS", "estimate_memory", "parameter_count", "plan_memory",
-           "plan_for_device", "with_micro_batch_at_most", "to_record"]

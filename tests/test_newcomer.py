@@ -29,7 +29,7 @@ from peft_utils.progress import MODE_ENV, Progress, progress_mode
 from peft_utils.models import load_quantized
 from peft_utils.config import TrainConfig
 from peft_utils.store import RunRecorder
-from peft_utils.train import train
+from peft_utils.train import Recording, train
 
 TSV = "sentence\tlabel\na fine film \t1\nawful\t0\n"
 
@@ -96,7 +96,8 @@ def test_train_reports_progress_under_the_given_label(gpt2_tokenizer, monkeypatc
     monkeypatch.setenv(MODE_ENV, "lines")
     frame = pd.DataFrame({"sentence": ["good", "bad", "fine", "awful"] * 2, "label": [1, 0, 1, 0] * 2})
     config = TrainConfig(batch_size=4, max_length=8, device="cpu", log_every=1)
-    train(random_gpt2("tiny"), gpt2_tokenizer, frame, frame, config, lr=1e-3, seed=0, progress_label="run 3/4 lora")
+    train(random_gpt2("tiny"), gpt2_tokenizer, frame, frame, config, lr=1e-3, seed=0,
+          recording=Recording(label="run 3/4 lora"))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("run 3/4 lora | step 2: dev accuracy ")
     assert re.fullmatch(r"run 3/4 lora \| done 2 steps in .* \| loss \d\.\d{4}", lines[-1])

@@ -19,7 +19,7 @@ from peft_utils.core.loop import set_seed
 from peft_utils.devices import compute_dtype_for, make_accelerator
 from peft_utils.models import build_model
 from peft_utils.store import RunRecorder, read_events
-from peft_utils.train import train
+from peft_utils.train import Recording, train
 
 from test_train import _config, _rule_frame
 
@@ -38,7 +38,7 @@ def _recorded_run(model_dir, method: str, config: TrainConfig, folder, lr: float
             model.transformer.ln_f.weight.mul_(final_norm_gain)
         with RunRecorder(folder, method) as recorder:
             result = train(model, tokenizer, _rule_frame(4), _rule_frame(1), config, lr=lr, seed=0,
-                           recorder=recorder, run_info={"run_id": method}, accelerator=accelerator)
+                           recording=Recording(recorder, {"run_id": method}), accelerator=accelerator)
     return model, result, read_events(folder / f"{method}.jsonl")
 
 

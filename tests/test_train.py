@@ -3,8 +3,11 @@ classifier is read at the last real token. Tiny random GPT-2 models with the rea
 from __future__ import annotations
 
 import json
+import sys
 
+import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 
@@ -13,7 +16,7 @@ from peft_utils.core.batches import collate, encode, make_loader, micro_batches
 from peft_utils.core.loop import evaluate, linear_schedule, make_optimizer, set_seed
 from peft_utils.models import build_model, load_tokenizer, random_gpt2
 from peft_utils.store import RunRecorder, read_events
-from peft_utils.train import train
+from peft_utils.train import Recording, _PeakMemory, train
 
 POSITIVE = ("great", "good", "superb", "lovely", "brilliant", "wonderful")
 NEGATIVE = ("bad", "awful", "dreadful", "boring", "terrible", "poor")
@@ -81,8 +84,8 @@ def test_records_every_event_field(tiny_gpt2_dir, tmp_path):
     model, tokenizer = build_model("lora", tiny_gpt2_dir, AdapterSettings(rank=2, alpha=4))
     with RunRecorder(tmp_path, "run") as recorder:
         info = {"run_id": "run", "method": "lora"}
-        result = train(model, tokenizer, _rule_frame(2), _rule_frame(1), config, lr=1e-2, seed=0, recorder=recorder,
-                       run_info=info)
+        result = train(model, tokenizer, _rule_frame(2), _rule_frame(1), config, lr=1e-2, seed=0,
+                       recording=Recording(recorder, info))
     events = read_events(tmp_path / "run.jsonl")
     kinds = [e["event"] for e in events]
     assert kinds[0] == "config" and kinds[-1] == "summary"
@@ -110,6 +113,22 @@ def test_records_every_event_field(tiny_gpt2_dir, tmp_path):
     assert summary["steps"] == 6 and summary["n_eval"] == 12
     assert summary["final_accuracy"] == evals[-1]["accuracy"] == result.summary["final_accuracy"]
     json.dumps(summary)  # plain JSON values only
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the resettable peak RSS is Linux's")
+def test_each_run_measures_its_own_peak_resident_memory():
+    """On Linux the kernel's peak RSS is reset per run (``/proc/self/clear_refs``, proc(5)): a transient peak that
+    no sample sees is counted, and the next run does not inherit it. Fails if the kernel interface changes."""
+    mib = 2**20
+    first = _PeakMemory(torch.device("cpu"))
+    first.start()
+    baseline = psutil.Process().memory_info().rss
+    transient = np.ones(256 * mib // 8)  # 256 MiB, touched, freed before the peak is read
+    del transient
+    assert first.peak_bytes() >= baseline + 200 * mib
+    second = _PeakMemory(torch.device("cpu"))
+    second.start()
+    assert second.peak_bytes() < baseline + 100 * mib
 
 
 def test_evaluate_uses_eval_mode_and_restores_it(gpt2_tokenizer_dir):

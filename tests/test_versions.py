@@ -15,7 +15,7 @@ from peft_utils.config import AdapterSettings
 from peft_utils.core.loop import set_seed
 from peft_utils.models import build_model
 from peft_utils.store import IDENTITY_KEYS, RunRecorder, RunStore, read_events
-from peft_utils.train import RECORDED_PACKAGES, train
+from peft_utils.train import RECORDED_PACKAGES, Recording, train
 from test_train import _config, _rule_frame
 
 ABSENT = "peft-lab-no-such-package"
@@ -37,8 +37,8 @@ def recorded(tiny_gpt2_dir, tmp_path_factory) -> tuple[Path, dict]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "RECORDED_PACKAGES", (*RECORDED_PACKAGES, ABSENT))
         with RunRecorder(folder, "run") as recorder:
-            train(model, tokenizer, _rule_frame(1), _rule_frame(1), _config(), lr=1e-2, seed=0, recorder=recorder,
-                  run_info={"run_id": "run", "group": "comparison", "method": "lora"})
+            train(model, tokenizer, _rule_frame(1), _rule_frame(1), _config(), lr=1e-2, seed=0,
+                  recording=Recording(recorder, {"run_id": "run", "group": "comparison", "method": "lora"}))
     return folder, read_events(folder / "run.jsonl")[0]
 
 
