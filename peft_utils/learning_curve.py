@@ -29,7 +29,7 @@ import pandas as pd
 
 from .formatting import format_p_value, format_points
 from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_bootstrap, paired_differences,
-                    recorded_labels, runs_in_group, seed_correctness, summarise_resamples)
+                    paired_matrices, recorded_labels, runs_in_group, seed_correctness, summarise_resamples)
 from .store import COMPARISON_GROUP, Results, RunStore
 
 FULL, LORA = "full", "lora:all-linear"  # the primary pair: full fine-tuning against LoRA on every linear layer
@@ -62,20 +62,15 @@ def size_result(results: Results, pair: tuple[str, str] = (LORA, FULL)) -> SizeR
     comparison = runs_in_group(results.runs, COMPARISON_GROUP)
     if comparison.empty:
         return None
-    correctness = seed_correctness(comparison, recorded_labels(comparison))
-    if not set(pair) <= set(correctness):
+    matrices = paired_matrices(seed_correctness(comparison, recorded_labels(comparison)), pair)
+    if not matrices:
         return None
-    seeds = sorted(set(correctness[pair[0]]) & set(correctness[pair[1]]))
-    if not seeds:
-        return None
-    matrices = {series: np.stack([correctness[series][s] for s in seeds]) for series in pair}
     accuracy = {}
-    for series, matrix in matrices.items():
+    for series, matrix in zip(pair, matrices):
         resamples = crossed_bootstrap([matrix], [1.0], PAIRED_RESAMPLES, seed=0)
         accuracy[series] = summarise_resamples(float(matrix.mean()), resamples)
-    return SizeResult(int(comparison["train_size"].iloc[0]), len(seeds), int(comparison["epochs"].iloc[0]),
-                      accuracy, paired_bootstrap(*matrices.values(), PAIRED_RESAMPLES, seed=0),
-                      paired_differences(*matrices.values()))
+    return SizeResult(int(comparison["train_size"].iloc[0]), len(matrices[0]), int(comparison["epochs"].iloc[0]),
+                      accuracy, paired_bootstrap(*matrices, PAIRED_RESAMPLES, seed=0), paired_differences(*matrices))
 
 
 def shrinking(small: SizeResult, large: SizeResult) -> PairedDifference:

@@ -109,11 +109,8 @@ def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.
     if summary.empty:
         return summary
     accuracy = numeric_column(comparison, "final_accuracy").groupby(keys)
-    table = pd.DataFrame({
-        "n_seeds": accuracy.count().reindex(series),
-        "accuracy": accuracy.mean().reindex(series),
-        "accuracy_sd": accuracy.std(ddof=1).reindex(series),
-    })
+    table = pd.DataFrame({"n_seeds": accuracy.count(), "accuracy": accuracy.mean(),
+                          "accuracy_sd": accuracy.std(ddof=1)}).reindex(series)
     f1 = macro_f1_by_method(comparison)
     if f1 is not None:
         table["macro_f1"] = f1.reindex(series)

@@ -53,13 +53,12 @@ class _MemoryBytes(NamedTuple):
 
 
 def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) -> dict:
-    """Where a model's bytes are, and what ``method`` must ship (keys: :data:`SIZE_KEYS`).
+    """Where a model's bytes are, and what ``method`` must ship (``disk_bytes``: ``saved_bytes``, what
+    ``checkpoints.save_trained`` wrote, where given, else the tensors' own bytes).
 
-    ``quantized_bytes`` (packed 4-bit weights) + ``quant_state_bytes`` (absmax, nested absmax, offset, tables) +
-    ``frozen_bytes`` (other frozen parameters, all buffers) + ``trainable_bytes`` = ``total_bytes``. ``fp32_bytes``:
-    the model in float32, 4-bit weights counted as the weights they encode. ``nf4_bound_bytes``: the analytic size
-    of the 4-bit share. ``disk_bytes``: what the method ships, from ``saved_bytes`` (what
-    ``checkpoints.save_trained`` wrote) where given, else the tensors' own bytes.
+    ``quantized_bytes`` (packed 4-bit weights) + ``quant_state_bytes`` + ``frozen_bytes`` (other frozen parameters,
+    all buffers) + ``trainable_bytes`` = ``total_bytes``; ``fp32_bytes`` counts 4-bit weights as the weights they
+    encode; ``nf4_bound_bytes`` is the analytic size of the 4-bit share.
     """
     shipped = get_method(method)
     memory = _memory_bytes(model)

@@ -310,25 +310,29 @@ def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> 
     return by_series
 
 
+def paired_matrices(correctness: dict[str, dict[int, np.ndarray]], pair: Sequence[str]) -> list[np.ndarray]:
+    """The :func:`seed_correctness` of each series of ``pair`` as a ``(n_seeds, n_sentences)`` matrix over the seeds
+    they all have: a seed fixes a run's data order, so runs of one seed are the matched pair, and a seed one series
+    lacks would change its mean for a reason other than the method. Empty when a series or a common seed is missing."""
+    if not set(pair) <= set(correctness):
+        return []
+    seeds = sorted(set.intersection(*(set(correctness[series]) for series in pair)))
+    return [np.stack([correctness[series][s] for s in seeds]) for series in pair] if seeds else []
+
+
 def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int], n_resamples: int = PAIRED_RESAMPLES,
                        seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
-    """One row per :func:`comparison_pairs` pair of the comparison runs: ``method``, ``reference``, ``difference``,
-    ``low``, ``high``, ``p_value`` (:func:`paired_bootstrap`; fractions), ``n_seeds``, ``n_sentences``.
-
-    A seed fixes a run's data order, so two series' runs of one seed are the matched pair, and only the seeds both
-    have are used (one seed more would change a mean for a reason other than the method).
-    """
+    """One row per :func:`comparison_pairs` pair of the comparison runs with a common seed (:func:`paired_matrices`):
+    ``method``, ``reference``, ``difference``, ``low``, ``high``, ``p_value`` (:func:`paired_bootstrap`; fractions),
+    ``n_seeds``, ``n_sentences``."""
     correctness = seed_correctness(runs_in_group(runs, COMPARISON_GROUP), labels)
     rows = []
     for method, reference in comparison_pairs(ordered_methods(correctness)):
-        seeds = sorted(set(correctness[method]) & set(correctness[reference]))
-        if not seeds:
-            continue
-        correct_method = np.stack([correctness[method][s] for s in seeds])
-        correct_reference = np.stack([correctness[reference][s] for s in seeds])
-        result = paired_bootstrap(correct_method, correct_reference, n_resamples, seed, confidence)
-        rows.append({"method": method, "reference": reference, **result._asdict(), "n_seeds": len(seeds),
-                     "n_sentences": correct_method.shape[1]})
+        matrices = paired_matrices(correctness, (method, reference))
+        if matrices:
+            result = paired_bootstrap(*matrices, n_resamples, seed, confidence)
+            rows.append({"method": method, "reference": reference, **result._asdict(),
+                         "n_seeds": matrices[0].shape[0], "n_sentences": matrices[0].shape[1]})
     return pd.DataFrame(rows, columns=["method", "reference", "difference", "low", "high", "p_value", "n_seeds",
                                        "n_sentences"])
 

@@ -1,7 +1,5 @@
-"""The run store: one JSON-lines file per run, appended to as training happens, and the one owner of run files.
-
-JSON lines, flushed per event, so that a crash loses at most the step in flight; a run is *complete* once its
-``summary`` event is written. Events, in order (more fields are allowed and kept):
+"""The run store: one JSON-lines file per run, flushed per event so that a crash loses at most the step in flight;
+a run is *complete* once its ``summary`` event is written. Events, in order (more fields are allowed and kept):
 
 - ``config``: run_id, group ("comparison" | "sweep" | "tune"), method, model, rank, alpha, seed, lr, every data and
   training setting, the resolved device, hardware and dtypes, batch sizes, parameter counts, on a GPU the memory
@@ -11,10 +9,8 @@ JSON lines, flushed per event, so that a crash loses at most the step in flight;
 - ``summary``: times, throughput, peak memory, final_accuracy, final_eval_loss, n_eval, steps, dev_predictions,
   dev_probabilities, and (except tuning runs) ``saved_to`` and the ``size`` report
 
-Runs of one *series* may differ only in their seed; runs that differ in anything else are other *settings*
-(:func:`setting_id`). A folder may hold several: a run is found by its identity, not its file name, and loading
-keeps one setting per series (:meth:`RunStore.load`). Processes may share a folder: each run is trained by the
-process that claims it (:meth:`RunStore.claim`).
+Runs of one *series* differ only in their seed; runs that differ in more are other *settings* (:func:`setting_id`),
+kept apart when loaded (:meth:`RunStore.load`). Processes may share a folder: each trains the runs it claims.
 """
 from __future__ import annotations
 
