@@ -7,8 +7,6 @@ of blockwise 4-bit storage, against which the measured 4-bit share is checked.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
@@ -43,15 +41,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-class _MemoryBytes(NamedTuple):
-    quantized: int
-    quant_state: int
-    frozen: int
-    trainable: int
-    fp32: int
-    nf4_bound: float
-
-
 def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) -> dict:
     """Where a model's bytes are, and what ``method`` must ship (``disk_bytes``: ``saved_bytes``, what
     ``checkpoints.save_trained`` wrote, where given, else the tensors' own bytes).
@@ -60,22 +49,14 @@ def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) ->
     all buffers) + ``trainable_bytes`` = ``total_bytes``; ``fp32_bytes`` counts 4-bit weights as the weights they
     encode; ``nf4_bound_bytes`` is the analytic size of the 4-bit share.
     """
-    shipped = get_method(method)
-    memory = _memory_bytes(model)
-    return {
-        "quantized_bytes": memory.quantized,
-        "quant_state_bytes": memory.quant_state,
-        "frozen_bytes": memory.frozen,
-        "trainable_bytes": memory.trainable,
-        "total_bytes": memory.quantized + memory.quant_state + memory.frozen + memory.trainable,
-        "fp32_bytes": memory.fp32,
-        "disk_bytes": _shipped_bytes(model, shipped, memory, saved_bytes),
-        "disk_kind": shipped.shipped,
-        "nf4_bound_bytes": int(round(memory.nf4_bound)),
-    }
+    shipped, size = get_method(method), _memory_bytes(model)
+    size["total_bytes"] = sum(size[k] for k in ("quantized_bytes", "quant_state_bytes", "frozen_bytes",
+                                                  "trainable_bytes"))
+    size.update(disk_bytes=_shipped_bytes(model, shipped, size, saved_bytes), disk_kind=shipped.shipped)
+    return {key: size[key] for key in SIZE_KEYS}
 
 
-def _memory_bytes(model: nn.Module) -> _MemoryBytes:
+def _memory_bytes(model: nn.Module) -> dict[str, int]:
     """Every parameter and buffer counted once, as the kind it is stored as; a quantisation table shared between
     layers once."""
     quantized = quant_state = frozen = trainable = fp32 = 0
@@ -101,25 +82,26 @@ def _memory_bytes(model: nn.Module) -> _MemoryBytes:
     for buffer in model.buffers():
         frozen += _nbytes(buffer)
         fp32 += 4 * buffer.numel() if buffer.is_floating_point() else _nbytes(buffer)
-    return _MemoryBytes(quantized, quant_state, frozen, trainable, fp32, bound)
+    return {"quantized_bytes": quantized, "quant_state_bytes": quant_state, "frozen_bytes": frozen,
+            "trainable_bytes": trainable, "fp32_bytes": fp32, "nf4_bound_bytes": int(round(bound))}
 
 
-def _shipped_bytes(model: nn.Module, shipped: Method, memory: _MemoryBytes, saved_bytes: int | None) -> int:
+def _shipped_bytes(model: nn.Module, shipped: Method, memory: dict[str, int], saved_bytes: int | None) -> int:
     """A full checkpoint; an adapter; or a 4-bit base (packed weights, quant state, other frozen parameters and
     persistent buffers: derived ones like DoRA's cached norms are not shipped) plus an adapter."""
+    base_4bit = memory["quantized_bytes"] + memory["quant_state_bytes"]
     if shipped.adapter is None:
-        in_memory = (sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + memory.quantized
-                     + memory.quant_state)
+        in_memory = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + base_4bit
         return int(saved_bytes) if saved_bytes is not None else in_memory
     adapter = int(saved_bytes) if saved_bytes is not None else _adapter_tensor_bytes(model)
     if not shipped.quantized:
         return adapter
-    if not memory.quantized:
+    if not memory["quantized_bytes"]:
         raise ValueError(f"method {shipped.name!r} needs a 4-bit model, but no parameter of this one is quantized")
     frozen_params = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p) and not p.requires_grad)
     persistent = model.state_dict(keep_vars=True).keys()
     buffers = sum(_nbytes(b) for name, b in model.named_buffers() if name in persistent)
-    return memory.quantized + memory.quant_state + frozen_params + buffers + adapter
+    return base_4bit + frozen_params + buffers + adapter
 
 
 def _adapter_tensor_bytes(model: nn.Module) -> int:
