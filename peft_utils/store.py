@@ -34,12 +34,13 @@ from .methods import series_name
 EVENTS = ("config", "step", "eval", "summary")
 
 
-def _jsonable(value: Any) -> Any:
-    """Numpy/torch scalars and paths made JSON-safe; NaN/inf become null so every line stays valid JSON."""
+def jsonable(value: Any) -> Any:
+    """``value`` as it reads back from a record: numpy/torch scalars as numbers, paths as text, tuples as lists, and
+    NaN/inf as null so every line stays valid JSON."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "item") and callable(value.item):
@@ -60,7 +61,7 @@ class RunRecorder(contextlib.AbstractContextManager):
     def log(self, event: str, **fields: Any) -> None:
         if event not in EVENTS:
             raise ValueError(f"unknown event {event!r}; expected one of {EVENTS}")
-        self._file.write(json.dumps(_jsonable({"event": event, **fields})) + "\n")
+        self._file.write(json.dumps(jsonable({"event": event, **fields})) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -82,11 +83,6 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}:{number}: not a JSON line ({error})") from error
     return events
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as it reads back from a record (tuples become lists, numpy scalars plain numbers)."""
-    return json.loads(json.dumps(_jsonable(value)))
 
 
 @dataclass
