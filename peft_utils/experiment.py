@@ -41,9 +41,9 @@ from .methods import get_method, series_method, series_name, targets_label
 from .models import build_model, materialize_model, resolve_model_source
 from .report import settings_text
 from .sizes import model_size
-from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, Claim, RunInProgress, RunStore
+from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, Claim, RunInProgress, RunStore
 from .train import Recording, train
-from .tuning import EVAL_SPLIT, TUNE_GROUP, choose_learning_rates, tuning_rows
+from .tuning import EVAL_SPLIT, choose_learning_rates, tuning_rows
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,5 @@
-"""Predictions on your own sentences from what a run saved, loaded the way any script would load it.
-
-Only the standard API is used to load (``AutoModelForSequenceClassification``, ``AutoTokenizer``, peft's
-``PeftModel``), never peft_utils' own layers: what works here works in any other project. The one local step is
-finding the base model's weights offline (the MiniLM hub id maps to the copy the pip package ships).
-"""
+"""Predictions on your own sentences from what a run saved, loaded through transformers and peft only (never
+peft_utils' own layers), so what works here works in any other project."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -22,11 +18,9 @@ SST2_LABELS = ("negative", "positive")
 def load_saved(folder: str | Path, base_model: str | Path | None = None, labels: Sequence[str] = SST2_LABELS):
     """``(model, tokenizer)`` from a run's folder: a full checkpoint, or a peft adapter on its base model.
 
-    ``base_model``: where the adapter's base is (default: the ``base_model_name_or_path`` the adapter records).
-    ``labels``: an adapter's class names, in order (a run's record keeps them: ``labels``): the base gets a head of
-    that many classes named by them, as peft needs it (a peft adapter has no field for them). A checkpoint names
-    its own classes (``id2label``). A damaged config or weights file is a ``ValueError`` naming it, before any
-    library reads it.
+    ``base_model``: the adapter's base (default: the one the adapter records). ``labels``: an adapter's class names
+    in order (a peft adapter has no field for them; a checkpoint names its own). A damaged config or weights file is
+    a ``ValueError`` naming it.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -51,16 +45,15 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None, labels:
 
 
 def _check_files(folder: Path, config: str, weights: str) -> None:
-    """The saved JSON config and safetensors weights are readable, else a ``ValueError`` naming the damaged file
-    (the libraries' own errors do not name it)."""
+    """A ``ValueError`` naming a damaged config or weights file (the libraries' own errors do not name it)."""
     read_json(folder / config)
     for path in sorted(folder.glob(weights)):
         check_safetensors(path)
 
 
 def check_sentences(sentences: Iterable[str]) -> list[str]:
-    """``sentences`` as a list of non-blank strings, else a ``ValueError`` naming the first bad position: a number
-    would fail deep in the tokenizer, and an empty string would be scored on the padding token alone."""
+    """``sentences`` as a list of non-blank strings, else a ``ValueError`` naming the first bad one (an empty string
+    would be scored on the padding token alone)."""
     items = list(sentences) if isinstance(sentences, Iterable) and not isinstance(sentences, (str, bytes)) else []
     if not items:
         raise ValueError(f"sentences must be a non-empty list of strings, got {sentences!r}")
@@ -73,10 +66,8 @@ def check_sentences(sentences: Iterable[str]) -> list[str]:
     return items
 
 
-def predict(
-    folder: str | Path, sentences: Sequence[str], base_model: str | Path | None = None,
-    labels: Sequence[str] = SST2_LABELS,
-) -> pd.DataFrame:
+def predict(folder: str | Path, sentences: Sequence[str], base_model: str | Path | None = None,
+            labels: Sequence[str] = SST2_LABELS) -> pd.DataFrame:
     """One row per sentence: the predicted label and the probability of the last label (SST-2: positive)."""
     sentences = check_sentences(sentences)
     model, tokenizer = load_saved(folder, base_model, labels)
@@ -94,9 +85,6 @@ def predict(
         "label": [labels[i] for i in probabilities.argmax(dim=-1).tolist()],
         f"p_{labels[-1]}": probabilities[:, -1].tolist(),
     })
-
-
-__all__ = ["SST2_LABELS", "load_saved", "predict"]
 
 
 def predict_runs(results_dir: str | Path, run_ids: Sequence[str], sentences: Sequence[str]) -> pd.DataFrame:

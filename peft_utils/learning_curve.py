@@ -1,9 +1,7 @@
 """The learning-curve experiment: does full fine-tuning overfit small data where LoRA generalises?
 
-The article this project reproduces says so; one epoch on 67,349 rows cannot show it (no batch is seen twice). The
-experiment (README, "Does full fine-tuning overfit small data ...") trains full fine-tuning and LoRA on a few train
-sizes for several epochs, one results folder per size (``<root>/n250``, ``<root>/n1000``, ...), and this module reads
-its records by the rule written down before the first run:
+Full fine-tuning and LoRA train on a few train sizes for several epochs, one results folder per size
+(``<root>/n250``, ``<root>/n1000``, ...); this module reads the records by the rule written down before the first run:
 
 - Δ(n): LoRA minus full fine-tuning dev accuracy at n rows, paired by seed, its interval resampling seeds and
   sentences (:func:`~peft_utils.stats.paired_bootstrap`);
@@ -31,7 +29,7 @@ import pandas as pd
 
 from .formatting import format_p_value, format_points
 from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_bootstrap, paired_differences,
-                    recorded_labels, runs_in_group, seed_correctness, summarise_resamples)
+                    paired_matrices, recorded_labels, runs_in_group, seed_correctness, summarise_resamples)
 from .store import COMPARISON_GROUP, Results, RunStore
 
 FULL, LORA = "full", "lora:all-linear"  # the primary pair: full fine-tuning against LoRA on every linear layer
@@ -64,25 +62,19 @@ def size_result(results: Results, pair: tuple[str, str] = (LORA, FULL)) -> SizeR
     comparison = runs_in_group(results.runs, COMPARISON_GROUP)
     if comparison.empty:
         return None
-    correctness = seed_correctness(comparison, recorded_labels(comparison))
-    if not set(pair) <= set(correctness):
+    matrices = paired_matrices(seed_correctness(comparison, recorded_labels(comparison)), pair)
+    if not matrices:
         return None
-    seeds = sorted(set(correctness[pair[0]]) & set(correctness[pair[1]]))
-    if not seeds:
-        return None
-    matrices = {series: np.stack([correctness[series][s] for s in seeds]) for series in pair}
     accuracy = {}
-    for series, matrix in matrices.items():
+    for series, matrix in zip(pair, matrices):
         resamples = crossed_bootstrap([matrix], [1.0], PAIRED_RESAMPLES, seed=0)
         accuracy[series] = summarise_resamples(float(matrix.mean()), resamples)
-    return SizeResult(int(comparison["train_size"].iloc[0]), len(seeds), int(comparison["epochs"].iloc[0]),
-                      accuracy, paired_bootstrap(*matrices.values(), PAIRED_RESAMPLES, seed=0),
-                      paired_differences(*matrices.values()))
+    return SizeResult(int(comparison["train_size"].iloc[0]), len(matrices[0]), int(comparison["epochs"].iloc[0]),
+                      accuracy, paired_bootstrap(*matrices, PAIRED_RESAMPLES, seed=0), paired_differences(*matrices))
 
 
 def shrinking(small: SizeResult, large: SizeResult) -> PairedDifference:
-    """Δ(small) - Δ(large): each size's seeds resampled on their own (other runs), the dev sentences once (both
-    sizes score the same ones)."""
+    """Δ(small) - Δ(large): each size's seeds resampled on their own, the shared dev sentences once."""
     resamples = crossed_bootstrap([small.differences, large.differences], [1.0, -1.0], PAIRED_RESAMPLES, seed=0)
     return summarise_resamples(small.delta.difference - large.delta.difference, resamples)
 
@@ -143,8 +135,7 @@ class Curve(NamedTuple):
 
 
 def read_curve(root: str | Path, large_end: str | Path | None = None) -> Curve:
-    """The committed records of ``root``'s ``n<rows>`` folders (a size whose pair has no common seed yet is left
-    out) and of ``large_end``."""
+    """The records of ``root``'s ``n<rows>`` folders (sizes without a common seed yet left out) and ``large_end``."""
     loaded = {rows: RunStore(folder).load() for rows, folder in size_folders(root).items()}
     sizes = [result for result in map(size_result, loaded.values()) if result is not None]
     large = size_result(RunStore(large_end).load()) if large_end else None
@@ -165,19 +156,16 @@ def curve_markdown(curve: Curve) -> str:
     if {FULL, LORA} <= set(curve.losses["series"]):
         reading, climb = overfitting_reading(curve.losses)
         lines.append(f"Overfitting at {curve.smallest:,} rows: **{reading}** (full fine-tuning's dev-loss climb "
-                     f"less LoRA's: {_points(climb, 1)}).")
+                     f"less LoRA's: {_points(climb, loss=True)}).")
     return "\n\n".join(lines)
 
 
 def curve_table(sizes: Sequence[SizeResult]) -> pd.DataFrame:
     """One row per size: rows, seeds, epochs, each method's accuracy and Δ with their intervals, in points."""
-    def cell(value: PairedDifference, signed: bool = False) -> str:
-        low, high = (format_points(end, signed) for end in (value.low, value.high))
-        return f"{format_points(value.difference, signed)} [{low}, {high}]"
-
     return pd.DataFrame([{"train rows": f"{s.rows:,}", "epochs": s.epochs, "seeds": s.seeds,
-                          "full fine-tuning %": cell(s.accuracy[FULL]), "LoRA (all-linear) %": cell(s.accuracy[LORA]),
-                          "Δ LoRA − full, pt": cell(s.delta, signed=True), "p": f"{s.delta.p_value:.2g}"}
+                          "full fine-tuning %": _interval(s.accuracy[FULL]),
+                          "LoRA (all-linear) %": _interval(s.accuracy[LORA]),
+                          "Δ LoRA − full, pt": _interval(s.delta, signed=True), "p": f"{s.delta.p_value:.2g}"}
                          for s in sizes])
 
 
@@ -196,11 +184,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _points(value: PairedDifference, scale: float = 100) -> str:
-    """A difference with its interval and p: points of accuracy (``scale`` 100), or loss (``scale`` 1)."""
-    low, high, mean = (format_points(v * scale / 100, signed=True, decimals=2)
-                       for v in (value.low, value.high, value.difference))
-    return f"{mean} [{low}, {high}], {format_p_value(value.p_value)}"
+def _interval(value: PairedDifference, signed: bool = False, decimals: int = 1, loss: bool = False) -> str:
+    """``"mean [low, high]"``: accuracy in percentage points, or a loss as it is."""
+    ends = (value.difference, value.low, value.high)
+    mean, low, high = (format_points(v / 100 if loss else v, signed, decimals) for v in ends)
+    return f"{mean} [{low}, {high}]"
+
+
+def _points(value: PairedDifference, loss: bool = False) -> str:
+    """A difference with its interval (signed, two decimals) and its p."""
+    return f"{_interval(value, True, 2, loss)}, {format_p_value(value.p_value)}"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,5 @@
-"""The fine-tuning methods this project compares: the one place their names and their make-up are listed.
-
-A method is fully described by two facts: which adapter it injects (none for full fine-tuning) and whether its
-frozen base is stored in 4-bit. Everything else — what trains, what is shipped, how it is drawn — follows from them.
-"""
+"""The fine-tuning methods compared, in one place: a method is which adapter it injects (none for full fine-tuning)
+and whether its frozen base is 4-bit; what trains, what is shipped and how it is drawn follow from that."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -37,7 +34,6 @@ METHODS: dict[str, Method] = {
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 QUANTIZED_METHODS: tuple[str, ...] = tuple(name for name, method in METHODS.items() if method.quantized)
-ADAPTER_KINDS: tuple[str, ...] = ("lora", "dora")
 
 
 def get_method(name: object) -> Method:
@@ -48,14 +44,9 @@ def get_method(name: object) -> Method:
 
 
 def ordered_methods(names: Iterable[object]) -> list[str]:
-    """The distinct method or series names among ``names`` (:func:`series_name`): known methods in the package's
-    order (full, LoRA, DoRA, QLoRA, QDoRA), then any others alphabetically; within a method its default target set
-    first, then its other sets alphabetically.
-
-    Why one order: tables, figures and paired tests list methods the same way, so a reader finds each method in the
-    same place everywhere, and a method's target sets side by side. Entries that are not strings (a missing method
-    in a run table: None or NaN) are skipped.
-    """
+    """The distinct method or series names among ``names``, non-strings skipped, in the one order every table and
+    figure uses: known methods in the package's order, then others alphabetically; within a method its default
+    target set first, then the others alphabetically."""
     def position(name: str) -> tuple[int, str, str]:
         method, _, targets = name.partition(":")
         known = method in METHODS
@@ -75,8 +66,7 @@ def targets_label(targets: object) -> str:
 
 
 def series_name(method: str, targets: object = None) -> str:
-    """What tables, figures and paired tests key a run by: its method, and its target set where that is not the
-    model's default (``"lora"``, ``"lora:all-linear"``); full fine-tuning has no targets."""
+    """What results are keyed by: the method, and its target set where not the default (``"lora:all-linear"``)."""
     label = targets_label(targets)
     return f"{method}:{label}" if label else method
 
@@ -93,12 +83,7 @@ def series_on(method: str, series: str) -> str:
 
 
 def series_label(series: str) -> str:
-    """How tables and figures name a series: its method's label, with the target set in brackets where that is not
-    the model's default (``"LoRA"``, ``"LoRA (all-linear)"``); an unknown method as given."""
+    """How tables and figures name a series: ``"LoRA"``, ``"LoRA (all-linear)"``; an unknown method as given."""
     method, _, targets = series.partition(":")
     label = METHODS[method].label if method in METHODS else method
     return f"{label} ({targets})" if targets else label
-
-
-__all__ = ["Method", "METHODS", "METHOD_NAMES", "QUANTIZED_METHODS", "ADAPTER_KINDS", "get_method", "ordered_methods",
-           "targets_label", "series_name", "series_method", "series_on", "series_label"]

@@ -1,8 +1,5 @@
-"""Display helpers for the notebook and the README: the summary table and small formatters. They read records and
-format; the statistics themselves (paired tests included) live in :mod:`peft_utils.stats`.
-
-Kept here so that the notebook holds no logic, only calls.
-"""
+"""The notebook's and README's tables, read from the records (the statistics are :mod:`peft_utils.stats`'): the
+notebook holds no logic, only calls."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,17 +15,13 @@ from .store import COMPARISON_GROUP, IDENTITY_KEYS, REPEAT_KEY, RunStore
 from .stats import (MATCH_MARGIN, macro_f1_by_method, numeric_column, paired_statistics, per_method_summary,
                     reading, run_series, runs_in_group)
 
-# The references the summary table compares a series against (:func:`~peft_utils.stats.comparison_pairs`), with
-# their column titles: full fine-tuning; LoRA on the series' own target set (the title adds "same targets" where the
-# table holds a set other than the model's default, so it is never read as LoRA on the default set); the series'
-# method on the model's default target set.
+# The references of the summary table's paired columns (:func:`~peft_utils.stats.comparison_pairs`) and titles:
+# full fine-tuning, LoRA on the series' own targets, the series' method on the default targets.
 _REFERENCES = {"full": "vs full fine-tuning", "lora": "vs LoRA", "targets": "vs default targets"}
 
 
 def describe_config(config: ExperimentConfig) -> str:
-    """What the profile fixed beside the parameters cell, in a few lines of Markdown: the machine's settings (device,
-    precision, batch, length), evaluation and the rank x alpha map. Why short: the cell above already shows, literally,
-    everything a reader changes."""
+    """What the profile fixed beside the parameters cell (which shows all a reader changes), as short Markdown."""
     from .devices import compute_dtype_for, resolve_device  # on use: devices imports torch
 
     train, sweep = config.train, config.sweep
@@ -48,8 +41,7 @@ def describe_config(config: ExperimentConfig) -> str:
 
 
 def format_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns a reader compares, with readable units (accuracy %, seconds, MB); runs named by series, so a
-    method on two target sets reads as two."""
+    """A run table's columns a reader compares, in readable units, runs named by series."""
     if table.empty:
         return table
     out = pd.DataFrame({"run": table["run_id"], "series": run_series(table)})
@@ -64,20 +56,16 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def comparison_markdown(results_dir: str | Path, run_ids: Sequence[str] | None = None) -> str:
-    """The comparison runs of ``results_dir`` as the notebook's and README's Markdown table: per series (a method
-    on a target set) the mean ± sd dev accuracy over seeds, cost, and the paired differences to full fine-tuning,
-    LoRA and the default targets (labels from the records; without them the paired columns are left out, with the
-    reason printed). ``run_ids``: the runs to show (a plan's); else each series' setting asked for last
-    (:meth:`~peft_utils.store.RunStore.load`)."""
+    """The comparison runs of ``results_dir`` (``run_ids``, else the folder's default view) as the notebook's and
+    README's Markdown table: :func:`summary_markdown` of :func:`summary_table`."""
     runs = RunStore(results_dir).load(run_ids).runs
     return summary_markdown(summary_table(runs, paired_statistics(runs).table))
 
 
 def readings_markdown(results_dir: str | Path, margin: float = MATCH_MARGIN,
                       run_ids: Sequence[str] | None = None) -> str:
-    """Every paired difference of ``results_dir``'s comparison runs with the decision rule's reading
-    (:func:`~peft_utils.stats.reading`, for the pairs against full fine-tuning): one Markdown row per pair, in :func:`~peft_utils.stats.comparison_pairs`
-    order; a one-line reason when there is no paired test. ``run_ids`` as in :func:`comparison_markdown`."""
+    """One Markdown row per paired difference of the comparison runs, with its reading (:func:`_pair_reading`), or
+    a one-line reason when there is no paired test. ``run_ids`` as in :func:`comparison_markdown`."""
     paired = paired_statistics(RunStore(results_dir).load(run_ids).runs)
     if paired.table is None or paired.table.empty:
         return f"(no paired test: {paired.reason or 'fewer than two series with a common seed'})"
@@ -90,8 +78,8 @@ def readings_markdown(results_dir: str | Path, margin: float = MATCH_MARGIN,
 
 
 def _pair_reading(row, margin: float) -> str:
-    """The decision rule's reading against full fine-tuning, the question it was written for; any other pair is
-    described by its interval alone (the rule's "matches" would claim an equivalence it was never fixed for)."""
+    """The decision rule against full fine-tuning, the question it was written for; any other pair by its interval
+    alone (the rule's "matches" would claim an equivalence it was never fixed for)."""
     if row.reference == "full":
         return reading(row.difference, row.low, row.high, margin)
     if row.low > 0 or row.high < 0:
@@ -110,21 +98,10 @@ def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.Dat
     return out.rename(columns={name: f"{name}: P(positive) %" for name in runs})
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The summary table
-# --------------------------------------------------------------------------------------------------------------
 def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per compared series (a method on a target set, :func:`~peft_utils.stats.run_series`): accuracy over
-    seeds, cost, and the paired differences to the references.
-
-    Columns: ``n_seeds``, ``accuracy`` (mean) and ``accuracy_sd`` (sample sd over seeds; NaN with one seed, where
-    there is no spread to report), ``train_time_s`` (mean), ``peak_memory_bytes`` (max) and ``memory_kind``,
-    ``trainable_params``, ``disk_bytes`` and ``disk_kind``; ``macro_f1`` (mean over seeds) where the classes call
-    for it (:func:`~peft_utils.stats.macro_f1_by_method`);
-    then for each reference present in ``paired`` (full fine-tuning, LoRA on the same targets, the default
-    targets: :data:`_REFERENCES`): ``vs_<ref>``, ``vs_<ref>_low``, ``vs_<ref>_high``, ``vs_<ref>_p`` (fractions).
-    Only comparison runs count. Indexed by series, in the package's order.
-    """
+    """One row per compared series, in the package's order: ``n_seeds``, ``accuracy`` and ``accuracy_sd`` (NaN with
+    one seed), ``macro_f1`` where the classes call for it, cost, and per reference in ``paired`` ``vs_<ref>``,
+    ``vs_<ref>_low``, ``vs_<ref>_high``, ``vs_<ref>_p`` (fractions)."""
     comparison = runs_in_group(runs, COMPARISON_GROUP)
     keys = run_series(comparison)
     series = ordered_methods(keys)
@@ -132,11 +109,8 @@ def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.
     if summary.empty:
         return summary
     accuracy = numeric_column(comparison, "final_accuracy").groupby(keys)
-    table = pd.DataFrame({
-        "n_seeds": accuracy.count().reindex(series),
-        "accuracy": accuracy.mean().reindex(series),
-        "accuracy_sd": accuracy.std(ddof=1).reindex(series),
-    })
+    table = pd.DataFrame({"n_seeds": accuracy.count(), "accuracy": accuracy.mean(),
+                          "accuracy_sd": accuracy.std(ddof=1)}).reindex(series)
     f1 = macro_f1_by_method(comparison)
     if f1 is not None:
         table["macro_f1"] = f1.reindex(series)
@@ -155,19 +129,18 @@ def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.
 
 
 def _reference_kind(series: str, reference: str) -> str:
-    """Which :data:`_REFERENCES` column a :func:`~peft_utils.stats.comparison_pairs` pair fills: its reference is
-    full fine-tuning, the series' own method (on the default targets) or else LoRA (on the series' targets)."""
+    """Which :data:`_REFERENCES` column a pair fills."""
     if reference == "full":
         return "full"
     return "targets" if reference == series_method(series) else "lora"
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
-    """:func:`summary_table` as a Markdown table for the README and the notebook (accuracy in %, differences in
-    percentage points with their 95% interval over seeds and sentences and its bootstrap p)."""
+    """:func:`summary_table` as Markdown: accuracy in %, differences in points with their interval and p."""
     if table.empty:
         return "(no comparison run)"
     references = [r for r in _REFERENCES if f"vs_{r}" in table.columns]
+    # "same targets" where the table holds non-default targets, so that column never reads as LoRA on the default
     other_targets = any(series != series_method(series) for series in table.index)
     titles = [_REFERENCES[r] + (", same targets" if r == "lora" and other_targets else "") for r in references]
     accuracy_title = "dev accuracy % (mean ± sd)" if table["accuracy_sd"].notna().any() else "dev accuracy %"
@@ -195,27 +168,20 @@ def _mean_sd(mean: float, sd: float) -> str:
     return format_points(mean) + (f" ± {format_points(sd)}" if np.isfinite(sd) else "")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The settings tried in one folder
-# --------------------------------------------------------------------------------------------------------------
-# The columns of a settings table besides the settings themselves.
 _SETTING_NUMBERS = ("n_seeds", "accuracy", "accuracy_sd", "shown")
 
 
 def settings_table(results_dir: str | Path) -> pd.DataFrame:
-    """The settings tried so far in ``results_dir``, side by side: what the loop (change rank or alpha, re-run into
-    the same folder) leaves there. One row per (series, setting) of its comparison runs: see :func:`setting_rows`;
-    ``shown`` marks the settings the folder's default view shows, each series' setting asked for last."""
+    """The settings tried so far in ``results_dir`` (change rank or alpha, re-run into the same folder), with
+    ``shown`` on those of the folder's default view: :func:`setting_rows`."""
     store = RunStore(results_dir)
     return setting_rows(store.load(every_setting=True).runs, store.load().runs.get("run_id", ()))
 
 
 def setting_rows(runs: pd.DataFrame, shown: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per (series, setting) of the comparison runs among ``runs`` (a folder loaded with every setting):
-    ``series``, ``setting`` (:func:`~peft_utils.store.setting_id`), ``rank`` and ``alpha``, then every other setting
-    in which two settings of one series differ (``lr``, ``epochs``, ...); ``n_seeds``, ``accuracy`` (mean over the
-    seeds of that setting alone, never of two) and ``accuracy_sd`` (NaN with one seed); ``shown``: its runs are
-    among ``shown``. Series in the package's order, each one's settings in the order of their run ids."""
+    """One row per (series, setting) of the comparison runs: ``series``, ``setting``, ``rank``, ``alpha``, any other
+    setting two settings of a series differ in, ``n_seeds``, ``accuracy``, ``accuracy_sd``, and ``shown`` (its runs
+    are among ``shown``). Series in the package's order, settings in the order of their run ids."""
     comparison = runs_in_group(runs, COMPARISON_GROUP)
     if comparison.empty:
         return pd.DataFrame(columns=["series", "setting", "rank", "alpha", *_SETTING_NUMBERS])
@@ -235,8 +201,7 @@ def setting_rows(runs: pd.DataFrame, shown: Sequence[str] = ()) -> pd.DataFrame:
 
 
 def settings_text(results_dir: str | Path) -> str:
-    """:func:`format_settings` of :func:`settings_table` as text under a heading, when a series in ``results_dir``
-    holds more than one setting; ``""`` when there is nothing to compare."""
+    """:func:`format_settings` as text when a series in ``results_dir`` holds several settings, else ``""``."""
     table = settings_table(results_dir)
     if not table["series"].duplicated().any():
         return ""
@@ -245,7 +210,7 @@ def settings_text(results_dir: str | Path) -> str:
 
 
 def settings_markdown(results_dir: str | Path) -> str:
-    """:func:`format_settings` of every setting tried in ``results_dir`` as a Markdown table, for the notebook."""
+    """:func:`format_settings` of ``results_dir`` as Markdown, for the notebook."""
     table = settings_table(results_dir)
     if table.empty:
         return "(no comparison run yet)"
@@ -262,8 +227,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def format_settings(table: pd.DataFrame) -> pd.DataFrame:
-    """:func:`settings_table` as a reader compares it: "*" on the settings shown now, each series by name, its
-    settings ("—" where a run has none, as full fine-tuning has no rank), seeds and dev accuracy % (mean ± sd)."""
+    """:func:`settings_table` as a reader compares it: "*" on the settings shown now, "—" where a run has none."""
     settings = [c for c in table.columns if c not in ("series", "setting", *_SETTING_NUMBERS)]
     out = pd.DataFrame({"": table["shown"].map({True: "*", False: ""}), "series": table["series"].map(series_label)})
     for key in settings:
@@ -275,7 +239,6 @@ def format_settings(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _setting_text(value: object) -> str:
-    """A setting's value in a table cell: ``8`` for 8.0, ``0.001``, ``—`` for none."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "—"
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -1,15 +1,12 @@
 """Where a model's bytes are and what each method must ship: one size accounting for every method.
 
-In memory, a model is packed 4-bit weights + their quantisation state + other frozen tensors + trainable tensors.
-What a user ships differs by method (:attr:`methods.Method.shipped`): a full checkpoint, an adapter, or a 4-bit base
-plus an adapter. ``nf4_bits_per_weight`` is the analytic storage cost of blockwise 4-bit quantisation, against
-which the measured 4-bit share is checked.
+In memory a model is packed 4-bit weights + their quantisation state + other frozen tensors + trainable tensors; what
+a user ships depends on the method (:attr:`methods.Method.shipped`). :func:`nf4_bits_per_weight` is the analytic cost
+of blockwise 4-bit storage, against which the measured 4-bit share is checked.
 """
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
@@ -24,12 +21,9 @@ SIZE_KEYS = (
 
 
 def nf4_bits_per_weight(blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256) -> float:
-    """Storage bits per weight of blockwise 4-bit quantisation.
-
-    4 bits of code, plus one absmax per block of ``blocksize``: a float32 (32/64 = 0.5 bit) without double
-    quantisation; with it, an 8-bit absmax plus one float32 per ``nested_blocksize`` absmaxes:
-    4 + 8/64 + 32/(64·256) ≈ 4.127 bits. Lookup tables (16 + 256 floats per layer) are not included.
-    """
+    """Storage bits per weight: 4 bits of code plus one absmax per block, a float32 (32/64 = 0.5 bit), or with double
+    quantisation an 8-bit absmax plus a float32 per ``nested_blocksize`` absmaxes (4 + 8/64 + 32/(64·256) ≈ 4.127).
+    Lookup tables (16 + 256 floats per layer) are not included."""
     for name, value in (("blocksize", blocksize), ("nested_blocksize", nested_blocksize)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -39,27 +33,75 @@ def nf4_bits_per_weight(blocksize: int = 64, double_quant: bool = True, nested_b
 
 
 def _nested_state(state):
-    """The quantisation state of a double-quantised layer's absmaxes, or None without double quantisation."""
+    """The quantisation state of a double-quantised layer's absmaxes, or None."""
     return getattr(state, "state2", None) if getattr(state, "nested", False) else None
-
-
-def _quant_state_tensors(state) -> list[torch.Tensor]:
-    tensors = [getattr(state, "absmax", None), getattr(state, "code", None), getattr(state, "offset", None)]
-    nested = _nested_state(state)
-    if nested is not None:
-        tensors += [getattr(nested, "absmax", None), getattr(nested, "code", None)]
-    return [t for t in tensors if isinstance(t, torch.Tensor)]
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _persistent_buffers(model: nn.Module):
-    for module_name, module in model.named_modules():
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                yield f"{module_name}.{name}" if module_name else name, buffer
+def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) -> dict:
+    """Where a model's bytes are, and what ``method`` must ship (``disk_bytes``: ``saved_bytes``, what
+    ``checkpoints.save_trained`` wrote, where given, else the tensors' own bytes).
+
+    ``quantized_bytes`` (packed 4-bit weights) + ``quant_state_bytes`` + ``frozen_bytes`` (other frozen parameters,
+    all buffers) + ``trainable_bytes`` = ``total_bytes``; ``fp32_bytes`` counts 4-bit weights as the weights they
+    encode; ``nf4_bound_bytes`` is the analytic size of the 4-bit share.
+    """
+    shipped, size = get_method(method), _memory_bytes(model)
+    size["total_bytes"] = sum(size[k] for k in ("quantized_bytes", "quant_state_bytes", "frozen_bytes",
+                                                  "trainable_bytes"))
+    size.update(disk_bytes=_shipped_bytes(model, shipped, size, saved_bytes), disk_kind=shipped.shipped)
+    return {key: size[key] for key in SIZE_KEYS}
+
+
+def _memory_bytes(model: nn.Module) -> dict[str, int]:
+    """Every parameter and buffer counted once, as the kind it is stored as; a quantisation table shared between
+    layers once."""
+    quantized = quant_state = frozen = trainable = fp32 = 0
+    bound = 0.0
+    seen_state: set[tuple[int, int]] = set()
+    for parameter in model.parameters():
+        fp32 += 4 * logical_numel(parameter)
+        if is_quantized(parameter):
+            quantized += _nbytes(parameter)
+            state, nested = parameter.quant_state, _nested_state(parameter.quant_state)
+            tensors = [state.absmax, state.code, state.offset]
+            tensors += [nested.absmax, nested.code] if nested is not None else []
+            for tensor in (t for t in tensors if isinstance(t, torch.Tensor)):
+                if (tensor.data_ptr(), _nbytes(tensor)) not in seen_state:
+                    seen_state.add((tensor.data_ptr(), _nbytes(tensor)))
+                    quant_state += _nbytes(tensor)
+            bits = nf4_bits_per_weight(state.blocksize, nested is not None, nested.blocksize if nested else 256)
+            bound += logical_numel(parameter) * bits / 8
+        elif parameter.requires_grad:
+            trainable += _nbytes(parameter)
+        else:
+            frozen += _nbytes(parameter)
+    for buffer in model.buffers():
+        frozen += _nbytes(buffer)
+        fp32 += 4 * buffer.numel() if buffer.is_floating_point() else _nbytes(buffer)
+    return {"quantized_bytes": quantized, "quant_state_bytes": quant_state, "frozen_bytes": frozen,
+            "trainable_bytes": trainable, "fp32_bytes": fp32, "nf4_bound_bytes": int(round(bound))}
+
+
+def _shipped_bytes(model: nn.Module, shipped: Method, memory: dict[str, int], saved_bytes: int | None) -> int:
+    """A full checkpoint; an adapter; or a 4-bit base (packed weights, quant state, other frozen parameters and
+    persistent buffers: derived ones like DoRA's cached norms are not shipped) plus an adapter."""
+    base_4bit = memory["quantized_bytes"] + memory["quant_state_bytes"]
+    if shipped.adapter is None:
+        in_memory = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + base_4bit
+        return int(saved_bytes) if saved_bytes is not None else in_memory
+    adapter = int(saved_bytes) if saved_bytes is not None else _adapter_tensor_bytes(model)
+    if not shipped.quantized:
+        return adapter
+    if not memory["quantized_bytes"]:
+        raise ValueError(f"method {shipped.name!r} needs a 4-bit model, but no parameter of this one is quantized")
+    frozen_params = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p) and not p.requires_grad)
+    persistent = model.state_dict(keep_vars=True).keys()
+    buffers = sum(_nbytes(b) for name, b in model.named_buffers() if name in persistent)
+    return base_4bit + frozen_params + buffers + adapter
 
 
 def _adapter_tensor_bytes(model: nn.Module) -> int:
@@ -72,102 +114,8 @@ def _adapter_tensor_bytes(model: nn.Module) -> int:
     return sum(_nbytes(t) for t in state.values())
 
 
-def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) -> dict:
-    """Where a model's bytes are, and what ``method`` must ship. Keys: see ``SIZE_KEYS``.
-
-    In memory: ``quantized_bytes`` (packed 4-bit weights) + ``quant_state_bytes`` (absmax, nested absmax, offset
-    and lookup tables) + ``frozen_bytes`` (other frozen parameters and all buffers) + ``trainable_bytes`` =
-    ``total_bytes``. ``fp32_bytes``: the same model with every parameter and floating buffer in float32, 4-bit
-    weights counted as the weights they encode. ``nf4_bound_bytes``: the analytic size of the quantised share,
-    n_weights × ``nf4_bits_per_weight`` / 8 (per layer, with its own blocksize and double quantisation).
-    ``disk_bytes``: what the method ships. ``saved_bytes`` is what ``checkpoints.save_trained`` wrote for the run
-    (the full checkpoint, or the adapter files); without it the tensors' own bytes stand in. "full checkpoint" for
-    full fine-tuning; "adapter" for LoRA / DoRA; "4-bit base + adapter" (packed weights + quant state + other frozen
-    parameters and persistent buffers + the adapter) for QLoRA / QDoRA.
-    """
-    shipped = get_method(method)
-    memory = _memory_bytes(model)
-    return {
-        "quantized_bytes": memory.quantized,
-        "quant_state_bytes": memory.quant_state,
-        "frozen_bytes": memory.frozen,
-        "trainable_bytes": memory.trainable,
-        "total_bytes": memory.quantized + memory.quant_state + memory.frozen + memory.trainable,
-        "fp32_bytes": memory.fp32,
-        "disk_bytes": _shipped_bytes(model, shipped, memory, saved_bytes),
-        "disk_kind": shipped.shipped,
-        "nf4_bound_bytes": int(round(memory.nf4_bound)),
-    }
-
-
-class _MemoryBytes(NamedTuple):
-    """A model's bytes in memory by kind, its size in float32, and the analytic size of its 4-bit share."""
-
-    quantized: int
-    quant_state: int
-    frozen: int
-    trainable: int
-    fp32: int
-    nf4_bound: float
-
-
-def _memory_bytes(model: nn.Module) -> _MemoryBytes:
-    """Every parameter and buffer counted once, as the kind it is stored as (see :func:`model_size`)."""
-    quantized = quant_state = frozen = trainable = fp32 = 0
-    bound = 0.0
-    seen_state: set[tuple[int, int]] = set()
-    for parameter in model.parameters():
-        fp32 += 4 * logical_numel(parameter)
-        if is_quantized(parameter):
-            quantized += _nbytes(parameter)
-            quant_state += _unseen_quant_state_bytes(parameter.quant_state, seen_state)
-            bound += logical_numel(parameter) * _layer_bits_per_weight(parameter.quant_state) / 8
-        elif parameter.requires_grad:
-            trainable += _nbytes(parameter)
-        else:
-            frozen += _nbytes(parameter)
-    for buffer in model.buffers():
-        frozen += _nbytes(buffer)
-        fp32 += 4 * buffer.numel() if buffer.is_floating_point() else _nbytes(buffer)
-    return _MemoryBytes(quantized, quant_state, frozen, trainable, fp32, bound)
-
-
-def _unseen_quant_state_bytes(state, seen: set[tuple[int, int]]) -> int:
-    """Bytes of the tensors of ``state`` not in ``seen`` yet (then added): a table shared between layers is stored
-    once."""
-    n_bytes = 0
-    for tensor in _quant_state_tensors(state):
-        key = (tensor.data_ptr(), _nbytes(tensor))
-        if key not in seen:
-            seen.add(key)
-            n_bytes += _nbytes(tensor)
-    return n_bytes
-
-
-def _layer_bits_per_weight(state) -> float:
-    """:func:`nf4_bits_per_weight` with the layer's own blocksize and double quantisation."""
-    nested = _nested_state(state)
-    return nf4_bits_per_weight(state.blocksize, nested is not None, nested.blocksize if nested else 256)
-
-
-def _shipped_bytes(model: nn.Module, shipped: Method, memory: _MemoryBytes, saved_bytes: int | None) -> int:
-    """What ``shipped`` must store (see :func:`model_size`); ``saved_bytes`` when the files were written."""
-    if shipped.adapter is None:
-        in_memory = (sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + memory.quantized
-                     + memory.quant_state)
-        return int(saved_bytes) if saved_bytes is not None else in_memory
-    adapter = int(saved_bytes) if saved_bytes is not None else _adapter_tensor_bytes(model)
-    if not shipped.quantized:
-        return adapter
-    if not memory.quantized:
-        raise ValueError(f"method {shipped.name!r} needs a 4-bit model, but no parameter of this one is quantized")
-    frozen_params = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p) and not p.requires_grad)
-    buffers = sum(_nbytes(b) for _, b in _persistent_buffers(model))
-    return memory.quantized + memory.quant_state + frozen_params + buffers + adapter
-
-
 def format_size_report(report: dict) -> str:
-    """A few aligned lines for printing a ``model_size`` report."""
+    """A few aligned lines for printing a :func:`model_size` report."""
     missing = [k for k in SIZE_KEYS if k not in report]
     if missing:
         raise ValueError(f"not a model_size report: missing {missing}")
@@ -185,12 +133,7 @@ def format_size_report(report: dict) -> str:
         lines.append(f"{'fp32 / in-memory':<34}{report['fp32_bytes'] / report['total_bytes']:>11.2f}x")
     if report["quantized_bytes"]:
         measured = report["quantized_bytes"] + report["quant_state_bytes"]
-        lines.append(
-            f"{'4-bit share: measured / bound':<34}{size(measured):>12}  vs {size(report['nf4_bound_bytes'])} "
-            f"analytic ({measured / max(report['nf4_bound_bytes'], 1):.4f}x)"
-        )
+        lines.append(f"{'4-bit share: measured / bound':<34}{size(measured):>12}  vs {size(report['nf4_bound_bytes'])} "
+                     f"analytic ({measured / max(report['nf4_bound_bytes'], 1):.4f}x)")
     lines.append(f"{'to ship: ' + report['disk_kind']:<34}{size(report['disk_bytes']):>12}  ({report['disk_bytes']:,} B)")
     return "\n".join(lines)
-
-
-__all__ = ["SIZE_KEYS", "nf4_bits_per_weight", "model_size", "format_size_report"]

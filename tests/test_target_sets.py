@@ -8,8 +8,8 @@ from peft_utils import experiment
 from peft_utils.config import TUNE, make_config
 from peft_utils.experiment import plan_experiment, run_comparison
 from peft_utils.methods import series_method, series_name, targets_label
-from peft_utils.store import RunStore, read_events, setting_id
-from peft_utils.tuning import TUNE_GROUP, choose_learning_rates
+from peft_utils.store import TUNE_GROUP, RunStore, read_events, setting_id
+from peft_utils.tuning import choose_learning_rates
 
 SETTINGS = {"train_size": 16, "eval_size": 16, "max_length": 24, "sweep": False}
 
