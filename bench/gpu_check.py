@@ -19,13 +19,9 @@ next), each writing one table, its notes and a status line as it goes:
   (c) ours vs peft step time for LoRA, DoRA and QLoRA (``bench.step_time``'s benchmark, batch 16 x 64); its own CSV
       beside ``--csv`` (``<csv stem>-step_time.csv``).
 
-A time budget (``--budget-s``, default 480) is shared: a part is not started once it is spent, (b) and (c) start no
-further method with less than ``--method-reserve-s`` left, and a part still running at the deadline is stopped. The
-exit status is 0 when every part ran and passed its checks. The report and CSV default to bench/GPU.md and
-bench/gpu_check.csv (bench/GPU-cpu.md and bench/gpu_check-cpu.csv with ``--device cpu``).
-
-The data folder (``sst2/`` and ``gpt2-tokenizer/``, 5.5 MB) is ``--data-dir``, else the first of
-``$PEFT_LAB_DATA``, ``../shared/data`` and ``shared/data`` that exists.
+One time budget (``--budget-s``, default 480): no part starts once it is spent, no method of (b) or (c) with less
+than ``--method-reserve-s`` left, and a part running at the deadline is stopped. Exit status 0: every part ran and
+passed its checks. Data: ``--data-dir``, else ``$PEFT_LAB_DATA``, ``../shared/data`` or ``shared/data``.
 """
 from __future__ import annotations
 

@@ -355,11 +355,11 @@ def _dense_state(module: nn.Module, prefix: str, state: dict, out_in: set) -> No
         if base.bias is not None:
             state[prefix + "bias"] = base.bias
         return
-    for name, parameter in module.named_parameters(recurse=False):
-        state[prefix + name] = parameter
-    for name, buffer in module.named_buffers(recurse=False):
-        if name not in module._non_persistent_buffers_set:
-            state[prefix + name] = buffer
+    # this module's own parameters and persistent buffers: its state_dict without its children's entries
+    children = tuple(f"{name}." for name, _ in module.named_children())
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if not name.startswith(children):
+            state[prefix + name] = tensor
     for name, child in module.named_children():
         _dense_state(child, f"{prefix}{name}.", state, out_in)
 

@@ -5,11 +5,9 @@ could come from the data rather than the method: hence a private seeded ``torch.
 Sentences are tokenised once and padded per batch, to the batch's own longest row; length bucketing puts rows
 of similar length together so that little of each batch is padding.
 
-One optimiser step takes one *global* batch, the same rows on every process (one seeded sampler).
-:func:`micro_batches` cuts it into this process's share, one part per gradient-accumulation step, each weighted by
-its share of the rows. accelerate's own batch sharding is not used: it assumes every batch but the last is full and
-fills the last one by repeating rows, while length-bucketed batches put the one short batch anywhere in the epoch,
-and a repeated row would make a run on N processes differ from the same run on one.
+One optimiser step takes one *global* batch, the same rows on every process; :func:`micro_batches` cuts out this
+process's parts. Not accelerate's sharding: it fills a short last batch by repeating rows, while bucketing puts the
+short batch anywhere in the epoch, and a repeated row would make N processes train another run than one.
 """
 from __future__ import annotations
 
@@ -98,15 +96,8 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         return iter(batches)
 
 
-def make_loader(
-    rows: Sequence[EncodedRow],
-    batch_size: int,
-    pad_token_id: int,
-    shuffle: bool,
-    seed: int,
-    bucket_by_length: bool = False,
-    padded: bool = True,
-) -> DataLoader:
+def make_loader(rows: Sequence[EncodedRow], batch_size: int, pad_token_id: int, shuffle: bool, seed: int,
+                bucket_by_length: bool = False, padded: bool = True) -> DataLoader:
     """A ``DataLoader`` whose order depends only on ``seed`` (a private ``torch.Generator``).
 
     A private generator, not the global RNG, so model initialisation or dropout cannot shift the data order.

@@ -80,29 +80,13 @@ def adapter_layers(model: nn.Module) -> Iterable[tuple[str, LoRALayer]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer))
 
 
-def apply_adapters(
-    model: nn.Module,
-    method: str = "lora",
-    targets: str | Sequence[str] | None = None,
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    keep_trainable: Sequence[str] = (),
-    use_rslora: bool = False,
-    detach_norm: bool = True,
-) -> nn.Module:
-    """Wrap every target layer of ``model`` in a LoRA or DoRA layer (in place) and freeze everything else.
-
-    ``targets``: module-name suffixes, a regex, a preset (``attn``, ``attn-all``, ``all-linear``) or None for the
-    family's default (query and value; see ``targets.default_targets``); a single string is read by
-    ``targets.parse_targets`` (``"c_attn"`` is a suffix). ``rank`` may exceed a layer's width, as in peft (the
-    update's rank is then capped by the width); the experiment refuses that before training.
-    The classification head (``score`` or ``classifier``, plus layers the family's head adds that checkpoints lack;
-    see ``targets.default_keep_trainable``) always stays trainable and is saved as peft's ``modules_to_save``: it
-    is new and random, and an adapter without its trained head classifies at chance. ``keep_trainable``: module-name
-    suffixes kept trainable *in addition* to it; each must match a module.
-    Returns the model, with its :class:`InjectedAdapters` at ``model.injected_adapters``.
-    """
+def apply_adapters(model: nn.Module, method: str = "lora", targets: str | Sequence[str] | None = None, rank: int = 8,
+                   alpha: float = 16.0, dropout: float = 0.0, keep_trainable: Sequence[str] = (),
+                   use_rslora: bool = False, detach_norm: bool = True) -> nn.Module:
+    """Wrap every target layer of ``model`` (``targets``: see ``targets.parse_targets``) in a LoRA or DoRA layer,
+    in place, and freeze everything else but the classification head: it is new and random, so it trains (peft's
+    ``modules_to_save``), with the ``keep_trainable`` module-name suffixes. A rank above a layer's width is allowed,
+    as in peft (the experiment refuses it). Returns the model, described at ``model.injected_adapters``."""
     if method not in ADAPTER_LAYERS:
         raise ValueError(f"unknown adapter method {method!r}; choose one of {tuple(ADAPTER_LAYERS)}")
     if any(True for _ in adapter_layers(model)):
@@ -127,12 +111,9 @@ def apply_adapters(
 
 
 def kept_modules(model: nn.Module, extra: Sequence[str], targets: set[str]) -> list[str]:
-    """Full names of the modules that stay trainable: the classification head and the ``extra`` modules, never a
-    target nor a module holding one (training it in full would train the target's frozen weight too). Asked
-    before the model changes, so that a name in ``extra`` that matches no module fails first.
-
-    The head's names are the family's (``targets.default_keep_trainable``): a model without such a head has none
-    to keep, while every ``extra`` name was asked for and must match."""
+    """Full names of the modules that stay trainable: the family's head (``targets.default_keep_trainable``), if
+    any, and the ``extra`` modules, each of which must match; never a target nor a module holding one (training it
+    in full would train the target's frozen weight too)."""
     candidates = [name for name, _ in model.named_modules() if name and name not in targets]
     unmatched = [suffix for suffix in extra if not any(map(name_matcher([suffix]), candidates))]
     if unmatched:

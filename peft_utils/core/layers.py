@@ -97,9 +97,7 @@ class LoRALayer(nn.Module):
     Adapters are kept in float32 whatever the base dtype: low-precision adapter weights lose small updates.
     """
 
-    def __init__(
-        self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False
-    ) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False) -> None:
         super().__init__()
         if not is_supported_base(base):
             raise TypeError(f"cannot wrap {type(base).__name__}: expected nn.Linear, Conv1D or bnb Linear4bit")
@@ -187,15 +185,8 @@ class DoRALayer(LoRALayer):
     gradient is kept (the exact derivative of the formula above).
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        detach_norm: bool = True,
-    ) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 detach_norm: bool = True) -> None:
         super().__init__(base, rank, alpha, dropout, use_rslora)
         self.detach_norm = detach_norm
         with torch.no_grad():

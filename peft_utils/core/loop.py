@@ -1,13 +1,8 @@
 """One training and evaluation loop for every method: only which parameters require grad differs.
 
-Full fine-tuning, LoRA, DoRA and QLoRA all go through :func:`train_loop`: the same optimiser (AdamW with decoupled
-weight decay, no decay on vectors), the same warm-up/decay schedule, clipping, accumulation, data order and
-evaluation, so a method's accuracy, time or memory can be attributed to the method, not to a different loop.
-
-Devices, precision and processes are accelerate's job: the model and optimiser are prepared by an
-``accelerate.Accelerator`` (autocast, loss scaling, data parallel gradients), and the loop calls its
-``backward``, ``clip_grad_norm_`` and ``no_sync``. The loop only yields metrics; whoever runs it decides what to
-record, print or save.
+Every method gets the same AdamW, schedule, clipping, accumulation, data order and evaluation, so a difference in
+accuracy, time or memory belongs to the method, not to the loop. Devices, precision and processes are accelerate's
+job (autocast, loss scaling, data-parallel gradients); the loop yields metrics and its caller decides what to keep.
 """
 from __future__ import annotations
 
@@ -35,12 +30,9 @@ def set_seed(seed: int) -> None:
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute activations in backward instead of storing them: less memory for ~30% more compute.
-
-    Non-reentrant checkpointing, because with a frozen embedding (adapter methods) the reentrant variant sees
-    inputs that do not require grad and silently drops the adapters' gradients. The KV cache is switched off: it is
-    useless in training and conflicts with checkpointing.
-    """
+    """Recompute activations in backward instead of storing them: less memory for ~30% more compute. Non-reentrant:
+    behind a frozen embedding the reentrant variant sees inputs without grad and drops the adapters' gradients.
+    The KV cache, useless in training, conflicts with checkpointing: off."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
     model.activation_checkpointing_enable({"use_reentrant": False})
@@ -66,13 +58,9 @@ def _has_fused_adamw(parameter: nn.Parameter) -> bool:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) over the trainable parameters, with no decay on vectors.
-
-    The fused kernel (one pass over all parameters, CPU and CUDA) where torch has one for every parameter's
-    device and dtype, else the multi-tensor ``foreach`` version; never torch's CPU default, a Python loop
-    over parameters that took 160 ms of a full fine-tuning step on MiniLM where fused takes 25 ms. All three
-    compute the same update; they differ by floating-point rounding only.
-    """
+    """AdamW (decoupled weight decay) over the trainable parameters, no decay on vectors; the fused kernel where
+    every parameter allows it, else ``foreach``, never torch's CPU default (a Python loop over parameters: 160 ms
+    of a MiniLM full fine-tuning step where fused takes 25 ms). All three differ by rounding only."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: nothing to train")
@@ -85,10 +73,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up from 0 to the peak learning rate, then linear decay to 0 at ``total_steps``.
-
-    Warm-up keeps the first Adam steps (whose second-moment estimates are still noisy) small.
-    """
+    """Linear warm-up from 0 to the peak rate, then linear decay to 0 at ``total_steps``: warm-up keeps the first
+    Adam steps, whose second-moment estimates are still noisy, small."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -151,13 +137,10 @@ def _score_batches(model: nn.Module, loader: DataLoader, device: torch.device, p
 
 
 def evaluate(model: nn.Module, loader: DataLoader, accelerator=None) -> Evaluation:
-    """Accuracy, mean cross-entropy and per-row predictions over ``loader`` (not shuffled), in eval mode.
-
-    The caller's train/eval mode and random state are restored afterwards, so evaluating (how often, or at all)
-    changes nothing in the training around it. With an ``accelerator`` of several processes, each scores every
-    N-th batch and every process gets the whole result, each row counted once (accelerate's
-    ``gather_for_metrics`` would have to trim padding by assuming full batches, which bucketed ones are not).
-    """
+    """Accuracy, mean cross-entropy and per-row predictions over ``loader`` (not shuffled), in eval mode; the
+    caller's mode and random state are restored, so evaluating changes nothing in the training around it. Over
+    several processes each scores every N-th batch and all get the whole result, each row once (accelerate's
+    ``gather_for_metrics`` trims padding by assuming full batches, which bucketed ones are not)."""
     device = accelerator.device if accelerator else next(model.parameters()).device
     processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     autocast = accelerator.autocast if accelerator else contextlib.nullcontext

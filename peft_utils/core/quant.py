@@ -73,16 +73,9 @@ def _anywhere(name: str) -> str:
     return rf"(?:.*\.)?{re.escape(name)}"
 
 
-def load_4bit(
-    source: str | Path,
-    num_labels: int = 2,
-    compute_dtype: torch.dtype = torch.float32,
-    double_quant: bool = True,
-    quant_type: str = "nf4",
-    device_map: dict | str | None = None,
-    skip_modules: tuple[str, ...] = (),
-    from_pretrained: Callable | None = None,
-) -> nn.Module:
+def load_4bit(source: str | Path, num_labels: int = 2, compute_dtype: torch.dtype = torch.float32,
+              double_quant: bool = True, quant_type: str = "nf4", device_map: dict | str | None = None,
+              skip_modules: tuple[str, ...] = (), from_pretrained: Callable | None = None) -> nn.Module:
     """A sequence classifier from ``source`` (a folder or hub id) with its linear layers in 4-bit.
 
     ``device_map``: default the current CUDA device, else ``{"": "cpu"}``. ``skip_modules``: more modules to keep
