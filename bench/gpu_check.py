@@ -310,11 +310,9 @@ def _full_profile(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace, method: str, folder: Path, precision: str) -> MemoryPlan:
-    """The lab's plan for the free GPU memory (``plan_for_device``, as a run gets it); on a CPU, which is never
-    re-planned, the configured batch with its estimate."""
-    from transformers import AutoConfig
-
+    """The lab's plan for the free GPU memory, as a run gets it; on a CPU (never re-planned) the configured batch."""
     import torch
+    from transformers import AutoConfig
 
     from peft_utils.devices import compute_dtype_for
     from peft_utils.memory_plan import MemoryPlan, estimate_memory, plan_memory
