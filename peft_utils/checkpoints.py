@@ -27,7 +27,7 @@ from torch import nn
 
 from .core.inject import InjectedAdapters, adapter_layers, apply_adapters
 from .core.layers import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
-from .core.targets import default_keep_trainable, meta_skeleton, model_type, name_matcher
+from .core.targets import head_modules, meta_skeleton, model_type, name_matcher
 from .devices import checked_dtype
 from .quiet import loading_bars_off
 
@@ -67,7 +67,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for attribute, suffix in ADAPTER_KEYS.items():
             if attribute != "magnitude" or isinstance(layer, DoRALayer):
                 state[f"{PEFT_PREFIX}{name}.{suffix}"] = getattr(layer, attribute)
-    for module_name in injected.keep_trainable:  # state_dict(), like peft's modules_to_save: buffers included
+    for module_name in injected.modules_to_save:  # state_dict(), like peft's modules_to_save: buffers included
         for key, tensor in model.get_submodule(module_name).state_dict().items():
             state[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -85,11 +85,11 @@ def peft_adapter_json(model: nn.Module) -> dict:
         "r": injected.rank,
         "lora_alpha": injected.alpha,
         "lora_dropout": injected.dropout,
-        "use_rslora": injected.use_rslora,
+        "use_rslora": injected.rslora,
         "use_dora": injected.method == "dora",
         "target_modules": injected.target_patterns or injected.target_modules,
         "fan_in_fan_out": _stored_transposed(model),
-        "modules_to_save": injected.keep_trainable or None,
+        "modules_to_save": injected.modules_to_save or None,
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
@@ -152,15 +152,10 @@ def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -
 
 @dataclass(frozen=True)
 class _SavedAdapter:
-    """A peft LoRA adapter read from disk and checked on its own, before any model is touched."""
+    """A peft LoRA adapter read from disk and checked on its own, before any model is touched: its settings as
+    ``apply_adapters`` describes an adapter (peft's ``target_modules`` as ``target_patterns``), and its tensors."""
 
-    method: str
-    rank: int
-    alpha: float
-    dropout: float
-    use_rslora: bool
-    targets: str | list[str]
-    keep: list[str]
+    settings: InjectedAdapters
     layers: dict[str, dict[str, torch.Tensor]]  # module name -> {"lora_A": ..., "lora_B": ..., ["magnitude"]}
     modules: dict[str, torch.Tensor]  # kept-trainable tensors, by model state name ("score.weight")
 
@@ -243,20 +238,23 @@ def _read_adapter(folder: Path) -> _SavedAdapter:
         if tensors["lora_A"].dim() != 2 or tensors["lora_A"].shape[0] != rank or tensors["lora_B"].shape[1:] != (rank,):
             raise ValueError(f"{weights_path}: layer {name}: A {tuple(tensors['lora_A'].shape)}, "
                              f"B {tuple(tensors['lora_B'].shape)} do not have rank r={rank}")
-    return _SavedAdapter(
+    settings = InjectedAdapters(
         method, rank, float(config.get("lora_alpha", 8)), float(config.get("lora_dropout", 0.0)),
-        bool(config.get("use_rslora", False)), config["target_modules"], list(config.get("modules_to_save") or []), layers, modules,
-    )
+        bool(config.get("use_rslora", False)), modules_to_save=list(config.get("modules_to_save") or []),
+        target_patterns=config["target_modules"])
+    return _SavedAdapter(settings, layers, modules)
 
 
 def _check_fits(model: nn.Module, saved: _SavedAdapter) -> None:
     """Every saved tensor has a home in ``model`` and every layer the targets select gets its tensors, in shape."""
     if any(True for _ in adapter_layers(model)):
         raise ValueError("model already has adapters; load into a fresh model")
-    matches = name_matcher(saved.targets)
+    settings = saved.settings
+    matches = name_matcher(settings.target_patterns)
     chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
     if not chosen:
-        raise ValueError(f"adapter does not fit this model: no layer matches target_modules {saved.targets!r}")
+        raise ValueError(f"adapter does not fit this model: no layer matches target_modules "
+                         f"{settings.target_patterns!r}")
     chosen_names = {name for name, _ in chosen}
     for name, module in chosen:
         if name not in saved.layers:
@@ -266,7 +264,8 @@ def _check_fits(model: nn.Module, saved: _SavedAdapter) -> None:
             raise ValueError(f"adapter does not fit this model: layer {name} is a {type(module).__name__}")
         in_features, out_features = base_features(module)
         tensors = saved.layers[name]
-        shapes = {"lora_A": (saved.rank, in_features), "lora_B": (out_features, saved.rank), "magnitude": (out_features,)}
+        shapes = {"lora_A": (settings.rank, in_features), "lora_B": (out_features, settings.rank),
+                  "magnitude": (out_features,)}
         for attribute, tensor in tensors.items():
             if tuple(tensor.shape) != shapes[attribute]:
                 raise ValueError(f"adapter does not fit this model: layer {name}: saved {attribute} "
@@ -281,9 +280,10 @@ def _check_fits(model: nn.Module, saved: _SavedAdapter) -> None:
         if state[key].shape != tensor.shape:
             raise ValueError(f"adapter does not fit this model: {key}: saved {tuple(tensor.shape)}, "
                              f"the model's is {tuple(state[key].shape)}")
-    kept = [name for name, _ in model.named_modules() if name and saved.keep and name_matcher(saved.keep)(name)]
-    if saved.keep and not kept:
-        raise ValueError(f"adapter does not fit this model: no module matches modules_to_save {saved.keep}")
+    keep = settings.modules_to_save
+    kept = [name for name, _ in model.named_modules() if name and keep and name_matcher(keep)(name)]
+    if keep and not kept:
+        raise ValueError(f"adapter does not fit this model: no module matches modules_to_save {keep}")
     for name in kept:
         if not any(key.startswith(name + ".") for key in saved.modules):
             raise ValueError(f"adapter does not fit this model: module {name} is in modules_to_save but the adapter "
@@ -309,10 +309,11 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         # a string target_modules is a regex in peft (re.fullmatch), whatever it looks like
-        targets = re.compile(saved.targets) if isinstance(saved.targets, str) else saved.targets
+        s = saved.settings
+        targets = re.compile(s.target_patterns) if isinstance(s.target_patterns, str) else s.target_patterns
         # the head trains and is saved anyway; peft's SEQ_CLS lists both families' heads ('classifier', 'score')
-        extra = [name for name in saved.keep if name not in default_keep_trainable(model_type(model))]
-        apply_adapters(model, saved.method, targets, saved.rank, saved.alpha, saved.dropout, extra, saved.use_rslora)
+        extra = [name for name in s.modules_to_save if name not in head_modules(model_type(model))]
+        apply_adapters(model, s.method, targets, s.rank, s.alpha, s.dropout, extra, s.rslora)
         with torch.no_grad():
             for name, tensors in saved.layers.items():
                 layer = model.get_submodule(name)

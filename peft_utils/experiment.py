@@ -190,7 +190,7 @@ def _check_adapters(config: ExperimentConfig, model_config, adapted: Sequence[Ru
             kept_modules(skeleton, config.adapter.modules_to_save or (), {name for name, _ in layers})
         except ValueError as error:
             raise ValueError(f"modules_to_save={list(config.adapter.modules_to_save or ())} for {config.model}: "
-                             f"{str(error).removeprefix('keep_trainable').lstrip(': ')}") from None
+                             f"{str(error).removeprefix('modules_to_save').lstrip(': ')}") from None
         _check_rank(config, layers, [s for s in adapted if s.adapter.targets == targets])
 
 

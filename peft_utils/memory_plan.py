@@ -103,9 +103,9 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 def _quantized_names(model_config) -> set[str]:
     """The layers ``core.quant.load_4bit`` turns into 4-bit, by the same rule."""
     from .core.quant import SKIP_MODULES, quantizable_layers
-    from .core.targets import default_keep_trainable
+    from .core.targets import head_modules
 
-    skip = list(dict.fromkeys(SKIP_MODULES + default_keep_trainable(model_config.model_type)))
+    skip = list(dict.fromkeys(SKIP_MODULES + head_modules(model_config.model_type)))
     return set(quantizable_layers(model_config, skip))
 
 

@@ -245,7 +245,7 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
     model, tokenizer = load_frozen_base(model_source, kind.quantized, len(labels), dtype, kept)
     name_labels(model, labels)
     apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
-                   dropout=adapter.dropout, use_rslora=adapter.rslora, keep_trainable=kept)
+                   dropout=adapter.dropout, rslora=adapter.rslora, modules_to_save=kept)
     _upcast_trainable(model)
     return model, tokenizer
 

@@ -215,7 +215,7 @@ def test_base_bias_is_kept(cls):
 
 
 def test_rslora_scaling():
-    layer = LoRALayer(nn.Linear(4, 4), rank=16, alpha=8, use_rslora=True)
+    layer = LoRALayer(nn.Linear(4, 4), rank=16, alpha=8, rslora=True)
     assert layer.scaling == pytest.approx(8 / 4)
     assert LoRALayer(nn.Linear(4, 4), rank=16, alpha=8).scaling == pytest.approx(0.5)
 
@@ -270,7 +270,7 @@ def test_presets_and_regex_targets():
         (dict(targets=["ln_1"]), TypeError, r"ln_1 \(LayerNorm\)"),
         (dict(alpha=0), ValueError, "alpha must be positive"),
         (dict(dropout=1.0), ValueError, "dropout must be in"),
-        (dict(keep_trainable=["classifier_head"]), ValueError, "matched no module"),
+        (dict(modules_to_save=["classifier_head"]), ValueError, "matched no module"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(kwargs, error, message):

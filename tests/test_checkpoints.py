@@ -24,7 +24,7 @@ from test_adapters import MODELS, make_inputs, tiny_bert, tiny_gpt2
 peft = pytest.importorskip("peft")
 
 REL_TOL = 1e-5
-VARIANTS = {"lora": dict(method="lora"), "dora": dict(method="dora"), "rslora": dict(method="lora", use_rslora=True)}
+VARIANTS = {"lora": dict(method="lora"), "dora": dict(method="dora"), "rslora": dict(method="lora", rslora=True)}
 
 
 def assert_same_logits(got: torch.Tensor, expected: torch.Tensor, rel: float = REL_TOL) -> float:
@@ -56,7 +56,7 @@ def peft_made(kind: str, variant: str, base=None, **config):
     options = VARIANTS[variant]
     lora = peft.LoraConfig(
         task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets, use_dora=options["method"] == "dora",
-        use_rslora=options.get("use_rslora", False), **({"fan_in_fan_out": kind == "gpt2"} | config),
+        use_rslora=options.get("rslora", False), **({"fan_in_fan_out": kind == "gpt2"} | config),
     )
     model = peft.get_peft_model(base if base is not None else build(), lora)
     randomize(model)

@@ -20,7 +20,7 @@ from peft_utils.models import load_model
 from peft_utils.core.quant import prepare_for_kbit_training
 from peft_utils.models import load_quantized
 from peft_utils.sizes import model_size
-from peft_utils.core.targets import default_keep_trainable, preset_layers, resolve_targets
+from peft_utils.core.targets import head_modules, preset_layers, resolve_targets
 
 peft = pytest.importorskip("peft")
 
@@ -144,7 +144,7 @@ def saved(tmp_path_factory):
 
 
 def head_of(model) -> list[str]:
-    kept = default_keep_trainable(model.config.model_type)
+    kept = head_modules(model.config.model_type)
     return [n for n in kept if any(m == n or m.endswith("." + n) for m, _ in model.named_modules())]
 
 

@@ -4,7 +4,7 @@ head that always trains and is always saved.
 
 Each refusal test failed on the code before the fix: a misspelt notebook parameter trained the profile's value, an
 ``lr_grid`` without ``lr="tune"`` or a ``sweep_ranks`` with ``sweep=False`` was ignored, and
-``keep_trainable=[]`` froze the head and left it out of the saved adapter. The tests of settings that *are* used
+``modules_to_save=[]`` froze the head and left it out of the saved adapter. The tests of settings that *are* used
 guard the other side: a profile's values and settings that take effect are never refused.
 """
 from __future__ import annotations
@@ -111,10 +111,10 @@ def test_sweep_only_with_no_sweep_is_refused(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------- 3. the head
 
 
-def test_the_head_trains_and_is_saved_whatever_keep_trainable_lists(tmp_path):
+def test_the_head_trains_and_is_saved_whatever_modules_to_save_lists(tmp_path):
     peft = pytest.importorskip("peft")
-    model = apply_adapters(tiny_gpt2(), "lora", ["c_attn"], rank=2, alpha=4, keep_trainable=[])
-    assert model.injected_adapters.keep_trainable == ["score"]
+    model = apply_adapters(tiny_gpt2(), "lora", ["c_attn"], rank=2, alpha=4, modules_to_save=[])
+    assert model.injected_adapters.modules_to_save == ["score"]
     ids, labels = make_inputs(model.config.vocab_size)
     model(input_ids=ids, labels=labels).loss.backward()
     assert model.score.weight.grad is not None and model.score.weight.grad.abs().sum() > 0
@@ -126,11 +126,11 @@ def test_the_head_trains_and_is_saved_whatever_keep_trainable_lists(tmp_path):
     torch.testing.assert_close(reference(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
-def test_keep_trainable_adds_to_the_head_and_every_name_must_match():
-    model = apply_adapters(tiny_gpt2(), "lora", ["c_attn"], rank=2, alpha=4, keep_trainable=["ln_f"])
-    assert model.injected_adapters.keep_trainable == ["transformer.ln_f", "score"]
+def test_modules_to_save_adds_to_the_head_and_every_name_must_match():
+    model = apply_adapters(tiny_gpt2(), "lora", ["c_attn"], rank=2, alpha=4, modules_to_save=["ln_f"])
+    assert model.injected_adapters.modules_to_save == ["transformer.ln_f", "score"]
     model = tiny_gpt2()
-    with pytest.raises(ValueError, match=r"^keep_trainable \['lm_haed'\] matched no module$"):
-        apply_adapters(model, "lora", ["c_attn"], rank=2, alpha=4, keep_trainable=["ln_f", "lm_haed"])
+    with pytest.raises(ValueError, match=r"^modules_to_save \['lm_haed'\] matched no module$"):
+        apply_adapters(model, "lora", ["c_attn"], rank=2, alpha=4, modules_to_save=["ln_f", "lm_haed"])
     assert not any(isinstance(m, LoRALayer) for m in model.modules())  # refused before the model changed
     assert all(p.requires_grad for p in model.parameters())

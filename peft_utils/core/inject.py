@@ -14,7 +14,7 @@ from torch import nn
 
 from .layers import ADAPTER_LAYERS, LoRALayer, is_supported_base
 from .quant import logical_numel
-from .targets import (Targets, default_keep_trainable, head_or_embedding, linear_layers, model_type, name_matcher,
+from .targets import (Targets, head_modules, head_or_embedding, linear_layers, model_type, name_matcher,
                       resolve_targets)
 
 
@@ -26,10 +26,10 @@ class InjectedAdapters:
     rank: int
     alpha: float
     dropout: float = 0.0
-    use_rslora: bool = False
+    rslora: bool = False
     detach_norm: bool = True
     target_modules: list[str] = field(default_factory=list)
-    keep_trainable: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
     # The targets as asked (a regex, or name suffixes; presets expanded), i.e. peft's ``target_modules``: unlike the
     # exact names above they also match the layers of a deeper model, which is how loading catches a depth mismatch.
     target_patterns: str | list[str] = field(default_factory=list)
@@ -81,11 +81,11 @@ def adapter_layers(model: nn.Module) -> Iterable[tuple[str, LoRALayer]]:
 
 
 def apply_adapters(model: nn.Module, method: str = "lora", targets: str | Sequence[str] | None = None, rank: int = 8,
-                   alpha: float = 16.0, dropout: float = 0.0, keep_trainable: Sequence[str] = (),
-                   use_rslora: bool = False, detach_norm: bool = True) -> nn.Module:
+                   alpha: float = 16.0, dropout: float = 0.0, modules_to_save: Sequence[str] = (),
+                   rslora: bool = False, detach_norm: bool = True) -> nn.Module:
     """Wrap every target layer of ``model`` (``targets``: see ``targets.parse_targets``) in a LoRA or DoRA layer,
-    in place, and freeze everything else but the classification head: it is new and random, so it trains (peft's
-    ``modules_to_save``), with the ``keep_trainable`` module-name suffixes. A rank above a layer's width is allowed,
+    in place, and freeze everything but the classification head (new and random: it always trains and is saved)
+    and the ``modules_to_save`` module-name suffixes (peft's name for both). A rank above a layer's width is allowed,
     as in peft (the experiment refuses it). Returns the model, described at ``model.injected_adapters``."""
     if method not in ADAPTER_LAYERS:
         raise ValueError(f"unknown adapter method {method!r}; choose one of {tuple(ADAPTER_LAYERS)}")
@@ -93,10 +93,10 @@ def apply_adapters(model: nn.Module, method: str = "lora", targets: str | Sequen
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
     requested = resolve_targets(model, targets)
     chosen = _layers_matching(model, requested, targets)
-    kept = kept_modules(model, keep_trainable, {name for name, _ in chosen})
+    kept = kept_modules(model, modules_to_save, {name for name, _ in chosen})
     options = {"detach_norm": detach_norm} if method == "dora" else {}
     # every layer built before the first swap: bad settings (refused by the first layer) leave the model as it was
-    layers = [ADAPTER_LAYERS[method](module, rank, alpha, dropout, use_rslora, **options) for _, module in chosen]
+    layers = [ADAPTER_LAYERS[method](module, rank, alpha, dropout, rslora, **options) for _, module in chosen]
     model.requires_grad_(False)
     for (name, _), layer in zip(chosen, layers):
         parent_name, _, child_name = name.rpartition(".")
@@ -105,24 +105,24 @@ def apply_adapters(model: nn.Module, method: str = "lora", targets: str | Sequen
         model.get_submodule(name).requires_grad_(True)
     patterns = requested.pattern if isinstance(requested, re.Pattern) else list(requested)
     model.injected_adapters = InjectedAdapters(
-        method, rank, alpha, dropout, use_rslora, detach_norm, [n for n, _ in chosen], kept, patterns
+        method, rank, alpha, dropout, rslora, detach_norm, [n for n, _ in chosen], kept, patterns
     )
     return model
 
 
 def kept_modules(model: nn.Module, extra: Sequence[str], targets: set[str]) -> list[str]:
-    """Full names of the modules that stay trainable: the family's head (``targets.default_keep_trainable``), if
+    """Full names of the modules that stay trainable: the family's head (``targets.head_modules``), if
     any, and the ``extra`` modules, each of which must match; never a target nor a module holding one (training it
     in full would train the target's frozen weight too)."""
     candidates = [name for name, _ in model.named_modules() if name and name not in targets]
     unmatched = [suffix for suffix in extra if not any(map(name_matcher([suffix]), candidates))]
     if unmatched:
-        raise ValueError(f"keep_trainable {unmatched!r} matched no module")
-    matches = name_matcher(default_keep_trainable(model_type(model)) + tuple(extra))
+        raise ValueError(f"modules_to_save {unmatched!r} matched no module")
+    matches = name_matcher(head_modules(model_type(model)) + tuple(extra))
     kept = [name for name in candidates if matches(name)]
     holding = next(((k, t) for k in kept for t in sorted(targets) if t.startswith(k + ".")), None)
     if holding:
-        raise ValueError(f"keep_trainable: module {holding[0]} holds the adapter target {holding[1]}; keep a module "
+        raise ValueError(f"modules_to_save: module {holding[0]} holds the adapter target {holding[1]}; keep a module "
                          "without targets, or leave that layer out of the targets")
     return kept
 

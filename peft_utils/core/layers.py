@@ -97,7 +97,7 @@ class LoRALayer(nn.Module):
     Adapters are kept in float32 whatever the base dtype: low-precision adapter weights lose small updates.
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
         super().__init__()
         if not is_supported_base(base):
             raise TypeError(f"cannot wrap {type(base).__name__}: expected nn.Linear, Conv1D or bnb Linear4bit")
@@ -107,8 +107,8 @@ class LoRALayer(nn.Module):
         in_features, out_features = base_features(base)
         device = base.weight.device
         self.base = base.requires_grad_(False)
-        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -185,9 +185,9 @@ class DoRALayer(LoRALayer):
     gradient is kept (the exact derivative of the formula above).
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  detach_norm: bool = True) -> None:
-        super().__init__(base, rank, alpha, dropout, use_rslora)
+        super().__init__(base, rank, alpha, dropout, rslora)
         self.detach_norm = detach_norm
         with torch.no_grad():
             w0_sq_norm = base_weight(base).float().pow(2).sum(dim=1)  # (out,) frozen: computed once

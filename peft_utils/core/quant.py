@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from .layers import is_conv1d, is_linear4bit, pin_4bit_layout
-from .targets import DEFAULT_KEEP_TRAINABLE, default_keep_trainable, meta_skeleton
+from .targets import HEAD_MODULES, head_modules, meta_skeleton
 
 BITSANDBYTES_PIN = "bitsandbytes==0.50.2"
 QUANT_TYPES = ("nf4", "fp4")
 # Never quantised: classification heads (``score``, ``classifier``; plus a family's new head layers, see
-# ``targets.default_keep_trainable``) and embeddings. transformers matches these as module-name prefixes or
+# ``targets.head_modules``) and embeddings. transformers matches these as module-name prefixes or
 # suffixes; embeddings are not linear layers, listed to be explicit.
-SKIP_MODULES = DEFAULT_KEEP_TRAINABLE + ("wte", "wpe", "embeddings", "lm_head")
+SKIP_MODULES = HEAD_MODULES + ("wte", "wpe", "embeddings", "lm_head")
 
 
 def require_bitsandbytes():
@@ -79,8 +79,8 @@ def load_4bit(source: str | Path, num_labels: int = 2, compute_dtype: torch.dtyp
     """A sequence classifier from ``source`` (a folder or hub id) with its linear layers in 4-bit.
 
     ``device_map``: default the current CUDA device, else ``{"": "cpu"}``. ``skip_modules``: more modules to keep
-    un-quantised (module-name suffixes, a module's layers with it), besides the head and embeddings. ``from_pretrained``: how to load (default
-    ``AutoModelForSequenceClassification.from_pretrained``). Then call :func:`prepare_for_kbit_training` and
+    un-quantised (module-name suffixes, a module's layers with it), besides the head and embeddings.
+    ``from_pretrained``: how to load (default ``AutoModelForSequenceClassification.from_pretrained``). Then
     ``apply_adapters``.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
@@ -91,7 +91,7 @@ def load_4bit(source: str | Path, num_labels: int = 2, compute_dtype: torch.dtyp
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     config = AutoConfig.from_pretrained(source, num_labels=num_labels)
-    skip = list(dict.fromkeys(SKIP_MODULES + default_keep_trainable(config.model_type)
+    skip = list(dict.fromkeys(SKIP_MODULES + head_modules(config.model_type)
                               + tuple(_anywhere(name) for name in skip_modules)))
     if not quantizable_layers(config, skip):
         raise ValueError(f"{source!s} has no layer to quantise to 4-bit (no nn.Linear / Conv1D outside {skip})")

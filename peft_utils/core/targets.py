@@ -36,7 +36,7 @@ FUSED_QKV_NAMES = frozenset({"c_attn", "query_key_value", "qkv_proj", "Wqkv", "i
 PEFT_EXTRA_DEFAULTS: dict[str, tuple[str, ...]] = {"phi": ("q_proj", "v_proj", "fc1", "fc2")}
 
 # Classification heads: new at load time and trained with the adapters (GPT-2/decoders: score, encoders: classifier).
-DEFAULT_KEEP_TRAINABLE = ("score", "classifier")
+HEAD_MODULES = ("score", "classifier")
 # Layers a family's classifier adds in front of the head that the pretrained checkpoints do not hold (DistilBERT's
 # pre_classifier; DeBERTa-v2/v3 checkpoints ship no pooler), so they start random and must train too. BERT's and
 # RoBERTa's poolers are pretrained and stay frozen.
@@ -47,11 +47,11 @@ def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", "") or ""
 
 
-def default_keep_trainable(model_type_name: str) -> tuple[str, ...]:
+def head_modules(model_type_name: str) -> tuple[str, ...]:
     """Module-name suffixes of the classification head of a ``model_type``: they always train (``apply_adapters``
     keeps them whatever else it is asked to keep, and they are saved as peft's ``modules_to_save``: a new head is
     random), and are never quantised."""
-    return DEFAULT_KEEP_TRAINABLE + NEW_HEAD_LAYERS.get(model_type_name, ())
+    return HEAD_MODULES + NEW_HEAD_LAYERS.get(model_type_name, ())
 
 
 Targets = Union[str, re.Pattern, Sequence[str], None]
@@ -107,7 +107,7 @@ def name_matcher(targets: str | re.Pattern | Sequence[str]) -> Callable[[str], b
 
 def head_names(model: nn.Module) -> set[str]:
     """Names of the classification-head modules and everything inside them."""
-    heads = name_matcher(default_keep_trainable(model_type(model)))
+    heads = name_matcher(head_modules(model_type(model)))
     roots = [n for n, _ in model.named_modules() if n and heads(n)]
     return {n for n, _ in model.named_modules() if any(n == r or n.startswith(r + ".") for r in roots)}
 
