@@ -20,7 +20,7 @@ import contextlib
 import importlib.metadata
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,9 @@ class _PeakMemory:
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        try:  # "5" resets the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)
+        with contextlib.suppress(OSError):  # "5" resets the kernel's peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
             self._CLEAR_REFS.write_text("5")
             self._kernel_peak = True
-        except OSError:
-            self._kernel_peak = False
         self.sample()
 
     def sample(self) -> None:
@@ -192,34 +190,11 @@ class _Run:
         return prepare_for_training(model, self.accelerator, lr=lr, weight_decay=self.config.weight_decay,
                                     warmup_ratio=self.config.warmup_ratio, total_steps=total_steps)
 
-    def largest(self, value: int) -> int:
-        """The largest of every process's ``value`` (peak memory: the process that needed the most)."""
-        if self.accelerator.num_processes == 1:
-            return value
-        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).max())
 
-
-@dataclass(frozen=True)
-class _Outputs:
-    """Where the main process sends a run's events: its record (the source of truth for tables and figures) and its
-    experiment trackers (dashboards); the other processes of a launch send them nowhere."""
-
-    sinks: tuple[RunRecorder | RunTrackers, ...]
-
-    def log(self, event: str, **fields: Any) -> None:
-        for sink in self.sinks:
-            sink.log(event, **fields)
-
-
-@contextlib.contextmanager
-def _outputs(recording: Recording, accelerator, main: bool) -> Iterator[_Outputs]:
-    """The run's :class:`_Outputs`; its trackers (those the accelerator was made with) finished however it ends."""
-    trackers = RunTrackers(accelerator, recording.name) if main and accelerator.log_with else None
-    try:
-        yield _Outputs(tuple(sink for sink in (recording.recorder if main else None, trackers) if sink is not None))
-    finally:
-        if trackers is not None:
-            trackers.close()
+def _log(sinks: list[RunRecorder | RunTrackers], event: str, **fields: Any) -> None:
+    """One event to every sink: the run's record (the source of truth for tables and figures) and its trackers."""
+    for sink in sinks:
+        sink.log(event, **fields)
 
 
 @dataclass
@@ -227,7 +202,7 @@ class _Watch:
     """What the lab does with each thing the loop yields: record it, show it, measure it (optimisation wall time
     less the evaluations' own, and peak memory)."""
 
-    outputs: _Outputs
+    sinks: list[RunRecorder | RunTrackers]
     progress: Progress
     memory: _PeakMemory
     log_every: int
@@ -266,7 +241,7 @@ class _Watch:
             self.progress.update(event.step, event.loss)
             if event.step % self.log_every == 0 or event.step == self.total_steps:
                 # the mean loss since the last step event: less noise in the curves
-                self.outputs.log("step", step=event.step, epoch=event.epoch, loss=sum(window) / len(window),
+                _log(self.sinks, "step", step=event.step, epoch=event.epoch, loss=sum(window) / len(window),
                                  lr=event.lr, elapsed_s=self.elapsed())
                 window = []
 
@@ -280,7 +255,7 @@ class _Watch:
             self.epoch_losses = []
         self.result.evals.append({**record, "predictions": evaluation.predictions,
                                   "probabilities": evaluation.probabilities})
-        self.outputs.log("eval", **record)
+        _log(self.sinks, "eval", **record)
         self.progress.write(f"step {event.step}: dev accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}")
 
     def summary(self, train_time: float, peak_memory: int) -> dict[str, Any]:
@@ -313,13 +288,16 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
     run = _Run(config, accelerator, accelerator_device(accelerator), memory_plan)
     batches = run.batches(model, tokenizer, (train_frame, eval_frame), seed)
     main, total_steps = is_main_process(), len(batches.train) * config.epochs
-    with _outputs(recording, accelerator, main) as outputs:
-        if outputs.sinks:
-            outputs.log("config", **run.config_event(model, batches, recording.run_info, lr, seed))
+    # only the main process records; its trackers are those the accelerator was made with
+    trackers = RunTrackers(accelerator, recording.name) if main and accelerator.log_with else None
+    sinks = [sink for sink in (recording.recorder if main else None, trackers) if sink is not None]
+    try:
+        if sinks:
+            _log(sinks, "config", **run.config_event(model, batches, recording.run_info, lr, seed))
         model, optimizer, scheduler = run.prepared(model, lr, seed, total_steps)
         progress = Progress(mode=None if main else "off")
         progress.start(total_steps, recording.label or recording.name)
-        watch = _Watch(outputs, progress, _PeakMemory(run.device), config.log_every, total_steps)
+        watch = _Watch(sinks, progress, _PeakMemory(run.device), config.log_every, total_steps)
         watch.start()
         try:
             watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
@@ -328,11 +306,16 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
             train_time = watch.elapsed(exact=True)
         finally:
             progress.close()
+        # the peak of the process that needed the most
+        peak = accelerator.gather(torch.tensor([watch.memory.peak_bytes()], device=accelerator.device)).max()
         result = watch.result
-        result.summary = watch.summary(train_time, run.largest(watch.memory.peak_bytes()))
+        result.summary = watch.summary(train_time, int(peak))
         if recording.on_finish is not None and main:
             result.summary.update(recording.on_finish(accelerator.unwrap_model(model)))
-        outputs.log("summary", **result.summary)
+        _log(sinks, "summary", **result.summary)
+    finally:
+        if trackers is not None:
+            trackers.close()
     accelerator.wait_for_everyone()  # the record is complete before any process plans or trains what follows
     accelerator.free_memory()  # the accelerator's references to this run's model and optimiser
     return result
