@@ -71,15 +71,14 @@ def loading_bars_off() -> Iterator[None]:
         transformers_logging.set_tqdm_hook(previous)
 
 
-def new_head_keys(model, loading_info: dict[str, Any]) -> list[str]:
-    """The task head's keys (outside the base model) that were missing, or re-initialised for another number of
-    classes; ``[]`` unless the load was exactly "pretrained body + new head" (nothing else missing, mismatched or
-    unexpected)."""
+def _only_a_new_head(model, loading_info: dict[str, Any]) -> bool:
+    """Whether the load was exactly "pretrained body + new head": keys outside the base model missing, or
+    re-initialised for another number of classes, and nothing else missing, mismatched or unexpected."""
     mismatched = [key[0] if isinstance(key, tuple) else key for key in loading_info.get("mismatched_keys", ())]
-    new = sorted({*loading_info.get("missing_keys", ()), *mismatched})
-    if any(loading_info.get(kind) for kind in ("unexpected_keys", "error_msgs")):
-        return []
-    return [] if any(key.startswith(f"{model.base_model_prefix}.") for key in new) else new
+    new = [*loading_info.get("missing_keys", ()), *mismatched]
+    if not new or any(loading_info.get(kind) for kind in ("unexpected_keys", "error_msgs")):
+        return False
+    return not any(key.startswith(f"{model.base_model_prefix}.") for key in new)
 
 
 def from_pretrained_noting_new_head(model_class, source: str, announce: bool = True, **kwargs: Any):
@@ -100,7 +99,7 @@ def from_pretrained_noting_new_head(model_class, source: str, announce: bool = T
         with loading_bars_off():  # a checkpoint's head for another number of classes is replaced, as a missing one
             model, info = model_class.from_pretrained(source, output_loading_info=True,
                                                       **{"ignore_mismatched_sizes": True, **kwargs})
-        new_head = bool(held and new_head_keys(model, info))
+        new_head = bool(held) and _only_a_new_head(model, info)
     finally:
         logger.removeFilter(hold)
         for record in [] if new_head else held:

@@ -1,10 +1,5 @@
-"""One recorded run: the core's training loop, wrapped with what the lab adds around it.
-
-:func:`train` batches the data (the global batch cut for this process and the memory plan's accumulation),
-prepares the model with accelerate, runs :func:`~peft_utils.core.loop.train_loop`, and for every step and
-evaluation it yields: streams ``config``/``step``/``eval``/``summary`` events to the run's record (and to the
-experiment trackers the accelerator was made with, :mod:`peft_utils.trackers`), shows progress, times the
-optimisation and measures peak memory. Only the main process records, logs, prints and saves.
+"""One recorded run: the core's training loop with what the lab adds around it (the record and the trackers,
+progress, time and peak memory); only the main process records, logs, prints and saves. The measurements:
 
 - ``train_time_s``: wall time of the optimisation only (evaluations have their own ``eval_time_s``); on CUDA the
   device is synchronised before each reading, otherwise queued kernels would be missed.
@@ -20,7 +15,7 @@ import contextlib
 import importlib.metadata
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +29,8 @@ from torch.utils.data import DataLoader
 from .config import TrainConfig
 from .core.batches import StepBatches, encode, make_loader
 from .core.inject import count_parameters
-from .core.loop import (EvalMetrics, enable_gradient_checkpointing, prepare_for_training, set_seed, synchronize,
-                        train_loop)
+from .core.loop import (EvalMetrics, StepMetrics, enable_gradient_checkpointing, prepare_for_training, set_seed,
+                        synchronize, train_loop)
 from .devices import (accelerator_device, accelerator_dtype, hardware_name, is_main_process, make_accelerator,
                       per_device_batch_size)
 from .memory_plan import MemoryPlan, to_record
@@ -181,15 +176,6 @@ class _Run:
             **(to_record(self.memory_plan) if self.memory_plan else {}), "versions": installed_versions(),
         }
 
-    def prepared(self, model: nn.Module, lr: float, seed: int, total_steps: int):
-        """The model on its device, dropout seeded, and :func:`~peft_utils.core.loop.prepare_for_training`'s
-        (model, optimizer, scheduler)."""
-        if next(model.parameters()).device != self.device:  # before the optimiser picks its kernel
-            model.to(self.device)
-        set_seed(seed + self.accelerator.process_index)  # dropout masks: the same for every method, per process
-        return prepare_for_training(model, self.accelerator, lr=lr, weight_decay=self.config.weight_decay,
-                                    warmup_ratio=self.config.warmup_ratio, total_steps=total_steps)
-
 
 def _log(sinks: list[RunRecorder | RunTrackers], event: str, **fields: Any) -> None:
     """One event to every sink: the run's record (the source of truth for tables and figures) and its trackers."""
@@ -215,35 +201,38 @@ class _Watch:
     started: float = 0.0
     evaluating: float = 0.0  # seconds spent evaluating: not training time
 
-    def start(self) -> None:
-        self.memory.start()
-        synchronize(self.memory.device)
-        self.started = time.perf_counter()
-
     def elapsed(self, exact: bool = False) -> float:
         """Training time so far; the device is waited for only when ``exact`` (progress needs no precision)."""
         if exact:
             synchronize(self.memory.device)
         return time.perf_counter() - self.started - self.evaluating
 
-    def follow(self, events) -> None:
+    def follow(self, events: Iterator[StepMetrics | EvalMetrics]) -> float:
+        """Record, show and measure every step and evaluation the loop yields; returns the training time."""
+        self.memory.start()
+        synchronize(self.memory.device)
+        self.started = time.perf_counter()
         window: list[float] = []
-        for event in events:
-            if isinstance(event, EvalMetrics):
-                self._evaluated(event)
-                continue
-            self.rows, self.tokens, self.skipped = (self.rows + event.rows, self.tokens + event.tokens,
-                                                    self.skipped + event.skipped)
-            self.memory.sample()
-            self.result.losses.append(event.loss)
-            self.epoch_losses.append(event.loss)
-            window.append(event.loss)
-            self.progress.update(event.step, event.loss)
-            if event.step % self.log_every == 0 or event.step == self.total_steps:
-                # the mean loss since the last step event: less noise in the curves
-                _log(self.sinks, "step", step=event.step, epoch=event.epoch, loss=sum(window) / len(window),
-                                 lr=event.lr, elapsed_s=self.elapsed())
-                window = []
+        try:
+            for event in events:
+                if isinstance(event, EvalMetrics):
+                    self._evaluated(event)
+                    continue
+                self.rows, self.tokens, self.skipped = (self.rows + event.rows, self.tokens + event.tokens,
+                                                        self.skipped + event.skipped)
+                self.memory.sample()
+                self.result.losses.append(event.loss)
+                self.epoch_losses.append(event.loss)
+                window.append(event.loss)
+                self.progress.update(event.step, event.loss)
+                if event.step % self.log_every == 0 or event.step == self.total_steps:
+                    # the mean loss since the last step event: less noise in the curves
+                    _log(self.sinks, "step", step=event.step, epoch=event.epoch, loss=sum(window) / len(window),
+                         lr=event.lr, elapsed_s=self.elapsed())
+                    window = []
+            return self.elapsed(exact=True)
+        finally:
+            self.progress.close()
 
     def _evaluated(self, event: EvalMetrics) -> None:
         evaluation = event.evaluation
@@ -294,18 +283,16 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
     try:
         if sinks:
             _log(sinks, "config", **run.config_event(model, batches, recording.run_info, lr, seed))
-        model, optimizer, scheduler = run.prepared(model, lr, seed, total_steps)
-        progress = Progress(mode=None if main else "off")
-        progress.start(total_steps, recording.label or recording.name)
+        if next(model.parameters()).device != run.device:  # before the optimiser picks its kernel
+            model.to(run.device)
+        set_seed(seed + accelerator.process_index)  # dropout masks: the same for every method, per process
+        model, optimizer, scheduler = prepare_for_training(model, accelerator, lr=lr, weight_decay=config.weight_decay,
+                                                           warmup_ratio=config.warmup_ratio, total_steps=total_steps)
+        progress = Progress(total_steps, recording.label or recording.name, mode=None if main else "off")
         watch = _Watch(sinks, progress, _PeakMemory(run.device), config.log_every, total_steps)
-        watch.start()
-        try:
-            watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
-                                    epochs=config.epochs, max_grad_norm=config.max_grad_norm,
-                                    eval_every=config.eval_every))
-            train_time = watch.elapsed(exact=True)
-        finally:
-            progress.close()
+        train_time = watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
+                                             epochs=config.epochs, max_grad_norm=config.max_grad_norm,
+                                             eval_every=config.eval_every))
         # the peak of the process that needed the most
         peak = accelerator.gather(torch.tensor([watch.memory.peak_bytes()], device=accelerator.device)).max()
         result = watch.result
