@@ -331,8 +331,7 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
     accelerator = make_accelerator(config.train.device, config.train.precision, config.report_to, store.folder,
                                    run.run_id)
     adapter = run.spec.adapter or config.adapter
-    memory_plan = plan_for_device(plan.model_source, method, config.train, adapter, plan.compute_dtype, accelerator,
-                                  name=config.model)
+    memory_plan = plan_for_device(plan.model_source, method, config.train, adapter, accelerator, name=config.model)
     if memory_plan is not None and accelerator.is_main_process:
         print(f"memory plan: {memory_plan.reason}")
     run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from .config import AdapterSettings, TrainConfig
-from .devices import checked_dtype, per_device_batch_size
+from .devices import accelerator_dtype, checked_dtype, per_device_batch_size
 from .formatting import format_bytes
 from .methods import Method, get_method
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-OPTIMIZERS = ("fused", "for-loop")
+SAFETY = 0.9  # of the free memory: the rest for allocator fragmentation and what the estimate leaves out
 # Activation functions that transformers writes as a chain of Python ops (each keeps its own tensor for backward),
 # against the native ones (one saved input). GPT-2's default "gelu_new" is 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))).
 PYTHON_GELUS = ("gelu_new", "gelu_fast", "quick_gelu")
@@ -79,17 +79,14 @@ class _Model:
     weight_bytes: int
     block_trainable: int  # trainable parameters of one transformer block
     outer_trainable: int  # trainable parameters outside the blocks and the embeddings (final norm, head)
-    embedding_trainable: int
     block_linear_weights: int  # weight elements of one block's linear layers (autocast copies them in half)
-    largest_trainable: int  # elements of the largest trainable tensor (the for-loop AdamW's temporaries)
     largest_quantized: int  # elements of the largest 4-bit weight (dequantised for each matmul)
     adapter_in: int  # per block: input features summed over the adapted layers
     adapter_out: int  # per block: output features summed over the adapted layers
 
 
-def _config_value(model_config, keys: tuple[str, ...], default: float = 0.0) -> float:
-    return next((float(getattr(model_config, k)) for k in keys if getattr(model_config, k, None) is not None),
-                default)
+def _config_value(model_config, keys: tuple[str, ...]) -> float:
+    return next((float(getattr(model_config, k)) for k in keys if getattr(model_config, k, None) is not None), 0.0)
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -100,13 +97,7 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def _quantized_names(model_config) -> set[str]:
-    """The layers ``core.quant.load_4bit`` turns into 4-bit, by the same rule."""
-    from .core.quant import SKIP_MODULES, quantizable_layers
-    from .core.targets import head_modules
-
-    skip = list(dict.fromkeys(SKIP_MODULES + head_modules(model_config.model_type)))
-    return set(quantizable_layers(model_config, skip))
+_READ_CACHE: dict[tuple, _Model] = {}
 
 
 def _read_model(model_config, method: str, compute_dtype: torch.dtype, rank: int, targets) -> _Model:
@@ -114,35 +105,40 @@ def _read_model(model_config, method: str, compute_dtype: torch.dtype, rank: int
     on the config's JSON (GPT-2 Large takes ~0.3 s, and a plan asks many times)."""
     key = (type(model_config), model_config.to_json_string(use_diff=False), method, compute_dtype, rank,
            targets if targets is None or isinstance(targets, str) else tuple(targets))
-    if key not in _READ_CACHE:
-        _READ_CACHE[key] = _read_model_uncached(model_config, method, compute_dtype, rank, targets)
-    return _READ_CACHE[key]
-
-
-_READ_CACHE: dict[tuple, _Model] = {}
-
-
-def _read_model_uncached(model_config, method: str, compute_dtype: torch.dtype, rank: int, targets) -> _Model:
+    if key in _READ_CACHE:
+        return _READ_CACHE[key]
     from .core.layers import LoRALayer, base_features, is_supported_base
-    from .core.targets import meta_skeleton
+    from .core.quant import SKIP_MODULES, quantizable_layers
+    from .core.targets import head_modules, meta_skeleton
 
     kind = get_method(method)
     model = meta_skeleton(model_config)
-    quantized = [model.get_submodule(n).weight for n in _quantized_names(model_config)] if kind.quantized else []
+    skip = list(dict.fromkeys(SKIP_MODULES + head_modules(model_config.model_type)))  # as core.quant.load_4bit
+    quantized = ([model.get_submodule(n).weight for n in quantizable_layers(model_config, skip)]
+                 if kind.quantized else [])
     weight_bytes = _stored_base_bytes(model, kind, compute_dtype, quantized)
+    parameters = sum(p.numel() for p in model.parameters())  # the base's: before any adapter
     blocks = _blocks(model)
     block_linear_weights = sum(m.weight.numel() for m in blocks[0].modules() if is_supported_base(m))
     weight_bytes += _make_trainable(model, kind, rank, targets)
     adapted = [base_features(m.base) for m in blocks[0].modules() if isinstance(m, LoRALayer)]
-    return _Model(
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    block_trainable = sum(p.numel() for p in blocks[0].parameters() if p.requires_grad)
+    embedding = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
+                    for p in m.parameters() if p.requires_grad)
+    _READ_CACHE[key] = _Model(
         **_architecture(model_config, blocks),
-        **_parameter_counts(model, blocks),
+        parameters=parameters,
+        trainable=trainable,
+        block_trainable=block_trainable,
+        outer_trainable=trainable - len(blocks) * block_trainable - embedding,
         weight_bytes=weight_bytes,
         block_linear_weights=block_linear_weights,
         largest_quantized=max((weight.numel() for weight in quantized), default=0),
         adapter_in=sum(features[0] for features in adapted),
         adapter_out=sum(features[1] for features in adapted),
     )
+    return _READ_CACHE[key]
 
 
 def _stored_base_bytes(model: nn.Module, kind: Method, compute_dtype: torch.dtype,
@@ -151,8 +147,8 @@ def _stored_base_bytes(model: nn.Module, kind: Method, compute_dtype: torch.dtyp
     fine-tuning, the compute dtype for LoRA / DoRA, float32 around the ``quantized`` NF4 weights for 4-bit."""
     floating_bytes = 4 if kind.adapter is None or kind.quantized else compute_dtype.itemsize
     quantized_ids = {id(weight) for weight in quantized}
-    n_bytes = sum(_base_tensor_bytes(t, floating_bytes) for t in [*model.parameters(), *model.buffers()]
-                  if id(t) not in quantized_ids)
+    n_bytes = sum(t.numel() * (floating_bytes if t.is_floating_point() else t.element_size())
+                  for t in [*model.parameters(), *model.buffers()] if id(t) not in quantized_ids)
     if quantized:
         from .sizes import nf4_bits_per_weight
 
@@ -190,37 +186,6 @@ def _architecture(model_config, blocks: nn.ModuleList) -> dict[str, int | float 
     }
 
 
-def _parameter_counts(model: nn.Module, blocks: nn.ModuleList) -> dict[str, int]:
-    """The :class:`_Model` fields that count parameters: the base model's, and where the trainable ones are (the
-    estimate gives each trainable parameter a gradient and optimiser state)."""
-    def trainable(module: nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-    embedding = sum(trainable(m) for m in model.modules() if isinstance(m, nn.Embedding))
-    total_trainable = trainable(model)
-    return {
-        "parameters": sum(p.numel() for n, p in model.named_parameters() if not _is_adapter_name(n)),
-        "trainable": total_trainable,
-        "block_trainable": trainable(blocks[0]),
-        "outer_trainable": total_trainable - len(blocks) * trainable(blocks[0]) - embedding,
-        "embedding_trainable": embedding,
-        "largest_trainable": max((p.numel() for p in model.parameters() if p.requires_grad), default=0),
-    }
-
-
-def _is_adapter_name(name: str) -> bool:
-    return any(part in ("lora_A", "lora_B", "magnitude") for part in name.split("."))
-
-
-def _base_tensor_bytes(tensor: torch.Tensor, floating_bytes: int) -> int:
-    return tensor.numel() * (floating_bytes if tensor.is_floating_point() else tensor.element_size())
-
-
-def parameter_count(model_config) -> int:
-    """Parameters of the model ``model_config`` describes (sequence-classification head included), exactly."""
-    return _read_model(model_config, "full", torch.float32, rank=8, targets=None).parameters
-
-
 def estimate_memory(
     model_config,
     method: str,
@@ -232,24 +197,14 @@ def estimate_memory(
     rank: int = 8,
     targets=None,
     device_type: str = "cuda",
-    optimizer: str = "fused",
 ) -> MemoryEstimate:
     """Peak bytes of one training step of ``method`` at ``per_device_batch`` rows of ``max_length`` tokens: a count
     of the weights, AdamW state, gradients, activations and workspace as this package trains (the derivation, and
     what it leaves out, is in docs/hardware.md, "How the memory estimate counts"); tests check it against measured
     CPU peaks."""
-    model = _read_model(model_config, method, checked_dtype(compute_dtype), rank, targets)
-    return _estimate(model, method, per_device_batch, max_length, compute_dtype, gradient_checkpointing, rank,
-                     device_type, optimizer)
-
-
-def _estimate(model: _Model, method: str, per_device_batch: int, max_length: int, compute_dtype: torch.dtype,
-              gradient_checkpointing: bool, rank: int, device_type: str, optimizer: str) -> MemoryEstimate:
-    """:func:`estimate_memory` for a model already read (a plan tries several batch shapes on one model)."""
     if per_device_batch < 1 or max_length < 1:
         raise ValueError(f"per_device_batch and max_length must be >= 1, got {per_device_batch} and {max_length}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+    model = _read_model(model_config, method, checked_dtype(compute_dtype), rank, targets)
     kind = get_method(method)
     tokens = per_device_batch * max_length
     h, inner = model.hidden, model.intermediate
@@ -277,28 +232,16 @@ def _estimate(model: _Model, method: str, per_device_batch: int, max_length: int
     outer = tokens * h * (r + r + c)
     kept = tokens * r * h if gradient_checkpointing else block
 
-    layers = model.layers
-    block_grads, outer_grads = 4 * model.block_trainable, 4 * model.outer_trainable
-    gradients = 4 * model.trainable
-    backward_workspace = 2 * tokens * inner * c + c * model.largest_quantized
+    layers, block_grads, gradients = model.layers, 4 * model.block_trainable, 4 * model.trainable
+    workspace = 2 * tokens * inner * c + c * model.largest_quantized
     recomputed = block if gradient_checkpointing else 0
-    backward = (max(layers * kept + block_grads, kept + layers * block_grads) + recomputed + outer + outer_grads
-                + backward_workspace)
-    optimizer_workspace = 2 * 4 * model.largest_trainable if optimizer == "for-loop" else 0
-    step_peak = max(backward, gradients + optimizer_workspace)
-    optimizer_state = 8 * model.trainable
-    return MemoryEstimate(
-        method=method,
-        parameters=model.parameters,
-        trainable_parameters=model.trainable,
-        weights=model.weight_bytes,
-        optimizer_state=optimizer_state,
-        gradients=gradients,
-        activations=layers * kept + recomputed + outer,
-        workspace=max(backward_workspace, optimizer_workspace),
-        step_peak=step_peak,
-        total=model.weight_bytes + optimizer_state + step_peak,
-    )
+    backward = (max(layers * kept + block_grads, kept + layers * block_grads) + recomputed + outer
+                + 4 * model.outer_trainable + workspace)
+    step_peak, optimizer_state = max(backward, gradients), 8 * model.trainable
+    return MemoryEstimate(method=method, parameters=model.parameters, trainable_parameters=model.trainable,
+                          weights=model.weight_bytes, optimizer_state=optimizer_state, gradients=gradients,
+                          activations=layers * kept + recomputed + outer, workspace=workspace, step_peak=step_peak,
+                          total=model.weight_bytes + optimizer_state + step_peak)
 
 
 def _gib(n_bytes: int) -> str:
@@ -306,66 +249,44 @@ def _gib(n_bytes: int) -> str:
 
 
 def plan_memory(model_config, method: str, train: TrainConfig, adapter: AdapterSettings = AdapterSettings(), *,
-                compute_dtype: torch.dtype, device_bytes: int, num_processes: int = 1, safety: float = 0.9,
-                device_type: str = "cuda", name: str | None = None) -> MemoryPlan:
+                compute_dtype: torch.dtype, device_bytes: int, num_processes: int = 1,
+                name: str | None = None) -> MemoryPlan:
     """The cheapest way to train ``method`` with ``train``'s global batch (``batch_size``), ``max_length``,
-    accumulation and checkpointing, and ``adapter``'s rank and targets, within ``safety x device_bytes``.
+    accumulation and checkpointing, and ``adapter``'s rank and targets, within ``SAFETY x device_bytes``.
 
     Tried in order, stopping at the first that fits: the configured micro-batch; the same with gradient
     checkpointing (one block's activations instead of all, for ~30% more compute); then every smaller divisor of
     the device's share of the global batch, with more accumulation steps, down to one row: the global batch is
-    always reproduced exactly. ``device_bytes``: the device's free memory (``torch.cuda.mem_get_info()[0]``);
-    ``safety`` leaves the rest for allocator fragmentation and what the estimate leaves out.
+    always reproduced exactly. ``device_bytes``: the device's free memory (``torch.cuda.mem_get_info()[0]``).
     """
-    for label, value in (("num_processes", num_processes), ("device_bytes", device_bytes)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    if not 0 < safety <= 1:
-        raise ValueError(f"safety must be in (0, 1], got {safety!r}")
     start = per_device_batch_size(train.batch_size, num_processes, train.grad_accum_steps)
-    checked_dtype(compute_dtype)
-    share, budget = train.batch_size // num_processes, int(safety * device_bytes)
+    share, budget = train.batch_size // num_processes, int(SAFETY * device_bytes)
+    configured = train.gradient_checkpointing
     label = f"{name or getattr(model_config, 'name_or_path', '') or model_config.model_type} {method}"
-    model = _read_model(model_config, method, compute_dtype, adapter.rank, adapter.targets)
+    limit = f"{_gib(budget)} usable ({SAFETY:.0%} of {_gib(device_bytes)})"
+    candidates = [(start, configured), *([] if configured else [(start, True)]),
+                  *((b, True) for b in range(start - 1, 0, -1) if share % b == 0)]
 
     def estimate(batch: int, checkpointing: bool) -> MemoryEstimate:
-        return _estimate(model, method, batch, train.max_length, compute_dtype, checkpointing, adapter.rank,
-                         device_type, "fused")
+        return estimate_memory(model_config, method, batch, train.max_length, compute_dtype, checkpointing,
+                               rank=adapter.rank, targets=adapter.targets)
 
-    configured = train.gradient_checkpointing
-    candidates = _candidates(share, start, configured)
     first = estimate(*candidates[0])
-    limit = f"{_gib(budget)} usable ({safety:.0%} of {_gib(device_bytes)})"
     for batch, checkpointing in candidates:
-        as_configured = (batch, checkpointing) == candidates[0]
-        chosen = first if as_configured else estimate(batch, checkpointing)
+        chosen = estimate(batch, checkpointing)
         if chosen.total <= budget:
+            steps = share // batch
+            batches = f"{steps} accumulation steps of {batch} rows" if steps > 1 else f"{batch} rows, no accumulation"
             changes = "gradient checkpointing on, " if checkpointing and not configured else ""
-            reason = _fit_reason(label, limit, share // batch, batch, first, chosen, as_configured, changes)
-            return MemoryPlan(batch, share // batch, checkpointing, chosen, device_bytes, budget, True, reason)
+            reason = (f"{label}: {_gib(chosen.total)} estimated <= {limit}; {batches}, as configured"
+                      if (batch, checkpointing) == candidates[0] else
+                      f"{label}: {_gib(first.total)} estimated > {limit}; {changes}{batches} -> {_gib(chosen.total)}")
+            return MemoryPlan(batch, steps, checkpointing, chosen, device_bytes, budget, True, reason)
     smallest = estimate(*candidates[-1])  # the least memory any plan needs
     reason = (f"{label} does not fit: {_gib(smallest.total)} estimated even at 1 row with gradient checkpointing "
               f"> {limit} (weights {_gib(smallest.weights)} + optimizer state {_gib(smallest.optimizer_state)} "
               f"+ gradients {_gib(smallest.gradients)}); use a GPU with more memory or a 4-bit method (qlora)")
     return MemoryPlan(1, share, True, smallest, device_bytes, budget, False, reason)
-
-
-def _candidates(share: int, start: int, gradient_checkpointing: bool) -> list[tuple[int, bool]]:
-    """``(micro-batch, checkpointing)`` in the order :func:`plan_memory` tries them: as configured, then with
-    checkpointing, then every smaller divisor of ``share`` with checkpointing."""
-    candidates = [(start, gradient_checkpointing)]
-    if not gradient_checkpointing:
-        candidates.append((start, True))
-    return candidates + [(b, True) for b in range(start - 1, 0, -1) if share % b == 0]
-
-
-def _fit_reason(label: str, limit: str, steps: int, batch: int, first: MemoryEstimate, chosen: MemoryEstimate,
-                as_configured: bool, changes: str) -> str:
-    """The plan's one-line reason when ``chosen`` fits: what was estimated, and what (if anything) changed."""
-    batches = f"{steps} accumulation steps of {batch} rows" if steps > 1 else f"{batch} rows, no accumulation"
-    if as_configured:
-        return f"{label}: {_gib(chosen.total)} estimated <= {limit}; {batches}, as configured"
-    return f"{label}: {_gib(first.total)} estimated > {limit}; {changes}{batches} -> {_gib(chosen.total)}"
 
 
 def to_record(plan: MemoryPlan) -> dict:
@@ -379,8 +300,8 @@ def to_record(plan: MemoryPlan) -> dict:
                for key in ("weights", "optimizer_state", "gradients", "activations", "workspace", "step_peak")}}
 
 
-def plan_for_device(model_source: str, method: str, train: TrainConfig, adapter: AdapterSettings,
-                    compute_dtype: torch.dtype, accelerator, name: str | None = None) -> MemoryPlan | None:
+def plan_for_device(model_source: str, method: str, train: TrainConfig, adapter: AdapterSettings, accelerator,
+                    name: str | None = None) -> MemoryPlan | None:
     """The plan for one run on the accelerator's device, before its model is loaded: ``None`` off CUDA (a CPU run is
     never re-planned, so its results stay those of its configuration); a ValueError when nothing fits. The free
     memory is read after CUDA is initialised, so its context is already counted."""
@@ -389,7 +310,8 @@ def plan_for_device(model_source: str, method: str, train: TrainConfig, adapter:
     from transformers import AutoConfig
 
     plan = plan_memory(AutoConfig.from_pretrained(model_source, num_labels=2), method, train, adapter,
-                       compute_dtype=compute_dtype, device_bytes=int(torch.cuda.mem_get_info(accelerator.device)[0]),
+                       compute_dtype=accelerator_dtype(accelerator),
+                       device_bytes=int(torch.cuda.mem_get_info(accelerator.device)[0]),
                        num_processes=accelerator.num_processes, name=name)
     if not plan.fits:
         raise ValueError(plan.reason)

@@ -32,25 +32,17 @@ def progress_mode() -> str:
 
 
 class Progress:
-    """Progress of one training run: ``start`` it, ``update`` it every step, ``write`` notes, ``close`` it."""
+    """Progress of one training run of ``total_steps`` optimiser steps, named ``label`` (e.g. ``run 2/5 lora``):
+    ``update`` it every step, ``write`` notes, ``close`` it."""
 
-    def __init__(self, mode: str | None = None, line_interval_s: float = LINE_INTERVAL_S, stream=None) -> None:
-        self.mode = mode or progress_mode()
-        if self.mode not in MODES:
-            raise ValueError(f"progress mode must be one of {MODES}, got {self.mode!r}")
+    def __init__(self, total_steps: int, label: str, mode: str | None = None,
+                 line_interval_s: float = LINE_INTERVAL_S, stream=None) -> None:
+        self.mode, self.total, self.label, self.stream = mode or progress_mode(), total_steps, label, stream
         self.interval_s = BAR_INTERVAL_S if self.mode == "bar" else line_interval_s
-        self.stream, self.label, self.total, self.step = stream, "", 0, 0
-        self._loss: Any = None
-        self._started, self._next_draw = 0.0, float("inf")
-        self._bar: tqdm | None = None
-
-    def start(self, total_steps: int, label: str) -> None:
-        """Begin a run of ``total_steps`` optimiser steps; ``label`` names it (e.g. ``run 2/5 lora``)."""
-        self.label, self.total, self.step, self._loss = label, total_steps, 0, None
+        self.step, self._loss = 0, None
         self._started = time.perf_counter()
         self._next_draw = self._started + self.interval_s
-        if self.mode == "bar":
-            self._bar = tqdm(total=total_steps, desc=label, dynamic_ncols=True, file=self.stream)
+        self._bar = tqdm(total=total_steps, desc=label, dynamic_ncols=True, file=stream) if self.mode == "bar" else None
 
     def update(self, step: int, loss: Any) -> None:
         """``step`` steps are done; ``loss`` (a float or a 0-d tensor) is read only when drawn."""
@@ -62,19 +54,17 @@ class Progress:
 
     def write(self, line: str) -> None:
         """A note about the run (an evaluation result), above the bar or as its own line."""
-        text = f"{self.label} | {line}" if self.label else line
         if self._bar is not None:
-            self._bar.write(text, file=self.stream)
+            self._bar.write(f"{self.label} | {line}", file=self.stream)
         elif self.mode == "lines":
-            print(text, file=self.stream or sys.stdout, flush=True)
+            print(f"{self.label} | {line}", file=self.stream, flush=True)
 
     def close(self) -> None:
         """Draw the final state (the bar full, or a closing line) and release the bar."""
-        if self.mode != "off" and self._started:
+        if self.mode != "off":
             self._draw(time.perf_counter(), final=True)
         if self._bar is not None:
             self._bar.close()
-        self._bar, self._started, self._next_draw = None, 0.0, float("inf")
 
     def _status(self, now: float, final: bool = False) -> str:
         """``step 40/250 (16%) | 3.1 steps/s | loss 0.6931 | ETA 67.7 s`` (``done ... in`` once finished)."""
@@ -95,4 +85,4 @@ class Progress:
                 self._bar.set_postfix_str(f"loss {float(self._loss):.4f}", refresh=False)
             self._bar.refresh()
         elif self.mode == "lines":
-            print(f"{self.label} | {self._status(now, final)}", file=self.stream or sys.stdout, flush=True)
+            print(f"{self.label} | {self._status(now, final)}", file=self.stream, flush=True)

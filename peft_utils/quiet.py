@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -40,61 +40,45 @@ def silence_known_noise() -> None:
 
 
 @contextmanager
-def _switched_off(already_off: bool, off: Callable[[], None], on: Callable[[], None]) -> Iterator[None]:
-    """``off()`` while the block runs and ``on()`` after it, unless ``already_off`` (a user's own choice wins)."""
-    if already_off:
-        yield
-        return
-    off()
-    try:
-        yield
-    finally:
-        on()
-
-
-def datasets_bars_off() -> AbstractContextManager[None]:
-    """``datasets``' progress bars off while the block runs (``HF_DATASETS_DISABLE_PROGRESS_BARS`` wins: the library
-    refuses, with a warning, to override it)."""
+def datasets_bars_off() -> Iterator[None]:
+    """``datasets``' progress bars off while the block runs, unless they are off already or
+    ``HF_DATASETS_DISABLE_PROGRESS_BARS`` decides (the library refuses, with a warning, to override it)."""
     import datasets
     from datasets import config
 
-    already_off = config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None or datasets.are_progress_bars_disabled()
-    return _switched_off(already_off, datasets.disable_progress_bars, datasets.enable_progress_bars)
+    if config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
-def loading_bars_off() -> AbstractContextManager[None]:
-    """transformers' progress bars ("Loading weights") off while the block runs (``HF_HUB_DISABLE_PROGRESS_BARS``
-    wins). transformers' switch takes huggingface_hub's bars with it: those are put back at once, so that a model
-    being downloaded still shows its download."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+@contextmanager
+def loading_bars_off() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off while the block runs, through
+    its tqdm hook: transformers' global switch would take huggingface_hub's bars with it, and a download keeps its
+    bar."""
     from transformers.utils import logging as transformers_logging
 
-    hub_bars = not are_progress_bars_disabled()
-
-    def off() -> None:
-        transformers_logging.disable_progress_bar()
-        if hub_bars:
-            enable_progress_bars()
-
-    def on() -> None:
-        transformers_logging.enable_progress_bar()  # huggingface_hub's too
-        if not hub_bars:
-            disable_progress_bars()
-
-    user_off = constants.HF_HUB_DISABLE_PROGRESS_BARS is not None
-    return _switched_off(user_off or not transformers_logging.is_progress_bar_enabled(), off, on)
+    previous = transformers_logging.set_tqdm_hook(
+        lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        transformers_logging.set_tqdm_hook(previous)
 
 
-def new_head_keys(model, loading_info: dict[str, Any]) -> list[str]:
-    """The task head's keys (outside the base model) that were missing, or re-initialised for another number of
-    classes; ``[]`` unless the load was exactly "pretrained body + new head" (nothing else missing, mismatched or
-    unexpected)."""
+def _only_a_new_head(model, loading_info: dict[str, Any]) -> bool:
+    """Whether the load was exactly "pretrained body + new head": keys outside the base model missing, or
+    re-initialised for another number of classes, and nothing else missing, mismatched or unexpected."""
     mismatched = [key[0] if isinstance(key, tuple) else key for key in loading_info.get("mismatched_keys", ())]
-    new = sorted({*loading_info.get("missing_keys", ()), *mismatched})
-    if any(loading_info.get(kind) for kind in ("unexpected_keys", "error_msgs")):
-        return []
-    return [] if any(key.startswith(f"{model.base_model_prefix}.") for key in new) else new
+    new = [*loading_info.get("missing_keys", ()), *mismatched]
+    if not new or any(loading_info.get(kind) for kind in ("unexpected_keys", "error_msgs")):
+        return False
+    return not any(key.startswith(f"{model.base_model_prefix}.") for key in new)
 
 
 def from_pretrained_noting_new_head(model_class, source: str, announce: bool = True, **kwargs: Any):
@@ -115,7 +99,7 @@ def from_pretrained_noting_new_head(model_class, source: str, announce: bool = T
         with loading_bars_off():  # a checkpoint's head for another number of classes is replaced, as a missing one
             model, info = model_class.from_pretrained(source, output_loading_info=True,
                                                       **{"ignore_mismatched_sizes": True, **kwargs})
-        new_head = bool(held and new_head_keys(model, info))
+        new_head = bool(held) and _only_a_new_head(model, info)
     finally:
         logger.removeFilter(hold)
         for record in [] if new_head else held:

@@ -1,10 +1,5 @@
-"""One recorded run: the core's training loop, wrapped with what the lab adds around it.
-
-:func:`train` batches the data (the global batch cut for this process and the memory plan's accumulation),
-prepares the model with accelerate, runs :func:`~peft_utils.core.loop.train_loop`, and for every step and
-evaluation it yields: streams ``config``/``step``/``eval``/``summary`` events to the run's record (and to the
-experiment trackers the accelerator was made with, :mod:`peft_utils.trackers`), shows progress, times the
-optimisation and measures peak memory. Only the main process records, logs, prints and saves.
+"""One recorded run: the core's training loop with what the lab adds around it (the record and the trackers,
+progress, time and peak memory); only the main process records, logs, prints and saves. The measurements:
 
 - ``train_time_s``: wall time of the optimisation only (evaluations have their own ``eval_time_s``); on CUDA the
   device is synchronised before each reading, otherwise queued kernels would be missed.
@@ -34,8 +29,8 @@ from torch.utils.data import DataLoader
 from .config import TrainConfig
 from .core.batches import StepBatches, encode, make_loader
 from .core.inject import count_parameters
-from .core.loop import (EvalMetrics, enable_gradient_checkpointing, prepare_for_training, set_seed, synchronize,
-                        train_loop)
+from .core.loop import (EvalMetrics, StepMetrics, enable_gradient_checkpointing, prepare_for_training, set_seed,
+                        synchronize, train_loop)
 from .devices import (accelerator_device, accelerator_dtype, hardware_name, is_main_process, make_accelerator,
                       per_device_batch_size)
 from .memory_plan import MemoryPlan, to_record
@@ -87,11 +82,9 @@ class _PeakMemory:
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        try:  # "5" resets the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)
+        with contextlib.suppress(OSError):  # "5" resets the kernel's peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
             self._CLEAR_REFS.write_text("5")
             self._kernel_peak = True
-        except OSError:
-            self._kernel_peak = False
         self.sample()
 
     def sample(self) -> None:
@@ -183,43 +176,11 @@ class _Run:
             **(to_record(self.memory_plan) if self.memory_plan else {}), "versions": installed_versions(),
         }
 
-    def prepared(self, model: nn.Module, lr: float, seed: int, total_steps: int):
-        """The model on its device, dropout seeded, and :func:`~peft_utils.core.loop.prepare_for_training`'s
-        (model, optimizer, scheduler)."""
-        if next(model.parameters()).device != self.device:  # before the optimiser picks its kernel
-            model.to(self.device)
-        set_seed(seed + self.accelerator.process_index)  # dropout masks: the same for every method, per process
-        return prepare_for_training(model, self.accelerator, lr=lr, weight_decay=self.config.weight_decay,
-                                    warmup_ratio=self.config.warmup_ratio, total_steps=total_steps)
 
-    def largest(self, value: int) -> int:
-        """The largest of every process's ``value`` (peak memory: the process that needed the most)."""
-        if self.accelerator.num_processes == 1:
-            return value
-        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).max())
-
-
-@dataclass(frozen=True)
-class _Outputs:
-    """Where the main process sends a run's events: its record (the source of truth for tables and figures) and its
-    experiment trackers (dashboards); the other processes of a launch send them nowhere."""
-
-    sinks: tuple[RunRecorder | RunTrackers, ...]
-
-    def log(self, event: str, **fields: Any) -> None:
-        for sink in self.sinks:
-            sink.log(event, **fields)
-
-
-@contextlib.contextmanager
-def _outputs(recording: Recording, accelerator, main: bool) -> Iterator[_Outputs]:
-    """The run's :class:`_Outputs`; its trackers (those the accelerator was made with) finished however it ends."""
-    trackers = RunTrackers(accelerator, recording.name) if main and accelerator.log_with else None
-    try:
-        yield _Outputs(tuple(sink for sink in (recording.recorder if main else None, trackers) if sink is not None))
-    finally:
-        if trackers is not None:
-            trackers.close()
+def _log(sinks: list[RunRecorder | RunTrackers], event: str, **fields: Any) -> None:
+    """One event to every sink: the run's record (the source of truth for tables and figures) and its trackers."""
+    for sink in sinks:
+        sink.log(event, **fields)
 
 
 @dataclass
@@ -227,7 +188,7 @@ class _Watch:
     """What the lab does with each thing the loop yields: record it, show it, measure it (optimisation wall time
     less the evaluations' own, and peak memory)."""
 
-    outputs: _Outputs
+    sinks: list[RunRecorder | RunTrackers]
     progress: Progress
     memory: _PeakMemory
     log_every: int
@@ -240,35 +201,38 @@ class _Watch:
     started: float = 0.0
     evaluating: float = 0.0  # seconds spent evaluating: not training time
 
-    def start(self) -> None:
-        self.memory.start()
-        synchronize(self.memory.device)
-        self.started = time.perf_counter()
-
     def elapsed(self, exact: bool = False) -> float:
         """Training time so far; the device is waited for only when ``exact`` (progress needs no precision)."""
         if exact:
             synchronize(self.memory.device)
         return time.perf_counter() - self.started - self.evaluating
 
-    def follow(self, events) -> None:
+    def follow(self, events: Iterator[StepMetrics | EvalMetrics]) -> float:
+        """Record, show and measure every step and evaluation the loop yields; returns the training time."""
+        self.memory.start()
+        synchronize(self.memory.device)
+        self.started = time.perf_counter()
         window: list[float] = []
-        for event in events:
-            if isinstance(event, EvalMetrics):
-                self._evaluated(event)
-                continue
-            self.rows, self.tokens, self.skipped = (self.rows + event.rows, self.tokens + event.tokens,
-                                                    self.skipped + event.skipped)
-            self.memory.sample()
-            self.result.losses.append(event.loss)
-            self.epoch_losses.append(event.loss)
-            window.append(event.loss)
-            self.progress.update(event.step, event.loss)
-            if event.step % self.log_every == 0 or event.step == self.total_steps:
-                # the mean loss since the last step event: less noise in the curves
-                self.outputs.log("step", step=event.step, epoch=event.epoch, loss=sum(window) / len(window),
-                                 lr=event.lr, elapsed_s=self.elapsed())
-                window = []
+        try:
+            for event in events:
+                if isinstance(event, EvalMetrics):
+                    self._evaluated(event)
+                    continue
+                self.rows, self.tokens, self.skipped = (self.rows + event.rows, self.tokens + event.tokens,
+                                                        self.skipped + event.skipped)
+                self.memory.sample()
+                self.result.losses.append(event.loss)
+                self.epoch_losses.append(event.loss)
+                window.append(event.loss)
+                self.progress.update(event.step, event.loss)
+                if event.step % self.log_every == 0 or event.step == self.total_steps:
+                    # the mean loss since the last step event: less noise in the curves
+                    _log(self.sinks, "step", step=event.step, epoch=event.epoch, loss=sum(window) / len(window),
+                         lr=event.lr, elapsed_s=self.elapsed())
+                    window = []
+            return self.elapsed(exact=True)
+        finally:
+            self.progress.close()
 
     def _evaluated(self, event: EvalMetrics) -> None:
         evaluation = event.evaluation
@@ -280,7 +244,7 @@ class _Watch:
             self.epoch_losses = []
         self.result.evals.append({**record, "predictions": evaluation.predictions,
                                   "probabilities": evaluation.probabilities})
-        self.outputs.log("eval", **record)
+        _log(self.sinks, "eval", **record)
         self.progress.write(f"step {event.step}: dev accuracy {evaluation.accuracy:.4f}, loss {evaluation.loss:.4f}")
 
     def summary(self, train_time: float, peak_memory: int) -> dict[str, Any]:
@@ -313,26 +277,32 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
     run = _Run(config, accelerator, accelerator_device(accelerator), memory_plan)
     batches = run.batches(model, tokenizer, (train_frame, eval_frame), seed)
     main, total_steps = is_main_process(), len(batches.train) * config.epochs
-    with _outputs(recording, accelerator, main) as outputs:
-        if outputs.sinks:
-            outputs.log("config", **run.config_event(model, batches, recording.run_info, lr, seed))
-        model, optimizer, scheduler = run.prepared(model, lr, seed, total_steps)
-        progress = Progress(mode=None if main else "off")
-        progress.start(total_steps, recording.label or recording.name)
-        watch = _Watch(outputs, progress, _PeakMemory(run.device), config.log_every, total_steps)
-        watch.start()
-        try:
-            watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
-                                    epochs=config.epochs, max_grad_norm=config.max_grad_norm,
-                                    eval_every=config.eval_every))
-            train_time = watch.elapsed(exact=True)
-        finally:
-            progress.close()
+    # only the main process records; its trackers are those the accelerator was made with
+    trackers = RunTrackers(accelerator, recording.name) if main and accelerator.log_with else None
+    sinks = [sink for sink in (recording.recorder if main else None, trackers) if sink is not None]
+    try:
+        if sinks:
+            _log(sinks, "config", **run.config_event(model, batches, recording.run_info, lr, seed))
+        if next(model.parameters()).device != run.device:  # before the optimiser picks its kernel
+            model.to(run.device)
+        set_seed(seed + accelerator.process_index)  # dropout masks: the same for every method, per process
+        model, optimizer, scheduler = prepare_for_training(model, accelerator, lr=lr, weight_decay=config.weight_decay,
+                                                           warmup_ratio=config.warmup_ratio, total_steps=total_steps)
+        progress = Progress(total_steps, recording.label or recording.name, mode=None if main else "off")
+        watch = _Watch(sinks, progress, _PeakMemory(run.device), config.log_every, total_steps)
+        train_time = watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
+                                             epochs=config.epochs, max_grad_norm=config.max_grad_norm,
+                                             eval_every=config.eval_every))
+        # the peak of the process that needed the most
+        peak = accelerator.gather(torch.tensor([watch.memory.peak_bytes()], device=accelerator.device)).max()
         result = watch.result
-        result.summary = watch.summary(train_time, run.largest(watch.memory.peak_bytes()))
+        result.summary = watch.summary(train_time, int(peak))
         if recording.on_finish is not None and main:
             result.summary.update(recording.on_finish(accelerator.unwrap_model(model)))
-        outputs.log("summary", **result.summary)
+        _log(sinks, "summary", **result.summary)
+    finally:
+        if trackers is not None:
+            trackers.close()
     accelerator.wait_for_everyone()  # the record is complete before any process plans or trains what follows
     accelerator.free_memory()  # the accelerator's references to this run's model and optimiser
     return result

@@ -11,7 +11,6 @@ from transformers import BertConfig, GPT2Config, LlamaConfig
 from peft_utils.config import AdapterSettings, TrainConfig
 from peft_utils.memory_plan import (
     estimate_memory,
-    parameter_count,
     plan_for_device,
     plan_memory,
     to_record,
@@ -50,7 +49,6 @@ def test_parameter_count_equals_the_real_models(family):
 
     config = TINY_CONFIGS[family]()
     real = AutoModelForSequenceClassification.from_config(config)  # real (random) weights, on the CPU
-    assert parameter_count(config) == sum(p.numel() for p in real.parameters())
     assert estimate_memory(config, "lora", 2, 16).parameters == sum(p.numel() for p in real.parameters())
 
 
@@ -214,4 +212,4 @@ def test_no_plan_off_cuda():
     from peft_utils.devices import make_accelerator
 
     cpu = make_accelerator("cpu")
-    assert plan_for_device("unused", "full", TrainConfig(), AdapterSettings(), torch.float32, cpu) is None
+    assert plan_for_device("unused", "full", TrainConfig(), AdapterSettings(), cpu) is None

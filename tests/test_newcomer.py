@@ -50,8 +50,7 @@ class CountingLoss:
 
 def test_progress_lines_show_label_step_rate_loss_and_eta():
     out = io.StringIO()
-    progress = Progress(mode="lines", line_interval_s=0.0, stream=out)
-    progress.start(10, "run 2/5 lora")
+    progress = Progress(10, "run 2/5 lora", mode="lines", line_interval_s=0.0, stream=out)
     progress.update(4, torch.tensor(0.25))
     progress.write("step 4: dev accuracy 0.5000")
     progress.update(10, 0.125)
@@ -64,8 +63,7 @@ def test_progress_lines_show_label_step_rate_loss_and_eta():
 
 def test_progress_is_throttled_and_reads_the_loss_only_when_drawing():
     out = io.StringIO()
-    progress = Progress(mode="lines", line_interval_s=3600.0, stream=out)
-    progress.start(1000, "run 1/1 full")
+    progress = Progress(1000, "run 1/1 full", mode="lines", line_interval_s=3600.0, stream=out)
     loss = CountingLoss(0.5)
     for step in range(1, 1001):
         progress.update(step, loss)
@@ -76,8 +74,7 @@ def test_progress_is_throttled_and_reads_the_loss_only_when_drawing():
 
 def test_progress_bar_mode_draws_a_bar_with_the_label():
     out = io.StringIO()
-    progress = Progress(mode="bar", stream=out)
-    progress.start(8, "run 1/3 dora")
+    progress = Progress(8, "run 1/3 dora", mode="bar", stream=out)
     for step in range(1, 9):
         progress.update(step, 0.5)
     progress.close()
