@@ -3,8 +3,9 @@
 Users change it through flat *parameters* (``rank=16``, ``lr={"lora": 5e-4}``, ``train_size="all"``), each
 declared once, on its field, with its check and help (:func:`parameter`). :data:`PARAMETERS` collects them;
 :func:`make_config` (notebook and API), the ``python -m peft_utils.experiment`` flags (:func:`add_cli_arguments`)
-and the values ``make run`` gives the notebook (:func:`notebook_values`) all come from it, so they cannot drift apart. Every value is checked before
-anything loads or trains: a typo costs a one-line error, not a crash after a finished run.
+and the values ``make run`` gives the notebook (:func:`notebook_values`) all come from it, so they cannot drift
+apart. Every value is checked before anything loads or trains: a typo costs a one-line error, not a crash after a
+finished run.
 """
 from __future__ import annotations
 
