@@ -1,7 +1,7 @@
 """One typed configuration, :class:`ExperimentConfig`, from the notebook's parameters cell to the run record.
 
 Users change it through flat *parameters* (``rank=16``, ``lr={"lora": 5e-4}``, ``train_size="all"``), each
-declared once, on its field, with its check and help (:func:`parameter`). :data:`PARAMETERS` collects them;
+declared once, on its field, with its check and help (:func:`parameter`). :data:`PARAMETERS` holds them by name;
 :func:`make_config` (notebook and API), the ``python -m peft_utils.experiment`` flags (:func:`add_cli_arguments`)
 and the values ``make run`` gives the notebook (:func:`notebook_values`) all come from it, so they cannot drift
 apart. Every value is checked before anything loads or trains: a typo costs a one-line error, not a crash after a
@@ -15,7 +15,7 @@ import difflib
 import math
 import numbers
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -365,12 +365,10 @@ def _parameters(config: type, part: str = "") -> Iterator[Parameter]:
             yield Parameter(name or item.name, part, item.name, check, help, several)
 
 
-PARAMETERS: tuple[Parameter, ...] = tuple(_parameters(ExperimentConfig))
-PARAMETER_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMETERS)
-PARAMETER_BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}
+PARAMETERS: dict[str, Parameter] = {p.name: p for p in _parameters(ExperimentConfig)}
 
 
-def check_parameter_names(names: Iterable[str], known: Sequence[str] = PARAMETER_NAMES) -> None:
+def check_parameter_names(names: Iterable[str], known: Collection[str] = PARAMETERS) -> None:
     """Refuse every name not in ``known``, suggesting the closest (``rnak``: did you mean ``rank``?). Why: papermill
     makes a misspelt name one more unused variable, and the profile's value would train instead."""
     unknown = [name for name in dict.fromkeys(names) if name not in known]
@@ -452,7 +450,7 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
     top: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = defaultdict(dict)
     for name, value in given.items():
-        parameter = PARAMETER_BY_NAME[name]
+        parameter = PARAMETERS[name]
         (parts[parameter.part] if parameter.part else top)[parameter.field] = parameter.check(name, value)
     if top.get("lr") == TUNE:
         del top["lr"]
@@ -474,7 +472,7 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
 
 def _setting(config: ExperimentConfig, name: str) -> Any:
     """Parameter ``name``'s value in ``config`` as a user writes it: one target set as itself, not as an axis."""
-    parameter = PARAMETER_BY_NAME[name]
+    parameter = PARAMETERS[name]
     value = getattr(getattr(config, parameter.part) if parameter.part else config, parameter.field)
     return value[0] if name == "targets" and len(value) == 1 else value
 
@@ -514,14 +512,14 @@ def _refuse_settings_without_effect(config: ExperimentConfig, changed: Mapping[s
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per parameter (``--rank 8``, ``--lr lora=5e-4``, ``--train-size all``, ``--no-sweep``...)."""
-    for p in PARAMETERS:
+    for p in PARAMETERS.values():
         kind = {"action": argparse.BooleanOptionalAction} if p.check is _flag else {"nargs": "+"} if p.several else {}
         parser.add_argument("--" + p.name.replace("_", "-"), dest=p.name, default=None, help=p.help, **kind)
 
 
 def cli_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The parameters given on the command line (``None``: not given), shaped as the notebook writes them."""
-    given = {p.name: getattr(args, p.name) for p in PARAMETERS}
+    given = {name: getattr(args, name) for name in PARAMETERS}
     return {name: _from_tokens(name, value) if isinstance(value, list) else value for name, value in given.items()}
 
 

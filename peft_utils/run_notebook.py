@@ -1,11 +1,5 @@
 """``make run``: execute ``peft.ipynb`` with papermill, its printed output forwarded live, then write an offline
-HTML report and print the results table and where everything is.
-
-The kernel talks over IPC sockets in a private temporary folder (no network port, no warning that TCP is not
-encrypted). The report embeds its figures, has its formulas rendered to MathML (nbconvert's default loads MathJax
-from a CDN, so offline a reader would see raw TeX), loads no script, and leaves out the per-run progress lines the
-terminal showed live (:data:`PROGRESS_LINE`). ``--commit-outputs`` also writes the executed notebook, cleaned, over
-``--notebook`` (docs/notebook.md). A cell that fails on the user's input ends with one line naming the error.
+HTML report and print the results table and where everything is (docs/notebook.md: the report, --commit-outputs).
 
     python -m peft_utils.run_notebook --profile smoke --data-dir ../shared/data --imgs-dir results/smoke/imgs
 """
@@ -46,7 +40,8 @@ def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any], c
     from traitlets.config import Config
 
     check_parameter_names(parameters, NOTEBOOK_PARAMETERS)
-    # mkdtemp's folder is private (0700) and short: a Unix socket path may not exceed about 100 bytes
+    # The kernel talks over IPC sockets (no network port, no warning that TCP is not encrypted) in a private (0700),
+    # short folder: a Unix socket path may not exceed about 100 bytes.
     with tempfile.TemporaryDirectory(prefix="peft-lab-") as sockets:
         ipc = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(sockets, "kernel")}})
         papermill.execute_notebook(str(source), str(executed), parameters=parameters, cwd=str(cwd), config=ipc,
@@ -80,7 +75,8 @@ def committed_copy(executed):
 
 
 def export_html(executed: Path) -> Path:
-    """The executed notebook as one HTML file beside it that reads offline in any browser (see the module)."""
+    """The executed notebook as one HTML file beside it that reads offline: figures embedded, formulas as MathML
+    (nbconvert's default loads MathJax from a CDN), no script, no progress lines."""
     import nbformat
     from jinja2 import DictLoader, pass_context
     from latex2mathml.converter import convert
