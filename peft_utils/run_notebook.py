@@ -33,7 +33,7 @@ REPORT_TEMPLATE_SOURCE = """{%- extends 'index.html.j2' -%}
 """
 
 
-def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any], cwd: Path | str = ".") -> None:
+def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any]) -> None:
     """Run ``source`` into ``executed`` with ``parameters``, forwarding its output live. The names are checked first:
     the notebook reads those of its parameters cell and no other, so a misspelt one would go unused."""
     import papermill
@@ -44,7 +44,7 @@ def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any], c
     # short folder: a Unix socket path may not exceed about 100 bytes.
     with tempfile.TemporaryDirectory(prefix="peft-lab-") as sockets:
         ipc = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(sockets, "kernel")}})
-        papermill.execute_notebook(str(source), str(executed), parameters=parameters, cwd=str(cwd), config=ipc,
+        papermill.execute_notebook(str(source), str(executed), parameters=parameters, config=ipc,
                                    progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr)
 
 
