@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import (NOTEBOOK_PARAMETERS, PROFILE_NAMES, PROFILES, check_parameter_names, notebook_values,
-                     resolve_profile)
+from .config import NOTEBOOK_PARAMETERS, PROFILE_NAMES, check_parameter_names, notebook_values
 from .progress import MODE_ENV
 
 # A run's progress line or a note under it ("run 3/32 lora | step 40/250 ...", labelled by experiment.run_plan); the
@@ -151,12 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and no transformers "Loading weights" bar.
     os.environ.setdefault(MODE_ENV, "lines")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    profile = resolve_profile(args.profile)
-    results_dir = Path(args.results_dir or PROFILES[profile].results_dir)
     # every name of the parameters cell, with the profile's value: papermill's cell under it shows what trains
-    parameters = {**notebook_values(profile), "data_dir": args.data_dir, "results_dir": str(results_dir),
-                  "imgs_dir": args.imgs_dir}
-    print(f"Running {args.notebook} ({profile} profile) -> {args.output}", flush=True)
+    values = notebook_values(args.profile)
+    results_dir = Path(args.results_dir or values["results_dir"])
+    parameters = {**values, "data_dir": args.data_dir, "results_dir": str(results_dir), "imgs_dir": args.imgs_dir}
+    print(f"Running {args.notebook} ({values['profile']} profile) -> {args.output}", flush=True)
     try:
         execute_notebook(args.notebook, args.output, parameters)
     except PapermillExecutionError as error:
