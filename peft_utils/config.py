@@ -1,10 +1,11 @@
 """One typed configuration, :class:`ExperimentConfig`, from the notebook's parameters cell to the run record.
 
-Users change it through flat *parameters* (``rank=16``, ``lr={"lora": 5e-4}``, ``train_size="all"``).
-:data:`PARAMETERS` lists each once, with its check, help and command-line form; :func:`make_config` (notebook and
-API), the ``python -m peft_utils.experiment`` flags (:func:`add_cli_arguments`) and the values ``make run`` gives
-the notebook (:func:`notebook_values`) all come from it, so they cannot drift apart. Every value is checked before
-anything loads or trains: a typo costs a one-line error, not a crash after a finished run.
+Users change it through flat *parameters* (``rank=16``, ``lr={"lora": 5e-4}``, ``train_size="all"``), each
+declared once, on its field, with its check and help (:func:`parameter`). :data:`PARAMETERS` holds them by name;
+:func:`make_config` (notebook and API), the ``python -m peft_utils.experiment`` flags (:func:`add_cli_arguments`)
+and the values ``make run`` gives the notebook (:func:`notebook_values`) all come from it, so they cannot drift
+apart. Every value is checked before anything loads or trains: a typo costs a one-line error, not a crash after a
+finished run.
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import contextlib
 import difflib
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .methods import METHOD_NAMES, get_method
 
@@ -186,18 +188,28 @@ def _report_to(name: str, value: Any) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------------ the parts
 
 
+def parameter(default: Any, check: Check, help: str, *, name: str = "", several: bool = False) -> Any:
+    """A field that users set by name (the field's, unless ``name`` says): its check, and its help for the flag;
+    ``several``: the flag takes several tokens (see :func:`cli_parameters`). A dict default is copied per instance."""
+    if isinstance(default, dict):
+        return field(default_factory=default.copy, metadata={"parameter": (name, check, help, several)})
+    return field(default=default, metadata={"parameter": (name, check, help, several)})
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which rows (``None``: every row of the split). A train size draws a class-balanced subset seeded by the run
     seed; an eval size a fixed subset of dev, so that every run is scored on the same sentences."""
 
-    data_dir: str | None = None
-    train_size: int | None = None
-    eval_size: int | None = None
-    dataset: str = "sst2"  # "sst2", a CSV/TSV/JSON Lines/Parquet file or folder, or a hub id (data.load_splits)
-    dataset_config: str | None = None  # a hub dataset's configuration name
-    text_column: tuple[str, ...] | None = None  # one, or two for sentence pairs; None: "text" or "sentence"
-    label_column: str = "label"
+    data_dir: str | None = parameter(None, _optional(_text), "folder holding sst2/ (and gpt2-tokenizer/); None: "
+                                     "$PEFT_LAB_DATA, else the hub")
+    train_size: int | None = parameter(None, _rows, "train rows (a balanced subset), or 'all'")
+    eval_size: int | None = parameter(None, _rows, "dev rows, or 'all'")
+    dataset: str = parameter("sst2", _text, "'sst2', a CSV/TSV/JSONL/Parquet file or folder, or a hub dataset")
+    dataset_config: str | None = parameter(None, _optional(_text), "a hub dataset's configuration name")
+    text_column: tuple[str, ...] | None = parameter(None, _columns, "the text column, or two for sentence pairs "
+                                                    "(default: text or sentence)", several=True)
+    label_column: str = parameter("label", _text, "the label column (numbers or names)")
 
 
 @dataclass(frozen=True)
@@ -205,13 +217,14 @@ class AdapterSettings:
     """The adapter every LoRA-family method injects: ``y = W0 x + (alpha / rank) · B A dropout(x)``
     (``rslora``: ``alpha / sqrt(rank)``, set by the sweep's ``rslora`` option)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: int = parameter(8, _positive_int, "LoRA/DoRA rank r")
+    alpha: float = parameter(16.0, _positive, "scaling numerator: the update is (alpha / r) * B A")
+    dropout: float = parameter(0.0, _fraction, "dropout on the adapter input, in [0, 1)")
     targets: str | tuple[str, ...] | None = None
     rslora: bool = False
-    # trained in full beside adapters and head (peft's modules_to_save), e.g. ("pooler",); None: the head only
-    modules_to_save: tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = parameter(None, _module_names, "modules trained in full beside "
+                                                        "adapters and head, e.g. pooler (None: the head only)",
+                                                        several=True)
 
 
 @dataclass(frozen=True)
@@ -220,25 +233,27 @@ class TrainConfig:
     batch (over every process and accumulation step), so a run means the same experiment on one CPU or eight GPUs.
     ``precision="auto"``: see ``devices.compute_dtype_for``. ``eval_batch_size`` ``None``: ``2 * batch_size``."""
 
-    epochs: int = 1
-    batch_size: int = 16
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float | None = 1.0
-    grad_accum_steps: int = 1
-    max_length: int = 128
-    eval_every: int | None = None  # also evaluate every that many steps (None: at the end of each epoch)
-    gradient_checkpointing: bool = False
-    device: str = "auto"
-    precision: str = "auto"
-    log_every: int = 10  # steps averaged into one step event
-    bucket_by_length: bool = False
-    eval_batch_size: int | None = None
+    epochs: int = parameter(1, _positive_int, "passes over the train rows")
+    batch_size: int = parameter(16, _positive_int, "rows per optimiser step, over all processes")
+    weight_decay: float = parameter(0.01, _non_negative, "AdamW weight decay (matrices only)")
+    warmup_ratio: float = parameter(0.06, _fraction, "share of steps with a linear warm-up")
+    max_grad_norm: float | None = parameter(1.0, _optional(_positive), "gradient clipping norm")
+    grad_accum_steps: int = parameter(1, _positive_int, "micro-batches per step and process")
+    max_length: int = parameter(128, _positive_int, "tokens per sentence (longer ones are cut)")
+    eval_every: int | None = parameter(None, _optional(_positive_int), "also evaluate every N optimiser steps "
+                                       "(None: at the end of each epoch)")
+    gradient_checkpointing: bool = parameter(False, _flag, "recompute activations in backward")
+    device: str = parameter("auto", _device, "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'")
+    precision: str = parameter("auto", _precision, "'auto' (GPU: bf16, or fp16 + loss scaling before Ampere; "
+                               "CPU: fp32) | 'fp32' | 'bf16' | 'fp16'")
+    log_every: int = parameter(10, _positive_int, "optimiser steps averaged into one logged loss")
+    bucket_by_length: bool = parameter(False, _flag, "batch sentences of similar length")
+    eval_batch_size: int | None = parameter(None, _optional(_positive_int), "rows per evaluation batch")
 
     def __post_init__(self) -> None:  # built directly too (tests, bench): every field is a parameter, checked and read
         for item in fields(self):
-            value = PARAMETER_BY_FIELD["train", item.name].check(f"TrainConfig.{item.name}", getattr(self, item.name))
-            object.__setattr__(self, item.name, value)
+            check = item.metadata["parameter"][1]
+            object.__setattr__(self, item.name, check(f"TrainConfig.{item.name}", getattr(self, item.name)))
 
 
 @dataclass(frozen=True)
@@ -246,11 +261,14 @@ class SweepConfig:
     """The LoRA rank x alpha grid in alpha/rank ratios (at a fixed ratio the update keeps its scale), each run on
     ``train_size`` rows (``None``: the comparison's) so that 28 runs fit a CPU budget."""
 
-    enabled: bool = False
-    ranks: tuple[int, ...] = (2, 8, 32)
-    alpha_ratios: tuple[float, ...] = (1.0,)
-    train_size: int | None = None
-    rslora: bool = False
+    enabled: bool = parameter(False, _flag, "also run the LoRA rank x alpha grid", name="sweep")
+    ranks: tuple[int, ...] = parameter((2, 8, 32), _each(_positive_int), "the grid's ranks, e.g. 2 4 8 16",
+                                       name="sweep_ranks", several=True)
+    alpha_ratios: tuple[float, ...] = parameter((1.0,), _each(_positive), "the grid's alpha / r values",
+                                                name="sweep_alpha_ratios", several=True)
+    train_size: int | None = parameter(None, _optional(_positive_int), "train rows per grid run",
+                                       name="sweep_train_size")
+    rslora: bool = parameter(False, _flag, "grid with rsLoRA scaling alpha / sqrt(r)", name="sweep_rslora")
 
 
 @dataclass(frozen=True)
@@ -261,10 +279,14 @@ class TuneConfig:
     rows; the best mean rate is used for every seed. The dev split takes no part in the choice."""
 
     enabled: bool = False
-    grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    train_size: int | None = None
-    holdout_size: int = 2000
-    seeds: tuple[int, ...] | None = None
+    grid: dict[str, tuple[float, ...]] = parameter({}, _lr_grid, "rates lr 'tune' tries per method, e.g. "
+                                                   "lora=1e-3,3e-3", name="lr_grid", several=True)
+    train_size: int | None = parameter(None, _optional(_positive_int), "train rows per tuning run",
+                                       name="tune_train_size")
+    holdout_size: int = parameter(2000, _positive_int, "held-out train rows scoring tuning runs",
+                                  name="tune_holdout_size")
+    seeds: tuple[int, ...] | None = parameter(None, _optional(_each(_seed)), "tuning seeds; the best mean rate wins",
+                                              name="tune_seeds", several=True)
 
 
 @dataclass(frozen=True)
@@ -272,25 +294,32 @@ class ExperimentConfig:
     """Everything that decides an experiment's results, validated (see :func:`make_config`)."""
 
     profile: str
-    model: str
-    methods: tuple[str, ...]
-    lr: dict[str, float]
-    seeds: tuple[int, ...] = (0,)
+    model: str = parameter(MISSING, _text, "hub id, local folder, 'minilm' or 'random-gpt2-<size>'")
+    methods: tuple[str, ...] = parameter(MISSING, _each(lambda name, m: get_method(m).name),
+                                         f"methods to compare, of {', '.join(METHOD_NAMES)}", several=True)
+    lr: dict[str, float] = parameter(MISSING, _lr, "one rate, per method (lora=2e-4 full=2e-5), or 'tune' (the "
+                                     "best of lr_grid)", several=True)
+    seeds: tuple[int, ...] = parameter((0,), _each(_seed), "one run per seed and method: 0 1 2 gives error bars",
+                                       several=True)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     # The target sets every adapter method runs on (None: the model's default), an axis of the experiment: each
     # of ``adapters`` holds its own, and ``adapter.targets`` stays unset.
-    targets: tuple[str | tuple[str, ...] | None, ...] = (None,)
+    targets: tuple[str | tuple[str, ...] | None, ...] = parameter(
+        (None,), _target_sets, "layers: a preset ('attn', 'attn-all', 'all-linear'), module-name suffixes or a "
+        "regex; several sets compare them: attn all-linear, or query,value all-linear", several=True)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-    results_dir: str = "results"
-    imgs_dir: str | None = None
-    report_to: tuple[str, ...] = ()  # experiment trackers (peft_utils.trackers): how runs are watched, not what
-    sentences: tuple[str, ...] = (
+    results_dir: str = parameter("results", _optional(_text), "run records go here; None: results/<profile>")
+    imgs_dir: str | None = parameter(None, _optional(_text), "figures go here; None: <results_dir>/imgs")
+    # experiment trackers (peft_utils.trackers): how runs are watched, not what
+    report_to: tuple[str, ...] = parameter((), _report_to, "experiment trackers, e.g. tensorboard (logs in "
+                                           "<results_dir>/runs), mlflow", several=True)
+    sentences: tuple[str, ...] = parameter((
         "A gripping, beautifully acted film.", "The plot is thin and the jokes fall flat.",
         "Not the best film of the year, but far from the worst.",
-    )
+    ), _each(_text, unique=False), "your own sentences, classified by each run", several=True)
     # The sizes (SIZE_PARAMETERS) left to the profile, which planning fits to the data, and those it draws
     # stratified because no balanced subset meets them. Not part of a result: a run's record holds its row counts.
     adaptable_sizes: frozenset[str] = field(default=frozenset(), compare=False)
@@ -311,99 +340,35 @@ class ExperimentConfig:
         """The adapter settings of each target set, in the order of ``targets``."""
         return tuple(replace(self.adapter, targets=targets) for targets in self.targets)
 
-    def method_lr(self, method: str) -> float:
-        return self.lr[method]
-
 
 # ------------------------------------------------------------------------------------------------ parameters
 
 
-@dataclass(frozen=True)
-class Parameter:
-    """One user-facing setting: where it lives (``"adapter.rank"``: a part's field; ``"model"``: ExperimentConfig's),
-    its check and its help; ``several``: its flag takes several tokens (see :func:`cli_parameters`)."""
+class Parameter(NamedTuple):
+    """One user-facing setting: the field ``field`` of ExperimentConfig's ``part`` (``""``: of ExperimentConfig)."""
 
     name: str
-    where: str
+    part: str
+    field: str
     check: Check
     help: str
-    several: bool = False
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def part(self) -> str:
-        return self.where.rpartition(".")[0]
-
-    @property
-    def field(self) -> str:
-        return self.where.rpartition(".")[2]
+    several: bool
 
 
-PARAMETERS: tuple[Parameter, ...] = (
-    Parameter("model", "model", _text, "hub id, local folder, 'minilm' or 'random-gpt2-<size>'"),
-    Parameter("methods", "methods", _each(lambda name, m: get_method(m).name),
-              f"methods to compare, of {', '.join(METHOD_NAMES)}", several=True),
-    Parameter("rank", "adapter.rank", _positive_int, "LoRA/DoRA rank r"),
-    Parameter("alpha", "adapter.alpha", _positive, "scaling numerator: the update is (alpha / r) * B A"),
-    Parameter("dropout", "adapter.dropout", _fraction, "dropout on the adapter input, in [0, 1)"),
-    Parameter("targets", "targets", _target_sets, "layers: a preset ('attn', 'attn-all', 'all-linear'), module-name "
-              "suffixes or a regex; several sets compare them: attn all-linear, or query,value all-linear",
-              several=True),
-    Parameter("modules_to_save", "adapter.modules_to_save", _module_names,
-              "modules trained in full beside adapters and head, e.g. pooler (None: the head only)", several=True),
-    Parameter("epochs", "train.epochs", _positive_int, "passes over the train rows"),
-    Parameter("batch_size", "train.batch_size", _positive_int, "rows per optimiser step, over all processes"),
-    Parameter("lr", "lr", _lr, "one rate, per method (lora=2e-4 full=2e-5), or 'tune' (the best of lr_grid)",
-              several=True),
-    Parameter("lr_grid", "tune.grid", _lr_grid, "rates lr 'tune' tries per method, e.g. lora=1e-3,3e-3", several=True),
-    Parameter("tune_train_size", "tune.train_size", _optional(_positive_int), "train rows per tuning run"),
-    Parameter("tune_holdout_size", "tune.holdout_size", _positive_int, "held-out train rows scoring tuning runs"),
-    Parameter("tune_seeds", "tune.seeds", _optional(_each(_seed)), "tuning seeds; the best mean rate wins",
-              several=True),
-    Parameter("max_length", "train.max_length", _positive_int, "tokens per sentence (longer ones are cut)"),
-    Parameter("train_size", "data.train_size", _rows, "train rows (a balanced subset), or 'all'"),
-    Parameter("eval_size", "data.eval_size", _rows, "dev rows, or 'all'"),
-    Parameter("seeds", "seeds", _each(_seed), "one run per seed and method: 0 1 2 gives error bars", several=True),
-    Parameter("sweep", "sweep.enabled", _flag, "also run the LoRA rank x alpha grid"),
-    Parameter("sweep_ranks", "sweep.ranks", _each(_positive_int), "the grid's ranks, e.g. 2 4 8 16", several=True),
-    Parameter("sweep_alpha_ratios", "sweep.alpha_ratios", _each(_positive), "the grid's alpha / r values",
-              several=True),
-    Parameter("sweep_train_size", "sweep.train_size", _optional(_positive_int), "train rows per grid run"),
-    Parameter("sweep_rslora", "sweep.rslora", _flag, "grid with rsLoRA scaling alpha / sqrt(r)"),
-    Parameter("dataset", "data.dataset", _text, "'sst2', a CSV/TSV/JSONL/Parquet file or folder, or a hub dataset"),
-    Parameter("dataset_config", "data.dataset_config", _optional(_text), "a hub dataset's configuration name"),
-    Parameter("text_column", "data.text_column", _columns, "the text column, or two for sentence pairs", several=True),
-    Parameter("label_column", "data.label_column", _text, "the label column (numbers or names)"),
-    Parameter("data_dir", "data.data_dir", _optional(_text), "folder holding sst2/ (and gpt2-tokenizer/); None: "
-              "$PEFT_LAB_DATA, else the hub"),
-    Parameter("results_dir", "results_dir", _optional(_text), "run records go here; None: results/<profile>"),
-    Parameter("imgs_dir", "imgs_dir", _optional(_text), "figures go here; None: <results_dir>/imgs"),
-    Parameter("sentences", "sentences", _each(_text, unique=False), "your own sentences, classified by each run",
-              several=True),
-    Parameter("report_to", "report_to", _report_to, "experiment trackers, e.g. tensorboard (logs in "
-              "<results_dir>/runs), mlflow", several=True),
-    Parameter("weight_decay", "train.weight_decay", _non_negative, "AdamW weight decay (matrices only)"),
-    Parameter("warmup_ratio", "train.warmup_ratio", _fraction, "share of steps with a linear warm-up"),
-    Parameter("max_grad_norm", "train.max_grad_norm", _optional(_positive), "gradient clipping norm"),
-    Parameter("grad_accum_steps", "train.grad_accum_steps", _positive_int, "micro-batches per step and process"),
-    Parameter("eval_every", "train.eval_every", _optional(_positive_int), "also evaluate every N optimiser steps"),
-    Parameter("gradient_checkpointing", "train.gradient_checkpointing", _flag, "recompute activations in backward"),
-    Parameter("device", "train.device", _device, "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'"),
-    Parameter("precision", "train.precision", _precision, "'auto' (GPU: bf16, or fp16 + loss scaling before Ampere; "
-              "CPU: fp32) | 'fp32' | 'bf16' | 'fp16'"),
-    Parameter("log_every", "train.log_every", _positive_int, "optimiser steps averaged into one logged loss"),
-    Parameter("bucket_by_length", "train.bucket_by_length", _flag, "batch sentences of similar length"),
-    Parameter("eval_batch_size", "train.eval_batch_size", _optional(_positive_int), "rows per evaluation batch"),
-)
-PARAMETER_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMETERS)
-PARAMETER_BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}
-PARAMETER_BY_FIELD: dict[tuple[str, str], Parameter] = {(p.part, p.field): p for p in PARAMETERS}
+def _parameters(config: type, part: str = "") -> Iterator[Parameter]:
+    """The parameters of ``config``'s fields, each part's (``data``, ``adapter``...) in its place."""
+    for item in fields(config):
+        if is_dataclass(item.default_factory):
+            yield from _parameters(item.default_factory, item.name)
+        elif "parameter" in item.metadata:
+            name, check, help, several = item.metadata["parameter"]
+            yield Parameter(name or item.name, part, item.name, check, help, several)
 
 
-def check_parameter_names(names: Iterable[str], known: Sequence[str] = PARAMETER_NAMES) -> None:
+PARAMETERS: dict[str, Parameter] = {p.name: p for p in _parameters(ExperimentConfig)}
+
+
+def check_parameter_names(names: Iterable[str], known: Collection[str] = PARAMETERS) -> None:
     """Refuse every name not in ``known``, suggesting the closest (``rnak``: did you mean ``rank``?). Why: papermill
     makes a misspelt name one more unused variable, and the profile's value would train instead."""
     unknown = [name for name in dict.fromkeys(names) if name not in known]
@@ -483,9 +448,9 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
     given = {name: value for name, value in parameters.items()
              if value is not None and not (isinstance(value, str) and value == "")}
     top: dict[str, Any] = {}
-    parts: dict[str, dict[str, Any]] = {"data": {}, "adapter": {}, "train": {}, "sweep": {}, "tune": {}}
+    parts: dict[str, dict[str, Any]] = defaultdict(dict)
     for name, value in given.items():
-        parameter = PARAMETER_BY_NAME[name]
+        parameter = PARAMETERS[name]
         (parts[parameter.part] if parameter.part else top)[parameter.field] = parameter.check(name, value)
     if top.get("lr") == TUNE:
         del top["lr"]
@@ -507,7 +472,7 @@ def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
 
 def _setting(config: ExperimentConfig, name: str) -> Any:
     """Parameter ``name``'s value in ``config`` as a user writes it: one target set as itself, not as an axis."""
-    parameter = PARAMETER_BY_NAME[name]
+    parameter = PARAMETERS[name]
     value = getattr(getattr(config, parameter.part) if parameter.part else config, parameter.field)
     return value[0] if name == "targets" and len(value) == 1 else value
 
@@ -547,14 +512,14 @@ def _refuse_settings_without_effect(config: ExperimentConfig, changed: Mapping[s
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per parameter (``--rank 8``, ``--lr lora=5e-4``, ``--train-size all``, ``--no-sweep``...)."""
-    for p in PARAMETERS:
+    for p in PARAMETERS.values():
         kind = {"action": argparse.BooleanOptionalAction} if p.check is _flag else {"nargs": "+"} if p.several else {}
-        parser.add_argument(p.flag, dest=p.name, default=None, help=p.help, **kind)
+        parser.add_argument("--" + p.name.replace("_", "-"), dest=p.name, default=None, help=p.help, **kind)
 
 
 def cli_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The parameters given on the command line (``None``: not given), shaped as the notebook writes them."""
-    given = {p.name: getattr(args, p.name) for p in PARAMETERS}
+    given = {name: getattr(args, name) for name in PARAMETERS}
     return {name: _from_tokens(name, value) if isinstance(value, list) else value for name, value in given.items()}
 
 
@@ -588,9 +553,3 @@ def notebook_values(profile: str) -> dict[str, Any]:
     return {"profile": config.profile, **values, "methods": list(config.methods), "seeds": list(config.seeds),
             "lr": {method: config.lr[method] for method in config.methods},
             "train_size": ALL_ROWS if values["train_size"] is None else values["train_size"]}
-
-
-def config_record(config: ExperimentConfig) -> dict[str, Any]:
-    """The experiment-wide settings as flat parameter names (for display and for run records)."""
-    record = {"profile": config.profile, **{name: _setting(config, name) for name in PARAMETER_NAMES}}
-    return {**record, "lr": TUNE} if config.tune.enabled else record

@@ -246,7 +246,7 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     for spec in specs:
         name = run_id(spec, config.model)
         rows = frames[spec.group, spec.seed]
-        lr = spec.lr if spec.lr is not None or config.tune.enabled else config.method_lr(spec.method)
+        lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
         record = _planned_record(config, spec, rows, data, lr, str(compute_dtype).removeprefix("torch."))
         found, complete = store.find(name, record)
         runs.append(PlannedRun(spec, name, found, record, *rows, complete=complete))

@@ -1,4 +1,4 @@
-"""Numbers as short readable text: byte sizes, parameter counts, durations, shares, accuracy points, p-values.
+"""Numbers as short readable text: byte sizes, parameter counts, durations, accuracy points, p-values.
 
 One module, because two formatters of one quantity drift apart ("498 MB" here, "474.70 MiB" there, for one file).
 """
@@ -56,12 +56,6 @@ def format_seconds(seconds: float | None) -> str:
     if seconds < 6000:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.2f} h"
-
-
-def format_share(part: float, total: float) -> str:
-    """``part / total`` as a percentage: no decimal from 10%, one from 1%, two below (100%, 13%, 2.4%, 0.24%)."""
-    ratio = part / total
-    return f"{ratio:.0%}" if ratio >= 0.1 else f"{ratio:.1%}" if ratio >= 0.01 else f"{ratio:.2%}"
 
 
 def format_points(fraction: float, signed: bool = False, decimals: int = 1) -> str:

@@ -1,11 +1,5 @@
 """``make run``: execute ``peft.ipynb`` with papermill, its printed output forwarded live, then write an offline
-HTML report and print the results table and where everything is.
-
-The kernel talks over IPC sockets in a private temporary folder (no network port, no warning that TCP is not
-encrypted). The report embeds its figures, has its formulas rendered to MathML (nbconvert's default loads MathJax
-from a CDN, so offline a reader would see raw TeX), loads no script, and leaves out the per-run progress lines the
-terminal showed live (:data:`PROGRESS_LINE`). ``--commit-outputs`` also writes the executed notebook, cleaned, over
-``--notebook`` (docs/notebook.md). A cell that fails on the user's input ends with one line naming the error.
+HTML report and print the results table and where everything is (docs/notebook.md: the report, --commit-outputs).
 
     python -m peft_utils.run_notebook --profile smoke --data-dir ../shared/data --imgs-dir results/smoke/imgs
 """
@@ -21,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import (NOTEBOOK_PARAMETERS, PROFILE_NAMES, PROFILES, check_parameter_names, notebook_values,
-                     resolve_profile)
+from .config import NOTEBOOK_PARAMETERS, PROFILE_NAMES, check_parameter_names, notebook_values
 from .progress import MODE_ENV
 
 # A run's progress line or a note under it ("run 3/32 lora | step 40/250 ...", labelled by experiment.run_plan); the
@@ -39,17 +32,18 @@ REPORT_TEMPLATE_SOURCE = """{%- extends 'index.html.j2' -%}
 """
 
 
-def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any], cwd: Path | str = ".") -> None:
+def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any]) -> None:
     """Run ``source`` into ``executed`` with ``parameters``, forwarding its output live. The names are checked first:
     the notebook reads those of its parameters cell and no other, so a misspelt one would go unused."""
     import papermill
     from traitlets.config import Config
 
     check_parameter_names(parameters, NOTEBOOK_PARAMETERS)
-    # mkdtemp's folder is private (0700) and short: a Unix socket path may not exceed about 100 bytes
+    # The kernel talks over IPC sockets (no network port, no warning that TCP is not encrypted) in a private (0700),
+    # short folder: a Unix socket path may not exceed about 100 bytes.
     with tempfile.TemporaryDirectory(prefix="peft-lab-") as sockets:
         ipc = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(sockets, "kernel")}})
-        papermill.execute_notebook(str(source), str(executed), parameters=parameters, cwd=str(cwd), config=ipc,
+        papermill.execute_notebook(str(source), str(executed), parameters=parameters, config=ipc,
                                    progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr)
 
 
@@ -80,7 +74,8 @@ def committed_copy(executed):
 
 
 def export_html(executed: Path) -> Path:
-    """The executed notebook as one HTML file beside it that reads offline in any browser (see the module)."""
+    """The executed notebook as one HTML file beside it that reads offline: figures embedded, formulas as MathML
+    (nbconvert's default loads MathJax from a CDN), no script, no progress lines."""
     import nbformat
     from jinja2 import DictLoader, pass_context
     from latex2mathml.converter import convert
@@ -155,12 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and no transformers "Loading weights" bar.
     os.environ.setdefault(MODE_ENV, "lines")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    profile = resolve_profile(args.profile)
-    results_dir = Path(args.results_dir or PROFILES[profile].results_dir)
     # every name of the parameters cell, with the profile's value: papermill's cell under it shows what trains
-    parameters = {**notebook_values(profile), "data_dir": args.data_dir, "results_dir": str(results_dir),
-                  "imgs_dir": args.imgs_dir}
-    print(f"Running {args.notebook} ({profile} profile) -> {args.output}", flush=True)
+    values = notebook_values(args.profile)
+    results_dir = Path(args.results_dir or values["results_dir"])
+    parameters = {**values, "data_dir": args.data_dir, "results_dir": str(results_dir), "imgs_dir": args.imgs_dir}
+    print(f"Running {args.notebook} ({values['profile']} profile) -> {args.output}", flush=True)
     try:
         execute_notebook(args.notebook, args.output, parameters)
     except PapermillExecutionError as error:

@@ -28,7 +28,6 @@ from peft_utils.formatting import (  # noqa: E402
     format_count,
     format_duration_tick,
     format_seconds,
-    format_share,
 )
 from peft_utils.data import load_sst2  # noqa: E402
 from peft_utils.methods import METHOD_NAMES  # noqa: E402
@@ -324,7 +323,6 @@ def test_format_bytes_binary_units_and_fixed_decimals() -> None:
         "0 B", "1023 B", "1.00 KiB", "1.50 KiB", "5.50 MiB", "1.00 TiB"]
     assert format_bytes(1.75 * 2**30, tick=True, binary=True) == "1.75 GiB"
     assert format_bytes(float("nan")) == format_bytes(None) == "n/a"
-    assert [format_share(p, 1000) for p in (1000, 130, 24, 2.4)] == ["100%", "13%", "2.4%", "0.24%"]
     assert [format_seconds(s) for s in (42.0, 600.0, 9000.0)] == ["42.0 s", "10.0 min", "2.50 h"]
 
 
