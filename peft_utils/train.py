@@ -198,6 +198,8 @@ class _Watch:
     tokens: int = 0
     skipped: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)  # read, not yet logged
+    unread: list[torch.Tensor] = field(default_factory=list)  # step losses still on the device
     started: float = 0.0
     evaluating: float = 0.0  # seconds spent evaluating: not training time
 
@@ -212,27 +214,38 @@ class _Watch:
         self.memory.start()
         synchronize(self.memory.device)
         self.started = time.perf_counter()
-        window: list[float] = []
         try:
             for event in events:
                 if isinstance(event, EvalMetrics):
                     self._evaluated(event)
-                    continue
-                self.rows, self.tokens, self.skipped = (self.rows + event.rows, self.tokens + event.tokens,
-                                                        self.skipped + event.skipped)
-                self.memory.sample()
-                self.result.losses.append(event.loss)
-                self.epoch_losses.append(event.loss)
-                window.append(event.loss)
-                self.progress.update(event.step, event.loss)
-                if event.step % self.log_every == 0 or event.step == self.total_steps:
-                    # the mean loss since the last step event: less noise in the curves
-                    _log(self.sinks, "step", step=event.step, epoch=event.epoch, loss=sum(window) / len(window),
-                         lr=event.lr, elapsed_s=self.elapsed())
-                    window = []
+                else:
+                    self._stepped(event)
             return self.elapsed(exact=True)
         finally:
             self.progress.close()
+
+    def _stepped(self, event: StepMetrics) -> None:
+        self.rows, self.tokens, self.skipped = (self.rows + event.rows, self.tokens + event.tokens,
+                                                self.skipped + event.skipped)
+        self.memory.sample()
+        self.unread.append(event.loss)
+        if event.step % self.log_every == 0 or event.step == self.total_steps:
+            self._read_losses()
+            # the mean loss since the last step event: less noise in the curves
+            _log(self.sinks, "step", step=event.step, epoch=event.epoch, loss=sum(self.window) / len(self.window),
+                 lr=event.lr, elapsed_s=self.elapsed())
+            self.window = []
+        self.progress.update(event.step, self.result.losses[-1] if self.result.losses else None)
+
+    def _read_losses(self) -> None:
+        """The step losses still on the device, read to the host at once: one wait for the device per logged
+        window, not one per step."""
+        if self.unread:
+            losses = torch.stack(self.unread).tolist()
+            self.result.losses += losses
+            self.epoch_losses += losses
+            self.window += losses
+            self.unread = []
 
     def _evaluated(self, event: EvalMetrics) -> None:
         evaluation = event.evaluation
@@ -240,6 +253,7 @@ class _Watch:
         record = {"step": event.step, "epoch": event.epoch, "accuracy": evaluation.accuracy,
                   "loss": evaluation.loss, "n": evaluation.n, "eval_time_s": evaluation.seconds}
         if event.epoch.is_integer():  # an epoch's end: its mean training loss, to read overfitting beside dev loss
+            self._read_losses()
             record["train_loss"] = sum(self.epoch_losses) / len(self.epoch_losses)
             self.epoch_losses = []
         self.result.evals.append({**record, "predictions": evaluation.predictions,

@@ -176,12 +176,14 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator=None) -> Evaluati
 
 @dataclass(frozen=True)
 class StepMetrics:
-    """One optimiser step: its number, the epoch reached, the global batch's mean loss, the rate it used, the
-    global batch's rows and non-pad tokens, and whether fp16 loss scaling skipped the update (an overflow)."""
+    """One optimiser step: its number, the epoch reached, the global batch's mean loss (a float64 tensor left on
+    the device), the rate it used, the global batch's rows and non-pad tokens, and whether fp16 loss scaling
+    skipped the update (an overflow). Reading ``loss`` is a host read (on a GPU it waits for the step to finish):
+    read it when you log, many steps at once."""
 
     step: int
     epoch: float
-    loss: float
+    loss: torch.Tensor
     lr: float
     rows: int
     tokens: int
@@ -202,13 +204,13 @@ def _loss_scale(accelerator) -> float | None:
     return accelerator.scaler.get_scale() if accelerator.scaler is not None else None
 
 
-def _global_mean_loss(accelerator, losses: list[torch.Tensor], weights: list[float]) -> float:
-    """The global batch's mean loss: each micro-batch's mean weighted by its share, summed over processes.
-    The step's only host read, once all its work is queued (on a GPU a read waits for the device)."""
-    local = sum(value * weight for value, weight in zip(torch.stack(losses).tolist(), weights))
-    if accelerator.num_processes == 1:
-        return local
-    return float(accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum"))
+def _global_mean_loss(accelerator, losses: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The global batch's mean loss, kept on the device so the step reads nothing back to the host: each
+    micro-batch's mean weighted by its share, summed in float64 in micro-batch order, then over processes."""
+    total = losses[0].double() * weights[0]
+    for loss, weight in zip(losses[1:], weights[1:]):
+        total = total + loss.double() * weight
+    return accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total
 
 
 def train_loop(model: nn.Module, train_batches: StepBatches, eval_loader: DataLoader, optimizer, scheduler,
