@@ -1,7 +1,7 @@
-"""The data: SST-2's strict loader, any other classification dataset through ``datasets`` (:func:`load_splits`),
-the data's fingerprint, and seeded subsets. Every method must see exactly the same rows for a given seed, or
-accuracy differences could come from the data: hence a strict TSV parser (a silently mis-parsed row would change
-the data set) and seeded subsets.
+"""The data: SST-2 and any other classification dataset through ``datasets`` (:func:`load_splits`), the data's
+fingerprint, and seeded subsets. Every method must see exactly the same rows for a given seed, or accuracy
+differences could come from the data: hence text read as text (no quoting, no "NA" as missing), every empty cell
+refused (a silently mis-parsed row would change the data set) and seeded subsets.
 """
 from __future__ import annotations
 
