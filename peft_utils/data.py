@@ -147,21 +147,6 @@ def _class_positions(labels: np.ndarray, size: int | None, seed: int, stratified
                            for c, n in zip(classes, rows_per_class(counts, size, stratified))])
 
 
-def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
-    """``gpt2-tokenizer/`` of the shared data folder: in ``data_dir`` (or its parent: it may name ``sst2/``), or
-    in ``$PEFT_LAB_DATA``."""
-    roots = [Path(data_dir), Path(data_dir).parent] if data_dir is not None else []
-    if os.environ.get("PEFT_LAB_DATA"):
-        roots.append(Path(os.environ["PEFT_LAB_DATA"]))
-    for root in roots:
-        if (root / "gpt2-tokenizer" / "vocab.json").is_file():
-            return root / "gpt2-tokenizer"
-    raise FileNotFoundError(
-        f"no gpt2-tokenizer/ folder in {[str(r) for r in roots] or 'any known place'}: a random GPT-2 needs the real "
-        "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
-    )
-
-
 # Local files by suffix: the ``datasets`` builder that reads them and its options. Text stays text: no "NA" or
 # "null" read as missing; a TSV has no quoting (sentences hold quotes, as SST-2's do).
 _TEXT_CELLS = {"keep_default_na": False}

@@ -199,24 +199,34 @@ def _random_gpt2_folder(model: str, data_dir: str | Path | None) -> str:
     """``random-gpt2-<size>``'s folder, written once to the model cache with the real tokenizer of the data folder's
     ``gpt2-tokenizer/``. It is written to a temporary folder and renamed into place under a lock: processes of one
     launch start together on a cold cache, and one must not delete the folder another reads."""
-    size = model.removeprefix(RANDOM_GPT2_PREFIX)
-    if size not in GPT2_SHAPES:
-        raise ValueError(f"unknown random GPT-2 size in {model!r}; choose one of {sorted(GPT2_SHAPES)}")
     folder = model_cache_dir() / model
     if _complete(folder):
         return str(folder)
-    from .data import find_gpt2_tokenizer
-
     tokenizer_dir = find_gpt2_tokenizer(data_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{folder.name}.lock"):
         if not _complete(folder):  # another process may have written it while this one waited
             staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
             shutil.rmtree(staging, ignore_errors=True)
-            save_random_gpt2(staging, tokenizer_dir, size)
+            save_random_gpt2(staging, tokenizer_dir, model.removeprefix(RANDOM_GPT2_PREFIX))
             shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder left by an earlier kill
             os.replace(staging, folder)
     return str(folder)
+
+
+def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
+    """``gpt2-tokenizer/`` of the shared data folder: in ``data_dir`` (or its parent: it may name ``sst2/``), or
+    in ``$PEFT_LAB_DATA``."""
+    roots = [Path(data_dir), Path(data_dir).parent] if data_dir is not None else []
+    if os.environ.get("PEFT_LAB_DATA"):
+        roots.append(Path(os.environ["PEFT_LAB_DATA"]))
+    for root in roots:
+        if (root / "gpt2-tokenizer" / "vocab.json").is_file():
+            return root / "gpt2-tokenizer"
+    raise FileNotFoundError(
+        f"no gpt2-tokenizer/ folder in {[str(r) for r in roots] or 'any known place'}: a random GPT-2 needs the real "
+        "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
+    )
 
 
 def _complete(folder: Path) -> bool:
