@@ -140,8 +140,8 @@ def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype:
     """:func:`load_model` with the linear layers in 4-bit NF4 (:func:`~peft_utils.core.quant.load_4bit`, whose
     ``options`` — ``double_quant``, ``quant_type``, ``device_map``, ``skip_modules`` — pass through). Returns
     ``(model, tokenizer)``. ``compute_dtype``: of the 4-bit matmuls (default bf16 on a GPU, float32 on CPU)."""
-    device_map = options.get("device_map") or ({"": "cpu"} if not torch.cuda.is_available() else None)
-    devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+    device_map = options.get("device_map")  # None: load_4bit's default, the GPU where there is one
+    devices = device_map.values() if isinstance(device_map, dict) else [device_map]
     on_cpu = not torch.cuda.is_available() or all(str(d) == "cpu" for d in devices)
     if compute_dtype is None:  # the device's autocast dtype
         dtype = compute_dtype_for("cpu" if on_cpu else "cuda")
