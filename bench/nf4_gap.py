@@ -49,7 +49,7 @@ from peft_utils.core.loop import Evaluation, evaluate, set_seed
 from peft_utils.data import eval_rows, load_sst2
 from peft_utils.formatting import format_paired_difference, format_points, format_seconds
 from peft_utils.methods import get_method, targets_label
-from peft_utils.models import load_frozen_base, load_tokenizer, materialize_model
+from peft_utils.models import load_frozen_base, load_tokenizer, resolve_model_source
 from peft_utils.stats import PAIRED_RESAMPLES, paired_bootstrap, paired_differences
 from peft_utils.store import COMPARISON_GROUP, RunStore
 
@@ -450,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Row], list[AdapterResu
     command = command_line(sys.argv[1:] if argv is None else [str(a) for a in argv])
     print(f"# {command}", flush=True)
     runs = committed_runs(args.results_dir, args.methods, args.seeds, args.targets)
-    source = materialize_model(runs[0].record["model"], args.data_dir)
+    source = resolve_model_source(runs[0].record["model"], args.data_dir)
     base_rows = base_gap(source, dev_rows(runs[0].record, args.data_dir, args.limit), runs[0].record)
     print(base_markdown(base_rows, runs[0].record["model"]), flush=True)
     results = []

@@ -88,8 +88,7 @@ class Spec:
 
 def saved_gpt2(size: str, workdir: Path) -> Path:
     """A random GPT-2 of ``size`` saved once under ``workdir``: the 4-bit loader reads its weights from a folder."""
-    from peft_utils.data import find_gpt2_tokenizer
-    from peft_utils.models import save_random_gpt2
+    from peft_utils.models import find_gpt2_tokenizer, save_random_gpt2
 
     folder = workdir / f"gpt2-{size}"
     if not folder.exists():

@@ -1,7 +1,7 @@
-"""The data: SST-2's strict loader, any other classification dataset through ``datasets`` (:func:`load_splits`),
-the data's fingerprint, and seeded subsets. Every method must see exactly the same rows for a given seed, or
-accuracy differences could come from the data: hence a strict TSV parser (a silently mis-parsed row would change
-the data set) and seeded subsets.
+"""The data: SST-2 and any other classification dataset through ``datasets`` (:func:`load_splits`), the data's
+fingerprint, and seeded subsets. Every method must see exactly the same rows for a given seed, or accuracy
+differences could come from the data: hence text read as text (no quoting, no "NA" as missing), every empty cell
+refused (a silently mis-parsed row would change the data set) and seeded subsets.
 """
 from __future__ import annotations
 
@@ -18,27 +18,18 @@ import pandas as pd
 from .config import DataConfig, ExperimentConfig, TuneConfig
 from .quiet import datasets_bars_off
 
-SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
-HEADER = ("sentence", "label")
-LABELS = {"0": 0, "1": 1}
+SST2 = "sst2"  # the default dataset: GLUE's SST-2, from a local copy of its TSVs or the hub
+SST2_LABEL_NAMES = ("negative", "positive")  # GLUE's names for SST-2's labels 0 and 1
+SST2_FILES = ("train.tsv", "dev.tsv")
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 _TRUTHY = {"1", "true", "yes", "on"}
 
 
 def load_sst2(data_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """``{"train": ..., "dev": ...}`` frames of ``sentence`` (str) and ``label`` (int 0/1). Local files win, so
-    tests and notebooks run offline on the same bytes: ``data_dir`` (the ``sst2`` folder or its parent), then
-    ``SST2_DIR`` / ``PEFT_LAB_DATA``, and only then the hub (``glue``/``sst2``, ``validation`` as ``dev``)."""
-    folder = _local_sst2_dir(data_dir)
-    if folder is None:
-        return _load_from_hub()
-    return {split: read_sst2_tsv(folder / name) for split, name in SPLIT_FILES.items()}
-
-
-def sst2_source(data_dir: str | Path | None = None) -> str:
-    """Where :func:`load_sst2` reads from, for the records: the absolute local folder, or the hub dataset."""
-    folder = _local_sst2_dir(data_dir)
-    return os.path.abspath(folder) if folder is not None else "glue/sst2 (Hugging Face hub)"
+    """``{"train": ..., "dev": ...}`` frames of ``sentence`` (str) and ``label`` (int 0/1): SST-2 as
+    :func:`load_splits` reads it."""
+    splits = load_splits(DataConfig(data_dir=None if data_dir is None else str(data_dir)))
+    return {"train": splits.train, "dev": splits.dev}
 
 
 def fingerprint(*frames: pd.DataFrame) -> str:
@@ -53,108 +44,31 @@ def fingerprint(*frames: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-def _local_sst2_dir(data_dir: str | Path | None) -> Path | None:
-    """The SST-2 folder named by the argument or the environment (``SST2_DIR``, the more specific, before
-    ``PEFT_LAB_DATA``), checked; ``None`` when nothing names one. A named folder that is wrong is an error: a typo
-    must not silently switch the data source to the hub."""
-    if data_dir is not None:
-        return _checked_sst2_dir(Path(data_dir), "data_dir")
-    if os.environ.get("SST2_DIR"):
-        return _checked_sst2_dir(Path(os.environ["SST2_DIR"]), "SST2_DIR")
-    if os.environ.get("PEFT_LAB_DATA"):
-        return _checked_sst2_dir(Path(os.environ["PEFT_LAB_DATA"]) / "sst2", "PEFT_LAB_DATA")
-    return None
-
-
-def _checked_sst2_dir(path: Path, source: str) -> Path:
-    """Accept the ``sst2`` folder itself or a parent holding ``sst2/``; fail naming the path otherwise."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"SST-2 folder {path} (from {source}) does not exist")
-    if not (path / SPLIT_FILES["train"]).exists() and (path / "sst2").is_dir():
-        path = path / "sst2"
-    missing = [name for name in SPLIT_FILES.values() if not (path / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"SST-2 folder {path} (from {source}) lacks {', '.join(missing)}")
-    return path
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(name, "").strip().lower() in _TRUTHY for name in OFFLINE_ENV_VARS)
-
-
-def _load_from_hub() -> dict[str, pd.DataFrame]:
-    """GLUE SST-2 from the hub, in the TSV path's columns, dtypes and stripping; offline or unreachable, an error
-    that says how to point at a local copy (the usual cause)."""
-    reason = "Hugging Face offline mode is on" if _hub_offline() else None
-    if reason is None:
-        from datasets import load_dataset
-
+def _load_sst2(data_dir: str | None) -> tuple[dict[str, Any], str]:
+    """SST-2's raw splits and source. Local files win, so tests and notebooks run offline on the same bytes:
+    ``data_dir`` (the ``sst2`` folder or its parent), then ``SST2_DIR`` / ``PEFT_LAB_DATA``, and only then the hub
+    (``glue``/``sst2``). A named folder that is wrong is an error: a typo must not silently switch to the hub."""
+    lab_data = os.environ.get("PEFT_LAB_DATA")
+    named = ((data_dir, "data_dir"), (os.environ.get("SST2_DIR"), "SST2_DIR"),
+             (lab_data and Path(lab_data) / "sst2", "PEFT_LAB_DATA"))
+    folder, origin = next(((Path(path), origin) for path, origin in named if path), (None, None))
+    if folder is None:
         try:
-            splits = load_dataset("glue", "sst2")
-            frames = {split: splits[name].to_pandas() for split, name in (("train", "train"), ("dev", "validation"))}
-            return {split: pd.DataFrame({"sentence": f["sentence"].str.rstrip(), "label": f["label"].astype("int64")})
-                    for split, f in frames.items()}
-        except ConnectionError as error:
-            reason = f"the Hugging Face hub is unreachable ({error})"
-    raise FileNotFoundError(
-        f"SST-2 not available: no local folder given and {reason}. Point at a local copy instead: pass "
-        "load_sst2(data_dir=...) or set PEFT_LAB_DATA to a folder containing sst2/, or SST2_DIR to the sst2 folder "
-        "itself. That folder must hold the GLUE files train.tsv and dev.tsv (tab-separated, header "
-        "'sentence<TAB>label').")
-
-
-def read_sst2_tsv(path: str | Path) -> pd.DataFrame:
-    """Parse one GLUE SST-2 TSV (``sentence<TAB>label``) strictly: no quoting (sentences hold quotes), every row
-    checked (lenient parsers silently merge, drop or coerce rows), errors naming the file and line; CRLF reads like
-    LF. A file of one label is refused: a classifier trained on it learns a constant."""
-    path = Path(path)
-    lines = [line.removesuffix("\r") for line in _decoded_text(path).split("\n")]
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last row
-    if not lines:
-        raise ValueError(f"{path}: line 1: empty file, expected the header 'sentence<TAB>label'")
-    _check_header(path, lines[0])
-    if len(lines) == 1:
-        raise ValueError(f"{path}: line 1: header only, no data rows")
-    sentences, labels = zip(*(_parse_row(path, number, line) for number, line in enumerate(lines[1:], start=2)))
-    if len(set(labels)) < len(LABELS):
-        raise ValueError(f"{path}: all {len(labels):,} rows have label {labels[0]}: SST-2 needs rows of both "
-                         "labels (0 and 1)")
-    return pd.DataFrame({"sentence": list(sentences), "label": np.array(labels, dtype=np.int64)})
-
-
-def _decoded_text(path: Path) -> str:
-    """The file as UTF-8 text, a leading byte-order mark dropped; a byte that is not UTF-8 is a ``ValueError``
-    naming the file, the line and the byte."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-        raise ValueError(f"{path}: line {line}: byte 0x{data[error.start]:02x} at column {column} is not UTF-8; "
-                         "save the file as UTF-8") from None
-
-
-def _check_header(path: Path, line: str) -> None:
-    columns = tuple(line.split("\t"))
-    if columns == HEADER:
-        return
-    missing = [name for name in HEADER if name not in columns]
-    problem = f"missing column(s) {', '.join(missing)}" if missing else "wrong column order or extra columns"
-    raise ValueError(f"{path}: line 1: header must be exactly 'sentence<TAB>label', got {line!r} ({problem})")
-
-
-def _parse_row(path: Path, number: int, line: str) -> tuple[str, int]:
-    fields = line.split("\t")
-    if len(fields) != 2:
-        raise ValueError(f"{path}: line {number}: expected 2 tab-separated fields, got {len(fields)}: {line!r}")
-    sentence, label = fields[0].rstrip(), fields[1]
-    if label not in LABELS:
-        raise ValueError(f"{path}: line {number}: label must be 0 or 1, got {label!r}")
-    if not sentence:
-        raise ValueError(f"{path}: line {number}: empty sentence")
-    return sentence, LABELS[label]
+            return _load_hub("glue", "sst2")
+        except ValueError as error:
+            raise FileNotFoundError(
+                f"SST-2 not available: no local folder given, and {error}. Point at a local copy instead: pass "
+                "data_dir, or set PEFT_LAB_DATA to a folder containing sst2/, or SST2_DIR to the sst2 folder itself. "
+                "That folder must hold the GLUE files train.tsv and dev.tsv (tab-separated, header "
+                "'sentence<TAB>label').") from None
+    if not folder.is_dir():
+        raise FileNotFoundError(f"SST-2 folder {folder} (from {origin}) does not exist")
+    if not (folder / SST2_FILES[0]).exists() and (folder / "sst2").is_dir():
+        folder = folder / "sst2"
+    missing = [name for name in SST2_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"SST-2 folder {folder} (from {origin}) lacks {', '.join(missing)}")
+    return _load_local(folder)
 
 
 def subset(frame: pd.DataFrame, size: int | None, seed: int, balanced: bool = False,
@@ -233,23 +147,6 @@ def _class_positions(labels: np.ndarray, size: int | None, seed: int, stratified
                            for c, n in zip(classes, rows_per_class(counts, size, stratified))])
 
 
-def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
-    """``gpt2-tokenizer/`` of the shared data folder: in ``data_dir`` (or its parent: it may name ``sst2/``), or
-    in ``$PEFT_LAB_DATA``."""
-    roots = [Path(data_dir), Path(data_dir).parent] if data_dir is not None else []
-    if os.environ.get("PEFT_LAB_DATA"):
-        roots.append(Path(os.environ["PEFT_LAB_DATA"]))
-    for root in roots:
-        if (root / "gpt2-tokenizer" / "vocab.json").is_file():
-            return root / "gpt2-tokenizer"
-    raise FileNotFoundError(
-        f"no gpt2-tokenizer/ folder in {[str(r) for r in roots] or 'any known place'}: a random GPT-2 needs the real "
-        "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
-    )
-
-
-SST2 = "sst2"  # the default dataset: the strict SST-2 loader above
-SST2_LABEL_NAMES = ("negative", "positive")  # GLUE's names for SST-2's labels 0 and 1
 # Local files by suffix: the ``datasets`` builder that reads them and its options. Text stays text: no "NA" or
 # "null" read as missing; a TSV has no quoting (sentences hold quotes, as SST-2's do).
 _TEXT_CELLS = {"keep_default_na": False}
@@ -272,41 +169,53 @@ class Splits:
 
 
 def load_splits(data: DataConfig) -> Splits:
-    """``data.dataset``: ``"sst2"`` (:func:`load_sst2`), a local file or folder (CSV, TSV, JSON Lines, Parquet:
-    ``train.<ext>`` and optionally ``validation``/``dev``), or a hub dataset id, read by ``datasets``. Without a
-    validation split a seeded, stratified 10% of train is carved off. Every problem is one line naming the
-    dataset, the split and the column, before anything trains."""
-    if data.dataset == SST2:
-        frames = load_sst2(data.data_dir)
-        return Splits(frames["train"], frames["dev"], SST2_LABEL_NAMES, sst2_source(data.data_dir), "dev")
-    raw, source = _load_raw(data.dataset, data.dataset_config)
-    columns = _text_columns(data, raw["train"].column_names, "train")
+    """``data.dataset``: ``"sst2"`` (a local copy of GLUE's TSVs, else the hub), a local file or folder (CSV, TSV,
+    JSON Lines, Parquet: ``train.<ext>`` and optionally ``validation``/``dev``), or a hub dataset id, all read by
+    ``datasets``. Without a validation split a seeded, stratified 10% of train is carved off. Every problem is one
+    line naming the dataset, the split and the column, before anything trains."""
+    sst2 = data.dataset == SST2
+    raw, source = _load_sst2(data.data_dir) if sst2 else _load_raw(data.dataset, data.dataset_config)
+    columns = _text_columns(data, raw["train"].column_names)
     frames = {name: _frame(split, columns, data.label_column, f"{data.dataset} ({name} split)")
               for name, split in raw.items()}
-    train, dev, dev_split = frames["train"], frames.get("dev"), "validation"
+    train, dev, dev_split = frames["train"], frames.get("dev"), "dev" if sst2 else "validation"
     if dev is None:
         train, dev = _carve_dev(train)
         dev_split = f"carved from train ({CARVED_DEV_FRACTION:.0%} of each class, seed {CARVED_DEV_SEED})"
-    train, dev, names = _label_ids((train, dev), raw["train"].features.get(data.label_column), data.dataset)
+    names = SST2_LABEL_NAMES if sst2 else getattr(raw["train"].features.get(data.label_column), "names", None)
+    train, dev, names = _label_ids((train, dev), names, data.dataset)
     return Splits(train, dev, names, source, dev_split)
 
 
 def _load_raw(dataset: str, config_name: str | None) -> tuple[dict[str, Any], str]:
-    from datasets import load_dataset
-
+    """The raw splits (``train``, maybe ``dev``) of a local file or folder, else of a hub dataset, and the source."""
     path = Path(dataset)
     if path.exists():
-        files = _local_files(path)
-        builder, options = LOCAL_FORMATS[files["train"].suffix.lower()]
-        try:
-            with datasets_bars_off():  # "Generating train split" over a file of a few hundred rows says nothing
-                loaded = load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **options)
-        except Exception as error:  # a malformed file: datasets' parsers raise many kinds, each spanning lines
-            raise ValueError(f"dataset {dataset}: cannot read it as {builder}: {_first_line(error)}") from None
-        return dict(loaded), str(path.absolute())
+        return _load_local(path)
     if path.suffix.lower() in LOCAL_FORMATS or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:
         raise FileNotFoundError(f"dataset file {dataset} does not exist")
-    if _hub_offline():
+    return _load_hub(dataset, config_name)
+
+
+def _load_local(path: Path) -> tuple[dict[str, Any], str]:
+    """Each split read on its own, so that a column one file lacks is named, not a schema clash between files."""
+    from datasets import load_dataset
+
+    loaded = {}
+    for split, file in _local_files(path).items():
+        builder, options = LOCAL_FORMATS[file.suffix.lower()]
+        try:
+            with datasets_bars_off():  # "Generating train split" over a file of a few hundred rows says nothing
+                loaded[split] = load_dataset(builder, data_files=str(file), split="train", **options)
+        except Exception as error:  # a malformed file: datasets' parsers raise many kinds, each spanning lines
+            raise ValueError(f"dataset {file}: cannot read it as {builder}: {_first_line(error)}") from None
+    return loaded, os.path.abspath(path)
+
+
+def _load_hub(dataset: str, config_name: str | None) -> tuple[dict[str, Any], str]:
+    from datasets import load_dataset
+
+    if any(os.environ.get(name, "").strip().lower() in _TRUTHY for name in OFFLINE_ENV_VARS):
         raise ValueError(f"dataset {dataset!r} is not a local file or folder, and Hugging Face offline mode is on "
                          "(HF_HUB_OFFLINE): give a local CSV/TSV/JSON Lines/Parquet file or folder instead")
     try:
@@ -322,6 +231,9 @@ def _load_raw(dataset: str, config_name: str | None) -> tuple[dict[str, Any], st
 
 
 def _first_line(error: BaseException) -> str:
+    """The first line of the error's root cause (``datasets`` wraps a parser's error in a generic one)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -338,16 +250,12 @@ def _local_files(path: Path) -> dict[str, Path]:
     return {"train": found["train"], **({"dev": dev} if dev else {})}
 
 
-def _text_columns(data: DataConfig, columns: Sequence[str], split: str) -> tuple[str, ...]:
-    """The text column(s) to read: as configured, else ``text`` or ``sentence``; checked against ``columns``."""
+def _text_columns(data: DataConfig, columns: Sequence[str]) -> tuple[str, ...]:
+    """The text column(s) to read: as configured, else ``text`` or ``sentence``, whichever train has."""
     wanted = data.text_column or next(((c,) for c in ("text", "sentence") if c in columns), None)
     if wanted is None:
-        raise ValueError(f"dataset {data.dataset} ({split} split): no 'text' or 'sentence' column (columns: "
+        raise ValueError(f"dataset {data.dataset} (train split): no 'text' or 'sentence' column (columns: "
                          f"{', '.join(columns)}); name the text column(s) with text_column")
-    for column in (*wanted, data.label_column):
-        if column not in columns:
-            raise ValueError(f"dataset {data.dataset} ({split} split): no column {column!r} (columns: "
-                             f"{', '.join(columns)})")
     return tuple(wanted)
 
 
@@ -357,44 +265,40 @@ def _frame(split, text_columns: tuple[str, ...], label_column: str, where: str) 
     missing = [c for c in (*text_columns, label_column) if c not in frame.columns]
     if missing:
         raise ValueError(f"dataset {where}: no column {missing[0]!r} (columns: {', '.join(frame.columns)})")
-    out = pd.DataFrame({name: frame[column] for name, column in zip(("sentence", "sentence2"), text_columns)})
-    for name, column in zip(out.columns, text_columns):
-        empty = out[name].isna() | (out[name].astype(str).str.strip() == "")
+    for column in (*text_columns, label_column):
+        empty = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
         if empty.any():
-            raise ValueError(f"dataset {where}: row {int(np.flatnonzero(empty)[0]) + 1}: empty text in column "
-                             f"{column!r}")
-        out[name] = out[name].astype(str).str.rstrip()  # trailing whitespace, as the SST-2 loader drops it
-    if frame[label_column].isna().any():
-        row = int(np.flatnonzero(frame[label_column].isna())[0]) + 1
-        raise ValueError(f"dataset {where}: row {row}: no label in column {label_column!r}")
-    return out.assign(label=frame[label_column].to_numpy())
+            raise ValueError(f"dataset {where}: row {int(np.flatnonzero(empty)[0]) + 1}: empty "
+                             f"{'label' if column == label_column else 'text'} in column {column!r}")
+    texts = {name: frame[column].astype(str).str.rstrip()  # trailing whitespace: GLUE's TSVs end sentences in one
+             for name, column in zip(("sentence", "sentence2"), text_columns)}
+    return pd.DataFrame({**texts, "label": frame[label_column].to_numpy()})
 
 
-def _label_ids(frames: tuple[pd.DataFrame, pd.DataFrame], feature,
+def _label_ids(frames: tuple[pd.DataFrame, pd.DataFrame], names: Sequence[str] | None,
                dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
-    """(train, dev) with labels as ids ``0..K-1`` and the K names: a ``ClassLabel``'s, else the train labels
-    sorted. One class, or a validation label train never has, is refused."""
-    if getattr(feature, "names", None):
-        values = list(range(len(feature.names)))
-        names = tuple(feature.names)
+    """(train, dev) with labels as ids ``0..K-1`` and the K names: ``names`` (a ``ClassLabel``'s, SST-2's) for
+    ids ``0..K-1``, else the train labels sorted. One class, or a label outside those, is refused."""
+    if names:
+        values = list(range(len(names)))
     else:
         try:
             values = sorted(frames[0]["label"].unique().tolist())
         except TypeError:
             raise ValueError(f"dataset {dataset}: labels mix numbers and text; use one kind") from None
-        names = tuple(str(v) for v in values)
+        names = [str(v) for v in values]
     if frames[0]["label"].nunique() < 2:
-        raise ValueError(f"dataset {dataset}: every train row has label {frames[0]['label'].iloc[0]!r}: a "
+        raise ValueError(f"dataset {dataset}: every train row has label {frames[0]['label'].tolist()[0]!r}: a "
                          "classifier needs two or more classes")
     index = {value: i for i, value in enumerate(values)}
     out = []
     for frame, split in zip(frames, ("train", "validation")):
         unknown = [v for v in frame["label"].unique().tolist() if v not in index]
         if unknown:
-            raise ValueError(f"dataset {dataset}: {split} label {unknown[0]!r} is not a train label "
-                             f"({', '.join(names)})")
+            raise ValueError(f"dataset {dataset}: {split} label {unknown[0]!r} is not one of the "
+                             f"labels ({', '.join(map(str, values))})")
         out.append(frame.assign(label=frame["label"].map(index).astype(np.int64)))
-    return out[0], out[1], names
+    return out[0], out[1], tuple(names)
 
 
 def _carve_dev(train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

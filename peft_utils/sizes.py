@@ -32,11 +32,6 @@ def nf4_bits_per_weight(blocksize: int = 64, double_quant: bool = True, nested_b
     return 4 + 32 / blocksize
 
 
-def _nested_state(state):
-    """The quantisation state of a double-quantised layer's absmaxes, or None."""
-    return getattr(state, "state2", None) if getattr(state, "nested", False) else None
-
-
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -66,7 +61,8 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
         fp32 += 4 * logical_numel(parameter)
         if is_quantized(parameter):
             quantized += _nbytes(parameter)
-            state, nested = parameter.quant_state, _nested_state(parameter.quant_state)
+            state = parameter.quant_state
+            nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None  # absmaxes' state
             tensors = [state.absmax, state.code, state.offset]
             tensors += [nested.absmax, nested.code] if nested is not None else []
             for tensor in (t for t in tensors if isinstance(t, torch.Tensor)):

@@ -1,4 +1,4 @@
-"""The data pipeline: the real SST-2 files, strict parsing, source resolution, subsetting and batching."""
+"""The data pipeline: the real SST-2 files, malformed files refused, source resolution, subsetting and batching."""
 from __future__ import annotations
 
 import pandas as pd
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from peft_utils.core.batches import collate, encode, make_loader
-from peft_utils.data import load_sst2, read_sst2_tsv, sst2_source, subset
+from peft_utils.config import DataConfig
+from peft_utils.data import load_splits, load_sst2, subset
 from peft_utils.models import load_tokenizer
 
 PAD = 99
@@ -52,7 +53,7 @@ def test_shared_sst2_files(sst2):
 
 
 def test_parent_folder_and_env_vars_resolve(sst2_dir, monkeypatch, no_data_env):
-    expected = read_sst2_tsv(sst2_dir / "dev.tsv")
+    expected = load_sst2(sst2_dir)["dev"]
     pd.testing.assert_frame_equal(load_sst2(sst2_dir.parent)["dev"], expected)
     monkeypatch.setenv("PEFT_LAB_DATA", str(sst2_dir.parent))
     pd.testing.assert_frame_equal(load_sst2()["dev"], expected)
@@ -63,41 +64,40 @@ def test_parent_folder_and_env_vars_resolve(sst2_dir, monkeypatch, no_data_env):
 
 def test_recorded_source_is_one_absolute_path_from_any_spelling(tmp_path, monkeypatch, no_data_env):
     """``../data``, ``./data/sst2`` and the absolute path are one folder, recorded alike."""
-    folder = write_split_files(tmp_path / "data" / "sst2", "sentence\tlabel\ngood \t1\n")
+    folder = write_split_files(tmp_path / "data" / "sst2", "sentence\tlabel\ngood \t1\nbad\t0\n")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     spellings = ["../data", "../work/../data/sst2", str(folder)]
-    assert {sst2_source(spelling) for spelling in spellings} == {str(folder)}
+    assert {load_splits(DataConfig(data_dir=spelling)).source for spelling in spellings} == {str(folder)}
 
 
-# -------------------------------------------------------------------------------------- strict parsing
+# ------------------------------------------------------------------------------------- malformed files
 
 
 @pytest.mark.parametrize(
-    ("content", "line", "detail"),
+    ("content", "detail"),
     [
-        ("sentence\nok\n", 1, "label"),
-        ("sentence\tlabel\ngood \t1\nbad \t2\n", 3, "0 or 1"),
-        ("sentence\tlabel\ngood \t1\na\tb\t1\n", 3, "2 tab-separated fields"),
-        ("sentence\tlabel\ngood \t1\n\n", 3, "2 tab-separated fields"),
-        ("", 1, "empty"),
-        ("sentence\tlabel\n", 1, "no data rows"),
+        ("sentence\nok\n", "(train split): no column 'label'"),
+        ("sentence\tlabel\ngood \t1\nbad \t2\n", "train label 2 is not one of the labels (0, 1)"),
+        ("sentence\tlabel\ngood \t1\na\tb\t1\n", "train.tsv: cannot read it as csv: Error tokenizing data. C error: "
+                                                  "Expected 2 fields in line 3, saw 3"),
+        ("sentence\tlabel\ngood \t1\nbad\n", "(train split): row 2: empty label in column 'label'"),
+        ("", "train.tsv: cannot read it as csv"),
+        ("sentence\tlabel\n", "train.tsv: cannot read it as csv"),
     ],
-    ids=["missing-label-column", "label-2", "three-fields", "blank-line", "empty-file", "header-only"],
+    ids=["missing-label-column", "label-2", "three-fields", "missing-label", "empty-file", "header-only"],
 )
-def test_malformed_tsv_names_file_and_line(tmp_path, content, line, detail):
-    path = tmp_path / "broken.tsv"
-    path.write_text(content, encoding="utf-8")
+def test_malformed_tsv_is_one_line_naming_file_and_problem(tmp_path, content, detail):
+    write_split_files(tmp_path / "sst2", content)
     with pytest.raises(ValueError) as error:
-        read_sst2_tsv(path)
+        load_sst2(tmp_path)
     message = str(error.value)
-    assert "broken.tsv" in message and f"line {line}:" in message and detail in message
+    assert detail in message and "\n" not in message
 
 
 def test_quotes_are_literal_and_trailing_space_stripped(tmp_path):
-    path = tmp_path / "train.tsv"
-    path.write_text('sentence\tlabel\n"quoted , still one field \t1\nit \'s `` fine \'\' \t0\n', encoding="utf-8")
-    frame = read_sst2_tsv(path)
+    write_split_files(tmp_path, 'sentence\tlabel\n"quoted , still one field \t1\nit \'s `` fine \'\' \t0\n')
+    frame = load_sst2(tmp_path)["train"]
     assert frame["sentence"].tolist() == ['"quoted , still one field', "it 's `` fine ''"]
     assert frame["label"].tolist() == [1, 0]
 

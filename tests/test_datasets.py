@@ -89,7 +89,7 @@ def test_parquet_reads_like_csv_and_trains(tmp_path, capsys):
     assert record["labels"] == ["neg", "neutral", "pos"] and record["n_eval"] == len(parquet.dev) == 3
 
 
-def test_sst2_through_datasets_gives_the_strict_loaders_rows(sst2_dir):
+def test_sst2_folder_read_as_any_dataset_gives_the_same_rows(sst2_dir):
     generic = load_splits(DataConfig(dataset=str(sst2_dir)))  # the TSV folder, read as any dataset
     strict = load_sst2(sst2_dir)
     for name in ("train", "dev"):
@@ -125,7 +125,7 @@ def test_every_bad_input_is_one_line_naming_the_data_and_column(tmp_path, monkey
     assert "every train row has label 'x'" in _bad(tmp_path, [{"text": "a", "label": "x"}] * 3)
     assert "row 2: empty text in column 'text'" in _bad(tmp_path, [good[0], {"text": " ", "label": "y"}])
     pd.DataFrame(good).to_csv(tmp_path / "train.csv", index=False)
-    assert "validation label 'z' is not a train label (x, y)" in _bad(
+    assert "validation label 'z' is not one of the labels (x, y)" in _bad(
         tmp_path, [{"text": "c", "label": "z"}], "validation.csv")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"dataset 'someone/reviews' is not a local file or folder, and Hugging "

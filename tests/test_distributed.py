@@ -23,7 +23,7 @@ import shutil
 
 import pytest
 
-from peft_utils.models import materialize_model
+from peft_utils.models import resolve_model_source
 from peft_utils.store import RunStore, read_events
 
 METHODS = ("full", "lora", "dora", "qlora")
@@ -33,7 +33,7 @@ ARGS = ["--profile", "smoke", "--no-sweep", "--no-figures", "--methods", *METHOD
 
 def _model_without_dropout(folder: Path, sst2_dir: Path) -> Path:
     """The smoke profile's random GPT-2 with every dropout probability set to 0 in its config."""
-    shutil.copytree(materialize_model("random-gpt2-tiny", sst2_dir), folder)
+    shutil.copytree(resolve_model_source("random-gpt2-tiny", sst2_dir), folder)
     config = json.loads((folder / "config.json").read_text())
     config.update({k: 0.0 for k in config if k.endswith("pdrop") or k == "summary_first_dropout"})
     (folder / "config.json").write_text(json.dumps(config))

@@ -21,7 +21,7 @@ from peft_utils.experiment import RunSpec, plan_experiment, run_comparison, run_
 from peft_utils.models import build_model
 from peft_utils.core.inject import count_parameters
 from peft_utils.methods import METHOD_NAMES
-from peft_utils.models import materialize_model, model_cache_dir
+from peft_utils.models import model_cache_dir, resolve_model_source
 from peft_utils.sizes import SIZE_KEYS
 from peft_utils.store import IDENTITY_KEYS, RunStore, read_events, setting_id
 
@@ -301,7 +301,7 @@ def test_a_half_written_model_cache_is_rebuilt(sst2_dir, tmp_path, monkeypatch):
     folder = model_cache_dir() / "random-gpt2-tiny"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")  # killed after the first file
-    assert materialize_model("random-gpt2-tiny", sst2_dir.parent) == str(folder)
+    assert resolve_model_source("random-gpt2-tiny", sst2_dir.parent) == str(folder)
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
     assert not [p for p in folder.parent.iterdir() if p.name.endswith(".partial")]
 

@@ -17,7 +17,7 @@ from peft_utils.checkpoints import CONFIG_FILE, WEIGHTS_FILE, export_merged, loa
 from peft_utils.config import cli_parameters, make_config
 from peft_utils.core.inject import apply_adapters, select_targets
 from peft_utils.core.targets import meta_skeleton, parse_targets
-from peft_utils.data import read_sst2_tsv
+from peft_utils.data import load_sst2
 from peft_utils.inference import load_saved, predict
 from peft_utils.models import random_gpt2, save_random_gpt2
 from peft_utils.store import RunStore
@@ -232,20 +232,14 @@ TSV = "sentence\tlabel\na fine film \t1\nawful\t0\n"
 
 
 def test_crlf_line_endings_read_like_lf(tmp_path):
-    unix, windows = tmp_path / "unix.tsv", tmp_path / "windows.tsv"
-    unix.write_bytes(TSV.encode())
-    windows.write_bytes(TSV.replace("\n", "\r\n").encode())
-    frame = read_sst2_tsv(windows)
+    unix, windows = tmp_path / "unix", tmp_path / "windows"
+    for folder, text in ((unix, TSV), (windows, TSV.replace("\n", "\r\n"))):
+        folder.mkdir()
+        for name in ("train.tsv", "dev.tsv"):
+            (folder / name).write_bytes(text.encode())
+    frame = load_sst2(windows)["train"]
     assert frame["sentence"].tolist() == ["a fine film", "awful"] and frame["label"].tolist() == [1, 0]
-    assert frame.equals(read_sst2_tsv(unix))
-
-
-def test_a_file_with_one_label_is_refused_naming_it(tmp_path):
-    path = tmp_path / "train.tsv"
-    path.write_text("sentence\tlabel\ngood\t1\ngreat\t1\nfine\t1\n", encoding="utf-8")
-    with pytest.raises(ValueError) as error:
-        read_sst2_tsv(path)
-    assert str(error.value) == f"{path}: all 3 rows have label 1: SST-2 needs rows of both labels (0 and 1)"
+    assert frame.equals(load_sst2(unix)["train"])
 
 
 def test_a_one_label_train_split_is_one_line_on_the_command_line(tmp_path, sst2_dir, capsys, monkeypatch):
@@ -254,7 +248,7 @@ def test_a_one_label_train_split_is_one_line_on_the_command_line(tmp_path, sst2_
     (data / "train.tsv").write_text("sentence\tlabel\n" + "good\t1\n" * 40, encoding="utf-8")
     (data / "dev.tsv").write_bytes((sst2_dir / "dev.tsv").read_bytes())
     line = cli_error(["--data-dir", str(data)], tmp_path, sst2_dir, capsys, monkeypatch)
-    assert line == f"error: {data / 'train.tsv'}: all 40 rows have label 1: SST-2 needs rows of both labels (0 and 1)"
+    assert line == "error: dataset sst2: every train row has label 1: a classifier needs two or more classes"
 
 
 # ------------------------------------------------------------------------------------------- 7. model limits

@@ -23,7 +23,7 @@ import torch
 
 from conftest import REPO_ROOT
 from peft_utils import quiet, run_notebook
-from peft_utils.data import read_sst2_tsv
+from peft_utils.data import load_sst2
 from peft_utils.models import load_model, random_gpt2, resolve_model_source, save_random_gpt2
 from peft_utils.progress import MODE_ENV, Progress, progress_mode
 from peft_utils.models import load_quantized
@@ -103,20 +103,26 @@ def test_train_reports_progress_under_the_given_label(gpt2_tokenizer, monkeypatc
 # ------------------------------------------------------------------------------------------- TSV input
 
 
+def _sst2_folder(folder: Path, train: bytes) -> Path:
+    folder.mkdir()
+    (folder / "train.tsv").write_bytes(train)
+    (folder / "dev.tsv").write_text(TSV, encoding="utf-8")
+    return folder
+
+
 def test_tsv_with_a_byte_order_mark_reads_like_without(tmp_path):
-    plain, bom = tmp_path / "plain.tsv", tmp_path / "bom.tsv"
-    plain.write_text(TSV, encoding="utf-8")
-    bom.write_text(TSV, encoding="utf-8-sig")
-    assert bom.read_bytes().startswith(b"\xef\xbb\xbf")
-    pd.testing.assert_frame_equal(read_sst2_tsv(bom), read_sst2_tsv(plain))
+    plain = _sst2_folder(tmp_path / "plain", TSV.encode("utf-8"))
+    bom = _sst2_folder(tmp_path / "bom", TSV.encode("utf-8-sig"))
+    assert (bom / "train.tsv").read_bytes().startswith(b"\xef\xbb\xbf")
+    pd.testing.assert_frame_equal(load_sst2(bom)["train"], load_sst2(plain)["train"])
 
 
-def test_non_utf8_byte_names_file_line_and_byte(tmp_path):
-    path = tmp_path / "train.tsv"
-    path.write_bytes(TSV.encode() + "caf\xe9 au lait\t1\n".encode("latin-1"))
+def test_non_utf8_byte_names_file_and_byte(tmp_path):
+    folder = _sst2_folder(tmp_path / "sst2", TSV.encode() + "caf\xe9 au lait\t1\n".encode("latin-1"))
     with pytest.raises(ValueError) as error:
-        read_sst2_tsv(path)
-    assert str(error.value) == f"{path}: line 4: byte 0xe9 at column 4 is not UTF-8; save the file as UTF-8"
+        load_sst2(folder)
+    assert str(error.value).startswith(f"dataset {folder / 'train.tsv'}: cannot read it as csv: 'utf-8' codec can't "
+                                       "decode byte 0xe9")
 
 
 # ------------------------------------------------------------------------------------------- model input

@@ -12,7 +12,7 @@ import torch
 from bench import nf4_gap
 from peft_utils.config import make_config
 from peft_utils.experiment import run_comparison
-from peft_utils.models import materialize_model
+from peft_utils.models import resolve_model_source
 
 # The dev rows, loader settings and labels a record gives the bench, for the base-only checks.
 RECORD = {"labels": ["negative", "positive"], "max_length": 32, "eval_batch_size": 8, "per_device_batch_size": 4,
@@ -27,7 +27,7 @@ def dev16(sst2_dir):
 
 
 def test_a_float32_base_against_itself_has_no_error(sst2_dir, dev16):
-    source = materialize_model("random-gpt2-tiny", sst2_dir.parent)
+    source = resolve_model_source("random-gpt2-tiny", sst2_dir.parent)
     first, tokenizer = nf4_gap.load_base("fp32", source)
     second, _ = nf4_gap.load_base("fp32", source)
     loader = nf4_gap.eval_loader(dev16, tokenizer, RECORD)

@@ -131,7 +131,7 @@ def test_a_complete_run_is_not_claimed(tmp_path):
 
 def test_a_generated_model_is_written_once_under_a_lock(tmp_path, monkeypatch, sst2_dir):
     """Processes that start together on a cold cache (one launch's processes, test workers) write the random
-    GPT-2 one at a time: while another holds the lock, materialize_model waits without writing, then finds the
+    GPT-2 one at a time: while another holds the lock, resolve_model_source waits without writing, then finds the
     folder complete or writes it once."""
     monkeypatch.setenv("PEFT_LAB_CACHE", str(tmp_path))
     folder = models.model_cache_dir() / "random-gpt2-tiny"
@@ -145,8 +145,8 @@ def test_a_generated_model_is_written_once_under_a_lock(tmp_path, monkeypatch, s
     monkeypatch.setattr(models, "save_random_gpt2", save_and_tell)
     written = []
     with FileLock(folder.parent / ".random-gpt2-tiny.lock"):  # another process writing it
-        waiting = threading.Thread(target=lambda: written.append(models.materialize_model("random-gpt2-tiny",
-                                                                                          sst2_dir.parent)))
+        waiting = threading.Thread(
+            target=lambda: written.append(models.resolve_model_source("random-gpt2-tiny", sst2_dir.parent)))
         waiting.start()
         assert not writing.wait(timeout=5.0) and waiting.is_alive()
     waiting.join(timeout=120)
