@@ -98,7 +98,7 @@ def _frames() -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(rows, columns=["sentence", "label"]), pd.DataFrame(rows[:12], columns=["sentence", "label"])
 
 
-def _losses(model_dir, method: str, backend: str | None, steps: int = 20) -> list[float]:
+def _losses(model_dir, method: str, backend: str | None, steps: int = 20, lr: float = 1e-2) -> list[float]:
     """``steps`` optimiser steps of ``method`` (batches of 6, widths padded to multiples of 8), eager or with the
     blocks compiled by ``backend``; the model's and adapters' dropout stay on."""
     set_seed(0)
@@ -110,20 +110,24 @@ def _losses(model_dir, method: str, backend: str | None, steps: int = 20) -> lis
     batches = StepBatches(make_loader(train, 6, pad, shuffle=True, seed=0, padded=False), 1, 1, 0, pad, 8)
     eval_loader = make_loader(evaluation, 12, pad, shuffle=False, seed=0, pad_to_multiple=8)
     accelerator = make_accelerator("cpu", "fp32")
-    model, optimizer, scheduler = prepare_for_training(model, accelerator, lr=1e-2, weight_decay=0.0,
+    model, optimizer, scheduler = prepare_for_training(model, accelerator, lr=lr, weight_decay=0.0,
                                                        warmup_ratio=0.0, total_steps=steps)
     epochs = steps // len(batches)
     metrics = train_loop(model, batches, eval_loader, optimizer, scheduler, accelerator, epochs=epochs)
     return [m.loss for m in metrics if isinstance(m, StepMetrics)]
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora", "qdora"])
-def test_compiled_blocks_train_as_eager_ones(tiny_gpt2_dir, method):
+@pytest.mark.parametrize("method,lr", [("full", 1e-3), ("lora", 1e-2), ("dora", 1e-2), ("qlora", 1e-2),
+                                       ("qdora", 1e-2)])
+def test_compiled_blocks_train_as_eager_ones(tiny_gpt2_dir, method, lr):
     """20 steps, compiled against eager, in fp32: the same losses up to rounding (rtol 1e-4), dropout included.
-    QLoRA / QDoRA's bitsandbytes 4-bit matmul may break the graph inside bitsandbytes: slower, still correct."""
-    eager = _losses(tiny_gpt2_dir, method, None)
+    AOT autograd's backward rounds differently from eager's: every method's losses came out within 4e-7, but full
+    fine-tuning at 1e-2 amplifies that to 4e-4 through Adam's first steps, hence its rate of 1e-3 (as in test_train).
+    QLoRA / QDoRA are not held to zero graph breaks: bitsandbytes' 4-bit ops may break the graph (0.50 did not
+    here), which costs speed, not correctness."""
+    eager = _losses(tiny_gpt2_dir, method, None, lr=lr)
     counters.clear()
-    compiled = _losses(tiny_gpt2_dir, method, "aot_eager")
+    compiled = _losses(tiny_gpt2_dir, method, "aot_eager", lr=lr)
     assert counters["stats"]["unique_graphs"] > 0  # the blocks did run compiled
     if method in ("full", "lora", "dora"):
         assert not counters["graph_break"]
