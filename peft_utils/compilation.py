@@ -5,7 +5,8 @@ place with ``nn.Module.compile``, which keeps every parameter name, so a peft ex
 model as before. One compiled graph serves every block unless a block reads state of its own: a decoder's KV cache
 (useless to a classifier) gives each layer its slot, and so one compilation per layer; it is turned off.
 
-Shapes are static (``dynamic=False``): fully specialised kernels and the fixed shapes CUDA graphs need. Padding a
+Shapes are static (``dynamic=False``, the batch dimension too, as it takes few values): fully specialised kernels
+and the fixed shapes CUDA graphs need, where dynamic shapes would trade speed for fewer compilations. Padding a
 batch's width up to a multiple of :data:`PAD_TO_MULTIPLE` (``make_loader`` and ``StepBatches``' ``pad_to_multiple``)
 bounds how many shapes there are: a few widths up to ``max_length`` times the train, evaluation and short last
 batches' sizes, in train and eval mode, which :data:`RECOMPILE_LIMIT` leaves room for (past the limit dynamo runs
