@@ -116,7 +116,7 @@ def _losses(model_dir, method: str, backend: str | None, steps: int = 20, lr: fl
                                                        warmup_ratio=0.0, total_steps=steps)
     epochs = steps // len(batches)
     metrics = train_loop(model, batches, eval_loader, optimizer, scheduler, accelerator, epochs=epochs)
-    return [m.loss if isinstance(m, StepMetrics) else m.evaluation.loss for m in metrics]
+    return [float(m.loss) if isinstance(m, StepMetrics) else m.evaluation.loss for m in metrics]
 
 
 @pytest.mark.parametrize("method,lr", [("full", 1e-3), ("lora", 1e-2), ("dora", 1e-2), ("qlora", 1e-2),

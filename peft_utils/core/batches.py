@@ -99,12 +99,10 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
 
 def make_loader(rows: Sequence[EncodedRow], batch_size: int, pad_token_id: int, shuffle: bool, seed: int,
                 bucket_by_length: bool = False, padded: bool = True, pad_to_multiple: int | None = None) -> DataLoader:
-    """A ``DataLoader`` whose order depends only on ``seed`` (a private ``torch.Generator``).
-
-    A private generator, not the global RNG, so model initialisation or dropout cannot shift the data order.
-    ``padded=False`` yields each batch as its list of rows, for :class:`StepBatches` to split across processes
-    and accumulation steps before padding: every process then draws the same global batches.
-    """
+    """A ``DataLoader`` whose order depends only on ``seed``: a private ``torch.Generator``, not the global RNG, so
+    model initialisation or dropout cannot shift it. ``padded=False`` yields each batch as its list of rows, for
+    :class:`StepBatches` to split across processes and accumulation steps before padding: every process then draws
+    the same global batches."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     generator = torch.Generator().manual_seed(seed)
