@@ -2,8 +2,8 @@
 
 Every method must see exactly the same rows in the same order for a given seed, otherwise accuracy differences
 could come from the data rather than the method: hence a private seeded ``torch.Generator`` behind every shuffle.
-Sentences are tokenised once and padded per batch, to the batch's own longest row; length bucketing puts rows
-of similar length together so that little of each batch is padding.
+Sentences are tokenised once and padded per batch, to the batch's own longest row (or a multiple above it); length
+bucketing puts rows of similar length together so that little of each batch is padding.
 
 One optimiser step takes one *global* batch, the same rows on every process; :func:`micro_batches` cuts out this
 process's parts. Not accelerate's sharding: it fills a short last batch by repeating rows, while bucketing puts the
@@ -47,17 +47,18 @@ def encode(texts: Sequence[str], labels: Sequence[int], tokenizer: PreTrainedTok
     return [{"input_ids": list(row), "label": int(label)} for row, label in zip(ids, labels)]
 
 
-def collate(rows: Sequence[EncodedRow], pad_token_id: int) -> Batch:
-    """Right-pad rows to the longest; returns long tensors ``input_ids``, ``attention_mask``, ``labels``.
-
-    Right padding matters for decoders such as GPT-2: their classifier reads the last non-pad token.
-    """
+def collate(rows: Sequence[EncodedRow], pad_token_id: int, pad_to_multiple: int | None = None) -> Batch:
+    """Right-pad rows to the longest, or up to a multiple of ``pad_to_multiple`` (fewer shapes for a compiled model);
+    long tensors ``input_ids``, ``attention_mask``, ``labels``. Right padding matters for decoders such as GPT-2:
+    their classifier reads the last non-pad token."""
     if not rows:
         raise ValueError("cannot collate an empty batch")
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: give the tokenizer a pad token first")
     lengths = [len(row["input_ids"]) for row in rows]
     width = max(lengths)
+    if pad_to_multiple:
+        width = math.ceil(width / pad_to_multiple) * pad_to_multiple
     # One tensor from padded lists, the mask from the lengths: a batch costs a few tensor calls, not a few per row.
     padded = [row["input_ids"] + [pad_token_id] * (width - length) for row, length in zip(rows, lengths)]
     input_ids = torch.tensor(padded, dtype=torch.long)
@@ -97,17 +98,15 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
 
 
 def make_loader(rows: Sequence[EncodedRow], batch_size: int, pad_token_id: int, shuffle: bool, seed: int,
-                bucket_by_length: bool = False, padded: bool = True) -> DataLoader:
-    """A ``DataLoader`` whose order depends only on ``seed`` (a private ``torch.Generator``).
-
-    A private generator, not the global RNG, so model initialisation or dropout cannot shift the data order.
-    ``padded=False`` yields each batch as its list of rows, for :class:`StepBatches` to split across processes
-    and accumulation steps before padding: every process then draws the same global batches.
-    """
+                bucket_by_length: bool = False, padded: bool = True, pad_to_multiple: int | None = None) -> DataLoader:
+    """A ``DataLoader`` whose order depends only on ``seed``: a private ``torch.Generator``, not the global RNG, so
+    model initialisation or dropout cannot shift it. ``padded=False`` yields each batch as its list of rows, for
+    :class:`StepBatches` to split across processes and accumulation steps before padding: every process then draws
+    the same global batches."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     generator = torch.Generator().manual_seed(seed)
-    collate_fn = partial(collate, pad_token_id=pad_token_id) if padded else list
+    collate_fn = partial(collate, pad_token_id=pad_token_id, pad_to_multiple=pad_to_multiple) if padded else list
     if bucket_by_length:
         sampler = LengthBucketBatchSampler([len(row["input_ids"]) for row in rows], batch_size, shuffle, generator)
         # generator= too: without it each iteration draws its base seed from the global RNG (shifting dropout).
@@ -163,6 +162,7 @@ class StepBatches:
     accumulation: int
     rank: int
     pad_token_id: int
+    pad_to_multiple: int | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -170,5 +170,5 @@ class StepBatches:
     def __iter__(self) -> Iterator[StepBatch]:
         for rows in self.loader:
             parts = micro_batches(rows, self.processes, self.accumulation, self.rank)
-            padded = [(collate(part, self.pad_token_id), weight) for part, weight in parts]
+            padded = [(collate(part, self.pad_token_id, self.pad_to_multiple), weight) for part, weight in parts]
             yield StepBatch(padded, len(rows), sum(len(row["input_ids"]) for row in rows))
