@@ -27,6 +27,7 @@ ALL_ROWS = "all"  # every row of the split (None already means "keep the profile
 TUNE = "tune"  # lr="tune": each method's rate is chosen from its lr_grid on held-out train rows
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_SETTINGS = ("auto", "on", "off")
 # The row counts a profile sets, which planning fits to the data when the user left them to the profile.
 SIZE_PARAMETERS = ("train_size", "eval_size", "sweep_train_size", "tune_train_size", "tune_holdout_size")
 Check = Callable[[str, Any], Any]  # (parameter name for the message, user value) -> normalised value
@@ -138,10 +139,13 @@ def _target_sets(name: str, value: Any) -> tuple[str | tuple[str, ...] | None, .
     return _unique(name, [_targets(f"{name}[{index}]", item) for index, item in enumerate(value)])
 
 
-def _precision(name: str, value: Any) -> str:
-    if value not in PRECISIONS:
-        raise ValueError(f"{name} must be one of {PRECISIONS}, got {value!r}")
-    return value
+def _one_of(choices: tuple[str, ...]) -> Check:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        return value
+
+    return check
 
 
 def _device(name: str, value: Any) -> str:
@@ -244,11 +248,15 @@ class TrainConfig:
                                        "(None: at the end of each epoch)")
     gradient_checkpointing: bool = parameter(False, _flag, "recompute activations in backward")
     device: str = parameter("auto", _device, "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'")
-    precision: str = parameter("auto", _precision, "'auto' (GPU: bf16, or fp16 + loss scaling before Ampere; "
+    precision: str = parameter("auto", _one_of(PRECISIONS), "'auto' (GPU: bf16, or fp16 + loss scaling before Ampere; "
                                "CPU: fp32) | 'fp32' | 'bf16' | 'fp16'")
     log_every: int = parameter(10, _positive_int, "optimiser steps averaged into one logged loss")
     bucket_by_length: bool = parameter(False, _flag, "batch sentences of similar length")
     eval_batch_size: int | None = parameter(None, _optional(_positive_int), "rows per evaluation batch")
+    compile: str = parameter("auto", _one_of(COMPILE_SETTINGS), "compile the model's repeated blocks: 'auto' (on "
+                             "CUDA; off on a CPU, where it was measured slower) | 'on' | 'off'")
+    workers: int = parameter(1, _positive_int, "runs at once on this device, each in its own process, splitting "
+                             "the plan through the results folder")
 
     def __post_init__(self) -> None:  # built directly too (tests, bench): every field is a parameter, checked and read
         for item in fields(self):

@@ -102,7 +102,7 @@ class Results:
 IDENTITY_KEYS = (
     ("model", "rank", "alpha", "dropout", "targets", "modules_to_save", "train_size", "eval_size", "data_fingerprint",
      "lr", "seed")
-    + tuple(f.name for f in fields(TrainConfig) if f.name not in ("device", "precision"))
+    + tuple(f.name for f in fields(TrainConfig) if f.name not in ("device", "precision", "compile", "workers"))
     + ("compute_dtype", "rslora")
 )
 REPEAT_KEY = "seed"
