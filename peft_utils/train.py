@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .compilation import PAD_TO_MULTIPLE, compile_blocks, use_compile
 from .config import TrainConfig
 from .core.batches import StepBatches, encode, make_loader
 from .core.inject import count_parameters
@@ -136,6 +137,10 @@ class _Run:
     device: torch.device  # the accelerator's, with its CUDA index
     memory_plan: MemoryPlan | None
 
+    @property
+    def compiled(self) -> bool:
+        return use_compile(self.config.compile, self.device)
+
     def batches(self, model: nn.Module, tokenizer, frames: tuple[pd.DataFrame, pd.DataFrame], seed: int) -> _Batches:
         """Refuse FSDP, apply the memory plan, and tokenise once; the train order depends only on ``seed``, the same
         global batches on every process."""
@@ -152,11 +157,12 @@ class _Run:
         micro_batch = per_device_batch_size(config.batch_size, processes, accumulation)
         train_rows, eval_rows = (encode(f["sentence"].tolist(), f["label"].tolist(), tokenizer, config.max_length,
                                         f["sentence2"].tolist() if "sentence2" in f else None) for f in frames)
+        multiple = PAD_TO_MULTIPLE if self.compiled else None  # compiled: few widths, few compilations
         train = make_loader(train_rows, config.batch_size, pad, shuffle=True, seed=seed,
                             bucket_by_length=config.bucket_by_length, padded=False)
         evaluation = make_loader(eval_rows, config.eval_batch_size or 2 * micro_batch, pad, shuffle=False,
-                                 seed=seed, bucket_by_length=config.bucket_by_length)
-        steps = StepBatches(train, processes, accumulation, accelerator.process_index, pad)
+                                 seed=seed, bucket_by_length=config.bucket_by_length, pad_to_multiple=multiple)
+        steps = StepBatches(train, processes, accumulation, accelerator.process_index, pad, multiple)
         return _Batches(steps, evaluation, micro_batch, len(train_rows), len(eval_rows))
 
     def config_event(self, model: nn.Module, batches: _Batches, run_info: dict[str, Any], lr: float,
@@ -166,7 +172,7 @@ class _Run:
         config, accelerator, counts = self.config, self.accelerator, count_parameters(model)
         return {
             **run_info, **asdict(config), "lr": lr, "seed": seed, "device": str(self.device),
-            "hardware": hardware_name(self.device),
+            "hardware": hardware_name(self.device), "compiled": self.compiled,
             "compute_dtype": str(accelerator_dtype(accelerator)).removeprefix("torch."),
             "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
             "per_device_batch_size": batches.micro_batch, "global_batch_size": config.batch_size,
@@ -299,6 +305,8 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
             _log(sinks, "config", **run.config_event(model, batches, recording.run_info, lr, seed))
         if next(model.parameters()).device != run.device:  # before the optimiser picks its kernel
             model.to(run.device)
+        if run.compiled:
+            compile_blocks(model)
         set_seed(seed + accelerator.process_index)  # dropout masks: the same for every method, per process
         model, optimizer, scheduler = prepare_for_training(model, accelerator, lr=lr, weight_decay=config.weight_decay,
                                                            warmup_ratio=config.warmup_ratio, total_steps=total_steps)

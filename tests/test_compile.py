@@ -16,12 +16,13 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 from peft_utils.compilation import compile_blocks, repeated_blocks, use_compile
-from peft_utils.config import AdapterSettings
+from peft_utils.config import AdapterSettings, TrainConfig, make_config
 from peft_utils.core.batches import StepBatches, collate, encode, make_loader
 from peft_utils.core.layers import DoRALayer, LoRALayer
 from peft_utils.core.loop import StepMetrics, prepare_for_training, set_seed, train_loop
 from peft_utils.devices import make_accelerator
 from peft_utils.models import build_model, random_gpt2
+from peft_utils.store import RunRecorder, read_events
 
 WORDS = ("great", "good", "superb", "bad", "awful", "dreadful")
 PAD = 99
@@ -32,8 +33,8 @@ def test_use_compile_rules():
     assert use_compile("auto", cuda) and not use_compile("auto", cpu)
     assert use_compile("on", cpu) and use_compile("on", cuda)
     assert not use_compile("off", cpu) and not use_compile("off", cuda)
-    with pytest.raises(ValueError, match="compile must be one of auto, on, off; got 'yes'"):
-        use_compile("yes", cpu)
+    with pytest.raises(ValueError, match=r"compile must be one of \('auto', 'on', 'off'\), got 'yes'"):
+        make_config("smoke", compile="yes")  # refused by the configuration, before anything loads
 
 
 def test_the_repeated_blocks_are_found_and_compiled_in_place():
@@ -135,3 +136,31 @@ def test_compiled_blocks_train_as_eager_ones(tiny_gpt2_dir, method, lr):
         assert not counters["graph_break"]
     assert len(eager) == 20 + 5
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_train_compiles_when_asked_and_records_it(tiny_gpt2_dir, monkeypatch, tmp_path):
+    """``compile="on"`` reaches the run: its blocks are compiled (here with ``aot_eager``, see the module's
+    docstring), its widths padded, its record says ``compiled``; its losses are eager's within rounding."""
+    import functools
+
+    import peft_utils.train as train_module
+
+    monkeypatch.setattr(train_module, "compile_blocks", functools.partial(compile_blocks, backend="aot_eager"))
+    frame = pd.DataFrame({"sentence": [f"the film was {WORDS[i % 6]}" for i in range(24)],
+                          "label": [int(i % 6 < 3) for i in range(24)]})
+    losses = {}
+    for setting in ("off", "on"):
+        set_seed(0)
+        model, tokenizer = build_model("lora", tiny_gpt2_dir, AdapterSettings(rank=4, alpha=8, dropout=0.0))
+        for module in model.modules():  # GPT-2's own dropout masks depend on the padded width
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        config = TrainConfig(epochs=1, batch_size=8, warmup_ratio=0.0, max_length=16, log_every=1, device="cpu",
+                             compile=setting)
+        with RunRecorder(tmp_path, setting) as recorder:
+            result = train_module.train(model, tokenizer, frame, frame, config, lr=1e-3, seed=0,
+                                        recording=train_module.Recording(recorder=recorder))
+        assert read_events(tmp_path / f"{setting}.jsonl")[0]["compiled"] is (setting == "on")
+        losses[setting] = result.losses
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
