@@ -100,8 +100,8 @@ def _specs(config: ExperimentConfig, comparison: bool, sweep: bool) -> list[RunS
     if not config.tune.enabled:
         return specs
     # the sweep's LoRA runs use the rate tuned for LoRA on their target set
-    series = [(s.method, s.adapter) for s in specs if s.group == COMPARISON_GROUP]
-    series = list(dict.fromkeys(series + ([("lora", config.adapters[0])] if sweep else [])))
+    series = dict.fromkeys((s.method, s.adapter) if s.group == COMPARISON_GROUP else ("lora", config.adapters[0])
+                           for s in specs)
     return [RunSpec(TUNE_GROUP, m, seed, adapter, lr=rate) for seed in config.tune.seeds or config.seeds[:1]
             for m, adapter in series for rate in config.tune.grid[m]] + specs
 
@@ -117,7 +117,7 @@ class PlannedRun:
     name: str  # its readable run id (:func:`run_id`)
     run_id: str  # its file's: ``name``, or with its setting's hash where another setting holds ``name``
     # Every setting that changes the result, as the run's config event records it. Its "lr" is None while it
-    # waits for learning-rate tuning (see ``_with_tuned_rates``).
+    # waits for learning-rate tuning (see ``_tuned``).
     record: dict[str, Any]
     train_frame: pd.DataFrame
     eval_frame: pd.DataFrame
@@ -131,8 +131,44 @@ class Plan:
     model_source: str  # where the model loads from (the cache folder of a random GPT-2, a hub id, a folder)
     compute_dtype: torch.dtype  # every run's autocast dtype
     runs: list[PlannedRun]  # tuning runs first: the others' rates come from them
-    comparison: bool = True  # what was planned, so that a widened tuning grid can plan the same again
-    sweep: bool = False
+
+
+def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bool | None = None) -> Plan:
+    """Every run of the experiment with its data, checked against the data, the model and the results folder:
+    every error is raised here, before anything trains. ``sweep``: ``None`` follows ``config.sweep.enabled``."""
+    sweep = config.sweep.enabled if sweep is None else sweep
+    specs = _specs(config, comparison, sweep)
+    compute_dtype = planned_compute(config.train)
+    splits = load_splits(config.data)
+    config, adapted = fit_sizes(config, splits, sweep)
+    frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
+    source = resolve_model_source(materialize_model(config.model, config.data.data_dir))
+    store = RunStore(config.results_dir)
+    store.check_writable()
+    _check_model(config, source, specs, len(splits.label_names))
+    # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
+    data = (fingerprint(splits.train, splits.dev), splits)
+    dtype = str(compute_dtype).removeprefix("torch.")
+    runs = []
+    for spec in specs:
+        rows = frames[spec.group, spec.seed]
+        lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
+        name, record = run_id(spec, config.model), _planned_record(config, spec, rows, data, lr, dtype)
+        found, complete = store.find(name, record)
+        runs.append(PlannedRun(spec, name, found, record, *rows, complete=complete))
+    if adapted and is_main_process():  # once every check has passed: the one line before anything trains
+        print(f"sizes adapted to the data: {adapted}", flush=True)
+    return Plan(config, store, source, compute_dtype, runs)
+
+
+def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's (train rows, evaluation rows): tuning scores on held-out train rows, the others on dev."""
+    if group == TUNE_GROUP:
+        return tuning_rows(config, splits.train, seed)
+    if group == SWEEP_GROUP and config.sweep.train_size is not None:
+        config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
+        return train_and_eval_rows(config, splits.train, splits.dev, seed, "sweep_train_size")
+    return train_and_eval_rows(config, splits.train, splits.dev, seed)
 
 
 def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
@@ -157,10 +193,8 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
 
 def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec], num_labels: int) -> None:
     """Before any model is built, each mistake one line with the numbers: bitsandbytes for 4-bit methods;
-    ``max_length`` within the position embeddings (a longer sentence would index past them mid-training); targets
-    that match layers of the model but not its head or embeddings; ``modules_to_save`` holding no target; and every
-    rank at most the narrowest target layer's width (a larger rank adds parameters but no capacity, so a sweep
-    would draw as different ranks what is one experiment)."""
+    ``max_length`` within the position embeddings (a longer sentence would index past them mid-training); and the
+    adapters' settings (:func:`_check_adapters`)."""
     from transformers import AutoConfig
 
     if any(get_method(s.method).quantized for s in specs):
@@ -179,7 +213,11 @@ def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]
 
 
 def _check_adapters(config: ExperimentConfig, model_config, adapted: Sequence[RunSpec]) -> None:
-    """Each target set's adapter settings against the model's layers, on a weightless skeleton."""
+    """On a weightless skeleton: targets that match layers of the model but not its head or embeddings;
+    ``modules_to_save`` holding no target; and every rank at most the narrowest target layer's width (a larger rank
+    adds parameters but no capacity, so a sweep would draw as different ranks what is one experiment)."""
+    from .core.layers import base_features
+
     skeleton = meta_skeleton(model_config)
     for targets in config.targets:
         try:
@@ -191,22 +229,16 @@ def _check_adapters(config: ExperimentConfig, model_config, adapted: Sequence[Ru
         except ValueError as error:
             raise ValueError(f"modules_to_save={list(config.adapter.modules_to_save or ())} for {config.model}: "
                              f"{str(error).removeprefix('modules_to_save').lstrip(': ')}") from None
-        _check_rank(config, layers, [s for s in adapted if s.adapter.targets == targets])
-
-
-def _check_rank(config: ExperimentConfig, layers: Sequence[tuple[str, torch.nn.Module]],
-                adapted: Sequence[RunSpec]) -> None:
-    from .core.layers import base_features
-
-    if not adapted:
-        return
-    width, name = min((min(base_features(module)), name) for name, module in layers)
-    widest = max(adapted, key=lambda s: s.adapter.rank)
-    if widest.adapter.rank > width:
+        on_these = [s for s in adapted if s.adapter.targets == targets]
+        if not on_these:
+            continue
+        width, name = min((min(base_features(module)), name) for name, module in layers)
+        widest = max(on_these, key=lambda s: s.adapter.rank)
         rank = widest.adapter.rank
-        asked = f"sweep_ranks include {rank}" if widest.group == SWEEP_GROUP else f"rank={rank}"
-        raise ValueError(f"{asked} but the narrowest target layer of {config.model}, {name}, is {width} wide, which "
-                         f"caps its update's rank at {width}; ask for a rank of at most {width}")
+        if rank > width:
+            asked = f"sweep_ranks include {rank}" if widest.group == SWEEP_GROUP else f"rank={rank}"
+            raise ValueError(f"{asked} but the narrowest target layer of {config.model}, {name}, is {width} wide, "
+                             f"which caps its update's rank at {width}; ask for a rank of at most {width}")
 
 
 # Families whose position ids start after the padding index (RoBERTa's 514 positions hold 512 tokens).
@@ -227,74 +259,44 @@ def _positions(model_config) -> tuple[str, int | None]:
     return "", None
 
 
-def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bool | None = None) -> Plan:
-    """Every run of the experiment with its data, checked against the data, the model and the results folder:
-    every error is raised here, before anything trains. ``sweep``: ``None`` follows ``config.sweep.enabled``."""
-    sweep = config.sweep.enabled if sweep is None else sweep
-    specs = _specs(config, comparison, sweep)
-    compute_dtype = planned_compute(config.train)
-    splits = load_splits(config.data)
-    config, adapted = fit_sizes(config, splits, sweep)
-    # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
-    data = (fingerprint(splits.train, splits.dev), splits)
-    frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
-    source = resolve_model_source(materialize_model(config.model, config.data.data_dir))
-    store = RunStore(config.results_dir)
-    store.check_writable()
-    _check_model(config, source, specs, len(splits.label_names))
-    runs = []
-    for spec in specs:
-        name = run_id(spec, config.model)
-        rows = frames[spec.group, spec.seed]
-        lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
-        record = _planned_record(config, spec, rows, data, lr, str(compute_dtype).removeprefix("torch."))
-        found, complete = store.find(name, record)
-        runs.append(PlannedRun(spec, name, found, record, *rows, complete=complete))
-    if adapted and is_main_process():  # once every check has passed: the one line before anything trains
-        print(f"sizes adapted to the data: {adapted}", flush=True)
-    plan = Plan(config, store, source, compute_dtype, runs, comparison, sweep)
-    return _with_tuned_rates(plan) if config.tune.enabled else plan
+def run_plan(plan: Plan) -> pd.DataFrame:
+    """Train every run of ``plan`` not already complete, in order; one summary row per run of the plan.
 
-
-def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A run's (train rows, evaluation rows): tuning scores on held-out train rows, the others on dev."""
-    if group == TUNE_GROUP:
-        return tuning_rows(config, splits.train, seed)
-    if group == SWEEP_GROUP and config.sweep.train_size is not None:
-        config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
-        return train_and_eval_rows(config, splits.train, splits.dev, seed, "sweep_train_size")
-    return train_and_eval_rows(config, splits.train, splits.dev, seed)
-
-
-def _with_tuned_rates(plan: Plan) -> Plan:
-    """The plan with each waiting run's rate filled in once every tuning run is complete (else unchanged), chosen
-    from the tuning runs' records, so that a resumed experiment picks the same rates without training again."""
-    if not all(r.complete for r in plan.runs if r.spec.group == TUNE_GROUP):
-        return plan
-    rates = _chosen_rates(plan)
-    return _located(replace(plan, runs=[
-        replace(run, record={**run.record, "lr": rates[spec_series(run.spec)]}) if run.record["lr"] is None else run
-        for run in plan.runs]))
-
-
-def _located(plan: Plan) -> Plan:
-    """The plan with each run's file and completion read from the folder again: since it was planned, runs have
-    finished, here or in another process, perhaps under their setting's hashed name."""
-    store, runs = RunStore(plan.store.folder), []  # a store indexes its folder once: a new one reads it as it is now
-    for run in plan.runs:
-        found, complete = store.find(run.name, run.record)
-        runs.append(replace(run, run_id=found, complete=complete))
-    return replace(plan, runs=runs)
-
-
-def _chosen_rates(plan: Plan) -> dict[str, float]:
-    """Each series' rate, chosen from the plan's complete tuning runs."""
-    tuning = [r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]
-    return choose_learning_rates(plan.store.summary(tuning))
+    Each run is claimed before it trains (:meth:`~peft_utils.store.RunStore.claim`), so processes started on the
+    same experiment share its runs: a run another process is training is passed over, and waited for at the end of
+    its stage (the tuning runs, whose rates the others need; then the rest). Under ``accelerate launch`` every
+    process executes the same plan (the runs' data parallel halves): the main process claims and the others follow
+    its decisions; only the main process prints and writes."""
+    if plan.config.tune.enabled:
+        plan = _tuned(plan)
+    _run_stage(plan, [index for index, run in enumerate(plan.runs) if run.spec.group != TUNE_GROUP])
+    return plan.store.summary([run.run_id for run in _located(plan).runs])
 
 
 # How often a tuning grid may be widened past an edge that a winner sits on (per experiment, both sides together).
 GRID_WIDENINGS = 3
+
+
+def _tuned(plan: Plan) -> Plan:
+    """Train the tuning runs, then the plan with every other run's rate chosen from their records (so that a resumed
+    experiment picks the same rates without training again). A grid whose winner sits on its edge is first widened
+    (:func:`widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
+    for widenings in range(GRID_WIDENINGS + 1):
+        _run_stage(plan, [index for index, run in enumerate(plan.runs) if run.spec.group == TUNE_GROUP])
+        plan = _located(plan)
+        rates = choose_learning_rates(plan.store.summary([r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]))
+        grid = _wider_grid(plan.config.tune.grid, rates)
+        if grid is None or widenings == GRID_WIDENINGS:
+            break
+        _say("a tuned rate sits on its grid's edge; grids widened: " + "; ".join(
+            f"{method} " + ", ".join(f"{rate:g}" for rate in grid[method])
+            for method in dict.fromkeys(get_method(m).name for m in plan.config.methods)))
+        plan = _with_grid(plan, grid)
+    runs = [replace(run, record={**run.record, "lr": rates[spec_series(run.spec)]}) if run.record["lr"] is None
+            else run for run in plan.runs]
+    chosen = {spec_series(r.spec): r.record["lr"] for r in runs if r.spec.group != TUNE_GROUP}
+    _say("learning rates chosen on held-out train rows: " + ", ".join(f"{s} {lr:g}" for s, lr in chosen.items()))
+    return _located(replace(plan, runs=runs))
 
 
 def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | None:
@@ -310,16 +312,86 @@ def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | No
     return (*rates, float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}"))
 
 
-def _widened_config(plan: Plan) -> ExperimentConfig | None:
-    """The configuration with one rate more for every method whose tuned rate sits on its grid's edge, or ``None``."""
-    grid = dict(plan.config.tune.grid)
-    for series, rate in _chosen_rates(plan).items():
+def _wider_grid(grid: dict[str, tuple[float, ...]], rates: dict[str, float]) -> dict[str, tuple[float, ...]] | None:
+    """Every method's grid with one rate more where a series' chosen rate sits on its edge, or ``None``."""
+    wider = dict(grid)
+    for series, rate in rates.items():
         method = series_method(series)
-        wider = widened_grid(grid[method], rate)
-        grid[method] = wider or grid[method]
-    if grid == dict(plan.config.tune.grid):
-        return None
-    return replace(plan.config, tune=replace(plan.config.tune, grid=grid))
+        wider[method] = widened_grid(wider[method], rate) or wider[method]
+    return None if wider == grid else wider
+
+
+def _with_grid(plan: Plan, grid: dict[str, tuple[float, ...]]) -> Plan:
+    """The plan with a tuning run per rate of ``grid``: each series' and seed's tuning run at each rate (its data
+    and settings are the same, the rate aside), read from the folder as it is now."""
+    tune = {replace(run.spec, lr=None): run for run in plan.runs if run.spec.group == TUNE_GROUP}
+    runs = [replace(run, spec=spec, name=run_id(spec, plan.config.model), record={**run.record, "lr": spec.lr})
+            for template, run in tune.items() for spec in (replace(template, lr=rate) for rate in grid[run.spec.method])]
+    config = replace(plan.config, tune=replace(plan.config.tune, grid=grid))
+    return _located(replace(plan, config=config, runs=runs + [r for r in plan.runs if r.spec.group != TUNE_GROUP]))
+
+
+def _located(plan: Plan) -> Plan:
+    """The plan with each run's file and completion read from the folder again: since it was planned, runs have
+    finished, here or in another process, perhaps under their setting's hashed name."""
+    store, runs = RunStore(plan.store.folder), []  # a store indexes its folder once: a new one reads it as it is now
+    for run in plan.runs:
+        found, complete = store.find(run.name, run.record)
+        runs.append(replace(run, run_id=found, complete=complete))
+    return replace(plan, runs=runs)
+
+
+def _say(line: str) -> None:
+    if is_main_process():
+        print(line)
+
+
+def _run_stage(plan: Plan, stage: Sequence[int]) -> None:
+    """Train the stage's runs (indices into ``plan.runs``), passing over those another process is training, then
+    wait for those. The runs already complete are named in one line: a re-run of a finished experiment says so once."""
+    done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
+    if done:  # named while they fit on a line
+        names = ": " + ", ".join(done) if len(done) <= 4 else ""
+        _say(f"{len(done)} of {len(stage)} runs already complete in {plan.store.folder}, skipped{names}")
+    passed_over = [index for index in stage if not _run_unless_busy(plan, index, wait=False)]
+    for index in passed_over:
+        _run_unless_busy(plan, index, wait=True)
+
+
+# What the main process decided for a run, which the other processes of a launch follow: the file to train it in
+# (its claim's run id), or one of these.
+COMPLETE, BUSY = "<complete>", "<busy>"
+
+
+def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
+    """Train run ``index`` unless it is complete or another process trains it (``False``; with ``wait``, it is
+    waited for instead, and trained here if that process died first)."""
+    run, store = plan.runs[index], plan.store
+    position = f"run {index + 1}/{len(plan.runs)}"
+    if run.complete:  # named by _run_stage
+        store.mark_asked(run.run_id)  # the folder's default view shows the setting asked for last
+        return True
+    if wait and not store.is_complete(run.run_id):
+        _say(f"[{position}] {run.run_id}: waiting for the process training it to finish")
+    decision, claim = BUSY, None
+    if is_main_process():
+        with contextlib.suppress(RunInProgress):
+            claim = store.claim(run.name, run.record, wait=wait)
+            decision = COMPLETE if claim is None else claim.run_id
+    decision = same_in_every_process(decision, plan.config.train.device)
+    if decision == BUSY:
+        _say(f"[{position}] {run.run_id}: being trained by another process; passed over for now")
+        return False
+    if decision == COMPLETE:
+        _say(f"[{position}] {run.run_id}: completed by another process in {store.folder}, skipped")
+        return True
+    _say(f"[{position}] {decision}: training ({plan.config.profile} profile)")
+    try:
+        _train_and_record(plan, replace(run, run_id=decision), f"{position} {run.spec.method}")
+    finally:
+        if claim is not None:
+            claim.release()
+    return True
 
 
 def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
@@ -364,96 +436,6 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
         attempt(0)
     else:
         find_executable_batch_size(attempt, starting_batch_size=memory_plan.per_device_batch)()
-
-
-def run_plan(plan: Plan) -> pd.DataFrame:
-    """Train every run of ``plan`` not already complete, in order; one summary row per run of the plan.
-
-    Each run is claimed before it trains (:meth:`~peft_utils.store.RunStore.claim`), so processes started on the
-    same experiment share its runs: a run another process is training is passed over, and waited for at the end of
-    its stage (the tuning runs, whose rates the others need; then the rest). Under ``accelerate launch`` every
-    process executes the same plan (the runs' data parallel halves): the main process claims and the others follow
-    its decisions; only the main process prints and writes."""
-    tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
-    _run_stage(plan, range(tuning_runs))
-    for _ in range(GRID_WIDENINGS if tuning_runs else 0):  # a winner on its grid's edge: try one rate beyond it
-        wider = _widened_config(_located(plan))
-        if wider is None:
-            break
-        _say("a tuned rate sits on its grid's edge; grids widened: " + "; ".join(
-            f"{method} " + ", ".join(f"{rate:g}" for rate in sorted(wider.tune.grid[method]))
-            for method in dict.fromkeys(get_method(m).name for m in wider.methods)))
-        plan = plan_experiment(wider, plan.comparison, plan.sweep)
-        tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
-        _run_stage(plan, range(tuning_runs))
-    if tuning_runs:  # every tuning run is complete: choose the rates
-        plan = _with_tuned_rates(_located(plan))
-        rates = {spec_series(r.spec): r.record["lr"] for r in plan.runs if r.spec.group != TUNE_GROUP}
-        _say("learning rates chosen on held-out train rows: " + ", ".join(f"{s} {lr:g}" for s, lr in rates.items()))
-    _run_stage(plan, range(tuning_runs, len(plan.runs)))
-    return plan.store.summary([run.run_id for run in _located(plan).runs])
-
-
-def _say(line: str) -> None:
-    if is_main_process():
-        print(line)
-
-
-def _run_stage(plan: Plan, stage: range) -> None:
-    """Train the stage's runs, passing over those another process is training, then wait for those. The runs
-    already complete are named in one line: a re-run of a finished experiment says so once."""
-    done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
-    if done:  # named while they fit on a line
-        names = ": " + ", ".join(done) if len(done) <= 4 else ""
-        _say(f"{len(done)} of {len(stage)} runs already complete in {plan.store.folder}, skipped{names}")
-    passed_over = [index for index in stage if not _run_unless_busy(plan, index, wait=False)]
-    for index in passed_over:
-        _run_unless_busy(plan, index, wait=True)
-
-
-def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
-    """Train run ``index`` unless it is complete or another process trains it (``False``; with ``wait``, it is
-    waited for instead, and trained here if that process died first)."""
-    run, store = plan.runs[index], plan.store
-    position = f"run {index + 1}/{len(plan.runs)}"
-    if run.complete:  # named by _run_stage
-        store.mark_asked(run.run_id)  # the folder's default view shows the setting asked for last
-        return True
-    if wait and not store.is_complete(run.run_id):
-        _say(f"[{position}] {run.run_id}: waiting for the process training it to finish")
-    decision, claim = _claim_in_every_process(plan, run, wait)
-    if decision == BUSY:
-        _say(f"[{position}] {run.run_id}: being trained by another process; passed over for now")
-        return False
-    if decision == COMPLETE:
-        _say(f"[{position}] {run.run_id}: completed by another process in {store.folder}, skipped")
-        return True
-    run = replace(run, run_id=decision.partition(" ")[2])  # its file as claimed: see RunStore.claim
-    _say(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
-    try:
-        _train_and_record(plan, run, f"{position} {run.spec.method}")
-    finally:
-        if claim is not None:
-            claim.release()
-    return True
-
-
-# What the main process decided for a run, shared with the other processes of a launch: "train <run id>" names the
-# file it trains in (its claim's).
-TRAIN, COMPLETE, BUSY = "train", "complete", "busy"
-
-
-def _claim_in_every_process(plan: Plan, run: PlannedRun, wait: bool) -> tuple[str, Claim | None]:
-    """(decision, the claim when this process holds it): the main process claims the run, and under a launch the
-    others follow its decision, the run's file included."""
-    decision, claim = BUSY, None
-    if is_main_process():
-        try:
-            claim = plan.store.claim(run.name, run.record, wait=wait)
-            decision = f"{TRAIN} {claim.run_id}" if claim is not None else COMPLETE
-        except RunInProgress:
-            decision = BUSY
-    return same_in_every_process(decision, plan.config.train.device), claim
 
 
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:
