@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import re
 import sys
@@ -41,7 +40,7 @@ from .methods import get_method, series_method, series_name, targets_label
 from .models import build_model, materialize_model, resolve_model_source
 from .report import settings_text
 from .sizes import model_size
-from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, Claim, RunInProgress, RunStore
+from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, RunInProgress, RunStore
 from .train import Recording, train
 from .tuning import EVAL_SPLIT, choose_learning_rates, tuning_rows
 
@@ -115,7 +114,7 @@ def spec_series(spec: RunSpec) -> str:
 class PlannedRun:
     spec: RunSpec
     name: str  # its readable run id (:func:`run_id`)
-    run_id: str  # its file's: ``name``, or with its setting's hash where another setting holds ``name``
+    run_id: str  # its file's: ``name``, or with its setting's hash where another setting holds ``name`` (``_located``)
     # Every setting that changes the result, as the run's config event records it. Its "lr" is None while it
     # waits for learning-rate tuning (see ``_tuned``).
     record: dict[str, Any]
@@ -127,7 +126,7 @@ class PlannedRun:
 @dataclass(frozen=True)
 class Plan:
     config: ExperimentConfig
-    store: RunStore  # the results folder; its find() answers as the folder was when the plan was made
+    store: RunStore  # the results folder
     model_source: str  # where the model loads from (the cache folder of a random GPT-2, a hub id, a folder)
     compute_dtype: torch.dtype  # every run's autocast dtype
     runs: list[PlannedRun]  # tuning runs first: the others' rates come from them
@@ -151,14 +150,11 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     dtype = str(compute_dtype).removeprefix("torch.")
     runs = []
     for spec in specs:
-        rows = frames[spec.group, spec.seed]
-        lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
-        name, record = run_id(spec, config.model), _planned_record(config, spec, rows, data, lr, dtype)
-        found, complete = store.find(name, record)
-        runs.append(PlannedRun(spec, name, found, record, *rows, complete=complete))
-    if adapted and is_main_process():  # once every check has passed: the one line before anything trains
-        print(f"sizes adapted to the data: {adapted}", flush=True)
-    return Plan(config, store, source, compute_dtype, runs)
+        rows, name = frames[spec.group, spec.seed], run_id(spec, config.model)
+        runs.append(PlannedRun(spec, name, name, _planned_record(config, spec, rows, data, dtype), *rows, False))
+    if adapted:  # once every check has passed: the one line before anything trains
+        _say(f"sizes adapted to the data: {adapted}")
+    return _located(Plan(config, store, source, compute_dtype, runs))
 
 
 def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -172,11 +168,13 @@ def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tu
 
 
 def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
-                    data: tuple[str, Splits], lr: float | None, compute_dtype: str) -> dict:
+                    data: tuple[str, Splits], compute_dtype: str) -> dict:
     """Group, method and the run's identity (:data:`~peft_utils.store.IDENTITY_KEYS`, ``rslora`` for the sweep
     only) as its ``config`` event records it; then where its data was read from, its classes, and the labels of
-    its eval rows (for paired tests). ``data``: (the fingerprint of the splits, the splits)."""
+    its eval rows (for paired tests). ``data``: (the fingerprint of the splits, the splits). The rate is ``None``
+    while it waits for tuning."""
     adapter = spec.adapter
+    lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
     values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]),
               "data_fingerprint": data[0], "lr": lr, "seed": spec.seed, "compute_dtype": compute_dtype,
               **asdict(config.train),
@@ -269,8 +267,8 @@ def run_plan(plan: Plan) -> pd.DataFrame:
     its decisions; only the main process prints and writes."""
     if plan.config.tune.enabled:
         plan = _tuned(plan)
-    _run_stage(plan, [index for index, run in enumerate(plan.runs) if run.spec.group != TUNE_GROUP])
-    return plan.store.summary([run.run_id for run in _located(plan).runs])
+    plan = _run_stage(plan, tuning=False)
+    return plan.store.summary([run.run_id for run in plan.runs])
 
 
 # How often a tuning grid may be widened past an edge that a winner sits on (per experiment, both sides together).
@@ -282,11 +280,13 @@ def _tuned(plan: Plan) -> Plan:
     experiment picks the same rates without training again). A grid whose winner sits on its edge is first widened
     (:func:`widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
     for widenings in range(GRID_WIDENINGS + 1):
-        _run_stage(plan, [index for index, run in enumerate(plan.runs) if run.spec.group == TUNE_GROUP])
-        plan = _located(plan)
+        plan = _run_stage(plan, tuning=True)
         rates = choose_learning_rates(plan.store.summary([r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]))
-        grid = _wider_grid(plan.config.tune.grid, rates)
-        if grid is None or widenings == GRID_WIDENINGS:
+        grid = dict(plan.config.tune.grid)
+        for series, rate in rates.items():
+            method = series_method(series)
+            grid[method] = widened_grid(grid[method], rate) or grid[method]
+        if grid == plan.config.tune.grid or widenings == GRID_WIDENINGS:
             break
         _say("a tuned rate sits on its grid's edge; grids widened: " + "; ".join(
             f"{method} " + ", ".join(f"{rate:g}" for rate in grid[method])
@@ -312,21 +312,15 @@ def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | No
     return (*rates, float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}"))
 
 
-def _wider_grid(grid: dict[str, tuple[float, ...]], rates: dict[str, float]) -> dict[str, tuple[float, ...]] | None:
-    """Every method's grid with one rate more where a series' chosen rate sits on its edge, or ``None``."""
-    wider = dict(grid)
-    for series, rate in rates.items():
-        method = series_method(series)
-        wider[method] = widened_grid(wider[method], rate) or wider[method]
-    return None if wider == grid else wider
-
-
 def _with_grid(plan: Plan, grid: dict[str, tuple[float, ...]]) -> Plan:
     """The plan with a tuning run per rate of ``grid``: each series' and seed's tuning run at each rate (its data
     and settings are the same, the rate aside), read from the folder as it is now."""
-    tune = {replace(run.spec, lr=None): run for run in plan.runs if run.spec.group == TUNE_GROUP}
-    runs = [replace(run, spec=spec, name=run_id(spec, plan.config.model), record={**run.record, "lr": spec.lr})
-            for template, run in tune.items() for spec in (replace(template, lr=rate) for rate in grid[run.spec.method])]
+    templates = {replace(run.spec, lr=None): run for run in plan.runs if run.spec.group == TUNE_GROUP}
+    runs = []
+    for template, run in templates.items():
+        for rate in grid[template.method]:
+            spec = replace(template, lr=rate)
+            runs.append(replace(run, spec=spec, name=run_id(spec, plan.config.model), record={**run.record, "lr": rate}))
     config = replace(plan.config, tune=replace(plan.config.tune, grid=grid))
     return _located(replace(plan, config=config, runs=runs + [r for r in plan.runs if r.spec.group != TUNE_GROUP]))
 
@@ -334,21 +328,21 @@ def _with_grid(plan: Plan, grid: dict[str, tuple[float, ...]]) -> Plan:
 def _located(plan: Plan) -> Plan:
     """The plan with each run's file and completion read from the folder again: since it was planned, runs have
     finished, here or in another process, perhaps under their setting's hashed name."""
-    store, runs = RunStore(plan.store.folder), []  # a store indexes its folder once: a new one reads it as it is now
-    for run in plan.runs:
-        found, complete = store.find(run.name, run.record)
-        runs.append(replace(run, run_id=found, complete=complete))
-    return replace(plan, runs=runs)
+    places = plan.store.find([(run.name, run.record) for run in plan.runs])
+    return replace(plan, runs=[replace(run, run_id=found, complete=complete)
+                               for run, (found, complete) in zip(plan.runs, places)])
 
 
 def _say(line: str) -> None:
     if is_main_process():
-        print(line)
+        print(line, flush=True)
 
 
-def _run_stage(plan: Plan, stage: Sequence[int]) -> None:
-    """Train the stage's runs (indices into ``plan.runs``), passing over those another process is training, then
-    wait for those. The runs already complete are named in one line: a re-run of a finished experiment says so once."""
+def _run_stage(plan: Plan, tuning: bool) -> Plan:
+    """Train the tuning runs or the others, passing over those another process is training, then wait for those;
+    the plan as the folder now holds it. The runs already complete are named in one line: a re-run of a finished
+    experiment says so once."""
+    stage = [index for index, run in enumerate(plan.runs) if (run.spec.group == TUNE_GROUP) == tuning]
     done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
     if done:  # named while they fit on a line
         names = ": " + ", ".join(done) if len(done) <= 4 else ""
@@ -356,6 +350,7 @@ def _run_stage(plan: Plan, stage: Sequence[int]) -> None:
     passed_over = [index for index in stage if not _run_unless_busy(plan, index, wait=False)]
     for index in passed_over:
         _run_unless_busy(plan, index, wait=True)
+    return _located(plan)
 
 
 # What the main process decided for a run, which the other processes of a launch follow: the file to train it in
@@ -410,21 +405,20 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
     if config.tune.enabled and run.spec.group != TUNE_GROUP:
         run_info["lr_source"] = TUNE_GROUP  # chosen by the tuning runs of this results folder
 
-    def keep_what_was_trained(trained: torch.nn.Module, tokenizer) -> dict[str, Any]:
-        """Saved before the summary event, so every complete run has its result on disk; sizes from those files."""
-        saved = save_trained(trained, tokenizer, store.saved_dir(run.run_id), method)
-        return {"saved_to": store.saved_dir(run.run_id).name, "size": model_size(trained, method, saved)}
-
     def attempt(per_device_batch: int) -> None:
         fitted = with_micro_batch_at_most(memory_plan, per_device_batch) if memory_plan is not None else None
         set_seed(run.spec.seed)  # adapter and head initialisation
         model, tokenizer = build_model(method, plan.model_source, adapter, plan.compute_dtype, run.record["labels"])
+
+        def keep_what_was_trained(trained: torch.nn.Module) -> dict[str, Any]:
+            """Saved before the summary event, so every complete run has its result on disk; sizes from those files."""
+            saved = save_trained(trained, tokenizer, store.saved_dir(run.run_id), method)
+            return {"saved_to": store.saved_dir(run.run_id).name, "size": model_size(trained, method, saved)}
+
+        # a tuning run's model is only a score: nothing worth keeping on disk
+        on_finish = None if run.spec.group == TUNE_GROUP else keep_what_was_trained
         try:
-            # a tuning run's model is only a score: nothing worth keeping on disk
-            on_finish = None if run.spec.group == TUNE_GROUP else functools.partial(keep_what_was_trained,
-                                                                                  tokenizer=tokenizer)
-            with contextlib.ExitStack() as stack:
-                recorder = stack.enter_context(store.recorder(run.run_id)) if accelerator.is_main_process else None
+            with store.recorder(run.run_id) if accelerator.is_main_process else contextlib.nullcontext() as recorder:
                 train(model, tokenizer, run.train_frame, run.eval_frame, config.train, lr=run.record["lr"],
                       seed=run.spec.seed, recording=Recording(recorder, run_info, label, on_finish),
                       accelerator=accelerator, memory_plan=fitted)

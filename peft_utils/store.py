@@ -15,7 +15,6 @@ kept apart when loaded (:meth:`RunStore.load`). Processes may share a folder: ea
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -253,21 +252,16 @@ class RunStore:
             found.setdefault(known, run_id)
         return found, {**finished, **claimed}
 
-    @functools.cached_property
-    def _index(self) -> tuple[dict[str, str], dict[str, str]]:
-        """:meth:`_read_index`, read once per plan rather than once per planned run."""
-        return self._read_index()
+    def find(self, planned: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, bool]]:
+        """For each planned run (its readable id, its settings as its ``config`` event will record them): (its file's
+        run id, whether a run with its :func:`identity` is complete), the folder read once.
 
-    def find(self, name: str, planned: dict[str, Any]) -> tuple[str, bool]:
-        """(the planned run's id, whether a run with its :func:`identity` is complete) for readable id ``name``.
-
-        Not found, it takes ``name`` unless another setting's run holds that file, else ``name-<setting_id>``: a
-        changed setting trains beside the old runs, never over them. ``planned``: the settings as its ``config``
-        event will record them; a learning rate still to tune (``None``) gives (``name``, ``False``).
+        Not found, a run takes its readable id unless another setting's run holds that file, else the id and its
+        :func:`setting_id`: a changed setting trains beside the old runs, never over them. A learning rate still to
+        tune (``None``) gives (the readable id, ``False``).
         """
-        if planned.get("lr") is None:
-            return name, False
-        return _place(name, planned, *self._index)
+        index = self._read_index()
+        return [(name, False) if record.get("lr") is None else _place(name, record, *index) for name, record in planned]
 
     def _run_lock(self, run_id: str) -> FileLock:
         return FileLock(self.folder / CLAIMS / f"{run_id}.lock")
@@ -380,7 +374,8 @@ def _config(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _place(name: str, planned: dict[str, Any], found: dict[str, str], held: dict[str, str]) -> tuple[str, bool]:
-    """:meth:`RunStore.find` on a folder read by :meth:`RunStore._read_index`."""
+    """Where the planned run of readable id ``name`` is (:meth:`RunStore.find`), in a folder read by
+    :meth:`RunStore._read_index`."""
     known = identity(planned)
     if known in found:
         return found[known], True
