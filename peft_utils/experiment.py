@@ -6,8 +6,9 @@ one-line error and not a finished full fine-tuning run:
 1. **plan** (:func:`plan_experiment`): the runs (learning-rate tuning when ``lr="tune"``, methods x target sets x
    seeds, the LoRA rank x alpha grid), their data rows, and every check that needs the data, the model or the
    results folder (a run found there complete, by its settings, is skipped: :class:`~peft_utils.store.RunStore`).
-2. **run** (:func:`run_plan`): every run not already complete is built from the same base weights, trained with
-   the same seed, data and schedule, and streamed to ``<results_dir>/<run_id>.jsonl``; a re-run resumes.
+2. **run** (:func:`run_plan`): the tuning runs first, then, with each series' rate chosen from their records, every
+   other run not already complete: built from the same base weights, trained with the same seed, data and
+   schedule, and streamed to ``<results_dir>/<run_id>.jsonl``; a re-run resumes.
 
 On a CPU shared with other processes, set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python: OpenMP threads
 that spin while waiting for a busy core made the ``cpu`` profile up to 10x slower in our measurements.

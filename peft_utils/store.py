@@ -168,11 +168,13 @@ class RunInProgress(Exception):
         self.run_id = run_id
 
 
+@dataclass
 class Claim(contextlib.AbstractContextManager):
     """This process's right to train the run in file ``run_id`` until :meth:`release`."""
 
-    def __init__(self, lock: FileLock, settings: Path, run_id: str) -> None:
-        self.lock, self.settings, self.run_id = lock, settings, run_id
+    lock: FileLock
+    settings: Path  # the run's planned settings, read by other processes while the claim is held
+    run_id: str
 
     def release(self) -> None:
         self.settings.unlink(missing_ok=True)
@@ -247,9 +249,7 @@ class RunStore:
         file). Claims are read first, so a run that finishes in between is seen as one or the other."""
         claimed = {config["run_id"]: identity(config) for config in self._claimed_configs()}
         finished = {run_id: identity(_config(events)) for run_id, events in self._complete_runs().items()}
-        found: dict[str, str] = {}
-        for run_id, known in finished.items():
-            found.setdefault(known, run_id)
+        found = {known: run_id for run_id, known in reversed(finished.items())}  # the first file of each identity
         return found, {**finished, **claimed}
 
     def find(self, planned: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, bool]]:

@@ -85,13 +85,6 @@ def test_the_record_holds_every_identity_setting(smoke_results):
     assert set(IDENTITY_KEYS) - set(configs["comparison"]) == {"rslora"}  # a sweep option only
 
 
-def test_rerun_skips_complete_runs(smoke_results, sst2_dir, monkeypatch):
-    results, table = smoke_results
-    monkeypatch.setattr(experiment, "train", _fail)
-    again = run_comparison(smoke(results, sst2_dir, methods=["full", "qdora"]))
-    assert list(again["run_id"]) == list(table["run_id"][:2])
-
-
 def _hashed(plan_run) -> str:
     """The file name of a run whose readable name another setting holds: that name and its setting's hash."""
     return f"{plan_run.name}-{setting_id(plan_run.record)}"
