@@ -6,8 +6,9 @@ one-line error and not a finished full fine-tuning run:
 1. **plan** (:func:`plan_experiment`): the runs (learning-rate tuning when ``lr="tune"``, methods x target sets x
    seeds, the LoRA rank x alpha grid), their data rows, and every check that needs the data, the model or the
    results folder (a run found there complete, by its settings, is skipped: :class:`~peft_utils.store.RunStore`).
-2. **run** (:func:`run_plan`): every run not already complete is built from the same base weights, trained with
-   the same seed, data and schedule, and streamed to ``<results_dir>/<run_id>.jsonl``; a re-run resumes.
+2. **run** (:func:`run_plan`): the tuning runs first, then, with each series' rate chosen from their records, every
+   other run not already complete: built from the same base weights, trained with the same seed, data and
+   schedule, and streamed to ``<results_dir>/<run_id>.jsonl``; a re-run resumes.
 
 On a CPU shared with other processes, set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python: OpenMP threads
 that spin while waiting for a busy core made the ``cpu`` profile up to 10x slower in our measurements.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import re
 import sys
@@ -41,7 +41,7 @@ from .methods import get_method, series_method, series_name, targets_label
 from .models import build_model, resolve_model_source
 from .report import settings_text
 from .sizes import model_size
-from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, Claim, RunInProgress, RunStore
+from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, RunInProgress, RunStore
 from .train import Recording, train
 from .tuning import EVAL_SPLIT, choose_learning_rates, tuning_rows
 
@@ -100,8 +100,8 @@ def _specs(config: ExperimentConfig, comparison: bool, sweep: bool) -> list[RunS
     if not config.tune.enabled:
         return specs
     # the sweep's LoRA runs use the rate tuned for LoRA on their target set
-    series = [(s.method, s.adapter) for s in specs if s.group == COMPARISON_GROUP]
-    series = list(dict.fromkeys(series + ([("lora", config.adapters[0])] if sweep else [])))
+    series = dict.fromkeys((s.method, s.adapter) if s.group == COMPARISON_GROUP else ("lora", config.adapters[0])
+                           for s in specs)
     return [RunSpec(TUNE_GROUP, m, seed, adapter, lr=rate) for seed in config.tune.seeds or config.seeds[:1]
             for m, adapter in series for rate in config.tune.grid[m]] + specs
 
@@ -115,9 +115,9 @@ def spec_series(spec: RunSpec) -> str:
 class PlannedRun:
     spec: RunSpec
     name: str  # its readable run id (:func:`run_id`)
-    run_id: str  # its file's: ``name``, or with its setting's hash where another setting holds ``name``
+    run_id: str  # its file's: ``name``, or with its setting's hash where another setting holds ``name`` (``_located``)
     # Every setting that changes the result, as the run's config event records it. Its "lr" is None while it
-    # waits for learning-rate tuning (see ``_with_tuned_rates``).
+    # waits for learning-rate tuning (see ``_tuned``).
     record: dict[str, Any]
     train_frame: pd.DataFrame
     eval_frame: pd.DataFrame
@@ -127,20 +127,55 @@ class PlannedRun:
 @dataclass(frozen=True)
 class Plan:
     config: ExperimentConfig
-    store: RunStore  # the results folder; its find() answers as the folder was when the plan was made
+    store: RunStore  # the results folder
     model_source: str  # where the model loads from (the cache folder of a random GPT-2, a hub id, a folder)
     compute_dtype: torch.dtype  # every run's autocast dtype
     runs: list[PlannedRun]  # tuning runs first: the others' rates come from them
-    comparison: bool = True  # what was planned, so that a widened tuning grid can plan the same again
-    sweep: bool = False
+
+
+def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bool | None = None) -> Plan:
+    """Every run of the experiment with its data, checked against the data, the model and the results folder:
+    every error is raised here, before anything trains. ``sweep``: ``None`` follows ``config.sweep.enabled``."""
+    sweep = config.sweep.enabled if sweep is None else sweep
+    specs = _specs(config, comparison, sweep)
+    compute_dtype = planned_compute(config.train)
+    splits = load_splits(config.data)
+    config, adapted = fit_sizes(config, splits, sweep)
+    frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
+    source = resolve_model_source(config.model, config.data.data_dir)
+    store = RunStore(config.results_dir)
+    store.check_writable()
+    _check_model(config, source, specs, len(splits.label_names))
+    # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
+    data = (fingerprint(splits.train, splits.dev), splits)
+    dtype = str(compute_dtype).removeprefix("torch.")
+    runs = []
+    for spec in specs:
+        rows, name = frames[spec.group, spec.seed], run_id(spec, config.model)
+        runs.append(PlannedRun(spec, name, name, _planned_record(config, spec, rows, data, dtype), *rows, False))
+    if adapted:  # once every check has passed: the one line before anything trains
+        _say(f"sizes adapted to the data: {adapted}")
+    return _located(Plan(config, store, source, compute_dtype, runs))
+
+
+def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's (train rows, evaluation rows): tuning scores on held-out train rows, the others on dev."""
+    if group == TUNE_GROUP:
+        return tuning_rows(config, splits.train, seed)
+    if group == SWEEP_GROUP and config.sweep.train_size is not None:
+        config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
+        return train_and_eval_rows(config, splits.train, splits.dev, seed, "sweep_train_size")
+    return train_and_eval_rows(config, splits.train, splits.dev, seed)
 
 
 def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
-                    data: tuple[str, Splits], lr: float | None, compute_dtype: str) -> dict:
+                    data: tuple[str, Splits], compute_dtype: str) -> dict:
     """Group, method and the run's identity (:data:`~peft_utils.store.IDENTITY_KEYS`, ``rslora`` for the sweep
     only) as its ``config`` event records it; then where its data was read from, its classes, and the labels of
-    its eval rows (for paired tests). ``data``: (the fingerprint of the splits, the splits)."""
+    its eval rows (for paired tests). ``data``: (the fingerprint of the splits, the splits). The rate is ``None``
+    while it waits for tuning."""
     adapter = spec.adapter
+    lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
     values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]),
               "data_fingerprint": data[0], "lr": lr, "seed": spec.seed, "compute_dtype": compute_dtype,
               **asdict(config.train),
@@ -157,10 +192,8 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
 
 def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec], num_labels: int) -> None:
     """Before any model is built, each mistake one line with the numbers: bitsandbytes for 4-bit methods;
-    ``max_length`` within the position embeddings (a longer sentence would index past them mid-training); targets
-    that match layers of the model but not its head or embeddings; ``modules_to_save`` holding no target; and every
-    rank at most the narrowest target layer's width (a larger rank adds parameters but no capacity, so a sweep
-    would draw as different ranks what is one experiment)."""
+    ``max_length`` within the position embeddings (a longer sentence would index past them mid-training); and the
+    adapters' settings (:func:`_check_adapters`)."""
     from transformers import AutoConfig
 
     if any(get_method(s.method).quantized for s in specs):
@@ -179,7 +212,11 @@ def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]
 
 
 def _check_adapters(config: ExperimentConfig, model_config, adapted: Sequence[RunSpec]) -> None:
-    """Each target set's adapter settings against the model's layers, on a weightless skeleton."""
+    """On a weightless skeleton: targets that match layers of the model but not its head or embeddings;
+    ``modules_to_save`` holding no target; and every rank at most the narrowest target layer's width (a larger rank
+    adds parameters but no capacity, so a sweep would draw as different ranks what is one experiment)."""
+    from .core.layers import base_features
+
     skeleton = meta_skeleton(model_config)
     for targets in config.targets:
         try:
@@ -191,22 +228,16 @@ def _check_adapters(config: ExperimentConfig, model_config, adapted: Sequence[Ru
         except ValueError as error:
             raise ValueError(f"modules_to_save={list(config.adapter.modules_to_save or ())} for {config.model}: "
                              f"{str(error).removeprefix('modules_to_save').lstrip(': ')}") from None
-        _check_rank(config, layers, [s for s in adapted if s.adapter.targets == targets])
-
-
-def _check_rank(config: ExperimentConfig, layers: Sequence[tuple[str, torch.nn.Module]],
-                adapted: Sequence[RunSpec]) -> None:
-    from .core.layers import base_features
-
-    if not adapted:
-        return
-    width, name = min((min(base_features(module)), name) for name, module in layers)
-    widest = max(adapted, key=lambda s: s.adapter.rank)
-    if widest.adapter.rank > width:
+        on_these = [s for s in adapted if s.adapter.targets == targets]
+        if not on_these:
+            continue
+        width, name = min((min(base_features(module)), name) for name, module in layers)
+        widest = max(on_these, key=lambda s: s.adapter.rank)
         rank = widest.adapter.rank
-        asked = f"sweep_ranks include {rank}" if widest.group == SWEEP_GROUP else f"rank={rank}"
-        raise ValueError(f"{asked} but the narrowest target layer of {config.model}, {name}, is {width} wide, which "
-                         f"caps its update's rank at {width}; ask for a rank of at most {width}")
+        if rank > width:
+            asked = f"sweep_ranks include {rank}" if widest.group == SWEEP_GROUP else f"rank={rank}"
+            raise ValueError(f"{asked} but the narrowest target layer of {config.model}, {name}, is {width} wide, "
+                             f"which caps its update's rank at {width}; ask for a rank of at most {width}")
 
 
 # Families whose position ids start after the padding index (RoBERTa's 514 positions hold 512 tokens).
@@ -227,74 +258,46 @@ def _positions(model_config) -> tuple[str, int | None]:
     return "", None
 
 
-def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bool | None = None) -> Plan:
-    """Every run of the experiment with its data, checked against the data, the model and the results folder:
-    every error is raised here, before anything trains. ``sweep``: ``None`` follows ``config.sweep.enabled``."""
-    sweep = config.sweep.enabled if sweep is None else sweep
-    specs = _specs(config, comparison, sweep)
-    compute_dtype = planned_compute(config.train)
-    splits = load_splits(config.data)
-    config, adapted = fit_sizes(config, splits, sweep)
-    # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
-    data = (fingerprint(splits.train, splits.dev), splits)
-    frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
-    source = resolve_model_source(config.model, config.data.data_dir)
-    store = RunStore(config.results_dir)
-    store.check_writable()
-    _check_model(config, source, specs, len(splits.label_names))
-    runs = []
-    for spec in specs:
-        name = run_id(spec, config.model)
-        rows = frames[spec.group, spec.seed]
-        lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
-        record = _planned_record(config, spec, rows, data, lr, str(compute_dtype).removeprefix("torch."))
-        found, complete = store.find(name, record)
-        runs.append(PlannedRun(spec, name, found, record, *rows, complete=complete))
-    if adapted and is_main_process():  # once every check has passed: the one line before anything trains
-        print(f"sizes adapted to the data: {adapted}", flush=True)
-    plan = Plan(config, store, source, compute_dtype, runs, comparison, sweep)
-    return _with_tuned_rates(plan) if config.tune.enabled else plan
+def run_plan(plan: Plan) -> pd.DataFrame:
+    """Train every run of ``plan`` not already complete, in order; one summary row per run of the plan.
 
-
-def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A run's (train rows, evaluation rows): tuning scores on held-out train rows, the others on dev."""
-    if group == TUNE_GROUP:
-        return tuning_rows(config, splits.train, seed)
-    if group == SWEEP_GROUP and config.sweep.train_size is not None:
-        config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
-        return train_and_eval_rows(config, splits.train, splits.dev, seed, "sweep_train_size")
-    return train_and_eval_rows(config, splits.train, splits.dev, seed)
-
-
-def _with_tuned_rates(plan: Plan) -> Plan:
-    """The plan with each waiting run's rate filled in once every tuning run is complete (else unchanged), chosen
-    from the tuning runs' records, so that a resumed experiment picks the same rates without training again."""
-    if not all(r.complete for r in plan.runs if r.spec.group == TUNE_GROUP):
-        return plan
-    rates = _chosen_rates(plan)
-    return _located(replace(plan, runs=[
-        replace(run, record={**run.record, "lr": rates[spec_series(run.spec)]}) if run.record["lr"] is None else run
-        for run in plan.runs]))
-
-
-def _located(plan: Plan) -> Plan:
-    """The plan with each run's file and completion read from the folder again: since it was planned, runs have
-    finished, here or in another process, perhaps under their setting's hashed name."""
-    store, runs = RunStore(plan.store.folder), []  # a store indexes its folder once: a new one reads it as it is now
-    for run in plan.runs:
-        found, complete = store.find(run.name, run.record)
-        runs.append(replace(run, run_id=found, complete=complete))
-    return replace(plan, runs=runs)
-
-
-def _chosen_rates(plan: Plan) -> dict[str, float]:
-    """Each series' rate, chosen from the plan's complete tuning runs."""
-    tuning = [r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]
-    return choose_learning_rates(plan.store.summary(tuning))
+    Each run is claimed before it trains (:meth:`~peft_utils.store.RunStore.claim`), so processes started on the
+    same experiment share its runs: a run another process is training is passed over, and waited for at the end of
+    its stage (the tuning runs, whose rates the others need; then the rest). Under ``accelerate launch`` every
+    process executes the same plan (the runs' data parallel halves): the main process claims and the others follow
+    its decisions; only the main process prints and writes."""
+    if plan.config.tune.enabled:
+        plan = _tuned(plan)
+    plan = _run_stage(plan, tuning=False)
+    return plan.store.summary([run.run_id for run in plan.runs])
 
 
 # How often a tuning grid may be widened past an edge that a winner sits on (per experiment, both sides together).
 GRID_WIDENINGS = 3
+
+
+def _tuned(plan: Plan) -> Plan:
+    """Train the tuning runs, then the plan with every other run's rate chosen from their records (so that a resumed
+    experiment picks the same rates without training again). A grid whose winner sits on its edge is first widened
+    (:func:`widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
+    for widenings in range(GRID_WIDENINGS + 1):
+        plan = _run_stage(plan, tuning=True)
+        rates = choose_learning_rates(plan.store.summary([r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]))
+        grid = dict(plan.config.tune.grid)
+        for series, rate in rates.items():
+            method = series_method(series)
+            grid[method] = widened_grid(grid[method], rate) or grid[method]
+        if grid == plan.config.tune.grid or widenings == GRID_WIDENINGS:
+            break
+        _say("a tuned rate sits on its grid's edge; grids widened: " + "; ".join(
+            f"{method} " + ", ".join(f"{rate:g}" for rate in grid[method])
+            for method in dict.fromkeys(get_method(m).name for m in plan.config.methods)))
+        plan = _with_grid(plan, grid)
+    runs = [replace(run, record={**run.record, "lr": rates[spec_series(run.spec)]}) if run.record["lr"] is None
+            else run for run in plan.runs]
+    chosen = {spec_series(r.spec): r.record["lr"] for r in runs if r.spec.group != TUNE_GROUP}
+    _say("learning rates chosen on held-out train rows: " + ", ".join(f"{s} {lr:g}" for s, lr in chosen.items()))
+    return _located(replace(plan, runs=runs))
 
 
 def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | None:
@@ -310,16 +313,81 @@ def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | No
     return (*rates, float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}"))
 
 
-def _widened_config(plan: Plan) -> ExperimentConfig | None:
-    """The configuration with one rate more for every method whose tuned rate sits on its grid's edge, or ``None``."""
-    grid = dict(plan.config.tune.grid)
-    for series, rate in _chosen_rates(plan).items():
-        method = series_method(series)
-        wider = widened_grid(grid[method], rate)
-        grid[method] = wider or grid[method]
-    if grid == dict(plan.config.tune.grid):
-        return None
-    return replace(plan.config, tune=replace(plan.config.tune, grid=grid))
+def _with_grid(plan: Plan, grid: dict[str, tuple[float, ...]]) -> Plan:
+    """The plan with a tuning run per rate of ``grid``: each series' and seed's tuning run at each rate (its data
+    and settings are the same, the rate aside), read from the folder as it is now."""
+    templates = {replace(run.spec, lr=None): run for run in plan.runs if run.spec.group == TUNE_GROUP}
+    runs = []
+    for template, run in templates.items():
+        for rate in grid[template.method]:
+            spec = replace(template, lr=rate)
+            runs.append(replace(run, spec=spec, name=run_id(spec, plan.config.model), record={**run.record, "lr": rate}))
+    config = replace(plan.config, tune=replace(plan.config.tune, grid=grid))
+    return _located(replace(plan, config=config, runs=runs + [r for r in plan.runs if r.spec.group != TUNE_GROUP]))
+
+
+def _located(plan: Plan) -> Plan:
+    """The plan with each run's file and completion read from the folder again: since it was planned, runs have
+    finished, here or in another process, perhaps under their setting's hashed name."""
+    places = plan.store.find([(run.name, run.record) for run in plan.runs])
+    return replace(plan, runs=[replace(run, run_id=found, complete=complete)
+                               for run, (found, complete) in zip(plan.runs, places)])
+
+
+def _say(line: str) -> None:
+    if is_main_process():
+        print(line, flush=True)
+
+
+def _run_stage(plan: Plan, tuning: bool) -> Plan:
+    """Train the tuning runs or the others, passing over those another process is training, then wait for those;
+    the plan as the folder now holds it. The runs already complete are named in one line: a re-run of a finished
+    experiment says so once."""
+    stage = [index for index, run in enumerate(plan.runs) if (run.spec.group == TUNE_GROUP) == tuning]
+    done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
+    if done:  # named while they fit on a line
+        names = ": " + ", ".join(done) if len(done) <= 4 else ""
+        _say(f"{len(done)} of {len(stage)} runs already complete in {plan.store.folder}, skipped{names}")
+    passed_over = [index for index in stage if not _run_unless_busy(plan, index, wait=False)]
+    for index in passed_over:
+        _run_unless_busy(plan, index, wait=True)
+    return _located(plan)
+
+
+# What the main process decided for a run, which the other processes of a launch follow: the file to train it in
+# (its claim's run id), or one of these.
+COMPLETE, BUSY = "<complete>", "<busy>"
+
+
+def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
+    """Train run ``index`` unless it is complete or another process trains it (``False``; with ``wait``, it is
+    waited for instead, and trained here if that process died first)."""
+    run, store = plan.runs[index], plan.store
+    position = f"run {index + 1}/{len(plan.runs)}"
+    if run.complete:  # named by _run_stage
+        store.mark_asked(run.run_id)  # the folder's default view shows the setting asked for last
+        return True
+    if wait and not store.is_complete(run.run_id):
+        _say(f"[{position}] {run.run_id}: waiting for the process training it to finish")
+    decision, claim = BUSY, None
+    if is_main_process():
+        with contextlib.suppress(RunInProgress):
+            claim = store.claim(run.name, run.record, wait=wait)
+            decision = COMPLETE if claim is None else claim.run_id
+    decision = same_in_every_process(decision, plan.config.train.device)
+    if decision == BUSY:
+        _say(f"[{position}] {run.run_id}: being trained by another process; passed over for now")
+        return False
+    if decision == COMPLETE:
+        _say(f"[{position}] {run.run_id}: completed by another process in {store.folder}, skipped")
+        return True
+    _say(f"[{position}] {decision}: training ({plan.config.profile} profile)")
+    try:
+        _train_and_record(plan, replace(run, run_id=decision), f"{position} {run.spec.method}")
+    finally:
+        if claim is not None:
+            claim.release()
+    return True
 
 
 def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
@@ -338,21 +406,20 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
     if config.tune.enabled and run.spec.group != TUNE_GROUP:
         run_info["lr_source"] = TUNE_GROUP  # chosen by the tuning runs of this results folder
 
-    def keep_what_was_trained(trained: torch.nn.Module, tokenizer) -> dict[str, Any]:
-        """Saved before the summary event, so every complete run has its result on disk; sizes from those files."""
-        saved = save_trained(trained, tokenizer, store.saved_dir(run.run_id), method)
-        return {"saved_to": store.saved_dir(run.run_id).name, "size": model_size(trained, method, saved)}
-
     def attempt(per_device_batch: int) -> None:
         fitted = with_micro_batch_at_most(memory_plan, per_device_batch) if memory_plan is not None else None
         set_seed(run.spec.seed)  # adapter and head initialisation
         model, tokenizer = build_model(method, plan.model_source, adapter, plan.compute_dtype, run.record["labels"])
+
+        def keep_what_was_trained(trained: torch.nn.Module) -> dict[str, Any]:
+            """Saved before the summary event, so every complete run has its result on disk; sizes from those files."""
+            saved = save_trained(trained, tokenizer, store.saved_dir(run.run_id), method)
+            return {"saved_to": store.saved_dir(run.run_id).name, "size": model_size(trained, method, saved)}
+
+        # a tuning run's model is only a score: nothing worth keeping on disk
+        on_finish = None if run.spec.group == TUNE_GROUP else keep_what_was_trained
         try:
-            # a tuning run's model is only a score: nothing worth keeping on disk
-            on_finish = None if run.spec.group == TUNE_GROUP else functools.partial(keep_what_was_trained,
-                                                                                  tokenizer=tokenizer)
-            with contextlib.ExitStack() as stack:
-                recorder = stack.enter_context(store.recorder(run.run_id)) if accelerator.is_main_process else None
+            with store.recorder(run.run_id) if accelerator.is_main_process else contextlib.nullcontext() as recorder:
                 train(model, tokenizer, run.train_frame, run.eval_frame, config.train, lr=run.record["lr"],
                       seed=run.spec.seed, recording=Recording(recorder, run_info, label, on_finish),
                       accelerator=accelerator, memory_plan=fitted)
@@ -364,96 +431,6 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
         attempt(0)
     else:
         find_executable_batch_size(attempt, starting_batch_size=memory_plan.per_device_batch)()
-
-
-def run_plan(plan: Plan) -> pd.DataFrame:
-    """Train every run of ``plan`` not already complete, in order; one summary row per run of the plan.
-
-    Each run is claimed before it trains (:meth:`~peft_utils.store.RunStore.claim`), so processes started on the
-    same experiment share its runs: a run another process is training is passed over, and waited for at the end of
-    its stage (the tuning runs, whose rates the others need; then the rest). Under ``accelerate launch`` every
-    process executes the same plan (the runs' data parallel halves): the main process claims and the others follow
-    its decisions; only the main process prints and writes."""
-    tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
-    _run_stage(plan, range(tuning_runs))
-    for _ in range(GRID_WIDENINGS if tuning_runs else 0):  # a winner on its grid's edge: try one rate beyond it
-        wider = _widened_config(_located(plan))
-        if wider is None:
-            break
-        _say("a tuned rate sits on its grid's edge; grids widened: " + "; ".join(
-            f"{method} " + ", ".join(f"{rate:g}" for rate in sorted(wider.tune.grid[method]))
-            for method in dict.fromkeys(get_method(m).name for m in wider.methods)))
-        plan = plan_experiment(wider, plan.comparison, plan.sweep)
-        tuning_runs = sum(r.spec.group == TUNE_GROUP for r in plan.runs)
-        _run_stage(plan, range(tuning_runs))
-    if tuning_runs:  # every tuning run is complete: choose the rates
-        plan = _with_tuned_rates(_located(plan))
-        rates = {spec_series(r.spec): r.record["lr"] for r in plan.runs if r.spec.group != TUNE_GROUP}
-        _say("learning rates chosen on held-out train rows: " + ", ".join(f"{s} {lr:g}" for s, lr in rates.items()))
-    _run_stage(plan, range(tuning_runs, len(plan.runs)))
-    return plan.store.summary([run.run_id for run in _located(plan).runs])
-
-
-def _say(line: str) -> None:
-    if is_main_process():
-        print(line)
-
-
-def _run_stage(plan: Plan, stage: range) -> None:
-    """Train the stage's runs, passing over those another process is training, then wait for those. The runs
-    already complete are named in one line: a re-run of a finished experiment says so once."""
-    done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
-    if done:  # named while they fit on a line
-        names = ": " + ", ".join(done) if len(done) <= 4 else ""
-        _say(f"{len(done)} of {len(stage)} runs already complete in {plan.store.folder}, skipped{names}")
-    passed_over = [index for index in stage if not _run_unless_busy(plan, index, wait=False)]
-    for index in passed_over:
-        _run_unless_busy(plan, index, wait=True)
-
-
-def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
-    """Train run ``index`` unless it is complete or another process trains it (``False``; with ``wait``, it is
-    waited for instead, and trained here if that process died first)."""
-    run, store = plan.runs[index], plan.store
-    position = f"run {index + 1}/{len(plan.runs)}"
-    if run.complete:  # named by _run_stage
-        store.mark_asked(run.run_id)  # the folder's default view shows the setting asked for last
-        return True
-    if wait and not store.is_complete(run.run_id):
-        _say(f"[{position}] {run.run_id}: waiting for the process training it to finish")
-    decision, claim = _claim_in_every_process(plan, run, wait)
-    if decision == BUSY:
-        _say(f"[{position}] {run.run_id}: being trained by another process; passed over for now")
-        return False
-    if decision == COMPLETE:
-        _say(f"[{position}] {run.run_id}: completed by another process in {store.folder}, skipped")
-        return True
-    run = replace(run, run_id=decision.partition(" ")[2])  # its file as claimed: see RunStore.claim
-    _say(f"[{position}] {run.run_id}: training ({plan.config.profile} profile)")
-    try:
-        _train_and_record(plan, run, f"{position} {run.spec.method}")
-    finally:
-        if claim is not None:
-            claim.release()
-    return True
-
-
-# What the main process decided for a run, shared with the other processes of a launch: "train <run id>" names the
-# file it trains in (its claim's).
-TRAIN, COMPLETE, BUSY = "train", "complete", "busy"
-
-
-def _claim_in_every_process(plan: Plan, run: PlannedRun, wait: bool) -> tuple[str, Claim | None]:
-    """(decision, the claim when this process holds it): the main process claims the run, and under a launch the
-    others follow its decision, the run's file included."""
-    decision, claim = BUSY, None
-    if is_main_process():
-        try:
-            claim = plan.store.claim(run.name, run.record, wait=wait)
-            decision = f"{TRAIN} {claim.run_id}" if claim is not None else COMPLETE
-        except RunInProgress:
-            decision = BUSY
-    return same_in_every_process(decision, plan.config.train.device), claim
 
 
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:

@@ -65,10 +65,9 @@ def size_result(results: Results, pair: tuple[str, str] = (LORA, FULL)) -> SizeR
     matrices = paired_matrices(seed_correctness(comparison, recorded_labels(comparison)), pair)
     if not matrices:
         return None
-    accuracy = {}
-    for series, matrix in zip(pair, matrices):
-        resamples = crossed_bootstrap([matrix], [1.0], PAIRED_RESAMPLES, seed=0)
-        accuracy[series] = summarise_resamples(float(matrix.mean()), resamples)
+    accuracy = {series: summarise_resamples(float(matrix.mean()),
+                                            crossed_bootstrap([matrix], [1.0], PAIRED_RESAMPLES, seed=0))
+                for series, matrix in zip(pair, matrices)}
     return SizeResult(int(comparison["train_size"].iloc[0]), len(matrices[0]), int(comparison["epochs"].iloc[0]),
                       accuracy, paired_bootstrap(*matrices, PAIRED_RESAMPLES, seed=0), paired_differences(*matrices))
 

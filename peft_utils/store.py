@@ -15,7 +15,6 @@ kept apart when loaded (:meth:`RunStore.load`). Processes may share a folder: ea
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -169,11 +168,13 @@ class RunInProgress(Exception):
         self.run_id = run_id
 
 
+@dataclass
 class Claim(contextlib.AbstractContextManager):
     """This process's right to train the run in file ``run_id`` until :meth:`release`."""
 
-    def __init__(self, lock: FileLock, settings: Path, run_id: str) -> None:
-        self.lock, self.settings, self.run_id = lock, settings, run_id
+    lock: FileLock
+    settings: Path  # the run's planned settings, read by other processes while the claim is held
+    run_id: str
 
     def release(self) -> None:
         self.settings.unlink(missing_ok=True)
@@ -248,26 +249,19 @@ class RunStore:
         file). Claims are read first, so a run that finishes in between is seen as one or the other."""
         claimed = {config["run_id"]: identity(config) for config in self._claimed_configs()}
         finished = {run_id: identity(_config(events)) for run_id, events in self._complete_runs().items()}
-        found: dict[str, str] = {}
-        for run_id, known in finished.items():
-            found.setdefault(known, run_id)
+        found = {known: run_id for run_id, known in reversed(finished.items())}  # the first file of each identity
         return found, {**finished, **claimed}
 
-    @functools.cached_property
-    def _index(self) -> tuple[dict[str, str], dict[str, str]]:
-        """:meth:`_read_index`, read once per plan rather than once per planned run."""
-        return self._read_index()
+    def find(self, planned: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, bool]]:
+        """For each planned run (its readable id, its settings as its ``config`` event will record them): (its file's
+        run id, whether a run with its :func:`identity` is complete), the folder read once.
 
-    def find(self, name: str, planned: dict[str, Any]) -> tuple[str, bool]:
-        """(the planned run's id, whether a run with its :func:`identity` is complete) for readable id ``name``.
-
-        Not found, it takes ``name`` unless another setting's run holds that file, else ``name-<setting_id>``: a
-        changed setting trains beside the old runs, never over them. ``planned``: the settings as its ``config``
-        event will record them; a learning rate still to tune (``None``) gives (``name``, ``False``).
+        Not found, a run takes its readable id unless another setting's run holds that file, else the id and its
+        :func:`setting_id`: a changed setting trains beside the old runs, never over them. A learning rate still to
+        tune (``None``) gives (the readable id, ``False``).
         """
-        if planned.get("lr") is None:
-            return name, False
-        return _place(name, planned, *self._index)
+        index = self._read_index()
+        return [(name, False) if record.get("lr") is None else _place(name, record, *index) for name, record in planned]
 
     def _run_lock(self, run_id: str) -> FileLock:
         return FileLock(self.folder / CLAIMS / f"{run_id}.lock")
@@ -380,7 +374,8 @@ def _config(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _place(name: str, planned: dict[str, Any], found: dict[str, str], held: dict[str, str]) -> tuple[str, bool]:
-    """:meth:`RunStore.find` on a folder read by :meth:`RunStore._read_index`."""
+    """Where the planned run of readable id ``name`` is (:meth:`RunStore.find`), in a folder read by
+    :meth:`RunStore._read_index`."""
     known = identity(planned)
     if known in found:
         return found[known], True

@@ -55,11 +55,9 @@ def learning_rate_scores(tune_runs: pd.DataFrame | Sequence[dict]) -> pd.DataFra
               .agg(accuracy=("accuracy", "mean"), eval_loss=("eval_loss", "mean"), n_seeds=("accuracy", "size"))
               .reset_index())
     # Rounding removes only the last-bit noise of averaging over seeds; a missing loss never wins a tie.
-    scores["chosen"] = False
-    rank_key = scores.assign(_accuracy=-scores["accuracy"].round(12), _loss=scores["eval_loss"].fillna(math.inf))
-    best = rank_key.sort_values(["series", "_accuracy", "_loss", "lr"]).groupby("series").head(1).index
-    scores.loc[best, "chosen"] = True
-    return scores
+    ranked = scores.assign(_accuracy=-scores["accuracy"].round(12), _loss=scores["eval_loss"].fillna(math.inf))
+    best = ranked.sort_values(["series", "_accuracy", "_loss", "lr"]).groupby("series").head(1).index
+    return scores.assign(chosen=scores.index.isin(best))
 
 
 def choose_learning_rates(tune_runs: pd.DataFrame | Sequence[dict]) -> dict[str, float]:

@@ -85,73 +85,53 @@ def test_the_record_holds_every_identity_setting(smoke_results):
     assert set(IDENTITY_KEYS) - set(configs["comparison"]) == {"rslora"}  # a sweep option only
 
 
-def test_rerun_skips_complete_runs(smoke_results, sst2_dir, monkeypatch):
-    results, table = smoke_results
-    monkeypatch.setattr(experiment, "train", _fail)
-    again = run_comparison(smoke(results, sst2_dir, methods=["full", "qdora"]))
-    assert list(again["run_id"]) == list(table["run_id"][:2])
-
-
 def _hashed(plan_run) -> str:
     """The file name of a run whose readable name another setting holds: that name and its setting's hash."""
     return f"{plan_run.name}-{setting_id(plan_run.record)}"
 
 
-def test_another_setting_of_a_finished_run_is_planned_beside_it(smoke_results, sst2_dir, monkeypatch):
-    """Another epoch count keeps the readable name (epochs are not in it), which the finished run holds: the new
-    setting is planned under that name and its setting's hash, never over the finished file nor found as it."""
-    results, table = smoke_results
-    monkeypatch.setattr(experiment, "train", _fail)
-    [run] = plan_experiment(smoke(results, sst2_dir, methods=["full"], epochs=2), sweep=False).runs
-    assert run.name == table["run_id"][0] and not run.complete
-    assert run.run_id == _hashed(run) and re.fullmatch(r"comparison-full-s0-random-gpt2-tiny-[0-9a-f]{8}", run.run_id)
-    again = plan_experiment(smoke(results, sst2_dir, methods=["full"], epochs=2), sweep=False).runs[0]
-    assert again.run_id == run.run_id  # stable: the same setting gets the same name
-
-
-def test_another_rank_in_the_same_folder_is_a_new_setting(smoke_results, sst2_dir, monkeypatch):
-    """The README's `-p rank 16` re-run into the same folder: planned to train, under its own readable name, while
-    the finished rank-4 runs are found complete; a second seed of the same settings is a repeat, and is planned."""
-    results, _ = smoke_results
-    monkeypatch.setattr(experiment, "train", _fail)
-    plan = plan_experiment(smoke(results, sst2_dir, methods=["full", "qdora"], rank=3, alpha=6), sweep=False)
-    assert [(run.run_id, run.complete) for run in plan.runs] == [
-        ("comparison-full-s0-random-gpt2-tiny", True), ("comparison-qdora-r3-a6-s0-random-gpt2-tiny", False)]
-    plan = plan_experiment(smoke(results, sst2_dir, methods=["qdora"], seeds=[0, 1]), sweep=False)
-    assert [run.complete for run in plan.runs] == [True, False]
-
-
-def test_other_data_of_the_same_size_is_a_new_setting(smoke_results, sst2_dir, tmp_path, monkeypatch):
-    """Issue 27's second lost-or-mixed case: another data folder with the same sizes and ``--seeds 0 1`` used to skip
-    seed 0 as complete and train seed 1 on the other data, then average them as two seeds of one experiment. Now
-    both seeds train on the other data, seed 0 beside the finished run of the first data."""
-    results, _ = smoke_results
-    monkeypatch.setattr(experiment, "train", _fail)
-    other = tmp_path / "sst2"
-    other.mkdir()
-    shutil.copy(sst2_dir / "train.tsv", other / "train.tsv")
+def _other_data(sst2_dir, folder):
+    """SST-2 with one dev sentence edited: the same rows and sizes, other data."""
+    folder.mkdir()
+    shutil.copy(sst2_dir / "train.tsv", folder / "train.tsv")
     dev = (sst2_dir / "dev.tsv").read_text(encoding="utf-8").split("\n")
-    dev[-2] = "an edited sentence\t" + dev[-2].rsplit("\t", 1)[1]  # same rows, same sizes, one text changed
-    (other / "dev.tsv").write_text("\n".join(dev), encoding="utf-8")
-    seed_zero, seed_one = plan_experiment(smoke(results, other, methods=["qdora"], seeds=[0, 1]), sweep=False).runs
-    assert not seed_zero.complete and not seed_one.complete
-    assert seed_zero.run_id == _hashed(seed_zero) and seed_one.run_id == seed_one.name
-    assert setting_id(seed_zero.record) == setting_id(seed_one.record)  # two seeds of one new setting
-    records = [RunStore(results).events(run_id)[0] for run_id in smoke_results[1]["run_id"]]
-    assert {r["data_source"] for r in records} == {str(sst2_dir)}  # recorded, not compared: the fingerprint is
+    dev[-2] = "an edited sentence\t" + dev[-2].rsplit("\t", 1)[1]
+    (folder / "dev.tsv").write_text("\n".join(dev), encoding="utf-8")
+    return folder
 
 
-def test_another_precision_in_the_same_folder_is_a_new_setting(smoke_results, sst2_dir, monkeypatch):
-    """bf16 runs are not repeats of float32 ones, nor the reverse: the compute dtype is part of a run's identity.
-    (The recorded runs are float32 on a CPU, bfloat16 on a GPU with native bf16.)"""
+@pytest.mark.parametrize("change", [None, "epochs", "rank", "data", "precision"])
+def test_another_setting_in_the_same_folder_is_planned_beside_the_finished_run(change, smoke_results, sst2_dir,
+                                                                               tmp_path, monkeypatch):
+    """Another epoch count, rank (the README's `-p rank 16` re-run), data of the same size or precision (the compute
+    dtype: bf16 runs are not repeats of float32 ones) re-run into the folder of the finished QDoRA run (seed 0):
+    planned to train beside it, never over its file nor found as it; under its own readable name where that differs
+    (rank), else under the finished run's name with its setting's hash, stable when planned again. Seed 1 is a
+    repeat of the same new setting. (Issue 27: other data of the same size used to skip seed 0 as complete and
+    train seed 1 on the other data, then average them as two seeds of one experiment.)"""
     results, table = smoke_results
-    recorded = table["compute_dtype"].iloc[0]
-    other = "fp32" if recorded == "bfloat16" else "bf16"
     monkeypatch.setattr(experiment, "train", _fail)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # bf16 on a CPU without native bf16 warns of emulation
-        run = plan_experiment(smoke(results, sst2_dir, methods=["qdora"], precision=other), sweep=False).runs[0]
-    assert not run.complete and run.run_id == _hashed(run)
+    other_precision = "fp32" if table["compute_dtype"].iloc[0] == "bfloat16" else "bf16"
+    parameters = {None: {}, "epochs": {"epochs": 2}, "rank": {"rank": 3, "alpha": 6}, "data": {},
+                  "precision": {"precision": other_precision}}[change]
+    data_dir = _other_data(sst2_dir, tmp_path / "sst2") if change == "data" else sst2_dir
+
+    def planned():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # bf16 on a CPU without native bf16 warns of emulation
+            config = smoke(results, data_dir, methods=["qdora"], seeds=[0, 1], **parameters)
+            return plan_experiment(config, sweep=False).runs
+
+    seed_zero, seed_one = planned()
+    assert (seed_zero.complete, seed_one.complete) == (change is None, False)
+    assert seed_one.run_id == seed_one.name and setting_id(seed_zero.record) == setting_id(seed_one.record)
+    readable = {None: table["run_id"][1], "rank": "comparison-qdora-r3-a6-s0-random-gpt2-tiny"}
+    if change in readable:
+        assert seed_zero.run_id == seed_zero.name == readable[change]
+    else:
+        assert seed_zero.name == table["run_id"][1] and seed_zero.run_id == _hashed(seed_zero)
+        assert re.fullmatch(r"comparison-qdora-r4-a8-s0-random-gpt2-tiny-[0-9a-f]{8}", seed_zero.run_id)
+        assert planned()[0].run_id == seed_zero.run_id
 
 
 def test_a_run_another_process_trains_with_other_settings_keeps_its_name(smoke_results, sst2_dir, monkeypatch):
@@ -168,28 +148,6 @@ def test_a_run_another_process_trains_with_other_settings_keeps_its_name(smoke_r
         with store.claim(other.name, other.record) as claim:
             assert claim.run_id == other.run_id
     assert not store.is_complete(seed_one.run_id)  # released: nothing was written for it
-
-
-def test_a_folder_holding_two_settings_keeps_them_apart_when_loaded(smoke_results, tmp_path):
-    """A run of another rate beside the folder's: loaded as another setting, never as a second seed of the first;
-    asked for together, the two are refused."""
-    results, table = smoke_results
-    mixed = tmp_path / "mixed"
-    shutil.copytree(results, mixed)
-    first = table["run_id"][1]
-    source = (mixed / f"{first}.jsonl").read_text()
-    copy = source.replace('"seed": 0', '"seed": 1').replace('"lr": 0.001', '"lr": 0.002')
-    second = "comparison-qdora-r4-a8-s1-random-gpt2-tiny"
-    (mixed / f"{second}.jsonl").write_text(copy.replace("-s0-random", "-s1-random"))
-    store = RunStore(mixed)
-    shown = store.load().runs.query("method == 'qdora'")
-    assert list(shown["run_id"]) == [second]  # the setting written last, alone
-    every = store.load(every_setting=True).runs.query("method == 'qdora'").set_index("run_id")
-    assert every.loc[first, "setting"] != every.loc[second, "setting"]
-    assert list(store.load([first]).runs["lr"]) == [0.001]
-    with pytest.raises(ValueError, match=rf"{first} and {second} are two settings of one 'qdora' run \(lr 0.001 vs "
-                                         r"0.002\), not two seeds"):
-        store.load([first, second])
 
 
 def test_resume_after_a_crash_continues_with_the_next_method(tmp_path, sst2_dir, gpt2_tokenizer_dir, monkeypatch):

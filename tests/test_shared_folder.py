@@ -74,19 +74,6 @@ def test_two_processes_with_other_settings_train_their_own_runs(tmp_path, sst2_d
         assert runs.loc[run, "epochs"] == epochs and table.split()[0] == run
 
 
-def test_a_run_another_setting_trains_is_claimed_under_its_own_name(tmp_path):
-    """The claim of a run whose readable name a run of another setting in progress holds: taken at once, under that
-    name and its setting's hash."""
-    holder = _hold_claim(tmp_path, 300)
-    other = {"group": "comparison", "method": "lora", "rank": 8}
-    try:
-        with RunStore(tmp_path).claim("comparison-lora-s0", other) as claim:
-            assert claim.run_id == f"comparison-lora-s0-{setting_id(other)}"
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
-
-
 _HOLD = """
 import sys, time
 from peft_utils.store import RunStore

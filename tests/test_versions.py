@@ -61,6 +61,6 @@ def test_versions_are_not_part_of_a_runs_identity(recorded) -> None:
     events[0] = {**config, "versions": {**config["versions"], "torch": "1.0.0", "transformers": "4.0.0"}}
     (folder / "run.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events), encoding="utf-8")
     planned = {key: value for key, value in config.items() if key not in ("event", "versions")}
-    assert RunStore(folder).find("run", planned) == ("run", True)  # found complete, under its own name
+    assert RunStore(folder).find([("run", planned)]) == [("run", True)]  # found complete, under its own name
     runs = RunStore(folder).load().runs
     assert runs.loc[0, "versions.torch"] == "1.0.0"  # one column per package in the run table
