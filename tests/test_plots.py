@@ -342,9 +342,9 @@ def test_footnote_says_when_compute_dtypes_differ(tmp_path: Path) -> None:
     runs = RunStore(results_dir).load().runs
     text = " ".join(footnote._provenance(runs))
     assert "gpt2" in text and "cuda" in text
-    assert "differs" in text and "float32" in text and "bfloat16" in text
+    assert "compute dtype: bfloat16 / float32" in text and "NOTE: the runs differ in compute dtype" in text
     same = " ".join(footnote._provenance(runs[runs["method"] == "lora"]))
-    assert "compute dtype: bfloat16" in same and "differs" not in same
+    assert "compute dtype: bfloat16" in same and "differ" not in same
 
 
 def test_footnote_names_the_hardware_and_says_when_it_differs(tmp_path: Path) -> None:
@@ -360,8 +360,8 @@ def test_footnote_names_the_hardware_and_says_when_it_differs(tmp_path: Path) ->
     assert f"(not recorded for {len(runs) - 1} of {len(runs)} runs)" in " ".join(footnote._provenance(partly))
     several = runs.assign(hardware=["AMD EPYC, 2 threads"] + ["Intel Xeon, 2 threads"] * (len(runs) - 1))
     text = " ".join(footnote._provenance(several))
-    assert "hardware differs: AMD EPYC, 2 threads, Intel Xeon, 2 threads" in text
-    assert "different hardware, so their times are not like-for-like" in text
+    assert "hardware: AMD EPYC, 2 threads / Intel Xeon, 2 threads" in text
+    assert "the runs differ in hardware, so their times are not like-for-like" in text
 
 
 def test_footnote_says_what_a_bare_adapter_label_means_beside_a_bracketed_one() -> None:
@@ -395,8 +395,10 @@ def test_multiseed_figures_with_paired_differences(tmp_path: Path, sst2_dir: Pat
     assert "skipped" not in capsys.readouterr().err
     for path in paths:
         _assert_png(path)
-    # The paired panel is drawn beside the per-method panel: the figure is much wider than without it.
-    without = plots.plot_accuracy(RunStore(results_dir).load(), tmp_path / "plain")
+    # The paired panel is drawn beside the per-method panel: the figure is much wider than without it (no labels).
+    loaded = RunStore(results_dir).load()
+    unlabelled = Results(loaded.runs.drop(columns="eval_labels"), loaded.steps, loaded.evals)
+    without = plots.plot_accuracy(unlabelled, tmp_path / "plain")
     assert imread(tmp_path / "imgs" / "accuracy.png").shape[1] > 1.5 * imread(without).shape[1]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from peft_utils.methods import series_label
 from peft_utils.plots.footnote import count_range, save_with_footnote
-from peft_utils.plots.style import comparison_runs, method_color, method_marker, new_figure, style_axes
+from peft_utils.plots.style import comparison_runs, method_color, method_marker, new_figure
 from peft_utils.report import setting_rows
 from peft_utils.store import Results
 
@@ -21,8 +21,7 @@ def plot_settings(results: Results, out_dir: str | Path) -> Path | None:
     table = table[table["rank"] > 0].reset_index(drop=True)
     if not table["series"].duplicated().any():
         return None
-    fig = new_figure(max(5.5, 0.9 * len(table) + 3), 4.6)
-    ax = fig.add_subplot()
+    fig, (ax,) = new_figure(max(5.5, 0.9 * len(table) + 3), 4.6, "Settings tried in this folder")
     for series, rows in table.groupby("series", sort=False):
         ax.errorbar(rows.index, 100 * rows["accuracy"], yerr=100 * rows["accuracy_sd"].fillna(0), markersize=8,
                     fmt=method_marker(series), color=method_color(series), elinewidth=1, capsize=3,
@@ -32,8 +31,6 @@ def plot_settings(results: Results, out_dir: str | Path) -> Path | None:
                                           for row, same in zip(table.itertuples(), shared)])
     ax.set(xlim=(-0.6, len(table) - 0.4), ylabel="dev accuracy, % (mean ± sd over seeds)")
     fig.legend(loc="outside right upper", fontsize=8.5, frameon=False)
-    style_axes(ax, "y")
-    fig.suptitle("Settings tried in this folder", fontsize=13, x=0.01, ha="left")
     notes = [f"One point per setting, {count_range(table['n_seeds'])} seed(s) each; settings listed by "
              "peft_utils.report.settings_table."]
     return save_with_footnote(fig, Path(out_dir) / "settings.png", comparison_runs(results.runs), notes)
