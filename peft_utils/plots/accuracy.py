@@ -1,5 +1,5 @@
 """What the methods reach: loss and dev accuracy during training (``loss.png``), final dev accuracy with paired
-differences (``accuracy.png``)."""
+differences (``accuracy.png``), and every adapter setting tried in one folder (``settings.png``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +13,7 @@ from peft_utils.methods import ordered_methods, series_label
 from peft_utils.plots.footnote import count_range, dataset_name, save_with_footnote
 from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, comparison_runs, draw_seeds_and_mean, method_color,
                                     method_marker, method_summary, new_figure, style_axes, zoom_accuracy_axis)
+from peft_utils.report import setting_rows
 from peft_utils.stats import (PAIRED_RESAMPLES, ema_smooth, ema_span, macro_f1_by_method, numeric_column,
                               paired_statistics, run_series)
 from peft_utils.store import Results
@@ -148,3 +149,27 @@ def _draw_paired_differences(ax, pairs: pd.DataFrame) -> None:
     ax.set_xlabel("accuracy difference (percentage points; right of 0: first method better)")
     ax.set_title("Paired differences (95% CI over seeds and sentences, bootstrap p)", fontsize=10, loc="left")
     style_axes(ax, "x")
+
+
+def plot_settings(results: Results, out_dir: str | Path) -> Path | None:
+    """``settings.png``, from a folder loaded with ``every_setting=True`` (the notebook's loop: change rank or alpha,
+    re-run into the same folder): per adapter setting, its mean dev accuracy ± 1 sd over its seeds above a tick
+    naming its rank and alpha (and id, where another setting shares both), so two settings are never averaged into
+    one; ``None`` unless a series holds several settings."""
+    table = setting_rows(results.runs)
+    table = table[table["rank"] > 0].reset_index(drop=True)
+    if not table["series"].duplicated().any():
+        return None
+    fig, (ax,) = new_figure(max(5.5, 0.9 * len(table) + 3), 4.6, "Settings tried in this folder")
+    for series, rows in table.groupby("series", sort=False):
+        ax.errorbar(rows.index, 100 * rows["accuracy"], yerr=100 * rows["accuracy_sd"].fillna(0), markersize=8,
+                    fmt=method_marker(series), color=method_color(series), elinewidth=1, capsize=3,
+                    label=series_label(series))
+    shared = table.duplicated(["series", "rank", "alpha"], keep=False)
+    ax.set_xticks(np.arange(len(table)), [f"r={row.rank:g}\nα={row.alpha:g}" + (f"\n{row.setting}" if same else "")
+                                          for row, same in zip(table.itertuples(), shared)])
+    ax.set(xlim=(-0.6, len(table) - 0.4), ylabel="dev accuracy, % (mean ± sd over seeds)")
+    fig.legend(loc="outside right upper", fontsize=8.5, frameon=False)
+    notes = [f"One point per setting, {count_range(table['n_seeds'])} seed(s) each; settings listed by "
+             "peft_utils.report.settings_table."]
+    return save_with_footnote(fig, Path(out_dir) / "settings.png", comparison_runs(results.runs), notes)

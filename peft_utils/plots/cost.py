@@ -11,13 +11,13 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, NullLocator
 
 from peft_utils.formatting import format_bytes, format_seconds
 from peft_utils.methods import series_label
 from peft_utils.plots.footnote import dataset_name, save_with_footnote
 from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, comparison_runs, draw_seeds_and_mean, method_color,
-                                    method_marker, method_summary, new_figure, tick_formatter, zoom_accuracy_axis)
+                                    method_marker, method_summary, new_figure, zoom_accuracy_axis)
 from peft_utils.stats import numeric_column, run_series
 from peft_utils.store import Results
 
@@ -81,9 +81,7 @@ def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_ze
            xlabel=(kind or cost.name) + (" (log scale)" if log else ""))
     ax.xaxis.set_minor_locator(NullLocator())
     if cost.column != "train_time_s":
-        ax.xaxis.set_major_formatter(tick_formatter(format_bytes))
-        if not log:
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
         return
     unit, name = (3600, "h") if high >= 7200 else (60, "min") if high >= 120 else (1, "s")
     ticks = MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(low / unit, high / unit) * unit
@@ -93,8 +91,7 @@ def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_ze
 
 def plot_cost(results: Results, out_dir: str | Path) -> Path | None:
     """``cost.png``: per series, training time, peak memory and what it ships, as bars with their numbers in a panel
-    per recorded cost, sharing the series' rows. Why only these: the results table holds the rest (parameters,
-    intervals). Sizes span orders of magnitude, so their axis turns log."""
+    per recorded cost. Why only these: the results table holds the rest (parameters, intervals)."""
     runs, table, costs, notes = _cost_table(results)
     if not costs:
         return None
@@ -134,12 +131,9 @@ def _annotate_cost_panel(ax, cost: Cost, known: pd.DataFrame, bars) -> None:
 
 
 def plot_pareto(results: Results, out_dir: str | Path) -> Path | None:
-    """``pareto.png``: accuracy against each recorded cost, a panel each sharing the accuracy axis; seeds as dots,
-    each method's mean with its 95% interval, the frontier as a staircase with its methods named in the title.
-
-    Why names in the titles rather than beside the points: methods often sit close together (a few percent apart
-    in time, a fraction of a point in accuracy), where labels beside them would cover each other or the data.
-    """
+    """``pareto.png``: accuracy against each recorded cost, a panel each sharing the accuracy axis, with the frontier
+    as a staircase whose methods the title names: methods often sit close together (a few percent apart in time, a
+    fraction of a point in accuracy), where labels beside the points would cover each other or the data."""
     runs, table, costs, notes = _cost_table(results, "accuracy")
     if not costs:
         return None
