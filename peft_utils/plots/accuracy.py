@@ -19,13 +19,11 @@ from peft_utils.stats import (PAIRED_RESAMPLES, ema_smooth, ema_span, macro_f1_b
 from peft_utils.store import Results
 
 
-def _numeric_rows(frame: pd.DataFrame, runs: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The rows of ``frame`` (steps or evals) of ``runs`` with a number in ``column`` and in ``step``."""
-    if not {"run_id", "step", column} <= set(frame.columns):
+def _recorded_rows(frame: pd.DataFrame, runs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows of ``frame`` (steps or evals, one per event) of ``runs`` that recorded ``column``."""
+    if column not in frame:
         return frame.iloc[0:0]
-    rows = frame[frame["run_id"].isin(set(runs.get("run_id", ())))]
-    rows = rows.assign(**{c: pd.to_numeric(rows[c], errors="coerce") for c in (column, "step")})
-    return rows.dropna(subset=[column, "step"])
+    return frame[frame["run_id"].isin(runs.get("run_id", ())) & frame[column].notna()]
 
 
 def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
@@ -34,10 +32,10 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
     seeds. Why the accuracy too: whether a method was still climbing when training stopped, which the final number
     in accuracy.png hides."""
     runs = comparison_runs(results.runs)
-    steps = _numeric_rows(results.steps, runs, "loss")
+    steps = _recorded_rows(results.steps, runs, "loss")
     if steps.empty:
         return None
-    evals = _numeric_rows(results.evals, runs, "accuracy")
+    evals = _recorded_rows(results.evals, runs, "accuracy")
     fig, axes = new_figure(13 if len(evals) else 9, 5.2, "Training: what each method converges to, and how fast",
                            "both", ncols=2 if len(evals) else 1, sharex=True)
     spans = []
@@ -57,8 +55,8 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
              "behind it."]
     if len(evals):
         _draw_accuracy_curves(axes[1], evals)
-    if len(evals) and evals.groupby("series")["run_id"].nunique().gt(1).any():
-        notes.append("Accuracy: mean over seeds; shaded: min-max over seeds.")
+        if evals.groupby("series")["run_id"].nunique().gt(1).any():
+            notes.append("Accuracy: mean over seeds; shaded: min-max over seeds.")
     fig.legend(*axes[-1].get_legend_handles_labels(), loc="outside right upper", frameon=False)  # markers too
     return save_with_footnote(fig, Path(out_dir) / "loss.png", runs, notes)
 
