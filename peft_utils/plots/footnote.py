@@ -82,11 +82,9 @@ def dataset_name(runs: pd.DataFrame) -> str:
 
 def _data_sizes_note(runs: pd.DataFrame) -> str | None:
     """``"SST-2 train 4,000 / dev 872 sentences"`` (a range where runs differ), or None when not recorded."""
-    evals = numeric_column(runs, "n_eval").dropna()
-    evals = numeric_column(runs, "eval_size").dropna() if evals.empty else evals
     scored_on = "dev" if distinct_texts(optional_column(runs, "eval_split")) in ([], ["dev"]) else "held-out"
-    sizes = (("train", numeric_column(runs, "train_size").dropna()), (scored_on, evals))
-    data = [f"{name} {count_range(values)}" for name, values in sizes if not values.empty]
+    sizes = {"train": numeric_column(runs, "train_size").dropna(), scored_on: numeric_column(runs, "n_eval").dropna()}
+    data = [f"{name} {count_range(values)}" for name, values in sizes.items() if not values.empty]
     return f"{dataset_name(runs)} " + " / ".join(data) + " sentences" if data else None
 
 
