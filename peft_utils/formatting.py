@@ -12,34 +12,26 @@ DECIMAL_BYTE_UNITS: Units = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)
 BINARY_BYTE_UNITS: Units = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 _COUNT_UNITS: Units = (("B", 1e9), ("M", 1e6), ("K", 1e3), ("", 1))
 
-# Durations a reader recognises at a glance, for log-scale time axes (seconds).
-_CLOCK_TICKS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 4 * 3600, 8 * 3600, 86400)
 
-
-def format_bytes(n_bytes: float | None, tick: bool = False, *, binary: bool = False,
-                 decimals: int | None = None) -> str:
+def format_bytes(n_bytes: float | None, *, binary: bool = False, decimals: int | None = None) -> str:
     """A byte size in the largest unit it reaches: ``"497.8 MB"`` (1 MB = 10^6 B); ``binary=True``: powers of 1024
     (``"2.88 GiB"``), in which memory is allocated and model sizes are often quoted."""
     units = BINARY_BYTE_UNITS if binary else DECIMAL_BYTE_UNITS
-    return _in_largest_unit(n_bytes, units, " ", tick, decimals)
+    return _in_largest_unit(n_bytes, units, " ", decimals)
 
 
-def format_count(n: float | None, tick: bool = False) -> str:
+def format_count(n: float | None) -> str:
     """Parameter counts as ``124.4M`` / ``294.9K``: exact digits are noise at this scale."""
-    return _in_largest_unit(n, _COUNT_UNITS, "", tick)
+    return _in_largest_unit(n, _COUNT_UNITS, "")
 
 
-def _in_largest_unit(value: float | None, units: Units, separator: str, tick: bool = False,
-                     decimals: int | None = None) -> str:
+def _in_largest_unit(value: float | None, units: Units, separator: str, decimals: int | None = None) -> str:
     """``value`` in the largest unit it reaches: one decimal below 100, none above, unless ``decimals`` says; whole
-    numbers in the smallest unit. ``tick=True`` (axis ticks, at round values) keeps every significant digit and pads
-    none ("1.75 GB", "1 GB"): a 1.75 GB tick labelled "1.8 GB" misplaces the bars read against it."""
+    numbers in the smallest unit."""
     if value is None or not math.isfinite(value):
         return "n/a"
     unit, factor = next((unit, factor) for unit, factor in units if abs(value) >= factor or factor == 1)
     scaled = value / factor
-    if tick:
-        return f"{scaled:.4g}{separator}{unit}".rstrip()
     if factor == 1:
         return f"{scaled:.0f}{separator}{unit}".rstrip()
     if decimals is None:
@@ -78,20 +70,3 @@ def format_paired_difference(difference: float, low: float, high: float, p_value
     """A paired accuracy difference for a figure or table: ``"-0.4 pt [-1.6, +0.8], p=0.61"`` (fractions in)."""
     return (f"{format_points(difference, signed=True)} pt [{format_points(low, signed=True)}, "
             f"{format_points(high, signed=True)}], {format_p_value(p_value)}")
-
-
-def duration_ticks(low: float, high: float, max_ticks: int = 7) -> list[float]:
-    """The round durations (30 s, 1 min, 1 h, ...) inside [low, high] seconds, thinned to ``max_ticks``; a range
-    holding none gets one tick at its geometric middle."""
-    ticks = [t for t in _CLOCK_TICKS if low <= t <= high] or [math.sqrt(low * high)]
-    step = math.ceil(len(ticks) / max_ticks)
-    return ticks[::step]
-
-
-def format_duration_tick(seconds: float) -> str:
-    """A tick label for a round duration: "30 s", "2 min", "1 h" (no decimals to trim)."""
-    if seconds < 60:
-        return f"{seconds:.3g} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.3g} min"
-    return f"{seconds / 3600:.3g} h"

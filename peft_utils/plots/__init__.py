@@ -8,21 +8,17 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from peft_utils.plots.accuracy import plot_accuracy, plot_loss
+from peft_utils.plots.accuracy import plot_accuracy, plot_loss, plot_settings
 from peft_utils.plots.cost import plot_cost, plot_pareto
 from peft_utils.plots.grids import plot_lr_tuning, plot_sweep
 from peft_utils.plots.learning_curve import plot_learning_curve
-from peft_utils.plots.settings import plot_settings
-from peft_utils.plots.style import comparison_runs
 from peft_utils.report import settings_text
-from peft_utils.stats import paired_statistics
 from peft_utils.store import RunStore
 
 __all__ = ["plot_loss", "plot_accuracy", "plot_cost", "plot_pareto", "plot_sweep", "plot_lr_tuning", "plot_settings",
            "plot_learning_curve", "plot_all", "main"]
 
-# Every figure of plot_all but the accuracy figure, which also takes the paired statistics.
-FIGURES = (plot_loss, plot_cost, plot_pareto, plot_sweep, plot_lr_tuning)
+FIGURES = (plot_loss, plot_accuracy, plot_cost, plot_pareto, plot_sweep, plot_lr_tuning)
 
 
 def plot_all(results_dir: str | Path, imgs_dir: str | Path, run_ids: Sequence[str] | None = None) -> list[Path]:
@@ -35,11 +31,7 @@ def plot_all(results_dir: str | Path, imgs_dir: str | Path, run_ids: Sequence[st
     if results.runs.empty:
         raise ValueError(f"no complete run in {results_dir} (a run is complete once its summary is written); "
                          "run the comparison first")
-    paths = []
-    if not comparison_runs(results.runs).empty:  # paired tests need labels; without, a printed one-line reason
-        paired = paired_statistics(results.runs)
-        paths.append(plot_accuracy(results, imgs_dir, paired.table, paired.reason))
-    paths += [figure(results, imgs_dir) for figure in FIGURES]
+    paths = [figure(results, imgs_dir) for figure in FIGURES]
     paths.append(plot_settings(store.load(every_setting=True), imgs_dir))
     return [path for path in paths if path is not None]
 
@@ -51,11 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("results_dir", type=Path, help="folder of <run_id>.jsonl run records, e.g. results/")
     parser.add_argument("imgs_dir", type=Path, help="folder to write the PNG figures into, e.g. imgs/")
     args = parser.parse_args(argv)
-    if not args.results_dir.is_dir():
-        parser.error(f"results folder {args.results_dir} does not exist; run the comparison first")
     try:
         paths = plot_all(args.results_dir, args.imgs_dir)
-    except ValueError as error:
+    except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     print(*paths, sep="\n")
     several = settings_text(args.results_dir)  # what was drawn, where a series holds several settings

@@ -1,30 +1,29 @@
 """What the methods reach: loss and dev accuracy during training (``loss.png``), final dev accuracy with paired
-differences (``accuracy.png``)."""
+differences (``accuracy.png``), and every adapter setting tried in one folder (``settings.png``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
 from peft_utils.formatting import format_paired_difference
 from peft_utils.methods import ordered_methods, series_label
 from peft_utils.plots.footnote import count_range, dataset_name, save_with_footnote
-from peft_utils.plots.style import (WILSON_NOTE, comparison_runs, interval_legend, method_color, method_marker,
-                                    method_summary, new_figure, style_axes, zoom_accuracy_axis)
-from peft_utils.stats import PAIRED_RESAMPLES, ema_smooth, ema_span, macro_f1_by_method, numeric_column, run_series
+from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, comparison_runs, draw_seeds_and_mean, method_color,
+                                    method_marker, method_summary, new_figure, style_axes, zoom_accuracy_axis)
+from peft_utils.report import setting_rows
+from peft_utils.stats import (PAIRED_RESAMPLES, ema_smooth, ema_span, macro_f1_by_method, numeric_column,
+                              paired_statistics, run_series)
 from peft_utils.store import Results
 
 
-def _numeric_rows(frame: pd.DataFrame, runs: pd.DataFrame, column: str) -> pd.DataFrame:
-    """The rows of ``frame`` (steps or evals) of ``runs`` with a number in ``column`` and in ``step``."""
-    if not {"run_id", "step", column} <= set(frame.columns):
+def _recorded_rows(frame: pd.DataFrame, runs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The rows of ``frame`` (steps or evals, one per event) of ``runs`` that recorded ``column``."""
+    if column not in frame:
         return frame.iloc[0:0]
-    rows = frame[frame["run_id"].isin(set(runs.get("run_id", ())))]
-    rows = rows.assign(**{c: pd.to_numeric(rows[c], errors="coerce") for c in (column, "step")})
-    return rows.dropna(subset=[column, "step"])
+    return frame[frame["run_id"].isin(runs.get("run_id", ())) & frame[column].notna()]
 
 
 def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
@@ -33,12 +32,12 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
     seeds. Why the accuracy too: whether a method was still climbing when training stopped, which the final number
     in accuracy.png hides."""
     runs = comparison_runs(results.runs)
-    steps = _numeric_rows(results.steps, runs, "loss")
+    steps = _recorded_rows(results.steps, runs, "loss")
     if steps.empty:
         return None
-    evals = _numeric_rows(results.evals, runs, "accuracy")
-    fig = new_figure(13 if len(evals) else 9, 5.2)
-    axes = fig.subplots(1, 2, sharex=True) if len(evals) else [fig.add_subplot()]
+    evals = _recorded_rows(results.evals, runs, "accuracy")
+    fig, axes = new_figure(13 if len(evals) else 9, 5.2, "Training: what each method converges to, and how fast",
+                           "both", ncols=2 if len(evals) else 1, sharex=True)
     spans = []
     for series in ordered_methods(steps["series"]):
         curve = steps[steps["series"] == series].groupby("step")["loss"].mean().sort_index()
@@ -56,12 +55,9 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
              "behind it."]
     if len(evals):
         _draw_accuracy_curves(axes[1], evals)
-    if len(evals) and evals.groupby("series")["run_id"].nunique().gt(1).any():
-        notes.append("Accuracy: mean over seeds; shaded: min-max over seeds.")
-    for ax in axes:
-        style_axes(ax, "both")
+        if evals.groupby("series")["run_id"].nunique().gt(1).any():
+            notes.append("Accuracy: mean over seeds; shaded: min-max over seeds.")
     fig.legend(*axes[-1].get_legend_handles_labels(), loc="outside right upper", frameon=False)  # markers too
-    fig.suptitle("Training: what each method converges to, and how fast", fontsize=13, x=0.01, ha="left")
     return save_with_footnote(fig, Path(out_dir) / "loss.png", runs, notes)
 
 
@@ -78,64 +74,55 @@ def _draw_accuracy_curves(ax, evals: pd.DataFrame) -> None:
     ax.set_title("Dev accuracy at each evaluation", fontsize=11, loc="left")
 
 
-def plot_accuracy(results: Results, out_dir: str | Path, paired: pd.DataFrame | None = None,
-                  paired_reason: str | None = None) -> Path | None:
+def plot_accuracy(results: Results, out_dir: str | Path) -> Path | None:
     """``accuracy.png``: dev accuracy per series, each seed a dot (with few seeds their spread is part of the result),
-    the mean with its 95% interval; beside it the paired differences (``paired``; else ``paired_reason`` in the
-    footnote): per-method intervals overlap even where one method is reliably better on the same sentences."""
+    the mean with its 95% interval; beside it the paired differences (:func:`~peft_utils.stats.paired_statistics`;
+    else the reason in the footnote): per-method intervals overlap even where one method is reliably better on the
+    same sentences."""
     runs = comparison_runs(results.runs)
     table = method_summary(runs, "accuracy")
     if table.empty:
         return None
-    pairs = paired if paired is not None and not paired.empty else None
+    paired = paired_statistics(runs)
+    pairs = paired.table if paired.table is not None and not paired.table.empty else None
     width = max(5.5, 1.15 * len(table) + 2.5)
-    fig = new_figure(width + (0 if pairs is None else 7.2), max(4.8, 2.6 + (0 if pairs is None else 0.5 * len(pairs))))
-    axes = [fig.add_subplot()] if pairs is None else fig.subplots(1, 2, width_ratios=[width, 6.0])
-    _draw_accuracy_per_method(axes[0], runs, table)
-    notes = ["Dots: one run (seed) each; black marker and bar: the mean and its 95% interval."]
-    if pairs is not None:
+    title = f"{dataset_name(runs)} dev accuracy per method"
+    notes = ["Dots: one run (seed) each; large marker and bar: the mean and its 95% interval."]
+    if pairs is None:
+        fig, axes = new_figure(width, 4.8, title, None)
+        notes += [f"Paired differences not shown: {paired.reason}."] if paired.reason else []
+    else:
+        fig, axes = new_figure(width + 7.2, max(4.8, 2.6 + 0.5 * len(pairs)), title + " and paired differences", None,
+                               ncols=2, width_ratios=[width, 6.0])
         _draw_paired_differences(axes[1], pairs)
         notes.append(f"Paired differences: runs matched by seed, on the same {int(pairs['n_sentences'].max()):,} dev "
                      f"sentences; interval: 95% bootstrap resampling seeds and sentences ({PAIRED_RESAMPLES:,} "
                      f"resamples); p: the share of those resamples across 0, two-sided.")
-    elif paired_reason:
-        notes.append(f"Paired differences not shown: {paired_reason}.")
+    _draw_accuracy_per_method(axes[0], runs, table)
     if "Wilson" in set(table["interval"]):
         notes.append(WILSON_NOTE)
-    fig.suptitle(f"{dataset_name(runs)} dev accuracy per method" + ("" if pairs is None else " and paired differences"),
-                 fontsize=13, x=0.01, ha="left")
     return save_with_footnote(fig, Path(out_dir) / "accuracy.png", runs, notes)
 
 
 def _draw_accuracy_per_method(ax, runs: pd.DataFrame, table: pd.DataFrame) -> None:
-    """Seed dots, the mean and its 95% interval per series, and hollow squares at macro-F1 where the classes call
-    for it (:func:`~peft_utils.stats.macro_f1_by_method`)."""
-    x = np.arange(len(table))
+    """Per series its seeds, its mean (written beside it) and 95% interval, and hollow squares at macro-F1 where the
+    classes call for it (:func:`~peft_utils.stats.macro_f1_by_method`)."""
     accuracy, keys = numeric_column(runs, "final_accuracy") * 100, run_series(runs)
-    for i, series in enumerate(table.index):
-        seeds = accuracy[keys == series].dropna().to_numpy()
-        ax.scatter(i - 0.12 + np.linspace(-0.1, 0.1, len(seeds)) * (len(seeds) > 1), seeds, s=34, alpha=0.75,
-                   color=method_color(series), edgecolor="white", linewidth=0.8, zorder=3)
-    mean = table["accuracy"].to_numpy() * 100
-    low, high = (np.where(table[c].notna(), table[c] * 100, mean) for c in ("acc_low", "acc_high"))
-    ax.errorbar(x + 0.12, mean, yerr=[mean - low, high - mean], fmt="D", color="#222222", markersize=6,
-                elinewidth=1.4, capsize=5, zorder=4)
-    for i in x:
-        ax.annotate(f"{mean[i]:.1f}%", (x[i] + 0.12, mean[i]), xytext=(9, 0), textcoords="offset points",
-                    va="center", fontsize=9.5, fontweight="bold", color="#222222")
-    handles = [Line2D([], [], linestyle="none", marker="o", color="#888888", markersize=6, label="one seed"),
-               Line2D([], [], linestyle="none", marker="D", color="#222222", markersize=6,
-                      label="mean, " + interval_legend(set(table["interval"])))]
+    for i, (series, row) in enumerate(table.iterrows()):
+        seeds = accuracy[keys == series].dropna()
+        draw_seeds_and_mean(ax, series, row, i + 0.12, (i - 0.12 + np.linspace(-0.1, 0.1, len(seeds)), seeds))
+        ax.annotate(f"{row['accuracy']:.1%}", (i + 0.12, row["accuracy"] * 100), xytext=(9, 0), va="center",
+                    textcoords="offset points", fontsize=9.5, fontweight="bold", color="#222222")
+    handles = accuracy_legend(table)
     f1 = macro_f1_by_method(runs)
     f1 = [] if f1 is None else f1.reindex(table.index).to_numpy() * 100
     if len(f1):
-        ax.scatter(x - 0.36, f1, marker="s", s=40, facecolors="none", edgecolors="#222222", linewidth=1.2, zorder=4)
-        handles.append(Line2D([], [], linestyle="none", marker="s", markerfacecolor="none", color="#222222",
-                              markersize=6, label="macro-F1, mean over seeds"))
+        handles.append(ax.scatter(np.arange(len(table)) - 0.36, f1, marker="s", s=40, facecolors="none", zorder=4,
+                                  edgecolors="#222222", linewidth=1.2, label="macro-F1, mean over seeds"))
     zoom_accuracy_axis(ax, runs, table, f1)
     ax.set_xlim(-0.6, len(table) - 0.4)
     # A target set goes on a second line, under the method's name, so neighbouring tick labels do not collide.
-    ax.set_xticks(x, [series_label(s).replace(" (", "\n(", 1) for s in table.index])
+    ax.set_xticks(range(len(table)), [series_label(s).replace(" (", "\n(", 1) for s in table.index])
     ax.set_title("Accuracy: seeds and mean", fontsize=10, loc="left")
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8.5, frameon=False)
     style_axes(ax)
@@ -160,3 +147,27 @@ def _draw_paired_differences(ax, pairs: pd.DataFrame) -> None:
     ax.set_xlabel("accuracy difference (percentage points; right of 0: first method better)")
     ax.set_title("Paired differences (95% CI over seeds and sentences, bootstrap p)", fontsize=10, loc="left")
     style_axes(ax, "x")
+
+
+def plot_settings(results: Results, out_dir: str | Path) -> Path | None:
+    """``settings.png``, from a folder loaded with ``every_setting=True`` (the notebook's loop: change rank or alpha,
+    re-run into the same folder): per adapter setting, its mean dev accuracy ± 1 sd over its seeds above a tick
+    naming its rank and alpha (and id, where another setting shares both), so two settings are never averaged into
+    one; ``None`` unless a series holds several settings."""
+    table = setting_rows(results.runs)
+    table = table[table["rank"] > 0].reset_index(drop=True)
+    if not table["series"].duplicated().any():
+        return None
+    fig, (ax,) = new_figure(max(5.5, 0.9 * len(table) + 3), 4.6, "Settings tried in this folder")
+    for series, rows in table.groupby("series", sort=False):
+        ax.errorbar(rows.index, 100 * rows["accuracy"], yerr=100 * rows["accuracy_sd"].fillna(0), markersize=8,
+                    fmt=method_marker(series), color=method_color(series), elinewidth=1, capsize=3,
+                    label=series_label(series))
+    shared = table.duplicated(["series", "rank", "alpha"], keep=False)
+    ax.set_xticks(np.arange(len(table)), [f"r={row.rank:g}\nα={row.alpha:g}" + (f"\n{row.setting}" if same else "")
+                                          for row, same in zip(table.itertuples(), shared)])
+    ax.set(xlim=(-0.6, len(table) - 0.4), ylabel="dev accuracy, % (mean ± sd over seeds)")
+    fig.legend(loc="outside right upper", fontsize=8.5, frameon=False)
+    notes = [f"One point per setting, {count_range(table['n_seeds'])} seed(s) each; settings listed by "
+             "peft_utils.report.settings_table."]
+    return save_with_footnote(fig, Path(out_dir) / "settings.png", comparison_runs(results.runs), notes)

@@ -11,19 +11,19 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, NullLocator
 
-from peft_utils.formatting import duration_ticks, format_bytes, format_duration_tick, format_seconds
+from peft_utils.formatting import format_bytes, format_seconds
 from peft_utils.methods import series_label
 from peft_utils.plots.footnote import dataset_name, save_with_footnote
-from peft_utils.plots.style import (MEMORY_KIND_TEXT, WILSON_NOTE, comparison_runs, interval_legend, method_color,
-                                    method_marker, method_summary, new_figure, style_axes, tick_formatter,
-                                    zoom_accuracy_axis)
+from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, comparison_runs, draw_seeds_and_mean, method_color,
+                                    method_marker, method_summary, new_figure, zoom_accuracy_axis)
 from peft_utils.stats import numeric_column, run_series
 from peft_utils.store import Results
 
 LOG_SPAN = 10.0  # a cost axis whose values span more than this factor is drawn on a log scale
 _FRONTIER_STYLE = {"color": "#333333", "linestyle": "--", "linewidth": 1.3}
+MEMORY_KIND_TEXT = {"cuda": "peak GPU memory allocated (torch.cuda)", "rss": "peak process RSS (CPU run)"}
 
 
 class Cost(NamedTuple):
@@ -38,7 +38,6 @@ class Cost(NamedTuple):
 COSTS = (Cost("train_time_s", "train_time_s", "training time", format_seconds),
          Cost("peak_memory_bytes", "peak_memory_bytes", "peak memory", lambda v: format_bytes(v, decimals=2)),
          Cost("disk_bytes", "size.disk_bytes", "shipped size", format_bytes))
-_OVER_SEEDS = "Over a method's seeds: the mean training time, the largest peak memory (the budget to provision)."
 
 
 def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> np.ndarray:
@@ -50,23 +49,29 @@ def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> np.ndar
     return np.isfinite(cost) & np.isfinite(accuracy) & ~(no_worse & better).any(axis=0)  # NaN compares false
 
 
-def _drawable_costs(table: pd.DataFrame) -> tuple[list[Cost], list[str]]:
-    """The costs some series recorded, and a note for each left out: memory, when its kinds differ (a GPU's
-    allocations and a process's RSS are not one quantity; a series whose seeds differ has "cuda+rss")."""
+def _cost_table(results: Results,
+                column: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[Cost], list[str]]:
+    """The comparison runs, their per-series summary (:func:`method_summary` with ``column``), the costs some series
+    recorded and the notes they need: memory is left out when its kinds differ (a GPU's allocations and a process's
+    RSS are not one quantity; a series whose seeds differ has "cuda+rss")."""
+    runs = comparison_runs(results.runs)
+    table = method_summary(runs, column)
     costs = [cost for cost in COSTS if not table.empty and (table[cost.column] > 0).any()]
     kinds = set("+".join(table.loc[table["peak_memory_bytes"] > 0, "memory_kind"]).split("+")) if costs else set()
-    if len(kinds) <= 1:
-        return costs, []
-    return [c for c in costs if c.column != "peak_memory_bytes"], [
-        f"Peak memory not drawn: its kinds differ across runs ({', '.join(sorted(kinds))})."]
+    notes = ["Over a method's seeds: the mean training time, the largest peak memory (the budget to provision)."
+             ] if costs and (table["n_runs"] > 1).any() else []
+    if len(kinds) > 1:
+        costs = [c for c in costs if c.column != "peak_memory_bytes"]
+        notes.append(f"Peak memory not drawn: its kinds differ across runs ({', '.join(sorted(kinds))}).")
+    return runs, table, costs, notes
 
 
 def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_zero: bool = False) -> None:
-    """Limits, scale and ticks of a cost's x axis: log past :data:`LOG_SPAN`; time in clock ticks on a log scale
-    (not "3x10^1") and in round numbers of one unit on a linear one; bytes in units. ``from_zero`` (bars) starts a
-    linear axis at 0 and leaves room on the right for the bars' labels."""
+    """Limits, scale and ticks of a cost's x axis: bytes in units, on a log scale past :data:`LOG_SPAN`; time linear
+    (bars compare as lengths), in round numbers of one unit. ``from_zero`` (bars) starts a linear axis at 0 and leaves
+    room on the right for the bars' labels."""
     low, high = float(values.min()), float(values.max())
-    log, pad = high / low > LOG_SPAN, (high - low) or 0.2 * high
+    log, pad = cost.column != "train_time_s" and high / low > LOG_SPAN, (high - low) or 0.2 * high
     if log:
         low, high = low / 3, high * (60 if from_zero else 3)
     else:
@@ -76,29 +81,23 @@ def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_ze
            xlabel=(kind or cost.name) + (" (log scale)" if log else ""))
     ax.xaxis.set_minor_locator(NullLocator())
     if cost.column != "train_time_s":
-        ax.xaxis.set_major_formatter(tick_formatter(format_bytes))
-        if not log:
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
         return
     unit, name = (3600, "h") if high >= 7200 else (60, "min") if high >= 120 else (1, "s")
-    ticks = duration_ticks(low, high) if log else \
-        MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(low / unit, high / unit) * unit
+    ticks = MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(low / unit, high / unit) * unit
     ax.set_xticks([t for t in ticks if low <= t <= high])
-    ax.xaxis.set_major_formatter(FuncFormatter(
-        lambda v, _: format_duration_tick(v) if log else f"{v / unit:g} {name}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / unit:g} {name}"))
 
 
 def plot_cost(results: Results, out_dir: str | Path) -> Path | None:
     """``cost.png``: per series, training time, peak memory and what it ships, as bars with their numbers in a panel
-    per recorded cost, sharing the series' rows. Why only these: the results table holds the rest (parameters,
-    intervals). Sizes span orders of magnitude, so their axis turns log."""
-    runs = comparison_runs(results.runs)
-    table = method_summary(runs)
-    costs, notes = _drawable_costs(table)
+    per recorded cost. Why only these: the results table holds the rest (parameters, intervals)."""
+    runs, table, costs, notes = _cost_table(results)
     if not costs:
         return None
-    fig = new_figure(4.4 * len(costs) + 1.6, 0.5 * len(table) + 2.2)
-    axes = np.atleast_1d(fig.subplots(1, len(costs), sharey=True))
+    fig, axes = new_figure(4.4 * len(costs) + 1.6, 0.5 * len(table) + 2.2,
+                           "What each method costs: training time, peak memory and shipped size", "x",
+                           ncols=len(costs), sharey=True)
     y = np.arange(len(table))[::-1]
     for ax, cost in zip(axes, costs):
         known = table[table[cost.column] > 0]
@@ -106,11 +105,7 @@ def plot_cost(results: Results, out_dir: str | Path) -> Path | None:
                        color=[method_color(s) for s in known.index])
         _annotate_cost_panel(ax, cost, known, bars)
         _set_cost_axis(ax, cost, known[cost.column].to_numpy(dtype=float), known["memory_kind"].iloc[0], True)
-        style_axes(ax, "x")
     axes[0].set_yticks(y, [series_label(s) for s in table.index])
-    fig.suptitle("What each method costs: training time, peak memory and shipped size", fontsize=13, x=0.01, ha="left")
-    if (table["n_runs"] > 1).any():
-        notes.append(_OVER_SEEDS)
     if "rss" in set(table["memory_kind"]):
         notes.append("Process RSS includes the Python runtime, libraries and data, not only the model.")
     return save_with_footnote(fig, Path(out_dir) / "cost.png", runs, notes)
@@ -136,68 +131,43 @@ def _annotate_cost_panel(ax, cost: Cost, known: pd.DataFrame, bars) -> None:
 
 
 def plot_pareto(results: Results, out_dir: str | Path) -> Path | None:
-    """``pareto.png``: accuracy against each recorded cost, a panel each sharing the accuracy axis; seeds as dots,
-    each method's mean with its 95% interval, the frontier as a staircase with its methods named in the title.
-
-    Why names in the titles rather than beside the points: methods often sit close together (a few percent apart
-    in time, a fraction of a point in accuracy), where labels beside them would cover each other or the data.
-    """
-    runs = comparison_runs(results.runs)
-    table = method_summary(runs, "accuracy")
-    costs, notes = _drawable_costs(table)
+    """``pareto.png``: accuracy against each recorded cost, a panel each sharing the accuracy axis, with the frontier
+    as a staircase whose methods the title names: methods often sit close together (a few percent apart in time, a
+    fraction of a point in accuracy), where labels beside the points would cover each other or the data."""
+    runs, table, costs, notes = _cost_table(results, "accuracy")
     if not costs:
         return None
-    fig = new_figure(4.7 * len(costs) + 0.6, 5.6)
-    axes = np.atleast_1d(fig.subplots(1, len(costs), sharey=True))
+    fig, axes = new_figure(4.7 * len(costs) + 0.6, 5.6, f"{dataset_name(runs)} dev accuracy against each cost: the "
+                           "Pareto frontier (up and left is better)", "both", ncols=len(costs), sharey=True)
     titles = [_draw_pareto_panel(ax, runs, table[table[cost.column] > 0], cost) for ax, cost in zip(axes, costs)]
     for ax, lines in zip(axes, titles):  # padded to one height, so the titles' first lines align
         ax.set_title("\n".join(lines + [""] * (max(map(len, titles)) - len(lines))), fontsize=10, loc="left")
     zoom_accuracy_axis(axes[0], runs, table)
-    fig.legend(handles=_legend_handles(table), loc="outside right upper", fontsize=8.5, frameon=False)
-    fig.suptitle(f"{dataset_name(runs)} dev accuracy against each cost: the Pareto frontier (up and left is better)",
-                 fontsize=13, x=0.01, ha="left")
+    series = [Line2D([], [], linestyle="none", marker=method_marker(s), color=method_color(s), markeredgecolor="white",
+                     markersize=9, label=series_label(s)) for s in table.index]
+    fig.legend(handles=[*series, *accuracy_legend(table), Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)],
+               loc="outside right upper", fontsize=8.5, frameon=False)
     notes = ["Dashed staircase: the Pareto frontier through the methods' means, the methods (named above each panel) "
              "no other method beats on both accuracy and that cost; it ignores the intervals, so where they overlap "
              "the order is not established (accuracy.png's paired tests say which differences are).", *notes]
-    if (table["n_runs"] > 1).any():
-        notes.append(_OVER_SEEDS)
     if "Wilson" in set(table["interval"]):
         notes.append(WILSON_NOTE)
     return save_with_footnote(fig, Path(out_dir) / "pareto.png", runs, notes)
 
 
 def _draw_pareto_panel(ax, runs: pd.DataFrame, known: pd.DataFrame, cost: Cost) -> list[str]:
-    """Seed dots, each method's mean with its interval, the frontier's staircase and the cost axis, for the methods
-    ``known`` that recorded this cost; returns the lines of the panel's title, which name the frontier's methods."""
+    """Seeds, means and intervals, the frontier's staircase and the cost axis, for the methods ``known`` that
+    recorded this cost; returns the lines of the panel's title, which name the frontier's methods."""
     accuracy, spent = numeric_column(runs, "final_accuracy") * 100, numeric_column(runs, cost.run_column)
+    drawn = run_series(runs).isin(known.index) & accuracy.notna() & (spent > 0)
     for series, row in known.iterrows():
-        mine = (run_series(runs) == series) & accuracy.notna() & (spent > 0)
-        color, mean = method_color(series), row["accuracy"] * 100
-        ax.scatter(spent[mine], accuracy[mine], s=22, color=color, alpha=0.55, edgecolor="none", zorder=3)
-        if np.isfinite(row["acc_low"]):
-            ax.errorbar(row[cost.column], mean, yerr=[[mean - row["acc_low"] * 100], [row["acc_high"] * 100 - mean]],
-                        color=color, elinewidth=1.2, capsize=4, alpha=0.8, zorder=3)
-        ax.scatter(row[cost.column], mean, s=110, marker=method_marker(series), color=color, edgecolor="white",
-                   linewidth=1.2, zorder=4)
-    seeds = spent[run_series(runs).isin(known.index) & accuracy.notna() & (spent > 0)]
-    _set_cost_axis(ax, cost, np.concatenate([known[cost.column], seeds]), known["memory_kind"].iloc[0])
+        mine = drawn & (run_series(runs) == series)
+        draw_seeds_and_mean(ax, series, row, row[cost.column], (spent[mine], accuracy[mine]))
+    _set_cost_axis(ax, cost, np.concatenate([known[cost.column], spent[drawn]]), known["memory_kind"].iloc[0])
     front = known[pareto_front(known[cost.column], known["accuracy"])].sort_values(cost.column)
     xs, ys = front[cost.column].to_numpy(dtype=float), front["accuracy"].to_numpy(dtype=float) * 100
     ax.step(np.append(xs, ax.get_xlim()[1]), np.append(ys, ys[-1]), where="post", zorder=2, **_FRONTIER_STYLE)
-    style_axes(ax, "both")
     # No-break spaces inside each method's entry: the lines break between entries only.
     members = ", ".join(f"{series_label(s)}: {cost.format_value(v)}".replace(" ", "\N{NO-BREAK SPACE}")
                         for s, v in front[cost.column].items())
     return [f"vs {cost.name}", *textwrap.wrap(f"frontier: {members}", 52, break_on_hyphens=False)]
-
-
-def _legend_handles(table: pd.DataFrame) -> list[Line2D]:
-    """One entry per series, then what the seed dots, the bars and the staircase are."""
-    handles = [Line2D([], [], linestyle="none", marker=method_marker(m), color=method_color(m),
-                      markeredgecolor="white", markersize=9, label=series_label(m)) for m in table.index]
-    if (table["n_runs"] > 1).any():  # with one run per method its dot hides under the mean
-        handles.append(Line2D([], [], linestyle="none", marker="o", color="#888888", alpha=0.55, markersize=5,
-                              label="one seed"))
-    interval = textwrap.fill("mean and its " + interval_legend(set(table["interval"])), 26)
-    return handles + [Line2D([], [], color="#888888", marker="|", markersize=8, label=interval),
-                      Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)]

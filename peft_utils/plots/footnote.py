@@ -1,12 +1,11 @@
 """The provenance footnote (model, device, compute dtype, data, seeds) and saving a figure with it.
 
 Why on every figure: PNGs travel alone (slides, README), and a time or memory bar means little without the model and
-hardware behind it; where those differ between methods the footnote says so, as the comparison is not like-for-like.
+hardware behind it; where those differ between runs the footnote says so, as the comparison is not like-for-like.
 """
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -16,6 +15,10 @@ from matplotlib.figure import Figure
 from peft_utils.methods import METHODS, QUANTIZED_METHODS, ordered_methods, series_label
 from peft_utils.plots.style import DPI
 from peft_utils.stats import numeric_column, optional_column, run_series
+
+# The recorded fields the footnote names, and for those that change what the costs mean, which costs a difference
+# between the runs makes not like-for-like.
+FIELDS = {"model": None, "device": None, "hardware": "times", "compute_dtype": "times and memory", "epochs": None}
 
 
 def distinct_texts(values: Iterable[object]) -> list[str]:
@@ -30,34 +33,33 @@ def count_range(values: Iterable[float]) -> str:
 
 
 def _provenance(runs: pd.DataFrame) -> list[str]:
-    """Footnote lines: what was trained, where, in which dtype and on how much data; a NOTE where methods differ."""
-    parts = [_field_part(runs, field, differ) for field, differ in
-             (("model", "models differ"), ("device", "devices differ"), ("hardware", "hardware differs"))]
-    dtype_part, dtype_warning = _compute_dtype_notes(runs)
-    parts += [dtype_part, _data_sizes_note(runs)]
-    epochs = distinct_texts(optional_column(runs, "epochs"))
-    if epochs:
-        parts.append(f"epochs: {', '.join(epochs)}")
+    """Footnote lines: what was trained, where, in which dtype and on how much data; a NOTE where the runs differ in
+    what their costs depend on."""
+    parts = [_field_part(runs, field) for field in FIELDS] + [_data_sizes_note(runs)]
     seeds = sorted(numeric_column(runs, "seed").dropna().unique())
     if len(seeds) > 1:
         parts.append("seeds: " + ", ".join(f"{seed:.0f}" for seed in seeds))
     quantized = [series_label(m) for m in ordered_methods(optional_column(runs, "method")) if m in QUANTIZED_METHODS]
     if quantized:
         parts.append(f"{'/'.join(quantized)}: frozen base stored in 4-bit")
-    lines = [" · ".join(part for part in parts if part), _default_targets_note(runs), dtype_warning]
-    if len(distinct_texts(optional_column(runs, "hardware"))) > 1:
-        lines.append("NOTE: the runs ran on different hardware, so their times are not like-for-like.")
+    notes = [f"NOTE: the runs differ in {field.replace('_', ' ')}, so their {costs} are not like-for-like."
+             for field, costs in FIELDS.items() if costs and len(_values(runs, field)) > 1]
+    lines = [" · ".join(part for part in parts if part), _default_targets_note(runs), *notes]
     return [line for line in lines if line]
 
 
-def _field_part(runs: pd.DataFrame, field: str, differ: str) -> str | None:
-    """``"model: gpt2"``, or ``"models differ: a, b"``, saying for how many runs it was not recorded."""
-    column = optional_column(runs, field)
-    values = distinct_texts(column)
+def _values(runs: pd.DataFrame, field: str) -> list[str]:
+    """The distinct recorded values of ``field`` (a dtype without its ``torch.`` prefix)."""
+    return sorted({text.removeprefix("torch.") for text in distinct_texts(optional_column(runs, field))})
+
+
+def _field_part(runs: pd.DataFrame, field: str) -> str | None:
+    """``"model: gpt2"`` (``"model: a / b"`` where runs differ), saying for how many runs it was not recorded."""
+    values, missing = _values(runs, field), optional_column(runs, field).isna().sum()
     if not values:
         return None
-    text = f"{field}: {values[0]}" if len(values) == 1 else f"{differ}: {', '.join(values)}"
-    return text + (f" (not recorded for {column.isna().sum()} of {len(runs)} runs)" if column.isna().any() else "")
+    return f"{field.replace('_', ' ')}: {' / '.join(values)}" + (
+        f" (not recorded for {missing} of {len(runs)} runs)" if missing else "")
 
 
 def _default_targets_note(runs: pd.DataFrame) -> str | None:
@@ -72,17 +74,6 @@ def _default_targets_note(runs: pd.DataFrame) -> str | None:
             "(query and value on BERT-style models such as MiniLM, c_attn on GPT-2).")
 
 
-def _compute_dtype_notes(runs: pd.DataFrame) -> tuple[str | None, str | None]:
-    """(``"compute dtype: X"`` when all runs share one, a warning naming each series' dtype when they differ)."""
-    dtypes = optional_column(runs, "compute_dtype").dropna().map(lambda dtype: str(dtype).removeprefix("torch."))
-    if dtypes.nunique() <= 1:
-        return (f"compute dtype: {dtypes.iloc[0]}" if len(dtypes) else None), None
-    series = run_series(runs.loc[dtypes.index])
-    listing = "; ".join(f"{', '.join(series_label(s) for s in ordered_methods(series[dtypes == dtype]))} = {dtype}"
-                        for dtype in sorted(dtypes.unique()))
-    return None, f"NOTE: compute dtype differs across methods ({listing}), so time and memory are not like-for-like."
-
-
 def dataset_name(runs: pd.DataFrame) -> str:
     """How a figure names the runs' data: SST-2, or the file or hub dataset the records name."""
     names = {str(name) for name in optional_column(runs, "dataset").dropna()} or {"sst2"}
@@ -91,22 +82,23 @@ def dataset_name(runs: pd.DataFrame) -> str:
 
 def _data_sizes_note(runs: pd.DataFrame) -> str | None:
     """``"SST-2 train 4,000 / dev 872 sentences"`` (a range where runs differ), or None when not recorded."""
-    evals = numeric_column(runs, "n_eval").dropna()
-    evals = numeric_column(runs, "eval_size").dropna() if evals.empty else evals
     scored_on = "dev" if distinct_texts(optional_column(runs, "eval_split")) in ([], ["dev"]) else "held-out"
-    sizes = (("train", numeric_column(runs, "train_size").dropna()), (scored_on, evals))
-    data = [f"{name} {count_range(values)}" for name, values in sizes if not values.empty]
+    sizes = {"train": numeric_column(runs, "train_size").dropna(), scored_on: numeric_column(runs, "n_eval").dropna()}
+    data = [f"{name} {count_range(values)}" for name, values in sizes.items() if not values.empty]
     return f"{dataset_name(runs)} " + " / ".join(data) + " sentences" if data else None
 
 
 def save_with_footnote(fig: Figure, path: Path, runs: pd.DataFrame, notes: Sequence[str] = ()) -> Path:
-    """Write the notes and the provenance under the axes (``bbox_inches="tight"`` grows the image to hold them) and
-    save at :data:`DPI`, beside and renamed over: two processes drawing one folder never leave a half-written PNG."""
-    chars = max(60, int(fig.get_figwidth() * 15))
-    lines = [wrapped for line in [*notes, *_provenance(runs)] if line
-             for wrapped in textwrap.wrap(line, chars, break_on_hyphens=False)]
-    if lines:
-        fig.text(0.005, -0.01, "\n".join(lines), ha="left", va="top", fontsize=8, color="#444444", linespacing=1.4)
+    """Write the notes and the provenance under the axes, wrapped at the figure's width (``bbox_inches="tight"``
+    grows the image to hold them), and save: see :func:`save_figure`."""
+    fig.text(0.005, -0.01, "\n".join([*notes, *_provenance(runs)]), ha="left", va="top", fontsize=8,
+             color="#444444", linespacing=1.4, wrap=True)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Save at :data:`DPI` beside ``path`` and rename over it: two processes drawing one folder never leave a
+    half-written PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
     fig.savefig(temporary, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")

@@ -12,8 +12,7 @@ from matplotlib.ticker import NullLocator, PercentFormatter
 from peft_utils.formatting import format_count
 from peft_utils.methods import ordered_methods, series_label
 from peft_utils.plots.footnote import count_range, distinct_texts, save_with_footnote
-from peft_utils.plots.style import (METHOD_COLORS, comparison_runs, method_color, method_marker, new_figure,
-                                    style_axes, tick_formatter)
+from peft_utils.plots.style import comparison_runs, method_color, method_marker, new_figure
 from peft_utils.stats import numeric_column, optional_column, run_series, runs_in_group
 from peft_utils.store import SWEEP_GROUP, TUNE_GROUP, Results
 from peft_utils.tuning import learning_rate_scores
@@ -25,7 +24,7 @@ LR_AXIS_DEPTH = 12.0
 
 def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
     """``sweep.png``: the LoRA rank x alpha/r grid as a heatmap of dev accuracy (a cell: the mean over its seeds),
-    trainable parameters per rank beside it. Why alpha/r columns: LoRA scales its update by alpha/r, so along a
+    each rank's trainable parameters beside it. Why alpha/r columns: LoRA scales its update by alpha/r, so along a
     column only capacity changes (rsLoRA, scaling by alpha/sqrt(r), gets a heatmap of its own)."""
     sweep = runs_in_group(results.runs, SWEEP_GROUP)
     sweep = sweep.assign(**{name: numeric_column(sweep, name) for name in ("rank", "alpha", "final_accuracy")})
@@ -35,26 +34,28 @@ def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
     sweep = sweep.assign(ratio=(sweep["alpha"] / sweep["rank"]).round(4),
                          rslora=optional_column(sweep, "rslora").eq(True))
     ranks, ratios, variants = (sorted(sweep[c].unique()) for c in ("rank", "ratio", "rslora"))
-    heat_width = 0.95 * len(ratios) + 1.2
-    fig = new_figure(len(variants) * heat_width + 5.4, 0.42 * len(ranks) + 2.4)
-    axes = fig.subplots(1, len(variants) + 1, width_ratios=[heat_width] * len(variants) + [4.2], sharey=True)
+    fig, axes = new_figure(len(variants) * (0.95 * len(ratios) + 1.2) + 2.2, 0.42 * len(ranks) + 2.4,
+                           "LoRA rank × α/r sweep" + " (rsLoRA)" * (variants == [True]), None, ncols=len(variants),
+                           sharey=True)
     cells = sweep.groupby(["rslora", "rank", "ratio"])["final_accuracy"].agg(["mean", "size"])
     for ax, variant in zip(axes, variants):
         image = _draw_sweep_heatmap(ax, cells.loc[variant], ranks, ratios, (cells["mean"].min(), cells["mean"].max()))
         ax.set_title(("rsLoRA: scale α/√r" if variant else "LoRA: scale α/r") + "\n(dev accuracy, %)", fontsize=10,
                      loc="left")
-    fig.colorbar(image, ax=list(axes[:-1]), shrink=0.8, pad=0.02)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, pad=0.02)
+    params = numeric_column(sweep, "trainable_params").groupby(sweep["rank"]).first()
+    axes[0].set_yticks(range(len(ranks)), [f"{r:g} ({format_count(params.get(r))})" for r in ranks])
+    axes[0].set_ylabel("LoRA rank r (trainable parameters)")
+    notes = [f"Cells: mean dev accuracy over {count_range(cells['size'])} seed(s); blank cells were not run."]
     comparison = comparison_runs(results.runs)
     full = comparison[optional_column(comparison, "method").eq("full")]
-    _draw_sweep_params(axes[-1], sweep, ranks, numeric_column(full, "trainable_params").max())
-    fig.suptitle("LoRA rank × α/r sweep" + " (rsLoRA)" * (variants == [True]), fontsize=13, x=0.01, ha="left")
-    notes = [f"Cells: mean dev accuracy over {count_range(cells['size'])} seed(s); blank cells were not run."]
     if not full.empty:
         rows = [" / ".join(f"{n:,.0f}" for n in sorted(set(numeric_column(frame, "train_size").dropna()))) or "?"
                 for frame in (full, sweep)]
         fewer = f", trained on {rows[0]} rows (the grid: {rows[1]})" if rows[0] != rows[1] else ""
         notes.append(f"Full fine-tuning (comparison runs): {numeric_column(full, 'final_accuracy').mean():.1%} dev "
-                     f"accuracy{fewer}.")
+                     f"accuracy, {format_count(numeric_column(full, 'trainable_params').max())} trainable parameters"
+                     f"{fewer}.")
     return save_with_footnote(fig, Path(out_dir) / "sweep.png", sweep, notes)
 
 
@@ -72,28 +73,10 @@ def _draw_sweep_heatmap(ax, cells: pd.DataFrame, ranks: Sequence[float], ratios:
                     color="white" if (value - low) / spread < 0.55 else "#1A1A1A",
                     fontweight="bold" if value == high else "normal")
     ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios])
-    ax.set_yticks(range(len(ranks)), [f"{r:g}" for r in ranks])
-    ax.set(xlabel="α / r", ylabel="LoRA rank r")
+    ax.set_xlabel("α / r")
     ax.tick_params(length=0)
     ax.spines[:].set_visible(False)
     return image
-
-
-def _draw_sweep_params(ax, sweep: pd.DataFrame, ranks: Sequence[float], full_params: float) -> None:
-    """Trainable parameters per rank (rows shared with the heatmap), log scale, full fine-tuning's as a line."""
-    params = numeric_column(sweep, "trainable_params").groupby(sweep["rank"]).first().reindex(ranks).to_numpy()
-    known = np.isfinite(params)
-    bars = ax.barh(np.arange(len(ranks))[known], params[known], color=METHOD_COLORS["lora"], height=0.6, zorder=2)
-    ax.bar_label(bars, [format_count(v) for v in params[known]], padding=3, fontsize=8.5)
-    top = np.nanmax([*params, full_params, 1.0])
-    if np.isfinite(full_params):
-        ax.axvline(full_params, color=METHOD_COLORS["full"], linestyle="--", linewidth=1.3)
-    ax.set(xscale="log", xlim=(np.nanmin([*params, top]) / 3, top * 8), xlabel="trainable parameters (log)")
-    ax.xaxis.set_major_formatter(tick_formatter(format_count))
-    full = f"\ndashed: full fine-tuning, {format_count(full_params)}" if np.isfinite(full_params) else ""
-    ax.set_title(f"Trainable parameters (independent of α){full}", fontsize=10, loc="left")
-    ax.tick_params(axis="y", labelleft=False, length=0)
-    style_axes(ax, "x")
 
 
 def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
@@ -104,8 +87,7 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
     scores = learning_rate_scores(tune) if not tune.empty else pd.DataFrame()
     if scores.empty:
         return None
-    fig = new_figure(9.5, 5.2)
-    ax = fig.add_subplot()
+    fig, (ax,) = new_figure(9.5, 5.2, "Learning-rate tuning: accuracy on a held-out slice of the train split", "both")
     # The axis reaches LR_AXIS_DEPTH points below the lowest series' best score; lower scores fall on its floor.
     values = np.concatenate([scores["accuracy"], numeric_column(tune, "final_accuracy").dropna()]) * 100
     values = values[values >= (scores["accuracy"] * 100).groupby(scores["series"]).max().min() - LR_AXIS_DEPTH]
@@ -119,8 +101,6 @@ def plot_lr_tuning(results: Results, out_dir: str | Path) -> Path | None:
     ax.xaxis.set_minor_locator(NullLocator())
     # whole percents unless the scores sit within a few points, where half-point ticks would print alike
     ax.yaxis.set_major_formatter(PercentFormatter(decimals=0 if top - floor >= 5 else 1))
-    ax.set_title("Learning-rate tuning: accuracy on a held-out slice of the train split", fontsize=12, loc="left")
-    style_axes(ax, "both")
     fig.legend(loc="outside right upper", frameon=False)
     notes = ["Circled: each series' chosen rate, the highest held-out accuracy (ties: lower held-out loss, then the "
              "smaller rate). The dev split is never used for the choice."]
