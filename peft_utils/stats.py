@@ -295,8 +295,7 @@ def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int], n
             result = paired_bootstrap(*matrices, n_resamples, seed, confidence)
             rows.append({"method": method, "reference": reference, **result._asdict(),
                          "n_seeds": matrices[0].shape[0], "n_sentences": matrices[0].shape[1]})
-    return pd.DataFrame(rows, columns=["method", "reference", "difference", "low", "high", "p_value", "n_seeds",
-                                       "n_sentences"])
+    return pd.DataFrame(rows, columns=["method", "reference", *PairedDifference._fields, "n_seeds", "n_sentences"])
 
 
 def reading(difference: float, low: float, high: float, margin: float = MATCH_MARGIN) -> str:
@@ -371,7 +370,7 @@ def paired_statistics(runs: pd.DataFrame, labels: np.ndarray | None = None) -> P
         if labels is None:
             labels = recorded_labels(comparison)
         return PairedStatistics(paired_comparisons(comparison, labels), None)
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         reason = str(error).splitlines()[0]
         print(f"paired statistics skipped: {reason}", file=sys.stderr)  # stdout may be a list of figure paths
         return PairedStatistics(None, reason)
