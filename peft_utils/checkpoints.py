@@ -4,7 +4,7 @@ Adapters are written and read in peft's LoRA format (``adapter_config.json`` + `
 peft, transformers' ``load_adapter``, vLLM and TGI load ours, and :func:`load_adapters` loads theirs. The layouts
 agree without conversion: peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's ``Conv1D`` too (its
 ``fan_in_fan_out`` only says the *base* weight is transposed); the trained head is peft's ``modules_to_save``.
-Loading checks every layer against the weight file (names and shapes) before changing the model.
+Loading checks the weight file against the adapted model (names and shapes), and undoes the injection on a failure.
 
 :func:`export_merged` folds the adapters into a plain transformers checkpoint; a 4-bit base is dequantised and
 merged in float32, then saved in 16/32-bit (re-quantising would round the update away). A damaged file is a
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .core.inject import InjectedAdapters, adapter_layers, apply_adapters
-from .core.layers import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit, is_supported_base
-from .core.targets import head_modules, meta_skeleton, model_type, name_matcher
+from .core.layers import DoRALayer, LoRALayer, base_features, base_weight, is_conv1d, is_linear4bit
+from .core.targets import head_modules, meta_skeleton, model_type
 from .devices import checked_dtype
 from .quiet import loading_bars_off
 
@@ -36,6 +36,10 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> the transformers model
 # Per adapted layer: our attribute -> peft's key suffix.
 ADAPTER_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+ADAPTER_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(.+?)\.(lora_.+)")  # (layer name, peft's suffix)
+# Our settings (``apply_adapters`` arguments, ``InjectedAdapters`` fields) -> peft LoraConfig keys and their defaults.
+PEFT_SETTINGS = {"rank": ("r", 8), "alpha": ("lora_alpha", 8), "dropout": ("lora_dropout", 0.0),
+                 "rslora": ("use_rslora", False)}
 # peft LoraConfig keys whose other values change what the adapter computes, or where, in ways our LoRA/DoRA layers
 # do not implement: refused unless they hold peft's default. Keys not listed here and not read below are ignored,
 # as peft ignores unknown keys (init-time options such as loftq_config, peft_version, inference_mode...).
@@ -60,17 +64,18 @@ def _injected(model: nn.Module) -> InjectedAdapters:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only what training changed, under peft's names: adapter tensors and the kept-trainable (head) modules."""
+    """Only what training changed, under peft's names: adapter tensors and the kept-trainable (head) modules, as
+    views of the model's own tensors (saving copies them out, loading copies into them)."""
     injected = _injected(model)
     state = {}
     for name, layer in adapter_layers(model):
         for attribute, suffix in ADAPTER_KEYS.items():
             if attribute != "magnitude" or isinstance(layer, DoRALayer):
-                state[f"{PEFT_PREFIX}{name}.{suffix}"] = getattr(layer, attribute)
+                state[f"{PEFT_PREFIX}{name}.{suffix}"] = getattr(layer, attribute).detach()
     for module_name in injected.modules_to_save:  # state_dict(), like peft's modules_to_save: buffers included
         for key, tensor in model.get_submodule(module_name).state_dict().items():
             state[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return state
 
 
 def peft_adapter_json(model: nn.Module) -> dict:
@@ -82,10 +87,7 @@ def peft_adapter_json(model: nn.Module) -> dict:
         "peft_type": "LORA",
         "task_type": SEQ_CLS,
         "base_model_name_or_path": hub_id(getattr(model, "name_or_path", "")) or None,
-        "r": injected.rank,
-        "lora_alpha": injected.alpha,
-        "lora_dropout": injected.dropout,
-        "use_rslora": injected.rslora,
+        **{key: getattr(injected, setting) for setting, (key, _) in PEFT_SETTINGS.items()},
         "use_dora": injected.method == "dora",
         "target_modules": injected.target_patterns or injected.target_modules,
         "fan_in_fan_out": _stored_transposed(model),
@@ -98,13 +100,10 @@ def peft_adapter_json(model: nn.Module) -> dict:
 
 def _stored_transposed(model: nn.Module) -> bool:
     """peft's ``fan_in_fan_out``: whether the architecture's target layers are GPT-2 ``Conv1D`` (weight stored
-    (in, out)). Asked of the architecture: a 4-bit GPT-2 holds ``Linear4bit`` layers instead, yet peft loading the
-    adapter onto the full-precision base finds ``Conv1D`` (and peft's 4-bit layers ignore the flag)."""
-    layers = list(adapter_layers(model))
-    if not any(is_linear4bit(layer.base) for _, layer in layers):
-        return any(is_conv1d(layer.base) for _, layer in layers)
+    (in, out)). Asked of the plain architecture: a 4-bit GPT-2 holds ``Linear4bit`` layers instead, yet peft loading
+    the adapter onto the full-precision base finds ``Conv1D`` (and peft's 4-bit layers ignore the flag)."""
     architecture = dict(meta_skeleton(_plain_config(model.config)).named_modules())
-    return any(is_conv1d(architecture.get(name)) for name, _ in layers)
+    return any(is_conv1d(architecture.get(name)) for name, _ in adapter_layers(model))
 
 
 def _plain_config(config):
@@ -116,23 +115,24 @@ def _plain_config(config):
     return config
 
 
-def _file_bytes(folder: Path, names: Sequence[str]) -> int:
-    return sum((folder / name).stat().st_size for name in names)
-
-
 def save_adapters(model: nn.Module, folder: str | Path) -> int:
     """Write the adapter in peft's format to ``folder``; returns the bytes written (weights + config). A merged
     model is refused: its adapters are folded into weights that are not saved here."""
     from safetensors.torch import save_file
 
-    state = adapter_state_dict(model)
+    state = {key: tensor.contiguous().cpu() for key, tensor in adapter_state_dict(model).items()}
     if any(layer.merged for _, layer in adapter_layers(model)):
         raise ValueError("unmerge the adapters before saving them")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(peft_adapter_json(model), indent=2) + "\n", encoding="utf-8")
-    return _file_bytes(folder, (WEIGHTS_FILE, CONFIG_FILE))
+    return sum((folder / name).stat().st_size for name in (WEIGHTS_FILE, CONFIG_FILE))
+
+
+def _checkpoint_bytes(folder: Path) -> int:
+    """The bytes of a ``save_pretrained`` checkpoint's config and weights (not its tokenizer's files)."""
+    return sum(path.stat().st_size for path in [folder / "config.json", *folder.glob("model*.safetensors*")])
 
 
 def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -> int:
@@ -145,19 +145,8 @@ def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -
     folder = Path(folder)
     with loading_bars_off():  # transformers' "Writing model shards" bar, between the project's own lines
         model.save_pretrained(folder)
-    written = ["config.json"] + [p.name for p in folder.glob("model*.safetensors*")]
     tokenizer.save_pretrained(folder)
-    return _file_bytes(folder, written)
-
-
-@dataclass(frozen=True)
-class _SavedAdapter:
-    """A peft LoRA adapter read from disk and checked on its own, before any model is touched: its settings as
-    ``apply_adapters`` describes an adapter (peft's ``target_modules`` as ``target_patterns``), and its tensors."""
-
-    settings: InjectedAdapters
-    layers: dict[str, dict[str, torch.Tensor]]  # module name -> {"lora_A": ..., "lora_B": ..., ["magnitude"]}
-    modules: dict[str, torch.Tensor]  # kept-trainable tensors, by model state name ("score.weight")
+    return _checkpoint_bytes(folder)
 
 
 def read_json(path: Path) -> dict:
@@ -208,7 +197,8 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _read_adapter(folder: Path) -> _SavedAdapter:
+def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checked ``adapter_config.json`` of a peft adapter folder and its tensors, before any model is touched."""
     from safetensors.torch import load_file
 
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -217,81 +207,36 @@ def _read_adapter(folder: Path) -> _SavedAdapter:
             raise FileNotFoundError(f"{path} not found: expected a peft LoRA adapter folder (safetensors weights)")
     config = _read_config(config_path)
     check_safetensors(weights_path)
-    method = "dora" if config.get("use_dora", False) else "lora"
-    rank, layers, modules = int(config.get("r", 8)), {}, {}
-    suffixes = {suffix: attribute for attribute, suffix in ADAPTER_KEYS.items()}
-    for key, tensor in load_file(str(weights_path)).items():
-        if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"{weights_path}: tensor {key!r} is not under {PEFT_PREFIX!r}: not a peft model's adapter")
-        name = key.removeprefix(PEFT_PREFIX)
-        match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)", name)
-        if match and (match[2] != "lora_magnitude_vector" or method == "dora"):
-            layers.setdefault(match[1], {})[suffixes[match[2]]] = tensor
-        elif ".lora_" in name:
+    tensors = load_file(str(weights_path))
+    ours = [s for attribute, s in ADAPTER_KEYS.items() if attribute != "magnitude" or config.get("use_dora", False)]
+    for key in tensors:
+        match = ADAPTER_KEY.fullmatch(key)
+        if match and match[2] not in ours:
             raise ValueError(f"{weights_path}: tensor {key!r} is for a layer type or option peft_utils does not adapt")
-        else:
-            modules[name] = tensor
-    for name, tensors in layers.items():
-        expected = {"lora_A", "lora_B"} | ({"magnitude"} if method == "dora" else set())
-        if set(tensors) != expected:
-            raise ValueError(f"{weights_path}: layer {name} has {sorted(tensors)}, expected {sorted(expected)}")
-        if tensors["lora_A"].dim() != 2 or tensors["lora_A"].shape[0] != rank or tensors["lora_B"].shape[1:] != (rank,):
-            raise ValueError(f"{weights_path}: layer {name}: A {tuple(tensors['lora_A'].shape)}, "
-                             f"B {tuple(tensors['lora_B'].shape)} do not have rank r={rank}")
-    settings = InjectedAdapters(
-        method, rank, float(config.get("lora_alpha", 8)), float(config.get("lora_dropout", 0.0)),
-        bool(config.get("use_rslora", False)), modules_to_save=list(config.get("modules_to_save") or []),
-        target_patterns=config["target_modules"])
-    return _SavedAdapter(settings, layers, modules)
+    return config, tensors
 
 
-def _check_fits(model: nn.Module, saved: _SavedAdapter) -> None:
-    """Every saved tensor has a home in ``model`` and every layer the targets select gets its tensors, in shape."""
-    if any(True for _ in adapter_layers(model)):
-        raise ValueError("model already has adapters; load into a fresh model")
-    settings = saved.settings
-    matches = name_matcher(settings.target_patterns)
-    chosen = [(name, module) for name, module in model.named_modules() if name and matches(name)]
-    if not chosen:
-        raise ValueError(f"adapter does not fit this model: no layer matches target_modules "
-                         f"{settings.target_patterns!r}")
-    chosen_names = {name for name, _ in chosen}
-    for name, module in chosen:
-        if name not in saved.layers:
-            raise ValueError(f"adapter does not fit this model: layer {name} matches the targets but the adapter "
-                             f"has no tensors for it (was it trained on a model with other layers?)")
-        if not is_supported_base(module):
-            raise ValueError(f"adapter does not fit this model: layer {name} is a {type(module).__name__}")
-        in_features, out_features = base_features(module)
-        tensors = saved.layers[name]
-        shapes = {"lora_A": (settings.rank, in_features), "lora_B": (out_features, settings.rank),
-                  "magnitude": (out_features,)}
-        for attribute, tensor in tensors.items():
-            if tuple(tensor.shape) != shapes[attribute]:
-                raise ValueError(f"adapter does not fit this model: layer {name}: saved {attribute} "
-                                 f"{tuple(tensor.shape)}, the model's layer needs {shapes[attribute]}")
-    homeless = [name for name in saved.layers if name not in chosen_names]
-    if homeless:
-        raise ValueError(f"adapter does not fit this model: saved layer {homeless[0]} has no matching layer in it")
-    state = model.state_dict()
-    for key, tensor in saved.modules.items():
-        if key not in state:
-            raise ValueError(f"adapter does not fit this model: saved tensor {key} has no home in it")
-        if state[key].shape != tensor.shape:
-            raise ValueError(f"adapter does not fit this model: {key}: saved {tuple(tensor.shape)}, "
-                             f"the model's is {tuple(state[key].shape)}")
-    keep = settings.modules_to_save
-    kept = [name for name, _ in model.named_modules() if name and keep and name_matcher(keep)(name)]
-    if keep and not kept:
-        raise ValueError(f"adapter does not fit this model: no module matches modules_to_save {keep}")
-    for name in kept:
-        if not any(key.startswith(name + ".") for key in saved.modules):
-            raise ValueError(f"adapter does not fit this model: module {name} is in modules_to_save but the adapter "
-                             "has no tensors for it")
+def _check_fits(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Every adapted layer of the model (``expected``: :func:`adapter_state_dict`) has its tensors in the file and
+    every saved tensor a place in the model, in shape: a layer too many or too few is another depth, a shape another
+    width. A kept module the file lacks keeps the model's values, as in peft."""
+    missing = next((m for m in map(ADAPTER_KEY.fullmatch, expected) if m and m[0] not in saved), None)
+    if missing:
+        raise ValueError(f"adapter does not fit this model: layer {missing[1]} matches the targets but the adapter "
+                         f"has no tensors for it (was it trained on a model with other layers?)")
+    for key, tensor in saved.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if key not in expected:
+            match = ADAPTER_KEY.fullmatch(key)
+            home = f"layer {match[1]} has no matching layer" if match else f"tensor {name} has no home"
+            raise ValueError(f"adapter does not fit this model: saved {home} in it")
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"adapter does not fit this model: {name}: saved {tuple(tensor.shape)}, the model's "
+                             f"is {tuple(expected[key].shape)}")
 
 
 def _remove_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
-    """Undo a partial ``apply_adapters``: put the base layers back and restore which parameters train."""
+    """Undo ``apply_adapters``: put the base layers back and restore which parameters train."""
     for name, layer in list(adapter_layers(model)):
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer.base)
@@ -302,26 +247,26 @@ def _remove_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
 
 
 def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Inject the peft LoRA/DoRA adapter saved in ``folder`` (by peft or :func:`save_adapters`) into ``model``:
-    everything is checked before the model changes, and a failure leaves it as it was."""
-    saved = _read_adapter(Path(folder))
-    _check_fits(model, saved)
+    """Inject the peft LoRA/DoRA adapter saved in ``folder`` (by peft or :func:`save_adapters`) into ``model``: the
+    files are checked first, the tensors against the adapted model, and a failure leaves the model as it was."""
+    config, saved = _read_adapter(Path(folder))
+    if any(True for _ in adapter_layers(model)):
+        raise ValueError("model already has adapters; load into a fresh model")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         # a string target_modules is a regex in peft (re.fullmatch), whatever it looks like
-        s = saved.settings
-        targets = re.compile(s.target_patterns) if isinstance(s.target_patterns, str) else s.target_patterns
+        targets = config["target_modules"]
+        targets = re.compile(targets) if isinstance(targets, str) else targets
         # the head trains and is saved anyway; peft's SEQ_CLS lists both families' heads ('classifier', 'score')
-        extra = [name for name in s.modules_to_save if name not in head_modules(model_type(model))]
-        apply_adapters(model, s.method, targets, s.rank, s.alpha, s.dropout, extra, s.rslora)
+        extra = [name for name in config.get("modules_to_save") or [] if name not in head_modules(model_type(model))]
+        settings = {setting: config.get(key, default) for setting, (key, default) in PEFT_SETTINGS.items()}
+        method = "dora" if config.get("use_dora", False) else "lora"
+        apply_adapters(model, method, targets, modules_to_save=extra, **settings)
+        expected = adapter_state_dict(model)
+        _check_fits(expected, saved)
         with torch.no_grad():
-            for name, tensors in saved.layers.items():
-                layer = model.get_submodule(name)
-                for attribute, tensor in tensors.items():
-                    getattr(layer, attribute).copy_(tensor)
-            state = model.state_dict(keep_vars=True)
-            for key, tensor in saved.modules.items():
-                state[key].copy_(tensor)
+            for key, tensor in saved.items():
+                expected[key].copy_(tensor)
     except BaseException:
         _remove_adapters(model, requires_grad)
         raise
@@ -346,23 +291,21 @@ def _merged_weight(layer: LoRALayer) -> torch.Tensor:
         layer.base, layer.merged = original, False
 
 
-def _dense_state(module: nn.Module, prefix: str, state: dict, out_in: set) -> None:
-    """The plain architecture's tensors: adapters merged, 4-bit weights dequantised; ``out_in`` marks (out, in)."""
-    if isinstance(module, LoRALayer) or is_linear4bit(module):
-        base = module.base if isinstance(module, LoRALayer) else module
-        weight = _merged_weight(module) if isinstance(module, LoRALayer) else base_weight(module).float()
-        state[prefix + "weight"] = weight
-        out_in.add(prefix + "weight")
-        if base.bias is not None:
-            state[prefix + "bias"] = base.bias
-        return
-    # this module's own parameters and persistent buffers: its state_dict without its children's entries
-    children = tuple(f"{name}." for name, _ in module.named_children())
-    for name, tensor in module.state_dict(keep_vars=True).items():
-        if not name.startswith(children):
-            state[prefix + name] = tensor
-    for name, child in module.named_children():
-        _dense_state(child, f"{prefix}{name}.", state, out_in)
+def _dense_state(model: nn.Module, plain: nn.Module) -> dict[str, torch.Tensor]:
+    """``plain``'s state dict (the architecture without adapters or 4-bit layers) filled from ``model``: adapters
+    merged, 4-bit weights dequantised, every other tensor as it is."""
+    state = {}
+    for key, target in plain.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf == "weight" and (isinstance(module, LoRALayer) or is_linear4bit(module)):
+            tensor = _merged_weight(module) if isinstance(module, LoRALayer) else base_weight(module).float()
+            if is_conv1d(plain.get_submodule(owner)):
+                tensor = tensor.T  # GPT-2's Conv1D stores (in, out)
+        else:
+            tensor = getattr(module.base if isinstance(module, LoRALayer) else module, leaf)
+        state[key] = tensor.to("cpu", target.dtype)
+    return state
 
 
 @dataclass(frozen=True)
@@ -393,38 +336,27 @@ def export_merged(
     merged in float32, then saved in ``dtype``; the model is left as it was. Returns the folder, the bytes of
     weights and config, and the largest logit difference to the unmerged model on ``check_texts``.
 
-    A folder that holds files is refused (an adapter left beside the export would be what ``from_pretrained``
-    loads); ``overwrite=True`` replaces it whole, atomically."""
+    A folder that holds files is refused before any work (an adapter left beside the export would be what
+    ``from_pretrained`` loads); ``overwrite=True`` replaces it whole, atomically."""
     from transformers import AutoModelForSequenceClassification
 
     checked_dtype(dtype, "dtype")
     folder = Path(folder)
-    _check_export_folder(folder, overwrite)
-    state, out_in = {}, set()
-    _dense_state(model, "", state, out_in)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot export to {folder}: it is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise ValueError(f"cannot export to {folder}: the folder is not empty; choose a new folder, "
+                         "or pass overwrite=True to replace it")
     plain = AutoModelForSequenceClassification.from_config(_plain_config(model.config), dtype=dtype)
-    for key in out_in:
-        if is_conv1d(plain.get_submodule(key.rpartition(".")[0])):
-            state[key] = state[key].T  # GPT-2's Conv1D stores (in, out)
-    plain.load_state_dict({key: tensor.to("cpu", dtype) for key, tensor in state.items()}, strict=True)
+    plain.load_state_dict(_dense_state(model, plain), strict=True)
 
     def write(staging: Path) -> None:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
     _write_atomically(folder, write)
-    written = ["config.json"] + [p.name for p in folder.glob("model*.safetensors*")]
     difference = (_logits(plain, tokenizer, check_texts) - _logits(model, tokenizer, check_texts)).abs().max().item()
-    return MergedExport(folder, _file_bytes(folder, written), difference)
-
-
-def _check_export_folder(folder: Path, overwrite: bool) -> None:
-    """Before any work: the export goes into a new or empty folder, or replaces one when asked to."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"cannot export to {folder}: it is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise ValueError(f"cannot export to {folder}: the folder is not empty; choose a new folder, "
-                         "or pass overwrite=True to replace it")
+    return MergedExport(folder, _checkpoint_bytes(folder), difference)
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:

@@ -2,7 +2,7 @@
 notebook holds no logic, only calls."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +69,11 @@ def readings_markdown(results_dir: str | Path, margin: float = MATCH_MARGIN,
     paired = paired_statistics(RunStore(results_dir).load(run_ids).runs)
     if paired.table is None or paired.table.empty:
         return f"(no paired test: {paired.reason or 'fewer than two series with a common seed'})"
-    lines = ["| series | against | difference, 95% interval, bootstrap p | seeds | reading |", "|---|---|---|---:|---|"]
-    for row in paired.table.itertuples():
-        difference = format_paired_difference(row.difference, row.low, row.high, row.p_value)
-        lines.append(f"| {series_label(row.method)} | {series_label(row.reference)} | {difference} | {row.n_seeds} | "
-                     f"{_pair_reading(row, margin)} |")
-    return "\n".join(lines)
+    rows = [[series_label(row.method), series_label(row.reference),
+             format_paired_difference(row.difference, row.low, row.high, row.p_value), row.n_seeds,
+             _pair_reading(row, margin)] for row in paired.table.itertuples()]
+    header = ["series", "against", "difference, 95% interval, bootstrap p", "seeds", "reading"]
+    return markdown_table(pd.DataFrame(rows, columns=header), right={3})
 
 
 def _pair_reading(row, margin: float) -> str:
@@ -117,22 +116,13 @@ def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.
     for column in ("train_time_s", "peak_memory_bytes", "memory_kind", "trainable_params", "disk_bytes", "disk_kind"):
         table[column] = summary[column]
     if paired is not None:
-        kinds = [_reference_kind(s, reference) for s, reference in zip(paired["method"], paired["reference"])]
-        for kind in _REFERENCES:
-            rows = paired[[k == kind for k in kinds]].set_index("method")
-            if rows.empty:
-                continue
+        kinds = ["full" if reference == "full" else "targets" if reference == series_method(s) else "lora"
+                 for s, reference in zip(paired["method"], paired["reference"])]
+        for kind, rows in paired.assign(kind=kinds).set_index("method").groupby("kind", sort=False):
             for suffix, column in (("", "difference"), ("_low", "low"), ("_high", "high"), ("_p", "p_value")):
                 table[f"vs_{kind}{suffix}"] = rows[column].reindex(series)
     table.index.name = "series"
     return table
-
-
-def _reference_kind(series: str, reference: str) -> str:
-    """Which :data:`_REFERENCES` column a pair fills."""
-    if reference == "full":
-        return "full"
-    return "targets" if reference == series_method(series) else "lora"
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
@@ -147,7 +137,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
     f1 = ["macro-F1 % (mean)"] if "macro_f1" in table.columns else []
     header = ["method", accuracy_title, *f1, "seeds", "train time", "peak memory", "trainable params",
               "shipped", *titles]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    rows = []
     for series, row in table.iterrows():
         accuracy = _mean_sd(row["accuracy"], row["accuracy_sd"])
         memory = format_bytes(row["peak_memory_bytes"]) + (f" ({row['memory_kind']})" if row["memory_kind"] else "")
@@ -159,8 +149,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
             difference = row[f"vs_{reference}"]
             cells.append("—" if not np.isfinite(difference) else format_paired_difference(
                 difference, row[f"vs_{reference}_low"], row[f"vs_{reference}_high"], row[f"vs_{reference}_p"]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(pd.DataFrame(rows, columns=header), right=range(2, len(header)))
 
 
 def _mean_sd(mean: float, sd: float) -> str:
@@ -219,11 +209,13 @@ def settings_markdown(results_dir: str | Path) -> str:
             + markdown_table(format_settings(table)))
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """``frame`` as a Markdown table, cells as they are (pandas' ``to_markdown`` needs the tabulate package)."""
+def markdown_table(frame: pd.DataFrame, right: Container[int] = ()) -> str:
+    """``frame`` as a Markdown table, cells as they are (pandas' ``to_markdown`` needs the tabulate package), the
+    columns at the positions in ``right`` right-aligned."""
     rows = [[str(column) for column in frame.columns], *frame.astype(str).values.tolist()]
     lines = ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join([lines[0], "|" + "---|" * len(frame.columns), *lines[1:]])
+    rule = "|" + "".join("---:|" if i in right else "---|" for i in range(len(frame.columns)))
+    return "\n".join([lines[0], rule, *lines[1:]])
 
 
 def format_settings(table: pd.DataFrame) -> pd.DataFrame:

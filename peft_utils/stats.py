@@ -28,11 +28,8 @@ MATCH_MARGIN = 0.005  # the decision rule's margin, fixed before the all-linear 
 IMBALANCE_RATIO = 1.5
 _LORA_VARIANTS = ("dora", "qlora", "qdora")
 # Per-series summary columns that do not depend on the seed (taken from the first run): summary key -> run column.
-_SEED_INDEPENDENT_NUMBERS = {
-    **{key: key for key in ("n_eval", "trainable_params", "total_params")},
-    **{key: f"size.{key}" for key in ("disk_bytes", "total_bytes", "fp32_bytes", "quantized_bytes",
-                                      "quant_state_bytes", "frozen_bytes", "trainable_bytes")},
-}
+_SEED_INDEPENDENT_NUMBERS = {"trainable_params": "trainable_params", "disk_bytes": "size.disk_bytes",
+                             "fp32_bytes": "size.fp32_bytes"}
 _BOOTSTRAP_CHUNK_ENTRIES = 1 << 22  # bounds one chunk of bootstrap counts (resamples x sentences)
 
 
@@ -51,8 +48,6 @@ def numeric_column(frame: pd.DataFrame, name: str) -> pd.Series:
 def runs_in_group(runs: pd.DataFrame, group: str) -> pd.DataFrame:
     """The runs whose ``group`` is exactly ``group``: tuning runs are scored on held-out train rows, so one mixed
     into a comparison would mix two evaluation sets."""
-    if runs.empty:
-        return runs
     return runs[optional_column(runs, "group").astype(object).eq(group)]
 
 
@@ -78,27 +73,6 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
     return max(0.0, min(center - half, accuracy)), min(1.0, max(center + half, accuracy))
 
 
-class MeanInterval(NamedTuple):
-    mean: float
-    sd: float
-    low: float
-    high: float
-
-
-def mean_interval(values: Sequence[float] | np.ndarray | pd.Series, confidence: float = 0.95) -> MeanInterval:
-    """Student-t interval of the mean of a few runs (seeds): with 2-5 seeds the sd is itself rough, and the t
-    quantile (12.7 for two seeds) widens the interval by the right amount."""
-    _check_confidence(confidence)
-    array = np.asarray(values, dtype=float)
-    if array.ndim != 1 or len(array) < 2 or not np.isfinite(array).all():
-        raise ValueError(f"a t interval needs at least two finite values in one dimension, got {array.tolist()}")
-    from scipy import stats as scipy_stats  # on first use: importing scipy.stats costs ~64 MB of RSS
-
-    mean, sd = float(array.mean()), float(array.std(ddof=1))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=len(array) - 1)) * sd / math.sqrt(len(array))
-    return MeanInterval(mean, sd, mean - half, mean + half)
-
-
 class AccuracyInterval(NamedTuple):
     """``kind``: ``"t over k seeds"``, ``"Wilson"``, or ``"none"`` when nothing could be computed."""
 
@@ -109,14 +83,19 @@ class AccuracyInterval(NamedTuple):
 
 
 def accuracy_interval(accuracies: pd.Series, n_eval: pd.Series) -> AccuracyInterval:
-    """Mean accuracy over runs and its interval, missing values ignored: over seeds the t interval (clipped to
-    [0, 1]), which captures run-to-run variance; for one run the Wilson interval of its dev set."""
+    """Mean accuracy over runs and its 95% interval, missing values ignored. Over seeds the Student-t interval
+    (clipped to [0, 1]), which captures run-to-run variance: with 2-5 seeds the sd is itself rough, and the t
+    quantile (12.7 for two seeds) widens the interval by the right amount. For one run the Wilson interval of its
+    dev set."""
     accuracies = accuracies.dropna().astype(float)
     if accuracies.empty:
         return AccuracyInterval(math.nan, math.nan, math.nan, "none")
     if len(accuracies) >= 2:
-        mean, _, low, high = mean_interval(accuracies)
-        return AccuracyInterval(mean, max(0.0, low), min(1.0, high), f"t over {len(accuracies)} seeds")
+        from scipy import stats as scipy_stats  # on first use: importing scipy.stats costs ~64 MB of RSS
+
+        k, mean, sd = len(accuracies), float(accuracies.to_numpy().mean()), float(accuracies.to_numpy().std(ddof=1))
+        half = float(scipy_stats.t.ppf(0.975, df=k - 1)) * sd / math.sqrt(k)
+        return AccuracyInterval(mean, max(0.0, mean - half), min(1.0, mean + half), f"t over {k} seeds")
     mean = float(accuracies.iloc[0])
     sizes = pd.to_numeric(n_eval, errors="coerce").dropna()
     if sizes.empty or sizes.iloc[0] <= 0 or not 0 <= mean <= 1:
@@ -139,27 +118,24 @@ def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int | Non
 def per_method_summary(runs: pd.DataFrame, series: Sequence[str]) -> pd.DataFrame:
     """One row per series in ``series``, indexed by it: mean accuracy (:func:`accuracy_interval`) and times over
     seeds, the maximum peak memory (the budget to provision), and sizes and counts from the first run."""
-    keys = run_series(runs)
-    rows = [_summarise_series(name, runs[keys == name]) for name in series]
+    keys, rows = run_series(runs), []
+    for name in series:
+        group = runs[keys == name]
+        accuracy = accuracy_interval(numeric_column(group, "final_accuracy"), numeric_column(group, "n_eval"))
+        disk_kind = optional_column(group, "size.disk_kind").dropna()
+        row: dict[str, object] = {
+            "series": name, "n_runs": len(group), "accuracy": accuracy.mean, "acc_low": accuracy.low,
+            "acc_high": accuracy.high, "interval": accuracy.kind,
+            "train_time_s": numeric_column(group, "train_time_s").mean(),
+            "peak_memory_bytes": numeric_column(group, "peak_memory_bytes").max(),
+            "memory_kind": "+".join(sorted({str(kind) for kind in optional_column(group, "memory_kind").dropna()})),
+            "disk_kind": str(disk_kind.iloc[0]) if len(disk_kind) else "",
+        }
+        for key, column in _SEED_INDEPENDENT_NUMBERS.items():
+            values = numeric_column(group, column).dropna()
+            row[key] = float(values.iloc[0]) if len(values) else math.nan
+        rows.append(row)
     return pd.DataFrame(rows).set_index("series") if rows else pd.DataFrame()
-
-
-def _summarise_series(series: str, runs: pd.DataFrame) -> dict[str, object]:
-    accuracy = accuracy_interval(numeric_column(runs, "final_accuracy"), numeric_column(runs, "n_eval"))
-    disk_kind = optional_column(runs, "size.disk_kind").dropna()
-    row: dict[str, object] = {
-        "series": series, "n_runs": len(runs), "accuracy": accuracy.mean, "acc_low": accuracy.low,
-        "acc_high": accuracy.high, "interval": accuracy.kind,
-        "train_time_s": numeric_column(runs, "train_time_s").mean(),
-        "samples_per_s": numeric_column(runs, "samples_per_s").mean(),
-        "peak_memory_bytes": numeric_column(runs, "peak_memory_bytes").max(),
-        "memory_kind": "+".join(sorted({str(kind) for kind in optional_column(runs, "memory_kind").dropna()})),
-        "disk_kind": str(disk_kind.iloc[0]) if len(disk_kind) else "",
-    }
-    for key, column in _SEED_INDEPENDENT_NUMBERS.items():
-        values = numeric_column(runs, column).dropna()
-        row[key] = float(values.iloc[0]) if len(values) else math.nan
-    return row
 
 
 class PairedDifference(NamedTuple):
@@ -184,7 +160,6 @@ def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarr
     designs (Owen, 2007, *Annals of Applied Statistics* 1(2), 386-411), conservative where a factor carries no
     variance; with one seed, the ordinary paired bootstrap. Deterministic for a ``seed``.
     """
-    _check_confidence(confidence)
     differences = paired_differences(correct_a, correct_b)
     resamples = crossed_bootstrap([differences], [1.0], n_resamples, seed)
     return summarise_resamples(float(differences.mean()), resamples, confidence)
@@ -219,17 +194,14 @@ def crossed_bootstrap(differences: Sequence[np.ndarray], weights: Sequence[float
 
 
 def summarise_resamples(estimate: float, resamples: np.ndarray, confidence: float = 0.95) -> PairedDifference:
-    """The estimate, the percentile interval of its resamples and their two-sided p-value of "0"."""
-    _check_confidence(confidence)
+    """The estimate, the percentile interval of its resamples, and their two-sided p of "0": twice the smaller share
+    of resamples at or beyond 0 on either side, capped at 1, so p < 0.05 exactly when 0 lies outside the 95%
+    interval (a small p is never printed beside an interval that contains 0)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
     low, high = np.quantile(resamples, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return PairedDifference(estimate, float(low), float(high), bootstrap_p_value(resamples))
-
-
-def bootstrap_p_value(resamples: np.ndarray) -> float:
-    """Twice the smaller share of resamples at or beyond 0 on either side, capped at 1: p < 0.05 exactly when 0 lies
-    outside the 95% percentile interval, so a small p is never printed beside an interval that contains 0."""
-    resamples = np.asarray(resamples)
-    return float(min(1.0, 2 * min(np.mean(resamples <= 0), np.mean(resamples >= 0))))
+    p_value = min(1.0, 2 * min(np.mean(resamples <= 0), np.mean(resamples >= 0)))
+    return PairedDifference(estimate, float(low), float(high), float(p_value))
 
 
 def paired_differences(correct_a: object, correct_b: object) -> np.ndarray:
@@ -246,22 +218,15 @@ def paired_differences(correct_a: object, correct_b: object) -> np.ndarray:
 
 def _correctness_matrix(values: object, name: str) -> np.ndarray:
     array = np.asarray(values)
-    if array.ndim == 1:
-        array = array[np.newaxis, :]
-    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+    array = array[np.newaxis, :] if array.ndim == 1 else array
+    if array.ndim != 2 or array.size == 0:
         raise ValueError(f"{name} must be a non-empty (n_sentences,) vector or (n_seeds, n_sentences) matrix, "
                          f"got shape {np.shape(values)}")
-    if array.dtype != bool:
-        invalid = array[~np.isin(array, (0, 1))] if array.dtype.kind in "iuf" else array.ravel()
-        if invalid.size:
-            raise ValueError(f"{name} must hold per-sentence correctness as True/False (or 1/0), got "
-                             f"{array.dtype} value {invalid.tolist()[0]!r}")
+    invalid = array[~np.isin(array, (0, 1))]  # NaN, strings and other numbers alike
+    if invalid.size:
+        raise ValueError(f"{name} must hold per-sentence correctness as True/False (or 1/0), got "
+                         f"{array.dtype} value {invalid.tolist()[0]!r}")
     return array.astype(float)
-
-
-def _check_confidence(confidence: float) -> None:
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
 
 
 def comparison_pairs(series: Sequence[str]) -> list[tuple[str, str]]:
@@ -287,25 +252,22 @@ def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> 
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or labels.dtype.kind not in "iu" or (labels < 0).any():
         raise ValueError(f"labels must be a non-empty vector of class ids (0, 1, ...), got shape {labels.shape}")
-    predictions, series = optional_column(runs, "dev_predictions"), run_series(runs)
     by_series: dict[str, dict[int, np.ndarray]] = {}
-    for index, run in runs.iterrows():
-        run_id, predicted = run.get("run_id", index), predictions.loc[index]
+    for run_id, series, predicted, recorded, seed in zip(
+            runs.get("run_id", runs.index), run_series(runs), optional_column(runs, "dev_predictions"),
+            numeric_column(runs, "final_accuracy"), numeric_column(runs, "seed").fillna(0).astype(int)):
         if not isinstance(predicted, (list, tuple, np.ndarray)):
             raise ValueError(f"run {run_id} records no dev_predictions")
-        predicted = np.asarray(predicted)
-        if predicted.shape != labels.shape:
-            raise ValueError(f"run {run_id} has {predicted.size} dev predictions but there are {labels.size} labels")
-        correct = predicted == labels
-        recorded = pd.to_numeric(pd.Series([run.get("final_accuracy")]), errors="coerce").iloc[0]
+        if np.shape(predicted) != labels.shape:
+            raise ValueError(f"run {run_id} has {np.size(predicted)} dev predictions but there are {labels.size} "
+                             "labels")
+        correct = np.asarray(predicted) == labels
         if np.isfinite(recorded) and abs(correct.mean() - recorded) > 1e-9:
             raise ValueError(f"the dev labels give run {run_id} an accuracy of {correct.mean():.4f}, its record says "
                              f"{recorded:.4f}: the labels are not those of the rows it was scored on")
-        seeds = by_series.setdefault(str(series.loc[index]), {})
-        seed = int(run.get("seed", 0) if pd.notna(run.get("seed", 0)) else 0)
+        seeds = by_series.setdefault(series, {})
         if seed in seeds:
-            raise ValueError(f"two {series.loc[index]} runs with seed {seed} (run {run_id}); one run per series and "
-                             "seed")
+            raise ValueError(f"two {series} runs with seed {seed} (run {run_id}); one run per series and seed")
         seeds[seed] = correct
     return by_series
 
@@ -333,8 +295,7 @@ def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int], n
             result = paired_bootstrap(*matrices, n_resamples, seed, confidence)
             rows.append({"method": method, "reference": reference, **result._asdict(),
                          "n_seeds": matrices[0].shape[0], "n_sentences": matrices[0].shape[1]})
-    return pd.DataFrame(rows, columns=["method", "reference", "difference", "low", "high", "p_value", "n_seeds",
-                                       "n_sentences"])
+    return pd.DataFrame(rows, columns=["method", "reference", *PairedDifference._fields, "n_seeds", "n_sentences"])
 
 
 def reading(difference: float, low: float, high: float, margin: float = MATCH_MARGIN) -> str:
@@ -409,7 +370,7 @@ def paired_statistics(runs: pd.DataFrame, labels: np.ndarray | None = None) -> P
         if labels is None:
             labels = recorded_labels(comparison)
         return PairedStatistics(paired_comparisons(comparison, labels), None)
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         reason = str(error).splitlines()[0]
         print(f"paired statistics skipped: {reason}", file=sys.stderr)  # stdout may be a list of figure paths
         return PairedStatistics(None, reason)

@@ -10,17 +10,16 @@ from scipy import stats as scipy_stats
 
 from peft_utils.stats import (
     accuracy_interval,
-    bootstrap_p_value,
     comparison_pairs,
     crossed_bootstrap,
     ema_span,
-    mean_interval,
     paired_bootstrap,
     paired_comparisons,
     paired_differences,
     per_method_summary,
     reading,
     runs_in_group,
+    summarise_resamples,
     wilson_interval,
 )
 
@@ -35,24 +34,16 @@ def _simulated_pair(n: int, p_a_only: float, p_b_only: float, seed: int) -> tupl
 # --------------------------------------------------------------------------------------------------------------
 # Intervals over seeds
 # --------------------------------------------------------------------------------------------------------------
-def test_mean_interval_matches_hand_computation_and_scipy() -> None:
-    # Two seeds 0.90 and 0.92: sd = 0.02/sqrt(2), sem = 0.01, t(0.975, 1 dof) = 12.7062 -> half width 0.127062.
-    mean, sd, low, high = mean_interval([0.90, 0.92])
-    assert mean == pytest.approx(0.91) and sd == pytest.approx(0.02 / math.sqrt(2))
-    assert (low, high) == pytest.approx((0.91 - 0.127062, 0.91 + 0.127062), abs=1e-6)
+def test_t_interval_over_seeds_matches_hand_computation_and_scipy() -> None:
+    # Two seeds 0.40 and 0.42: sem = 0.01, t(0.975, 1 dof) = 12.7062 -> half width 0.127062.
+    two = accuracy_interval(pd.Series([0.40, 0.42]), pd.Series([872, 872]))
+    assert (two.mean, two.low, two.high) == pytest.approx((0.41, 0.41 - 0.127062, 0.41 + 0.127062), abs=1e-6)
     # Five seeds: t(0.975, 4) = 2.7764 (printed tables), and scipy's own interval helper agrees.
     values = np.array([0.88, 0.90, 0.91, 0.89, 0.93])
-    result = mean_interval(values)
+    result = accuracy_interval(pd.Series(values), pd.Series([872] * 5))
     sem = values.std(ddof=1) / math.sqrt(5)
     assert result.high - result.mean == pytest.approx(2.7764 * sem, rel=1e-4)
     assert (result.low, result.high) == pytest.approx(scipy_stats.t.interval(0.95, 4, loc=values.mean(), scale=sem))
-    assert mean_interval(values, confidence=0.8).high < result.high  # lower confidence, narrower interval
-
-
-@pytest.mark.parametrize("bad", [[0.9], [], [0.9, float("nan")], [[0.9, 0.8], [0.7, 0.6]]])
-def test_mean_interval_rejects_too_few_or_missing_values(bad: list) -> None:
-    with pytest.raises(ValueError, match="at least two finite values"):
-        mean_interval(bad)
 
 
 def test_accuracy_interval_wilson_for_one_run_t_for_seeds() -> None:
@@ -85,7 +76,7 @@ def test_per_method_summary_aggregates_seeds() -> None:
     assert lora["n_runs"] == 2 and lora["accuracy"] == pytest.approx(0.91) and lora["interval"] == "t over 2 seeds"
     assert lora["train_time_s"] == 12.0 and lora["peak_memory_bytes"] == 7e8  # mean time, max memory
     assert lora["disk_bytes"] == 1200 and lora["disk_kind"] == "adapter" and lora["memory_kind"] == "rss"
-    assert math.isnan(lora["samples_per_s"]) and math.isnan(lora["total_params"])  # never recorded: NaN
+    assert math.isnan(lora["fp32_bytes"])  # never recorded: NaN
     assert table.loc["full", "interval"] == "Wilson"
     assert per_method_summary(runs, []).empty
 
@@ -171,8 +162,11 @@ def test_crossed_bootstrap_matches_resampling_cells_by_index() -> None:
 
 
 def test_bootstrap_p_agrees_with_the_interval() -> None:
-    assert bootstrap_p_value(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(0.5)  # 2 x 1/4
-    assert bootstrap_p_value(np.ones(100)) == 0.0 and bootstrap_p_value(np.zeros(10)) == 1.0
+    def p_value(resamples: np.ndarray) -> float:
+        return summarise_resamples(0.0, resamples).p_value
+
+    assert p_value(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(0.5)  # 2 x 1/4
+    assert p_value(np.ones(100)) == 0.0 and p_value(np.zeros(10)) == 1.0
     for seed in range(6):
         a, b = _simulated_pair(300, 0.05 + 0.01 * seed, 0.07, seed=30 + seed)
         result = paired_bootstrap(a, b, seed=seed)
