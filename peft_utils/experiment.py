@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import re
 import sys
@@ -35,7 +36,8 @@ from .core.loop import set_seed
 from .core.quant import require_bitsandbytes
 from .core.targets import meta_skeleton
 from .data import Splits, fingerprint, fit_sizes, load_splits, train_and_eval_rows
-from .devices import is_main_process, make_accelerator, planned_compute, same_in_every_process
+from .devices import (is_main_process, launched_processes, make_accelerator, planned_compute, resolve_device,
+                      same_in_every_process)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
 from .methods import get_method, series_method, series_name, targets_label
 from .models import build_model, resolve_model_source
@@ -44,6 +46,7 @@ from .sizes import model_size
 from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, RunInProgress, RunStore
 from .train import Recording, train
 from .tuning import EVAL_SPLIT, choose_learning_rates, tuning_rows
+from .workers import worker_label, workers_beside
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,9 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     """Every run of the experiment with its data, checked against the data, the model and the results folder:
     every error is raised here, before anything trains. ``sweep``: ``None`` follows ``config.sweep.enabled``."""
     sweep = config.sweep.enabled if sweep is None else sweep
+    if config.train.workers > 1 and launched_processes() > 1:
+        raise ValueError(f"workers={config.train.workers} runs several runs at once on one device, and accelerate "
+                         "launch spreads each run over several: give one of them")
     specs = _specs(config, comparison, sweep)
     compute_dtype = planned_compute(config.train)
     splits = load_splits(config.data)
@@ -265,11 +271,18 @@ def run_plan(plan: Plan) -> pd.DataFrame:
     same experiment share its runs: a run another process is training is passed over, and waited for at the end of
     its stage (the tuning runs, whose rates the others need; then the rest). Under ``accelerate launch`` every
     process executes the same plan (the runs' data parallel halves): the main process claims and the others follow
-    its decisions; only the main process prints and writes."""
+    its decisions; only the main process prints and writes. With ``workers`` > 1, that many processes share the
+    plan this way on this device (:func:`~peft_utils.workers.workers_beside`), this one among them."""
+    train = plan.config.train
+    with workers_beside(functools.partial(_train_plan, plan), train.workers, resolve_device(train.device).type):
+        plan = _train_plan(plan)
+    return plan.store.summary([run.run_id for run in plan.runs])
+
+
+def _train_plan(plan: Plan) -> Plan:
     if plan.config.tune.enabled:
         plan = _tuned(plan)
-    plan = _run_stage(plan, tuning=False)
-    return plan.store.summary([run.run_id for run in plan.runs])
+    return _run_stage(plan, tuning=False)
 
 
 # How often a tuning grid may be widened past an edge that a winner sits on (per experiment, both sides together).
@@ -363,7 +376,7 @@ def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
     """Train run ``index`` unless it is complete or another process trains it (``False``; with ``wait``, it is
     waited for instead, and trained here if that process died first)."""
     run, store = plan.runs[index], plan.store
-    position = f"run {index + 1}/{len(plan.runs)}"
+    position = f"{worker_label()}run {index + 1}/{len(plan.runs)}"
     if run.complete:  # named by _run_stage
         store.mark_asked(run.run_id)  # the folder's default view shows the setting asked for last
         return True

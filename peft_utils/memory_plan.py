@@ -304,14 +304,15 @@ def plan_for_device(model_source: str, method: str, train: TrainConfig, adapter:
                     name: str | None = None) -> MemoryPlan | None:
     """The plan for one run on the accelerator's device, before its model is loaded: ``None`` off CUDA (a CPU run is
     never re-planned, so its results stay those of its configuration); a ValueError when nothing fits. The free
-    memory is read after CUDA is initialised, so its context is already counted."""
+    memory is read after CUDA is initialised, so its context is already counted. With ``train.workers`` runs at
+    once, a run plans for its share of the device, however much the others have taken yet."""
     if accelerator.device.type != "cuda":
         return None
     from transformers import AutoConfig
 
+    free, total = torch.cuda.mem_get_info(accelerator.device)
     plan = plan_memory(AutoConfig.from_pretrained(model_source, num_labels=2), method, train, adapter,
-                       compute_dtype=accelerator_dtype(accelerator),
-                       device_bytes=int(torch.cuda.mem_get_info(accelerator.device)[0]),
+                       compute_dtype=accelerator_dtype(accelerator), device_bytes=int(min(free, total / train.workers)),
                        num_processes=accelerator.num_processes, name=name)
     if not plan.fits:
         raise ValueError(plan.reason)

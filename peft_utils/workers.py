@@ -17,6 +17,12 @@ from collections.abc import Callable, Iterator
 import torch
 
 
+def worker_label() -> str:
+    """``"worker 2, "`` in a worker process, ``""`` in the one that started them: which printed a line."""
+    name = multiprocessing.current_process().name
+    return f"{name}, " if name.startswith("worker ") else ""
+
+
 def _work(job: Callable[[], object], threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
