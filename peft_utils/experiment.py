@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -273,7 +274,11 @@ def run_plan(plan: Plan) -> pd.DataFrame:
     process executes the same plan (the runs' data parallel halves): the main process claims and the others follow
     its decisions; only the main process prints and writes. With ``workers`` > 1, that many processes share the
     plan this way on this device (:func:`~peft_utils.workers.workers_beside`), this one among them."""
-    train = plan.config.train
+    train, todo = plan.config.train, [run for run in plan.runs if not run.complete]
+    if todo:
+        _say(f"to train: {len(todo)} of the plan's {len(plan.runs)} runs, {sum(_steps(plan, r) for r in todo):,} "
+             f"optimiser steps{f', {train.workers} at once' if train.workers > 1 else ''} (progress lines estimate "
+             "the time left: plan ETA)")
     with workers_beside(functools.partial(_train_plan, plan), train.workers, resolve_device(train.device).type):
         plan = _train_plan(plan)
     return plan.store.summary([run.run_id for run in plan.runs])
@@ -396,14 +401,21 @@ def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
         return True
     _say(f"[{position}] {decision}: training ({plan.config.profile} profile)")
     try:
-        _train_and_record(plan, replace(run, run_id=decision), f"{position} {run.spec.method}")
+        steps_after = sum(_steps(plan, later) for later in plan.runs[index + 1:] if not later.complete)
+        _train_and_record(plan, replace(run, run_id=decision), f"{position} {run.spec.method}",
+                          steps_after // plan.config.train.workers)
     finally:
         if claim is not None:
             claim.release()
     return True
 
 
-def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
+def _steps(plan: Plan, run: PlannedRun) -> int:
+    """The optimiser steps ``run`` will train."""
+    return math.ceil(len(run.train_frame) / plan.config.train.batch_size) * plan.config.train.epochs
+
+
+def _train_and_record(plan: Plan, run: PlannedRun, label: str, steps_after: int) -> None:
     """Build the run's model and train it; on a GPU, with the memory plan that fits it, retried with half the
     micro-batch after an out-of-memory error (accelerate's ``find_executable_batch_size``) rather than lost."""
     from accelerate.utils import find_executable_batch_size, release_memory
@@ -434,7 +446,7 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str) -> None:
         try:
             with store.recorder(run.run_id) if accelerator.is_main_process else contextlib.nullcontext() as recorder:
                 train(model, tokenizer, run.train_frame, run.eval_frame, config.train, lr=run.record["lr"],
-                      seed=run.spec.seed, recording=Recording(recorder, run_info, label, on_finish),
+                      seed=run.spec.seed, recording=Recording(recorder, run_info, label, on_finish, steps_after),
                       accelerator=accelerator, memory_plan=fitted)
         finally:
             del model, tokenizer

@@ -33,11 +33,14 @@ def progress_mode() -> str:
 
 class Progress:
     """Progress of one training run of ``total_steps`` optimiser steps, named ``label`` (e.g. ``run 2/5 lora``):
-    ``update`` it every step, ``write`` notes, ``close`` it."""
+    ``update`` it every step, ``write`` notes, ``close`` it. ``steps_after``: the steps of the plan's runs still to
+    train after this one, for an estimate of the whole plan's time at this run's pace (methods differ in pace, so
+    it firms up run by run)."""
 
     def __init__(self, total_steps: int, label: str, mode: str | None = None,
-                 line_interval_s: float = LINE_INTERVAL_S, stream=None) -> None:
+                 line_interval_s: float = LINE_INTERVAL_S, stream=None, steps_after: int = 0) -> None:
         self.mode, self.total, self.label, self.stream = mode or progress_mode(), total_steps, label, stream
+        self.steps_after = steps_after
         self.interval_s = BAR_INTERVAL_S if self.mode == "bar" else line_interval_s
         self.step, self._loss = 0, None
         self._started = time.perf_counter()
@@ -67,22 +70,30 @@ class Progress:
             self._bar.close()
 
     def _status(self, now: float, final: bool = False) -> str:
-        """``step 40/250 (16%) | 3.1 steps/s | loss 0.6931 | ETA 67.7 s`` (``done ... in`` once finished)."""
+        """``step 40/250 (16%) | 3.1 steps/s | loss 0.6931 | ETA 67.7 s | plan ETA 2.1 h`` (``done ... in`` once
+        finished)."""
         elapsed = now - self._started
         rate = self.step / elapsed if elapsed > 0 else 0.0
         parts = [f"done {self.step} steps in {format_seconds(elapsed)}" if final else
                  f"step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)", f"{rate:.2f} steps/s"]
-        if self._loss is not None:
-            parts.append(f"loss {float(self._loss):.4f}")
-        if not final and rate > 0:
-            parts.append(f"ETA {format_seconds((self.total - self.step) / rate)}")
-        return " | ".join(parts)
+        return " | ".join(parts + self._postfix(rate, final, with_eta=True))
+
+    def _postfix(self, rate: float, final: bool, with_eta: bool = False) -> list[str]:
+        """The loss, then while the run trains its time left (a bar shows its own) and the plan's at this pace."""
+        parts = [] if self._loss is None else [f"loss {float(self._loss):.4f}"]
+        if rate > 0 and not final:
+            left = self.total - self.step
+            parts += [f"ETA {format_seconds(left / rate)}"] if with_eta else []
+            parts += [f"plan ETA {format_seconds((left + self.steps_after) / rate)}"] if self.steps_after else []
+        return parts
 
     def _draw(self, now: float, final: bool = False) -> None:
         if self._bar is not None:
             self._bar.update(self.step - self._bar.n)
-            if self._loss is not None:
-                self._bar.set_postfix_str(f"loss {float(self._loss):.4f}", refresh=False)
+            elapsed = now - self._started
+            postfix = self._postfix(self.step / elapsed if elapsed > 0 else 0.0, final)
+            if postfix:
+                self._bar.set_postfix_str(" | ".join(postfix), refresh=False)
             self._bar.refresh()
         elif self.mode == "lines":
             print(f"{self.label} | {self._status(now, final)}", file=self.stream, flush=True)

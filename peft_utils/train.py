@@ -56,14 +56,16 @@ class RunResult:
 @dataclass(frozen=True)
 class Recording:
     """Where a run's events go: its ``recorder`` (``None``: no record), the fields its ``config`` event starts with
-    (``run_info``, whose ``run_id`` names the run to the trackers), its progress ``label``, and ``on_finish(model)``,
+    (``run_info``, whose ``run_id`` names the run to the trackers), its progress ``label``, ``on_finish(model)``,
     run after the last evaluation and before the summary (to save what was trained, so that a complete record
-    always has its saved result), whose fields join the summary."""
+    always has its saved result), whose fields join the summary, and the plan's ``steps_after`` this run (progress
+    estimates the plan's time from them)."""
 
     recorder: RunRecorder | None = None
     run_info: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
     on_finish: Callable[[nn.Module], dict[str, Any]] | None = None
+    steps_after: int = 0
 
     @property
     def name(self) -> str:
@@ -310,7 +312,8 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
         set_seed(seed + accelerator.process_index)  # dropout masks: the same for every method, per process
         model, optimizer, scheduler = prepare_for_training(model, accelerator, lr=lr, weight_decay=config.weight_decay,
                                                            warmup_ratio=config.warmup_ratio, total_steps=total_steps)
-        progress = Progress(total_steps, recording.label or recording.name, mode=None if main else "off")
+        progress = Progress(total_steps, recording.label or recording.name, mode=None if main else "off",
+                            steps_after=recording.steps_after)
         watch = _Watch(sinks, progress, _PeakMemory(run.device), config.log_every, total_steps)
         train_time = watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
                                              epochs=config.epochs, max_grad_norm=config.max_grad_norm,
