@@ -788,13 +788,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--csv", type=Path,
                         help="CSV of every measurement (default bench/gpu_check.csv; bench/gpu_check-cpu.csv on a CPU)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="time budget for all parts (default 480)")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated from a-f (default all)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated from {','.join(PARTS)}")
     parser.add_argument("--steps", type=int, help="optimiser steps per method in (b) and per run in (e), half that "
                         "in (d) (default 30; 3 with --quick)")
     parser.add_argument("--data-dir", type=Path, help="folder with sst2/ and gpt2-tokenizer/ (see above)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 with --quick)")
     parser.add_argument("--method-reserve-s", type=float,
-                        help="do not start a method or case of a part with less of its time left (default 30 s on a GPU, 0 on CPU)")
+                        help="start no case of a part with less of its share left (default 30 s on a GPU, 0 on CPU)")
     args = parser.parse_args(argv)
     cpu = args.device == "cpu"
     args.out = (args.out or REPO / "bench" / ("GPU-cpu.md" if cpu else "GPU.md")).resolve()
