@@ -1,6 +1,6 @@
 """One command that checks a GPU in at most 8 minutes: the smoke comparison in each precision, GPT-2 Large steps
-through the core's training loop against the memory planner, ours vs peft step time, eager vs compiled steps, runs
-sharing the GPU, and the full profile's projected training time.
+through the core's training loop against the memory planner, eager vs compiled steps, runs sharing the GPU, and
+the full profile's projected training time.
 
     python -m bench.gpu_check                                  # on a GPU; or: make gpu-check
     python -m bench.gpu_check --out $OUT/GPU.md --csv $OUT/gpu_check.csv   # on a lent machine: keep the report
