@@ -546,7 +546,8 @@ def part_compiled(args: argparse.Namespace, section: Section) -> None:
                  f"sentences (GPT-2 tokens). Compiled: `compile_blocks(model, backend={backend!r})`, widths padded "
                  f"to a multiple of {PAD_MULTIPLE}. Per step, from `torch.profiler` over {PROFILED} steps: aten "
                  "ops, host reads (`aten::_local_scalar_dense`), on a GPU kernels, launches, syncs and D2H copies. "
-                 f"TFLOP/s at {fixed} only, as in (b).")
+                 f"TFLOP/s at {fixed} only, as in (b). compiles_timed: graphs compiled during the timed steps (0 once "
+                 "warm; more, and the step time includes compiling).")
     try:
         from peft_utils.compilation import compile_blocks
     except ImportError as error:
@@ -561,6 +562,8 @@ def part_compiled(args: argparse.Namespace, section: Section) -> None:
 def _compiled_method(args: argparse.Namespace, section: Section, method: str, folder: Path, shapes: dict,
                      steps: int, modes: dict[str, Callable | None]) -> None:
     """One method on each shape, eager, then compiled in place; a case past the part's deadline is skipped."""
+    from torch._dynamo.utils import counters
+
     from bench.step_time import quartiles, timed
 
     device, trained, eager = _device(args), prepared(args, method, folder, 10_000), {}
@@ -576,7 +579,7 @@ def _compiled_method(args: argparse.Namespace, section: Section, method: str, fo
             started = time.perf_counter()
             for _ in range(WARMUP * (2 if compile_model else 1)):
                 timed(lambda: next(events), device)
-            warmup_s = time.perf_counter() - started
+            warmup_s, graphs = time.perf_counter() - started, counters["stats"]["unique_graphs"]
             q1, median, q3 = quartiles([timed(lambda: next(events), device)[1] for _ in range(steps)])
             counts = per_step_counts(lambda: next(events), PROFILED, device.type == "cuda")
             events.close()
@@ -584,10 +587,13 @@ def _compiled_method(args: argparse.Namespace, section: Section, method: str, fo
                 eager[shape] = median
             row = {"method": method, "mode": mode, "shape": shape, "step_ms": 1e3 * median, "step_ms_q1": 1e3 * q1,
                    "step_ms_q3": 1e3 * q3, "speedup_over_eager": eager[shape] / median if shape in eager else None,
-                   "warmup_s": warmup_s, "tflops": None, "peak_fraction": None}
+                   "warmup_s": warmup_s, "compiles_timed": counters["stats"]["unique_graphs"] - graphs,
+                   "tflops": None, "peak_fraction": None}
             if shape != "sst2":  # no padding: every token computed counts
                 row |= rate(args, step_flops(args, method), median)
             section.add(row | counts, case=f"{mode}/{shape}")
+            if row["compiles_timed"]:
+                section.warnings.append(f"{method} {mode} {shape}: {row['compiles_timed']} graphs compiled while timed")
     trained[3].free_memory()
 
 
