@@ -63,8 +63,8 @@ bench: $(VENV)/.installed
 	$(PY) bench/step_time.py --quick
 
 # One command for a GPU at hand (at most 8 minutes): smoke comparison in bf16 and fp16, GPT-2 Large steps against
-# the memory planner, ours vs peft step time, full fine-tuning's fraction of peak -> bench/GPU.md, bench/gpu_check.csv.
-# `make gpu-check GPU_CHECK_ARGS="--device cpu --quick"` runs the same parts on a CPU in about a minute.
+# the memory planner, eager vs compiled steps, runs sharing the GPU, the full profile's projected time
+# -> bench/GPU.md, bench/gpu_check.csv. `make gpu-check GPU_CHECK_ARGS="--device cpu --quick"`: the same on a CPU.
 GPU_CHECK_ARGS ?=
 gpu-check: export HF_HUB_OFFLINE := 1
 gpu-check: $(VENV)/.installed

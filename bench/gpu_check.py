@@ -1,44 +1,56 @@
 """One command that checks a GPU in at most 8 minutes: the smoke comparison in each precision, GPT-2 Large steps
-through the core's training loop against the memory planner, and ours vs peft step time.
+through the core's training loop against the memory planner, eager vs compiled steps, runs sharing the GPU, and
+the full profile's projected training time.
 
     python -m bench.gpu_check                                  # on a GPU; or: make gpu-check
     python -m bench.gpu_check --out $OUT/GPU.md --csv $OUT/gpu_check.csv   # on a lent machine: keep the report
-    python -m bench.gpu_check --parts b                        # only some parts (a re-run with little time left)
-    python -m bench.gpu_check --device cpu --quick             # the same parts on a CPU, tiny GPT-2, about 1 min (CI)
+    python -m bench.gpu_check --parts b,d,f                    # only some parts (a re-run with little time left)
+    python -m bench.gpu_check --device cpu --quick             # the same parts on a CPU, tiny GPT-2, 1-2 min (CI)
 
-Parts, each in its own process (a crash, a sticky CUDA error or a part stopped at the deadline cannot spoil the
+Parts, each in its own process (a crash, a sticky CUDA error or a part stopped at the budget's end cannot spoil the
 next), each writing one table, its notes and a status line as it goes:
 
-  (a) the smoke profile's comparison (``experiment.run_comparison``) at each precision: bf16 and fp16 (the T4 path)
-      on a GPU; fp32, bf16 and fp16 on a CPU. A precision the device must refuse (fp16 on a CPU, bf16 on a GPU
-      without native bf16) passes when it is refused. Per method: accuracy, eval loss, skipped steps, time, memory.
-  (b) ``--steps`` optimiser steps per method (full, lora, dora, qlora) of the ``full`` profile on GPT-2 Large built
-      from its config with random weights (no download), batch 16 x 128 random tokens, through
-      ``core.loop.train_loop`` itself: the memory planner's plan and estimate beside the measured peak, the step
-      time, and the achieved TFLOP/s as a fraction of the GPU's dense peak.
-  (c) ours vs peft step time for LoRA, DoRA and QLoRA (``bench.step_time``'s benchmark, batch 16 x 64); its own CSV
-      beside ``--csv`` (``<csv stem>-step_time.csv``).
+  (a) the smoke profile's comparison (``experiment.run_comparison``) at each precision: bf16 (where native) and
+      fp16 (the T4 path) on a GPU, fp32 and bf16 on a CPU. Per method: accuracy, eval loss, skipped steps, time.
+  (b) ``--steps`` optimiser steps per method of the ``full`` profile on GPT-2 Large built from its config with
+      random weights (no download), batch 16 x 128 random tokens, through ``core.loop.train_loop`` itself: the
+      memory planner's plan and estimate beside the measured peak, the step time, TFLOP/s and fraction of peak.
+  (c) ours vs peft step time: removed, answered on an H200 (``bench/GPU.md``); ``python -m bench.step_time
+      --device cuda`` measures it.
+  (d) full fine-tuning and LoRA eager, then with ``peft_utils.compilation.compile_blocks``, at 16 x 128 and at
+      SST-2's own length-bucketed batches: step time, warm-up (compile) time, and per step the kernels launched
+      and the host syncs (``torch.profiler``; on a CPU aten ops and host reads), TFLOP/s at 16 x 128.
+  (e) 1, 2, 4 and 8 LoRA runs at once on the GPU (processes started together): steps/s per run and in all.
+  (f) the ``full`` profile's runs and steps (``experiment.plan_experiment``) x the seconds per step measured in
+      (d), else (b): the training time ``make run`` would take here, per method and in all.
 
-One time budget (``--budget-s``, default 480): no part starts once it is spent, no method of (b) or (c) with less
-than ``--method-reserve-s`` left, and a part running at the deadline is stopped. Exit status 0: every part ran and
-passed its checks. Data: ``--data-dir``, else ``$PEFT_LAB_DATA``, ``../shared/data`` or ``shared/data``.
+One time budget (``--budget-s``, default 480), shared out between the parts (``PARTS``): no case of a part
+(a method, a shape, a number of runs) starts with less than ``--method-reserve-s`` of its share left, and a part
+still running when the whole budget is spent is stopped.
+Exit status 0: every part ran and passed its checks. Data: ``--data-dir``, else ``$PEFT_LAB_DATA``,
+``../shared/data`` or ``shared/data``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
 import multiprocessing
 import os
+import queue
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +63,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 CSV_FIELDS = ("part", "case", "method", "key", "value")
-STEP_METHODS = ("full", "lora", "dora", "qlora")
+STEP_METHODS = ("full", "lora", "dora", "qlora", "qdora")  # every method the full profile runs
 # Dense (no sparsity) peak TFLOP/s by GPU name, first match wins: bf16, except the T4 (fp16; it has no bf16).
 PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
     (r"H100.*PCIe", 756.0, "bf16"),
@@ -63,12 +75,11 @@ PEAK_TFLOPS: tuple[tuple[str, float, str], ...] = (
 )
 QUICK_SMOKE = {"train_size": 16, "eval_size": 16, "max_length": 24}  # 2 steps per method, as tests/test_experiment
 QUICK_BATCH = {"batch_size": 4, "max_length": 32}  # bf16 is emulated on most CPUs: 16 x 128 took 0.6 s a step
-PARTIAL = 3  # a part's exit status when the budget made it skip some of its methods
+WARMUP, PROFILED, PAD_MULTIPLE = 2, 2, 8  # (d): untimed steps (twice that compiled), profiled steps, widths
+PARTIAL = 3  # a part's exit status when the budget made it skip some of its cases
 EXIT_STATUS = {0: "ok", 1: "FAILED", PARTIAL: "partial"}
 COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-STEP_TIME_KEYS = ("step_ms", "q1_ms", "q3_ms", "ours_over_peft", "ratio_q1", "ratio_q3", "tokens_per_s", "peak_mib",
-                  "step_alloc_mib", "tflops", "peak_fraction")  # (c)'s columns of a bench.step_time row
 
 
 def peak_tflops(gpu_name: str) -> tuple[float | None, str]:
@@ -143,13 +154,13 @@ class Section:
     def note(self, text: str) -> None:
         self.report.write("\n" + text)
 
-    def add(self, row: dict[str, Any]) -> None:
-        """One row of the table in the report, and each of its values as a CSV row."""
+    def add(self, row: dict[str, Any], case: str | None = None) -> None:
+        """One row of the table in the report, and each of its values as a CSV row (under ``case``, if given)."""
         if self.columns is None:
             self.columns = list(row)
             self.report.write("\n| " + " | ".join(self.columns) + " |\n|" + "---|" * len(self.columns))
         self.report.write("| " + " | ".join(cell(key, row.get(key)) for key in self.columns) + " |")
-        self.report.rows(self.part, self.case, str(row.get("method", "")), row)
+        self.report.rows(self.part, case or self.case, str(row.get("method", "")), row)
 
     def failed(self, method: str, error: Exception) -> None:
         """One method failed: the report says so at the end, the others still run."""
@@ -157,11 +168,26 @@ class Section:
         self.problems.append(f"{method}: {last_line(error)}" if method else last_line(error))
         self.report.rows(self.part, self.case, method, {"error": last_line(error)})
 
+    def each(self, args: argparse.Namespace, cases: Iterable, measure: Callable[[Any], None]) -> None:
+        """``measure(case)`` for each case that starts in time (see :func:`_past`; the others are listed as skipped);
+        one case's failure is reported, and the next still runs."""
+        from accelerate.utils import release_memory
+
+        for case in cases:
+            if _past(args):
+                self.skipped.append(f"({self.part}) {case}")
+                continue
+            try:
+                measure(case)
+            except Exception as error:  # noqa: BLE001 - one case's failure must not lose the others
+                self.failed(str(case), error)
+                release_memory()
+
     def status(self) -> str:
         if self.problems:
             line = "Status: **FAILED** — " + "; ".join(self.problems)
         elif self.skipped:
-            line = "Status: **partial** — not run, the time budget was spent: " + ", ".join(self.skipped)
+            line = "Status: **partial** — not run, its share of the time budget was spent: " + ", ".join(self.skipped)
         else:
             line = "Status: **ok**"
         return line + (" (warnings: " + "; ".join(self.warnings) + ")" if self.warnings else "")
@@ -179,7 +205,7 @@ def _quiet_command(command: list[str]) -> str | None:
 
 
 def _gpu_lines(args: argparse.Namespace) -> list[str]:
-    """The GPU, its memory and clocks, and the dense peak (b) and (c) compare with; read without making a CUDA
+    """The GPU, its memory and clocks, and the dense peak (b) and (d) compare with; read without making a CUDA
     context, which would hold GPU memory for the whole check."""
     import torch
 
@@ -230,27 +256,34 @@ def _device(args: argparse.Namespace):
     return resolve_device(args.device)  # "cuda" with its index, as the lab names the device
 
 
-def _native_bf16(args: argparse.Namespace) -> bool:
-    """Whether bf16 runs here as the lab allows it: on a CPU (autocast), or on a GPU that ``auto`` gives bf16."""
+def _precision(args: argparse.Namespace) -> str:
+    """The autocast the measured steps use: bf16 where the lab allows it (a CPU, or a GPU that ``auto`` gives
+    bf16), else fp16 (a T4)."""
     import torch
 
     from peft_utils.devices import compute_dtype_for
 
-    return compute_dtype_for(_device(args)) != torch.float16
+    return "fp16" if compute_dtype_for(_device(args)) == torch.float16 else "bf16"
+
+
+def _size(args: argparse.Namespace) -> str:
+    return "tiny" if args.quick else "large"
 
 
 def _past(args: argparse.Namespace) -> bool:
-    """Whether the deadline is within ``--method-reserve-s``: too late to start another method."""
+    """Whether the part's deadline is within ``--method-reserve-s``: too late to start another case."""
     return time.time() > args.deadline - args.method_reserve_s
 
 
+def _sst2_dir(args: argparse.Namespace) -> Path:
+    """The data folder holding ``sst2/``, or a one-line error saying how to give one."""
+    if args.data_dir is None or not (args.data_dir / "sst2").is_dir():
+        raise FileNotFoundError(f"no SST-2 data ({args.data_dir or 'no data folder found'}): pass --data-dir (the "
+                                "folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA")
+    return args.data_dir
+
+
 # --------------------------------------------------------------------------------------------- (a) smoke comparison
-
-
-def _refused_here(args: argparse.Namespace, precision: str) -> bool:
-    """fp16 on a CPU and bf16 on a GPU without native bf16 must be refused before anything trains."""
-    cpu = not args.device.startswith("cuda")
-    return (precision == "fp16" and cpu) or (precision == "bf16" and not cpu and not _native_bf16(args))
 
 
 def part_smoke(args: argparse.Namespace, section: Section) -> None:
@@ -259,23 +292,11 @@ def part_smoke(args: argparse.Namespace, section: Section) -> None:
     from peft_utils.experiment import run_comparison
 
     precision, overrides = section.case, QUICK_SMOKE if args.quick else {}
-    if args.data_dir is None or not (args.data_dir / "sst2").is_dir():
-        raise FileNotFoundError(f"no SST-2 data ({args.data_dir or 'no data folder found'}): pass --data-dir (the "
-                                "folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA")
     section.note(f"`make_config('smoke', device={args.device!r}, precision={precision!r}"
                  + "".join(f", {k}={v!r}" for k, v in overrides.items()) + ", sweep=False)` then `run_comparison`")
-    try:
-        table = run_comparison(make_config("smoke", device=args.device, precision=precision, sweep=False,
-                                           data_dir=str(args.data_dir), **overrides,
-                                           results_dir=str(args.workdir / f"smoke-{precision}")))
-    except ValueError as error:
-        if not _refused_here(args, precision):
-            raise
-        section.note(f"{precision} on this device: refused, as expected — `{last_line(error)}`")
-        section.report.rows("a", precision, "", {"outcome": "refused (expected)", "message": last_line(error)})
-        return
-    if _refused_here(args, precision):
-        section.problems.append(f"{precision} was not refused on this device")
+    table = run_comparison(make_config("smoke", device=args.device, precision=precision, sweep=False,
+                                       data_dir=str(_sst2_dir(args)), **overrides,
+                                       results_dir=str(args.workdir / f"smoke-{precision}")))
     for record in table.to_dict("records"):
         _smoke_row(section, precision, record)
 
@@ -309,7 +330,7 @@ def _full_profile(args: argparse.Namespace):
     return replace(profile, train=replace(profile.train, **QUICK_BATCH)) if args.quick else profile
 
 
-def _plan(args: argparse.Namespace, method: str, folder: Path, precision: str) -> MemoryPlan:
+def _plan(args: argparse.Namespace, method: str, folder: Path) -> MemoryPlan:
     """The lab's plan for the free GPU memory, as a run gets it; on a CPU (never re-planned) the configured batch."""
     import torch
     from transformers import AutoConfig
@@ -318,6 +339,7 @@ def _plan(args: argparse.Namespace, method: str, folder: Path, precision: str) -
     from peft_utils.memory_plan import MemoryPlan, estimate_memory, plan_memory
 
     profile, device = _full_profile(args), _device(args)
+    precision = _precision(args)
     train, dtype = replace(profile.train, precision=precision), compute_dtype_for(device, precision)
     model_config = AutoConfig.from_pretrained(folder, num_labels=2)
     if device.type == "cuda":
@@ -331,49 +353,93 @@ def _plan(args: argparse.Namespace, method: str, folder: Path, precision: str) -
     return MemoryPlan(train.batch_size, 1, False, estimate, 0, 0, True, "as configured (a CPU run)")
 
 
-def _step_batches(batch: int, length: int, steps: int, accumulation: int, pad: int):
-    """``steps`` global batches of random tokens (no pad / EOS id, so every row is classified from its last token),
-    cut into the plan's micro-batches as a run's are."""
+def random_rows(count: int, length: int) -> list[dict]:
+    """Rows of random tokens (no pad / EOS id, so every row is classified from its last token)."""
     import torch
 
-    from peft_utils.core.batches import StepBatches, make_loader
-
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 50000, (steps * batch, length), generator=generator).tolist()
-    rows = [{"input_ids": row, "label": i % 2} for i, row in enumerate(ids)]
-    return StepBatches(make_loader(rows, batch, pad, shuffle=False, seed=0, padded=False), 1, accumulation, 0, pad)
+    ids = torch.randint(1000, 50000, (count, length), generator=torch.Generator().manual_seed(0)).tolist()
+    return [{"input_ids": row, "label": i % 2} for i, row in enumerate(ids)]
 
 
-def core_steps(args: argparse.Namespace, method: str, folder: Path, plan: MemoryPlan,
-               precision: str) -> dict[str, Any]:
-    """``args.steps`` optimiser steps of ``method`` through ``core.loop.train_loop`` as a run trains: ``build_model``,
-    the plan's accumulation and checkpointing, AdamW, schedule, clipping, autocast and loss scaling."""
+def sst2_rows(args: argparse.Namespace, folder: Path) -> list[dict]:
+    """3,200 SST-2 train rows (a seeded sample) encoded with the model's GPT-2 tokenizer as a run encodes them:
+    bucketed as a run buckets them, their batches have a run's widths. With ``--quick`` and no data: random rows
+    of 8-18 tokens (SST-2's mean is about 13)."""
     import torch
 
-    from bench.step_time import allocation_profile, resident_bytes, timed
-    from peft_utils.core.loop import enable_gradient_checkpointing, prepare_for_training, set_seed, train_loop
+    from peft_utils.core.batches import encode
+    from peft_utils.data import load_sst2
+    from peft_utils.models import load_tokenizer
+
+    if args.quick and args.data_dir is None:
+        lengths = torch.randint(8, 19, (3200,), generator=torch.Generator().manual_seed(0)).tolist()
+        return [dict(row, input_ids=row["input_ids"][:n]) for row, n in zip(random_rows(3200, 18), lengths)]
+    train = load_sst2(_sst2_dir(args))["train"].sample(3200, random_state=0)
+    return encode(train["sentence"].tolist(), train["label"].tolist(), load_tokenizer(folder),
+                  _full_profile(args).train.max_length)
+
+
+def prepared(args: argparse.Namespace, method: str, folder: Path, total_steps: int,
+             checkpointing: bool = False) -> tuple:
+    """``(model, optimizer, scheduler, accelerator)`` of ``method`` as a run prepares them: ``build_model``,
+    checkpointing if planned, AdamW, the schedule, autocast and loss scaling."""
+    from peft_utils.core.loop import enable_gradient_checkpointing, prepare_for_training, set_seed
     from peft_utils.devices import accelerator_device, compute_dtype_for, make_accelerator
     from peft_utils.models import build_model
 
-    profile, accelerator = _full_profile(args), make_accelerator(args.device, precision)
-    train, device = profile.train, accelerator_device(accelerator)
+    profile, accelerator = _full_profile(args), make_accelerator(args.device, _precision(args))
+    device, train = accelerator_device(accelerator), profile.train
     set_seed(0)
-    model, _ = build_model(method, folder, profile.adapter, compute_dtype_for(device, precision))
+    model, _ = build_model(method, folder, profile.adapter, compute_dtype_for(device, _precision(args)))
     if next(model.parameters()).device != device:  # a 4-bit model is placed by its loader
         model.to(device)
-    if plan.gradient_checkpointing:
+    if checkpointing:
         enable_gradient_checkpointing(model)
-    batches = _step_batches(train.batch_size, train.max_length, args.steps + 1, plan.grad_accum_steps,
-                            model.config.pad_token_id)
+    return (*prepare_for_training(model, accelerator, lr=profile.lr[method], weight_decay=train.weight_decay,
+                                  warmup_ratio=train.warmup_ratio, total_steps=total_steps), accelerator)
+
+
+def loop_steps(args: argparse.Namespace, trained: tuple, rows: list, accumulation: int = 1,
+               pad_to_multiple: int | None = None, **loader: Any) -> Iterator:
+    """``core.loop.train_loop`` over ``rows`` in the profile's global batches (``loader``: ``make_loader``'s
+    options), each cut into ``accumulation`` micro-batches: one ``StepMetrics`` per ``next``. No evaluation
+    loader: the steps stop before the epoch's end, where the loop would evaluate."""
+    from peft_utils.core.batches import StepBatches, make_loader
+    from peft_utils.core.loop import train_loop
+
+    model, optimizer, scheduler, accelerator = trained
+    train, pad = _full_profile(args).train, model.config.pad_token_id
+    batches = StepBatches(make_loader(rows, train.batch_size, pad, seed=0, padded=False, **loader), 1, accumulation,
+                          0, pad, pad_to_multiple=pad_to_multiple)
+    return train_loop(model, batches, None, optimizer, scheduler, accelerator, max_grad_norm=train.max_grad_norm)
+
+
+def step_flops(args: argparse.Namespace, method: str) -> int:
+    """FLOPs of a batch-size x max-length step: (6 full, 4 PEFT: no weight gradients) x N non-embedding
+    parameters x tokens (attention scores left out)."""
+    from bench.step_time import Spec, non_embedding_parameters
+
+    train = _full_profile(args).train
+    n_params = non_embedding_parameters(Spec(_size(args), train.batch_size, train.max_length))
+    return (6 if method == "full" else 4) * n_params * train.batch_size * train.max_length
+
+
+def core_steps(args: argparse.Namespace, method: str, folder: Path, plan: MemoryPlan) -> dict[str, Any]:
+    """``args.steps`` optimiser steps of ``method`` through the core's loop as a run trains, with the plan's
+    accumulation and checkpointing: step times, losses and memory."""
+    import torch
+
+    from bench.step_time import allocation_profile, resident_bytes, timed
+
+    train, device = _full_profile(args).train, _device(args)
     cuda = device.type == "cuda"
+    trained = prepared(args, method, folder, args.steps, plan.gradient_checkpointing)
+    model, optimizer, accelerator = trained[0], trained[1], trained[3]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device) if cuda else resident_bytes(model)
-    model, optimizer, scheduler = prepare_for_training(model, accelerator, lr=profile.lr[method],
-                                                       weight_decay=train.weight_decay,
-                                                       warmup_ratio=train.warmup_ratio, total_steps=args.steps)
-    # No evaluation loader: the steps stop before the epoch's end, where the loop would evaluate.
-    events = train_loop(model, batches, None, optimizer, scheduler, accelerator, max_grad_norm=train.max_grad_norm)
+    events = loop_steps(args, trained, random_rows((args.steps + 1) * train.batch_size, train.max_length),
+                        plan.grad_accum_steps, shuffle=False)
     steps = [timed(lambda: next(events), device) for _ in range(args.steps)]  # each yields one StepMetrics
     peak = (torch.cuda.max_memory_allocated(device) if cuda
             else resident_bytes(model, optimizer) + allocation_profile(lambda: next(events), "cpu"))
@@ -382,62 +448,48 @@ def core_steps(args: argparse.Namespace, method: str, folder: Path, plan: Memory
                 "seconds": [seconds for _, seconds in steps], "losses": [metrics.loss for metrics, _ in steps],
                 "skipped": sum(metrics.skipped for metrics, _ in steps)}
     events.close()
-    del model, optimizer, scheduler, events, steps
+    del model, optimizer, trained, events, steps
     accelerator.free_memory()  # its references to the model and optimiser, then the memory itself
     return measured
 
 
 def part_steps(args: argparse.Namespace, section: Section) -> None:
     """(b): per method, the plan for the free memory, then ``args.steps`` steps of the core's loop."""
-    from accelerate.utils import release_memory
+    from bench.step_time import saved_gpt2
 
-    from bench.step_time import Spec, non_embedding_parameters, saved_gpt2
-
-    profile, size = _full_profile(args), "tiny" if args.quick else "large"
+    profile, folder = _full_profile(args), saved_gpt2(_size(args), args.workdir)
     train, adapter = profile.train, profile.adapter
-    precision = "bf16" if _native_bf16(args) else "fp16"  # bf16 autocast on a CPU too; fp16 on a T4
-    tokens = train.batch_size * train.max_length
-    n_params = non_embedding_parameters(Spec(size, train.batch_size, train.max_length))
-    folder = saved_gpt2(size, args.workdir)
-    section.note(f"GPT-2 {size} (random weights), batch {train.batch_size} x {train.max_length} random tokens, "
-                 f"{precision} autocast, rank {adapter.rank}, alpha {adapter.alpha:g}, dropout {adapter.dropout:g}, "
-                 f"default targets, lr {profile.lr}, clipping {train.max_grad_norm}; {args.steps} steps, the "
-                 f"first {min(3, args.steps - 1)} untimed. TFLOP/s = (6 full, 4 PEFT) x N x tokens per step, "
-                 f"N = {n_params:,} non-embedding parameters. Estimate: the lab's plan for the free memory (on a "
-                 "CPU: the configured batch's); peak: CUDA's allocator peak over the steps, or on a CPU the "
+    section.note(f"GPT-2 {_size(args)} (random weights), batch {train.batch_size} x {train.max_length} random "
+                 f"tokens, {_precision(args)} autocast, rank {adapter.rank}, alpha {adapter.alpha:g}, dropout "
+                 f"{adapter.dropout:g}, default targets, lr {profile.lr}, clipping {train.max_grad_norm}; "
+                 f"{args.steps} steps, the first {min(3, args.steps - 1)} untimed. TFLOP/s = (6 full, 4 PEFT) x N x "
+                 "tokens per step, N the non-embedding parameters. Estimate: the lab's plan for the free memory (on "
+                 "a CPU: the configured batch's); peak: CUDA's allocator peak over the steps, or on a CPU the "
                  "resident tensors + the allocator's peak during one more, profiled step.")
-    for method in STEP_METHODS:
-        if _past(args):
-            section.skipped.append(f"(b) {method}")
-            continue
-        try:
-            plan = _plan(args, method, folder, precision)
-            print(f"(b) {method}: {plan.reason}", flush=True)
-            measured = core_steps(args, method, folder, plan, precision)
-            _steps_row(args, section, method, plan, measured, tokens,
-                       (6 if method == "full" else 4) * n_params * tokens)
-        except Exception as error:  # noqa: BLE001 - one method's failure must not lose the others
-            section.failed(method, error)
-            release_memory()
+
+    def measure(method: str) -> None:
+        plan = _plan(args, method, folder)
+        print(f"(b) {method}: {plan.reason}", flush=True)
+        _steps_row(args, section, method, plan, core_steps(args, method, folder, plan))
+
+    section.each(args, STEP_METHODS, measure)
 
 
-def _steps_row(args: argparse.Namespace, section: Section, method: str, plan: MemoryPlan, measured: dict,
-               tokens: int, flops: int) -> None:
+def _steps_row(args: argparse.Namespace, section: Section, method: str, plan: MemoryPlan, measured: dict) -> None:
     """A measured method's row beside its plan, then its checks (finite losses, the peak within the budget)."""
     from bench.step_time import quartiles
 
-    seconds, peak = measured["seconds"], args.peak[0]
+    seconds, train = measured["seconds"], _full_profile(args).train
     q1, median, q3 = quartiles(seconds[min(3, len(seconds) - 1):])
-    tflops = flops / median / 1e12
     section.add({"method": method, "plan": f"{plan.per_device_batch} x {plan.grad_accum_steps}"
                  + (", checkpointing" if plan.gradient_checkpointing else ""), "estimate_bytes": plan.estimate.total,
                  "start_bytes": measured["start_bytes"], "peak_bytes": measured["peak_bytes"],
                  "peak_over_estimate": measured["peak_bytes"] / plan.estimate.total,
                  "reserved_peak_bytes": measured["reserved_peak_bytes"], "step_ms": 1e3 * median,
                  "step_ms_q1": 1e3 * q1, "step_ms_q3": 1e3 * q3, "first_step_ms": 1e3 * seconds[0],
-                 "tokens_per_s": tokens / median, "tflops": tflops, "peak_fraction": tflops / peak if peak else None,
-                 "loss_first": measured["losses"][0], "loss_last": measured["losses"][-1],
-                 "skipped": measured["skipped"]})
+                 "tokens_per_s": train.batch_size * train.max_length / median,
+                 **rate(args, step_flops(args, method), median), "loss_first": measured["losses"][0],
+                 "loss_last": measured["losses"][-1], "skipped": measured["skipped"]})
     if not all(math.isfinite(loss) for loss in measured["losses"]):
         section.problems.append(f"{method}: non-finite training loss")
     if plan.budget_bytes and measured["peak_bytes"] > plan.budget_bytes:
@@ -445,53 +497,239 @@ def _steps_row(args: argparse.Namespace, section: Section, method: str, plan: Me
                                 f"planner's budget {cell('_bytes', plan.budget_bytes)}")
 
 
-# --------------------------------------------------------------------------------------------- (c) ours vs peft
+def rate(args: argparse.Namespace, flops: int, seconds: float) -> dict[str, float | None]:
+    """Achieved TFLOP/s and its fraction of the GPU's dense peak (``None`` where the peak is unknown)."""
+    tflops = flops / seconds / 1e12
+    return {"tflops": tflops, "peak_fraction": tflops / args.peak[0] if args.peak[0] else None}
 
 
-def step_time_csv(args: argparse.Namespace) -> Path:
-    return args.csv.with_name(args.csv.stem + "-step_time.csv")
+# --------------------------------------------------------------------------------------------- (d) compiled
 
 
-def part_step_time(args: argparse.Namespace, section: Section) -> None:
-    """(c): ``bench.step_time``'s interleaved ours/peft benchmark, one method at a time (the budget is checked
-    between them), its CSV rewritten after each."""
-    from bench import step_time as st
+def per_step_counts(step: Callable[[], Any], steps: int, cuda: bool) -> dict[str, float]:
+    """What one step dispatches, from ``torch.profiler`` over ``steps`` steps: aten ops, host reads of a tensor
+    (``aten::_local_scalar_dense``, behind ``.item()`` and ``.tolist()``) and, on a GPU, kernels run, kernel (or
+    CUDA graph) launches, stream / device synchronisations and device-to-host copies."""
+    from torch.profiler import ProfilerActivity, profile
 
-    size, (batch, seq) = "tiny" if args.quick else "large", (2, 32) if args.quick else (16, 64)
-    steps, warmup = (3, 1) if args.quick else (args.bench_steps, 3)
-    dtype = "bf16" if _native_bf16(args) else "fp32"
-    spec = st.Spec(size, batch, seq, device=args.device, dtype=dtype)
-    section.note(f"`bench.step_time.benchmark` on GPT-2 {size} (random weights), batch {batch} x {seq}, {dtype} "
-                 f"autocast, r 8, every linear layer, {steps} timed steps after {warmup} warm-up, ours and peft "
-                 f"interleaved step by step; ours/peft = median of the per-round ratios (IQR). CSV: "
-                 f"{step_time_csv(args).name}.")
-    rows: list = []
-    for method in ("lora", "dora", "qlora"):
-        if _past(args):
-            section.skipped.append(f"(c) {method}")
-            continue
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+    names = Counter((event.name(), event.device_type().name) for event in prof.profiler.kineto_results.events())
+
+    def count(test: Callable[[str], bool], device: str = "CPU") -> float:
+        return sum(n for (name, kind), n in names.items() if kind == device and test(name)) / steps
+
+    counts = {"aten_ops": count(lambda name: name.startswith("aten::")),
+              "host_reads": count(lambda name: name == "aten::_local_scalar_dense")}
+    if cuda:
+        counts |= {"kernels": count(lambda name: not name.startswith(("Memcpy", "Memset")), "CUDA"),
+                   "launches": count(lambda name: "LaunchKernel" in name or name == "cudaGraphLaunch"),
+                   "syncs": count(lambda name: name in ("cudaStreamSynchronize", "cudaDeviceSynchronize")),
+                   "dtoh_copies": count(lambda name: "DtoH" in name, "CUDA")}
+    return counts
+
+
+def part_compiled(args: argparse.Namespace, section: Section) -> None:
+    """(d): full fine-tuning and LoRA through the core's loop, eager then with ``compile_blocks``, at batch x
+    max-length random tokens and at SST-2's own batches: step time, and what a step launches and reads back."""
+    from bench.step_time import saved_gpt2
+
+    train, folder, steps = _full_profile(args).train, saved_gpt2(_size(args), args.workdir), max(2, args.steps // 2)
+    fixed = f"{train.batch_size}x{train.max_length}"
+    shapes = {"sst2": sst2_rows(args, folder),  # 200 batches: enough for the warm-up, timed and profiled steps
+              fixed: random_rows((2 * WARMUP + steps + PROFILED + 1) * train.batch_size, train.max_length)}
+    backend = "eager" if args.quick else "inductor"  # --quick: the graphs captured and run as they are
+    section.note(f"GPT-2 {_size(args)} (random weights), {_precision(args)} autocast, the full profile's settings, "
+                 f"{steps} timed steps after {WARMUP} (eager) or {2 * WARMUP} (compiled) untimed; shapes: {fixed} "
+                 f"random tokens, and `sst2`: {train.batch_size}-row length-bucketed batches of SST-2 train "
+                 f"sentences (GPT-2 tokens). Compiled: `compile_blocks(model, backend={backend!r})`, widths padded "
+                 f"to a multiple of {PAD_MULTIPLE}. Per step, from `torch.profiler` over {PROFILED} steps: aten "
+                 "ops, host reads (`aten::_local_scalar_dense`), on a GPU kernels, launches, syncs and D2H copies. "
+                 f"TFLOP/s at {fixed} only, as in (b). compiles_timed: graphs compiled during the timed steps (0 once "
+                 "warm; more, and the step time includes compiling).")
+    try:
+        from peft_utils.compilation import compile_blocks
+    except ImportError as error:
+        compile_blocks = None
+        section.note(f"Compiled timing unavailable: `{last_line(error)}`; eager only.")
+    modes = {"eager": None, **({"compiled": lambda model: compile_blocks(model, backend=backend)}
+                               if compile_blocks else {})}
+    section.each(args, ("lora", "full"), lambda method: _compiled_method(args, section, method, folder, shapes,
+                                                                         steps, modes))
+
+
+def _compiled_method(args: argparse.Namespace, section: Section, method: str, folder: Path, shapes: dict,
+                     steps: int, modes: dict[str, Callable | None]) -> None:
+    """One method on each shape, eager, then compiled in place; a case past the part's deadline is skipped."""
+    from torch._dynamo.utils import counters
+
+    from bench.step_time import quartiles, timed
+
+    device, trained, eager = _device(args), prepared(args, method, folder, 10_000), {}
+    for mode, compile_model in modes.items():
+        if compile_model:
+            compile_model(trained[3].unwrap_model(trained[0]))
+        for shape, rows in shapes.items():
+            if _past(args):
+                section.skipped.append(f"(d) {method} {mode} {shape}")
+                continue
+            events = loop_steps(args, trained, rows, 1, PAD_MULTIPLE if compile_model else None, shuffle=True,
+                                bucket_by_length=shape == "sst2")  # padded widths: a bounded number of compiles
+            started = time.perf_counter()
+            for _ in range(WARMUP * (2 if compile_model else 1)):
+                timed(lambda: next(events), device)
+            warmup_s, graphs = time.perf_counter() - started, counters["stats"]["unique_graphs"]
+            q1, median, q3 = quartiles([timed(lambda: next(events), device)[1] for _ in range(steps)])
+            counts = per_step_counts(lambda: next(events), PROFILED, device.type == "cuda")
+            events.close()
+            if not compile_model:
+                eager[shape] = median
+            row = {"method": method, "mode": mode, "shape": shape, "step_ms": 1e3 * median, "step_ms_q1": 1e3 * q1,
+                   "step_ms_q3": 1e3 * q3, "speedup_over_eager": eager[shape] / median if shape in eager else None,
+                   "warmup_s": warmup_s, "compiles_timed": counters["stats"]["unique_graphs"] - graphs,
+                   "tflops": None, "peak_fraction": None}
+            if shape != "sst2":  # no padding: every token computed counts
+                row |= rate(args, step_flops(args, method), median)
+            section.add(row | counts, case=f"{mode}/{shape}")
+            if row["compiles_timed"]:
+                section.warnings.append(f"{method} {mode} {shape}: {row['compiles_timed']} graphs compiled while timed")
+    trained[3].free_memory()
+
+
+# --------------------------------------------------------------------------------------------- (e) runs at once
+
+
+def concurrent_run(args: argparse.Namespace, folder: Path, runs: int, barrier, results) -> None:
+    """One of ``runs`` runs sharing the device (a process of its own): LoRA on SST-2's batches, warmed up, then
+    ``args.steps`` steps timed from the moment every run is ready; puts ``(start, end)`` on ``results``."""
+    import torch
+
+    from peft_utils.core.loop import synchronize
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // runs))
+    device, trained = _device(args), prepared(args, "lora", folder, 10_000)
+    events = loop_steps(args, trained, sst2_rows(args, folder), shuffle=True, bucket_by_length=True)
+    for _ in range(WARMUP):
+        next(events)
+    synchronize(device)
+    barrier.wait(timeout=max(1.0, args.end - time.time()))
+    start = time.time()
+    for _ in range(args.steps):
+        if time.time() > args.end:
+            return  # the budget is spent: no result
+        next(events)
+    synchronize(device)
+    results.put((start, time.time()))
+
+
+def part_concurrent(args: argparse.Namespace, section: Section) -> None:
+    """(e): 1, 2, 4 and 8 runs started together on one device (1 and 2 with ``--quick``): steps/s per run and in
+    all, and the speed-up over one run."""
+    from bench.step_time import saved_gpt2
+
+    folder, context, alone = saved_gpt2(_size(args), args.workdir), multiprocessing.get_context("spawn"), []
+    section.note(f"N processes, each LoRA on GPT-2 {_size(args)} (random weights) with the full profile's settings "
+                 f"on {_full_profile(args).train.batch_size}-row length-bucketed SST-2 batches: {WARMUP} untimed "
+                 f"steps, then {args.steps} steps timed from a common start (a barrier). Per run: its own steps/s "
+                 "(mean over runs); in all: N x steps over the time from the start to the last run's end.")
+
+    def measure(runs: int) -> None:
+        barrier, results = context.Barrier(runs), context.Queue()
+        children = [context.Process(target=concurrent_run, args=(args, folder, runs, barrier, results))
+                    for _ in range(runs)]
+        for child in children:
+            child.start()
+        spans: list[tuple[float, float]] = []
         try:
-            new = st.benchmark(spec, [method], steps, warmup, args.peak[0], args.workdir)
-        except Exception as error:  # noqa: BLE001 - one method's failure must not lose the others
-            section.failed(method, error)
-            continue
-        rows += new
-        st.write_csv(rows, step_time_csv(args), st.environment(args.device) | {"command": "bench.gpu_check (c)"})
-        for row in new:
-            section.add({"method": f"{row['method']}/{row['impl']}"} | {key: row[key] for key in STEP_TIME_KEYS})
+            while len(spans) < runs:
+                with contextlib.suppress(queue.Empty):
+                    spans.append(results.get(timeout=1))
+                if len(spans) < runs and (time.time() > args.end or any(c.exitcode for c in children)):
+                    raise RuntimeError(f"not every run finished (exit statuses {[c.exitcode for c in children]})")
+        finally:
+            for child in children:
+                child.join(5)
+                child.kill()
+        in_all = runs * args.steps / (max(end for _, end in spans) - min(start for start, _ in spans))
+        alone.append(alone[0] if alone else in_all)
+        section.add({"method": "lora", "runs": runs,
+                     "steps_per_s_per_run": statistics.mean(args.steps / (end - start) for start, end in spans),
+                     "steps_per_s_in_all": in_all, "speedup_over_1": in_all / alone[0]}, case=f"{runs} runs")
+
+    section.each(args, (1, 2) if args.quick else (1, 2, 4, 8), measure)
+
+
+# --------------------------------------------------------------------------------------------- (f) projection
+
+
+def measured_step_seconds(table: Path) -> dict[str, dict[str, tuple[float, str]]]:
+    """Per method, ``{mode: (seconds per step, where measured)}`` from the CSV so far: (d)'s SST-2 batches where it
+    measured the method, else (b)'s eager steps."""
+    with table.open(newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["key"] == "step_ms" and r["value"]]
+    seconds: dict[str, dict[str, tuple[float, str]]] = {}
+    for row in rows:
+        mode, _, shape = row["case"].partition("/")
+        if row["part"] == "d" and shape == "sst2":
+            seconds.setdefault(row["method"], {})[mode] = (float(row["value"]) / 1e3, f"(d) {mode} sst2")
+    for row in rows:
+        if row["part"] == "b":
+            seconds.setdefault(row["method"], {}).setdefault("eager", (float(row["value"]) / 1e3, "(b) eager"))
+    return seconds
+
+
+def part_projection(args: argparse.Namespace, section: Section) -> None:
+    """(f): the ``full`` profile's plan (``experiment.plan_experiment``: its runs and their train rows) times each
+    method's measured seconds per step: the training time ``make run`` would take on this device."""
+    from peft_utils.config import make_config
+    from peft_utils.experiment import plan_experiment
+
+    config = make_config("full", model="random-gpt2-tiny", device=args.device, data_dir=str(_sst2_dir(args)),
+                         results_dir=str(args.workdir / "plan"))  # the model changes no run's rows or steps
+    plan, seconds = plan_experiment(config), measured_step_seconds(args.csv)
+    train, totals, steps, runs = config.train, Counter(), Counter(), Counter()
+    for run in plan.runs:
+        runs[run.spec.method] += 1
+        steps[run.spec.method] += train.epochs * math.ceil(len(run.train_frame) / train.batch_size)
+    groups = ", ".join(sorted({run.spec.group for run in plan.runs}))
+    section.note(f"`plan_experiment(make_config('full'))`: {len(plan.runs)} runs ({groups}), batch "
+                 f"{train.batch_size}, {train.epochs} epoch(s); steps x the method's measured seconds per step "
+                 "(training only: model loading and evaluation left out)"
+                 + ("; GPT-2 tiny's steps (--quick): no projection for GPT-2 Large." if args.quick else "."))
+    for method in runs:
+        row = {"method": method, "runs": runs[method], "steps": steps[method]}
+        for mode in ("eager", "compiled"):
+            step_s, where = seconds.get(method, {}).get(mode, (None, "not measured"))
+            row |= {f"{mode}_s_per_step": step_s, f"{mode}_from": where,
+                    f"{mode}_minutes": steps[method] * step_s / 60 if step_s else None}
+        totals["eager"] += row["eager_minutes"] or 0
+        totals["compiled"] += row["compiled_minutes"] or row["eager_minutes"] or 0
+        section.add(row, case="projection")
+    section.note(f"Total: **{totals['eager']:,.1f} min** eager; **{totals['compiled']:,.1f} min** with compiled "
+                 "steps where (d) measured them (eager for the other methods). A method not measured counts 0.")
+    section.report.rows("f", "total", "", {f"{mode}_minutes": totals[mode] for mode in ("eager", "compiled")})
 
 
 # --------------------------------------------------------------------------------------------- driver
 
-PARTS = {"a": part_smoke, "b": part_steps, "c": part_step_time}
+# Each part and its share of the time budget, in seconds of the default 480 (part (a) once per precision): a part
+# gets its share of what is left when it starts, so the time an earlier part did not use goes to the later ones.
+PARTS: dict[str, tuple[Callable[[argparse.Namespace, Section], None], float]] = {
+    "a": (part_smoke, 35), "b": (part_steps, 70), "d": (part_compiled, 170), "e": (part_concurrent, 130),
+    "f": (part_projection, 40)}
 
 
 def jobs(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     """``(part, case, title)`` of each process to run: part (a) once per precision."""
-    titles = {"b": f"(b) {args.steps} optimiser steps per method through the core's loop, GPT-2 "
-                   f"{'tiny' if args.quick else 'large'}: planner vs measured",
-              "c": "(c) step time, ours vs peft (LoRA, DoRA, QLoRA)"}
-    precisions = ["bf16", "fp16"] if args.device.startswith("cuda") else ["fp32", "bf16", "fp16"]
+    size = _size(args)
+    titles = {"b": f"(b) {args.steps} optimiser steps per method through the core's loop, GPT-2 {size}: planner "
+                   "vs measured",
+              "d": f"(d) eager vs compiled steps, GPT-2 {size}, fixed and SST-2 shapes: launches and host syncs",
+              "e": f"(e) runs at once on one device, LoRA on GPT-2 {size}: aggregate throughput",
+              "f": "(f) the full profile's projected training time on this device"}
+    cuda = args.device.startswith("cuda")
+    precisions = (["bf16", "fp16"] if _precision(args) == "bf16" else ["fp16"]) if cuda else ["fp32", "bf16"]
     smoke = [("a", p, f"(a) smoke comparison, {p}") for p in precisions] if "a" in args.parts else []
     return smoke + [(part, part, titles[part]) for part in args.parts if part != "a"]
 
@@ -507,7 +745,7 @@ def run_part(args: argparse.Namespace, part: str, case: str) -> None:
         torch.set_num_threads(args.threads)
     section, started = Section(Report(args.out, args.csv), part, case), time.perf_counter()
     try:
-        PARTS[part](args, section)
+        PARTS[part][0](args, section)
     except Exception as error:  # noqa: BLE001 - the report says what failed; the next part still runs
         section.failed("", error)
     section.note(f"{section.status()} ({time.perf_counter() - started:.0f} s)")
@@ -516,13 +754,15 @@ def run_part(args: argparse.Namespace, part: str, case: str) -> None:
     sys.exit(1 if section.problems else PARTIAL if section.skipped else 0)
 
 
-def run_job(args: argparse.Namespace, report: Report, part: str, case: str) -> str:
-    """Run one part in a child process until it ends or the deadline; its status ("ok", "FAILED", ...)."""
-    remaining = args.deadline - time.time()
+def run_job(args: argparse.Namespace, report: Report, part: str, case: str, share: float) -> str:
+    """Run one part in a child process until it ends or the budget's end; its status ("ok", "FAILED", ...). It
+    starts no case after its ``share`` of the time left (its deadline), so the parts after it get theirs."""
+    remaining = args.end - time.time()
     if remaining <= 0:
         status, why = "skipped", f"the time budget ({args.budget_s:g} s) was spent"
     else:
-        child = multiprocessing.get_context("spawn").Process(target=run_part, args=(args, part, case))
+        own = argparse.Namespace(**{**vars(args), "deadline": time.time() + remaining * share})
+        child = multiprocessing.get_context("spawn").Process(target=run_part, args=(own, part, case))
         started, late = time.time(), True
         child.start()
         try:
@@ -557,13 +797,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--csv", type=Path,
                         help="CSV of every measurement (default bench/gpu_check.csv; bench/gpu_check-cpu.csv on a CPU)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="time budget for all parts (default 480)")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated from a,b,c (default all)")
-    parser.add_argument("--steps", type=int, help="optimiser steps per method in (b) (default 30; 3 with --quick)")
-    parser.add_argument("--bench-steps", type=int, default=20, help="timed steps per side in (c) (default 20)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated from {','.join(PARTS)}")
+    parser.add_argument("--steps", type=int, help="optimiser steps per method in (b) and per run in (e), half that "
+                        "in (d) (default 30; 3 with --quick)")
     parser.add_argument("--data-dir", type=Path, help="folder with sst2/ and gpt2-tokenizer/ (see above)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 with --quick)")
     parser.add_argument("--method-reserve-s", type=float,
-                        help="do not start a method of (b)/(c) with less time left (default 30 s on a GPU, 0 on CPU)")
+                        help="start no case of a part with less of its share left (default 30 s on a GPU, 0 on CPU)")
     args = parser.parse_args(argv)
     cpu = args.device == "cpu"
     args.out = (args.out or REPO / "bench" / ("GPU-cpu.md" if cpu else "GPU.md")).resolve()
@@ -572,8 +812,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown := [p for p in args.parts if p not in PARTS]:
         parser.error(f"unknown part(s) {unknown}; choose from {','.join(PARTS)}")
     args.steps = args.steps or (3 if args.quick else 30)
-    if args.steps < 2:
-        parser.error("--steps must be at least 2")
+    if not 2 <= args.steps <= 150:  # (d) and (e) step through 200 batches of SST-2 rows, warm-up included
+        parser.error("--steps must be between 2 and 150")
     args.threads = args.threads or (1 if args.quick else None)
     args.method_reserve_s = (0.0 if cpu else 30.0) if args.method_reserve_s is None else args.method_reserve_s
     args.data_dir = args.data_dir.resolve() if args.data_dir else _data_dir()
@@ -609,19 +849,21 @@ def main(argv=None) -> int:
     args.peak = peak_tflops(torch.cuda.get_device_properties(torch.device(args.device).index or 0).name) if cuda \
         else (None, "n/a")
     started = time.time()
-    args.deadline = started + args.budget_s
+    args.end = started + args.budget_s
     signal.signal(signal.SIGTERM, _terminated)
     report = Report(args.out, args.csv)
     report.start(header(args, "python -m bench.gpu_check " + shlex.join(argv)))
     statuses = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:
         args.workdir = Path(workdir)
-        for part, case, title in jobs(args):
+        todo = jobs(args)
+        for index, (part, case, title) in enumerate(todo):
             report.write(f"\n## {title}\n")
-            statuses.append((title.split(")")[0] + ")", run_job(args, report, part, case)))
+            share = PARTS[part][1] / sum(PARTS[later][1] for later, _, _ in todo[index:])
+            statuses.append((title.split(")")[0] + ")", run_job(args, report, part, case, share)))
     summary = "; ".join(f"{title} {status}" for title, status in statuses)
     report.write(f"\n---\nFinished in {time.time() - started:.0f} s of a {args.budget_s:g} s budget: {summary}. "
-                 f"CSV: {args.csv.name}" + (f", {step_time_csv(args).name}" if "c" in args.parts else "") + ".")
+                 f"CSV: {args.csv.name}.")
     return 0 if all(status == "ok" for _, status in statuses) else 1
 
 
