@@ -443,9 +443,10 @@ def core_steps(args: argparse.Namespace, method: str, folder: Path, plan: Memory
     steps = [timed(lambda: next(events), device) for _ in range(args.steps)]  # each yields one StepMetrics
     peak = (torch.cuda.max_memory_allocated(device) if cuda
             else resident_bytes(model, optimizer) + allocation_profile(lambda: next(events), "cpu"))
+    losses = torch.stack([metrics.loss for metrics, _ in steps]).tolist()  # left on the device by the loop
     measured = {"start_bytes": start, "peak_bytes": peak,
                 "reserved_peak_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
-                "seconds": [seconds for _, seconds in steps], "losses": [metrics.loss for metrics, _ in steps],
+                "seconds": [seconds for _, seconds in steps], "losses": losses,
                 "skipped": sum(metrics.skipped for metrics, _ in steps)}
     events.close()
     del model, optimizer, trained, events, steps

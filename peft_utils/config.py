@@ -277,6 +277,8 @@ class SweepConfig:
     train_size: int | None = parameter(None, _optional(_positive_int), "train rows per grid run",
                                        name="sweep_train_size")
     rslora: bool = parameter(False, _flag, "grid with rsLoRA scaling alpha / sqrt(r)", name="sweep_rslora")
+    workers: int | None = parameter(None, _optional(_positive_int), "grid runs at once on this device (None: as "
+                                    "workers)", name="sweep_workers")
 
 
 @dataclass(frozen=True)
@@ -420,7 +422,7 @@ PROFILES: dict[str, ExperimentConfig] = {
         adapter=AdapterSettings(rank=8, alpha=16.0, dropout=0.05),
         train=TrainConfig(batch_size=16, max_length=64, eval_every=125, device="cpu", log_every=5,
                           bucket_by_length=True),
-        sweep=SweepConfig(**_MAP, train_size=2000), tune=TuneConfig(grid=_CPU_GRID), results_dir="results/cpu",
+        sweep=SweepConfig(**_MAP, train_size=2000, workers=2), tune=TuneConfig(grid=_CPU_GRID), results_dir="results/cpu",
     ),
     # A tiny random GPT-2 (real tokenizer) on a few dozen rows: checks the plumbing in seconds.
     "smoke": ExperimentConfig(

@@ -270,24 +270,20 @@ def run_plan(plan: Plan) -> pd.DataFrame:
 
     Each run is claimed before it trains (:meth:`~peft_utils.store.RunStore.claim`), so processes started on the
     same experiment share its runs: a run another process is training is passed over, and waited for at the end of
-    its stage (the tuning runs, whose rates the others need; then the rest). Under ``accelerate launch`` every
-    process executes the same plan (the runs' data parallel halves): the main process claims and the others follow
-    its decisions; only the main process prints and writes. With ``workers`` > 1, that many processes share the
-    plan this way on this device (:func:`~peft_utils.workers.workers_beside`), this one among them."""
-    train, todo = plan.config.train, [run for run in plan.runs if not run.complete]
+    its stage (the tuning runs, whose rates the others need; then the comparison; then the grid). Under
+    ``accelerate launch`` every process executes the same plan (the runs' data parallel halves): the main process
+    claims and the others follow its decisions; only the main process prints and writes. With ``workers`` (or
+    ``sweep_workers``, for the grid) > 1, that many processes share a stage this way on this device
+    (:func:`~peft_utils.workers.workers_beside`), this one among them."""
+    todo = [run for run in plan.runs if not run.complete]
     if todo:
         _say(f"to train: {len(todo)} of the plan's {len(plan.runs)} runs, {sum(_steps(plan, r) for r in todo):,} "
-             f"optimiser steps{f', {train.workers} at once' if train.workers > 1 else ''} (progress lines estimate "
-             "the time left: plan ETA)")
-    with workers_beside(functools.partial(_train_plan, plan), train.workers, resolve_device(train.device).type):
-        plan = _train_plan(plan)
-    return plan.store.summary([run.run_id for run in plan.runs])
-
-
-def _train_plan(plan: Plan) -> Plan:
+             "optimiser steps (progress lines estimate the time left: plan ETA)")
     if plan.config.tune.enabled:
         plan = _tuned(plan)
-    return _run_stage(plan, tuning=False)
+    plan = _run_stage(plan, (COMPARISON_GROUP,))
+    plan = _run_stage(plan, (SWEEP_GROUP,))
+    return plan.store.summary([run.run_id for run in plan.runs])
 
 
 # How often a tuning grid may be widened past an edge that a winner sits on (per experiment, both sides together).
@@ -299,7 +295,7 @@ def _tuned(plan: Plan) -> Plan:
     experiment picks the same rates without training again). A grid whose winner sits on its edge is first widened
     (:func:`widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
     for widenings in range(GRID_WIDENINGS + 1):
-        plan = _run_stage(plan, tuning=True)
+        plan = _run_stage(plan, (TUNE_GROUP,))
         rates = choose_learning_rates(plan.store.summary([r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]))
         grid = dict(plan.config.tune.grid)
         for series, rate in rates.items():
@@ -357,11 +353,27 @@ def _say(line: str) -> None:
         print(line, flush=True)
 
 
-def _run_stage(plan: Plan, tuning: bool) -> Plan:
-    """Train the tuning runs or the others, passing over those another process is training, then wait for those;
-    the plan as the folder now holds it. The runs already complete are named in one line: a re-run of a finished
-    experiment says so once."""
-    stage = [index for index, run in enumerate(plan.runs) if (run.spec.group == TUNE_GROUP) == tuning]
+def _run_stage(plan: Plan, groups: tuple[str, ...]) -> Plan:
+    """The plan after training the runs of ``groups``, with the stage's workers (``sweep_workers`` for the grid,
+    else ``workers``) beside this process; the runs' records say how many ran at once."""
+    config = plan.config
+    workers = config.sweep.workers if groups == (SWEEP_GROUP,) and config.sweep.workers else config.train.workers
+    staged = replace(plan, config=replace(config, train=replace(config.train, workers=workers)))
+    job = functools.partial(_train_stage, staged, groups)
+    with workers_beside(job, workers if _has_work(staged, groups) else 1, resolve_device(config.train.device).type):
+        staged = _train_stage(staged, groups)
+    return replace(staged, config=config)
+
+
+def _has_work(plan: Plan, groups: tuple[str, ...]) -> bool:
+    return any(run.spec.group in groups and not run.complete for run in plan.runs)
+
+
+def _train_stage(plan: Plan, groups: tuple[str, ...]) -> Plan:
+    """Train the runs of ``groups``, passing over those another process is training, then wait for those; the plan
+    as the folder now holds it. The runs already complete are named in one line: a re-run of a finished experiment
+    says so once."""
+    stage = [index for index, run in enumerate(plan.runs) if run.spec.group in groups]
     done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
     if done:  # named while they fit on a line
         names = ": " + ", ".join(done) if len(done) <= 4 else ""

@@ -16,10 +16,12 @@ from peft_utils.store import RunStore, read_events
 TRAINING = re.compile(r"\[(worker \d+, )?run \d+/\d+\] (\S+): training \(")
 
 
-def test_two_workers_split_a_plan_and_record_it(tmp_path, sst2_dir):
+@pytest.mark.parametrize("stage,runs", [(("--no-sweep", "--workers", "2"), 5),  # the smoke profile's 5 methods
+                                        (("--sweep-only", "--sweep-workers", "2"), 4)])  # its 2 x 2 grid
+def test_two_workers_split_a_stage_and_record_it(tmp_path, sst2_dir, stage, runs):
     results = tmp_path / "results"
     command = [sys.executable, "-m", "peft_utils.experiment", "--profile", "smoke", "--train-size", "32",
-               "--eval-size", "16", "--max-length", "24", "--no-sweep", "--no-figures", "--workers", "2",
+               "--eval-size", "16", "--max-length", "24", "--no-figures", *stage,
                "--data-dir", str(sst2_dir.parent), "--results-dir", str(results)]
     env = {**os.environ, "PEFT_LAB_PROGRESS": "off"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -29,7 +31,7 @@ def test_two_workers_split_a_plan_and_record_it(tmp_path, sst2_dir):
     assert by_worker == {"", "worker 1, "}, done.stdout  # this process and the worker both trained runs
     names = sorted(name for _, name in trained)
     assert names == sorted(p.stem for p in results.glob("*.jsonl"))  # each run once
-    assert len(RunStore(results).load().runs) == len(names) == 5  # the smoke profile's five methods
+    assert len(RunStore(results).load(every_setting=True).runs) == len(names) == runs
     for path in results.glob("*.jsonl"):
         events = read_events(path)
         assert events[0]["workers"] == 2 and [e["event"] for e in events].count("summary") == 1, path
