@@ -680,19 +680,33 @@ def measured_step_seconds(table: Path) -> dict[str, dict[str, tuple[float, str]]
     return seconds
 
 
+def best_speedup(table: Path) -> tuple[float, str]:
+    """(e)'s best aggregate speed-up over one run and the runs at once that gave it; ``(1.0, "1")`` without (e)."""
+    with table.open(newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["part"] == "e" and r["key"] == "speedup_over_1" and r["value"]]
+    best = max(rows, key=lambda r: float(r["value"]), default=None)
+    return (float(best["value"]), best["case"]) if best else (1.0, "1 run")
+
+
 def part_projection(args: argparse.Namespace, section: Section) -> None:
     """(f): the ``full`` profile's plan (``experiment.plan_experiment``: its runs and their train rows) times each
     method's measured seconds per step: the training time ``make run`` would take on this device."""
     from peft_utils.config import make_config
     from peft_utils.experiment import plan_experiment
+    from peft_utils.store import SWEEP_GROUP, TUNE_GROUP
 
     config = make_config("full", model="random-gpt2-tiny", device=args.device, data_dir=str(_sst2_dir(args)),
                          results_dir=str(args.workdir / "plan"))  # the model changes no run's rows or steps
     plan, seconds = plan_experiment(config), measured_step_seconds(args.csv)
     train, totals, steps, runs = config.train, Counter(), Counter(), Counter()
+    minutes_in_group: Counter = Counter()  # compiled where measured, else eager
     for run in plan.runs:
         runs[run.spec.method] += 1
-        steps[run.spec.method] += train.epochs * math.ceil(len(run.train_frame) / train.batch_size)
+        run_steps = train.epochs * math.ceil(len(run.train_frame) / train.batch_size)
+        steps[run.spec.method] += run_steps
+        measured = seconds.get(run.spec.method, {})
+        step_s = (measured.get("compiled") or measured.get("eager") or (0.0, ""))[0]
+        minutes_in_group[run.spec.group] += run_steps * step_s / 60
     groups = ", ".join(sorted({run.spec.group for run in plan.runs}))
     section.note(f"`plan_experiment(make_config('full'))`: {len(plan.runs)} runs ({groups}), batch "
                  f"{train.batch_size}, {train.epochs} epoch(s); steps x the method's measured seconds per step "
@@ -707,9 +721,14 @@ def part_projection(args: argparse.Namespace, section: Section) -> None:
         totals["eager"] += row["eager_minutes"] or 0
         totals["compiled"] += row["compiled_minutes"] or row["eager_minutes"] or 0
         section.add(row, case="projection")
+    speedup, runs_at_once = best_speedup(args.csv)
+    shared = minutes_in_group[TUNE_GROUP] + minutes_in_group[SWEEP_GROUP]
+    totals["at_once"] = sum(minutes_in_group.values()) - shared + shared / speedup
     section.note(f"Total: **{totals['eager']:,.1f} min** eager; **{totals['compiled']:,.1f} min** with compiled "
-                 "steps where (d) measured them (eager for the other methods). A method not measured counts 0.")
-    section.report.rows("f", "total", "", {f"{mode}_minutes": totals[mode] for mode in ("eager", "compiled")})
+                 f"steps where (d) measured them (eager for the other methods); **{totals['at_once']:,.1f} min** "
+                 f"with the tuning and grid runs ({shared:,.1f} of those minutes) {runs_at_once} at once, at (e)'s "
+                 f"best speed-up {speedup:.2f}x (`--workers`, `--sweep-workers`). A method not measured counts 0.")
+    section.report.rows("f", "total", "", {f"{mode}_minutes": totals[mode] for mode in totals})
 
 
 # --------------------------------------------------------------------------------------------- driver
