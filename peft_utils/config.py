@@ -393,7 +393,7 @@ def check_parameter_names(names: Iterable[str], known: Collection[str] = PARAMET
 
 # ~2e-5 is the usual full fine-tuning rate for GPT-2/BERT-size models; adapters start from a zero update and take
 # ~10x more (2e-4: the LoRA and QLoRA papers; DoRA uses LoRA's). The cpu rates are those the all-linear study chose
-# on held-out train rows (docs/results.md); the lr="tune" grids sit around each (experiment.widened_grid widens a
+# on held-out train rows (docs/results.md); the lr="tune" grids sit around each (tuning.widened_grid widens a
 # grid whose winner is on its edge).
 _GPU_LR = {"full": 2e-5, "lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "qdora": 2e-4}
 _CPU_LR = {"full": 1e-4, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "qdora": 1e-3}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import math
 import re
 import sys
@@ -40,13 +39,13 @@ from .data import Splits, fingerprint, fit_sizes, load_splits, train_and_eval_ro
 from .devices import (is_main_process, launched_processes, make_accelerator, planned_compute, resolve_device,
                       same_in_every_process)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
-from .methods import get_method, series_method, series_name, targets_label
+from .methods import get_method, series_method, series_name, targets_slug
 from .models import build_model, resolve_model_source
 from .report import settings_text
 from .sizes import model_size
 from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, RunInProgress, RunStore
 from .train import Recording, train
-from .tuning import EVAL_SPLIT, choose_learning_rates, tuning_rows
+from .tuning import EVAL_SPLIT, choose_learning_rates, tuning_rows, widened_grid
 from .workers import worker_label, workers_beside
 
 
@@ -61,32 +60,25 @@ class RunSpec:
     adapter: AdapterSettings | None
     lr: float | None = None
 
-
-def model_slug(model: str | Path) -> str:
-    """A short file-name-safe name: ``openai-community/gpt2-large`` -> ``gpt2-large``."""
-    return re.sub(r"[^a-z0-9.]+", "-", Path(str(model)).name.lower()).strip("-") or "model"
-
-
-def targets_slug(targets: object) -> str:
-    """A target set in a file name: its label (:func:`~peft_utils.methods.targets_label`: ``all-linear``,
-    ``query+value``) where that is one, else (a regex) ``re-`` and the first 8 hex digits of the label's SHA-1."""
-    label = targets_label(targets)
-    if re.fullmatch(r"[A-Za-z0-9_.+-]*", label):
-        return label
-    return "re-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    @property
+    def series(self) -> str:
+        """The series the run belongs to (:func:`~peft_utils.methods.series_name`): its method and target set."""
+        return series_name(self.method, self.adapter.targets if self.adapter is not None else None)
 
 
 def run_id(spec: RunSpec, model: str | Path) -> str:
     """``<group>-<method>[-<targets>][-r<rank>-a<alpha>[-rslora]][-lr<rate>]-s<seed>-<model>``, e.g.
-    ``tune-lora-all-linear-r8-a16-lr0.003-s0-minilm`` (default targets unnamed): the run's file name, unless another
-    setting's run holds it (then with the setting's hash: :meth:`~peft_utils.store.RunStore.find`)."""
+    ``tune-lora-all-linear-r8-a16-lr0.003-s0-minilm`` (default targets unnamed; the model by the last part of its
+    name): the run's file name, unless another setting's run holds it (then with the setting's hash:
+    :meth:`~peft_utils.store.RunStore.find`)."""
+    model_slug = re.sub(r"[^a-z0-9.]+", "-", Path(str(model)).name.lower()).strip("-") or "model"
     adapter = ""
     if spec.adapter is not None:
         slug = targets_slug(spec.adapter.targets)
         adapter = (f"-{slug}" if slug else "") + f"-r{spec.adapter.rank}-a{spec.adapter.alpha:g}"
         adapter += "-rslora" if spec.adapter.rslora else ""
     rate = f"-lr{spec.lr:g}" if spec.lr is not None else ""
-    return f"{spec.group}-{spec.method}{adapter}{rate}-s{spec.seed}-{model_slug(model)}"
+    return f"{spec.group}-{spec.method}{adapter}{rate}-s{spec.seed}-{model_slug}"
 
 
 def _specs(config: ExperimentConfig, comparison: bool, sweep: bool) -> list[RunSpec]:
@@ -108,11 +100,6 @@ def _specs(config: ExperimentConfig, comparison: bool, sweep: bool) -> list[RunS
                            for s in specs)
     return [RunSpec(TUNE_GROUP, m, seed, adapter, lr=rate) for seed in config.tune.seeds or config.seeds[:1]
             for m, adapter in series for rate in config.tune.grid[m]] + specs
-
-
-def spec_series(spec: RunSpec) -> str:
-    """The series a run belongs to (:func:`~peft_utils.methods.series_name`): its method and target set."""
-    return series_name(spec.method, spec.adapter.targets if spec.adapter is not None else None)
 
 
 @dataclass(frozen=True)
@@ -141,20 +128,20 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     """Every run of the experiment with its data, checked against the data, the model and the results folder:
     every error is raised here, before anything trains. ``sweep``: ``None`` follows ``config.sweep.enabled``."""
     sweep = config.sweep.enabled if sweep is None else sweep
+    specs = _specs(config, comparison, sweep)
     if config.train.workers > 1 and launched_processes() > 1:
         raise ValueError(f"workers={config.train.workers} runs several runs at once on one device, and accelerate "
                          "launch spreads each run over several: give one of them")
-    specs = _specs(config, comparison, sweep)
     compute_dtype = planned_compute(config.train)
     splits = load_splits(config.data)
     config, adapted = fit_sizes(config, splits, sweep)
-    frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
-    source = resolve_model_source(config.model, config.data.data_dir)
-    store = RunStore(config.results_dir)
-    store.check_writable()
-    _check_model(config, source, specs, len(splits.label_names))
     # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
     data = (fingerprint(splits.train, splits.dev), splits)
+    frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
+    source = resolve_model_source(config.model, config.data.data_dir)
+    _check_model(config, source, specs, len(splits.label_names))
+    store = RunStore(config.results_dir)
+    store.check_writable()
     dtype = str(compute_dtype).removeprefix("torch.")
     runs = []
     for spec in specs:
@@ -293,7 +280,7 @@ GRID_WIDENINGS = 3
 def _tuned(plan: Plan) -> Plan:
     """Train the tuning runs, then the plan with every other run's rate chosen from their records (so that a resumed
     experiment picks the same rates without training again). A grid whose winner sits on its edge is first widened
-    (:func:`widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
+    (:func:`~peft_utils.tuning.widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
     for widenings in range(GRID_WIDENINGS + 1):
         plan = _run_stage(plan, (TUNE_GROUP,))
         rates = choose_learning_rates(plan.store.summary([r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]))
@@ -305,26 +292,13 @@ def _tuned(plan: Plan) -> Plan:
             break
         _say("a tuned rate sits on its grid's edge; grids widened: " + "; ".join(
             f"{method} " + ", ".join(f"{rate:g}" for rate in grid[method])
-            for method in dict.fromkeys(get_method(m).name for m in plan.config.methods)))
+            for method in plan.config.methods))
         plan = _with_grid(plan, grid)
-    runs = [replace(run, record={**run.record, "lr": rates[spec_series(run.spec)]}) if run.record["lr"] is None
+    runs = [replace(run, record={**run.record, "lr": rates[run.spec.series]}) if run.record["lr"] is None
             else run for run in plan.runs]
-    chosen = {spec_series(r.spec): r.record["lr"] for r in runs if r.spec.group != TUNE_GROUP}
+    chosen = {r.spec.series: r.record["lr"] for r in runs if r.spec.group != TUNE_GROUP}
     _say("learning rates chosen on held-out train rows: " + ", ".join(f"{s} {lr:g}" for s, lr in chosen.items()))
     return _located(replace(plan, runs=runs))
-
-
-def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | None:
-    """The grid with one more rate past the edge ``chosen`` sits on (a step of the grid's own ratio there, three
-    significant digits), or ``None`` when ``chosen`` lies inside it: a best rate at the edge is only the best of
-    those tried, and a method compared short of its optimum is compared unfairly. Grids of under three rates are
-    short lists, not brackets, and are not widened."""
-    rates = sorted(grid)
-    if len(rates) < 3 or rates[0] < chosen < rates[-1]:
-        return None
-    if chosen == rates[0]:
-        return (float(f"{rates[0] * rates[0] / rates[1]:.3g}"), *rates)
-    return (*rates, float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}"))
 
 
 def _with_grid(plan: Plan, grid: dict[str, tuple[float, ...]]) -> Plan:
@@ -360,13 +334,10 @@ def _run_stage(plan: Plan, groups: tuple[str, ...]) -> Plan:
     workers = config.sweep.workers if groups == (SWEEP_GROUP,) and config.sweep.workers else config.train.workers
     staged = replace(plan, config=replace(config, train=replace(config.train, workers=workers)))
     job = functools.partial(_train_stage, staged, groups)
-    with workers_beside(job, workers if _has_work(staged, groups) else 1, resolve_device(config.train.device).type):
+    has_work = any(run.spec.group in groups and not run.complete for run in plan.runs)
+    with workers_beside(job, workers if has_work else 1, resolve_device(config.train.device).type):
         staged = _train_stage(staged, groups)
     return replace(staged, config=config)
-
-
-def _has_work(plan: Plan, groups: tuple[str, ...]) -> bool:
-    return any(run.spec.group in groups and not run.complete for run in plan.runs)
 
 
 def _train_stage(plan: Plan, groups: tuple[str, ...]) -> Plan:
