@@ -22,7 +22,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +168,11 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
     only) as its ``config`` event records it; then where its data was read from, its classes, and the labels of
     its eval rows (for paired tests). ``data``: (the fingerprint of the splits, the splits). The rate is ``None``
     while it waits for tuning."""
-    adapter = spec.adapter
+    adapter = asdict(spec.adapter) if spec.adapter else dict.fromkeys(f.name for f in fields(AdapterSettings))
     lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
     values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]),
               "data_fingerprint": data[0], "lr": lr, "seed": spec.seed, "compute_dtype": compute_dtype,
-              **asdict(config.train),
-              **{key: getattr(adapter, key) if adapter else None
-                 for key in ("rank", "alpha", "dropout", "targets", "modules_to_save", "rslora")}}
+              **asdict(config.train), **adapter}
     keys = [k for k in IDENTITY_KEYS if k != "rslora" or spec.group == SWEEP_GROUP]
     record = {"group": spec.group, "method": spec.method, **{key: values[key] for key in keys}}
     if spec.group == TUNE_GROUP:
