@@ -105,14 +105,20 @@ def _specs(config: ExperimentConfig, comparison: bool, sweep: bool) -> list[RunS
 @dataclass(frozen=True)
 class PlannedRun:
     spec: RunSpec
-    name: str  # its readable run id (:func:`run_id`)
-    run_id: str  # its file's: ``name``, or with its setting's hash where another setting holds ``name`` (``_located``)
     # Every setting that changes the result, as the run's config event records it. Its "lr" is None while it
     # waits for learning-rate tuning (see ``_tuned``).
     record: dict[str, Any]
     train_frame: pd.DataFrame
     eval_frame: pd.DataFrame
-    complete: bool
+    # Read from the results folder (``_located``): its file's run id (``name``, or with its setting's hash where
+    # another setting holds ``name``) and whether it is complete there.
+    run_id: str = ""
+    complete: bool = False
+
+    @property
+    def name(self) -> str:
+        """Its readable run id (:func:`run_id`)."""
+        return run_id(self.spec, self.record["model"])
 
 
 @dataclass(frozen=True)
@@ -137,16 +143,14 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     config, adapted = fit_sizes(config, splits, sweep)
     # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
     data = (fingerprint(splits.train, splits.dev), splits)
-    frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
+    frames = {key: _rows(config, splits, *key) for key in dict.fromkeys((s.group, s.seed) for s in specs)}
     source = resolve_model_source(config.model, config.data.data_dir)
     _check_model(config, source, specs, len(splits.label_names))
     store = RunStore(config.results_dir)
     store.check_writable()
     dtype = str(compute_dtype).removeprefix("torch.")
-    runs = []
-    for spec in specs:
-        rows, name = frames[spec.group, spec.seed], run_id(spec, config.model)
-        runs.append(PlannedRun(spec, name, name, _planned_record(config, spec, rows, data, dtype), *rows, False))
+    runs = [PlannedRun(spec, _planned_record(config, spec, frames[spec.group, spec.seed], data, dtype),
+                       *frames[spec.group, spec.seed]) for spec in specs]
     if adapted:  # once every check has passed: the one line before anything trains
         _say(f"sizes adapted to the data: {adapted}")
     return _located(Plan(config, store, source, compute_dtype, runs))
@@ -289,8 +293,7 @@ def _tuned(plan: Plan) -> Plan:
         if grid == plan.config.tune.grid or widenings == GRID_WIDENINGS:
             break
         _say("a tuned rate sits on its grid's edge; grids widened: " + "; ".join(
-            f"{method} " + ", ".join(f"{rate:g}" for rate in grid[method])
-            for method in plan.config.methods))
+            f"{method} " + ", ".join(f"{rate:g}" for rate in grid[method]) for method in plan.config.methods))
         plan = _with_grid(plan, grid)
     runs = [replace(run, record={**run.record, "lr": rates[run.spec.series]}) if run.record["lr"] is None
             else run for run in plan.runs]
@@ -303,11 +306,8 @@ def _with_grid(plan: Plan, grid: dict[str, tuple[float, ...]]) -> Plan:
     """The plan with a tuning run per rate of ``grid``: each series' and seed's tuning run at each rate (its data
     and settings are the same, the rate aside), read from the folder as it is now."""
     templates = {replace(run.spec, lr=None): run for run in plan.runs if run.spec.group == TUNE_GROUP}
-    runs = []
-    for template, run in templates.items():
-        for rate in grid[template.method]:
-            spec = replace(template, lr=rate)
-            runs.append(replace(run, spec=spec, name=run_id(spec, plan.config.model), record={**run.record, "lr": rate}))
+    runs = [replace(run, spec=replace(template, lr=rate), record={**run.record, "lr": rate})
+            for template, run in templates.items() for rate in grid[template.method]]
     config = replace(plan.config, tune=replace(plan.config.tune, grid=grid))
     return _located(replace(plan, config=config, runs=runs + [r for r in plan.runs if r.spec.group != TUNE_GROUP]))
 
@@ -406,8 +406,8 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str, steps_after: int)
                                    run.run_id)
     adapter = run.spec.adapter or config.adapter
     memory_plan = plan_for_device(plan.model_source, method, config.train, adapter, accelerator, name=config.model)
-    if memory_plan is not None and accelerator.is_main_process:
-        print(f"memory plan: {memory_plan.reason}")
+    if memory_plan is not None:
+        _say(f"memory plan: {memory_plan.reason}")
     run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
     if config.tune.enabled and run.spec.group != TUNE_GROUP:
         run_info["lr_source"] = TUNE_GROUP  # chosen by the tuning runs of this results folder
