@@ -270,8 +270,8 @@ def run_plan(plan: Plan) -> pd.DataFrame:
              "optimiser steps (progress lines estimate the time left: plan ETA)")
     if plan.config.tune.enabled:
         plan = _tuned(plan)
-    plan = _run_stage(plan, (COMPARISON_GROUP,))
-    plan = _run_stage(plan, (SWEEP_GROUP,))
+    plan = _run_stage(plan, COMPARISON_GROUP)
+    plan = _run_stage(plan, SWEEP_GROUP)
     return plan.store.summary([run.run_id for run in plan.runs])
 
 
@@ -284,7 +284,7 @@ def _tuned(plan: Plan) -> Plan:
     experiment picks the same rates without training again). A grid whose winner sits on its edge is first widened
     (:func:`~peft_utils.tuning.widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
     for widenings in range(GRID_WIDENINGS + 1):
-        plan = _run_stage(plan, (TUNE_GROUP,))
+        plan = _run_stage(plan, TUNE_GROUP)
         rates = choose_learning_rates(plan.store.summary([r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]))
         grid = dict(plan.config.tune.grid)
         for series, rate in rates.items():
@@ -325,24 +325,24 @@ def _say(line: str) -> None:
         print(line, flush=True)
 
 
-def _run_stage(plan: Plan, groups: tuple[str, ...]) -> Plan:
-    """The plan after training the runs of ``groups``, with the stage's workers (``sweep_workers`` for the grid,
+def _run_stage(plan: Plan, group: str) -> Plan:
+    """The plan after training the runs of ``group``, with the stage's workers (``sweep_workers`` for the grid,
     else ``workers``) beside this process; the runs' records say how many ran at once."""
     config = plan.config
-    workers = config.sweep.workers if groups == (SWEEP_GROUP,) and config.sweep.workers else config.train.workers
+    workers = config.sweep.workers if group == SWEEP_GROUP and config.sweep.workers else config.train.workers
     staged = replace(plan, config=replace(config, train=replace(config.train, workers=workers)))
-    job = functools.partial(_train_stage, staged, groups)
-    has_work = any(run.spec.group in groups and not run.complete for run in plan.runs)
+    job = functools.partial(_train_stage, staged, group)
+    has_work = any(run.spec.group == group and not run.complete for run in plan.runs)
     with workers_beside(job, workers if has_work else 1, resolve_device(config.train.device).type):
-        staged = _train_stage(staged, groups)
+        staged = _train_stage(staged, group)
     return replace(staged, config=config)
 
 
-def _train_stage(plan: Plan, groups: tuple[str, ...]) -> Plan:
-    """Train the runs of ``groups``, passing over those another process is training, then wait for those; the plan
+def _train_stage(plan: Plan, group: str) -> Plan:
+    """Train the runs of ``group``, passing over those another process is training, then wait for those; the plan
     as the folder now holds it. The runs already complete are named in one line: a re-run of a finished experiment
     says so once."""
-    stage = [index for index, run in enumerate(plan.runs) if run.spec.group in groups]
+    stage = [index for index, run in enumerate(plan.runs) if run.spec.group == group]
     done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
     if done:  # named while they fit on a line
         names = ": " + ", ".join(done) if len(done) <= 4 else ""
@@ -363,7 +363,7 @@ def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
     waited for instead, and trained here if that process died first)."""
     run, store = plan.runs[index], plan.store
     position = f"{worker_label()}run {index + 1}/{len(plan.runs)}"
-    if run.complete:  # named by _run_stage
+    if run.complete:  # named by _train_stage
         store.mark_asked(run.run_id)  # the folder's default view shows the setting asked for last
         return True
     if wait and not store.is_complete(run.run_id):
