@@ -192,12 +192,25 @@ def _report_to(name: str, value: Any) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------------ the parts
 
 
+class Parameter(NamedTuple):
+    """One user-facing setting: the field ``field`` of ExperimentConfig's ``part`` (``""``: of ExperimentConfig)."""
+
+    name: str
+    part: str
+    field: str
+    check: Check
+    help: str
+    several: bool
+
+
 def parameter(default: Any, check: Check, help: str, *, name: str = "", several: bool = False) -> Any:
     """A field that users set by name (the field's, unless ``name`` says): its check, and its help for the flag;
-    ``several``: the flag takes several tokens (see :func:`cli_parameters`). A dict default is copied per instance."""
+    ``several``: the flag takes several tokens (see :func:`cli_parameters`). A dict default is copied per instance.
+    Its part and field are filled in when :data:`PARAMETERS` collects it."""
+    metadata = {"parameter": Parameter(name, "", "", check, help, several)}
     if isinstance(default, dict):
-        return field(default_factory=default.copy, metadata={"parameter": (name, check, help, several)})
-    return field(default=default, metadata={"parameter": (name, check, help, several)})
+        return field(default_factory=default.copy, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -260,7 +273,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:  # built directly too (tests, bench): every field is a parameter, checked and read
         for item in fields(self):
-            check = item.metadata["parameter"][1]
+            check = item.metadata["parameter"].check
             object.__setattr__(self, item.name, check(f"TrainConfig.{item.name}", getattr(self, item.name)))
 
 
@@ -354,25 +367,14 @@ class ExperimentConfig:
 # ------------------------------------------------------------------------------------------------ parameters
 
 
-class Parameter(NamedTuple):
-    """One user-facing setting: the field ``field`` of ExperimentConfig's ``part`` (``""``: of ExperimentConfig)."""
-
-    name: str
-    part: str
-    field: str
-    check: Check
-    help: str
-    several: bool
-
-
 def _parameters(config: type, part: str = "") -> Iterator[Parameter]:
     """The parameters of ``config``'s fields, each part's (``data``, ``adapter``...) in its place."""
     for item in fields(config):
         if is_dataclass(item.default_factory):
             yield from _parameters(item.default_factory, item.name)
         elif "parameter" in item.metadata:
-            name, check, help, several = item.metadata["parameter"]
-            yield Parameter(name or item.name, part, item.name, check, help, several)
+            declared = item.metadata["parameter"]
+            yield declared._replace(name=declared.name or item.name, part=part, field=item.name)
 
 
 PARAMETERS: dict[str, Parameter] = {p.name: p for p in _parameters(ExperimentConfig)}
@@ -393,7 +395,7 @@ def check_parameter_names(names: Iterable[str], known: Collection[str] = PARAMET
 
 # ~2e-5 is the usual full fine-tuning rate for GPT-2/BERT-size models; adapters start from a zero update and take
 # ~10x more (2e-4: the LoRA and QLoRA papers; DoRA uses LoRA's). The cpu rates are those the all-linear study chose
-# on held-out train rows (docs/results.md); the lr="tune" grids sit around each (experiment.widened_grid widens a
+# on held-out train rows (docs/results.md); the lr="tune" grids sit around each (tuning.widened_grid widens a
 # grid whose winner is on its edge).
 _GPU_LR = {"full": 2e-5, "lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "qdora": 2e-4}
 _CPU_LR = {"full": 1e-4, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "qdora": 1e-3}

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,13 @@ from .data import Splits, fingerprint, fit_sizes, load_splits, train_and_eval_ro
 from .devices import (is_main_process, launched_processes, make_accelerator, planned_compute, resolve_device,
                       same_in_every_process)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
-from .methods import get_method, series_method, series_name, targets_label
+from .methods import get_method, series_method, series_name, targets_slug
 from .models import build_model, resolve_model_source
 from .report import settings_text
 from .sizes import model_size
 from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, RunInProgress, RunStore
 from .train import Recording, train
-from .tuning import EVAL_SPLIT, choose_learning_rates, tuning_rows
+from .tuning import EVAL_SPLIT, choose_learning_rates, tuning_rows, widened_grid
 from .workers import worker_label, workers_beside
 
 
@@ -61,32 +60,25 @@ class RunSpec:
     adapter: AdapterSettings | None
     lr: float | None = None
 
-
-def model_slug(model: str | Path) -> str:
-    """A short file-name-safe name: ``openai-community/gpt2-large`` -> ``gpt2-large``."""
-    return re.sub(r"[^a-z0-9.]+", "-", Path(str(model)).name.lower()).strip("-") or "model"
-
-
-def targets_slug(targets: object) -> str:
-    """A target set in a file name: its label (:func:`~peft_utils.methods.targets_label`: ``all-linear``,
-    ``query+value``) where that is one, else (a regex) ``re-`` and the first 8 hex digits of the label's SHA-1."""
-    label = targets_label(targets)
-    if re.fullmatch(r"[A-Za-z0-9_.+-]*", label):
-        return label
-    return "re-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    @property
+    def series(self) -> str:
+        """The series the run belongs to (:func:`~peft_utils.methods.series_name`): its method and target set."""
+        return series_name(self.method, self.adapter.targets if self.adapter is not None else None)
 
 
 def run_id(spec: RunSpec, model: str | Path) -> str:
     """``<group>-<method>[-<targets>][-r<rank>-a<alpha>[-rslora]][-lr<rate>]-s<seed>-<model>``, e.g.
-    ``tune-lora-all-linear-r8-a16-lr0.003-s0-minilm`` (default targets unnamed): the run's file name, unless another
-    setting's run holds it (then with the setting's hash: :meth:`~peft_utils.store.RunStore.find`)."""
+    ``tune-lora-all-linear-r8-a16-lr0.003-s0-minilm`` (default targets unnamed; the model by the last part of its
+    name): the run's file name, unless another setting's run holds it (then with the setting's hash:
+    :meth:`~peft_utils.store.RunStore.find`)."""
+    model_slug = re.sub(r"[^a-z0-9.]+", "-", Path(str(model)).name.lower()).strip("-") or "model"
     adapter = ""
     if spec.adapter is not None:
         slug = targets_slug(spec.adapter.targets)
         adapter = (f"-{slug}" if slug else "") + f"-r{spec.adapter.rank}-a{spec.adapter.alpha:g}"
         adapter += "-rslora" if spec.adapter.rslora else ""
     rate = f"-lr{spec.lr:g}" if spec.lr is not None else ""
-    return f"{spec.group}-{spec.method}{adapter}{rate}-s{spec.seed}-{model_slug(model)}"
+    return f"{spec.group}-{spec.method}{adapter}{rate}-s{spec.seed}-{model_slug}"
 
 
 def _specs(config: ExperimentConfig, comparison: bool, sweep: bool) -> list[RunSpec]:
@@ -110,22 +102,23 @@ def _specs(config: ExperimentConfig, comparison: bool, sweep: bool) -> list[RunS
             for m, adapter in series for rate in config.tune.grid[m]] + specs
 
 
-def spec_series(spec: RunSpec) -> str:
-    """The series a run belongs to (:func:`~peft_utils.methods.series_name`): its method and target set."""
-    return series_name(spec.method, spec.adapter.targets if spec.adapter is not None else None)
-
-
 @dataclass(frozen=True)
 class PlannedRun:
     spec: RunSpec
-    name: str  # its readable run id (:func:`run_id`)
-    run_id: str  # its file's: ``name``, or with its setting's hash where another setting holds ``name`` (``_located``)
     # Every setting that changes the result, as the run's config event records it. Its "lr" is None while it
     # waits for learning-rate tuning (see ``_tuned``).
     record: dict[str, Any]
     train_frame: pd.DataFrame
     eval_frame: pd.DataFrame
-    complete: bool
+    # Read from the results folder (``_located``): its file's run id (``name``, or with its setting's hash where
+    # another setting holds ``name``) and whether it is complete there.
+    run_id: str = ""
+    complete: bool = False
+
+    @property
+    def name(self) -> str:
+        """Its readable run id (:func:`run_id`)."""
+        return run_id(self.spec, self.record["model"])
 
 
 @dataclass(frozen=True)
@@ -141,25 +134,23 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     """Every run of the experiment with its data, checked against the data, the model and the results folder:
     every error is raised here, before anything trains. ``sweep``: ``None`` follows ``config.sweep.enabled``."""
     sweep = config.sweep.enabled if sweep is None else sweep
+    specs = _specs(config, comparison, sweep)
     if config.train.workers > 1 and launched_processes() > 1:
         raise ValueError(f"workers={config.train.workers} runs several runs at once on one device, and accelerate "
                          "launch spreads each run over several: give one of them")
-    specs = _specs(config, comparison, sweep)
     compute_dtype = planned_compute(config.train)
     splits = load_splits(config.data)
     config, adapted = fit_sizes(config, splits, sweep)
-    frames = {(group, seed): _rows(config, splits, group, seed) for group, seed in {(s.group, s.seed) for s in specs}}
-    source = resolve_model_source(config.model, config.data.data_dir)
-    store = RunStore(config.results_dir)
-    store.check_writable()
-    _check_model(config, source, specs, len(splits.label_names))
     # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
     data = (fingerprint(splits.train, splits.dev), splits)
+    frames = {key: _rows(config, splits, *key) for key in dict.fromkeys((s.group, s.seed) for s in specs)}
+    source = resolve_model_source(config.model, config.data.data_dir)
+    _check_model(config, source, specs, len(splits.label_names))
+    store = RunStore(config.results_dir)
+    store.check_writable()
     dtype = str(compute_dtype).removeprefix("torch.")
-    runs = []
-    for spec in specs:
-        rows, name = frames[spec.group, spec.seed], run_id(spec, config.model)
-        runs.append(PlannedRun(spec, name, name, _planned_record(config, spec, rows, data, dtype), *rows, False))
+    runs = [PlannedRun(spec, _planned_record(config, spec, frames[spec.group, spec.seed], data, dtype),
+                       *frames[spec.group, spec.seed]) for spec in specs]
     if adapted:  # once every check has passed: the one line before anything trains
         _say(f"sizes adapted to the data: {adapted}")
     return _located(Plan(config, store, source, compute_dtype, runs))
@@ -181,13 +172,11 @@ def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.Da
     only) as its ``config`` event records it; then where its data was read from, its classes, and the labels of
     its eval rows (for paired tests). ``data``: (the fingerprint of the splits, the splits). The rate is ``None``
     while it waits for tuning."""
-    adapter = spec.adapter
+    adapter = asdict(spec.adapter) if spec.adapter else dict.fromkeys(f.name for f in fields(AdapterSettings))
     lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
     values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]),
               "data_fingerprint": data[0], "lr": lr, "seed": spec.seed, "compute_dtype": compute_dtype,
-              **asdict(config.train),
-              **{key: getattr(adapter, key) if adapter else None
-                 for key in ("rank", "alpha", "dropout", "targets", "modules_to_save", "rslora")}}
+              **asdict(config.train), **adapter}
     keys = [k for k in IDENTITY_KEYS if k != "rslora" or spec.group == SWEEP_GROUP]
     record = {"group": spec.group, "method": spec.method, **{key: values[key] for key in keys}}
     if spec.group == TUNE_GROUP:
@@ -281,8 +270,8 @@ def run_plan(plan: Plan) -> pd.DataFrame:
              "optimiser steps (progress lines estimate the time left: plan ETA)")
     if plan.config.tune.enabled:
         plan = _tuned(plan)
-    plan = _run_stage(plan, (COMPARISON_GROUP,))
-    plan = _run_stage(plan, (SWEEP_GROUP,))
+    plan = _run_stage(plan, COMPARISON_GROUP)
+    plan = _run_stage(plan, SWEEP_GROUP)
     return plan.store.summary([run.run_id for run in plan.runs])
 
 
@@ -293,9 +282,9 @@ GRID_WIDENINGS = 3
 def _tuned(plan: Plan) -> Plan:
     """Train the tuning runs, then the plan with every other run's rate chosen from their records (so that a resumed
     experiment picks the same rates without training again). A grid whose winner sits on its edge is first widened
-    (:func:`widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
+    (:func:`~peft_utils.tuning.widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
     for widenings in range(GRID_WIDENINGS + 1):
-        plan = _run_stage(plan, (TUNE_GROUP,))
+        plan = _run_stage(plan, TUNE_GROUP)
         rates = choose_learning_rates(plan.store.summary([r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]))
         grid = dict(plan.config.tune.grid)
         for series, rate in rates.items():
@@ -304,38 +293,21 @@ def _tuned(plan: Plan) -> Plan:
         if grid == plan.config.tune.grid or widenings == GRID_WIDENINGS:
             break
         _say("a tuned rate sits on its grid's edge; grids widened: " + "; ".join(
-            f"{method} " + ", ".join(f"{rate:g}" for rate in grid[method])
-            for method in dict.fromkeys(get_method(m).name for m in plan.config.methods)))
+            f"{method} " + ", ".join(f"{rate:g}" for rate in grid[method]) for method in plan.config.methods))
         plan = _with_grid(plan, grid)
-    runs = [replace(run, record={**run.record, "lr": rates[spec_series(run.spec)]}) if run.record["lr"] is None
+    runs = [replace(run, record={**run.record, "lr": rates[run.spec.series]}) if run.record["lr"] is None
             else run for run in plan.runs]
-    chosen = {spec_series(r.spec): r.record["lr"] for r in runs if r.spec.group != TUNE_GROUP}
+    chosen = {r.spec.series: r.record["lr"] for r in runs if r.spec.group != TUNE_GROUP}
     _say("learning rates chosen on held-out train rows: " + ", ".join(f"{s} {lr:g}" for s, lr in chosen.items()))
     return _located(replace(plan, runs=runs))
-
-
-def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | None:
-    """The grid with one more rate past the edge ``chosen`` sits on (a step of the grid's own ratio there, three
-    significant digits), or ``None`` when ``chosen`` lies inside it: a best rate at the edge is only the best of
-    those tried, and a method compared short of its optimum is compared unfairly. Grids of under three rates are
-    short lists, not brackets, and are not widened."""
-    rates = sorted(grid)
-    if len(rates) < 3 or rates[0] < chosen < rates[-1]:
-        return None
-    if chosen == rates[0]:
-        return (float(f"{rates[0] * rates[0] / rates[1]:.3g}"), *rates)
-    return (*rates, float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}"))
 
 
 def _with_grid(plan: Plan, grid: dict[str, tuple[float, ...]]) -> Plan:
     """The plan with a tuning run per rate of ``grid``: each series' and seed's tuning run at each rate (its data
     and settings are the same, the rate aside), read from the folder as it is now."""
     templates = {replace(run.spec, lr=None): run for run in plan.runs if run.spec.group == TUNE_GROUP}
-    runs = []
-    for template, run in templates.items():
-        for rate in grid[template.method]:
-            spec = replace(template, lr=rate)
-            runs.append(replace(run, spec=spec, name=run_id(spec, plan.config.model), record={**run.record, "lr": rate}))
+    runs = [replace(run, spec=replace(template, lr=rate), record={**run.record, "lr": rate})
+            for template, run in templates.items() for rate in grid[template.method]]
     config = replace(plan.config, tune=replace(plan.config.tune, grid=grid))
     return _located(replace(plan, config=config, runs=runs + [r for r in plan.runs if r.spec.group != TUNE_GROUP]))
 
@@ -353,27 +325,24 @@ def _say(line: str) -> None:
         print(line, flush=True)
 
 
-def _run_stage(plan: Plan, groups: tuple[str, ...]) -> Plan:
-    """The plan after training the runs of ``groups``, with the stage's workers (``sweep_workers`` for the grid,
+def _run_stage(plan: Plan, group: str) -> Plan:
+    """The plan after training the runs of ``group``, with the stage's workers (``sweep_workers`` for the grid,
     else ``workers``) beside this process; the runs' records say how many ran at once."""
     config = plan.config
-    workers = config.sweep.workers if groups == (SWEEP_GROUP,) and config.sweep.workers else config.train.workers
+    workers = config.sweep.workers if group == SWEEP_GROUP and config.sweep.workers else config.train.workers
     staged = replace(plan, config=replace(config, train=replace(config.train, workers=workers)))
-    job = functools.partial(_train_stage, staged, groups)
-    with workers_beside(job, workers if _has_work(staged, groups) else 1, resolve_device(config.train.device).type):
-        staged = _train_stage(staged, groups)
+    job = functools.partial(_train_stage, staged, group)
+    has_work = any(run.spec.group == group and not run.complete for run in plan.runs)
+    with workers_beside(job, workers if has_work else 1, resolve_device(config.train.device).type):
+        staged = _train_stage(staged, group)
     return replace(staged, config=config)
 
 
-def _has_work(plan: Plan, groups: tuple[str, ...]) -> bool:
-    return any(run.spec.group in groups and not run.complete for run in plan.runs)
-
-
-def _train_stage(plan: Plan, groups: tuple[str, ...]) -> Plan:
-    """Train the runs of ``groups``, passing over those another process is training, then wait for those; the plan
+def _train_stage(plan: Plan, group: str) -> Plan:
+    """Train the runs of ``group``, passing over those another process is training, then wait for those; the plan
     as the folder now holds it. The runs already complete are named in one line: a re-run of a finished experiment
     says so once."""
-    stage = [index for index, run in enumerate(plan.runs) if run.spec.group in groups]
+    stage = [index for index, run in enumerate(plan.runs) if run.spec.group == group]
     done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
     if done:  # named while they fit on a line
         names = ": " + ", ".join(done) if len(done) <= 4 else ""
@@ -394,7 +363,7 @@ def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
     waited for instead, and trained here if that process died first)."""
     run, store = plan.runs[index], plan.store
     position = f"{worker_label()}run {index + 1}/{len(plan.runs)}"
-    if run.complete:  # named by _run_stage
+    if run.complete:  # named by _train_stage
         store.mark_asked(run.run_id)  # the folder's default view shows the setting asked for last
         return True
     if wait and not store.is_complete(run.run_id):
@@ -437,8 +406,8 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str, steps_after: int)
                                    run.run_id)
     adapter = run.spec.adapter or config.adapter
     memory_plan = plan_for_device(plan.model_source, method, config.train, adapter, accelerator, name=config.model)
-    if memory_plan is not None and accelerator.is_main_process:
-        print(f"memory plan: {memory_plan.reason}")
+    if memory_plan is not None:
+        _say(f"memory plan: {memory_plan.reason}")
     run_info = {**run.record, "run_id": run.run_id, "profile": config.profile}
     if config.tune.enabled and run.spec.group != TUNE_GROUP:
         run_info["lr_source"] = TUNE_GROUP  # chosen by the tuning runs of this results folder

@@ -2,6 +2,8 @@
 and whether its frozen base is 4-bit; what trains, what is shipped and how it is drawn follow from that."""
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -63,6 +65,15 @@ def targets_label(targets: object) -> str:
     if isinstance(targets, str):
         return targets
     return "+".join(str(item) for item in targets)
+
+
+def targets_slug(targets: object) -> str:
+    """A target set in a file name: its :func:`targets_label` where that is one, else (a regex) ``re-`` and the
+    first 8 hex digits of the label's SHA-1."""
+    label = targets_label(targets)
+    if re.fullmatch(r"[A-Za-z0-9_.+-]*", label):
+        return label
+    return "re-" + hashlib.sha1(label.encode()).hexdigest()[:8]
 
 
 def series_name(method: str, targets: object = None) -> str:

@@ -67,3 +67,15 @@ def choose_learning_rates(tune_runs: pd.DataFrame | Sequence[dict]) -> dict[str,
     chosen = scores[scores["chosen"]]
     return {str(series): float(lr) for series, lr in zip(chosen["series"], chosen["lr"])}
 
+
+def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | None:
+    """The grid with one more rate past the edge ``chosen`` sits on (a step of the grid's own ratio there, three
+    significant digits), or ``None`` when ``chosen`` lies inside it: a best rate at the edge is only the best of
+    those tried, and a method compared short of its optimum is compared unfairly. Grids of under three rates are
+    short lists, not brackets, and are not widened."""
+    rates = sorted(grid)
+    if len(rates) < 3 or rates[0] < chosen < rates[-1]:
+        return None
+    if chosen == rates[0]:
+        return (float(f"{rates[0] * rates[0] / rates[1]:.3g}"), *rates)
+    return (*rates, float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}"))

@@ -7,7 +7,7 @@ import pytest
 from peft_utils import experiment
 from peft_utils.config import TUNE, make_config
 from peft_utils.experiment import plan_experiment, run_comparison
-from peft_utils.methods import series_method, series_name, targets_label
+from peft_utils.methods import series_method, series_name, targets_label, targets_slug
 from peft_utils.store import TUNE_GROUP, RunStore, read_events, setting_id
 from peft_utils.tuning import choose_learning_rates
 
@@ -38,7 +38,7 @@ def test_each_adapter_method_runs_on_each_set_and_full_fine_tuning_once(tmp_path
         "comparison-qlora-r4-a8-s0-random-gpt2-tiny", "comparison-qlora-all-linear-r4-a8-s0-random-gpt2-tiny",
     ]
     assert len(plan.runs) == 10 and {r.record["targets"] for r in plan.runs} == {None, "all-linear"}
-    assert experiment.targets_slug("h\\.0\\..*") == "re-" + __import__("hashlib").sha1(b"h\\.0\\..*").hexdigest()[:8]
+    assert targets_slug("h\\.0\\..*") == "re-" + __import__("hashlib").sha1(b"h\\.0\\..*").hexdigest()[:8]
 
 
 def test_a_target_set_that_matches_nothing_names_itself(tmp_path, sst2_dir):

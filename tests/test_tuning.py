@@ -7,9 +7,9 @@ import pytest
 from peft_utils import experiment
 from peft_utils.config import TUNE, make_config
 from peft_utils.data import hold_out, load_sst2
-from peft_utils.experiment import plan_experiment, run_comparison, widened_grid
+from peft_utils.experiment import plan_experiment, run_comparison
 from peft_utils.store import TUNE_GROUP, RunStore, read_events
-from peft_utils.tuning import EVAL_SPLIT, choose_learning_rates, learning_rate_scores, tuning_rows
+from peft_utils.tuning import EVAL_SPLIT, choose_learning_rates, learning_rate_scores, tuning_rows, widened_grid
 
 GRID = {"full": [1e-4, 3e-3], "lora": [1e-3, 3e-2]}
 
