@@ -4,7 +4,7 @@ Full fine-tuning and LoRA train on a few train sizes for several epochs, one res
 (``<root>/n250``, ``<root>/n1000``, ...); this module reads the records by the rule written down before the first run:
 
 - Δ(n): LoRA minus full fine-tuning dev accuracy at n rows, paired by seed, its interval resampling seeds and
-  sentences (:func:`~peft_utils.stats.paired_bootstrap`);
+  sentences (:func:`~peft_utils.stats.crossed_bootstrap`);
 - *supported* when Δ(smallest) lies wholly above 0 and Δ(smallest) - Δ(largest) too (seeds resampled per size,
   the shared dev sentences once: :func:`~peft_utils.stats.crossed_bootstrap`); *refuted* when Δ's upper bound is
   below the margin at the two smallest sizes; else *undecided*;
@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from .formatting import format_p_value, format_points
-from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_bootstrap, paired_differences,
-                    paired_matrices, recorded_labels, runs_in_group, seed_correctness, summarise_resamples)
+from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_differences, paired_matrices,
+                    recorded_labels, runs_in_group, seed_correctness)
 from .store import COMPARISON_GROUP, Results, RunStore
 
 FULL, LORA = "full", "lora:all-linear"  # the primary pair: full fine-tuning against LoRA on every linear layer
@@ -65,17 +65,15 @@ def size_result(results: Results, pair: tuple[str, str] = (LORA, FULL)) -> SizeR
     matrices = paired_matrices(seed_correctness(comparison, recorded_labels(comparison)), pair)
     if not matrices:
         return None
-    accuracy = {series: summarise_resamples(float(matrix.mean()),
-                                            crossed_bootstrap([matrix], [1.0], PAIRED_RESAMPLES, seed=0))
-                for series, matrix in zip(pair, matrices)}
+    accuracy = {series: crossed_bootstrap([matrix], [1.0], PAIRED_RESAMPLES) for series, matrix in zip(pair, matrices)}
+    differences = paired_differences(*matrices)
     return SizeResult(int(comparison["train_size"].iloc[0]), len(matrices[0]), int(comparison["epochs"].iloc[0]),
-                      accuracy, paired_bootstrap(*matrices, PAIRED_RESAMPLES, seed=0), paired_differences(*matrices))
+                      accuracy, crossed_bootstrap([differences], [1.0], PAIRED_RESAMPLES), differences)
 
 
 def shrinking(small: SizeResult, large: SizeResult) -> PairedDifference:
     """Δ(small) - Δ(large): each size's seeds resampled on their own, the shared dev sentences once."""
-    resamples = crossed_bootstrap([small.differences, large.differences], [1.0, -1.0], PAIRED_RESAMPLES, seed=0)
-    return summarise_resamples(small.delta.difference - large.delta.difference, resamples)
+    return crossed_bootstrap([small.differences, large.differences], [1.0, -1.0], PAIRED_RESAMPLES)
 
 
 def rule_reading(sizes: Sequence[SizeResult]) -> str:
@@ -115,8 +113,7 @@ def overfitting_reading(losses: pd.DataFrame, pair: tuple[str, str] = (FULL, LOR
     table = climbs(losses).pivot(index="seed", columns="series")
     paired = table.dropna()
     difference = (paired["climb"][pair[0]] - paired["climb"][pair[1]]).to_numpy()
-    resamples = crossed_bootstrap([difference[:, np.newaxis]], [1.0], PAIRED_RESAMPLES, seed=0)
-    result = summarise_resamples(float(difference.mean()), resamples)
+    result = crossed_bootstrap([difference[:, np.newaxis]], [1.0], PAIRED_RESAMPLES)
     full_climb = paired["climb"][pair[0]].mean()
     keeps_falling = paired["train_falls"][pair[0]].astype(float).mean() > 0.5
     if full_climb >= CLIMB and keeps_falling and result.low > 0:
@@ -130,7 +127,6 @@ class Curve(NamedTuple):
     sizes: list[SizeResult]
     large: SizeResult | None
     losses: pd.DataFrame
-    smallest: int | None
 
 
 def read_curve(root: str | Path, large_end: str | Path | None = None) -> Curve:
@@ -138,34 +134,29 @@ def read_curve(root: str | Path, large_end: str | Path | None = None) -> Curve:
     loaded = {rows: RunStore(folder).load() for rows, folder in size_folders(root).items()}
     sizes = [result for result in map(size_result, loaded.values()) if result is not None]
     large = size_result(RunStore(large_end).load()) if large_end else None
-    smallest = sizes[0].rows if sizes else None
-    losses = epoch_losses(loaded[smallest]) if sizes else pd.DataFrame(columns=["series", "seed", "epoch", "loss"])
-    return Curve(sizes, large, losses, smallest)
+    losses = epoch_losses(loaded[sizes[0].rows]) if sizes else pd.DataFrame(columns=["series", "seed", "epoch", "loss"])
+    return Curve(sizes, large, losses)
 
 
 def curve_markdown(curve: Curve) -> str:
-    """The table of Δ(n), the rule's reading, Δ(smallest) - Δ(largest) and the overfitting reading, as Markdown."""
+    """As Markdown: per size, each method's accuracy and Δ with their intervals in points; the rule's reading,
+    Δ(smallest) - Δ(largest) and the overfitting reading."""
     from .report import markdown_table
 
-    lines = [markdown_table(curve_table(curve.sizes + ([curve.large] if curve.large else []))),
-             f"Rule: **{rule_reading(curve.sizes)}**."]
+    table = pd.DataFrame([{"train rows": f"{s.rows:,}", "epochs": s.epochs, "seeds": s.seeds,
+                           "full fine-tuning %": _interval(s.accuracy[FULL]),
+                           "LoRA (all-linear) %": _interval(s.accuracy[LORA]),
+                           "Δ LoRA − full, pt": _interval(s.delta, signed=True), "p": f"{s.delta.p_value:.2g}"}
+                          for s in curve.sizes + ([curve.large] if curve.large else [])])
+    lines = [markdown_table(table), f"Rule: **{rule_reading(curve.sizes)}**."]
     if len(curve.sizes) >= 2:
         lines.append(f"Δ({curve.sizes[0].rows:,}) − Δ({curve.sizes[-1].rows:,}): "
                      f"{_points(shrinking(curve.sizes[0], curve.sizes[-1]))} points.")
     if {FULL, LORA} <= set(curve.losses["series"]):
         reading, climb = overfitting_reading(curve.losses)
-        lines.append(f"Overfitting at {curve.smallest:,} rows: **{reading}** (full fine-tuning's dev-loss climb "
+        lines.append(f"Overfitting at {curve.sizes[0].rows:,} rows: **{reading}** (full fine-tuning's dev-loss climb "
                      f"less LoRA's: {_points(climb, loss=True)}).")
     return "\n\n".join(lines)
-
-
-def curve_table(sizes: Sequence[SizeResult]) -> pd.DataFrame:
-    """One row per size: rows, seeds, epochs, each method's accuracy and Δ with their intervals, in points."""
-    return pd.DataFrame([{"train rows": f"{s.rows:,}", "epochs": s.epochs, "seeds": s.seeds,
-                          "full fine-tuning %": _interval(s.accuracy[FULL]),
-                          "LoRA (all-linear) %": _interval(s.accuracy[LORA]),
-                          "Δ LoRA − full, pt": _interval(s.delta, signed=True), "p": f"{s.delta.p_value:.2g}"}
-                         for s in sizes])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -190,23 +190,19 @@ def setting_rows(runs: pd.DataFrame, shown: Sequence[str] = ()) -> pd.DataFrame:
     return table.reset_index().sort_values("series", key=lambda s: s.map(order), kind="stable", ignore_index=True)
 
 
-def settings_text(results_dir: str | Path) -> str:
-    """:func:`format_settings` as text when a series in ``results_dir`` holds several settings, else ``""``."""
+def settings_text(results_dir: str | Path, markdown: bool = False) -> str:
+    """:func:`format_settings` of ``results_dir``: as Markdown for the notebook, which also says when every series
+    holds one setting; as text for a terminal only when a series holds several, else ``""``."""
     table = settings_table(results_dir)
-    if not table["series"].duplicated().any():
-        return ""
-    return (f"Settings tried in {results_dir} (*: each series' setting asked for last, the one tables and figures "
-            f"show unless told which runs):\n{format_settings(table).to_string(index=False)}")
-
-
-def settings_markdown(results_dir: str | Path) -> str:
-    """:func:`format_settings` of ``results_dir`` as Markdown, for the notebook."""
-    table = settings_table(results_dir)
+    several = table["series"].duplicated().any()
+    if not markdown:
+        return (f"Settings tried in {results_dir} (*: each series' setting asked for last, the one tables and figures "
+                f"show unless told which runs):\n{format_settings(table).to_string(index=False)}") if several else ""
     if table.empty:
         return "(no comparison run yet)"
-    note = "" if table["series"].duplicated().any() else "One setting per method so far. "
-    return (f"{note}Settings tried in `{results_dir}`; * marks the ones the tables and figures above show.\n\n"
-            + markdown_table(format_settings(table)))
+    return ("" if several else "One setting per method so far. ") + (
+        f"Settings tried in `{results_dir}`; * marks the ones the tables and figures above show.\n\n"
+        + markdown_table(format_settings(table)))
 
 
 def markdown_table(frame: pd.DataFrame, right: Container[int] = ()) -> str:

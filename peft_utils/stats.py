@@ -160,20 +160,23 @@ def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarr
     designs (Owen, 2007, *Annals of Applied Statistics* 1(2), 386-411), conservative where a factor carries no
     variance; with one seed, the ordinary paired bootstrap. Deterministic for a ``seed``.
     """
-    differences = paired_differences(correct_a, correct_b)
-    resamples = crossed_bootstrap([differences], [1.0], n_resamples, seed)
-    return summarise_resamples(float(differences.mean()), resamples, confidence)
+    return crossed_bootstrap([paired_differences(correct_a, correct_b)], [1.0], n_resamples, seed, confidence)
 
 
 def crossed_bootstrap(differences: Sequence[np.ndarray], weights: Sequence[float], n_resamples: int = 10_000,
-                      seed: int = 0) -> np.ndarray:
-    """Resamples of ``sum_i weights[i] * mean(differences[i])``, each an ``(n_seeds_i, n_sentences)`` matrix over the
-    same sentences: each matrix's seeds resampled on their own (different runs), the sentences once for all. Weights
-    1 and -1 compare two differences, e.g. LoRA - full at 250 rows against the same at 4,000.
+                      seed: int = 0, confidence: float = 0.95) -> PairedDifference:
+    """``sum_i weights[i] * mean(differences[i])``, each an ``(n_seeds_i, n_sentences)`` matrix over the same
+    sentences, with :func:`summarise_resamples` of its :func:`crossed_resamples`. Weights 1 and -1 compare two
+    differences, e.g. LoRA - full at 250 rows against the same at 4,000."""
+    estimate = sum(weight * float(matrix.mean()) for matrix, weight in zip(differences, weights))
+    return summarise_resamples(estimate, crossed_resamples(differences, weights, n_resamples, seed), confidence)
 
-    A resample's mean is ``(seed counts) @ D @ (sentence counts) / (k n)``: no index matrix is built, and resamples
-    are drawn in chunks to bound memory.
-    """
+
+def crossed_resamples(differences: Sequence[np.ndarray], weights: Sequence[float], n_resamples: int,
+                      seed: int) -> np.ndarray:
+    """Resamples of :func:`crossed_bootstrap`'s estimate: each matrix's seeds resampled on their own (different
+    runs), the sentences once for all. A resample's mean is ``(seed counts) @ D @ (sentence counts) / (k n)``: no
+    index matrix is built, and resamples are drawn in chunks to bound memory."""
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive whole number, got {n_resamples!r}")
     n_sentences = differences[0].shape[1]

@@ -26,8 +26,8 @@ from peft_utils.formatting import format_bytes, format_count, format_seconds  # 
 from peft_utils.data import load_sst2  # noqa: E402
 from peft_utils.methods import METHOD_NAMES  # noqa: E402
 from peft_utils.plots import footnote, style  # noqa: E402
-from peft_utils.store import Results, RunRecorder, RunStore  # noqa: E402
-from peft_utils.stats import ema_smooth, wilson_interval  # noqa: E402
+from peft_utils.store import COMPARISON_GROUP, Results, RunRecorder, RunStore  # noqa: E402
+from peft_utils.stats import ema_smooth, runs_in_group, wilson_interval  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPARISON_PNGS = {"loss.png", "accuracy.png", "cost.png", "pareto.png"}
@@ -386,7 +386,7 @@ def test_tune_runs_never_enter_comparison_figures(tmp_path: Path) -> None:
     loaded = RunStore(results_dir).load()
     tune = tune_runs_table(("full", "lora", "dora"))
     results = Results(pd.concat([loaded.runs, tune], ignore_index=True), loaded.steps, loaded.evals)
-    comparison = style.comparison_runs(results.runs)
+    comparison = runs_in_group(results.runs, COMPARISON_GROUP)
     assert set(comparison["run_id"]) == set(loaded.runs["run_id"])
     assert list(style.method_summary(comparison).index) == ["full", "lora"]  # no DoRA: it was only tuned
     assert plots.plot_sweep(results, tmp_path / "imgs") is None

@@ -11,7 +11,7 @@ from scipy import stats as scipy_stats
 from peft_utils.stats import (
     accuracy_interval,
     comparison_pairs,
-    crossed_bootstrap,
+    crossed_resamples,
     ema_span,
     paired_bootstrap,
     paired_comparisons,
@@ -136,13 +136,13 @@ def test_bootstrap_counts_the_spread_between_seeds() -> None:
     a, b = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
     crossed = paired_bootstrap(a, b)
     # seeds averaged first, then sentences resampled (the earlier cluster bootstrap): the seeds' spread is lost
-    sentences_only = crossed_bootstrap([paired_differences(a, b).mean(axis=0, keepdims=True)], [1.0])
+    sentences_only = crossed_resamples([paired_differences(a, b).mean(axis=0, keepdims=True)], [1.0], 10_000, 0)
     width = np.subtract(*np.quantile(sentences_only, [0.975, 0.025]))
     assert crossed.difference == pytest.approx(sentences_only.mean(), abs=0.002)
     assert crossed.high - crossed.low > 1.5 * width
 
 
-def test_crossed_bootstrap_matches_resampling_cells_by_index() -> None:
+def test_crossed_resamples_match_resampling_cells_by_index() -> None:
     """The count-weighted mean equals an explicit draw of seed and sentence indices: the same distribution from an
     independent, direct implementation of the pigeonhole bootstrap (Owen 2007)."""
     rng = np.random.default_rng(11)
@@ -151,13 +151,13 @@ def test_crossed_bootstrap_matches_resampling_cells_by_index() -> None:
     for r in range(len(direct)):
         seeds, sentences = rng.integers(0, 3, 3), rng.integers(0, 300, 300)
         direct[r] = matrix[np.ix_(seeds, sentences)].mean()
-    ours = crossed_bootstrap([matrix], [1.0], 20_000, seed=0)
+    ours = crossed_resamples([matrix], [1.0], 20_000, seed=0)
     assert np.quantile(ours, [0.025, 0.5, 0.975]) == pytest.approx(np.quantile(direct, [0.025, 0.5, 0.975]), abs=0.004)
     assert ours.std() == pytest.approx(direct.std(), rel=0.05)
     # Two matrices with weights 1 and -1: their seeds resampled apart, sentences together; the centre is the
     # difference of the two means.
     other = matrix[::-1] * 0.5
-    contrast = crossed_bootstrap([matrix, other], [1.0, -1.0], 20_000, seed=1)
+    contrast = crossed_resamples([matrix, other], [1.0, -1.0], 20_000, seed=1)
     assert contrast.mean() == pytest.approx(matrix.mean() - other.mean(), abs=0.003)
 
 

@@ -11,12 +11,12 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 from peft_utils.formatting import format_paired_difference
 from peft_utils.methods import ordered_methods, series_label
 from peft_utils.plots.footnote import count_range, dataset_name, save_with_footnote
-from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, comparison_runs, draw_seeds_and_mean, method_color,
-                                    method_marker, method_summary, new_figure, style_axes, zoom_accuracy_axis)
+from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, draw_seeds_and_mean, method_color, method_marker,
+                                    method_summary, new_figure, style_axes, zoom_accuracy_axis)
 from peft_utils.report import setting_rows
 from peft_utils.stats import (PAIRED_RESAMPLES, ema_smooth, ema_span, macro_f1_by_method, numeric_column,
-                              paired_statistics, run_series)
-from peft_utils.store import Results
+                              paired_statistics, run_series, runs_in_group)
+from peft_utils.store import COMPARISON_GROUP, Results
 
 
 def _recorded_rows(frame: pd.DataFrame, runs: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -31,7 +31,7 @@ def plot_loss(results: Results, out_dir: str | Path) -> Path | None:
     artefact is not taken for a difference) and dev accuracy at each evaluation, a line per series, means over
     seeds. Why the accuracy too: whether a method was still climbing when training stopped, which the final number
     in accuracy.png hides."""
-    runs = comparison_runs(results.runs)
+    runs = runs_in_group(results.runs, COMPARISON_GROUP)
     steps = _recorded_rows(results.steps, runs, "loss")
     if steps.empty:
         return None
@@ -79,7 +79,7 @@ def plot_accuracy(results: Results, out_dir: str | Path) -> Path | None:
     the mean with its 95% interval; beside it the paired differences (:func:`~peft_utils.stats.paired_statistics`;
     else the reason in the footnote): per-method intervals overlap even where one method is reliably better on the
     same sentences."""
-    runs = comparison_runs(results.runs)
+    runs = runs_in_group(results.runs, COMPARISON_GROUP)
     table = method_summary(runs, "accuracy")
     if table.empty:
         return None
@@ -154,7 +154,8 @@ def plot_settings(results: Results, out_dir: str | Path) -> Path | None:
     re-run into the same folder): per adapter setting, its mean dev accuracy ± 1 sd over its seeds above a tick
     naming its rank and alpha (and id, where another setting shares both), so two settings are never averaged into
     one; ``None`` unless a series holds several settings."""
-    table = setting_rows(results.runs)
+    runs = runs_in_group(results.runs, COMPARISON_GROUP)
+    table = setting_rows(runs)
     table = table[table["rank"] > 0].reset_index(drop=True)
     if not table["series"].duplicated().any():
         return None
@@ -170,4 +171,4 @@ def plot_settings(results: Results, out_dir: str | Path) -> Path | None:
     fig.legend(loc="outside right upper", fontsize=8.5, frameon=False)
     notes = [f"One point per setting, {count_range(table['n_seeds'])} seed(s) each; settings listed by "
              "peft_utils.report.settings_table."]
-    return save_with_footnote(fig, Path(out_dir) / "settings.png", comparison_runs(results.runs), notes)
+    return save_with_footnote(fig, Path(out_dir) / "settings.png", runs, notes)

@@ -16,10 +16,10 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, NullLoca
 from peft_utils.formatting import format_bytes, format_seconds
 from peft_utils.methods import series_label
 from peft_utils.plots.footnote import dataset_name, save_with_footnote
-from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, comparison_runs, draw_seeds_and_mean, method_color,
-                                    method_marker, method_summary, new_figure, zoom_accuracy_axis)
-from peft_utils.stats import numeric_column, run_series
-from peft_utils.store import Results
+from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, draw_seeds_and_mean, method_color, method_marker,
+                                    method_summary, new_figure, zoom_accuracy_axis)
+from peft_utils.stats import numeric_column, run_series, runs_in_group
+from peft_utils.store import COMPARISON_GROUP, Results
 
 LOG_SPAN = 10.0  # a cost axis whose values span more than this factor is drawn on a log scale
 _FRONTIER_STYLE = {"color": "#333333", "linestyle": "--", "linewidth": 1.3}
@@ -54,7 +54,7 @@ def _cost_table(results: Results,
     """The comparison runs, their per-series summary (:func:`method_summary` with ``column``), the costs some series
     recorded and the notes they need: memory is left out when its kinds differ (a GPU's allocations and a process's
     RSS are not one quantity; a series whose seeds differ has "cuda+rss")."""
-    runs = comparison_runs(results.runs)
+    runs = runs_in_group(results.runs, COMPARISON_GROUP)
     table = method_summary(runs, column)
     costs = [cost for cost in COSTS if not table.empty and (table[cost.column] > 0).any()]
     kinds = set("+".join(table.loc[table["peak_memory_bytes"] > 0, "memory_kind"]).split("+")) if costs else set()

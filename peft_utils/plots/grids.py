@@ -12,9 +12,9 @@ from matplotlib.ticker import NullLocator, PercentFormatter
 from peft_utils.formatting import format_count
 from peft_utils.methods import ordered_methods, series_label
 from peft_utils.plots.footnote import count_range, distinct_texts, save_with_footnote
-from peft_utils.plots.style import comparison_runs, method_color, method_marker, new_figure
+from peft_utils.plots.style import method_color, method_marker, new_figure
 from peft_utils.stats import numeric_column, optional_column, run_series, runs_in_group
-from peft_utils.store import SWEEP_GROUP, TUNE_GROUP, Results
+from peft_utils.store import COMPARISON_GROUP, SWEEP_GROUP, TUNE_GROUP, Results
 from peft_utils.tuning import learning_rate_scores
 
 # How far below the best held-out scores the accuracy axis reaches, in points: a rate that diverged to chance sits on
@@ -47,7 +47,7 @@ def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
     axes[0].set_yticks(range(len(ranks)), [f"{r:g} ({format_count(params.get(r))})" for r in ranks])
     axes[0].set_ylabel("LoRA rank r (trainable parameters)")
     notes = [f"Cells: mean dev accuracy over {count_range(cells['size'])} seed(s); blank cells were not run."]
-    comparison = comparison_runs(results.runs)
+    comparison = runs_in_group(results.runs, COMPARISON_GROUP)
     full = comparison[optional_column(comparison, "method").eq("full")]
     if not full.empty:
         rows = [" / ".join(f"{n:,.0f}" for n in sorted(set(numeric_column(frame, "train_size").dropna()))) or "?"

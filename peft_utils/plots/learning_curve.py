@@ -20,7 +20,7 @@ def plot_learning_curve(curve: Curve, out_dir: str | Path) -> Path:
     fig, (left, right) = new_figure(11.5, 4.6, "Does full fine-tuning overfit small data? LoRA (all linear layers) "
                                     "against full fine-tuning", ncols=2, width_ratios=[1.15, 1])
     _draw_accuracy(left, curve.sizes, curve.large)
-    _draw_losses(right, curve.losses, curve.smallest)
+    _draw_losses(right, curve.losses, curve.sizes[0].rows if curve.sizes else None)
     return save_figure(fig, Path(out_dir) / "learning_curve.png")
 
 

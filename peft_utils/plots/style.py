@@ -1,5 +1,5 @@
 """What every figure shares, so that "LoRA is orange" holds across every PNG: colours and markers of *series* (a
-method on a target set, ``"lora"`` or ``"lora:all-linear"``), the runs a figure draws, its frame and axes."""
+method on a target set, ``"lora"`` or ``"lora:all-linear"``), a figure's frame and axes."""
 from __future__ import annotations
 
 import textwrap
@@ -13,8 +13,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 
 from peft_utils.methods import ordered_methods, series_method
-from peft_utils.stats import numeric_column, per_method_summary, run_series, runs_in_group
-from peft_utils.store import COMPARISON_GROUP
+from peft_utils.stats import numeric_column, per_method_summary, run_series
 
 # Okabe-Ito palette: distinguishable with the common colour-vision deficiencies and in greyscale print.
 METHOD_COLORS: dict[str, str] = {"full": "#0072B2", "lora": "#E69F00", "dora": "#009E73", "qlora": "#CC79A7",
@@ -37,11 +36,6 @@ def method_color(series: str) -> str:
 
 def method_marker(series: str) -> str:
     return METHOD_MARKERS[series_method(str(series))]
-
-
-def comparison_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs of the method comparison (sweep and tuning runs get their own figures)."""
-    return runs_in_group(runs, COMPARISON_GROUP)
 
 
 def method_summary(runs: pd.DataFrame, column: str | None = None) -> pd.DataFrame:
