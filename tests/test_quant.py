@@ -46,7 +46,7 @@ def quantized_layers(model):
 def linear4bit(weight: torch.Tensor, bias: torch.Tensor, double_quant: bool = True):
     """A bnb Linear4bit quantised from ``weight`` (out, in) the documented way: moving it to a device."""
     out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, dtype=torch.float32, quant_type="nf4",
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.float32, quant_type="nf4",
                               compress_statistics=double_quant)
     layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4",
                                      compress_statistics=double_quant)
@@ -295,7 +295,7 @@ def test_prepare_for_kbit_training(tiny_dir):
 def test_prepare_does_not_upcast_float_packed_storage():
     """With a float quant_storage (used for FSDP) the packed weight *is* a bf16 tensor: it must stay as it is."""
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(64, 64, dtype=torch.float32, quant_type="nf4", quant_storage=torch.bfloat16)
+    layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4", quant_storage=torch.bfloat16)
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4",
                                      quant_storage=torch.bfloat16)
     model = nn.Sequential(layer.to("cpu"), nn.LayerNorm(64).to(torch.bfloat16))
