@@ -353,14 +353,14 @@ def export_merged(
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
-    _write_atomically(folder, write)
+    write_atomically(folder, write)
     difference = (class_logits(plain, tokenizer, check_texts) - class_logits(model, tokenizer, check_texts)).abs().max().item()
     return MergedExport(folder, _saved_bytes(folder, "config.json", "model*.safetensors*"), difference)
 
 
-def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
     """``write`` into a new folder beside ``folder``, then swap it in by two renames (Linux cannot rename over a
-    non-empty folder): a reader never sees a half-written or mixed checkpoint, and a failure leaves ``folder``."""
+    non-empty folder): a reader never sees a half-written or mixed folder, and a failure leaves ``folder``."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging, aside = (folder.parent / f".{folder.name}.{kind}-{uuid.uuid4().hex[:8]}" for kind in ("new", "old"))
     staging.mkdir()

