@@ -103,7 +103,7 @@ def base_model(spec: Spec, workdir: Path, quantized: bool) -> nn.Module:
         return random_gpt2(spec.model, seed=0) if spec.family == "gpt2" else load_model("minilm")[0]
     source = saved_gpt2(spec.model, workdir) if spec.family == "gpt2" else "minilm"
     compute = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
-    return load_model(str(source), compute, quantized=True, device_map={"": str(resolve_device(spec.device))})[0]
+    return load_model(str(source), dtype=compute, quantized=True, device_map={"": str(resolve_device(spec.device))})[0]
 
 
 def non_embedding_parameters(spec: Spec) -> int:

@@ -248,18 +248,17 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     """Inject the peft LoRA/DoRA adapter saved in ``folder`` (by peft or :func:`save_adapters`) into ``model``: the
     files are checked first, the tensors against the adapted model, and a failure leaves the model as it was."""
     config, saved = _read_adapter(Path(folder))
-    if any(True for _ in adapter_layers(model)):
-        raise ValueError("model already has adapters; load into a fresh model")
+    # a string target_modules is a regex in peft (re.fullmatch), whatever it looks like
+    targets = config["target_modules"]
+    targets = re.compile(targets) if isinstance(targets, str) else targets
+    # the head trains and is saved anyway; peft's SEQ_CLS lists both families' heads ('classifier', 'score')
+    extra = [name for name in config.get("modules_to_save") or [] if name not in head_modules(model_type(model))]
+    settings = {setting: config.get(key, default) for setting, (key, default) in PEFT_SETTINGS.items()}
+    method = "dora" if config.get("use_dora", False) else "lora"
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    # refuses a model that has adapters, and leaves the model as it was when it refuses the settings
+    apply_adapters(model, method, targets, modules_to_save=extra, **settings)
     try:
-        # a string target_modules is a regex in peft (re.fullmatch), whatever it looks like
-        targets = config["target_modules"]
-        targets = re.compile(targets) if isinstance(targets, str) else targets
-        # the head trains and is saved anyway; peft's SEQ_CLS lists both families' heads ('classifier', 'score')
-        extra = [name for name in config.get("modules_to_save") or [] if name not in head_modules(model_type(model))]
-        settings = {setting: config.get(key, default) for setting, (key, default) in PEFT_SETTINGS.items()}
-        method = "dora" if config.get("use_dora", False) else "lora"
-        apply_adapters(model, method, targets, modules_to_save=extra, **settings)
         expected = adapter_state_dict(model)
         _check_fits(expected, saved)
         with torch.no_grad():
@@ -354,8 +353,9 @@ def export_merged(
         tokenizer.save_pretrained(staging)
 
     write_atomically(folder, write)
-    difference = (class_logits(plain, tokenizer, check_texts) - class_logits(model, tokenizer, check_texts)).abs().max().item()
-    return MergedExport(folder, _saved_bytes(folder, "config.json", "model*.safetensors*"), difference)
+    merged, unmerged = (class_logits(m, tokenizer, check_texts) for m in (plain, model))
+    return MergedExport(folder, _saved_bytes(folder, "config.json", "model*.safetensors*"),
+                        (merged - unmerged).abs().max().item())
 
 
 def write_atomically(folder: Path, write: Callable[[Path], None]) -> None:

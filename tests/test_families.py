@@ -294,7 +294,7 @@ def build(method: str, folder: Path):
         model, tokenizer = load_model(folder)
         return model.requires_grad_(True), tokenizer
     if method in ("qlora", "qdora"):
-        model, tokenizer = load_model(folder, torch.float32, quantized=True, device_map={"": "cpu"})
+        model, tokenizer = load_model(folder, dtype=torch.float32, quantized=True, device_map={"": "cpu"})
         prepare_for_kbit_training(model)
     else:
         model, tokenizer = load_model(folder)
