@@ -4,11 +4,9 @@ Adapters are written and read in peft's LoRA format (``adapter_config.json`` + `
 peft, transformers' ``load_adapter``, vLLM and TGI load ours, and :func:`load_adapters` loads theirs. The layouts
 agree without conversion: peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's ``Conv1D`` too (its
 ``fan_in_fan_out`` only says the *base* weight is transposed); the trained head is peft's ``modules_to_save``.
-Loading checks the weight file against the adapted model (names and shapes), and undoes the injection on a failure.
 
-:func:`export_merged` folds the adapters into a plain transformers checkpoint; a 4-bit base is dequantised and
-merged in float32, then saved in 16/32-bit (re-quantising would round the update away). A damaged file is a
-``ValueError`` naming it.
+:func:`export_merged` folds the adapters into a plain transformers checkpoint in 16/32-bit (re-quantising a 4-bit
+base would round the update away). A damaged file is a ``ValueError`` naming it.
 """
 from __future__ import annotations
 
@@ -248,17 +246,18 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     """Inject the peft LoRA/DoRA adapter saved in ``folder`` (by peft or :func:`save_adapters`) into ``model``: the
     files are checked first, the tensors against the adapted model, and a failure leaves the model as it was."""
     config, saved = _read_adapter(Path(folder))
-    # a string target_modules is a regex in peft (re.fullmatch), whatever it looks like
-    targets = config["target_modules"]
-    targets = re.compile(targets) if isinstance(targets, str) else targets
-    # the head trains and is saved anyway; peft's SEQ_CLS lists both families' heads ('classifier', 'score')
-    extra = [name for name in config.get("modules_to_save") or [] if name not in head_modules(model_type(model))]
-    settings = {setting: config.get(key, default) for setting, (key, default) in PEFT_SETTINGS.items()}
-    method = "dora" if config.get("use_dora", False) else "lora"
+    if any(True for _ in adapter_layers(model)):
+        raise ValueError("model already has adapters; load into a fresh model")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    # refuses a model that has adapters, and leaves the model as it was when it refuses the settings
-    apply_adapters(model, method, targets, modules_to_save=extra, **settings)
     try:
+        # a string target_modules is a regex in peft (re.fullmatch), whatever it looks like
+        targets = config["target_modules"]
+        targets = re.compile(targets) if isinstance(targets, str) else targets
+        # the head trains and is saved anyway; peft's SEQ_CLS lists both families' heads ('classifier', 'score')
+        extra = [name for name in config.get("modules_to_save") or [] if name not in head_modules(model_type(model))]
+        settings = {setting: config.get(key, default) for setting, (key, default) in PEFT_SETTINGS.items()}
+        method = "dora" if config.get("use_dora", False) else "lora"
+        apply_adapters(model, method, targets, modules_to_save=extra, **settings)
         expected = adapter_state_dict(model)
         _check_fits(expected, saved)
         with torch.no_grad():
