@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ UNSUPPORTED_UNLESS_DEFAULT = {
 # CorDA...) also rewrite the base weights, which a saved adapter alone cannot reproduce.
 PLAIN_INITS = (True, False, "gaussian")
 SEQ_CLS = "SEQ_CLS"
+T = TypeVar("T")
 PROBE_TEXTS = ("A gripping, beautifully acted film.", "Dull, predictable and far too long.")
 
 
@@ -140,7 +142,11 @@ def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -
         return save_adapters(model, folder)
     if any(True for _ in adapter_layers(model)):
         raise ValueError("method 'full' but the model has adapters: save it with method set to its adapter method")
-    folder = Path(folder)
+    return _save_checkpoint(model, tokenizer, Path(folder))
+
+
+def _save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> int:
+    """A ``save_pretrained`` checkpoint with its tokenizer; returns the bytes of its config and weights."""
     with loading_bars_off():  # transformers' "Writing model shards" bar, between the project's own lines
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -346,25 +352,20 @@ def export_merged(
                          "or pass overwrite=True to replace it")
     plain = AutoModelForSequenceClassification.from_config(_plain_config(model.config), dtype=dtype)
     plain.load_state_dict(_dense_state(model, plain), strict=True)
-
-    def write(staging: Path) -> None:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-
-    write_atomically(folder, write)
+    size = write_atomically(folder, lambda staging: _save_checkpoint(plain, tokenizer, staging))
     merged, unmerged = (class_logits(m, tokenizer, check_texts) for m in (plain, model))
-    return MergedExport(folder, _saved_bytes(folder, "config.json", "model*.safetensors*"),
-                        (merged - unmerged).abs().max().item())
+    return MergedExport(folder, size, (merged - unmerged).abs().max().item())
 
 
-def write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
-    """``write`` into a new folder beside ``folder``, then swap it in by two renames (Linux cannot rename over a
-    non-empty folder): a reader never sees a half-written or mixed folder, and a failure leaves ``folder``."""
+def write_atomically(folder: Path, write: Callable[[Path], T]) -> T:
+    """``write`` into a new folder beside ``folder`` and return what it returns, once the new folder is swapped in
+    by two renames (Linux cannot rename over a non-empty folder): a reader never sees a half-written or mixed
+    folder, and a failure leaves ``folder``."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging, aside = (folder.parent / f".{folder.name}.{kind}-{uuid.uuid4().hex[:8]}" for kind in ("new", "old"))
     staging.mkdir()
     try:
-        write(staging)
+        written = write(staging)
         if folder.is_dir() and any(folder.iterdir()):
             os.replace(folder, aside)
             try:
@@ -375,5 +376,6 @@ def write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(aside)
         else:
             os.replace(staging, folder)  # onto a missing or empty folder
+        return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

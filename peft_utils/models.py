@@ -144,7 +144,7 @@ def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype
         model = load_4bit(source, num_labels, _compute_dtype(dtype, options.get("device_map")), **options,
                           from_pretrained=load)
     else:
-        model = load(source, num_labels=num_labels, dtype=dtype or torch.float32)
+        model = load(source, num_labels=num_labels, dtype=checked_dtype(dtype or torch.float32, "dtype"))
     return model, load_tokenizer(source, model)
 
 

@@ -51,11 +51,10 @@ def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) ->
 
 
 def _memory_bytes(model: nn.Module) -> dict[str, int]:
-    """Every parameter and buffer counted once, as the kind it is stored as; a quantisation table shared between
-    layers once."""
-    quantized = quant_state = frozen = trainable = fp32 = 0
+    """Every parameter and buffer counted once, as the kind it is stored as."""
+    quantized = frozen = trainable = fp32 = 0
     bound = 0.0
-    seen_state: set[tuple[int, int]] = set()
+    state_bytes: dict[tuple[int, int], int] = {}  # by (address, size): a table shared between layers once
     for parameter in model.parameters():
         fp32 += 4 * logical_numel(parameter)
         if is_quantized(parameter):
@@ -64,10 +63,7 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
             nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None  # absmaxes' state
             tensors = [state.absmax, state.code, state.offset]
             tensors += [nested.absmax, nested.code] if nested is not None else []
-            for tensor in (t for t in tensors if isinstance(t, torch.Tensor)):
-                if (tensor.data_ptr(), _nbytes(tensor)) not in seen_state:
-                    seen_state.add((tensor.data_ptr(), _nbytes(tensor)))
-                    quant_state += _nbytes(tensor)
+            state_bytes.update({(t.data_ptr(), _nbytes(t)): _nbytes(t) for t in tensors if isinstance(t, torch.Tensor)})
             bits = nf4_bits_per_weight(state.blocksize, nested is not None, nested.blocksize if nested else 256)
             bound += logical_numel(parameter) * bits / 8
         elif parameter.requires_grad:
@@ -77,6 +73,7 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
     for buffer in model.buffers():
         frozen += _nbytes(buffer)
         fp32 += 4 * buffer.numel() if buffer.is_floating_point() else _nbytes(buffer)
+    quant_state = sum(state_bytes.values())
     return {"quantized_bytes": quantized, "quant_state_bytes": quant_state, "frozen_bytes": frozen,
             "trainable_bytes": trainable, "total_bytes": quantized + quant_state + frozen + trainable,
             "fp32_bytes": fp32, "nf4_bound_bytes": int(round(bound))}
