@@ -98,14 +98,12 @@ def saved_gpt2(size: str, workdir: Path) -> Path:
 
 def base_model(spec: Spec, workdir: Path, quantized: bool) -> nn.Module:
     """The base: a random GPT-2 of the named size or the real all-MiniLM-L6-v2, in full precision or in 4-bit NF4
-    through ``peft_utils.models.load_quantized`` (both QLoRA sides use it)."""
+    through ``peft_utils.models.load_model`` (both QLoRA sides use it)."""
     if not quantized:
         return random_gpt2(spec.model, seed=0) if spec.family == "gpt2" else load_model("minilm")[0]
-    from peft_utils.models import load_quantized
-
     source = saved_gpt2(spec.model, workdir) if spec.family == "gpt2" else "minilm"
     compute = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
-    return load_quantized(str(source), compute_dtype=compute, device_map={"": str(resolve_device(spec.device))})[0]
+    return load_model(str(source), dtype=compute, quantized=True, device_map={"": str(resolve_device(spec.device))})[0]
 
 
 def non_embedding_parameters(spec: Spec) -> int:

@@ -17,7 +17,7 @@ _EXPORTS = {
     "methods": ("METHODS", "get_method"),
     "checkpoints": ("export_merged", "load_adapters", "save_adapters", "save_trained"),
     "inference": ("predict", "predict_runs"),
-    "models": ("build_model", "load_model", "load_quantized", "load_tokenizer", "random_gpt2", "resolve_model_source"),
+    "models": ("build_model", "load_model", "load_tokenizer", "random_gpt2", "resolve_model_source"),
     "sizes": ("model_size", "nf4_bits_per_weight", "format_size_report"),
     "data": ("load_sst2", "subset"),
     "train": ("RunResult", "train"),

@@ -4,11 +4,9 @@ Adapters are written and read in peft's LoRA format (``adapter_config.json`` + `
 peft, transformers' ``load_adapter``, vLLM and TGI load ours, and :func:`load_adapters` loads theirs. The layouts
 agree without conversion: peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's ``Conv1D`` too (its
 ``fan_in_fan_out`` only says the *base* weight is transposed); the trained head is peft's ``modules_to_save``.
-Loading checks the weight file against the adapted model (names and shapes), and undoes the injection on a failure.
 
-:func:`export_merged` folds the adapters into a plain transformers checkpoint; a 4-bit base is dequantised and
-merged in float32, then saved in 16/32-bit (re-quantising would round the update away). A damaged file is a
-``ValueError`` naming it.
+:func:`export_merged` folds the adapters into a plain transformers checkpoint in 16/32-bit (re-quantising a 4-bit
+base would round the update away). A damaged file is a ``ValueError`` naming it.
 """
 from __future__ import annotations
 
@@ -21,6 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -53,6 +52,7 @@ UNSUPPORTED_UNLESS_DEFAULT = {
 # CorDA...) also rewrite the base weights, which a saved adapter alone cannot reproduce.
 PLAIN_INITS = (True, False, "gaussian")
 SEQ_CLS = "SEQ_CLS"
+T = TypeVar("T")
 PROBE_TEXTS = ("A gripping, beautifully acted film.", "Dull, predictable and far too long.")
 
 
@@ -127,12 +127,12 @@ def save_adapters(model: nn.Module, folder: str | Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(peft_adapter_json(model), indent=2) + "\n", encoding="utf-8")
-    return sum((folder / name).stat().st_size for name in (WEIGHTS_FILE, CONFIG_FILE))
+    return _saved_bytes(folder, CONFIG_FILE, WEIGHTS_FILE)
 
 
-def _checkpoint_bytes(folder: Path) -> int:
-    """The bytes of a ``save_pretrained`` checkpoint's config and weights (not its tokenizer's files)."""
-    return sum(path.stat().st_size for path in [folder / "config.json", *folder.glob("model*.safetensors*")])
+def _saved_bytes(folder: Path, config: str, weights: str) -> int:
+    """The bytes of a saved model's ``config`` file and ``weights`` files (not its tokenizer's)."""
+    return sum(path.stat().st_size for path in [folder / config, *folder.glob(weights)])
 
 
 def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -> int:
@@ -142,38 +142,41 @@ def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -
         return save_adapters(model, folder)
     if any(True for _ in adapter_layers(model)):
         raise ValueError("method 'full' but the model has adapters: save it with method set to its adapter method")
-    folder = Path(folder)
+    return _save_checkpoint(model, tokenizer, Path(folder))
+
+
+def _save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> int:
+    """A ``save_pretrained`` checkpoint with its tokenizer; returns the bytes of its config and weights."""
     with loading_bars_off():  # transformers' "Writing model shards" bar, between the project's own lines
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return _checkpoint_bytes(folder)
+    return _saved_bytes(folder, "config.json", "model*.safetensors*")
 
 
-def read_json(path: Path) -> dict:
-    """The JSON object in ``path``; a damaged file is a ``ValueError`` naming it (json's own error names no file)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}): the file is damaged; save it again") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(value).__name__}")
-    return value
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse a truncated or damaged safetensors file, naming it: its header, read alone, places every tensor."""
+def check_saved(folder: Path, config: str, weights: str) -> dict:
+    """The JSON of ``folder``'s ``config`` file, once it and every safetensors file matching ``weights`` read: a
+    damaged one is a ``ValueError`` naming it (the libraries' own errors do not). A safetensors header, read alone,
+    places every tensor, so reading it finds a truncated file."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as file:
-            file.keys()
-    except SafetensorError as error:
-        raise ValueError(f"{path}: not a readable safetensors file ({error}): truncated or damaged; "
-                         "save it again") from None
+        value = json.loads((folder / config).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{folder / config}: not valid JSON ({error}): the file is damaged; save it again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{folder / config}: expected a JSON object, got a JSON {type(value).__name__}")
+    for path in sorted(folder.glob(weights)):
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                file.keys()
+        except SafetensorError as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error}): truncated or damaged; "
+                             "save it again") from None
+    return value
 
 
-def _read_config(path: Path) -> dict:
-    config = read_json(path)
+def _check_config(config: dict, path: Path) -> None:
+    """Refuse, in one line naming ``path``, a peft config whose adapter peft_utils' layers do not compute."""
     if "peft_type" not in config:
         raise ValueError(f"{path}: no peft_type: not a peft adapter config")
     refusals = [f"peft_type={config['peft_type']!r} (only 'LORA')"] if config["peft_type"] != "LORA" else []
@@ -194,7 +197,6 @@ def _read_config(path: Path) -> dict:
             refusals.append(f"target_modules={targets!r} (not a valid regular expression)")
     if refusals:
         raise ValueError(f"{path}: cannot load with peft_utils' LoRA/DoRA layers: {refusals[0]}")
-    return config
 
 
 def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -205,8 +207,8 @@ def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: expected a peft LoRA adapter folder (safetensors weights)")
-    config = _read_config(config_path)
-    check_safetensors(weights_path)
+    config = check_saved(folder, CONFIG_FILE, WEIGHTS_FILE)
+    _check_config(config, config_path)
     tensors = load_file(str(weights_path))
     ours = [s for attribute, s in ADAPTER_KEYS.items() if attribute != "magnitude" or config.get("use_dora", False)]
     for key in tensors:
@@ -315,9 +317,10 @@ class MergedExport:
     max_logit_diff: float  # merged checkpoint vs the unmerged model, on ``check_texts``
 
 
-def _logits(model: nn.Module, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+def class_logits(model: nn.Module, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """The float32 logits of ``texts`` (one row each, on the CPU), the model evaluated and left in its mode."""
     device = next(model.parameters()).device
-    batch = tokenizer(list(texts), padding=True, return_tensors="pt").to(device)
+    batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(device)
     was_training = model.training
     model.eval()
     try:
@@ -349,24 +352,20 @@ def export_merged(
                          "or pass overwrite=True to replace it")
     plain = AutoModelForSequenceClassification.from_config(_plain_config(model.config), dtype=dtype)
     plain.load_state_dict(_dense_state(model, plain), strict=True)
-
-    def write(staging: Path) -> None:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-
-    _write_atomically(folder, write)
-    difference = (_logits(plain, tokenizer, check_texts) - _logits(model, tokenizer, check_texts)).abs().max().item()
-    return MergedExport(folder, _checkpoint_bytes(folder), difference)
+    size = write_atomically(folder, lambda staging: _save_checkpoint(plain, tokenizer, staging))
+    merged, unmerged = (class_logits(m, tokenizer, check_texts) for m in (plain, model))
+    return MergedExport(folder, size, (merged - unmerged).abs().max().item())
 
 
-def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
-    """``write`` into a new folder beside ``folder``, then swap it in by two renames (Linux cannot rename over a
-    non-empty folder): a reader never sees a half-written or mixed checkpoint, and a failure leaves ``folder``."""
+def write_atomically(folder: Path, write: Callable[[Path], T]) -> T:
+    """``write`` into a new folder beside ``folder`` and return what it returns, once the new folder is swapped in
+    by two renames (Linux cannot rename over a non-empty folder): a reader never sees a half-written or mixed
+    folder, and a failure leaves ``folder``."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging, aside = (folder.parent / f".{folder.name}.{kind}-{uuid.uuid4().hex[:8]}" for kind in ("new", "old"))
     staging.mkdir()
     try:
-        write(staging)
+        written = write(staging)
         if folder.is_dir() and any(folder.iterdir()):
             os.replace(folder, aside)
             try:
@@ -377,5 +376,6 @@ def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(aside)
         else:
             os.replace(staging, folder)  # onto a missing or empty folder
+        return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

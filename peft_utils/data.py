@@ -87,15 +87,6 @@ def subset(frame: pd.DataFrame, size: int | None, seed: int, balanced: bool = Fa
     return frame.iloc[np.sort(positions)].reset_index(drop=True)
 
 
-EVAL_SUBSET_SEED = 0  # an eval subset must not change with the run seed: every run is scored on the same rows
-
-
-def eval_rows(dev: pd.DataFrame, size: int | None) -> pd.DataFrame:
-    """The dev rows every run is scored on: all, or a sample of ``size`` that is the same for every run and seed
-    (paired tests compare methods on the same sentences)."""
-    return dev if size is None else subset(dev, size, EVAL_SUBSET_SEED)
-
-
 def hold_out(frame: pd.DataFrame, size: int, seed: int,
              stratified: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(held_out, rest)``: a balanced (or ``stratified``) seeded sample of ``size`` rows and every other row.
@@ -154,6 +145,8 @@ LOCAL_FORMATS = {".csv": ("csv", _TEXT_CELLS), ".tsv": ("csv", {**_TEXT_CELLS, "
                  ".jsonl": ("json", {}), ".json": ("json", {}), ".parquet": ("parquet", {})}
 DEV_SPLIT_NAMES = ("validation", "dev", "valid")  # a test split is never read: its labels are for the very end
 CARVED_DEV_FRACTION, CARVED_DEV_SEED = 0.1, 0
+# The eval rows must not change with the run seed: paired tests compare methods on the same sentences.
+EVAL_SUBSET_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -315,7 +308,8 @@ def _carve_dev(train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame, seed: int,
                          size_name: str = "train_size") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train rows (balanced, drawn with the run seed; stratified where :func:`fit_sizes` found no balanced
-    subset) and eval rows. ``size_name``: the parameter that set the train size, as an error names it."""
+    subset) and eval rows (all, or a sample of ``eval_size`` the same for every run and seed). ``size_name``: the
+    parameter that set the train size, as an error names it."""
     train_size, eval_size = config.data.train_size, config.data.eval_size
     for name, size, split, frame in ((size_name, train_size, "train", train), ("eval_size", eval_size, "dev", dev)):
         if size is not None and size > len(frame):
@@ -326,7 +320,7 @@ def train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.D
                                                               stratified=size_name in config.stratified_sizes)
     except ValueError as error:
         raise ValueError(f"{size_name}={train_size}: {error}") from None
-    return train_frame, eval_rows(dev, eval_size)
+    return train_frame, dev if eval_size is None else subset(dev, eval_size, EVAL_SUBSET_SEED)
 
 
 class _SizeFitter:

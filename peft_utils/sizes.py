@@ -10,6 +10,7 @@ import functools
 import torch
 from torch import nn
 
+from .checkpoints import adapter_state_dict
 from .core.quant import is_quantized, logical_numel
 from .formatting import format_bytes
 from .methods import Method, get_method
@@ -45,18 +46,15 @@ def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) ->
     encode; ``nf4_bound_bytes`` is the analytic size of the 4-bit share.
     """
     shipped, size = get_method(method), _memory_bytes(model)
-    size["total_bytes"] = sum(size[k] for k in ("quantized_bytes", "quant_state_bytes", "frozen_bytes",
-                                                  "trainable_bytes"))
     size.update(disk_bytes=_shipped_bytes(model, shipped, size, saved_bytes), disk_kind=shipped.shipped)
     return {key: size[key] for key in SIZE_KEYS}
 
 
 def _memory_bytes(model: nn.Module) -> dict[str, int]:
-    """Every parameter and buffer counted once, as the kind it is stored as; a quantisation table shared between
-    layers once."""
-    quantized = quant_state = frozen = trainable = fp32 = 0
+    """Every parameter and buffer counted once, as the kind it is stored as."""
+    quantized = frozen = trainable = fp32 = 0
     bound = 0.0
-    seen_state: set[tuple[int, int]] = set()
+    state_bytes: dict[tuple[int, int], int] = {}  # by (address, size): a table shared between layers once
     for parameter in model.parameters():
         fp32 += 4 * logical_numel(parameter)
         if is_quantized(parameter):
@@ -65,10 +63,7 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
             nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None  # absmaxes' state
             tensors = [state.absmax, state.code, state.offset]
             tensors += [nested.absmax, nested.code] if nested is not None else []
-            for tensor in (t for t in tensors if isinstance(t, torch.Tensor)):
-                if (tensor.data_ptr(), _nbytes(tensor)) not in seen_state:
-                    seen_state.add((tensor.data_ptr(), _nbytes(tensor)))
-                    quant_state += _nbytes(tensor)
+            state_bytes.update({(t.data_ptr(), _nbytes(t)): _nbytes(t) for t in tensors if isinstance(t, torch.Tensor)})
             bits = nf4_bits_per_weight(state.blocksize, nested is not None, nested.blocksize if nested else 256)
             bound += logical_numel(parameter) * bits / 8
         elif parameter.requires_grad:
@@ -78,36 +73,30 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
     for buffer in model.buffers():
         frozen += _nbytes(buffer)
         fp32 += 4 * buffer.numel() if buffer.is_floating_point() else _nbytes(buffer)
+    quant_state = sum(state_bytes.values())
     return {"quantized_bytes": quantized, "quant_state_bytes": quant_state, "frozen_bytes": frozen,
-            "trainable_bytes": trainable, "fp32_bytes": fp32, "nf4_bound_bytes": int(round(bound))}
+            "trainable_bytes": trainable, "total_bytes": quantized + quant_state + frozen + trainable,
+            "fp32_bytes": fp32, "nf4_bound_bytes": int(round(bound))}
 
 
 def _shipped_bytes(model: nn.Module, shipped: Method, memory: dict[str, int], saved_bytes: int | None) -> int:
-    """A full checkpoint; an adapter; or a 4-bit base (packed weights, quant state, other frozen parameters and
-    persistent buffers: derived ones like DoRA's cached norms are not shipped) plus an adapter."""
-    base_4bit = memory["quantized_bytes"] + memory["quant_state_bytes"]
+    """A full checkpoint (every parameter); an adapter; or a 4-bit base (everything frozen but the buffers derived
+    from other tensors, like DoRA's cached norms, which are not saved) plus an adapter. ``saved_bytes``, where given,
+    counts the checkpoint or the adapter as written."""
     if shipped.adapter is None:
-        in_memory = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p)) + base_4bit
-        return int(saved_bytes) if saved_bytes is not None else in_memory
-    adapter = int(saved_bytes) if saved_bytes is not None else _adapter_tensor_bytes(model)
+        in_memory = memory["total_bytes"] - sum(_nbytes(b) for b in model.buffers())
+        return in_memory if saved_bytes is None else saved_bytes
+    try:
+        adapter = saved_bytes if saved_bytes is not None else sum(map(_nbytes, adapter_state_dict(model).values()))
+    except ValueError as error:
+        raise ValueError(f"an adapter method's size needs a model with adapters: {error}") from error
     if not shipped.quantized:
         return adapter
     if not memory["quantized_bytes"]:
         raise ValueError(f"method {shipped.name!r} needs a 4-bit model, but no parameter of this one is quantized")
-    frozen_params = sum(_nbytes(p) for p in model.parameters() if not is_quantized(p) and not p.requires_grad)
     persistent = model.state_dict(keep_vars=True).keys()
-    buffers = sum(_nbytes(b) for name, b in model.named_buffers() if name in persistent)
-    return base_4bit + frozen_params + buffers + adapter
-
-
-def _adapter_tensor_bytes(model: nn.Module) -> int:
-    from .checkpoints import adapter_state_dict
-
-    try:
-        state = adapter_state_dict(model)
-    except ValueError as error:
-        raise ValueError(f"an adapter method's size needs a model with adapters: {error}") from error
-    return sum(_nbytes(t) for t in state.values())
+    derived = sum(_nbytes(b) for name, b in model.named_buffers() if name not in persistent)
+    return memory["total_bytes"] - memory["trainable_bytes"] - derived + adapter
 
 
 def format_size_report(report: dict) -> str:

@@ -146,9 +146,7 @@ def tiny_dir(tmp_path_factory, gpt2_tokenizer_dir):
 
 
 def quantized(tiny_dir):
-    from peft_utils.models import load_quantized
-
-    return load_quantized(tiny_dir, device_map={"": "cpu"})[0].eval()
+    return load_model(tiny_dir, quantized=True, device_map={"": "cpu"})[0].eval()
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])

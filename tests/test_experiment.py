@@ -261,7 +261,7 @@ def test_a_half_written_model_cache_is_rebuilt(sst2_dir, tmp_path, monkeypatch):
     (folder / "config.json").write_text("{}")  # killed after the first file
     assert resolve_model_source("random-gpt2-tiny", sst2_dir.parent) == str(folder)
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
-    assert not [p for p in folder.parent.iterdir() if p.name.endswith(".partial")]
+    assert not list(folder.parent.glob(".*.new-*"))  # no staging folder left
 
 
 def test_the_model_cache_is_outside_the_results(smoke_results):

@@ -18,7 +18,6 @@ from peft_utils.core.layers import LoRALayer, is_linear4bit
 from peft_utils.core.inject import apply_adapters, count_parameters
 from peft_utils.models import load_model
 from peft_utils.core.quant import prepare_for_kbit_training
-from peft_utils.models import load_quantized
 from peft_utils.sizes import model_size
 from peft_utils.core.targets import head_modules, preset_layers, resolve_targets
 
@@ -295,7 +294,7 @@ def build(method: str, folder: Path):
         model, tokenizer = load_model(folder)
         return model.requires_grad_(True), tokenizer
     if method in ("qlora", "qdora"):
-        model, tokenizer = load_quantized(folder, compute_dtype=torch.float32, device_map={"": "cpu"})
+        model, tokenizer = load_model(folder, dtype=torch.float32, quantized=True, device_map={"": "cpu"})
         prepare_for_kbit_training(model)
     else:
         model, tokenizer = load_model(folder)

@@ -26,7 +26,6 @@ from peft_utils import quiet, run_notebook
 from peft_utils.data import load_sst2
 from peft_utils.models import load_model, random_gpt2, resolve_model_source, save_random_gpt2
 from peft_utils.progress import MODE_ENV, Progress, progress_mode
-from peft_utils.models import load_quantized
 from peft_utils.config import TrainConfig
 from peft_utils.store import RunRecorder
 from peft_utils.train import Recording, train
@@ -210,9 +209,9 @@ def load_logs():
     logger.removeHandler(handler)
 
 
-@pytest.mark.parametrize("loader", [load_model, load_quantized], ids=["fp32", "nf4"])
-def test_new_head_load_report_becomes_one_line(loader, minilm_dir, load_logs, capsys):
-    loader(minilm_dir)
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
+def test_new_head_load_report_becomes_one_line(quantized, minilm_dir, load_logs, capsys):
+    load_model(minilm_dir, quantized=quantized)
     assert capsys.readouterr().out.splitlines() == ["new classification head: 2 labels, randomly initialised"]
     assert not [m for m in load_logs if quiet.LOAD_REPORT_MARK in m]
 

@@ -14,7 +14,6 @@ from peft_utils.core.layers import base_weight
 from peft_utils.models import load_model, save_random_gpt2
 from peft_utils.core.loop import enable_gradient_checkpointing
 from peft_utils.core.quant import prepare_for_kbit_training, require_bitsandbytes
-from peft_utils.models import load_quantized
 from peft_utils.sizes import SIZE_KEYS, format_size_report, model_size, nf4_bits_per_weight
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -36,7 +35,7 @@ def tiny_dir(tmp_path_factory, gpt2_tokenizer_dir):
 
 
 def load(path, **kwargs):
-    model, tokenizer = load_quantized(path, device_map=CPU, **kwargs)
+    model, tokenizer = load_model(path, quantized=True, device_map=CPU, **kwargs)
     return model, tokenizer
 
 
@@ -203,7 +202,7 @@ def test_qlora_qdora_match_peft_on_the_same_4bit_model(tiny_dir, method):
 # ------------------------------------------------------------------------------------------------- loading, training
 
 
-def test_load_quantized_layout_and_setup(tiny_dir):
+def test_4bit_load_layout_and_setup(tiny_dir):
     model, tokenizer = load(tiny_dir)
     layers = quantized_layers(model)
     assert len(layers) == 2 * 4  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj per block
@@ -370,7 +369,7 @@ def test_missing_bitsandbytes_says_how_to_install(monkeypatch, tiny_dir):
     with pytest.raises(ImportError, match=r"not installed: pip install bitsandbytes==0\.50\.2"):
         require_bitsandbytes()
     with pytest.raises(ImportError, match=r"pip install bitsandbytes==0\.50\.2"):
-        load_quantized(tiny_dir, device_map=CPU)
+        load_model(tiny_dir, quantized=True, device_map=CPU)
 
 
 def test_broken_bitsandbytes_says_how_to_reinstall(monkeypatch, tmp_path):
@@ -386,30 +385,30 @@ def test_broken_bitsandbytes_says_how_to_reinstall(monkeypatch, tmp_path):
 
 def test_model_without_quantizable_layers_is_refused(tiny_dir):
     with pytest.raises(ValueError, match="no layer to quantise"):
-        load_quantized(tiny_dir, device_map=CPU, skip_modules=["transformer"])
+        load_model(tiny_dir, quantized=True, device_map=CPU, skip_modules=["transformer"])
 
 
 def test_bf16_compute_on_a_cpu_without_native_bf16_warns_loudly(tiny_dir, monkeypatch):
     monkeypatch.setattr("peft_utils.devices.cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="float32 is the CPU default"):
-        model, _ = load_quantized(tiny_dir, device_map=CPU, compute_dtype=torch.bfloat16)
+        model, _ = load_model(tiny_dir, quantized=True, device_map=CPU, dtype=torch.bfloat16)
     assert all(m.compute_dtype == torch.bfloat16 for m in quantized_layers(model).values())
     with pytest.warns(UserWarning, match="emulated"):
-        load_quantized(tiny_dir, device_map=CPU, compute_dtype=torch.float16)  # fp16: on every CPU
+        load_model(tiny_dir, quantized=True, device_map=CPU, dtype=torch.float16)  # fp16: on every CPU
     monkeypatch.setattr("peft_utils.devices.cpu_has_native_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # bf16 where the CPU has it, and float32 (the default), are silent
-        load_quantized(tiny_dir, device_map=CPU, compute_dtype="bf16")
-        load_quantized(tiny_dir, device_map=CPU, compute_dtype="float32")
+        load_model(tiny_dir, quantized=True, device_map=CPU, dtype="bf16")
+        load_model(tiny_dir, quantized=True, device_map=CPU, dtype="float32")
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(quant_type="int4"), "unknown quant_type 'int4'"), (dict(compute_dtype="int8"), "compute_dtype must be")],
+    [(dict(quant_type="int4"), "unknown quant_type 'int4'"), (dict(dtype="int8"), "dtype must be")],
 )
 def test_bad_loader_arguments(tiny_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        load_quantized(tiny_dir, device_map=CPU, **kwargs)
+        load_model(tiny_dir, quantized=True, device_map=CPU, **kwargs)
 
 
 def test_bad_size_requests(tiny_dir):

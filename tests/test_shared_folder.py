@@ -138,4 +138,4 @@ def test_a_generated_model_is_written_once_under_a_lock(tmp_path, monkeypatch, s
         assert not writing.wait(timeout=5.0) and waiting.is_alive()
     waiting.join(timeout=120)
     assert writing.is_set() and written == [str(folder)] and (folder / "config.json").is_file()
-    assert not list(folder.parent.glob("*.partial"))
+    assert not list(folder.parent.glob(".*.new-*"))
