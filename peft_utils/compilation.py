@@ -22,12 +22,12 @@ RECOMPILE_LIMIT = 64
 
 
 def repeated_blocks(model: nn.Module) -> nn.ModuleList:
-    """The largest ``nn.ModuleList`` whose items are all of one class: the transformer's layers, found without
-    knowing the architecture's attribute names."""
+    """The largest ``nn.ModuleList`` whose items are all of one class: the transformer's layers (GPT-2 ``h``, BERT
+    ``layer``, Llama ``layers``), found without knowing the architecture's attribute names."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
              and len({type(item) for item in m}) == 1]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of repeated blocks to compile")
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks (its transformer layers)")
     return max(lists, key=len)
 
 

@@ -40,8 +40,9 @@ def _with_index(device: torch.device) -> torch.device:
     return device
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; an explicit CUDA request without a GPU is an error."""
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; an explicit CUDA request without a GPU is an error. With its
+    CUDA index (accelerate names a single GPU ``cuda``)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
@@ -143,11 +144,6 @@ def _start_afresh_for_other_settings(device: torch.device, mixed_precision: str)
         AcceleratorState._reset_state(reset_partial_state=True)
     elif AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-
-
-def accelerator_device(accelerator) -> torch.device:
-    """The accelerator's device with its CUDA index (accelerate names a single GPU ``cuda``)."""
-    return _with_index(accelerator.device)
 
 
 def accelerator_dtype(accelerator) -> torch.dtype:
