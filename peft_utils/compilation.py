@@ -31,11 +31,11 @@ def repeated_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> nn.Module:
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile each repeated block of ``model`` in place (``dynamic=False``, see the module's docstring); returns
     ``model``, its parameters and ``state_dict`` names unchanged."""
     for block in repeated_blocks(model):
-        block.compile(backend=backend, mode=mode, dynamic=False)  # an unknown backend or mode raises here
+        block.compile(backend=backend, dynamic=False)  # an unknown backend raises here
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
