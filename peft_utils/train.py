@@ -292,7 +292,7 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
     ``lr`` is the peak learning rate; ``seed`` fixes the data order and dropout masks (the same for every method).
     The record gets a ``config`` event (the recording's ``run_info`` plus this run's settings, sizes, device,
     precision, processes and parameter counts), ``step``/``eval`` events as they happen, and a ``summary``, which
-    marks the run complete. An ``accelerator`` made with trackers (``make_accelerator(report_to=...)``) receives
+    marks the run complete. An ``accelerator`` made with trackers (``trackers.accelerator_arguments``) receives
     the same events. ``memory_plan``: see :class:`_Run`.
     """
     accelerator = accelerator or make_accelerator(config.device, config.precision)
