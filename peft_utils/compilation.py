@@ -22,20 +22,20 @@ RECOMPILE_LIMIT = 64
 
 
 def repeated_blocks(model: nn.Module) -> nn.ModuleList:
-    """The largest ``nn.ModuleList`` whose items are all of one class: the transformer's layers, found without
-    knowing the architecture's attribute names."""
+    """The largest ``nn.ModuleList`` whose items are all of one class: the transformer's layers (GPT-2 ``h``, BERT
+    ``layer``, Llama ``layers``), found without knowing the architecture's attribute names."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
              and len({type(item) for item in m}) == 1]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of repeated blocks to compile")
+        raise ValueError(f"{type(model).__name__} has no list of repeated blocks (its transformer layers)")
     return max(lists, key=len)
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> nn.Module:
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile each repeated block of ``model`` in place (``dynamic=False``, see the module's docstring); returns
     ``model``, its parameters and ``state_dict`` names unchanged."""
     for block in repeated_blocks(model):
-        block.compile(backend=backend, mode=mode, dynamic=False)  # an unknown backend or mode raises here
+        block.compile(backend=backend, dynamic=False)  # an unknown backend raises here
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

@@ -40,8 +40,9 @@ def _with_index(device: torch.device) -> torch.device:
     return device
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; an explicit CUDA request without a GPU is an error."""
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; an explicit CUDA request without a GPU is an error. With its
+    CUDA index (accelerate names a single GPU ``cuda``)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
@@ -110,23 +111,19 @@ def warn_if_emulated_on_cpu(dtype: torch.dtype) -> None:
             "float32 is the CPU default", UserWarning, stacklevel=3)
 
 
-def make_accelerator(device: str = "auto", precision: str = "auto", report_to: str | tuple[str, ...] | list[str] = (),
-                     results_dir: str | Path = "results", run_id: str = "train"):
+def make_accelerator(device: str = "auto", precision: str = "auto", **trackers: Any):
     """The ``accelerate.Accelerator`` of a run: ``device`` and ``precision`` resolved (:func:`compute_dtype_for`)
     into autocast (and a loss scaler for fp16); under ``accelerate launch`` / ``torchrun`` it joins the process
-    group. ``report_to``: the experiment trackers of run ``run_id``, logging under ``<results_dir>/runs``
-    (:mod:`peft_utils.trackers`); accelerate fixes its trackers when it is made, hence one accelerator per run."""
+    group. ``trackers``: a run's :func:`peft_utils.trackers.accelerator_arguments`; accelerate fixes its trackers
+    when it is made, hence one accelerator per run."""
     from accelerate import Accelerator
-
-    from .trackers import accelerator_arguments
 
     resolved = resolve_device(device)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)  # "cuda:1" in one process; under a launcher each process has its own GPU
     mixed_precision = _MIXED_PRECISION[compute_dtype_for(resolved, precision)]
     _start_afresh_for_other_settings(resolved, mixed_precision)
-    return Accelerator(cpu=resolved.type == "cpu", mixed_precision=mixed_precision,
-                       **accelerator_arguments(report_to, results_dir, run_id))
+    return Accelerator(cpu=resolved.type == "cpu", mixed_precision=mixed_precision, **trackers)
 
 
 def _start_afresh_for_other_settings(device: torch.device, mixed_precision: str) -> None:
@@ -143,11 +140,6 @@ def _start_afresh_for_other_settings(device: torch.device, mixed_precision: str)
         AcceleratorState._reset_state(reset_partial_state=True)
     elif AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-
-
-def accelerator_device(accelerator) -> torch.device:
-    """The accelerator's device with its CUDA index (accelerate names a single GPU ``cuda``)."""
-    return _with_index(accelerator.device)
 
 
 def accelerator_dtype(accelerator) -> torch.dtype:

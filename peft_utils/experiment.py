@@ -44,6 +44,7 @@ from .models import build_model, resolve_model_source
 from .report import settings_text
 from .sizes import model_size
 from .store import COMPARISON_GROUP, IDENTITY_KEYS, SWEEP_GROUP, TUNE_GROUP, RunInProgress, RunStore
+from .trackers import accelerator_arguments
 from .train import Recording, train
 from .tuning import EVAL_SPLIT, choose_learning_rates, tuning_rows, widened_grid
 from .workers import worker_label, workers_beside
@@ -402,8 +403,8 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str, steps_after: int)
     from accelerate.utils import find_executable_batch_size, release_memory
 
     config, store, method = plan.config, plan.store, run.spec.method
-    accelerator = make_accelerator(config.train.device, config.train.precision, config.report_to, store.folder,
-                                   run.run_id)
+    accelerator = make_accelerator(config.train.device, config.train.precision,
+                                   **accelerator_arguments(config.report_to, store.folder, run.run_id))
     adapter = run.spec.adapter or config.adapter
     memory_plan = plan_for_device(plan.model_source, method, config.train, adapter, accelerator, name=config.model)
     if memory_plan is not None:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from .compilation import repeated_blocks
 from .config import AdapterSettings, TrainConfig
 from .devices import accelerator_dtype, checked_dtype, per_device_batch_size
 from .formatting import format_bytes
@@ -89,14 +90,6 @@ def _config_value(model_config, keys: tuple[str, ...]) -> float:
     return next((float(getattr(model_config, k)) for k in keys if getattr(model_config, k, None) is not None), 0.0)
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks: the longest ``nn.ModuleList`` (GPT-2 ``h``, BERT ``layer``, Llama ``layers``)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of transformer blocks to estimate activations for")
-    return max(lists, key=len)
-
-
 _READ_CACHE: dict[tuple, _Model] = {}
 
 
@@ -118,7 +111,7 @@ def _read_model(model_config, method: str, compute_dtype: torch.dtype, rank: int
                  if kind.quantized else [])
     weight_bytes = _stored_base_bytes(model, kind, compute_dtype, quantized)
     parameters = sum(p.numel() for p in model.parameters())  # the base's: before any adapter
-    blocks = _blocks(model)
+    blocks = repeated_blocks(model)
     block_linear_weights = sum(m.weight.numel() for m in blocks[0].modules() if is_supported_base(m))
     weight_bytes += _make_trainable(model, kind, rank, targets)
     adapted = [base_features(m.base) for m in blocks[0].modules() if isinstance(m, LoRALayer)]

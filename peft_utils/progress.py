@@ -64,36 +64,30 @@ class Progress:
 
     def close(self) -> None:
         """Draw the final state (the bar full, or a closing line) and release the bar."""
-        if self.mode != "off":
-            self._draw(time.perf_counter(), final=True)
+        self._draw(time.perf_counter(), final=True)
         if self._bar is not None:
             self._bar.close()
 
-    def _status(self, now: float, final: bool = False) -> str:
-        """``step 40/250 (16%) | 3.1 steps/s | loss 0.6931 | ETA 67.7 s | plan ETA 2.1 h`` (``done ... in`` once
-        finished)."""
+    def _draw(self, now: float, final: bool = False) -> None:
+        """The bar, with the loss and the plan's time left after it, or a line: ``step 40/250 (16%) | 3.1 steps/s |
+        loss 0.6931 | ETA 67.7 s | plan ETA 2.1 h`` (``done ... in`` once finished); nothing, and no loss read, when
+        off."""
+        if self.mode == "off":
+            return
         elapsed = now - self._started
         rate = self.step / elapsed if elapsed > 0 else 0.0
-        parts = [f"done {self.step} steps in {format_seconds(elapsed)}" if final else
-                 f"step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)", f"{rate:.2f} steps/s"]
-        return " | ".join(parts + self._postfix(rate, final, with_eta=True))
-
-    def _postfix(self, rate: float, final: bool, with_eta: bool = False) -> list[str]:
-        """The loss, then while the run trains its time left (a bar shows its own) and the plan's at this pace."""
-        parts = [] if self._loss is None else [f"loss {float(self._loss):.4f}"]
-        if rate > 0 and not final:
-            left = self.total - self.step
-            parts += [f"ETA {format_seconds(left / rate)}"] if with_eta else []
-            parts += [f"plan ETA {format_seconds((left + self.steps_after) / rate)}"] if self.steps_after else []
-        return parts
-
-    def _draw(self, now: float, final: bool = False) -> None:
-        if self._bar is not None:
+        left = self.total - self.step
+        loss = [] if self._loss is None else [f"loss {float(self._loss):.4f}"]
+        plan_eta = ([f"plan ETA {format_seconds((left + self.steps_after) / rate)}"]
+                    if rate > 0 and not final and self.steps_after else [])
+        if self._bar is not None:  # a bar shows the run's own time left
             self._bar.update(self.step - self._bar.n)
-            elapsed = now - self._started
-            postfix = self._postfix(self.step / elapsed if elapsed > 0 else 0.0, final)
-            if postfix:
-                self._bar.set_postfix_str(" | ".join(postfix), refresh=False)
+            if loss or plan_eta:
+                self._bar.set_postfix_str(" | ".join(loss + plan_eta), refresh=False)
             self._bar.refresh()
-        elif self.mode == "lines":
-            print(f"{self.label} | {self._status(now, final)}", file=self.stream, flush=True)
+        else:
+            head = (f"done {self.step} steps in {format_seconds(elapsed)}" if final else
+                    f"step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)")
+            eta = [f"ETA {format_seconds(left / rate)}"] if rate > 0 and not final else []
+            print(" | ".join([self.label, head, f"{rate:.2f} steps/s", *loss, *eta, *plan_eta]),
+                  file=self.stream, flush=True)

@@ -184,13 +184,6 @@ class Claim(contextlib.AbstractContextManager):
         self.release()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """A temporary file renamed over ``path``: a reader sees all of ``text`` or none."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 class RunStore:
     """The run records of one results folder: paths, completion, where each planned run is, claims and loading."""
 
@@ -318,7 +311,9 @@ class RunStore:
             lock.release()
             return None
         settings = self.folder / CLAIMS / f"{run_id}.json"
-        _write_atomically(settings, json.dumps({**planned, "run_id": run_id, "pid": os.getpid()}))
+        temporary = settings.with_name(f".{settings.name}.{os.getpid()}.tmp")  # renamed: read whole or not at all
+        temporary.write_text(json.dumps({**planned, "run_id": run_id, "pid": os.getpid()}), encoding="utf-8")
+        os.replace(temporary, settings)
         return Claim(lock, settings, run_id)
 
     def load(self, run_ids: Sequence[str] | None = None, every_setting: bool = False) -> Results:

@@ -32,8 +32,8 @@ from .core.batches import StepBatches, encode, make_loader
 from .core.inject import count_parameters
 from .core.loop import (EvalMetrics, StepMetrics, enable_gradient_checkpointing, prepare_for_training, set_seed,
                         synchronize, train_loop)
-from .devices import (accelerator_device, accelerator_dtype, hardware_name, is_main_process, make_accelerator,
-                      per_device_batch_size)
+from .devices import (accelerator_dtype, hardware_name, is_main_process, make_accelerator, per_device_batch_size,
+                      resolve_device)
 from .memory_plan import MemoryPlan, to_record
 from .progress import Progress
 from .store import RunRecorder
@@ -292,11 +292,11 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
     ``lr`` is the peak learning rate; ``seed`` fixes the data order and dropout masks (the same for every method).
     The record gets a ``config`` event (the recording's ``run_info`` plus this run's settings, sizes, device,
     precision, processes and parameter counts), ``step``/``eval`` events as they happen, and a ``summary``, which
-    marks the run complete. An ``accelerator`` made with trackers (``make_accelerator(report_to=...)``) receives
+    marks the run complete. An ``accelerator`` made with trackers (``trackers.accelerator_arguments``) receives
     the same events. ``memory_plan``: see :class:`_Run`.
     """
     accelerator = accelerator or make_accelerator(config.device, config.precision)
-    run = _Run(config, accelerator, accelerator_device(accelerator), memory_plan)
+    run = _Run(config, accelerator, resolve_device(accelerator.device), memory_plan)
     batches = run.batches(model, tokenizer, (train_frame, eval_frame), seed)
     main, total_steps = is_main_process(), len(batches.train) * config.epochs
     # only the main process records; its trackers are those the accelerator was made with

@@ -129,7 +129,7 @@ def test_hyperparameters_are_scalars_and_strings():
 def test_a_retried_run_is_logged_once(tmp_path):
     """``find_executable_batch_size`` trains a run again with the same accelerator after running out of GPU memory:
     the first attempt's trackers are finished and forgotten, and its log is replaced, as its record is."""
-    accelerator = make_accelerator("cpu", "fp32", "tensorboard", tmp_path, "run-1")
+    accelerator = make_accelerator("cpu", "fp32", **trackers.accelerator_arguments("tensorboard", tmp_path, "run-1"))
     for attempt in (0, 1):
         run = trackers.RunTrackers(accelerator, "run-1")
         run.log("config", lr=0.1, targets=["c_attn"])
