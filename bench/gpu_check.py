@@ -384,11 +384,11 @@ def prepared(args: argparse.Namespace, method: str, folder: Path, total_steps: i
     """``(model, optimizer, scheduler, accelerator)`` of ``method`` as a run prepares them: ``build_model``,
     checkpointing if planned, AdamW, the schedule, autocast and loss scaling."""
     from peft_utils.core.loop import enable_gradient_checkpointing, prepare_for_training, set_seed
-    from peft_utils.devices import accelerator_device, compute_dtype_for, make_accelerator
+    from peft_utils.devices import compute_dtype_for, make_accelerator, resolve_device
     from peft_utils.models import build_model
 
     profile, accelerator = _full_profile(args), make_accelerator(args.device, _precision(args))
-    device, train = accelerator_device(accelerator), profile.train
+    device, train = resolve_device(accelerator.device), profile.train
     set_seed(0)
     model, _ = build_model(method, folder, profile.adapter, compute_dtype_for(device, _precision(args)))
     if next(model.parameters()).device != device:  # a 4-bit model is placed by its loader
