@@ -349,6 +349,10 @@ def test_footnote_names_the_hardware_and_says_when_it_differs(tmp_path: Path) ->
     text = " ".join(footnote._provenance(several))
     assert "hardware: AMD EPYC, 2 threads / Intel Xeon, 2 threads" in text
     assert "the runs differ in hardware, so their times are not like-for-like" in text
+    # runs that shared the device (``workers`` at once) took other times than runs alone
+    shared = one.assign(workers=[2] + [1] * (len(runs) - 1))
+    text = " ".join(footnote._provenance(shared))
+    assert "workers: 1 / 2" in text and "the runs differ in workers, so their times are not like-for-like" in text
 
 
 def test_footnote_says_what_a_bare_adapter_label_means_beside_a_bracketed_one() -> None:

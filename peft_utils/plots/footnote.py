@@ -18,7 +18,8 @@ from peft_utils.stats import numeric_column, optional_column, run_series
 
 # The recorded fields the footnote names, and for those that change what the costs mean, which costs a difference
 # between the runs makes not like-for-like.
-FIELDS = {"model": None, "device": None, "hardware": "times", "compute_dtype": "times and memory", "epochs": None}
+FIELDS = {"model": None, "device": None, "hardware": "times", "workers": "times", "compute_dtype": "times and memory",
+          "epochs": None}  # workers: the runs that shared the device at once
 
 
 def distinct_texts(values: Iterable[object]) -> list[str]:
