@@ -692,7 +692,7 @@ def part_projection(args: argparse.Namespace, section: Section) -> None:
     """(f): the ``full`` profile's plan (``experiment.plan_experiment``: its runs and their train rows) times each
     method's measured seconds per step: the training time ``make run`` would take on this device."""
     from peft_utils.config import make_config
-    from peft_utils.experiment import plan_experiment
+    from peft_utils.experiment import plan_experiment, planned_steps
     from peft_utils.store import SWEEP_GROUP, TUNE_GROUP
 
     config = make_config("full", model="random-gpt2-tiny", device=args.device, data_dir=str(_sst2_dir(args)),
@@ -702,7 +702,7 @@ def part_projection(args: argparse.Namespace, section: Section) -> None:
     minutes_in_group: Counter = Counter()  # compiled where measured, else eager
     for run in plan.runs:
         runs[run.spec.method] += 1
-        run_steps = train.epochs * math.ceil(len(run.train_frame) / train.batch_size)
+        run_steps = planned_steps(plan, run)
         steps[run.spec.method] += run_steps
         measured = seconds.get(run.spec.method, {})
         step_s = (measured.get("compiled") or measured.get("eager") or (0.0, ""))[0]

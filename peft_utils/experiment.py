@@ -267,7 +267,7 @@ def run_plan(plan: Plan) -> pd.DataFrame:
     (:func:`~peft_utils.workers.workers_beside`), this one among them."""
     todo = [run for run in plan.runs if not run.complete]
     if todo:
-        _say(f"to train: {len(todo)} of the plan's {len(plan.runs)} runs, {sum(_steps(plan, r) for r in todo):,} "
+        _say(f"to train: {len(todo)} of the plan's {len(plan.runs)} runs, {sum(planned_steps(plan, r) for r in todo):,} "
              "optimiser steps (progress lines estimate the time left: plan ETA)")
     if plan.config.tune.enabled:
         plan = _tuned(plan)
@@ -330,11 +330,12 @@ def _run_stage(plan: Plan, group: str) -> Plan:
     """The plan after training the runs of ``group``, with the stage's workers (``sweep_workers`` for the grid,
     else ``workers``) beside this process; the runs' records say how many ran at once."""
     config = plan.config
-    workers = config.sweep.workers if group == SWEEP_GROUP and config.sweep.workers else config.train.workers
+    asked = config.sweep.workers if group == SWEEP_GROUP and config.sweep.workers else config.train.workers
+    to_train = sum(run.spec.group == group and not run.complete for run in plan.runs)
+    workers = max(1, min(asked, to_train))  # no process started for a run that is not there
     staged = replace(plan, config=replace(config, train=replace(config.train, workers=workers)))
     job = functools.partial(_train_stage, staged, group)
-    has_work = any(run.spec.group == group and not run.complete for run in plan.runs)
-    with workers_beside(job, workers if has_work else 1, resolve_device(config.train.device).type):
+    with workers_beside(job, workers, resolve_device(config.train.device).type):
         staged = _train_stage(staged, group)
     return replace(staged, config=config)
 
@@ -383,7 +384,7 @@ def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
         return True
     _say(f"[{position}] {decision}: training ({plan.config.profile} profile)")
     try:
-        steps_after = sum(_steps(plan, later) for later in plan.runs[index + 1:] if not later.complete)
+        steps_after = sum(planned_steps(plan, later) for later in plan.runs[index + 1:] if not later.complete)
         _train_and_record(plan, replace(run, run_id=decision), f"{position} {run.spec.method}",
                           steps_after // plan.config.train.workers)
     finally:
@@ -392,7 +393,7 @@ def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
     return True
 
 
-def _steps(plan: Plan, run: PlannedRun) -> int:
+def planned_steps(plan: Plan, run: PlannedRun) -> int:
     """The optimiser steps ``run`` will train."""
     return math.ceil(len(run.train_frame) / plan.config.train.batch_size) * plan.config.train.epochs
 
