@@ -1,8 +1,5 @@
 """``make run``: execute ``peft.ipynb`` with papermill, its printed output forwarded live, then write an offline
-HTML report and print the results table and where everything is (docs/notebook.md: the report, --commit-outputs).
-
-    python -m peft_utils.run_notebook --profile smoke --data-dir ../shared/data --imgs-dir results/smoke/imgs
-"""
+HTML report and print the results table and where everything is (docs/notebook.md: the report, --commit-outputs)."""
 from __future__ import annotations
 
 import argparse
@@ -77,7 +74,7 @@ def export_html(executed: Path) -> Path:
     """The executed notebook as one HTML file beside it that reads offline: figures embedded, formulas as MathML
     (nbconvert's default loads MathJax from a CDN), no script, no progress lines."""
     import nbformat
-    from jinja2 import DictLoader, pass_context
+    from jinja2 import DictLoader
     from latex2mathml.converter import convert
     from nbconvert import HTMLExporter
     from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
@@ -89,22 +86,14 @@ def export_html(executed: Path) -> Path:
         def block_math(self, body: str) -> str:
             return convert(body, display="block")
 
-        def latex_environment(self, name: str, body: str) -> str:
-            return convert(f"\\begin{{{name}}}{body}\\end{{{name}}}", display="block")
+    def markdown2html(source: str) -> str:  # HTMLExporter's own filter, with the renderer above
+        return MarkdownWithMath(renderer=MathMLRenderer(escape=False)).render(source)
 
-    @pass_context
-    def markdown2html(context, source: str) -> str:  # HTMLExporter's own filter, with the renderer above
-        path = context.get("resources", {}).get("metadata", {}).get("path", "")
-        renderer = MathMLRenderer(escape=False, attachments=context.get("cell", {}).get("attachments", {}),
-                                  embed_images=True, path=path)
-        return MarkdownWithMath(renderer=renderer).render(source)
-
-    exporter = HTMLExporter(template_name="lab", template_file=REPORT_TEMPLATE, embed_images=True,
+    exporter = HTMLExporter(template_name="lab", template_file=REPORT_TEMPLATE,
                             extra_loaders=[DictLoader({REPORT_TEMPLATE: REPORT_TEMPLATE_SOURCE})],
                             filters={"markdown2html": markdown2html})
     notebook = without_progress(nbformat.read(executed, as_version=4))
-    html, _ = exporter.from_notebook_node(notebook, resources={"metadata": {"name": executed.stem,
-                                                                            "path": str(executed.parent)}})
+    html, _ = exporter.from_notebook_node(notebook, resources={"metadata": {"name": executed.stem}})
     path = executed.with_suffix(".html")
     path.write_text(html, encoding="utf-8")
     return path
