@@ -101,9 +101,8 @@ def _module_names(name: str, value: Any) -> tuple[str, ...] | None:
 
 
 def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
-    """One target set read as the core reads it (``core.targets.parse_targets``: a regex that does not compile is
-    refused before any model loads). One suffix is recorded as a list of one, so ``--targets c_attn`` and
-    ``targets=["c_attn"]`` are the same setting in a run's identity."""
+    """One target set read as the core reads it (a bad regex is refused before any model loads); one suffix is kept
+    as a list of one, so ``--targets c_attn`` and ``targets=["c_attn"]`` are the same setting in a run's identity."""
     from .core.targets import parse_targets
 
     if not (value is None or isinstance(value, (list, tuple)) or isinstance(value, str) and value):
@@ -113,9 +112,8 @@ def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
 
 
 def _target_sets(name: str, value: Any) -> tuple[str | tuple[str, ...] | None, ...]:
-    """The target sets every adapter method runs on, an axis of the experiment: one set (``None``, a preset,
-    ``["query", "value"]``, a regex), or a list of presets or of sets. A flat list mixing presets with module names
-    could mean either, so it is refused."""
+    """One target set, or a list of presets or of sets (an axis of the experiment). A flat list mixing presets with
+    module names could mean either, so it is refused."""
     from .core.targets import MODEL_PRESETS
 
     if not isinstance(value, (list, tuple)) or not value:
@@ -238,8 +236,7 @@ class AdapterSettings:
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop, the same for every method (rate and seed are per run). ``batch_size`` is the global
-    batch (over every process and accumulation step), so a run means the same experiment on one CPU or eight GPUs.
-    ``precision="auto"``: see ``devices.compute_dtype_for``. ``eval_batch_size`` ``None``: ``2 * batch_size``."""
+    batch (over every process and accumulation step), so a run means the same experiment on one CPU or eight GPUs."""
 
     epochs: int = parameter(1, _positive_int, "passes over the train rows")
     batch_size: int = parameter(16, _positive_int, "rows per optimiser step, over all processes")
@@ -252,13 +249,13 @@ class TrainConfig:
                                        "(None: at the end of each epoch)")
     gradient_checkpointing: bool = parameter(False, _flag, "recompute activations in backward")
     device: str = parameter("auto", _device, "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'")
-    precision: str = parameter("auto", _one_of(("auto", "fp32", "bf16", "fp16")), "'auto' (GPU: bf16, or fp16 + loss scaling before Ampere; "
-                               "CPU: fp32) | 'fp32' | 'bf16' | 'fp16'")
+    precision: str = parameter("auto", _one_of(("auto", "fp32", "bf16", "fp16")), "'auto' (GPU: bf16, or fp16 + "
+                               "loss scaling before Ampere; CPU: fp32) | 'fp32' | 'bf16' | 'fp16'")
     log_every: int = parameter(10, _positive_int, "optimiser steps averaged into one logged loss")
     bucket_by_length: bool = parameter(False, _flag, "batch sentences of similar length")
     eval_batch_size: int | None = parameter(None, _optional(_positive_int), "rows per evaluation batch")
-    compile: str = parameter("auto", _one_of(("auto", "on", "off")), "compile the model's repeated blocks: 'auto' (on "
-                             "CUDA; off on a CPU, where it was measured slower) | 'on' | 'off'")
+    compile: str = parameter("auto", _one_of(("auto", "on", "off")), "compile the model's repeated blocks: 'auto' "
+                             "(on CUDA; off on a CPU, where it was measured slower) | 'on' | 'off'")
     workers: int = parameter(1, _positive_int, "runs at once on this device, each in its own process, splitting "
                              "the plan through the results folder")
 
@@ -316,8 +313,7 @@ class ExperimentConfig:
                                        several=True)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    # The target sets every adapter method runs on (None: the model's default), an axis of the experiment: each
-    # of ``adapters`` holds its own, and ``adapter.targets`` stays unset.
+    # An axis of the experiment (None: the model's default): each of ``adapters`` holds one, adapter.targets none.
     targets: tuple[str | tuple[str, ...] | None, ...] = parameter(
         (None,), _target_sets, "layers: a preset ('attn', 'attn-all', 'all-linear'), module-name suffixes or a "
         "regex; several sets compare them: attn all-linear, or query,value all-linear", several=True)
@@ -326,7 +322,6 @@ class ExperimentConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     results_dir: str = parameter("results", _optional(_text), "run records go here; None: results/<profile>")
     imgs_dir: str | None = parameter(None, _optional(_text), "figures go here; None: <results_dir>/imgs")
-    # experiment trackers (peft_utils.trackers): how runs are watched, not what
     report_to: tuple[str, ...] = parameter((), _report_to, "experiment trackers, e.g. tensorboard (logs in "
                                            "<results_dir>/runs), mlflow", several=True)
     sentences: tuple[str, ...] = parameter((
@@ -371,8 +366,8 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in _parameters(ExperimentCon
 
 
 def check_parameter_names(names: Iterable[str], known: Collection[str] = PARAMETERS) -> None:
-    """Refuse every name not in ``known``, suggesting the closest (``rnak``: did you mean ``rank``?). Why: papermill
-    makes a misspelt name one more unused variable, and the profile's value would train instead."""
+    """Refuse every name not in ``known``, suggesting the closest: papermill makes a misspelt name one more unused
+    variable, and the profile's value would train instead."""
     unknown = [name for name in dict.fromkeys(names) if name not in known]
     if not unknown:
         return

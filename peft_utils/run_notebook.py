@@ -15,8 +15,7 @@ from typing import Any
 from .config import NOTEBOOK_PARAMETERS, PROFILE_NAMES, check_parameter_names, notebook_values
 from .progress import MODE_ENV
 
-# A run's progress line or a note under it ("run 3/32 lora | step 40/250 ...", labelled by experiment.run_plan); the
-# lines that say what happened to each run ("[run 3/32] ...: training", "... skipped") are not progress, and stay.
+# A run's progress line or a note under it ("run 3/32 lora | step 40/250 ..."); "[run 3/32] ...: training" stays.
 PROGRESS_LINE = re.compile(r"^run \d+/\d+ \S+ \| .*(?:\n|$)", re.MULTILINE)
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # a progress bar drawn in JupyterLab
 # nbconvert's "lab" page without the scripts it loads from a CDN (the notebook needs none: its math is MathML).
@@ -30,8 +29,8 @@ REPORT_TEMPLATE_SOURCE = """{%- extends 'index.html.j2' -%}
 
 
 def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any]) -> None:
-    """Run ``source`` into ``executed`` with ``parameters``, forwarding its output live. The names are checked first:
-    the notebook reads those of its parameters cell and no other, so a misspelt one would go unused."""
+    """Run ``source`` into ``executed`` with ``parameters``, forwarding its output live; the names are checked first
+    (a misspelt one would go unused)."""
     import papermill
     from traitlets.config import Config
 
@@ -135,11 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
     args = _parse_args(argv)
-    # For the kernel: progress as plain lines, which read well once forwarded (a bar's carriage returns do not),
-    # and no transformers "Loading weights" bar.
+    # For the kernel: progress as plain lines, which read well once forwarded (a bar's carriage returns do not).
     os.environ.setdefault(MODE_ENV, "lines")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # every name of the parameters cell, with the profile's value: papermill's cell under it shows what trains
     values = notebook_values(args.profile)
     results_dir = Path(args.results_dir or values["results_dir"])
     parameters = {**values, "data_dir": args.data_dir, "results_dir": str(results_dir), "imgs_dir": args.imgs_dir}
