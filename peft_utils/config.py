@@ -1,12 +1,6 @@
-"""One typed configuration, :class:`ExperimentConfig`, from the notebook's parameters cell to the run record.
-
-Users change it through flat *parameters* (``rank=16``, ``lr={"lora": 5e-4}``, ``train_size="all"``), each
-declared once, on its field, with its check and help (:func:`parameter`). :data:`PARAMETERS` holds them by name;
-:func:`make_config` (notebook and API), the ``python -m peft_utils.experiment`` flags (:func:`add_cli_arguments`)
-and the values ``make run`` gives the notebook (:func:`notebook_values`) all come from it, so they cannot drift
-apart. Every value is checked before anything loads or trains: a typo costs a one-line error, not a crash after a
-finished run.
-"""
+"""One typed configuration, :class:`ExperimentConfig`. Each flat user *parameter* (``rank=16``) is declared once, on
+its field, with its check and help; the API, the CLI flags and the notebook's cell all come from that one table, so
+they cannot drift apart, and every value is checked before anything loads: a typo costs one line, not a run."""
 from __future__ import annotations
 
 import argparse
@@ -26,8 +20,6 @@ from .methods import METHOD_NAMES, get_method
 ALL_ROWS = "all"  # every row of the split (None already means "keep the profile's value")
 TUNE = "tune"  # lr="tune": each method's rate is chosen from its lr_grid on held-out train rows
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-COMPILE_SETTINGS = ("auto", "on", "off")
 # The row counts a profile sets, which planning fits to the data when the user left them to the profile.
 SIZE_PARAMETERS = ("train_size", "eval_size", "sweep_train_size", "tune_train_size", "tune_holdout_size")
 Check = Callable[[str, Any], Any]  # (parameter name for the message, user value) -> normalised value
@@ -52,12 +44,12 @@ _seed = partial(_number, what="non-negative integers", ok=lambda v: v >= 0, kind
 _positive = partial(_number, what="a positive number", ok=lambda v: v > 0)
 _fraction = partial(_number, what="a number in [0, 1)", ok=lambda v: 0 <= v < 1)
 _non_negative = partial(_number, what="a number >= 0", ok=lambda v: v >= 0)
-_row_count = partial(_number, what="a positive number of rows or 'all'", ok=lambda v: v > 0, kind=numbers.Integral)
 
 
 def _rows(name: str, value: Any) -> int | None:
     """A row count, or ``"all"`` -> ``None`` (every row of the split)."""
-    return None if value == ALL_ROWS else _row_count(name, value)
+    return None if value == ALL_ROWS else _number(name, value, "a positive number of rows or 'all'", lambda v: v > 0,
+                                                  numbers.Integral)
 
 
 def _optional(check: Check) -> Check:
@@ -109,9 +101,8 @@ def _module_names(name: str, value: Any) -> tuple[str, ...] | None:
 
 
 def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
-    """One target set read as the core reads it (``core.targets.parse_targets``: a regex that does not compile is
-    refused before any model loads). One suffix is recorded as a list of one, so ``--targets c_attn`` and
-    ``targets=["c_attn"]`` are the same setting in a run's identity."""
+    """One target set read as the core reads it (a bad regex is refused before any model loads); one suffix is kept
+    as a list of one, so ``--targets c_attn`` and ``targets=["c_attn"]`` are the same setting in a run's identity."""
     from .core.targets import parse_targets
 
     if not (value is None or isinstance(value, (list, tuple)) or isinstance(value, str) and value):
@@ -121,9 +112,8 @@ def _targets(name: str, value: Any) -> str | tuple[str, ...] | None:
 
 
 def _target_sets(name: str, value: Any) -> tuple[str | tuple[str, ...] | None, ...]:
-    """The target sets every adapter method runs on, an axis of the experiment: one set (``None``, a preset,
-    ``["query", "value"]``, a regex), or a list of presets or of sets. A flat list mixing presets with module names
-    could mean either, so it is refused."""
+    """One target set, or a list of presets or of sets (an axis of the experiment). A flat list mixing presets with
+    module names could mean either, so it is refused."""
     from .core.targets import MODEL_PRESETS
 
     if not isinstance(value, (list, tuple)) or not value:
@@ -204,9 +194,8 @@ class Parameter(NamedTuple):
 
 
 def parameter(default: Any, check: Check, help: str, *, name: str = "", several: bool = False) -> Any:
-    """A field that users set by name (the field's, unless ``name`` says): its check, and its help for the flag;
-    ``several``: the flag takes several tokens (see :func:`cli_parameters`). A dict default is copied per instance.
-    Its part and field are filled in when :data:`PARAMETERS` collects it."""
+    """A field that users set by name (the field's, unless ``name`` says); ``several``: its flag takes several
+    tokens. Its part and field are filled in when :data:`PARAMETERS` collects it."""
     metadata = {"parameter": Parameter(name, "", "", check, help, several)}
     if isinstance(default, dict):
         return field(default_factory=default.copy, metadata=metadata)
@@ -247,8 +236,7 @@ class AdapterSettings:
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop, the same for every method (rate and seed are per run). ``batch_size`` is the global
-    batch (over every process and accumulation step), so a run means the same experiment on one CPU or eight GPUs.
-    ``precision="auto"``: see ``devices.compute_dtype_for``. ``eval_batch_size`` ``None``: ``2 * batch_size``."""
+    batch (over every process and accumulation step), so a run means the same experiment on one CPU or eight GPUs."""
 
     epochs: int = parameter(1, _positive_int, "passes over the train rows")
     batch_size: int = parameter(16, _positive_int, "rows per optimiser step, over all processes")
@@ -261,13 +249,13 @@ class TrainConfig:
                                        "(None: at the end of each epoch)")
     gradient_checkpointing: bool = parameter(False, _flag, "recompute activations in backward")
     device: str = parameter("auto", _device, "'auto' (CUDA when available), 'cpu' or 'cuda[:i]'")
-    precision: str = parameter("auto", _one_of(PRECISIONS), "'auto' (GPU: bf16, or fp16 + loss scaling before Ampere; "
-                               "CPU: fp32) | 'fp32' | 'bf16' | 'fp16'")
+    precision: str = parameter("auto", _one_of(("auto", "fp32", "bf16", "fp16")), "'auto' (GPU: bf16, or fp16 + "
+                               "loss scaling before Ampere; CPU: fp32) | 'fp32' | 'bf16' | 'fp16'")
     log_every: int = parameter(10, _positive_int, "optimiser steps averaged into one logged loss")
     bucket_by_length: bool = parameter(False, _flag, "batch sentences of similar length")
     eval_batch_size: int | None = parameter(None, _optional(_positive_int), "rows per evaluation batch")
-    compile: str = parameter("auto", _one_of(COMPILE_SETTINGS), "compile the model's repeated blocks: 'auto' (on "
-                             "CUDA; off on a CPU, where it was measured slower) | 'on' | 'off'")
+    compile: str = parameter("auto", _one_of(("auto", "on", "off")), "compile the model's repeated blocks: 'auto' "
+                             "(on CUDA; off on a CPU, where it was measured slower) | 'on' | 'off'")
     workers: int = parameter(1, _positive_int, "runs at once on this device, each in its own process, splitting "
                              "the plan through the results folder")
 
@@ -297,9 +285,8 @@ class SweepConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     """Learning-rate tuning (``lr="tune"``): one fixed rate favours whichever method it suits. Each method trains
-    once per rate of its ``grid`` and tuning seed (``None``: the first seed) on ``train_size`` rows (``None``: the
-    comparison's, less the held-out rows when that is the whole split), scored on ``holdout_size`` *other* train
-    rows; the best mean rate is used for every seed. The dev split takes no part in the choice."""
+    once per rate of its ``grid`` and tuning seed (``None``: the first seed), scored on ``holdout_size`` *other*
+    train rows; the best mean rate is used for every seed. The dev split takes no part in the choice."""
 
     enabled: bool = False
     grid: dict[str, tuple[float, ...]] = parameter({}, _lr_grid, "rates lr 'tune' tries per method, e.g. "
@@ -326,8 +313,7 @@ class ExperimentConfig:
                                        several=True)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    # The target sets every adapter method runs on (None: the model's default), an axis of the experiment: each
-    # of ``adapters`` holds its own, and ``adapter.targets`` stays unset.
+    # An axis of the experiment (None: the model's default): each of ``adapters`` holds one, adapter.targets none.
     targets: tuple[str | tuple[str, ...] | None, ...] = parameter(
         (None,), _target_sets, "layers: a preset ('attn', 'attn-all', 'all-linear'), module-name suffixes or a "
         "regex; several sets compare them: attn all-linear, or query,value all-linear", several=True)
@@ -336,7 +322,6 @@ class ExperimentConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     results_dir: str = parameter("results", _optional(_text), "run records go here; None: results/<profile>")
     imgs_dir: str | None = parameter(None, _optional(_text), "figures go here; None: <results_dir>/imgs")
-    # experiment trackers (peft_utils.trackers): how runs are watched, not what
     report_to: tuple[str, ...] = parameter((), _report_to, "experiment trackers, e.g. tensorboard (logs in "
                                            "<results_dir>/runs), mlflow", several=True)
     sentences: tuple[str, ...] = parameter((
@@ -381,8 +366,8 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in _parameters(ExperimentCon
 
 
 def check_parameter_names(names: Iterable[str], known: Collection[str] = PARAMETERS) -> None:
-    """Refuse every name not in ``known``, suggesting the closest (``rnak``: did you mean ``rank``?). Why: papermill
-    makes a misspelt name one more unused variable, and the profile's value would train instead."""
+    """Refuse every name not in ``known``, suggesting the closest: papermill makes a misspelt name one more unused
+    variable, and the profile's value would train instead."""
     unknown = [name for name in dict.fromkeys(names) if name not in known]
     if not unknown:
         return
@@ -450,22 +435,17 @@ def resolve_profile(profile: str = "auto") -> str:
 
 
 def make_config(profile: str = "auto", **parameters: Any) -> ExperimentConfig:
-    """The profile's configuration with ``parameters`` applied, every value checked.
-
-    ``None`` and ``""`` keep the profile's value (the notebook's, papermill's and the CLI's "not set"); a size kept
-    so is fitted to the data when the experiment is planned (``adaptable_sizes``). A dict ``lr`` is merged into the
-    profile's rates; a float replaces them all. Unknown names, wrong values and settings that would have no effect
-    (:func:`_refuse_settings_without_effect`) are one-line errors.
-    """
+    """The profile's configuration with ``parameters`` applied, every value checked. ``None`` and ``""`` keep the
+    profile's value (the notebook's, papermill's and the CLI's "not set"), and a size kept so is fitted to the data
+    when planned; a dict ``lr`` is merged into the profile's rates."""
     base = PROFILES[resolve_profile(profile)]
     check_parameter_names(parameters)
-    given = {name: value for name, value in parameters.items()
-             if value is not None and not (isinstance(value, str) and value == "")}
-    top: dict[str, Any] = {}
-    parts: dict[str, dict[str, Any]] = defaultdict(dict)
+    given = {name: value for name, value in parameters.items() if value is not None and value != ""}
+    parts: dict[str, dict[str, Any]] = defaultdict(dict)  # "": ExperimentConfig's own fields
     for name, value in given.items():
         parameter = PARAMETERS[name]
-        (parts[parameter.part] if parameter.part else top)[parameter.field] = parameter.check(name, value)
+        parts[parameter.part][parameter.field] = parameter.check(name, value)
+    top = parts.pop("", {})
     if top.get("lr") == TUNE:
         del top["lr"]
         parts["tune"]["enabled"] = True
@@ -492,10 +472,8 @@ def _setting(config: ExperimentConfig, name: str) -> Any:
 
 
 def _refuse_settings_without_effect(config: ExperimentConfig, changed: Mapping[str, Any]) -> None:
-    """Refuse a setting changed from the profile's (the profile's own values, which the parameters cell shows,
-    always pass) that ``config`` never reads: an ``lr_grid`` without ``lr='tune'``, ``sweep_ranks`` with
-    ``sweep=False`` or ``rank`` with only full fine-tuning would be ignored, and the results would look as if
-    they had used it. (The command line's ``--sweep-only`` is not known here.)"""
+    """Refuse a setting changed from the profile's that ``config`` never reads (``sweep_ranks`` with ``sweep=False``):
+    ignored, it would make the results look as if they had used it."""
     adapters = any(get_method(m).adapter for m in config.methods)
     no_adapter = f"methods {list(config.methods)} include no adapter method"
     needs = (

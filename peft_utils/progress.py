@@ -1,10 +1,6 @@
-"""Training progress a person can watch: a tqdm bar on a screen or in Jupyter, plain lines where output is a log.
-
-``PEFT_LAB_PROGRESS`` (``bar`` | ``lines`` | ``off``) overrides the choice; ``make run`` sets ``lines``, because the
-lines it forwards from the executing notebook read well in a terminal (a bar's carriage returns do not). Progress
-must not slow training: :meth:`Progress.update` runs every step but only stores the step and the loss *object*,
-which is read (``float()`` synchronises a GPU) only when something is drawn, a few times a second at most.
-"""
+"""Training progress a person can watch: a tqdm bar on a screen or in Jupyter, plain lines where output is a log
+(``PEFT_LAB_PROGRESS``: ``bar`` | ``lines`` | ``off`` overrides the choice). It must not slow training: the loss is
+read (``float()`` synchronises a GPU) only when something is drawn, a few times a second at most."""
 from __future__ import annotations
 
 import os
@@ -32,10 +28,8 @@ def progress_mode() -> str:
 
 
 class Progress:
-    """Progress of one training run of ``total_steps`` optimiser steps, named ``label`` (e.g. ``run 2/5 lora``):
-    ``update`` it every step, ``write`` notes, ``close`` it. ``steps_after``: the steps of the plan's runs still to
-    train after this one, for an estimate of the whole plan's time at this run's pace (methods differ in pace, so
-    it firms up run by run)."""
+    """One training run's progress, named ``label`` (``run 2/5 lora``). ``steps_after``: the steps of the plan's runs
+    still to train after this one, for the plan's time left at this run's pace (it firms up run by run)."""
 
     def __init__(self, total_steps: int, label: str, mode: str | None = None,
                  line_interval_s: float = LINE_INTERVAL_S, stream=None, steps_after: int = 0) -> None:
@@ -48,7 +42,6 @@ class Progress:
         self._bar = tqdm(total=total_steps, desc=label, dynamic_ncols=True, file=stream) if self.mode == "bar" else None
 
     def update(self, step: int, loss: Any) -> None:
-        """``step`` steps are done; ``loss`` (a float or a 0-d tensor) is read only when drawn."""
         self.step, self._loss = step, loss
         now = time.perf_counter()
         if now >= self._next_draw:
@@ -56,22 +49,19 @@ class Progress:
             self._draw(now)
 
     def write(self, line: str) -> None:
-        """A note about the run (an evaluation result), above the bar or as its own line."""
         if self._bar is not None:
             self._bar.write(f"{self.label} | {line}", file=self.stream)
         elif self.mode == "lines":
             print(f"{self.label} | {line}", file=self.stream, flush=True)
 
     def close(self) -> None:
-        """Draw the final state (the bar full, or a closing line) and release the bar."""
         self._draw(time.perf_counter(), final=True)
         if self._bar is not None:
             self._bar.close()
 
     def _draw(self, now: float, final: bool = False) -> None:
         """The bar, with the loss and the plan's time left after it, or a line: ``step 40/250 (16%) | 3.1 steps/s |
-        loss 0.6931 | ETA 67.7 s | plan ETA 2.1 h`` (``done ... in`` once finished); nothing, and no loss read, when
-        off."""
+        loss 0.6931 | ETA 67.7 s | plan ETA 2.1 h`` (``done ... in`` once finished)."""
         if self.mode == "off":
             return
         elapsed = now - self._started
@@ -82,9 +72,7 @@ class Progress:
                     if rate > 0 and not final and self.steps_after else [])
         if self._bar is not None:  # a bar shows the run's own time left
             self._bar.update(self.step - self._bar.n)
-            if loss or plan_eta:
-                self._bar.set_postfix_str(" | ".join(loss + plan_eta), refresh=False)
-            self._bar.refresh()
+            self._bar.set_postfix_str(" | ".join(loss + plan_eta))  # and redraws
         else:
             head = (f"done {self.step} steps in {format_seconds(elapsed)}" if final else
                     f"step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)")

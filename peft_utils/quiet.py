@@ -1,16 +1,5 @@
-"""Known-harmless messages from our dependencies, silenced at their source one exact message at a time (a newcomer
-cannot tell noise from trouble, so every message they see must matter); every other record passes.
-
-- bitsandbytes (on CPUs with AVX512-BF16, without the optional ``kernels`` package) logs "Failed to load CPU
-  gemm_4bit_forward from kernels-community" at import: that kernel serves a CPU layout ``core.quant.load_4bit``
-  turns off, so nothing is lost.
-- transformers' multi-line "LOAD REPORT" for a pretrained body under a new classification head becomes one line
-  (:func:`from_pretrained_noting_new_head`); any other report is shown in full.
-- peft reads transformers 5's deprecated ``is_gradient_checkpointing`` whenever it wraps a model: a FutureWarning
-  addressed to peft's maintainers, and the attribute still answers correctly.
-- Progress bars that say nothing are off while the load that draws them runs: ``datasets``' "Generating train
-  split" and "Map" over a small file, transformers' "Loading weights". A download keeps huggingface_hub's bar.
-"""
+"""Known-harmless messages from our dependencies, silenced at their source one exact message at a time, and every
+other message kept: a newcomer cannot tell noise from trouble, so every message they see must matter."""
 from __future__ import annotations
 
 import logging
@@ -31,18 +20,17 @@ def _not_bnb_notice(record: logging.LogRecord) -> bool:
 
 
 def silence_known_noise() -> None:
-    """Install the permanent filters (idempotent). Cheap: it imports nothing but ``logging``."""
-    logger = logging.getLogger(BNB_CPU_OPS_LOGGER)
-    if _not_bnb_notice not in logger.filters:
-        logger.addFilter(_not_bnb_notice)
+    """bitsandbytes' notice that a CPU kernel is missing (it serves a layout ``core.quant.load_4bit`` turns off), and
+    peft reading transformers' deprecated ``is_gradient_checkpointing`` (addressed to peft; the answer is right)."""
+    logging.getLogger(BNB_CPU_OPS_LOGGER).addFilter(_not_bnb_notice)  # addFilter adds a filter once
     warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING_READ, category=FutureWarning,
                             module="transformers.modeling_utils")
 
 
 @contextmanager
 def datasets_bars_off() -> Iterator[None]:
-    """``datasets``' progress bars off while the block runs, unless they are off already or
-    ``HF_DATASETS_DISABLE_PROGRESS_BARS`` decides (the library refuses, with a warning, to override it)."""
+    """``datasets``' bars ("Generating train split" over a small file) off while the block runs, unless they are off
+    already or ``HF_DATASETS_DISABLE_PROGRESS_BARS`` decides (the library refuses, with a warning, to override it)."""
     import datasets
     from datasets import config
 
@@ -58,9 +46,8 @@ def datasets_bars_off() -> Iterator[None]:
 
 @contextmanager
 def loading_bars_off() -> Iterator[None]:
-    """transformers' own progress bars ("Loading weights", "Writing model shards") off while the block runs, through
-    its tqdm hook: transformers' global switch would take huggingface_hub's bars with it, and a download keeps its
-    bar."""
+    """transformers' own bars ("Loading weights", "Writing model shards") off while the block runs, through its tqdm
+    hook: its global switch would take huggingface_hub's with them, and a download keeps its bar."""
     from transformers.utils import logging as transformers_logging
 
     previous = transformers_logging.set_tqdm_hook(
@@ -82,10 +69,9 @@ def _only_a_new_head(model, loading_info: dict[str, Any]) -> bool:
 
 
 def from_pretrained_noting_new_head(model_class, source: str, announce: bool = True, **kwargs: Any):
-    """``model_class.from_pretrained(source, **kwargs)``, with transformers' LOAD REPORT for a freshly initialised
-    classification head replaced by one line, ``new classification head: 2 labels, randomly initialised`` (by
-    nothing without ``announce``: a base whose head an adapter replaces next). Any other report is shown in full,
-    as transformers wrote it, and so is a report before a failure (it explains it)."""
+    """``model_class.from_pretrained(source, **kwargs)``, transformers' LOAD REPORT for a new classification head
+    replaced by one line (by nothing without ``announce``: a base whose head an adapter replaces next). Any other
+    report is shown in full, and so is a report before a failure (it explains it)."""
     logger, held, new_head = logging.getLogger(TRANSFORMERS_LOAD_LOGGER), [], False
 
     def hold(record: logging.LogRecord) -> bool:

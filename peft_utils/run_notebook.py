@@ -1,8 +1,5 @@
 """``make run``: execute ``peft.ipynb`` with papermill, its printed output forwarded live, then write an offline
-HTML report and print the results table and where everything is (docs/notebook.md: the report, --commit-outputs).
-
-    python -m peft_utils.run_notebook --profile smoke --data-dir ../shared/data --imgs-dir results/smoke/imgs
-"""
+HTML report and print the results table and where everything is (docs/notebook.md: the report, --commit-outputs)."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +15,7 @@ from typing import Any
 from .config import NOTEBOOK_PARAMETERS, PROFILE_NAMES, check_parameter_names, notebook_values
 from .progress import MODE_ENV
 
-# A run's progress line or a note under it ("run 3/32 lora | step 40/250 ...", labelled by experiment.run_plan); the
-# lines that say what happened to each run ("[run 3/32] ...: training", "... skipped") are not progress, and stay.
+# A run's progress line or a note under it ("run 3/32 lora | step 40/250 ..."); "[run 3/32] ...: training" stays.
 PROGRESS_LINE = re.compile(r"^run \d+/\d+ \S+ \| .*(?:\n|$)", re.MULTILINE)
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # a progress bar drawn in JupyterLab
 # nbconvert's "lab" page without the scripts it loads from a CDN (the notebook needs none: its math is MathML).
@@ -33,8 +29,8 @@ REPORT_TEMPLATE_SOURCE = """{%- extends 'index.html.j2' -%}
 
 
 def execute_notebook(source: Path, executed: Path, parameters: dict[str, Any]) -> None:
-    """Run ``source`` into ``executed`` with ``parameters``, forwarding its output live. The names are checked first:
-    the notebook reads those of its parameters cell and no other, so a misspelt one would go unused."""
+    """Run ``source`` into ``executed`` with ``parameters``, forwarding its output live; the names are checked first
+    (a misspelt one would go unused)."""
     import papermill
     from traitlets.config import Config
 
@@ -77,7 +73,7 @@ def export_html(executed: Path) -> Path:
     """The executed notebook as one HTML file beside it that reads offline: figures embedded, formulas as MathML
     (nbconvert's default loads MathJax from a CDN), no script, no progress lines."""
     import nbformat
-    from jinja2 import DictLoader, pass_context
+    from jinja2 import DictLoader
     from latex2mathml.converter import convert
     from nbconvert import HTMLExporter
     from nbconvert.filters.markdown_mistune import IPythonRenderer, MarkdownWithMath
@@ -89,22 +85,14 @@ def export_html(executed: Path) -> Path:
         def block_math(self, body: str) -> str:
             return convert(body, display="block")
 
-        def latex_environment(self, name: str, body: str) -> str:
-            return convert(f"\\begin{{{name}}}{body}\\end{{{name}}}", display="block")
+    def markdown2html(source: str) -> str:  # HTMLExporter's own filter, with the renderer above
+        return MarkdownWithMath(renderer=MathMLRenderer(escape=False)).render(source)
 
-    @pass_context
-    def markdown2html(context, source: str) -> str:  # HTMLExporter's own filter, with the renderer above
-        path = context.get("resources", {}).get("metadata", {}).get("path", "")
-        renderer = MathMLRenderer(escape=False, attachments=context.get("cell", {}).get("attachments", {}),
-                                  embed_images=True, path=path)
-        return MarkdownWithMath(renderer=renderer).render(source)
-
-    exporter = HTMLExporter(template_name="lab", template_file=REPORT_TEMPLATE, embed_images=True,
+    exporter = HTMLExporter(template_name="lab", template_file=REPORT_TEMPLATE,
                             extra_loaders=[DictLoader({REPORT_TEMPLATE: REPORT_TEMPLATE_SOURCE})],
                             filters={"markdown2html": markdown2html})
     notebook = without_progress(nbformat.read(executed, as_version=4))
-    html, _ = exporter.from_notebook_node(notebook, resources={"metadata": {"name": executed.stem,
-                                                                            "path": str(executed.parent)}})
+    html, _ = exporter.from_notebook_node(notebook, resources={"metadata": {"name": executed.stem}})
     path = executed.with_suffix(".html")
     path.write_text(html, encoding="utf-8")
     return path
@@ -146,11 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
     args = _parse_args(argv)
-    # For the kernel: progress as plain lines, which read well once forwarded (a bar's carriage returns do not),
-    # and no transformers "Loading weights" bar.
+    # For the kernel: progress as plain lines, which read well once forwarded (a bar's carriage returns do not).
     os.environ.setdefault(MODE_ENV, "lines")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # every name of the parameters cell, with the profile's value: papermill's cell under it shows what trains
     values = notebook_values(args.profile)
     results_dir = Path(args.results_dir or values["results_dir"])
     parameters = {**values, "data_dir": args.data_dir, "results_dir": str(results_dir), "imgs_dir": args.imgs_dir}

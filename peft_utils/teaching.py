@@ -1,7 +1,5 @@
 """The plumbing of the notebook's teaching cells (LoRA, DoRA and NF4 by hand on the real MiniLM), so that each cell
-shows only its idea: one pretrained weight, and a few numbers as a Markdown table (displayed, not printed: ``make
-run`` forwards printed output to the terminal, amid the runs' progress).
-"""
+shows only its idea. Tables are displayed, not printed: ``make run`` forwards printed output amid the runs' progress."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -9,21 +7,17 @@ from pathlib import Path
 
 import torch
 
-MINILM_QUERY = "encoder.layer.0.attention.self.query.weight"  # a LoRA target of the cpu profile, (384, 384)
 
-
-def minilm_weight(name: str = MINILM_QUERY) -> torch.Tensor:
-    """One pretrained weight of all-MiniLM-L6-v2 from the offline copy ``model="minilm"`` uses, read with safetensors:
-    milliseconds, no model built, no loading report."""
+def minilm_weight() -> torch.Tensor:
+    """Layer 0's query weight of all-MiniLM-L6-v2 (a LoRA target, 384 x 384) from the offline copy ``model="minilm"``
+    uses, read with safetensors: milliseconds, no model built, no loading report."""
     from safetensors import safe_open
 
     from .models import resolve_model_source
 
     path = Path(resolve_model_source("minilm")) / "model.safetensors"
     with safe_open(str(path), framework="pt") as weights:
-        if name not in weights.keys():
-            raise KeyError(f"{name!r} is not a MiniLM weight; e.g. {MINILM_QUERY!r}")
-        return weights.get_tensor(name).float()
+        return weights.get_tensor("encoder.layer.0.attention.self.query.weight").float()
 
 
 def facts(values: Mapping[str, object]) -> str:
