@@ -163,10 +163,9 @@ class Splits:
 
 
 def load_splits(data: DataConfig) -> Splits:
-    """``data.dataset``: ``"sst2"`` (a local copy of GLUE's TSVs, else the hub), a local file or folder (CSV, TSV,
-    JSON Lines, Parquet: ``train.<ext>`` and optionally ``validation``/``dev``), or a hub dataset id, all read by
-    ``datasets``. Without a validation split a seeded, stratified 10% of train is carved off. Every problem is one
-    line naming the dataset, the split and the column, before anything trains."""
+    """``data.dataset``: ``"sst2"``, a local file or folder (``train.<ext>``, maybe ``validation``/``dev``), or a hub
+    dataset id, all read by ``datasets``; without a validation split, one is carved from train. Every problem is
+    one line naming the dataset, the split and the column, before anything trains."""
     sst2 = data.dataset == SST2
     raw, source = _load_sst2(data.data_dir) if sst2 else _load_raw(data.dataset, data.dataset_config)
     columns = _text_columns(data, raw["train"].column_names)
@@ -277,8 +276,8 @@ def _frame(split, text_columns: tuple[str, ...], label_column: str, where: str) 
 
 def _label_ids(frames: tuple[pd.DataFrame, pd.DataFrame], names: Sequence[str] | None,
                dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
-    """(train, dev) with labels as ids ``0..K-1`` and the K names: ``names`` (a ``ClassLabel``'s, SST-2's) for
-    ids ``0..K-1``, else the train labels sorted. One class, or a label outside those, is refused."""
+    """(train, dev) with labels as ids ``0..K-1`` and the K names: ``names`` (a ``ClassLabel``'s, SST-2's), else
+    the train labels sorted. One class, or a label outside those, is refused."""
     if names:
         values = list(range(len(names)))
     else:
@@ -304,8 +303,7 @@ def _label_ids(frames: tuple[pd.DataFrame, pd.DataFrame], names: Sequence[str] |
 def train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame, seed: int,
                          size_name: str = "train_size") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train rows (balanced, drawn with the run seed; stratified where :func:`fit_sizes` found no balanced
-    subset) and eval rows (all, or a sample of ``eval_size`` the same for every run and seed). ``size_name``: the
-    parameter that set the train size, as an error names it."""
+    subset) and eval rows (the same for every run and seed); ``size_name``: the train size's name in errors."""
     train_size, eval_size = config.data.train_size, config.data.eval_size
     for name, size, split, frame in ((size_name, train_size, "train", train), ("eval_size", eval_size, "dev", dev)):
         if size is not None and size > len(frame):
@@ -363,12 +361,9 @@ class _SizeFitter:
 
 def fit_sizes(config: ExperimentConfig, splits: Splits, sweep: bool) -> tuple[ExperimentConfig, str]:
     """``config`` with each size the user left to the profile (``config.adaptable_sizes``) fitted to the data, and
-    what changed, for one line (``""``: nothing).
-
-    A profile's sizes are chosen for SST-2; a user's own 240-row, 3-class file should train with them rather than
-    be refused over numbers the user never chose. A size beyond its split takes every row; one no balanced subset
-    meets is drawn stratified. A size the user set is left as set (and refused in one line if the data cannot meet
-    it). The fitted config fits nothing more when planned again (a widened tuning grid)."""
+    one line of what changed (``""``: nothing). A profile's sizes are chosen for SST-2; a user's own 240-row,
+    3-class file should train with them rather than be refused over numbers the user never chose. A size the user
+    set is left as set; the fitted config fits nothing more when planned again (a widened tuning grid)."""
     fitter, train = _SizeFitter(config.adaptable_sizes), class_counts(splits.train)
     data = replace(config.data, train_size=fitter.fit("train_size", config.data.train_size, train),
                    eval_size=fitter.fit("eval_size", config.data.eval_size, class_counts(splits.dev), balanced=False))

@@ -183,8 +183,6 @@ def estimate_memory(model_config, method: str, per_device_batch: int, max_length
     of the weights, AdamW state, gradients, activations and workspace as this package trains (the derivation, and
     what it leaves out, is in docs/hardware.md, "How the memory estimate counts"); tests check it against measured
     CPU peaks."""
-    if per_device_batch < 1 or max_length < 1:
-        raise ValueError(f"per_device_batch and max_length must be >= 1, got {per_device_batch} and {max_length}")
     model = _read_model(model_config, method, checked_dtype(compute_dtype), rank, targets)
     kind = get_method(method)
     tokens = per_device_batch * max_length
