@@ -125,8 +125,7 @@ class _Run:
 
     def batches(self, model: nn.Module, tokenizer, frames: tuple[pd.DataFrame, pd.DataFrame],
                 seed: int) -> tuple[StepBatches, DataLoader]:
-        """Refuse FSDP, apply the memory plan, tokenise once: the same global batches, in ``seed``'s order, on every
-        process."""
+        """Refuse FSDP, apply the memory plan, tokenise once: the same global batches on every process."""
         config, accelerator, plan = self.config, self.accelerator, self.memory_plan
         if accelerator.distributed_type == "FSDP":  # see the README: sharded saving is not written
             raise ValueError("FSDP is not supported yet (saving would need the shards gathered); launch without "
@@ -149,8 +148,7 @@ class _Run:
 
     def config_event(self, model: nn.Module, batches: tuple[StepBatches, DataLoader], run_info: dict[str, Any],
                      lr: float, seed: int) -> dict[str, Any]:
-        """The record's ``config`` event: ``run_info``, then the settings actually used and the library versions,
-        which win on a clash."""
+        """The ``config`` event: ``run_info``, the settings used and the library versions (which win on a clash)."""
         (steps, evaluation), accelerator, counts = batches, self.accelerator, count_parameters(model)
         config = self.config
         return {
