@@ -278,26 +278,21 @@ def _label_ids(frames: tuple[pd.DataFrame, pd.DataFrame], names: Sequence[str] |
                dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
     """(train, dev) with labels as ids ``0..K-1`` and the K names: ``names`` (a ``ClassLabel``'s, SST-2's), else
     the train labels sorted. One class, or a label outside those, is refused."""
-    if names:
-        values = list(range(len(names)))
-    else:
-        try:
-            values = sorted(frames[0]["label"].unique().tolist())
-        except TypeError:
-            raise ValueError(f"dataset {dataset}: labels mix numbers and text; use one kind") from None
-        names = [str(v) for v in values]
+    try:
+        values = list(range(len(names))) if names else sorted(frames[0]["label"].unique().tolist())
+    except TypeError:
+        raise ValueError(f"dataset {dataset}: labels mix numbers and text; use one kind") from None
     if frames[0]["label"].nunique() < 2:
         raise ValueError(f"dataset {dataset}: every train row has label {frames[0]['label'].tolist()[0]!r}: a "
                          "classifier needs two or more classes")
-    index = {value: i for i, value in enumerate(values)}
     out = []
     for frame, split in zip(frames, ("train", "validation")):
-        unknown = [v for v in frame["label"].unique().tolist() if v not in index]
-        if unknown:
-            raise ValueError(f"dataset {dataset}: {split} label {unknown[0]!r} is not one of the "
-                             f"labels ({', '.join(map(str, values))})")
-        out.append(frame.assign(label=frame["label"].map(index).astype(np.int64)))
-    return out[0], out[1], tuple(names)
+        ids = pd.Categorical(frame["label"], categories=values).codes  # -1: not one of the values
+        if (ids < 0).any():
+            raise ValueError(f"dataset {dataset}: {split} label {frame['label'][ids < 0].tolist()[0]!r} is not one "
+                             f"of the labels ({', '.join(map(str, values))})")
+        out.append(frame.assign(label=ids.astype(np.int64)))
+    return out[0], out[1], tuple(names or map(str, values))
 
 
 def train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame, seed: int,
