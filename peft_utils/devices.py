@@ -47,11 +47,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
     """The autocast dtype of ``precision`` on ``device``, the same for every method (QLoRA's 4-bit compute too).
-
     ``"auto"``: bfloat16 on a GPU of compute capability >= 8.0 (``torch.cuda.is_bf16_supported()`` also says yes
     where it is slowly emulated), float16 with loss scaling on older GPUs, float32 on a CPU (the committed CPU
-    records). Refused: bf16 on a GPU without native bfloat16, fp16 on a CPU.
-    """
+    records). Refused: bf16 on a GPU without native bfloat16, fp16 on a CPU."""
     device = torch.device(device)
     if precision == "auto":
         if device.type != "cuda":
@@ -70,8 +68,7 @@ def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
 
 
 def planned_compute(train: TrainConfig) -> torch.dtype:
-    """The run's autocast dtype, once the launch's processes are known to split its global batch: what a plan
-    checks before anything trains."""
+    """The run's autocast dtype, once the launch's processes are known to split its global batch."""
     per_device_batch_size(train.batch_size, launched_processes(), train.grad_accum_steps)
     return compute_dtype_for(resolve_device(train.device), train.precision)
 
@@ -135,8 +132,7 @@ def accelerator_dtype(accelerator) -> torch.dtype:
 
 
 def launched_processes() -> int:
-    """How many processes ``accelerate launch`` / ``torchrun`` started, read from ``WORLD_SIZE`` before any process
-    group exists."""
+    """How many processes a launcher started (``WORLD_SIZE``): known before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -167,8 +163,7 @@ def per_device_batch_size(batch_size: int, processes: int, accumulation: int) ->
 
 
 def hardware_name(device: torch.device) -> str:
-    """What ran the steps, for the records (times compare only on the same hardware): the GPU, or the CPU's model
-    and torch's threads."""
+    """What ran the steps (times compare only on the same hardware): the GPU, or the CPU's model and threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"

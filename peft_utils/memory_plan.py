@@ -179,10 +179,9 @@ def _architecture(model_config, blocks: nn.ModuleList) -> dict[str, int | float 
 def estimate_memory(model_config, method: str, per_device_batch: int, max_length: int,
                     compute_dtype: torch.dtype = torch.bfloat16, gradient_checkpointing: bool = False, *,
                     rank: int = 8, targets=None, device_type: str = "cuda") -> MemoryEstimate:
-    """Peak bytes of one training step of ``method`` at ``per_device_batch`` rows of ``max_length`` tokens: a count
-    of the weights, AdamW state, gradients, activations and workspace as this package trains (the derivation, and
-    what it leaves out, is in docs/hardware.md, "How the memory estimate counts"); tests check it against measured
-    CPU peaks."""
+    """Peak bytes of one training step of ``method`` at ``per_device_batch`` rows of ``max_length`` tokens, counted
+    as this package trains; the derivation, and what it leaves out, is in docs/hardware.md ("How the memory
+    estimate counts")."""
     model = _read_model(model_config, method, checked_dtype(compute_dtype), rank, targets)
     kind = get_method(method)
     tokens = per_device_batch * max_length
