@@ -1,13 +1,12 @@
-"""The data: SST-2 and any other classification dataset through ``datasets`` (:func:`load_splits`), the data's
-fingerprint, and seeded subsets. Every method must see exactly the same rows for a given seed, or accuracy
-differences could come from the data: hence text read as text (no quoting, no "NA" as missing), every empty cell
-refused (a silently mis-parsed row would change the data set) and seeded subsets.
+"""The data: SST-2 and any classification dataset through ``datasets``, its fingerprint, and seeded subsets. Every
+method must see the same rows for a given seed, or accuracy differences could come from the data: hence text read as
+text (no quoting, no "NA" as missing), every empty cell refused, and seeded subsets.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,14 @@ _TRUTHY = {"1", "true", "yes", "on"}
 
 
 def load_sst2(data_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """``{"train": ..., "dev": ...}`` frames of ``sentence`` (str) and ``label`` (int 0/1): SST-2 as
-    :func:`load_splits` reads it."""
+    """SST-2's ``{"train": ..., "dev": ...}`` frames of ``sentence`` and ``label``, as :func:`load_splits` reads it."""
     splits = load_splits(DataConfig(data_dir=None if data_dir is None else str(data_dir)))
     return {"train": splits.train, "dev": splits.dev}
 
 
 def fingerprint(*frames: pd.DataFrame) -> str:
-    """A short hash of the rows, texts and labels in order, split after split: of the rows and not the files, so
-    that runs of one fingerprint saw the same data wherever it was read from, and a results folder can refuse to
-    count runs of different data as repeats of one experiment."""
+    """A short hash of the rows, texts and labels in order, split after split (not of the files: the same data
+    wherever it was read from), so that a results folder can refuse to count runs of other data as repeats."""
     digest = hashlib.sha256()
     for frame in frames:
         for sentence, label in zip(frame["sentence"], frame["label"]):
@@ -45,9 +42,8 @@ def fingerprint(*frames: pd.DataFrame) -> str:
 
 
 def _load_sst2(data_dir: str | None) -> tuple[dict[str, Any], str]:
-    """SST-2's raw splits and source. Local files win, so tests and notebooks run offline on the same bytes:
-    ``data_dir`` (the ``sst2`` folder or its parent), then ``SST2_DIR`` / ``PEFT_LAB_DATA``, and only then the hub
-    (``glue``/``sst2``). A named folder that is wrong is an error: a typo must not silently switch to the hub."""
+    """SST-2's raw splits and source: ``data_dir`` (``sst2`` or its parent), ``SST2_DIR``, ``PEFT_LAB_DATA``, and
+    only then the hub. A named folder that is wrong is an error: a typo must not silently switch to the hub."""
     lab_data = os.environ.get("PEFT_LAB_DATA")
     named = ((data_dir, "data_dir"), (os.environ.get("SST2_DIR"), "SST2_DIR"),
              (lab_data and Path(lab_data) / "sst2", "PEFT_LAB_DATA"))
@@ -73,13 +69,12 @@ def _load_sst2(data_dir: str | None) -> tuple[dict[str, Any], str]:
 
 def subset(frame: pd.DataFrame, size: int | None, seed: int, balanced: bool = False,
            stratified: bool = False) -> pd.DataFrame:
-    """A seeded sample of ``size`` rows (``None``: all), in the original order and with a fresh index.
-    ``balanced``: ``size // K`` rows per class, so that small runs are not skewed by SST-2's 56/44 split;
-    ``stratified``: each class in proportion (:func:`rows_per_class`), for a size no balanced subset meets."""
+    """A seeded sample of ``size`` rows (``None``: all), in the original order. ``balanced``: ``size // K`` rows per
+    class, so that small runs are not skewed by SST-2's 56/44 split; ``stratified``: see :func:`rows_per_class`."""
     if size is not None and size <= 0:
         raise ValueError(f"subset size must be positive or None, got {size}")
     if balanced or stratified:
-        positions = _class_positions(frame["label"].to_numpy(), size, seed, stratified)
+        positions = _class_positions(frame["label"].to_numpy(), seed, lambda c: rows_per_class(c, size, stratified))
     elif size is None or size >= len(frame):
         positions = np.arange(len(frame))
     else:
@@ -91,8 +86,14 @@ def hold_out(frame: pd.DataFrame, size: int, seed: int,
              stratified: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(held_out, rest)``: a balanced (or ``stratified``) seeded sample of ``size`` rows and every other row.
     Tuning scores on rows it did not train on (else it would favour memorising), and leaves dev to the results."""
+    return _split_off(frame, _class_positions(frame["label"].to_numpy(), seed,
+                                              lambda counts: rows_per_class(counts, size, stratified)))
+
+
+def _split_off(frame: pd.DataFrame, positions: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rows at ``positions``, every other row), each in the original order."""
     chosen = np.zeros(len(frame), dtype=bool)
-    chosen[_class_positions(frame["label"].to_numpy(), size, seed, stratified)] = True
+    chosen[positions] = True
     return frame[chosen].reset_index(drop=True), frame[~chosen].reset_index(drop=True)
 
 
@@ -113,8 +114,8 @@ def balance_problem(counts: np.ndarray, size: int | None) -> str | None:
 
 def rows_per_class(counts: np.ndarray, size: int | None, stratified: bool = False) -> np.ndarray:
     """How many rows each class (``counts``, in label order) gives a subset of ``size`` rows. Balanced: ``size //
-    K`` each (``None``: the rarest class's count), else a ``ValueError`` saying why. Stratified: in proportion
-    (largest remainders first), at least one row of each class when ``size`` allows; ``None``: every row."""
+    K`` each (``None``: the rarest class's count), or a ``ValueError``. Stratified: in proportion (largest
+    remainders first), at least one row of each class when ``size`` allows; ``None``: every row."""
     if not stratified:
         problem = balance_problem(counts, size)
         if problem:
@@ -130,12 +131,12 @@ def rows_per_class(counts: np.ndarray, size: int | None, stratified: bool = Fals
     return taken
 
 
-def _class_positions(labels: np.ndarray, size: int | None, seed: int, stratified: bool) -> np.ndarray:
-    """Positions of a seeded subset taking :func:`rows_per_class` rows of each class."""
+def _class_positions(labels: np.ndarray, seed: int, taken: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Positions of a seeded subset with ``taken(counts)`` rows of each class, classes in sorted order."""
     classes, counts = np.unique(labels, return_counts=True)
     rng = np.random.default_rng(seed)
     return np.concatenate([rng.choice(np.flatnonzero(labels == c), size=n, replace=False)
-                           for c, n in zip(classes, rows_per_class(counts, size, stratified))])
+                           for c, n in zip(classes, taken(counts))])
 
 
 # Local files by suffix: the ``datasets`` builder that reads them and its options. Text stays text: no "NA" or
@@ -162,18 +163,19 @@ class Splits:
 
 
 def load_splits(data: DataConfig) -> Splits:
-    """``data.dataset``: ``"sst2"`` (a local copy of GLUE's TSVs, else the hub), a local file or folder (CSV, TSV,
-    JSON Lines, Parquet: ``train.<ext>`` and optionally ``validation``/``dev``), or a hub dataset id, all read by
-    ``datasets``. Without a validation split a seeded, stratified 10% of train is carved off. Every problem is one
-    line naming the dataset, the split and the column, before anything trains."""
+    """``data.dataset``: ``"sst2"``, a local file or folder (``train.<ext>``, maybe ``validation``/``dev``), or a hub
+    dataset id, all read by ``datasets``; without a validation split, one is carved from train. Every problem is
+    one line naming the dataset, the split and the column, before anything trains."""
     sst2 = data.dataset == SST2
     raw, source = _load_sst2(data.data_dir) if sst2 else _load_raw(data.dataset, data.dataset_config)
     columns = _text_columns(data, raw["train"].column_names)
     frames = {name: _frame(split, columns, data.label_column, f"{data.dataset} ({name} split)")
               for name, split in raw.items()}
     train, dev, dev_split = frames["train"], frames.get("dev"), "dev" if sst2 else "validation"
-    if dev is None:
-        train, dev = _carve_dev(train)
+    if dev is None:  # CARVED_DEV_FRACTION of each class (at least a row), classes in the order of their text
+        labels, fraction = train["label"].astype(str).to_numpy(), CARVED_DEV_FRACTION
+        dev, train = _split_off(train, _class_positions(labels, CARVED_DEV_SEED,
+                                                        lambda n: np.maximum(1, np.round(fraction * n)).astype(int)))
         dev_split = f"carved from train ({CARVED_DEV_FRACTION:.0%} of each class, seed {CARVED_DEV_SEED})"
     names = SST2_LABEL_NAMES if sst2 else getattr(raw["train"].features.get(data.label_column), "names", None)
     train, dev, names = _label_ids((train, dev), names, data.dataset)
@@ -216,11 +218,16 @@ def _load_hub(dataset: str, config_name: str | None) -> tuple[dict[str, Any], st
             loaded = load_dataset(dataset, config_name)
     except (ConnectionError, OSError, ValueError) as error:
         raise ValueError(f"dataset {dataset!r}: cannot load it from the Hugging Face hub: {_first_line(error)}") from None
-    dev = next((name for name in DEV_SPLIT_NAMES if name in loaded), None)
     if "train" not in loaded:
         raise ValueError(f"dataset {dataset!r} has no train split (it has {', '.join(loaded)})")
     name = f"{dataset}/{config_name}" if config_name else dataset
-    return {"train": loaded["train"], **({"dev": loaded[dev]} if dev else {})}, f"{name} (Hugging Face hub)"
+    return _train_and_dev(loaded), f"{name} (Hugging Face hub)"
+
+
+def _train_and_dev(splits: Mapping[str, Any]) -> dict[str, Any]:
+    """``train`` and, as ``dev``, the first of :data:`DEV_SPLIT_NAMES` there is."""
+    dev = next((name for name in DEV_SPLIT_NAMES if name in splits), None)
+    return {"train": splits["train"], **({"dev": splits[dev]} if dev else {})}
 
 
 def _first_line(error: BaseException) -> str:
@@ -239,8 +246,7 @@ def _local_files(path: Path) -> dict[str, Path]:
     found = {p.stem.lower(): p for p in sorted(path.iterdir()) if p.suffix.lower() in LOCAL_FORMATS}
     if "train" not in found:
         raise FileNotFoundError(f"dataset folder {path} has no train file (train{', train'.join(LOCAL_FORMATS)})")
-    dev = next((found[name] for name in DEV_SPLIT_NAMES if name in found), None)
-    return {"train": found["train"], **({"dev": dev} if dev else {})}
+    return _train_and_dev(found)
 
 
 def _text_columns(data: DataConfig, columns: Sequence[str]) -> tuple[str, ...]:
@@ -270,46 +276,29 @@ def _frame(split, text_columns: tuple[str, ...], label_column: str, where: str) 
 
 def _label_ids(frames: tuple[pd.DataFrame, pd.DataFrame], names: Sequence[str] | None,
                dataset: str) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
-    """(train, dev) with labels as ids ``0..K-1`` and the K names: ``names`` (a ``ClassLabel``'s, SST-2's) for
-    ids ``0..K-1``, else the train labels sorted. One class, or a label outside those, is refused."""
-    if names:
-        values = list(range(len(names)))
-    else:
-        try:
-            values = sorted(frames[0]["label"].unique().tolist())
-        except TypeError:
-            raise ValueError(f"dataset {dataset}: labels mix numbers and text; use one kind") from None
-        names = [str(v) for v in values]
+    """(train, dev) with labels as ids ``0..K-1`` and the K names: ``names`` (a ``ClassLabel``'s, SST-2's), else
+    the train labels sorted. One class, or a label outside those, is refused."""
+    try:
+        values = list(range(len(names))) if names else sorted(frames[0]["label"].unique().tolist())
+    except TypeError:
+        raise ValueError(f"dataset {dataset}: labels mix numbers and text; use one kind") from None
     if frames[0]["label"].nunique() < 2:
         raise ValueError(f"dataset {dataset}: every train row has label {frames[0]['label'].tolist()[0]!r}: a "
                          "classifier needs two or more classes")
-    index = {value: i for i, value in enumerate(values)}
     out = []
     for frame, split in zip(frames, ("train", "validation")):
-        unknown = [v for v in frame["label"].unique().tolist() if v not in index]
-        if unknown:
-            raise ValueError(f"dataset {dataset}: {split} label {unknown[0]!r} is not one of the "
-                             f"labels ({', '.join(map(str, values))})")
-        out.append(frame.assign(label=frame["label"].map(index).astype(np.int64)))
-    return out[0], out[1], tuple(names)
-
-
-def _carve_dev(train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(the rest of train, a seeded stratified ``CARVED_DEV_FRACTION`` of it, at least one row per class)."""
-    rng = np.random.default_rng(CARVED_DEV_SEED)
-    labels = train["label"].astype(str).to_numpy()
-    chosen = np.zeros(len(train), dtype=bool)
-    for label in sorted(set(labels)):
-        rows = np.flatnonzero(labels == label)
-        chosen[rng.choice(rows, size=max(1, round(CARVED_DEV_FRACTION * len(rows))), replace=False)] = True
-    return train[~chosen].reset_index(drop=True), train[chosen].reset_index(drop=True)
+        ids = pd.Categorical(frame["label"], categories=values).codes  # -1: not one of the values
+        if (ids < 0).any():
+            raise ValueError(f"dataset {dataset}: {split} label {frame['label'][ids < 0].tolist()[0]!r} is not one "
+                             f"of the labels ({', '.join(map(str, values))})")
+        out.append(frame.assign(label=ids.astype(np.int64)))
+    return out[0], out[1], tuple(names or map(str, values))
 
 
 def train_and_eval_rows(config: ExperimentConfig, train: pd.DataFrame, dev: pd.DataFrame, seed: int,
                          size_name: str = "train_size") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train rows (balanced, drawn with the run seed; stratified where :func:`fit_sizes` found no balanced
-    subset) and eval rows (all, or a sample of ``eval_size`` the same for every run and seed). ``size_name``: the
-    parameter that set the train size, as an error names it."""
+    subset) and eval rows (the same for every run and seed); ``size_name``: the train size's name in errors."""
     train_size, eval_size = config.data.train_size, config.data.eval_size
     for name, size, split, frame in ((size_name, train_size, "train", train), ("eval_size", eval_size, "dev", dev)):
         if size is not None and size > len(frame):
@@ -367,12 +356,9 @@ class _SizeFitter:
 
 def fit_sizes(config: ExperimentConfig, splits: Splits, sweep: bool) -> tuple[ExperimentConfig, str]:
     """``config`` with each size the user left to the profile (``config.adaptable_sizes``) fitted to the data, and
-    what changed, for one line (``""``: nothing).
-
-    A profile's sizes are chosen for SST-2; a user's own 240-row, 3-class file should train with them rather than
-    be refused over numbers the user never chose. A size beyond its split takes every row; one no balanced subset
-    meets is drawn stratified. A size the user set is left as set (and refused in one line if the data cannot meet
-    it). The fitted config fits nothing more when planned again (a widened tuning grid)."""
+    one line of what changed (``""``: nothing). A profile's sizes are chosen for SST-2; a user's own 240-row,
+    3-class file should train with them rather than be refused over numbers the user never chose. A size the user
+    set is left as set; the fitted config fits nothing more when planned again (a widened tuning grid)."""
     fitter, train = _SizeFitter(config.adaptable_sizes), class_counts(splits.train)
     data = replace(config.data, train_size=fitter.fit("train_size", config.data.train_size, train),
                    eval_size=fitter.fit("eval_size", config.data.eval_size, class_counts(splits.dev), balanced=False))

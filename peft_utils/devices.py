@@ -1,9 +1,5 @@
-"""Where a run computes: the device, its precision, the processes of a launch, and the hardware behind them.
-
-Devices, precision and processes are accelerate's job (:func:`make_accelerator`): one CPU process, one GPU, or
-``accelerate launch --num_processes N`` / ``torchrun`` for data parallel training. What is decided here is the
-precision rule every method shares, and what the records say about the machine.
-"""
+"""Where a run computes: accelerate's device, precision and processes (:func:`make_accelerator`), the precision
+rule every method shares, and what the records say about the machine."""
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +20,7 @@ _DTYPE_NAMES = {**PRECISION_DTYPES, **{str(dtype).removeprefix("torch."): dtype 
 
 
 def checked_dtype(dtype: torch.dtype | str, name: str = "compute_dtype") -> torch.dtype:
-    """``dtype`` (or its name: ``"bf16"``, ``"bfloat16"``) when it is one the methods compute or store in; else
-    one line naming the parameter ``name``."""
+    """``dtype`` (or its name) when the methods can compute or store in it; else one line naming ``name``."""
     resolved = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in _MIXED_PRECISION:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype!r}")
@@ -33,16 +28,15 @@ def checked_dtype(dtype: torch.dtype | str, name: str = "compute_dtype") -> torc
 
 
 def _with_index(device: torch.device) -> torch.device:
-    """``cuda`` -> ``cuda:<current>``: a model placed by ``from_pretrained(device_map=...)`` reports ``cuda:0``, and
-    the two must compare equal, or a 4-bit model (which must not move) would be moved again."""
+    """``cuda`` -> ``cuda:<current>``: a model placed by ``device_map`` reports ``cuda:0``, and the two must compare
+    equal, or a 4-bit model (which must not move) would be moved again."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; an explicit CUDA request without a GPU is an error. With its
-    CUDA index (accelerate names a single GPU ``cuda``)."""
+    """``"auto"`` -> CUDA when available, else CPU, with its CUDA index; CUDA without a GPU is an error."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
@@ -53,13 +47,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
     """The autocast dtype of ``precision`` on ``device``, the same for every method (QLoRA's 4-bit compute too).
-
-    ``"auto"``: bfloat16 on a GPU with native bfloat16 (compute capability >= 8.0; it needs no loss scaling),
-    float16 with loss scaling on older GPUs (``torch.cuda.is_bf16_supported()`` says yes on some through slow
-    emulation, hence the capability test), float32 on a CPU (it reproduces the committed CPU records; ask for
-    ``"bf16"`` on a CPU with ``avx512_bf16`` or ``amx_bf16``). Refused: ``"bf16"`` on a GPU without native bfloat16,
-    and ``"fp16"`` on a CPU (accelerate neither autocasts nor scales losses in fp16 there).
-    """
+    ``"auto"``: bfloat16 on a GPU of compute capability >= 8.0 (``torch.cuda.is_bf16_supported()`` also says yes
+    where it is slowly emulated), float16 with loss scaling on older GPUs, float32 on a CPU (the committed CPU
+    records). Refused: bf16 on a GPU without native bfloat16, fp16 on a CPU."""
     device = torch.device(device)
     if precision == "auto":
         if device.type != "cuda":
@@ -78,8 +68,7 @@ def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
 
 
 def planned_compute(train: TrainConfig) -> torch.dtype:
-    """The run's autocast dtype (:func:`compute_dtype_for` of its resolved device), once the launch's processes are
-    known to split its global batch: what a plan checks before anything trains, and what every run then uses."""
+    """The run's autocast dtype, once the launch's processes are known to split its global batch."""
     per_device_batch_size(train.batch_size, launched_processes(), train.grad_accum_steps)
     return compute_dtype_for(resolve_device(train.device), train.precision)
 
@@ -112,10 +101,8 @@ def warn_if_emulated_on_cpu(dtype: torch.dtype) -> None:
 
 
 def make_accelerator(device: str = "auto", precision: str = "auto", **trackers: Any):
-    """The ``accelerate.Accelerator`` of a run: ``device`` and ``precision`` resolved (:func:`compute_dtype_for`)
-    into autocast (and a loss scaler for fp16); under ``accelerate launch`` / ``torchrun`` it joins the process
-    group. ``trackers``: a run's :func:`peft_utils.trackers.accelerator_arguments`; accelerate fixes its trackers
-    when it is made, hence one accelerator per run."""
+    """The run's ``accelerate.Accelerator``, with :func:`compute_dtype_for`'s autocast; ``trackers``:
+    ``trackers.accelerator_arguments`` (accelerate fixes them when it is made, hence one accelerator per run)."""
     from accelerate import Accelerator
 
     resolved = resolve_device(device)
@@ -127,11 +114,8 @@ def make_accelerator(device: str = "auto", precision: str = "auto", **trackers: 
 
 
 def _start_afresh_for_other_settings(device: torch.device, mixed_precision: str) -> None:
-    """accelerate keeps one device and one mixed precision per process: it refuses another precision or the CPU
-    after a GPU, and silently keeps the first device. A notebook kernel or test session that changes either starts
-    accelerate's state afresh (a launch keeps its processes: their devices never change).
-
-    accelerate has no public way to do this; ``_reset_state`` is used here alone, and
+    """accelerate keeps one device and mixed precision per process (it refuses another precision, or the CPU after
+    a GPU); a kernel or test session that changes either starts its state afresh. ``_reset_state`` is private:
     ``tests/test_precision.py`` fails loudly if it changes."""
     from accelerate.state import AcceleratorState, PartialState
 
@@ -144,23 +128,21 @@ def _start_afresh_for_other_settings(device: torch.device, mixed_precision: str)
 
 def accelerator_dtype(accelerator) -> torch.dtype:
     """The autocast dtype the accelerator was made with: what its run computes in."""
-    return {name: dtype for dtype, name in _MIXED_PRECISION.items()}[accelerator.mixed_precision]
+    return PRECISION_DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
 def launched_processes() -> int:
-    """How many processes ``accelerate launch`` / ``torchrun`` started (both set ``WORLD_SIZE``): read from the
-    environment, so that a plan can check the batch split before any process group exists."""
+    """How many processes a launcher started (``WORLD_SIZE``): known before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
-    """Whether this process prints and writes: rank 0 of a launch (both launchers set ``RANK``), or the only one."""
+    """Whether this process prints and writes: rank 0 of a launch, or the only one."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def same_in_every_process(value: str, device: str = "auto") -> str:
-    """The main process's ``value`` in every process of a launch (what it decided about a run, which the others
-    follow); joins the launch's process group on ``device`` as the run's ``Accelerator`` will."""
+    """The main process's ``value`` in every process of a launch (joining its process group on ``device``)."""
     if launched_processes() == 1:
         return value
     from accelerate import PartialState
@@ -181,8 +163,7 @@ def per_device_batch_size(batch_size: int, processes: int, accumulation: int) ->
 
 
 def hardware_name(device: torch.device) -> str:
-    """What ran the steps, for the records (a train time compares only with times taken on the same hardware):
-    the GPU's name, or the CPU's model and the threads torch uses."""
+    """What ran the steps (times compare only on the same hardware): the GPU, or the CPU's model and threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"

@@ -1,9 +1,7 @@
-"""Will this method fit the GPU? Peak training memory estimated from a model config, and a plan that makes it fit.
-
-A run that dies of CUDA out-of-memory after loading a 3 GB model (or after an hour of training) wastes the user's
-time, and the numbers that decide it are known before the model is loaded. The estimate is a pure function of the
-model config, the method and the batch shape (parameters counted exactly on a weightless copy with the real
-adapters injected), so it is tested on a CPU with a stated device size and against measured CPU peaks.
+"""Will this method fit the GPU? Peak training memory estimated before the model is loaded (a run that dies of
+out-of-memory after an hour wastes it), and a plan that makes it fit. The estimate is a pure function of the model
+config, the method and the batch shape (parameters counted on a weightless copy with the real adapters injected),
+so it is tested on a CPU with a stated device size and against measured CPU peaks.
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from .devices import accelerator_dtype, checked_dtype, per_device_batch_size
 from .formatting import format_bytes
 from .methods import Method, get_method
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 SAFETY = 0.9  # of the free memory: the rest for allocator fragmentation and what the estimate leaves out
 # Activation functions that transformers writes as a chain of Python ops (each keeps its own tensor for backward),
 # against the native ones (one saved input). GPT-2's default "gelu_new" is 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))).
@@ -179,29 +176,17 @@ def _architecture(model_config, blocks: nn.ModuleList) -> dict[str, int | float 
     }
 
 
-def estimate_memory(
-    model_config,
-    method: str,
-    per_device_batch: int,
-    max_length: int,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    gradient_checkpointing: bool = False,
-    *,
-    rank: int = 8,
-    targets=None,
-    device_type: str = "cuda",
-) -> MemoryEstimate:
-    """Peak bytes of one training step of ``method`` at ``per_device_batch`` rows of ``max_length`` tokens: a count
-    of the weights, AdamW state, gradients, activations and workspace as this package trains (the derivation, and
-    what it leaves out, is in docs/hardware.md, "How the memory estimate counts"); tests check it against measured
-    CPU peaks."""
-    if per_device_batch < 1 or max_length < 1:
-        raise ValueError(f"per_device_batch and max_length must be >= 1, got {per_device_batch} and {max_length}")
+def estimate_memory(model_config, method: str, per_device_batch: int, max_length: int,
+                    compute_dtype: torch.dtype = torch.bfloat16, gradient_checkpointing: bool = False, *,
+                    rank: int = 8, targets=None, device_type: str = "cuda") -> MemoryEstimate:
+    """Peak bytes of one training step of ``method`` at ``per_device_batch`` rows of ``max_length`` tokens, counted
+    as this package trains; the derivation, and what it leaves out, is in docs/hardware.md ("How the memory
+    estimate counts")."""
     model = _read_model(model_config, method, checked_dtype(compute_dtype), rank, targets)
     kind = get_method(method)
     tokens = per_device_batch * max_length
     h, inner = model.hidden, model.intermediate
-    half = compute_dtype in HALF_DTYPES
+    half = compute_dtype != torch.float32
     c = compute_dtype.itemsize
     r = c if kind.adapter is not None and not kind.quantized else 4
 
@@ -244,14 +229,10 @@ def _gib(n_bytes: int) -> str:
 def plan_memory(model_config, method: str, train: TrainConfig, adapter: AdapterSettings = AdapterSettings(), *,
                 compute_dtype: torch.dtype, device_bytes: int, num_processes: int = 1,
                 name: str | None = None) -> MemoryPlan:
-    """The cheapest way to train ``method`` with ``train``'s global batch (``batch_size``), ``max_length``,
-    accumulation and checkpointing, and ``adapter``'s rank and targets, within ``SAFETY x device_bytes``.
-
-    Tried in order, stopping at the first that fits: the configured micro-batch; the same with gradient
-    checkpointing (one block's activations instead of all, for ~30% more compute); then every smaller divisor of
-    the device's share of the global batch, with more accumulation steps, down to one row: the global batch is
-    always reproduced exactly. ``device_bytes``: the device's free memory (``torch.cuda.mem_get_info()[0]``).
-    """
+    """The cheapest way to train ``method`` with ``train`` and ``adapter`` within ``SAFETY x device_bytes`` (the
+    free memory). Tried in order: the configured micro-batch; the same with gradient checkpointing (one block's
+    activations instead of all, for ~30% more compute); then every smaller divisor of the device's share of the
+    global batch, with more accumulation steps: the global batch is always reproduced exactly."""
     start = per_device_batch_size(train.batch_size, num_processes, train.grad_accum_steps)
     share, budget = train.batch_size // num_processes, int(SAFETY * device_bytes)
     configured = train.gradient_checkpointing
@@ -295,10 +276,9 @@ def to_record(plan: MemoryPlan) -> dict:
 
 def plan_for_device(model_source: str, method: str, train: TrainConfig, adapter: AdapterSettings, accelerator,
                     name: str | None = None) -> MemoryPlan | None:
-    """The plan for one run on the accelerator's device, before its model is loaded: ``None`` off CUDA (a CPU run is
-    never re-planned, so its results stay those of its configuration); a ValueError when nothing fits. The free
-    memory is read after CUDA is initialised, so its context is already counted. With ``train.workers`` runs at
-    once, a run plans for its share of the device, however much the others have taken yet."""
+    """The plan for one run on the accelerator's device, before its model is loaded: ``None`` off CUDA (a CPU run
+    keeps its configuration's results); a ValueError when nothing fits. With ``train.workers`` runs at once, a run
+    plans for its share of the device, however much the others have taken yet."""
     if accelerator.device.type != "cuda":
         return None
     from transformers import AutoConfig
@@ -313,9 +293,8 @@ def plan_for_device(model_source: str, method: str, train: TrainConfig, adapter:
 
 
 def with_micro_batch_at_most(plan: MemoryPlan, per_device_batch: int) -> MemoryPlan:
-    """``plan`` after an out-of-memory error: a micro-batch of at most ``per_device_batch`` rows (the largest that
-    divides the device's share, so the global batch is unchanged), accumulated over more steps. The plan itself
-    when ``per_device_batch`` is not smaller (the first attempt: nothing has failed yet)."""
+    """``plan`` after an out-of-memory error: a micro-batch of at most ``per_device_batch`` rows that divides the
+    device's share (the global batch unchanged); the plan itself on the first attempt."""
     if per_device_batch >= plan.per_device_batch:
         return plan
     share = plan.per_device_batch * plan.grad_accum_steps

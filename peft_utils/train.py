@@ -1,13 +1,9 @@
-"""One recorded run: the core's training loop with what the lab adds around it (the record and the trackers,
-progress, time and peak memory); only the main process records, logs, prints and saves. The measurements:
-
-- ``train_time_s``: wall time of the optimisation only (evaluations have their own ``eval_time_s``); on CUDA the
-  device is synchronised before each reading, otherwise queued kernels would be missed.
-- ``tokens_per_s`` counts non-pad tokens, so it does not reward padding.
-- ``peak_memory_bytes``: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only). On CPU the peak resident set
-  size of the process, which includes the Python baseline (a few hundred MB), so CPU numbers compare only with
-  each other. On Linux the kernel's high-water mark is reset when each run starts (``/proc/self/clear_refs``, see
-  proc(5)), so every run reports its own peak; elsewhere RSS is sampled after every optimiser step.
+"""One recorded run: the core's training loop with what the lab adds around it (records, trackers, progress, time
+and peak memory); only the main process records, logs, prints and saves. ``train_time_s`` is the optimisation alone
+(the device synchronised before each reading); ``tokens_per_s`` counts non-pad tokens, not to reward padding.
+``peak_memory_bytes``: CUDA's allocator peak, or on a CPU the process's peak resident set size (with the Python
+baseline: it compares only with other CPU runs), reset per run on Linux (``/proc/self/clear_refs``, proc(5)) and
+sampled after every step elsewhere.
 """
 from __future__ import annotations
 
@@ -45,21 +41,19 @@ RECORDED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerat
 
 @dataclass
 class RunResult:
-    """What one run produced, in memory (the same numbers are streamed to the recorder as they happen).
-    ``losses``: the training loss of every optimiser step (not only the logged ones), for exact comparisons."""
+    """What one run produced, in memory (the recorder gets the same numbers as they happen)."""
 
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # every optimiser step's, not only the logged ones
     evals: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Recording:
-    """Where a run's events go: its ``recorder`` (``None``: no record), the fields its ``config`` event starts with
-    (``run_info``, whose ``run_id`` names the run to the trackers), its progress ``label``, ``on_finish(model)``,
-    run after the last evaluation and before the summary (to save what was trained, so that a complete record
-    always has its saved result), whose fields join the summary, and the plan's ``steps_after`` this run (progress
-    estimates the plan's time from them)."""
+    """Where a run's events go: ``recorder`` (``None``: no record), ``run_info`` (the ``config`` event's first fields;
+    its ``run_id`` names the run), the progress ``label``, ``on_finish(model)`` (saves what was trained before the
+    summary, so that a complete record has its saved result; its fields join the summary), and the plan's
+    ``steps_after`` this run (for progress's estimate of the plan's time)."""
 
     recorder: RunRecorder | None = None
     run_info: dict[str, Any] = field(default_factory=dict)
@@ -73,9 +67,7 @@ class Recording:
 
 
 class _PeakMemory:
-    """Peak memory of one run: CUDA allocator peak on GPU, resident set size on CPU (see the module docstring)."""
-
-    _CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+    """Peak memory of one run (see the module docstring)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.kind = device, "cuda" if device.type == "cuda" else "rss"
@@ -85,13 +77,12 @@ class _PeakMemory:
         if self.kind == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        with contextlib.suppress(OSError):  # "5" resets the kernel's peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-            self._CLEAR_REFS.write_text("5")
+        with contextlib.suppress(OSError):  # "5" resets the kernel's peak RSS (VmHWM) to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
             self._kernel_peak = True
         self.sample()
 
     def sample(self) -> None:
-        """Where the kernel's peak cannot be reset: remember the largest RSS seen."""
         if self.kind == "rss" and not self._kernel_peak:
             self._sampled = max(self._sampled, self._process.memory_info().rss)
 
@@ -99,26 +90,15 @@ class _PeakMemory:
         if self.kind == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         if self._kernel_peak:
-            for line in self._STATUS.read_text().splitlines():
+            for line in Path("/proc/self/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024  # reported in kB
         return self._sampled
 
 
-@dataclass(frozen=True)
-class _Batches:
-    """A run's data, batched for this process: the train steps, the evaluation loader and the batch arithmetic."""
-
-    train: StepBatches
-    eval: DataLoader
-    micro_batch: int
-    train_rows: int
-    eval_rows: int
-
-
 def installed_versions() -> dict[str, str | None]:
-    """Python's and each :data:`RECORDED_PACKAGES`' version (None: not installed). In the record, not in the run's
-    identity: a number that moved after an upgrade can be traced to it, and runs still resume across one."""
+    """Python's and each :data:`RECORDED_PACKAGES`' version (None: not installed): in the record but not the run's
+    identity, so a number that moved after an upgrade can be traced to it, and runs still resume across one."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for package in RECORDED_PACKAGES:
         try:
@@ -131,8 +111,8 @@ def installed_versions() -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class _Run:
-    """One run's settings and where it computes: ``memory_plan`` (the accumulation and checkpointing that fit the
-    GPU) is used instead of ``config``'s, which the record keeps as the run's identity."""
+    """One run's settings and where it computes: ``memory_plan``'s accumulation and checkpointing win over
+    ``config``'s, which the record keeps as the run's identity."""
 
     config: TrainConfig
     accelerator: Any
@@ -143,9 +123,9 @@ class _Run:
     def compiled(self) -> bool:
         return use_compile(self.config.compile, self.device)
 
-    def batches(self, model: nn.Module, tokenizer, frames: tuple[pd.DataFrame, pd.DataFrame], seed: int) -> _Batches:
-        """Refuse FSDP, apply the memory plan, and tokenise once; the train order depends only on ``seed``, the same
-        global batches on every process."""
+    def batches(self, model: nn.Module, tokenizer, frames: tuple[pd.DataFrame, pd.DataFrame],
+                seed: int) -> tuple[StepBatches, DataLoader]:
+        """Refuse FSDP, apply the memory plan, tokenise once: the same global batches on every process."""
         config, accelerator, plan = self.config, self.accelerator, self.memory_plan
         if accelerator.distributed_type == "FSDP":  # see the README: sharded saving is not written
             raise ValueError("FSDP is not supported yet (saving would need the shards gathered); launch without "
@@ -164,22 +144,21 @@ class _Run:
                             bucket_by_length=config.bucket_by_length, padded=False)
         evaluation = make_loader(eval_rows, config.eval_batch_size or 2 * micro_batch, pad, shuffle=False,
                                  seed=seed, bucket_by_length=config.bucket_by_length, pad_to_multiple=multiple)
-        steps = StepBatches(train, processes, accumulation, accelerator.process_index, pad, multiple)
-        return _Batches(steps, evaluation, micro_batch, len(train_rows), len(eval_rows))
+        return StepBatches(train, processes, accumulation, accelerator.process_index, pad, multiple), evaluation
 
-    def config_event(self, model: nn.Module, batches: _Batches, run_info: dict[str, Any], lr: float,
-                     seed: int) -> dict[str, Any]:
-        """The record's ``config`` event: ``run_info`` first, then the settings actually used (device resolved,
-        sizes after encoding) and the library versions, which win on a clash."""
-        config, accelerator, counts = self.config, self.accelerator, count_parameters(model)
+    def config_event(self, model: nn.Module, batches: tuple[StepBatches, DataLoader], run_info: dict[str, Any],
+                     lr: float, seed: int) -> dict[str, Any]:
+        """The ``config`` event: ``run_info``, the settings used and the library versions (which win on a clash)."""
+        (steps, evaluation), accelerator, counts = batches, self.accelerator, count_parameters(model)
+        config = self.config
         return {
             **run_info, **asdict(config), "lr": lr, "seed": seed, "device": str(self.device),
             "hardware": hardware_name(self.device), "compiled": self.compiled,
             "compute_dtype": str(accelerator_dtype(accelerator)).removeprefix("torch."),
             "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
-            "per_device_batch_size": batches.micro_batch, "global_batch_size": config.batch_size,
-            "train_size": batches.train_rows, "eval_size": batches.eval_rows,
-            "total_steps": len(batches.train) * config.epochs,
+            "per_device_batch_size": config.batch_size // (steps.processes * steps.accumulation),
+            "global_batch_size": config.batch_size, "train_size": len(steps.loader.dataset),
+            "eval_size": len(evaluation.dataset), "total_steps": len(steps) * config.epochs,
             "trainable_params": counts.trainable, "total_params": counts.total,
             **(to_record(self.memory_plan) if self.memory_plan else {}), "versions": installed_versions(),
         }
@@ -193,8 +172,7 @@ def _log(sinks: list[RunRecorder | RunTrackers], event: str, **fields: Any) -> N
 
 @dataclass
 class _Watch:
-    """What the lab does with each thing the loop yields: record it, show it, measure it (optimisation wall time
-    less the evaluations' own, and peak memory)."""
+    """What the lab does with each thing the loop yields: record it, show it, measure it."""
 
     sinks: list[RunRecorder | RunTrackers]
     progress: Progress
@@ -218,7 +196,7 @@ class _Watch:
         return time.perf_counter() - self.started - self.evaluating
 
     def follow(self, events: Iterator[StepMetrics | EvalMetrics]) -> float:
-        """Record, show and measure every step and evaluation the loop yields; returns the training time."""
+        """Follow the loop to its end; returns the training time."""
         self.memory.start()
         synchronize(self.memory.device)
         self.started = time.perf_counter()
@@ -246,8 +224,7 @@ class _Watch:
         self.progress.update(event.step, self.result.losses[-1] if self.result.losses else None)
 
     def _read_losses(self) -> None:
-        """The step losses still on the device, read to the host at once: one wait for the device per logged
-        window, not one per step."""
+        """Read the step losses still on the device at once: one wait for the device per logged window."""
         if self.unread:
             losses = torch.stack(self.unread).tolist()
             self.result.losses += losses
@@ -287,18 +264,14 @@ class _Watch:
 def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd.DataFrame, config: TrainConfig, *,
           lr: float, seed: int, recording: Recording = Recording(), accelerator=None,
           memory_plan: MemoryPlan | None = None) -> RunResult:
-    """Fine-tune ``model`` on ``train_frame``, evaluate on ``eval_frame`` and record it (:class:`Recording`).
-
-    ``lr`` is the peak learning rate; ``seed`` fixes the data order and dropout masks (the same for every method).
-    The record gets a ``config`` event (the recording's ``run_info`` plus this run's settings, sizes, device,
-    precision, processes and parameter counts), ``step``/``eval`` events as they happen, and a ``summary``, which
-    marks the run complete. An ``accelerator`` made with trackers (``trackers.accelerator_arguments``) receives
-    the same events. ``memory_plan``: see :class:`_Run`.
-    """
+    """Fine-tune ``model`` on ``train_frame``, evaluate on ``eval_frame`` and record it (:class:`Recording`): a
+    ``config`` event, ``step``/``eval`` events as they happen, and a ``summary``, which marks the run complete; an
+    ``accelerator`` made with trackers gets the same events. ``lr``: the peak rate; ``seed`` fixes the data order
+    and dropout masks (the same for every method)."""
     accelerator = accelerator or make_accelerator(config.device, config.precision)
     run = _Run(config, accelerator, resolve_device(accelerator.device), memory_plan)
     batches = run.batches(model, tokenizer, (train_frame, eval_frame), seed)
-    main, total_steps = is_main_process(), len(batches.train) * config.epochs
+    main, total_steps = is_main_process(), len(batches[0]) * config.epochs
     # only the main process records; its trackers are those the accelerator was made with
     trackers = RunTrackers(accelerator, recording.name) if main and accelerator.log_with else None
     sinks = [sink for sink in (recording.recorder if main else None, trackers) if sink is not None]
@@ -315,9 +288,8 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
         progress = Progress(total_steps, recording.label or recording.name, mode=None if main else "off",
                             steps_after=recording.steps_after)
         watch = _Watch(sinks, progress, _PeakMemory(run.device), config.log_every, total_steps)
-        train_time = watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
-                                             epochs=config.epochs, max_grad_norm=config.max_grad_norm,
-                                             eval_every=config.eval_every))
+        train_time = watch.follow(train_loop(model, *batches, optimizer, scheduler, accelerator, epochs=config.epochs,
+                                             max_grad_norm=config.max_grad_norm, eval_every=config.eval_every))
         # the peak of the process that needed the most
         peak = accelerator.gather(torch.tensor([watch.memory.peak_bytes()], device=accelerator.device)).max()
         result = watch.result
