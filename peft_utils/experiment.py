@@ -343,13 +343,10 @@ def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
         _say(f"[{position}] {run.run_id}: completed by another process in {store.folder}, skipped")
         return True
     _say(f"[{position}] {decision}: training ({plan.config.profile} profile)")
-    try:
+    with claim or contextlib.nullcontext():  # released when the run ends, trained or failed
         steps_after = sum(planned_steps(plan, later) for later in plan.runs[index + 1:] if not later.complete)
         _train_and_record(plan, replace(run, run_id=decision), f"{position} {run.spec.method}",
                           steps_after // plan.config.train.workers)
-    finally:
-        if claim is not None:
-            claim.release()
     return True
 
 

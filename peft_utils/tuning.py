@@ -41,14 +41,9 @@ def learning_rate_scores(tune_runs: pd.DataFrame | Sequence[dict]) -> pd.DataFra
     ``eval_loss`` over seeds, ``n_seeds``, and ``chosen`` on each series' best rate: the highest accuracy, ties to the
     lower loss (the more confident model), then to the smaller rate (the more conservative update)."""
     frame = pd.DataFrame(tune_runs)
-    missing = [c for c in ("method", "lr", "final_accuracy") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"tuning runs need the fields method, lr and final_accuracy; missing: {', '.join(missing)}")
     frame = frame.assign(lr=numeric_column(frame, "lr"), accuracy=numeric_column(frame, "final_accuracy"),
                          eval_loss=numeric_column(frame, "final_eval_loss"), series=run_series(frame))
     frame = frame.dropna(subset=["lr", "accuracy"])
-    if frame.empty:
-        return pd.DataFrame(columns=["series", "method", "lr", "accuracy", "eval_loss", "n_seeds", "chosen"])
     scores = (frame.groupby(["series", "method", "lr"], sort=True)
               .agg(accuracy=("accuracy", "mean"), eval_loss=("eval_loss", "mean"), n_seeds=("accuracy", "size"))
               .reset_index())
