@@ -61,17 +61,13 @@ def targets_label(targets: object) -> str:
     joined by ``+`` (``"query+value"``)."""
     if targets is None or targets != targets:  # None, or NaN where a run table has no targets
         return ""
-    if isinstance(targets, str):
-        return targets
-    return "+".join(str(item) for item in targets)
+    return targets if isinstance(targets, str) else "+".join(str(item) for item in targets)
 
 
 def targets_slug(targets: object) -> str:
     """A target set in a file name: its :func:`targets_label`, or for a regex ``re-`` and 8 hex digits of its SHA-1."""
     label = targets_label(targets)
-    if re.fullmatch(r"[A-Za-z0-9_.+-]*", label):
-        return label
-    return "re-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    return label if re.fullmatch(r"[A-Za-z0-9_.+-]*", label) else "re-" + hashlib.sha1(label.encode()).hexdigest()[:8]
 
 
 def series_name(method: str, targets: object = None) -> str:
