@@ -1,17 +1,9 @@
 """The comparison itself: plan every run, check the plan, then build each method's model, train it and record it.
 
-An experiment is an :class:`~peft_utils.config.ExperimentConfig`. It runs in two phases, so that a mistake costs a
-one-line error and not a finished full fine-tuning run:
-
-1. **plan** (:func:`plan_experiment`): the runs (learning-rate tuning when ``lr="tune"``, methods x target sets x
-   seeds, the LoRA rank x alpha grid), their data rows, and every check that needs the data, the model or the
-   results folder (a run found there complete, by its settings, is skipped: :class:`~peft_utils.store.RunStore`).
-2. **run** (:func:`run_plan`): the tuning runs first, then, with each series' rate chosen from their records, every
-   other run not already complete: built from the same base weights, trained with the same seed, data and
-   schedule, and streamed to ``<results_dir>/<run_id>.jsonl``; a re-run resumes.
-
-On a CPU shared with other processes, set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python: OpenMP threads
-that spin while waiting for a busy core made the ``cpu`` profile up to 10x slower in our measurements.
+Planning reads the data, the model's config and the results folder once and raises every mistake as one line
+before anything trains; the plan (each run's rows, settings and file) is then trained stage by stage, skipping the
+runs the folder holds complete. On a shared CPU, set ``OMP_WAIT_POLICY=PASSIVE`` before starting Python: spinning
+OpenMP threads made the ``cpu`` profile up to 10x slower in our measurements.
 """
 from __future__ import annotations
 
@@ -52,8 +44,8 @@ from .workers import worker_label, workers_beside
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One planned run. ``adapter`` is ``None`` for full fine-tuning (it has none); ``lr`` is set for a tuning
-    run (its grid point) and ``None`` otherwise (the configured rate, or the tuned one)."""
+    """One planned run: ``adapter`` is ``None`` for full fine-tuning, ``lr`` a tuning run's grid point (else the
+    configured or tuned rate)."""
 
     group: str
     method: str
@@ -63,15 +55,12 @@ class RunSpec:
 
     @property
     def series(self) -> str:
-        """The series the run belongs to (:func:`~peft_utils.methods.series_name`): its method and target set."""
         return series_name(self.method, self.adapter.targets if self.adapter is not None else None)
 
 
 def run_id(spec: RunSpec, model: str | Path) -> str:
-    """``<group>-<method>[-<targets>][-r<rank>-a<alpha>[-rslora]][-lr<rate>]-s<seed>-<model>``, e.g.
-    ``tune-lora-all-linear-r8-a16-lr0.003-s0-minilm`` (default targets unnamed; the model by the last part of its
-    name): the run's file name, unless another setting's run holds it (then with the setting's hash:
-    :meth:`~peft_utils.store.RunStore.find`)."""
+    """The run's readable file name, e.g. ``tune-lora-all-linear-r8-a16-lr0.003-s0-minilm`` (default targets
+    unnamed, the model by the last part of its name)."""
     model_slug = re.sub(r"[^a-z0-9.]+", "-", Path(str(model)).name.lower()).strip("-") or "model"
     adapter = ""
     if spec.adapter is not None:
@@ -83,10 +72,9 @@ def run_id(spec: RunSpec, model: str | Path) -> str:
 
 
 def _specs(config: ExperimentConfig, comparison: bool, sweep: bool) -> list[RunSpec]:
-    """The comparison (every method on every target set, or once without an adapter for full fine-tuning, for
-    every seed) and the sweep (LoRA over ranks x alpha/rank ratios on the first target set: a fixed ratio keeps
-    the update's scale, so a line shows capacity alone), after their tuning runs when ``lr="tune"``: one per
-    series, rate of the method's grid and tuning seed (:mod:`peft_utils.tuning`)."""
+    """The comparison (every method on every target set, per seed) and the sweep (LoRA over ranks x alpha/rank ratios
+    on the first target set: a fixed ratio keeps the update's scale, so a line shows capacity alone), after their
+    tuning runs when ``lr="tune"``: one per series, rate of the method's grid and tuning seed."""
     specs = [RunSpec(COMPARISON_GROUP, m, s, adapter) for s in config.seeds for m in config.methods
              for adapter in (config.adapters if get_method(m).adapter else (None,))] if comparison else []
     specs += [RunSpec(SWEEP_GROUP, "lora", s, replace(config.adapters[0], rank=r, alpha=ratio * r,
@@ -105,20 +93,18 @@ def _specs(config: ExperimentConfig, comparison: bool, sweep: bool) -> list[RunS
 
 @dataclass(frozen=True)
 class PlannedRun:
+    """``record``: every setting that changes the result, as its ``config`` event records it (``lr`` is ``None``
+    until tuning chooses it); ``run_id`` and ``complete``: its file in the results folder (:func:`_located`)."""
+
     spec: RunSpec
-    # Every setting that changes the result, as the run's config event records it. Its "lr" is None while it
-    # waits for learning-rate tuning (see ``_tuned``).
     record: dict[str, Any]
     train_frame: pd.DataFrame
     eval_frame: pd.DataFrame
-    # Read from the results folder (``_located``): its file's run id (``name``, or with its setting's hash where
-    # another setting holds ``name``) and whether it is complete there.
     run_id: str = ""
     complete: bool = False
 
     @property
     def name(self) -> str:
-        """Its readable run id (:func:`run_id`)."""
         return run_id(self.spec, self.record["model"])
 
 
@@ -142,56 +128,57 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     compute_dtype = planned_compute(config.train)
     splits = load_splits(config.data)
     config, adapted = fit_sizes(config, splits, sweep)
-    # Which rows a run draws follows from its seed and sizes; what it draws them from is the splits' fingerprint.
-    data = (fingerprint(splits.train, splits.dev), splits)
-    frames = {key: _rows(config, splits, *key) for key in dict.fromkeys((s.group, s.seed) for s in specs)}
+    runs = _planned_runs(config, specs, splits, str(compute_dtype).removeprefix("torch."))
     source = resolve_model_source(config.model, config.data.data_dir)
     _check_model(config, source, specs, len(splits.label_names))
     store = RunStore(config.results_dir)
     store.check_writable()
-    dtype = str(compute_dtype).removeprefix("torch.")
-    runs = [PlannedRun(spec, _planned_record(config, spec, frames[spec.group, spec.seed], data, dtype),
-                       *frames[spec.group, spec.seed]) for spec in specs]
     if adapted:  # once every check has passed: the one line before anything trains
         _say(f"sizes adapted to the data: {adapted}")
     return _located(Plan(config, store, source, compute_dtype, runs))
 
 
-def _rows(config: ExperimentConfig, splits: Splits, group: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A run's (train rows, evaluation rows): tuning scores on held-out train rows, the others on dev."""
-    if group == TUNE_GROUP:
-        return tuning_rows(config, splits.train, seed)
-    if group == SWEEP_GROUP and config.sweep.train_size is not None:
-        config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
-        return train_and_eval_rows(config, splits.train, splits.dev, seed, "sweep_train_size")
-    return train_and_eval_rows(config, splits.train, splits.dev, seed)
-
-
-def _planned_record(config: ExperimentConfig, spec: RunSpec, frames: tuple[pd.DataFrame, pd.DataFrame],
-                    data: tuple[str, Splits], compute_dtype: str) -> dict:
-    """Group, method and the run's identity (:data:`~peft_utils.store.IDENTITY_KEYS`, ``rslora`` for the sweep
-    only) as its ``config`` event records it; then where its data was read from, its classes, and the labels of
-    its eval rows (for paired tests). ``data``: (the fingerprint of the splits, the splits). The rate is ``None``
-    while it waits for tuning."""
-    adapter = asdict(spec.adapter) if spec.adapter else dict.fromkeys(f.name for f in fields(AdapterSettings))
-    lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
-    values = {"model": config.model, "train_size": len(frames[0]), "eval_size": len(frames[1]),
-              "data_fingerprint": data[0], "lr": lr, "seed": spec.seed, "compute_dtype": compute_dtype,
-              **asdict(config.train), **adapter}
-    keys = [k for k in IDENTITY_KEYS if k != "rslora" or spec.group == SWEEP_GROUP]
-    record = {"group": spec.group, "method": spec.method, **{key: values[key] for key in keys}}
-    if spec.group == TUNE_GROUP:
-        record["eval_split"] = EVAL_SPLIT
-    splits = data[1]
-    return {**record, "dataset": config.data.dataset, "data_source": splits.source, "dev_split": splits.dev_split,
-            "labels": list(splits.label_names), "eval_labels": frames[1]["label"].tolist()}
+def _planned_runs(config: ExperimentConfig, specs: Sequence[RunSpec], splits: Splits, compute_dtype: str
+                  ) -> list[PlannedRun]:
+    """Each run with its rows (tuning runs score held-out train rows, the others dev rows) and its record: group,
+    method, identity (:data:`~peft_utils.store.IDENTITY_KEYS`, ``rslora`` for the sweep only), the data's source,
+    classes and eval labels (for paired tests)."""
+    sweep_config = replace(config, data=replace(config.data, train_size=config.sweep.train_size))
+    frames = {}
+    for group, seed in dict.fromkeys((s.group, s.seed) for s in specs):
+        if group == TUNE_GROUP:
+            frames[group, seed] = tuning_rows(config, splits.train, seed)
+        elif group == SWEEP_GROUP and config.sweep.train_size is not None:
+            frames[group, seed] = train_and_eval_rows(sweep_config, splits.train, splits.dev, seed, "sweep_train_size")
+        else:
+            frames[group, seed] = train_and_eval_rows(config, splits.train, splits.dev, seed)
+    data_fingerprint = fingerprint(splits.train, splits.dev)  # what the rows are drawn from
+    no_adapter = dict.fromkeys(f.name for f in fields(AdapterSettings))
+    runs = []
+    for spec in specs:
+        train_frame, eval_frame = frames[spec.group, spec.seed]
+        lr = spec.lr if spec.lr is not None or config.tune.enabled else config.lr[spec.method]
+        values = {"model": config.model, "train_size": len(train_frame), "eval_size": len(eval_frame),
+                  "data_fingerprint": data_fingerprint, "lr": lr, "seed": spec.seed, "compute_dtype": compute_dtype,
+                  **asdict(config.train), **(asdict(spec.adapter) if spec.adapter else no_adapter)}
+        keys = [k for k in IDENTITY_KEYS if k != "rslora" or spec.group == SWEEP_GROUP]
+        record = {"group": spec.group, "method": spec.method, **{key: values[key] for key in keys}}
+        if spec.group == TUNE_GROUP:
+            record["eval_split"] = EVAL_SPLIT
+        record |= {"dataset": config.data.dataset, "data_source": splits.source, "dev_split": splits.dev_split,
+                   "labels": list(splits.label_names), "eval_labels": eval_frame["label"].tolist()}
+        runs.append(PlannedRun(spec, record, train_frame, eval_frame))
+    return runs
 
 
 def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec], num_labels: int) -> None:
-    """Before any model is built, each mistake one line with the numbers: bitsandbytes for 4-bit methods;
-    ``max_length`` within the position embeddings (a longer sentence would index past them mid-training); and the
-    adapters' settings (:func:`_check_adapters`)."""
+    """Each mistake one line with the numbers, before any model is built: bitsandbytes for 4-bit methods;
+    ``max_length`` within the position embeddings; on a weightless skeleton, targets that match layers but not the
+    head, ``modules_to_save`` holding no target, and ranks at most the narrowest target's width (a larger rank adds
+    parameters but no capacity)."""
     from transformers import AutoConfig
+
+    from .core.layers import base_features
 
     if any(get_method(s.method).quantized for s in specs):
         require_bitsandbytes()
@@ -204,16 +191,8 @@ def _check_model(config: ExperimentConfig, source: str, specs: Sequence[RunSpec]
         raise ValueError(f"max_length={config.train.max_length} is more tokens than {config.model} has positions for "
                          f"({setting}); ask for at most {positions}")
     adapted = [s for s in specs if s.adapter is not None]
-    if adapted:
-        _check_adapters(config, model_config, adapted)
-
-
-def _check_adapters(config: ExperimentConfig, model_config, adapted: Sequence[RunSpec]) -> None:
-    """On a weightless skeleton: targets that match layers of the model but not its head or embeddings;
-    ``modules_to_save`` holding no target; and every rank at most the narrowest target layer's width (a larger rank
-    adds parameters but no capacity, so a sweep would draw as different ranks what is one experiment)."""
-    from .core.layers import base_features
-
+    if not adapted:
+        return
     skeleton = meta_skeleton(model_config)
     for targets in config.targets:
         try:
@@ -225,13 +204,10 @@ def _check_adapters(config: ExperimentConfig, model_config, adapted: Sequence[Ru
         except ValueError as error:
             raise ValueError(f"modules_to_save={list(config.adapter.modules_to_save or ())} for {config.model}: "
                              f"{str(error).removeprefix('modules_to_save').lstrip(': ')}") from None
-        on_these = [s for s in adapted if s.adapter.targets == targets]
-        if not on_these:
-            continue
+        widest = max((s for s in adapted if s.adapter.targets == targets), key=lambda s: s.adapter.rank, default=None)
         width, name = min((min(base_features(module)), name) for name, module in layers)
-        widest = max(on_these, key=lambda s: s.adapter.rank)
-        rank = widest.adapter.rank
-        if rank > width:
+        if widest is not None and widest.adapter.rank > width:
+            rank = widest.adapter.rank
             asked = f"sweep_ranks include {rank}" if widest.group == SWEEP_GROUP else f"rank={rank}"
             raise ValueError(f"{asked} but the narrowest target layer of {config.model}, {name}, is {width} wide, "
                              f"which caps its update's rank at {width}; ask for a rank of at most {width}")
@@ -256,15 +232,9 @@ def _positions(model_config) -> tuple[str, int | None]:
 
 
 def run_plan(plan: Plan) -> pd.DataFrame:
-    """Train every run of ``plan`` not already complete, in order; one summary row per run of the plan.
-
-    Each run is claimed before it trains (:meth:`~peft_utils.store.RunStore.claim`), so processes started on the
-    same experiment share its runs: a run another process is training is passed over, and waited for at the end of
-    its stage (the tuning runs, whose rates the others need; then the comparison; then the grid). Under
-    ``accelerate launch`` every process executes the same plan (the runs' data parallel halves): the main process
-    claims and the others follow its decisions; only the main process prints and writes. With ``workers`` (or
-    ``sweep_workers``, for the grid) > 1, that many processes share a stage this way on this device
-    (:func:`~peft_utils.workers.workers_beside`), this one among them."""
+    """Train every run of ``plan`` not already complete, stage by stage (tuning, comparison, grid); one summary row
+    per run. Runs are claimed before they train (:meth:`~peft_utils.store.RunStore.claim`), so processes on one
+    experiment share them; under ``accelerate launch`` the main process claims and the others follow."""
     todo = [run for run in plan.runs if not run.complete]
     if todo:
         _say(f"to train: {len(todo)} of the plan's {len(plan.runs)} runs, {sum(planned_steps(plan, r) for r in todo):,} "
@@ -281,21 +251,26 @@ GRID_WIDENINGS = 3
 
 
 def _tuned(plan: Plan) -> Plan:
-    """Train the tuning runs, then the plan with every other run's rate chosen from their records (so that a resumed
-    experiment picks the same rates without training again). A grid whose winner sits on its edge is first widened
-    (:func:`~peft_utils.tuning.widened_grid`) and its new rates trained, at most :data:`GRID_WIDENINGS` times."""
+    """Train the tuning runs, then the plan with every other run's rate chosen from their records (a resume picks the
+    same rates). A grid whose winner sits on its edge is first widened and its new rates trained."""
+    grid = plan.config.tune.grid
     for widenings in range(GRID_WIDENINGS + 1):
         plan = _run_stage(plan, TUNE_GROUP)
         rates = choose_learning_rates(plan.store.summary([r.run_id for r in plan.runs if r.spec.group == TUNE_GROUP]))
-        grid = dict(plan.config.tune.grid)
+        wider = dict(grid)
         for series, rate in rates.items():
             method = series_method(series)
-            grid[method] = widened_grid(grid[method], rate) or grid[method]
-        if grid == plan.config.tune.grid or widenings == GRID_WIDENINGS:
+            wider[method] = widened_grid(wider[method], rate) or wider[method]
+        if wider == grid or widenings == GRID_WIDENINGS:
             break
+        grid = wider
         _say("a tuned rate sits on its grid's edge; grids widened: " + "; ".join(
             f"{method} " + ", ".join(f"{rate:g}" for rate in grid[method]) for method in plan.config.methods))
-        plan = _with_grid(plan, grid)
+        # each series' and seed's tuning run at each rate of the wider grid: the same data and settings, the rate aside
+        tuning = {replace(run.spec, lr=None): run for run in plan.runs if run.spec.group == TUNE_GROUP}
+        runs = [replace(run, spec=replace(spec, lr=rate), record={**run.record, "lr": rate})
+                for spec, run in tuning.items() for rate in grid[spec.method]]
+        plan = _located(replace(plan, runs=runs + [r for r in plan.runs if r.spec.group != TUNE_GROUP]))
     runs = [replace(run, record={**run.record, "lr": rates[run.spec.series]}) if run.record["lr"] is None
             else run for run in plan.runs]
     chosen = {r.spec.series: r.record["lr"] for r in runs if r.spec.group != TUNE_GROUP}
@@ -303,19 +278,8 @@ def _tuned(plan: Plan) -> Plan:
     return _located(replace(plan, runs=runs))
 
 
-def _with_grid(plan: Plan, grid: dict[str, tuple[float, ...]]) -> Plan:
-    """The plan with a tuning run per rate of ``grid``: each series' and seed's tuning run at each rate (its data
-    and settings are the same, the rate aside), read from the folder as it is now."""
-    templates = {replace(run.spec, lr=None): run for run in plan.runs if run.spec.group == TUNE_GROUP}
-    runs = [replace(run, spec=replace(template, lr=rate), record={**run.record, "lr": rate})
-            for template, run in templates.items() for rate in grid[template.method]]
-    config = replace(plan.config, tune=replace(plan.config.tune, grid=grid))
-    return _located(replace(plan, config=config, runs=runs + [r for r in plan.runs if r.spec.group != TUNE_GROUP]))
-
-
 def _located(plan: Plan) -> Plan:
-    """The plan with each run's file and completion read from the folder again: since it was planned, runs have
-    finished, here or in another process, perhaps under their setting's hashed name."""
+    """The plan with each run's file and completion read from the folder again: runs finish in other processes too."""
     places = plan.store.find([(run.name, run.record) for run in plan.runs])
     return replace(plan, runs=[replace(run, run_id=found, complete=complete)
                                for run, (found, complete) in zip(plan.runs, places)])
@@ -327,23 +291,20 @@ def _say(line: str) -> None:
 
 
 def _run_stage(plan: Plan, group: str) -> Plan:
-    """The plan after training the runs of ``group``, with the stage's workers (``sweep_workers`` for the grid,
-    else ``workers``) beside this process; the runs' records say how many ran at once."""
+    """The plan after training the runs of ``group``, with the stage's workers beside this process (no more than it
+    has runs to train); the records say how many ran at once."""
     config = plan.config
     asked = config.sweep.workers if group == SWEEP_GROUP and config.sweep.workers else config.train.workers
-    to_train = sum(run.spec.group == group and not run.complete for run in plan.runs)
-    workers = max(1, min(asked, to_train))  # no process started for a run that is not there
+    workers = max(1, min(asked, sum(run.spec.group == group and not run.complete for run in plan.runs)))
     staged = replace(plan, config=replace(config, train=replace(config.train, workers=workers)))
-    job = functools.partial(_train_stage, staged, group)
-    with workers_beside(job, workers, resolve_device(config.train.device).type):
+    with workers_beside(functools.partial(_train_stage, staged, group), workers,
+                        resolve_device(config.train.device).type):
         staged = _train_stage(staged, group)
     return replace(staged, config=config)
 
 
 def _train_stage(plan: Plan, group: str) -> Plan:
-    """Train the runs of ``group``, passing over those another process is training, then wait for those; the plan
-    as the folder now holds it. The runs already complete are named in one line: a re-run of a finished experiment
-    says so once."""
+    """Train the runs of ``group``, passing over those another process is training, then wait for those."""
     stage = [index for index, run in enumerate(plan.runs) if run.spec.group == group]
     done = [plan.runs[index].run_id for index in stage if plan.runs[index].complete]
     if done:  # named while they fit on a line
@@ -355,14 +316,13 @@ def _train_stage(plan: Plan, group: str) -> Plan:
     return _located(plan)
 
 
-# What the main process decided for a run, which the other processes of a launch follow: the file to train it in
-# (its claim's run id), or one of these.
+# What the main process decided for a run, which the other processes of a launch follow: its claim's run id, or these.
 COMPLETE, BUSY = "<complete>", "<busy>"
 
 
 def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
-    """Train run ``index`` unless it is complete or another process trains it (``False``; with ``wait``, it is
-    waited for instead, and trained here if that process died first)."""
+    """Train run ``index`` unless it is complete or another process trains it (``False``; with ``wait``, waited for,
+    and trained here if that process died first)."""
     run, store = plan.runs[index], plan.store
     position = f"{worker_label()}run {index + 1}/{len(plan.runs)}"
     if run.complete:  # named by _train_stage
@@ -383,13 +343,10 @@ def _run_unless_busy(plan: Plan, index: int, wait: bool) -> bool:
         _say(f"[{position}] {run.run_id}: completed by another process in {store.folder}, skipped")
         return True
     _say(f"[{position}] {decision}: training ({plan.config.profile} profile)")
-    try:
+    with claim or contextlib.nullcontext():  # released when the run ends, trained or failed
         steps_after = sum(planned_steps(plan, later) for later in plan.runs[index + 1:] if not later.complete)
         _train_and_record(plan, replace(run, run_id=decision), f"{position} {run.spec.method}",
                           steps_after // plan.config.train.workers)
-    finally:
-        if claim is not None:
-            claim.release()
     return True
 
 
@@ -399,8 +356,8 @@ def planned_steps(plan: Plan, run: PlannedRun) -> int:
 
 
 def _train_and_record(plan: Plan, run: PlannedRun, label: str, steps_after: int) -> None:
-    """Build the run's model and train it; on a GPU, with the memory plan that fits it, retried with half the
-    micro-batch after an out-of-memory error (accelerate's ``find_executable_batch_size``) rather than lost."""
+    """Build the run's model and train it; on a GPU with the memory plan that fits it, retried with half the
+    micro-batch after an out-of-memory error rather than lost."""
     from accelerate.utils import find_executable_batch_size, release_memory
 
     config, store, method = plan.config, plan.store, run.spec.method
@@ -442,18 +399,15 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str, steps_after: int)
 
 
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:
-    """Train the configuration's methods for every seed (resuming; with ``lr="tune"`` after their tuning runs), one
-    summary row per comparison run."""
-    return _rows_of(run_plan(plan_experiment(config, comparison=True, sweep=False)), COMPARISON_GROUP)
+    """Train the configuration's methods for every seed (resuming), one summary row per comparison run."""
+    table = run_plan(plan_experiment(config, comparison=True, sweep=False))
+    return table[table["group"] == COMPARISON_GROUP].reset_index(drop=True)
 
 
 def run_sweep(config: ExperimentConfig) -> pd.DataFrame:
     """Train LoRA over the configuration's rank x alpha/rank grid (group ``"sweep"``), one summary row per run."""
-    return _rows_of(run_plan(plan_experiment(config, comparison=False, sweep=True)), SWEEP_GROUP)
-
-
-def _rows_of(table: pd.DataFrame, group: str) -> pd.DataFrame:
-    return table[table["group"] == group].reset_index(drop=True)
+    table = run_plan(plan_experiment(config, comparison=False, sweep=True))
+    return table[table["group"] == SWEEP_GROUP].reset_index(drop=True)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

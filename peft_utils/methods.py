@@ -1,5 +1,5 @@
-"""The fine-tuning methods compared, in one place: a method is which adapter it injects (none for full fine-tuning)
-and whether its frozen base is 4-bit; what trains, what is shipped and how it is drawn follow from that."""
+"""The fine-tuning methods compared: which adapter each injects and whether its frozen base is 4-bit; what trains,
+what is shipped and how it is drawn follow from that. A *series* is a method on a target set."""
 from __future__ import annotations
 
 import hashlib
@@ -46,9 +46,8 @@ def get_method(name: object) -> Method:
 
 
 def ordered_methods(names: Iterable[object]) -> list[str]:
-    """The distinct method or series names among ``names``, non-strings skipped, in the one order every table and
-    figure uses: known methods in the package's order, then others alphabetically; within a method its default
-    target set first, then the others alphabetically."""
+    """The distinct method or series names among ``names`` (non-strings skipped) in the one order of every table and
+    figure: known methods in the package's order, then others; within a method its default target set first."""
     def position(name: str) -> tuple[int, str, str]:
         method, _, targets = name.partition(":")
         known = method in METHODS
@@ -58,22 +57,17 @@ def ordered_methods(names: Iterable[object]) -> list[str]:
 
 
 def targets_label(targets: object) -> str:
-    """A target set as run ids and tables name it: ``""`` for the model's default (``None``), a preset or a regex
-    (both recorded as one string) as written, module-name suffixes joined by ``+`` (``"query+value"``)."""
+    """A target set as run ids and tables name it: ``""`` for the default, a preset or regex as written, suffixes
+    joined by ``+`` (``"query+value"``)."""
     if targets is None or targets != targets:  # None, or NaN where a run table has no targets
         return ""
-    if isinstance(targets, str):
-        return targets
-    return "+".join(str(item) for item in targets)
+    return targets if isinstance(targets, str) else "+".join(str(item) for item in targets)
 
 
 def targets_slug(targets: object) -> str:
-    """A target set in a file name: its :func:`targets_label` where that is one, else (a regex) ``re-`` and the
-    first 8 hex digits of the label's SHA-1."""
+    """A target set in a file name: its :func:`targets_label`, or for a regex ``re-`` and 8 hex digits of its SHA-1."""
     label = targets_label(targets)
-    if re.fullmatch(r"[A-Za-z0-9_.+-]*", label):
-        return label
-    return "re-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    return label if re.fullmatch(r"[A-Za-z0-9_.+-]*", label) else "re-" + hashlib.sha1(label.encode()).hexdigest()[:8]
 
 
 def series_name(method: str, targets: object = None) -> str:
@@ -88,8 +82,7 @@ def series_method(series: str) -> str:
 
 
 def series_on(method: str, series: str) -> str:
-    """``method`` on the target set of ``series`` (``series_on("lora", "dora:all-linear") == "lora:all-linear"``):
-    the reference a paired test compares a series with."""
+    """``method`` on the target set of ``series``: the reference a paired test compares a series with."""
     return method + series.removeprefix(series_method(series))
 
 

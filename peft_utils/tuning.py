@@ -1,9 +1,7 @@
-"""Learning-rate tuning (``lr="tune"``): every series gets its own best rate, chosen the same way for all.
-
-A fixed rate answers "which method suits this rate?", not "which method is better?". Each series trains once per
-rate of its grid on ``tune.train_size`` train rows and is scored on a balanced held-out slice of the **train** split
-(the same rows for every method and seed): the dev split the comparison reports is never looked at. Tuning runs are
-ordinary records (group ``"tune"``), so a resumed experiment chooses again from the records and picks the same rates.
+"""Learning-rate tuning (``lr="tune"``): a fixed rate answers "which method suits this rate?", not "which method is
+better?", so each series trains once per rate of its grid and is scored on a balanced held-out slice of the **train**
+split (the dev split the comparison reports is never looked at). Tuning runs are ordinary records (group ``"tune"``),
+so a resumed experiment chooses again from the records and picks the same rates.
 """
 from __future__ import annotations
 
@@ -21,8 +19,8 @@ HOLDOUT_SEED = 0  # the held-out slice must not change with the run seed: every 
 
 
 def tuning_rows(config: ExperimentConfig, train: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(train rows, held-out rows)`` of a tuning run: disjoint, from the train split, balanced (or stratified
-    where planning found no balanced sample of a size the user left to the profile)."""
+    """``(train rows, held-out rows)`` of a tuning run: disjoint, from the train split, balanced (or stratified where
+    planning found no balanced sample)."""
     holdout_size = config.tune.holdout_size
     size = config.tune.train_size or config.data.train_size
     if holdout_size + (size or 1) > len(train):
@@ -43,14 +41,9 @@ def learning_rate_scores(tune_runs: pd.DataFrame | Sequence[dict]) -> pd.DataFra
     ``eval_loss`` over seeds, ``n_seeds``, and ``chosen`` on each series' best rate: the highest accuracy, ties to the
     lower loss (the more confident model), then to the smaller rate (the more conservative update)."""
     frame = pd.DataFrame(tune_runs)
-    missing = [c for c in ("method", "lr", "final_accuracy") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"tuning runs need the fields method, lr and final_accuracy; missing: {', '.join(missing)}")
     frame = frame.assign(lr=numeric_column(frame, "lr"), accuracy=numeric_column(frame, "final_accuracy"),
                          eval_loss=numeric_column(frame, "final_eval_loss"), series=run_series(frame))
     frame = frame.dropna(subset=["lr", "accuracy"])
-    if frame.empty:
-        return pd.DataFrame(columns=["series", "method", "lr", "accuracy", "eval_loss", "n_seeds", "chosen"])
     scores = (frame.groupby(["series", "method", "lr"], sort=True)
               .agg(accuracy=("accuracy", "mean"), eval_loss=("eval_loss", "mean"), n_seeds=("accuracy", "size"))
               .reset_index())
@@ -61,18 +54,16 @@ def learning_rate_scores(tune_runs: pd.DataFrame | Sequence[dict]) -> pd.DataFra
 
 
 def choose_learning_rates(tune_runs: pd.DataFrame | Sequence[dict]) -> dict[str, float]:
-    """Each series' chosen rate (``{"lora": 1e-3, "lora:all-linear": 2e-3}``, :func:`learning_rate_scores`) from
-    the tuning runs' records (``method``, ``lr``, ``final_accuracy``, optionally ``final_eval_loss``)."""
+    """Each series' chosen rate (:func:`learning_rate_scores`), ``{"lora": 1e-3, "lora:all-linear": 2e-3}``."""
     scores = learning_rate_scores(tune_runs)
     chosen = scores[scores["chosen"]]
     return {str(series): float(lr) for series, lr in zip(chosen["series"], chosen["lr"])}
 
 
 def widened_grid(grid: Sequence[float], chosen: float) -> tuple[float, ...] | None:
-    """The grid with one more rate past the edge ``chosen`` sits on (a step of the grid's own ratio there, three
-    significant digits), or ``None`` when ``chosen`` lies inside it: a best rate at the edge is only the best of
-    those tried, and a method compared short of its optimum is compared unfairly. Grids of under three rates are
-    short lists, not brackets, and are not widened."""
+    """The grid with one more rate (a step of its own ratio, three significant digits) past the edge ``chosen`` sits
+    on, or ``None``: a best rate at the edge is only the best of those tried, and a method compared short of its
+    optimum is compared unfairly. Grids of under three rates are short lists, not brackets."""
     rates = sorted(grid)
     if len(rates) < 3 or rates[0] < chosen < rates[-1]:
         return None
