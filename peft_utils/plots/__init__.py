@@ -8,10 +8,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from peft_utils.plots.accuracy import plot_accuracy, plot_loss, plot_settings
+from peft_utils.plots.accuracy import plot_accuracy, plot_learning_curve, plot_loss, plot_settings
 from peft_utils.plots.cost import plot_cost, plot_pareto
 from peft_utils.plots.grids import plot_lr_tuning, plot_sweep
-from peft_utils.plots.learning_curve import plot_learning_curve
 from peft_utils.report import settings_text
 from peft_utils.store import RunStore
 
