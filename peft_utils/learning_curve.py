@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .formatting import format_p_value, format_points
+from .report import markdown_table
 from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_differences, paired_matrices,
                     recorded_labels, runs_in_group, seed_correctness)
 from .store import COMPARISON_GROUP, Results, RunStore
@@ -21,7 +22,6 @@ from .store import COMPARISON_GROUP, Results, RunStore
 FULL, LORA = "full", "lora:all-linear"  # the primary pair: full fine-tuning against LoRA on every linear layer
 MARGIN = 0.005  # "refuted": LoRA's advantage is below half a point, if it has one
 CLIMB = 0.05  # a dev-loss rise above the best epoch that counts as overfitting
-SIZE_FOLDER = re.compile(r"n(\d+)")
 
 
 class SizeResult(NamedTuple):
@@ -37,7 +37,7 @@ class SizeResult(NamedTuple):
 
 def size_folders(root: str | Path) -> dict[int, Path]:
     """``{rows: folder}`` for the ``n<rows>`` folders under ``root``, smallest first."""
-    found = {int(m.group(1)): path for path in Path(root).iterdir() if (m := SIZE_FOLDER.fullmatch(path.name))}
+    found = {int(m.group(1)): path for path in Path(root).iterdir() if (m := re.fullmatch(r"n(\d+)", path.name))}
     if not found:
         raise FileNotFoundError(f"no n<rows> results folder under {root}")
     return dict(sorted(found.items()))
@@ -76,8 +76,7 @@ def rule_reading(sizes: Sequence[SizeResult]) -> str:
 
 
 def epoch_losses(results: Results) -> pd.DataFrame:
-    """Per comparison run and epoch end: ``series``, ``seed``, ``epoch``, dev ``loss`` and ``accuracy``, mean
-    ``train_loss``."""
+    """Per comparison run and epoch end: ``series``, ``seed``, ``epoch``, dev ``loss``, ``accuracy``, ``train_loss``."""
     runs = runs_in_group(results.runs, COMPARISON_GROUP)[["run_id", "seed"]]
     evals = results.evals.dropna(subset=["train_loss"]) if "train_loss" in results.evals else results.evals.head(0)
     frame = evals.merge(runs, on="run_id")
@@ -128,8 +127,6 @@ def read_curve(root: str | Path, large_end: str | Path | None = None) -> Curve:
 
 def curve_markdown(curve: Curve) -> str:
     """The table of sizes (accuracies and Δ with their intervals, in points) and the readings, as Markdown."""
-    from .report import markdown_table
-
     table = pd.DataFrame([{"train rows": f"{s.rows:,}", "epochs": s.epochs, "seeds": s.seeds,
                            "full fine-tuning %": _interval(s.accuracy[FULL]),
                            "LoRA (all-linear) %": _interval(s.accuracy[LORA]),

@@ -15,8 +15,7 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, NullLoca
 from peft_utils.formatting import format_bytes, format_seconds
 from peft_utils.methods import series_label
 from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, dataset_name, draw_seeds_and_mean, figure_legend,
-                                    method_color, method_marker, method_summary, new_figure, save_with_footnote,
-                                    zoom_accuracy_axis)
+                                    method_color, method_summary, new_figure, save_with_footnote, zoom_accuracy_axis)
 from peft_utils.stats import numeric_column, run_series, runs_in_group
 from peft_utils.store import COMPARISON_GROUP, Results
 
@@ -147,9 +146,8 @@ def plot_pareto(results: Results, out_dir: str | Path) -> Path | None:
     for ax, lines in zip(axes, titles):  # padded to one height, so the titles' first lines align
         ax.set_title("\n".join(lines + [""] * (max(map(len, titles)) - len(lines))), fontsize=10, loc="left")
     zoom_accuracy_axis(axes[0], runs, table)
-    series = [Line2D([], [], linestyle="none", marker=method_marker(s), color=method_color(s), markeredgecolor="white",
-                     markersize=9, label=series_label(s)) for s in table.index]
-    figure_legend(fig, [*series, *accuracy_legend(table), Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)])
+    frontier = Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)  # under the series of the time panel
+    figure_legend(fig, [*axes[0].get_legend_handles_labels()[0], *accuracy_legend(table), frontier])
     notes = ["Dashed staircase: the Pareto frontier through the methods' means, the methods (named above each panel) "
              "no other method beats on both accuracy and that cost; it ignores the intervals, so where they overlap "
              "the order is not established (accuracy.png's paired tests say which differences are).", *notes]

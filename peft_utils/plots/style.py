@@ -1,8 +1,6 @@
-"""What every figure shares, so that "LoRA is orange" holds across every PNG: the colour and marker of a *series*
-(a method on a target set, ``"lora"`` or ``"lora:all-linear"``), a figure's frame and legend, dev accuracy as seeds
-beside their mean and interval, and the provenance footnote every figure is saved with. Why a footnote: PNGs travel
-alone (slides, README), and a time or memory bar means little without the model and hardware behind it; where those
-differ between runs the footnote says so, as the comparison is not like-for-like."""
+"""What every figure shares, so that "LoRA is orange" holds across every PNG: a series' colour and marker, the
+frame, dev accuracy as seeds beside their mean, and the provenance footnote. Why a footnote: PNGs travel alone, and
+a time or memory bar means little without the model and hardware behind it, or when they differ between runs."""
 from __future__ import annotations
 
 import os
@@ -89,7 +87,7 @@ def draw_seeds_and_mean(ax, series: str, row: pd.Series, x: float, seeds: tuple[
     low, high = (100 * row[c] if np.isfinite(row[c]) else mean for c in ("acc_low", "acc_high"))
     ax.scatter(*seeds, s=22, color=color, alpha=0.55, edgecolor="none", zorder=3)
     ax.errorbar(x, mean, yerr=[[mean - low], [high - mean]], fmt=method_marker(series), color=color, markersize=10,
-                markeredgecolor="white", elinewidth=1.2, capsize=4, zorder=4)
+                markeredgecolor="white", elinewidth=1.2, capsize=4, zorder=4, label=series_label(series))
 
 
 def accuracy_legend(table: pd.DataFrame) -> list[Line2D]:
@@ -130,7 +128,13 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     """What was trained, where, in which dtype, on how much data; a NOTE where runs differ in what costs depend on."""
     values = {field: sorted({text.removeprefix("torch.") for text in distinct_texts(optional_column(runs, field))})
               for field in FIELDS}
-    parts = [_field_part(runs, field, texts) for field, texts in values.items() if texts] + [_data_sizes(runs)]
+    parts = []
+    for field, texts in values.items():  # "model: a / b" where runs differ
+        missing = optional_column(runs, field).isna().sum()
+        if texts:
+            parts.append(f"{field.replace('_', ' ')}: {' / '.join(texts)}"
+                         + (f" (not recorded for {missing} of {len(runs)} runs)" if missing else ""))
+    parts.append(_data_sizes(runs))
     seeds = sorted(numeric_column(runs, "seed").dropna().unique())
     if len(seeds) > 1:
         parts.append("seeds: " + ", ".join(f"{seed:.0f}" for seed in seeds))
@@ -143,22 +147,14 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     return [line for line in lines if line]
 
 
-def _field_part(runs: pd.DataFrame, field: str, texts: list[str]) -> str:
-    """``"model: gpt2"`` (``"model: a / b"`` where runs differ), saying for how many runs it was not recorded."""
-    missing = optional_column(runs, field).isna().sum()
-    return f"{field.replace('_', ' ')}: {' / '.join(texts)}" + (
-        f" (not recorded for {missing} of {len(runs)} runs)" if missing else "")
-
-
 def _default_targets_note(runs: pd.DataFrame) -> str | None:
     """What an adapter label without brackets means, said only beside a bracketed one: next to "LoRA (all-linear)"
     a bare "LoRA" would otherwise read as the same layers."""
-    series = set(run_series(runs))
-    bare = {s for s in series if s in METHODS and METHODS[s].adapter} if any(":" in s for s in series) else set()
+    series = ordered_methods(run_series(runs))
+    bare = [s for s in series if s in METHODS and METHODS[s].adapter] if any(":" in s for s in series) else []
     if not bare:
         return None
-    names = "/".join(series_label(s) for s in ordered_methods(bare))
-    return (f"{names} without brackets: adapters on the model's default layers, peft's default for its family "
+    return (f"{'/'.join(map(series_label, bare))} without brackets: adapters on the model's default layers, peft's default for its family "
             "(query and value on BERT-style models such as MiniLM, c_attn on GPT-2).")
 
 
