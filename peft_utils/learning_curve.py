@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -16,7 +15,7 @@ import pandas as pd
 from .formatting import format_p_value, format_points
 from .report import markdown_table
 from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_differences, paired_matrices,
-                    recorded_labels, runs_in_group, seed_correctness)
+                    recorded_labels, run_series, runs_in_group, seed_correctness)
 from .store import COMPARISON_GROUP, Results, RunStore
 
 FULL, LORA = "full", "lora:all-linear"  # the primary pair: full fine-tuning against LoRA on every linear layer
@@ -122,7 +121,7 @@ def read_curve(root: str | Path, large_end: str | Path | None = None) -> Curve:
     read = [*loaded.values(), *([RunStore(large_end).load()] if large_end else [])]
     losses = epoch_losses(loaded[sizes[0].rows]) if sizes else pd.DataFrame(columns=["series", "seed", "epoch", "loss"])
     runs = pd.concat([runs_in_group(results.runs, COMPARISON_GROUP) for results in read])
-    return Curve(sizes, size_result(read[-1]) if large_end else None, losses, runs)
+    return Curve(sizes, size_result(read[-1]) if large_end else None, losses, runs[run_series(runs).isin([FULL, LORA])])
 
 
 def curve_markdown(curve: Curve) -> str:
@@ -170,4 +169,4 @@ def _points(value: PairedDifference, loss: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ from peft_utils.learning_curve import FULL, LORA, Curve
 from peft_utils.methods import ordered_methods, series_label
 from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, count_range, dataset_name, draw_seeds_and_mean,
                                     figure_legend, log_ticks, method_color, method_marker, method_summary, new_figure,
-                                    save_with_footnote, style_axes, zoom_accuracy_axis)
+                                    save_with_footnote, zoom_accuracy_axis)
 from peft_utils.report import setting_rows
 from peft_utils.stats import (PAIRED_RESAMPLES, ema_smooth, ema_span, numeric_column, paired_statistics, run_series,
                               runs_in_group)
@@ -72,7 +72,7 @@ def plot_accuracy(results: Results, out_dir: str | Path) -> Path | None:
     """``accuracy.png``: dev accuracy per series, its seeds and its mean with the 95% interval, beside the paired
     differences: per-method intervals overlap even where one method is reliably better on the same sentences."""
     runs = runs_in_group(results.runs, COMPARISON_GROUP)
-    table = method_summary(runs, "accuracy")
+    table = method_summary(runs)
     if table.empty:
         return None
     paired = paired_statistics(runs)
@@ -84,13 +84,12 @@ def plot_accuracy(results: Results, out_dir: str | Path) -> Path | None:
         fig, axes = new_figure(width, 4.8, title)
         notes += [f"Paired differences not shown: {paired.reason}."] if paired.reason else []
     else:
-        fig, axes = new_figure(width + 7.2, max(4.8, 2.6 + 0.5 * len(pairs)), title + " and paired differences", None,
-                               ncols=2, width_ratios=[width, 6.0])
+        fig, axes = new_figure(width + 7.2, max(4.8, 2.6 + 0.5 * len(pairs)), title + " and paired differences",
+                               ("y", "x"), ncols=2, width_ratios=[width, 6.0])
         _draw_paired_differences(axes[1], pairs)
         notes.append(f"Paired differences: runs matched by seed, on the same {int(pairs['n_sentences'].max()):,} dev "
                      f"sentences; interval: 95% bootstrap resampling seeds and sentences ({PAIRED_RESAMPLES:,} "
                      f"resamples); p: the share of those resamples across 0, two-sided.")
-        style_axes(axes[0])
     accuracy, keys = numeric_column(runs, "final_accuracy") * 100, run_series(runs)
     for i, (series, row) in enumerate(table.iterrows()):
         seeds = accuracy[keys == series].dropna()
@@ -124,7 +123,6 @@ def _draw_paired_differences(ax, pairs: pd.DataFrame) -> None:
                       + (f" ({row.n_seeds} seeds)" if row.n_seeds > 1 else "") for row in pairs.itertuples()])
     ax.set_xlabel("accuracy difference (percentage points; right of 0: first method better)")
     ax.set_title("Paired differences (95% CI over seeds and sentences, bootstrap p)", fontsize=10, loc="left")
-    style_axes(ax, "x")
 
 
 def plot_settings(results: Results, out_dir: str | Path) -> Path | None:

@@ -49,12 +49,11 @@ def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> np.ndar
     return np.isfinite(cost) & np.isfinite(accuracy) & ~(no_worse & better).any(axis=0)  # NaN compares false
 
 
-def _cost_table(results: Results,
-                column: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[Cost], list[str]]:
+def _cost_table(results: Results) -> tuple[pd.DataFrame, pd.DataFrame, list[Cost], list[str]]:
     """The comparison runs, their :func:`method_summary`, the costs recorded and notes; memory is left out when its
     kinds differ (a GPU's allocations and a process's RSS are not one quantity)."""
     runs = runs_in_group(results.runs, COMPARISON_GROUP)
-    table = method_summary(runs, column)
+    table = method_summary(runs)
     costs = [cost for cost in COSTS if not table.empty and (table[cost.column] > 0).any()]
     kinds = set("+".join(table.loc[table["peak_memory_bytes"] > 0, "memory_kind"]).split("+")) if costs else set()
     notes = ["Over a method's seeds: the mean training time, the largest peak memory (the budget to provision)."
@@ -123,7 +122,7 @@ def plot_cost(results: Results, out_dir: str | Path) -> Path | None:
 def plot_pareto(results: Results, out_dir: str | Path) -> Path | None:
     """``pareto.png``: accuracy against each recorded cost, the frontier a staircase whose methods the panel's title
     names: methods often sit so close that labels beside the points would cover each other."""
-    runs, table, costs, notes = _cost_table(results, "accuracy")
+    runs, table, costs, notes = _cost_table(results)
     if not costs:
         return None
     fig, axes = new_figure(4.7 * len(costs) + 0.6, 5.6, f"{dataset_name(runs)} dev accuracy against each cost: the "

@@ -25,15 +25,14 @@ def plot_sweep(results: Results, out_dir: str | Path) -> Path | None:
     """``sweep.png``: mean dev accuracy over the LoRA rank x alpha/r grid. Why alpha/r columns: LoRA scales its update
     by alpha/r, so along a column only capacity changes (rsLoRA, alpha/sqrt(r), gets a heatmap of its own)."""
     sweep = runs_in_group(results.runs, SWEEP_GROUP)
-    sweep = sweep.assign(**{name: numeric_column(sweep, name) for name in ("rank", "alpha", "final_accuracy")})
-    sweep = sweep[(sweep["rank"] > 0) & sweep["final_accuracy"].notna()]
+    rank, accuracy = numeric_column(sweep, "rank"), numeric_column(sweep, "final_accuracy")
+    sweep = sweep.assign(rank=rank, final_accuracy=accuracy, ratio=(numeric_column(sweep, "alpha") / rank).round(4),
+                         rslora=optional_column(sweep, "rslora").eq(True))[(rank > 0) & accuracy.notna()]
     if sweep.empty:
         return None
-    sweep = sweep.assign(ratio=(sweep["alpha"] / sweep["rank"]).round(4),
-                         rslora=optional_column(sweep, "rslora").eq(True))
     ranks, ratios, variants = (sorted(sweep[c].unique()) for c in ("rank", "ratio", "rslora"))
     fig, axes = new_figure(len(variants) * (0.95 * len(ratios) + 1.2) + 2.2, 0.42 * len(ranks) + 2.4,
-                           "LoRA rank × α/r sweep" + " (rsLoRA)" * (variants == [True]), None, ncols=len(variants),
+                           "LoRA rank × α/r sweep" + " (rsLoRA)" * (variants == [True]), "", ncols=len(variants),
                            sharey=True)
     cells = sweep.groupby(["rslora", "rank", "ratio"])["final_accuracy"].agg(["mean", "size"])
     low, high = 100 * cells["mean"].min(), 100 * cells["mean"].max()

@@ -26,7 +26,6 @@ METHOD_MARKERS: dict[str, str] = {"full": "o", "lora": "s", "dora": "D", "qlora"
 # A method on a target set other than the model's default is drawn in its colour darkened by this fraction (LoRA:
 # orange -> ochre), so the two series of one method read as one family and still differ in greyscale.
 TARGET_SET_SHADE = 0.4
-DPI = 150
 WILSON_NOTE = "Wilson interval: dev-set sampling noise of a single run only (run-to-run variation unseen)."
 # The recorded fields the footnote names, and which costs a difference between the runs makes not like-for-like.
 FIELDS = {"model": None, "device": None, "hardware": "times", "workers": "times", "compute_dtype": "times and memory",
@@ -44,28 +43,26 @@ def method_marker(series: str) -> str:
     return METHOD_MARKERS[series_method(str(series))]
 
 
-def method_summary(runs: pd.DataFrame, column: str | None = None) -> pd.DataFrame:
-    """:func:`~peft_utils.stats.per_method_summary` in display order; with ``column``, the series that recorded it."""
+def method_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """:func:`~peft_utils.stats.per_method_summary` of the series that recorded an accuracy, in display order."""
     table = per_method_summary(runs, ordered_methods(run_series(runs)))
-    return table if table.empty or column is None else table[table[column].notna()]
+    return table if table.empty else table[table["accuracy"].notna()]
 
 
-def new_figure(width: float, height: float, title: str, grid: str | None = "y", **panels) -> tuple[Figure, np.ndarray]:
-    """A titled figure and its row of panels (``panels``: :meth:`Figure.subplots` arguments) with a grid along
-    ``grid``; outside pyplot, which would switch a notebook's backend and keep every figure."""
+def new_figure(width: float, height: float, title: str, grid: str | Sequence[str] = "y",
+               **panels) -> tuple[Figure, np.ndarray]:
+    """A titled figure and its row of panels (``panels``: :meth:`Figure.subplots` arguments), framed lightly with a
+    grid along ``grid`` ("" for none; one per panel where they differ); outside pyplot, which would switch a
+    notebook's backend and keep every figure."""
     fig = Figure(figsize=(width, height), layout="constrained")
     fig.suptitle(title, fontsize=13, x=0.01, ha="left")
     axes = fig.subplots(1, panels.pop("ncols", 1), squeeze=False, **panels)[0]
-    for ax in axes if grid else ():
-        style_axes(ax, grid)
+    for ax, axis in zip(axes, [grid] * len(axes) if isinstance(grid, str) else grid):
+        if axis:
+            ax.spines[["top", "right"]].set_visible(False)
+            ax.grid(axis=axis, color="#DDDDDD", linewidth=0.8)
+            ax.set_axisbelow(True)
     return fig, axes
-
-
-def style_axes(ax, grid_axis: str = "y") -> None:
-    """No top/right frame; a light grid behind the data along ``grid_axis``."""
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.grid(axis=grid_axis, color="#DDDDDD", linewidth=0.8)
-    ax.set_axisbelow(True)
 
 
 def figure_legend(fig: Figure, handles: Sequence | None = None) -> None:
@@ -154,8 +151,8 @@ def _default_targets_note(runs: pd.DataFrame) -> str | None:
     bare = [s for s in series if s in METHODS and METHODS[s].adapter] if any(":" in s for s in series) else []
     if not bare:
         return None
-    return (f"{'/'.join(map(series_label, bare))} without brackets: adapters on the model's default layers, peft's default for its family "
-            "(query and value on BERT-style models such as MiniLM, c_attn on GPT-2).")
+    return (f"{'/'.join(map(series_label, bare))} without brackets: adapters on the model's default layers, peft's "
+            "default for its family (query and value on BERT-style models such as MiniLM, c_attn on GPT-2).")
 
 
 def dataset_name(runs: pd.DataFrame) -> str:
@@ -179,6 +176,6 @@ def save_with_footnote(fig: Figure, path: Path, runs: pd.DataFrame, notes: Seque
              color="#444444", linespacing=1.4, wrap=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
-    fig.savefig(temporary, dpi=DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
+    fig.savefig(temporary, dpi=150, bbox_inches="tight", pad_inches=0.15, facecolor="white")
     os.replace(temporary, path)
     return path
