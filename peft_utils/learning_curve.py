@@ -21,6 +21,7 @@ from .store import COMPARISON_GROUP, Results, RunStore
 FULL, LORA = "full", "lora:all-linear"  # the primary pair: full fine-tuning against LoRA on every linear layer
 MARGIN = 0.005  # "refuted": LoRA's advantage is below half a point, if it has one
 CLIMB = 0.05  # a dev-loss rise above the best epoch that counts as overfitting
+EPOCH_COLUMNS = ["series", "seed", "epoch", "loss", "accuracy", "train_loss"]
 
 
 class SizeResult(NamedTuple):
@@ -79,8 +80,7 @@ def epoch_losses(results: Results) -> pd.DataFrame:
     runs = runs_in_group(results.runs, COMPARISON_GROUP)[["run_id", "seed"]]
     evals = results.evals.dropna(subset=["train_loss"]) if "train_loss" in results.evals else results.evals.head(0)
     frame = evals.merge(runs, on="run_id")
-    return frame[["series", "seed", "epoch", "loss", "accuracy", "train_loss"]].sort_values(["series", "seed",
-                                                                                            "epoch"])
+    return frame[EPOCH_COLUMNS].sort_values(["series", "seed", "epoch"])
 
 
 def climbs(losses: pd.DataFrame) -> pd.DataFrame:
@@ -119,7 +119,7 @@ def read_curve(root: str | Path, large_end: str | Path | None = None) -> Curve:
     loaded = {rows: RunStore(folder).load() for rows, folder in size_folders(root).items()}
     sizes = [result for result in map(size_result, loaded.values()) if result is not None]
     read = [*loaded.values(), *([RunStore(large_end).load()] if large_end else [])]
-    losses = epoch_losses(loaded[sizes[0].rows]) if sizes else pd.DataFrame(columns=["series", "seed", "epoch", "loss"])
+    losses = epoch_losses(loaded[sizes[0].rows]) if sizes else pd.DataFrame(columns=EPOCH_COLUMNS)
     runs = pd.concat([runs_in_group(results.runs, COMPARISON_GROUP) for results in read])
     return Curve(sizes, size_result(read[-1]) if large_end else None, losses, runs[run_series(runs).isin([FULL, LORA])])
 
