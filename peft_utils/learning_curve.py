@@ -1,25 +1,10 @@
 """The learning-curve experiment: does full fine-tuning overfit small data where LoRA generalises?
-
-Full fine-tuning and LoRA train on a few train sizes for several epochs, one results folder per size
-(``<root>/n250``, ``<root>/n1000``, ...); this module reads the records by the rule written down before the first run:
-
-- Δ(n): LoRA minus full fine-tuning dev accuracy at n rows, paired by seed, its interval resampling seeds and
-  sentences (:func:`~peft_utils.stats.crossed_bootstrap`);
-- *supported* when Δ(smallest) lies wholly above 0 and Δ(smallest) - Δ(largest) too (seeds resampled per size,
-  the shared dev sentences once: :func:`~peft_utils.stats.crossed_bootstrap`); *refuted* when Δ's upper bound is
-  below the margin at the two smallest sizes; else *undecided*;
-- overfitting, read apart: a run's *climb* is its last epoch's dev loss less its lowest; full fine-tuning overfits
-  more than LoRA when its mean climb reaches :data:`CLIMB` while its training loss keeps falling, and its climb less
-  LoRA's, paired by seed, lies wholly above 0 (seeds resampled).
-
-``python -m peft_utils.learning_curve RESULTS_ROOT [IMGS_DIR] [--large-end FOLDER]`` prints the table and the
-readings and draws ``learning_curve.png``.
-"""
+Its records (one ``n<rows>`` results folder per train size) read by the rule written down before the first run
+(docs/results.md); ``python -m peft_utils.learning_curve ROOT [IMGS] [--large-end FOLDER]`` prints the readings."""
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -28,14 +13,15 @@ import numpy as np
 import pandas as pd
 
 from .formatting import format_p_value, format_points
+from .report import markdown_table
 from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_differences, paired_matrices,
-                    recorded_labels, runs_in_group, seed_correctness)
+                    recorded_labels, run_series, runs_in_group, seed_correctness)
 from .store import COMPARISON_GROUP, Results, RunStore
 
 FULL, LORA = "full", "lora:all-linear"  # the primary pair: full fine-tuning against LoRA on every linear layer
 MARGIN = 0.005  # "refuted": LoRA's advantage is below half a point, if it has one
 CLIMB = 0.05  # a dev-loss rise above the best epoch that counts as overfitting
-SIZE_FOLDER = re.compile(r"n(\d+)")
+EPOCH_COLUMNS = ["series", "seed", "epoch", "loss", "accuracy", "train_loss"]
 
 
 class SizeResult(NamedTuple):
@@ -51,21 +37,21 @@ class SizeResult(NamedTuple):
 
 def size_folders(root: str | Path) -> dict[int, Path]:
     """``{rows: folder}`` for the ``n<rows>`` folders under ``root``, smallest first."""
-    found = {int(m.group(1)): path for path in Path(root).iterdir() if (m := SIZE_FOLDER.fullmatch(path.name))}
+    found = {int(m.group(1)): path for path in Path(root).iterdir() if (m := re.fullmatch(r"n(\d+)", path.name))}
     if not found:
         raise FileNotFoundError(f"no n<rows> results folder under {root}")
     return dict(sorted(found.items()))
 
 
-def size_result(results: Results, pair: tuple[str, str] = (LORA, FULL)) -> SizeResult | None:
+def size_result(results: Results) -> SizeResult | None:
     """The paired comparison of one folder's comparison runs, or ``None`` until both methods share a seed."""
     comparison = runs_in_group(results.runs, COMPARISON_GROUP)
     if comparison.empty:
         return None
-    matrices = paired_matrices(seed_correctness(comparison, recorded_labels(comparison)), pair)
+    matrices = paired_matrices(seed_correctness(comparison, recorded_labels(comparison)), (LORA, FULL))
     if not matrices:
         return None
-    accuracy = {series: crossed_bootstrap([matrix], [1.0], PAIRED_RESAMPLES) for series, matrix in zip(pair, matrices)}
+    accuracy = {series: crossed_bootstrap([m], [1.0], PAIRED_RESAMPLES) for series, m in zip((LORA, FULL), matrices)}
     differences = paired_differences(*matrices)
     return SizeResult(int(comparison["train_size"].iloc[0]), len(matrices[0]), int(comparison["epochs"].iloc[0]),
                       accuracy, crossed_bootstrap([differences], [1.0], PAIRED_RESAMPLES), differences)
@@ -77,7 +63,8 @@ def shrinking(small: SizeResult, large: SizeResult) -> PairedDifference:
 
 
 def rule_reading(sizes: Sequence[SizeResult]) -> str:
-    """The decision rule fixed before the first run, on the sizes (smallest first) of one experiment."""
+    """The rule on the sizes (smallest first): *supported* when Δ(smallest) and Δ(smallest) - Δ(largest) lie wholly
+    above 0; *refuted* when Δ's upper bound is below :data:`MARGIN` at the two smallest sizes; else *undecided*."""
     if len(sizes) < 2:
         return "undecided: fewer than two sizes finished"
     smallest, second, largest = sizes[0], sizes[1], sizes[-1]
@@ -89,60 +76,56 @@ def rule_reading(sizes: Sequence[SizeResult]) -> str:
 
 
 def epoch_losses(results: Results) -> pd.DataFrame:
-    """Per comparison run and epoch end: ``series``, ``seed``, ``epoch``, dev ``loss`` and ``accuracy``, and the
-    epoch's mean ``train_loss``."""
+    """Per comparison run and epoch end: ``series``, ``seed``, ``epoch``, dev ``loss``, ``accuracy``, ``train_loss``."""
     runs = runs_in_group(results.runs, COMPARISON_GROUP)[["run_id", "seed"]]
     evals = results.evals.dropna(subset=["train_loss"]) if "train_loss" in results.evals else results.evals.head(0)
     frame = evals.merge(runs, on="run_id")
-    return frame[["series", "seed", "epoch", "loss", "accuracy", "train_loss"]].sort_values(["series", "seed",
-                                                                                            "epoch"])
+    return frame[EPOCH_COLUMNS].sort_values(["series", "seed", "epoch"])
 
 
 def climbs(losses: pd.DataFrame) -> pd.DataFrame:
     """Per run (``series``, ``seed``): ``climb`` (the last epoch's dev loss less the lowest) and ``train_falls``
     (the last epoch's training loss below that of the epoch with the lowest dev loss)."""
-    def one_run(run: pd.DataFrame) -> pd.Series:
-        best, last = run.loc[run["loss"].idxmin()], run.iloc[-1]
-        return pd.Series({"climb": last["loss"] - best["loss"], "train_falls": last["train_loss"] < best["train_loss"]})
+    runs = losses.groupby(["series", "seed"])
+    best, last = (losses.loc[rows].set_index(["series", "seed"]).sort_index()
+                  for rows in (runs["loss"].idxmin(), runs.tail(1).index))
+    return pd.DataFrame({"climb": last["loss"] - best["loss"],
+                         "train_falls": last["train_loss"] < best["train_loss"]}).reset_index()
 
-    return losses.groupby(["series", "seed"]).apply(one_run, include_groups=False).reset_index()
 
-
-def overfitting_reading(losses: pd.DataFrame, pair: tuple[str, str] = (FULL, LORA)) -> tuple[str, PairedDifference]:
-    """The overfitting reading and full's climb less LoRA's, paired by seed (mean, interval resampling seeds)."""
-    table = climbs(losses).pivot(index="seed", columns="series")
-    paired = table.dropna()
-    difference = (paired["climb"][pair[0]] - paired["climb"][pair[1]]).to_numpy()
+def overfitting_reading(losses: pd.DataFrame) -> tuple[str, PairedDifference]:
+    """Full fine-tuning overfits more than LoRA when its mean climb reaches :data:`CLIMB` while its training loss
+    keeps falling, and its climb less LoRA's, paired by seed, lies wholly above 0 (seeds resampled)."""
+    paired = climbs(losses).pivot(index="seed", columns="series").dropna()
+    difference = (paired["climb"][FULL] - paired["climb"][LORA]).to_numpy()
     result = crossed_bootstrap([difference[:, np.newaxis]], [1.0], PAIRED_RESAMPLES)
-    full_climb = paired["climb"][pair[0]].mean()
-    keeps_falling = paired["train_falls"][pair[0]].astype(float).mean() > 0.5
-    if full_climb >= CLIMB and keeps_falling and result.low > 0:
+    keeps_falling = paired["train_falls"][FULL].astype(float).mean() > 0.5
+    if paired["climb"][FULL].mean() >= CLIMB and keeps_falling and result.low > 0:
         return "full fine-tuning overfits more than LoRA", result
     return ("not shown: LoRA's climb is the larger" if result.high < 0 else "not shown"), result
 
 
 class Curve(NamedTuple):
-    """An experiment's finished sizes (smallest first), its large end, and the smallest size's epoch losses."""
+    """Finished sizes (smallest first), the large end, the smallest size's epoch losses, the runs (for a footnote)."""
 
     sizes: list[SizeResult]
     large: SizeResult | None
     losses: pd.DataFrame
+    runs: pd.DataFrame
 
 
 def read_curve(root: str | Path, large_end: str | Path | None = None) -> Curve:
     """The records of ``root``'s ``n<rows>`` folders (sizes without a common seed yet left out) and ``large_end``."""
     loaded = {rows: RunStore(folder).load() for rows, folder in size_folders(root).items()}
     sizes = [result for result in map(size_result, loaded.values()) if result is not None]
-    large = size_result(RunStore(large_end).load()) if large_end else None
-    losses = epoch_losses(loaded[sizes[0].rows]) if sizes else pd.DataFrame(columns=["series", "seed", "epoch", "loss"])
-    return Curve(sizes, large, losses)
+    read = [*loaded.values(), *([RunStore(large_end).load()] if large_end else [])]
+    losses = epoch_losses(loaded[sizes[0].rows]) if sizes else pd.DataFrame(columns=EPOCH_COLUMNS)
+    runs = pd.concat([runs_in_group(results.runs, COMPARISON_GROUP) for results in read])
+    return Curve(sizes, size_result(read[-1]) if large_end else None, losses, runs[run_series(runs).isin([FULL, LORA])])
 
 
 def curve_markdown(curve: Curve) -> str:
-    """As Markdown: per size, each method's accuracy and Δ with their intervals in points; the rule's reading,
-    Δ(smallest) - Δ(largest) and the overfitting reading."""
-    from .report import markdown_table
-
+    """The table of sizes (accuracies and Δ with their intervals, in points) and the readings, as Markdown."""
     table = pd.DataFrame([{"train rows": f"{s.rows:,}", "epochs": s.epochs, "seeds": s.seeds,
                            "full fine-tuning %": _interval(s.accuracy[FULL]),
                            "LoRA (all-linear) %": _interval(s.accuracy[LORA]),
@@ -168,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     curve = read_curve(args.root, args.large_end)
     print(curve_markdown(curve))
     if args.imgs:
-        from .plots.learning_curve import plot_learning_curve
+        from .plots.accuracy import plot_learning_curve
 
         print(plot_learning_curve(curve, args.imgs))
     return 0
@@ -176,8 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _interval(value: PairedDifference, signed: bool = False, decimals: int = 1, loss: bool = False) -> str:
     """``"mean [low, high]"``: accuracy in percentage points, or a loss as it is."""
-    ends = (value.difference, value.low, value.high)
-    mean, low, high = (format_points(v / 100 if loss else v, signed, decimals) for v in ends)
+    mean, low, high = (format_points(v / 100 if loss else v, signed, decimals) for v in value[:3])
     return f"{mean} [{low}, {high}]"
 
 
@@ -187,4 +169,4 @@ def _points(value: PairedDifference, loss: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -25,7 +25,7 @@ from peft_utils import plots  # noqa: E402
 from peft_utils.formatting import format_bytes, format_count, format_seconds  # noqa: E402
 from peft_utils.data import load_sst2  # noqa: E402
 from peft_utils.methods import METHOD_NAMES  # noqa: E402
-from peft_utils.plots import footnote, style  # noqa: E402
+from peft_utils.plots import style  # noqa: E402
 from peft_utils.store import COMPARISON_GROUP, Results, RunRecorder, RunStore  # noqa: E402
 from peft_utils.stats import ema_smooth, runs_in_group, wilson_interval  # noqa: E402
 
@@ -327,10 +327,10 @@ def test_footnote_says_when_compute_dtypes_differ(tmp_path: Path) -> None:
     results_dir = write_fake_results(tmp_path / "results", methods=("full", "lora"), sweep=False, lora_seeds=1,
                                      n_steps=5)
     runs = RunStore(results_dir).load().runs
-    text = " ".join(footnote._provenance(runs))
+    text = " ".join(style._provenance(runs))
     assert "gpt2" in text and "cuda" in text
     assert "compute dtype: bfloat16 / float32" in text and "NOTE: the runs differ in compute dtype" in text
-    same = " ".join(footnote._provenance(runs[runs["method"] == "lora"]))
+    same = " ".join(style._provenance(runs[runs["method"] == "lora"]))
     assert "compute dtype: bfloat16" in same and "differ" not in same
 
 
@@ -339,19 +339,19 @@ def test_footnote_names_the_hardware_and_says_when_it_differs(tmp_path: Path) ->
     results_dir = write_fake_results(tmp_path / "results", methods=("full", "lora"), sweep=False, lora_seeds=2,
                                      n_steps=5)
     runs = RunStore(results_dir).load().runs
-    assert "hardware" not in " ".join(footnote._provenance(runs))  # not recorded: nothing claimed
+    assert "hardware" not in " ".join(style._provenance(runs))  # not recorded: nothing claimed
     one = runs.assign(hardware="AMD EPYC, 2 threads")
-    assert "hardware: AMD EPYC, 2 threads" in " ".join(footnote._provenance(one))
-    assert "NOTE" not in " ".join(footnote._provenance(one.assign(compute_dtype="float32")))
+    assert "hardware: AMD EPYC, 2 threads" in " ".join(style._provenance(one))
+    assert "NOTE" not in " ".join(style._provenance(one.assign(compute_dtype="float32")))
     partly = runs.assign(hardware=["AMD EPYC, 2 threads"] + [None] * (len(runs) - 1))
-    assert f"(not recorded for {len(runs) - 1} of {len(runs)} runs)" in " ".join(footnote._provenance(partly))
+    assert f"(not recorded for {len(runs) - 1} of {len(runs)} runs)" in " ".join(style._provenance(partly))
     several = runs.assign(hardware=["AMD EPYC, 2 threads"] + ["Intel Xeon, 2 threads"] * (len(runs) - 1))
-    text = " ".join(footnote._provenance(several))
+    text = " ".join(style._provenance(several))
     assert "hardware: AMD EPYC, 2 threads / Intel Xeon, 2 threads" in text
     assert "the runs differ in hardware, so their times are not like-for-like" in text
     # runs that shared the device (``workers`` at once) took other times than runs alone
     shared = one.assign(workers=[2] + [1] * (len(runs) - 1))
-    text = " ".join(footnote._provenance(shared))
+    text = " ".join(style._provenance(shared))
     assert "workers: 1 / 2" in text and "the runs differ in workers, so their times are not like-for-like" in text
 
 
@@ -360,9 +360,9 @@ def test_footnote_says_what_a_bare_adapter_label_means_beside_a_bracketed_one() 
     runs = pd.DataFrame({"method": ["full", "lora", "lora", "dora"],
                          "targets": [None, None, "all-linear", "all-linear"]})
     note = "LoRA without brackets: adapters on the model's default layers"
-    assert note in " ".join(footnote._provenance(runs))
-    assert "without brackets" not in " ".join(footnote._provenance(runs[runs["targets"].isna()]))
-    assert "without brackets" not in " ".join(footnote._provenance(runs[runs["method"] != "lora"]))
+    assert note in " ".join(style._provenance(runs))
+    assert "without brackets" not in " ".join(style._provenance(runs[runs["targets"].isna()]))
+    assert "without brackets" not in " ".join(style._provenance(runs[runs["method"] != "lora"]))
 
 
 # --------------------------------------------------------------------------------------------------------------

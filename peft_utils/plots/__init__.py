@@ -8,10 +8,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from peft_utils.plots.accuracy import plot_accuracy, plot_loss, plot_settings
+from peft_utils.plots.accuracy import plot_accuracy, plot_learning_curve, plot_loss, plot_settings
 from peft_utils.plots.cost import plot_cost, plot_pareto
 from peft_utils.plots.grids import plot_lr_tuning, plot_sweep
-from peft_utils.plots.learning_curve import plot_learning_curve
 from peft_utils.report import settings_text
 from peft_utils.store import RunStore
 
@@ -22,10 +21,8 @@ FIGURES = (plot_loss, plot_accuracy, plot_cost, plot_pareto, plot_sweep, plot_lr
 
 
 def plot_all(results_dir: str | Path, imgs_dir: str | Path, run_ids: Sequence[str] | None = None) -> list[Path]:
-    """Write each figure that applies to the complete runs of ``results_dir`` into ``imgs_dir``; figures whose
-    inputs are absent (no sweep, no memory numbers) are skipped. One setting per series: the runs ``run_ids``, else
-    each series' setting asked for last; ``settings.png`` sets every setting side by side. ``ValueError`` when no
-    run is complete: an empty figure set would otherwise look like a success."""
+    """Each figure whose inputs ``results_dir`` holds, of the runs ``run_ids`` (else each series' setting asked for
+    last). ``ValueError`` when no run is complete: an empty figure set would otherwise look like a success."""
     store = RunStore(results_dir)
     results = store.load(run_ids)
     if results.runs.empty:

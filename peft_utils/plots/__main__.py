@@ -1,6 +1,4 @@
 """``python -m peft_utils.plots RESULTS_DIR IMGS_DIR``: regenerate every figure from saved run records."""
-import sys
-
 from peft_utils.plots import main
 
-sys.exit(main())
+raise SystemExit(main())

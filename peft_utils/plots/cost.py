@@ -1,6 +1,5 @@
-"""What the methods cost (training time, peak memory, shipped size): ``cost.png`` sets the costs side by side,
-``pareto.png`` each against dev accuracy with its Pareto frontier, the view peft's method-comparison suite uses.
-"""
+"""What the methods cost: ``cost.png`` training time, peak memory and shipped size side by side, ``pareto.png`` each
+against dev accuracy with its Pareto frontier, the view peft's method-comparison suite uses."""
 from __future__ import annotations
 
 import textwrap
@@ -15,9 +14,8 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, NullLoca
 
 from peft_utils.formatting import format_bytes, format_seconds
 from peft_utils.methods import series_label
-from peft_utils.plots.footnote import dataset_name, save_with_footnote
-from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, draw_seeds_and_mean, method_color, method_marker,
-                                    method_summary, new_figure, zoom_accuracy_axis)
+from peft_utils.plots.style import (WILSON_NOTE, accuracy_legend, dataset_name, draw_seeds_and_mean, figure_legend,
+                                    method_color, method_summary, new_figure, save_with_footnote, zoom_accuracy_axis)
 from peft_utils.stats import numeric_column, run_series, runs_in_group
 from peft_utils.store import COMPARISON_GROUP, Results
 
@@ -33,11 +31,13 @@ class Cost(NamedTuple):
     run_column: str
     name: str
     format_value: Callable[[float], str]
+    title: str  # of its cost.png panel
 
 
-COSTS = (Cost("train_time_s", "train_time_s", "training time", format_seconds),
-         Cost("peak_memory_bytes", "peak_memory_bytes", "peak memory", lambda v: format_bytes(v, decimals=2)),
-         Cost("disk_bytes", "size.disk_bytes", "shipped size", format_bytes))
+COSTS = (Cost("train_time_s", "train_time_s", "training time", format_seconds, "Training time, all epochs"),
+         Cost("peak_memory_bytes", "peak_memory_bytes", "peak memory", lambda v: format_bytes(v, decimals=2),
+              "Peak memory during training"),
+         Cost("disk_bytes", "size.disk_bytes", "shipped size", format_bytes, "What each method ships"))
 
 
 def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> np.ndarray:
@@ -49,13 +49,11 @@ def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> np.ndar
     return np.isfinite(cost) & np.isfinite(accuracy) & ~(no_worse & better).any(axis=0)  # NaN compares false
 
 
-def _cost_table(results: Results,
-                column: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[Cost], list[str]]:
-    """The comparison runs, their per-series summary (:func:`method_summary` with ``column``), the costs some series
-    recorded and the notes they need: memory is left out when its kinds differ (a GPU's allocations and a process's
-    RSS are not one quantity; a series whose seeds differ has "cuda+rss")."""
+def _cost_table(results: Results) -> tuple[pd.DataFrame, pd.DataFrame, list[Cost], list[str]]:
+    """The comparison runs, their :func:`method_summary`, the costs recorded and notes; memory is left out when its
+    kinds differ (a GPU's allocations and a process's RSS are not one quantity)."""
     runs = runs_in_group(results.runs, COMPARISON_GROUP)
-    table = method_summary(runs, column)
+    table = method_summary(runs)
     costs = [cost for cost in COSTS if not table.empty and (table[cost.column] > 0).any()]
     kinds = set("+".join(table.loc[table["peak_memory_bytes"] > 0, "memory_kind"]).split("+")) if costs else set()
     notes = ["Over a method's seeds: the mean training time, the largest peak memory (the budget to provision)."
@@ -67,9 +65,8 @@ def _cost_table(results: Results,
 
 
 def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_zero: bool = False) -> None:
-    """Limits, scale and ticks of a cost's x axis: bytes in units, on a log scale past :data:`LOG_SPAN`; time linear
-    (bars compare as lengths), in round numbers of one unit. ``from_zero`` (bars) starts a linear axis at 0 and leaves
-    room on the right for the bars' labels."""
+    """A cost's x axis: bytes on a log scale past :data:`LOG_SPAN`; time linear (bars compare as lengths), ticked in
+    round numbers of one unit. ``from_zero`` (bars) starts at 0 and leaves room on the right for the bars' labels."""
     low, high = float(values.min()), float(values.max())
     log, pad = cost.column != "train_time_s" and high / low > LOG_SPAN, (high - low) or 0.2 * high
     if log:
@@ -90,8 +87,8 @@ def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_ze
 
 
 def plot_cost(results: Results, out_dir: str | Path) -> Path | None:
-    """``cost.png``: per series, training time, peak memory and what it ships, as bars with their numbers in a panel
-    per recorded cost. Why only these: the results table holds the rest (parameters, intervals)."""
+    """``cost.png``: a panel of labelled bars per recorded cost; times also as a share of full fine-tuning's (else the
+    slowest's), and the base model in fp32, which an adapter needs beside it, over the sizes."""
     runs, table, costs, notes = _cost_table(results)
     if not costs:
         return None
@@ -101,73 +98,57 @@ def plot_cost(results: Results, out_dir: str | Path) -> Path | None:
     y = np.arange(len(table))[::-1]
     for ax, cost in zip(axes, costs):
         known = table[table[cost.column] > 0]
-        bars = ax.barh(y[table[cost.column] > 0], known[cost.column], height=0.62, edgecolor="white", zorder=2,
+        values, title = known[cost.column], cost.title
+        labels = [cost.format_value(v) for v in values]
+        if cost.column == "train_time_s":
+            reference = "full" if "full" in known.index else values.idxmax()
+            labels = [f"{text} ({v / values[reference]:.0%})" for text, v in zip(labels, values)]
+            title += f"\n(% of {series_label(reference)}'s{'' if reference == 'full' else ', the slowest'})"
+        if cost.column == "disk_bytes":
+            base = (known["fp32_bytes"] - 4 * known["trainable_params"].fillna(0).where(known.index != "full", 0)).min()
+            labels = [f"{text} {kind or ''}" for text, kind in zip(labels, known["disk_kind"])]
+            title += f"\n(the base model in fp32: {format_bytes(base)})" if np.isfinite(base) else ""
+        bars = ax.barh(y[table[cost.column] > 0], values, height=0.62, edgecolor="white", zorder=2,
                        color=[method_color(s) for s in known.index])
-        _annotate_cost_panel(ax, cost, known, bars)
-        _set_cost_axis(ax, cost, known[cost.column].to_numpy(dtype=float), known["memory_kind"].iloc[0], True)
+        ax.bar_label(bars, labels, padding=3, fontsize=8.5)
+        ax.set_title(title, fontsize=10, loc="left")
+        _set_cost_axis(ax, cost, values.to_numpy(dtype=float), known["memory_kind"].iloc[0], True)
     axes[0].set_yticks(y, [series_label(s) for s in table.index])
     if "rss" in set(table["memory_kind"]):
         notes.append("Process RSS includes the Python runtime, libraries and data, not only the model.")
     return save_with_footnote(fig, Path(out_dir) / "cost.png", runs, notes)
 
 
-def _annotate_cost_panel(ax, cost: Cost, known: pd.DataFrame, bars) -> None:
-    """Each bar's value (times also as a share of full fine-tuning's, else of the slowest's) and the panel's title;
-    the size title names the base model in fp32 (less any adapter's weights), which an adapter needs beside it."""
-    values = known[cost.column]
-    labels = [cost.format_value(v) for v in values]
-    title = {"peak_memory_bytes": "Peak memory during training", "disk_bytes": "What each method ships"}.get(
-        cost.column, "Training time, all epochs")
-    if cost.column == "train_time_s":
-        reference = "full" if "full" in known.index else values.idxmax()
-        labels = [f"{text} ({v / values[reference]:.0%})" for text, v in zip(labels, values)]
-        title += f"\n(% of {series_label(reference)}'s{'' if reference == 'full' else ', the slowest'})"
-    base = (known["fp32_bytes"] - 4 * known["trainable_params"].fillna(0).where(known.index != "full", 0)).min()
-    if cost.column == "disk_bytes":
-        labels = [f"{text} {kind or ''}" for text, kind in zip(labels, known["disk_kind"])]
-        title += f"\n(the base model in fp32: {format_bytes(base)})" if np.isfinite(base) else ""
-    ax.bar_label(bars, labels, padding=3, fontsize=8.5)
-    ax.set_title(title, fontsize=10, loc="left")
-
-
 def plot_pareto(results: Results, out_dir: str | Path) -> Path | None:
-    """``pareto.png``: accuracy against each recorded cost, a panel each sharing the accuracy axis, with the frontier
-    as a staircase whose methods the title names: methods often sit close together (a few percent apart in time, a
-    fraction of a point in accuracy), where labels beside the points would cover each other or the data."""
-    runs, table, costs, notes = _cost_table(results, "accuracy")
+    """``pareto.png``: accuracy against each recorded cost, the frontier a staircase whose methods the panel's title
+    names: methods often sit so close that labels beside the points would cover each other."""
+    runs, table, costs, notes = _cost_table(results)
     if not costs:
         return None
     fig, axes = new_figure(4.7 * len(costs) + 0.6, 5.6, f"{dataset_name(runs)} dev accuracy against each cost: the "
                            "Pareto frontier (up and left is better)", "both", ncols=len(costs), sharey=True)
-    titles = [_draw_pareto_panel(ax, runs, table[table[cost.column] > 0], cost) for ax, cost in zip(axes, costs)]
+    accuracy, keys, titles = numeric_column(runs, "final_accuracy") * 100, run_series(runs), []
+    for ax, cost in zip(axes, costs):
+        known, spent = table[table[cost.column] > 0], numeric_column(runs, cost.run_column)
+        drawn = keys.isin(known.index) & accuracy.notna() & (spent > 0)
+        for series, row in known.iterrows():
+            draw_seeds_and_mean(ax, series, row, row[cost.column], (spent[drawn & (keys == series)],
+                                                                    accuracy[drawn & (keys == series)]))
+        _set_cost_axis(ax, cost, np.concatenate([known[cost.column], spent[drawn]]), known["memory_kind"].iloc[0])
+        front = known[pareto_front(known[cost.column], known["accuracy"])].sort_values(cost.column)
+        xs, ys = front[cost.column].to_numpy(dtype=float), front["accuracy"].to_numpy(dtype=float) * 100
+        ax.step(np.append(xs, ax.get_xlim()[1]), np.append(ys, ys[-1]), where="post", zorder=2, **_FRONTIER_STYLE)
+        # No-break spaces inside each method's entry: the title's lines break between entries only.
+        members = ", ".join(f"{series_label(s)}: {cost.format_value(v)}".replace(" ", "\N{NO-BREAK SPACE}")
+                            for s, v in front[cost.column].items())
+        titles.append([f"vs {cost.name}", *textwrap.wrap(f"frontier: {members}", 52, break_on_hyphens=False)])
     for ax, lines in zip(axes, titles):  # padded to one height, so the titles' first lines align
         ax.set_title("\n".join(lines + [""] * (max(map(len, titles)) - len(lines))), fontsize=10, loc="left")
     zoom_accuracy_axis(axes[0], runs, table)
-    series = [Line2D([], [], linestyle="none", marker=method_marker(s), color=method_color(s), markeredgecolor="white",
-                     markersize=9, label=series_label(s)) for s in table.index]
-    fig.legend(handles=[*series, *accuracy_legend(table), Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)],
-               loc="outside right upper", fontsize=8.5, frameon=False)
+    frontier = Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)  # under the series of the time panel
+    figure_legend(fig, [*axes[0].get_legend_handles_labels()[0], *accuracy_legend(table), frontier])
     notes = ["Dashed staircase: the Pareto frontier through the methods' means, the methods (named above each panel) "
              "no other method beats on both accuracy and that cost; it ignores the intervals, so where they overlap "
              "the order is not established (accuracy.png's paired tests say which differences are).", *notes]
-    if "Wilson" in set(table["interval"]):
-        notes.append(WILSON_NOTE)
+    notes += [WILSON_NOTE] if "Wilson" in set(table["interval"]) else []
     return save_with_footnote(fig, Path(out_dir) / "pareto.png", runs, notes)
-
-
-def _draw_pareto_panel(ax, runs: pd.DataFrame, known: pd.DataFrame, cost: Cost) -> list[str]:
-    """Seeds, means and intervals, the frontier's staircase and the cost axis, for the methods ``known`` that
-    recorded this cost; returns the lines of the panel's title, which name the frontier's methods."""
-    accuracy, spent = numeric_column(runs, "final_accuracy") * 100, numeric_column(runs, cost.run_column)
-    drawn = run_series(runs).isin(known.index) & accuracy.notna() & (spent > 0)
-    for series, row in known.iterrows():
-        mine = drawn & (run_series(runs) == series)
-        draw_seeds_and_mean(ax, series, row, row[cost.column], (spent[mine], accuracy[mine]))
-    _set_cost_axis(ax, cost, np.concatenate([known[cost.column], spent[drawn]]), known["memory_kind"].iloc[0])
-    front = known[pareto_front(known[cost.column], known["accuracy"])].sort_values(cost.column)
-    xs, ys = front[cost.column].to_numpy(dtype=float), front["accuracy"].to_numpy(dtype=float) * 100
-    ax.step(np.append(xs, ax.get_xlim()[1]), np.append(ys, ys[-1]), where="post", zorder=2, **_FRONTIER_STYLE)
-    # No-break spaces inside each method's entry: the lines break between entries only.
-    members = ", ".join(f"{series_label(s)}: {cost.format_value(v)}".replace(" ", "\N{NO-BREAK SPACE}")
-                        for s, v in front[cost.column].items())
-    return [f"vs {cost.name}", *textwrap.wrap(f"frontier: {members}", 52, break_on_hyphens=False)]
