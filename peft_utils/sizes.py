@@ -1,18 +1,13 @@
-"""Where a model's bytes are and what each method must ship: one size accounting for every method.
-
-In memory a model is packed 4-bit weights + their quantisation state + other frozen tensors + trainable tensors; what
-a user ships depends on the method (:attr:`methods.Method.shipped`). :func:`nf4_bits_per_weight` is the analytic cost
-of blockwise 4-bit storage, against which the measured 4-bit share is checked.
+"""Where a model's bytes are (packed 4-bit weights, their quantisation state, other frozen and trainable tensors)
+and what each method must ship (:attr:`methods.Method.shipped`), with the analytic size of 4-bit storage beside it.
 """
 from __future__ import annotations
 
-import functools
 import torch
 from torch import nn
 
 from .checkpoints import adapter_state_dict
 from .core.quant import is_quantized, logical_numel
-from .formatting import format_bytes
 from .methods import Method, get_method
 
 SIZE_KEYS = (
@@ -39,12 +34,9 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) -> dict:
     """Where a model's bytes are, and what ``method`` must ship (``disk_bytes``: ``saved_bytes``, what
-    ``checkpoints.save_trained`` wrote, where given, else the tensors' own bytes).
-
-    ``quantized_bytes`` (packed 4-bit weights) + ``quant_state_bytes`` + ``frozen_bytes`` (other frozen parameters,
-    all buffers) + ``trainable_bytes`` = ``total_bytes``; ``fp32_bytes`` counts 4-bit weights as the weights they
-    encode; ``nf4_bound_bytes`` is the analytic size of the 4-bit share.
-    """
+    ``checkpoints.save_trained`` wrote, where given, else the tensors' own bytes). ``quantized_bytes`` +
+    ``quant_state_bytes`` + ``frozen_bytes`` (all buffers too) + ``trainable_bytes`` = ``total_bytes``;
+    ``fp32_bytes`` counts 4-bit weights as the weights they encode."""
     shipped, size = get_method(method), _memory_bytes(model)
     size.update(disk_bytes=_shipped_bytes(model, shipped, size, saved_bytes), disk_kind=shipped.shipped)
     return {key: size[key] for key in SIZE_KEYS}
@@ -86,10 +78,7 @@ def _shipped_bytes(model: nn.Module, shipped: Method, memory: dict[str, int], sa
     if shipped.adapter is None:
         in_memory = memory["total_bytes"] - sum(_nbytes(b) for b in model.buffers())
         return in_memory if saved_bytes is None else saved_bytes
-    try:
-        adapter = saved_bytes if saved_bytes is not None else sum(map(_nbytes, adapter_state_dict(model).values()))
-    except ValueError as error:
-        raise ValueError(f"an adapter method's size needs a model with adapters: {error}") from error
+    adapter = saved_bytes if saved_bytes is not None else sum(map(_nbytes, adapter_state_dict(model).values()))
     if not shipped.quantized:
         return adapter
     if not memory["quantized_bytes"]:
@@ -98,27 +87,3 @@ def _shipped_bytes(model: nn.Module, shipped: Method, memory: dict[str, int], sa
     derived = sum(_nbytes(b) for name, b in model.named_buffers() if name not in persistent)
     return memory["total_bytes"] - memory["trainable_bytes"] - derived + adapter
 
-
-def format_size_report(report: dict) -> str:
-    """A few aligned lines for printing a :func:`model_size` report."""
-    missing = [k for k in SIZE_KEYS if k not in report]
-    if missing:
-        raise ValueError(f"not a model_size report: missing {missing}")
-    size = functools.partial(format_bytes, binary=True, decimals=2)  # "2.88 GiB": the unit GPU memory is sold in
-    rows = [
-        ("4-bit packed weights", report["quantized_bytes"]),
-        ("quant state (absmax, tables)", report["quant_state_bytes"]),
-        ("other frozen (params + buffers)", report["frozen_bytes"]),
-        ("trainable", report["trainable_bytes"]),
-        ("total in memory", report["total_bytes"]),
-        ("same model in fp32", report["fp32_bytes"]),
-    ]
-    lines = [f"{label:<34}{size(value):>12}  ({value:,} B)" for label, value in rows]
-    if report["total_bytes"]:
-        lines.append(f"{'fp32 / in-memory':<34}{report['fp32_bytes'] / report['total_bytes']:>11.2f}x")
-    if report["quantized_bytes"]:
-        measured = report["quantized_bytes"] + report["quant_state_bytes"]
-        lines.append(f"{'4-bit share: measured / bound':<34}{size(measured):>12}  vs {size(report['nf4_bound_bytes'])} "
-                     f"analytic ({measured / max(report['nf4_bound_bytes'], 1):.4f}x)")
-    lines.append(f"{'to ship: ' + report['disk_kind']:<34}{size(report['disk_bytes']):>12}  ({report['disk_bytes']:,} B)")
-    return "\n".join(lines)
