@@ -1,8 +1,6 @@
-"""What training produced, in the formats the field reads: peft LoRA adapters, written and read (peft,
-transformers' ``load_adapter``, vLLM and TGI load ours), and merged transformers checkpoints. The layouts agree
-without conversion: peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's ``Conv1D`` too (its
-``fan_in_fan_out`` only says the *base* weight is transposed); the trained head is peft's ``modules_to_save``.
-"""
+"""What training produced, in the formats the field reads: peft LoRA adapters (written and read) and merged
+checkpoints. peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's ``Conv1D`` too (``fan_in_fan_out``
+is about the *base* weight), so the layouts agree; the trained head is peft's ``modules_to_save``."""
 from __future__ import annotations
 
 import copy
@@ -80,7 +78,6 @@ def peft_adapter_json(model: nn.Module) -> dict:
         "target_modules": injected.target_patterns or injected.target_modules,
         "fan_in_fan_out": _stored_transposed(model),
         "modules_to_save": injected.modules_to_save or None,
-        "inference_mode": True,
     }
 
 
@@ -95,8 +92,7 @@ def _plain_config(config):
     """A copy of a model's config without its 4-bit quantisation: the plain architecture's."""
     config = copy.deepcopy(config)
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attribute):
-            delattr(config, attribute)
+        vars(config).pop(attribute, None)
     return config
 
 
@@ -159,9 +155,7 @@ def check_saved(folder: Path, config: str, weights: str) -> dict:
 
 def _check_config(config: dict, path: Path) -> None:
     """Refuse, in one line naming ``path``, a peft config whose adapter peft_utils' layers do not compute."""
-    if "peft_type" not in config:
-        raise ValueError(f"{path}: no peft_type: not a peft adapter config")
-    refusals = [f"peft_type={config['peft_type']!r} (only 'LORA')"] if config["peft_type"] != "LORA" else []
+    refusals = [f"peft_type={config.get('peft_type')!r} (only 'LORA')"] if config.get("peft_type") != "LORA" else []
     if config.get("task_type") not in (SEQ_CLS, None):
         refusals.append(f"task_type={config['task_type']!r} (only {SEQ_CLS!r}: these are sequence classifiers)")
     for key, default in UNSUPPORTED_UNLESS_DEFAULT.items():
@@ -179,22 +173,6 @@ def _check_config(config: dict, path: Path) -> None:
             refusals.append(f"target_modules={targets!r} (not a valid regular expression)")
     if refusals:
         raise ValueError(f"{path}: cannot load with peft_utils' LoRA/DoRA layers: {refusals[0]}")
-
-
-def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The checked ``adapter_config.json`` of a peft adapter folder and its tensors, before any model is touched."""
-    from safetensors.torch import load_file
-
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    config = check_saved(folder, CONFIG_FILE, WEIGHTS_FILE)
-    _check_config(config, config_path)
-    tensors = load_file(str(weights_path))
-    ours = [s for attribute, s in ADAPTER_KEYS.items() if attribute != "magnitude" or config.get("use_dora", False)]
-    for key in tensors:
-        match = ADAPTER_KEY.fullmatch(key)
-        if match and match[2] not in ours:
-            raise ValueError(f"{weights_path}: tensor {key!r} is for a layer type or option peft_utils does not adapt")
-    return config, tensors
 
 
 def _check_fits(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
@@ -222,14 +200,17 @@ def _remove_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
         setattr(model.get_submodule(parent_name), child_name, layer.base)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(requires_grad[name])
-    if hasattr(model, "injected_adapters"):
-        del model.injected_adapters
+    vars(model).pop("injected_adapters", None)
 
 
 def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     """Inject the peft LoRA/DoRA adapter saved in ``folder`` into ``model``, checked first: a failure leaves the model
     as it was."""
-    config, saved = _read_adapter(Path(folder))
+    from safetensors.torch import load_file
+
+    config = check_saved(Path(folder), CONFIG_FILE, WEIGHTS_FILE)
+    _check_config(config, Path(folder) / CONFIG_FILE)
+    saved = load_file(Path(folder) / WEIGHTS_FILE)
     if any(True for _ in adapter_layers(model)):
         raise ValueError("model already has adapters; load into a fresh model")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -260,8 +241,7 @@ def _merged_weight(layer: LoRALayer) -> torch.Tensor:
     if layer.merged:
         return base_weight(layer.base).float()
     original = layer.base
-    in_features, out_features = base_features(original)
-    dense = nn.Linear(in_features, out_features, bias=False, device=layer.lora_A.device)
+    dense = nn.Linear(*base_features(original), bias=False, device=layer.lora_A.device)
     dense.weight.copy_(base_weight(original).float())
     layer.base = dense
     try:
@@ -310,9 +290,8 @@ def class_logits(model: nn.Module, tokenizer, texts: Sequence[str]) -> torch.Ten
 
 def export_merged(model: nn.Module, tokenizer, folder: str | Path, dtype: torch.dtype = torch.float32,
                   overwrite: bool = False) -> MergedExport:
-    """``model`` with its adapters folded in, as a plain checkpoint that ``pipeline`` loads without peft, in
-    ``dtype`` (16/32-bit: re-quantising a 4-bit base would round the update away). A folder that holds files is
-    refused (an adapter left there is what ``from_pretrained`` would load) unless ``overwrite``."""
+    """``model`` with its adapters folded in, a plain checkpoint in ``dtype`` (re-quantising to 4-bit would round the
+    update away); a folder with files (an adapter there is what ``from_pretrained`` loads) only with ``overwrite``."""
     from transformers import AutoModelForSequenceClassification
 
     checked_dtype(dtype, "dtype")

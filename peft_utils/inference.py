@@ -21,8 +21,6 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None, labels:
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: neither a peft adapter ({CONFIG_FILE}) nor a checkpoint (config.json)")
         check_saved(folder, "config.json", "model*.safetensors")
         with loading_bars_off():
             model = AutoModelForSequenceClassification.from_pretrained(folder)

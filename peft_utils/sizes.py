@@ -1,6 +1,5 @@
-"""Where a model's bytes are (packed 4-bit weights, their quantisation state, other frozen and trainable tensors)
-and what each method must ship (:attr:`methods.Method.shipped`), with the analytic size of 4-bit storage beside it.
-"""
+"""Where a model's bytes are (packed 4-bit weights, their quantisation state, other frozen and trainable tensors),
+what each method ships (:attr:`methods.Method.shipped`), and the analytic size of 4-bit storage."""
 from __future__ import annotations
 
 import torch
@@ -20,9 +19,6 @@ def nf4_bits_per_weight(blocksize: int = 64, double_quant: bool = True, nested_b
     """Storage bits per weight: 4 bits of code plus one absmax per block, a float32 (32/64 = 0.5 bit), or with double
     quantisation an 8-bit absmax plus a float32 per ``nested_blocksize`` absmaxes (4 + 8/64 + 32/(64·256) ≈ 4.127).
     Lookup tables (16 + 256 floats per layer) are not included."""
-    for name, value in (("blocksize", blocksize), ("nested_blocksize", nested_blocksize)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if double_quant:
         return 4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)
     return 4 + 32 / blocksize
@@ -33,10 +29,8 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) -> dict:
-    """Where a model's bytes are, and what ``method`` must ship (``disk_bytes``: ``saved_bytes``, what
-    ``checkpoints.save_trained`` wrote, where given, else the tensors' own bytes). ``quantized_bytes`` +
-    ``quant_state_bytes`` + ``frozen_bytes`` (all buffers too) + ``trainable_bytes`` = ``total_bytes``;
-    ``fp32_bytes`` counts 4-bit weights as the weights they encode."""
+    """Where a model's bytes are (the parts add up to ``total_bytes``), and what ``method`` ships: ``saved_bytes``
+    (what ``save_trained`` wrote) where given, else the tensors' own bytes."""
     shipped, size = get_method(method), _memory_bytes(model)
     size.update(disk_bytes=_shipped_bytes(model, shipped, size, saved_bytes), disk_kind=shipped.shipped)
     return {key: size[key] for key in SIZE_KEYS}
@@ -52,7 +46,7 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
         if is_quantized(parameter):
             quantized += _nbytes(parameter)
             state = parameter.quant_state
-            nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None  # absmaxes' state
+            nested = state.state2  # double quantisation: the absmaxes' own state
             tensors = [state.absmax, state.code, state.offset]
             tensors += [nested.absmax, nested.code] if nested is not None else []
             state_bytes.update({(t.data_ptr(), _nbytes(t)): _nbytes(t) for t in tensors if isinstance(t, torch.Tensor)})
@@ -72,12 +66,10 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
 
 
 def _shipped_bytes(model: nn.Module, shipped: Method, memory: dict[str, int], saved_bytes: int | None) -> int:
-    """A full checkpoint (every parameter); an adapter; or a 4-bit base (everything frozen but the buffers derived
-    from other tensors, like DoRA's cached norms, which are not saved) plus an adapter. ``saved_bytes``, where given,
-    counts the checkpoint or the adapter as written."""
+    """A full checkpoint; an adapter; or a 4-bit base (everything frozen but buffers derived from other tensors,
+    like DoRA's cached norms, which are not saved) plus an adapter; ``saved_bytes`` counts what was written."""
     if shipped.adapter is None:
-        in_memory = memory["total_bytes"] - sum(_nbytes(b) for b in model.buffers())
-        return in_memory if saved_bytes is None else saved_bytes
+        return saved_bytes if saved_bytes is not None else memory["total_bytes"] - sum(map(_nbytes, model.buffers()))
     adapter = saved_bytes if saved_bytes is not None else sum(map(_nbytes, adapter_state_dict(model).values()))
     if not shipped.quantized:
         return adapter

@@ -1,9 +1,6 @@
-"""Experiment trackers (``report_to``): each run's curves and settings in TensorBoard, MLflow, trackio, W&B...,
-through accelerate's trackers, on the main process only. The run's JSON-lines record stays the source of truth; a
-tracker is a view of the same numbers. Trackers that write files write them under ``<results_dir>/runs/<run id>``;
-the others log to a project named ``peft-lab-<results folder name>``. Tags are the record's names (``step/loss``,
-``summary/size.disk_bytes``); the ``config`` event becomes the run's hyperparameters.
-"""
+"""Experiment trackers (``report_to``): a view of each run's record (the source of truth) in TensorBoard, MLflow,
+W&B... through accelerate, under the record's names (``step/loss``, ``summary/size.disk_bytes``), logging to
+``<results_dir>/runs/<run id>`` or to a project ``peft-lab-<results folder name>``."""
 from __future__ import annotations
 
 import shutil
@@ -18,9 +15,8 @@ _LONGEST_SETTING_LIST = 32  # a longer list is data, not a setting (a config eve
 
 
 def check_report_to(name: str, value: Any) -> tuple[str, ...]:
-    """``None``, ``""`` or ``"none"``: no tracker; else tracker names, each supported by accelerate and installed.
-    Why here: accelerate drops a tracker whose package is missing with a debug message only, so a misspelt one
-    would train a whole comparison with nothing logged."""
+    """``None``, ``""`` or ``"none"``: no tracker; else names of installed trackers (accelerate drops a missing one
+    with a debug message only: a misspelt one would train a whole comparison with nothing logged)."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
     items = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -38,9 +34,8 @@ def check_report_to(name: str, value: Any) -> tuple[str, ...]:
 
 
 def accelerator_arguments(report_to: tuple[str, ...], results_dir: str | Path, run_id: str) -> dict[str, Any]:
-    """``Accelerator``'s ``log_with`` and ``project_dir`` for one run of the checked ``report_to``. Trackers that
-    write files are named: accelerate opens them under the run id. The others are built here, because the one name
-    ``init_trackers`` passes would be their *project*: one per run, where runs are compared."""
+    """``Accelerator``'s ``log_with`` and ``project_dir`` for one run. Trackers that write files open under the run
+    id; the others are built here, as ``init_trackers`` would name their *project* after the run."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     if not report_to:
@@ -75,10 +70,9 @@ def hyperparameters(record: Mapping[str, Any]) -> dict[str, bool | int | float |
 
 
 class RunTrackers:
-    """One run's events to the accelerator's trackers, with :class:`~peft_utils.store.RunRecorder`'s ``log``.
-
-    ``config`` starts them, the run's log folder emptied first (a re-run starts over, as its record does); ``close``
-    finishes them without ``accelerator.end_training()``, which would also end the next run's process group."""
+    """One run's events to the accelerator's trackers, with ``RunRecorder``'s ``log``. ``config`` starts them in an
+    emptied log folder (a re-run starts over, as its record does); ``close`` finishes them without
+    ``accelerator.end_training()``, which would also end the next run's process group."""
 
     def __init__(self, accelerator, run_id: str) -> None:
         self.accelerator, self.run_id = accelerator, run_id
