@@ -32,18 +32,19 @@ ADAPTER_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(.+?)\.(lora_.+)")  # (layer
 # Our settings (``apply_adapters`` arguments, ``InjectedAdapters`` fields) -> peft LoraConfig keys and their defaults.
 PEFT_SETTINGS = {"rank": ("r", 8), "alpha": ("lora_alpha", 8), "dropout": ("lora_dropout", 0.0),
                  "rslora": ("use_rslora", False)}
-# peft LoraConfig keys whose other values change what the adapter computes, or where, in ways our layers do not
-# implement. Other keys are ignored, as peft ignores unknown ones (init-time options, peft_version...).
-UNSUPPORTED_UNLESS_DEFAULT = {
-    "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None,
-    "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None, "trainable_token_indices": None,
-    "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None, "megatron_config": None,
-    "arrow_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None, "kasa_config": None,
+SEQ_CLS = "SEQ_CLS"
+# peft LoraConfig keys and the one value (besides unset) our layers compute: others change what the adapter computes,
+# or where. Other keys are ignored, as peft ignores unknown ones (init-time options, peft_version...).
+ONLY_VALUES = {
+    "task_type": SEQ_CLS, "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+    "layer_replication": None, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
+    "trainable_token_indices": None, "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
+    "megatron_config": None, "arrow_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None,
+    "kasa_config": None,
 }
 # Initialisations that only set A and B (overwritten by the saved values); the others (PiSSA, OLoRA, LoftQ, EVA,
 # CorDA...) also rewrite the base weights, which a saved adapter alone cannot reproduce.
 PLAIN_INITS = (True, False, "gaussian")
-SEQ_CLS = "SEQ_CLS"
 T = TypeVar("T")
 PROBE_TEXTS = ("A gripping, beautifully acted film.", "Dull, predictable and far too long.")  # export's check
 
@@ -69,6 +70,9 @@ def peft_adapter_json(model: nn.Module) -> dict:
     from .models import hub_id
 
     injected = model.injected_adapters
+    # peft's fan_in_fan_out: GPT-2 Conv1D targets in the plain architecture, the one peft loads onto (a 4-bit GPT-2
+    # holds Linear4bit layers instead)
+    architecture = dict(meta_skeleton(_plain_config(model.config)).named_modules())
     return {
         "peft_type": "LORA",
         "task_type": SEQ_CLS,
@@ -76,16 +80,9 @@ def peft_adapter_json(model: nn.Module) -> dict:
         **{key: getattr(injected, setting) for setting, (key, _) in PEFT_SETTINGS.items()},
         "use_dora": injected.method == "dora",
         "target_modules": injected.target_patterns or injected.target_modules,
-        "fan_in_fan_out": _stored_transposed(model),
+        "fan_in_fan_out": any(is_conv1d(architecture.get(name)) for name, _ in adapter_layers(model)),
         "modules_to_save": injected.modules_to_save or None,
     }
-
-
-def _stored_transposed(model: nn.Module) -> bool:
-    """peft's ``fan_in_fan_out``: whether the target layers are GPT-2 ``Conv1D``s in the plain architecture, which
-    peft finds loading the adapter onto the usual base (a 4-bit GPT-2 holds ``Linear4bit`` layers instead)."""
-    architecture = dict(meta_skeleton(_plain_config(model.config)).named_modules())
-    return any(is_conv1d(architecture.get(name)) for name, _ in adapter_layers(model))
 
 
 def _plain_config(config):
@@ -156,11 +153,9 @@ def check_saved(folder: Path, config: str, weights: str) -> dict:
 def _check_config(config: dict, path: Path) -> None:
     """Refuse, in one line naming ``path``, a peft config whose adapter peft_utils' layers do not compute."""
     refusals = [f"peft_type={config.get('peft_type')!r} (only 'LORA')"] if config.get("peft_type") != "LORA" else []
-    if config.get("task_type") not in (SEQ_CLS, None):
-        refusals.append(f"task_type={config['task_type']!r} (only {SEQ_CLS!r}: these are sequence classifiers)")
-    for key, default in UNSUPPORTED_UNLESS_DEFAULT.items():
-        if config.get(key) not in (None, default):  # null: not set
-            refusals.append(f"{key}={config[key]!r} (only {default!r})")
+    for key, value in ONLY_VALUES.items():
+        if config.get(key) not in (None, value):  # null: not set
+            refusals.append(f"{key}={config[key]!r} (only {value!r})")
     if config.get("init_lora_weights", True) not in PLAIN_INITS:
         refusals.append(f"init_lora_weights={config['init_lora_weights']!r} (it rewrites the base weights)")
     targets = config.get("target_modules")

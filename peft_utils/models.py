@@ -78,8 +78,6 @@ def check_local_model(name: str, needs_config: bool = True) -> None:
             pass
         raise FileNotFoundError(f"model path {name} does not exist (it is read as a local folder, not a hub id: a "
                                 "hub id looks like 'org/name', e.g. openai-community/gpt2-large)")
-    if not path.is_dir():
-        raise NotADirectoryError(f"model path {name} is a file; give the folder that save_pretrained wrote")
     if needs_config and not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {name} has no config.json, so it is not a saved model (save_pretrained "
                                 "writes config.json and the weights); it was read as a local folder, not a hub id")
@@ -217,12 +215,7 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
     if kind.adapter is not None:
         apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
                        dropout=adapter.dropout, rslora=adapter.rslora, modules_to_save=kept)
-        _upcast_trainable(model)
+        for parameter in model.parameters():  # Adam updates of ~lr x 1e-3 vanish when added to bf16 weights
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
     return model, tokenizer
-
-
-def _upcast_trainable(model: torch.nn.Module) -> None:
-    """Trainable tensors in float32: Adam updates of ~lr x 1e-3 vanish when added to bf16 weights."""
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()

@@ -7,7 +7,7 @@ from torch import nn
 
 from .checkpoints import adapter_state_dict
 from .core.quant import is_quantized, logical_numel
-from .methods import Method, get_method
+from .methods import get_method
 
 SIZE_KEYS = (
     "quantized_bytes", "quant_state_bytes", "frozen_bytes", "trainable_bytes", "total_bytes", "fp32_bytes",
@@ -29,10 +29,23 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) -> dict:
-    """Where a model's bytes are (the parts add up to ``total_bytes``), and what ``method`` ships: ``saved_bytes``
-    (what ``save_trained`` wrote) where given, else the tensors' own bytes."""
-    shipped, size = get_method(method), _memory_bytes(model)
-    size.update(disk_bytes=_shipped_bytes(model, shipped, size, saved_bytes), disk_kind=shipped.shipped)
+    """Where a model's bytes are (the parts add up to ``total_bytes``), and what ``method`` ships: a checkpoint, an
+    adapter, or a 4-bit base plus an adapter, counted as ``saved_bytes`` (what ``save_trained`` wrote) where given,
+    else as the tensors' own bytes."""
+    kind, size = get_method(method), _memory_bytes(model)
+    if saved_bytes is not None:
+        disk = saved_bytes
+    elif kind.adapter is None:  # every parameter, no buffer
+        disk = size["total_bytes"] - sum(map(_nbytes, model.buffers()))
+    else:
+        disk = sum(map(_nbytes, adapter_state_dict(model).values()))
+    if kind.quantized:  # plus all that is frozen but buffers derived from others (DoRA's cached norms: not saved)
+        if not size["quantized_bytes"]:
+            raise ValueError(f"method {method!r} needs a 4-bit model, but no parameter of this one is quantized")
+        persistent = model.state_dict(keep_vars=True).keys()
+        derived = sum(_nbytes(b) for name, b in model.named_buffers() if name not in persistent)
+        disk += size["total_bytes"] - size["trainable_bytes"] - derived
+    size.update(disk_bytes=disk, disk_kind=kind.shipped)
     return {key: size[key] for key in SIZE_KEYS}
 
 
@@ -63,19 +76,4 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
     return {"quantized_bytes": quantized, "quant_state_bytes": quant_state, "frozen_bytes": frozen,
             "trainable_bytes": trainable, "total_bytes": quantized + quant_state + frozen + trainable,
             "fp32_bytes": fp32, "nf4_bound_bytes": int(round(bound))}
-
-
-def _shipped_bytes(model: nn.Module, shipped: Method, memory: dict[str, int], saved_bytes: int | None) -> int:
-    """A full checkpoint; an adapter; or a 4-bit base (everything frozen but buffers derived from other tensors,
-    like DoRA's cached norms, which are not saved) plus an adapter; ``saved_bytes`` counts what was written."""
-    if shipped.adapter is None:
-        return saved_bytes if saved_bytes is not None else memory["total_bytes"] - sum(map(_nbytes, model.buffers()))
-    adapter = saved_bytes if saved_bytes is not None else sum(map(_nbytes, adapter_state_dict(model).values()))
-    if not shipped.quantized:
-        return adapter
-    if not memory["quantized_bytes"]:
-        raise ValueError(f"method {shipped.name!r} needs a 4-bit model, but no parameter of this one is quantized")
-    persistent = model.state_dict(keep_vars=True).keys()
-    derived = sum(_nbytes(b) for name, b in model.named_buffers() if name not in persistent)
-    return memory["total_bytes"] - memory["trainable_bytes"] - derived + adapter
 

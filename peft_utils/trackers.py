@@ -79,8 +79,7 @@ class RunTrackers:
 
     def log(self, event: str, **fields: Any) -> None:
         if event == "config":
-            if self.accelerator.logging_dir is not None:
-                shutil.rmtree(Path(self.accelerator.logging_dir) / self.run_id, ignore_errors=True)
+            shutil.rmtree(Path(self.accelerator.logging_dir) / self.run_id, ignore_errors=True)
             self.accelerator.init_trackers(self.run_id, config=hyperparameters(fields))
             return
         step = fields.pop("step") if "step" in fields else fields["steps"]
