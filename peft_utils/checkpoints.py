@@ -70,8 +70,7 @@ def peft_adapter_json(model: nn.Module) -> dict:
     from .models import hub_id
 
     injected = model.injected_adapters
-    # peft's fan_in_fan_out: GPT-2 Conv1D targets in the plain architecture, the one peft loads onto (a 4-bit GPT-2
-    # holds Linear4bit layers instead)
+    # fan_in_fan_out: Conv1D targets in the plain architecture, which peft loads onto (4-bit GPT-2 has Linear4bit)
     architecture = dict(meta_skeleton(_plain_config(model.config)).named_modules())
     return {
         "peft_type": "LORA",
@@ -82,6 +81,9 @@ def peft_adapter_json(model: nn.Module) -> dict:
         "target_modules": injected.target_patterns or injected.target_modules,
         "fan_in_fan_out": any(is_conv1d(architecture.get(name)) for name, _ in adapter_layers(model)),
         "modules_to_save": injected.modules_to_save or None,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
     }
 
 
@@ -272,8 +274,7 @@ class MergedExport:
 
 def class_logits(model: nn.Module, tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """The float32 logits of ``texts`` (one row each, on the CPU), the model evaluated and left in its mode."""
-    device = next(model.parameters()).device
-    batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(device)
+    batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(model.device)
     was_training = model.training
     model.eval()
     try:

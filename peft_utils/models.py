@@ -47,8 +47,7 @@ def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None =
 
 
 def hub_id(name_or_path: str | Path) -> str:
-    """The name a saved adapter records for its base: the hub id for the MiniLM aliases and the folder they resolve
-    to (a path only on this machine); anything else unchanged."""
+    """The name a saved adapter records for its base: MiniLM's hub id for its aliases and its (local) folder."""
     name = str(name_or_path)
     return MINILM_ALIASES[-1] if name in (*MINILM_ALIASES, _minilm_folder()) else name
 
@@ -87,7 +86,7 @@ def configure_padding(tokenizer, model: nn.Module | None = None):
     """Give decoders without a pad token (GPT-2, Llama...) one (EOS, else UNK: a new token would grow the embedding
     matrix), pad on the right, and tell the model: decoder classifiers find each row's last *real* token by its
     ``pad_token_id``, else they classify from a pad position."""
-    if tokenizer.pad_token is None:  # with none of the three, batching says so before training
+    if tokenizer.pad_token is None:  # with none of the three, training refuses to start (no pad token)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     if model is not None:
