@@ -18,7 +18,7 @@ _EXPORTS = {
     "checkpoints": ("export_merged", "load_adapters", "save_adapters", "save_trained"),
     "inference": ("predict", "predict_runs"),
     "models": ("build_model", "load_model", "load_tokenizer", "random_gpt2", "resolve_model_source"),
-    "sizes": ("model_size", "nf4_bits_per_weight", "format_size_report"),
+    "sizes": ("model_size", "nf4_bits_per_weight"),
     "data": ("load_sst2", "subset"),
     "train": ("RunResult", "train"),
     "experiment": ("plan_experiment", "run_plan", "run_comparison", "run_sweep"),

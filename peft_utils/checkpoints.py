@@ -1,13 +1,6 @@
-"""What training produced, on disk in the formats the rest of the field reads: peft adapters and merged checkpoints.
-
-Adapters are written and read in peft's LoRA format (``adapter_config.json`` + ``adapter_model.safetensors``), so
-peft, transformers' ``load_adapter``, vLLM and TGI load ours, and :func:`load_adapters` loads theirs. The layouts
-agree without conversion: peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's ``Conv1D`` too (its
-``fan_in_fan_out`` only says the *base* weight is transposed); the trained head is peft's ``modules_to_save``.
-
-:func:`export_merged` folds the adapters into a plain transformers checkpoint in 16/32-bit (re-quantising a 4-bit
-base would round the update away). A damaged file is a ``ValueError`` naming it.
-"""
+"""What training produced, in the formats the field reads: peft LoRA adapters (written and read) and merged
+checkpoints. peft stores ``lora_A`` (r, in) and ``lora_B`` (out, r) for GPT-2's ``Conv1D`` too (``fan_in_fan_out``
+is about the *base* weight), so the layouts agree; the trained head is peft's ``modules_to_save``."""
 from __future__ import annotations
 
 import copy
@@ -39,40 +32,34 @@ ADAPTER_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(.+?)\.(lora_.+)")  # (layer
 # Our settings (``apply_adapters`` arguments, ``InjectedAdapters`` fields) -> peft LoraConfig keys and their defaults.
 PEFT_SETTINGS = {"rank": ("r", 8), "alpha": ("lora_alpha", 8), "dropout": ("lora_dropout", 0.0),
                  "rslora": ("use_rslora", False)}
-# peft LoraConfig keys whose other values change what the adapter computes, or where, in ways our LoRA/DoRA layers
-# do not implement: refused unless they hold peft's default. Keys not listed here and not read below are ignored,
-# as peft ignores unknown keys (init-time options such as loftq_config, peft_version, inference_mode...).
-UNSUPPORTED_UNLESS_DEFAULT = {
-    "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None,
-    "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None, "trainable_token_indices": None,
-    "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None, "megatron_config": None,
-    "arrow_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None, "kasa_config": None,
+SEQ_CLS = "SEQ_CLS"
+# peft LoraConfig keys and the one value (besides unset) our layers compute: others change what the adapter computes,
+# or where. Other keys are ignored, as peft ignores unknown ones (init-time options, peft_version...).
+ONLY_VALUES = {
+    "task_type": SEQ_CLS, "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+    "layer_replication": None, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
+    "trainable_token_indices": None, "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
+    "megatron_config": None, "arrow_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None,
+    "kasa_config": None,
 }
 # Initialisations that only set A and B (overwritten by the saved values); the others (PiSSA, OLoRA, LoftQ, EVA,
 # CorDA...) also rewrite the base weights, which a saved adapter alone cannot reproduce.
 PLAIN_INITS = (True, False, "gaussian")
-SEQ_CLS = "SEQ_CLS"
 T = TypeVar("T")
-PROBE_TEXTS = ("A gripping, beautifully acted film.", "Dull, predictable and far too long.")
-
-
-def _injected(model: nn.Module) -> InjectedAdapters:
-    injected = getattr(model, "injected_adapters", None)
-    if not isinstance(injected, InjectedAdapters):
-        raise ValueError("model has no adapters: call apply_adapters first")
-    return injected
+PROBE_TEXTS = ("A gripping, beautifully acted film.", "Dull, predictable and far too long.")  # export's check
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only what training changed, under peft's names: adapter tensors and the kept-trainable (head) modules, as
     views of the model's own tensors (saving copies them out, loading copies into them)."""
-    injected = _injected(model)
+    if not isinstance(getattr(model, "injected_adapters", None), InjectedAdapters):
+        raise ValueError("model has no adapters: call apply_adapters first")
     state = {}
     for name, layer in adapter_layers(model):
         for attribute, suffix in ADAPTER_KEYS.items():
             if attribute != "magnitude" or isinstance(layer, DoRALayer):
                 state[f"{PEFT_PREFIX}{name}.{suffix}"] = getattr(layer, attribute).detach()
-    for module_name in injected.modules_to_save:  # state_dict(), like peft's modules_to_save: buffers included
+    for module_name in model.injected_adapters.modules_to_save:  # state_dict(), buffers included, as in peft
         for key, tensor in model.get_submodule(module_name).state_dict().items():
             state[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
     return state
@@ -82,7 +69,9 @@ def peft_adapter_json(model: nn.Module) -> dict:
     """The ``adapter_config.json`` peft writes for the same adapter (keys left out take peft's defaults)."""
     from .models import hub_id
 
-    injected = _injected(model)
+    injected = model.injected_adapters
+    # fan_in_fan_out: Conv1D targets in the plain architecture, which peft loads onto (4-bit GPT-2 has Linear4bit)
+    architecture = dict(meta_skeleton(_plain_config(model.config)).named_modules())
     return {
         "peft_type": "LORA",
         "task_type": SEQ_CLS,
@@ -90,7 +79,7 @@ def peft_adapter_json(model: nn.Module) -> dict:
         **{key: getattr(injected, setting) for setting, (key, _) in PEFT_SETTINGS.items()},
         "use_dora": injected.method == "dora",
         "target_modules": injected.target_patterns or injected.target_modules,
-        "fan_in_fan_out": _stored_transposed(model),
+        "fan_in_fan_out": any(is_conv1d(architecture.get(name)) for name, _ in adapter_layers(model)),
         "modules_to_save": injected.modules_to_save or None,
         "bias": "none",
         "init_lora_weights": True,
@@ -98,20 +87,11 @@ def peft_adapter_json(model: nn.Module) -> dict:
     }
 
 
-def _stored_transposed(model: nn.Module) -> bool:
-    """peft's ``fan_in_fan_out``: whether the architecture's target layers are GPT-2 ``Conv1D`` (weight stored
-    (in, out)). Asked of the plain architecture: a 4-bit GPT-2 holds ``Linear4bit`` layers instead, yet peft loading
-    the adapter onto the full-precision base finds ``Conv1D`` (and peft's 4-bit layers ignore the flag)."""
-    architecture = dict(meta_skeleton(_plain_config(model.config)).named_modules())
-    return any(is_conv1d(architecture.get(name)) for name, _ in adapter_layers(model))
-
-
 def _plain_config(config):
     """A copy of a model's config without its 4-bit quantisation: the plain architecture's."""
     config = copy.deepcopy(config)
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attribute):
-            delattr(config, attribute)
+        vars(config).pop(attribute, None)
     return config
 
 
@@ -142,10 +122,10 @@ def save_trained(model: nn.Module, tokenizer, folder: str | Path, method: str) -
         return save_adapters(model, folder)
     if any(True for _ in adapter_layers(model)):
         raise ValueError("method 'full' but the model has adapters: save it with method set to its adapter method")
-    return _save_checkpoint(model, tokenizer, Path(folder))
+    return save_checkpoint(model, tokenizer, Path(folder))
 
 
-def _save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> int:
+def save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> int:
     """A ``save_pretrained`` checkpoint with its tokenizer; returns the bytes of its config and weights."""
     with loading_bars_off():  # transformers' "Writing model shards" bar, between the project's own lines
         model.save_pretrained(folder)
@@ -154,17 +134,14 @@ def _save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> int:
 
 
 def check_saved(folder: Path, config: str, weights: str) -> dict:
-    """The JSON of ``folder``'s ``config`` file, once it and every safetensors file matching ``weights`` read: a
-    damaged one is a ``ValueError`` naming it (the libraries' own errors do not). A safetensors header, read alone,
-    places every tensor, so reading it finds a truncated file."""
+    """The JSON of ``folder``'s ``config`` file, once it and every safetensors file matching ``weights`` (whose
+    header places every tensor: a cut file fails) read: a damaged one is a ``ValueError`` naming it."""
     from safetensors import SafetensorError, safe_open
 
     try:
         value = json.loads((folder / config).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{folder / config}: not valid JSON ({error}): the file is damaged; save it again") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{folder / config}: expected a JSON object, got a JSON {type(value).__name__}")
     for path in sorted(folder.glob(weights)):
         try:
             with safe_open(str(path), framework="pt") as file:
@@ -177,14 +154,10 @@ def check_saved(folder: Path, config: str, weights: str) -> dict:
 
 def _check_config(config: dict, path: Path) -> None:
     """Refuse, in one line naming ``path``, a peft config whose adapter peft_utils' layers do not compute."""
-    if "peft_type" not in config:
-        raise ValueError(f"{path}: no peft_type: not a peft adapter config")
-    refusals = [f"peft_type={config['peft_type']!r} (only 'LORA')"] if config["peft_type"] != "LORA" else []
-    if config.get("task_type") not in (SEQ_CLS, None):
-        refusals.append(f"task_type={config['task_type']!r} (only {SEQ_CLS!r}: these are sequence classifiers)")
-    for key, default in UNSUPPORTED_UNLESS_DEFAULT.items():
-        if config.get(key) not in (None, default):  # null: not set
-            refusals.append(f"{key}={config[key]!r} (only {default!r})")
+    refusals = [f"peft_type={config.get('peft_type')!r} (only 'LORA')"] if config.get("peft_type") != "LORA" else []
+    for key, value in ONLY_VALUES.items():
+        if config.get(key) not in (None, value):  # null: not set
+            refusals.append(f"{key}={config[key]!r} (only {value!r})")
     if config.get("init_lora_weights", True) not in PLAIN_INITS:
         refusals.append(f"init_lora_weights={config['init_lora_weights']!r} (it rewrites the base weights)")
     targets = config.get("target_modules")
@@ -199,29 +172,9 @@ def _check_config(config: dict, path: Path) -> None:
         raise ValueError(f"{path}: cannot load with peft_utils' LoRA/DoRA layers: {refusals[0]}")
 
 
-def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The checked ``adapter_config.json`` of a peft adapter folder and its tensors, before any model is touched."""
-    from safetensors.torch import load_file
-
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: expected a peft LoRA adapter folder (safetensors weights)")
-    config = check_saved(folder, CONFIG_FILE, WEIGHTS_FILE)
-    _check_config(config, config_path)
-    tensors = load_file(str(weights_path))
-    ours = [s for attribute, s in ADAPTER_KEYS.items() if attribute != "magnitude" or config.get("use_dora", False)]
-    for key in tensors:
-        match = ADAPTER_KEY.fullmatch(key)
-        if match and match[2] not in ours:
-            raise ValueError(f"{weights_path}: tensor {key!r} is for a layer type or option peft_utils does not adapt")
-    return config, tensors
-
-
 def _check_fits(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
-    """Every adapted layer of the model (``expected``: :func:`adapter_state_dict`) has its tensors in the file and
-    every saved tensor a place in the model, in shape: a layer too many or too few is another depth, a shape another
-    width. A kept module the file lacks keeps the model's values, as in peft."""
+    """Every adapted layer of the model (``expected``) has its tensors in the file, and every saved tensor a place of
+    its shape in the model; a kept module the file lacks keeps the model's values, as in peft."""
     missing = next((m for m in map(ADAPTER_KEY.fullmatch, expected) if m and m[0] not in saved), None)
     if missing:
         raise ValueError(f"adapter does not fit this model: layer {missing[1]} matches the targets but the adapter "
@@ -244,14 +197,17 @@ def _remove_adapters(model: nn.Module, requires_grad: dict[str, bool]) -> None:
         setattr(model.get_submodule(parent_name), child_name, layer.base)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(requires_grad[name])
-    if hasattr(model, "injected_adapters"):
-        del model.injected_adapters
+    vars(model).pop("injected_adapters", None)
 
 
 def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Inject the peft LoRA/DoRA adapter saved in ``folder`` (by peft or :func:`save_adapters`) into ``model``: the
-    files are checked first, the tensors against the adapted model, and a failure leaves the model as it was."""
-    config, saved = _read_adapter(Path(folder))
+    """Inject the peft LoRA/DoRA adapter saved in ``folder`` into ``model``, checked first: a failure leaves the model
+    as it was."""
+    from safetensors.torch import load_file
+
+    config = check_saved(Path(folder), CONFIG_FILE, WEIGHTS_FILE)
+    _check_config(config, Path(folder) / CONFIG_FILE)
+    saved = load_file(Path(folder) / WEIGHTS_FILE)
     if any(True for _ in adapter_layers(model)):
         raise ValueError("model already has adapters; load into a fresh model")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -277,13 +233,12 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
 
 @torch.no_grad()
 def _merged_weight(layer: LoRALayer) -> torch.Tensor:
-    """The layer's effective (out, in) weight in float32, merged by the layer's own ``merge`` on a dense float32
-    copy of its base: the model is untouched, and a 4-bit base (which cannot be merged into) merges exactly."""
+    """The layer's effective (out, in) weight in float32, by its own ``merge`` on a dense float32 copy of its base:
+    the model is untouched, and a 4-bit base (which cannot be merged into) merges exactly."""
     if layer.merged:
         return base_weight(layer.base).float()
     original = layer.base
-    in_features, out_features = base_features(original)
-    dense = nn.Linear(in_features, out_features, bias=False, device=layer.lora_A.device)
+    dense = nn.Linear(*base_features(original), bias=False, device=layer.lora_A.device)
     dense.weight.copy_(base_weight(original).float())
     layer.base = dense
     try:
@@ -314,13 +269,12 @@ def _dense_state(model: nn.Module, plain: nn.Module) -> dict[str, torch.Tensor]:
 class MergedExport:
     folder: Path
     bytes: int  # weights + config (tokenizer files not counted)
-    max_logit_diff: float  # merged checkpoint vs the unmerged model, on ``check_texts``
+    max_logit_diff: float  # merged checkpoint vs the unmerged model, on PROBE_TEXTS
 
 
 def class_logits(model: nn.Module, tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """The float32 logits of ``texts`` (one row each, on the CPU), the model evaluated and left in its mode."""
-    device = next(model.parameters()).device
-    batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(device)
+    batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(model.device)
     was_training = model.training
     model.eval()
     try:
@@ -330,17 +284,10 @@ def class_logits(model: nn.Module, tokenizer, texts: Sequence[str]) -> torch.Ten
         model.train(was_training)
 
 
-def export_merged(
-    model: nn.Module, tokenizer, folder: str | Path, dtype: torch.dtype = torch.float32,
-    check_texts: Sequence[str] = PROBE_TEXTS, overwrite: bool = False,
-) -> MergedExport:
-    """Write ``model`` with its adapters folded in as a plain ``save_pretrained`` checkpoint plus its tokenizer,
-    which transformers' ``from_pretrained`` and ``pipeline`` load without peft. A 4-bit base is dequantised and
-    merged in float32, then saved in ``dtype``; the model is left as it was. Returns the folder, the bytes of
-    weights and config, and the largest logit difference to the unmerged model on ``check_texts``.
-
-    A folder that holds files is refused before any work (an adapter left beside the export would be what
-    ``from_pretrained`` loads); ``overwrite=True`` replaces it whole, atomically."""
+def export_merged(model: nn.Module, tokenizer, folder: str | Path, dtype: torch.dtype = torch.float32,
+                  overwrite: bool = False) -> MergedExport:
+    """``model`` with its adapters folded in, a plain checkpoint in ``dtype`` (re-quantising to 4-bit would round the
+    update away); a folder with files (an adapter there is what ``from_pretrained`` loads) only with ``overwrite``."""
     from transformers import AutoModelForSequenceClassification
 
     checked_dtype(dtype, "dtype")
@@ -352,15 +299,14 @@ def export_merged(
                          "or pass overwrite=True to replace it")
     plain = AutoModelForSequenceClassification.from_config(_plain_config(model.config), dtype=dtype)
     plain.load_state_dict(_dense_state(model, plain), strict=True)
-    size = write_atomically(folder, lambda staging: _save_checkpoint(plain, tokenizer, staging))
-    merged, unmerged = (class_logits(m, tokenizer, check_texts) for m in (plain, model))
+    size = write_atomically(folder, lambda staging: save_checkpoint(plain, tokenizer, staging))
+    merged, unmerged = (class_logits(m, tokenizer, PROBE_TEXTS) for m in (plain, model))
     return MergedExport(folder, size, (merged - unmerged).abs().max().item())
 
 
 def write_atomically(folder: Path, write: Callable[[Path], T]) -> T:
-    """``write`` into a new folder beside ``folder`` and return what it returns, once the new folder is swapped in
-    by two renames (Linux cannot rename over a non-empty folder): a reader never sees a half-written or mixed
-    folder, and a failure leaves ``folder``."""
+    """``write`` into a new folder beside ``folder``, then swap it in by two renames (Linux cannot rename over a
+    non-empty folder): a reader never sees a half-written folder, and a failure leaves ``folder``."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging, aside = (folder.parent / f".{folder.name}.{kind}-{uuid.uuid4().hex[:8]}" for kind in ("new", "old"))
     staging.mkdir()
@@ -368,14 +314,8 @@ def write_atomically(folder: Path, write: Callable[[Path], T]) -> T:
         written = write(staging)
         if folder.is_dir() and any(folder.iterdir()):
             os.replace(folder, aside)
-            try:
-                os.replace(staging, folder)
-            except BaseException:
-                os.replace(aside, folder)
-                raise
-            shutil.rmtree(aside)
-        else:
-            os.replace(staging, folder)  # onto a missing or empty folder
+        os.replace(staging, folder)  # onto a missing or empty folder
+        shutil.rmtree(aside, ignore_errors=True)
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

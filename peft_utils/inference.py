@@ -2,31 +2,25 @@
 peft_utils' own layers), so what works here works in any other project."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, check_saved, class_logits
+from .config import PARAMETERS
 from .data import SST2_LABEL_NAMES
 from .models import load_tokenizer, resolve_model_source
 from .quiet import from_pretrained_noting_new_head, loading_bars_off
 
 
 def load_saved(folder: str | Path, base_model: str | Path | None = None, labels: Sequence[str] = SST2_LABEL_NAMES):
-    """``(model, tokenizer)`` from a run's folder, padding configured: a full checkpoint, or a peft adapter on its
-    base model.
-
-    ``base_model``: the adapter's base (default: the one the adapter records). ``labels``: an adapter's class names
-    in order (a peft adapter has no field for them; a checkpoint names its own). A damaged config or weights file is
-    a ``ValueError`` naming it.
-    """
+    """``(model, tokenizer)`` from a run's folder: a full checkpoint, or a peft adapter on ``base_model`` (default:
+    the one it records). ``labels``: an adapter's class names in order (peft has no field for them)."""
     from transformers import AutoModelForSequenceClassification
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: neither a peft adapter ({CONFIG_FILE}) nor a checkpoint (config.json)")
         check_saved(folder, "config.json", "model*.safetensors")
         with loading_bars_off():
             model = AutoModelForSequenceClassification.from_pretrained(folder)
@@ -45,25 +39,10 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None, labels:
     return PeftModel.from_pretrained(base, folder), tokenizer
 
 
-def check_sentences(sentences: Iterable[str]) -> list[str]:
-    """``sentences`` as a list of non-blank strings, else a ``ValueError`` naming the first bad one (an empty string
-    would be scored on the padding token alone)."""
-    items = list(sentences) if isinstance(sentences, Iterable) and not isinstance(sentences, (str, bytes)) else []
-    if not items:
-        raise ValueError(f"sentences must be a non-empty list of strings, got {sentences!r}")
-    for index, sentence in enumerate(items):
-        if not isinstance(sentence, str):
-            raise ValueError(f"sentences[{index}] is not a string: {sentence!r} ({type(sentence).__name__})")
-        if not sentence.strip():
-            raise ValueError(f"sentences[{index}] is an empty string" if not sentence
-                             else f"sentences[{index}] is only whitespace: {sentence!r}")
-    return items
-
-
 def predict(folder: str | Path, sentences: Sequence[str], base_model: str | Path | None = None,
             labels: Sequence[str] = SST2_LABEL_NAMES) -> pd.DataFrame:
     """One row per sentence: the predicted label and the probability of the last label (SST-2: positive)."""
-    sentences = check_sentences(sentences)
+    sentences = list(PARAMETERS["sentences"].check("sentences", sentences))  # the notebook's rule
     probabilities = class_logits(*load_saved(folder, base_model, labels), sentences).softmax(dim=-1)
     if probabilities.shape[-1] != len(labels):
         raise ValueError(f"the model has {probabilities.shape[-1]} labels but labels names {len(labels)}: {list(labels)}")

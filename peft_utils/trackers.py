@@ -1,12 +1,6 @@
-"""Experiment trackers (``report_to``): each run's curves and settings in TensorBoard, MLflow, trackio, W&B...
-
-A dashboard shows runs while they train; the run's JSON-lines record (:mod:`peft_utils.store`) stays the source of
-truth, and a tracker is a view of the same numbers, through accelerate's trackers, on the main process only.
-Trackers that write files write them under ``<results_dir>/runs/`` (TensorBoard: one folder per run id); those with
-a service or store of their own log where their settings say (``WANDB_DIR``...), in a project named
-``peft-lab-<results folder name>``. Tags are ``<event>/<field>``, the record's names (``step/loss``,
-``eval/accuracy``, ``summary/size.disk_bytes``); the ``config`` event becomes the run's hyperparameters.
-"""
+"""Experiment trackers (``report_to``): a view of each run's record (the source of truth) in TensorBoard, MLflow,
+W&B... through accelerate, under the record's names (``step/loss``, ``summary/size.disk_bytes``), logging to
+``<results_dir>/runs/<run id>`` or to a project ``peft-lab-<results folder name>``."""
 from __future__ import annotations
 
 import shutil
@@ -14,36 +8,23 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-RUNS = "runs"  # <results_dir>/runs: where the trackers that write files write them
-NONE = "none"  # report_to="none": no tracker (transformers' TrainingArguments spells it so)
 # The keyword that names the run, for trackers whose first argument is a project (one per results folder).
 _RUN_NAME = {"wandb": "name", "trackio": "name", "mlflow": "run_name", "swanlab": "experiment_name",
              "clearml": "task_name"}
 _LONGEST_SETTING_LIST = 32  # a longer list is data, not a setting (a config event's eval_labels)
 
 
-def known_trackers() -> tuple[str, ...]:
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    return tuple(sorted(LOGGER_TYPE_TO_CLASS))
-
-
-def installed_trackers() -> tuple[str, ...]:
-    from accelerate.tracking import get_available_trackers
-
-    return tuple(sorted(str(tracker) for tracker in get_available_trackers()))
-
-
 def check_report_to(name: str, value: Any) -> tuple[str, ...]:
-    """``None``, ``""`` or ``"none"``: no tracker; else tracker names, each supported by accelerate and installed.
-    Why here: accelerate drops a tracker whose package is missing with a debug message only, so a misspelt one
-    would train a whole comparison with nothing logged."""
+    """``None``, ``""`` or ``"none"``: no tracker; else names of installed trackers (accelerate drops a missing one
+    with a debug message only: a misspelt one would train a whole comparison with nothing logged)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
     items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if items in ([], [None], [""], [NONE]):
+    if items in ([], [None], [""], ["none"]):
         return ()
     if not all(isinstance(item, str) and item for item in items):
         raise ValueError(f"{name} must be tracker names, got {value!r}")
-    known, installed = known_trackers(), installed_trackers()
+    known, installed = sorted(LOGGER_TYPE_TO_CLASS), sorted(map(str, get_available_trackers()))
     wrong = [f"{item!r} is not installed (pip install {item})" if item in known else f"{item!r} is not a tracker"
              for item in items if item not in installed]
     if wrong:
@@ -52,24 +33,22 @@ def check_report_to(name: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def accelerator_arguments(report_to: Any, results_dir: str | Path, run_id: str) -> dict[str, Any]:
-    """``Accelerator``'s ``log_with`` and ``project_dir`` for one run (nothing when ``report_to`` names none).
-    Trackers that write files are named: accelerate opens them under the run id. The others are built here,
-    because the one name ``init_trackers`` passes would be their *project*: one per run, where runs are compared."""
+def accelerator_arguments(report_to: tuple[str, ...], results_dir: str | Path, run_id: str) -> dict[str, Any]:
+    """``Accelerator``'s ``log_with`` and ``project_dir`` for one run. Trackers that write files open under the run
+    id; the others are built here, as ``init_trackers`` would name their *project* after the run."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-    report_to = check_report_to("report_to", report_to)
     if not report_to:
         return {}
     project = f"peft-lab-{Path(results_dir).resolve().name}"
     log_with = [name if LOGGER_TYPE_TO_CLASS[name].requires_logging_directory else
                 LOGGER_TYPE_TO_CLASS[name](project, **({_RUN_NAME[name]: run_id} if name in _RUN_NAME else {}))
                 for name in report_to]
-    return {"log_with": log_with, "project_dir": str(Path(results_dir) / RUNS)}
+    return {"log_with": log_with, "project_dir": str(Path(results_dir) / "runs")}
 
 
 def _flat(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every field, nested mappings flattened (``size.disk_bytes``), as pandas reads them."""
+    """(dotted key, value) of every field, nested mappings flattened (``size.disk_bytes``)."""
     for key, value in record.items():
         if isinstance(value, Mapping):
             yield from _flat(value, f"{prefix}{key}.")
@@ -91,20 +70,16 @@ def hyperparameters(record: Mapping[str, Any]) -> dict[str, bool | int | float |
 
 
 class RunTrackers:
-    """One run's events, sent to the accelerator's trackers with the same ``log(event, **fields)`` as
-    :class:`~peft_utils.store.RunRecorder`, so that the run writes each event once, to both.
-
-    ``config`` starts the trackers (the run's log folder emptied first: a re-run of an incomplete run starts over,
-    as its record does); ``close`` finishes them without ``accelerator.end_training()``, which would also end the
-    process group that the next run of a launch needs."""
+    """One run's events to the accelerator's trackers, with ``RunRecorder``'s ``log``. ``config`` starts them in an
+    emptied log folder (a re-run starts over, as its record does); ``close`` finishes them without
+    ``accelerator.end_training()``, which would also end the next run's process group."""
 
     def __init__(self, accelerator, run_id: str) -> None:
         self.accelerator, self.run_id = accelerator, run_id
 
     def log(self, event: str, **fields: Any) -> None:
         if event == "config":
-            if self.accelerator.logging_dir is not None:
-                shutil.rmtree(Path(self.accelerator.logging_dir) / self.run_id, ignore_errors=True)
+            shutil.rmtree(Path(self.accelerator.logging_dir) / self.run_id, ignore_errors=True)
             self.accelerator.init_trackers(self.run_id, config=hyperparameters(fields))
             return
         step = fields.pop("step") if "step" in fields else fields["steps"]

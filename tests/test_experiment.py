@@ -21,7 +21,7 @@ from peft_utils.experiment import RunSpec, plan_experiment, run_comparison, run_
 from peft_utils.models import build_model
 from peft_utils.core.inject import count_parameters
 from peft_utils.methods import METHOD_NAMES
-from peft_utils.models import model_cache_dir, resolve_model_source
+from peft_utils.models import model_cache_dir
 from peft_utils.sizes import SIZE_KEYS
 from peft_utils.store import IDENTITY_KEYS, RunStore, read_events, setting_id
 
@@ -252,16 +252,6 @@ def test_missing_bitsandbytes_fails_before_training(tmp_path, sst2_dir, monkeypa
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # "not installed"
     with pytest.raises(ImportError, match="4-bit models need bitsandbytes"):
         run_comparison(smoke(tmp_path, sst2_dir, methods=["full", "qlora"]))
-
-
-def test_a_half_written_model_cache_is_rebuilt(sst2_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFT_LAB_CACHE", str(tmp_path))
-    folder = model_cache_dir() / "random-gpt2-tiny"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")  # killed after the first file
-    assert resolve_model_source("random-gpt2-tiny", sst2_dir.parent) == str(folder)
-    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
-    assert not list(folder.parent.glob(".*.new-*"))  # no staging folder left
 
 
 def test_the_model_cache_is_outside_the_results(smoke_results):

@@ -207,12 +207,11 @@ def saved_checkpoint(tmp_path_factory, gpt2_tokenizer_dir):
 
 
 @pytest.mark.parametrize("sentences, message", [
-    (["fine", "good", ""], "sentences[2] is an empty string"),
-    (["fine", "  \t"], "sentences[1] is only whitespace: '  \\t'"),
-    (["fine", 3], "sentences[1] is not a string: 3 (int)"),
-    (["fine", None], "sentences[1] is not a string: None (NoneType)"),
-    ("a sentence", "sentences must be a non-empty list of strings, got 'a sentence'"),
-    ([], "sentences must be a non-empty list of strings, got []"),
+    (["fine", "good", ""], "sentences must be a non-empty string, got ''"),
+    (["fine", "  \t"], "sentences must be a non-empty string, got '  \\t'"),
+    (["fine", 3], "sentences must be a non-empty string, got 3"),
+    (["fine", None], "sentences must be a non-empty string, got None"),
+    ([], "sentences is empty: give at least one value"),
 ])
 def test_predict_names_the_bad_sentence(saved_checkpoint, sentences, message):
     with pytest.raises(ValueError) as error:
@@ -223,6 +222,7 @@ def test_predict_names_the_bad_sentence(saved_checkpoint, sentences, message):
 def test_predict_still_scores_good_sentences(saved_checkpoint):
     table = predict(saved_checkpoint, ("a fine film", "awful"))
     assert table["sentence"].tolist() == ["a fine film", "awful"] and len(table["p_positive"]) == 2
+    assert predict(saved_checkpoint, "a fine film")["sentence"].tolist() == ["a fine film"]  # one, as in the notebook
 
 
 # ------------------------------------------------------------------------------------------- 6. data files
