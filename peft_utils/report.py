@@ -91,7 +91,7 @@ def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.Dat
     names = {run_id: f"{series} s{seed}" if several_seeds else series
              for run_id, series, seed in zip(table["run_id"], run_series(table), table["seed"])}
     out = predictions.rename(columns=names)
-    runs = [names[r] for r in table["run_id"] if r in names]
+    runs = list(names.values())
     out[runs] = (100 * out[runs]).round(1)
     return out.rename(columns={name: f"{name}: P(positive) %" for name in runs})
 
