@@ -296,11 +296,9 @@ class RunStore:
 
     def _asked_last(self, configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """The runs of each series' setting whose newest record is the newest of the series."""
-        newest: dict[tuple[Any, ...], tuple[int, str]] = {}
-        for run_id, config in configs.items():
-            stamp = (self.path(run_id).stat().st_mtime_ns, run_id)
-            newest[series_key(config)] = max(newest.get(series_key(config), stamp), stamp)
-        latest = {key: setting_id(configs[run_id]) for key, (_, run_id) in newest.items()}
+        latest = {}
+        for run_id in sorted(configs, key=lambda run_id: (self.path(run_id).stat().st_mtime_ns, run_id)):
+            latest[series_key(configs[run_id])] = setting_id(configs[run_id])  # the newest last
         return {run_id: c for run_id, c in configs.items() if setting_id(c) == latest[series_key(c)]}
 
     def _refuse_mixed_settings(self, configs: dict[str, dict[str, Any]]) -> None:
@@ -313,14 +311,11 @@ class RunStore:
                                  f"({_differences(configs[first], config)}), not two seeds: select one setting")
 
     def summary(self, run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-        """One row per complete run, the main fields first, in ``run_ids`` order or the default view's."""
+        """One row per complete run, the main fields first, in ``run_ids`` order (:meth:`load` keeps it) or the
+        default view's."""
         runs = self.load(run_ids).runs
-        if runs.empty:
-            return runs
-        if run_ids is not None:
-            runs = runs.set_index("run_id").loc[list(run_ids)].reset_index()
         first = [c for c in SUMMARY_COLUMNS if c in runs.columns]
-        return runs[first + [c for c in runs.columns if c not in first]].reset_index(drop=True)
+        return runs[first + [c for c in runs.columns if c not in first]]
 
 
 def _acquired(lock: FileLock) -> bool:
