@@ -15,8 +15,7 @@ from .store import COMPARISON_GROUP, IDENTITY_KEYS, REPEAT_KEY, RunStore
 from .stats import (macro_f1_by_method, numeric_column, paired_statistics, per_method_summary,
                     reading, run_series, runs_in_group)
 
-# The references of the summary table's paired columns (:func:`~peft_utils.stats.comparison_pairs`) and titles:
-# full fine-tuning, LoRA on the series' own targets, the series' method on the default targets.
+# The summary table's paired columns: against full fine-tuning, LoRA on the same targets, the default targets.
 _REFERENCES = {"full": "vs full fine-tuning", "lora": "vs LoRA", "targets": "vs default targets"}
 
 
@@ -56,15 +55,13 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def comparison_markdown(results_dir: str | Path, run_ids: Sequence[str] | None = None) -> str:
-    """The comparison runs of ``results_dir`` (``run_ids``, else the folder's default view) as the notebook's and
-    README's Markdown table."""
+    """The comparison runs (``run_ids``, else the default view) as the notebook's and README's Markdown table."""
     runs = RunStore(results_dir).load(run_ids).runs
     return summary_markdown(summary_table(runs, paired_statistics(runs).table))
 
 
 def readings_markdown(results_dir: str | Path) -> str:
-    """One Markdown row per paired difference of the comparison runs, with its reading, or a one-line reason when
-    there is no paired test."""
+    """Each paired difference of the comparison runs with its reading as a Markdown row, or why there is none."""
     paired = paired_statistics(RunStore(results_dir).load().runs)
     if paired.table is None or paired.table.empty:
         return f"(no paired test: {paired.reason or 'fewer than two series with a common seed'})"
@@ -160,8 +157,7 @@ _SETTING_NUMBERS = ("n_seeds", "accuracy", "accuracy_sd", "shown")
 
 
 def settings_table(results_dir: str | Path) -> pd.DataFrame:
-    """The settings tried so far in ``results_dir`` (change rank or alpha, re-run into the same folder), ``shown`` on
-    those of the folder's default view."""
+    """The settings tried in ``results_dir`` (rank or alpha changed, re-run), ``shown`` on its default view's."""
     store = RunStore(results_dir)
     return setting_rows(store.load(every_setting=True).runs, store.load().runs.get("run_id", ()))
 
@@ -203,8 +199,7 @@ def settings_text(results_dir: str | Path, markdown: bool = False) -> str:
 
 
 def markdown_table(frame: pd.DataFrame, right: Container[int] = ()) -> str:
-    """``frame`` as a Markdown table (pandas' ``to_markdown`` needs the tabulate package), the columns at positions in
-    ``right`` right-aligned."""
+    """``frame`` as a Markdown table (``to_markdown`` needs tabulate), columns at positions ``right`` right-aligned."""
     rows = [[str(column) for column in frame.columns], *frame.astype(str).values.tolist()]
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     rule = "|" + "".join("---:|" if i in right else "---|" for i in range(len(frame.columns)))

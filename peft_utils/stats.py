@@ -257,8 +257,7 @@ def paired_matrices(correctness: dict[str, dict[int, np.ndarray]], pair: Sequenc
 
 def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int],
                        n_resamples: int = PAIRED_RESAMPLES) -> pd.DataFrame:
-    """One :func:`paired_bootstrap` row per :func:`comparison_pairs` pair of the comparison runs with a common
-    seed."""
+    """One :func:`paired_bootstrap` row per :func:`comparison_pairs` pair of comparison runs with a common seed."""
     correctness = seed_correctness(runs_in_group(runs, COMPARISON_GROUP), labels)
     rows = []
     for method, reference in comparison_pairs(ordered_methods(correctness)):
@@ -329,8 +328,7 @@ def macro_f1_by_method(comparison: pd.DataFrame) -> pd.Series | None:
 
 
 def paired_statistics(runs: pd.DataFrame, labels: np.ndarray | None = None) -> PairedStatistics:
-    """The paired tests of the comparison runs, labels by default from the records, or a one-line reason (printed to
-    stderr) why there are none."""
+    """The paired tests of the comparison runs (labels from the records by default), or why there are none."""
     comparison = runs_in_group(runs, COMPARISON_GROUP)
     if run_series(comparison).nunique() < 2:
         return PairedStatistics(None, None)  # nothing to compare: not a skipped test

@@ -241,8 +241,7 @@ class RunStore:
         return FileLock(self.folder / CLAIMS / f"{run_id}.{identity(planned)}.lock")
 
     def _held_claims(self) -> dict[str, str]:
-        """Run id -> identity of the runs being trained now; a claim no process holds (left by a killed one) does not
-        count."""
+        """Run id -> identity of the runs being trained now (a claim left by a killed process is free)."""
         held = {}
         for path in sorted((self.folder / CLAIMS).glob("*.lock")):
             lock = FileLock(path)
@@ -311,8 +310,7 @@ class RunStore:
                                  f"({_differences(configs[first], config)}), not two seeds: select one setting")
 
     def summary(self, run_ids: Sequence[str] | None = None) -> pd.DataFrame:
-        """One row per complete run, the main fields first, in ``run_ids`` order (:meth:`load` keeps it) or the
-        default view's."""
+        """One row per complete run, the main fields first, in ``run_ids`` order or the default view's."""
         runs = self.load(run_ids).runs
         first = [c for c in SUMMARY_COLUMNS if c in runs.columns]
         return runs[first + [c for c in runs.columns if c not in first]]
