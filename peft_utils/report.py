@@ -94,29 +94,22 @@ def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.Dat
 
 
 def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per compared series: seeds, accuracy and its sd, ``macro_f1`` where the classes call for it, cost, and
-    per reference in ``paired`` ``vs_<ref>`` with ``_low``, ``_high`` and ``_p`` (fractions)."""
+    """One row per compared series: :func:`~peft_utils.stats.per_method_summary`, ``macro_f1`` where the classes
+    call for it, and per reference in ``paired`` ``vs_<ref>`` with ``_low``, ``_high`` and ``_p`` (fractions)."""
     comparison = runs_in_group(runs, COMPARISON_GROUP)
-    keys = run_series(comparison)
-    series = ordered_methods(keys)
-    summary = per_method_summary(comparison, series)
-    if summary.empty:
-        return summary
-    accuracy = numeric_column(comparison, "final_accuracy").groupby(keys)
-    table = pd.DataFrame({"n_seeds": accuracy.count(), "accuracy": accuracy.mean(),
-                          "accuracy_sd": accuracy.std(ddof=1)}).reindex(series)
+    series = ordered_methods(run_series(comparison))
+    table = per_method_summary(comparison, series)
+    if table.empty:
+        return table
     f1 = macro_f1_by_method(comparison)
     if f1 is not None:
         table["macro_f1"] = f1.reindex(series)
-    for column in ("train_time_s", "peak_memory_bytes", "memory_kind", "trainable_params", "disk_bytes", "disk_kind"):
-        table[column] = summary[column]
     if paired is not None:
         kinds = ["full" if reference == "full" else "targets" if reference == series_method(s) else "lora"
                  for s, reference in zip(paired["method"], paired["reference"])]
         for kind, rows in paired.assign(kind=kinds).set_index("method").groupby("kind", sort=False):
             for suffix, column in (("", "difference"), ("_low", "low"), ("_high", "high"), ("_p", "p_value")):
                 table[f"vs_{kind}{suffix}"] = rows[column].reindex(series)
-    table.index.name = "series"
     return table
 
 

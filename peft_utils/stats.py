@@ -101,16 +101,18 @@ def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int) -> n
 
 
 def per_method_summary(runs: pd.DataFrame, series: Sequence[str]) -> pd.DataFrame:
-    """One row per series in ``series``: mean accuracy and times over seeds, the maximum peak memory (the budget to
-    provision), and sizes and counts from the first run."""
+    """One row per series in ``series``: mean accuracy, its sd and times over seeds, the maximum peak memory (the
+    budget to provision), and sizes and counts from the first run."""
     keys, rows = run_series(runs), []
     for name in series:
         group = runs[keys == name]
-        accuracy = accuracy_interval(numeric_column(group, "final_accuracy"), numeric_column(group, "n_eval"))
+        accuracies = numeric_column(group, "final_accuracy")
+        accuracy = accuracy_interval(accuracies, numeric_column(group, "n_eval"))
         disk_kind = optional_column(group, "size.disk_kind").dropna()
         row: dict[str, object] = {
-            "series": name, "n_runs": len(group), "accuracy": accuracy.mean, "acc_low": accuracy.low,
-            "acc_high": accuracy.high, "interval": accuracy.kind,
+            "series": name, "n_runs": len(group), "n_seeds": accuracies.count(), "accuracy": accuracy.mean,
+            "accuracy_sd": accuracies.std(ddof=1), "acc_low": accuracy.low, "acc_high": accuracy.high,
+            "interval": accuracy.kind,
             "train_time_s": numeric_column(group, "train_time_s").mean(),
             "peak_memory_bytes": numeric_column(group, "peak_memory_bytes").max(),
             "memory_kind": "+".join(sorted({str(kind) for kind in optional_column(group, "memory_kind").dropna()})),
