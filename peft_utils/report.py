@@ -12,11 +12,10 @@ from .config import ExperimentConfig
 from .formatting import format_bytes, format_count, format_paired_difference, format_points, format_seconds
 from .methods import ordered_methods, series_label, series_method
 from .store import COMPARISON_GROUP, IDENTITY_KEYS, REPEAT_KEY, RunStore
-from .stats import (MATCH_MARGIN, macro_f1_by_method, numeric_column, paired_statistics, per_method_summary,
+from .stats import (macro_f1_by_method, numeric_column, paired_statistics, per_method_summary,
                     reading, run_series, runs_in_group)
 
-# The references of the summary table's paired columns (:func:`~peft_utils.stats.comparison_pairs`) and titles:
-# full fine-tuning, LoRA on the series' own targets, the series' method on the default targets.
+# The summary table's paired columns: against full fine-tuning, LoRA on the same targets, the default targets.
 _REFERENCES = {"full": "vs full fine-tuning", "lora": "vs LoRA", "targets": "vs default targets"}
 
 
@@ -56,31 +55,28 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def comparison_markdown(results_dir: str | Path, run_ids: Sequence[str] | None = None) -> str:
-    """The comparison runs of ``results_dir`` (``run_ids``, else the folder's default view) as the notebook's and
-    README's Markdown table: :func:`summary_markdown` of :func:`summary_table`."""
+    """The comparison runs (``run_ids``, else the default view) as the notebook's and README's Markdown table."""
     runs = RunStore(results_dir).load(run_ids).runs
     return summary_markdown(summary_table(runs, paired_statistics(runs).table))
 
 
-def readings_markdown(results_dir: str | Path, margin: float = MATCH_MARGIN,
-                      run_ids: Sequence[str] | None = None) -> str:
-    """One Markdown row per paired difference of the comparison runs, with its reading (:func:`_pair_reading`), or
-    a one-line reason when there is no paired test. ``run_ids`` as in :func:`comparison_markdown`."""
-    paired = paired_statistics(RunStore(results_dir).load(run_ids).runs)
+def readings_markdown(results_dir: str | Path) -> str:
+    """Each paired difference of the comparison runs with its reading as a Markdown row, or why there is none."""
+    paired = paired_statistics(RunStore(results_dir).load().runs)
     if paired.table is None or paired.table.empty:
         return f"(no paired test: {paired.reason or 'fewer than two series with a common seed'})"
     rows = [[series_label(row.method), series_label(row.reference),
              format_paired_difference(row.difference, row.low, row.high, row.p_value), row.n_seeds,
-             _pair_reading(row, margin)] for row in paired.table.itertuples()]
+             _pair_reading(row)] for row in paired.table.itertuples()]
     header = ["series", "against", "difference, 95% interval, bootstrap p", "seeds", "reading"]
     return markdown_table(pd.DataFrame(rows, columns=header), right={3})
 
 
-def _pair_reading(row, margin: float) -> str:
+def _pair_reading(row: tuple) -> str:
     """The decision rule against full fine-tuning, the question it was written for; any other pair by its interval
     alone (the rule's "matches" would claim an equivalence it was never fixed for)."""
     if row.reference == "full":
-        return reading(row.difference, row.low, row.high, margin)
+        return reading(row.difference, row.low, row.high)
     if row.low > 0 or row.high < 0:
         return f"no rule: interval {'above' if row.low > 0 else 'below'} 0"
     return "no rule: interval contains 0 (no difference shown)"
@@ -92,36 +88,28 @@ def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.Dat
     names = {run_id: f"{series} s{seed}" if several_seeds else series
              for run_id, series, seed in zip(table["run_id"], run_series(table), table["seed"])}
     out = predictions.rename(columns=names)
-    runs = [names[r] for r in table["run_id"] if r in names]
+    runs = list(names.values())
     out[runs] = (100 * out[runs]).round(1)
     return out.rename(columns={name: f"{name}: P(positive) %" for name in runs})
 
 
 def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per compared series, in the package's order: ``n_seeds``, ``accuracy`` and ``accuracy_sd`` (NaN with
-    one seed), ``macro_f1`` where the classes call for it, cost, and per reference in ``paired`` ``vs_<ref>``,
-    ``vs_<ref>_low``, ``vs_<ref>_high``, ``vs_<ref>_p`` (fractions)."""
+    """One row per compared series: :func:`~peft_utils.stats.per_method_summary`, ``macro_f1`` where the classes
+    call for it, and per reference in ``paired`` ``vs_<ref>`` with ``_low``, ``_high`` and ``_p`` (fractions)."""
     comparison = runs_in_group(runs, COMPARISON_GROUP)
-    keys = run_series(comparison)
-    series = ordered_methods(keys)
-    summary = per_method_summary(comparison, series)
-    if summary.empty:
-        return summary
-    accuracy = numeric_column(comparison, "final_accuracy").groupby(keys)
-    table = pd.DataFrame({"n_seeds": accuracy.count(), "accuracy": accuracy.mean(),
-                          "accuracy_sd": accuracy.std(ddof=1)}).reindex(series)
+    series = ordered_methods(run_series(comparison))
+    table = per_method_summary(comparison, series)
+    if table.empty:
+        return table
     f1 = macro_f1_by_method(comparison)
     if f1 is not None:
         table["macro_f1"] = f1.reindex(series)
-    for column in ("train_time_s", "peak_memory_bytes", "memory_kind", "trainable_params", "disk_bytes", "disk_kind"):
-        table[column] = summary[column]
     if paired is not None:
         kinds = ["full" if reference == "full" else "targets" if reference == series_method(s) else "lora"
                  for s, reference in zip(paired["method"], paired["reference"])]
         for kind, rows in paired.assign(kind=kinds).set_index("method").groupby("kind", sort=False):
             for suffix, column in (("", "difference"), ("_low", "low"), ("_high", "high"), ("_p", "p_value")):
                 table[f"vs_{kind}{suffix}"] = rows[column].reindex(series)
-    table.index.name = "series"
     return table
 
 
@@ -162,16 +150,14 @@ _SETTING_NUMBERS = ("n_seeds", "accuracy", "accuracy_sd", "shown")
 
 
 def settings_table(results_dir: str | Path) -> pd.DataFrame:
-    """The settings tried so far in ``results_dir`` (change rank or alpha, re-run into the same folder), with
-    ``shown`` on those of the folder's default view: :func:`setting_rows`."""
+    """The settings tried in ``results_dir`` (rank or alpha changed, re-run), ``shown`` on its default view's."""
     store = RunStore(results_dir)
     return setting_rows(store.load(every_setting=True).runs, store.load().runs.get("run_id", ()))
 
 
 def setting_rows(runs: pd.DataFrame, shown: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per (series, setting) of the comparison runs: ``series``, ``setting``, ``rank``, ``alpha``, any other
-    setting two settings of a series differ in, ``n_seeds``, ``accuracy``, ``accuracy_sd``, and ``shown`` (its runs
-    are among ``shown``). Series in the package's order, settings in the order of their run ids."""
+    """One row per (series, setting) of the comparison runs: rank, alpha, any other setting two settings of a series
+    differ in, seeds, accuracy and its sd, and ``shown`` (its runs are among ``shown``)."""
     comparison = runs_in_group(runs, COMPARISON_GROUP)
     if comparison.empty:
         return pd.DataFrame(columns=["series", "setting", "rank", "alpha", *_SETTING_NUMBERS])
@@ -191,8 +177,8 @@ def setting_rows(runs: pd.DataFrame, shown: Sequence[str] = ()) -> pd.DataFrame:
 
 
 def settings_text(results_dir: str | Path, markdown: bool = False) -> str:
-    """:func:`format_settings` of ``results_dir``: as Markdown for the notebook, which also says when every series
-    holds one setting; as text for a terminal only when a series holds several, else ``""``."""
+    """The settings of ``results_dir``: as Markdown for the notebook; as text for a terminal only when a series holds
+    several, else ``""``."""
     table = settings_table(results_dir)
     several = table["series"].duplicated().any()
     if not markdown:
@@ -206,8 +192,7 @@ def settings_text(results_dir: str | Path, markdown: bool = False) -> str:
 
 
 def markdown_table(frame: pd.DataFrame, right: Container[int] = ()) -> str:
-    """``frame`` as a Markdown table, cells as they are (pandas' ``to_markdown`` needs the tabulate package), the
-    columns at the positions in ``right`` right-aligned."""
+    """``frame`` as a Markdown table (``to_markdown`` needs tabulate), columns at positions ``right`` right-aligned."""
     rows = [[str(column) for column in frame.columns], *frame.astype(str).values.tolist()]
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     rule = "|" + "".join("---:|" if i in right else "---|" for i in range(len(frame.columns)))

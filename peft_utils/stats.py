@@ -1,11 +1,8 @@
 """Statistics behind the figures and tables: intervals, smoothing, per-series aggregation and paired comparisons.
 
 Kept apart from the drawing because which interval a number gets, and how seeds are pooled, decide what a reader may
-conclude ("is DoRA really better than LoRA?"); tests check it against scipy and hand computations.
-
-Accuracies are fractions; intervals are two-sided, 95% unless said. Runs come in groups (:func:`runs_in_group`:
-comparison, sweep, tune) and within a group are keyed by *series* (:func:`run_series`: a method on a target set), so
-LoRA on the default layers and on every linear layer are two rows and two paired tests, never averaged together.
+conclude. Accuracies are fractions; intervals are two-sided, 95% unless said. Runs are keyed by *series*
+(:func:`run_series`), so LoRA on the default layers and on every linear layer are never averaged together.
 """
 from __future__ import annotations
 
@@ -23,9 +20,7 @@ from .store import COMPARISON_GROUP
 
 PAIRED_RESAMPLES = 10_000  # bootstrap resamples of the paired comparisons: percentiles stable to ~0.1 point
 MATCH_MARGIN = 0.005  # the decision rule's margin, fixed before the all-linear experiment ran: half a point
-# Macro-F1 is reported beside accuracy with more than two classes, or a largest/smallest class ratio above this:
-# there accuracy alone can hide a class the model never predicts.
-IMBALANCE_RATIO = 1.5
+IMBALANCE_RATIO = 1.5  # macro-F1 beside accuracy above this class ratio (or beyond two classes): accuracy hides a class
 _LORA_VARIANTS = ("dora", "qlora", "qdora")
 # Per-series summary columns that do not depend on the seed (taken from the first run): summary key -> run column.
 _SEED_INDEPENDENT_NUMBERS = {"trainable_params": "trainable_params", "disk_bytes": "size.disk_bytes",
@@ -46,25 +41,19 @@ def numeric_column(frame: pd.DataFrame, name: str) -> pd.Series:
 
 
 def runs_in_group(runs: pd.DataFrame, group: str) -> pd.DataFrame:
-    """The runs whose ``group`` is exactly ``group``: tuning runs are scored on held-out train rows, so one mixed
-    into a comparison would mix two evaluation sets."""
+    """The runs whose ``group`` is exactly ``group``: a tuning run in a comparison would mix two evaluation sets."""
     return runs[optional_column(runs, "group").astype(object).eq(group)]
 
 
 def run_series(runs: pd.DataFrame) -> pd.Series:
-    """Each run's series (``"lora"``, ``"lora:all-linear"``) from its ``method`` and ``targets``, so that a table
-    built by hand keys its runs as loaded ones are keyed."""
+    """Each run's series (``"lora"``, ``"lora:all-linear"``) from its ``method`` and ``targets``."""
     pairs = zip(optional_column(runs, "method"), optional_column(runs, "targets"))
     return pd.Series([series_name(method, targets) for method, targets in pairs], index=runs.index, dtype=object)
 
 
 def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion measured on ``n`` examples: unlike ``p ± z·sqrt(p(1-p)/n)`` it stays
-    inside [0, 1] and keeps a width at p = 1, which a good classifier on a small dev set reaches."""
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if not 0.0 <= accuracy <= 1.0:
-        raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+    """Wilson score interval of a proportion on ``n`` examples: unlike ``p ± z·sqrt(p(1-p)/n)`` it stays inside
+    [0, 1] and keeps a width at p = 1, which a good classifier on a small dev set reaches."""
     z2 = z * z
     denominator = 1.0 + z2 / n
     center = (accuracy + z2 / (2 * n)) / denominator
@@ -74,7 +63,7 @@ def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, fl
 
 
 class AccuracyInterval(NamedTuple):
-    """``kind``: ``"t over k seeds"``, ``"Wilson"``, or ``"none"`` when nothing could be computed."""
+    """``kind``: ``"t over k seeds"``, ``"Wilson"`` or ``"none"``."""
 
     mean: float
     low: float
@@ -83,10 +72,8 @@ class AccuracyInterval(NamedTuple):
 
 
 def accuracy_interval(accuracies: pd.Series, n_eval: pd.Series) -> AccuracyInterval:
-    """Mean accuracy over runs and its 95% interval, missing values ignored. Over seeds the Student-t interval
-    (clipped to [0, 1]), which captures run-to-run variance: with 2-5 seeds the sd is itself rough, and the t
-    quantile (12.7 for two seeds) widens the interval by the right amount. For one run the Wilson interval of its
-    dev set."""
+    """Mean accuracy over runs and its 95% interval: over seeds Student's t (clipped to [0, 1]), whose quantile
+    (12.7 for two seeds) widens for the rough sd of few seeds; for one run the Wilson interval of its dev set."""
     accuracies = accuracies.dropna().astype(float)
     if accuracies.empty:
         return AccuracyInterval(math.nan, math.nan, math.nan, "none")
@@ -108,24 +95,24 @@ def ema_span(n_points: int) -> int:
     return int(min(200, max(2, round(n_points / 20))))
 
 
-def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int | None = None) -> np.ndarray:
+def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int) -> np.ndarray:
     """Bias-corrected EMA of a noisy per-step loss (``adjust=True``: the curve starts where the raw one does)."""
-    series = pd.Series(np.asarray(values, dtype=float))
-    span = ema_span(len(series)) if span is None else span
-    return series.ewm(span=span, adjust=True, ignore_na=True).mean().to_numpy()
+    return pd.Series(np.asarray(values, dtype=float)).ewm(span=span, adjust=True, ignore_na=True).mean().to_numpy()
 
 
 def per_method_summary(runs: pd.DataFrame, series: Sequence[str]) -> pd.DataFrame:
-    """One row per series in ``series``, indexed by it: mean accuracy (:func:`accuracy_interval`) and times over
-    seeds, the maximum peak memory (the budget to provision), and sizes and counts from the first run."""
+    """One row per series in ``series``: mean accuracy, its sd and times over seeds, the maximum peak memory (the
+    budget to provision), and sizes and counts from the first run."""
     keys, rows = run_series(runs), []
     for name in series:
         group = runs[keys == name]
-        accuracy = accuracy_interval(numeric_column(group, "final_accuracy"), numeric_column(group, "n_eval"))
+        accuracies = numeric_column(group, "final_accuracy")
+        accuracy = accuracy_interval(accuracies, numeric_column(group, "n_eval"))
         disk_kind = optional_column(group, "size.disk_kind").dropna()
         row: dict[str, object] = {
-            "series": name, "n_runs": len(group), "accuracy": accuracy.mean, "acc_low": accuracy.low,
-            "acc_high": accuracy.high, "interval": accuracy.kind,
+            "series": name, "n_runs": len(group), "n_seeds": accuracies.count(), "accuracy": accuracy.mean,
+            "accuracy_sd": accuracies.std(ddof=1), "acc_low": accuracy.low, "acc_high": accuracy.high,
+            "interval": accuracy.kind,
             "train_time_s": numeric_column(group, "train_time_s").mean(),
             "peak_memory_bytes": numeric_column(group, "peak_memory_bytes").max(),
             "memory_kind": "+".join(sorted({str(kind) for kind in optional_column(group, "memory_kind").dropna()})),
@@ -151,32 +138,26 @@ def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarr
                      n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
     """Accuracy difference A - B over paired seeds, with an interval that resamples **seeds and sentences**.
 
-    ``correct_a`` / ``correct_b``: per dev sentence whether A / B got it right, one ``(n_sentences,)`` vector each
-    or ``(n_seeds, n_sentences)`` matrices whose rows pair up by seed.
-
-    Why both: the difference moves with the sentences scored (another sample of reviews) *and* with the training
-    seed (all-linear LoRA minus full fine-tuning was -0.3, -2.3 and -0.5 points on three seeds). Seeds and sentences
-    are crossed, so each resample draws both with replacement, independently: the pigeonhole bootstrap for crossed
-    designs (Owen, 2007, *Annals of Applied Statistics* 1(2), 386-411), conservative where a factor carries no
-    variance; with one seed, the ordinary paired bootstrap. Deterministic for a ``seed``.
+    ``correct_a`` / ``correct_b``: per dev sentence whether A / B got it right, ``(n_sentences,)`` vectors or
+    ``(n_seeds, n_sentences)`` matrices whose rows pair up by seed. The difference moves with the sentences scored
+    *and* the training seed (all-linear LoRA minus full was -0.3, -2.3 and -0.5 points on three seeds); they are
+    crossed, so each resample draws both: the pigeonhole bootstrap (Owen, 2007, *Ann. Appl. Stat.* 1(2), 386-411).
     """
     return crossed_bootstrap([paired_differences(correct_a, correct_b)], [1.0], n_resamples, seed, confidence)
 
 
 def crossed_bootstrap(differences: Sequence[np.ndarray], weights: Sequence[float], n_resamples: int = 10_000,
                       seed: int = 0, confidence: float = 0.95) -> PairedDifference:
-    """``sum_i weights[i] * mean(differences[i])``, each an ``(n_seeds_i, n_sentences)`` matrix over the same
-    sentences, with :func:`summarise_resamples` of its :func:`crossed_resamples`. Weights 1 and -1 compare two
-    differences, e.g. LoRA - full at 250 rows against the same at 4,000."""
+    """``sum_i weights[i] * mean(differences[i])`` over matrices of the same sentences, and its interval and p:
+    weights 1 and -1 compare two differences, e.g. LoRA - full at 250 rows against the same at 4,000."""
     estimate = sum(weight * float(matrix.mean()) for matrix, weight in zip(differences, weights))
     return summarise_resamples(estimate, crossed_resamples(differences, weights, n_resamples, seed), confidence)
 
 
 def crossed_resamples(differences: Sequence[np.ndarray], weights: Sequence[float], n_resamples: int,
                       seed: int) -> np.ndarray:
-    """Resamples of :func:`crossed_bootstrap`'s estimate: each matrix's seeds resampled on their own (different
-    runs), the sentences once for all. A resample's mean is ``(seed counts) @ D @ (sentence counts) / (k n)``: no
-    index matrix is built, and resamples are drawn in chunks to bound memory."""
+    """Resamples of :func:`crossed_bootstrap`'s estimate: each matrix's seeds on their own (different runs), the
+    sentences once for all, as ``(seed counts) @ D @ (sentence counts) / (k n)`` in chunks to bound memory."""
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a positive whole number, got {n_resamples!r}")
     n_sentences = differences[0].shape[1]
@@ -197,9 +178,8 @@ def crossed_resamples(differences: Sequence[np.ndarray], weights: Sequence[float
 
 
 def summarise_resamples(estimate: float, resamples: np.ndarray, confidence: float = 0.95) -> PairedDifference:
-    """The estimate, the percentile interval of its resamples, and their two-sided p of "0": twice the smaller share
-    of resamples at or beyond 0 on either side, capped at 1, so p < 0.05 exactly when 0 lies outside the 95%
-    interval (a small p is never printed beside an interval that contains 0)."""
+    """The estimate, the percentile interval of its resamples, and their two-sided p of "0" (twice the smaller share
+    at or beyond 0, capped at 1): p < 0.05 exactly when 0 lies outside the 95% interval."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence}")
     low, high = np.quantile(resamples, [(1 - confidence) / 2, (1 + confidence) / 2])
@@ -233,12 +213,8 @@ def _correctness_matrix(values: object, name: str) -> np.ndarray:
 
 
 def comparison_pairs(series: Sequence[str]) -> list[tuple[str, str]]:
-    """The ``(series, reference)`` pairs worth testing among ``series``, both present, in the order given.
-
-    Every series against full fine-tuning ("what does PEFT cost?"); DoRA, QLoRA and QDoRA against LoRA on the same
-    targets (on other layers the targets would change too); a method on non-default targets against itself on the
-    default ones ("what do the targets change?").
-    """
+    """The ``(series, reference)`` pairs worth testing among ``series``: every series against full fine-tuning, the
+    LoRA variants against LoRA on the same targets, a method on other targets against it on the default ones."""
     present = list(dict.fromkeys(series))
     pairs = [(s, "full") for s in present if s != "full"]
     pairs += [(s, series_on("lora", s)) for s in present if series_method(s) in _LORA_VARIANTS]
@@ -247,11 +223,8 @@ def comparison_pairs(series: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> dict[str, dict[int, np.ndarray]]:
-    """``{series: {seed: per-sentence correctness}}`` of runs that record ``dev_predictions``, against ``labels``.
-
-    Each run's correctness must reproduce its recorded ``final_accuracy``: that proves the labels are those of the
-    rows it was scored on. A one-line ``ValueError`` names the first run that fails.
-    """
+    """``{series: {seed: per-sentence correctness}}`` of the runs' ``dev_predictions`` against ``labels``, each
+    checked to reproduce its recorded ``final_accuracy`` (the proof that the labels are those it was scored on)."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or labels.dtype.kind not in "iu" or (labels < 0).any():
         raise ValueError(f"labels must be a non-empty vector of class ids (0, 1, ...), got shape {labels.shape}")
@@ -276,36 +249,31 @@ def seed_correctness(runs: pd.DataFrame, labels: np.ndarray | Sequence[int]) -> 
 
 
 def paired_matrices(correctness: dict[str, dict[int, np.ndarray]], pair: Sequence[str]) -> list[np.ndarray]:
-    """The :func:`seed_correctness` of each series of ``pair`` as a ``(n_seeds, n_sentences)`` matrix over the seeds
-    they all have: a seed fixes a run's data order, so runs of one seed are the matched pair, and a seed one series
-    lacks would change its mean for a reason other than the method. Empty when a series or a common seed is missing."""
+    """The :func:`seed_correctness` of each series of ``pair`` as a matrix over the seeds they all have (a seed fixes
+    the data order, so runs of one seed are the matched pair); empty when there is none."""
     if not set(pair) <= set(correctness):
         return []
     seeds = sorted(set.intersection(*(set(correctness[series]) for series in pair)))
     return [np.stack([correctness[series][s] for s in seeds]) for series in pair] if seeds else []
 
 
-def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int], n_resamples: int = PAIRED_RESAMPLES,
-                       seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
-    """One row per :func:`comparison_pairs` pair of the comparison runs with a common seed (:func:`paired_matrices`):
-    ``method``, ``reference``, ``difference``, ``low``, ``high``, ``p_value`` (:func:`paired_bootstrap`; fractions),
-    ``n_seeds``, ``n_sentences``."""
+def paired_comparisons(runs: pd.DataFrame, labels: np.ndarray | Sequence[int],
+                       n_resamples: int = PAIRED_RESAMPLES) -> pd.DataFrame:
+    """One :func:`paired_bootstrap` row per :func:`comparison_pairs` pair of comparison runs with a common seed."""
     correctness = seed_correctness(runs_in_group(runs, COMPARISON_GROUP), labels)
     rows = []
     for method, reference in comparison_pairs(ordered_methods(correctness)):
         matrices = paired_matrices(correctness, (method, reference))
         if matrices:
-            result = paired_bootstrap(*matrices, n_resamples, seed, confidence)
+            result = paired_bootstrap(*matrices, n_resamples)
             rows.append({"method": method, "reference": reference, **result._asdict(),
                          "n_seeds": matrices[0].shape[0], "n_sentences": matrices[0].shape[1]})
     return pd.DataFrame(rows, columns=["method", "reference", *PairedDifference._fields, "n_seeds", "n_sentences"])
 
 
 def reading(difference: float, low: float, high: float, margin: float = MATCH_MARGIN) -> str:
-    """A paired difference (series minus reference) read by the rule written down before the all-linear experiment:
-    ``"matches"`` when the mean is at least ``-margin`` and the interval contains 0, ``"falls short"`` when the
-    interval lies below 0, else ``"undecided"`` with the reason (a wide interval around a mean a point below is not
-    a match)."""
+    """A paired difference (series minus reference) read by the rule written down before the all-linear experiment
+    (a wide interval around a mean a point below is not a match)."""
     if high < 0:
         return "falls short"
     if low > 0:
@@ -323,8 +291,7 @@ class PairedStatistics(NamedTuple):
 
 
 def recorded_labels(comparison: pd.DataFrame) -> np.ndarray:
-    """The gold labels the comparison runs were scored on, from their records (``eval_labels``): one list shared by
-    every run, else an error."""
+    """The gold labels the comparison runs were scored on (``eval_labels``), one list shared by every run."""
     if comparison.empty:
         raise ValueError("no comparison run to take labels from")
     values = list(optional_column(comparison, "eval_labels"))
@@ -350,8 +317,7 @@ def needs_macro_f1(labels: np.ndarray | Sequence[int]) -> bool:
 
 
 def macro_f1_by_method(comparison: pd.DataFrame) -> pd.Series | None:
-    """Each series' mean macro-F1 over seeds where the labels call for it and every run records its predictions and
-    labels; else ``None``."""
+    """Each series' mean macro-F1 where the labels call for it and every run records them; else ``None``."""
     try:
         labels = recorded_labels(comparison)
     except ValueError:
@@ -364,8 +330,7 @@ def macro_f1_by_method(comparison: pd.DataFrame) -> pd.Series | None:
 
 
 def paired_statistics(runs: pd.DataFrame, labels: np.ndarray | None = None) -> PairedStatistics:
-    """The paired tests of the comparison runs, labels by default from the records, or a one-line reason (printed to
-    stderr) why there are none: no predictions or labels, or labels that do not reproduce recorded accuracies."""
+    """The paired tests of the comparison runs (labels from the records by default), or why there are none."""
     comparison = runs_in_group(runs, COMPARISON_GROUP)
     if run_series(comparison).nunique() < 2:
         return PairedStatistics(None, None)  # nothing to compare: not a skipped test

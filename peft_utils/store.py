@@ -1,5 +1,5 @@
 """The run store: one JSON-lines file per run, flushed per event so that a crash loses at most the step in flight;
-a run is *complete* once its ``summary`` event is written. Events, in order (more fields are allowed and kept):
+a run is *complete* once its ``summary`` event is written. Events, in order (more fields are kept):
 
 - ``config``: run_id, group ("comparison" | "sweep" | "tune"), method, model, rank, alpha, seed, lr, every data and
   training setting, the resolved device, hardware and dtypes, batch sizes, parameter counts, on a GPU the memory
@@ -9,8 +9,8 @@ a run is *complete* once its ``summary`` event is written. Events, in order (mor
 - ``summary``: times, throughput, peak memory, final_accuracy, final_eval_loss, n_eval, steps, dev_predictions,
   dev_probabilities, and (except tuning runs) ``saved_to`` and the ``size`` report
 
-Runs of one *series* differ only in their seed; runs that differ in more are other *settings* (:func:`setting_id`),
-kept apart when loaded (:meth:`RunStore.load`). Processes may share a folder: each trains the runs it claims.
+Runs of one *series* differ only in their seed; other *settings* (:func:`setting_id`) are kept apart when loaded.
+Processes may share a folder: each trains the runs it claims.
 """
 from __future__ import annotations
 
@@ -58,8 +58,6 @@ class RunRecorder(contextlib.AbstractContextManager):
         self._file = open(self.path, "w", encoding="utf-8")  # an incomplete earlier run starts over
 
     def log(self, event: str, **fields: Any) -> None:
-        if event not in EVENTS:
-            raise ValueError(f"unknown event {event!r}; expected one of {EVENTS}")
         self._file.write(json.dumps(jsonable({"event": event, **fields})) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -86,9 +84,8 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
 
 @dataclass
 class Results:
-    """``runs``: one row per complete run (config, flattened ``size.*`` and summary fields, ``series`` and
-    ``setting``); ``steps`` and ``evals``: one row per event, with its run's ``run_id``, ``method``, ``series`` and
-    ``group``."""
+    """``runs``: one row per complete run (config, flattened ``size.*`` and summary fields, ``series``, ``setting``);
+    ``steps`` and ``evals``: one row per event, with its run's ``run_id``, ``method``, ``series`` and ``group``."""
 
     runs: pd.DataFrame
     steps: pd.DataFrame
@@ -121,51 +118,40 @@ def series_key(record: dict[str, Any]) -> tuple[Any, ...]:
     return (record.get("group"), series)
 
 
-def _describe(key: tuple[Any, ...]) -> str:
-    if key[0] == SWEEP_GROUP:
-        return f"sweep run ({key[1]}, rank {key[2]}, alpha {key[3]})"
-    if key[0] == TUNE_GROUP:
-        return f"tuning run ({key[1]}, lr {key[2]})"
-    return f"{key[1]!r} run"
-
-
-def _identity(record: dict[str, Any], keys: Sequence[str]) -> str:
-    """The run's group, method and ``keys`` values as one canonical text: numbers as floats (alpha 16 and 16.0 are
-    one setting), a key the record lacks as null."""
+def _digest(record: dict[str, Any], keys: Sequence[str]) -> str:
+    """SHA-1 of the run's group, method and ``keys`` values as one canonical text: numbers as floats (alpha 16 and
+    16.0 are one setting), a key the record lacks as null."""
     values = jsonable([record.get("group"), record.get("method"), *(record.get(key) for key in keys)])
-    return json.dumps([float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in values])
+    text = json.dumps([float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in values])
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def identity(record: dict[str, Any]) -> str:
-    """What a run is: a planned run is found by it under any file name, and trains only if no complete run has it."""
-    return _identity(record, IDENTITY_KEYS)
+    """What a run is: a planned run is found by it under any file name, trains only if no complete run has it, and
+    names the claim of the process training it."""
+    return _digest(record, IDENTITY_KEYS)
 
 
 def setting_id(record: dict[str, Any]) -> str:
-    """8 hex digits of the SHA-1 of the run's identity without its seed: what the seeds of one series share, and
-    what a run's file name ends with when another setting holds its readable name."""
-    without_seed = [key for key in IDENTITY_KEYS if key != REPEAT_KEY]
-    return hashlib.sha1(_identity(record, without_seed).encode()).hexdigest()[:8]
+    """8 hex digits of the run's identity without its seed: what the seeds of one series share, and what a run's file
+    name ends with when another setting holds its readable name."""
+    return _digest(record, [key for key in IDENTITY_KEYS if key != REPEAT_KEY])[:8]
 
 
 def _differences(one: dict[str, Any], other: dict[str, Any]) -> str:
     """The identity keys, the seed aside, in which two runs differ: ``"alpha 8.0 vs 16.0, rank 4 vs 8"``."""
-    keys = [k for k in IDENTITY_KEYS if k != REPEAT_KEY and _identity(one, [k]) != _identity(other, [k])]
+    keys = [k for k in IDENTITY_KEYS if k != REPEAT_KEY and _digest(one, [k]) != _digest(other, [k])]
     return ", ".join(f"{k} {one.get(k)!r} vs {other.get(k)!r}" for k in keys)
 
 
-# Sharing a folder: its lock, held while a process picks its next run, and one lock per run in the claims folder,
-# held while it trains, beside the run's planned settings. OS locks die with their process: no claim outlives it.
+# Sharing a folder: its lock, held while a process picks its next run, and while a run trains a lock in the claims
+# folder named ``<run id>.<identity>.lock``. OS locks die with their process: no claim outlives it.
 FOLDER_LOCK = ".lock"
 CLAIMS = ".claims"
 
 
 class RunInProgress(Exception):
-    """Another process holds the claim of ``run_id`` and is training it now."""
-
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"{run_id} is being trained by another process")
-        self.run_id = run_id
+    """Another process holds the claim of the run (the file's run id) and is training it now."""
 
 
 @dataclass
@@ -173,11 +159,9 @@ class Claim(contextlib.AbstractContextManager):
     """This process's right to train the run in file ``run_id`` until :meth:`release`."""
 
     lock: FileLock
-    settings: Path  # the run's planned settings, read by other processes while the claim is held
     run_id: str
 
     def release(self) -> None:
-        self.settings.unlink(missing_ok=True)
         self.lock.release()
 
     def __exit__(self, *exc: object) -> None:
@@ -240,81 +224,55 @@ class RunStore:
     def _read_index(self) -> tuple[dict[str, str], dict[str, str]]:
         """(identity of each complete run -> run id; run id -> identity of the run complete or being trained in that
         file). Claims are read first, so a run that finishes in between is seen as one or the other."""
-        claimed = {config["run_id"]: identity(config) for config in self._claimed_configs()}
+        claimed = self._held_claims()
         finished = {run_id: identity(_config(events)) for run_id, events in self._complete_runs().items()}
         found = {known: run_id for run_id, known in reversed(finished.items())}  # the first file of each identity
         return found, {**finished, **claimed}
 
     def find(self, planned: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, bool]]:
         """For each planned run (its readable id, its settings as its ``config`` event will record them): (its file's
-        run id, whether a run with its :func:`identity` is complete), the folder read once.
-
-        Not found, a run takes its readable id unless another setting's run holds that file, else the id and its
-        :func:`setting_id`: a changed setting trains beside the old runs, never over them. A learning rate still to
-        tune (``None``) gives (the readable id, ``False``).
-        """
+        run id, whether a run with its :func:`identity` is complete). Not found, a run takes its readable id unless
+        another setting's run holds that file, else the id and its :func:`setting_id`: a changed setting trains beside
+        the old runs, never over them. A learning rate still to tune (``None``) gives (the readable id, ``False``)."""
         index = self._read_index()
         return [(name, False) if record.get("lr") is None else _place(name, record, *index) for name, record in planned]
 
-    def _run_lock(self, run_id: str) -> FileLock:
-        return FileLock(self.folder / CLAIMS / f"{run_id}.lock")
+    def _claim_lock(self, run_id: str, planned: dict[str, Any]) -> FileLock:
+        return FileLock(self.folder / CLAIMS / f"{run_id}.{identity(planned)}.lock")
 
-    def _take_claim_lock(self, run_id: str) -> FileLock | None:
-        """``run_id``'s claim lock, acquired, or ``None`` when a process (this one included) holds it."""
-        lock = self._run_lock(run_id)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return None
-        return lock
-
-    def _claimed_configs(self) -> list[dict[str, Any]]:
-        """The planned settings of the runs being trained now (held claims), each with its ``run_id``."""
-        claims = []
-        for path in sorted((self.folder / CLAIMS).glob("*.json")):
-            lock = self._take_claim_lock(path.stem)
-            if lock is not None:  # a claim no process holds, e.g. left by a killed one, does not count
+    def _held_claims(self) -> dict[str, str]:
+        """Run id -> identity of the runs being trained now (a claim left by a killed process is free)."""
+        held = {}
+        for path in sorted((self.folder / CLAIMS).glob("*.lock")):
+            lock = FileLock(path)
+            if _acquired(lock):
                 lock.release()
-                continue
-            with contextlib.suppress(FileNotFoundError):  # released since the glob
-                claims.append({**json.loads(path.read_text(encoding="utf-8")), "run_id": path.stem})
-        return claims
+            else:
+                run_id, _, known = path.stem.rpartition(".")
+                held[run_id] = known
+        return held
 
     def claim(self, name: str, planned: dict[str, Any], wait: bool = False) -> Claim | None:
         """The right to train the planned run of readable id ``name`` (file :attr:`Claim.run_id`), or ``None`` when a
-        run with its identity is complete.
-
-        Decided under the folder's lock on the folder as it is then (another process may have taken ``name`` since
-        the plan). A run another process is training raises :class:`RunInProgress`, or with ``wait`` is waited for
-        (and claimed if that process died before finishing).
-        """
-        planned = jsonable(planned)
+        run with its identity is complete. Decided under the folder's lock on the folder as it is then; a run another
+        process is training raises :class:`RunInProgress`, or with ``wait`` is waited for (and claimed if that
+        process died before finishing)."""
         (self.folder / CLAIMS).mkdir(parents=True, exist_ok=True)
         while True:
-            try:
-                with FileLock(self.folder / FOLDER_LOCK):
-                    return self._claim_now(name, planned)
-            except RunInProgress as busy:
-                if not wait:
-                    raise
-                with self._run_lock(busy.run_id):  # blocks until the other process releases (or dies)
-                    pass
-
-    def _claim_now(self, name: str, planned: dict[str, Any]) -> Claim | None:
-        run_id, complete = _place(name, planned, *self._read_index())
-        if complete:
-            return None
-        lock = self._take_claim_lock(run_id)
-        if lock is None:
-            raise RunInProgress(run_id)
-        if self.is_complete(run_id):  # finished, with this identity, by the process training it when read
-            lock.release()
-            return None
-        settings = self.folder / CLAIMS / f"{run_id}.json"
-        temporary = settings.with_name(f".{settings.name}.{os.getpid()}.tmp")  # renamed: read whole or not at all
-        temporary.write_text(json.dumps({**planned, "run_id": run_id, "pid": os.getpid()}), encoding="utf-8")
-        os.replace(temporary, settings)
-        return Claim(lock, settings, run_id)
+            with FileLock(self.folder / FOLDER_LOCK):
+                run_id, complete = _place(name, planned, *self._read_index())
+                if complete:
+                    return None
+                lock = self._claim_lock(run_id, planned)
+                if _acquired(lock):
+                    if not self.is_complete(run_id):  # else finished by the process training it when read
+                        return Claim(lock, run_id)
+                    lock.release()
+                    return None
+            if not wait:
+                raise RunInProgress(run_id)
+            with lock:  # blocks until the other process releases (or dies)
+                pass
 
     def load(self, run_ids: Sequence[str] | None = None, every_setting: bool = False) -> Results:
         """The folder's complete runs, one setting per series (else a rank-4 run would be averaged with rank-8 seeds):
@@ -337,11 +295,9 @@ class RunStore:
 
     def _asked_last(self, configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """The runs of each series' setting whose newest record is the newest of the series."""
-        newest: dict[tuple[Any, ...], tuple[int, str]] = {}
-        for run_id, config in configs.items():
-            stamp = (self.path(run_id).stat().st_mtime_ns, run_id)
-            newest[series_key(config)] = max(newest.get(series_key(config), stamp), stamp)
-        latest = {key: setting_id(configs[run_id]) for key, (_, run_id) in newest.items()}
+        latest = {}
+        for run_id in sorted(configs, key=lambda run_id: (self.path(run_id).stat().st_mtime_ns, run_id)):
+            latest[series_key(configs[run_id])] = setting_id(configs[run_id])  # the newest last
         return {run_id: c for run_id, c in configs.items() if setting_id(c) == latest[series_key(c)]}
 
     def _refuse_mixed_settings(self, configs: dict[str, dict[str, Any]]) -> None:
@@ -350,18 +306,23 @@ class RunStore:
         for run_id, config in configs.items():
             first = first_of.setdefault(series_key(config), run_id)
             if setting_id(configs[first]) != setting_id(config):
-                raise ValueError(f"{first} and {run_id} are two settings of one {_describe(series_key(config))} "
+                raise ValueError(f"{first} and {run_id} are two settings of one {series_key(config)[1]!r} run "
                                  f"({_differences(configs[first], config)}), not two seeds: select one setting")
 
     def summary(self, run_ids: Sequence[str] | None = None) -> pd.DataFrame:
         """One row per complete run, the main fields first, in ``run_ids`` order or the default view's."""
         runs = self.load(run_ids).runs
-        if runs.empty:
-            return runs
-        if run_ids is not None:
-            runs = runs.set_index("run_id").loc[list(run_ids)].reset_index()
         first = [c for c in SUMMARY_COLUMNS if c in runs.columns]
-        return runs[first + [c for c in runs.columns if c not in first]].reset_index(drop=True)
+        return runs[first + [c for c in runs.columns if c not in first]]
+
+
+def _acquired(lock: FileLock) -> bool:
+    """Whether ``lock`` was free and is now held; ``False`` when a process (this one included) holds it."""
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return True
 
 
 def _config(events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -369,8 +330,7 @@ def _config(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _place(name: str, planned: dict[str, Any], found: dict[str, str], held: dict[str, str]) -> tuple[str, bool]:
-    """Where the planned run of readable id ``name`` is (:meth:`RunStore.find`), in a folder read by
-    :meth:`RunStore._read_index`."""
+    """Where the planned run of readable id ``name`` is (:meth:`RunStore.find`) in the folder's index."""
     known = identity(planned)
     if known in found:
         return found[known], True
