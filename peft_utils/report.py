@@ -83,14 +83,16 @@ def _pair_reading(row: tuple) -> str:
 
 
 def format_predictions(predictions: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """``inference.predict_runs`` output with runs named by series (and seed when there are several), in %."""
+    """``inference.predict_runs`` output with runs named by series (and seed when there are several): a two-class
+    run's probability of its last class in % (``P(positive) %``), a K-class run's predicted class as it is."""
     several_seeds = table["seed"].nunique() > 1
-    names = {run_id: f"{series} s{seed}" if several_seeds else series
-             for run_id, series, seed in zip(table["run_id"], run_series(table), table["seed"])}
-    out = predictions.rename(columns=names)
-    runs = list(names.values())
-    out[runs] = (100 * out[runs]).round(1)
-    return out.rename(columns={name: f"{name}: P(positive) %" for name in runs})
+    out = predictions.copy()
+    for run_id, series, seed, labels in zip(table["run_id"], run_series(table), table["seed"], table["labels"]):
+        name = f"{series} s{seed}" if several_seeds else series
+        if run_id in out and len(labels) == 2:
+            out[run_id], name = (100 * out[run_id]).round(1), f"{name}: P({labels[-1]}) %"
+        out = out.rename(columns={run_id: name})
+    return out
 
 
 def summary_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:

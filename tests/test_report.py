@@ -99,3 +99,11 @@ def test_readme_tables_are_the_committed_records(results_name: str, page: str) -
     regenerated."""
     table = report.comparison_markdown(REPO_ROOT / "results" / results_name)
     assert table in (REPO_ROOT / page).read_text(encoding="utf-8")
+
+
+def test_predictions_show_a_two_class_probability_in_percent_and_a_k_class_prediction_as_named() -> None:
+    table = pd.DataFrame({"run_id": ["a", "b"], "method": ["lora", "full"], "targets": [None, None],
+                          "seed": [0, 0], "labels": [["negative", "positive"], ["sports", "world", "tech"]]})
+    predictions = pd.DataFrame({"sentence": ["x"], "a": [0.876], "b": ["world"]})
+    shown = report.format_predictions(predictions, table)
+    assert shown.to_dict("list") == {"sentence": ["x"], "lora: P(positive) %": [87.6], "full": ["world"]}
