@@ -148,6 +148,7 @@ def _differences(one: dict[str, Any], other: dict[str, Any]) -> str:
 # folder named ``<run id>.<identity>.lock``. OS locks die with their process: no claim outlives it.
 FOLDER_LOCK = ".lock"
 CLAIMS = ".claims"
+GLANCE_S = 0.5
 
 
 class RunInProgress(Exception):
@@ -317,9 +318,11 @@ class RunStore:
 
 
 def _acquired(lock: FileLock) -> bool:
-    """Whether ``lock`` was free and is now held; ``False`` when a process (this one included) holds it."""
+    """Whether ``lock`` was free and is now held; ``False`` when a process (this one included) holds it. It waits
+    :data:`GLANCE_S`: another process looking at the claims holds a free lock for an instant, a training run for
+    the whole run."""
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=GLANCE_S)
     except Timeout:
         return False
     return True

@@ -18,7 +18,7 @@ import pytest
 from filelock import FileLock
 
 from peft_utils import models
-from peft_utils.store import RunInProgress, RunStore, read_events, setting_id
+from peft_utils.store import RunInProgress, RunStore, identity, read_events, setting_id
 
 # The smoke comparison and its rank x alpha grid, small: 9 runs of 4 steps each.
 ARGS = ["--profile", "smoke", "--train-size", "32", "--eval-size", "16", "--max-length", "24"]
@@ -105,6 +105,16 @@ def test_a_killed_process_leaves_no_claim(tmp_path):
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
     with RunStore(tmp_path).claim("comparison-lora-s0", {"group": "comparison", "method": "lora"}) as claim:
+        assert claim is not None
+
+
+def test_a_glance_at_a_free_claim_does_not_make_its_run_look_busy(tmp_path):
+    """Reading the folder tests each claim by taking its lock for an instant; a claim made then still succeeds."""
+    planned = {"group": "comparison", "method": "lora"}
+    glance = FileLock(tmp_path / ".claims" / f"comparison-lora-s0.{identity(planned)}.lock", thread_local=False)
+    glance.acquire()
+    threading.Timer(0.05, glance.release).start()
+    with RunStore(tmp_path).claim("comparison-lora-s0", planned) as claim:
         assert claim is not None
 
 
