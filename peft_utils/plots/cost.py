@@ -145,8 +145,10 @@ def plot_pareto(results: Results, out_dir: str | Path) -> Path | None:
     for ax, lines in zip(axes, titles):  # padded to one height, so the titles' first lines align
         ax.set_title("\n".join(lines + [""] * (max(map(len, titles)) - len(lines))), fontsize=10, loc="left")
     zoom_accuracy_axis(axes[0], runs, table)
-    frontier = Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)  # under the series of the time panel
-    figure_legend(fig, [*axes[0].get_legend_handles_labels()[0], *accuracy_legend(table), frontier])
+    # Each series once, from whichever panel drew it (a cost some series did not record leaves them out of its panel).
+    entries = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    frontier = Line2D([], [], label="Pareto frontier", **_FRONTIER_STYLE)
+    figure_legend(fig, [*entries.values(), *accuracy_legend(table), frontier])
     notes = ["Dashed staircase: the Pareto frontier through the methods' means, the methods (named above each panel) "
              "no other method beats on both accuracy and that cost; it ignores the intervals, so where they overlap "
              "the order is not established (accuracy.png's paired tests say which differences are).", *notes]
