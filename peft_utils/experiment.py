@@ -234,10 +234,10 @@ def _positions(model_config) -> tuple[str, int | None]:
 def run_plan(plan: Plan) -> pd.DataFrame:
     """Train every run of ``plan`` not already complete, stage by stage (tuning, comparison, grid); one summary row
     per run. Runs are claimed before they train (:meth:`~peft_utils.store.RunStore.claim`), so processes on one
-    experiment share them: a run another process is training is passed over and waited for at the end of its stage
-    (the tuning runs' rates are what the later stages train with). With ``workers`` (``sweep_workers`` for the
-    grid) > 1, that many processes on this device share each stage so; under ``accelerate launch`` the main
-    process claims and the others follow."""
+    experiment share them: a run another process is training is passed over, then waited for at the end of its
+    stage (the later stages train with the tuning runs' rates). With ``workers`` (``sweep_workers`` for the grid)
+    > 1, that many processes on this device share each stage so; under ``accelerate launch`` the main process
+    claims and the others follow."""
     todo = [run for run in plan.runs if not run.complete]
     if todo:
         _say(f"to train: {len(todo)} of the plan's {len(plan.runs)} runs, {sum(planned_steps(plan, r) for r in todo):,} "
