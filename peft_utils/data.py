@@ -74,7 +74,7 @@ def subset(frame: pd.DataFrame, size: int | None, seed: int, balanced: bool = Fa
     if size is not None and size <= 0:
         raise ValueError(f"subset size must be positive or None, got {size}")
     if balanced or stratified:
-        positions = _class_positions(frame["label"].to_numpy(), seed, lambda c: rows_per_class(c, size, stratified))
+        positions = _per_class_positions(frame, size, seed, stratified)
     elif size is None or size >= len(frame):
         positions = np.arange(len(frame))
     else:
@@ -86,8 +86,7 @@ def hold_out(frame: pd.DataFrame, size: int, seed: int,
              stratified: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(held_out, rest)``: a balanced (or ``stratified``) seeded sample of ``size`` rows and every other row.
     Tuning scores on rows it did not train on (else it would favour memorising), and leaves dev to the results."""
-    return _split_off(frame, _class_positions(frame["label"].to_numpy(), seed,
-                                              lambda counts: rows_per_class(counts, size, stratified)))
+    return _split_off(frame, _per_class_positions(frame, size, seed, stratified))
 
 
 def _split_off(frame: pd.DataFrame, positions: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -129,6 +128,11 @@ def rows_per_class(counts: np.ndarray, size: int | None, stratified: bool = Fals
     while taken.sum() > size:  # the "one of each" rows overshot: take back from the classes most above their share
         taken[np.argmax(np.where(taken > 1, taken - share, -np.inf))] -= 1
     return taken
+
+
+def _per_class_positions(frame: pd.DataFrame, size: int | None, seed: int, stratified: bool) -> np.ndarray:
+    """Positions of a seeded subset of ``frame`` taking :func:`rows_per_class` rows of each class."""
+    return _class_positions(frame["label"].to_numpy(), seed, lambda counts: rows_per_class(counts, size, stratified))
 
 
 def _class_positions(labels: np.ndarray, seed: int, taken: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -287,7 +291,7 @@ def _label_ids(frames: tuple[pd.DataFrame, pd.DataFrame], names: Sequence[str] |
                          "classifier needs two or more classes")
     out = []
     for frame, split in zip(frames, ("train", "validation")):
-        ids = pd.Categorical(frame["label"], categories=values).codes  # -1: not one of the values
+        ids = pd.Index(values).get_indexer(frame["label"])  # -1: not one of the values
         if (ids < 0).any():
             raise ValueError(f"dataset {dataset}: {split} label {frame['label'][ids < 0].tolist()[0]!r} is not one "
                              f"of the labels ({', '.join(map(str, values))})")

@@ -47,9 +47,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
     """The autocast dtype of ``precision`` on ``device``, the same for every method (QLoRA's 4-bit compute too).
-    ``"auto"``: bfloat16 on a GPU of compute capability >= 8.0 (``torch.cuda.is_bf16_supported()`` also says yes
-    where it is slowly emulated), float16 with loss scaling on older GPUs, float32 on a CPU (the committed CPU
-    records). Refused: bf16 on a GPU without native bfloat16, fp16 on a CPU."""
+    ``"auto"``: bfloat16 (no loss scaling) on a GPU of compute capability >= 8.0 (``torch.cuda.is_bf16_supported()``
+    also says yes where it is slowly emulated), float16 with loss scaling on older GPUs, float32 on a CPU (the
+    committed CPU records; ask for ``"bf16"`` where the CPU has avx512_bf16 or amx_bf16: native, so fast). Refused:
+    bf16 on a GPU without native bfloat16; fp16 on a CPU, where accelerate neither autocasts nor scales losses in it."""
     device = torch.device(device)
     if precision == "auto":
         if device.type != "cuda":
@@ -114,9 +115,9 @@ def make_accelerator(device: str = "auto", precision: str = "auto", **trackers: 
 
 
 def _start_afresh_for_other_settings(device: torch.device, mixed_precision: str) -> None:
-    """accelerate keeps one device and mixed precision per process (it refuses another precision, or the CPU after
-    a GPU); a kernel or test session that changes either starts its state afresh. ``_reset_state`` is private:
-    ``tests/test_precision.py`` fails loudly if it changes."""
+    """accelerate keeps one device and mixed precision per process: it refuses another precision, or the CPU after
+    a GPU, and silently keeps the first device. A kernel or test session that changes either starts its state
+    afresh. ``_reset_state`` is private: ``tests/test_precision.py`` fails loudly if it changes."""
     from accelerate.state import AcceleratorState, PartialState
 
     ran_on = PartialState._shared_state.get("device")

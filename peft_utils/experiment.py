@@ -44,8 +44,8 @@ from .workers import worker_label, workers_beside
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One planned run: ``adapter`` is ``None`` for full fine-tuning, ``lr`` a tuning run's grid point (else the
-    configured or tuned rate)."""
+    """One planned run: ``adapter`` is ``None`` for full fine-tuning, ``lr`` a tuning run's grid point (``None`` for
+    the others: their rate, configured or tuned, is in the run's record)."""
 
     group: str
     method: str
@@ -234,7 +234,10 @@ def _positions(model_config) -> tuple[str, int | None]:
 def run_plan(plan: Plan) -> pd.DataFrame:
     """Train every run of ``plan`` not already complete, stage by stage (tuning, comparison, grid); one summary row
     per run. Runs are claimed before they train (:meth:`~peft_utils.store.RunStore.claim`), so processes on one
-    experiment share them; under ``accelerate launch`` the main process claims and the others follow."""
+    experiment share them: a run another process is training is passed over, then waited for at the end of its
+    stage (the later stages train with the tuning runs' rates). With ``workers`` (``sweep_workers`` for the grid)
+    > 1, that many processes on this device share each stage so; under ``accelerate launch`` the main process
+    claims and the others follow."""
     todo = [run for run in plan.runs if not run.complete]
     if todo:
         _say(f"to train: {len(todo)} of the plan's {len(plan.runs)} runs, {sum(planned_steps(plan, r) for r in todo):,} "
@@ -400,14 +403,18 @@ def _train_and_record(plan: Plan, run: PlannedRun, label: str, steps_after: int)
 
 def run_comparison(config: ExperimentConfig) -> pd.DataFrame:
     """Train the configuration's methods for every seed (resuming), one summary row per comparison run."""
-    table = run_plan(plan_experiment(config, comparison=True, sweep=False))
-    return table[table["group"] == COMPARISON_GROUP].reset_index(drop=True)
+    return _run_group(config, COMPARISON_GROUP)
 
 
 def run_sweep(config: ExperimentConfig) -> pd.DataFrame:
     """Train LoRA over the configuration's rank x alpha/rank grid (group ``"sweep"``), one summary row per run."""
-    table = run_plan(plan_experiment(config, comparison=False, sweep=True))
-    return table[table["group"] == SWEEP_GROUP].reset_index(drop=True)
+    return _run_group(config, SWEEP_GROUP)
+
+
+def _run_group(config: ExperimentConfig, group: str) -> pd.DataFrame:
+    """Train the plan of ``group`` alone (and the tuning it needs); the summary rows of ``group``'s runs."""
+    table = run_plan(plan_experiment(config, comparison=group == COMPARISON_GROUP, sweep=group == SWEEP_GROUP))
+    return table[table["group"] == group].reset_index(drop=True)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

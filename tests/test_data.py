@@ -87,6 +87,7 @@ def test_recorded_source_is_one_absolute_path_from_any_spelling(tmp_path, monkey
     ],
     ids=["missing-label-column", "label-2", "three-fields", "missing-label", "empty-file", "header-only"],
 )
+@pytest.mark.filterwarnings("error")  # the one-line error comes alone: no warning (pandas' or ours) before it
 def test_malformed_tsv_is_one_line_naming_file_and_problem(tmp_path, content, detail):
     write_split_files(tmp_path / "sst2", content)
     with pytest.raises(ValueError) as error:
