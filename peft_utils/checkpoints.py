@@ -142,6 +142,8 @@ def check_saved(folder: Path, config: str, weights: str) -> dict:
         value = json.loads((folder / config).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{folder / config}: not valid JSON ({error}): the file is damaged; save it again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{folder / config}: expected a JSON object, got a JSON {type(value).__name__}")
     for path in sorted(folder.glob(weights)):
         try:
             with safe_open(str(path), framework="pt") as file:
@@ -205,9 +207,13 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     as it was."""
     from safetensors.torch import load_file
 
-    config = check_saved(Path(folder), CONFIG_FILE, WEIGHTS_FILE)
-    _check_config(config, Path(folder) / CONFIG_FILE)
-    saved = load_file(Path(folder) / WEIGHTS_FILE)
+    folder = Path(folder)
+    for path in (folder / CONFIG_FILE, folder / WEIGHTS_FILE):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: expected a peft LoRA adapter folder (safetensors weights)")
+    config = check_saved(folder, CONFIG_FILE, WEIGHTS_FILE)
+    _check_config(config, folder / CONFIG_FILE)
+    saved = load_file(folder / WEIGHTS_FILE)
     if any(True for _ in adapter_layers(model)):
         raise ValueError("model already has adapters; load into a fresh model")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -314,7 +320,12 @@ def write_atomically(folder: Path, write: Callable[[Path], T]) -> T:
         written = write(staging)
         if folder.is_dir() and any(folder.iterdir()):
             os.replace(folder, aside)
-        os.replace(staging, folder)  # onto a missing or empty folder
+        try:
+            os.replace(staging, folder)  # onto a missing or empty folder
+        except BaseException:
+            if aside.is_dir():
+                os.replace(aside, folder)  # the old folder back
+            raise
         shutil.rmtree(aside, ignore_errors=True)
         return written
     finally:

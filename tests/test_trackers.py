@@ -154,3 +154,31 @@ def test_project_trackers_get_one_project_per_results_folder_and_the_run_id_as_r
 
 def _fail(*args, **kwargs):
     raise AssertionError("a run was trained although it should not have been")
+
+
+def test_a_tracker_that_writes_no_files_needs_no_project_dir():
+    """An accelerator made by the user with a service tracker (W&B...) and no ``project_dir`` has no logging
+    folder: the run logs to the tracker, with no folder to empty first."""
+    from accelerate.tracking import GeneralTracker
+
+    class Service(GeneralTracker):
+        name, requires_logging_directory, tracker = "service", False, None
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.logged: list[tuple] = []
+
+        def store_init_configuration(self, values: dict) -> None:
+            self.logged.append(("config", values))
+
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+            self.logged.append((step, values))
+
+    service = Service()
+    accelerator = make_accelerator("cpu", "fp32", log_with=[service])
+    assert accelerator.logging_dir is None
+    run = trackers.RunTrackers(accelerator, "run-1")
+    run.log("config", lr=0.1)
+    run.log("step", step=1, loss=0.5)
+    run.close()
+    assert service.logged == [("config", {"lr": 0.1}), (1, {"step/loss": 0.5})]
