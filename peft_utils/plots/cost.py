@@ -79,6 +79,8 @@ def _set_cost_axis(ax, cost: Cost, values: np.ndarray, memory_kind: str, from_ze
     ax.xaxis.set_minor_locator(NullLocator())
     if cost.column != "train_time_s":
         ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
+        if not log:  # a narrow linear range gets few ticks: "1.35 GB" labels are wide
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
         return
     unit, name = (3600, "h") if high >= 7200 else (60, "min") if high >= 120 else (1, "s")
     ticks = MaxNLocator(nbins=5, steps=[1, 2, 5, 10]).tick_values(low / unit, high / unit) * unit
