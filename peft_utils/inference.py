@@ -41,14 +41,22 @@ def load_saved(folder: str | Path, base_model: str | Path | None = None, labels:
     return PeftModel.from_pretrained(base, folder), tokenizer
 
 
+def checked_sentences(sentences: str | Iterable[str]) -> list[str]:
+    """``sentences`` as a list (a string is one; a Series, array or generator several), each checked by the
+    notebook's rule for ``sentences`` under its index, so the error names the bad one."""
+    one = isinstance(sentences, (str, bytes)) or not isinstance(sentences, Iterable)
+    items = [sentences] if one else list(sentences)
+    check = PARAMETERS["sentences"].check
+    if not items:
+        return list(check("sentences", items))  # its "is empty" error
+    return [check(f"sentences[{i}]", [item])[0] for i, item in enumerate(items)]
+
+
 def predict(folder: str | Path, sentences: str | Iterable[str], base_model: str | Path | None = None,
             labels: Sequence[str] = SST2_LABEL_NAMES) -> pd.DataFrame:
     """One row per sentence (a string is one; a list, Series, array or generator several): the predicted label and
     the probability of the last label (SST-2: positive)."""
-    one = isinstance(sentences, (str, bytes)) or not isinstance(sentences, Iterable)
-    items = [sentences] if one else list(sentences)  # a Series, an array, a generator...
-    check = PARAMETERS["sentences"].check  # the notebook's rule, per item to name the bad one; none: "is empty"
-    sentences = [check(f"sentences[{i}]", [item])[0] for i, item in enumerate(items)] or check("sentences", items)
+    sentences = checked_sentences(sentences)
     probabilities = class_logits(*load_saved(folder, base_model, labels), sentences).softmax(dim=-1)
     if probabilities.shape[-1] != len(labels):
         raise ValueError(f"the model has {probabilities.shape[-1]} labels but labels names {len(labels)}: {list(labels)}")
@@ -59,15 +67,15 @@ def predict(folder: str | Path, sentences: str | Iterable[str], base_model: str 
     })
 
 
-def predict_runs(results_dir: str | Path, run_ids: Sequence[str], sentences: Sequence[str]) -> pd.DataFrame:
+def predict_runs(results_dir: str | Path, run_ids: Sequence[str], sentences: str | Iterable[str]) -> pd.DataFrame:
     """Each sentence under each run's saved result, one column per run: the probability of the last class with two
     classes (SST-2: positive), the predicted class's name with more."""
     from .store import RunStore
 
-    store = RunStore(results_dir)
+    store, sentences = RunStore(results_dir), checked_sentences(sentences)  # read once: a generator serves every run
     columns = {}
     for rid in run_ids:
         labels = store.events(rid)[0]["labels"]
         table = predict(store.saved_dir(rid), sentences, labels=labels)
         columns[rid] = table.iloc[:, -1 if len(labels) == 2 else 1].to_numpy()
-    return pd.DataFrame({"sentence": list(sentences), **columns})
+    return pd.DataFrame({"sentence": sentences, **columns})

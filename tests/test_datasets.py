@@ -58,6 +58,10 @@ def test_a_three_class_csv_trains_names_its_labels_and_reports_macro_f1(tmp_path
     # the LoRA adapter loads in peft on a base given the recorded names, and predicts one of them
     predicted = predict_runs(results, list(runs["run_id"]), ["a great lovely fine film", "awful dull boring"])
     assert set(predicted.iloc[:, 1:].to_numpy().ravel()) <= set(WORDS) and predicted.shape == (2, 3)
+    sentences = (s for s in ["a great lovely fine film", "awful dull boring"])  # read once, for every run
+    assert predict_runs(results, list(runs["run_id"]), sentences).equals(predicted)
+    shown = report.format_predictions(predicted, runs)  # K classes: each run's predicted class, as named
+    assert set(shown.iloc[:, 1:].to_numpy().ravel()) <= set(WORDS)
 
 
 def test_sentence_pairs_from_json_lines_with_a_carved_validation_split(tmp_path, capsys):
