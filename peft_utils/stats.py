@@ -135,7 +135,7 @@ class PairedDifference(NamedTuple):
 
 
 def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarray | Sequence[bool],
-                     n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
+                     n_resamples: int = PAIRED_RESAMPLES, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
     """Accuracy difference A - B over paired seeds, with an interval that resamples **seeds and sentences**.
 
     ``correct_a`` / ``correct_b``: per dev sentence whether A / B got it right, ``(n_sentences,)`` vectors or
@@ -146,8 +146,8 @@ def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarr
     return crossed_bootstrap([paired_differences(correct_a, correct_b)], [1.0], n_resamples, seed, confidence)
 
 
-def crossed_bootstrap(differences: Sequence[np.ndarray], weights: Sequence[float], n_resamples: int = 10_000,
-                      seed: int = 0, confidence: float = 0.95) -> PairedDifference:
+def crossed_bootstrap(differences: Sequence[np.ndarray], weights: Sequence[float],
+                      n_resamples: int = PAIRED_RESAMPLES, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
     """``sum_i weights[i] * mean(differences[i])`` over matrices of the same sentences, and its interval and p:
     weights 1 and -1 compare two differences, e.g. LoRA - full at 250 rows against the same at 4,000."""
     estimate = sum(weight * float(matrix.mean()) for matrix, weight in zip(differences, weights))
