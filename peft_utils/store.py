@@ -213,8 +213,6 @@ class RunStore:
 
     def _complete_runs(self) -> dict[str, list[dict[str, Any]]]:
         """The events of every complete run (a ``config`` and a ``summary`` event), by run id."""
-        if not self.folder.is_dir():
-            return {}
         runs = {}
         for path in sorted(self.folder.glob("*.jsonl")):
             events = read_events(path)
@@ -354,8 +352,7 @@ def _results(runs: dict[str, list[dict[str, Any]]]) -> Results:
                      **by_kind["summary"][0]})
         steps += [{**keys, **e} for e in by_kind["step"]]
         evals += [{**keys, **e} for e in by_kind["eval"]]
-    runs_frame = pd.json_normalize(rows) if rows else pd.DataFrame()
-    return Results(runs=runs_frame, steps=pd.DataFrame(steps), evals=pd.DataFrame(evals))
+    return Results(runs=pd.json_normalize(rows), steps=pd.DataFrame(steps), evals=pd.DataFrame(evals))
 
 
 SUMMARY_COLUMNS = ("run_id", "group", "method", "rank", "alpha", "seed", "final_accuracy", "final_eval_loss",
