@@ -14,7 +14,7 @@ import pandas as pd
 
 from .formatting import format_p_value, format_points
 from .report import markdown_table
-from .stats import (PAIRED_RESAMPLES, PairedDifference, crossed_bootstrap, paired_differences, paired_matrices,
+from .stats import (PairedDifference, crossed_bootstrap, paired_differences, paired_matrices,
                     recorded_labels, run_series, runs_in_group, seed_correctness)
 from .store import COMPARISON_GROUP, Results, RunStore
 
@@ -51,15 +51,15 @@ def size_result(results: Results) -> SizeResult | None:
     matrices = paired_matrices(seed_correctness(comparison, recorded_labels(comparison)), (LORA, FULL))
     if not matrices:
         return None
-    accuracy = {series: crossed_bootstrap([m], [1.0], PAIRED_RESAMPLES) for series, m in zip((LORA, FULL), matrices)}
+    accuracy = {series: crossed_bootstrap([m], [1.0]) for series, m in zip((LORA, FULL), matrices)}
     differences = paired_differences(*matrices)
     return SizeResult(int(comparison["train_size"].iloc[0]), len(matrices[0]), int(comparison["epochs"].iloc[0]),
-                      accuracy, crossed_bootstrap([differences], [1.0], PAIRED_RESAMPLES), differences)
+                      accuracy, crossed_bootstrap([differences], [1.0]), differences)
 
 
 def shrinking(small: SizeResult, large: SizeResult) -> PairedDifference:
     """Δ(small) - Δ(large): each size's seeds resampled on their own, the shared dev sentences once."""
-    return crossed_bootstrap([small.differences, large.differences], [1.0, -1.0], PAIRED_RESAMPLES)
+    return crossed_bootstrap([small.differences, large.differences], [1.0, -1.0])
 
 
 def rule_reading(sizes: Sequence[SizeResult]) -> str:
@@ -98,7 +98,7 @@ def overfitting_reading(losses: pd.DataFrame) -> tuple[str, PairedDifference]:
     keeps falling, and its climb less LoRA's, paired by seed, lies wholly above 0 (seeds resampled)."""
     paired = climbs(losses).pivot(index="seed", columns="series").dropna()
     difference = (paired["climb"][FULL] - paired["climb"][LORA]).to_numpy()
-    result = crossed_bootstrap([difference[:, np.newaxis]], [1.0], PAIRED_RESAMPLES)
+    result = crossed_bootstrap([difference[:, np.newaxis]], [1.0])
     keeps_falling = paired["train_falls"][FULL].astype(float).mean() > 0.5
     if paired["climb"][FULL].mean() >= CLIMB and keeps_falling and result.low > 0:
         return "full fine-tuning overfits more than LoRA", result

@@ -11,7 +11,7 @@ import pandas as pd
 from .config import ExperimentConfig
 from .formatting import format_bytes, format_count, format_paired_difference, format_points, format_seconds
 from .methods import ordered_methods, series_label, series_method
-from .store import COMPARISON_GROUP, IDENTITY_KEYS, REPEAT_KEY, RunStore
+from .store import COMPARISON_GROUP, SETTING_KEYS, RunStore
 from .stats import (macro_f1_by_method, numeric_column, paired_statistics, per_method_summary,
                     reading, run_series, runs_in_group)
 
@@ -167,7 +167,7 @@ def setting_rows(runs: pd.DataFrame, shown: Sequence[str] = ()) -> pd.DataFrame:
                                    alpha=numeric_column(comparison, "alpha"),
                                    accuracy=numeric_column(comparison, "final_accuracy"))
     by_series = comparison.groupby("series")
-    differ = [key for key in IDENTITY_KEYS if key not in (REPEAT_KEY, "rank", "alpha") and key in comparison
+    differ = [key for key in SETTING_KEYS if key not in ("rank", "alpha") and key in comparison
               and (by_series[key].agg(lambda values: values.map(_setting_text).nunique()) > 1).any()]
     keys = ["series", "setting"]
     table = comparison.groupby(keys, sort=False)["accuracy"].agg(n_seeds="count", accuracy="mean", accuracy_sd="std")

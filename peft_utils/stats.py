@@ -30,9 +30,7 @@ _BOOTSTRAP_CHUNK_ENTRIES = 1 << 22  # bounds one chunk of bootstrap counts (resa
 
 def optional_column(frame: pd.DataFrame, name: str) -> pd.Series:
     """Column ``name`` of ``frame``, or an all-NaN column when the records never logged that field."""
-    if name in frame.columns:
-        return frame[name]
-    return pd.Series(np.nan, index=frame.index, dtype=float)
+    return frame.get(name, pd.Series(np.nan, index=frame.index, dtype=float))
 
 
 def numeric_column(frame: pd.DataFrame, name: str) -> pd.Series:
@@ -92,7 +90,7 @@ def accuracy_interval(accuracies: pd.Series, n_eval: pd.Series) -> AccuracyInter
 
 def ema_span(n_points: int) -> int:
     """~5% of the points, within [2, 200]: short and long runs are smoothed comparably."""
-    return int(min(200, max(2, round(n_points / 20))))
+    return min(200, max(2, round(n_points / 20)))
 
 
 def ema_smooth(values: Sequence[float] | np.ndarray | pd.Series, span: int) -> np.ndarray:
@@ -135,7 +133,7 @@ class PairedDifference(NamedTuple):
 
 
 def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarray | Sequence[bool],
-                     n_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
+                     n_resamples: int = PAIRED_RESAMPLES, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
     """Accuracy difference A - B over paired seeds, with an interval that resamples **seeds and sentences**.
 
     ``correct_a`` / ``correct_b``: per dev sentence whether A / B got it right, ``(n_sentences,)`` vectors or
@@ -146,8 +144,8 @@ def paired_bootstrap(correct_a: np.ndarray | Sequence[bool], correct_b: np.ndarr
     return crossed_bootstrap([paired_differences(correct_a, correct_b)], [1.0], n_resamples, seed, confidence)
 
 
-def crossed_bootstrap(differences: Sequence[np.ndarray], weights: Sequence[float], n_resamples: int = 10_000,
-                      seed: int = 0, confidence: float = 0.95) -> PairedDifference:
+def crossed_bootstrap(differences: Sequence[np.ndarray], weights: Sequence[float],
+                      n_resamples: int = PAIRED_RESAMPLES, seed: int = 0, confidence: float = 0.95) -> PairedDifference:
     """``sum_i weights[i] * mean(differences[i])`` over matrices of the same sentences, and its interval and p:
     weights 1 and -1 compare two differences, e.g. LoRA - full at 250 rows against the same at 4,000."""
     estimate = sum(weight * float(matrix.mean()) for matrix, weight in zip(differences, weights))
@@ -190,12 +188,10 @@ def summarise_resamples(estimate: float, resamples: np.ndarray, confidence: floa
 def paired_differences(correct_a: object, correct_b: object) -> np.ndarray:
     """A's correctness minus B's as a ``(n_seeds, n_sentences)`` matrix, or a one-line error when they do not pair."""
     matrix_a, matrix_b = _correctness_matrix(correct_a, "correct_a"), _correctness_matrix(correct_b, "correct_b")
-    if matrix_a.shape[1] != matrix_b.shape[1]:
-        raise ValueError(f"correct_a and correct_b must cover the same sentences: {matrix_a.shape[1]} vs "
-                         f"{matrix_b.shape[1]} sentences")
-    if matrix_a.shape[0] != matrix_b.shape[0]:
-        raise ValueError(f"correct_a and correct_b must pair up by seed: {matrix_a.shape[0]} vs "
-                         f"{matrix_b.shape[0]} seeds")
+    for axis, rule, unit in ((1, "cover the same sentences", "sentences"), (0, "pair up by seed", "seeds")):
+        if matrix_a.shape[axis] != matrix_b.shape[axis]:
+            raise ValueError(f"correct_a and correct_b must {rule}: {matrix_a.shape[axis]} vs "
+                             f"{matrix_b.shape[axis]} {unit}")
     return matrix_a - matrix_b
 
 

@@ -94,14 +94,14 @@ class Results:
 
 # What identifies a run beside its group and method: the data by a fingerprint of its rows (not where they were
 # read from), every training setting, the device and precision as what they resolve to (the compute dtype), and
-# ``rslora`` (sweep runs only). The seed is what repeats of one series may differ in.
+# ``rslora`` (sweep runs only). The seed is what repeats of one series may differ in: the setting leaves it out.
 IDENTITY_KEYS = (
     ("model", "rank", "alpha", "dropout", "targets", "modules_to_save", "train_size", "eval_size", "data_fingerprint",
      "lr", "seed")
     + tuple(f.name for f in fields(TrainConfig) if f.name not in ("device", "precision", "compile", "workers"))
     + ("compute_dtype", "rslora")
 )
-REPEAT_KEY = "seed"
+SETTING_KEYS = tuple(key for key in IDENTITY_KEYS if key != "seed")
 # Run groups as the records name them.
 COMPARISON_GROUP = "comparison"
 SWEEP_GROUP = "sweep"
@@ -135,12 +135,12 @@ def identity(record: dict[str, Any]) -> str:
 def setting_id(record: dict[str, Any]) -> str:
     """8 hex digits of the run's identity without its seed: what the seeds of one series share, and what a run's file
     name ends with when another setting holds its readable name."""
-    return _digest(record, [key for key in IDENTITY_KEYS if key != REPEAT_KEY])[:8]
+    return _digest(record, SETTING_KEYS)[:8]
 
 
 def _differences(one: dict[str, Any], other: dict[str, Any]) -> str:
     """The identity keys, the seed aside, in which two runs differ: ``"alpha 8.0 vs 16.0, rank 4 vs 8"``."""
-    keys = [k for k in IDENTITY_KEYS if k != REPEAT_KEY and _digest(one, [k]) != _digest(other, [k])]
+    keys = [k for k in SETTING_KEYS if _digest(one, [k]) != _digest(other, [k])]
     return ", ".join(f"{k} {one.get(k)!r} vs {other.get(k)!r}" for k in keys)
 
 
@@ -213,8 +213,6 @@ class RunStore:
 
     def _complete_runs(self) -> dict[str, list[dict[str, Any]]]:
         """The events of every complete run (a ``config`` and a ``summary`` event), by run id."""
-        if not self.folder.is_dir():
-            return {}
         runs = {}
         for path in sorted(self.folder.glob("*.jsonl")):
             events = read_events(path)
@@ -354,8 +352,7 @@ def _results(runs: dict[str, list[dict[str, Any]]]) -> Results:
                      **by_kind["summary"][0]})
         steps += [{**keys, **e} for e in by_kind["step"]]
         evals += [{**keys, **e} for e in by_kind["eval"]]
-    runs_frame = pd.json_normalize(rows) if rows else pd.DataFrame()
-    return Results(runs=runs_frame, steps=pd.DataFrame(steps), evals=pd.DataFrame(evals))
+    return Results(runs=pd.json_normalize(rows), steps=pd.DataFrame(steps), evals=pd.DataFrame(evals))
 
 
 SUMMARY_COLUMNS = ("run_id", "group", "method", "rank", "alpha", "seed", "final_accuracy", "final_eval_loss",
