@@ -368,10 +368,9 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in _parameters(ExperimentCon
 def check_parameter_names(names: Iterable[str], known: Collection[str] = PARAMETERS) -> None:
     """Refuse every name not in ``known``, suggesting the closest: papermill makes a misspelt name one more unused
     variable, and the profile's value would train instead."""
-    unknown = [name for name in dict.fromkeys(names) if name not in known]
-    if not unknown:
+    close = {name: difflib.get_close_matches(name, known, n=1) for name in dict.fromkeys(names) if name not in known}
+    if not close:
         return
-    close = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
     listed = ", ".join(f"{n!r} (did you mean {c[0]!r}?)" if c else repr(n) for n, c in close.items())
     raise ValueError(f"unknown parameter(s) {listed}" + ("" if all(close.values()) else f"; known: {', '.join(known)}"))
 
