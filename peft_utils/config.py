@@ -116,9 +116,8 @@ def _target_sets(name: str, value: Any) -> tuple[str | tuple[str, ...] | None, .
     module names could mean either, so it is refused."""
     from .core.targets import MODEL_PRESETS
 
-    if not isinstance(value, (list, tuple)) or not value:
-        return (_targets(name, value),)
-    is_set = [item is None or item in MODEL_PRESETS or isinstance(item, (list, tuple)) for item in value]
+    is_set = ([item is None or item in MODEL_PRESETS or isinstance(item, (list, tuple)) for item in value]
+              if isinstance(value, (list, tuple)) else [])
     if not any(is_set):
         return (_targets(name, value),)
     if not all(is_set):
