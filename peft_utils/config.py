@@ -116,9 +116,8 @@ def _target_sets(name: str, value: Any) -> tuple[str | tuple[str, ...] | None, .
     module names could mean either, so it is refused."""
     from .core.targets import MODEL_PRESETS
 
-    if not isinstance(value, (list, tuple)) or not value:
-        return (_targets(name, value),)
-    is_set = [item is None or item in MODEL_PRESETS or isinstance(item, (list, tuple)) for item in value]
+    is_set = ([item is None or item in MODEL_PRESETS or isinstance(item, (list, tuple)) for item in value]
+              if isinstance(value, (list, tuple)) else [])
     if not any(is_set):
         return (_targets(name, value),)
     if not all(is_set):
@@ -368,10 +367,9 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in _parameters(ExperimentCon
 def check_parameter_names(names: Iterable[str], known: Collection[str] = PARAMETERS) -> None:
     """Refuse every name not in ``known``, suggesting the closest: papermill makes a misspelt name one more unused
     variable, and the profile's value would train instead."""
-    unknown = [name for name in dict.fromkeys(names) if name not in known]
-    if not unknown:
+    close = {name: difflib.get_close_matches(name, known, n=1) for name in dict.fromkeys(names) if name not in known}
+    if not close:
         return
-    close = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
     listed = ", ".join(f"{n!r} (did you mean {c[0]!r}?)" if c else repr(n) for n, c in close.items())
     raise ValueError(f"unknown parameter(s) {listed}" + ("" if all(close.values()) else f"; known: {', '.join(known)}"))
 

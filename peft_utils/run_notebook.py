@@ -47,9 +47,7 @@ def without_progress(notebook):
     """A copy of ``notebook`` (an ``nbformat`` node) without :data:`PROGRESS_LINE` lines and progress-bar widgets:
     the terminal showed them live, and a saved page of a hundred "step 40/250" lines buries the results."""
     notebook = copy.deepcopy(notebook)
-    for cell in notebook.cells:
-        if cell.cell_type != "code":
-            continue
+    for cell in (cell for cell in notebook.cells if cell.cell_type == "code"):
         for output in cell.outputs:
             if output.output_type == "stream":
                 output.text = PROGRESS_LINE.sub("", "".join(output.text))
