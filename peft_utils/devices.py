@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # "bf16" and "bfloat16" alike: the precision names and torch's own.
@@ -66,12 +64,6 @@ def compute_dtype_for(device: Any, precision: str = "auto") -> torch.dtype:
     if device.type == "cpu":
         warn_if_emulated_on_cpu(PRECISION_DTYPES[precision])
     return PRECISION_DTYPES[precision]
-
-
-def planned_compute(train: TrainConfig) -> torch.dtype:
-    """The run's autocast dtype, once the launch's processes are known to split its global batch."""
-    per_device_batch_size(train.batch_size, launched_processes(), train.grad_accum_steps)
-    return compute_dtype_for(resolve_device(train.device), train.precision)
 
 
 def _native_bf16(device: torch.device) -> bool:

@@ -28,8 +28,8 @@ from .core.loop import set_seed
 from .core.quant import require_bitsandbytes
 from .core.targets import meta_skeleton
 from .data import Splits, fingerprint, fit_sizes, load_splits, train_and_eval_rows
-from .devices import (is_main_process, launched_processes, make_accelerator, planned_compute, resolve_device,
-                      same_in_every_process)
+from .devices import (compute_dtype_for, is_main_process, launched_processes, make_accelerator, per_device_batch_size,
+                      resolve_device, same_in_every_process)
 from .memory_plan import plan_for_device, with_micro_batch_at_most
 from .methods import get_method, series_method, series_name, targets_slug
 from .models import build_model, resolve_model_source
@@ -125,7 +125,8 @@ def plan_experiment(config: ExperimentConfig, comparison: bool = True, sweep: bo
     if config.train.workers > 1 and launched_processes() > 1:
         raise ValueError(f"workers={config.train.workers} runs several runs at once on one device, and accelerate "
                          "launch spreads each run over several: give one of them")
-    compute_dtype = planned_compute(config.train)
+    per_device_batch_size(config.train.batch_size, launched_processes(), config.train.grad_accum_steps)
+    compute_dtype = compute_dtype_for(resolve_device(config.train.device), config.train.precision)
     splits = load_splits(config.data)
     config, adapted = fit_sizes(config, splits, sweep)
     runs = _planned_runs(config, specs, splits, str(compute_dtype).removeprefix("torch."))

@@ -6,7 +6,7 @@ so it is tested on a CPU with a stated device size and against measured CPU peak
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -116,8 +116,19 @@ def _read_model(model_config, method: str, compute_dtype: torch.dtype, rank: int
     block_trainable = sum(p.numel() for p in blocks[0].parameters() if p.requires_grad)
     embedding = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
                     for p in m.parameters() if p.requires_grad)
+    hidden = model_config.hidden_size
+    activation = getattr(model_config, "activation_function", None) or getattr(model_config, "hidden_act", "")
     _READ_CACHE[key] = _Model(
-        **_architecture(model_config, blocks),
+        layers=len(blocks),
+        hidden=hidden,
+        intermediate=(getattr(model_config, "intermediate_size", None) or getattr(model_config, "n_inner", None)
+                      or 4 * hidden),
+        heads=model_config.num_attention_heads,
+        kv_heads=getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads,
+        python_gelu=activation in PYTHON_GELUS,
+        gated_mlp=any(n.endswith("gate_proj") for n, _ in blocks[0].named_modules()),
+        attention_dropout=_config_value(model_config, ATTENTION_DROPOUT_KEYS),
+        hidden_dropout=_config_value(model_config, HIDDEN_DROPOUT_KEYS),
         parameters=parameters,
         trainable=trainable,
         block_trainable=block_trainable,
@@ -156,24 +167,6 @@ def _make_trainable(model: nn.Module, kind: Method, rank: int, targets) -> int:
     base_ids = {id(t) for t in [*model.parameters(), *model.buffers()]}
     apply_adapters(model, kind.adapter, targets=targets, rank=rank)
     return sum(4 * t.numel() for t in [*model.parameters(), *model.buffers()] if id(t) not in base_ids)
-
-
-def _architecture(model_config, blocks: nn.ModuleList) -> dict[str, int | float | bool]:
-    """The :class:`_Model` fields that describe the architecture: sizes, activation, dropout."""
-    hidden = model_config.hidden_size
-    activation = getattr(model_config, "activation_function", None) or getattr(model_config, "hidden_act", "")
-    return {
-        "layers": len(blocks),
-        "hidden": hidden,
-        "intermediate": (getattr(model_config, "intermediate_size", None) or getattr(model_config, "n_inner", None)
-                         or 4 * hidden),
-        "heads": model_config.num_attention_heads,
-        "kv_heads": getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads,
-        "python_gelu": activation in PYTHON_GELUS,
-        "gated_mlp": any(n.endswith("gate_proj") for n, _ in blocks[0].named_modules()),
-        "attention_dropout": _config_value(model_config, ATTENTION_DROPOUT_KEYS),
-        "hidden_dropout": _config_value(model_config, HIDDEN_DROPOUT_KEYS),
-    }
 
 
 def estimate_memory(model_config, method: str, per_device_batch: int, max_length: int,
@@ -265,12 +258,11 @@ def plan_memory(model_config, method: str, train: TrainConfig, adapter: AdapterS
 
 def to_record(plan: MemoryPlan) -> dict:
     """The plan as flat JSON-safe fields for a run's ``config`` record (bytes as integers)."""
-    estimate = asdict(plan.estimate)
     return {"memory_plan": plan.reason, "memory_fits": plan.fits, "memory_device_bytes": plan.device_bytes,
             "memory_budget_bytes": plan.budget_bytes, "memory_estimate_bytes": plan.estimate.total,
             "planned_per_device_batch": plan.per_device_batch, "planned_grad_accum_steps": plan.grad_accum_steps,
             "planned_gradient_checkpointing": plan.gradient_checkpointing,
-            **{f"memory_{key}_bytes": estimate[key]
+            **{f"memory_{key}_bytes": getattr(plan.estimate, key)
                for key in ("weights", "optimizer_state", "gradients", "activations", "workspace", "step_peak")}}
 
 
