@@ -6,16 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_utils import (
-    DoRALayer,
-    LoRALayer,
-    apply_adapters,
-    count_parameters,
-    merge_adapters,
-    random_gpt2,
-    unmerge_adapters,
-)
-from peft_utils.core.layers import base_weight
+from peft_utils.core.inject import apply_adapters, count_parameters, merge_adapters, unmerge_adapters
+from peft_utils.core.layers import DoRALayer, LoRALayer, base_weight
+from peft_utils.models import random_gpt2
 
 peft = pytest.importorskip("peft")
 

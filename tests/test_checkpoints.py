@@ -12,7 +12,8 @@ import warnings
 import pytest
 import torch
 
-from peft_utils import apply_adapters, random_gpt2
+from peft_utils.core.inject import apply_adapters
+from peft_utils.models import random_gpt2
 from peft_utils.core.layers import LoRALayer
 from peft_utils.checkpoints import (
     CONFIG_FILE, WEIGHTS_FILE, export_merged, load_adapters, peft_adapter_json, save_adapters, save_trained,
@@ -276,7 +277,7 @@ def test_a_failure_while_injecting_leaves_the_model_as_it_was(tmp_path, monkeypa
 
 
 def test_loading_into_a_model_with_adapters_and_saving_merged_or_bare_models_fail(tmp_path):
-    from peft_utils import merge_adapters
+    from peft_utils.core.inject import merge_adapters
 
     save_adapters(ours("gpt2", "lora"), tmp_path / "adapter")
     with pytest.raises(ValueError, match="already has adapters"):

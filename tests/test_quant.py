@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from peft_utils import DoRALayer, LoRALayer, apply_adapters, save_adapters
-from peft_utils.core.layers import base_weight
-from peft_utils.models import load_model, save_random_gpt2
+from peft_utils.checkpoints import save_adapters
+from peft_utils.core.inject import apply_adapters
+from peft_utils.core.layers import DoRALayer, LoRALayer, base_weight
 from peft_utils.core.loop import enable_gradient_checkpointing
 from peft_utils.core.quant import prepare_for_kbit_training, require_bitsandbytes
+from peft_utils.models import load_model, save_random_gpt2
 from peft_utils.sizes import SIZE_KEYS, model_size, nf4_bits_per_weight
 
 bnb = pytest.importorskip("bitsandbytes")
