@@ -173,9 +173,22 @@ def _lr_grid(name: str, value: Any) -> dict[str, tuple[float, ...]]:
 
 
 def _report_to(name: str, value: Any) -> tuple[str, ...]:
-    from .trackers import check_report_to  # on use: it asks accelerate which trackers are installed
+    """``None``, ``""`` or ``"none"``: no tracker; else names of installed trackers (accelerate drops a missing one
+    with a debug message only: a misspelt one would train a whole comparison with nothing logged)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers  # on use: it imports torch
 
-    return check_report_to(name, value)
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if items in ([], [None], [""], ["none"]):
+        return ()
+    if not all(isinstance(item, str) and item for item in items):
+        raise ValueError(f"{name} must be tracker names, got {value!r}")
+    known, installed = sorted(LOGGER_TYPE_TO_CLASS), sorted(map(str, get_available_trackers()))
+    wrong = [f"{item!r} is not installed (pip install {item})" if item in known else f"{item!r} is not a tracker"
+             for item in items if item not in installed]
+    if wrong:
+        raise ValueError(f"{name}: {'; '.join(wrong)}; installed: {', '.join(installed) or 'none'} "
+                         f"(accelerate supports {', '.join(known)})")
+    return tuple(dict.fromkeys(items))
 
 
 # ------------------------------------------------------------------------------------------------ the parts

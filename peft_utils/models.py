@@ -165,10 +165,8 @@ def random_gpt2(size: str = "tiny", seed: int = 0, **config_overrides):
 def save_random_gpt2(folder: str | Path, tokenizer_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a random GPT-2 classifier and the real GPT-2 tokenizer to ``folder``: it loads through every
     ``from_pretrained`` path, so the whole pipeline runs offline on GPT-2 mechanics without pretrained weights."""
-    from transformers import AutoTokenizer
-
     model = random_gpt2(size, seed=seed)
-    save_checkpoint(model, configure_padding(AutoTokenizer.from_pretrained(str(tokenizer_dir)), model), Path(folder))
+    save_checkpoint(model, load_tokenizer(tokenizer_dir, model), Path(folder))
     return Path(folder)
 
 

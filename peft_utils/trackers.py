@@ -14,25 +14,6 @@ _RUN_NAME = {"wandb": "name", "trackio": "name", "mlflow": "run_name", "swanlab"
 _LONGEST_SETTING_LIST = 32  # a longer list is data, not a setting (a config event's eval_labels)
 
 
-def check_report_to(name: str, value: Any) -> tuple[str, ...]:
-    """``None``, ``""`` or ``"none"``: no tracker; else names of installed trackers (accelerate drops a missing one
-    with a debug message only: a misspelt one would train a whole comparison with nothing logged)."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if items in ([], [None], [""], ["none"]):
-        return ()
-    if not all(isinstance(item, str) and item for item in items):
-        raise ValueError(f"{name} must be tracker names, got {value!r}")
-    known, installed = sorted(LOGGER_TYPE_TO_CLASS), sorted(map(str, get_available_trackers()))
-    wrong = [f"{item!r} is not installed (pip install {item})" if item in known else f"{item!r} is not a tracker"
-             for item in items if item not in installed]
-    if wrong:
-        raise ValueError(f"{name}: {'; '.join(wrong)}; installed: {', '.join(installed) or 'none'} "
-                         f"(accelerate supports {', '.join(known)})")
-    return tuple(dict.fromkeys(items))
-
-
 def accelerator_arguments(report_to: tuple[str, ...], results_dir: str | Path, run_id: str) -> dict[str, Any]:
     """``Accelerator``'s ``log_with`` and ``project_dir`` for one run. Trackers that write files open under the run
     id; the others are built here, as ``init_trackers`` would name their *project* after the run."""

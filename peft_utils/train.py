@@ -110,16 +110,6 @@ def installed_versions() -> dict[str, str | None]:
 
 
 @dataclass(frozen=True)
-class _Batches:
-    """A run's data for this process: the train steps, the evaluation loader, and the rows each process takes per
-    forward pass (checked to divide the global batch)."""
-
-    train: StepBatches
-    eval: DataLoader
-    micro_batch: int
-
-
-@dataclass(frozen=True)
 class _Run:
     """One run's settings and where it computes: ``memory_plan``'s accumulation and checkpointing win over
     ``config``'s, which the record keeps as the run's identity."""
@@ -133,8 +123,10 @@ class _Run:
     def compiled(self) -> bool:
         return use_compile(self.config.compile, self.device)
 
-    def batches(self, model: nn.Module, tokenizer, frames: tuple[pd.DataFrame, pd.DataFrame], seed: int) -> _Batches:
-        """Refuse FSDP, apply the memory plan, tokenise once: the same global batches on every process."""
+    def batches(self, model: nn.Module, tokenizer, frames: tuple[pd.DataFrame, pd.DataFrame],
+                seed: int) -> tuple[StepBatches, DataLoader]:
+        """This process's train steps and evaluation loader: FSDP refused, the memory plan applied, the rows
+        tokenised once, the same global batches on every process."""
         config, accelerator, plan = self.config, self.accelerator, self.memory_plan
         if accelerator.distributed_type == "FSDP":  # see the README: sharded saving is not written
             raise ValueError("FSDP is not supported yet (saving would need the shards gathered); launch without "
@@ -153,11 +145,10 @@ class _Run:
                             bucket_by_length=config.bucket_by_length, padded=False)
         evaluation = make_loader(eval_rows, config.eval_batch_size or 2 * micro_batch, pad, shuffle=False,
                                  seed=seed, bucket_by_length=config.bucket_by_length, pad_to_multiple=multiple)
-        steps = StepBatches(train, processes, accumulation, accelerator.process_index, pad, multiple)
-        return _Batches(steps, evaluation, micro_batch)
+        return StepBatches(train, processes, accumulation, accelerator.process_index, pad, multiple), evaluation
 
-    def config_event(self, model: nn.Module, batches: _Batches, run_info: dict[str, Any], lr: float,
-                     seed: int) -> dict[str, Any]:
+    def config_event(self, model: nn.Module, steps: StepBatches, evaluation: DataLoader, run_info: dict[str, Any],
+                     lr: float, seed: int) -> dict[str, Any]:
         """The ``config`` event: ``run_info``, the settings used and the library versions (which win on a clash)."""
         config, accelerator, counts = self.config, self.accelerator, count_parameters(model)
         return {
@@ -165,9 +156,9 @@ class _Run:
             "hardware": hardware_name(self.device), "compiled": self.compiled,
             "compute_dtype": str(accelerator_dtype(accelerator)).removeprefix("torch."),
             "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
-            "per_device_batch_size": batches.micro_batch, "global_batch_size": config.batch_size,
-            "train_size": len(batches.train.loader.dataset), "eval_size": len(batches.eval.dataset),
-            "total_steps": len(batches.train) * config.epochs,
+            "per_device_batch_size": config.batch_size // (steps.processes * steps.accumulation),
+            "global_batch_size": config.batch_size, "train_size": len(steps.loader.dataset),
+            "eval_size": len(evaluation.dataset), "total_steps": len(steps) * config.epochs,
             "trainable_params": counts.trainable, "total_params": counts.total,
             **(to_record(self.memory_plan) if self.memory_plan else {}), "versions": installed_versions(),
         }
@@ -279,14 +270,14 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
     and dropout masks (the same for every method)."""
     accelerator = accelerator or make_accelerator(config.device, config.precision)
     run = _Run(config, accelerator, resolve_device(accelerator.device), memory_plan)
-    batches = run.batches(model, tokenizer, (train_frame, eval_frame), seed)
-    main, total_steps = is_main_process(), len(batches.train) * config.epochs
+    steps, evaluation = run.batches(model, tokenizer, (train_frame, eval_frame), seed)
+    main, total_steps = is_main_process(), len(steps) * config.epochs
     # only the main process records; its trackers are those the accelerator was made with
     trackers = RunTrackers(accelerator, recording.name) if main and accelerator.log_with else None
     sinks = [sink for sink in (recording.recorder if main else None, trackers) if sink is not None]
     try:
         if sinks:
-            _log(sinks, "config", **run.config_event(model, batches, recording.run_info, lr, seed))
+            _log(sinks, "config", **run.config_event(model, steps, evaluation, recording.run_info, lr, seed))
         if next(model.parameters()).device != run.device:  # before the optimiser picks its kernel
             model.to(run.device)
         if run.compiled:
@@ -297,7 +288,7 @@ def train(model: nn.Module, tokenizer, train_frame: pd.DataFrame, eval_frame: pd
         progress = Progress(total_steps, recording.label or recording.name, mode=None if main else "off",
                             steps_after=recording.steps_after)
         watch = _Watch(sinks, progress, _PeakMemory(run.device), config.log_every, total_steps)
-        train_time = watch.follow(train_loop(model, batches.train, batches.eval, optimizer, scheduler, accelerator,
+        train_time = watch.follow(train_loop(model, steps, evaluation, optimizer, scheduler, accelerator,
                                              epochs=config.epochs, max_grad_norm=config.max_grad_norm,
                                              eval_every=config.eval_every))
         # the peak of the process that needed the most
