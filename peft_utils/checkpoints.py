@@ -29,7 +29,7 @@ PEFT_PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> the transf
 # Per adapted layer: our attribute -> peft's key suffix.
 ADAPTER_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 ADAPTER_KEY = re.compile(re.escape(PEFT_PREFIX) + r"(.+?)\.(lora_.+)")  # (layer name, peft's suffix)
-# Our settings (``apply_adapters`` arguments, ``InjectedAdapters`` fields) -> peft LoraConfig keys and their defaults.
+# ``AdapterSettings`` fields (and ``apply_adapters`` arguments) -> peft LoraConfig keys and their defaults.
 PEFT_SETTINGS = {"rank": ("r", 8), "alpha": ("lora_alpha", 8), "dropout": ("lora_dropout", 0.0),
                  "rslora": ("use_rslora", False)}
 SEQ_CLS = "SEQ_CLS"
@@ -59,7 +59,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for attribute, suffix in ADAPTER_KEYS.items():
             if attribute != "magnitude" or isinstance(layer, DoRALayer):
                 state[f"{PEFT_PREFIX}{name}.{suffix}"] = getattr(layer, attribute).detach()
-    for module_name in model.injected_adapters.modules_to_save:  # state_dict(), buffers included, as in peft
+    for module_name in model.injected_adapters.saved_modules:  # state_dict(), buffers included, as in peft
         for key, tensor in model.get_submodule(module_name).state_dict().items():
             state[f"{PEFT_PREFIX}{module_name}.{key}"] = tensor
     return state
@@ -76,11 +76,11 @@ def peft_adapter_json(model: nn.Module) -> dict:
         "peft_type": "LORA",
         "task_type": SEQ_CLS,
         "base_model_name_or_path": hub_id(getattr(model, "name_or_path", "")) or None,
-        **{key: getattr(injected, setting) for setting, (key, _) in PEFT_SETTINGS.items()},
+        **{key: getattr(injected.settings, setting) for setting, (key, _) in PEFT_SETTINGS.items()},
         "use_dora": injected.method == "dora",
-        "target_modules": injected.target_patterns or injected.target_modules,
+        "target_modules": injected.settings.targets or injected.target_modules,
         "fan_in_fan_out": any(is_conv1d(architecture.get(name)) for name, _ in adapter_layers(model)),
-        "modules_to_save": injected.modules_to_save or None,
+        "modules_to_save": injected.saved_modules or None,
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .core.settings import AdapterSettings
 from .methods import METHOD_NAMES, get_method
 
 ALL_ROWS = "all"  # every row of the split (None already means "keep the profile's value")
@@ -230,19 +231,14 @@ class DataConfig:
     label_column: str = parameter("label", _text, "the label column (numbers or names)")
 
 
-@dataclass(frozen=True)
-class AdapterSettings:
-    """The adapter every LoRA-family method injects: ``y = W0 x + (alpha / rank) · B A dropout(x)``
-    (``rslora``: ``alpha / sqrt(rank)``, set by the sweep's ``rslora`` option)."""
-
-    rank: int = parameter(8, _positive_int, "LoRA/DoRA rank r")
-    alpha: float = parameter(16.0, _positive, "scaling numerator: the update is (alpha / r) * B A")
-    dropout: float = parameter(0.0, _fraction, "dropout on the adapter input, in [0, 1)")
-    targets: str | tuple[str, ...] | None = None
-    rslora: bool = False
-    modules_to_save: tuple[str, ...] | None = parameter(None, _module_names, "modules trained in full beside "
-                                                        "adapters and head, e.g. pooler (None: the head only)",
-                                                        several=True)
+# The adapter's parameters: their field in core.settings.AdapterSettings (torch-free), their check and their help.
+ADAPTER_PARAMETERS = (
+    Parameter("rank", "adapter", "rank", _positive_int, "LoRA/DoRA rank r", False),
+    Parameter("alpha", "adapter", "alpha", _positive, "scaling numerator: the update is (alpha / r) * B A", False),
+    Parameter("dropout", "adapter", "dropout", _fraction, "dropout on the adapter input, in [0, 1)", False),
+    Parameter("modules_to_save", "adapter", "modules_to_save", _module_names, "modules trained in full beside "
+              "adapters and head, e.g. pooler (None: the head only)", True),
+)
 
 
 @dataclass(frozen=True)
@@ -367,7 +363,9 @@ class ExperimentConfig:
 def _parameters(config: type, part: str = "") -> Iterator[Parameter]:
     """The parameters of ``config``'s fields, each part's (``data``, ``adapter``...) in its place."""
     for item in fields(config):
-        if is_dataclass(item.default_factory):
+        if item.default_factory is AdapterSettings:
+            yield from ADAPTER_PARAMETERS
+        elif is_dataclass(item.default_factory):
             yield from _parameters(item.default_factory, item.name)
         elif "parameter" in item.metadata:
             declared = item.metadata["parameter"]

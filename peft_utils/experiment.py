@@ -22,10 +22,11 @@ import pandas as pd
 import torch
 
 from .checkpoints import save_trained
-from .config import PROFILE_NAMES, AdapterSettings, ExperimentConfig, add_cli_arguments, cli_parameters, make_config
+from .config import PROFILE_NAMES, ExperimentConfig, add_cli_arguments, cli_parameters, make_config
 from .core.inject import kept_modules, select_targets
 from .core.loop import set_seed
 from .core.quant import require_bitsandbytes
+from .core.settings import AdapterSettings
 from .core.targets import meta_skeleton
 from .data import Splits, fingerprint, fit_sizes, load_splits, train_and_eval_rows
 from .devices import (compute_dtype_for, is_main_process, launched_processes, make_accelerator, per_device_batch_size,

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .compilation import repeated_blocks
-from .config import AdapterSettings, TrainConfig
+from .config import TrainConfig
+from .core.settings import AdapterSettings
 from .devices import accelerator_dtype, checked_dtype, per_device_batch_size
 from .formatting import format_bytes
 from .methods import Method, get_method

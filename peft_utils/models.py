@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import asdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,9 +13,9 @@ from filelock import FileLock
 from torch import nn
 
 from .checkpoints import save_checkpoint, write_atomically
-from .config import AdapterSettings
 from .core.inject import apply_adapters
 from .core.quant import load_4bit, prepare_for_kbit_training
+from .core.settings import AdapterSettings
 from .devices import checked_dtype, compute_dtype_for, warn_if_emulated_on_cpu
 from .methods import get_method
 from .quiet import from_pretrained_noting_new_head, silence_known_noise
@@ -208,19 +209,18 @@ def build_model(method: str, model_source: str | Path, adapter: AdapterSettings 
     """A fresh ``(model, tokenizer)`` for ``method`` with a new head for ``labels``: all trainable in float32, or the
     base frozen in ``dtype`` or 4-bit (float32 would only cost memory) under adapters trained in float32."""
     kind = get_method(method)
-    kept = adapter.modules_to_save or ()
     if kind.adapter is None:  # the base in float32; from_pretrained leaves every weight trainable
         model, tokenizer = load_model(model_source, len(labels))
     elif kind.quantized:
-        model, tokenizer = load_model(model_source, len(labels), dtype, quantized=True, skip_modules=tuple(kept))
+        model, tokenizer = load_model(model_source, len(labels), dtype, quantized=True,
+                                      skip_modules=adapter.modules_to_save or ())
         prepare_for_kbit_training(model)
     else:
         model, tokenizer = load_model(model_source, len(labels), dtype)
     model.config.id2label = dict(enumerate(labels))
     model.config.label2id = {name: i for i, name in enumerate(labels)}
     if kind.adapter is not None:
-        apply_adapters(model, kind.adapter, targets=adapter.targets, rank=adapter.rank, alpha=adapter.alpha,
-                       dropout=adapter.dropout, rslora=adapter.rslora, modules_to_save=kept)
+        apply_adapters(model, kind.adapter, **asdict(adapter))
         for parameter in model.parameters():  # Adam updates of ~lr x 1e-3 vanish when added to bf16 weights
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()

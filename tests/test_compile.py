@@ -16,10 +16,11 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 from peft_utils.compilation import compile_blocks, repeated_blocks, use_compile
-from peft_utils.config import AdapterSettings, TrainConfig, make_config
+from peft_utils.config import TrainConfig, make_config
 from peft_utils.core.batches import StepBatches, collate, encode, make_loader
 from peft_utils.core.layers import DoRALayer, LoRALayer
 from peft_utils.core.loop import StepMetrics, prepare_for_training, set_seed, train_loop
+from peft_utils.core.settings import AdapterSettings
 from peft_utils.devices import make_accelerator
 from peft_utils.models import build_model, random_gpt2
 from peft_utils.store import RunRecorder, read_events

@@ -170,7 +170,8 @@ def test_ambiguous_or_repeated_target_sets_are_one_line(value, message):
 
 
 def test_an_experiment_config_takes_its_targets_as_an_axis():
-    from peft_utils.config import AdapterSettings, ExperimentConfig
+    from peft_utils.config import ExperimentConfig
+    from peft_utils.core.settings import AdapterSettings
 
     with pytest.raises(ValueError, match=r"takes its target sets as targets=\(\.\.\.\), not adapter\.targets"):
         ExperimentConfig(profile="smoke", model="m", methods=("lora",), lr={"lora": 1e-3},

@@ -16,7 +16,8 @@ import torch
 from conftest import REPO_ROOT
 from peft_utils import experiment
 from peft_utils.data import Splits
-from peft_utils.config import PROFILES, AdapterSettings, make_config
+from peft_utils.config import PROFILES, make_config
+from peft_utils.core.settings import AdapterSettings
 from peft_utils.experiment import RunSpec, plan_experiment, run_comparison, run_id, run_sweep
 from peft_utils.models import build_model
 from peft_utils.core.inject import count_parameters

@@ -15,9 +15,10 @@ import torch
 from accelerate import Accelerator
 from torch.overrides import TorchFunctionMode
 
-from peft_utils.config import AdapterSettings, TrainConfig
+from peft_utils.config import TrainConfig
 from peft_utils.core.batches import StepBatches, encode, make_loader
 from peft_utils.core.loop import prepare_for_training, train_loop
+from peft_utils.core.settings import AdapterSettings
 from peft_utils.models import build_model
 from peft_utils.train import train
 

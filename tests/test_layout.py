@@ -66,3 +66,15 @@ def test_the_core_reads_in_the_order_it_gives():
     for position, name in enumerate(listed):
         later = {module for _, module, level in _imports(CORE / f"{name}.py") if level == 1} & set(listed[position:])
         assert not later, f"core/{name}.py (file {position + 1}) imports {sorted(later)}, listed at or after it"
+
+
+def test_the_settings_and_the_figures_import_no_torch():
+    """``core.settings`` (the one adapter-settings shape) and what reads records (config, report, plots) load
+    without torch: drawing figures from a results folder must not pay for it."""
+    import subprocess
+
+    program = ("import sys, peft_utils.core.settings, peft_utils.config, peft_utils.report, peft_utils.plots; "
+               "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent)
+    assert run.stdout.strip() == "[]", run.stdout

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import BertConfig, GPT2Config, LlamaConfig
 
-from peft_utils.config import AdapterSettings, TrainConfig
+from peft_utils.config import TrainConfig
+from peft_utils.core.settings import AdapterSettings
 from peft_utils.memory_plan import (
     estimate_memory,
     plan_for_device,

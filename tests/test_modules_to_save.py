@@ -10,8 +10,9 @@ import torch
 
 from peft_utils import experiment
 from peft_utils.checkpoints import CONFIG_FILE, save_trained
-from peft_utils.config import AdapterSettings, make_config
+from peft_utils.config import make_config
 from peft_utils.core.quant import is_linear4bit
+from peft_utils.core.settings import AdapterSettings
 from peft_utils.experiment import plan_experiment
 from peft_utils.models import build_model
 

@@ -13,9 +13,10 @@ import warnings
 import pytest
 import torch
 
-from peft_utils.config import AdapterSettings, TrainConfig, make_config
+from peft_utils.config import TrainConfig, make_config
 from peft_utils.core.layers import DoRALayer, is_linear4bit
 from peft_utils.core.loop import set_seed
+from peft_utils.core.settings import AdapterSettings
 from peft_utils.devices import compute_dtype_for, make_accelerator
 from peft_utils.models import build_model
 from peft_utils.store import RunRecorder, read_events

@@ -114,7 +114,7 @@ def test_sweep_only_with_no_sweep_is_refused(tmp_path, capsys, monkeypatch):
 def test_the_head_trains_and_is_saved_whatever_modules_to_save_lists(tmp_path):
     peft = pytest.importorskip("peft")
     model = apply_adapters(tiny_gpt2(), "lora", ["c_attn"], rank=2, alpha=4, modules_to_save=[])
-    assert model.injected_adapters.modules_to_save == ["score"]
+    assert model.injected_adapters.saved_modules == ["score"]
     ids, labels = make_inputs(model.config.vocab_size)
     model(input_ids=ids, labels=labels).loss.backward()
     assert model.score.weight.grad is not None and model.score.weight.grad.abs().sum() > 0
@@ -128,7 +128,7 @@ def test_the_head_trains_and_is_saved_whatever_modules_to_save_lists(tmp_path):
 
 def test_modules_to_save_adds_to_the_head_and_every_name_must_match():
     model = apply_adapters(tiny_gpt2(), "lora", ["c_attn"], rank=2, alpha=4, modules_to_save=["ln_f"])
-    assert model.injected_adapters.modules_to_save == ["transformer.ln_f", "score"]
+    assert model.injected_adapters.saved_modules == ["transformer.ln_f", "score"]
     model = tiny_gpt2()
     with pytest.raises(ValueError, match=r"^modules_to_save \['lm_haed'\] matched no module$"):
         apply_adapters(model, "lora", ["c_attn"], rank=2, alpha=4, modules_to_save=["ln_f", "lm_haed"])

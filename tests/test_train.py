@@ -11,9 +11,10 @@ import psutil
 import pytest
 import torch
 
-from peft_utils.config import AdapterSettings, TrainConfig
+from peft_utils.config import TrainConfig
 from peft_utils.core.batches import collate, encode, make_loader, micro_batches
 from peft_utils.core.loop import evaluate, linear_schedule, make_optimizer, set_seed
+from peft_utils.core.settings import AdapterSettings
 from peft_utils.models import build_model, load_tokenizer, random_gpt2
 from peft_utils.store import RunRecorder, read_events
 from peft_utils.train import Recording, _PeakMemory, train

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from peft_utils import train as train_module
-from peft_utils.config import AdapterSettings
 from peft_utils.core.loop import set_seed
+from peft_utils.core.settings import AdapterSettings
 from peft_utils.models import build_model
 from peft_utils.store import IDENTITY_KEYS, RunRecorder, RunStore, read_events
 from peft_utils.train import RECORDED_PACKAGES, Recording, train

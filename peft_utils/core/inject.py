@@ -14,25 +14,23 @@ from torch import nn
 
 from .layers import ADAPTER_LAYERS, LoRALayer, is_supported_base
 from .quant import logical_numel
+from .settings import AdapterSettings
 from .targets import (Targets, head_modules, head_or_embedding, linear_layers, model_type, name_matcher,
                       resolve_targets)
 
 
 @dataclass
 class InjectedAdapters:
-    """What ``apply_adapters`` put into a model, kept at ``model.injected_adapters`` so saving can describe it."""
+    """What ``apply_adapters`` put into a model, kept at ``model.injected_adapters`` so saving can describe it:
+    ``settings`` as peft stores them (targets with presets expanded: unlike the exact ``target_modules`` they also
+    match a deeper model's layers, which is how loading catches a depth mismatch), and the exact ``saved_modules``
+    trained in full (the head and ``settings.modules_to_save``)."""
 
     method: str
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    rslora: bool = False
-    detach_norm: bool = True
+    settings: AdapterSettings
     target_modules: list[str] = field(default_factory=list)
-    modules_to_save: list[str] = field(default_factory=list)
-    # The targets as asked (a regex, or name suffixes; presets expanded), i.e. peft's ``target_modules``: unlike the
-    # exact names above they also match the layers of a deeper model, which is how loading catches a depth mismatch.
-    target_patterns: str | list[str] = field(default_factory=list)
+    saved_modules: list[str] = field(default_factory=list)
+    detach_norm: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ def adapter_layers(model: nn.Module) -> Iterable[tuple[str, LoRALayer]]:
 
 
 def apply_adapters(model: nn.Module, method: str = "lora", targets: str | Sequence[str] | None = None, rank: int = 8,
-                   alpha: float = 16.0, dropout: float = 0.0, modules_to_save: Sequence[str] = (),
+                   alpha: float = 16.0, dropout: float = 0.0, modules_to_save: Sequence[str] | None = (),
                    rslora: bool = False, detach_norm: bool = True) -> nn.Module:
     """Wrap every target layer of ``model`` (``targets``: see ``targets.parse_targets``) in a LoRA or DoRA layer,
     in place, and freeze everything but the classification head (new and random: it always trains and is saved)
@@ -93,7 +91,7 @@ def apply_adapters(model: nn.Module, method: str = "lora", targets: str | Sequen
         raise ValueError("model already has adapters; build a fresh model (or unmerge and reuse the existing ones)")
     requested = resolve_targets(model, targets)
     chosen = _layers_matching(model, requested, targets)
-    kept = kept_modules(model, modules_to_save, {name for name, _ in chosen})
+    kept = kept_modules(model, modules_to_save or (), {name for name, _ in chosen})
     options = {"detach_norm": detach_norm} if method == "dora" else {}
     # every layer built before the first swap: bad settings (refused by the first layer) leave the model as it was
     layers = [ADAPTER_LAYERS[method](module, rank, alpha, dropout, rslora, **options) for _, module in chosen]
@@ -103,10 +101,9 @@ def apply_adapters(model: nn.Module, method: str = "lora", targets: str | Sequen
         setattr(model.get_submodule(parent_name), child_name, layer)
     for name in kept:
         model.get_submodule(name).requires_grad_(True)
-    patterns = requested.pattern if isinstance(requested, re.Pattern) else list(requested)
-    model.injected_adapters = InjectedAdapters(
-        method, rank, alpha, dropout, rslora, detach_norm, [n for n, _ in chosen], kept, patterns
-    )
+    patterns = requested.pattern if isinstance(requested, re.Pattern) else tuple(requested)
+    settings = AdapterSettings(rank, alpha, dropout, patterns, rslora, tuple(modules_to_save or ()) or None)
+    model.injected_adapters = InjectedAdapters(method, settings, [n for n, _ in chosen], kept, detach_norm)
     return model
 
 
