@@ -231,14 +231,15 @@ class DataConfig:
     label_column: str = parameter("label", _text, "the label column (numbers or names)")
 
 
-# The adapter's parameters: their field in core.settings.AdapterSettings (torch-free), their check and their help.
-ADAPTER_PARAMETERS = (
-    Parameter("rank", "adapter", "rank", _positive_int, "LoRA/DoRA rank r", False),
-    Parameter("alpha", "adapter", "alpha", _positive, "scaling numerator: the update is (alpha / r) * B A", False),
-    Parameter("dropout", "adapter", "dropout", _fraction, "dropout on the adapter input, in [0, 1)", False),
-    Parameter("modules_to_save", "adapter", "modules_to_save", _module_names, "modules trained in full beside "
-              "adapters and head, e.g. pooler (None: the head only)", True),
-)
+# The parameters among core.settings.AdapterSettings' fields (the core declares no checks): field -> (check, help,
+# several). ``targets`` is ExperimentConfig's axis and ``rslora`` the sweep's option.
+ADAPTER_PARAMETERS = {
+    "rank": (_positive_int, "LoRA/DoRA rank r", False),
+    "alpha": (_positive, "scaling numerator: the update is (alpha / r) * B A", False),
+    "dropout": (_fraction, "dropout on the adapter input, in [0, 1)", False),
+    "modules_to_save": (_module_names, "modules trained in full beside adapters and head, e.g. pooler (None: the "
+                        "head only)", True),
+}
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,7 @@ def _parameters(config: type, part: str = "") -> Iterator[Parameter]:
     """The parameters of ``config``'s fields, each part's (``data``, ``adapter``...) in its place."""
     for item in fields(config):
         if item.default_factory is AdapterSettings:
-            yield from ADAPTER_PARAMETERS
+            yield from (Parameter(name, item.name, name, *spec) for name, spec in ADAPTER_PARAMETERS.items())
         elif is_dataclass(item.default_factory):
             yield from _parameters(item.default_factory, item.name)
         elif "parameter" in item.metadata:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import asdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
